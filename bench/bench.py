@@ -1,0 +1,1327 @@
+#!/usr/bin/env python3
+"""cachefs benchmark harness: cachefs side by side with direct S3, the disk,
+a minimal pyfuse3 passthrough, s3fs-fuse and rclone mount.
+
+Run it through bench/run.sh, which installs what it needs. See bench/README.md.
+
+Layout of the code:
+  * Profile           sizes of the data set and number of runs (--quick / full)
+  * S3Server, Dataset the s3rver process and the generated data (local copy + bucket)
+  * System classes    one small class per mounted system: mount()/unmount(),
+                      wipe_cache(), reset_cold()/make_warm(), daemon_pids()
+  * scenario functions read_files()/stat_tree() over a mounted root path, the
+                      same for every system; the S3 and disk ceilings have their
+                      own small functions since they are not mounts
+  * Report            tables (median/min/max), ratios, targets, plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import queue
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+BENCH = Path(__file__).resolve().parent
+NODE_DIR = BENCH / ".node"
+S3RVER_JS = NODE_DIR / "node_modules" / "s3rver" / "bin" / "s3rver.js"
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+MB = 1e6
+ACCESS_KEY = SECRET_KEY = "S3RVER"
+REGION = "us-east-1"
+READ_BUF = 1 * MiB
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    shards: int  # large sequential files
+    shard_size: int
+    small: int  # 100 KiB files
+    small_size: int
+    meta: int  # keys in the metadata tree (multiple of 1000)
+    medium: int  # files for the 8/32-reader concurrency scenarios
+    medium_size: int
+    herd_size: int  # the one file 32 readers read at once
+    runs: int
+    timeout: float  # per measurement
+
+    def key(self) -> dict:
+        d = asdict(self)
+        d.pop("runs")
+        d.pop("timeout")
+        return d
+
+
+QUICK = Profile("quick", shards=2, shard_size=256 * MiB, small=500, small_size=100 * KiB,
+                meta=5000, medium=32, medium_size=4 * MiB, herd_size=64 * MiB,
+                runs=1, timeout=90)
+FULL = Profile("full", shards=4, shard_size=1 * GiB, small=3000, small_size=100 * KiB,
+               meta=50000, medium=32, medium_size=32 * MiB, herd_size=256 * MiB,
+               runs=3, timeout=900)
+
+
+@dataclass
+class Layout:
+    """Relative paths (= S3 keys) of the data set."""
+    shards: list[str]
+    small: list[str]
+    medium: list[str]
+    herd: str
+    meta: list[str]
+
+    @classmethod
+    def of(cls, p: Profile) -> Layout:
+        meta = [f"meta/d{a:03d}/e{b}/f{c:03d}"
+                for a in range(p.meta // 1000) for b in range(10) for c in range(100)]
+        return cls(
+            shards=[f"large/shard-{i:03d}.bin" for i in range(p.shards)],
+            small=[f"small/f{i:05d}.bin" for i in range(p.small)],
+            medium=[f"medium/m{i:02d}.bin" for i in range(p.medium)],
+            herd="herd/herd.bin",
+            meta=meta,
+        )
+
+    def sizes(self, p: Profile) -> dict[str, int]:
+        s = {k: p.shard_size for k in self.shards}
+        s.update({k: p.small_size for k in self.small})
+        s.update({k: p.medium_size for k in self.medium})
+        s[self.herd] = p.herd_size
+        s.update({k: 16 for k in self.meta})
+        return s
+
+
+# --------------------------------------------------------------------------
+# Small OS helpers
+# --------------------------------------------------------------------------
+def drop_page_cache() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def fuse_mounted(mp: Path) -> bool:
+    """Is a FUSE filesystem mounted at mp? Reads mountinfo: never blocks on a daemon."""
+    target = str(mp)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == target and fields[sep + 1].startswith("fuse"):
+                return True
+    return False
+
+
+def mount_devno(mp: Path) -> str | None:
+    target, found = str(mp), None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == target:
+                found = fields[2]
+    return found
+
+
+def read_ahead_kb(mp: Path) -> str:
+    devno = mount_devno(mp)
+    try:
+        return Path(f"/sys/class/bdi/{devno}/read_ahead_kb").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def proc_status_kib(pid: int, field_name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """Peak RSS of a process tree: polled VmRSS sum (20 Hz) and each VmHWM."""
+
+    def __init__(self, pids_fn: Callable[[], list[int]]):
+        self.pids_fn = pids_fn
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        pids = self.pids_fn()
+        rss = sum(proc_status_kib(p, "VmRSS") for p in pids)
+        hwm = max([proc_status_kib(p, "VmHWM") for p in pids] or [0])
+        self.peak_kib = max(self.peak_kib, rss, hwm)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def __enter__(self) -> RssSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def cmd_output(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+        return (r.stdout or r.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unavailable ({e.__class__.__name__})"
+
+
+def tail(path: Path, n: int = 6) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+class Timeout(Exception):
+    pass
+
+
+class Unavailable(Exception):
+    """The system cannot be measured (not installed, does not mount)."""
+
+
+class Skip(Exception):
+    """This scenario does not apply to this system, or is a hook not yet filled."""
+
+
+# --------------------------------------------------------------------------
+# S3 server and data set
+# --------------------------------------------------------------------------
+class S3Server:
+    def __init__(self, data_dir: Path, bucket: str, log_path: Path):
+        self.data_dir, self.bucket, self.log_path = data_dir, bucket, log_path
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if not S3RVER_JS.exists():
+            raise SystemExit(f"{S3RVER_JS} missing: run bench/run.sh (it installs s3rver)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = ["node", str(S3RVER_JS), "-d", str(self.data_dir), "-a", "127.0.0.1",
+                "-p", str(self.port), "--silent", "--configure-bucket", self.bucket]
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, cwd=NODE_DIR, stdin=subprocess.DEVNULL,
+                                     stdout=logf, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"s3rver exited: {tail(self.log_path)}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("s3rver did not listen within 30 s")
+            time.sleep(0.1)
+        log(f"s3rver pid {self.proc.pid} on {self.url}, data in {self.data_dir}")
+
+    def egress(self) -> int:
+        """Bytes the server wrote (sockets + files): ~ the bytes it served."""
+        if self.proc is None:
+            return 0
+        try:
+            with open(f"/proc/{self.proc.pid}/io") as f:
+                for line in f:
+                    if line.startswith("wchar:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def s3_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+               AWS_DEFAULT_REGION=REGION)
+    return env
+
+
+def boto3_client(url: str):
+    import boto3
+    from botocore.config import Config
+    return boto3.client("s3", endpoint_url=url, aws_access_key_id=ACCESS_KEY,
+                        aws_secret_access_key=SECRET_KEY, region_name=REGION,
+                        config=Config(max_pool_connections=32, retries={"max_attempts": 5}))
+
+
+def write_random(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    tmp.rename(path)
+
+
+def ensure_dataset(ctx: Ctx) -> None:
+    """Local copy (for the disk and passthrough ceilings) and the bucket, same bytes."""
+    p, lay = ctx.profile, ctx.layout
+    sizes = lay.sizes(p)
+    manifest = ctx.work / f"dataset-{p.name}.json"
+    want = {"profile": p.key(), "bucket": ctx.bucket}
+    s3 = boto3_client(ctx.s3.url)
+    if manifest.exists() and json.loads(manifest.read_text()) == want:
+        try:  # cheap spot check that the bucket still holds it
+            for k in (lay.shards[-1], lay.small[-1], lay.meta[-1], lay.herd):
+                assert s3.head_object(Bucket=ctx.bucket, Key=k)["ContentLength"] == sizes[k]
+            log(f"data set present ({len(sizes)} objects, {sum(sizes.values()) / GiB:.2f} GiB)")
+            return
+        except Exception as e:  # noqa: BLE001
+            log(f"data set check failed ({e!r}), regenerating")
+    manifest.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    log(f"generating {len(sizes)} files, {sum(sizes.values()) / GiB:.2f} GiB in {ctx.local}")
+    for k, size in sizes.items():
+        lp = ctx.local / k
+        if not (lp.exists() and lp.stat().st_size == size):
+            write_random(lp, size)
+    log(f"uploading to s3://{ctx.bucket}")
+    from boto3.s3.transfer import TransferConfig
+    tc = TransferConfig(multipart_threshold=64 * MiB, multipart_chunksize=64 * MiB,
+                        max_concurrency=4)
+
+    def put(k: str) -> None:
+        if sizes[k] >= 64 * MiB:
+            s3.upload_file(str(ctx.local / k), ctx.bucket, k, Config=tc)
+        else:
+            s3.put_object(Bucket=ctx.bucket, Key=k, Body=(ctx.local / k).read_bytes())
+
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        for fut in concurrent.futures.as_completed([ex.submit(put, k) for k in sizes]):
+            fut.result()
+    manifest.write_text(json.dumps(want))
+    log(f"data set ready in {time.monotonic() - t0:.0f} s")
+
+
+# --------------------------------------------------------------------------
+# Context
+# --------------------------------------------------------------------------
+@dataclass
+class Ctx:
+    args: argparse.Namespace
+    profile: Profile
+    layout: Layout
+    work: Path
+    local: Path
+    bucket: str
+    s3: S3Server
+    results: dict = field(default_factory=dict)  # scenario -> system -> entry
+    notes: dict = field(default_factory=dict)  # system -> list of notes
+
+    def record(self, scenario: str, system: str, value: float | None = None,
+               status: str | None = None, extra: dict | None = None) -> None:
+        e = self.results.setdefault(scenario, {}).setdefault(
+            system, {"values": [], "status": None, "extra": []})
+        if value is not None:
+            e["values"].append(value)
+        if status:
+            e["status"] = status
+        if extra:
+            e["extra"].append(extra)
+
+
+# --------------------------------------------------------------------------
+# Mounted systems
+# --------------------------------------------------------------------------
+class System:
+    """A mounted filesystem under test. Subclasses give the command line."""
+    name = "?"
+    role = "peer"  # "ceiling" | "cachefs" | "peer"
+    unmount_timeout = 30.0
+    mount_timeout = 45.0
+
+    def __init__(self, ctx: Ctx):
+        self.ctx = ctx
+        self.mp = ctx.work / "mnt" / self.name
+        self.cache = ctx.work / "cache" / self.name
+        self.log_path = ctx.work / "logs" / f"{self.name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    # -- to override ---------------------------------------------------------
+    def check(self) -> None:
+        """Raise Unavailable if the system cannot run here."""
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        raise NotImplementedError
+
+    def unmount_command(self) -> list[str] | None:
+        return None
+
+    def after_mount(self) -> None:
+        pass
+
+    def wipe_cache(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+
+    # -- common --------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self.mp
+
+    def mount(self) -> None:
+        self.mp.mkdir(parents=True, exist_ok=True)
+        if fuse_mounted(self.mp):
+            raise Unavailable(f"{self.mp} is already mounted")
+        argv, env = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
+            logf.flush()
+            self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + self.mount_timeout
+        while not (fuse_mounted(self.mp) and os.path.ismount(self.mp)):
+            rc = self.proc.poll()
+            if rc is not None:
+                self.proc = None
+                raise Unavailable(f"`{' '.join(argv[:2])}` exited with {rc}: {tail(self.log_path, 4)}")
+            if time.monotonic() > deadline:
+                self.unmount()
+                raise Unavailable(f"not mounted after {self.mount_timeout:.0f} s: {tail(self.log_path, 4)}")
+            time.sleep(0.05)
+        self.after_mount()
+
+    def unmount(self) -> None:
+        if fuse_mounted(self.mp):
+            cmd = self.unmount_command()
+            if cmd:
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    subprocess.run(cmd, env=s3_env(), timeout=self.unmount_timeout,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for extra in ([], ["-z"]):
+                if not fuse_mounted(self.mp):
+                    break
+                subprocess.run(["fusermount3", "-u", *extra, str(self.mp)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for _ in range(50):
+                    if not fuse_mounted(self.mp):
+                        break
+                    time.sleep(0.1)
+        if self.proc is not None:
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+
+    def reset_cold(self) -> None:
+        """Empty every cache: unmount, wipe the disk cache, mount, drop page cache."""
+        self.unmount()
+        self.wipe_cache()
+        self.mount()
+        drop_page_cache()
+
+    def make_warm(self) -> None:
+        """Keep the daemon and its disk cache, drop the kernel page cache."""
+        drop_page_cache()
+
+    def daemon_pids(self) -> list[int]:
+        return proc_tree(self.proc.pid) if self.proc else []
+
+
+class Passthrough(System):
+    name, role = "pyfuse3-passthrough", "ceiling"
+
+    def command(self):
+        return [sys.executable, str(BENCH / "passthrough.py"), str(self.ctx.local),
+                str(self.mp)], dict(os.environ)
+
+    def after_mount(self) -> None:
+        for _ in range(100):  # passthrough.py raises read-ahead once serving
+            if read_ahead_kb(self.mp) == "1024":
+                return
+            time.sleep(0.05)
+
+    def wipe_cache(self) -> None:
+        pass  # no cache of its own: cold == page cache dropped
+
+
+def cachefs_argv0() -> list[str] | None:
+    venv_bin = Path(sys.executable).parent / "cachefs"
+    if venv_bin.exists():
+        return [str(venv_bin)]
+    if shutil.which("cachefs"):
+        return [shutil.which("cachefs")]
+    return None
+
+
+class CacheFS(System):
+    name, role = "cachefs", "cachefs"
+
+    def check(self) -> None:
+        if cachefs_argv0() is None:
+            raise Unavailable("cachefs not available: no `cachefs` command")
+
+    def command(self):
+        argv = [*cachefs_argv0(), "mount", f"s3://{self.ctx.bucket}", str(self.mp),
+                "--endpoint-url", self.ctx.s3.url, "--cache-dir", str(self.cache),
+                "--cache-size", self.ctx.args.cachefs_cache_size, "--foreground",
+                *self.ctx.args.cachefs_arg]
+        return argv, s3_env()
+
+    def unmount_command(self):
+        return [*cachefs_argv0(), "umount", str(self.mp)]
+
+    def mount(self) -> None:
+        try:
+            super().mount()
+        except Unavailable as e:
+            raise Unavailable(f"cachefs not available: {e}") from None
+
+
+class S3fs(System):
+    name = "s3fs"
+
+    def check(self) -> None:
+        if not shutil.which("s3fs"):
+            raise Unavailable("s3fs not installed")
+
+    def command(self):
+        pw = self.ctx.work / "s3fs.passwd"
+        fd = os.open(pw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{ACCESS_KEY}:{SECRET_KEY}\n")
+        os.chmod(pw, 0o600)
+        argv = ["s3fs", self.ctx.bucket, str(self.mp), "-f", "-o", "ro",
+                "-o", f"url={self.ctx.s3.url}", "-o", "use_path_request_style",
+                "-o", f"passwd_file={pw}", "-o", f"use_cache={self.cache}",
+                "-o", f"endpoint={REGION}"]
+        env = dict(os.environ)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            env.pop(k, None)
+        return argv, env
+
+
+class Rclone(System):
+    name = "rclone"
+
+    def check(self) -> None:
+        if not shutil.which("rclone"):
+            raise Unavailable("rclone not installed")
+
+    def command(self):
+        env = dict(os.environ)
+        env.pop("AWS_CA_BUNDLE", None)  # rclone 1.60 fails to start with it set
+        r = "RCLONE_CONFIG_BENCHS3_"
+        env.update({r + "TYPE": "s3", r + "PROVIDER": "Other", r + "ENV_AUTH": "false",
+                    r + "ENDPOINT": self.ctx.s3.url, r + "ACCESS_KEY_ID": ACCESS_KEY,
+                    r + "SECRET_ACCESS_KEY": SECRET_KEY, r + "REGION": REGION,
+                    r + "FORCE_PATH_STYLE": "true"})
+        argv = ["rclone", "mount", f"benchs3:{self.ctx.bucket}", str(self.mp),
+                "--vfs-cache-mode", "full", "--cache-dir", str(self.cache),
+                "--read-only", "--log-level", "ERROR"]
+        return argv, env
+
+
+SYSTEMS: list[type[System]] = [Passthrough, CacheFS, S3fs, Rclone]
+
+
+# --------------------------------------------------------------------------
+# Scenario primitives over a mounted root (shared by every system)
+# --------------------------------------------------------------------------
+def read_files(root: Path, rels: list[str], readers: int, timeout: float) -> tuple[int, float]:
+    """`readers` threads read whole files off a shared queue. Returns (bytes, seconds)."""
+    q: queue.SimpleQueue = queue.SimpleQueue()
+    for r in rels:
+        q.put(root / r)
+    deadline = time.monotonic() + timeout
+    total = [0] * readers
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        buf = bytearray(READ_BUF)
+        try:
+            while True:
+                try:
+                    path = q.get_nowait()
+                except queue.Empty:
+                    return
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    while n := os.readv(fd, [buf]):
+                        total[i] += n
+                        if time.monotonic() > deadline:
+                            raise Timeout(f"timeout after {timeout:.0f} s")
+                finally:
+                    os.close(fd)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()) + 30)
+    secs = time.perf_counter() - t0
+    if any(t.is_alive() for t in threads):
+        raise Timeout(f"readers stuck after {timeout:.0f} s")
+    if errors:
+        raise errors[0]
+    return sum(total), secs
+
+
+def stat_tree(top: Path, timeout: float) -> tuple[int, float]:
+    """Walk top (readdir) and lstat every file. Returns (files, seconds)."""
+    deadline = time.monotonic() + timeout
+    n = 0
+    t0 = time.perf_counter()
+    todo = [top]
+    while todo:
+        d = todo.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                if (st.st_mode & 0o170000) == 0o040000:
+                    todo.append(Path(e.path))
+                else:
+                    n += 1
+        if time.monotonic() > deadline:
+            raise Timeout(f"timeout after {timeout:.0f} s")
+    return n, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scenario:
+    id: str
+    group: str  # table / plot group
+    title: str
+    unit: str
+    ceiling: str | None  # system whose figure is this scenario's ceiling
+    higher_is_better: bool = True
+    target: str = ""
+
+
+SCENARIOS = [
+    Scenario("large_cold", "large", "Large sequential, cold (caches empty, page cache dropped)", "MB/s", "s3-direct",
+             target="≥ 90% of s3-direct"),
+    Scenario("large_warm", "large", "Large sequential, warm (on the system's disk cache, page cache dropped)", "MB/s",
+             "pyfuse3-passthrough", target="≥ 90% of pyfuse3-passthrough and ≥ 2× rclone"),
+    Scenario("large_hot", "large", "Large sequential, hot (page cache)", "MB/s", "pyfuse3-passthrough"),
+    Scenario("small_cold_1", "small", "Small files (100 KiB), cold, 1 reader", "files/s", "s3-direct",
+             target="≥ 90% of s3-direct (sequential GETs/s)"),
+    Scenario("small_cold_8", "small", "Small files (100 KiB), cold, 8 readers", "files/s", "s3-direct"),
+    Scenario("small_warm_1", "small", "Small files (100 KiB), warm, 1 reader", "files/s", "pyfuse3-passthrough",
+             target="≥ 5× rclone"),
+    Scenario("small_warm_8", "small", "Small files (100 KiB), warm, 8 readers", "files/s", "pyfuse3-passthrough",
+             target="≥ 5× rclone"),
+    Scenario("meta_cold", "meta", "Metadata: walk + lstat every file of the tree, cold", "stats/s",
+             "pyfuse3-passthrough"),
+    Scenario("meta_warm", "meta", "Metadata: walk + lstat every file of the tree, warm", "stats/s",
+             "pyfuse3-passthrough"),
+    Scenario("conc_8", "conc", "Concurrency: 8 readers, distinct cold files", "MB/s", "s3-direct"),
+    Scenario("conc_32", "conc", "Concurrency: 32 readers, distinct cold files", "MB/s", "s3-direct"),
+    Scenario("herd_32", "conc", "Concurrency: 32 readers of one cold file (file size / wall time)", "MB/s",
+             "s3-direct"),
+    Scenario("mem_32", "mem", "Daemon peak RSS during 32 sequential readers (conc_32)", "MiB", None,
+             higher_is_better=False, target="≤ 512 MiB"),
+    Scenario("cluster_3", "hooks", "Cluster of 3: S3 bytes / data set bytes", "×", None,
+             higher_is_better=False, target="≤ 1.05"),
+    Scenario("tracing_cost", "hooks", "Tracing on vs off: throughput cost", "%", None,
+             higher_is_better=False, target="< 5%"),
+]
+SCEN = {s.id: s for s in SCENARIOS}
+
+
+class Measurer:
+    """Runs one measurement for one system, recording value, S3 egress and errors."""
+
+    def __init__(self, ctx: Ctx, system: str):
+        self.ctx, self.system = ctx, system
+
+    def __call__(self, scenario: str, fn: Callable[[], tuple[float, dict]],
+                 logical_bytes: int | None = None) -> bool:
+        ctx = self.ctx
+        e0 = ctx.s3.egress()
+        try:
+            value, extra = fn()
+        except Skip as e:
+            ctx.record(scenario, self.system, status=f"skipped: {e}")
+            return False
+        except Timeout as e:
+            ctx.record(scenario, self.system, status=str(e))
+            log(f"  {self.system} {scenario}: {e}")
+            return False
+        except Unavailable:
+            raise
+        except Exception as e:  # noqa: BLE001
+            ctx.record(scenario, self.system, status=f"failed: {e.__class__.__name__}: {e}"[:300])
+            log(f"  {self.system} {scenario}: FAILED {e!r}")
+            if ctx.args.verbose:
+                traceback.print_exc()
+            return False
+        if logical_bytes:
+            extra["s3_amplification"] = (ctx.s3.egress() - e0) / logical_bytes
+        ctx.record(scenario, self.system, value, extra=extra)
+        unit = SCEN[scenario].unit
+        amp = f"  (S3 bytes ×{extra['s3_amplification']:.2f})" if "s3_amplification" in extra else ""
+        log(f"  {self.system:20s} {scenario:13s} {value:10.1f} {unit}{amp}")
+        return True
+
+
+def run_mounted_system(ctx: Ctx, sys_: System) -> None:
+    """All mounted scenarios for one system, ctx.profile.runs times."""
+    p, lay, to = ctx.profile, ctx.layout, ctx.profile.timeout
+    root = sys_.root
+    m = Measurer(ctx, sys_.name)
+    large_bytes = p.shards * p.shard_size
+    small_bytes = p.small * p.small_size
+    medium_bytes = p.medium * p.medium_size
+
+    def mbps(rels: list[str], readers: int) -> Callable[[], tuple[float, dict]]:
+        def f():
+            n, s = read_files(root, rels, readers, to)
+            return n / s / MB, {"bytes": n, "seconds": s}
+        return f
+
+    def files_per_s(rels: list[str], readers: int) -> Callable[[], tuple[float, dict]]:
+        def f():
+            n, s = read_files(root, rels, readers, to)
+            if n != len(rels) * p.small_size:
+                raise RuntimeError(f"read {n} bytes, expected {len(rels) * p.small_size}")
+            return len(rels) / s, {"seconds": s}
+        return f
+
+    def stats_per_s() -> tuple[float, dict]:
+        n, s = stat_tree(root / "meta", to)
+        if n != len(lay.meta):
+            raise RuntimeError(f"saw {n} files, expected {len(lay.meta)}")
+        return n / s, {"seconds": s}
+
+    def herd() -> tuple[float, dict]:
+        n, s = read_files(root, [lay.herd] * 32, 32, to)
+        if n != 32 * p.herd_size:
+            raise RuntimeError(f"read {n} bytes, expected {32 * p.herd_size}")
+        return p.herd_size / s / MB, {"seconds": s, "delivered_MBps": n / s / MB}
+
+    for run in range(p.runs):
+        log(f"{sys_.name}: run {run + 1}/{p.runs}")
+        # large sequential: cold -> warm -> hot on the same files
+        sys_.reset_cold()
+        if m("large_cold", mbps(lay.shards, 1), large_bytes):
+            sys_.make_warm()
+            if m("large_warm", mbps(lay.shards, 1), large_bytes):
+                m("large_hot", mbps(lay.shards, 1), large_bytes)
+        # small files
+        sys_.reset_cold()
+        if m("small_cold_1", files_per_s(lay.small, 1), small_bytes):
+            sys_.make_warm()
+            m("small_warm_1", files_per_s(lay.small, 1), small_bytes)
+            sys_.make_warm()
+            m("small_warm_8", files_per_s(lay.small, 8), small_bytes)
+        sys_.reset_cold()
+        m("small_cold_8", files_per_s(lay.small, 8), small_bytes)
+        # metadata
+        sys_.reset_cold()
+        if m("meta_cold", stats_per_s):
+            sys_.make_warm()
+            m("meta_warm", stats_per_s)
+        # concurrency + memory
+        sys_.reset_cold()
+        m("conc_8", mbps(lay.medium[:8], 8), 8 * p.medium_size)
+        sys_.reset_cold()
+        sampler = RssSampler(sys_.daemon_pids)
+        with sampler:
+            ok = m("conc_32", mbps(lay.medium[:32], 32), medium_bytes)
+        if ok:
+            ctx.record("mem_32", sys_.name, sampler.peak_kib / 1024)
+            log(f"  {sys_.name:20s} {'mem_32':13s} {sampler.peak_kib / 1024:10.1f} MiB")
+        sys_.reset_cold()
+        m("herd_32", herd, p.herd_size)
+    ctx.notes.setdefault(sys_.name, []).append(f"read_ahead_kb of the mount: {read_ahead_kb(sys_.mp)}")
+
+
+# -- ceilings that are not mounts -------------------------------------------
+def s3_direct(ctx: Ctx) -> None:
+    """Plain aiobotocore (httpx backend) under trio: the S3 ceiling."""
+    import aiobotocore.httpxsession
+    import aiobotocore.session
+    import trio
+    from aiobotocore.config import AioConfig
+
+    p, lay, to = ctx.profile, ctx.layout, ctx.profile.timeout
+    name = "s3-direct"
+    m = Measurer(ctx, name)
+    range_size, range_par = 8 * MiB, 8
+
+    async def with_client(body):
+        sess = aiobotocore.session.get_session()
+        cfg = AioConfig(http_session_cls=aiobotocore.httpxsession.HttpxSession,
+                        max_pool_connections=64, retries={"max_attempts": 3})
+        async with sess.create_client("s3", endpoint_url=ctx.s3.url, region_name=REGION,
+                                      aws_access_key_id=ACCESS_KEY,
+                                      aws_secret_access_key=SECRET_KEY, config=cfg) as c:
+            with trio.fail_after(to):
+                return await body(c)
+
+    async def get(c, key: str, rng: str | None = None) -> int:
+        kw = {"Range": rng} if rng else {}
+        r = await c.get_object(Bucket=ctx.bucket, Key=key, **kw)
+        n = 0
+        async with r["Body"] as b:
+            async for chunk in b.iter_chunks(READ_BUF):
+                n += len(chunk)
+        return n
+
+    async def ranged(c, key: str, size: int) -> int:
+        """One object with `range_par` concurrent `range_size` ranged GETs."""
+        ranges = list(range(0, size, range_size))
+        total = 0
+
+        async def worker():
+            nonlocal total
+            while ranges:
+                off = ranges.pop(0)
+                total += await get(c, key, f"bytes={off}-{min(off + range_size, size) - 1}")
+
+        async with trio.open_nursery() as n:
+            for _ in range(range_par):
+                n.start_soon(worker)
+        return total
+
+    def timed(body) -> Callable[[], tuple[float, float]]:
+        async def run(c):
+            t0 = time.perf_counter()
+            n = await body(c)
+            return n, time.perf_counter() - t0
+
+        def f():
+            try:
+                return trio.run(with_client, run)
+            except trio.TooSlowError:
+                raise Timeout(f"timeout after {to:.0f} s") from None
+        return f
+
+    def objects(keys: list[str], par: int):
+        async def body(c):
+            todo = list(keys)
+            total = 0
+
+            async def worker():
+                nonlocal total
+                while todo:
+                    total += await get(c, todo.pop(0))
+
+            async with trio.open_nursery() as n:
+                for _ in range(par):
+                    n.start_soon(worker)
+            return total
+        return body
+
+    def mbps(body):
+        def f():
+            n, s = timed(body)()
+            return n / s / MB, {"bytes": n, "seconds": s}
+        return f
+
+    def fps(keys, par):
+        def f():
+            n, s = timed(objects(keys, par))()
+            return len(keys) / s, {"seconds": s}
+        return f
+
+    async def shards(c):
+        t = 0
+        for k in lay.shards:
+            t += await ranged(c, k, p.shard_size)
+        return t
+
+    async def herd(c):
+        return await ranged(c, lay.herd, p.herd_size)
+
+    for run in range(p.runs):
+        log(f"{name}: run {run + 1}/{p.runs} (aiobotocore+httpx under trio, "
+            f"{range_par}×{range_size // MiB} MiB ranged GETs)")
+        m("large_cold", mbps(shards), p.shards * p.shard_size)
+        m("small_cold_1", fps(lay.small, 1), p.small * p.small_size)
+        m("small_cold_8", fps(lay.small, 8), p.small * p.small_size)
+        m("conc_8", mbps(objects(lay.medium[:8], 8)), 8 * p.medium_size)
+        m("conc_32", mbps(objects(lay.medium[:32], 32)), p.medium * p.medium_size)
+        m("herd_32", mbps(herd), p.herd_size)
+    ctx.notes.setdefault(name, []).append(
+        "large/herd: 8 concurrent 8 MiB ranged GETs per object; small files: whole-object GETs "
+        "by 1 or 8 tasks; conc: one whole-object GET per task")
+
+
+def disk_dd(ctx: Ctx) -> None:
+    """dd of the same bytes from the local copy: the disk ceiling."""
+    name = "disk-dd"
+    p = ctx.profile
+    m = Measurer(ctx, name)
+    files = [str(ctx.local / k) for k in ctx.layout.shards]
+
+    def dd() -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        for f in files:
+            subprocess.run(["dd", f"if={f}", "of=/dev/null", "bs=1M"], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=p.timeout)
+        s = time.perf_counter() - t0
+        return p.shards * p.shard_size / s / MB, {"seconds": s}
+
+    for run in range(p.runs):
+        log(f"{name}: run {run + 1}/{p.runs}")
+        drop_page_cache()
+        m("large_cold", dd)
+        drop_page_cache()
+        m("large_warm", dd)
+        m("large_hot", dd)
+    ctx.notes.setdefault(name, []).append("`dd bs=1M` of the shard files; cold and warm are the same thing here")
+
+
+# -- hooks to fill later -------------------------------------------------------
+def scenario_cluster_of_3(ctx: Ctx) -> None:
+    """HOOK (not yet implemented): three cachefs nodes (--peers / --peer-listen) on
+    loopback, each reading the whole data set; measure S3 egress (ctx.s3.egress())
+    over the data set size. Target: ≤ 1.05×."""
+    ctx.record("cluster_3", "cachefs", status="skipped: hook not implemented yet (needs the cluster mode wired up)")
+
+
+def scenario_tracing_overhead(ctx: Ctx) -> None:
+    """HOOK (not yet implemented): large_warm and small_warm_8 with tracing on and off
+    (cachefs flags TBD); report (off - on) / off. Target: < 5%."""
+    ctx.record("tracing_cost", "cachefs", status="skipped: hook not implemented yet (needs a tracing on/off switch)")
+
+
+HOOKS = [scenario_cluster_of_3, scenario_tracing_overhead]
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+def summary(entry: dict) -> dict | None:
+    v = entry["values"]
+    if not v:
+        return None
+    return {"median": statistics.median(v), "min": min(v), "max": max(v), "n": len(v)}
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "—"
+    if x >= 1000:
+        return f"{x:,.0f}"
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.0f}%"
+
+
+def median_of(ctx: Ctx, scenario: str, system: str) -> float | None:
+    e = ctx.results.get(scenario, {}).get(system)
+    s = summary(e) if e else None
+    return s["median"] if s else None
+
+
+def best_peer(ctx: Ctx, sc: Scenario) -> tuple[str, float] | None:
+    peers = [(s.name, median_of(ctx, sc.id, s.name)) for s in SYSTEMS if s.role == "peer"]
+    peers = [(n, v) for n, v in peers if v is not None]
+    if not peers:
+        return None
+    return (max if sc.higher_is_better else min)(peers, key=lambda t: t[1])
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def machine_facts(ctx: Ctx) -> list[tuple[str, str]]:
+    def ver(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = f"{int(f.readline().split()[1]) / (1 << 20):.1f} GiB"
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    s3rver_ver = "?"
+    with contextlib.suppress(OSError, ValueError):
+        s3rver_ver = json.loads((NODE_DIR / "node_modules/s3rver/package.json").read_text())["version"]
+    work_fs = cmd_output(["df", "-hT", "--output=source,fstype,size", str(ctx.work)]).splitlines()[-1]
+    return [
+        ("host", socket.gethostname()),
+        ("cores", str(os.cpu_count())),
+        ("cpu", cpu),
+        ("memory", mem),
+        ("kernel", platform.release()),
+        ("python", platform.python_version()),
+        ("work dir fs", work_fs),
+        ("cachefs", ver("cachefs")),
+        ("pyfuse3", ver("pyfuse3")),
+        ("trio", ver("trio")),
+        ("aiobotocore", ver("aiobotocore")),
+        ("httpx", ver("httpx")),
+        ("s3fs", cmd_output(["s3fs", "--version"]).splitlines()[0] if shutil.which("s3fs") else "not installed"),
+        ("rclone", cmd_output(["rclone", "version"]).splitlines()[0] if shutil.which("rclone") else "not installed"),
+        ("fusermount3", cmd_output(["fusermount3", "--version"])),
+        ("node", cmd_output(["node", "--version"])),
+        ("s3rver", s3rver_ver),
+    ]
+
+
+def plot_group(ctx: Ctx, group: str, path: Path) -> bool:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scs = [s for s in SCENARIOS if s.group == group]
+    systems = [n for n in ALL_SYSTEM_NAMES if any(
+        summary(ctx.results.get(s.id, {}).get(n, {"values": []})) for s in scs)]
+    if not systems:
+        return False
+    units = sorted({s.unit for s in scs})
+    fig, axes = plt.subplots(1, len(units), figsize=(6 + 2.5 * len(scs), 4.5), squeeze=False)
+    for ax, unit in zip(axes[0], units):
+        us = [s for s in scs if s.unit == unit]
+        width = 0.8 / len(systems)
+        for i, n in enumerate(systems):
+            med, lo, hi = [], [], []
+            for s in us:
+                sm = summary(ctx.results.get(s.id, {}).get(n, {"values": []}))
+                med.append(sm["median"] if sm else 0)
+                lo.append(sm["median"] - sm["min"] if sm else 0)
+                hi.append(sm["max"] - sm["median"] if sm else 0)
+            xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(us))]
+            ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=n)
+        ax.set_xticks(range(len(us)))
+        ax.set_xticklabels([s.id for s in us])
+        ax.set_ylabel(unit + " (median, min–max)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"cachefs bench — {group} ({ctx.profile.name}, {ctx.profile.runs} run(s))")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+ALL_SYSTEM_NAMES = ["s3-direct", "disk-dd", "pyfuse3-passthrough", "cachefs", "s3fs", "rclone"]
+GROUP_TITLES = {"large": "Large sequential", "small": "Small files", "meta": "Metadata",
+                "conc": "Concurrency", "mem": "Memory", "hooks": "Not yet measured (hooks)"}
+
+
+def target_checks(ctx: Ctx) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict)"""
+    out = []
+
+    def check(label: str, value: float | None, ok: Callable[[float], bool], shown: str) -> None:
+        if value is None:
+            out.append((label, "—", "not measured"))
+        else:
+            out.append((label, shown, "PASS" if ok(value) else "FAIL"))
+
+    c = lambda s: median_of(ctx, s, "cachefs")  # noqa: E731
+    r = ratio(c("large_warm"), median_of(ctx, "large_warm", "pyfuse3-passthrough"))
+    check("warm large sequential ≥ 90% of pyfuse3 passthrough", r, lambda x: x >= 0.9, pct(r))
+    r = ratio(c("large_warm"), median_of(ctx, "large_warm", "rclone"))
+    check("warm large sequential ≥ 2× rclone", r, lambda x: x >= 2, f"{r:.2f}×" if r else "")
+    r = ratio(c("large_cold"), median_of(ctx, "large_cold", "s3-direct"))
+    check("cold large sequential ≥ 90% of direct aiobotocore", r, lambda x: x >= 0.9, pct(r))
+    r = ratio(c("small_cold_1"), median_of(ctx, "small_cold_1", "s3-direct"))
+    check("cold small files, 1 reader ≥ 90% of sequential GETs/s", r, lambda x: x >= 0.9, pct(r))
+    for s in ("small_warm_1", "small_warm_8"):
+        r = ratio(c(s), median_of(ctx, s, "rclone"))
+        check(f"warm small files ({s[-1]} reader{'s' if s[-1] != '1' else ''}) ≥ 5× rclone", r,
+              lambda x: x >= 5, f"{r:.2f}×" if r else "")
+    v = c("mem_32")
+    check("daemon peak RSS ≤ 512 MiB with 32 readers", v, lambda x: x <= 512, f"{v:.0f} MiB" if v else "")
+    check("cluster of 3: S3 bytes ≤ 1.05× data set", c("cluster_3"), lambda x: x <= 1.05, "")
+    check("tracing cost < 5%", c("tracing_cost"), lambda x: x < 5, "")
+    return out
+
+
+def write_report(ctx: Ctx, started: float) -> Path:
+    out_dir = BENCH / "results"
+    out_dir.mkdir(exist_ok=True)
+    stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}"
+    md = out_dir / f"{stem}.md"
+    p = ctx.profile
+    L: list[str] = []
+    L.append(f"# cachefs bench — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {socket.gethostname()}")
+    L.append("")
+    L.append(f"Command: `bench/run.sh{' --quick' if p.name == 'quick' else ''}` — profile **{p.name}**, "
+             f"**{p.runs} run(s)** per figure" +
+             (" (quick mode: one run, so min = median = max; figures are indicative only)" if p.runs == 1 else "")
+             + f"; total time {(time.monotonic() - started) / 60:.1f} min.")
+    L.append("")
+    L.append(f"Data set: {p.shards} × {p.shard_size // MiB} MiB shards, {p.small} × {p.small_size // KiB} KiB "
+             f"small files, {p.medium} × {p.medium_size // MiB} MiB files for concurrency, one "
+             f"{p.herd_size // MiB} MiB file for the 32-reader herd, a {p.meta}-key metadata tree. "
+             f"S3 is s3rver on loopback (node, single process). MB = 10^6 bytes.")
+    L.append("")
+    L.append("## Machine")
+    L.append("")
+    L.append("| | |\n|---|---|")
+    for k, v in machine_facts(ctx):
+        L.append(f"| {k} | {v} |")
+    L.append("")
+    L.append("## Targets (cachefs)")
+    L.append("")
+    L.append("| target | measured | verdict |\n|---|---|---|")
+    for t, v, verdict in target_checks(ctx):
+        L.append(f"| {t} | {v} | {verdict} |")
+    L.append("")
+    plots = {}
+    for group in GROUP_TITLES:
+        scs = [s for s in SCENARIOS if s.group == group]
+        L.append(f"## {GROUP_TITLES[group]}")
+        L.append("")
+        if group in ("large", "small", "meta", "conc"):
+            png = out_dir / f"{stem}-{group}.png"
+            try:
+                if plot_group(ctx, group, png):
+                    plots[group] = png
+                    L.append(f"![{group}]({png.name})")
+                    L.append("")
+            except Exception as e:  # noqa: BLE001
+                L.append(f"(plot failed: {e})")
+                L.append("")
+        for sc in scs:
+            rows = ctx.results.get(sc.id, {})
+            L.append(f"### {sc.title}")
+            L.append("")
+            cel = f"ceiling: {sc.ceiling}" if sc.ceiling else "no ceiling"
+            better = "higher is better" if sc.higher_is_better else "lower is better"
+            L.append(f"Unit: {sc.unit} ({better}); {cel}" + (f"; target: {sc.target}" if sc.target else "") + ".")
+            L.append("")
+            L.append("| system | median | min | max | runs | cachefs ÷ this | S3 bytes ÷ logical | note |")
+            L.append("|---|---:|---:|---:|---:|---:|---:|---|")
+            cval = median_of(ctx, sc.id, "cachefs")
+            for name in ALL_SYSTEM_NAMES:
+                e = rows.get(name)
+                if e is None:
+                    continue
+                sm = summary(e)
+                amps = [x["s3_amplification"] for x in e["extra"] if "s3_amplification" in x]
+                amp = fmt(statistics.median(amps)) if amps else "—"
+                vs = "—"
+                if name != "cachefs" and sm and cval is not None:
+                    vs = f"{cval / sm['median']:.2f}×"
+                note = e["status"] or ""
+                if sm:
+                    L.append(f"| {name} | {fmt(sm['median'])} | {fmt(sm['min'])} | {fmt(sm['max'])} | "
+                             f"{sm['n']} | {vs} | {amp} | {note} |")
+                else:
+                    L.append(f"| {name} | — | — | — | 0 | — | — | {note} |")
+            bp = best_peer(ctx, sc)
+            parts = []
+            if cval is not None and sc.ceiling:
+                cv = median_of(ctx, sc.id, sc.ceiling)
+                if cv:
+                    parts.append(f"cachefs = **{pct(cval / cv)}** of its ceiling ({sc.ceiling})")
+            if cval is not None and bp:
+                parts.append(f"**{cval / bp[1]:.2f}×** the best peer ({bp[0]})")
+            if parts:
+                L.append("")
+                L.append("; ".join(parts) + ".")
+            L.append("")
+    L.append("## Notes per system")
+    L.append("")
+    for name, notes in ctx.notes.items():
+        for n in dict.fromkeys(notes):
+            L.append(f"- **{name}**: {n}")
+    L.append("")
+    L.append("Raw figures: " + f"`{stem}.json`.")
+    L.append("")
+    md.write_text("\n".join(L))
+    (out_dir / f"{stem}.json").write_text(json.dumps(
+        {"profile": asdict(p), "results": ctx.results, "notes": ctx.notes,
+         "machine": dict(machine_facts(ctx))}, indent=1))
+    return md
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+def cleanup_stale_mounts(work: Path) -> None:
+    mnt = work / "mnt"
+    if not mnt.exists():
+        return
+    for d in mnt.iterdir():
+        if fuse_mounted(d):
+            log(f"unmounting stale {d}")
+            subprocess.run(["fusermount3", "-u", "-z", str(d)])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small data set, 1 run (< 5 min)")
+    ap.add_argument("--runs", type=int, help="runs per figure (default: 3, quick: 1)")
+    ap.add_argument("--systems", default="s3-direct,disk-dd,pyfuse3-passthrough,cachefs,s3fs,rclone",
+                    help="comma-separated subset of: " + ",".join(ALL_SYSTEM_NAMES))
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("CACHEFS_BENCH_WORK", BENCH / ".work")),
+                    help="scratch dir: S3 data, local copy, caches, mountpoints (default bench/.work)")
+    ap.add_argument("--cachefs-cache-size", default="64GiB")
+    ap.add_argument("--cachefs-arg", action="append", default=[],
+                    help="extra argument for `cachefs mount` (repeatable)")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+
+    profile = QUICK if args.quick else FULL
+    if args.runs:
+        profile = Profile(**{**asdict(profile), "runs": args.runs})
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(wanted) - set(ALL_SYSTEM_NAMES)
+    if unknown:
+        ap.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    if os.geteuid() != 0:
+        ap.error("must run as root (drops the page cache, sets read_ahead_kb, mounts FUSE)")
+
+    started = time.monotonic()
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "logs").mkdir(exist_ok=True)
+    cleanup_stale_mounts(work)
+    bucket = f"bench-{profile.name}"
+    s3 = S3Server(work / "s3", bucket, work / "logs" / "s3rver.log")
+    ctx = Ctx(args=args, profile=profile, layout=Layout.of(profile), work=work,
+              local=work / f"local-{profile.name}", bucket=bucket, s3=s3)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    mounted: list[System] = []
+    try:
+        s3.start()
+        ensure_dataset(ctx)
+        if "s3-direct" in wanted:
+            s3_direct(ctx)
+        if "disk-dd" in wanted:
+            disk_dd(ctx)
+        for cls in SYSTEMS:
+            if cls.name not in wanted:
+                continue
+            sys_ = cls(ctx)
+            mounted.append(sys_)
+            t0 = time.monotonic()
+            try:
+                sys_.check()
+                run_mounted_system(ctx, sys_)
+            except Unavailable as e:
+                log(f"{sys_.name}: {e}")
+                for sc in SCENARIOS:
+                    if sc.group != "hooks":
+                        ctx.record(sc.id, sys_.name, status=str(e)[:300])
+            finally:
+                sys_.unmount()
+            log(f"{sys_.name}: done in {time.monotonic() - t0:.0f} s")
+        if "cachefs" in wanted:
+            for hook in HOOKS:
+                hook(ctx)
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        return 130
+    finally:
+        for sys_ in mounted:
+            with contextlib.suppress(Exception):
+                sys_.unmount()
+        s3.stop()
+        if ctx.results:
+            md = write_report(ctx, started)
+            log(f"report: {md}")
+    log(f"total {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The chunk reader: one call, ``get(ref)``, returns a chunk's verified bytes.
+
+Tiers, in order:
+  1. the local SSD store (checksum verified; a bad file is dropped and refetched)
+  2. the chunk's owner on the ring, when there is a cluster and it is not us
+     (the owner reads its SSD or fetches from S3 once, and keeps the chunk)
+  3. S3, by ranged GET with If-Match on the ETag; the chunk is written to the
+     SSD store before the call returns (write-through)
+
+Singleflight: concurrent ``get`` calls for one chunk id share one fetch.  The
+fetch runs in a service nursery, not in the caller's task, so a caller that is
+cancelled (an interrupted read) does not fail the others; it only stops
+waiting.  Errors reach every waiter, and the next call starts a fresh fetch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import trio
+
+from ..stats import Stats
+from ..store.chunkstore import ChunkStore
+from ..trace import span
+from .ids import ChunkRef
+
+log = logging.getLogger("cachefs.reader")
+
+
+class PeerTier(Protocol):
+    async def fetch(self, ref: ChunkRef) -> bytes | None:
+        """The chunk from its owner, or None when we own it or no peer could serve it."""
+
+
+class _Flight:
+    __slots__ = ("done", "data", "error", "waiters")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+        self.waiters = 0
+
+
+class ChunkReader:
+    def __init__(self, store: ChunkStore, stats: Stats, nursery: trio.Nursery,
+                 peers: PeerTier | None = None) -> None:
+        self.store = store
+        self.stats = stats
+        self.nursery = nursery
+        self.peers = peers
+        self._flights: dict[bytes, _Flight] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    async def get(self, ref: ChunkRef, *, pin: bool = False, local_only: bool = False) -> bytes:
+        f = self._flights.get(ref.cid)
+        if f is None:
+            # fast path: local hit without a flight (no await before registering below)
+            if self.store.contains(ref.cid) and not pin:
+                data = await self.store.get(ref.cid, ref.length)
+                if data is not None:
+                    return data
+                f = self._flights.get(ref.cid)
+        if f is None:
+            f = _Flight()
+            self._flights[ref.cid] = f
+            self.nursery.start_soon(self._run, ref, f, pin, local_only)
+            leader = True
+        else:
+            leader = False
+            self.stats.inc("singleflight_joins")
+        f.waiters += 1
+        if leader:
+            await f.done.wait()
+        else:
+            with span("singleflight.wait", chunk=ref.index):
+                await f.done.wait()
+        if f.error is not None:
+            raise f.error
+        assert f.data is not None
+        if pin and not leader and not self.store.is_pinned(ref.cid):
+            await self.store.set_pinned([ref.cid], True)
+        return f.data
+
+    async def _run(self, ref: ChunkRef, f: _Flight, pin: bool, local_only: bool) -> None:
+        try:
+            f.data = await self._fetch(ref, pin, local_only)
+        except Exception as e:  # noqa: BLE001 - handed to every waiter
+            f.error = e
+        finally:
+            del self._flights[ref.cid]
+            f.done.set()
+
+    async def _fetch(self, ref: ChunkRef, pin: bool, local_only: bool) -> bytes:
+        with span("chunk", chunk=ref.index, key=ref.obj.key, bytes=ref.length) as sp:
+            data = await self.store.get(ref.cid, ref.length)
+            if data is not None:
+                sp.set(tier="local")
+                if pin:
+                    await self.store.set_pinned([ref.cid], True)
+                return data
+            if self.peers is not None and not local_only:
+                data = await self.peers.fetch(ref)
+                if data is not None:
+                    sp.set(tier="peer")
+                    self.stats.inc("peer_hits")
+                    self.stats.inc("peer_bytes", len(data))
+                    return data
+            sp.set(tier="s3")
+            obj = ref.obj
+            assert obj.store is not None
+            self.stats.inc("s3_misses")
+            data = await obj.store.get_range(obj.key, obj.etag, ref.offset, ref.length, obj.size)
+            await self.store.put(ref.cid, data, pin=pin)
+            return data

@@ -1,0 +1,302 @@
+"""The `cachefs` command line.  Every user error is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import runtime
+from .config import build_config
+from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
+
+log = logging.getLogger("cachefs")
+
+START_TIMEOUT = 180.0
+
+
+def setup_logging(level: str, stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # botocore logs request headers (Authorization) at DEBUG: never let them through
+    for noisy in ("botocore", "aiobotocore", "boto3", "urllib3", "httpx", "httpcore",
+                  "pyfuse3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cachefs")
+def cli() -> None:
+    """cachefs: S3 data sets as a read-only POSIX tree, cached on the SSDs of your GPU nodes."""
+
+
+# -- mount ----------------------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("args", nargs=-1, required=True, metavar="[s3://BUCKET[/PREFIX]] MOUNTPOINT")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with [[mount]] tables and settings (flags override it).")
+@click.option("--endpoint-url", help="S3 endpoint, e.g. http://s3.internal:9000.")
+@click.option("--region", help="S3 region (default: from the AWS configuration).")
+@click.option("--profile", help="AWS profile for credentials.")
+@click.option("--cache-dir", help="Directory on the SSD for cached chunks and the index.")
+@click.option("--cache-size", help="Cache limit, e.g. 500GiB.")
+@click.option("--chunk-size", help="Chunk size (default 8MiB).")
+@click.option("--metadata-ttl", help="How long listings are trusted (default 300s).")
+@click.option("--readahead-memory", help="Memory for read-ahead chunks (default 256MiB).")
+@click.option("--readahead-chunks", type=int, help="Max chunks in flight per reader (default 8).")
+@click.option("--high-watermark", type=float, help="Evict when use passes this (default 0.9).")
+@click.option("--low-watermark", type=float, help="Evict down to this (default 0.8).")
+@click.option("--s3-max-attempts", type=int, help="Attempts per S3 request (default 6).")
+@click.option("--s3-timeout", help="Timeout of one S3 attempt (default 30s).")
+@click.option("--allow-other", is_flag=True, default=None, help="Let other users read the mount.")
+@click.option("--node-id", help="This node's name in the cluster (default: hostname).")
+@click.option("--peer-listen", help="HOST:PORT of this node's peer server.")
+@click.option("--peers", help="Static cluster members, comma-separated HOST:PORT or NODE=HOST:PORT.")
+@click.option("--etcd", help="etcd endpoints for membership, comma-separated URLs.")
+@click.option("--metrics-listen", help="HOST:PORT for Prometheus metrics (default off).")
+@click.option("--slow-threshold", help="Traces slower than this are kept (default 50ms).")
+@click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+@click.option("--log-file", help="Daemon log (default <cache-dir>/cachefs.log).")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (systemd, tests).")
+@click.option("--ready-fd", type=int, hidden=True)
+def mount(args, config_file, ready_fd, foreground, **flags) -> None:
+    """Mount S3 (one bucket, or the mount table of --config) read-only at MOUNTPOINT.
+
+    \b
+    cachefs mount s3://datasets/train /mnt/train --endpoint-url http://s3:9000 \\
+        --cache-dir /nvme/cachefs --cache-size 500GiB
+    cachefs mount --config /etc/cachefs.toml /mnt/data
+    """
+    if len(args) == 2:
+        source, mountpoint = args
+    elif len(args) == 1:
+        source, mountpoint = None, args[0]
+        if not config_file:
+            raise QuietError("give s3://bucket[/prefix] MOUNTPOINT, or --config FILE MOUNTPOINT",
+                             EXIT_USAGE)
+    else:
+        raise QuietError("too many arguments: expected [s3://bucket[/prefix]] MOUNTPOINT",
+                         EXIT_USAGE)
+    flags["foreground"] = foreground
+    cfg = build_config(mountpoint=mountpoint, source=source, config_file=config_file,
+                       flags=flags)
+    if foreground or ready_fd is not None:
+        _run_foreground(cfg, ready_fd)
+    else:
+        _daemonize(cfg)
+
+
+def _log_path(cfg) -> Path:
+    return cfg.log_file or cfg.cache_dir / "cachefs.log"
+
+
+def _run_foreground(cfg, ready_fd: int | None) -> None:
+    import trio
+
+    from .daemon import Daemon, Ready
+
+    setup_logging(cfg.log_level)
+    ready = Ready(ready_fd)
+    try:
+        trio.run(Daemon(cfg, ready).run)
+    except BaseException as e:  # noqa: BLE001
+        q = _find_quiet(e)
+        if q is not None:
+            ready.fail(q.msg)
+            raise q from None
+        if isinstance(e, KeyboardInterrupt):
+            return
+        ready.fail(f"daemon failed: {type(e).__name__}: {e} (see {_log_path(cfg)})")
+        log.exception("daemon failed")
+        raise QuietError(f"daemon failed: {type(e).__name__}: {e}") from None
+    finally:
+        ready.close()
+
+
+def _daemonize(cfg) -> None:
+    """Start `cachefs mount --foreground` detached; return once the mount is live."""
+    from .daemon import prepare_cache_dir
+
+    prepare_cache_dir(cfg.cache_dir)
+    logp = _log_path(cfg)
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "cachefs"] + sys.argv[1:] + ["--ready-fd", str(w)]
+    try:
+        logf = open(os.open(logp, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    except OSError as e:
+        raise QuietError(f"cannot open log file {logp}: {e.strerror}") from None
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                            pass_fds=(w,), start_new_session=True, close_fds=True)
+    os.close(w)
+    logf.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    buf = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise QuietError(f"the daemon did not finish starting in {START_TIMEOUT:.0f}s "
+                             f"(pid {proc.pid}, log {logp})")
+        rl, _, _ = select.select([r], [], [], min(left, 1.0))
+        if rl:
+            data = os.read(r, 65536)
+            if not data:
+                break
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                kind, _, msg = line.decode(errors="replace").partition(" ")
+                if kind == "WARN":
+                    click.echo(f"cachefs: warning: {msg}", err=True)
+                elif kind == "OK":
+                    os.close(r)
+                    click.echo(f"cachefs: mounted at {cfg.mountpoint} (pid {proc.pid}, "
+                               f"log {logp})", err=True)
+                    return
+                elif kind == "ERR":
+                    os.close(r)
+                    proc.wait(timeout=30)
+                    raise QuietError(msg)
+        elif proc.poll() is not None:
+            break
+    os.close(r)
+    code = proc.wait(timeout=30)
+    raise QuietError(f"the daemon exited during start-up (status {code}); see {logp}")
+
+
+def _find_quiet(e: BaseException) -> QuietError | None:
+    if isinstance(e, QuietError):
+        return e
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            q = _find_quiet(sub)
+            if q is not None:
+                return q
+    return None
+
+
+# -- umount ---------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("mountpoint")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon.")
+def umount(mountpoint: str, timeout: float) -> None:
+    """Unmount a cachefs mount and wait for its daemon to exit.
+
+    \b
+    cachefs umount /mnt/train
+    """
+    from .daemon import fusermount_unmount, is_stale_mount
+
+    mp = Path(os.path.abspath(mountpoint))
+    info = runtime.read_info(mp)
+    stale = is_stale_mount(mp)
+    if not stale and not os.path.ismount(mp):
+        raise QuietError(f"{mp} is not mounted")
+    ok, err = fusermount_unmount(mp, lazy=stale)
+    if not ok:
+        if "busy" in err.lower():
+            raise QuietError(f"{mp} is busy: a process still uses it (close it, or see "
+                             f"`fuser -m {mp}`)")
+        raise QuietError(f"could not unmount {mp}: {err}")
+    pid = info.get("pid") if info else None
+    if pid:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            raise QuietError(f"unmounted {mp}, but daemon pid {pid} is still running")
+    click.echo(f"cachefs: unmounted {mp}", err=True)
+
+
+# -- stats ----------------------------------------------------------------------------
+
+
+def client_for(mount: str | None):
+    from .control import ControlClient
+
+    mp = runtime.find_mount(mount)
+    return ControlClient(runtime.socket_path(mp), mp), mp
+
+
+@cli.command()
+@click.option("--mount", help="The cachefs mountpoint (default: the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(mount: str | None, as_json: bool) -> None:
+    """Cache size, use, pinned bytes, chunks, hits and misses per tier, evictions.
+
+    \b
+    cachefs stats --mount /mnt/train
+    """
+    client, mp = client_for(mount)
+    s = client.request({"op": "stats"})["stats"]
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    from .report import format_stats
+
+    click.echo(format_stats(mp, s))
+
+
+# -- demo -----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False),
+              help="Where to put the S3 data, cache and mountpoint (default: a temp dir).")
+@click.option("--shards", default=3, show_default=True, help="Number of large shard files.")
+@click.option("--shard-size", default="32MiB", show_default=True)
+@click.option("--small-files", default=2000, show_default=True)
+@click.option("--small-size", default="64KiB", show_default=True)
+def demo(workdir, shards, shard_size, small_files, small_size) -> None:
+    """Local S3 server + sample data set, mounted, read cold, warm and hot; then cleaned up.
+
+    \b
+    cachefs demo
+    """
+    from .demo import run_demo
+
+    run_demo(workdir, shards, shard_size, small_files, small_size)
+
+
+def main() -> None:
+    try:
+        rv = cli.main(standalone_mode=False, prog_name="cachefs")
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except click.exceptions.Abort:
+        click.echo("cachefs: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"cachefs: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code if e.exit_code else EXIT_USAGE)
+    except QuietError as e:
+        click.echo(f"cachefs: error: {e.msg}", err=True)
+        sys.exit(e.exitcode)
+    except KeyboardInterrupt:
+        click.echo("cachefs: interrupted", err=True)
+        sys.exit(130)
+    except BaseExceptionGroup as eg:
+        q = _find_quiet(eg)
+        if q is None:
+            raise
+        click.echo(f"cachefs: error: {q.msg}", err=True)
+        sys.exit(q.exitcode)
+    except BrokenPipeError:
+        sys.exit(EXIT_FAILED)

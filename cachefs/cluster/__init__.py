@@ -1,0 +1,1 @@
+"""Peer-to-peer cluster layer: hash ring, peer protocol, peer client/server."""

@@ -1,0 +1,547 @@
+"""Peer chunk server, client and health tracking (trio, TCP).
+
+The frame format and authentication are described in protocol.py and
+docs/cluster.md.  Nothing here is persistent: connections, health state and
+counters live in memory only.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .protocol import (
+    MAC_SIZE,
+    MAX_HELLO,
+    MAX_REQUEST_HEADER,
+    MAX_RESPONSE_HEADER,
+    NONCE_SIZE,
+    FrameReader,
+    PeerError,
+    checksum,
+    decode_hello,
+    decode_json,
+    dump_request_header,
+    encode_hello,
+    encode_response,
+    frame_request,
+    request_mac,
+    response_mac,
+)
+
+__all__ = ["PeerError", "PeerClient", "PeerHealth", "serve_peers", "Handler", "parse_address"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict, dict], Awaitable[tuple[bytes, list[dict]]]]
+
+# Errors that mean "this connection is unusable"; they never escape to callers.
+_CONN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"[v6addr]:port"``) into (host, port)."""
+    host, sep, port_s = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"peer address must be host:port, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"bad port in peer address {address!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"bad port in peer address {address!r}")
+    return host, port
+
+
+# ---------------------------------------------------------------------------
+# Server
+# ---------------------------------------------------------------------------
+
+
+def _error_header(code: str, message: str) -> dict[str, Any]:
+    return {
+        "status": "error",
+        "code": code,
+        "message": message,
+        "length": 0,
+        "checksum": checksum(b""),
+        "spans": [],
+    }
+
+
+async def serve_peers(
+    listen_host: str | None,
+    listen_port: int,
+    secret: bytes,
+    handler: Handler,
+    *,
+    max_concurrent: int = 16,
+    max_connections: int = 256,
+    handler_timeout: float = 60.0,
+    idle_timeout: float = 300.0,
+    io_timeout: float = 30.0,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve chunks to peers until cancelled.
+
+    ``handler(chunk, trace)`` returns ``(data, spans)``; it may raise
+    PeerError(msg) to send an error frame carrying ``msg``.  At most
+    ``max_concurrent`` handler calls run at once (across all connections),
+    each limited to ``handler_timeout`` seconds.  At most ``max_connections``
+    connections are served; extra ones are closed at once.  A connection idle
+    for ``idle_timeout`` is closed; reading one request frame or sending one
+    response must finish within ``io_timeout``.
+
+    Calls ``task_status.started(port)`` with the bound port (useful with
+    ``listen_port=0``), once the socket is listening.
+    """
+    if not isinstance(secret, (bytes, bytearray)) or not secret:
+        raise ValueError("serve_peers needs a non-empty shared secret")
+    secret = bytes(secret)
+    limiter = trio.CapacityLimiter(max_concurrent)
+    state = {"connections": 0}
+
+    async def on_connection(stream: trio.SocketStream) -> None:
+        if state["connections"] >= max_connections:
+            log.warning("peer server: connection limit %d reached, refusing", max_connections)
+            await trio.aclose_forcefully(stream)
+            return
+        state["connections"] += 1
+        try:
+            async with stream:
+                await _serve_connection(
+                    stream,
+                    secret,
+                    handler,
+                    limiter,
+                    handler_timeout=handler_timeout,
+                    idle_timeout=idle_timeout,
+                    io_timeout=io_timeout,
+                )
+        except (*_CONN_ERRORS, PeerError, trio.TooSlowError):
+            pass  # peer went away, sent garbage or was too slow: just drop it
+        except Exception:
+            log.exception("peer server: unexpected error on connection")
+        finally:
+            state["connections"] -= 1
+
+    listeners = await trio.open_tcp_listeners(listen_port, host=listen_host or None)
+    port = listeners[0].socket.getsockname()[1]
+    task_status.started(port)
+    await trio.serve_listeners(on_connection, listeners)
+
+
+async def _serve_connection(
+    stream: trio.SocketStream,
+    secret: bytes,
+    handler: Handler,
+    limiter: trio.CapacityLimiter,
+    *,
+    handler_timeout: float,
+    idle_timeout: float,
+    io_timeout: float,
+) -> None:
+    nonce = secrets.token_bytes(NONCE_SIZE)
+    reader = FrameReader(stream)
+    with trio.fail_after(io_timeout):
+        await stream.send_all(encode_hello(nonce))
+    seq = 0
+    while True:
+        with trio.move_on_after(idle_timeout) as idle:
+            eof = await reader.at_eof()
+        if idle.cancelled_caught or eof:
+            return
+        with trio.fail_after(io_timeout):
+            size = await reader.read_u32()
+            if size > MAX_REQUEST_HEADER:
+                await stream.send_all(
+                    encode_response(
+                        None,
+                        nonce,
+                        seq,
+                        _error_header(
+                            "too_large", f"request header {size} bytes exceeds {MAX_REQUEST_HEADER}"
+                        ),
+                    )
+                )
+                return
+            mac = await reader.read_exactly(MAC_SIZE)
+            raw = await reader.read_exactly(size)
+        # Authenticate before looking at the content at all.
+        if not hmac.compare_digest(mac, request_mac(secret, nonce, seq, raw)):
+            with trio.fail_after(io_timeout):
+                await stream.send_all(
+                    encode_response(None, nonce, seq, _error_header("unauthorized", "unauthorized"))
+                )
+            return
+
+        data: bytes | bytearray | memoryview = b""
+        try:
+            header = decode_json(raw, "request header")
+            op = header.get("op")
+            if op == "ping":
+                resp = {
+                    "status": "ok",
+                    "code": "ok",
+                    "message": "",
+                    "length": 0,
+                    "checksum": checksum(b""),
+                    "spans": [],
+                }
+            elif op == "get":
+                chunk = header.get("chunk")
+                trace = header.get("trace") or {}
+                if not isinstance(chunk, dict) or not isinstance(trace, dict):
+                    raise PeerError("get needs a 'chunk' object and a 'trace' object", "protocol")
+                data, spans = await _call_handler(handler, limiter, chunk, trace, handler_timeout)
+                resp = {
+                    "status": "ok",
+                    "code": "ok",
+                    "message": "",
+                    "length": len(data),
+                    "checksum": checksum(data),
+                    "spans": spans,
+                }
+            else:
+                raise PeerError(f"unknown op {op!r}", "protocol")
+            try:
+                frame = encode_response(secret, nonce, seq, resp)
+            except (TypeError, ValueError):
+                log.error("peer server: handler returned spans that are not JSON-serialisable")
+                raise PeerError("internal error in chunk handler", "remote") from None
+        except PeerError as e:
+            code = "bad_request" if e.reason == "protocol" else e.reason
+            frame = encode_response(secret, nonce, seq, _error_header(code, str(e)))
+            data = b""
+        with trio.fail_after(io_timeout):
+            await stream.send_all(frame)
+            if data:
+                await stream.send_all(data)
+        seq += 1
+
+
+async def _call_handler(
+    handler: Handler,
+    limiter: trio.CapacityLimiter,
+    chunk: dict,
+    trace: dict,
+    handler_timeout: float,
+) -> tuple[bytes | bytearray | memoryview, list]:
+    try:
+        async with limiter:
+            with trio.fail_after(handler_timeout):
+                result = await handler(chunk, trace)
+    except PeerError as e:
+        raise PeerError(str(e), "remote") from None
+    except trio.TooSlowError:
+        raise PeerError(f"handler timed out after {handler_timeout}s", "remote") from None
+    except Exception:
+        log.exception("peer server: handler failed for chunk %r", chunk)
+        raise PeerError("internal error in chunk handler", "remote") from None
+    try:
+        data, spans = result
+    except (TypeError, ValueError):
+        log.error("peer server: handler returned %r, not (data, spans)", type(result))
+        raise PeerError("internal error in chunk handler", "remote") from None
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        log.error("peer server: handler returned data of type %s", type(data).__name__)
+        raise PeerError("internal error in chunk handler", "remote")
+    spans = list(spans or [])
+    return data, spans
+
+
+# ---------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------
+
+
+class _Conn:
+    __slots__ = ("stream", "reader", "nonce", "seq")
+
+    def __init__(self, stream: trio.SocketStream, reader: FrameReader, nonce: bytes) -> None:
+        self.stream = stream
+        self.reader = reader
+        self.nonce = nonce
+        self.seq = 0
+
+
+@dataclass
+class _Pool:
+    slots: trio.Semaphore
+    idle: list[_Conn] = field(default_factory=list)
+    open: int = 0
+    connects: int = 0
+    requests: int = 0
+    bytes_in: int = 0
+    retries: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+class PeerClient:
+    """Fetches chunks from peers over pooled, authenticated connections.
+
+    Every failure raises PeerError (with ``.reason``); a connection that saw
+    any error is closed, never reused.  ``request_timeout`` bounds a whole
+    call (waiting for a pooled connection, connecting, request, response);
+    ``connect_timeout`` additionally bounds connecting + the server hello.
+    """
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        connect_timeout: float = 2.0,
+        request_timeout: float = 10.0,
+        max_conns_per_peer: int = 4,
+        max_body: int = 256 * 1024 * 1024,
+    ) -> None:
+        if not isinstance(secret, (bytes, bytearray)) or not secret:
+            raise ValueError("PeerClient needs a non-empty shared secret")
+        if max_conns_per_peer < 1:
+            raise ValueError("max_conns_per_peer must be >= 1")
+        self._secret = bytes(secret)
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.max_conns_per_peer = max_conns_per_peer
+        self.max_body = max_body
+        self._pools: dict[str, _Pool] = {}
+        self._closed = False
+
+    # -- public API ------------------------------------------------------
+    async def get(self, address: str, chunk: dict, trace: dict) -> tuple[bytes, list[dict]]:
+        """Fetch one chunk from the peer at ``address`` ("host:port").
+
+        Returns ``(data, spans)``; ``data`` matched the length and xxh3_128
+        checksum in the authenticated response header.
+        """
+        raw = dump_request_header({"op": "get", "chunk": chunk, "trace": trace})
+        data, spans, _ = await self._request(address, raw)
+        return data, spans
+
+    async def ping(self, address: str) -> float:
+        """Round-trip time in seconds of a ping on an established connection."""
+        _, _, rtt = await self._request(address, dump_request_header({"op": "ping"}))
+        return rtt
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "closed": self._closed,
+            "peers": {
+                addr: {
+                    "open": p.open,
+                    "idle": len(p.idle),
+                    "connects": p.connects,
+                    "requests": p.requests,
+                    "retries": p.retries,
+                    "bytes_in": p.bytes_in,
+                    "errors": dict(p.errors),
+                }
+                for addr, p in self._pools.items()
+            },
+        }
+
+    async def aclose(self) -> None:
+        """Close idle connections; in-flight ones are closed when they finish."""
+        self._closed = True
+        for pool in self._pools.values():
+            idle, pool.idle = pool.idle, []
+            for conn in idle:
+                pool.open -= 1
+                await trio.aclose_forcefully(conn.stream)
+
+    async def __aenter__(self) -> PeerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- internals -------------------------------------------------------
+    def _pool(self, address: str) -> _Pool:
+        pool = self._pools.get(address)
+        if pool is None:
+            pool = self._pools[address] = _Pool(trio.Semaphore(self.max_conns_per_peer))
+        return pool
+
+    async def _request(self, address: str, header: bytes) -> tuple[bytes, list[dict], float]:
+        if self._closed:
+            raise PeerError("peer client is closed", "closed")
+        parse_address(address)  # ValueError early for a malformed address
+        pool = self._pool(address)
+        try:
+            try:
+                with trio.fail_after(self.request_timeout):
+                    async with pool.slots:
+                        return await self._request_on_pool(address, pool, header)
+            except trio.TooSlowError:
+                raise PeerError(
+                    f"request to {address} timed out after {self.request_timeout}s", "timeout"
+                ) from None
+        except PeerError as e:
+            pool.errors[e.reason] += 1
+            raise
+
+    async def _request_on_pool(
+        self, address: str, pool: _Pool, header: bytes
+    ) -> tuple[bytes, list[dict], float]:
+        while True:
+            reused = bool(pool.idle)
+            conn = pool.idle.pop() if reused else await self._connect(address, pool)
+            ok = False
+            try:
+                t0 = trio.current_time()
+                data, spans = await self._exchange(address, conn, header)
+                rtt = trio.current_time() - t0
+                ok = True
+            except PeerError as e:
+                # A pooled connection the server has since closed (idle
+                # timeout, restart): retry once on a fresh connection.  Safe,
+                # since get and ping are idempotent reads.
+                if reused and e.reason == "closed":
+                    pool.retries += 1
+                    continue
+                raise
+            finally:
+                if ok and not self._closed:
+                    pool.idle.append(conn)
+                else:
+                    pool.open -= 1
+                    await trio.aclose_forcefully(conn.stream)
+            pool.requests += 1
+            pool.bytes_in += len(data)
+            return data, spans, rtt
+
+    async def _connect(self, address: str, pool: _Pool) -> _Conn:
+        host, port = parse_address(address)
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await trio.open_tcp_stream(host, port)
+                try:
+                    reader = FrameReader(stream)
+                    size = await reader.read_u32(frame_start=True)
+                    if size > MAX_HELLO:
+                        raise PeerError(f"hello from {address} too large", "protocol")
+                    nonce = decode_hello(await reader.read_exactly(size))
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+        except trio.TooSlowError:
+            raise PeerError(
+                f"connect to {address} timed out after {self.connect_timeout}s", "timeout"
+            ) from None
+        except _CONN_ERRORS as e:
+            raise PeerError(f"connect to {address} failed: {e}", "connect") from None
+        except PeerError as e:
+            raise PeerError(f"connect to {address}: {e}", e.reason) from None
+        pool.open += 1
+        pool.connects += 1
+        return _Conn(stream, reader, nonce)
+
+    async def _exchange(self, address: str, conn: _Conn, header: bytes) -> tuple[bytes, list[dict]]:
+        frame = frame_request(self._secret, conn.nonce, conn.seq, header)
+        reader = conn.reader
+        try:
+            await conn.stream.send_all(frame)
+            size = await reader.read_u32(frame_start=True)
+            if size > MAX_RESPONSE_HEADER:
+                raise PeerError(f"response header from {address} too large ({size})", "protocol")
+            mac = await reader.read_exactly(MAC_SIZE)
+            raw = await reader.read_exactly(size)
+            resp = decode_json(raw, "response header")
+            if resp.get("status") != "ok":
+                code = str(resp.get("code") or "remote")
+                if code in ("unauthorized", "too_large"):
+                    reason = code
+                elif code == "bad_request":
+                    reason = "protocol"
+                else:
+                    reason = "remote"
+                raise PeerError(f"peer {address}: {resp.get('message') or code}", reason)
+            if not hmac.compare_digest(mac, response_mac(self._secret, conn.nonce, conn.seq, raw)):
+                raise PeerError(f"bad response MAC from {address}", "bad_response_mac")
+            length = resp.get("length")
+            expected = resp.get("checksum")
+            spans = resp.get("spans", [])
+            if (
+                not isinstance(length, int)
+                or isinstance(length, bool)
+                or not 0 <= length <= self.max_body
+                or not isinstance(expected, str)
+                or not isinstance(spans, list)
+            ):
+                raise PeerError(f"malformed response header from {address}", "protocol")
+            data = await reader.read_body(length)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            # Broken before or during the response: treat like an EOF.
+            raise PeerError(f"connection to {address} broken: {e}", "closed") from None
+        except PeerError as e:
+            if e.reason in ("closed", "short_read"):
+                raise PeerError(f"peer {address}: {e}", e.reason) from None
+            raise
+        if checksum(data) != expected:
+            raise PeerError(f"checksum mismatch on data from {address}", "checksum")
+        conn.seq += 1
+        return data, spans
+
+
+# ---------------------------------------------------------------------------
+# Health
+# ---------------------------------------------------------------------------
+
+
+class PeerHealth:
+    """Which peers to avoid for now, and error counters per peer and reason.
+
+    ``mark_bad`` makes a node unhealthy for ``bad_for`` seconds of
+    ``trio.current_time()`` (so trio's MockClock drives it in tests); marking
+    it again extends the period.  Must be used from inside trio.
+    """
+
+    def __init__(self, bad_for: float = 10.0) -> None:
+        self.bad_for = bad_for
+        self._until: dict[str, float] = {}
+        self._errors: dict[str, Counter] = {}
+
+    def mark_bad(self, node: str, reason: str) -> None:
+        self._until[node] = trio.current_time() + self.bad_for
+        self._errors.setdefault(node, Counter())[reason] += 1
+
+    def mark_good(self, node: str) -> None:
+        """Forget an unhealthy mark early (e.g. after a successful request)."""
+        self._until.pop(node, None)
+
+    def is_healthy(self, node: str) -> bool:
+        until = self._until.get(node)
+        if until is None:
+            return True
+        if trio.current_time() >= until:
+            del self._until[node]
+            return True
+        return False
+
+    def healthy(self, nodes: Iterable[str]) -> list[str]:
+        """``nodes`` filtered to the healthy ones, order preserved."""
+        return [n for n in nodes if self.is_healthy(n)]
+
+    def errors(self, node: str) -> dict[str, int]:
+        return dict(self._errors.get(node, {}))
+
+    def statistics(self) -> dict[str, Any]:
+        now = trio.current_time()
+        nodes = set(self._until) | set(self._errors)
+        return {
+            n: {
+                "healthy": self.is_healthy(n),
+                "unhealthy_for": max(0.0, self._until.get(n, now) - now),
+                "errors": dict(self._errors.get(n, {})),
+            }
+            for n in sorted(nodes)
+        }

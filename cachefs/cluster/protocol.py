@@ -1,0 +1,230 @@
+"""Wire format of the peer chunk protocol (``cachefs-peer/1``).
+
+All integers are big-endian.  One TCP connection carries one request at a
+time; connections are persistent.
+
+Server hello, sent by the server as soon as it accepts a connection::
+
+    u32 length | JSON {"proto": "cachefs-peer/1", "nonce": "<32 hex chars>"}
+
+Request (client -> server)::
+
+    u32 header_length | 32-byte MAC | header_length bytes of JSON header
+    MAC = HMAC-SHA256(secret, b"cachefs-peer/1\\0req\\0" + nonce + u64 seq + header)
+
+    header: {"op": "get", "chunk": {...}, "trace": {...}}  or  {"op": "ping"}
+
+Response (server -> client)::
+
+    u32 header_length | 32-byte MAC | JSON header | header["length"] raw bytes
+    MAC = HMAC-SHA256(secret, b"cachefs-peer/1\\0resp\\0" + nonce + u64 seq + header)
+
+    header: {"status": "ok" | "error", "code": str, "message": str,
+             "length": int, "checksum": xxh3_128 hex of the data, "spans": [...]}
+
+``nonce`` is the 16 random bytes from the hello and ``seq`` counts requests
+on the connection from 0, so a captured request cannot be replayed on
+another connection or out of order on the same one.  Error frames that the
+server sends before a request is authenticated (``unauthorized``,
+``too_large``) carry an all-zero MAC: the client accepts any error frame as a
+failure (an attacker could fail the request anyway by dropping the
+connection), but an ``ok`` frame is only accepted with a valid MAC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from typing import Any
+
+import xxhash
+
+__all__ = [
+    "PROTO",
+    "MAX_REQUEST_HEADER",
+    "MAX_RESPONSE_HEADER",
+    "MAX_HELLO",
+    "MAC_SIZE",
+    "NONCE_SIZE",
+    "PeerError",
+    "FrameReader",
+    "checksum",
+    "request_mac",
+    "response_mac",
+    "encode_hello",
+    "decode_hello",
+    "encode_request",
+    "dump_request_header",
+    "frame_request",
+    "encode_response",
+    "decode_json",
+]
+
+PROTO = "cachefs-peer/1"
+MAX_REQUEST_HEADER = 64 * 1024
+MAX_RESPONSE_HEADER = 1024 * 1024
+MAX_HELLO = 4096
+MAC_SIZE = 32
+NONCE_SIZE = 16
+ZERO_MAC = bytes(MAC_SIZE)
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_REQ_LABEL = PROTO.encode() + b"\0req\0"
+_RESP_LABEL = PROTO.encode() + b"\0resp\0"
+_RECV_CHUNK = 64 * 1024
+_BODY_CHUNK = 256 * 1024
+
+
+class PeerError(Exception):
+    """A peer request failed.
+
+    ``reason`` is a short machine-readable tag, suitable as a PeerHealth
+    counter key: ``connect``, ``timeout``, ``closed``, ``short_read``,
+    ``protocol``, ``unauthorized``, ``bad_response_mac``, ``checksum``,
+    ``too_large``, ``remote`` (the server's handler failed) or ``error``.
+    """
+
+    def __init__(self, message: str, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def checksum(data: bytes | bytearray | memoryview) -> str:
+    """xxh3_128 hex digest, as carried in the response header."""
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def request_mac(secret: bytes, nonce: bytes, seq: int, header: bytes) -> bytes:
+    return hmac.new(secret, _REQ_LABEL + nonce + _U64.pack(seq) + header, hashlib.sha256).digest()
+
+
+def response_mac(secret: bytes, nonce: bytes, seq: int, header: bytes) -> bytes:
+    return hmac.new(secret, _RESP_LABEL + nonce + _U64.pack(seq) + header, hashlib.sha256).digest()
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_hello(nonce: bytes) -> bytes:
+    raw = _dumps({"proto": PROTO, "nonce": nonce.hex()})
+    return _U32.pack(len(raw)) + raw
+
+
+def decode_hello(raw: bytes) -> bytes:
+    """Validate a hello payload and return the nonce."""
+    hello = decode_json(raw, "hello")
+    if hello.get("proto") != PROTO:
+        raise PeerError(f"unsupported peer protocol {hello.get('proto')!r}", "protocol")
+    try:
+        nonce = bytes.fromhex(hello["nonce"])
+    except (KeyError, TypeError, ValueError):
+        raise PeerError("malformed hello nonce", "protocol") from None
+    if len(nonce) != NONCE_SIZE:
+        raise PeerError("malformed hello nonce", "protocol")
+    return nonce
+
+
+def dump_request_header(header: dict[str, Any]) -> bytes:
+    """Serialise a request header.  Raises ValueError if it is too large or
+    not JSON-serialisable (a caller bug, not a peer failure)."""
+    try:
+        raw = _dumps(header)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"request header is not JSON-serialisable: {e}") from e
+    if len(raw) > MAX_REQUEST_HEADER:
+        raise ValueError(f"request header is {len(raw)} bytes, limit {MAX_REQUEST_HEADER}")
+    return raw
+
+
+def frame_request(secret: bytes, nonce: bytes, seq: int, raw: bytes) -> bytes:
+    """Frame an already serialised request header (see dump_request_header)."""
+    return _U32.pack(len(raw)) + request_mac(secret, nonce, seq, raw) + raw
+
+
+def encode_request(secret: bytes, nonce: bytes, seq: int, header: dict[str, Any]) -> bytes:
+    """Serialise and frame a request header."""
+    return frame_request(secret, nonce, seq, dump_request_header(header))
+
+
+def encode_response(secret: bytes | None, nonce: bytes, seq: int, header: dict[str, Any]) -> bytes:
+    """Frame a response header (the data follows separately).
+
+    ``secret=None`` produces an unauthenticated (all-zero MAC) frame, only
+    for refusing a request that was not itself authenticated.
+    """
+    raw = _dumps(header)
+    mac = ZERO_MAC if secret is None else response_mac(secret, nonce, seq, raw)
+    return _U32.pack(len(raw)) + mac + raw
+
+
+def decode_json(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise PeerError(f"malformed {what} (not JSON)", "protocol") from None
+    if not isinstance(obj, dict):
+        raise PeerError(f"malformed {what} (not a JSON object)", "protocol")
+    return obj
+
+
+class FrameReader:
+    """Buffered exact-size reads from a trio stream.
+
+    A clean EOF where a new frame would start raises PeerError("closed");
+    EOF in the middle of a frame raises PeerError("short_read").
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+
+    async def at_eof(self) -> bool:
+        """Wait for at least one byte; True if the peer closed cleanly."""
+        if self._buf:
+            return False
+        data = await self._stream.receive_some(_RECV_CHUNK)
+        if not data:
+            return True
+        self._buf += data
+        return False
+
+    async def read_exactly(self, n: int, *, frame_start: bool = False) -> bytes:
+        while len(self._buf) < n:
+            data = await self._stream.receive_some(max(_RECV_CHUNK, n - len(self._buf)))
+            if not data:
+                if frame_start and not self._buf:
+                    raise PeerError("connection closed by peer", "closed")
+                raise PeerError(
+                    f"connection closed after {len(self._buf)} of {n} bytes", "short_read"
+                )
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def read_u32(self, *, frame_start: bool = False) -> int:
+        return _U32.unpack(await self.read_exactly(4, frame_start=frame_start))[0]
+
+    async def read_body(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes as one ``bytes`` object.
+
+        Collects the received pieces and joins them once, so the payload is
+        copied into its final buffer exactly once (a bytearray + bytes()
+        round-trip measured ~2x slower for 8 MiB on loopback).
+        """
+        if n <= len(self._buf):
+            return await self.read_exactly(n)
+        parts = [bytes(self._buf)]
+        have = len(self._buf)
+        self._buf.clear()
+        while have < n:
+            data = await self._stream.receive_some(min(n - have, _BODY_CHUNK))
+            if not data:
+                raise PeerError(f"connection closed after {have} of {n} body bytes", "short_read")
+            parts.append(data)
+            have += len(data)
+        return b"".join(parts)

@@ -1,0 +1,377 @@
+"""Configuration: frozen dataclasses loaded from a TOML file, overridden by flags.
+
+All validation happens here, with messages a user can act on.  Credentials are
+never part of the configuration: they come from the standard AWS chain
+(environment, shared credentials file, profile).  The peer secret may come from
+the file or from ``CACHEFS_PEER_SECRET``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# 8 MiB: S3 guidance for ranged GETs is 8-16 MB per request, which amortises
+# the ~ms time-to-first-byte; 500 GiB of cache is then only 64k chunk records.
+# Objects smaller than a chunk occupy only their own size.
+DEFAULT_CHUNK_SIZE = 8 * MiB
+# Training data is immutable in practice; 5 minutes bounds how long an
+# overwrite stays invisible while keeping LIST traffic negligible.
+DEFAULT_METADATA_TTL = 300.0
+DEFAULT_READAHEAD_MEMORY = 256 * MiB
+DEFAULT_READAHEAD_CHUNKS = 8
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kb": 1000, "kib": KiB,
+    "m": MiB, "mb": 1000**2, "mib": MiB,
+    "g": GiB, "gb": 1000**3, "gib": GiB,
+    "t": 1024 * GiB, "tb": 1000**4, "tib": 1024 * GiB,
+    "p": 1024**5, "pb": 1000**5, "pib": 1024**5,
+}
+
+
+def parse_size(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size like 500GiB, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m or m.group(2) is None and not m.group(1):
+            raise ConfigError(f"{what}: expected a size like 500GiB or 8MiB, got {value!r}")
+        unit = (m.group(2) or "").lower()
+        if unit not in _UNITS:
+            raise ConfigError(f"{what}: unknown unit in {value!r} (use KiB, MiB, GiB, TiB)")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise ConfigError(f"{what}: must be positive, got {value!r}")
+    return n
+
+
+def parse_duration(value: Any, what: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a duration like 300s, got {value!r}")
+    if isinstance(value, int | float):
+        secs = float(value)
+    else:
+        m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", str(value))
+        if not m:
+            raise ConfigError(f"{what}: expected a duration like 300s, 50ms or 5m, got {value!r}")
+        secs = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if secs < 0:
+        raise ConfigError(f"{what}: must not be negative")
+    return secs
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
+        raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
+
+
+def parse_source(source: str) -> tuple[str, str]:
+    """``s3://bucket/prefix`` → (bucket, prefix) with prefix '' or ending in '/'."""
+    if not source.startswith("s3://"):
+        raise ConfigError(f"source must look like s3://bucket[/prefix], got {source!r}")
+    rest = source[5:]
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise ConfigError(f"invalid bucket name in {source!r}")
+    prefix = prefix.strip("/")
+    if prefix:
+        if any(p in ("", ".", "..") for p in prefix.split("/")):
+            raise ConfigError(f"invalid prefix in {source!r}")
+        prefix += "/"
+    return bucket, prefix
+
+
+@dataclass(frozen=True)
+class MountSpec:
+    """One bucket (or bucket/prefix) and the endpoint that serves it."""
+
+    name: str  # top-level directory name; "" when it is the mount root
+    bucket: str
+    prefix: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+
+    @property
+    def source(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class S3Options:
+    max_attempts: int = 6  # attempts per request, including the first
+    request_timeout: float = 30.0  # one attempt, first byte to last byte
+    connect_timeout: float = 5.0
+    backoff_base: float = 0.1
+    backoff_max: float = 5.0
+    max_concurrency: int = 32  # concurrent S3 requests per endpoint
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    node_id: str | None = None
+    peer_listen: str | None = None  # HOST:PORT
+    peers: tuple[str, ...] = ()  # static members "host:port" or "node=host:port"
+    etcd: tuple[str, ...] = ()
+    etcd_prefix: str = "/cachefs/members/"
+    peer_secret: str | None = field(default=None, repr=False)
+    peer_timeout: float = 2.0
+    lease_ttl: int = 10
+    grace_period: float = 30.0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.peer_listen)
+
+
+@dataclass(frozen=True)
+class Config:
+    mounts: tuple[MountSpec, ...]
+    mountpoint: Path
+    cache_dir: Path
+    cache_size: int
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+    metadata_ttl: float = DEFAULT_METADATA_TTL
+    attr_timeout: float = DEFAULT_METADATA_TTL
+    readahead_memory: int = DEFAULT_READAHEAD_MEMORY
+    readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS
+    kernel_read_ahead_kb: int = 1024
+    allow_other: bool = False
+    foreground: bool = False
+    log_level: str = "INFO"
+    log_file: Path | None = None
+    s3: S3Options = S3Options()
+    cluster: ClusterOptions = ClusterOptions()
+    slow_threshold: float = 0.05
+    metrics_listen: str | None = None
+    config_file: Path | None = None
+
+    @property
+    def single_root(self) -> bool:
+        return len(self.mounts) == 1 and self.mounts[0].name == ""
+
+
+def _table(d: dict, key: str) -> dict:
+    v = d.get(key, {})
+    if not isinstance(v, dict):
+        raise ConfigError(f"config: [{key}] must be a table")
+    return v
+
+
+def _check_keys(d: dict, allowed: set[str], where: str) -> None:
+    unknown = set(d) - allowed
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) in {where}: {', '.join(sorted(unknown))}")
+
+
+def load_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except PermissionError:
+        raise ConfigError(f"config file not readable: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
+_NAME_RE = re.compile(r"^[^/\x00]{1,255}$")
+
+
+def build_config(
+    *,
+    mountpoint: str,
+    source: str | None = None,
+    config_file: str | None = None,
+    flags: dict[str, Any] | None = None,
+) -> Config:
+    """Merge the TOML file (if any) and flags (which win) into a validated Config."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
+    raw: dict = load_toml(Path(config_file)) if config_file else {}
+    _check_keys(raw, {"cache", "metadata", "read", "s3", "mount", "cluster", "trace", "log",
+                      "fuse"}, "top level")
+    cache = _table(raw, "cache")
+    _check_keys(cache, {"dir", "size", "chunk_size", "high_watermark", "low_watermark"}, "[cache]")
+    meta = _table(raw, "metadata")
+    _check_keys(meta, {"ttl", "attr_timeout"}, "[metadata]")
+    read = _table(raw, "read")
+    _check_keys(read, {"readahead_memory", "readahead_chunks", "kernel_read_ahead_kb"}, "[read]")
+    s3 = _table(raw, "s3")
+    _check_keys(s3, {"endpoint_url", "region", "profile", "max_attempts", "request_timeout",
+                     "connect_timeout", "max_concurrency"}, "[s3]")
+    cl = _table(raw, "cluster")
+    _check_keys(cl, {"node_id", "peer_listen", "peers", "etcd", "etcd_prefix", "peer_secret",
+                     "peer_timeout", "lease_ttl", "grace_period"}, "[cluster]")
+    tr = _table(raw, "trace")
+    _check_keys(tr, {"slow_threshold", "metrics_listen"}, "[trace]")
+    lg = _table(raw, "log")
+    _check_keys(lg, {"level", "file"}, "[log]")
+    fu = _table(raw, "fuse")
+    _check_keys(fu, {"allow_other"}, "[fuse]")
+
+    def pick(flag: str, table: dict, key: str, default: Any = None) -> Any:
+        if flag in flags:
+            return flags[flag]
+        return table.get(key, default)
+
+    endpoint = pick("endpoint_url", s3, "endpoint_url")
+    region = pick("region", s3, "region")
+    profile = pick("profile", s3, "profile")
+
+    mounts: list[MountSpec] = []
+    if source:
+        bucket, prefix = parse_source(source)
+        mounts.append(MountSpec("", bucket, prefix, endpoint, region, profile))
+    else:
+        entries = raw.get("mount", [])
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(
+                "nothing to mount: give s3://bucket[/prefix] or a config file with [[mount]] entries"
+            )
+        names = set()
+        for i, e in enumerate(entries, 1):
+            if not isinstance(e, dict):
+                raise ConfigError(f"config: [[mount]] #{i} must be a table")
+            _check_keys(e, {"name", "source", "endpoint_url", "region", "profile"},
+                        f"[[mount]] #{i}")
+            if "source" not in e:
+                raise ConfigError(f"config: [[mount]] #{i} needs source = \"s3://bucket[/prefix]\"")
+            bucket, prefix = parse_source(str(e["source"]))
+            name = str(e.get("name") or (bucket + ("-" + prefix.strip("/").replace("/", "-")
+                                                   if prefix else "")))
+            if not _NAME_RE.match(name) or name in (".", ".."):
+                raise ConfigError(f"config: [[mount]] #{i}: invalid name {name!r}")
+            if name in names:
+                raise ConfigError(f"config: [[mount]] #{i}: duplicate name {name!r}")
+            names.add(name)
+            mounts.append(MountSpec(
+                name, bucket, prefix,
+                flags.get("endpoint_url") or e.get("endpoint_url") or s3.get("endpoint_url"),
+                flags.get("region") or e.get("region") or s3.get("region"),
+                flags.get("profile") or e.get("profile") or s3.get("profile"),
+            ))
+
+    cache_dir = pick("cache_dir", cache, "dir")
+    if not cache_dir:
+        raise ConfigError("no cache directory: give --cache-dir or [cache] dir in the config file")
+    size_raw = pick("cache_size", cache, "size")
+    if size_raw is None:
+        raise ConfigError("no cache size: give --cache-size (e.g. 500GiB) or [cache] size")
+    cache_size = parse_size(size_raw, "cache size")
+    chunk_size = parse_size(pick("chunk_size", cache, "chunk_size", DEFAULT_CHUNK_SIZE),
+                            "chunk size")
+    if not (4 * KiB <= chunk_size <= 256 * MiB):
+        raise ConfigError("chunk size must be between 4KiB and 256MiB")
+    if cache_size < 2 * chunk_size:
+        raise ConfigError(f"cache size {size_raw} is too small: it must hold at least two chunks "
+                          f"({2 * chunk_size} bytes)")
+    high = float(pick("high_watermark", cache, "high_watermark", 0.9))
+    low = float(pick("low_watermark", cache, "low_watermark", 0.8))
+    if not (0 < low < high <= 1):
+        raise ConfigError("watermarks must satisfy 0 < low < high <= 1 (defaults 0.8 and 0.9)")
+    ttl = parse_duration(pick("metadata_ttl", meta, "ttl", DEFAULT_METADATA_TTL), "metadata ttl")
+    attr_timeout = parse_duration(pick("attr_timeout", meta, "attr_timeout", ttl), "attr timeout")
+    ra_mem = parse_size(pick("readahead_memory", read, "readahead_memory",
+                             DEFAULT_READAHEAD_MEMORY), "read-ahead memory")
+    ra_chunks = int(pick("readahead_chunks", read, "readahead_chunks", DEFAULT_READAHEAD_CHUNKS))
+    if ra_chunks < 0:
+        raise ConfigError("readahead chunks must be >= 0")
+
+    s3opts = S3Options(
+        max_attempts=int(pick("s3_max_attempts", s3, "max_attempts", S3Options.max_attempts)),
+        request_timeout=parse_duration(pick("s3_timeout", s3, "request_timeout",
+                                            S3Options.request_timeout), "s3 request timeout"),
+        connect_timeout=parse_duration(s3.get("connect_timeout", S3Options.connect_timeout),
+                                       "s3 connect timeout"),
+        max_concurrency=int(s3.get("max_concurrency", S3Options.max_concurrency)),
+    )
+    if s3opts.max_attempts < 1:
+        raise ConfigError("s3 max_attempts must be >= 1")
+
+    peers = pick("peers", cl, "peers", ())
+    if isinstance(peers, str):
+        peers = tuple(p.strip() for p in peers.split(",") if p.strip())
+    etcd = pick("etcd", cl, "etcd", ())
+    if isinstance(etcd, str):
+        etcd = tuple(p.strip() for p in etcd.split(",") if p.strip())
+    secret = os.environ.get("CACHEFS_PEER_SECRET") or cl.get("peer_secret")
+    cluster = ClusterOptions(
+        node_id=pick("node_id", cl, "node_id"),
+        peer_listen=pick("peer_listen", cl, "peer_listen"),
+        peers=tuple(peers),
+        etcd=tuple(etcd),
+        etcd_prefix=str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix)),
+        peer_secret=secret,
+        peer_timeout=parse_duration(cl.get("peer_timeout", 2.0), "peer timeout"),
+        lease_ttl=int(cl.get("lease_ttl", 10)),
+        grace_period=parse_duration(cl.get("grace_period", 30), "grace period"),
+    )
+    if cluster.peer_listen:
+        parse_hostport(cluster.peer_listen, "peer listen address")
+        if not cluster.peer_secret:
+            raise ConfigError("a cluster needs a shared secret: set CACHEFS_PEER_SECRET "
+                              "or [cluster] peer_secret")
+        if not cluster.peers and not cluster.etcd:
+            raise ConfigError("--peer-listen needs --peers or --etcd")
+    elif cluster.peers or cluster.etcd:
+        raise ConfigError("--peers/--etcd need --peer-listen HOST:PORT")
+
+    metrics = pick("metrics_listen", tr, "metrics_listen")
+    if metrics:
+        parse_hostport(metrics, "metrics listen address")
+
+    level = str(pick("log_level", lg, "level", "INFO")).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    log_file = pick("log_file", lg, "file")
+
+    return Config(
+        mounts=tuple(mounts),
+        mountpoint=Path(mountpoint),
+        cache_dir=Path(cache_dir),
+        cache_size=cache_size,
+        chunk_size=chunk_size,
+        high_watermark=high,
+        low_watermark=low,
+        metadata_ttl=ttl,
+        attr_timeout=attr_timeout,
+        readahead_memory=ra_mem,
+        readahead_chunks=ra_chunks,
+        allow_other=bool(pick("allow_other", fu, "allow_other", False)),
+        foreground=bool(flags.get("foreground", False)),
+        log_level=level,
+        log_file=Path(log_file) if log_file else None,
+        s3=s3opts,
+        cluster=cluster,
+        slow_threshold=parse_duration(pick("slow_threshold", tr, "slow_threshold", 0.05),
+                                      "slow threshold"),
+        metrics_listen=metrics,
+        config_file=Path(config_file) if config_file else None,
+    )
+
+
+__all__ = ["Config", "MountSpec", "S3Options", "ClusterOptions", "build_config", "parse_size",
+           "parse_duration", "replace"]

@@ -1,0 +1,196 @@
+"""Control API: JSON lines over a unix socket private to the daemon's owner.
+
+The socket lives in a 0700 directory and is itself 0600 (see runtime.py), and
+the server also checks the peer's uid with SO_PEERCRED: only the daemon's
+user (or root) may talk to it.
+
+Protocol: the client sends one JSON object (``{"op": ..., ...}``) on one line.
+The server answers with zero or more event lines (``{"event": ...}``, used
+for progress and live traces) and then one final line: ``{"ok": true, ...}``
+or ``{"ok": false, "error": "one line"}``.  Handlers are registered by name;
+each is ``async def handler(req, emit) -> dict`` where ``emit(dict)`` sends an
+event line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .errors import EXIT_NO_DAEMON, QuietError
+
+log = logging.getLogger("cachefs.control")
+
+Emit = Callable[[dict], Awaitable[None]]
+Handler = Callable[[dict, Emit], Awaitable[dict]]
+MAX_REQUEST = 16 << 20
+
+
+class ControlError(Exception):
+    """A request the daemon refuses; its message goes back to the client."""
+
+
+class ControlServer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handlers: dict[str, Handler] = {}
+
+    def register(self, op: str, handler: Handler) -> None:
+        self.handlers[op] = handler
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            await sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        try:
+            await trio.serve_listeners(self._conn, [listener])
+        finally:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+    async def _conn(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                             struct.calcsize("3i"))
+            _, uid, _ = struct.unpack("3i", creds)
+            if uid not in (os.getuid(), 0):
+                log.warning("control: refused a connection from uid %d", uid)
+                await _send(stream, {"ok": False, "error": "permission denied"})
+                return
+            buf = b""
+            while b"\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                buf += data
+                if len(buf) > MAX_REQUEST:
+                    await _send(stream, {"ok": False, "error": "request too large"})
+                    return
+            line = buf.split(b"\n", 1)[0]
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError
+            except ValueError:
+                await _send(stream, {"ok": False, "error": "malformed request"})
+                return
+            handler = self.handlers.get(str(req.get("op")))
+            if handler is None:
+                await _send(stream, {"ok": False, "error": f"unknown op {req.get('op')!r}"})
+                return
+
+            async def emit(ev: dict) -> None:
+                await _send(stream, {"event": True, **ev})
+
+            result = None
+            try:
+                async with trio.open_nursery() as n:
+                    n.start_soon(_watch_hangup, stream, n.cancel_scope)
+                    result = await handler(req, emit)
+                    n.cancel_scope.cancel()
+            except ControlError as e:
+                await _send(stream, {"ok": False, "error": str(e)})
+                return
+            except trio.BrokenResourceError:
+                return
+            except Exception as e:  # noqa: BLE001 - report, keep the daemon up
+                log.exception("control op %s failed", req.get("op"))
+                try:
+                    await _send(stream, {"ok": False, "error": f"internal error: {e}"})
+                except trio.BrokenResourceError:
+                    pass
+                return
+            if result is None:
+                return  # client hung up (handler cancelled)
+            try:
+                await _send(stream, {"ok": True, **result})
+            except trio.BrokenResourceError:
+                pass
+
+
+async def _watch_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    """Cancel the handler when the client goes away (Ctrl-C on `cachefs preload`)."""
+    try:
+        while True:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
+
+
+async def _send(stream: trio.SocketStream, obj: dict) -> None:
+    await stream.send_all(json.dumps(obj, default=str).encode() + b"\n")
+
+
+# -- client ---------------------------------------------------------------------------
+
+
+class ControlClient:
+    """Synchronous client used by the CLI (one request per connection)."""
+
+    def __init__(self, path: Path, mountpoint: str = "") -> None:
+        self.path = path
+        self.mountpoint = mountpoint
+
+    def _connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(self.path))
+        except FileNotFoundError:
+            s.close()
+            raise QuietError(f"no cachefs daemon is running for {self.mountpoint or self.path}",
+                             EXIT_NO_DAEMON) from None
+        except ConnectionRefusedError:
+            s.close()
+            raise QuietError(f"the cachefs daemon for {self.mountpoint} is not answering "
+                             "(stale socket)", EXIT_NO_DAEMON) from None
+        except PermissionError:
+            s.close()
+            raise QuietError(f"permission denied on the control socket of {self.mountpoint}: "
+                             "it belongs to another user") from None
+        return s
+
+    def request(self, req: dict[str, Any], on_event: Callable[[dict], None] | None = None,
+                timeout: float | None = 60.0) -> dict:
+        s = self._connect()
+        try:
+            s.settimeout(timeout)
+            s.sendall(json.dumps(req).encode() + b"\n")
+            f = s.makefile("rb")
+            for line in f:
+                msg = json.loads(line)
+                if msg.get("event"):
+                    if on_event:
+                        on_event(msg)
+                    continue
+                if not msg.get("ok"):
+                    raise QuietError(str(msg.get("error", "request failed")))
+                return msg
+            raise QuietError("the cachefs daemon closed the connection")
+        except TimeoutError:
+            raise QuietError("the cachefs daemon did not answer in time") from None
+        finally:
+            s.close()

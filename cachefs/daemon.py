@@ -1,0 +1,299 @@
+"""Daemon lifecycle: checks, cache start-up, mount, services, clean unmount.
+
+Order of start-up (each failure is one clear line, nothing left mounted):
+  mountpoint usable (a stale "Transport endpoint is not connected" mount left
+  by a crash is cleared) → cache dir writable and locked (one daemon per cache
+  dir) → index opened and reconciled with the chunk files → every bucket
+  reachable with the given credentials → FUSE mount → services → "ready".
+SIGTERM/SIGINT (or `cachefs umount`) end pyfuse3.main; the mount is removed,
+queued index writes are committed and the lock released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import runtime
+from .chunks.reader import ChunkReader
+from .config import Config
+from .control import ControlServer
+from .errors import QuietError
+from .fuse_ops import Operations
+from .index import Index, IndexWriter
+from .objectstore import ObjectStore
+from .stats import Stats
+from .store.chunkstore import ChunkStore
+from .trace import Tracer
+from .vfs import VFS, MountCtx
+
+log = logging.getLogger("cachefs.daemon")
+
+
+class Ready:
+    """Tells the parent `cachefs mount` process how start-up went (a pipe fd)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def _say(self, line: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, (line.replace("\n", " ") + "\n").encode())
+        except OSError:
+            pass
+
+    def warn(self, msg: str) -> None:
+        log.warning("%s", msg)
+        self._say("WARN " + msg)
+
+    def ok(self, msg: str = "") -> None:
+        self._say("OK " + msg)
+        self.close()
+
+    def fail(self, msg: str) -> None:
+        self._say("ERR " + msg)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def is_stale_mount(mp: Path) -> bool:
+    try:
+        os.stat(mp)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def fusermount_unmount(mp: Path, lazy: bool = False) -> tuple[bool, str]:
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mp)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        r = subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(mp)],
+                           capture_output=True, text=True, timeout=30)
+    return r.returncode == 0, (r.stderr or r.stdout).strip()
+
+
+def check_mountpoint(mp: Path) -> None:
+    if is_stale_mount(mp):
+        ok, err = fusermount_unmount(mp, lazy=True)
+        if not ok:
+            raise QuietError(f"mountpoint {mp} holds a stale mount (Transport endpoint is not "
+                             f"connected) that could not be cleared: {err}")
+        log.warning("cleared a stale mount left at %s by a previous daemon", mp)
+    if not mp.exists():
+        raise QuietError(f"mountpoint {mp} does not exist")
+    if not mp.is_dir():
+        raise QuietError(f"mountpoint {mp} is not a directory")
+    if os.path.ismount(mp):
+        raise QuietError(f"mountpoint {mp} is busy: something is already mounted there")
+    if not os.access(mp, os.R_OK | os.X_OK):
+        raise QuietError(f"mountpoint {mp} is not accessible")
+
+
+def prepare_cache_dir(d: Path) -> None:
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        probe = d / f".probe.{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise QuietError(f"cache dir {d} is not writable: {e.strerror or e}") from None
+
+
+def lock_cache_dir(d: Path) -> int:
+    fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise QuietError(f"cache dir {d} is in use by another cachefs daemon"
+                         + (f" (pid {other})" if other else "")) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def mount_device(mp: Path) -> str | None:
+    """major:minor of the mount at mp, from mountinfo (a stat would ask ourselves)."""
+    dev = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[4].encode().decode("unicode_escape") == str(mp):
+                    dev = parts[2]  # the last one mounted there wins
+    except OSError:
+        return None
+    return dev
+
+
+def set_kernel_readahead(mp: Path, kb: int) -> None:
+    """Let the kernel send large reads (default 128 KiB; 1 MiB measured 1.8x faster)."""
+    dev = mount_device(mp)
+    if dev is None:
+        log.info("could not find the device of %s: reads stay at 128 KiB", mp)
+        return
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(kb))
+    except OSError as e:
+        log.info("could not raise the kernel read-ahead of %s to %d KiB (%s): reads stay at "
+                 "128 KiB", mp, kb, e.strerror)
+
+
+class Daemon:
+    def __init__(self, cfg: Config, ready: Ready) -> None:
+        self.cfg = cfg
+        self.ready = ready
+        self.stats = Stats()
+        self.tracer = Tracer(slow_threshold=cfg.slow_threshold,
+                             node=cfg.cluster.node_id or None)
+        self.started_at = time.time()
+        self.control: ControlServer | None = None
+        self.vfs: VFS | None = None
+        self.store: ChunkStore | None = None
+        self.reader: ChunkReader | None = None
+        self.index: Index | None = None
+        self.writer: IndexWriter | None = None
+        self.cluster = None
+        self.nursery: trio.Nursery | None = None
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        mp = Path(os.path.realpath(cfg.mountpoint))
+        check_mountpoint(mp)
+        prepare_cache_dir(cfg.cache_dir)
+        lock_fd = lock_cache_dir(cfg.cache_dir)
+        try:
+            await self._run_locked(mp)
+        finally:
+            os.close(lock_fd)
+
+    async def _run_locked(self, mp: Path) -> None:
+        cfg = self.cfg
+        self.index = index = await trio.to_thread.run_sync(Index, cfg.cache_dir / "index")
+        self.writer = writer = IndexWriter(index)
+        self.store = store = ChunkStore(cfg.cache_dir, index, writer, self.stats,
+                                        limit=cfg.cache_size, high=cfg.high_watermark,
+                                        low=cfg.low_watermark)
+        try:
+            report = await trio.to_thread.run_sync(store.reconcile)
+            log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,
+                     store.statistics()["chunks"], store.used >> 20, report)
+            free = store.disk_free()
+            if cfg.cache_size > free + store.used:
+                self.ready.warn(f"--cache-size {cfg.cache_size >> 30} GiB is larger than the "
+                                f"free space of {cfg.cache_dir} ({(free + store.used) >> 30} "
+                                "GiB); the cache will stop growing when the disk is full")
+            async with AsyncExitStack() as stack:
+                mounts = []
+                for spec in cfg.mounts:
+                    st = await stack.enter_async_context(ObjectStore(spec, cfg.s3, self.stats))
+                    await st.check()
+                    mounts.append(MountCtx(spec, st))
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    await self._serve(nursery, mp, mounts)
+                    nursery.cancel_scope.cancel()
+        finally:
+            writer.drain_sync()
+            index.close()
+
+    async def _serve(self, nursery: trio.Nursery, mp: Path, mounts: list[MountCtx]) -> None:
+        cfg = self.cfg
+        assert self.store and self.writer and self.index
+        await nursery.start(self.writer.run)
+        await nursery.start(self.store.evictor)
+        self.store.kick()
+        peers = None
+        if cfg.cluster.enabled:
+            from .cluster.node import ClusterNode  # only when configured
+            self.cluster = ClusterNode(self, mounts)
+            await nursery.start(self.cluster.run)
+            peers = self.cluster
+        self.reader = ChunkReader(self.store, self.stats, nursery, peers=peers)
+        token = trio.lowlevel.current_trio_token()
+
+        def on_change(ino: int) -> None:
+            nursery.start_soon(_invalidate, ino, token)
+
+        self.vfs = VFS(cfg, mounts, self.reader, self.index, self.writer, self.stats,
+                       self.tracer, nursery, on_change=on_change)
+        ops = Operations(self.vfs, self.stats)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=cachefs", "subtype=cachefs", "ro", "noatime"}
+        if cfg.allow_other:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, str(mp), options)
+        except RuntimeError as e:
+            raise QuietError(f"could not mount at {mp}: {e}") from None
+        try:
+            # no stat of mp from here on until pyfuse3.main runs: it would ask ourselves
+            set_kernel_readahead(mp, cfg.kernel_read_ahead_kb)
+            rdir = runtime.write_info(mp, {"pid": os.getpid(), "mountpoint": str(mp),
+                                           "cache_dir": str(cfg.cache_dir),
+                                           "mounts": [m.spec.source for m in mounts]})
+            self.control = ControlServer(rdir / "control.sock")
+            from .commands import register_all
+            register_all(self)
+            await nursery.start(self.control.serve)
+            nursery.start_soon(self._signals)
+            log.info("mounted %s at %s (cache %s, limit %d MiB, chunk %d KiB)",
+                     ", ".join(m.spec.source for m in mounts), mp, cfg.cache_dir,
+                     cfg.cache_size >> 20, cfg.chunk_size >> 10)
+            self.ready.ok(str(mp))
+            await pyfuse3.main()
+            log.info("file system at %s unmounted", mp)
+        finally:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+            with contextlib.suppress(OSError):
+                (runtime.mount_dir(mp, resolved=True) / "info.json").unlink()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:
+                    continue
+                log.info("signal %s: unmounting", signal.Signals(sig).name)
+                pyfuse3.terminate()
+                return
+
+    def stop(self) -> None:
+        pyfuse3.terminate()
+
+
+async def _invalidate(ino: int, token) -> None:
+    def work() -> None:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOSYS):
+                log.debug("invalidate inode %d: %s", ino, e)
+    await trio.to_thread.run_sync(work)
+
+
+def disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free

@@ -1,0 +1,48 @@
+"""Errors that reach the user as one clear line (never a traceback).
+
+Exit codes (documented in the README):
+  1  operation failed (S3, mount, daemon error)
+  2  bad input: configuration, flags, file list
+  3  no daemon / not a cachefs mount
+"""
+
+from __future__ import annotations
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_DAEMON = 3
+
+
+class QuietError(Exception):
+    """A user-facing error: printed as one line, exits with ``exitcode``."""
+
+    def __init__(self, msg: str, exitcode: int = EXIT_FAILED) -> None:
+        super().__init__(msg)
+        self.msg = msg
+        self.exitcode = exitcode
+
+    def __str__(self) -> str:
+        return self.msg
+
+
+class ConfigError(QuietError):
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg, EXIT_USAGE)
+
+
+class S3Error(Exception):
+    """An object store failure after retries (maps to EIO at the FUSE boundary)."""
+
+    def __init__(self, msg: str, *, code: str = "", status: int = 0, transient: bool = False):
+        super().__init__(msg)
+        self.code = code
+        self.status = status
+        self.transient = transient
+
+
+class ObjectChanged(S3Error):
+    """The object's ETag no longer matches the one the file was opened with (HTTP 412)."""
+
+
+class NoSuchObject(S3Error):
+    pass

@@ -1,0 +1,182 @@
+"""pyfuse3.Operations: decode, call the VFS, encode, map errors. No logic here.
+
+Only FUSEError may leave an operation (anything else would stop pyfuse3.main):
+VFS errors become their errno; anything unexpected is logged, counted and
+answered with EIO.  Every operation that would modify answers EROFS.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import time
+
+import pyfuse3
+
+from .stats import Stats
+from .vfs import DIR_MODE, FILE_MODE, VFS, FSError, Node
+
+log = logging.getLogger("cachefs.fuse")
+
+
+def _boundary(fn):
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args):
+        t0 = time.perf_counter()
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            self.stats.inc("fuse_internal_errors")
+            log.exception("internal error in %s", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.stats.inc(f"fuse_{name}")
+            if name != "read":
+                self.stats.observe(f"fuse_{name}", time.perf_counter() - t0)
+
+    return wrapper
+
+
+def _erofs(name):
+    async def op(self, *args):
+        self.stats.inc("fuse_erofs")
+        raise pyfuse3.FUSEError(errno.EROFS)
+    op.__name__ = name
+    return op
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, vfs: VFS, stats: Stats) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.stats = stats
+
+    def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.entry_timeout = self.vfs.cfg.attr_timeout
+        a.attr_timeout = self.vfs.cfg.attr_timeout
+        if node.is_dir:
+            a.st_mode = DIR_MODE
+            a.st_nlink = 2
+            a.st_size = 0
+        else:
+            a.st_mode = FILE_MODE
+            a.st_nlink = 1
+            a.st_size = node.size
+        ns = int(node.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        a.st_uid = self.vfs.uid
+        a.st_gid = self.vfs.gid
+        a.st_blksize = 1 << 20
+        a.st_blocks = (a.st_size + 511) // 512
+        return a
+
+    @_boundary
+    async def lookup(self, parent_inode, name, ctx=None):
+        return self.attrs(await self.vfs.lookup(parent_inode, os.fsdecode(name)))
+
+    @_boundary
+    async def getattr(self, inode, ctx=None):
+        return self.attrs(self.vfs.get(inode))
+
+    @_boundary
+    async def opendir(self, inode, ctx):
+        return await self.vfs.opendir(inode)
+
+    @_boundary
+    async def readdir(self, fh, start_id, token):
+        for name, node, next_id in self.vfs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs(node), next_id):
+                return
+            node.lookups += 1
+
+    @_boundary
+    async def releasedir(self, fh):
+        self.vfs.releasedir(fh)
+
+    @_boundary
+    async def open(self, inode, flags, ctx):
+        fh = await self.vfs.open(inode, flags)
+        # the object version is immutable for this handle: let the page cache keep it
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_boundary
+    async def read(self, fh, off, size):
+        return await self.vfs.read(fh, off, size, pyfuse3_pid())
+
+    @_boundary
+    async def release(self, fh):
+        self.vfs.release(fh)
+
+    async def forget(self, inode_list):
+        try:
+            self.vfs.forget(list(inode_list))
+        except Exception:  # must never raise
+            log.exception("forget failed")
+
+    @_boundary
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        st = self.vfs.reader.store
+        bs = 4096
+        s.f_bsize = s.f_frsize = bs
+        s.f_blocks = st.limit // bs
+        s.f_bfree = s.f_bavail = max(0, st.limit - st.used) // bs
+        s.f_files = len(self.vfs.nodes)
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    @_boundary
+    async def getxattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    @_boundary
+    async def listxattr(self, inode, ctx):
+        return []
+
+    @_boundary
+    async def access(self, inode, mode, ctx):
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self.vfs.get(inode)
+
+    @_boundary
+    async def flush(self, fh):
+        return None
+
+    @_boundary
+    async def fsync(self, fh, datasync):
+        return None
+
+    setattr = _erofs("setattr")
+    mknod = _erofs("mknod")
+    mkdir = _erofs("mkdir")
+    unlink = _erofs("unlink")
+    rmdir = _erofs("rmdir")
+    symlink = _erofs("symlink")
+    rename = _erofs("rename")
+    link = _erofs("link")
+    create = _erofs("create")
+    write = _erofs("write")
+    setxattr = _erofs("setxattr")
+    removexattr = _erofs("removexattr")
+
+
+def pyfuse3_pid() -> int:
+    # pyfuse3 passes no ctx to read; the pid is not available there
+    return 0

@@ -1,0 +1,205 @@
+"""LMDB index under <cache-dir>/index: chunk records, object metadata, inode numbers.
+
+Sub-databases:
+  chunks   chunk id (16 B) → ChunkRec (size, checksum, last access, pinned)
+  inodes   blake2b(mount \\0 path) → inode number (stable across restarts)
+  meta     "next_ino", "version"
+
+The Index class is synchronous.  Reads are memory-mapped lookups of a few µs
+and may run on the trio thread ("proven short").  Every write goes through
+IndexWriter: one task that drains a queue of operations and commits them in one
+transaction in a worker thread (group commit), so a burst of chunk inserts
+costs one fsync, not one each.  ``MapFullError`` at commit grows the map and
+retries the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import trio
+
+log = logging.getLogger("cachefs.index")
+
+FORMAT_VERSION = b"1"
+_REC = struct.Struct("<Q16sdB")  # size, checksum, last_access, pinned
+
+
+@dataclass(frozen=True)
+class ChunkRec:
+    size: int
+    checksum: bytes
+    last_access: float
+    pinned: bool = False
+
+    def pack(self) -> bytes:
+        return _REC.pack(self.size, self.checksum, self.last_access, int(self.pinned))
+
+    @classmethod
+    def unpack(cls, b: bytes) -> ChunkRec:
+        size, ck, la, pinned = _REC.unpack(b)
+        return cls(size, ck, la, bool(pinned))
+
+
+def path_key(mount: str, path: str) -> bytes:
+    return hashlib.blake2b(f"{mount}\0{path}".encode("utf-8", "surrogateescape"),
+                           digest_size=16).digest()
+
+
+class Index:
+    def __init__(self, path: Path, map_size: int = 1 << 30) -> None:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True,
+                             mode=0o600, metasync=False, lock=True)
+        self.chunks = self.env.open_db(b"chunks")
+        self.inodes = self.env.open_db(b"inodes")
+        self.meta = self.env.open_db(b"meta")
+        with self.env.begin(write=True) as txn:
+            v = txn.get(b"version", db=self.meta)
+            if v is None:
+                txn.put(b"version", FORMAT_VERSION, db=self.meta)
+            elif v != FORMAT_VERSION:
+                raise RuntimeError(f"cache index format {v!r} is not {FORMAT_VERSION!r}")
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- reads (short) ---------------------------------------------------------------
+
+    def get_chunk(self, cid: bytes) -> ChunkRec | None:
+        with self.env.begin() as txn:
+            b = txn.get(cid, db=self.chunks)
+        return ChunkRec.unpack(b) if b else None
+
+    def iter_chunks(self) -> Iterator[tuple[bytes, ChunkRec]]:
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.chunks):
+                yield bytes(k), ChunkRec.unpack(v)
+
+    def get_ino(self, key: bytes) -> int | None:
+        with self.env.begin() as txn:
+            b = txn.get(key, db=self.inodes)
+        return struct.unpack("<Q", b)[0] if b else None
+
+    def next_ino(self) -> int:
+        with self.env.begin() as txn:
+            b = txn.get(b"next_ino", db=self.meta)
+        return struct.unpack("<Q", b)[0] if b else 2
+
+    # -- writes: only through IndexWriter.commit (one writer thread) -----------------
+
+    def apply(self, ops: list[Callable[[Index, lmdb.Transaction], None]]) -> None:
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for op in ops:
+                        op(self, txn)
+                return
+            except lmdb.MapFullError:
+                new = self.env.info()["map_size"] * 2
+                log.info("index map full: growing to %d MiB", new >> 20)
+                self.env.set_mapsize(new)
+
+    # op factories ----------------------------------------------------------------
+
+    @staticmethod
+    def op_put_chunk(cid: bytes, rec: ChunkRec):
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            txn.put(cid, rec.pack(), db=ix.chunks)
+        return op
+
+    @staticmethod
+    def op_delete_chunk(cid: bytes):
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            txn.delete(cid, db=ix.chunks)
+        return op
+
+    @staticmethod
+    def op_touch(cid: bytes, when: float):
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            b = txn.get(cid, db=ix.chunks)
+            if b:
+                r = ChunkRec.unpack(b)
+                txn.put(cid, ChunkRec(r.size, r.checksum, when, r.pinned).pack(), db=ix.chunks)
+        return op
+
+    @staticmethod
+    def op_pin(cid: bytes, pinned: bool):
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            b = txn.get(cid, db=ix.chunks)
+            if b:
+                r = ChunkRec.unpack(b)
+                txn.put(cid, ChunkRec(r.size, r.checksum, r.last_access, pinned).pack(),
+                        db=ix.chunks)
+        return op
+
+    @staticmethod
+    def op_put_ino(key: bytes, ino: int, next_ino: int):
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            txn.put(key, struct.pack("<Q", ino), db=ix.inodes)
+            cur = txn.get(b"next_ino", db=ix.meta)
+            if cur is None or struct.unpack("<Q", cur)[0] < next_ino:
+                txn.put(b"next_ino", struct.pack("<Q", next_ino), db=ix.meta)
+        return op
+
+
+class IndexWriter:
+    """Group commit: callers enqueue ops; one task commits them in batches off-thread."""
+
+    def __init__(self, index: Index, max_batch: int = 4096) -> None:
+        self.index = index
+        self.max_batch = max_batch
+        self._send, self._recv = trio.open_memory_channel[tuple](float("inf"))
+        self._limiter = trio.CapacityLimiter(1)
+        self.commits = 0
+        self.pending = 0
+
+    async def commit(self, *ops) -> None:
+        """Enqueue ops and wait until they are durable in LMDB."""
+        done = trio.Event()
+        self.pending += 1
+        self._send.send_nowait((list(ops), done))
+        await done.wait()
+
+    def submit(self, *ops) -> None:
+        """Enqueue ops without waiting (LRU touches, inode numbers)."""
+        self.pending += 1
+        self._send.send_nowait((list(ops), None))
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for first in self._recv:
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            ops = [op for ops, _ in batch for op in ops]
+            await trio.to_thread.run_sync(self.index.apply, ops, limiter=self._limiter)
+            self.commits += 1
+            self.pending -= len(batch)
+            for _, done in batch:
+                if done is not None:
+                    done.set()
+
+    async def flush(self) -> None:
+        await self.commit()
+
+    def drain_sync(self) -> None:
+        """At shutdown (no trio tasks left): commit whatever is still queued."""
+        ops = []
+        while True:
+            try:
+                o, _ = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            ops.extend(o)
+        if ops:
+            self.index.apply(ops)

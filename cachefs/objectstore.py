@@ -1,0 +1,287 @@
+"""S3 access: aiobotocore on trio (httpx backend), our own bounded retries.
+
+Only read operations exist here (ListObjectsV2, HeadObject, HeadBucket, ranged
+GetObject): nothing can write to S3.
+
+Every ranged GET is validated before its bytes are trusted: status 206 (or 200
+for a whole-object range), Content-Range naming exactly the requested range,
+the ETag equal to the one the file was opened with (sent as If-Match too; some
+servers ignore If-Match), and the body length equal to the range length.  A
+response failing any check is a transient error and retried, so a truncated
+body or an error document is never returned as data.
+
+Retry budget: ``max_attempts`` attempts, each bounded by ``request_timeout``,
+separated by full-jitter exponential backoff (base 0.1 s, cap 5 s).  With the
+defaults (6 attempts, 30 s) a read fails with EIO after at most
+6 × 30 s + 0.1+0.2+0.4+0.8+1.6 s ≈ 183 s when every attempt stalls, and after
+about 3 s when every attempt answers 5xx at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime
+
+import aiobotocore.httpxsession
+import aiobotocore.session
+import botocore.exceptions
+import httpx
+import trio
+from aiobotocore.config import AioConfig
+
+from .config import MountSpec, S3Options
+from .errors import NoSuchObject, ObjectChanged, QuietError, S3Error
+from .stats import Stats
+from .trace import span
+
+log = logging.getLogger("cachefs.s3")
+
+TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+    "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "RequestLimitExceeded",
+}
+
+
+@dataclass(frozen=True)
+class ObjInfo:
+    key: str
+    size: int
+    etag: str
+    mtime: float
+
+
+@dataclass
+class Listing:
+    prefixes: list[str]
+    objects: list[ObjInfo]
+
+
+class _Retry(Exception):
+    def __init__(self, msg: str, code: str = "", status: int = 0) -> None:
+        super().__init__(msg)
+        self.code = code
+        self.status = status
+
+
+def _mtime(v: object) -> float:
+    if isinstance(v, datetime):
+        return v.timestamp()
+    return 0.0
+
+
+_CR_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class ObjectStore:
+    """One bucket behind one endpoint."""
+
+    def __init__(self, spec: MountSpec, opts: S3Options, stats: Stats) -> None:
+        self.spec = spec
+        self.bucket = spec.bucket
+        self.opts = opts
+        self.stats = stats
+        self._stack = AsyncExitStack()
+        self._client = None
+        self._limiter = trio.CapacityLimiter(opts.max_concurrency)
+
+    async def __aenter__(self) -> ObjectStore:
+        session = aiobotocore.session.AioSession(profile=self.spec.profile)
+        cfg = AioConfig(
+            http_session_cls=aiobotocore.httpxsession.HttpxSession,
+            retries={"total_max_attempts": 1},  # retries are ours: counted, bounded, traced
+            connect_timeout=self.opts.connect_timeout,
+            read_timeout=self.opts.request_timeout,
+            max_pool_connections=self.opts.max_concurrency,
+            s3={"addressing_style": "path"} if self.spec.endpoint_url else None,
+        )
+        try:
+            self._client = await self._stack.enter_async_context(session.create_client(
+                "s3", endpoint_url=self.spec.endpoint_url, region_name=self.spec.region,
+                config=cfg))
+        except botocore.exceptions.ProfileNotFound as e:
+            raise QuietError(f"AWS profile not found: {e}") from None
+        except ValueError as e:
+            raise QuietError(f"invalid S3 endpoint {self.spec.endpoint_url!r}: {e}") from None
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    # -- retry machinery -------------------------------------------------------------
+
+    def _classify(self, e: BaseException) -> BaseException:
+        """Map an exception to _Retry (transient) or a final S3Error."""
+        if isinstance(e, _Retry):
+            return e
+        if isinstance(e, botocore.exceptions.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if status == 412 or code == "PreconditionFailed":
+                return ObjectChanged("object changed in S3 since it was opened", code=code,
+                                     status=412)
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                return NoSuchObject("no such object", code=code, status=404)
+            if code == "NoSuchBucket":
+                return S3Error(f"bucket {self.bucket!r} does not exist", code=code, status=status)
+            if status >= 500 or code in TRANSIENT_CODES or status == 429:
+                return _Retry(f"{status} {code}", code, status)
+            return S3Error(f"S3 {status} {code}: {err.get('Message', '')}".strip(), code=code,
+                           status=status)
+        if isinstance(e, (botocore.exceptions.NoCredentialsError,
+                          botocore.exceptions.PartialCredentialsError)):
+            return S3Error("no AWS credentials found (set AWS_ACCESS_KEY_ID/"
+                           "AWS_SECRET_ACCESS_KEY, a profile, or a credentials file)")
+        if isinstance(e, (trio.TooSlowError, httpx.HTTPError, OSError,
+                          botocore.exceptions.HTTPClientError,
+                          botocore.exceptions.ConnectionError,
+                          botocore.exceptions.ReadTimeoutError,
+                          botocore.exceptions.ResponseStreamingError,
+                          botocore.exceptions.IncompleteReadError)):
+            return _Retry(type(e).__name__)
+        return e
+
+    async def _call(self, what: str, fn, *args):
+        """Run ``fn`` with per-attempt timeout and jittered exponential backoff."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._limiter:
+                    with trio.fail_after(self.opts.request_timeout):
+                        return await fn(*args)
+            except Exception as e:  # noqa: BLE001 - classified below
+                c = self._classify(e)
+                if not isinstance(c, _Retry):
+                    if c is e:
+                        raise
+                    self.stats.inc("s3_errors")
+                    raise c from None
+                self.stats.inc("s3_errors")
+                if attempt >= self.opts.max_attempts:
+                    self.stats.inc("s3_failures")
+                    log.warning("S3 %s s3://%s/…: giving up after %d attempts (%s)", what,
+                                self.bucket, attempt, c)
+                    raise S3Error(f"S3 {what} failed after {attempt} attempts: {c}",
+                                  code=c.code, status=c.status, transient=True) from None
+                self.stats.inc("s3_retries")
+                delay = random.uniform(0, min(self.opts.backoff_max,
+                                              self.opts.backoff_base * 2 ** (attempt - 1)))
+                log.debug("S3 %s retry %d in %.2fs (%s)", what, attempt, delay, c)
+                with span("s3.backoff", attempt=attempt, reason=str(c)):
+                    await trio.sleep(delay)
+
+    # -- operations ------------------------------------------------------------------
+
+    async def check(self) -> None:
+        """Fail fast at mount: endpoint unreachable, bucket missing, bad credentials."""
+        async def head_bucket():
+            return await self._client.list_objects_v2(Bucket=self.bucket, MaxKeys=1,
+                                                      Prefix=self.spec.prefix)
+        where = self.spec.endpoint_url or "the default AWS endpoint"
+        try:
+            with trio.fail_after(self.opts.connect_timeout + self.opts.request_timeout):
+                await head_bucket()
+        except trio.TooSlowError:
+            raise QuietError(f"S3 endpoint {where} did not answer in time") from None
+        except Exception as e:  # noqa: BLE001
+            c = self._classify(e)
+            if isinstance(c, _Retry):
+                if c.status:
+                    raise QuietError(f"S3 endpoint {where} answered {c.status} {c.code}") from None
+                raise QuietError(f"S3 endpoint {where} is unreachable ({c})") from None
+            if isinstance(c, S3Error):
+                if c.status == 403 or c.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                                 "AccessDenied"):
+                    raise QuietError(f"S3 refused the credentials for bucket {self.bucket!r} "
+                                     f"({c.code or c.status})") from None
+                raise QuietError(str(c)) from None
+            raise
+
+    async def list_dir(self, prefix: str) -> Listing:
+        """All entries directly under ``prefix`` (all pages)."""
+        out = Listing([], [])
+        token = None
+        while True:
+            kw = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
+            if token:
+                kw["ContinuationToken"] = token
+
+            async def page(kw=kw):
+                return await self._client.list_objects_v2(**kw)
+
+            with span("s3.list", prefix=prefix, tier="s3"):
+                resp = await self._call("LIST", page)
+            self.stats.inc("s3_list_requests")
+            out.prefixes.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []))
+            for o in resp.get("Contents", []):
+                out.objects.append(ObjInfo(o["Key"], int(o["Size"]), o.get("ETag", ""),
+                                           _mtime(o.get("LastModified"))))
+            if not resp.get("IsTruncated"):
+                return out
+            token = resp.get("NextContinuationToken")
+            if not token:
+                return out
+
+    async def head(self, key: str) -> ObjInfo:
+        async def do():
+            return await self._client.head_object(Bucket=self.bucket, Key=key)
+
+        with span("s3.head", key=key, tier="s3"):
+            r = await self._call("HEAD", do)
+        self.stats.inc("s3_head_requests")
+        return ObjInfo(key, int(r["ContentLength"]), r.get("ETag", ""),
+                       _mtime(r.get("LastModified")))
+
+    async def get_range(self, key: str, etag: str, start: int, length: int,
+                        object_size: int) -> bytes:
+        """Exactly ``length`` bytes at ``start`` of the version ``etag`` of ``key``."""
+        if length == 0:
+            return b""
+        end = start + length - 1
+        with span("s3.get", key=key, offset=start, length=length, tier="s3") as sp:
+            attempts = 0
+
+            async def do():
+                nonlocal attempts
+                attempts += 1
+                t0 = time.perf_counter()
+                r = await self._client.get_object(Bucket=self.bucket, Key=key,
+                                                  Range=f"bytes={start}-{end}", IfMatch=etag)
+                ttfb = time.perf_counter() - t0
+                self.stats.inc("s3_get_requests")
+                async with r["Body"] as body:
+                    data = await body.read()
+                meta = r.get("ResponseMetadata", {})
+                status = int(meta.get("HTTPStatusCode", 0))
+                got_etag = r.get("ETag")
+                if got_etag is not None and etag and got_etag != etag:
+                    raise ObjectChanged("object changed in S3 since it was opened", status=412)
+                if status == 206:
+                    m = _CR_RE.match(r.get("ContentRange") or "")
+                    if not m or int(m.group(1)) != start or int(m.group(2)) != end:
+                        raise _Retry(f"bad Content-Range {r.get('ContentRange')!r}")
+                elif status == 200:
+                    if start != 0 or length != object_size:
+                        raise _Retry("200 for a partial range")
+                else:
+                    raise _Retry(f"unexpected status {status}", status=status)
+                if len(data) != length:
+                    self.stats.inc("s3_short_bodies")
+                    raise _Retry(f"short body: {len(data)} of {length} bytes")
+                self.stats.inc("s3_bytes", len(data))
+                sp.set(ttfb_ms=round(ttfb * 1000, 3),
+                       transfer_ms=round((time.perf_counter() - t0 - ttfb) * 1000, 3),
+                       bytes=len(data), status=status)
+                return data
+
+            try:
+                data = await self._call("GET", do)
+            finally:
+                sp.set(attempts=attempts, retries=max(0, attempts - 1))
+            return data

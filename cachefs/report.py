@@ -1,0 +1,36 @@
+"""Human-readable rendering of daemon figures for the terminal."""
+
+from __future__ import annotations
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def format_stats(mp: str, s: dict) -> str:
+    c = s["counters"]
+    cache = s["cache"]
+    lines = [
+        f"cachefs at {mp}  (up {s['uptime_s']:.0f}s)",
+        f"  cache      {human(cache['used_bytes'])} used of {human(cache['limit_bytes'])}"
+        f"  ({100 * cache['used_bytes'] / max(1, cache['limit_bytes']):.1f}%),"
+        f" {cache['chunks']} chunks",
+        f"  pinned     {human(cache['pinned_bytes'])} in {cache['pinned_chunks']} chunks",
+        f"  hits       local SSD {c.get('ssd_hits', 0)} ({human(c.get('ssd_bytes', 0))})"
+        f"   peer {c.get('peer_hits', 0)} ({human(c.get('peer_bytes', 0))})",
+        f"  misses     S3 {c.get('s3_misses', 0)} GETs {c.get('s3_get_requests', 0)}"
+        f" ({human(c.get('s3_bytes', 0))}), retries {c.get('s3_retries', 0)},"
+        f" errors {c.get('s3_errors', 0)}",
+        f"  evictions  {c.get('evictions', 0)} chunks ({human(c.get('evicted_bytes', 0))})",
+        f"  corrupt    {c.get('chunks_corrupt', 0)} dropped, {c.get('chunks_missing', 0)} missing",
+        f"  reads      {c.get('fuse_read', 0)} FUSE reads ({human(c.get('fuse_read_bytes', 0))}),"
+        f" {s['open_files']} open files, {s['in_flight_fetches']} fetches in flight",
+    ]
+    if "cluster" in s:
+        cl = s["cluster"]
+        lines.append(f"  cluster    node {cl.get('node_id')}, {len(cl.get('members', []))} members")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Where a running daemon can be found: one private directory per mountpoint.
+
+<runtime root>/<hash of the mountpoint's real path>/
+    control.sock   the control API (mode 0600, in a 0700 directory)
+    info.json      pid, mountpoint, cache dir
+
+The runtime root is /run/cachefs for root, else $XDG_RUNTIME_DIR/cachefs, else
+/tmp/cachefs-<uid>.  Directories are created 0700 and must be owned by us.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import EXIT_NO_DAEMON, QuietError
+
+
+def runtime_root() -> Path:
+    override = os.environ.get("CACHEFS_RUNTIME_DIR")
+    if override:
+        return Path(override)
+    uid = os.getuid()
+    if uid == 0 and os.access("/run", os.W_OK):
+        return Path("/run/cachefs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.access(xdg, os.W_OK):
+        return Path(xdg) / "cachefs"
+    return Path(f"/tmp/cachefs-{uid}")
+
+
+def _private_dir(p: Path) -> Path:
+    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = p.stat()
+    if st.st_uid != os.getuid():
+        raise QuietError(f"{p} is owned by another user; refusing to use it")
+    if st.st_mode & 0o077:
+        os.chmod(p, 0o700)
+    return p
+
+
+def mount_dir(mountpoint: str | Path, *, create: bool = False, resolved: bool = False) -> Path:
+    real = str(mountpoint) if resolved else os.path.realpath(mountpoint)
+    h = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    root = runtime_root()
+    if create:
+        _private_dir(root)
+        return _private_dir(root / h)
+    return root / h
+
+
+def write_info(mountpoint: Path, info: dict) -> Path:
+    d = mount_dir(mountpoint, create=True, resolved=True)
+    tmp = d / "info.json.tmp"
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, d / "info.json")
+    return d
+
+
+def read_info(mountpoint: str | Path) -> dict | None:
+    try:
+        with open(mount_dir(mountpoint) / "info.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def socket_path(mountpoint: str | Path) -> Path:
+    return mount_dir(mountpoint) / "control.sock"
+
+
+def cachefs_mounts() -> list[str]:
+    """Mountpoints of cachefs file systems, from /proc/self/mountinfo."""
+    out = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                sep = parts.index("-")
+                fstype = parts[sep + 1]
+                if fstype in ("fuse.cachefs", "fuse.cachefs"):
+                    mp = parts[4].encode().decode("unicode_escape")
+                    out.append(mp)
+    except OSError:
+        pass
+    return out
+
+
+def find_mount(mount: str | None) -> str:
+    """The mountpoint to talk to: the given one, or the only cachefs mount."""
+    if mount:
+        return os.path.realpath(mount)
+    mounts = cachefs_mounts()
+    if not mounts:
+        raise QuietError("no cachefs mount found (is `cachefs mount` running?)", EXIT_NO_DAEMON)
+    if len(mounts) > 1:
+        raise QuietError("several cachefs mounts: choose one with --mount "
+                         f"({', '.join(mounts)})")
+    return mounts[0]

@@ -1,0 +1,393 @@
+"""Local SSD chunk store: checksummed chunk files, space accounting, LRU eviction.
+
+Layout under <cache-dir>:
+  chunks/<2 hex>/<32 hex>   one file per chunk; the name is the chunk id (a hash):
+                            no S3 key ever becomes part of a path
+  tmp/                      files being written; emptied at start
+
+A chunk file is a 64-byte header then the data:
+  magic "CFSCHK1\\0" | chunk id (16) | length (u64) | xxh3-128(chunk id + data) (16) | 16 zero
+The checksum covers the chunk id, so a file swapped with another chunk's file
+fails verification just like a bit flip, a truncation or a zero fill.
+
+Write protocol (invariant: a chunk is in the index only once its file is complete):
+  reserve space → write tmp file → rename into chunks/ → index commit → account
+A crash before the rename leaves a tmp file (deleted at start); after the rename
+but before the commit, an orphan file that start-up verifies and adopts (or
+deletes if it fails verification).
+
+Space: ``used`` counts indexed chunks, ``reserved`` counts writes in flight.
+``reserve`` evicts synchronously until used + reserved + size <= limit, so use
+never exceeds the limit, however many readers write at once.  A background
+evictor keeps use between the low and high watermarks.  Pinned chunks are never
+evicted; when only pinned data is left, the new chunk is served without caching.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import shutil
+import struct
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import trio
+import xxhash
+
+from ..index import ChunkRec, Index, IndexWriter
+from ..stats import Stats
+from ..trace import span
+
+log = logging.getLogger("cachefs.store")
+
+MAGIC = b"CFSCHK1\0"
+HEADER = struct.Struct("<8s16sQ16s16x")
+HEADER_SIZE = HEADER.size  # 64
+
+
+def checksum(cid: bytes, data: bytes | memoryview) -> bytes:
+    h = xxhash.xxh3_128()
+    h.update(cid)
+    h.update(data)
+    return h.digest()
+
+
+class ChunkStore:
+    def __init__(self, cache_dir: Path, index: Index, writer: IndexWriter, stats: Stats, *,
+                 limit: int, high: float = 0.9, low: float = 0.8) -> None:
+        self.dir = cache_dir
+        self.chunk_dir = cache_dir / "chunks"
+        self.tmp_dir = cache_dir / "tmp"
+        self.index = index
+        self.writer = writer
+        self.stats = stats
+        self.limit = limit
+        self.high = int(limit * high)
+        self.low = int(limit * low)
+        self.used = 0
+        self.reserved = 0
+        self.pinned_bytes = 0
+        # unpinned chunks in LRU order (oldest first) → size
+        self.lru: OrderedDict[bytes, int] = OrderedDict()
+        # pinned chunks → size
+        self.pinned: dict[bytes, int] = {}
+        self._disk_limiter = trio.CapacityLimiter(8)
+        self._evict_wakeup = trio.Event()
+        self._space_lock = trio.Lock()
+        self._tmp_seq = itertools.count()
+
+    # -- start-up ---------------------------------------------------------------------
+
+    def path(self, cid: bytes) -> Path:
+        h = cid.hex()
+        return self.chunk_dir / h[:2] / h
+
+    def reconcile(self) -> dict:
+        """Blocking (run in a thread before serving): make the index and files agree."""
+        for d in (self.chunk_dir, self.tmp_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        report = {"tmp_removed": 0, "orphans_adopted": 0, "orphans_removed": 0,
+                  "records_dropped": 0}
+        for f in self.tmp_dir.iterdir():
+            f.unlink(missing_ok=True)
+            report["tmp_removed"] += 1
+        indexed = dict(self.index.iter_chunks())
+        on_disk: set[bytes] = set()
+        ops = []
+        now = time.time()
+        for sub in self.chunk_dir.iterdir():
+            if not sub.is_dir():
+                sub.unlink(missing_ok=True)
+                continue
+            for f in sub.iterdir():
+                try:
+                    cid = bytes.fromhex(f.name)
+                    if len(cid) != 16:
+                        raise ValueError
+                except ValueError:
+                    f.unlink(missing_ok=True)
+                    report["orphans_removed"] += 1
+                    continue
+                rec = indexed.get(cid)
+                if rec is not None:
+                    try:
+                        if f.stat().st_size == HEADER_SIZE + rec.size:
+                            on_disk.add(cid)
+                            continue
+                    except FileNotFoundError:
+                        continue
+                    # wrong size: drop file and record
+                    f.unlink(missing_ok=True)
+                    continue
+                # orphan: adopt if it verifies completely
+                hdr_data = self._read_verify(f, cid, None)
+                if hdr_data is None:
+                    f.unlink(missing_ok=True)
+                    report["orphans_removed"] += 1
+                else:
+                    ck, size = hdr_data
+                    rec = ChunkRec(size, ck, now, False)
+                    ops.append(Index.op_put_chunk(cid, rec))
+                    indexed[cid] = rec
+                    on_disk.add(cid)
+                    report["orphans_adopted"] += 1
+        for cid in list(indexed):
+            if cid not in on_disk:
+                ops.append(Index.op_delete_chunk(cid))
+                del indexed[cid]
+                report["records_dropped"] += 1
+        if ops:
+            self.index.apply(ops)
+        for cid, rec in sorted(indexed.items(), key=lambda kv: kv[1].last_access):
+            self.used += rec.size
+            if rec.pinned:
+                self.pinned[cid] = rec.size
+                self.pinned_bytes += rec.size
+            else:
+                self.lru[cid] = rec.size
+        return report
+
+    def _read_verify(self, f: Path, cid: bytes, expect_len: int | None):
+        """Blocking: (checksum, size) if file f holds a valid chunk cid, else None."""
+        try:
+            with open(f, "rb") as fh:
+                hdr = fh.read(HEADER_SIZE)
+                if len(hdr) != HEADER_SIZE:
+                    return None
+                magic, hcid, length, ck = HEADER.unpack(hdr)
+                if magic != MAGIC or hcid != cid:
+                    return None
+                if expect_len is not None and length != expect_len:
+                    return None
+                data = fh.read(length + 1)
+        except OSError:
+            return None
+        if len(data) != length or checksum(cid, data) != ck:
+            return None
+        return ck, length
+
+    # -- reads ------------------------------------------------------------------------
+
+    def contains(self, cid: bytes) -> bool:
+        return cid in self.lru or cid in self.pinned
+
+    def is_pinned(self, cid: bytes) -> bool:
+        return cid in self.pinned
+
+    def _read_file(self, cid: bytes, length: int) -> tuple[str, bytes | None]:
+        """Blocking. ('ok', data) | ('missing', None) | ('corrupt', None)."""
+        p = self.path(cid)
+        try:
+            with open(p, "rb") as fh:
+                hdr = fh.read(HEADER_SIZE)
+                data = fh.read(length + 1)
+        except FileNotFoundError:
+            return "missing", None
+        except OSError as e:
+            log.warning("chunk %s: read error %s", cid.hex(), e)
+            return "corrupt", None
+        if len(hdr) != HEADER_SIZE:
+            return "corrupt", None
+        magic, hcid, hlen, ck = HEADER.unpack(hdr)
+        if magic != MAGIC or hcid != cid or hlen != length or len(data) != length:
+            return "corrupt", None
+        if checksum(cid, data) != ck:
+            return "corrupt", None
+        return "ok", data
+
+    async def get(self, cid: bytes, length: int) -> bytes | None:
+        """The verified bytes of chunk cid, or None (miss; a bad file is dropped)."""
+        if not self.contains(cid):
+            return None
+        with span("ssd.read", tier="local", bytes=length) as sp:
+            status, data = await trio.to_thread.run_sync(self._read_file, cid, length,
+                                                         limiter=self._disk_limiter)
+            sp.set(status=status)
+        if status == "ok":
+            self.stats.inc("ssd_hits")
+            self.stats.inc("ssd_bytes", length)
+            self.touch(cid)
+            return data
+        if self.contains(cid):  # not evicted meanwhile: the file is bad
+            self.stats.inc(f"chunks_{status}")
+            log.warning("chunk %s is %s on disk: dropped, fetching again", cid.hex(), status)
+            await self.drop([cid])
+        return None
+
+    def touch(self, cid: bytes) -> None:
+        if cid in self.lru:
+            self.lru.move_to_end(cid)
+            self.writer.submit(Index.op_touch(cid, time.time()))
+
+    # -- writes -----------------------------------------------------------------------
+
+    async def reserve(self, size: int) -> bool:
+        """Make room for ``size`` bytes; False if only pinned data is left to evict."""
+        async with self._space_lock:
+            while self.used + self.reserved + size > self.limit:
+                if not self.lru:
+                    self.stats.inc("cache_full_uncached")
+                    return False
+                await self._evict_some(self.used + self.reserved + size - self.limit)
+            self.reserved += size
+        if self.used + self.reserved > self.high:
+            self._evict_wakeup.set()
+        return True
+
+    def _write_file(self, cid: bytes, data: bytes, ck: bytes) -> None:
+        """Blocking: tmp file + rename. Raises OSError (ENOSPC...) to the caller."""
+        tmp = self.tmp_dir / f"{cid.hex()}.{os.getpid()}.{next(self._tmp_seq)}"
+        final = self.path(cid)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                hdr = HEADER.pack(MAGIC, cid, len(data), ck)
+                view = memoryview(hdr + data) if len(data) < 65536 else None
+                if view is not None:
+                    os.write(fd, view)
+                else:
+                    os.write(fd, hdr)
+                    mv = memoryview(data)
+                    while mv:
+                        n = os.write(fd, mv)
+                        mv = mv[n:]
+            finally:
+                os.close(fd)
+            final.parent.mkdir(mode=0o700, exist_ok=True)
+            os.rename(tmp, final)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    async def put(self, cid: bytes, data: bytes, *, pin: bool = False) -> bool:
+        """Store a verified chunk. Returns False when it could not be cached."""
+        if self.contains(cid):
+            if pin:
+                await self.set_pinned([cid], True)
+            return True
+        size = len(data)
+        if not await self.reserve(size):
+            return False
+        try:
+            with span("ssd.write", bytes=size):
+                def work() -> bytes:
+                    ck = checksum(cid, data)
+                    self._write_file(cid, data, ck)
+                    return ck
+                try:
+                    ck = await trio.to_thread.run_sync(work, limiter=self._disk_limiter)
+                except OSError as e:
+                    self.stats.inc("ssd_write_errors")
+                    if e.errno == errno.ENOSPC:
+                        log.warning("cache disk full: serving chunk without caching")
+                        self._evict_wakeup.set()
+                    else:
+                        log.warning("chunk write failed: %s", e)
+                    return False
+                rec = ChunkRec(size, ck, time.time(), pin)
+                await self.writer.commit(Index.op_put_chunk(cid, rec))
+        finally:
+            self.reserved -= size
+        if self.contains(cid):  # raced with another writer of the same chunk
+            return True
+        self.used += size
+        if pin:
+            self.pinned[cid] = size
+            self.pinned_bytes += size
+        else:
+            self.lru[cid] = size
+        self.stats.inc("ssd_writes")
+        return True
+
+    async def set_pinned(self, cids: list[bytes], pinned: bool) -> int:
+        ops, n = [], 0
+        for cid in cids:
+            if pinned and cid in self.lru:
+                size = self.lru.pop(cid)
+                self.pinned[cid] = size
+                self.pinned_bytes += size
+            elif not pinned and cid in self.pinned:
+                size = self.pinned.pop(cid)
+                self.pinned_bytes -= size
+                self.lru[cid] = size
+                self.lru.move_to_end(cid, last=False)  # unpinned data goes first
+            else:
+                continue
+            ops.append(Index.op_pin(cid, pinned))
+            n += 1
+        if ops:
+            await self.writer.commit(*ops)
+        return n
+
+    # -- removal ----------------------------------------------------------------------
+
+    async def drop(self, cids: list[bytes]) -> int:
+        """Remove chunks (index first, then files). Returns bytes freed."""
+        freed, ops, paths = 0, [], []
+        for cid in cids:
+            size = self.lru.pop(cid, None)
+            if size is None:
+                size = self.pinned.pop(cid, None)
+                if size is None:
+                    continue
+                self.pinned_bytes -= size
+            freed += size
+            ops.append(Index.op_delete_chunk(cid))
+            paths.append(self.path(cid))
+        if not ops:
+            return 0
+        await self.writer.commit(*ops)
+
+        def unlink_all() -> None:
+            for p in paths:
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+        await trio.to_thread.run_sync(unlink_all, limiter=self._disk_limiter)
+        self.used -= freed
+        return freed
+
+    async def _evict_some(self, nbytes: int) -> None:
+        victims, total = [], 0
+        for cid, size in self.lru.items():
+            victims.append(cid)
+            total += size
+            if total >= nbytes and len(victims) >= 1:
+                break
+        if victims:
+            with span("evict", chunks=len(victims), bytes=total):
+                await self.drop(victims)
+            self.stats.inc("evictions", len(victims))
+            self.stats.inc("evicted_bytes", total)
+
+    async def evictor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Background: when use passes the high watermark, evict LRU down to the low one."""
+        task_status.started()
+        while True:
+            await self._evict_wakeup.wait()
+            self._evict_wakeup = trio.Event()
+            async with self._space_lock:
+                while self.used + self.reserved > self.low and self.lru:
+                    await self._evict_some(min(self.used + self.reserved - self.low,
+                                               64 * 1024 * 1024))
+
+    def kick(self) -> None:
+        if self.used + self.reserved > self.high:
+            self._evict_wakeup.set()
+
+    def disk_free(self) -> int:
+        return shutil.disk_usage(self.dir).free
+
+    def statistics(self) -> dict:
+        return {"used_bytes": self.used, "reserved_bytes": self.reserved,
+                "limit_bytes": self.limit, "pinned_bytes": self.pinned_bytes,
+                "chunks": len(self.lru) + len(self.pinned),
+                "pinned_chunks": len(self.pinned)}

@@ -1,0 +1,482 @@
+"""POSIX semantics over S3 listings and the chunk reader (no FUSE types here).
+
+Namespace
+  Directories come from ListObjectsV2 with delimiter "/", listed lazily (on the
+  first lookup/readdir) and completely (every page), and cached for the
+  metadata TTL.  A name that is both an object and a prefix is the directory.
+  Names that cannot be POSIX names ("", ".", "..", over 255 bytes, NUL) are
+  skipped with one warning each.  Inode numbers are stable across restarts
+  (kept in the index).  A relisting that finds a new ETag updates the node and
+  invalidates the kernel's cached pages for it.
+
+Reads
+  A handle pins the object version (ETag, size) it was opened with; every S3
+  GET for it carries that ETag, so a read never mixes two versions.
+  Read-ahead: a handle whose reads follow each other keeps a window of chunk
+  fetches in flight that doubles on each new chunk up to ``readahead_chunks``;
+  a seek resets it to zero, so random readers fetch only what they read.
+  Prefetched chunks are held in memory under a global byte budget
+  (``readahead_memory``); when it is spent, read-ahead pauses, reads do not.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .chunks.ids import ObjectVersion
+from .chunks.reader import ChunkReader
+from .config import Config, MountSpec
+from .errors import ObjectChanged, S3Error
+from .index import Index, IndexWriter, path_key
+from .objectstore import ObjectStore
+from .stats import Stats
+from .trace import Tracer, span
+
+log = logging.getLogger("cachefs.vfs")
+
+ROOT_INO = 1
+DIR_MODE = stat.S_IFDIR | 0o555
+FILE_MODE = stat.S_IFREG | 0o444
+
+
+class FSError(Exception):
+    def __init__(self, err: int, msg: str = "") -> None:
+        super().__init__(msg or os.strerror(err))
+        self.errno = err
+
+
+@dataclass
+class MountCtx:
+    spec: MountSpec
+    store: ObjectStore
+
+
+class Node:
+    __slots__ = ("ino", "parent", "name", "is_dir", "mount", "path", "size", "etag", "mtime",
+                 "children", "listed_at", "lookups")
+
+    def __init__(self, ino: int, parent: int, name: str, is_dir: bool, mount: MountCtx | None,
+                 path: str) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.name = name
+        self.is_dir = is_dir
+        self.mount = mount
+        self.path = path  # relative to the mount's prefix; dirs end with "/" (root: "")
+        self.size = 0
+        self.etag = ""
+        self.mtime = 0.0
+        self.children: dict[str, int] | None = None
+        self.listed_at = 0.0
+        self.lookups = 0
+
+    @property
+    def key(self) -> str:
+        assert self.mount is not None
+        return self.mount.spec.prefix + self.path
+
+
+def valid_name(name: str) -> bool:
+    return (name not in ("", ".", "..") and "\0" not in name
+            and len(name.encode("utf-8", "surrogateescape")) <= 255)
+
+
+class ReadaheadBudget:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def try_take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.take(n)
+        return True
+
+    def take(self, n: int) -> None:
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class FileHandle:
+    def __init__(self, vfs: VFS, node: Node, obj: ObjectVersion) -> None:
+        self.vfs = vfs
+        self.node = node
+        self.obj = obj
+        self.buf: dict[int, bytes] = {}
+        self.pending: dict[int, trio.Event] = {}
+        self.next_off = 0
+        self.window = 0
+        self.cur_chunk = -1
+        self.closed = False
+
+    def _keep(self, i: int, data: bytes, charged: bool) -> None:
+        if self.closed or i in self.buf:
+            if charged:
+                self.vfs.budget.give(len(data))
+            return
+        if not charged:
+            self.vfs.budget.take(len(data))
+        self.buf[i] = data
+
+    def _drop_below(self, i: int) -> None:
+        for j in [j for j in self.buf if j < i]:
+            self.vfs.budget.give(len(self.buf.pop(j)))
+
+    def _drop_except(self, lo: int, hi: int) -> None:
+        for j in [j for j in self.buf if j < lo or j > hi]:
+            self.vfs.budget.give(len(self.buf.pop(j)))
+
+    async def _prefetch(self, i: int, ev: trio.Event) -> None:
+        ref = self.obj.chunk(i)
+        try:
+            with span("readahead", chunk=i):
+                data = await self.vfs.reader.get(ref)
+        except Exception:  # noqa: BLE001 - a failed prefetch is retried by the read itself
+            self.vfs.budget.give(ref.length)
+        else:
+            self._keep(i, data, charged=True)
+        finally:
+            self.pending.pop(i, None)
+            ev.set()
+
+    async def _chunk(self, i: int) -> bytes:
+        d = self.buf.get(i)
+        if d is not None:
+            self.vfs.stats.inc("readahead_hits")
+            return d
+        ev = self.pending.get(i)
+        if ev is not None:
+            with span("readahead.wait", chunk=i):
+                await ev.wait()
+            d = self.buf.get(i)
+            if d is not None:
+                return d
+        data = await self.vfs.reader.get(self.obj.chunk(i))
+        self._keep(i, data, charged=False)
+        return data
+
+    async def read(self, off: int, size: int) -> bytes:
+        obj = self.obj
+        if off >= obj.size or size <= 0:
+            return b""
+        end = min(off + size, obj.size)
+        cs = obj.chunk_size
+        first, last = off // cs, (end - 1) // cs
+        sequential = off == self.next_off
+        self.next_off = end
+        if sequential:
+            self._drop_below(first)
+            if first != self.cur_chunk or self.window == 0:
+                self.window = min(self.vfs.cfg.readahead_chunks, max(1, self.window * 2))
+            self._schedule(last + 1, self.window)
+        else:
+            self.window = 0
+            self._drop_except(first, last)
+        self.cur_chunk = last
+        if first == last:
+            data = await self._chunk(first)
+            return data[off - first * cs:end - first * cs]
+        parts = []
+        for i in range(first, last + 1):
+            data = await self._chunk(i)
+            lo = max(off, i * cs) - i * cs
+            hi = min(end, (i + 1) * cs) - i * cs
+            parts.append(data[lo:hi])
+        return b"".join(parts)
+
+    def _schedule(self, start: int, n: int) -> None:
+        nch = self.obj.nchunks
+        for i in range(start, min(start + n, nch)):
+            if i in self.buf or i in self.pending:
+                continue
+            ref_len = min(self.obj.chunk_size, self.obj.size - i * self.obj.chunk_size)
+            if not self.vfs.budget.try_take(ref_len):
+                self.vfs.stats.inc("readahead_budget_full")
+                return
+            ev = trio.Event()
+            self.pending[i] = ev
+            self.vfs.stats.inc("readahead_started")
+            self.vfs.nursery.start_soon(self._prefetch, i, ev)
+
+    def close(self) -> None:
+        self.closed = True
+        for d in self.buf.values():
+            self.vfs.budget.give(len(d))
+        self.buf.clear()
+
+
+class VFS:
+    def __init__(self, cfg: Config, mounts: list[MountCtx], reader: ChunkReader, index: Index,
+                 writer: IndexWriter, stats: Stats, tracer: Tracer, nursery: trio.Nursery,
+                 on_change: Callable[[int], None] | None = None) -> None:
+        self.cfg = cfg
+        self.reader = reader
+        self.index = index
+        self.writer = writer
+        self.stats = stats
+        self.tracer = tracer
+        self.nursery = nursery
+        self.on_change = on_change or (lambda ino: None)
+        self.budget = ReadaheadBudget(cfg.readahead_memory)
+        self.nodes: dict[int, Node] = {}
+        self.handles: dict[int, FileHandle] = {}
+        self.dir_handles: dict[int, list[tuple[str, int]]] = {}
+        self._fh = itertools.count(1)
+        self._next_ino = max(index.next_ino(), ROOT_INO + 1)
+        self._listing: dict[int, trio.Event] = {}
+        self._warned: set[str] = set()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.mounts = {m.spec.name: m for m in mounts}
+        if cfg.single_root:
+            root = Node(ROOT_INO, ROOT_INO, "", True, mounts[0], "")
+        else:
+            root = Node(ROOT_INO, ROOT_INO, "", True, None, "")
+            root.children = {}
+            for m in mounts:
+                top = self._new_node(root, m.spec.name, True, m, "")
+                root.children[m.spec.name] = top.ino
+            root.listed_at = float("inf")
+        self.nodes[ROOT_INO] = root
+
+    # -- inodes -----------------------------------------------------------------------
+
+    def _new_node(self, parent: Node, name: str, is_dir: bool, mount: MountCtx | None,
+                  path: str) -> Node:
+        mname = mount.spec.name if mount else ""
+        key = path_key(mname, path if path else "/" + name)
+        ino = self.index.get_ino(key)
+        if ino is None or ino in self.nodes:
+            ino = self._next_ino
+            self._next_ino += 1
+            self.writer.submit(Index.op_put_ino(key, ino, self._next_ino))
+        node = Node(ino, parent.ino, name, is_dir, mount, path)
+        self.nodes[ino] = node
+        return node
+
+    def get(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise FSError(errno.ENOENT) from None
+
+    def forget(self, items: list[tuple[int, int]]) -> None:
+        for ino, n in items:
+            node = self.nodes.get(ino)
+            if node is None or ino == ROOT_INO:
+                continue
+            node.lookups -= n
+            if node.lookups <= 0:
+                parent = self.nodes.get(node.parent)
+                attached = (parent is not None and parent.children is not None
+                            and parent.children.get(node.name) == ino)
+                if not attached and not any(h.node is node for h in self.handles.values()):
+                    del self.nodes[ino]
+
+    # -- directories ------------------------------------------------------------------
+
+    def _warn(self, key: str, why: str) -> None:
+        if key not in self._warned:
+            if len(self._warned) < 100_000:
+                self._warned.add(key)
+            self.stats.inc("skipped_keys")
+            log.warning("skipping S3 key %r: %s", key, why)
+
+    async def _ensure_listed(self, d: Node) -> None:
+        if d.children is not None and time.monotonic() - d.listed_at < self.cfg.metadata_ttl:
+            return
+        ev = self._listing.get(d.ino)
+        if ev is not None:
+            await ev.wait()
+            if d.children is not None:
+                return
+        ev = trio.Event()
+        self._listing[d.ino] = ev
+        try:
+            await self._list(d)
+        finally:
+            del self._listing[d.ino]
+            ev.set()
+
+    async def _list(self, d: Node) -> None:
+        m = d.mount
+        assert m is not None
+        prefix = m.spec.prefix + d.path
+        try:
+            listing = await m.store.list_dir(prefix)
+        except S3Error as e:
+            log.warning("listing s3://%s/%s failed: %s", m.spec.bucket, prefix, e)
+            raise FSError(errno.EIO) from None
+        self.stats.inc("dir_listings")
+        old = d.children or {}
+        new: dict[str, int] = {}
+        for p in listing.prefixes:
+            name = p[len(prefix):-1]
+            if not valid_name(name):
+                self._warn(p, "not a valid directory name")
+                continue
+            ino = old.get(name)
+            node = self.nodes.get(ino) if ino else None
+            if node is None or not node.is_dir:
+                node = self._new_node(d, name, True, m, d.path + name + "/")
+            new[name] = node.ino
+        for o in listing.objects:
+            name = o.key[len(prefix):]
+            if name == "":
+                continue  # a "directory marker" object: the directory itself
+            if name in new:
+                continue  # both an object and a prefix: the directory wins
+            if not valid_name(name):
+                self._warn(o.key, "not a valid file name")
+                continue
+            ino = old.get(name)
+            node = self.nodes.get(ino) if ino else None
+            if node is None or node.is_dir:
+                node = self._new_node(d, name, False, m, d.path + name)
+            elif node.etag and node.etag != o.etag:
+                log.info("s3://%s/%s changed (ETag %s → %s)", m.spec.bucket, o.key, node.etag,
+                         o.etag)
+                self.stats.inc("objects_changed")
+                self.on_change(node.ino)
+            node.size, node.etag, node.mtime = o.size, o.etag, o.mtime
+            new[name] = node.ino
+        d.children = new
+        d.listed_at = time.monotonic()
+
+    async def lookup(self, parent_ino: int, name: str, *, count: bool = True) -> Node:
+        parent = self.get(parent_ino)
+        if not parent.is_dir:
+            raise FSError(errno.ENOTDIR)
+        if name == ".":
+            node = parent
+        elif name == "..":
+            node = self.get(parent.parent)
+        else:
+            if parent.mount is not None:
+                await self._ensure_listed(parent)
+            assert parent.children is not None
+            ino = parent.children.get(name)
+            if ino is None:
+                raise FSError(errno.ENOENT)
+            node = self.get(ino)
+        if count:
+            node.lookups += 1
+        return node
+
+    async def opendir(self, ino: int) -> int:
+        d = self.get(ino)
+        if not d.is_dir:
+            raise FSError(errno.ENOTDIR)
+        if d.mount is not None:
+            await self._ensure_listed(d)
+        assert d.children is not None
+        fh = next(self._fh)
+        self.dir_handles[fh] = sorted(d.children.items())
+        return fh
+
+    def readdir(self, fh: int, start: int) -> list[tuple[str, Node, int]]:
+        entries = self.dir_handles.get(fh)
+        if entries is None:
+            raise FSError(errno.EBADF)
+        out = []
+        for i in range(start, len(entries)):
+            name, ino = entries[i]
+            node = self.nodes.get(ino)
+            if node is not None:
+                out.append((name, node, i + 1))
+        return out
+
+    def releasedir(self, fh: int) -> None:
+        self.dir_handles.pop(fh, None)
+
+    async def resolve(self, path: str) -> Node:
+        """Walk a path relative to the mount root (for the control API)."""
+        node = self.nodes[ROOT_INO]
+        for part in [p for p in path.split("/") if p]:
+            node = await self.lookup(node.ino, part, count=False)
+        return node
+
+    async def walk_files(self, node: Node) -> list[Node]:
+        """Every file at or below node (directories listed as needed)."""
+        if not node.is_dir:
+            return [node]
+        out: list[Node] = []
+        stack = [node]
+        while stack:
+            d = stack.pop()
+            if d.mount is not None:
+                await self._ensure_listed(d)
+            for _, ino in sorted((d.children or {}).items()):
+                n = self.nodes.get(ino)
+                if n is None:
+                    continue
+                if n.is_dir:
+                    stack.append(n)
+                else:
+                    out.append(n)
+        return out
+
+    def version(self, node: Node) -> ObjectVersion:
+        m = node.mount
+        assert m is not None and not node.is_dir
+        return ObjectVersion(m.spec.name, m.spec.bucket, node.key, node.etag, node.size,
+                             self.cfg.chunk_size, m.store)
+
+    # -- files ------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> int:
+        node = self.get(ino)
+        if node.is_dir:
+            raise FSError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise FSError(errno.EROFS)
+        fh = next(self._fh)
+        self.handles[fh] = FileHandle(self, node, self.version(node))
+        return fh
+
+    async def read(self, fh: int, off: int, size: int, pid: int = 0) -> bytes:
+        h = self.handles.get(fh)
+        if h is None:
+            raise FSError(errno.EBADF)
+        t0 = time.perf_counter()
+        with self.tracer.start("read", ino=h.node.ino, path=self.display_path(h.node),
+                               offset=off, size=size, pid=pid):
+            try:
+                data = await h.read(off, size)
+            except ObjectChanged:
+                self.stats.inc("read_errors")
+                log.warning("read of %s failed: the object changed in S3 while open",
+                            self.display_path(h.node))
+                raise FSError(errno.EIO) from None
+            except S3Error as e:
+                self.stats.inc("read_errors")
+                log.warning("read of %s failed: %s", self.display_path(h.node), e)
+                raise FSError(errno.EIO) from None
+        self.stats.observe("fuse_read", time.perf_counter() - t0)
+        self.stats.inc("fuse_read_bytes", len(data))
+        return data
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is not None:
+            h.close()
+
+    def display_path(self, node: Node) -> str:
+        if node.mount is None:
+            return "/"
+        if self.cfg.single_root:
+            return "/" + node.path
+        return "/" + node.mount.spec.name + "/" + node.path

@@ -1,0 +1,549 @@
+import json
+import os
+import socket
+import struct
+import time
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+from cachefs.cluster.peer import PeerClient, PeerError, PeerHealth, parse_address, serve_peers
+from cachefs.cluster.protocol import (
+    MAC_SIZE,
+    MAX_REQUEST_HEADER,
+    FrameReader,
+    checksum,
+    decode_hello,
+    encode_hello,
+    encode_request,
+    encode_response,
+    request_mac,
+)
+
+pytestmark = pytest.mark.trio
+
+SECRET = b"test-cluster-secret"
+CHUNK = {"mount": "data", "key": "a/b.bin", "etag": '"abc"', "index": 3, "offset": 0, "length": 7}
+TRACE = {"trace_id": "t-1", "parent": "s-9"}
+
+
+async def start_server(nursery, handler, secret=SECRET, **kw):
+    port = await nursery.start(partial(serve_peers, "127.0.0.1", 0, secret, handler, **kw))
+    return f"127.0.0.1:{port}"
+
+
+def counting_handler(data=b"hello!!", spans=None):
+    calls = []
+
+    async def handler(chunk, trace):
+        calls.append((chunk, trace))
+        return data, spans or []
+
+    return handler, calls
+
+
+@pytest.fixture
+async def raw_connect():
+    """Open raw protocol connections (closed at teardown): -> (stream, reader, nonce)."""
+    streams = []
+
+    async def connect(address):
+        host, port = parse_address(address)
+        stream = await trio.open_tcp_stream(host, port)
+        streams.append(stream)
+        reader = FrameReader(stream)
+        size = await reader.read_u32()
+        nonce = decode_hello(await reader.read_exactly(size))
+        return stream, reader, nonce
+
+    yield connect
+    for stream in streams:
+        await trio.aclose_forcefully(stream)
+
+
+async def read_response(reader):
+    size = await reader.read_u32()
+    mac = await reader.read_exactly(MAC_SIZE)
+    return mac, json.loads(await reader.read_exactly(size))
+
+
+async def assert_closed_by_server(stream):
+    with trio.fail_after(5):
+        try:
+            assert await stream.receive_some(1) == b""
+        except trio.BrokenResourceError:
+            pass  # a reset is also a close
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+# --------------------------------------------------------------------------
+# Happy path
+# --------------------------------------------------------------------------
+
+
+async def test_roundtrip_8mib_with_spans(nursery):
+    data = os.urandom(8 * 1024 * 1024)
+    spans = [{"name": "peer.serve", "dur": 0.001, "attrs": {"hit": True}}]
+    handler, calls = counting_handler(data, spans)
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET, request_timeout=30) as client:
+        t0 = time.perf_counter()
+        got, got_spans = await client.get(address, CHUNK, TRACE)
+        first = time.perf_counter() - t0
+        assert got == data
+        assert isinstance(got, bytes)
+        assert got_spans == spans
+        assert calls == [(CHUNK, TRACE)]
+
+        # Persistent connection: later requests reuse it.
+        t0 = time.perf_counter()
+        n = 5
+        for _ in range(n):
+            got, _ = await client.get(address, CHUNK, TRACE)
+            assert got == data
+        elapsed = time.perf_counter() - t0
+        stats = client.statistics()["peers"][address]
+        assert stats["connects"] == 1
+        assert stats["requests"] == 1 + n
+        assert stats["bytes_in"] == (1 + n) * len(data)
+        assert stats["idle"] == 1
+        mbps = n * len(data) / elapsed / 1e6
+        print(f"\n8 MiB loopback: first {first * 1000:.1f} ms, warm {mbps:.0f} MB/s")
+
+
+async def test_empty_chunk_and_ping(nursery):
+    handler, _ = counting_handler(b"")
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET) as client:
+        assert await client.get(address, CHUNK, {}) == (b"", [])
+        rtt = await client.ping(address)
+        assert 0 <= rtt < 1
+        assert client.statistics()["peers"][address]["connects"] == 1
+
+
+async def test_handler_may_return_bytearray_or_memoryview(nursery):
+    async def handler(chunk, trace):
+        return memoryview(bytearray(b"xyz" * 1000)), [{"name": "s"}]
+
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET) as client:
+        assert await client.get(address, CHUNK, TRACE) == (b"xyz" * 1000, [{"name": "s"}])
+
+
+# --------------------------------------------------------------------------
+# Authentication and request limits
+# --------------------------------------------------------------------------
+
+
+async def test_wrong_secret_refused_handler_not_called(nursery):
+    handler, calls = counting_handler()
+    address = await start_server(nursery, handler)
+    async with PeerClient(b"not-the-secret") as client:
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "unauthorized"
+        with pytest.raises(PeerError) as ei:
+            await client.ping(address)
+        assert ei.value.reason == "unauthorized"
+        assert client.statistics()["peers"][address]["idle"] == 0
+    assert calls == []
+
+
+async def test_missing_secret_refused_and_connection_closed(nursery, raw_connect):
+    handler, calls = counting_handler()
+    address = await start_server(nursery, handler)
+    stream, reader, nonce = await raw_connect(address)
+    raw = json.dumps({"op": "get", "chunk": CHUNK, "trace": TRACE}).encode()
+    await stream.send_all(struct.pack(">I", len(raw)) + bytes(MAC_SIZE) + raw)
+    _, header = await read_response(reader)
+    assert header["status"] == "error"
+    assert header["code"] == "unauthorized"
+    assert header["message"] == "unauthorized"
+    await assert_closed_by_server(stream)
+    assert calls == []
+    # No secret at all cannot even be configured.
+    with pytest.raises(ValueError):
+        PeerClient(b"")
+    with pytest.raises(ValueError):
+        await serve_peers("127.0.0.1", 0, b"", handler)
+
+
+async def test_replayed_request_refused(nursery, raw_connect):
+    handler, calls = counting_handler()
+    address = await start_server(nursery, handler)
+    # A valid request on connection A...
+    stream_a, reader_a, nonce_a = await raw_connect(address)
+    frame = encode_request(SECRET, nonce_a, 0, {"op": "get", "chunk": CHUNK, "trace": TRACE})
+    await stream_a.send_all(frame)
+    _, header = await read_response(reader_a)
+    assert header["status"] == "ok"
+    await reader_a.read_exactly(header["length"])
+    assert len(calls) == 1
+    # ... replayed on the same connection (sequence number moved on) ...
+    await stream_a.send_all(frame)
+    _, header = await read_response(reader_a)
+    assert header["code"] == "unauthorized"
+    await assert_closed_by_server(stream_a)
+    # ... or on another connection (different nonce) is refused.
+    stream_b, reader_b, nonce_b = await raw_connect(address)
+    assert nonce_b != nonce_a
+    await stream_b.send_all(frame)
+    _, header = await read_response(reader_b)
+    assert header["code"] == "unauthorized"
+    await assert_closed_by_server(stream_b)
+    assert len(calls) == 1
+
+
+async def test_oversized_header_refused(nursery, raw_connect):
+    handler, calls = counting_handler()
+    address = await start_server(nursery, handler)
+    stream, reader, _ = await raw_connect(address)
+    await stream.send_all(struct.pack(">I", MAX_REQUEST_HEADER + 1) + b"x" * 100)
+    _, header = await read_response(reader)
+    assert header["status"] == "error"
+    assert header["code"] == "too_large"
+    await assert_closed_by_server(stream)
+    assert calls == []
+    # The client refuses to build such a request in the first place.
+    async with PeerClient(SECRET) as client:
+        with pytest.raises(ValueError):
+            await client.get(address, {"key": "k" * (MAX_REQUEST_HEADER + 1)}, {})
+        assert client.statistics()["peers"] == {}
+
+
+async def test_authenticated_garbage_is_a_bad_request(nursery, raw_connect):
+    handler, calls = counting_handler()
+    address = await start_server(nursery, handler)
+    stream, reader, nonce = await raw_connect(address)
+    raw = b"this is not json"
+    await stream.send_all(struct.pack(">I", len(raw)) + request_mac(SECRET, nonce, 0, raw) + raw)
+    _, header = await read_response(reader)
+    assert header["status"] == "error"
+    assert header["code"] == "bad_request"
+    assert calls == []
+
+
+# --------------------------------------------------------------------------
+# Failures surface as PeerError; failed connections are discarded
+# --------------------------------------------------------------------------
+
+
+async def test_handler_peer_error_becomes_client_peer_error(nursery):
+    async def handler(chunk, trace):
+        raise PeerError("chunk not cached here")
+
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET) as client:
+        for _ in range(2):
+            with pytest.raises(PeerError, match="chunk not cached here") as ei:
+                await client.get(address, CHUNK, TRACE)
+            assert ei.value.reason == "remote"
+        stats = client.statistics()["peers"][address]
+        # The connection that saw the error frame was not reused.
+        assert stats["connects"] == 2
+        assert stats["idle"] == 0
+        assert stats["open"] == 0
+        assert stats["errors"] == {"remote": 2}
+
+
+async def test_handler_crash_is_internal_error_and_server_survives(nursery):
+    fail = [True]
+
+    async def handler(chunk, trace):
+        if fail[0]:
+            raise RuntimeError("boom")
+        return b"fine", []
+
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET) as client:
+        with pytest.raises(PeerError, match="internal error") as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "remote"
+        fail[0] = False
+        assert await client.get(address, CHUNK, TRACE) == (b"fine", [])
+
+
+async def test_connect_refused():
+    async with PeerClient(SECRET, connect_timeout=2) as client:
+        with pytest.raises(PeerError) as ei:
+            await client.get(f"127.0.0.1:{free_port()}", CHUNK, TRACE)
+        assert ei.value.reason == "connect"
+
+
+async def test_hanging_handler_times_out(nursery):
+    async def handler(chunk, trace):
+        await trio.sleep_forever()
+
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET, request_timeout=0.3) as client:
+        t0 = time.perf_counter()
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, CHUNK, TRACE)
+        elapsed = time.perf_counter() - t0
+        assert ei.value.reason == "timeout"
+        assert 0.25 < elapsed < 1.5
+        assert client.statistics()["peers"][address]["open"] == 0
+
+
+async def test_silent_server_connect_times_out(nursery):
+    # Accepts TCP connections but never says hello.
+    async def silent(stream):
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    async with PeerClient(SECRET, connect_timeout=0.2, request_timeout=5) as client:
+        t0 = time.perf_counter()
+        with pytest.raises(PeerError) as ei:
+            await client.get(f"127.0.0.1:{port}", CHUNK, TRACE)
+        assert ei.value.reason == "timeout"
+        assert time.perf_counter() - t0 < 1.5
+
+
+async def test_server_side_handler_timeout(nursery):
+    async def handler(chunk, trace):
+        await trio.sleep_forever()
+
+    address = await start_server(nursery, handler, handler_timeout=0.1)
+    async with PeerClient(SECRET, request_timeout=5) as client:
+        with pytest.raises(PeerError, match="timed out") as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "remote"
+
+
+async def fake_server(nursery, respond):
+    """A raw peer server speaking the protocol; ``respond(stream, nonce, seq)``
+    writes whatever reply the test wants."""
+
+    async def serve(stream):
+        nonce = os.urandom(16)
+        reader = FrameReader(stream)
+        await stream.send_all(encode_hello(nonce))
+        size = await reader.read_u32()
+        await reader.read_exactly(MAC_SIZE + size)
+        await respond(stream, nonce, 0)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+def ok_header(data, **over):
+    h = {
+        "status": "ok",
+        "code": "ok",
+        "message": "",
+        "length": len(data),
+        "checksum": checksum(data),
+        "spans": [],
+    }
+    h.update(over)
+    return h
+
+
+async def test_corrupted_data_fails_checksum(nursery):
+    data = os.urandom(256 * 1024)
+
+    async def respond(stream, nonce, seq):
+        flipped = bytearray(data)
+        flipped[12345] ^= 0x01
+        await stream.send_all(encode_response(SECRET, nonce, seq, ok_header(data)))
+        await stream.send_all(bytes(flipped))
+
+    address = await fake_server(nursery, respond)
+    async with PeerClient(SECRET, request_timeout=5) as client:
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "checksum"
+        assert client.statistics()["peers"][address]["idle"] == 0
+
+
+async def test_short_read(nursery):
+    data = os.urandom(1000)
+
+    async def respond(stream, nonce, seq):
+        await stream.send_all(encode_response(SECRET, nonce, seq, ok_header(data)))
+        await stream.send_all(data[:10])
+        await stream.aclose()
+
+    address = await fake_server(nursery, respond)
+    async with PeerClient(SECRET, request_timeout=5) as client:
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "short_read"
+
+
+async def test_response_without_valid_mac_rejected(nursery):
+    data = b"attacker data"
+
+    async def respond(stream, nonce, seq):
+        # An impostor that does not know the secret.
+        await stream.send_all(encode_response(b"guess", nonce, seq, ok_header(data)))
+        await stream.send_all(data)
+
+    address = await fake_server(nursery, respond)
+    async with PeerClient(SECRET, request_timeout=5) as client:
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "bad_response_mac"
+
+
+async def test_oversized_body_rejected(nursery):
+    async def respond(stream, nonce, seq):
+        header = ok_header(b"", length=10**12)
+        await stream.send_all(encode_response(SECRET, nonce, seq, header))
+
+    address = await fake_server(nursery, respond)
+    async with PeerClient(SECRET, request_timeout=5, max_body=1 << 20) as client:
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "protocol"
+
+
+async def test_stale_pooled_connection_is_retried(nursery):
+    handler, calls = counting_handler(b"data")
+    address = await start_server(nursery, handler, idle_timeout=0.1)
+    async with PeerClient(SECRET) as client:
+        assert (await client.get(address, CHUNK, TRACE))[0] == b"data"
+        await trio.sleep(0.4)  # the server drops the idle connection
+        assert (await client.get(address, CHUNK, TRACE))[0] == b"data"
+        stats = client.statistics()["peers"][address]
+        assert stats["retries"] == 1
+        assert stats["connects"] == 2
+        assert stats["errors"] == {}
+    assert len(calls) == 2
+
+
+async def test_closed_client_refuses(nursery):
+    handler, _ = counting_handler()
+    address = await start_server(nursery, handler)
+    client = PeerClient(SECRET)
+    await client.get(address, CHUNK, TRACE)
+    assert client.statistics()["peers"][address]["open"] == 1
+    await client.aclose()
+    assert client.statistics()["peers"][address]["open"] == 0
+    with pytest.raises(PeerError) as ei:
+        await client.get(address, CHUNK, TRACE)
+    assert ei.value.reason == "closed"
+
+
+# --------------------------------------------------------------------------
+# Concurrency bounds
+# --------------------------------------------------------------------------
+
+
+def concurrency_probe():
+    state = {"active": 0, "max": 0, "calls": 0}
+
+    async def handler(chunk, trace):
+        state["active"] += 1
+        state["calls"] += 1
+        state["max"] = max(state["max"], state["active"])
+        try:
+            await trio.sleep(0.05)
+        finally:
+            state["active"] -= 1
+        return chunk["key"].encode(), []
+
+    return handler, state
+
+
+async def test_server_concurrency_limit(nursery):
+    handler, state = concurrency_probe()
+    address = await start_server(nursery, handler, max_concurrent=3)
+    results = {}
+    async with PeerClient(SECRET, max_conns_per_peer=12) as client:
+
+        async def one(i):
+            data, _ = await client.get(address, {"key": f"k{i}"}, {})
+            results[i] = data
+
+        async with trio.open_nursery() as n:
+            for i in range(12):
+                n.start_soon(one, i)
+        assert client.statistics()["peers"][address]["connects"] == 12
+    assert results == {i: f"k{i}".encode() for i in range(12)}
+    assert state["calls"] == 12
+    assert state["max"] == 3
+
+
+async def test_client_pool_limit(nursery):
+    handler, state = concurrency_probe()
+    address = await start_server(nursery, handler, max_concurrent=50)
+    async with PeerClient(SECRET, max_conns_per_peer=2) as client:
+        async with trio.open_nursery() as n:
+            for i in range(8):
+                n.start_soon(client.get, address, {"key": f"k{i}"}, {})
+        stats = client.statistics()["peers"][address]
+        assert stats["connects"] == 2
+        assert stats["requests"] == 8
+    assert state["max"] == 2
+
+
+async def test_server_connection_limit(nursery):
+    handler, _ = counting_handler()
+    address = await start_server(nursery, handler, max_connections=1)
+    async with PeerClient(SECRET) as first, PeerClient(SECRET) as second:
+        await first.get(address, CHUNK, TRACE)  # holds the only connection
+        with pytest.raises(PeerError) as ei:
+            await second.get(address, CHUNK, TRACE)
+        assert ei.value.reason in ("closed", "short_read", "connect")
+        await first.get(address, CHUNK, TRACE)
+
+
+# --------------------------------------------------------------------------
+# Health
+# --------------------------------------------------------------------------
+
+
+async def test_health_expiry(mock_clock):
+    health = PeerHealth()
+    assert health.bad_for == 10.0
+    assert health.is_healthy("n1")
+    health.mark_bad("n1", "timeout")
+    health.mark_bad("n1", "timeout")
+    health.mark_bad("n1", "checksum")
+    assert not health.is_healthy("n1")
+    assert health.is_healthy("n2")
+    assert health.healthy(["n1", "n2", "n3"]) == ["n2", "n3"]
+    mock_clock.jump(9.9)
+    assert not health.is_healthy("n1")
+    mock_clock.jump(0.2)
+    assert health.is_healthy("n1")
+    # Counters survive expiry.
+    assert health.errors("n1") == {"timeout": 2, "checksum": 1}
+    assert health.errors("n2") == {}
+    stats = health.statistics()
+    assert stats["n1"]["healthy"] is True
+    assert stats["n1"]["errors"] == {"timeout": 2, "checksum": 1}
+
+
+async def test_health_custom_period_extend_and_mark_good(mock_clock):
+    health = PeerHealth(bad_for=2.0)
+    health.mark_bad("n1", "connect")
+    mock_clock.jump(1.5)
+    health.mark_bad("n1", "connect")  # extends to t=3.5
+    mock_clock.jump(1.0)
+    assert not health.is_healthy("n1")
+    assert health.statistics()["n1"]["unhealthy_for"] == pytest.approx(1.0)
+    health.mark_good("n1")
+    assert health.is_healthy("n1")
+    assert health.errors("n1") == {"connect": 2}
+
+
+async def test_parse_address():
+    assert parse_address("10.0.0.1:7070") == ("10.0.0.1", 7070)
+    assert parse_address("node-3.internal:80") == ("node-3.internal", 80)
+    assert parse_address("[::1]:9000") == ("::1", 9000)
+    for bad in ("nohost", ":80", "host:", "host:x", "host:0", "host:70000"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
