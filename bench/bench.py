@@ -859,7 +859,9 @@ def s3_direct(ctx: Ctx) -> None:
             nonlocal total
             while ranges:
                 off = ranges.pop(0)
-                total += await get(c, key, f"bytes={off}-{min(off + range_size, size) - 1}")
+                # (not `total += await ...`: that reads `total` before awaiting)
+                n = await get(c, key, f"bytes={off}-{min(off + range_size, size) - 1}")
+                total += n
 
         async with trio.open_nursery() as n:
             for _ in range(range_par):
@@ -887,7 +889,8 @@ def s3_direct(ctx: Ctx) -> None:
             async def worker():
                 nonlocal total
                 while todo:
-                    total += await get(c, todo.pop(0))
+                    n = await get(c, todo.pop(0))
+                    total += n
 
             async with trio.open_nursery() as n:
                 for _ in range(par):

@@ -275,6 +275,24 @@ def demo(workdir, shards, shard_size, small_files, small_size) -> None:
     run_demo(workdir, shards, shard_size, small_files, small_size)
 
 
+def _add_plugins() -> None:
+    """Commands that live in their own modules (file lists, tracing)."""
+    import importlib
+
+    for modname in ("cachefs.cli_datasets", "cachefs.cli_trace"):
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            continue
+        for cmd in getattr(mod, "COMMANDS", ()):
+            cli.add_command(cmd)
+
+
+_add_plugins()
+
+
 def main() -> None:
     try:
         rv = cli.main(standalone_mode=False, prog_name="cachefs")

@@ -31,12 +31,16 @@ def register_all(d: Daemon) -> None:
     srv.register("info", info)
     srv.register("stats", stats)
     srv.register("stop", stop)
-    try:
-        from .datasets import register as register_datasets
-    except ImportError:
-        pass
-    else:
-        register_datasets(d)
+    import importlib
+
+    for modname in ("cachefs.datasets", "cachefs.tracing"):
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            continue
+        mod.register(d)
 
 
 def stats_dict(d: Daemon) -> dict:

@@ -1,0 +1,66 @@
+import itertools
+import os
+import uuid
+
+import pytest
+
+from cachefs_env import Mount, fuse_available, unmount
+from s3env import s3_client, start_moto, start_proxy
+
+_bucket_seq = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def moto():
+    m = start_moto()
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(moto):
+    p = start_proxy(moto.url)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(moto):
+    """boto3 client straight to moto (setup traffic does not count at the proxy)."""
+    return s3_client(moto.url)
+
+
+@pytest.fixture
+def bucket(s3, proxy):
+    name = f"t{next(_bucket_seq)}-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=name)
+    proxy.reset()
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _runtime_dir(tmp_path_factory, monkeypatch):
+    d = tmp_path_factory.mktemp("run")
+    os.chmod(d, 0o700)
+    monkeypatch.setenv("CACHEFS_RUNTIME_DIR", str(d))
+
+
+@pytest.fixture
+def mounts(tmp_path, proxy):
+    """Factory: mounts(source, **kw) -> started Mount through the counting proxy."""
+    if not fuse_available():
+        pytest.skip("/dev/fuse is not available")
+    started: list[Mount] = []
+
+    def make(source: str, *, start: bool = True, endpoint: str | None = None, **kw) -> Mount:
+        m = Mount(tmp_path, source, endpoint or proxy.url,
+                  name=kw.pop("name", f"m{len(started)}"), **kw)
+        started.append(m)
+        return m.start() if start else m
+
+    yield make
+    for m in started:
+        try:
+            m.stop()
+        finally:
+            unmount(m.mp)
