@@ -76,8 +76,17 @@ class Ready:
 
 
 def is_stale_mount(mp: Path) -> bool:
+    """A FUSE mount whose daemon is gone ("Transport endpoint is not connected").
+
+    stat() alone is not enough: the kernel may answer it from its attribute
+    cache; opening the directory always reaches the daemon.
+    """
     try:
         os.stat(mp)
+        if not os.path.ismount(mp):
+            return False
+        fd = os.open(mp, os.O_RDONLY | os.O_DIRECTORY)
+        os.close(fd)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False

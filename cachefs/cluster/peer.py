@@ -36,11 +36,15 @@ from .protocol import (
     response_mac,
 )
 
-__all__ = ["PeerError", "PeerClient", "PeerHealth", "serve_peers", "Handler", "parse_address"]
+__all__ = ["PeerError", "PeerClient", "PeerHealth", "serve_peers", "Handler", "CallHandler",
+           "parse_address"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict, dict], Awaitable[tuple[bytes, list[dict]]]]
+#: ``call_handler(name, payload) -> result``: small JSON control calls between
+#: nodes (cluster-wide preload/free/status); see ClusterNode.forward.
+CallHandler = Callable[[str, dict], Awaitable[dict]]
 
 # Errors that mean "this connection is unusable"; they never escape to callers.
 _CONN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -89,6 +93,8 @@ async def serve_peers(
     handler_timeout: float = 60.0,
     idle_timeout: float = 300.0,
     io_timeout: float = 30.0,
+    call_handler: CallHandler | None = None,
+    corrupt_for_test: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve chunks to peers until cancelled.
@@ -100,6 +106,14 @@ async def serve_peers(
     connections are served; extra ones are closed at once.  A connection idle
     for ``idle_timeout`` is closed; reading one request frame or sending one
     response must finish within ``io_timeout``.
+
+    ``call_handler(name, payload)``, if given, serves the ``call`` op (small
+    JSON control requests; the result dict travels in the response header,
+    limited to MAX_RESPONSE_HEADER).  Without it ``call`` is a bad request.
+
+    ``corrupt_for_test`` is for tests only: it flips the first byte of every
+    chunk *after* the checksum was computed, as a bad NIC or a buggy peer
+    would, so clients must detect it.
 
     Calls ``task_status.started(port)`` with the bound port (useful with
     ``listen_port=0``), once the socket is listening.
@@ -126,6 +140,8 @@ async def serve_peers(
                     handler_timeout=handler_timeout,
                     idle_timeout=idle_timeout,
                     io_timeout=io_timeout,
+                    call_handler=call_handler,
+                    corrupt_for_test=corrupt_for_test,
                 )
         except (*_CONN_ERRORS, PeerError, trio.TooSlowError):
             pass  # peer went away, sent garbage or was too slow: just drop it
@@ -149,6 +165,8 @@ async def _serve_connection(
     handler_timeout: float,
     idle_timeout: float,
     io_timeout: float,
+    call_handler: CallHandler | None = None,
+    corrupt_for_test: bool = False,
 ) -> None:
     nonce = secrets.token_bytes(NONCE_SIZE)
     reader = FrameReader(stream)
@@ -211,6 +229,25 @@ async def _serve_connection(
                     "checksum": checksum(data),
                     "spans": spans,
                 }
+                if corrupt_for_test and data:
+                    data = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
+            elif op == "call" and call_handler is not None:
+                name = header.get("name")
+                payload = header.get("payload") or {}
+                if not isinstance(name, str) or not isinstance(payload, dict):
+                    raise PeerError("call needs a 'name' string and a 'payload' object",
+                                    "protocol")
+                result = await _call_control(call_handler, limiter, name, payload,
+                                             handler_timeout)
+                resp = {
+                    "status": "ok",
+                    "code": "ok",
+                    "message": "",
+                    "length": 0,
+                    "checksum": checksum(b""),
+                    "spans": [],
+                    "result": result,
+                }
             else:
                 raise PeerError(f"unknown op {op!r}", "protocol")
             try:
@@ -218,6 +255,9 @@ async def _serve_connection(
             except (TypeError, ValueError):
                 log.error("peer server: handler returned spans that are not JSON-serialisable")
                 raise PeerError("internal error in chunk handler", "remote") from None
+            if len(frame) > 4 + MAC_SIZE + MAX_RESPONSE_HEADER:
+                log.error("peer server: response header of %d bytes is too large", len(frame))
+                raise PeerError("response header too large", "remote")
         except PeerError as e:
             code = "bad_request" if e.reason == "protocol" else e.reason
             frame = encode_response(secret, nonce, seq, _error_header(code, str(e)))
@@ -257,6 +297,30 @@ async def _call_handler(
         raise PeerError("internal error in chunk handler", "remote")
     spans = list(spans or [])
     return data, spans
+
+
+async def _call_control(
+    call_handler: CallHandler,
+    limiter: trio.CapacityLimiter,
+    name: str,
+    payload: dict,
+    handler_timeout: float,
+) -> dict:
+    try:
+        async with limiter:
+            with trio.fail_after(handler_timeout):
+                result = await call_handler(name, payload)
+    except PeerError as e:
+        raise PeerError(str(e), "remote") from None
+    except trio.TooSlowError:
+        raise PeerError(f"call {name!r} timed out after {handler_timeout}s", "remote") from None
+    except Exception:
+        log.exception("peer server: call %r failed", name)
+        raise PeerError(f"internal error in call {name!r}", "remote") from None
+    if not isinstance(result, dict):
+        log.error("peer server: call %r returned %r, not a dict", name, type(result))
+        raise PeerError(f"internal error in call {name!r}", "remote")
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -327,6 +391,16 @@ class PeerClient:
         data, spans, _ = await self._request(address, raw)
         return data, spans
 
+    async def call(self, address: str, name: str, payload: dict) -> dict:
+        """A control call (``call`` op) on the peer at ``address``; its result dict.
+
+        The request header, payload included, must stay under 64 KiB
+        (ValueError otherwise): callers split large file lists.
+        """
+        raw = dump_request_header({"op": "call", "name": name, "payload": payload})
+        _, result, _ = await self._request(address, raw, want="result")
+        return result
+
     async def ping(self, address: str) -> float:
         """Round-trip time in seconds of a ping on an established connection."""
         _, _, rtt = await self._request(address, dump_request_header({"op": "ping"}))
@@ -371,7 +445,9 @@ class PeerClient:
             pool = self._pools[address] = _Pool(trio.Semaphore(self.max_conns_per_peer))
         return pool
 
-    async def _request(self, address: str, header: bytes) -> tuple[bytes, list[dict], float]:
+    async def _request(
+        self, address: str, header: bytes, want: str = "spans"
+    ) -> tuple[bytes, Any, float]:
         if self._closed:
             raise PeerError("peer client is closed", "closed")
         parse_address(address)  # ValueError early for a malformed address
@@ -380,7 +456,7 @@ class PeerClient:
             try:
                 with trio.fail_after(self.request_timeout):
                     async with pool.slots:
-                        return await self._request_on_pool(address, pool, header)
+                        return await self._request_on_pool(address, pool, header, want)
             except trio.TooSlowError:
                 raise PeerError(
                     f"request to {address} timed out after {self.request_timeout}s", "timeout"
@@ -390,15 +466,15 @@ class PeerClient:
             raise
 
     async def _request_on_pool(
-        self, address: str, pool: _Pool, header: bytes
-    ) -> tuple[bytes, list[dict], float]:
+        self, address: str, pool: _Pool, header: bytes, want: str
+    ) -> tuple[bytes, Any, float]:
         while True:
             reused = bool(pool.idle)
             conn = pool.idle.pop() if reused else await self._connect(address, pool)
             ok = False
             try:
                 t0 = trio.current_time()
-                data, spans = await self._exchange(address, conn, header)
+                data, spans = await self._exchange(address, conn, header, want)
                 rtt = trio.current_time() - t0
                 ok = True
             except PeerError as e:
@@ -445,7 +521,9 @@ class PeerClient:
         pool.connects += 1
         return _Conn(stream, reader, nonce)
 
-    async def _exchange(self, address: str, conn: _Conn, header: bytes) -> tuple[bytes, list[dict]]:
+    async def _exchange(
+        self, address: str, conn: _Conn, header: bytes, want: str = "spans"
+    ) -> tuple[bytes, Any]:
         frame = frame_request(self._secret, conn.nonce, conn.seq, header)
         reader = conn.reader
         try:
@@ -469,13 +547,14 @@ class PeerClient:
                 raise PeerError(f"bad response MAC from {address}", "bad_response_mac")
             length = resp.get("length")
             expected = resp.get("checksum")
-            spans = resp.get("spans", [])
+            # "spans" (a list) for get/ping; "result" (a dict) for a control call
+            spans = resp.get("result") if want == "result" else resp.get("spans", [])
             if (
                 not isinstance(length, int)
                 or isinstance(length, bool)
                 or not 0 <= length <= self.max_body
                 or not isinstance(expected, str)
-                or not isinstance(spans, list)
+                or not isinstance(spans, dict if want == "result" else list)
             ):
                 raise PeerError(f"malformed response header from {address}", "protocol")
             data = await reader.read_body(length)

@@ -1,0 +1,347 @@
+"""`cachefs preload / free / status --file-list LIST`: the CLI side of cache control.
+
+The list is read and translated here (filelist.py); the daemon resolves,
+walks, fetches and reports (datasets.py).  Exit codes: 0 all good; 1 a fetch
+failed (or the daemon refused, e.g. pins over the cache limit); 2 the list had
+entries that do not exist or cannot be translated (each reported as
+``LIST:LINE: ENTRY: reason``); 3 no daemon; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from . import filelist, runtime
+from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
+from .report import human
+
+PLAIN_EVERY = 2.0  # seconds between progress lines when stderr is not a terminal
+MAX_ROWS = 30
+REQUEST_TIMEOUT = 120.0  # between two lines from the daemon (it sends progress twice a second)
+
+
+def _say(msg: str) -> None:
+    click.echo(f"cachefs: {msg}", err=True)
+
+
+def _choose_mount(mount: str | None, text: str) -> str:
+    if mount:
+        return runtime.find_mount(mount)
+    mps = runtime.cachefs_mounts()
+    if len(mps) > 1:
+        mp = filelist.mount_for(filelist.absolute_entries(text), mps)
+        if mp:
+            return mp
+    return runtime.find_mount(None)
+
+
+class Prepared:
+    def __init__(self, file_list: str, mount: str | None) -> None:
+        from .control import ControlClient
+
+        self.list_name = "<stdin>" if file_list == "-" else file_list
+        text = filelist.read_list(file_list)
+        self.mp = _choose_mount(mount, text)
+        self.client = ControlClient(runtime.socket_path(self.mp), self.mp)
+        info = self.client.request({"op": "info"})
+        mounts, single_root = filelist.mounts_from_info(info)
+        self.entries, self.errors = filelist.parse(text, mountpoint=self.mp, mounts=mounts,
+                                                   single_root=single_root)
+        if not self.entries and not self.errors:
+            raise QuietError(f"file list {self.list_name} has no entries", EXIT_USAGE)
+
+    def wire(self) -> list[list]:
+        return [[e.line, e.rel, e.text] for e in self.entries]
+
+    def report_errors(self, failed: list[dict]) -> int:
+        """Print every failed entry as one line; the exit code they call for."""
+        items = [{"line": e.line, "entry": e.text, "reason": e.reason} for e in self.errors]
+        items += failed
+        items.sort(key=lambda x: x["line"])
+        for it in items:
+            _say(f"{self.list_name}:{it['line']}: {it['entry']}: {it['reason']}")
+        if any("path" in it for it in failed):
+            return EXIT_FAILED  # a fetch failed
+        return EXIT_USAGE if items else 0
+
+    def cli_failed(self) -> list[dict]:
+        return [{"line": e.line, "entry": e.text, "reason": e.reason} for e in self.errors]
+
+    def request(self, req: dict, on_event=None) -> dict:
+        if not self.entries:
+            return {}
+        res = self.client.request({**req, "entries": self.wire()}, on_event=on_event,
+                                  timeout=REQUEST_TIMEOUT)
+        if res.get("refused"):
+            raise QuietError(str(res["refused"]))
+        return res
+
+
+def _dur(s: float | None) -> str:
+    if s is None:
+        return "?"
+    if s < 10:
+        return f"{s:.1f}s"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def _pct(a: int, b: int) -> float:
+    return 100.0 * a / b if b else 100.0
+
+
+class Progress:
+    """A bar on a terminal, a line every ~2 s otherwise; nothing with --json off a tty."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.tty = sys.stderr.isatty()
+        self.enabled = enabled or self.tty
+        self.last = 0.0
+        self.drawn = False
+        self.latest: dict = {}
+
+    def __call__(self, ev: dict) -> None:
+        kind = ev.get("kind")
+        if kind == "plan":
+            for w in ev.get("warnings", []):
+                self._clear()
+                _say(f"warning: {w}")
+            if self.enabled:
+                self._clear()
+                _say(f"preload: {ev['files']} files, {human(ev['total_bytes'])}; "
+                     f"{human(ev['cached_before_bytes'])} already cached, "
+                     f"{human(ev['missing_bytes'])} to fetch"
+                     + (f", estimated {_dur(ev['estimate']['seconds'])}"
+                        if ev["estimate"].get("seconds") is not None else ""))
+            return
+        if kind == "progress":
+            self.latest = ev
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.tty:
+            if now - self.last >= 0.2:
+                self.last = now
+                self._draw(ev)
+        elif now - self.last >= PLAIN_EVERY:
+            self.last = now
+            _say(self._line(ev))
+
+    def _line(self, ev: dict) -> str:
+        if ev.get("kind") == "resolving":
+            return f"resolving the file list: {ev['entries_done']}/{ev['entries_total']} entries"
+        el = max(ev["elapsed"], 1e-6)
+        rate = ev["fetched_bytes"] / el
+        left = max(0, ev["missing_bytes"] - ev["fetched_bytes"])
+        eta = left / rate if rate > 0 else None
+        return (f"{ev['files_done']}/{ev['files_total']} files, {human(ev['bytes_done'])} of "
+                f"{human(ev['bytes_total'])} ({_pct(ev['bytes_done'], ev['bytes_total']):.0f}%), "
+                f"{human(rate)}/s, ETA {_dur(eta) if left else '0s'}"
+                + (f", {ev['failed_files']} failed" if ev.get("failed_files") else ""))
+
+    def _draw(self, ev: dict) -> None:
+        if ev.get("kind") == "progress":
+            frac = ev["bytes_done"] / ev["bytes_total"] if ev["bytes_total"] else 1.0
+            n = int(frac * 24)
+            bar = "[" + "#" * n + "." * (24 - n) + "] "
+        else:
+            bar = ""
+        sys.stderr.write("\r\x1b[K" + bar + self._line(ev))
+        sys.stderr.flush()
+        self.drawn = True
+
+    def _clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.drawn = False
+
+    def done(self) -> None:
+        if self.drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.drawn = False
+
+
+def _estimate_text(est: dict) -> str:
+    if est.get("seconds") is None:
+        return "no measurement yet (no chunk has been fetched by a preload on this node)"
+    if not est.get("measured"):
+        return f"{_dur(est['seconds'])} (nothing to fetch)"
+    src = (f"{est['probed_chunks']} chunk fetches just now" if est.get("probed_chunks")
+           else f"{est['samples']} recent chunk fetches")
+    return (f"{_dur(est['seconds'])} with {est['streams']} streams "
+            f"(per stream {human(est['stream_bps'])}/s, per-chunk latency "
+            f"{est['latency_s'] * 1000:.1f} ms; from {src})")
+
+
+def _exit(code: int) -> None:
+    if code:
+        raise SystemExit(code)
+
+
+# -- preload -----------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--file-list", "file_list", required=True, metavar="LIST",
+              help="File with one entry a line: /mnt/path, path relative to --mount, or "
+                   "s3://bucket/key (a directory or prefix means everything under it); - is stdin.")
+@click.option("--mount", help="The cachefs mountpoint (default: the only one).")
+@click.option("--parallel", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Chunk fetches in flight.")
+@click.option("--pin", is_flag=True, help="Keep these chunks out of LRU eviction.")
+@click.option("--dry-run", is_flag=True, help="Show what would be fetched and how long it takes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
+    """Fetch every chunk of the listed files into the cache (idempotent, resumable).
+
+    \b
+    cachefs preload --file-list train.txt --mount /mnt/train --parallel 16 --pin
+    cachefs preload --file-list train.txt --dry-run
+    """
+    prep = Prepared(file_list, mount)
+    progress = Progress(enabled=not as_json)
+    try:
+        res = prep.request({"op": "preload", "parallel": parallel, "pin": pin,
+                            "dry_run": dry_run}, on_event=progress)
+    except KeyboardInterrupt:
+        progress.done()
+        ev = progress.latest
+        done = (f" after fetching {human(ev.get('fetched_bytes', 0))} "
+                f"({ev.get('files_done', 0)}/{ev.get('files_total', 0)} files done)"
+                if ev else "")
+        _say(f"preload interrupted{done}; fetches in flight finish in the daemon and are "
+             "kept; run it again to fetch the rest")
+        raise SystemExit(130) from None
+    finally:
+        progress.done()
+    failed = prep.cli_failed() + res.get("failed", [])
+    code = prep.report_errors(res.get("failed", []))
+    if not res:
+        res = {"files": 0, "total_bytes": 0, "cached_before_bytes": 0, "missing_bytes": 0,
+               "fetched_bytes": 0, "seconds": 0.0, "dry_run": dry_run, "warnings": []}
+    res["failed"] = sorted(failed, key=lambda x: x["line"])
+    res["mountpoint"] = prep.mp
+    res.pop("ok", None)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        _exit(code)
+        return
+    if dry_run:
+        for w in res.get("warnings", []):
+            _say(f"warning: {w}")
+        click.echo(f"dry run for {prep.mp}: {res['files']} files, {human(res['total_bytes'])} "
+                   "listed")
+        click.echo(f"  already cached  {human(res['cached_before_bytes'])}")
+        click.echo(f"  to fetch        {human(res['missing_bytes'])} "
+                   f"({res.get('missing_chunks', 0)} chunks)")
+        if pin:
+            click.echo(f"  to pin          {human(res.get('to_pin_bytes', 0))}")
+        if "estimate" in res:
+            click.echo(f"  estimate        {_estimate_text(res['estimate'])}")
+        if res["failed"]:
+            click.echo(f"  failed          {len(res['failed'])} entries (listed above)")
+        _exit(code)
+        return
+    secs = res["seconds"]
+    fs = res.get("fetch_seconds", secs)
+    click.echo(f"preload into {prep.mp}: {res['files']} files, {human(res['total_bytes'])} "
+               "listed" + (", pinned" if pin else ""))
+    click.echo(f"  already cached  {human(res['cached_before_bytes'])}")
+    click.echo(f"  fetched         {human(res['fetched_bytes'])} "
+               f"({res.get('fetched_chunks', 0)} chunks) in {_dur(fs)}"
+               + (f", {human(res['throughput_bps'])}/s" if res.get("fetched_bytes") else ""))
+    est = res.get("estimate") or {}
+    if res.get("fetched_bytes"):
+        click.echo(f"  estimate        {_estimate_text(est)}; actual {_dur(fs)}")
+    if res.get("uncached_bytes"):
+        click.echo(f"  not kept        {human(res['uncached_bytes'])} (cache full)")
+    click.echo(f"  failed          {len(res['failed'])}"
+               + (" entries (listed above)" if res["failed"] else ""))
+    click.echo(f"  duration        {_dur(secs)}")
+    for w in res.get("warnings", []):
+        if "could not be kept" in w:  # the others were shown before the fetch
+            _say(f"warning: {w}")
+    _exit(code)
+
+
+# -- free ------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--file-list", "file_list", required=True, metavar="LIST",
+              help="File with one entry a line (see `cachefs preload --help`).")
+@click.option("--mount", help="The cachefs mountpoint (default: the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def free(file_list, mount, as_json) -> None:
+    """Remove the listed files' chunks (and their pins) from the cache; nothing else.
+
+    \b
+    cachefs free --file-list train.txt --mount /mnt/train
+    """
+    prep = Prepared(file_list, mount)
+    res = prep.request({"op": "free"})
+    code = prep.report_errors(res.get("failed", []))
+    res = res or {"files": 0, "total_bytes": 0, "freed_bytes": 0, "freed_chunks": 0,
+                  "pins_removed": 0}
+    res.pop("ok", None)
+    res["failed"] = sorted(prep.cli_failed() + res.get("failed", []), key=lambda x: x["line"])
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(f"freed {human(res['freed_bytes'])} ({res['freed_chunks']} chunks, "
+                   f"{res['pins_removed']} pinned) of {res['files']} files listed "
+                   f"({human(res['total_bytes'])}) in {prep.mp}")
+    _exit(code)
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--file-list", "file_list", required=True, metavar="LIST",
+              help="File with one entry a line (see `cachefs preload --help`).")
+@click.option("--mount", help="The cachefs mountpoint (default: the only one).")
+@click.option("--json", "as_json", is_flag=True, help="Per-file and total figures as JSON.")
+def status(file_list, mount, as_json) -> None:
+    """How much of the listed files is cached and pinned.
+
+    \b
+    cachefs status --file-list train.txt --mount /mnt/train
+    """
+    prep = Prepared(file_list, mount)
+    res = prep.request({"op": "status"})
+    code = prep.report_errors(res.get("failed", []))
+    res = res or {"files": [], "total_bytes": 0, "cached_bytes": 0, "pinned_bytes": 0}
+    res.pop("ok", None)
+    res["failed"] = sorted(prep.cli_failed() + res.get("failed", []), key=lambda x: x["line"])
+    mp = prep.mp.rstrip("/")
+    for f in res["files"]:
+        f["path"] = mp + f["path"]
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        _exit(code)
+        return
+    rows = res["files"]
+    click.echo(f"{'cached':>7} {'pinned':>7} {'size':>10}  path")
+    for f in rows[:MAX_ROWS]:
+        click.echo(f"{_pct(f['cached_bytes'], f['size']):6.1f}% "
+                   f"{_pct(f['pinned_bytes'], f['size']):6.1f}% {human(f['size']):>10}  "
+                   f"{f['path']}")
+    if len(rows) > MAX_ROWS:
+        click.echo(f"  ... {len(rows) - MAX_ROWS} more files (--json lists them all)")
+    tot = res["total_bytes"]
+    click.echo(f"total: {len(rows)} files, {human(tot)}; cached {human(res['cached_bytes'])} "
+               f"({_pct(res['cached_bytes'], tot):.1f}%), pinned {human(res['pinned_bytes'])} "
+               f"({_pct(res['pinned_bytes'], tot):.1f}%)")
+    _exit(code)
+
+
+COMMANDS = [preload, free, status]

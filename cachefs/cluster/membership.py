@@ -1,0 +1,444 @@
+"""Cluster membership: who is in the ring, from a static list or from etcd.
+
+Static (``--peers``): the ring is exactly the listed nodes and never changes.
+A node that is down stays in the ring; readers mark it unhealthy and fall back
+to the next node of the preference list until it is back.
+
+etcd (``--etcd``): every node registers ``<prefix><node_id>`` = JSON
+``{"address": "host:port"}`` under a lease that it keeps alive, and watches
+the prefix.  A join is applied at once; a key that disappears (lease expired
+or revoked at shutdown) keeps its node in the ring for ``grace_period`` more
+seconds, so a restart or a short partition does not reshuffle ownership.
+While etcd itself is unreachable the last known membership is kept.
+
+etcd is spoken through its v3 JSON gateway (``/v3/...``, keys and values in
+base64) with httpx, which runs natively under trio.  Only ``lease/grant``,
+``lease/keepalive``, ``lease/revoke``, ``kv/put``, ``kv/range`` and the
+streaming ``watch`` are used (etcd >= 3.4).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import trio
+
+from ..errors import ConfigError, QuietError
+from .peer import parse_address
+
+log = logging.getLogger("cachefs.cluster")
+
+__all__ = ["parse_peer", "resolve_self", "advertise_address", "static_members",
+           "EtcdMembership", "EtcdError"]
+
+_WILDCARD = {"", "0.0.0.0", "::", "[::]"}
+
+
+def parse_peer(entry: str) -> tuple[str, str]:
+    """``"host:port"`` → (``"host:port"``, ``"host:port"``); ``"id=host:port"`` → (id, addr)."""
+    entry = entry.strip()
+    node, sep, addr = entry.partition("=")
+    if not sep:
+        node, addr = entry, entry
+    node, addr = node.strip(), addr.strip()
+    if not node:
+        raise ConfigError(f"--peers: empty node id in {entry!r}")
+    try:
+        parse_address(addr)
+    except ValueError as e:
+        raise ConfigError(f"--peers: {e}") from None
+    return node, addr
+
+
+def advertise_address(peer_listen: str, override: str | None = None) -> str:
+    """The address other nodes use to reach us.
+
+    ``override`` (``CACHEFS_PEER_ADVERTISE``) wins; a wildcard listen host
+    (0.0.0.0, ::) is replaced by this machine's host name.
+    """
+    if override:
+        parse_address(override)
+        return override
+    host, _, port = peer_listen.rpartition(":")
+    if host in _WILDCARD:
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
+def resolve_self(
+    node_id: str | None, peer_listen: str, advertise: str, peers: Iterable[str]
+) -> tuple[str, dict[str, str]]:
+    """This node's ring id and the static member map (empty if no --peers).
+
+    Every node must derive the same ids from the same list, so when --peers
+    is given this node's id is *the id of its entry in that list*.  Its entry
+    is the one whose id equals --node-id, or whose address equals our
+    advertised or listen address, or whose host is --node-id / our host name
+    with our listen port (``--node-id gpu-07 --peers ...,gpu-07:7070``).
+    """
+    members: dict[str, str] = {}
+    for e in peers:
+        n, a = parse_peer(e)
+        if n in members and members[n] != a:
+            raise ConfigError(f"--peers: node id {n!r} is listed twice with different addresses")
+        members[n] = a
+    if not members:
+        return node_id or advertise, {}
+    if node_id and node_id in members:
+        return node_id, members
+    listen_port = int(peer_listen.rpartition(":")[2])
+    names = {h for h in (node_id, socket.gethostname(), socket.getfqdn()) if h}
+    matches = []
+    for n, a in members.items():
+        host, port = parse_address(a)
+        if a in (advertise, peer_listen) or (host in names and port == listen_port):
+            matches.append(n)
+    if len(matches) == 1:
+        return matches[0], members
+    if len(matches) > 1:
+        raise ConfigError(f"this node matches several --peers entries ({', '.join(matches)}): "
+                         "give --node-id equal to one entry's id (id=host:port)")
+    raise ConfigError(f"this node ({node_id or advertise}) is not in --peers "
+                     f"({', '.join(sorted(members))}): list every node, this one included, "
+                     "and give it the same id (--node-id or its host:port)")
+
+
+def static_members(self_id: str, self_addr: str, members: dict[str, str]) -> dict[str, str]:
+    out = dict(members)
+    out.setdefault(self_id, self_addr)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# etcd
+# ---------------------------------------------------------------------------
+
+
+class EtcdError(Exception):
+    pass
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode("utf-8")).decode("ascii")
+
+
+def _unb64(s: str) -> str:
+    return base64.b64decode(s).decode("utf-8", "replace")
+
+
+def prefix_end(prefix: str) -> str:
+    """etcd's range_end for "every key starting with prefix"."""
+    b = bytearray(prefix.encode("utf-8"))
+    while b:
+        if b[-1] < 0xFF:
+            b[-1] += 1
+            return bytes(b).decode("utf-8", "surrogateescape")
+        b.pop()
+    return "\0"
+
+
+OnChange = Callable[[dict[str, str]], Awaitable[None]]
+
+
+class EtcdMembership:
+    """Register this node in etcd under a lease and follow the member prefix.
+
+    ``members`` (id → address) is what the ring is built from: the live keys,
+    plus departed nodes still within ``grace_period``, plus this node.
+    ``on_change(members)`` is awaited after every change of that map.
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[str],
+        prefix: str,
+        node_id: str,
+        address: str,
+        *,
+        lease_ttl: int = 10,
+        grace_period: float = 30.0,
+        on_change: OnChange | None = None,
+        request_timeout: float = 5.0,
+    ) -> None:
+        self.endpoints = [e.rstrip("/") if "://" in e else "http://" + e.rstrip("/")
+                          for e in endpoints]
+        if not self.endpoints:
+            raise ValueError("EtcdMembership needs at least one endpoint")
+        if not prefix.endswith("/"):
+            prefix += "/"
+        if "/" in node_id:
+            raise QuietError(f"node id {node_id!r} must not contain '/' (it is an etcd key)")
+        self.prefix = prefix
+        self.node_id = node_id
+        self.address = address
+        self.lease_ttl = max(2, int(lease_ttl))
+        self.grace_period = grace_period
+        self.on_change = on_change
+        self.request_timeout = request_timeout
+        self.alive: dict[str, str] = {}
+        self.departing: dict[str, tuple[str, float]] = {}  # id -> (address, deadline)
+        self.members: dict[str, str] = {node_id: address}
+        self.lease_id: str | None = None
+        self.revision = 0
+        self._ep = 0
+        self._client: Any = None
+        self._wake_sweeper = trio.Event()
+        self.counters = {"registrations": 0, "keepalive_failures": 0, "watch_restarts": 0,
+                         "joins": 0, "leaves": 0, "etcd_errors": 0}
+        self.last_error: str | None = None
+
+    # -- HTTP ------------------------------------------------------------------
+    async def _call(self, path: str, body: dict) -> dict:
+        """POST to the first endpoint that answers; rotates on failure."""
+        import httpx
+
+        last: Exception | None = None
+        for _ in range(len(self.endpoints)):
+            url = self.endpoints[self._ep] + path
+            try:
+                r = await self._client.post(url, json=body, timeout=self.request_timeout)
+                if r.status_code != 200:
+                    raise EtcdError(f"{url}: HTTP {r.status_code}: {r.text[:200]}")
+                out = r.json()
+                if not isinstance(out, dict):
+                    raise EtcdError(f"{url}: unexpected reply {out!r:.200}")
+                if "error" in out and "header" not in out and "result" not in out:
+                    raise EtcdError(f"{url}: {out.get('error') or out.get('message')}")
+                return out
+            except (httpx.HTTPError, EtcdError, ValueError) as e:
+                last = e
+                self.counters["etcd_errors"] += 1
+                self._ep = (self._ep + 1) % len(self.endpoints)
+        self.last_error = str(last)
+        raise EtcdError(f"etcd unreachable ({', '.join(self.endpoints)}): {last}")
+
+    # -- registration ------------------------------------------------------------
+    def _key(self, node: str) -> str:
+        return self.prefix + node
+
+    async def _register(self) -> None:
+        g = await self._call("/v3/lease/grant", {"TTL": self.lease_ttl})
+        lease = g.get("ID")
+        if not lease:
+            raise EtcdError(f"lease grant failed: {g}")
+        # Refuse to take over an id that another live node (other address) holds.
+        r = await self._call("/v3/kv/range", {"key": _b64(self._key(self.node_id))})
+        for kv in r.get("kvs", []):
+            other = _parse_value(kv.get("value", ""))
+            if other and other != self.address:
+                await self._revoke(lease)
+                raise QuietError(f"node id {self.node_id!r} is already registered in etcd by a "
+                                 f"live node at {other}; give each node its own --node-id")
+        value = json.dumps({"address": self.address})
+        await self._call("/v3/kv/put", {"key": _b64(self._key(self.node_id)),
+                                        "value": _b64(value), "lease": lease})
+        self.lease_id = lease
+        self.counters["registrations"] += 1
+        log.info("etcd: registered %s at %s (lease %s, ttl %ds)", self.node_id, self.address,
+                 lease, self.lease_ttl)
+
+    async def _revoke(self, lease: str | None) -> None:
+        if lease:
+            try:
+                await self._call("/v3/lease/revoke", {"ID": lease})
+            except EtcdError as e:
+                log.info("etcd: could not revoke lease: %s", e)
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await trio.sleep(self.lease_ttl / 3)
+            try:
+                r = await self._call("/v3/lease/keepalive", {"ID": self.lease_id})
+                ttl = int((r.get("result") or {}).get("TTL") or 0)
+                if ttl <= 0:
+                    log.warning("etcd: lease %s expired; registering again", self.lease_id)
+                    await self._register()
+            except EtcdError as e:
+                self.counters["keepalive_failures"] += 1
+                log.warning("etcd keepalive failed (membership kept as is): %s", e)
+
+    # -- members -------------------------------------------------------------------
+    async def _snapshot(self) -> None:
+        end = prefix_end(self.prefix)
+        r = await self._call("/v3/kv/range", {"key": _b64(self.prefix), "range_end": _b64(end)})
+        alive = {}
+        for kv in r.get("kvs", []):
+            node = _unb64(kv["key"])[len(self.prefix):]
+            addr = _parse_value(kv.get("value", ""))
+            if node and addr:
+                alive[node] = addr
+        self.revision = int(r.get("header", {}).get("revision", 0))
+        now = trio.current_time()
+        for node, addr in list(self.alive.items()):
+            if node not in alive:
+                self._depart(node, addr, now)
+        for node, addr in alive.items():
+            self._join(node, addr)
+        await self._publish()
+
+    def _join(self, node: str, addr: str) -> None:
+        if self.alive.get(node) != addr:
+            if node not in self.alive and node not in self.departing and node != self.node_id:
+                self.counters["joins"] += 1
+                log.info("cluster: node %s joined at %s", node, addr)
+            self.alive[node] = addr
+        self.departing.pop(node, None)
+
+    def _depart(self, node: str, addr: str, now: float) -> None:
+        self.alive.pop(node, None)
+        if node == self.node_id:
+            return  # our own key: the keepalive loop registers again
+        self.departing[node] = (addr, now + self.grace_period)
+        log.info("cluster: node %s left etcd; it stays in the ring for %.0fs (grace period)",
+                 node, self.grace_period)
+        self._wake_sweeper.set()
+
+    async def _publish(self) -> None:
+        members = dict(self.alive)
+        for node, (addr, _) in self.departing.items():
+            members.setdefault(node, addr)
+        members[self.node_id] = self.address
+        if members != self.members:
+            self.members = members
+            if self.on_change is not None:
+                await self.on_change(dict(members))
+
+    async def _sweeper(self) -> None:
+        while True:
+            now = trio.current_time()
+            expired = [n for n, (_, t) in self.departing.items() if t <= now]
+            for n in expired:
+                del self.departing[n]
+                self.counters["leaves"] += 1
+                log.info("cluster: node %s removed from the ring after the grace period", n)
+            if expired:
+                await self._publish()
+            nxt = min((t for _, t in self.departing.values()), default=None)
+            self._wake_sweeper = trio.Event()
+            with trio.move_on_at(nxt if nxt is not None else float("inf")):
+                await self._wake_sweeper.wait()
+
+    async def _watch_loop(self) -> None:
+        import httpx
+
+        backoff = 0.2
+        while True:
+            url = self.endpoints[self._ep] + "/v3/watch"
+            body = {"create_request": {"key": _b64(self.prefix),
+                                       "range_end": _b64(prefix_end(self.prefix)),
+                                       "start_revision": str(self.revision + 1)}}
+            try:
+                async with self._client.stream("POST", url, json=body, timeout=httpx.Timeout(
+                        self.request_timeout, read=None)) as r:
+                    if r.status_code != 200:
+                        raise EtcdError(f"watch: HTTP {r.status_code}")
+                    async for line in r.aiter_lines():
+                        if not line.strip():
+                            continue
+                        if not await self._on_watch_message(json.loads(line)):
+                            break
+                        backoff = 0.2
+                raise EtcdError("watch stream ended")
+            except (httpx.HTTPError, EtcdError, ValueError) as e:
+                self.counters["watch_restarts"] += 1
+                self.last_error = f"watch: {e}"
+                log.info("etcd watch interrupted (%s); resyncing", e)
+                self._ep = (self._ep + 1) % len(self.endpoints)
+            await trio.sleep(backoff * (1 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+            try:
+                await self._snapshot()
+            except EtcdError as e:
+                log.warning("etcd unreachable, keeping the last known members: %s", e)
+
+    async def _on_watch_message(self, msg: dict) -> bool:
+        """Apply one watch message; False means the watch must be re-created."""
+        res = msg.get("result")
+        if not isinstance(res, dict):
+            raise EtcdError(f"watch error: {msg.get('error', msg)!r:.200}")
+        if res.get("canceled") or res.get("compact_revision"):
+            raise EtcdError(f"watch canceled: {res.get('cancel_reason') or 'compacted'}")
+        rev = int(res.get("header", {}).get("revision", 0) or 0)
+        now = trio.current_time()
+        own_deleted = False
+        for ev in res.get("events", []) or []:
+            kv = ev.get("kv", {})
+            node = _unb64(kv.get("key", ""))[len(self.prefix):]
+            if not node:
+                continue
+            if ev.get("type") == "DELETE":
+                addr = self.alive.get(node)
+                if node == self.node_id:
+                    own_deleted = True
+                elif addr is not None:
+                    self._depart(node, addr, now)
+            else:
+                addr = _parse_value(kv.get("value", ""))
+                if addr:
+                    self._join(node, addr)
+            rev = max(rev, int(kv.get("mod_revision", 0) or 0))
+        self.revision = max(self.revision, rev)
+        await self._publish()
+        if own_deleted:
+            log.warning("etcd: our key was deleted; registering again")
+            try:
+                await self._register()
+            except EtcdError as e:
+                log.warning("etcd: re-registration failed (will retry): %s", e)
+        return True
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            self._client = client
+            try:
+                try:
+                    await self._register()
+                    await self._snapshot()
+                except EtcdError as e:
+                    raise QuietError(f"cluster membership: {e}") from None
+                task_status.started()
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._keepalive_loop)
+                    n.start_soon(self._watch_loop)
+                    n.start_soon(self._sweeper)
+            finally:
+                # Leave at once instead of after the lease TTL; others then
+                # keep us in their ring for the grace period.
+                with trio.move_on_after(2) as cs:
+                    cs.shield = True
+                    await self._revoke(self.lease_id)
+
+    def statistics(self) -> dict[str, Any]:
+        now = trio.current_time()
+        return {
+            "endpoints": self.endpoints,
+            "prefix": self.prefix,
+            "lease": self.lease_id,
+            "lease_ttl": self.lease_ttl,
+            "grace_period": self.grace_period,
+            "revision": self.revision,
+            "departing": {n: round(max(0.0, t - now), 1) for n, (_, t) in self.departing.items()},
+            "last_error": self.last_error,
+            **self.counters,
+        }
+
+
+def _parse_value(v: str) -> str | None:
+    try:
+        d = json.loads(_unb64(v))
+        addr = d.get("address") if isinstance(d, dict) else None
+        if isinstance(addr, str):
+            parse_address(addr)
+            return addr
+    except (ValueError, TypeError):
+        pass
+    return None

@@ -1,0 +1,381 @@
+"""ClusterNode: this daemon's place in the cluster.
+
+* serves its chunks to peers (``serve_peers``): a request names a chunk by
+  bucket/key/ETag/index; the owner answers from its SSD or reads it through
+  from S3 (``reader.get(ref, local_only=True)``: never asks another peer, so
+  requests cannot bounce) and sends its trace spans back;
+* is the reader's peer tier (``fetch``): the chunk's owner on the ring, then
+  the next healthy node of the preference list; ``None`` sends the reader to
+  S3 (when we own the chunk, or when no peer could serve it);
+* keeps the ring up to date from the static ``--peers`` list or from etcd
+  (membership.py);
+* offers hooks for cluster-wide commands: ``owner_of``, ``nodes``,
+  ``register_op`` and ``forward``.
+
+See docs/cluster.md for the decisions and their measurements.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import trace
+from ..chunks.ids import ChunkRef, ObjectVersion
+from ..errors import ConfigError
+from .membership import EtcdMembership, advertise_address, resolve_self, static_members
+from .peer import PeerClient, PeerError, PeerHealth, serve_peers
+from .ring import HashRing
+
+if TYPE_CHECKING:
+    from ..vfs import MountCtx
+
+log = logging.getLogger("cachefs.cluster")
+
+__all__ = ["ClusterNode", "TEST_CORRUPT_ENV"]
+
+#: Test-only: a peer server started with this set to "1" flips one byte of
+#: every chunk it sends, after computing the checksum (tests/test_cluster.py).
+TEST_CORRUPT_ENV = "CACHEFS_TEST_CORRUPT_PEER"
+#: Overrides the address this node announces (e.g. a pod IP from the downward API).
+ADVERTISE_ENV = "CACHEFS_PEER_ADVERTISE"
+
+#: Nodes of the preference list tried per chunk (the owner, then its successor).
+#: The successor is the node that owns the chunk if the owner leaves the ring.
+PEER_CANDIDATES = 2
+#: A peer that failed is skipped for this long (then tried again).
+UNHEALTHY_FOR = 10.0
+#: Concurrent requests this node sends to one peer (pooled connections).
+MAX_CONNS_PER_PEER = 4
+#: Peer requests served at once by this node (all peers together).
+MAX_SERVING = 16
+
+_MAX_KEY = 1024  # S3's limit, in UTF-8 bytes
+_MAX_ETAG = 256
+_MAX_CHUNK = 256 * 1024 * 1024
+_MAX_OBJECT = 5 * 1024**4  # S3's largest object
+
+Op = Callable[[dict], Awaitable[dict]]
+
+
+class ClusterNode:
+    def __init__(self, daemon: Any, mounts: list[MountCtx]) -> None:
+        self.daemon = daemon
+        self.mounts = mounts
+        cfg = daemon.cfg.cluster
+        self.opts = cfg
+        if not cfg.peer_secret:
+            raise ConfigError("a cluster needs a shared secret (CACHEFS_PEER_SECRET)")
+        self.secret = cfg.peer_secret.encode("utf-8")
+        self.listen = cfg.peer_listen
+        self.address = advertise_address(cfg.peer_listen, os.environ.get(ADVERTISE_ENV)
+                                         or getattr(cfg, "advertise", None))
+        self.node_id, listed = resolve_self(cfg.node_id, cfg.peer_listen, self.address,
+                                            cfg.peers)
+        if listed:
+            self.address = listed[self.node_id]
+        self.mode = "etcd" if cfg.etcd else "static"
+        self.members: dict[str, str] = static_members(self.node_id, self.address, listed)
+        self.ring = HashRing(self.members)
+        self.ring_changes = 0
+        self.health = PeerHealth(bad_for=UNHEALTHY_FOR)
+        chunk_size = int(getattr(daemon.cfg, "chunk_size", _MAX_CHUNK))
+        s3_timeout = float(getattr(getattr(daemon.cfg, "s3", None), "request_timeout", 30.0))
+        # connect: a dead host costs at most peer_timeout; the whole request may
+        # include the owner's own S3 read, so it gets that much more.
+        self.client = PeerClient(self.secret, connect_timeout=cfg.peer_timeout,
+                                 request_timeout=cfg.peer_timeout + s3_timeout,
+                                 max_conns_per_peer=MAX_CONNS_PER_PEER,
+                                 max_body=max(chunk_size, 1))
+        self.membership: EtcdMembership | None = None
+        if cfg.etcd:
+            self.membership = EtcdMembership(
+                cfg.etcd, cfg.etcd_prefix, self.node_id, self.address,
+                lease_ttl=cfg.lease_ttl, grace_period=cfg.grace_period,
+                on_change=self._on_members)
+        self.corrupt_for_test = os.environ.get(TEST_CORRUPT_ENV) == "1"
+        self.port: int | None = None
+        self._ops: dict[str, Op] = {"status": self._op_status}
+        # counters
+        self.served = 0
+        self.bytes_served = 0
+        self.serve_errors: Counter = Counter()
+        self.fetched = 0
+        self.bytes_fetched = 0
+        self.handoff_hits = 0  # copies we handed to a new owner
+        self.handoff_misses = 0
+        self.handoff_hits_asked = 0  # chunks we own that a successor had
+        self.handoff_misses_asked = 0
+        self.s3_fallbacks = 0  # chunks a peer should have served but we read from S3
+        self.skipped_unhealthy = 0
+        self.peer_errors: dict[str, Counter] = {}
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        host, _, port = self.listen.rpartition(":")
+        if self.corrupt_for_test:
+            log.warning("%s=1: this node CORRUPTS every chunk it serves to peers (tests only)",
+                        TEST_CORRUPT_ENV)
+        async with self.client, trio.open_nursery() as nursery:
+            try:
+                self.port = await nursery.start(partial(
+                    serve_peers, host.strip("[]") or None, int(port), self.secret,
+                    self._serve_chunk, max_concurrent=MAX_SERVING,
+                    call_handler=self._serve_call, corrupt_for_test=self.corrupt_for_test))
+            except OSError as e:
+                raise ConfigError(f"cannot listen for peers on {self.listen}: "
+                                  f"{e.strerror or e}") from None
+            if self.membership is not None:
+                await nursery.start(self.membership.run)
+            log.info("cluster: node %s (%s) listening on %s, %s membership, %d node(s): %s",
+                     self.node_id, self.address, self.listen, self.mode, len(self.ring),
+                     ", ".join(sorted(self.members)))
+            task_status.started()
+
+    async def _on_members(self, members: dict[str, str]) -> None:
+        if set(members) != set(self.ring.nodes):
+            ring = await trio.to_thread.run_sync(HashRing, list(members))
+            self.ring_changes += 1
+            log.info("cluster: ring now has %d node(s): %s", len(ring),
+                     ", ".join(sorted(members)))
+        else:
+            ring = self.ring
+        self.members, self.ring = members, ring
+
+    # -- serving peers ---------------------------------------------------------
+    def _resolve(self, c: dict) -> ChunkRef:
+        """The wire chunk dict → a ChunkRef on one of our mounts (PeerError if not)."""
+        try:
+            mount, bucket, key, etag = c["mount"], c["bucket"], c["key"], c["etag"]
+            size, chunk_size, index = c["size"], c["chunk_size"], c["index"]
+        except KeyError as e:
+            raise PeerError(f"chunk request lacks {e.args[0]!r}", "protocol") from None
+        if not all(isinstance(v, str) for v in (mount, bucket, key, etag)):
+            raise PeerError("chunk request: mount, bucket, key, etag must be strings", "protocol")
+        if not all(isinstance(v, int) and not isinstance(v, bool)
+                   for v in (size, chunk_size, index)):
+            raise PeerError("chunk request: size, chunk_size, index must be ints", "protocol")
+        if len(key.encode("utf-8", "surrogateescape")) > _MAX_KEY or len(etag) > _MAX_ETAG:
+            raise PeerError("chunk request: key or etag too long", "protocol")
+        if not (0 < chunk_size <= _MAX_CHUNK and 0 <= size <= _MAX_OBJECT):
+            raise PeerError("chunk request: size or chunk_size out of range", "protocol")
+        if not 0 <= index < max(1, -(-size // chunk_size)) or (size == 0 and index):
+            raise PeerError("chunk request: index out of range", "protocol")
+        ctx = None
+        for m in self.mounts:  # the same mount name first, then any mount of that bucket
+            if m.spec.name == mount and m.spec.bucket == bucket and key.startswith(m.spec.prefix):
+                ctx = m
+                break
+        if ctx is None:
+            for m in self.mounts:
+                if m.spec.bucket == bucket and key.startswith(m.spec.prefix):
+                    ctx = m
+                    break
+        if ctx is None:
+            raise PeerError(f"node {self.node_id} does not mount s3://{bucket}/ for this key",
+                            "remote")
+        obj = ObjectVersion(ctx.spec.name, bucket, key, etag, size, chunk_size, ctx.store)
+        return obj.chunk(index)
+
+    async def _serve_chunk(self, chunk: dict, ctx: dict) -> tuple[bytes, list[dict]]:
+        try:
+            ref = self._resolve(chunk)
+        except PeerError as e:
+            self.serve_errors["bad_request"] += 1
+            raise PeerError(str(e), e.reason) from None
+        reader = self.daemon.reader
+        if reader is None:
+            self.serve_errors["starting"] += 1
+            raise PeerError(f"node {self.node_id} is still starting")
+        cached_only = bool(chunk.get("cached_only"))
+        tracer = self.daemon.tracer
+        attrs = {"node": self.node_id, "chunk": ref.index, "key": ref.obj.key,
+                 "peer": str(ctx.get("node", "?"))}
+        try:
+            with tracer.start("peer.serve", **attrs) as root:
+                if cached_only:
+                    # A hand-off probe from the chunk's new owner: answer from
+                    # the SSD only, never from S3, never through a flight.
+                    # A miss is an empty "ok" reply, not an error frame: the
+                    # client closes a connection after any error.
+                    data = await self.daemon.store.get(ref.cid, ref.length)
+                    if data is None:
+                        root.set(result="not_cached")
+                        self.handoff_misses += 1
+                        return b"", []
+                else:
+                    data = await reader.get(ref, local_only=True)
+        except Exception as e:  # noqa: BLE001 - the owner's S3 read failed
+            self.serve_errors["remote"] += 1
+            raise PeerError(f"node {self.node_id}: {type(e).__name__}: {e}") from None
+        self.served += 1
+        self.bytes_served += len(data)
+        if cached_only:
+            self.handoff_hits += 1
+        return data, [root.to_dict()]
+
+    async def _serve_call(self, name: str, payload: dict) -> dict:
+        op = self._ops.get(name)
+        if op is None:
+            raise PeerError(f"unknown cluster op {name!r}")
+        return await op(payload)
+
+    async def _op_status(self, payload: dict) -> dict:
+        return self.statistics()
+
+    # -- the reader's peer tier --------------------------------------------------
+    def _count_error(self, node: str, reason: str) -> None:
+        self.peer_errors.setdefault(node, Counter())[reason] += 1
+
+    async def fetch(self, ref: ChunkRef) -> bytes | None:
+        """The chunk from its owner (or the owner's successor), or None → S3."""
+        ring, members = self.ring, self.members
+        if len(ring) < 2:
+            return None
+        prefs = ring.preference(ref.cid, PEER_CANDIDATES)
+        if prefs[0] == self.node_id:
+            return await self._handoff(ref, prefs, members)
+        desc = ref.describe()
+        ctx = {"node": self.node_id}
+        for node in prefs:
+            if node == self.node_id:
+                # We are next in line: the chunk belongs here if the owner
+                # leaves, so read it from S3 and keep it.
+                break
+            if not self.health.is_healthy(node):
+                self.skipped_unhealthy += 1
+                continue
+            addr = members.get(node)
+            if addr is None:
+                continue
+            with trace.span("peer", node=node, tier="peer", bytes=ref.length) as sp:
+                try:
+                    data, spans = await self.client.get(addr, desc, ctx)
+                except PeerError as e:
+                    sp.set(error=e.reason)
+                    self._count_error(node, e.reason)
+                    if e.reason == "remote":
+                        # The owner is fine but its S3 read failed: try S3 ourselves.
+                        break
+                    log.info("peer %s (%s) failed: %s; trying the next node", node, addr, e)
+                    self.health.mark_bad(node, e.reason)
+                    continue
+                except ValueError as e:  # a malformed address announced by a member
+                    sp.set(error="address")
+                    self._count_error(node, "address")
+                    self.health.mark_bad(node, "address")
+                    log.warning("peer %s: %s", node, e)
+                    continue
+                trace.attach(spans)
+                if len(data) != ref.length:
+                    sp.set(error="length")
+                    self._count_error(node, "length")
+                    self.health.mark_bad(node, "length")
+                    continue
+            self.fetched += 1
+            self.bytes_fetched += len(data)
+            return data
+        self.s3_fallbacks += 1
+        return None
+
+    async def _handoff(self, ref: ChunkRef, prefs: list[str],
+                       members: dict[str, str]) -> bytes | None:
+        """We own the chunk but do not have it: ask the successor (its owner
+        before we joined, or the node that stood in while we were away) for
+        a cached copy, then keep it.  One round trip; S3 if it is not there."""
+        if len(prefs) < 2 or not self.health.is_healthy(prefs[1]):
+            return None
+        node = prefs[1]
+        addr = members.get(node)
+        if addr is None:
+            return None
+        desc = {**ref.describe(), "cached_only": True}
+        with trace.span("peer.handoff", node=node, tier="peer", bytes=ref.length) as sp:
+            try:
+                data, spans = await self.client.get(addr, desc, {"node": self.node_id})
+            except PeerError as e:
+                sp.set(error=e.reason)
+                self._count_error(node, e.reason)
+                if e.reason != "remote":
+                    self.health.mark_bad(node, e.reason)
+                return None
+            except ValueError:
+                return None
+            if not data and ref.length:
+                sp.set(result="miss")
+                self.handoff_misses_asked += 1
+                return None
+            trace.attach(spans)
+            if len(data) != ref.length:
+                self._count_error(node, "length")
+                self.health.mark_bad(node, "length")
+                return None
+        self.handoff_hits_asked += 1
+        await self.daemon.store.put(ref.cid, data)
+        return data
+
+    # -- hooks for cluster-wide commands (preload/free/status) ---------------------
+    async def owner_of(self, ref: ChunkRef) -> str:
+        """The id of the node that owns ``ref`` on the current ring."""
+        return self.ring.owner(ref.cid)
+
+    def nodes(self) -> dict[str, str]:
+        """Current members: node id → peer address (this node included)."""
+        return dict(self.members)
+
+    def register_op(self, name: str, fn: Op) -> None:
+        """Serve ``forward(node, name, payload)`` calls from peers with ``fn(payload)``."""
+        self._ops[name] = fn
+
+    async def forward(self, node: str, op: str, payload: dict) -> dict:
+        """Run ``op`` on ``node`` (locally if it is us); its result dict.
+
+        Raises PeerError if the node is unknown or unreachable, or if the op
+        failed there (reason ``remote``).  The request, payload included,
+        must stay under 64 KiB: split long file lists.
+        """
+        if node == self.node_id:
+            return await self._serve_call(op, payload)
+        addr = self.members.get(node)
+        if addr is None:
+            raise PeerError(f"unknown node {node!r}", "connect")
+        return await self.client.call(addr, op, payload)
+
+    # -- statistics ---------------------------------------------------------------
+    def statistics(self) -> dict[str, Any]:
+        departing = self.membership.departing if self.membership else {}
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "listen": self.listen,
+            "mode": self.mode,
+            "ring_size": len(self.ring),
+            "ring_changes": self.ring_changes,
+            "members": {
+                n: {"address": a, "healthy": n == self.node_id or self.health.is_healthy(n),
+                    "state": "departing" if n in departing else "alive"}
+                for n, a in sorted(self.members.items())
+            },
+            "peer_errors": {n: dict(c) for n, c in sorted(self.peer_errors.items())},
+            "requests_served": self.served,
+            "bytes_served": self.bytes_served,
+            "serve_errors": dict(self.serve_errors),
+            "fetched_from_peers": self.fetched,
+            "bytes_from_peers": self.bytes_fetched,
+            # as a new owner: copies a successor had / did not have; as a
+            # successor: probes answered with a copy / with "not cached"
+            "handoff": {"received": self.handoff_hits_asked,
+                        "not_found": self.handoff_misses_asked,
+                        "served": self.handoff_hits, "served_empty": self.handoff_misses},
+            "s3_fallbacks": self.s3_fallbacks,
+            "skipped_unhealthy": self.skipped_unhealthy,
+            "health": self.health.statistics(),
+            "etcd": self.membership.statistics() if self.membership else None,
+            "client": self.client.statistics(),
+        }

@@ -1,0 +1,284 @@
+"""Cluster tests: several real daemons on 127.0.0.1 sharing chunks peer-to-peer.
+
+Real FUSE mounts, a real S3 endpoint (moto behind the counting proxy) and,
+for membership, a real etcd process (tests/etcd_env.py).  Assertions are
+counts and bytes, never timings.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import random
+import time
+from functools import partial
+
+import pytest
+import trio
+from cachefs_env import cli
+from etcd_env import etcd_available, free_port, start_etcd
+
+from cachefs.cluster.membership import parse_peer, prefix_end, resolve_self
+from cachefs.cluster.peer import PeerClient, PeerError, serve_peers
+from cachefs.errors import ConfigError
+
+SECRET = "cluster-test-secret"
+CHUNK = 64 * 1024
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def put_files(s3, bucket: str, sizes: dict[str, int], seed: int = 7) -> dict[str, bytes]:
+    rnd = random.Random(seed)
+    out = {}
+    for key, size in sizes.items():
+        data = rnd.randbytes(size)
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+        out[key] = data
+    return out
+
+
+def nchunks(files: dict[str, bytes]) -> int:
+    return sum(-(-len(d) // CHUNK) for d in files.values())
+
+
+def start_cluster(mounts, bucket, n=3, *, env_for=None, extra_for=None, names=None,
+                  config=None):
+    """n daemons with a static ring n0..n{n-1}; returns them started."""
+    names = names or [f"n{i}" for i in range(n)]
+    ports = [free_port() for _ in names]
+    peers = ",".join(f"{nm}=127.0.0.1:{p}" for nm, p in zip(names, ports, strict=True))
+    ms = []
+    for i, (nm, p) in enumerate(zip(names, ports, strict=True)):
+        env = {"CACHEFS_PEER_SECRET": SECRET, **((env_for or {}).get(nm, {}))}
+        extra = ("--node-id", nm, "--peer-listen", f"127.0.0.1:{p}", "--peers", peers,
+                 *((extra_for or {}).get(nm, ())))
+        ms.append(mounts(f"s3://{bucket}", name=f"{nm}-{i}", start=False, extra=extra,
+                         env=env, config=config))
+    start_all(ms)
+    return ms
+
+
+def start_all(ms):
+    with cf.ThreadPoolExecutor(len(ms)) as ex:
+        list(ex.map(lambda m: m.start(), ms))
+
+
+def read_all(m, files: dict[str, bytes], block: int = 256 * 1024) -> dict[str, bytes]:
+    out = {}
+    for key in files:
+        with open(m.path(key), "rb", buffering=0) as f:
+            parts = []
+            while True:
+                b = f.read(block)
+                if not b:
+                    break
+                parts.append(b)
+        out[key] = b"".join(parts)
+    return out
+
+
+def cluster_stats(m) -> dict:
+    return m.stats()["cluster"]
+
+
+def gets(proxy) -> int:
+    return proxy.stats()["ops"].get("GetObject", 0)
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- unit: identities -------------------------------------------------------------------
+
+
+def test_peer_entries_and_self_identity():
+    assert parse_peer("10.0.0.1:7070") == ("10.0.0.1:7070", "10.0.0.1:7070")
+    assert parse_peer(" gpu-07 = gpu-07.lan:7070 ") == ("gpu-07", "gpu-07.lan:7070")
+    peers = ["gpu-01:7070", "gpu-02:7070", "gpu-07:7070"]
+    # the example of the docs: --node-id gpu-07 matches the entry gpu-07:7070
+    nid, members = resolve_self("gpu-07", "0.0.0.0:7070", "gpu-07:7070", peers)
+    assert nid == "gpu-07:7070" and set(members) == set(peers)
+    # no --node-id: our advertised address names our entry
+    assert resolve_self(None, "0.0.0.0:7070", "gpu-02:7070", peers)[0] == "gpu-02:7070"
+    # explicit ids
+    named = ["a=h1:1", "b=h2:1"]
+    assert resolve_self("b", "0.0.0.0:1", "x:1", named)[0] == "b"
+    with pytest.raises(ConfigError, match="not in --peers"):
+        resolve_self("zz", "0.0.0.0:9", "elsewhere:9", peers)
+    with pytest.raises(ConfigError, match="twice"):
+        resolve_self("a", "h1:1", "h1:1", ["a=h1:1", "a=h3:1"])
+    assert prefix_end("/cachefs/members/") == "/cachefs/members0"
+
+
+@pytest.mark.trio
+async def test_control_call_between_nodes():
+    """The `call` op that ClusterNode.forward uses (cluster-wide preload/free/status)."""
+    async def chunk_handler(chunk, trace):
+        return b"x", []
+
+    async def call_handler(name, payload):
+        if name == "boom":
+            raise PeerError("nope")
+        return {"name": name, "echo": payload}
+
+    async with trio.open_nursery() as n:
+        port = await n.start(partial(serve_peers, "127.0.0.1", 0, SECRET.encode(), chunk_handler,
+                                     call_handler=call_handler))
+        async with PeerClient(SECRET.encode()) as c:
+            addr = f"127.0.0.1:{port}"
+            assert await c.call(addr, "preload", {"files": ["a"]}) == {
+                "name": "preload", "echo": {"files": ["a"]}}
+            with pytest.raises(PeerError) as e:
+                await c.call(addr, "boom", {})
+            assert e.value.reason == "remote"
+            assert (await c.get(addr, {}, {}))[0] == b"x"  # same server still serves chunks
+        n.cancel_scope.cancel()
+
+
+# -- FUSE clusters ------------------------------------------------------------------------
+
+
+def test_every_node_reads_everything_one_get_per_chunk(mounts, bucket, s3, proxy):
+    files = put_files(s3, bucket, {"a.bin": 1_000_000, "b.bin": 700_001, "dir/c.bin": 300_000,
+                                   "small": 1234})
+    ms = start_cluster(mounts, bucket, 3)
+    proxy.reset()
+    with cf.ThreadPoolExecutor(3) as ex:
+        results = list(ex.map(lambda m: read_all(m, files), ms))
+    for r in results:
+        assert r == files
+    assert gets(proxy) == nchunks(files)  # not 3x: each chunk read from S3 once, by its owner
+    st = [cluster_stats(m) for m in ms]
+    for s in st:
+        assert s["ring_size"] == 3 and set(s["members"]) == {"n0", "n1", "n2"}
+        assert s["requests_served"] > 0 and s["fetched_from_peers"] > 0
+        assert not s["peer_errors"], s["peer_errors"]
+    # every chunk is cached exactly once, on its owner
+    assert sum(m.stats()["cache"]["chunks"] for m in ms) == nchunks(files)
+    assert sum(s["bytes_served"] for s in st) == sum(s["bytes_from_peers"] for s in st)
+
+
+def test_sigkill_one_node_mid_read(mounts, bucket, s3, proxy):
+    files = put_files(s3, bucket, {f"f{i}.bin": 900_000 for i in range(6)}, seed=11)
+    total = nchunks(files)
+    ms = start_cluster(mounts, bucket, 3)
+    proxy.reset()
+    with cf.ThreadPoolExecutor(2) as ex:
+        futs = [ex.submit(read_all, m, files, 64 * 1024) for m in ms[1:]]
+        wait_for(lambda: gets(proxy) >= total // 4 or all(f.done() for f in futs), 60,
+                 "a quarter of the chunks")
+        ms[0].kill()
+        results = [f.result(timeout=120) for f in futs]
+    for r in results:
+        assert r == files
+    st = [cluster_stats(m) for m in ms[1:]]
+    errs = sum(sum(s["peer_errors"].get("n0", {}).values()) for s in st)
+    assert errs > 0  # the survivors noticed n0 was gone, and read around it
+    for s in st:
+        assert s["ring_size"] == 3  # static ring: a dead node is skipped, not removed
+    # a chunk is fetched from S3 at most once per surviving node plus once by n0
+    assert gets(proxy) <= 3 * total
+
+
+def test_corrupting_peer_is_bypassed(mounts, bucket, s3, proxy):
+    files = put_files(s3, bucket, {"x.bin": 1_500_000}, seed=3)
+    ms = start_cluster(mounts, bucket, 2, env_for={"n0": {"CACHEFS_TEST_CORRUPT_PEER": "1"}})
+    assert read_all(ms[1], files) == files
+    s1 = cluster_stats(ms[1])
+    assert s1["peer_errors"]["n0"].get("checksum", 0) >= 1
+    assert s1["members"]["n0"]["healthy"] is False
+    assert s1["fetched_from_peers"] == 0  # nothing corrupted got through
+    assert read_all(ms[0], files) == files  # n0's own data is fine
+
+
+def test_wrong_or_missing_secret_is_refused(mounts, bucket, s3, proxy):
+    files = put_files(s3, bucket, {"s.bin": 600_000}, seed=5)
+    ms = start_cluster(mounts, bucket, 2, env_for={"n1": {"CACHEFS_PEER_SECRET": "not-it"}})
+    assert read_all(ms[1], files) == files
+    s0, s1 = cluster_stats(ms[0]), cluster_stats(ms[1])
+    assert s1["peer_errors"]["n0"].get("unauthorized", 0) >= 1
+    assert s1["fetched_from_peers"] == 0 and s0["requests_served"] == 0
+
+    # a client with the wrong secret gets nothing from the peer port
+    async def probe():
+        async with PeerClient(b"wrong") as c:
+            with pytest.raises(PeerError) as e:
+                await c.get(s0["listen"], {"bucket": bucket}, {})
+            return e.value.reason
+
+    assert trio.run(probe) == "unauthorized"
+
+    # no secret at all: the daemon refuses to start
+    r = cli("mount", f"s3://{bucket}", str(ms[0].mp), "--foreground",
+            "--cache-dir", str(ms[0].cache_dir) + "-x", "--cache-size", "64MiB",
+            "--peer-listen", f"127.0.0.1:{free_port()}", "--peers", "127.0.0.1:1",
+            env={"CACHEFS_PEER_SECRET": ""})
+    assert r.returncode != 0 and "secret" in r.stderr
+
+
+@pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
+def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        ttl, grace = 2, 3
+        cfg = tmp_path / "cluster.toml"
+        cfg.write_text(f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "/t/members/"\n'
+                       f"lease_ttl = {ttl}\ngrace_period = {grace}\n")
+
+        def node(name):
+            return mounts(f"s3://{bucket}", name=name, start=False, config=str(cfg),
+                          env={"CACHEFS_PEER_SECRET": SECRET},
+                          extra=("--node-id", name, "--peer-listen",
+                                 f"127.0.0.1:{free_port()}"))
+
+        ms = [node(f"e{i}") for i in range(3)]
+        start_all(ms)
+        for m in ms:
+            wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 3, ttl, "3 members")
+
+        files = put_files(s3, bucket, {"e.bin": 2_000_000}, seed=9)
+        proxy.reset()
+        assert read_all(ms[0], files) == files and read_all(ms[1], files) == files
+        assert gets(proxy) == nchunks(files)
+
+        # a fourth node appears in every ring within the lease TTL
+        m4 = node("e3").start()
+        t0 = time.monotonic()
+        for m in ms:
+            wait_for(lambda m=m: "e3" in cluster_stats(m)["members"], ttl, "e3 to join")
+        assert time.monotonic() - t0 <= ttl + 1
+        assert cluster_stats(m4)["ring_size"] == 4
+        # the newcomer owns a quarter of the chunks now; it takes them over from
+        # their previous owner's cache (one round trip each), not from S3
+        before = gets(proxy)
+        assert read_all(m4, files) == files
+        assert gets(proxy) == before
+        h = cluster_stats(m4)["handoff"]
+        assert h["received"] > 0 and h["not_found"] == 0
+
+        # stopped: still in the rings during the grace period, then gone
+        m4.stop()
+        t_stop = time.monotonic()
+        wait_for(lambda: cluster_stats(ms[0])["members"].get("e3", {}).get("state")
+                 == "departing", ttl + 1, "e3 to be departing")
+        if time.monotonic() - t_stop < grace - 0.5:
+            assert all("e3" in cluster_stats(m)["members"] for m in ms)
+        for m in ms:
+            wait_for(lambda m=m: "e3" not in cluster_stats(m)["members"], grace + ttl + 2,
+                     "e3 to leave")
+        assert time.monotonic() - t_stop >= grace - 0.5
+        for m in ms:
+            s = cluster_stats(m)
+            assert s["ring_size"] == 3 and s["etcd"]["leaves"] >= 1
+    finally:
+        etcd.stop()
+

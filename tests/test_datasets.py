@@ -1,0 +1,339 @@
+"""Cache control by file list: `cachefs preload / free / status` (issue #3).
+
+Real FUSE mounts (one `cachefs mount --foreground` per test), real moto behind
+the counting proxy; chunk size 64 KiB.  Assertions are on GET counts and bytes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from cachefs_env import CREDS, cli
+
+from cachefs import filelist
+from cachefs.filelist import MountInfo
+
+KiB = 1024
+CHUNK = 64 * KiB
+
+
+def payload(n: int, seed: int) -> bytes:
+    return bytes((i * 31 + seed * 7 + (i >> 8)) & 0xFF for i in range(n))
+
+
+def put(s3, bucket: str, files: dict[str, int]) -> dict[str, bytes]:
+    out = {}
+    for i, (key, size) in enumerate(files.items()):
+        out[key] = payload(size, i)
+        s3.put_object(Bucket=bucket, Key=key, Body=out[key])
+    return out
+
+
+def nchunks(sizes) -> int:
+    return sum((s + CHUNK - 1) // CHUNK for s in sizes)
+
+
+def write_list(tmp_path, lines: list[str], name: str = "list.txt") -> str:
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def run_json(*args) -> tuple[dict, subprocess.CompletedProcess]:
+    r = cli(*args, "--json")
+    try:
+        return json.loads(r.stdout), r
+    except ValueError:
+        raise AssertionError(f"no JSON from cachefs {args}: {r.returncode} {r.stderr}") from None
+
+
+def files_by_path(st: dict) -> dict[str, dict]:
+    return {os.path.basename(f["path"]): f for f in st["files"]}
+
+
+DATA = {"data/a.bin": 200 * KiB, "data/b.bin": 128 * KiB, "data/sub/c.bin": 100 * KiB,
+        "other/d.bin": 64 * KiB}
+
+
+# -- file list parsing (no daemon) --------------------------------------------------------
+
+
+def test_filelist_translate():
+    ms = [MountInfo("", "bkt", "train/")]
+    text = ("# comment\n\n  /mnt/t/a/b.bin  \nrel/x\ns3://bkt/train/shards/\ns3://bkt/train\n"
+            "/elsewhere/f\ns3://other/k\ns3://bkt/test/k\n../up\n/mnt/t\n")
+    entries, errors = filelist.parse(text, mountpoint="/mnt/t", mounts=ms, single_root=True)
+    assert [(e.line, e.rel) for e in entries] == [(3, "a/b.bin"), (4, "rel/x"), (5, "shards"),
+                                                   (6, ""), (11, "")]
+    assert [(e.line, e.reason.split(" ")[0]) for e in errors] == [
+        (7, "not"), (8, "bucket"), (9, "outside"), (10, "climbs")]
+    assert "bucket other is not mounted" in errors[1].reason
+    multi = [MountInfo("imgs", "b1", ""), MountInfo("txt", "b2", "corpus/")]
+    entries, errors = filelist.parse("s3://b1/x/y\ns3://b2/corpus/z\nimgs/q\n", mountpoint="/m",
+                                     mounts=multi, single_root=False)
+    assert [e.rel for e in entries] == ["imgs/x/y", "txt/z", "imgs/q"] and not errors
+    assert filelist.mount_for(["/m/a", "/m/b/c"], ["/m", "/n"]) == "/m"
+    assert filelist.mount_for(["/m/a", "/n/b"], ["/m", "/n"]) is None
+
+
+# -- preload ------------------------------------------------------------------------------
+
+
+def test_preload_then_read_without_gets(mounts, bucket, s3, proxy, tmp_path):
+    data = put(s3, bucket, DATA)
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["# the training set", f"{m.mp}/data", "",
+                                f"s3://{bucket}/other/d.bin", "data/a.bin"])  # a.bin twice
+    proxy.reset()
+    r = cli("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    total_chunks = nchunks(DATA.values())
+    assert proxy.gets() == total_chunks
+    out = r.stdout
+    assert "4 files" in out and "already cached" in out and "fetched" in out
+    assert "estimate" in out and "actual" in out and "duration" in out
+    # every byte through the mount, zero GETs
+    for key, body in data.items():
+        assert (m.mp / key).read_bytes() == body
+    assert proxy.gets() == total_chunks
+    # a second preload fetches nothing
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert proxy.gets() == total_chunks
+    assert res["files"] == 4 and res["total_bytes"] == sum(DATA.values())
+    assert res["cached_before_bytes"] == res["total_bytes"]
+    assert res["fetched_bytes"] == 0 and res["failed"] == [] and res["seconds"] >= 0
+
+
+def test_dry_run_estimate(mounts, bucket, s3, proxy, tmp_path):
+    put(s3, bucket, DATA)
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["data", "other"])
+    proxy.reset()
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    total = sum(DATA.values())
+    # no measurement yet: two real chunk fetches were timed (and are kept)
+    assert proxy.gets() == 2
+    assert res["dry_run"] is True and res["missing_bytes"] == total
+    est = res["estimate"]
+    assert est["probed_chunks"] == 2 and est["seconds"] > 0 and est["streams"] == 8
+    r = cli("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run", "--parallel", "2")
+    assert r.returncode == 0 and "to fetch" in r.stdout and "with 2 streams" in r.stdout
+    assert proxy.gets() == 2
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert res["cached_before_bytes"] == 2 * CHUNK
+    assert res["fetched_bytes"] == total - 2 * CHUNK
+    assert res["estimate"]["seconds"] > 0
+    assert proxy.gets() == nchunks(DATA.values())
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
+    assert res["missing_bytes"] == 0 and res["estimate"]["seconds"] == 0
+
+
+def test_interrupted_preload_resumes(mounts, bucket, s3, proxy, tmp_path):
+    sizes = {f"shards/s{i}.bin": 4 * CHUNK for i in range(4)}
+    data = put(s3, bucket, sizes)
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["shards/"])
+    total_chunks = nchunks(sizes.values())
+    proxy.reset()
+    proxy.faults(delay=0.2, count=-1)
+    env = {**os.environ, **CREDS}
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list", lst,
+                          "--mount", str(m.mp), "--parallel", "2"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while proxy.gets() < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    # reads are not disturbed: the last shard reads correctly while fetches drain
+    assert (m.mp / "shards/s3.bin").read_bytes() == data["shards/s3.bin"]
+    deadline = time.monotonic() + 20
+    while m.stats()["in_flight_fetches"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = proxy.gets()
+    assert first < total_chunks
+    proxy.clear_faults()
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--parallel", "2")
+    assert r.returncode == 0, r.stderr
+    assert res["fetched_bytes"] == (total_chunks - first) * CHUNK
+    assert proxy.gets() == total_chunks  # each chunk fetched exactly once, overall
+
+
+# -- free / status ------------------------------------------------------------------------
+
+
+def test_free_removes_exactly_the_listed_files(mounts, bucket, s3, proxy, tmp_path):
+    put(s3, bucket, DATA)
+    m = mounts(f"s3://{bucket}")
+    everything = write_list(tmp_path, ["data", "other"], "all.txt")
+    some = write_list(tmp_path, ["data/a.bin", f"s3://{bucket}/data/sub/"], "some.txt")
+    assert cli("preload", "--file-list", everything, "--mount", str(m.mp)).returncode == 0
+    before, r = run_json("status", "--file-list", everything, "--mount", str(m.mp))
+    assert before["total_bytes"] == before["cached_bytes"] == sum(DATA.values())
+    assert before["pinned_bytes"] == 0 and len(before["files"]) == 4
+    res, r = run_json("free", "--file-list", some, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert res["freed_bytes"] == 300 * KiB and res["files"] == 2
+    after, _ = run_json("status", "--file-list", everything, "--mount", str(m.mp))
+    f = files_by_path(after)
+    assert f["a.bin"]["cached_bytes"] == 0 and f["c.bin"]["cached_bytes"] == 0
+    assert f["b.bin"]["cached_bytes"] == 128 * KiB and f["d.bin"]["cached_bytes"] == 64 * KiB
+    assert after["cached_bytes"] == sum(DATA.values()) - 300 * KiB
+    assert f["a.bin"]["path"] == f"{m.mp}/data/a.bin"
+    r = cli("status", "--file-list", everything, "--mount", str(m.mp))
+    assert r.returncode == 0
+    assert "total: 4 files" in r.stdout and "(39.0%)" in r.stdout  # 192 of 492 KiB
+    assert f"{m.mp}/data/b.bin" in r.stdout
+    # a freed file reads back correctly (refetched)
+    proxy.reset()
+    assert (m.mp / "data/a.bin").read_bytes() == payload(200 * KiB, 0)
+    assert proxy.gets() == 4
+
+
+def test_free_while_reading(mounts, bucket, s3, proxy, tmp_path):
+    data = put(s3, bucket, {"big.bin": 16 * CHUNK})
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["big.bin"])
+    assert cli("preload", "--file-list", lst, "--mount", str(m.mp)).returncode == 0
+    with open(m.mp / "big.bin", "rb") as f:
+        head = f.read(5 * CHUNK)
+        assert cli("free", "--file-list", lst, "--mount", str(m.mp)).returncode == 0
+        rest = f.read()
+    assert head + rest == data["big.bin"]
+
+
+# -- pins ---------------------------------------------------------------------------------
+
+
+def test_pins_survive_eviction(mounts, bucket, s3, proxy, tmp_path):
+    files = {"p.bin": 4 * CHUNK, "u1.bin": 3 * CHUNK, "u2.bin": 3 * CHUNK, "u3.bin": 3 * CHUNK}
+    put(s3, bucket, files)
+    m = mounts(f"s3://{bucket}", cache_size="640KiB")
+    pinned = write_list(tmp_path, ["p.bin"], "pin.txt")
+    unpinned = write_list(tmp_path, ["u1.bin", "u2.bin", "u3.bin"], "unpinned.txt")
+    res, r = run_json("preload", "--file-list", pinned, "--mount", str(m.mp), "--pin")
+    assert r.returncode == 0, r.stderr
+    assert res["cache"]["pinned_bytes"] == 4 * CHUNK
+    r = cli("preload", "--file-list", unpinned, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert "larger than the cache room" in r.stderr and "end of the list" in r.stderr
+    # and more pressure from plain reads
+    for k in ("u1.bin", "u2.bin"):
+        (m.mp / k).read_bytes()
+    assert m.counters().get("evictions", 0) > 0
+    st, _ = run_json("status", "--file-list", pinned, "--mount", str(m.mp))
+    assert st["cached_bytes"] == st["pinned_bytes"] == 4 * CHUNK
+    st, _ = run_json("status", "--file-list", unpinned, "--mount", str(m.mp))
+    assert st["pinned_bytes"] == 0 and st["cached_bytes"] < 9 * CHUNK
+    assert m.stats()["cache"]["used_bytes"] <= 640 * KiB
+    # pinning the rest would exceed the limit: refused before fetching anything
+    proxy.reset()
+    both = write_list(tmp_path, ["p.bin", "u1.bin", "u2.bin", "u3.bin"], "both.txt")
+    r = cli("preload", "--file-list", both, "--mount", str(m.mp), "--pin")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot pin" in lines[0] and "cache limit" in lines[0], r.stderr
+    assert proxy.gets() == 0
+    # free removes the pins with the chunks
+    res, r = run_json("free", "--file-list", pinned, "--mount", str(m.mp))
+    assert res["pins_removed"] == 4 and res["cache"]["pinned_bytes"] == 0
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
+    put(s3, bucket, DATA)
+    missing = str(tmp_path / "nope.txt")
+    r = cli("preload", "--file-list", missing)
+    assert r.returncode == 2 and r.stderr.strip() == f"cachefs: error: file list {missing}: " \
+                                                       "no such file"
+    r = cli("status", "--file-list", write_list(tmp_path, ["x"], "x.txt"),
+            "--mount", str(tmp_path))
+    assert r.returncode == 3 and "no cachefs daemon" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["data/a.bin", "data/nothing.bin", "# c", "s3://not-ours/k",
+                                "data/a.bin/under", "/somewhere/else"])
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 2
+    assert res["files"] == 1 and res["fetched_bytes"] == 200 * KiB
+    assert [f["line"] for f in res["failed"]] == [2, 4, 5, 6]
+    errs = r.stderr.strip().splitlines()
+    assert errs == [
+        f"cachefs: {lst}:2: data/nothing.bin: no such file or directory",
+        f"cachefs: {lst}:4: s3://not-ours/k: bucket not-ours is not mounted here "
+        f"(mounted: s3://{bucket}/)",
+        f"cachefs: {lst}:5: data/a.bin/under: not a directory (a file name is used as a "
+        "directory)",
+        f"cachefs: {lst}:6: /somewhere/else: not under the cachefs mount {m.mp}",
+    ]
+    r = cli("status", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 2 and "total: 1 files" in r.stdout and "100.0%" in r.stdout
+    r = cli("free", "--file-list", write_list(tmp_path, ["# nothing"], "empty.txt"),
+            "--mount", str(m.mp))
+    assert r.returncode == 2 and "has no entries" in r.stderr
+    # an S3 failure while fetching: that file fails with a reason, exit 1
+    proxy.faults(persistent_status=403)
+    r = cli("preload", "--file-list", write_list(tmp_path, ["data/b.bin"], "b.txt"),
+            "--mount", str(m.mp))
+    proxy.clear_faults()
+    assert r.returncode == 1 and "b.txt:1: data/b.bin: S3" in r.stderr
+
+
+def test_control_socket_refuses_other_users(mounts, bucket, s3, monkeypatch):
+    put(s3, bucket, {"f": 10})
+    run = tempfile.mkdtemp(prefix="cachefs-run-")
+    monkeypatch.setenv("CACHEFS_RUNTIME_DIR", run)
+    m = mounts(f"s3://{bucket}")
+    from cachefs import runtime
+
+    sock = runtime.socket_path(m.mp)
+
+    def as_nobody(raw: bool = False) -> str:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: drop to nobody, then talk to the socket
+            msg = "ok"
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                if raw:  # the daemon's SO_PEERCRED check answers before reading
+                    import socket
+
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    c.settimeout(10)
+                    c.connect(str(sock))
+                    msg = json.loads(c.makefile("rb").readline())["error"]
+                else:
+                    from cachefs.control import ControlClient
+
+                    ControlClient(sock, str(m.mp)).request({"op": "status", "entries": []})
+            except BaseException as e:  # noqa: BLE001
+                msg = str(e)
+            os.write(w, msg.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            out = f.read()
+        os.waitpid(pid, 0)
+        return out
+
+    try:
+        assert "permission denied on the control socket" in as_nobody()
+        # even with the file modes opened up, the daemon checks the peer's uid
+        os.chmod(run, 0o711)
+        os.chmod(sock.parent, 0o711)
+        os.chmod(sock, 0o666)
+        assert as_nobody(raw=True) == "permission denied"
+    finally:
+        os.chmod(run, 0o700)

@@ -1,0 +1,357 @@
+"""The read path through a real FUSE mount against a real S3 endpoint (moto)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+
+import pytest
+
+CS = 64 * 1024  # the fixture's chunk size
+
+pytestmark = pytest.mark.fuse
+
+
+def put(s3, bucket, key, data):
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    return data
+
+
+SIZES = {"zero": 0, "one": 1, "cs-1": CS - 1, "cs": CS, "cs+1": CS + 1, "several": 5 * CS + 7}
+
+
+def test_bytes_equal_s3(s3, bucket, mounts, proxy):
+    rnd = random.Random(1)
+    objs = {name: put(s3, bucket, f"sizes/{name}.bin", rnd.randbytes(n))
+            for name, n in SIZES.items()}
+    m = mounts(f"s3://{bucket}")
+    for name, data in objs.items():
+        p = m.path(f"sizes/{name}.bin")
+        assert p.stat().st_size == len(data)
+        # sequential, in odd-sized pieces
+        with open(p, "rb", buffering=0) as f:
+            got = bytearray()
+            while piece := f.read(10_007):
+                got += piece
+        assert bytes(got) == data, name
+        with open(p, "rb", buffering=0) as f:
+            # random offsets and lengths, crossing chunk boundaries and past EOF
+            for _ in range(40):
+                off = rnd.randrange(0, len(data) + 10) if data else rnd.randrange(0, 10)
+                n = rnd.choice([1, 2, 100, CS - 1, CS, CS + 3, 3 * CS])
+                assert os.pread(f.fileno(), n, off) == data[off:off + n], (name, off, n)
+            # 1-byte reads at chunk boundaries
+            for b in range(0, len(data) + 1, CS):
+                for off in (b - 1, b, b + 1):
+                    if off >= 0:
+                        assert os.pread(f.fileno(), 1, off) == data[off:off + 1]
+            assert os.pread(f.fileno(), 100, len(data) + 5) == b""
+    # one GET per chunk at most: every chunk was fetched once and then served locally
+    total_chunks = sum((len(d) + CS - 1) // CS for d in objs.values())
+    assert proxy.stats()["ops"].get("GetObject", 0) == total_chunks
+
+
+def test_listing_equals_s3(s3, bucket, mounts):
+    keys = ["top.txt", "a/b/c/deep.txt", "a/b/side.txt", "a/x.txt",
+            "ünïcødé/名前.txt", "emoji/🚀.bin", "dual", "dual/inside.txt",
+            "marker/", "marker/real.txt"]
+    for k in keys:
+        put(s3, bucket, k, k.encode())
+    for i in range(1100):
+        put(s3, bucket, f"many/f{i:05d}", b"x")
+    # names that cannot be POSIX names are skipped, never crash the daemon
+    for k in ["bad/./dot", "bad/../up", "bad//empty", "bad/" + "l" * 300, "bad/ok"]:
+        put(s3, bucket, k, b"bad")
+    m = mounts(f"s3://{bucket}")
+    assert sorted(os.listdir(m.mp)) == sorted(
+        ["top.txt", "a", "ünïcødé", "emoji", "dual", "marker", "many", "bad"])
+    assert sorted(os.listdir(m.path("a"))) == ["b", "x.txt"]
+    assert sorted(os.listdir(m.path("a/b"))) == ["c", "side.txt"]
+    assert m.path("a/b/c/deep.txt").read_bytes() == b"a/b/c/deep.txt"
+    assert m.path("ünïcødé/名前.txt").read_bytes() == "ünïcødé/名前.txt".encode()
+    assert os.listdir(m.path("emoji")) == ["🚀.bin"]
+    # a key that is both an object and a prefix shows as the directory
+    assert m.path("dual").is_dir()
+    assert os.listdir(m.path("dual")) == ["inside.txt"]
+    assert os.listdir(m.path("marker")) == ["real.txt"]
+    many = os.listdir(m.path("many"))
+    assert len(many) == 1100 and len(set(many)) == 1100
+    assert sorted(os.listdir(m.path("bad"))) == ["ok"]
+    assert m.path("empty").exists() is False
+    c = m.counters()
+    assert c["skipped_keys"] == 4
+    # zero-byte object reads as an empty file; size and mtime from S3
+    put(s3, bucket, "zero", b"")
+    m2 = mounts(f"s3://{bucket}", name="again")
+    assert m2.path("zero").read_bytes() == b""
+    head = s3.head_object(Bucket=bucket, Key="top.txt")
+    st = m2.path("top.txt").stat()
+    assert st.st_size == 7 and int(st.st_mtime) == int(head["LastModified"].timestamp())
+
+
+def test_prefix_mount_and_errors(s3, bucket, mounts):
+    put(s3, bucket, "train/x/1.bin", b"one")
+    put(s3, bucket, "other/2.bin", b"two")
+    m = mounts(f"s3://{bucket}/train")
+    assert os.listdir(m.mp) == ["x"]
+    assert m.path("x/1.bin").read_bytes() == b"one"
+    with pytest.raises(FileNotFoundError):
+        m.path("nope").stat()
+
+
+def test_writes_are_erofs(s3, bucket, mounts, proxy):
+    put(s3, bucket, "f.txt", b"data")
+    m = mounts(f"s3://{bucket}")
+    attempts = [
+        lambda: open(m.path("new.txt"), "wb"),
+        lambda: open(m.path("f.txt"), "r+b"),
+        lambda: open(m.path("f.txt"), "ab"),
+        lambda: os.mkdir(m.path("d")),
+        lambda: os.unlink(m.path("f.txt")),
+        lambda: os.rename(m.path("f.txt"), m.path("g.txt")),
+        lambda: os.symlink("f.txt", m.path("l")),
+        lambda: os.chmod(m.path("f.txt"), 0o777),
+        lambda: os.truncate(m.path("f.txt"), 0),
+        lambda: os.setxattr(m.path("f.txt"), "user.x", b"1"),
+    ]
+    for fn in attempts:
+        with pytest.raises(OSError) as ei:
+            fn()
+        assert ei.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM), fn
+    assert m.path("f.txt").read_bytes() == b"data"
+    ops = proxy.stats()["ops"]
+    assert ops.get("PutObject", 0) == 0
+    assert {k for k, v in ops.items() if v} <= {"GetObject", "ListObjects", "HeadObject"}
+
+
+def test_concurrent_cold_readers_singleflight(s3, bucket, mounts, proxy):
+    data = put(s3, bucket, "shared.bin", random.randbytes(12 * CS + 100))
+    m = mounts(f"s3://{bucket}")
+    m.path("shared.bin").stat()
+    proxy.reset()
+    results, errors = [], []
+
+    def reader():
+        try:
+            results.append(m.path("shared.bin").read_bytes())
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(r == data for r in results) and len(results) == 16
+    assert proxy.stats()["ops"]["GetObject"] == 13  # one GET per chunk
+
+
+def test_warm_restart_after_umount_and_sigkill(s3, bucket, mounts, proxy):
+    objs = {f"w/{i}.bin": put(s3, bucket, f"w/{i}.bin", random.randbytes(3 * CS + i))
+            for i in range(4)}
+    m = mounts(f"s3://{bucket}")
+    for k, d in objs.items():
+        assert m.path(k).read_bytes() == d
+    assert m.stop() == 0
+    proxy.reset()
+    m.start()
+    for k, d in objs.items():
+        assert m.path(k).read_bytes() == d
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+    assert m.counters()["ssd_hits"] == 15  # 3 + 4 + 4 + 4 chunks
+    # crash: SIGKILL leaves a stale mount; the next mount clears it and is still warm
+    m.kill()
+    with pytest.raises(OSError) as ei:
+        os.listdir(m.mp / "w")  # stat may come from the kernel's attribute cache
+    assert ei.value.errno == errno.ENOTCONN
+    (m.cache_dir / "tmp" / "half-written.partial").write_bytes(b"junk")
+    proxy.reset()
+    m.start()
+    for k, d in objs.items():
+        assert m.path(k).read_bytes() == d
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+    assert not (m.cache_dir / "tmp" / "half-written.partial").exists()
+    assert "cleared a stale mount" in m.log_text()
+
+
+def chunk_files(m):
+    return sorted(p for p in (m.cache_dir / "chunks").rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate", "zero", "delete", "swap"])
+def test_corrupt_chunk_refetched(s3, bucket, mounts, proxy, damage):
+    a = put(s3, bucket, "a.bin", random.randbytes(CS))
+    b = put(s3, bucket, "b.bin", random.randbytes(CS))
+    m = mounts(f"s3://{bucket}")
+    assert m.path("a.bin").read_bytes() == a
+    assert m.path("b.bin").read_bytes() == b
+    m.stop()  # drop the kernel page cache for these files
+    fa, fb = chunk_files(m)
+    raw = bytearray(fa.read_bytes())
+    if damage == "bitflip":
+        raw[100] ^= 0x01
+        fa.write_bytes(raw)
+    elif damage == "truncate":
+        fa.write_bytes(raw[: len(raw) // 2])
+    elif damage == "zero":
+        fa.write_bytes(bytes(len(raw)))
+    elif damage == "delete":
+        fa.unlink()
+    elif damage == "swap":
+        rb = fb.read_bytes()
+        fa.write_bytes(rb)
+        fb.write_bytes(raw)
+    proxy.reset()
+    m.start()
+    assert m.path("a.bin").read_bytes() == a
+    assert m.path("b.bin").read_bytes() == b
+    gets = proxy.stats()["ops"].get("GetObject", 0)
+    c = m.counters()
+    if damage == "swap":
+        assert gets == 2 and c.get("chunks_corrupt", 0) == 2
+    elif damage in ("truncate", "delete"):
+        # a file of the wrong size, or no file, is dropped from the index at start
+        assert gets == 1
+    else:
+        assert gets == 1 and c.get("chunks_corrupt", 0) == 1
+    # and now it is cached again, correctly
+    m.stop()
+    proxy.reset()
+    m.start()
+    assert m.path("a.bin").read_bytes() == a and m.path("b.bin").read_bytes() == b
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+
+
+def test_eviction_lru_within_limit(s3, bucket, mounts, proxy):
+    # cache of 10 chunks; 16 one-chunk files
+    objs = {f"e/{i:02d}": put(s3, bucket, f"e/{i:02d}", random.randbytes(CS)) for i in range(16)}
+    m = mounts(f"s3://{bucket}", cache_size=str(10 * CS))
+    limit = 10 * CS
+    for i in range(8):
+        assert m.path(f"e/{i:02d}").read_bytes() == objs[f"e/{i:02d}"]
+    # touch 0 and 1 again so that 2.. are the least recently used
+    m.stop()
+    m.start()
+    for i in (0, 1):
+        m.path(f"e/{i:02d}").read_bytes()
+    used_max = 0
+    for i in range(8, 12):
+        m.path(f"e/{i:02d}").read_bytes()
+        used_max = max(used_max, m.stats()["cache"]["used_bytes"])
+    assert used_max <= limit + CS
+    st = m.stats()
+    assert st["cache"]["used_bytes"] <= limit
+    assert st["counters"]["evictions"] >= 2
+    # what survived: the recently used 0 and 1 and the newest, not 2 (least recent)
+    m.stop()
+    proxy.reset()
+    m.start()
+    for i in (0, 1, 11):
+        assert m.path(f"e/{i:02d}").read_bytes() == objs[f"e/{i:02d}"]
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+    assert m.path("e/02").read_bytes() == objs["e/02"]
+    assert proxy.stats()["ops"].get("GetObject", 0) == 1
+
+
+def test_eviction_many_concurrent_readers(s3, bucket, mounts):
+    objs = {f"c/{i:02d}": put(s3, bucket, f"c/{i:02d}", random.randbytes(2 * CS)) for i in range(24)}
+    m = mounts(f"s3://{bucket}", cache_size=str(8 * CS))
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], m.stats()["cache"]["used_bytes"])
+
+    w = threading.Thread(target=watch)
+    w.start()
+    errs = []
+
+    def read(k):
+        if m.path(k).read_bytes() != objs[k]:
+            errs.append(k)
+
+    ts = [threading.Thread(target=read, args=(k,)) for k in objs]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    stop.set()
+    w.join()
+    assert not errs
+    du = sum(p.stat().st_size - 64 for p in chunk_files(m))
+    assert du <= 8 * CS + CS
+    assert peak[0] <= 8 * CS + CS
+
+
+def test_overwrite_new_bytes_after_ttl_never_mixed(s3, bucket, mounts, proxy):
+    old = put(s3, bucket, "v.bin", b"A" * (4 * CS))
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    f = open(m.path("v.bin"), "rb", buffering=0)
+    assert os.pread(f.fileno(), CS, 0) == b"A" * CS  # chunk 0 cached, others not
+    new = put(s3, bucket, "v.bin", b"B" * (4 * CS + 10))
+    # the open handle: old bytes from the cache, or an error, never B
+    try:
+        rest = os.pread(f.fileno(), 3 * CS, CS)
+        # read-ahead may already hold some old chunks; a short read is allowed (the
+        # kernel splits the request and the later part fails), a B never is
+        assert rest == old[CS:CS + len(rest)]
+    except OSError as e:
+        assert e.errno == errno.EIO
+    assert os.pread(f.fileno(), CS, 0) == b"A" * CS
+    f.close()
+    import time
+    time.sleep(1.5)
+    assert m.path("v.bin").stat().st_size == len(new)
+    assert m.path("v.bin").read_bytes() == new
+    assert m.counters().get("objects_changed", 0) == 1
+
+
+def test_s3_faults_retried(s3, bucket, mounts, proxy):
+    data = put(s3, bucket, "f.bin", random.randbytes(6 * CS))
+    m = mounts(f"s3://{bucket}")
+    m.path("f.bin").stat()
+    proxy.faults(status=503, code="SlowDown", count=3)
+    proxy.faults(truncate=2)
+    proxy.faults(error_body_200=2)
+    assert m.path("f.bin").read_bytes() == data
+    c = m.counters()
+    assert c["s3_retries"] == 7
+    assert proxy.stats()["faults_injected"] == 7
+    # nothing bad was cached: a fresh mount serves the same bytes from the SSD
+    m.stop()
+    proxy.reset()
+    m.start()
+    assert m.path("f.bin").read_bytes() == data
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+
+
+def test_persistent_failure_gives_eio_within_bound(s3, bucket, mounts, proxy):
+    import time
+
+    put(s3, bucket, "p.bin", random.randbytes(CS))
+    cached = put(s3, bucket, "cached.bin", random.randbytes(CS))
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "3", "--s3-timeout", "2s"))
+    assert m.path("cached.bin").read_bytes() == cached
+    m.path("p.bin").stat()
+    proxy.faults(persistent_status=500)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as ei:
+        m.path("p.bin").read_bytes()
+    assert ei.value.errno == errno.EIO
+    # 3 attempts, backoff <= 0.1 + 0.2 s: well under the 3 × 2 s bound
+    assert time.monotonic() - t0 < 3 * 2 + 1
+    # cached files keep serving
+    assert m.path("cached.bin").read_bytes() == cached
+    proxy.reset()
+    # a stalled server: each attempt times out; EIO, no hang
+    proxy.faults(delay=30, count=-1)
+    t0 = time.monotonic()
+    with pytest.raises(OSError):
+        m.path("p.bin").read_bytes()
+    assert time.monotonic() - t0 < 3 * 2 + 2
+    proxy.reset()
+    assert len(m.path("p.bin").read_bytes()) == CS
