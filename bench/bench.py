@@ -96,9 +96,10 @@ class Layout:
 
     @classmethod
     def of(cls, p: Profile) -> Layout:
-        # Two levels, objects directly in each directory: s3rver's delimiter listing
-        # does not see "directories" that hold only deeper directories.
-        meta = [f"meta/d{a:03d}/f{c:03d}" for a in range(p.meta // 100) for c in range(100)]
+        # Every "directory" holds an object directly (hence meta/index): s3rver's
+        # delimiter listing does not see prefixes that hold only deeper prefixes.
+        meta = ["meta/index"] + [f"meta/d{a:03d}/f{c:03d}"
+                                 for a in range(p.meta // 100) for c in range(100)]
         return cls(
             shards=[f"large/shard-{i:03d}.bin" for i in range(p.shards)],
             small=[f"small/f{i:05d}.bin" for i in range(p.small)],
@@ -334,7 +335,7 @@ def write_random(path: Path, size: int) -> None:
     tmp.rename(path)
 
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 def dataset_manifest(ctx: Ctx) -> tuple[Path, dict]:
@@ -485,9 +486,7 @@ class System:
         if fuse_mounted(self.mp):
             cmd = self.unmount_command()
             if cmd:
-                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                    subprocess.run(cmd, env=s3_env(), timeout=self.unmount_timeout,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self._run_unmount_command(cmd)
             for extra in ([], ["-z"]):
                 if not fuse_mounted(self.mp):
                     break
@@ -508,6 +507,23 @@ class System:
                     self.proc.kill()
                     self.proc.wait()
             self.proc = None
+
+    def _run_unmount_command(self, cmd: list[str]) -> None:
+        """Run the system's own unmount command, reaping our daemon meanwhile: a
+        command that waits for the daemon to exit would otherwise wait on a zombie."""
+        try:
+            um = subprocess.Popen(cmd, env=s3_env(), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return
+        deadline = time.monotonic() + self.unmount_timeout
+        while um.poll() is None and time.monotonic() < deadline:
+            if self.proc is not None:
+                self.proc.poll()
+            time.sleep(0.05)
+        if um.poll() is None:
+            um.kill()
+            um.wait()
 
     def reset_cold(self) -> None:
         """Empty every cache: unmount, wipe the disk cache, mount, drop page cache."""

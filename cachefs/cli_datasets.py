@@ -172,13 +172,17 @@ class Progress:
 def _estimate_text(est: dict) -> str:
     if est.get("seconds") is None:
         return "no measurement yet (no chunk has been fetched by a preload on this node)"
-    if not est.get("measured"):
-        return f"{_dur(est['seconds'])} (nothing to fetch)"
+    if "stream_bps" not in est:
+        return "0s (nothing to fetch)"
     src = (f"{est['probed_chunks']} chunk fetches just now" if est.get("probed_chunks")
            else f"{est['samples']} recent chunk fetches")
     return (f"{_dur(est['seconds'])} with {est['streams']} streams "
             f"(per stream {human(est['stream_bps'])}/s, per-chunk latency "
             f"{est['latency_s'] * 1000:.1f} ms; from {src})")
+
+
+def _entries_n(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
 
 
 def _exit(code: int) -> None:
@@ -247,7 +251,7 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
         if "estimate" in res:
             click.echo(f"  estimate        {_estimate_text(res['estimate'])}")
         if res["failed"]:
-            click.echo(f"  failed          {len(res['failed'])} entries (listed above)")
+            click.echo(f"  failed          {_entries_n(len(res['failed']))} (listed above)")
         _exit(code)
         return
     secs = res["seconds"]
@@ -264,7 +268,8 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
     if res.get("uncached_bytes"):
         click.echo(f"  not kept        {human(res['uncached_bytes'])} (cache full)")
     click.echo(f"  failed          {len(res['failed'])}"
-               + (" entries (listed above)" if res["failed"] else ""))
+               + (f" {'entry' if len(res['failed']) == 1 else 'entries'} (listed above)"
+                  if res["failed"] else ""))
     click.echo(f"  duration        {_dur(secs)}")
     for w in res.get("warnings", []):
         if "could not be kept" in w:  # the others were shown before the fetch

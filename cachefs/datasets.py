@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,7 @@ log = logging.getLogger("cachefs.datasets")
 
 PROGRESS_EVERY = 0.5  # seconds between progress events
 PROBE_CHUNKS = 2
+YIELD_EVERY = 256  # files or chunks handled between two checkpoints (reads go on meanwhile)
 MAX_PARALLEL = 256
 MAX_ROWS = 1_000_000
 
@@ -184,20 +186,19 @@ class Job:
         self._emit = emit
         self._lock = trio.Lock()
         self.kind = kind
-        self.phase = "resolving"
         self.entries_total = 0
         self.entries_done = 0
-        self.progress: dict = {}
+        self.progress: Callable[[], dict] | None = None  # set once fetching
 
     async def emit(self, ev: dict) -> None:
         async with self._lock:
             await self._emit(ev)
 
     def snapshot(self) -> dict:
-        if self.phase == "resolving":
+        if self.progress is None:
             return {"kind": "resolving", "entries_done": self.entries_done,
                     "entries_total": self.entries_total}
-        return {"kind": "progress", **self.progress}
+        return {"kind": "progress", **self.progress()}
 
     async def ticker(self) -> None:
         while True:
@@ -232,6 +233,9 @@ class Datasets:
         self.model = ThroughputModel()
         self.runs = 0
 
+    def statistics(self) -> dict:
+        return {"preloads": self.runs, "throughput": self.model.statistics()}
+
     # -- helpers --------------------------------------------------------------------
 
     @property
@@ -254,8 +258,6 @@ class Datasets:
                 failed.append({"line": line, "entry": text, "reason": _reason(e)})
                 job.entries_done += 1
                 continue
-            if node.mount is None and not nodes:
-                pass  # the root of a multi-mount with empty buckets
             for n in nodes:
                 if n.ino in seen:
                     continue
@@ -267,7 +269,11 @@ class Datasets:
                 if len(files) > MAX_ROWS:
                     raise ControlError(f"the file list names more than {MAX_ROWS} files; "
                                        "split it")
+                if len(files) % YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()  # hashing chunk ids: let reads run meanwhile
             job.entries_done += 1
+            if job.entries_done % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
         return files, failed
 
     # -- status ---------------------------------------------------------------------
@@ -280,7 +286,9 @@ class Datasets:
         files, failed = await job.run(lambda n: self.resolve(entries, job))
         rows = []
         tot = cached = pinned = 0
-        for f in files:
+        for i, f in enumerate(files):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
             c = p = cc = 0
             for r in f.refs:
                 if store.contains(r.cid):
@@ -318,11 +326,13 @@ class Datasets:
 
     # -- preload --------------------------------------------------------------------
 
-    def _plan(self, files: list[FileItem], pin: bool, parallel: int) -> dict:
+    async def _plan(self, files: list[FileItem], pin: bool, parallel: int) -> dict:
         store = self.d.store
         assert store is not None
         total = cached = to_pin = missing = nmissing = nchunks = 0
-        for f in files:
+        for i, f in enumerate(files):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
             for r in f.refs:
                 nchunks += 1
                 if store.contains(r.cid):
@@ -396,7 +406,7 @@ class Datasets:
         entries = _entries(req)
         t_start = time.monotonic()
         files, failed = await job.run(lambda n: self.resolve(entries, job))
-        plan = self._plan(files, pin, parallel)
+        plan = await self._plan(files, pin, parallel)
         if dry_run:
             probed = 0
             if plan["missing_chunks"] and not self.model.measured:
@@ -412,11 +422,9 @@ class Datasets:
                     "throughput": self.model.statistics()}
         await job.emit({"kind": "plan", "pin": pin, "parallel": parallel, **plan})
         run = _Run(self, files, pin, parallel, plan)
-        job.phase = "fetching"
-        job.progress = run.progress()
+        job.progress = run.progress
 
         async def body(n: trio.Nursery) -> float:
-            n.start_soon(_refresh, job, run)
             t0 = time.monotonic()
             await run.go()
             return time.monotonic() - t0
@@ -449,12 +457,6 @@ class Datasets:
         return out
 
 
-async def _refresh(job: Job, run: _Run) -> None:
-    while True:
-        job.progress = run.progress()
-        await trio.sleep(PROGRESS_EVERY / 2)
-
-
 class _Run:
     """One preload: workers take chunks in list order."""
 
@@ -470,6 +472,7 @@ class _Run:
         self.done_bytes = 0
         self.files_done = 0
         self.uncached_bytes = 0
+        self.failed_files = 0
         self.touched: set = set()
         self.t0 = time.monotonic()
 
@@ -478,7 +481,7 @@ class _Run:
         return {"files_done": self.files_done, "files_total": p["files"],
                 "bytes_done": self.done_bytes, "bytes_total": p["total_bytes"],
                 "fetched_bytes": self.fetched_bytes, "missing_bytes": p["missing_bytes"],
-                "failed_files": sum(1 for f in self.files if f.error),
+                "failed_files": self.failed_files,
                 "elapsed": round(time.monotonic() - self.t0, 3)}
 
     def _work(self):
@@ -513,12 +516,13 @@ class _Run:
         d = self.ds.d
         store, reader = d.store, d.reader
         assert store is not None and reader is not None
+        skipped = 0
         for f, r in work:
-            if f.error:
-                self._chunk_done(f, r.length)
-                continue
-            if store.contains(r.cid) and (not self.pin or store.is_pinned(r.cid)):
-                self._chunk_done(f, r.length)
+            if f.error or (store.contains(r.cid) and (not self.pin or store.is_pinned(r.cid))):
+                self._chunk_done(f, r.length)  # failed file, or already cached
+                skipped += 1
+                if skipped % YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
                 continue
             t0 = time.perf_counter()
             try:
@@ -526,6 +530,7 @@ class _Run:
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
                 if not f.error:
                     f.error = _reason(e)
+                    self.failed_files += 1
                     log.warning("preload of %s failed: %s", f.path, f.error)
                 self._chunk_done(f, r.length)
                 continue
@@ -570,7 +575,7 @@ def register(d: Daemon) -> None:
     d.datasets = ds  # type: ignore[attr-defined]
 
     async def throughput(req, emit):
-        return {"throughput": ds.model.statistics(), "preloads": ds.runs}
+        return ds.statistics()
 
     srv.register("preload", _refusing(ds.preload))
     srv.register("free", _refusing(ds.free))

@@ -125,10 +125,11 @@ class ObjectStore:
             if status == 412 or code == "PreconditionFailed":
                 return ObjectChanged("object changed in S3 since it was opened", code=code,
                                      status=412)
+            if code == "NoSuchBucket":
+                return S3Error(f"bucket {self.bucket!r} does not exist at "
+                               f"{self.spec.endpoint_url or 'AWS'}", code=code, status=status)
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 return NoSuchObject("no such object", code=code, status=404)
-            if code == "NoSuchBucket":
-                return S3Error(f"bucket {self.bucket!r} does not exist", code=code, status=status)
             if status >= 500 or code in TRANSIENT_CODES or status == 429:
                 return _Retry(f"{status} {code}", code, status)
             return S3Error(f"S3 {status} {code}: {err.get('Message', '')}".strip(), code=code,

@@ -132,6 +132,8 @@ def test_dry_run_estimate(mounts, bucket, s3, proxy, tmp_path):
     assert proxy.gets() == nchunks(DATA.values())
     res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
     assert res["missing_bytes"] == 0 and res["estimate"]["seconds"] == 0
+    r = cli("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
+    assert r.returncode == 0 and "nothing to fetch" in r.stdout, r.stderr
 
 
 def test_interrupted_preload_resumes(mounts, bucket, s3, proxy, tmp_path):

@@ -1,0 +1,153 @@
+"""CLI behaviour: one-line errors with non-zero exits, daemon start-up checks, umount."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cachefs_env import CREDS, cli, is_mounted
+
+
+def one_line_error(r, *needles):
+    assert r.returncode != 0, r
+    err = r.stderr.strip()
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if "WARN" not in ln and ln.strip()]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_cli_input(tmp_path):
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    base = ["mount", "s3://bucket-x", str(mp), "--cache-dir", str(tmp_path / "c")]
+    one_line_error(cli(*base), "cache size")
+    one_line_error(cli(*base, "--cache-size", "lots"), "cache size")
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--chunk-size", "1"), "chunk size")
+    one_line_error(cli("mount", "http://x", str(mp), "--cache-dir", "/tmp/c",
+                       "--cache-size", "1GiB"), "s3://")
+    one_line_error(cli("mount", "s3://a/../b", str(mp), "--cache-dir", "/tmp/c",
+                       "--cache-size", "1GiB"), "bucket")
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--no-such-flag"), "no-such-flag")
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--high-watermark", "0.5",
+                       "--low-watermark", "0.7"), "watermark")
+    one_line_error(cli("mount", str(mp)), "config")
+    one_line_error(cli("mount", "--config", str(tmp_path / "none.toml"), str(mp)), "not found")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cache]\nsize = 'x'\nbogus = 1\n")
+    one_line_error(cli("mount", "--config", str(bad), str(mp)), "bogus")
+    one_line_error(cli("nosuchcommand"), "nosuchcommand")
+    one_line_error(cli("umount", str(mp)), "not mounted")
+    one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
+    r = cli("--help")
+    assert r.returncode == 0 and "mount" in r.stdout
+
+
+@pytest.mark.fuse
+def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cache = ["--cache-dir", str(tmp_path / "c"), "--cache-size", "64MiB",
+             "--endpoint-url", proxy.url]
+    one_line_error(cli("mount", f"s3://{bucket}", str(tmp_path / "missing"), *cache),
+                   "does not exist")
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line_error(cli("mount", f"s3://{bucket}", str(f), *cache), "not a directory")
+    one_line_error(cli("mount", "s3://no-such-bucket-here", str(mp), *cache), "no-such-bucket")
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c"),
+                       "--cache-size", "64MiB", "--endpoint-url", "http://127.0.0.1:9",
+                       "--s3-timeout", "2s"), "unreachable")
+    proxy.faults(status=403, code="InvalidAccessKeyId", ops=["ListObjects"], count=1)
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache), "credentials")
+    proxy.reset()
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(f / "sub"),
+                       "--cache-size", "64MiB", "--endpoint-url", proxy.url), "not writable")
+    # a second daemon on the same cache dir, and a busy mountpoint
+    m = mounts(f"s3://{bucket}")
+    mp2 = tmp_path / "mp2"
+    mp2.mkdir()
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp2), "--cache-dir", str(m.cache_dir),
+                       "--cache-size", "64MiB", "--endpoint-url", proxy.url), "in use")
+    one_line_error(cli("mount", f"s3://{bucket}", str(m.mp), "--cache-dir",
+                       str(tmp_path / "c3"), "--cache-size", "64MiB", "--endpoint-url",
+                       proxy.url), "busy")
+    assert not is_mounted(mp) and not is_mounted(mp2)
+
+
+@pytest.mark.fuse
+def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
+    s3.put_object(Bucket=bucket, Key="d/hello.txt", Body=b"hello")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cache = tmp_path / "cache"
+    r = cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(cache), "--cache-size",
+            "64MiB", "--endpoint-url", proxy.url)
+    try:
+        assert r.returncode == 0, r.stderr
+        # returns only once the mount is live
+        assert is_mounted(mp)
+        assert (mp / "d" / "hello.txt").read_bytes() == b"hello"
+        r = cli("stats", "--mount", str(mp), "--json")
+        assert r.returncode == 0 and '"used_bytes"' in r.stdout
+        # the daemon's argv and its logs never carry credentials
+        info = cli("stats", "--mount", str(mp))
+        assert "cache" in info.stdout
+        pid = int((cache / "lock").read_text())
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmdline = fh.read()
+        assert CREDS["AWS_SECRET_ACCESS_KEY"].encode() not in cmdline.replace(b"\0", b" ")
+        # busy: a process inside the mount
+        holder = subprocess.Popen(["sleep", "30"], cwd=mp)
+        try:
+            one_line_error(cli("umount", str(mp)), "busy")
+        finally:
+            holder.kill()
+            holder.wait()
+        r = cli("umount", str(mp))
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(mp)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+@pytest.mark.fuse
+def test_config_file_mount_table(s3, proxy, moto, tmp_path, mounts):
+    for b in ("dc1-data", "dc2-data"):
+        try:
+            s3.create_bucket(Bucket=b)
+        except Exception:
+            pass
+    s3.put_object(Bucket="dc1-data", Key="train/a.txt", Body=b"dc1")
+    s3.put_object(Bucket="dc2-data", Key="b.txt", Body=b"dc2")
+    cfg = tmp_path / "cachefs.toml"
+    cfg.write_text(f"""
+[s3]
+endpoint_url = "{proxy.url}"
+
+[[mount]]
+name = "east"
+source = "s3://dc1-data/train"
+
+[[mount]]
+name = "west"
+source = "s3://dc2-data"
+endpoint_url = "{moto.url}"
+""")
+    m = mounts("", config=str(cfg), endpoint="")
+    assert sorted(os.listdir(m.mp)) == ["east", "west"]
+    assert (m.mp / "east" / "a.txt").read_bytes() == b"dc1"
+    assert (m.mp / "west" / "b.txt").read_bytes() == b"dc2"
+
+
+def test_version():
+    r = subprocess.run([sys.executable, "-m", "cachefs", "--version"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and "0.1.0" in r.stdout
