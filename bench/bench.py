@@ -231,11 +231,14 @@ def cmd_output(argv: list[str]) -> str:
 
 
 def tail(path: Path, n: int = 6) -> str:
+    """Last n non-empty lines of a log, from the last "==== " (start) marker on."""
     try:
-        lines = path.read_text(errors="replace").strip().splitlines()
+        text = path.read_text(errors="replace")
     except OSError:
         return ""
-    return " | ".join(lines[-n:])
+    text = text.rsplit("\n==== ", 1)[-1]
+    lines = [ln for ln in text.splitlines()[1:] if ln.strip()] if "\n" in text else []
+    return " / ".join(lines[-n:])
 
 
 class Timeout(Exception):
@@ -406,6 +409,7 @@ class Ctx:
     s3: S3Server
     results: dict = field(default_factory=dict)  # scenario -> system -> entry
     notes: dict = field(default_factory=dict)  # system -> list of notes
+    load_start: str = field(default_factory=lambda: f"{os.getloadavg()[0]:.2f}")
 
     def record(self, scenario: str, system: str, value: float | None = None,
                status: str | None = None, extra: dict | None = None) -> None:
@@ -426,6 +430,7 @@ class System:
     """A mounted filesystem under test. Subclasses give the command line."""
     name = "?"
     role = "peer"  # "ceiling" | "cachefs" | "peer"
+    talks_to_s3 = True
     unmount_timeout = 30.0
     mount_timeout = 45.0
 
@@ -542,6 +547,7 @@ class System:
 
 class Passthrough(System):
     name, role = "pyfuse3-passthrough", "ceiling"
+    talks_to_s3 = False
 
     def command(self):
         return [sys.executable, str(BENCH / "passthrough.py"), str(self.ctx.local),
@@ -750,8 +756,8 @@ SCEN = {s.id: s for s in SCENARIOS}
 class Measurer:
     """Runs one measurement for one system, recording value, S3 egress and errors."""
 
-    def __init__(self, ctx: Ctx, system: str):
-        self.ctx, self.system = ctx, system
+    def __init__(self, ctx: Ctx, system: str, talks_to_s3: bool = True):
+        self.ctx, self.system, self.talks_to_s3 = ctx, system, talks_to_s3
 
     def __call__(self, scenario: str, fn: Callable[[], tuple[float, dict]],
                  logical_bytes: int | None = None) -> bool:
@@ -774,7 +780,7 @@ class Measurer:
             if ctx.args.verbose:
                 traceback.print_exc()
             return False
-        if logical_bytes:
+        if logical_bytes and self.talks_to_s3:
             extra["s3_amplification"] = (ctx.s3.egress() - e0) / logical_bytes
         ctx.record(scenario, self.system, value, extra=extra)
         unit = SCEN[scenario].unit
@@ -787,7 +793,7 @@ def run_mounted_system(ctx: Ctx, sys_: System) -> None:
     """All mounted scenarios for one system, ctx.profile.runs times."""
     p, lay, to = ctx.profile, ctx.layout, ctx.profile.timeout
     root = sys_.root
-    m = Measurer(ctx, sys_.name)
+    m = Measurer(ctx, sys_.name, talks_to_s3=sys_.talks_to_s3)
     large_bytes = p.shards * p.shard_size
     small_bytes = p.small * p.small_size
     medium_bytes = p.medium * p.medium_size
@@ -852,7 +858,12 @@ def run_mounted_system(ctx: Ctx, sys_: System) -> None:
             log(f"  {sys_.name:20s} {'mem_32':13s} {sampler.peak_kib / 1024:10.1f} MiB")
         sys_.reset_cold()
         m("herd_32", herd, p.herd_size)
-    ctx.notes.setdefault(sys_.name, []).append(f"read_ahead_kb of the mount: {read_ahead_kb(sys_.mp)}")
+    argv, _ = sys_.command()
+    ctx.notes.setdefault(sys_.name, []).append(
+        f"`{' '.join(Path(argv[0]).name if i == 0 else a for i, a in enumerate(argv))}` "
+        f"{'(credentials in the environment or a 0600 file); ' if sys_.talks_to_s3 else ''}"
+        f"read_ahead_kb of the mount: "
+        f"{read_ahead_kb(sys_.mp)}")
 
 
 # -- ceilings that are not mounts -------------------------------------------
@@ -977,7 +988,7 @@ def disk_dd(ctx: Ctx) -> None:
     """dd of the same bytes from the local copy: the disk ceiling."""
     name = "disk-dd"
     p = ctx.profile
-    m = Measurer(ctx, name)
+    m = Measurer(ctx, name, talks_to_s3=False)
     files = [str(ctx.local / k) for k in ctx.layout.shards]
 
     def dd() -> tuple[float, dict]:
@@ -1079,7 +1090,8 @@ def machine_facts(ctx: Ctx) -> list[tuple[str, str]]:
     s3rver_ver = "?"
     with contextlib.suppress(OSError, ValueError):
         s3rver_ver = json.loads((NODE_DIR / "node_modules/s3rver/package.json").read_text())["version"]
-    work_fs = cmd_output(["df", "-hT", "--output=source,fstype,size", str(ctx.work)]).splitlines()[-1]
+    work_fs = " ".join(cmd_output(["df", "-h", "--output=source,fstype,size,avail",
+                                    str(ctx.work)]).splitlines()[-1].split())
     return [
         ("host", socket.gethostname()),
         ("cores", str(os.cpu_count())),
@@ -1087,7 +1099,9 @@ def machine_facts(ctx: Ctx) -> list[tuple[str, str]]:
         ("memory", mem),
         ("kernel", platform.release()),
         ("python", platform.python_version()),
-        ("work dir fs", work_fs),
+        ("work dir fs (source type size avail)", work_fs),
+        ("load average at start / end", f"{ctx.load_start} / {os.getloadavg()[0]:.2f} "
+         "(other jobs on the machine skew figures)"),
         ("cachefs", ver("cachefs")),
         ("pyfuse3", ver("pyfuse3")),
         ("trio", ver("trio")),
@@ -1120,13 +1134,17 @@ def plot_group(ctx: Ctx, group: str, path: Path) -> bool:
             med, lo, hi = [], [], []
             for s in us:
                 sm = summary(ctx.results.get(s.id, {}).get(n, {"values": []}))
-                med.append(sm["median"] if sm else 0)
+                med.append(sm["median"] if sm else float("nan"))
                 lo.append(sm["median"] - sm["min"] if sm else 0)
                 hi.append(sm["max"] - sm["median"] if sm else 0)
             xs = [j + (i - (len(systems) - 1) / 2) * width for j in range(len(us))]
             ax.bar(xs, med, width, yerr=[lo, hi], capsize=3, label=n)
         ax.set_xticks(range(len(us)))
         ax.set_xticklabels([s.id for s in us])
+        vals = [v for s in us for n in systems
+                for v in ctx.results.get(s.id, {}).get(n, {"values": []})["values"] if v > 0]
+        if vals and max(vals) / min(vals) > 30:
+            ax.set_yscale("log")
         ax.set_ylabel(unit + " (median, min–max)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -1239,7 +1257,7 @@ def write_report(ctx: Ctx, started: float) -> Path:
                 vs = "—"
                 if name != "cachefs" and sm and cval is not None:
                     vs = f"{cval / sm['median']:.2f}×"
-                note = e["status"] or ""
+                note = (e["status"] or "").replace("|", "/")
                 if sm:
                     L.append(f"| {name} | {fmt(sm['median'])} | {fmt(sm['min'])} | {fmt(sm['max'])} | "
                              f"{sm['n']} | {vs} | {amp} | {note} |")

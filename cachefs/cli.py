@@ -61,8 +61,11 @@ def cli() -> None:
 @click.option("--s3-max-attempts", type=int, help="Attempts per S3 request (default 6).")
 @click.option("--s3-timeout", help="Timeout of one S3 attempt (default 30s).")
 @click.option("--allow-other", is_flag=True, default=None, help="Let other users read the mount.")
-@click.option("--node-id", help="This node's name in the cluster (default: hostname).")
+@click.option("--node-id", help="This node's id in the cluster (default: its --peers entry, "
+              "found by host name and port, or its HOST:PORT).")
 @click.option("--peer-listen", help="HOST:PORT of this node's peer server.")
+@click.option("--peer-advertise", help="HOST:PORT other nodes use to reach this one "
+              "(default: --peer-listen, with a wildcard host replaced by the host name).")
 @click.option("--peers", help="Static cluster members, comma-separated HOST:PORT or NODE=HOST:PORT.")
 @click.option("--etcd", help="etcd endpoints for membership, comma-separated URLs.")
 @click.option("--metrics-listen", help="HOST:PORT for Prometheus metrics (default off).")
@@ -215,14 +218,21 @@ def umount(mountpoint: str, timeout: float) -> None:
     if pid:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 break
             time.sleep(0.05)
         else:
             raise QuietError(f"unmounted {mp}, but daemon pid {pid} is still running")
     click.echo(f"cachefs: unmounted {mp}", err=True)
+
+
+def _alive(pid: int) -> bool:
+    """True while pid runs (a zombie waiting for its parent counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 # -- stats ----------------------------------------------------------------------------

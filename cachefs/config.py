@@ -131,6 +131,7 @@ class S3Options:
 class ClusterOptions:
     node_id: str | None = None
     peer_listen: str | None = None  # HOST:PORT
+    advertise: str | None = None  # HOST:PORT peers connect to (default: listen, or hostname:port)
     peers: tuple[str, ...] = ()  # static members "host:port" or "node=host:port"
     etcd: tuple[str, ...] = ()
     etcd_prefix: str = "/cachefs/members/"
@@ -223,8 +224,8 @@ def build_config(
     _check_keys(s3, {"endpoint_url", "region", "profile", "max_attempts", "request_timeout",
                      "connect_timeout", "max_concurrency"}, "[s3]")
     cl = _table(raw, "cluster")
-    _check_keys(cl, {"node_id", "peer_listen", "peers", "etcd", "etcd_prefix", "peer_secret",
-                     "peer_timeout", "lease_ttl", "grace_period"}, "[cluster]")
+    _check_keys(cl, {"node_id", "peer_listen", "advertise", "peers", "etcd", "etcd_prefix",
+                     "peer_secret", "peer_timeout", "lease_ttl", "grace_period"}, "[cluster]")
     tr = _table(raw, "trace")
     _check_keys(tr, {"slow_threshold", "metrics_listen"}, "[trace]")
     lg = _table(raw, "log")
@@ -321,6 +322,7 @@ def build_config(
     cluster = ClusterOptions(
         node_id=pick("node_id", cl, "node_id"),
         peer_listen=pick("peer_listen", cl, "peer_listen"),
+        advertise=pick("peer_advertise", cl, "advertise"),
         peers=tuple(peers),
         etcd=tuple(etcd),
         etcd_prefix=str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix)),
@@ -329,6 +331,10 @@ def build_config(
         lease_ttl=int(cl.get("lease_ttl", 10)),
         grace_period=parse_duration(cl.get("grace_period", 30), "grace period"),
     )
+    if cluster.lease_ttl < 2:
+        raise ConfigError("[cluster] lease_ttl must be at least 2 (seconds)")
+    if cluster.advertise:
+        parse_hostport(cluster.advertise, "peer advertise address")
     if cluster.peer_listen:
         parse_hostport(cluster.peer_listen, "peer listen address")
         if not cluster.peer_secret:

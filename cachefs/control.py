@@ -109,6 +109,12 @@ class ControlServer:
                     n.start_soon(_watch_hangup, stream, n.cancel_scope)
                     result = await handler(req, emit)
                     n.cancel_scope.cancel()
+            except BaseExceptionGroup as eg:
+                ce = _single(eg, ControlError)
+                if ce is None:
+                    raise
+                await _send(stream, {"ok": False, "error": str(ce)})
+                return
             except ControlError as e:
                 await _send(stream, {"ok": False, "error": str(e)})
                 return
@@ -127,6 +133,23 @@ class ControlServer:
                 await _send(stream, {"ok": True, **result})
             except trio.BrokenResourceError:
                 pass
+
+
+def _single(eg: BaseExceptionGroup, kind: type) -> BaseException | None:
+    """The one exception of type kind inside a (nested) group, if that is all it holds."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    if len(leaves) == 1 and isinstance(leaves[0], kind):
+        return leaves[0]
+    return None
 
 
 async def _watch_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
@@ -178,7 +201,10 @@ class ControlClient:
         s = self._connect()
         try:
             s.settimeout(timeout)
-            s.sendall(json.dumps(req).encode() + b"\n")
+            try:
+                s.sendall(json.dumps(req).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server may have answered (refused) already: read its reply
             f = s.makefile("rb")
             for line in f:
                 msg = json.loads(line)
@@ -192,5 +218,7 @@ class ControlClient:
             raise QuietError("the cachefs daemon closed the connection")
         except TimeoutError:
             raise QuietError("the cachefs daemon did not answer in time") from None
+        except (ConnectionResetError, BrokenPipeError):
+            raise QuietError("the cachefs daemon closed the connection") from None
         finally:
             s.close()

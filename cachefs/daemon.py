@@ -259,8 +259,6 @@ class Daemon:
         except RuntimeError as e:
             raise QuietError(f"could not mount at {mp}: {e}") from None
         try:
-            # no stat of mp from here on until pyfuse3.main runs: it would ask ourselves
-            set_kernel_readahead(mp, cfg.kernel_read_ahead_kb)
             rdir = runtime.write_info(mp, {"pid": os.getpid(), "mountpoint": str(mp),
                                            "cache_dir": str(cfg.cache_dir),
                                            "mounts": [m.spec.source for m in mounts]})
@@ -269,6 +267,7 @@ class Daemon:
             register_all(self)
             await nursery.start(self.control.serve)
             nursery.start_soon(self._signals)
+            nursery.start_soon(self._after_init, mp)
             log.info("mounted %s at %s (cache %s, limit %d MiB, chunk %d KiB)",
                      ", ".join(m.spec.source for m in mounts), mp, cfg.cache_dir,
                      cfg.cache_size >> 20, cfg.chunk_size >> 10)
@@ -280,6 +279,13 @@ class Daemon:
                 pyfuse3.close(unmount=True)
             with contextlib.suppress(OSError):
                 (runtime.mount_dir(mp, resolved=True) / "info.json").unlink()
+
+    async def _after_init(self, mp: Path) -> None:
+        """Once the kernel has finished FUSE INIT (it resets the bdi read-ahead then)."""
+        def work() -> None:
+            os.stat(mp)  # served by pyfuse3.main: returns only after INIT
+            set_kernel_readahead(mp, self.cfg.kernel_read_ahead_kb)
+        await trio.to_thread.run_sync(work, abandon_on_cancel=True)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

@@ -78,7 +78,6 @@ class ThroughputModel:
         self.w = 0.0
         self.sx = self.sy = self.sxx = self.sxy = 0.0
         self.samples = 0
-        self.max_concurrency_seen = 0
         self.updated_at = 0.0
 
     def observe(self, nbytes: int, seconds: float) -> None:
@@ -182,10 +181,9 @@ def _entries(req: dict) -> list[tuple[int, str, str]]:
 class Job:
     """One request: serialized event emission and a periodic progress ticker."""
 
-    def __init__(self, emit, kind: str) -> None:
+    def __init__(self, emit) -> None:
         self._emit = emit
         self._lock = trio.Lock()
-        self.kind = kind
         self.entries_total = 0
         self.entries_done = 0
         self.progress: Callable[[], dict] | None = None  # set once fetching
@@ -205,15 +203,15 @@ class Job:
             await trio.sleep(PROGRESS_EVERY)
             await self.emit(self.snapshot())
 
-    async def run(self, body):
-        """``await body(nursery)`` with the ticker running; its errors come out bare
+    async def run(self, fn, *args):
+        """``await fn(*args)`` with the ticker running; its errors come out bare
         (not wrapped in an exception group), so a ControlError reaches the client."""
         err: Exception | None = None
         result = None
         async with trio.open_nursery() as n:
             n.start_soon(self.ticker)
             try:
-                result = await body(n)
+                result = await fn(*args)
             except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
                 err = e
             await self.stop(n.cancel_scope)
@@ -241,6 +239,12 @@ class Datasets:
     @property
     def s3_concurrency(self) -> int:
         return self.d.cfg.s3.max_concurrency
+
+    async def _resolve_request(self, req: dict,
+                               emit) -> tuple[Job, list[FileItem], list[dict]]:
+        job = Job(emit)
+        files, failed = await job.run(self.resolve, _entries(req), job)
+        return job, files, failed
 
     async def resolve(self, entries: list[tuple[int, str, str]],
                       job: Job) -> tuple[list[FileItem], list[dict]]:
@@ -281,9 +285,7 @@ class Datasets:
     async def status(self, req: dict, emit) -> dict:
         store = self.d.store
         assert store is not None
-        job = Job(emit, "status")
-        entries = _entries(req)
-        files, failed = await job.run(lambda n: self.resolve(entries, job))
+        job, files, failed = await self._resolve_request(req, emit)
         rows = []
         tot = cached = pinned = 0
         for i, f in enumerate(files):
@@ -309,19 +311,17 @@ class Datasets:
     async def free(self, req: dict, emit) -> dict:
         store = self.d.store
         assert store is not None
-        job = Job(emit, "free")
-        entries = _entries(req)
-        files, failed = await job.run(lambda n: self.resolve(entries, job))
+        job, files, failed = await self._resolve_request(req, emit)
         cids = [r.cid for f in files for r in f.refs if store.contains(r.cid)]
-        unpinned = sum(1 for c in cids if store.is_pinned(c))  # pins removed with them
+        pins = sum(1 for c in cids if store.is_pinned(c))  # removed with their chunks
         freed = 0
         with trio.CancelScope(shield=True):  # index and files stay consistent
             for i in range(0, len(cids), 4096):
                 freed += await store.drop(cids[i:i + 4096])
         log.info("free: %d files, %d chunks, %d bytes (%d pins removed)", len(files), len(cids),
-                 freed, unpinned)
+                 freed, pins)
         return {"files": len(files), "total_bytes": sum(f.size for f in files),
-                "freed_bytes": freed, "freed_chunks": len(cids), "pins_removed": unpinned,
+                "freed_bytes": freed, "freed_chunks": len(cids), "pins_removed": pins,
                 "failed": failed, "cache": store.statistics()}
 
     # -- preload --------------------------------------------------------------------
@@ -402,15 +402,13 @@ class Datasets:
             raise ControlError("parallel must be a number") from None
         if not 1 <= parallel <= MAX_PARALLEL:
             raise ControlError(f"--parallel must be between 1 and {MAX_PARALLEL}")
-        job = Job(emit, "preload")
-        entries = _entries(req)
         t_start = time.monotonic()
-        files, failed = await job.run(lambda n: self.resolve(entries, job))
+        job, files, failed = await self._resolve_request(req, emit)
         plan = await self._plan(files, pin, parallel)
         if dry_run:
             probed = 0
             if plan["missing_chunks"] and not self.model.measured:
-                probed = await job.run(lambda n: self._probe(files))
+                probed = await job.run(self._probe, files)
                 if probed:  # the plan stays what was missing when we looked
                     plan["estimate"] = self.model.estimate(
                         plan["missing_bytes"], plan["missing_chunks"], parallel,
@@ -423,13 +421,9 @@ class Datasets:
         await job.emit({"kind": "plan", "pin": pin, "parallel": parallel, **plan})
         run = _Run(self, files, pin, parallel, plan)
         job.progress = run.progress
-
-        async def body(n: trio.Nursery) -> float:
-            t0 = time.monotonic()
-            await run.go()
-            return time.monotonic() - t0
-
-        secs = await job.run(body)
+        t0 = time.monotonic()
+        await job.run(run.go)
+        secs = time.monotonic() - t0
         self.runs += 1
         for f in files:
             if f.error:

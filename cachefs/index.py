@@ -25,6 +25,8 @@ from pathlib import Path
 import lmdb
 import trio
 
+from .faults import crash_point
+
 log = logging.getLogger("cachefs.index")
 
 FORMAT_VERSION = b"1"
@@ -100,6 +102,7 @@ class Index:
                 with self.env.begin(write=True) as txn:
                     for op in ops:
                         op(self, txn)
+                    crash_point("index.commit")
                 return
             except lmdb.MapFullError:
                 new = self.env.info()["map_size"] * 2

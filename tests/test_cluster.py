@@ -266,8 +266,9 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
         assert h["received"] > 0 and h["not_found"] == 0
 
         # stopped: still in the rings during the grace period, then gone
-        m4.stop()
+        # (it leaves etcd at some point during stop(), so after t_stop)
         t_stop = time.monotonic()
+        m4.stop()
         wait_for(lambda: cluster_stats(ms[0])["members"].get("e3", {}).get("state")
                  == "departing", ttl + 1, "e3 to be departing")
         if time.monotonic() - t_stop < grace - 0.5:

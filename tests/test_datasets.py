@@ -12,9 +12,11 @@ import sys
 import tempfile
 import time
 
+import pytest
 from cachefs_env import CREDS, cli
 
 from cachefs import filelist
+from cachefs.datasets import ThroughputModel
 from cachefs.filelist import MountInfo
 
 KiB = 1024
@@ -78,6 +80,23 @@ def test_filelist_translate():
     assert [e.rel for e in entries] == ["imgs/x/y", "txt/z", "imgs/q"] and not errors
     assert filelist.mount_for(["/m/a", "/m/b/c"], ["/m", "/n"]) == "/m"
     assert filelist.mount_for(["/m/a", "/n/b"], ["/m", "/n"]) is None
+
+
+def test_throughput_model():
+    m = ThroughputModel()
+    assert m.estimate(10 * CHUNK, 10, 8, 32)["seconds"] is None  # no measurement yet
+    for _ in range(5):  # equal sizes: latency cannot be separated, t/bytes still exact
+        m.observe(CHUNK, 0.1)
+    est = m.estimate(16 * CHUNK, 16, 8, 32)
+    assert est["streams"] == 8 and est["latency_s"] == 0 and est["seconds"] == pytest.approx(0.2)
+    m = ThroughputModel()
+    for size in (CHUNK, CHUNK // 4, CHUNK // 2) * 4:  # t = 10 ms + bytes / 1 MB/s
+        m.observe(size, 0.01 + size / 1e6)
+    lat, bps = m.params()
+    assert lat == pytest.approx(0.01, rel=1e-3) and bps == pytest.approx(1e6, rel=1e-3)
+    est = m.estimate(4_000_000, 40, 64, 4)  # streams capped by the S3 concurrency
+    assert est["streams"] == 4 and est["seconds"] == pytest.approx(1.0 + 10 * 0.01, rel=1e-3)
+    assert m.estimate(0, 0, 8, 32)["seconds"] == 0
 
 
 # -- preload ------------------------------------------------------------------------------

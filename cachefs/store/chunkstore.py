@@ -38,6 +38,7 @@ from pathlib import Path
 import trio
 import xxhash
 
+from ..faults import crash_point
 from ..index import ChunkRec, Index, IndexWriter
 from ..stats import Stats
 from ..trace import span
@@ -257,8 +258,10 @@ class ChunkStore:
                         mv = mv[n:]
             finally:
                 os.close(fd)
+            crash_point("chunk.tmp_written")
             final.parent.mkdir(mode=0o700, exist_ok=True)
             os.rename(tmp, final)
+            crash_point("chunk.renamed")
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -344,6 +347,7 @@ class ChunkStore:
         if not ops:
             return 0
         await self.writer.commit(*ops)
+        crash_point("evict.index_deleted")
 
         def unlink_all() -> None:
             for p in paths:

@@ -1,0 +1,497 @@
+"""`cachefs trace`: why was this read slow?
+
+Three modes:
+
+* ``cachefs trace PATH [--offset N] [--length N] [--cold] [--json]`` reads that range
+  THROUGH THE MOUNT with O_DIRECT (the kernel page cache is bypassed; FUSE sends
+  O_DIRECT reads to the daemon), while the daemon captures the traces of every FUSE
+  read of that inode overlapping the range (control ops ``trace_capture_start`` /
+  ``trace_capture_stop``).  It prints the total latency, one line per chunk (tier,
+  node, time, the cost inside), then each trace as a tree with the dominant cost
+  marked.  ``--cold`` first drops those chunks from the cache of every node
+  (``trace_evict``), so the miss path is what gets traced.
+* ``cachefs trace --follow [--slower-than 50ms] [--path-prefix P]`` streams traces
+  as they finish (default threshold: the daemon's --slow-threshold).
+* ``cachefs trace --recent N [--slow]`` prints the last N traces (or slow traces).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from . import runtime
+from .config import parse_duration, parse_size
+from .errors import EXIT_NO_DAEMON, EXIT_USAGE, QuietError
+from .report import human
+
+DOMINANT = "◀ dominant"
+BLOCK = 1 << 20
+# attributes shown in a tree line, in this order (others only in --json)
+SHOWN = ("chunk", "tier", "node", "peer", "bytes", "ttfb_ms", "transfer_ms", "status",
+         "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks", "error")
+WAITS = ("singleflight.wait", "readahead.wait")
+
+
+def _offset(v: str | None, what: str) -> int | None:
+    if v is None:
+        return None
+    v = v.strip()
+    if v.isdigit():
+        return int(v)
+    return parse_size(v, what)
+
+
+def _mount_of(path: str, mount: str | None) -> str:
+    if mount:
+        return runtime.find_mount(mount)
+    real = os.path.realpath(path)
+    best = ""
+    for mp in runtime.cachefs_mounts():
+        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) > len(best):
+            best = mp
+    if not best:
+        raise QuietError(f"{path} is not inside a cachefs mount", EXIT_NO_DAEMON)
+    return best
+
+
+def _client(mp: str):
+    from .control import ControlClient
+
+    return ControlClient(runtime.socket_path(mp), mp)
+
+
+# -- reading ---------------------------------------------------------------------------
+
+
+def read_direct(path: str, offset: int, length: int) -> tuple[int, float, bool]:
+    """Read [offset, offset+length) with O_DIRECT; (bytes, seconds, direct)."""
+    direct = True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != 22:  # EINVAL: no O_DIRECT support; fall back below
+            raise QuietError(f"cannot open {path}: {e.strerror}") from None
+        fd = os.open(path, os.O_RDONLY)
+        direct = False
+    try:
+        if not direct:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        buf = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT may require
+        got = 0
+        t0 = time.perf_counter()
+        try:
+            while got < length:
+                n = min(BLOCK, length - got)
+                view = memoryview(buf)[:n]
+                r = os.preadv(fd, [view], offset + got)
+                view.release()
+                if r <= 0:
+                    break
+                got += r
+        except OSError as e:
+            raise QuietError(f"reading {path} failed: {e.strerror}") from None
+        finally:
+            elapsed = time.perf_counter() - t0
+            buf.close()
+    finally:
+        os.close(fd)
+    return got, elapsed, direct
+
+
+# -- analysis --------------------------------------------------------------------------
+
+
+def _walk(s: dict, depth: int = 0, parent: dict | None = None):
+    yield s, depth, parent
+    for c in s.get("spans", ()):
+        yield from _walk(c, depth + 1, s)
+
+
+def self_ms(s: dict) -> float:
+    kids = sum(float(c.get("duration_ms", 0)) for c in s.get("spans", ()))
+    return max(0.0, float(s.get("duration_ms", 0)) - kids)
+
+
+def dominant(traces: list[dict], in_range=None) -> tuple[int, dict] | None:
+    """(trace index, span) with the largest self time; read-ahead of chunks outside the
+    range (work for later reads) does not count."""
+    best: tuple[float, int, dict] | None = None
+    for i, t in enumerate(traces):
+        stack = [t]
+        while stack:
+            s = stack.pop()
+            if (s.get("name") == "readahead" and in_range is not None
+                    and not in_range(s.get("chunk"))):
+                continue
+            v = self_ms(s)
+            if s is not t and (best is None or v > best[0]):
+                best = (v, i, s)
+            stack.extend(s.get("spans", ()))
+    if best is None:
+        return None
+    return best[1], best[2]
+
+
+def describe(s: dict) -> str:
+    """The cost inside a chunk fetch, in one phrase."""
+    n = s.get("name")
+    if n == "s3.get":
+        parts = [f"ttfb {s.get('ttfb_ms', '?')} ms", f"transfer {s.get('transfer_ms', '?')} ms"]
+        if s.get("retries"):
+            parts.append(f"{s['retries']} retr{'y' if s['retries'] == 1 else 'ies'}")
+        return "S3 GET " + ", ".join(parts)
+    if n == "ssd.read":
+        return f"SSD read {s.get('duration_ms')} ms"
+    if n in ("peer", "peer.handoff"):
+        return f"peer {s.get('node')} round trip {s.get('duration_ms')} ms"
+    return f"{n} {s.get('duration_ms')} ms"
+
+
+def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
+               lo: int, hi: int) -> list[dict]:
+    """One row per chunk of the range: the span that fetched it (or waited for it)."""
+    rows: dict[Any, dict] = {}
+    prio = {"chunk": 3, "ssd.read": 2, "readahead.hit": 1, "readahead.wait": 1,
+            "singleflight.wait": 1}
+    for t in traces:
+        node = t.get("node", default_node)
+        guess = _guess_fast_path(t, chunk_size)
+        for s, _, parent in _walk(t):
+            name = s.get("name")
+            if name not in prio:
+                continue
+            if name == "ssd.read" and parent is not None and parent.get("name") != t.get("name"):
+                continue  # part of a chunk fetch, a read-ahead or the owner's serve
+            idx = s.get("chunk")
+            if idx is None and name == "ssd.read":
+                idx = guess.get(id(s))
+            if chunk_size and isinstance(idx, int) and not (
+                    idx * chunk_size < hi and (idx + 1) * chunk_size > lo):
+                continue  # read-ahead beyond the range
+            row = {"chunk": idx, "span": name, "duration_ms": s.get("duration_ms"),
+                   "trace_id": t.get("trace_id")}
+            if name == "chunk":
+                row["tier"] = s.get("tier", "?")
+            elif name == "ssd.read":
+                row["tier"] = "local"
+            elif name == "readahead.hit":
+                row["tier"] = "readahead"
+            else:
+                row["tier"] = "wait"
+            row["node"] = node
+            detail = []
+            for c, _, _p in _walk(s):
+                cn = c.get("name")
+                if cn in ("peer", "peer.handoff") and not c.get("error"):
+                    row["node"] = c.get("node", node)
+                    detail.append(describe(c))
+                    owner = [x for x in c.get("spans", ()) if x.get("name") == "peer.serve"]
+                    for o in owner:
+                        inner = [x for x, _, _ in _walk(o) if x.get("name") in
+                                 ("s3.get", "ssd.read")]
+                        detail.extend(f"on {c.get('node')}: {describe(x)}" for x in inner)
+                elif cn in ("peer", "peer.handoff"):
+                    detail.append(f"peer {c.get('node')} failed ({c.get('error')})")
+                elif cn in ("s3.get", "ssd.read") and c is not s and not _under_peer(s, c):
+                    detail.append(describe(c))
+                elif c is s and cn == "ssd.read":
+                    detail.append(describe(c))
+            row["detail"] = "; ".join(detail)
+            key = idx if idx is not None else f"?{len(rows)}"
+            old = rows.get(key)
+            if old is None or prio[name] > prio[old["span"]]:
+                rows[key] = row
+    return sorted(rows.values(), key=lambda r: (not isinstance(r["chunk"], int),
+                                                r["chunk"] if isinstance(r["chunk"], int) else 0))
+
+
+def _guess_fast_path(t: dict, chunk_size: int | None) -> dict[int, int]:
+    """Chunk indexes of the bare ``ssd.read`` spans of a read (the reader's fast path
+    records no chunk span): the read's chunks that no other span names, in order,
+    when their count matches."""
+    if not chunk_size or not isinstance(t.get("offset"), int) or not t.get("size"):
+        return {}
+    first = t["offset"] // chunk_size
+    last = (t["offset"] + t["size"] - 1) // chunk_size
+    named = {s.get("chunk") for s, _, _ in _walk(t) if s.get("name") in
+             ("chunk", "readahead.wait", "singleflight.wait", "readahead.hit")
+             and s is not t}
+    bare = [s for s in t.get("spans", ()) if s.get("name") == "ssd.read" and "chunk" not in s]
+    free = [i for i in range(first, last + 1) if i not in named]
+    if len(bare) != len(free):
+        return {}
+    return {id(s): i for s, i in zip(bare, free, strict=True)}
+
+
+def _under_peer(root: dict, target: dict) -> bool:
+    for s, _, _ in _walk(root):
+        if s.get("name") in ("peer", "peer.handoff"):
+            for x, _, _ in _walk(s):
+                if x is target:
+                    return True
+    return False
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def _attrs(s: dict) -> str:
+    out = []
+    for k in SHOWN:
+        if k in s and s[k] not in (None, ""):
+            v = s[k]
+            if k in ("attempts",) and v == 1:
+                continue
+            if k == "retries" and not v:
+                continue
+            if k == "chunk":
+                out.append(f"#{v}")
+            elif k == "bytes" and isinstance(v, int):
+                out.append(human(v) if v >= 1024 else f"{v} B")
+            elif k.endswith("_ms"):
+                out.append(f"{k[:-3]} {v} ms")
+            else:
+                out.append(f"{k}={v}")
+    if s.get("open"):
+        out.append("(still running)")
+    return " ".join(out)
+
+
+def render_tree(t: dict, mark: dict | None = None) -> list[str]:
+    head = (f"{t.get('name')} {t.get('path', '')}".rstrip()
+            + (f" offset {t['offset']} size {t['size']}" if "offset" in t else "")
+            + f"  {t.get('duration_ms')} ms  [node {t.get('node', '?')}, trace "
+            f"{t.get('trace_id', '?')}]")
+    if t.get("error"):
+        head += f"  error={t['error']}"
+    if t.get("incomplete"):
+        head += "  (incomplete)"
+    lines = [head]
+
+    def rec(s: dict, prefix: str) -> None:
+        kids = s.get("spans", ())
+        for i, c in enumerate(kids):
+            last = i == len(kids) - 1
+            label = f"{c.get('name')} {_attrs(c)}".rstrip()
+            line = f"{prefix}{'└─ ' if last else '├─ '}{label}"
+            dur = f"{c.get('duration_ms'):>9} ms"
+            pad = max(1, 72 - len(line))
+            line = line + " " * pad + dur
+            if c is mark:
+                line += f"  {DOMINANT}"
+            lines.append(line)
+            rec(c, prefix + ("   " if last else "│  "))
+
+    rec(t, "")
+    if t.get("dropped_spans"):
+        lines.append(f"   ({t['dropped_spans']} more spans not kept)")
+    return lines
+
+
+def render_capture(res: dict) -> str:
+    lines = []
+    cold = res.get("cold")
+    head = (f"{res['path']}  bytes {res['offset']}–{res['offset'] + res['bytes_read'] - 1}"
+            f" ({human(res['bytes_read'])}) read in {res['elapsed_ms']} ms"
+            + ("" if res.get("direct") else "  (no O_DIRECT: page cache dropped instead)"))
+    if cold:
+        ok = [n for n, v in cold["nodes"].items() if "error" not in v]
+        head += (f"\n  --cold: dropped {human(cold['dropped_bytes'])} of {cold['chunks']} "
+                 f"chunk(s) on {len(ok)} node(s)")
+        for n, v in cold["nodes"].items():
+            if "error" in v:
+                head += f"\n  --cold: node {n}: {v['error']}"
+    lines.append(head)
+    traces = res["traces"]
+    if not res.get("enabled", True):
+        lines.append("  tracing is off in the daemon (CACHEFS_TRACING=0): no spans")
+    lines.append(f"  {len(traces)} FUSE read(s) traced, daemon time "
+                 f"{round(sum(t.get('duration_ms', 0) for t in traces), 3)} ms")
+    dom = res.get("dominant")
+    if dom:
+        lines.append(f"  dominant cost: {dom['name']} {_attrs(dom)} — self "
+                     f"{dom['self_ms']} ms of {dom['duration_ms']} ms")
+    if res["chunks"]:
+        lines.append("")
+        lines.append("chunks")
+        for r in res["chunks"]:
+            idx = f"#{r['chunk']}" if r["chunk"] is not None else "#?"
+            lines.append(f"  {idx:<6} {r['tier']:<9} node {str(r['node']):<12} "
+                         f"{r['duration_ms']:>9} ms   {r['detail']}")
+    for t in traces:
+        lines.append("")
+        mark = dom.get("_span") if dom else None
+        lines.extend(render_tree(t, mark))
+    return "\n".join(lines)
+
+
+def _strip(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
+# -- the command -----------------------------------------------------------------------
+
+
+@click.command("trace")
+@click.argument("path", required=False)
+@click.option("--offset", help="First byte of the range to read (default 0; sizes like 8MiB).")
+@click.option("--length", help="Bytes to read (default: one chunk).")
+@click.option("--cold", is_flag=True, help="Drop the range's chunks from every node's cache "
+              "first, so the miss path is traced.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per trace with "
+              "--follow).")
+@click.option("--follow", is_flag=True, help="Stream traces as they finish.")
+@click.option("--slower-than", help="With --follow/--recent: only traces at least this long "
+              "(default for --follow: the daemon's --slow-threshold).")
+@click.option("--path-prefix", help="With --follow/--recent: only reads of paths under this "
+              "(a path in the mount, or relative to the mount root).")
+@click.option("--recent", type=int, help="Print the last N traces.")
+@click.option("--slow", is_flag=True, help="With --recent: from the slow-trace ring.")
+@click.option("--mount", help="The cachefs mountpoint (default: the one holding PATH, or the "
+              "only one).")
+def trace_cmd(path, offset, length, cold, as_json, follow, slower_than, path_prefix, recent,
+              slow, mount) -> None:
+    """Show where the time of a read goes: FUSE, chunks, local SSD, peers, S3.
+
+    \b
+    cachefs trace /mnt/train/shard-0001.tar --offset 64MiB --length 8MiB
+    cachefs trace /mnt/train/shard-0001.tar --cold --json
+    cachefs trace --follow --slower-than 50ms --path-prefix /mnt/train/images
+    cachefs trace --recent 20
+    """
+    modes = sum(bool(x) for x in (path, follow, recent is not None))
+    if modes != 1:
+        raise QuietError("give exactly one of PATH, --follow or --recent N", EXIT_USAGE)
+    slower = parse_duration(slower_than, "--slower-than") if slower_than else None
+    if path:
+        if slower_than or path_prefix or slow:
+            raise QuietError("--slower-than/--path-prefix/--slow go with --follow or --recent",
+                             EXIT_USAGE)
+        _trace_path(path, _offset(offset, "--offset") or 0, _offset(length, "--length"), cold,
+                    as_json, mount)
+        return
+    if offset or length or cold:
+        raise QuietError("--offset/--length/--cold go with PATH", EXIT_USAGE)
+    mp = runtime.find_mount(mount)
+    prefix = _display_prefix(path_prefix, mp) if path_prefix else None
+    client = _client(mp)
+    if follow:
+        _follow(client, slower, prefix, as_json)
+    else:
+        if recent < 0:
+            raise QuietError("--recent needs N >= 0", EXIT_USAGE)
+        r = client.request({"op": "trace_recent", "n": recent, "slow": slow,
+                            "slower_than": slower, "path_prefix": prefix})
+        if as_json:
+            click.echo(json.dumps(r["traces"], indent=2))
+            return
+        if not r.get("enabled", True):
+            click.echo("cachefs: tracing is off in the daemon (CACHEFS_TRACING=0)", err=True)
+        if not r["traces"]:
+            click.echo("no traces yet" if not slow else
+                       f"no traces slower than {r['slow_threshold_ms']} ms yet")
+        for t in r["traces"]:
+            d = dominant([t])
+            click.echo("\n".join(render_tree(t, d[1] if d else None)))
+            click.echo("")
+
+
+def _display_prefix(p: str, mp: str) -> str:
+    """A --path-prefix as the daemon writes paths ("/dir/file" from the mount root)."""
+    ap = os.path.abspath(p) if p.startswith((".", "/")) else None
+    if ap and (ap == mp or ap.startswith(mp.rstrip("/") + "/")):
+        return "/" + ap[len(mp):].lstrip("/")
+    return "/" + p.lstrip("/")
+
+
+def _follow(client, slower: float | None, prefix: str | None, as_json: bool) -> None:
+    def on_event(ev: dict) -> None:
+        if "following" in ev:
+            if not as_json:
+                click.echo(f"cachefs: following traces over {ev['slower_than_ms']} ms on node "
+                           f"{ev['node']} (Ctrl-C to stop)", err=True)
+                if not ev.get("enabled", True):
+                    click.echo("cachefs: tracing is off in the daemon (CACHEFS_TRACING=0)",
+                               err=True)
+            return
+        t = ev.get("trace")
+        if t is None:
+            return
+        if as_json:
+            click.echo(json.dumps(t))
+        else:
+            d = dominant([t])
+            click.echo("\n".join(render_tree(t, d[1] if d else None)) + "\n")
+        sys.stdout.flush()
+
+    client.request({"op": "trace_follow", "slower_than": slower, "path_prefix": prefix},
+                   on_event=on_event, timeout=None)
+
+
+def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json: bool,
+                mount: str | None) -> None:
+    mp = _mount_of(path, mount)
+    client = _client(mp)
+    info = client.request({"op": "info"})
+    chunk_size = int(info.get("chunk_size") or 0) or None
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise QuietError(f"{path}: {e.strerror}") from None
+    if not os.path.isfile(path):
+        raise QuietError(f"{path} is not a regular file", EXIT_USAGE)
+    if offset >= st.st_size:
+        raise QuietError(f"--offset {offset} is at or past the end of {path} ({st.st_size} bytes)",
+                         EXIT_USAGE)
+    if length is None:
+        length = chunk_size or BLOCK
+    length = min(length, st.st_size - offset)
+    ino = st.st_ino
+    res: dict[str, Any] = {"path": path, "mountpoint": mp, "ino": ino, "offset": offset,
+                           "length": length, "chunk_size": chunk_size}
+    if cold:
+        res["cold"] = client.request({"op": "trace_evict", "ino": ino, "offset": offset,
+                                      "length": length}, timeout=120)
+    cap = client.request({"op": "trace_capture_start", "ino": ino, "offset": offset,
+                          "length": length})
+    try:
+        got, elapsed, direct = read_direct(path, offset, length)
+    finally:
+        stop = client.request({"op": "trace_capture_stop", "capture": cap["capture"],
+                               "wait": 10.0}, timeout=60)
+    traces = sorted(stop["traces"], key=lambda t: (t.get("start_time", 0), t.get("offset", 0)))
+    res.update(bytes_read=got, elapsed_ms=round(elapsed * 1000, 3), direct=direct,
+               node=stop.get("node"), enabled=stop.get("enabled", True), traces=traces)
+    lo, hi = offset, offset + max(got, 1)
+
+    def in_range(idx: Any) -> bool:
+        if not chunk_size or not isinstance(idx, int):
+            return True
+        return idx * chunk_size < hi and (idx + 1) * chunk_size > lo
+
+    res["chunks"] = chunk_rows(traces, stop.get("node", "?"), chunk_size, lo, hi)
+    d = dominant(traces, in_range)
+    if d is not None:
+        i, s = d
+        res["dominant"] = {"name": s.get("name"), "trace_id": traces[i].get("trace_id"),
+                           "self_ms": round(self_ms(s), 3), "duration_ms": s.get("duration_ms"),
+                           **{k: s[k] for k in SHOWN if k in s}, "_span": s}
+    if as_json:
+        out = dict(res)
+        if "dominant" in out:
+            out["dominant"] = _strip(out["dominant"])
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(render_capture(res))
+    if got < length:
+        raise QuietError(f"short read: {got} of {length} bytes")
+
+
+COMMANDS = [trace_cmd]

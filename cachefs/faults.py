@@ -1,0 +1,43 @@
+"""Test-only crash points: ``crash_point("name")`` kills the daemon with SIGKILL.
+
+The daemon calls ``crash_point`` at the few places where a crash matters for the
+cache's invariants (see docs/reliability.md):
+
+  chunk.tmp_written      chunk file complete in tmp/, not yet renamed into chunks/
+  chunk.renamed          chunk file renamed into chunks/, index record not yet committed
+  index.commit           inside Index.apply: the batch is written, the txn not committed
+  evict.index_deleted    eviction/free: records deleted from the index, files not unlinked
+
+A test arms one point with the environment of the daemon process:
+
+  CACHEFS_TEST_CRASH_AT=chunk.renamed     the point to crash at
+  CACHEFS_TEST_CRASH_AFTER=N              let N hits pass first (default 0)
+
+The environment is read once, at import.  When nothing is armed,
+``crash_point`` is a function that returns at once (one call, no lookup), so it
+costs nothing measurable on the read path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+
+_AT = os.environ.get("CACHEFS_TEST_CRASH_AT") or None
+_AFTER = int(os.environ.get("CACHEFS_TEST_CRASH_AFTER") or 0)
+
+POINTS = ("chunk.tmp_written", "chunk.renamed", "index.commit", "evict.index_deleted")
+
+
+def _noop(name: str) -> None:
+    return None
+
+
+def _armed(name: str, _hits=itertools.count(1)) -> None:
+    # itertools.count is atomic under the GIL: crash points run in worker threads too
+    if name == _AT and next(_hits) > _AFTER:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+crash_point = _armed if _AT is not None else _noop

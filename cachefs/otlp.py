@@ -1,0 +1,151 @@
+"""Optional OTLP/HTTP JSON export of finished traces (off by default).
+
+Configured with ``--otlp-endpoint URL`` (or ``CACHEFS_OTLP_ENDPOINT``): finished
+traces are POSTed as ``ExportTraceServiceRequest`` JSON to ``URL/v1/traces``
+(unless URL already ends with ``/v1/traces``) by one background task, with httpx.
+
+The tracer hands each finished trace to ``offer()``, which never blocks: the
+queue holds at most ``QUEUE`` traces and drops new ones when full (counted in
+``dropped``).  The task sends batches of up to ``BATCH`` traces; a failed POST
+is counted and the batch dropped (no retry storm against a collector that is
+down).  Nothing in the daemon waits on the collector.
+
+The URL may carry credentials (``https://user:pass@collector``): it is never
+logged or reported with them (``redact``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import trio
+
+log = logging.getLogger("cachefs.otlp")
+
+QUEUE = 1024
+BATCH = 64
+TIMEOUT = 10.0
+
+
+def redact(url: str) -> str:
+    try:
+        u = urlsplit(url)
+    except ValueError:
+        return "<invalid url>"
+    if u.username or u.password:
+        host = u.hostname or ""
+        if u.port:
+            host += f":{u.port}"
+        u = u._replace(netloc=host)
+    return urlunsplit(u._replace(query="", fragment=""))
+
+
+def traces_url(endpoint: str) -> str:
+    e = endpoint.rstrip("/")
+    return e if e.endswith("/v1/traces") else e + "/v1/traces"
+
+
+def _value(v: Any) -> dict:
+    if isinstance(v, bool):
+        return {"boolValue": v}
+    if isinstance(v, int):
+        return {"intValue": str(v)}
+    if isinstance(v, float):
+        return {"doubleValue": v}
+    return {"stringValue": str(v)}
+
+
+_SKIP = {"name", "start_ms", "duration_ms", "spans", "wall_time", "start_time", "trace_id"}
+
+
+def to_otlp(traces: list[dict], node: str) -> dict:
+    """Our trace dicts → an OTLP ExportTraceServiceRequest (JSON encoding)."""
+    spans: list[dict] = []
+    for t in traces:
+        tid = secrets.token_hex(16)
+        base_ns = int(float(t.get("start_time", t.get("wall_time", 0))) * 1e9)
+
+        def walk(s: dict, parent: str | None, tid=tid, base_ns=base_ns) -> None:
+            sid = secrets.token_hex(8)
+            start = base_ns + int(float(s.get("start_ms", 0)) * 1e6)
+            end = start + int(float(s.get("duration_ms", 0)) * 1e6)
+            attrs = [{"key": f"cachefs.{k}", "value": _value(v)} for k, v in s.items()
+                     if k not in _SKIP and isinstance(v, (str, int, float, bool))]
+            if parent is None and "trace_id" in s:
+                attrs.append({"key": "cachefs.trace_id", "value": _value(s["trace_id"])})
+            out = {"traceId": tid, "spanId": sid, "name": str(s.get("name", "?")),
+                   "kind": 2 if parent is None else 1,  # SERVER for the request, INTERNAL below
+                   "startTimeUnixNano": str(start), "endTimeUnixNano": str(end),
+                   "attributes": attrs,
+                   "status": {"code": 2, "message": str(s["error"])} if s.get("error")
+                   else {"code": 0}}
+            if parent is not None:
+                out["parentSpanId"] = parent
+            spans.append(out)
+            for c in s.get("spans", ()):
+                walk(c, sid)
+
+        walk(t, None)
+    return {"resourceSpans": [{
+        "resource": {"attributes": [
+            {"key": "service.name", "value": {"stringValue": "cachefs"}},
+            {"key": "service.instance.id", "value": {"stringValue": node}},
+            {"key": "host.name", "value": {"stringValue": os.uname().nodename}},
+        ]},
+        "scopeSpans": [{"scope": {"name": "cachefs.trace"}, "spans": spans}],
+    }]}
+
+
+class OTLPExporter:
+    def __init__(self, endpoint: str, *, service_node: str, queue: int = QUEUE) -> None:
+        self.url = traces_url(endpoint)
+        self.node = service_node
+        self._send, self._recv = trio.open_memory_channel(queue)
+        self.exported = 0
+        self.dropped = 0
+        self.failed_posts = 0
+        self.posts = 0
+
+    def offer(self, trace: dict) -> None:
+        try:
+            self._send.send_nowait(trace)
+        except trio.WouldBlock:
+            self.dropped += 1
+
+    async def run(self) -> None:
+        import httpx
+
+        log.info("OTLP: exporting traces to %s", redact(self.url))
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            async for first in self._recv:
+                batch = [first]
+                while len(batch) < BATCH:
+                    try:
+                        batch.append(self._recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                body = to_otlp(batch, self.node)
+                self.posts += 1
+                try:
+                    r = await client.post(self.url, json=body)
+                    if r.status_code >= 300:
+                        raise httpx.HTTPStatusError(f"status {r.status_code}", request=r.request,
+                                                    response=r)
+                except Exception as e:  # noqa: BLE001 - export is best effort
+                    self.failed_posts += 1
+                    self.dropped += len(batch)
+                    # the exception text may quote the URL: name the type only
+                    if self.failed_posts in (1, 10, 100) or self.failed_posts % 1000 == 0:
+                        log.warning("OTLP: export to %s failed (%s); %d batch(es) dropped so "
+                                    "far", redact(self.url), type(e).__name__, self.failed_posts)
+                    continue
+                self.exported += len(batch)
+                log.debug("OTLP: exported %d trace(s) to %s", len(batch), redact(self.url))
+
+    def statistics(self) -> dict:
+        return {"url": redact(self.url), "exported": self.exported, "dropped": self.dropped,
+                "posts": self.posts, "failed_posts": self.failed_posts}

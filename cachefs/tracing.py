@@ -1,0 +1,291 @@
+"""Daemon side of `cachefs trace`: control ops over the Tracer (trace.py).
+
+Ops (JSON lines on the control socket, see control.py):
+
+  trace_recent   {n, slow, slower_than, path_prefix}   → {"traces": [...]} (oldest first)
+  trace_follow   {slower_than, path_prefix}            → one ``{"trace": {...}}`` event per
+                 finished trace at least ``slower_than`` seconds long (default: the daemon's
+                 slow threshold); runs until the client hangs up
+  trace_capture_start {ino, offset, length}            → {"capture": id}: from now on, every
+                 finished trace of a FUSE read of inode ``ino`` overlapping the byte range is
+                 kept for this capture (at most MAX_CAPTURED, for at most CAPTURE_TTL seconds)
+  trace_capture_stop  {capture, wait}                  → {"traces": [...]} once the traces of
+                 the capture have finished their background spans (read-ahead), or after
+                 ``wait`` seconds
+  trace_evict    {ino, offset, length}                 → drops the chunks of that range from
+                 this node's SSD cache and, in a cluster, from every node's
+  trace_stats    {}                                    → tracer statistics
+
+`cachefs trace PATH` correlates its own read with the daemon's traces by inode and
+byte range, not by pid: pyfuse3 gives ``read()`` no request context, so the reader's
+pid is not known to the daemon (traces carry ``pid: 0``).  A read of the same range
+by another process during the capture is captured too.
+
+register() also starts the Prometheus endpoint (``--metrics-listen``, metrics.py)
+and the OTLP exporter (``--otlp-endpoint`` / ``CACHEFS_OTLP_ENDPOINT``, otlp.py)
+when they are configured.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .control import ControlError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("cachefs.tracing")
+
+MAX_CAPTURED = 4096
+CAPTURE_TTL = 300.0
+MAX_CAPTURES = 64
+DROP_BATCH = 1000  # chunk ids per cluster call (the request stays well under 64 KiB)
+DROP_OP = "trace.drop"
+
+
+def _num(req: dict, key: str, default: Any = None, kind: type = int) -> Any:
+    v = req.get(key, default)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ControlError(f"{key} must be a number")
+    if v < 0:
+        raise ControlError(f"{key} must not be negative")
+    return kind(v)
+
+
+def matcher(slower_than: float | None = None, path_prefix: str | None = None):
+    def match(d: dict) -> bool:
+        if slower_than is not None and d.get("duration_ms", 0) < slower_than * 1000:
+            return False
+        if path_prefix and not str(d.get("path", "")).startswith(path_prefix):
+            return False
+        return True
+    return match
+
+
+def overlaps(d: dict, ino: int, lo: int, hi: int) -> bool:
+    """A FUSE read trace of inode ``ino`` touching bytes [lo, hi)."""
+    if d.get("ino") != ino:
+        return False
+    off = d.get("offset")
+    size = d.get("size")
+    if not isinstance(off, int) or not isinstance(size, int):
+        return False
+    return off < hi and off + max(size, 1) > lo
+
+
+class Capture:
+    __slots__ = ("ino", "lo", "hi", "traces", "created", "dropped")
+
+    def __init__(self, ino: int, lo: int, hi: int) -> None:
+        self.ino, self.lo, self.hi = ino, lo, hi
+        self.traces: list[dict] = []
+        self.created = time.monotonic()
+        self.dropped = 0
+
+    def match(self, d: dict) -> bool:
+        return overlaps(d, self.ino, self.lo, self.hi)
+
+
+class Tracing:
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+        self.captures: dict[int, Capture] = {}
+        self._ids = itertools.count(1)
+        d.tracer.add_sink(self._sink)
+
+    def _sink(self, tr: dict) -> None:
+        if not self.captures:
+            return
+        for c in self.captures.values():
+            if c.match(tr):
+                if len(c.traces) < MAX_CAPTURED:
+                    c.traces.append(tr)
+                else:
+                    c.dropped += 1
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for k, c in list(self.captures.items()):
+            if now - c.created > CAPTURE_TTL:
+                del self.captures[k]
+
+    # -- ops --------------------------------------------------------------------------
+
+    async def recent(self, req: dict, emit) -> dict:
+        n = _num(req, "n", 20)
+        tr = self.d.tracer
+        ring = tr.slow if req.get("slow") else tr.recent
+        match = matcher(_num(req, "slower_than", None, float), req.get("path_prefix") or None)
+        picked = [t for t in ring if match(t)]
+        return {"traces": picked[-n:] if n else [], "node": tr.node,
+                "slow_threshold_ms": round(tr.slow_threshold * 1000, 3),
+                "enabled": tr.enabled}
+
+    async def follow(self, req: dict, emit) -> dict:
+        tr = self.d.tracer
+        slower = _num(req, "slower_than", None, float)
+        match = matcher(None, req.get("path_prefix") or None)
+        recv = tr.subscribe(min_duration=slower, match=match)
+        await emit({"following": True, "node": tr.node, "enabled": tr.enabled,
+                    "slower_than_ms": round((tr.slow_threshold if slower is None else slower)
+                                            * 1000, 3)})
+        try:
+            async for t in recv:
+                await emit({"trace": t})
+        finally:
+            tr.unsubscribe(recv)
+        return {}
+
+    def _node(self, req: dict):
+        vfs = self.d.vfs
+        assert vfs is not None
+        ino = _num(req, "ino")
+        if ino is None:
+            raise ControlError("ino is required")
+        node = vfs.nodes.get(ino)
+        if node is None:
+            raise ControlError(f"inode {ino} is not known to the daemon (look the path up first)")
+        if node.is_dir:
+            raise ControlError("that is a directory, not a file")
+        return vfs, node
+
+    def _range(self, req: dict, size: int) -> tuple[int, int]:
+        off = _num(req, "offset", 0)
+        length = _num(req, "length", None)
+        end = size if length is None else min(size, off + length)
+        return off, max(off, end)
+
+    async def capture_start(self, req: dict, emit) -> dict:
+        ino = _num(req, "ino")
+        if ino is None:
+            raise ControlError("ino is required")
+        off = _num(req, "offset", 0)
+        length = _num(req, "length", None)
+        hi = off + length if length is not None else 1 << 62
+        self._expire()
+        if len(self.captures) >= MAX_CAPTURES:
+            raise ControlError(f"too many trace captures running ({MAX_CAPTURES})")
+        cid = next(self._ids)
+        self.captures[cid] = Capture(ino, off, hi)
+        return {"capture": cid, "node": self.d.tracer.node, "enabled": self.d.tracer.enabled}
+
+    async def capture_stop(self, req: dict, emit) -> dict:
+        cid = _num(req, "capture")
+        c = self.captures.get(cid)
+        if c is None:
+            raise ControlError(f"no trace capture {cid} (expired after {CAPTURE_TTL:.0f}s?)")
+        wait = min(_num(req, "wait", 5.0, float), 60.0)
+        deadline = trio.current_time() + wait
+        tr = self.d.tracer
+        # traces whose read returned but whose read-ahead is still running: wait for them
+        while tr.pending_for(c.match) and trio.current_time() < deadline:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        self.captures.pop(cid, None)
+        out: dict[str, Any] = {"traces": c.traces, "node": tr.node, "enabled": tr.enabled,
+                               "pending": tr.pending_for(c.match)}
+        if c.dropped:
+            out["dropped_traces"] = c.dropped
+        return out
+
+    async def evict(self, req: dict, emit) -> dict:
+        vfs, node = self._node(req)
+        store = self.d.store
+        assert store is not None
+        obj = vfs.version(node)
+        lo, hi = self._range(req, obj.size)
+        if hi <= lo:
+            return {"chunks": 0, "dropped_bytes": 0, "nodes": {}}
+        cs = obj.chunk_size
+        cids = [obj.chunk(i).cid for i in range(lo // cs, (hi - 1) // cs + 1)]
+        with trio.CancelScope(shield=True):
+            freed = await store.drop(cids)
+        nodes: dict[str, Any] = {self.d.tracer.node: {"dropped_bytes": freed}}
+        cl = self.d.cluster
+        if cl is not None:
+            async def one(nid: str) -> None:
+                total = 0
+                try:
+                    for i in range(0, len(cids), DROP_BATCH):
+                        r = await cl.forward(nid, DROP_OP,
+                                             {"cids": [c.hex() for c in cids[i:i + DROP_BATCH]]})
+                        total += int(r.get("dropped_bytes", 0))
+                except Exception as e:  # noqa: BLE001 - reported per node
+                    nodes[nid] = {"error": f"{type(e).__name__}: {e}"}
+                    return
+                nodes[nid] = {"dropped_bytes": total}
+
+            async with trio.open_nursery() as n:
+                for nid in sorted(cl.nodes()):
+                    if nid != cl.node_id:
+                        n.start_soon(one, nid)
+        return {"chunks": len(cids), "dropped_bytes": sum(v.get("dropped_bytes", 0)
+                                                         for v in nodes.values()),
+                "nodes": nodes, "chunk_size": cs, "size": obj.size}
+
+    async def _drop_op(self, payload: dict) -> dict:
+        store = self.d.store
+        assert store is not None
+        raw = payload.get("cids")
+        if not isinstance(raw, list) or len(raw) > DROP_BATCH:
+            raise ValueError(f"cids must be a list of at most {DROP_BATCH} ids")
+        cids = []
+        for h in raw:
+            if not isinstance(h, str) or len(h) != 32:
+                raise ValueError("bad chunk id")
+            cids.append(bytes.fromhex(h))
+        with trio.CancelScope(shield=True):
+            freed = await store.drop(cids)
+        return {"dropped_bytes": freed}
+
+    async def stats(self, req: dict, emit) -> dict:
+        return {"tracer": self.d.tracer.statistics(), "node": self.d.tracer.node}
+
+
+def register(d: Daemon) -> None:
+    srv = d.control
+    assert srv is not None
+    t = Tracing(d)
+    d.tracing = t  # type: ignore[attr-defined]
+    srv.register("trace_recent", t.recent)
+    srv.register("trace_follow", t.follow)
+    srv.register("trace_capture_start", t.capture_start)
+    srv.register("trace_capture_stop", t.capture_stop)
+    srv.register("trace_evict", t.evict)
+    srv.register("trace_stats", t.stats)
+    if d.cluster is not None:
+        d.cluster.register_op(DROP_OP, t._drop_op)
+    _start_services(d)
+    log.debug("tracing: %s, slow threshold %.1f ms, metrics %s, OTLP %s",
+              "on" if d.tracer.enabled else "off (CACHEFS_TRACING=0)",
+              d.tracer.slow_threshold * 1000, d.cfg.metrics_listen or "off",
+              "on" if getattr(d, "otlp", None) else "off")
+
+
+def _start_services(d: Daemon) -> None:
+    """Metrics endpoint and OTLP exporter, when configured (both off by default)."""
+    nursery = d.nursery
+    if nursery is None:
+        return
+    if getattr(d.cfg, "metrics_listen", None) and not getattr(d, "metrics_started", False):
+        from .metrics import bind_metrics, serve_metrics
+
+        sock = bind_metrics(d.cfg.metrics_listen)  # QuietError: the mount fails, clearly
+        d.metrics_started = True  # type: ignore[attr-defined]
+        nursery.start_soon(serve_metrics, d, sock)
+    endpoint = getattr(d.cfg, "otlp_endpoint", None) or os.environ.get("CACHEFS_OTLP_ENDPOINT")
+    if endpoint and not getattr(d, "otlp", None):
+        from .otlp import OTLPExporter
+
+        exp = OTLPExporter(endpoint, service_node=d.tracer.node)
+        d.otlp = exp  # type: ignore[attr-defined]
+        d.tracer.add_sink(exp.offer)
+        nursery.start_soon(exp.run)

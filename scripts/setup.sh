@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for cachefs: system packages (as root) and a virtualenv in .venv.
+#   scripts/setup.sh          runtime + test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+need_pkgs=()
+for p in fuse3 libfuse3-dev pkg-config gcc etcd-server; do
+    dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    echo "setup: installing ${need_pkgs[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -i "warning" || true
+.venv/bin/python -c "import pyfuse3, trio, aiobotocore, lmdb, cachefs" \
+    || { echo "setup: python dependencies failed to install" >&2; exit 1; }
+echo "setup: ready (.venv/bin/cachefs)"

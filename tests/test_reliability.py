@@ -1,0 +1,856 @@
+"""Reliability: faults injected around the real parts (S3, the cache disk, the daemon itself).
+
+Every test runs a real `cachefs mount --foreground` against moto behind the fault proxy
+(tests/s3proxy.py) and asserts bytes and counts, never timings (except "no hang" bounds).
+
+  S3 faults          503s at a rate with truncated bodies, XML error bodies and stalls mixed
+                     in; an error body exactly as long as the chunk; an overwrite between two
+                     ranged GETs of one read
+  crash points       SIGKILL at each point of cachefs/faults.py, then remount: zero wrong
+                     bytes, index and chunk files agree, cached data still warm
+  cache disk         a 4 MiB tmpfs under a 64 MiB --cache-size; pinned data filling the cache
+  LMDB map full      a tiny index map that must grow while chunks are committed
+  hostile keys       `..`, `./a`, `a//b`, `/abs`, control characters, 1024-byte keys, NFC/NFD,
+                     emoji: no file outside the cache dir, the daemon keeps serving
+  many keys          20k keys in one directory list completely with bounded daemon memory
+
+The documented behaviour each test holds is in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures as cf
+import errno
+import hashlib
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import unicodedata
+from pathlib import Path
+
+import lmdb
+import pytest
+from cachefs_env import fuse_available, is_mounted
+
+from cachefs.faults import POINTS
+from cachefs.index import ChunkRec
+from cachefs.store.chunkstore import HEADER, HEADER_SIZE, MAGIC, checksum
+
+pytestmark = pytest.mark.fuse
+
+CS = 64 * 1024  # the mounts fixture's chunk size
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- helpers (test_model.py, test_security.py and bench/soak.py use some of them) ---------
+
+
+def put(s3, bucket: str, key: str, data: bytes) -> bytes:
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    return data
+
+
+def read_all(path: Path, block: int = 100_003) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        parts = []
+        while piece := f.read(block):
+            parts.append(piece)
+    return b"".join(parts)
+
+
+def nchunks(size: int, cs: int = CS) -> int:
+    return -(-size // cs)
+
+
+def require_slow(request) -> None:
+    """@pytest.mark.slow tests run only when asked for: `-m slow` or CACHEFS_RUN_SLOW=1."""
+    expr = request.config.getoption("markexpr") or ""
+    if "slow" not in expr.replace("not slow", "") and not os.environ.get("CACHEFS_RUN_SLOW"):
+        pytest.skip("slow test: run with -m slow (or CACHEFS_RUN_SLOW=1)")
+
+
+def wait_killed(m, timeout: float = 60) -> int:
+    """The daemon killed itself at a crash point: reap it, leave the stale mount."""
+    assert m.proc is not None
+    code = m.proc.wait(timeout)
+    m.proc = None
+    return code
+
+
+def startup_reports(m) -> list[dict]:
+    """The reconcile report of every start of this daemon, from its log."""
+    out = []
+    for line in m.log.read_text(errors="replace").splitlines():
+        i = line.find("start-up check: ")
+        if i >= 0:
+            out.append(ast.literal_eval(line[i + len("start-up check: "):]))
+    return out
+
+
+class CacheState:
+    """The index and the chunk files of a cache dir whose daemon is not running.
+
+    The LMDB env is opened read-only and without the lock file, strictly after the
+    daemon has exited, so this reader can never change what it checks.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.dir = cache_dir
+        env = lmdb.open(str(cache_dir / "index"), readonly=True, lock=False, max_dbs=8,
+                        subdir=True)
+        try:
+            db = env.open_db(b"chunks", create=False)
+            with env.begin() as txn:
+                self.records = {bytes(k): ChunkRec.unpack(bytes(v))
+                                for k, v in txn.cursor(db=db)}
+        finally:
+            env.close()
+        self.files = {}
+        for p in (cache_dir / "chunks").glob("*/*"):
+            self.files[bytes.fromhex(p.name)] = p
+        tmp = cache_dir / "tmp"
+        self.tmp = sorted(tmp.iterdir()) if tmp.exists() else []
+
+    def orphans(self) -> set[bytes]:
+        return set(self.files) - set(self.records)
+
+    def dangling(self) -> set[bytes]:
+        return set(self.records) - set(self.files)
+
+    def bad_files(self) -> list[str]:
+        """Indexed files that do not verify completely against their record."""
+        bad = []
+        for cid, rec in self.records.items():
+            p = self.files.get(cid)
+            if p is None:
+                continue
+            raw = p.read_bytes()
+            magic, hcid, length, ck = HEADER.unpack(raw[:HEADER_SIZE])
+            data = raw[HEADER_SIZE:]
+            if (magic != MAGIC or hcid != cid or length != rec.size or len(data) != rec.size
+                    or ck != rec.checksum or checksum(cid, data) != ck):
+                bad.append(p.name)
+        return bad
+
+    def assert_consistent(self) -> None:
+        assert not self.orphans(), f"chunk files without an index record: {len(self.orphans())}"
+        assert not self.dangling(), f"index records without a file: {len(self.dangling())}"
+        assert not self.bad_files(), f"indexed files that fail verification: {self.bad_files()}"
+        assert not self.tmp, f"tmp files left after a clean stop: {self.tmp}"
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def vm_kib(pid: int, field: str) -> int:
+    return int(proc_status(pid)[field].split()[0])
+
+
+# -- S3 faults ----------------------------------------------------------------------------
+
+
+def test_503_at_10_percent_mixed_faults_concurrent_readers(s3, bucket, mounts, proxy):
+    """10% 503s plus truncated bodies, XML error bodies and mid-body stalls, 8 readers:
+    zero EIO, zero wrong bytes; nothing bad reaches the cache (a fresh start serves
+    everything from the SSD, and every cache file verifies)."""
+    rnd = random.Random(3)
+    objs = {f"r/{i:02d}.bin": put(s3, bucket, f"r/{i:02d}.bin",
+                                  rnd.randbytes(rnd.randrange(1, 7 * CS)))
+            for i in range(16)}
+    m = mounts(f"s3://{bucket}", extra=("--s3-timeout", "1s"))
+    assert len(os.listdir(m.path("r"))) == 16
+    proxy.reset()
+    proxy.faults([
+        {"status": 503, "code": "SlowDown", "rate": 0.10, "seed": 1},
+        {"truncate": -1, "rate": 0.03, "seed": 2},
+        {"error_body_200": -1, "rate": 0.03, "seed": 3},
+        {"stall_mid_body": 3, "count": 2, "rate": 0.05, "seed": 4},
+    ])
+    wrong, eio = [], []
+
+    def reader(keys):
+        for k in keys:
+            try:
+                # odd-sized reads, half sequential, half random
+                if rnd.random() < 0.5:
+                    got = read_all(m.path(k), 20_011)
+                else:
+                    with open(m.path(k), "rb", buffering=0) as f:
+                        d = objs[k]
+                        for _ in range(6):
+                            off = random.randrange(0, len(d))
+                            n = random.choice([1, 4097, CS, 2 * CS + 5])
+                            if os.pread(f.fileno(), n, off) != d[off:off + n]:
+                                wrong.append((k, off, n))
+                    got = read_all(m.path(k))
+                if got != objs[k]:
+                    wrong.append(k)
+            except OSError as e:
+                eio.append((k, e.errno))
+
+    keys = list(objs)
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(reader, [keys[i::8] + keys[:3] for i in range(8)]))
+    st = proxy.stats()
+    c = m.counters()
+    assert wrong == [] and eio == []
+    assert st["faults_injected"] >= 5, st["faults_by_kind"]
+    assert st["faults_by_kind"].get("status", 0) >= 3
+    # every injected fault cost exactly one retry: none reached a reader
+    assert c["s3_retries"] == st["faults_injected"]
+    assert c.get("s3_failures", 0) == 0
+    m.stop()
+    CacheState(m.cache_dir).assert_consistent()
+    proxy.reset()
+    m.start()
+    for k, d in objs.items():
+        assert read_all(m.path(k)) == d
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+
+
+def _error_doc_len() -> int:
+    from s3proxy import error_xml
+
+    return len(error_xml("InternalError", "We encountered an internal error. Please try again."))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: a 2xx response whose body is an XML error document of exactly the range length "
+    "passes every check in ObjectStore.get_range (status, Content-Range, ETag, length) and "
+    "is returned and cached as data; fix in docs/reliability.md (MD5 check of whole-object "
+    "ranges + error-document check)"))
+def test_error_body_exactly_chunk_length_never_returned(s3, bucket, mounts, proxy):
+    """An XML error body as long as the requested range: never returned, never cached."""
+    n = _error_doc_len()
+    small = put(s3, bucket, "small.bin", random.randbytes(n))  # one chunk of n bytes
+    m = mounts(f"s3://{bucket}")
+    m.path("small.bin").stat()
+    proxy.reset()
+    proxy.faults(error_body_200=1, key_filter="small.bin")
+    got = m.path("small.bin").read_bytes()
+    assert proxy.stats()["faults_injected"] == 1
+    assert got == small, got[:60]
+
+
+def test_error_body_on_last_chunk_same_length(s3, bucket, mounts, proxy):
+    """Same collision on the short last chunk of a multi-chunk object."""
+    n = _error_doc_len()
+    data = put(s3, bucket, "tail.bin", random.randbytes(CS + n))
+    m = mounts(f"s3://{bucket}")
+    proxy.reset()
+    proxy.faults(error_body_200=1, key_filter="tail.bin")
+    with open(m.path("tail.bin"), "rb", buffering=0) as f:
+        got = os.pread(f.fileno(), n, CS)  # a random read: the GET of chunk 1 alone
+    assert proxy.stats()["faults_injected"] == 1
+    if got != data[CS:]:
+        pytest.xfail("same bug as test_error_body_exactly_chunk_length_never_returned "
+                     "(the last chunk is a partial range, so no MD5 check applies there)")
+
+
+def test_stall_mid_body_times_out_and_retries(s3, bucket, mounts, proxy):
+    """A body that stalls half-way past the attempt timeout is retried, not returned short."""
+    data = put(s3, bucket, "s.bin", random.randbytes(3 * CS))
+    m = mounts(f"s3://{bucket}", extra=("--s3-timeout", "1s"))
+    m.path("s.bin").stat()
+    proxy.reset()
+    proxy.faults(stall_mid_body=4, count=2)
+    t0 = time.monotonic()
+    assert read_all(m.path("s.bin")) == data
+    assert time.monotonic() - t0 < 2 * 1 + 3  # two timed-out attempts + backoff, no hang
+    c = m.counters()
+    assert c["s3_retries"] == 2 and c.get("s3_short_bodies", 0) == 0
+    m.stop()
+    CacheState(m.cache_dir).assert_consistent()
+
+
+def test_overwrite_between_two_ranged_gets(s3, bucket, mounts, proxy):
+    """The object is overwritten (by another client) while one read of it is between two
+    ranged GETs: the read gets old bytes then EIO (or a short read), never a new byte; the
+    cache holds no chunk of the new version under the old ETag; after the TTL the new
+    version reads whole."""
+    old = put(s3, bucket, "v.bin", b"A" * (4 * CS))
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s", "--readahead-chunks", "0"))
+    m.path("v.bin").stat()
+    proxy.reset()
+    # GET #1 passes; GET #2 waits 1.5 s at the proxy, meanwhile the object changes
+    proxy.faults(delay=1.5, skip=1, count=1, key_filter="v.bin")
+    out: dict = {}
+
+    def reader():
+        try:
+            with open(m.path("v.bin"), "rb", buffering=0) as f:
+                out["first"] = os.pread(f.fileno(), CS, 0)
+                out["second"] = os.pread(f.fileno(), CS, CS)
+        except OSError as e:
+            out["error"] = e.errno
+
+    t = threading.Thread(target=reader)
+    t.start()
+    deadline = time.monotonic() + 10
+    while proxy.stats()["faults_injected"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proxy.stats()["faults_injected"] == 1  # the second GET is being held
+    new = put(s3, bucket, "v.bin", b"B" * (4 * CS + 10))
+    t.join(30)
+    assert not t.is_alive()
+    assert out["first"] == old[:CS]
+    assert "second" not in out and out.get("error") == errno.EIO  # 412 on If-Match
+    assert m.counters()["read_errors"] == 1
+    time.sleep(1.2)  # past the metadata TTL
+    assert m.path("v.bin").stat().st_size == len(new)
+    assert read_all(m.path("v.bin")) == new
+    m.stop()
+    st = CacheState(m.cache_dir)
+    st.assert_consistent()
+    # one chunk of the old version (GET #1), four of the new; no B under an old chunk id
+    assert sorted(r.size for r in st.records.values()) == [10, CS, CS, CS, CS, CS]
+    payloads = {st.files[c].read_bytes()[HEADER_SIZE:][:1] for c in st.records}
+    assert payloads == {b"A", b"B"}
+
+
+# -- crash points -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_sigkill_at_crash_point_then_remount(s3, bucket, mounts, proxy, point):
+    """SIGKILL at a crash point of the write/evict protocol, then remount: zero wrong bytes,
+    index and chunk files agree, the data cached before the crash is still warm."""
+    rnd = random.Random(point)
+    warm = {f"warm/{i}.bin": put(s3, bucket, f"warm/{i}.bin", rnd.randbytes(2 * CS))
+            for i in range(3)}
+    cold = {f"cold/{i}.bin": put(s3, bucket, f"cold/{i}.bin", rnd.randbytes(3 * CS - i))
+            for i in range(4)}
+    allobjs = {**warm, **cold}
+    total_chunks = sum(nchunks(len(d)) for d in allobjs.values())
+    m = mounts(f"s3://{bucket}")
+    for k, d in warm.items():
+        assert read_all(m.path(k)) == d
+    os.listdir(m.path("cold"))  # inode numbers committed now: the next commit is a chunk's
+    assert m.stop() == 0
+
+    # run 2: armed; for the eviction point the limit holds the warm set and little more
+    if point == "evict.index_deleted":
+        m.cache_size = str(8 * CS)
+    m.env["CACHEFS_TEST_CRASH_AT"] = point
+    m.start()
+    errs = []
+
+    def read_cold():
+        for k in cold:
+            try:
+                read_all(m.path(k))
+            except OSError as e:
+                errs.append(e.errno)
+                return
+
+    t = threading.Thread(target=read_cold)
+    t.start()
+    code = wait_killed(m)
+    t.join(30)
+    assert code == -signal.SIGKILL
+    assert errs and errs[0] in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED)
+
+    # the crash left exactly the state the point promises (the daemon is gone: safe to read)
+    st = CacheState(m.cache_dir)
+    assert not st.dangling() and not st.bad_files()
+    if point == "chunk.tmp_written":
+        assert st.tmp and not st.orphans()
+    else:
+        assert st.orphans() and not st.tmp
+    if point == "evict.index_deleted":
+        assert st.orphans() <= {bytes.fromhex(p.name) for p in st.files.values()}
+
+    # run 3: remount (clears the stale mount), everything correct, warm still warm
+    del m.env["CACHEFS_TEST_CRASH_AT"]
+    m.cache_size = "256MiB"
+    m.start()
+    report = startup_reports(m)[-1]
+    if point == "chunk.tmp_written":
+        assert report["tmp_removed"] >= 1
+    else:
+        assert report["orphans_adopted"] >= 1  # complete, verified files are kept
+    assert report["records_dropped"] == 0 and report["orphans_removed"] == 0
+    cached = m.stats()["cache"]["chunks"]
+    proxy.reset()
+    for k, d in allobjs.items():
+        assert read_all(m.path(k)) == d, k
+    gets = proxy.stats()
+    assert gets["ops"].get("GetObject", 0) == total_chunks - cached
+    if point != "evict.index_deleted":
+        assert all(gets["get_by_key"].get(k, 0) == 0 for k in warm)
+    assert m.stop() == 0
+    CacheState(m.cache_dir).assert_consistent()
+
+
+def test_crash_point_is_free_when_unset():
+    """crash_point is a no-op function unless CACHEFS_TEST_CRASH_AT is set at import."""
+    import cachefs.faults as f
+
+    if not os.environ.get("CACHEFS_TEST_CRASH_AT"):
+        assert f.crash_point is f._noop
+    code = ("import os, cachefs.faults as f\n"
+            "for i in range(3): f.crash_point('index.commit')\n"
+            "print('survived', flush=True)\n"
+            "f.crash_point('index.commit')\n"
+            "print('not reached', flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "CACHEFS_TEST_CRASH_AT": "index.commit",
+                            "CACHEFS_TEST_CRASH_AFTER": "3"}, cwd=REPO)
+    assert r.returncode == -signal.SIGKILL and r.stdout == "survived\n"
+
+
+# -- the cache disk -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a cache disk that fills up."""
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
+    """--cache-size 64MiB on a 4 MiB disk, 8 MiB read by 8 readers: every byte correct, no
+    EIO; chunk writes that hit ENOSPC are served uncached; the daemon survives a full disk
+    (index commits included) and a restart finds index and files in agreement."""
+    rnd = random.Random(5)
+    objs = {f"d/{i:02d}": put(s3, bucket, f"d/{i:02d}", rnd.randbytes(8 * CS))
+            for i in range(16)}
+    m = mounts(f"s3://{bucket}", cache_size="64MiB", start=False)
+    m.cache_dir = small_disk / "cache"
+    m.start()
+    assert "larger than the free space" in m.log_text()
+    bad = []
+
+    def reader(keys):
+        for k in keys:
+            try:
+                if read_all(m.path(k)) != objs[k]:
+                    bad.append(("wrong", k))
+            except OSError as e:
+                bad.append((e.strerror, k))
+
+    keys = list(objs)
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(reader, [keys[i::8] for i in range(8)]))
+    assert m.proc is not None and m.proc.poll() is None, m.log_text()
+    assert bad == []
+    c = m.counters()
+    assert c["ssd_write_errors"] >= 1
+    # and again, now that the disk is full: hits and misses, still correct
+    for k in keys[::3]:
+        assert read_all(m.path(k)) == objs[k]
+    assert m.proc.poll() is None, m.log_text()
+    assert m.stop() == 0
+    CacheState(m.cache_dir).assert_consistent()
+    m.start()
+    for k in keys[:4]:
+        assert read_all(m.path(k)) == objs[k]
+
+
+def test_pinned_cache_full_serves_uncached(s3, bucket, mounts, proxy):
+    """The cache is full of pinned chunks: new reads are served without caching (correct
+    bytes, no eviction of pins) and use never exceeds limit + one chunk."""
+    rnd = random.Random(6)
+    pinned = {f"p/{i}": put(s3, bucket, f"p/{i}", rnd.randbytes(2 * CS)) for i in range(4)}
+    other = {f"o/{i}": put(s3, bucket, f"o/{i}", rnd.randbytes(3 * CS)) for i in range(6)}
+    limit = 9 * CS
+    m = mounts(f"s3://{bucket}", cache_size=str(limit))
+    res = m.request({"op": "preload", "pin": True, "parallel": 4,
+                     "entries": [[1, "p", "p"]]})
+    assert res.get("fetched_bytes", 0) == 8 * CS or m.stats()["cache"]["pinned_bytes"] == 8 * CS
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], m.stats()["cache"]["used_bytes"])
+            time.sleep(0.005)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    try:
+        with cf.ThreadPoolExecutor(6) as ex:
+            got = dict(zip(other, ex.map(lambda k: read_all(m.path(k)), other), strict=True))
+    finally:
+        stop.set()
+        w.join()
+    assert got == other
+    st = m.stats()
+    assert st["cache"]["pinned_bytes"] == 8 * CS
+    assert st["counters"].get("cache_full_uncached", 0) >= 1
+    assert peak[0] <= limit + CS and st["cache"]["used_bytes"] <= limit
+    proxy.reset()
+    for k, d in pinned.items():
+        assert read_all(m.path(k)) == d
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0  # the pins were never evicted
+    m.stop()
+    CacheState(m.cache_dir).assert_consistent()
+
+
+# -- LMDB map full --------------------------------------------------------------------------
+
+
+def test_index_map_full_grows_in_process(tmp_path):
+    """Index.apply: MapFullError at commit grows the map and the batch is committed."""
+    from cachefs.index import Index
+
+    ix = Index(tmp_path / "ix", map_size=64 * 1024)
+    try:
+        ops = [Index.op_put_chunk(os.urandom(16), ChunkRec(CS, os.urandom(16), 1.0))
+               for _ in range(5000)]
+        ix.apply(ops)
+        assert ix.env.info()["map_size"] > 64 * 1024
+        assert sum(1 for _ in ix.iter_chunks()) == 5000
+    finally:
+        ix.close()
+
+
+def _daemon_supports_map_size_env() -> bool:
+    return "CACHEFS_TEST_INDEX_MAP_SIZE" in (REPO / "cachefs" / "daemon.py").read_text()
+
+
+def test_index_map_full_in_daemon(s3, bucket, mounts, proxy):
+    """A daemon started with a 64 KiB index map: the map grows while chunk records and
+    inode numbers are committed under concurrent reads; no reader sees an error, and the
+    grown index is consistent after a restart."""
+    if not _daemon_supports_map_size_env():
+        pytest.skip("daemon.py does not read CACHEFS_TEST_INDEX_MAP_SIZE yet "
+                    "(diff in docs/reliability.md)")
+    rnd = random.Random(7)
+    objs = {f"x/{i:04d}": put(s3, bucket, f"x/{i:04d}", rnd.randbytes(rnd.randrange(1, 4096)))
+            for i in range(400)}
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda i: put(s3, bucket, f"names/{i:05d}", b""), range(1200)))
+    m = mounts(f"s3://{bucket}", chunk_size="4KiB",
+               env={"CACHEFS_TEST_INDEX_MAP_SIZE": str(64 * 1024)})
+    assert len(os.listdir(m.path("names"))) == 1200  # 1200 inode records
+    bad = []
+
+    def reader(keys):
+        for k in keys:
+            try:
+                if read_all(m.path(k)) != objs[k]:
+                    bad.append(k)
+            except OSError as e:
+                bad.append((k, e.strerror))
+
+    keys = list(objs)
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(reader, [keys[i::8] for i in range(8)]))
+    assert bad == []
+    assert "index map full: growing" in m.log_text()
+    assert m.counters().get("fuse_internal_errors", 0) == 0
+    assert m.stop() == 0
+    st = CacheState(m.cache_dir)
+    st.assert_consistent()
+    assert len(st.records) == 400
+    m.start()
+    proxy.reset()
+    for k in keys[:50]:
+        assert read_all(m.path(k)) == objs[k]
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+
+
+# -- hostile keys -------------------------------------------------------------------------
+
+# key → how it shows in the mount: a path relative to the mount root, or None (skipped,
+# one warning).  The table in docs/reliability.md is this dict.
+NFC = unicodedata.normalize("NFC", "café")
+NFD = unicodedata.normalize("NFD", "café")
+HOSTILE = {
+    "..": None,
+    ".": None,
+    "./a": None,  # the directory "." is skipped, and with it what is under it
+    "../escape": None,
+    "h/../../../../../../tmp/cachefs-escape": None,
+    "a//b": None,  # an empty directory name
+    "/abs": None,  # the key begins with "/": an empty top-level name
+    "//double": None,
+    "ctl/tab\tname": "ctl/tab\tname",
+    "ctl/cr\rname": "ctl/cr\rname",
+    "ctl/nl\nname": "ctl/nl\nname",
+    "ctl/esc\x1b[31mred": "ctl/esc\x1b[31mred",
+    "ctl/del\x7f": "ctl/del\x7f",
+    "ctl/back\\slash": "ctl/back\\slash",
+    "ctl/%2e%2e": "ctl/%2e%2e",
+    "ctl/ ": "ctl/ ",
+    "ctl/...": "ctl/...",
+    "uni/" + NFC: "uni/" + NFC,
+    "uni/" + NFD: "uni/" + NFD,
+    "uni/🚀✨.bin": "uni/🚀✨.bin",
+    "uni/\u202eevil.txt": "uni/\u202eevil.txt",  # right-to-left override
+    "long/" + "n" * 255: "long/" + "n" * 255,
+    "long/" + "n" * 256: None,  # over NAME_MAX
+    "long/" + "é" * 128: None,  # 256 bytes in UTF-8
+    # 1024 bytes, the S3 maximum, as directories of legal names
+    "deep/" + "/".join(["d" * 200] * 5)[: 1024 - 5 - 4] + "/end": "same",
+    # 1024 bytes in one name
+    "big/" + "b" * 1020: None,
+}
+
+
+def _tree_snapshot(root: Path, skip: list[Path]) -> set[str]:
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dp = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if dp / d not in skip]
+        seen.update(str(dp / n) for n in dirnames + filenames)
+    return seen
+
+
+def _names_with(token: str, roots: list[Path], depth: int) -> list[str]:
+    """Paths under roots (to depth) whose name contains token."""
+    hits = []
+    for root in roots:
+        base = len(root.parts)
+        for dirpath, dirnames, filenames in os.walk(root):
+            dp = Path(dirpath)
+            if len(dp.parts) - base >= depth:
+                dirnames[:] = []
+            hits += [str(dp / n) for n in dirnames + filenames if token in n]
+    return hits
+
+
+def test_hostile_keys(s3, bucket, mounts, proxy, tmp_path):
+    """Hostile keys: no file is ever created outside the cache dir, names that cannot be
+    POSIX names are skipped (one warning each), every other key reads its bytes, and the
+    daemon keeps serving."""
+    token = f"cachefs-escape-{os.getpid()}-{random.randrange(1 << 30)}"
+    expect = {}
+    for k, v in HOSTILE.items():
+        k = k.replace("cachefs-escape", token)
+        put(s3, bucket, k, hashlib.sha256(k.encode()).digest() * 3)
+        expect[k] = k if v == "same" else v
+    put(s3, bucket, "ok.txt", b"fine")
+    m = mounts(f"s3://{bucket}", start=False)
+    before = _tree_snapshot(tmp_path, [m.mp, m.cache_dir])
+    m.start()
+
+    visible = {}
+    for dirpath, _dirnames, filenames in os.walk(m.mp):
+        for n in filenames:
+            p = Path(dirpath) / n
+            visible[str(p.relative_to(m.mp))] = p
+    shown = {k: v for k, v in expect.items() if v is not None}
+    assert set(visible) == set(shown.values()) | {"ok.txt"}
+    for k, rel in shown.items():
+        assert visible[rel].read_bytes() == hashlib.sha256(k.encode()).digest() * 3, repr(k)
+        assert visible[rel].stat().st_size == 96
+    # the NFC and NFD spellings are two files, each with its own bytes
+    assert NFC != NFD and {NFC, NFD} <= set(os.listdir(m.path("uni")))
+    # a directory whose only entries are skipped is empty; skipped names do not exist
+    assert os.listdir(m.path("h")) == [] and os.listdir(m.path("a")) == []
+    for name in ("big/" + "b" * 255, "long/" + "n" * 255 + "x"):
+        with pytest.raises(OSError) as ei:
+            os.stat(m.mp / name)
+        assert ei.value.errno in (errno.ENOENT, errno.ENAMETOOLONG)
+    c = m.counters()
+    assert c.get("skipped_keys", 0) == 10  # "/abs" and "//double" share the prefix "/"
+    assert c.get("fuse_internal_errors", 0) == 0
+    # the control API resolves paths like lookups: ".." cannot climb out of the mount
+    res = m.request({"op": "status", "entries": [[1, "../../etc/passwd", "x"],
+                                                 [2, "h/../../ok.txt", "y"]]})
+    assert len(res["failed"]) == 1 and [f["path"] for f in res["files"]] == ["/ok.txt"]
+    assert m.path("ok.txt").read_bytes() == b"fine" and m.control_ready()
+    assert m.proc.poll() is None
+    m.stop()
+    after = _tree_snapshot(tmp_path, [m.mp, m.cache_dir])
+    assert after - before <= {str(m.log)}, sorted(after - before)[:10]
+    assert _names_with(token, [Path("/tmp"), REPO, Path("/"), tmp_path.parent], 3) == []
+    # inside the cache dir: only the fixed layout, every chunk file named by a hash
+    for p in m.cache_dir.rglob("*"):
+        rel = p.relative_to(m.cache_dir).as_posix()
+        assert re.fullmatch(r"lock|tmp|chunks|chunks/[0-9a-f]{2}|chunks/[0-9a-f]{2}/[0-9a-f]{32}"
+                            r"|index|index/(data|lock)\.mdb|cachefs\.log", rel), rel
+
+
+# -- many keys ----------------------------------------------------------------------------
+
+# A minimal read-only S3 endpoint holding N synthetic keys (moto takes ~110 s to fill with
+# 20k keys on this machine; this serves any N at once).  ListObjectsV2 with prefix,
+# delimiter, max-keys and continuation tokens, HEAD, and ranged GET with If-Match.
+_LIST_SERVER = r'''
+import bisect, hashlib, os, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+from xml.sax.saxutils import escape
+parent, n, bucket = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+KEYS = sorted([f"many/f{i:07d}.bin" for i in range(n)] + ["top.txt"])
+def body(k): return (k + "\n").encode()
+def etag(k): return '"%s"' % hashlib.md5(body(k)).hexdigest()
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def send(self, status, data, ctype="application/xml", extra=()):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in extra: self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD": self.wfile.write(data)
+    def do_HEAD(self): self.do_GET()
+    def do_GET(self):
+        u = urlsplit(self.path)
+        parts = u.path.lstrip("/").split("/", 1)
+        if parts[0] != bucket: return self.send(404, b"<Error><Code>NoSuchBucket</Code></Error>")
+        if len(parts) == 1 or parts[1] == "": return self.list(parse_qs(u.query))
+        key = unquote(parts[1])
+        i = bisect.bisect_left(KEYS, key)
+        if i == len(KEYS) or KEYS[i] != key:
+            return self.send(404, b"<Error><Code>NoSuchKey</Code></Error>")
+        data, tag = body(key), etag(key)
+        im = self.headers.get("If-Match")
+        if im and im != tag: return self.send(412, b"<Error><Code>PreconditionFailed</Code></Error>")
+        hdr = [("ETag", tag), ("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")]
+        rng = self.headers.get("Range")
+        if rng:
+            a, b = rng.split("=")[1].split("-")
+            a, b = int(a), min(int(b), len(data) - 1)
+            return self.send(206, data[a:b + 1], "binary/octet-stream",
+                             hdr + [("Content-Range", f"bytes {a}-{b}/{len(data)}")])
+        self.send(200, data, "binary/octet-stream", hdr)
+    def list(self, q):
+        g = lambda k, d="": q.get(k, [d])[0]
+        prefix, delim = g("prefix"), g("delimiter")
+        maxk = int(g("max-keys", "1000"))
+        start = g("continuation-token") or g("start-after")
+        i = bisect.bisect_right(KEYS, start) if start else bisect.bisect_left(KEYS, prefix)
+        out, cps, last = [], [], None
+        while i < len(KEYS) and len(out) + len(cps) < maxk:
+            k = KEYS[i]
+            if not k.startswith(prefix): break
+            j = k.find(delim, len(prefix)) if delim else -1
+            if j >= 0:
+                cp = k[:j + 1]
+                cps.append(cp)
+                last = cp + "\U0010ffff"
+                i = bisect.bisect_left(KEYS, last)
+            else:
+                out.append(k)
+                last = k
+                i += 1
+        trunc = i < len(KEYS) and KEYS[i].startswith(prefix)
+        x = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
+             f"<Name>{bucket}</Name><Prefix>{escape(prefix)}</Prefix>",
+             f"<KeyCount>{len(out) + len(cps)}</KeyCount><MaxKeys>{maxk}</MaxKeys>",
+             f"<IsTruncated>{'true' if trunc else 'false'}</IsTruncated>"]
+        if delim: x.append(f"<Delimiter>{escape(delim)}</Delimiter>")
+        if trunc: x.append(f"<NextContinuationToken>{escape(last)}</NextContinuationToken>")
+        for k in out:
+            x.append(f"<Contents><Key>{escape(k)}</Key><LastModified>2024-01-01T00:00:00.000Z"
+                     f"</LastModified><ETag>{escape(etag(k))}</ETag><Size>{len(body(k))}</Size>"
+                     "<StorageClass>STANDARD</StorageClass></Contents>")
+        for cp in cps:
+            x.append(f"<CommonPrefixes><Prefix>{escape(cp)}</Prefix></CommonPrefixes>")
+        x.append("</ListBucketResult>")
+        self.send(200, "".join(x).encode())
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+srv.daemon_threads = True
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+print("READY %d" % srv.server_address[1], flush=True)
+while os.getppid() == parent: time.sleep(0.5)
+'''
+
+
+def start_list_server(n: int, bucket: str = "many-keys"):
+    from s3env import Proc
+
+    return Proc([sys.executable, "-c", _LIST_SERVER, str(os.getpid()), str(n), bucket],
+                "list-server", 30)
+
+
+def _many_keys(mounts, n: int, endpoint: str, bucket: str, per_key_budget: int) -> dict:
+    m = mounts(f"s3://{bucket}", endpoint=endpoint, extra=("--metadata-ttl", "600s"))
+    pid = m.proc.pid
+    os.listdir(m.mp)
+    hwm0 = vm_kib(pid, "VmHWM")
+    t0 = time.monotonic()
+    names = os.listdir(m.path("many"))
+    list_s = time.monotonic() - t0
+    assert len(names) == n and len(set(names)) == n
+    assert set(names) == {f"f{i:07d}.bin" for i in range(n)}
+    # stat of every entry (lookups) and a second listing from the daemon's cache
+    with cf.ThreadPoolExecutor(4) as ex:
+        sizes = list(ex.map(lambda nm: os.stat(m.path("many") / nm).st_size, names[:2000]))
+    assert all(s == len(f"many/{nm}\n") for s, nm in zip(sizes, names[:2000], strict=True))
+    assert len(os.listdir(m.path("many"))) == n
+    name = names[n // 2]
+    assert m.path(f"many/{name}").read_bytes() == f"many/{name}\n".encode()
+    hwm1 = vm_kib(pid, "VmHWM")
+    grown = (hwm1 - hwm0) * 1024
+    assert grown <= per_key_budget * n, (grown / n, hwm0, hwm1)
+    assert m.counters().get("fuse_internal_errors", 0) == 0
+    return {"keys": n, "hwm_before_kib": hwm0, "hwm_after_kib": hwm1,
+            "bytes_per_key": round(grown / n), "list_seconds": round(list_s, 2)}
+
+
+def test_many_keys_list_completely_bounded_memory(mounts):
+    """20k keys in one directory: listed completely and uniquely, every entry stat-able,
+    and the daemon's peak memory grows by at most 2 KiB per key (measured ~0.7 KiB)."""
+    srv = start_list_server(20_000)
+    try:
+        r = _many_keys(mounts, 20_000, srv.url, "many-keys", 2048)
+    finally:
+        srv.stop()
+    print("many keys:", r)
+
+
+@pytest.mark.slow
+def test_many_keys_100k_bounded_memory(mounts, request):
+    require_slow(request)
+    srv = start_list_server(100_000)
+    try:
+        r = _many_keys(mounts, 100_000, srv.url, "many-keys", 2048)
+    finally:
+        srv.stop()
+    print("many keys:", r)
+
+
+@pytest.mark.slow
+def test_many_keys_20k_in_moto(s3, bucket, mounts, request):
+    """The same against moto (filling it takes ~2 minutes: hence slow)."""
+    require_slow(request)
+    from s3env import s3_client
+
+    local = threading.local()
+
+    def put1(i):
+        c = getattr(local, "c", None) or s3_client(s3.meta.endpoint_url)
+        local.c = c
+        c.put_object(Bucket=bucket, Key=f"many/f{i:07d}.bin",
+                     Body=f"many/f{i:07d}.bin\n".encode())
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(put1, range(20_000)))
+    r = _many_keys(mounts, 20_000, None, bucket, 2048)
+    print("many keys (moto):", r)
+
+
+if not fuse_available():  # pragma: no cover
+    pytestmark = [pytest.mark.fuse,
+                  pytest.mark.skip(reason="/dev/fuse is not available")]
+
+__all__ = ["CacheState", "put", "read_all", "require_slow", "wait_killed", "vm_kib",
+           "is_mounted"]

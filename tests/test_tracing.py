@@ -1,0 +1,309 @@
+"""Tracing, `cachefs trace`, /metrics and OTLP export, on real mounts over moto.
+
+Assertions are about spans, tiers, counts and bytes, never about timings
+(except the injected 0.5 s S3 delay, which is far above the 200 ms filter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import trio
+from cachefs_env import CREDS, cli
+from etcd_env import free_port
+
+from cachefs import trace as tracemod
+from cachefs.chunks.ids import chunk_id
+from cachefs.cluster.ring import HashRing
+from cachefs.trace import Tracer, span
+
+CHUNK = 64 * 1024
+SECRET = "tracing-test-secret"
+CANARY_KEY = "AKIACANARY7Q3XZ2TRACE"
+CANARY_SECRET = "canarysecretT7d9w0QmZ4uVbN1cachefsTRACE"
+
+
+def put(s3, bucket: str, key: str, size: int, seed: int = 1) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    s3.put_object(Bucket=bucket, Key=key, Body=data)
+    return data
+
+
+def all_spans(t: dict):
+    yield t
+    for c in t.get("spans", ()):
+        yield from all_spans(c)
+
+
+def trace_json(*args: str, env: dict | None = None) -> dict:
+    r = cli("trace", *args, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def scrape(port: int) -> tuple[dict[str, float], str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, v = line.rpartition(" ")
+            out[name] = float(v)
+    return out, text
+
+
+class Receiver:
+    """A tiny OTLP/HTTP receiver: keeps every POST body."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[str, bytes]] = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                n = int(self.headers.get("Content-Length", 0))
+                outer.bodies.append((self.path, self.rfile.read(n)))
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.srv.server_address[1]}"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+# -- the Tracer alone (no FUSE) ------------------------------------------------------------
+
+
+async def test_tracer_bounds_and_background_spans():
+    t = Tracer(slow_threshold=0.0, recent=4, slow=3, recent_spans=20, slow_spans=1000,
+               enabled=True)
+    # a span cap per trace
+    with t.start("read", ino=1):
+        for _ in range(tracemod.MAX_SPANS + 10):
+            with span("x"):
+                pass
+    d = t.recent.last(1)[0]
+    assert len(list(all_spans(d))) == tracemod.MAX_SPANS
+    assert d["dropped_spans"] == 11
+    # ring bounds: traces and spans
+    for i in range(10):
+        with t.start("read", ino=i):
+            with span("a"), span("b"):
+                pass
+    assert len(t.recent) <= 4 and t.recent.spans <= 20
+    assert len(t.slow) == 3
+    # a background span (read-ahead) keeps the trace open until it ends
+    ev, opened = trio.Event(), trio.Event()
+
+    async def background(name):
+        with span(name, chunk=1):
+            opened.set()
+            await ev.wait()
+
+    async with trio.open_nursery() as n:
+        with t.start("read", ino=99, offset=0, size=10):
+            n.start_soon(background, "readahead")
+            await opened.wait()
+        assert t.pending_for(lambda a: a.get("ino") == 99) == 1
+        assert t.recent.last(1)[0].get("ino") != 99
+        ev.set()
+    d = t.recent.last(1)[0]
+    assert d["ino"] == 99 and d["spans"][0]["name"] == "readahead" and "open" not in d["spans"][0]
+    # a task whose first span opens after its request was recorded: a continuation trace
+    ev = trio.Event()
+    async with trio.open_nursery() as n:
+        with t.start("read", ino=7, offset=0, size=10) as root:
+            n.start_soon(background, "late")
+        ev.set()
+    d = t.recent.last(1)[0]
+    assert d["name"] == "late" and d["continues"] == root.attrs["trace_id"]
+    assert d["ino"] == 7 and d["background"] is True and d not in list(t.slow)[-1:]
+    # off: nothing recorded
+    off = Tracer(slow_threshold=0.0, enabled=False)
+    with off.start("read"):
+        with span("x") as s:
+            assert s is tracemod.NULL_SPAN
+    assert len(off.recent) == 0
+
+
+# -- one daemon: trace PATH, cold and warm; /metrics; OTLP; no credential anywhere ---------
+
+
+def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):
+    size = 3 * CHUNK + 1000
+    put(s3, bucket, "dir/a.bin", size, seed=1)
+    put(s3, bucket, "dir/b.bin", 2 * CHUNK, seed=2)
+    port = free_port()
+    rx = Receiver()
+    canary = {"AWS_ACCESS_KEY_ID": CANARY_KEY, "AWS_SECRET_ACCESS_KEY": CANARY_SECRET,
+              "CACHEFS_OTLP_ENDPOINT": rx.url}
+    try:
+        m = mounts(f"s3://{bucket}", env=canary,
+                   extra=("--log-level", "DEBUG", "--metrics-listen", f"127.0.0.1:{port}"))
+        env = {**canary}
+
+        # metrics match known work: a cold read of one whole object
+        with open(m.path("dir/a.bin"), "rb") as f:
+            assert len(f.read()) == size
+        met, text = scrape(port)
+        assert met["cachefs_s3_bytes_total"] == size
+        assert met['cachefs_chunk_reads_total{tier="s3"}'] == 4
+        assert met['cachefs_s3_requests_total{op="GET"}'] == proxy.gets() == 4
+        assert met['cachefs_fuse_requests_total{op="read"}'] >= 1
+        assert met['cachefs_fuse_request_duration_seconds_count{op="read"}'] >= 1
+        assert met["cachefs_cache_used_bytes"] == size
+        assert met["cachefs_cache_limit_bytes"] > 0
+        assert "cachefs_in_flight_fetches" in met and "cachefs_evictions_total" in met
+
+        # cold: the chunk comes from S3, with TTFB, transfer time and bytes
+        cold = trace_json(str(m.path("dir/b.bin")), "--length", "64KiB", "--cold", env=env)
+        assert cold["bytes_read"] == CHUNK and cold["traces"]
+        assert cold["cold"]["chunks"] == 1
+        assert cold["chunks"][0]["chunk"] == 0 and cold["chunks"][0]["tier"] == "s3"
+        gets = [s for t in cold["traces"] for s in all_spans(t) if s["name"] == "s3.get"]
+        g0 = [g for g in gets if g["offset"] == 0]
+        assert len(g0) == 1, gets
+        assert g0[0]["bytes"] == CHUNK and g0[0]["ttfb_ms"] > 0 and g0[0]["status"] == 206
+        assert g0[0]["tier"] == "s3" and "transfer_ms" in g0[0] and g0[0]["retries"] == 0
+        assert cold["dominant"]["name"]
+        # warm: a local SSD read, no S3 span at all
+        warm = trace_json(str(m.path("dir/b.bin")), "--length", "64KiB", env=env)
+        spans = [s for t in warm["traces"] for s in all_spans(t)]
+        assert warm["chunks"][0]["tier"] == "local"
+        assert any(s["name"] == "ssd.read" and s.get("tier") == "local" for s in spans)
+        assert not [s for s in spans if s["name"].startswith("s3.")]
+        # a --cold re-read shows the miss path again
+        again = trace_json(str(m.path("dir/b.bin")), "--length", "64KiB", "--cold", env=env)
+        assert again["chunks"][0]["tier"] == "s3"
+        # the human tree names tiers and marks the dominant cost
+        r = cli("trace", str(m.path("dir/b.bin")), "--length", "64KiB", "--cold", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "tier=s3" in r.stdout and "◀ dominant" in r.stdout and "ttfb" in r.stdout
+
+        recent = cli("trace", "--recent", "50", "--json", "--mount", str(m.mp), env=env)
+        assert recent.returncode == 0, recent.stderr
+        assert any(t.get("path") == "/dir/a.bin" for t in json.loads(recent.stdout))
+
+        # OTLP: finished traces arrive as OTLP/HTTP JSON
+        deadline = time.monotonic() + 10
+        while not rx.bodies and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rx.bodies and rx.bodies[0][0] == "/v1/traces"
+        names = {s["name"] for _, b in rx.bodies
+                 for rs in json.loads(b)["resourceSpans"] for ss in rs["scopeSpans"]
+                 for s in ss["spans"]}
+        assert {"read", "chunk", "s3.get"} <= names
+
+        # no credential in the log, traces, metrics, OTLP payloads or argv
+        _, text = scrape(port)
+        otlp = b"".join(b for _, b in rx.bodies).decode()
+        with open(f"/proc/{m.proc.pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+        log = m.log.read_text(errors="replace")
+        assert "DEBUG" in log
+        for name, blob in (("log", log), ("recent traces", recent.stdout), ("metrics", text),
+                           ("otlp", otlp), ("cmdline", cmdline),
+                           ("trace output", r.stdout + json.dumps(cold))):
+            assert CANARY_KEY not in blob, name
+            assert CANARY_SECRET not in blob, name
+            assert "canarysecret" not in blob.lower(), name
+    finally:
+        rx.close()
+
+
+# -- --follow shows slow reads only ---------------------------------------------------------
+
+
+def test_follow_shows_slow_reads_only(mounts, s3, bucket, proxy):
+    put(s3, bucket, "fast.bin", CHUNK, seed=3)
+    put(s3, bucket, "slow.bin", CHUNK, seed=4)
+    m = mounts(f"s3://{bucket}")
+    with open(m.path("fast.bin"), "rb") as f:
+        f.read()  # cached now; the read below is warm (O_DIRECT: reaches the daemon)
+    os.stat(m.path("slow.bin"))
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", "--follow", "--slower-than",
+                          "200ms", "--mount", str(m.mp)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, **CREDS})
+    try:
+        assert "following traces over 200.0 ms" in p.stderr.readline()
+        proxy.faults(delay=0.5, count=1)
+        for name in ("fast.bin", "slow.bin"):
+            fd = os.open(m.path(name), os.O_RDONLY | os.O_DIRECT)
+            try:
+                import mmap
+                buf = mmap.mmap(-1, CHUNK)
+                assert os.preadv(fd, [buf], 0) == CHUNK
+            finally:
+                os.close(fd)
+        deadline = time.monotonic() + 10
+        while m.counters().get("s3_get_requests", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        p.terminate()
+        out, _ = p.communicate(timeout=10)
+    assert "/slow.bin" in out and "s3.get" in out
+    assert "/fast.bin" not in out
+
+
+# -- a 2-node cluster: a peer span holds the owner's spans ----------------------------------
+
+
+def test_peer_span_carries_owner_spans(mounts, s3, bucket):
+    from test_cluster import start_cluster
+
+    data = put(s3, bucket, "p.bin", 8 * CHUNK, seed=5)
+    assert data
+    etag = s3.head_object(Bucket=bucket, Key="p.bin")["ETag"]
+    a, b = start_cluster(mounts, bucket, n=2)
+    ring = HashRing(["n0", "n1"])
+    owned_by_a = [i for i in range(8) if ring.owner(chunk_id(bucket, "p.bin", etag, CHUNK, i))
+                  == "n0"]
+    assert owned_by_a, "no chunk owned by n0 (hash luck)"
+    i = owned_by_a[0]
+    res = trace_json(str(b.path("p.bin")), "--offset", str(i * CHUNK), "--length", "64KiB",
+                     "--cold")
+    assert res["cold"]["nodes"].keys() == {"n0", "n1"}
+    row = [r for r in res["chunks"] if r["chunk"] == i][0]
+    assert row["tier"] == "peer" and row["node"] == "n0"
+    peers = [s for t in res["traces"] for s in all_spans(t)
+             if s["name"] == "peer" and s.get("node") == "n0"]
+    assert peers, res["traces"]
+    owner = [s for s in all_spans(peers[0]) if s["name"] == "peer.serve"]
+    assert owner and owner[0]["node"] == "n0"
+    inner = {s["name"] for s in all_spans(owner[0])}
+    assert {"chunk", "s3.get"} <= inner  # cold on the owner too: it read S3
+    # warm on the owner: the peer span now holds A's SSD read
+    res2 = trace_json(str(b.path("p.bin")), "--offset", str(i * CHUNK), "--length", "64KiB")
+    peers2 = [s for t in res2["traces"] for s in all_spans(t) if s["name"] == "peer"]
+    assert peers2 and any(s["name"] == "ssd.read" for s in all_spans(peers2[0]))
+    assert not any(s["name"] == "s3.get" for s in all_spans(peers2[0]))
+
+
+@pytest.mark.parametrize("value", ["nonsense", "1.2.3.4:99999"])
+def test_metrics_listen_rejects_bad_address(value):
+    from cachefs.errors import QuietError
+    from cachefs.metrics import bind_metrics, parse_listen
+
+    assert parse_listen(":9100") == ("127.0.0.1", 9100)
+    with pytest.raises(QuietError):
+        bind_metrics(value)
