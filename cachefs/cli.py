@@ -287,15 +287,9 @@ def demo(workdir, shards, shard_size, small_files, small_size) -> None:
 
 def _add_plugins() -> None:
     """Commands that live in their own modules (file lists, tracing)."""
-    import importlib
+    from .plugins import optional_modules
 
-    for modname in ("cachefs.cli_datasets", "cachefs.cli_trace"):
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            continue
+    for mod in optional_modules("cachefs.cli_datasets", "cachefs.cli_trace"):
         for cmd in getattr(mod, "COMMANDS", ()):
             cli.add_command(cmd)
 

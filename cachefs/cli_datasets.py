@@ -190,6 +190,19 @@ def _exit(code: int) -> None:
         raise SystemExit(code)
 
 
+def _unreachable(res: dict, code: int) -> int:
+    """Report the cluster nodes that did not answer; exit code 1 if any (and none worse)."""
+    for u in res.get("unreachable") or []:
+        _say(str(u["reason"]))
+    return code or (EXIT_FAILED if res.get("unreachable") else 0)
+
+
+def _node_lines(nodes: dict, fmt) -> None:
+    for n, row in sorted(nodes.items()):
+        text = str(row["error"]) if row.get("error") else fmt(row)
+        click.echo(f"  node {n:<12} {text}")
+
+
 # -- preload -----------------------------------------------------------------------------
 
 
@@ -271,6 +284,17 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
                + (f" {'entry' if len(res['failed']) == 1 else 'entries'} (listed above)"
                   if res["failed"] else ""))
     click.echo(f"  duration        {_dur(secs)}")
+    if res.get("nodes"):
+        def fmt(row: dict) -> str:
+            fb = row.get("fallback_for") or {}
+            return (f"{human(row.get('bytes', 0))} owned, "
+                    f"{human(row.get('cached_before_bytes', 0))} already cached, fetched "
+                    f"{human(row.get('fetched_bytes', 0))} ({row.get('fetched_chunks', 0)} "
+                    "chunks)"
+                    + (f", {row['failed_chunks']} chunks failed" if row.get("failed_chunks")
+                       else "")
+                    + (f", standing in for {', '.join(sorted(fb))}" if fb else ""))
+        _node_lines(res["nodes"], fmt)
     for w in res.get("warnings", []):
         if "could not be kept" in w:  # the others were shown before the fetch
             _say(f"warning: {w}")
@@ -298,12 +322,17 @@ def free(file_list, mount, as_json) -> None:
                   "pins_removed": 0}
     res.pop("ok", None)
     res["failed"] = sorted(prep.cli_failed() + res.get("failed", []), key=lambda x: x["line"])
+    code = _unreachable(res, code)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
         click.echo(f"freed {human(res['freed_bytes'])} ({res['freed_chunks']} chunks, "
                    f"{res['pins_removed']} pinned) of {res['files']} files listed "
-                   f"({human(res['total_bytes'])}) in {prep.mp}")
+                   f"({human(res['total_bytes'])}) in {prep.mp}"
+                   + (f" on {len(res['nodes'])} nodes" if res.get("nodes") else ""))
+        if res.get("nodes"):
+            _node_lines(res["nodes"], lambda r: f"freed {human(r['freed_bytes'])} "
+                        f"({r['freed_chunks']} chunks, {r['pins_removed']} pinned)")
     _exit(code)
 
 
@@ -330,6 +359,7 @@ def status(file_list, mount, as_json) -> None:
     mp = prep.mp.rstrip("/")
     for f in res["files"]:
         f["path"] = mp + f["path"]
+    code = _unreachable(res, code)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         _exit(code)
@@ -346,6 +376,9 @@ def status(file_list, mount, as_json) -> None:
     click.echo(f"total: {len(rows)} files, {human(tot)}; cached {human(res['cached_bytes'])} "
                f"({_pct(res['cached_bytes'], tot):.1f}%), pinned {human(res['pinned_bytes'])} "
                f"({_pct(res['pinned_bytes'], tot):.1f}%)")
+    if res.get("nodes"):
+        _node_lines(res["nodes"], lambda r: f"cached {human(r['cached_bytes'])}, pinned "
+                    f"{human(r['pinned_bytes'])} (owns {human(r['owned_bytes'])})")
     _exit(code)
 
 

@@ -206,7 +206,8 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
             row["detail"] = "; ".join(detail)
             key = idx if idx is not None else f"?{len(rows)}"
             old = rows.get(key)
-            if old is None or prio[name] > prio[old["span"]]:
+            if (old is None or prio[name] > prio[old["span"]]
+                    or old["tier"] == "miss" and row["tier"] != "miss"):
                 rows[key] = row
     return sorted(rows.values(), key=lambda r: (not isinstance(r["chunk"], int),
                                                 r["chunk"] if isinstance(r["chunk"], int) else 0))

@@ -31,15 +31,9 @@ def register_all(d: Daemon) -> None:
     srv.register("info", info)
     srv.register("stats", stats)
     srv.register("stop", stop)
-    import importlib
+    from .plugins import optional_modules
 
-    for modname in ("cachefs.datasets", "cachefs.tracing"):
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            continue
+    for mod in optional_modules("cachefs.datasets", "cachefs.tracing"):
         mod.register(d)
 
 

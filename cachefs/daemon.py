@@ -190,10 +190,13 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.cfg
-        mp = Path(os.path.realpath(cfg.mountpoint))
-        check_mountpoint(mp)
-        prepare_cache_dir(cfg.cache_dir)
-        lock_fd = lock_cache_dir(cfg.cache_dir)
+        def prechecks() -> tuple[Path, int]:
+            mp = Path(os.path.realpath(cfg.mountpoint))
+            check_mountpoint(mp)
+            prepare_cache_dir(cfg.cache_dir)
+            return mp, lock_cache_dir(cfg.cache_dir)
+
+        mp, lock_fd = await trio.to_thread.run_sync(prechecks)
         try:
             await self._run_locked(mp)
         finally:

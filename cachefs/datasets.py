@@ -38,14 +38,18 @@ Throughput model (for --dry-run and the estimate shown next to the actual time)
 
 from __future__ import annotations
 
+import base64
 import errno
+import json
 import logging
 import math
 import os
 import time
+import uuid
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -64,6 +68,16 @@ PROBE_CHUNKS = 2
 YIELD_EVERY = 256  # files or chunks handled between two checkpoints (reads go on meanwhile)
 MAX_PARALLEL = 256
 MAX_ROWS = 1_000_000
+
+# cluster-wide preload / free / status (see "In a cluster" above)
+ID_BATCH = 2500  # chunk ids per ds_probe / ds_drop call: ~53 KB of base64, under 64 KiB
+FETCH_PAYLOAD = 48 * 1024  # bytes of chunk descriptions per ds_fetch call
+MAX_FETCH_CHUNKS = 1024  # chunks per ds_fetch call, at most
+FETCH_WAIT = 10.0  # seconds an owner works on one ds_fetch call before it answers
+CALLS_PER_NODE = 2  # ds_fetch calls in flight from one preload to one owner
+MAX_FETCH_CALLS = 8  # ds_fetch calls one owner serves at once; more get "busy"
+BUSY_BACKOFF = 0.2  # seconds before resending a batch an owner was too busy for
+JOB_IDLE = 300.0  # an owner forgets a preload's concurrency limiter after this
 
 
 # -- throughput model -------------------------------------------------------------------
@@ -230,6 +244,10 @@ class Datasets:
         self.d = d
         self.model = ThroughputModel()
         self.runs = 0
+        # owner side of cluster-wide preloads
+        self._jobs: dict[str, list] = {}  # job id -> [CapacityLimiter, last used]
+        self._fetch_calls = 0
+        self._obj_sizes: dict = {}
 
     def statistics(self) -> dict:
         return {"preloads": self.runs, "throughput": self.model.statistics()}
@@ -286,6 +304,8 @@ class Datasets:
         store = self.d.store
         assert store is not None
         job, files, failed = await self._resolve_request(req, emit)
+        if self.d.cluster is not None:
+            return await job.run(self._status_cluster, files, failed)
         rows = []
         tot = cached = pinned = 0
         for i, f in enumerate(files):
@@ -312,6 +332,8 @@ class Datasets:
         store = self.d.store
         assert store is not None
         job, files, failed = await self._resolve_request(req, emit)
+        if self.d.cluster is not None:
+            return await job.run(self._free_cluster, files, failed)
         cids = [r.cid for f in files for r in f.refs if store.contains(r.cid)]
         pins = sum(1 for c in cids if store.is_pinned(c))  # removed with their chunks
         freed = 0
@@ -369,8 +391,9 @@ class Datasets:
                 "estimate": self.model.estimate(missing, nmissing, parallel,
                                                 self.s3_concurrency)}
 
-    async def _probe(self, files: list[FileItem]) -> int:
-        """Time a few real fetches of missing chunks (they stay cached)."""
+    async def _probe(self, files: list[FileItem], missing: set[bytes] | None = None) -> int:
+        """Time a few real fetches of missing chunks (they stay cached, on their
+        owner in a cluster: a read on a non-owner keeps no copy)."""
         reader, store = self.d.reader, self.d.store
         assert reader is not None and store is not None
         n = 0
@@ -378,7 +401,7 @@ class Datasets:
             for r in f.refs:
                 if n >= PROBE_CHUNKS:
                     return n
-                if store.contains(r.cid):
+                if (r.cid not in missing) if missing is not None else store.contains(r.cid):
                     continue
                 t0 = time.perf_counter()
                 try:
@@ -404,13 +427,18 @@ class Datasets:
             raise ControlError(f"--parallel must be between 1 and {MAX_PARALLEL}")
         t_start = time.monotonic()
         job, files, failed = await self._resolve_request(req, emit)
-        plan = await self._plan(files, pin, parallel)
+        cp: _ClusterPlan | None = None
+        if self.d.cluster is not None:
+            cp = await job.run(self._plan_cluster, files, pin, parallel)
+            plan = cp.plan
+        else:
+            plan = await self._plan(files, pin, parallel)
         if dry_run:
             probed = 0
             if plan["missing_chunks"] and not self.model.measured:
-                probed = await job.run(self._probe, files)
+                probed = await job.run(self._probe, files, cp.missing if cp else None)
                 if probed:  # the plan stays what was missing when we looked
-                    plan["estimate"] = self.model.estimate(
+                    plan["estimate"] = cp.estimate(self) if cp else self.model.estimate(
                         plan["missing_bytes"], plan["missing_chunks"], parallel,
                         self.s3_concurrency)
             plan["estimate"]["probed_chunks"] = probed
@@ -419,7 +447,7 @@ class Datasets:
                     "seconds": round(time.monotonic() - t_start, 3),
                     "throughput": self.model.statistics()}
         await job.emit({"kind": "plan", "pin": pin, "parallel": parallel, **plan})
-        run = _Run(self, files, pin, parallel, plan)
+        run = _Run(self, files, pin, parallel, plan) if cp is None else _ClusterRun(self, cp)
         job.progress = run.progress
         t0 = time.monotonic()
         await job.run(run.go)
@@ -444,11 +472,321 @@ class Datasets:
                "throughput_bps": round(fetched / secs) if secs > 0 else 0,
                "estimate": plan["estimate"], "warnings": plan["warnings"],
                "cache": store.statistics()}
+        if cp is not None:
+            out["nodes"] = run.by_node
+            out["unreachable"] = [{"node": n, "reason": r} for n, r in sorted(cp.down.items())]
         if run.uncached_bytes:
             out["warnings"] = out["warnings"] + [
                 f"{_h(run.uncached_bytes)} could not be kept in the cache (it is full of "
                 "pinned data, or the disk is full)"]
         return out
+
+    # -- cluster: requester side ---------------------------------------------------
+
+    async def _on_nodes(self, nodes, fn) -> dict[str, Any]:
+        """``await fn(node)`` for every node at once; a failure becomes a _Down."""
+        from .cluster.protocol import PeerError
+
+        cl = self.d.cluster
+        out: dict[str, Any] = {}
+
+        async def one(node: str) -> None:
+            try:
+                out[node] = await fn(node)
+            except PeerError as e:
+                down = _is_down(e.reason)
+                if down:
+                    cl.mark_unreachable(node, e.reason)
+                out[node] = _Down(f"node {node} unreachable: {e}" if down
+                                  else f"node {node}: {e}", down)
+            except (ValueError, KeyError, TypeError) as e:
+                out[node] = _Down(f"node {node}: bad request or reply: {e}", False)
+
+        async with trio.open_nursery() as n:
+            for node in nodes:
+                n.start_soon(one, node)
+        return out
+
+    async def _probe_node(self, node: str, cids: list[bytes]) -> tuple[str, dict]:
+        """Which of ``cids`` ``node`` holds: one char each (0 no, 1 cached, 2 pinned)."""
+        parts, store = [], {}
+        for i in range(0, len(cids), ID_BATCH):
+            part = cids[i:i + ID_BATCH]
+            res = await self.d.cluster.forward(node, "ds_probe", {"ids": _pack_ids(part)})
+            states, store = res["states"], res["store"]
+            if not isinstance(states, str) or len(states) != len(part):
+                raise ValueError("ds_probe: wrong number of states")
+            parts.append(states)
+        return "".join(parts), store
+
+    async def _drop_node(self, node: str, cids: list[bytes]) -> dict:
+        tot = {"freed_bytes": 0, "freed_chunks": 0, "pins_removed": 0}
+        for i in range(0, len(cids), ID_BATCH):
+            res = await self.d.cluster.forward(node, "ds_drop",
+                                               {"ids": _pack_ids(cids[i:i + ID_BATCH])})
+            for k in tot:
+                tot[k] += int(res[k])
+        return tot
+
+    async def _unique(self, files: list[FileItem]) -> dict[bytes, int]:
+        out: dict[bytes, int] = {}
+        for i, f in enumerate(files):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            for r in f.refs:
+                out.setdefault(r.cid, r.length)
+        return out
+
+    async def _status_cluster(self, files: list[FileItem], failed: list[dict]) -> dict:
+        cl, store = self.d.cluster, self.d.store
+        ring, members = cl.ring, sorted(cl.nodes())
+        sizes = await self._unique(files)
+        cids = list(sizes)
+        owned: Counter = Counter()
+        for i, c in enumerate(cids):
+            if i % (4 * YIELD_EVERY) == 0:
+                await trio.lowlevel.checkpoint()
+            owned[ring.owner(c)] += sizes[c]
+        res = await self._on_nodes(members, lambda n: self._probe_node(n, cids))
+        cached: set[bytes] = set()
+        pinned: set[bytes] = set()
+        nodes: dict[str, dict] = {}
+        unreachable = []
+        for n in members:
+            r = res[n]
+            if isinstance(r, _Down):
+                nodes[n] = {"error": r.reason, "owned_bytes": owned[n]}
+                unreachable.append({"node": n, "reason": r.reason})
+                continue
+            c = p = cc = 0
+            for i, (cid, st) in enumerate(zip(cids, r[0], strict=True)):
+                if i % (4 * YIELD_EVERY) == 0:
+                    await trio.lowlevel.checkpoint()
+                if st != "0":
+                    c += sizes[cid]
+                    cc += 1
+                    cached.add(cid)
+                    if st == "2":
+                        p += sizes[cid]
+                        pinned.add(cid)
+            nodes[n] = {"cached_bytes": c, "pinned_bytes": p, "cached_chunks": cc,
+                        "owned_bytes": owned[n]}
+        rows = []
+        tot = tc = tp = 0
+        for i, f in enumerate(files):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            c = sum(r.length for r in f.refs if r.cid in cached)
+            p = sum(r.length for r in f.refs if r.cid in pinned)
+            cc = sum(1 for r in f.refs if r.cid in cached)
+            rows.append({"path": f.path, "line": f.line, "size": f.size, "cached_bytes": c,
+                         "pinned_bytes": p, "chunks": len(f.refs), "cached_chunks": cc})
+            tot += f.size
+            tc += c
+            tp += p
+        return {"files": rows, "total_bytes": tot, "cached_bytes": tc, "pinned_bytes": tp,
+                "failed": failed, "nodes": nodes, "unreachable": unreachable,
+                "cache": store.statistics()}
+
+    async def _free_cluster(self, files: list[FileItem], failed: list[dict]) -> dict:
+        cl, store = self.d.cluster, self.d.store
+        members = sorted(cl.nodes())
+        cids = list(await self._unique(files))
+        res = await self._on_nodes(members, lambda n: self._drop_node(n, cids))
+        nodes: dict[str, dict] = {}
+        unreachable = []
+        tot = {"freed_bytes": 0, "freed_chunks": 0, "pins_removed": 0}
+        for n in members:
+            r = res[n]
+            if isinstance(r, _Down):
+                nodes[n] = {"error": r.reason}
+                unreachable.append({"node": n, "reason": r.reason})
+                continue
+            nodes[n] = r
+            for k in tot:
+                tot[k] += r[k]
+        log.info("free (cluster): %d files, %d chunks, %d bytes on %d nodes (%d unreachable)",
+                 len(files), tot["freed_chunks"], tot["freed_bytes"], len(members),
+                 len(unreachable))
+        return {"files": len(files), "total_bytes": sum(f.size for f in files), **tot,
+                "failed": failed, "nodes": nodes, "unreachable": unreachable,
+                "cache": store.statistics()}
+
+    async def _plan_cluster(self, files: list[FileItem], pin: bool,
+                            parallel: int) -> _ClusterPlan:
+        """Group the chunks by owner, ask each owner what it holds, and check pins
+        against each owner's cache.  An owner that does not answer is replaced by
+        the next node of the ring for its chunks (where readers look meanwhile)."""
+        cl = self.d.cluster
+        ring, me = cl.ring, cl.node_id
+        groups: dict[str, list[tuple[FileItem, ChunkRef]]] = {}
+        k = 0
+        for f in files:
+            for r in f.refs:
+                groups.setdefault(ring.owner(r.cid), []).append((f, r))
+                k += 1
+                if k % (4 * YIELD_EVERY) == 0:
+                    await trio.lowlevel.checkpoint()
+        cp = _ClusterPlan(ring, me, files, pin, parallel)
+        rnd = groups
+        while rnd:
+            res = await self._on_nodes(
+                list(rnd), lambda n, g=rnd: self._probe_node(n, [r.cid for _, r in g[n]]))
+            for n, out in res.items():
+                if isinstance(out, _Down) and out.down:
+                    cp.down[n] = out.reason
+            nxt: dict[str, list] = {}
+            for n, items in rnd.items():
+                out = res[n]
+                if not isinstance(out, _Down):
+                    cp.add(n, items, out[0], out[1], pin)
+                    continue
+                for f, r in items:
+                    prefs = ring.preference(r.cid, 2)
+                    # an unreachable owner: its successor, unless that failed too
+                    if (out.down and prefs[0] == n and len(prefs) > 1
+                            and prefs[1] not in cp.down
+                            and not isinstance(res.get(prefs[1]), _Down)):
+                        nxt.setdefault(prefs[1], []).append((f, r))
+                        cp.fallback[(prefs[1], n)] += 1
+                    else:
+                        cp.fail(f, r, n, out.reason)
+            rnd = nxt
+        cp.finish(self, pin)
+        return cp
+
+    def _obj_size(self, obj) -> int:
+        n = self._obj_sizes.get(obj)
+        if n is None:
+            if len(self._obj_sizes) > 100_000:
+                self._obj_sizes.clear()
+            try:
+                n = len(json.dumps(_obj_desc(obj), ensure_ascii=False).encode("utf-8")) + 8
+            except ValueError:  # a key that is not UTF-8: sent (and refused) alone
+                n = FETCH_PAYLOAD
+            self._obj_sizes[obj] = n
+        return n
+
+    # -- cluster: owner side (peer ops) -----------------------------------------------
+
+    def _refs(self, payload: dict) -> list[ChunkRef | str]:
+        from .cluster.protocol import PeerError
+
+        objs = payload.get("objs")
+        if not isinstance(objs, list):
+            raise PeerError("ds_fetch: objs must be a list", "protocol")
+        out: list[ChunkRef | str] = []
+        for o in objs:
+            idx = o.get("idx") if isinstance(o, dict) else None
+            if not isinstance(idx, list) or not all(type(i) is int for i in idx):
+                raise PeerError("ds_fetch: each object needs a list of indexes", "protocol")
+            base = {k: v for k, v in o.items() if k != "idx"}
+            for i in idx:
+                try:
+                    out.append(self.d.cluster.resolve_chunk({**base, "index": i}))
+                except PeerError as e:
+                    out.append(str(e))
+            if len(out) > MAX_FETCH_CHUNKS:
+                raise PeerError(f"ds_fetch: more than {MAX_FETCH_CHUNKS} chunks", "protocol")
+        return out
+
+    async def op_fetch(self, payload: dict) -> dict:
+        """Fetch (and pin) chunks this node owns, for a preload started elsewhere.
+
+        Answers within ``wait`` seconds: one code per chunk, ``c`` was cached,
+        ``f`` fetched, ``u`` fetched but not kept (cache full), ``e`` failed
+        (reason in ``errors``), ``p`` still pending (the fetch, if started, goes
+        on in the reader's service nursery; the requester sends it again and
+        joins it)."""
+        if self._fetch_calls >= MAX_FETCH_CALLS:
+            return {"busy": True}
+        store, reader, cl = self.d.store, self.d.reader, self.d.cluster
+        assert store is not None and reader is not None
+        refs = self._refs(payload)
+        pin = bool(payload.get("pin"))
+        try:
+            parallel = min(MAX_PARALLEL, max(1, int(payload.get("parallel") or 8)))
+            wait = min(FETCH_WAIT, max(0.1, float(payload.get("wait") or FETCH_WAIT)))
+        except (TypeError, ValueError):
+            parallel, wait = 8, FETCH_WAIT
+        now = time.monotonic()
+        for jid in [j for j, v in self._jobs.items() if now - v[1] > JOB_IDLE]:
+            del self._jobs[jid]
+        jid = str(payload.get("job") or "")[:64]
+        job = self._jobs.setdefault(jid, [trio.CapacityLimiter(parallel), now])
+        job[1] = now
+        limiter = job[0]
+        codes = ["p"] * len(refs)
+        errors: dict[str, str] = {}
+        times: list[list] = []
+        ring, me = cl.ring, cl.node_id
+
+        async def cached(k: int, ref: ChunkRef) -> bool:
+            if not store.contains(ref.cid):
+                return False
+            codes[k] = "c"
+            if pin and not store.is_pinned(ref.cid):
+                with trio.CancelScope(shield=True):
+                    await store.set_pinned([ref.cid], True)
+            return True
+
+        async def one(k: int, ref: ChunkRef) -> None:
+            if await cached(k, ref):
+                return
+            async with limiter:
+                if await cached(k, ref):
+                    return
+                t0 = time.perf_counter()
+                try:
+                    # our own chunk: the SSD, a hand-off copy from the successor, or S3;
+                    # a chunk we stand in for (its owner is down): the SSD or S3 only
+                    await reader.get(ref, pin=pin, local_only=ring.owner(ref.cid) != me)
+                except Exception as e:  # noqa: BLE001 - this chunk fails, the others go on
+                    codes[k] = "e"
+                    errors[str(k)] = _reason(e)
+                    return
+                dt = time.perf_counter() - t0
+                self.model.observe(ref.length, dt)
+                times.append([ref.length, round(dt, 6)])
+                kept = store.contains(ref.cid)
+                codes[k] = "f" if kept else "u"
+                if kept and pin and not store.is_pinned(ref.cid):
+                    with trio.CancelScope(shield=True):
+                        await store.set_pinned([ref.cid], True)
+
+        self._fetch_calls += 1
+        try:
+            with trio.move_on_after(wait):
+                async with trio.open_nursery() as n:
+                    for k, ref in enumerate(refs):
+                        if isinstance(ref, str):
+                            codes[k] = "e"
+                            errors[str(k)] = ref
+                        else:
+                            n.start_soon(one, k, ref)
+        finally:
+            self._fetch_calls -= 1
+        return {"codes": "".join(codes), "errors": errors, "times": times}
+
+    async def op_probe(self, payload: dict) -> dict:
+        store = self.d.store
+        cids = _unpack_ids(payload.get("ids"))
+        states = "".join("2" if store.is_pinned(c) else "1" if store.contains(c) else "0"
+                         for c in cids)
+        return {"states": states, "store": {"limit": store.limit, "high": store.high,
+                                            "pinned_bytes": store.pinned_bytes,
+                                            "used_bytes": store.used}}
+
+    async def op_drop(self, payload: dict) -> dict:
+        store = self.d.store
+        cids = [c for c in _unpack_ids(payload.get("ids")) if store.contains(c)]
+        pins = sum(1 for c in cids if store.is_pinned(c))
+        with trio.CancelScope(shield=True):  # index and files stay consistent
+            freed = await store.drop(cids)
+        if cids:
+            log.info("free from a peer: %d chunks, %d bytes (%d pins removed)", len(cids),
+                     freed, pins)
+        return {"freed_bytes": freed, "freed_chunks": len(cids), "pins_removed": pins}
 
 
 class _Run:
@@ -469,6 +807,33 @@ class _Run:
         self.failed_files = 0
         self.touched: set = set()
         self.t0 = time.monotonic()
+        self.by_node: dict[str, dict] | None = None  # cluster runs: figures per node
+        self.me = ""  # this node's id in a cluster run
+
+    def local_only(self, r: ChunkRef) -> bool:
+        return False
+
+    def _count(self, node: str, key: str, n: int) -> None:
+        if self.by_node is not None:
+            row = self.by_node.setdefault(node, {})
+            row[key] = row.get(key, 0) + n
+
+    def _fetched(self, node: str, f: FileItem, length: int, kept: bool) -> None:
+        self.touched.add(f)
+        self.fetched_bytes += length
+        self.fetched_chunks += 1
+        self._count(node, "fetched_bytes", length)
+        self._count(node, "fetched_chunks", 1)
+        if not kept:
+            self.uncached_bytes += length
+            self._count(node, "uncached_bytes", length)
+
+    def _file_failed(self, node: str, f: FileItem, reason: str) -> None:
+        self._count(node, "failed_chunks", 1)
+        if not f.error:
+            f.error = reason
+            self.failed_files += 1
+            log.warning("preload of %s failed: %s", f.path, f.error)
 
     def progress(self) -> dict:
         p = self.plan
@@ -520,24 +885,321 @@ class _Run:
                 continue
             t0 = time.perf_counter()
             try:
-                await reader.get(r, pin=self.pin)
+                await reader.get(r, pin=self.pin, local_only=self.local_only(r))
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
-                if not f.error:
-                    f.error = _reason(e)
-                    self.failed_files += 1
-                    log.warning("preload of %s failed: %s", f.path, f.error)
+                self._file_failed(self.me, f, _reason(e))
                 self._chunk_done(f, r.length)
                 continue
             dt = time.perf_counter() - t0
             self.ds.model.observe(r.length, dt)
-            self.touched.add(f)
-            self.fetched_bytes += r.length
-            self.fetched_chunks += 1
-            if not store.contains(r.cid):
-                self.uncached_bytes += r.length
-            elif self.pin and not store.is_pinned(r.cid):
+            kept = store.contains(r.cid)
+            self._fetched(self.me, f, r.length, kept)
+            if kept and self.pin and not store.is_pinned(r.cid):
                 await store.set_pinned([r.cid], True)
             self._chunk_done(f, r.length)
+
+
+# -- cluster-wide preload ------------------------------------------------------------------
+
+_NOT_DOWN = ("remote", "protocol", "too_large")  # the node answered: no fallback
+
+
+def _is_down(reason: str) -> bool:
+    return reason not in _NOT_DOWN
+
+
+@dataclass
+class _Down:
+    reason: str
+    down: bool  # unreachable (True), or it answered with an error (False)
+
+
+def _pack_ids(cids: list[bytes]) -> str:
+    return base64.b64encode(b"".join(cids)).decode("ascii")
+
+
+def _unpack_ids(s) -> list[bytes]:
+    from .cluster.protocol import PeerError
+
+    try:
+        raw = base64.b64decode(s, validate=True) if isinstance(s, str) else b"?"
+    except ValueError:
+        raw = b"?"
+    if len(raw) % 16:
+        raise PeerError("ids must be base64 of 16-byte chunk ids", "protocol")
+    return [raw[i:i + 16] for i in range(0, len(raw), 16)]
+
+
+def _obj_desc(o) -> dict:
+    return {"mount": o.mount, "bucket": o.bucket, "key": o.key, "etag": o.etag,
+            "size": o.size, "chunk_size": o.chunk_size}
+
+
+def _row() -> dict:
+    return {"chunks": 0, "bytes": 0, "cached_before_bytes": 0, "missing_bytes": 0,
+            "missing_chunks": 0, "to_pin_bytes": 0, "fetched_bytes": 0, "fetched_chunks": 0,
+            "failed_chunks": 0, "uncached_bytes": 0}
+
+
+class _ClusterPlan:
+    """Where each chunk of a preload goes (its owner, or the owner's successor when
+    the owner does not answer), what each target already holds, and the figures."""
+
+    def __init__(self, ring, me: str, files: list[FileItem], pin: bool, parallel: int) -> None:
+        self.ring, self.me = ring, me
+        self.files, self.pin, self.parallel = files, pin, parallel
+        self.down: dict[str, str] = {}  # node -> reason
+        self.fallback: Counter = Counter()  # (target, owner) -> chunks
+        self.lanes: dict[str, list[tuple[FileItem, ChunkRef]]] = {}  # target -> work
+        self.pre_done: list[tuple[FileItem, ChunkRef]] = []  # cached already, or no target
+        self.missing: set[bytes] = set()
+        self.nodes: dict[str, dict] = {}
+        self.stores: dict[str, dict] = {}
+        self.plan: dict = {}
+
+    def row(self, node: str) -> dict:
+        r = self.nodes.get(node)
+        if r is None:
+            r = self.nodes[node] = _row()
+        return r
+
+    def fail(self, f: FileItem, r: ChunkRef, node: str, reason: str) -> None:
+        if not f.error:
+            f.error = reason
+        self.pre_done.append((f, r))
+        self.row(node)["failed_chunks"] += 1
+
+    def add(self, node: str, items: list, states: str, store: dict, pin: bool) -> None:
+        self.stores[node] = store
+        row = self.row(node)
+        lane = self.lanes.setdefault(node, [])
+        for (f, r), st in zip(items, states, strict=True):
+            row["chunks"] += 1
+            row["bytes"] += r.length
+            if st == "0":
+                row["missing_bytes"] += r.length
+                row["missing_chunks"] += 1
+                self.missing.add(r.cid)
+            else:
+                row["cached_before_bytes"] += r.length
+            if pin and st != "2":
+                row["to_pin_bytes"] += r.length
+            if st == "0" or (pin and st != "2"):
+                lane.append((f, r))
+            else:
+                self.pre_done.append((f, r))
+
+    def estimate(self, ds: Datasets) -> dict:
+        """Owners fetch at once, each with --parallel streams: the slowest decides."""
+        best: dict | None = None
+        for row in self.nodes.values():
+            if not row.get("missing_chunks"):
+                continue
+            e = ds.model.estimate(row["missing_bytes"], row["missing_chunks"], self.parallel,
+                                  ds.s3_concurrency)
+            if best is None or e["seconds"] is None or (
+                    best["seconds"] is not None and e["seconds"] > best["seconds"]):
+                best = e
+            if best["seconds"] is None:
+                break
+        if best is None:
+            best = ds.model.estimate(0, 0, self.parallel, ds.s3_concurrency)
+        best["nodes"] = sum(1 for r in self.nodes.values() if r.get("missing_chunks"))
+        return best
+
+    def finish(self, ds: Datasets, pin: bool) -> None:
+        warnings = []
+        for n in sorted(self.stores):
+            st, row = self.stores[n], self.nodes[n]
+            limit, pinned = int(st["limit"]), int(st["pinned_bytes"])
+            if pin:
+                after = pinned + row["to_pin_bytes"]
+                if after > limit:
+                    raise ControlError(
+                        f"cannot pin on node {n}: {_h(pinned)} already pinned + "
+                        f"{_h(row['to_pin_bytes'])} to pin = {_h(after)}, more than its cache "
+                        f"limit of {_h(limit)}; nothing was fetched (free pinned data with "
+                        "`cachefs free`, or raise --cache-size)")
+                if after > int(st["high"]):
+                    warnings.append(
+                        f"node {n}: pinned data will fill {100 * after / limit:.0f}% of its cache "
+                        f"({_h(after)} of {_h(limit)}); other reads keep only "
+                        f"{_h(limit - after)}")
+            elif row["bytes"] > limit - pinned:
+                warnings.append(
+                    f"node {n}: its share of the data set ({_h(row['bytes'])}) is larger than "
+                    f"its cache room for unpinned data ({_h(limit - pinned)} of {_h(limit)}): "
+                    "LRU eviction will drop the earliest-fetched files while later ones "
+                    "arrive; the end of the list is what stays cached")
+        by_owner: dict[str, dict[str, int]] = {}
+        for (target, owner), k in sorted(self.fallback.items()):
+            by_owner.setdefault(owner, {})[target] = k
+            self.row(target).setdefault("fallback_for", {})[owner] = k
+        for owner, targets in by_owner.items():
+            self.row(owner)["error"] = self.down[owner]
+            warnings.append(
+                f"{self.down[owner]}; its {sum(targets.values())} chunks go to the next node "
+                f"of the ring ({', '.join(f'{t}: {k}' for t, k in targets.items())}), where "
+                "reads look for them while it is down")
+        for owner in self.down:
+            self.row(owner)["error"] = self.down[owner]
+        rows = list(self.nodes.values())
+        nmissing = sum(r["missing_chunks"] for r in rows)
+        self.plan = {
+            "files": len(self.files), "total_bytes": sum(f.size for f in self.files),
+            "chunks": sum(len(f.refs) for f in self.files),
+            "cached_before_bytes": sum(r["cached_before_bytes"] for r in rows),
+            "missing_bytes": sum(r["missing_bytes"] for r in rows), "missing_chunks": nmissing,
+            "to_pin_bytes": sum(r["to_pin_bytes"] for r in rows), "warnings": warnings,
+            "estimate": self.estimate(ds), "nodes": self.nodes,
+            "unreachable": [{"node": n, "reason": r} for n, r in sorted(self.down.items())]}
+
+
+def _drain(dq: deque):
+    while dq:
+        yield dq.popleft()
+
+
+class _ClusterRun(_Run):
+    """A preload in a cluster: this node's chunks by local workers, every other
+    owner's chunks in ds_fetch batches to that owner (CALLS_PER_NODE in flight)."""
+
+    def __init__(self, ds: Datasets, cp: _ClusterPlan) -> None:
+        super().__init__(ds, cp.files, cp.pin, cp.parallel, cp.plan)
+        self.cp = cp
+        self.ring, self.me = cp.ring, cp.me
+        self.by_node = cp.nodes
+        self.job = uuid.uuid4().hex
+        self.failed_files = sum(1 for f in cp.files if f.error)
+        self.reassigned: dict[str, list] = {}
+
+    def local_only(self, r: ChunkRef) -> bool:
+        # ours: hand-off probe, then S3; a chunk we stand in for: S3, never a peer
+        return self.ring.owner(r.cid) != self.me
+
+    async def go(self) -> None:
+        store = self.ds.d.store
+        assert store is not None
+        for f in self.files:
+            if not f.refs:
+                self.files_done += 1
+        for f, r in self.cp.pre_done:
+            self._chunk_done(f, r.length)
+        lanes = self.cp.lanes
+        while lanes:
+            self.reassigned = {}
+            async with trio.open_nursery() as n:
+                for node, items in lanes.items():
+                    if not items:
+                        continue
+                    dq = deque(items)
+                    if node == self.me:
+                        if self.pin:
+                            cids = [r.cid for _, r in items
+                                    if store.contains(r.cid) and not store.is_pinned(r.cid)]
+                            for i in range(0, len(cids), 4096):
+                                await store.set_pinned(cids[i:i + 4096], True)
+                        work = _drain(dq)
+                        for _ in range(min(self.parallel, len(dq))):
+                            n.start_soon(self._worker, work)
+                    else:
+                        for _ in range(min(CALLS_PER_NODE, len(dq))):
+                            n.start_soon(self._sender, node, dq)
+            lanes = self.reassigned
+
+    def _give_up(self, node: str, items, reason: str, down: bool) -> None:
+        """``node`` failed: its chunks go to their successor (if it is down and
+        the successor is usable), or fail."""
+        if down and node not in self.cp.down:
+            self.cp.down[node] = reason
+            self.row(node)["error"] = reason
+        for f, r in items:
+            if f.error:
+                self._chunk_done(f, r.length)
+                continue
+            prefs = self.ring.preference(r.cid, 2)
+            if down and prefs[0] == node and len(prefs) > 1 and prefs[1] not in self.cp.down:
+                succ = prefs[1]
+                self.reassigned.setdefault(succ, []).append((f, r))
+                fb = self.row(succ).setdefault("fallback_for", {})
+                fb[node] = fb.get(node, 0) + 1
+                continue
+            self._file_failed(node, f, reason)
+            self._chunk_done(f, r.length)
+
+    def row(self, node: str) -> dict:
+        r = self.by_node.get(node)
+        if r is None:
+            r = self.by_node[node] = _row()
+        return r
+
+    async def _sender(self, node: str, dq: deque) -> None:
+        from .cluster.protocol import PeerError
+
+        ds = self.ds
+        cl = ds.d.cluster
+        limit = max(1, min(self.parallel, MAX_FETCH_CHUNKS))
+        while dq:
+            objs: dict = {}
+            nb = size = 0
+            while dq and nb < limit:
+                f, r = dq[0]
+                if f.error:
+                    dq.popleft()
+                    self._chunk_done(f, r.length)
+                    continue
+                add = 10 + (0 if r.obj in objs else ds._obj_size(r.obj))
+                if nb and size + add > FETCH_PAYLOAD:
+                    break
+                dq.popleft()
+                objs.setdefault(r.obj, []).append((f, r))
+                nb += 1
+                size += add
+            if not nb:
+                continue
+            order = [it for items in objs.values() for it in items]
+            payload = {"job": self.job, "pin": self.pin, "parallel": self.parallel,
+                       "wait": FETCH_WAIT,
+                       "objs": [{**_obj_desc(o), "idx": [r.index for _, r in items]}
+                                for o, items in objs.items()]}
+            try:
+                res = await cl.forward(node, "ds_fetch", payload)
+            except PeerError as e:
+                down = _is_down(e.reason)
+                if down:
+                    cl.mark_unreachable(node, e.reason)
+                reason = f"node {node} unreachable: {e}" if down else f"node {node}: {e}"
+                rest = list(dq)
+                dq.clear()
+                self._give_up(node, order + rest, reason, down)
+                return
+            except ValueError as e:  # the request cannot be encoded (a key not in UTF-8)
+                self._give_up(node, order, f"cannot send to node {node}: {e}", False)
+                continue
+            if res.get("busy"):
+                dq.extendleft(reversed(order))
+                await trio.sleep(BUSY_BACKOFF)
+                continue
+            codes, errors = res.get("codes"), res.get("errors") or {}
+            if not isinstance(codes, str) or len(codes) != len(order):
+                self._give_up(node, order, f"node {node}: malformed ds_fetch reply", False)
+                continue
+            for t in res.get("times") or []:
+                try:
+                    ds.model.observe(int(t[0]), float(t[1]))
+                except (TypeError, ValueError, IndexError):
+                    pass
+            pending = []
+            for k, ((f, r), c) in enumerate(zip(order, codes, strict=True)):
+                if c == "p":
+                    pending.append((f, r))
+                    continue
+                if c == "e":
+                    self._file_failed(node, f, str(errors.get(str(k), f"failed on node {node}")))
+                elif c in "fu":
+                    self._fetched(node, f, r.length, c == "f")
+                self._chunk_done(f, r.length)
+            dq.extendleft(reversed(pending))
 
 
 def _h(n: float) -> str:
@@ -575,3 +1237,7 @@ def register(d: Daemon) -> None:
     srv.register("free", _refusing(ds.free))
     srv.register("status", _refusing(ds.status))
     srv.register("throughput", throughput)
+    if d.cluster is not None:  # the owner side of cluster-wide preload / free / status
+        d.cluster.register_op("ds_fetch", ds.op_fetch)
+        d.cluster.register_op("ds_probe", ds.op_probe)
+        d.cluster.register_op("ds_drop", ds.op_drop)

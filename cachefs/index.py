@@ -3,6 +3,8 @@
 Sub-databases:
   chunks   chunk id (16 B) → ChunkRec (size, checksum, last access, pinned)
   inodes   blake2b(mount \\0 path) → inode number (stable across restarts)
+  listings blake2b(mount \\0 dir path) → the directory's last S3 listing (object metadata:
+           names, sizes, ETags, mtimes) and when it was taken
   meta     "next_ino", "version"
 
 The Index class is synchronous.  Reads are memory-mapped lookups of a few µs
@@ -19,7 +21,7 @@ import hashlib
 import logging
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import lmdb
@@ -62,6 +64,7 @@ class Index:
         self.chunks = self.env.open_db(b"chunks")
         self.inodes = self.env.open_db(b"inodes")
         self.meta = self.env.open_db(b"meta")
+        self.listings = self.env.open_db(b"listings")
         with self.env.begin(write=True) as txn:
             v = txn.get(b"version", db=self.meta)
             if v is None:
@@ -88,6 +91,11 @@ class Index:
         with self.env.begin() as txn:
             b = txn.get(key, db=self.inodes)
         return struct.unpack("<Q", b)[0] if b else None
+
+    def get_listing(self, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            b = txn.get(key, db=self.listings)
+        return bytes(b) if b is not None else None
 
     def next_ino(self) -> int:
         with self.env.begin() as txn:
@@ -124,22 +132,25 @@ class Index:
         return op
 
     @staticmethod
-    def op_touch(cid: bytes, when: float):
+    def _op_update(cid: bytes, **changes):
         def op(ix: Index, txn: lmdb.Transaction) -> None:
             b = txn.get(cid, db=ix.chunks)
             if b:
-                r = ChunkRec.unpack(b)
-                txn.put(cid, ChunkRec(r.size, r.checksum, when, r.pinned).pack(), db=ix.chunks)
+                txn.put(cid, replace(ChunkRec.unpack(b), **changes).pack(), db=ix.chunks)
         return op
 
     @staticmethod
+    def op_touch(cid: bytes, when: float):
+        return Index._op_update(cid, last_access=when)
+
+    @staticmethod
     def op_pin(cid: bytes, pinned: bool):
+        return Index._op_update(cid, pinned=pinned)
+
+    @staticmethod
+    def op_put_listing(key: bytes, blob: bytes):
         def op(ix: Index, txn: lmdb.Transaction) -> None:
-            b = txn.get(cid, db=ix.chunks)
-            if b:
-                r = ChunkRec.unpack(b)
-                txn.put(cid, ChunkRec(r.size, r.checksum, r.last_access, pinned).pack(),
-                        db=ix.chunks)
+            txn.put(key, blob, db=ix.listings)
         return op
 
     @staticmethod

@@ -110,7 +110,8 @@ class OTLPExporter:
         self.failed_posts = 0
         self.posts = 0
 
-    def offer(self, trace: dict) -> None:
+    def offer(self, trace) -> None:
+        """Called by the tracer for every recorded trace (a trace.``_Trace``)."""
         try:
             self._send.send_nowait(trace)
         except trio.WouldBlock:
@@ -128,7 +129,7 @@ class OTLPExporter:
                         batch.append(self._recv.receive_nowait())
                     except trio.WouldBlock:
                         break
-                body = to_otlp(batch, self.node)
+                body = to_otlp([t.dict() for t in batch], self.node)
                 self.posts += 1
                 try:
                     r = await client.post(self.url, json=body)

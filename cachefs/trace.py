@@ -27,8 +27,13 @@ Bounds (memory):
   * the two rings (recent traces, slow traces) are bounded both in traces
     (``recent``/``slow``) and in spans (``recent_spans``/``slow_spans``): the
     oldest traces leave first.  With the defaults the rings hold at most
-    256 + 1024 traces and 8,192 + 32,768 spans (each about 0.5 KiB as a dict),
+    256 + 1024 traces and 8,192 + 32,768 spans (each about 0.5 KiB),
     i.e. about 20 MiB in the worst case.
+
+Cost: the hot path builds Span objects only (class-based context managers, no
+generators, no dicts); a trace becomes a dict when somebody asks for it
+(``trace --recent``, a follower, a capture, the OTLP exporter).  Measured by
+bench/bench_tracing.py (see docs/tracing.md).
 
 ``CACHEFS_TRACING=0`` in the daemon's environment turns tracing off (for
 benchmarks): ``start`` then records nothing and ``span`` finds no trace.
@@ -36,7 +41,6 @@ benchmarks): ``start`` then records nothing and ``span`` finds no trace.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
@@ -49,6 +53,8 @@ import trio
 
 _ids = itertools.count(1)
 _current: ContextVar[Span | None] = ContextVar("cachefs_span", default=None)
+_get = _current.get
+_now = time.perf_counter
 
 MAX_SPANS = 256
 MAX_ATTR = 512
@@ -63,37 +69,89 @@ def _cut(v: Any) -> Any:
 
 
 class _Trace:
-    """Book-keeping shared by every span of one trace."""
+    """One trace: its root, book-keeping shared by its spans, and (once recorded)
+    its dict form, built on first use."""
 
-    __slots__ = ("tracer", "owner", "root", "open", "nspans", "dropped", "ended", "done",
-                 "background")
+    __slots__ = ("tracer", "owner", "root", "seq", "open", "nspans", "dropped", "ended",
+                 "done", "background", "incomplete", "wall_time", "_dict", "frozen", "attrs",
+                 "duration")
 
-    def __init__(self, tracer: Tracer | None, root: Span, background: bool = False) -> None:
-        self.tracer = tracer  # None once recorded
+    def __init__(self, tracer: Tracer, root: Span, background: bool = False) -> None:
+        self.tracer: Tracer | None = tracer  # None once recorded
         self.owner = tracer
         self.root = root
+        self.seq = next(_ids)
         self.background = background  # a continuation: not a request, never "slow"
-        self.done = False
         self.open = 0  # spans opened under the root that have not ended
         self.nspans = 1
         self.dropped = 0
         self.ended = False  # the root has ended
+        self.done = False  # recorded
+        self.incomplete = False
+        self.wall_time = 0.0
+        self._dict: dict | None = None
+        self.frozen: tuple | None = None
+        self.attrs = root.attrs  # the root's attributes (ino, path, offset, size, ...)
+        self.duration = 0.0
+
+    @property
+    def trace_id(self) -> str:
+        return f"{self.owner.pid_hex}-{self.seq:x}"
+
+    def freeze(self) -> None:
+        """Keep the finished trace as nested tuples of plain values: the span objects
+        are freed, and the garbage collector stops tracking what the rings hold (a
+        ring of live objects made every full collection slower)."""
+        root = self.root
+        self.duration = root.duration
+        self.frozen = _freeze(root)
+        self.root = None  # type: ignore[assignment]
 
     def span_done(self) -> None:
         self.open -= 1
         if self.open == 0 and self.ended and self.tracer is not None:
             self.tracer._complete(self)
 
+    def root_done(self) -> None:
+        self.ended = True
+        if self.tracer is None:
+            return
+        if self.open == 0:
+            self.tracer._complete(self)
+        else:
+            self.tracer._defer(self)
+
+    def dict(self) -> dict:
+        """The trace as JSON-ready data (built once, then cached)."""
+        if self._dict is None:
+            f = self.frozen
+            assert f is not None
+            d = _thaw(f, f[1])
+            d["trace_id"] = self.trace_id
+            d["node"] = self.owner.node
+            d["wall_time"] = self.wall_time
+            d["start_time"] = self.wall_time - self.duration
+            if self.dropped:
+                d["dropped_spans"] = self.dropped
+            if self.incomplete:
+                d["incomplete"] = True
+            if self.background:
+                d["background"] = True
+            self._dict = d
+        return self._dict
+
 
 class Span:
-    __slots__ = ("name", "attrs", "start", "end", "children", "trace")
+    """A timed operation; also its own context manager (``with span(...) as s``)."""
+
+    __slots__ = ("name", "attrs", "start", "end", "children", "trace", "_token")
 
     def __init__(self, name: str, attrs: dict[str, Any], trace: _Trace | None = None) -> None:
         self.name = name
         self.attrs = attrs
-        self.start = time.perf_counter()
+        self.start = _now()
         self.end: float | None = None
-        self.children: list[Span] = []
+        self.children: list[Span] | None = None  # created on the first child
         self.trace = trace
 
     def set(self, **attrs: Any) -> None:
@@ -101,7 +159,24 @@ class Span:
 
     @property
     def duration(self) -> float:
-        return (self.end if self.end is not None else time.perf_counter()) - self.start
+        return (self.end if self.end is not None else _now()) - self.start
+
+    def __enter__(self) -> Span:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, et, e, tb) -> bool:
+        self.end = _now()
+        if et is not None:
+            self.attrs.setdefault("error", et.__name__)
+        _current.reset(self._token)
+        tr = self.trace
+        if tr is not None:
+            if tr.root is self:
+                tr.root_done()
+            else:
+                tr.span_done()
+        return False
 
     def to_dict(self, t0: float | None = None) -> dict:
         t0 = self.start if t0 is None else t0
@@ -110,64 +185,109 @@ class Span:
             "start_ms": round((self.start - t0) * 1000, 3),
             "duration_ms": round(self.duration * 1000, 3),
         }
+        tr = self.trace
+        if tr is not None and tr.attrs is self.attrs:  # the root (also once frozen)
+            d["trace_id"] = tr.trace_id
         for k, v in self.attrs.items():
             d[k] = _cut(v)
         if self.end is None:
             d["open"] = True
-        d["spans"] = [c.to_dict(t0) for c in self.children]
+        d["spans"] = [c.to_dict(t0) for c in self.children or ()]
         return d
+
+    def add(self, child: Span) -> None:
+        if self.children is None:
+            self.children = [child]
+        else:
+            self.children.append(child)
+
+
+def _freeze(s: Span) -> tuple:
+    kids = s.children
+    return (s.name, s.start, s.end, s.attrs,
+            tuple(_freeze(c) for c in kids) if kids else ())
+
+
+def _thaw(f: tuple, t0: float) -> dict:
+    name, start, end, attrs, kids = f
+    d = {"name": name, "start_ms": round((start - t0) * 1000, 3),
+         "duration_ms": round(((end if end is not None else start) - start) * 1000, 3)}
+    for k, v in attrs.items():
+        d[k] = _cut(v)
+    if end is None:
+        d["open"] = True
+    d["spans"] = [_thaw(c, t0) for c in kids]
+    return d
 
 
 class _NullSpan:
+    """What ``span()`` gives outside a trace: a no-op span and context manager."""
+
     __slots__ = ()
 
     def set(self, **attrs: Any) -> None:
         pass
 
+    def __enter__(self) -> _NullSpan:
+        return self
+
+    def __exit__(self, et, e, tb) -> bool:
+        return False
+
 
 NULL_SPAN = _NullSpan()
 
 
-@contextlib.contextmanager
-def span(name: str, **attrs: Any) -> Iterator[Span | _NullSpan]:
-    parent = _current.get()
+class _Detached:
+    """Tracer.start with tracing off: a root span nobody records or inherits."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, s: Span) -> None:
+        self.span = s
+
+    def __enter__(self) -> Span:
+        return self.span
+
+    def __exit__(self, et, e, tb) -> bool:
+        self.span.end = _now()
+        if et is not None:
+            self.span.attrs.setdefault("error", et.__name__)
+        return False
+
+
+def span(name: str, **attrs: Any) -> Span | _NullSpan:
+    """A child span of the current span; use as ``with span("s3.get", key=k) as sp:``."""
+    parent = _get()
     if parent is None:
-        yield NULL_SPAN
-        return
+        return NULL_SPAN
     tr = parent.trace
-    if tr is not None:
-        if tr.done:
-            # The trace was recorded already: a task it started (read-ahead) opened its
-            # first span only after the request returned.  Record it as a trace of its
-            # own that names the request it continues.
-            assert tr.owner is not None
-            with tr.owner._continuation(tr, name, attrs) as s:
-                yield s
-            return
-        if tr.nspans >= MAX_SPANS:
-            tr.dropped += 1
-            yield NULL_SPAN
-            return
-        tr.nspans += 1
-        tr.open += 1
+    if tr is None:
+        s = Span(name, attrs)
+        parent.add(s)
+        return s
+    if tr.done:
+        # The trace was recorded already: a task it started (read-ahead) opened its
+        # first span only after the request returned.  Record it as a trace of its
+        # own that names the request it continues.
+        return tr.owner._continuation(tr, name, attrs)
+    if tr.nspans >= MAX_SPANS:
+        tr.dropped += 1
+        return NULL_SPAN
+    tr.nspans += 1
+    tr.open += 1
     s = Span(name, attrs, tr)
-    parent.children.append(s)
-    token = _current.set(s)
-    try:
-        yield s
-    except BaseException as e:
-        s.attrs.setdefault("error", type(e).__name__)
-        raise
-    finally:
-        s.end = time.perf_counter()
-        _current.reset(token)
-        if tr is not None:
-            tr.span_done()
+    kids = parent.children
+    if kids is None:
+        parent.children = [s]
+    else:
+        kids.append(s)
+    return s
 
 
 def attach(spans: list[dict]) -> None:
     """Attach span dicts received from elsewhere (a peer's reply) to the current span."""
-    parent = _current.get()
+    parent = _get()
     if parent is None:
         return
     tr = parent.trace
@@ -176,7 +296,7 @@ def attach(spans: list[dict]) -> None:
             continue
         s = _from_dict(d, parent.start, tr)
         if s is not None:
-            parent.children.append(s)
+            parent.add(s)
 
 
 def _from_dict(d: dict, base: float, tr: _Trace | None) -> Span | None:
@@ -199,44 +319,41 @@ def _from_dict(d: dict, base: float, tr: _Trace | None) -> Span | None:
             if isinstance(c, dict):
                 k = _from_dict(c, base, tr)
                 if k is not None:
-                    s.children.append(k)
+                    s.add(k)
     return s
 
 
 def current() -> Span | None:
-    return _current.get()
-
-
-def count_spans(d: dict) -> int:
-    return 1 + sum(count_spans(c) for c in d.get("spans", ()))
+    return _get()
 
 
 class _Ring:
-    """Finished traces, oldest first, bounded in traces and in spans."""
+    """Recorded traces, oldest first, bounded in traces and in spans."""
 
     def __init__(self, max_traces: int, max_spans: int) -> None:
         self.max_spans = max_spans
-        self.items: deque[tuple[dict, int]] = deque(maxlen=max_traces)
+        self.items: deque[_Trace] = deque(maxlen=max_traces)
         self.spans = 0
 
-    def append(self, d: dict, n: int) -> None:
-        if len(self.items) == self.items.maxlen:
-            self.spans -= self.items[0][1]
-        self.items.append((d, n))
-        self.spans += n
-        while self.spans > self.max_spans and len(self.items) > 1:
-            self.spans -= self.items.popleft()[1]
+    def append(self, tr: _Trace) -> None:
+        items = self.items
+        if len(items) == items.maxlen:
+            self.spans -= items[0].nspans
+        items.append(tr)
+        self.spans += tr.nspans
+        while self.spans > self.max_spans and len(items) > 1:
+            self.spans -= items.popleft().nspans
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __iter__(self) -> Iterator[dict]:
-        return (d for d, _ in self.items)
+        return (t.dict() for t in list(self.items))
 
     def last(self, n: int) -> list[dict]:
         if n <= 0:
             return []
-        return [d for d, _ in list(self.items)[-n:]]
+        return [t.dict() for t in list(self.items)[-n:]]
 
 
 class _Subscriber:
@@ -263,9 +380,10 @@ class Tracer:
         self.recent = _Ring(recent, recent_spans)
         self.slow = _Ring(slow, slow_spans)
         self.node = node or os.uname().nodename
+        self.pid_hex = f"{os.getpid():x}"
         self.enabled = tracing_enabled_from_env() if enabled is None else enabled
         self._subscribers: list[_Subscriber] = []
-        self._sinks: list[Callable[[dict], None]] = []
+        self._sinks: list[Callable[[_Trace], None]] = []
         self._pending: dict[int, tuple[_Trace, float]] = {}
         self.started = 0
         self.finished = 0
@@ -274,42 +392,24 @@ class Tracer:
         self.dropped_spans = 0
         self.follower_drops = 0
 
-    @contextlib.contextmanager
-    def start(self, op: str, **attrs: Any) -> Iterator[Span]:
+    def start(self, op: str, **attrs: Any) -> Span | _Detached:
+        """The root span of a new trace: ``with tracer.start("read", ino=...) as root:``."""
         if not self.enabled:
             # callers may still set attributes or read to_dict() of the root
-            yield Span(op, attrs)
-            return
-        with self._root(op, attrs, False) as root:
-            yield root
-
-    def _continuation(self, prev: _Trace, op: str, attrs: dict) -> contextlib.AbstractContextManager:
-        pa = prev.root.attrs
-        attrs = {**{k: pa[k] for k in ("ino", "path", "offset", "size") if k in pa}, **attrs,
-                 "continues": pa.get("trace_id")}
-        return self._root(op, attrs, True)
-
-    @contextlib.contextmanager
-    def _root(self, op: str, attrs: dict, background: bool) -> Iterator[Span]:
+            return _Detached(Span(op, attrs))
         root = Span(op, attrs)
-        tr = _Trace(self, root, background)
-        root.trace = tr
-        root.attrs["trace_id"] = f"{os.getpid():x}-{next(_ids):x}"
-        token = _current.set(root)
+        root.trace = _Trace(self, root)
         self.started += 1
-        try:
-            yield root
-        except BaseException as e:
-            root.attrs.setdefault("error", type(e).__name__)
-            raise
-        finally:
-            root.end = time.perf_counter()
-            _current.reset(token)
-            tr.ended = True
-            if tr.open == 0:
-                self._complete(tr)
-            else:
-                self._defer(tr)
+        return root
+
+    def _continuation(self, prev: _Trace, op: str, attrs: dict) -> Span:
+        pa = prev.attrs
+        attrs = {**{k: pa[k] for k in ("ino", "path", "offset", "size") if k in pa}, **attrs,
+                 "continues": prev.trace_id}
+        root = Span(op, attrs)
+        root.trace = _Trace(self, root, background=True)
+        self.started += 1
+        return root
 
     # -- completion -------------------------------------------------------------------
 
@@ -321,7 +421,7 @@ class Tracer:
             self._sweep(now)
 
     def _sweep(self, now: float) -> None:
-        for _key, (tr, t) in list(self._pending.items()):
+        for tr, t in list(self._pending.values()):
             if len(self._pending) > PENDING_MAX or t < now - PENDING_MAX_AGE:
                 self._complete(tr, incomplete=True)
             else:
@@ -329,38 +429,44 @@ class Tracer:
 
     def pending_for(self, pred: Callable[[dict], bool]) -> int:
         """Traces whose root has ended but whose background spans still run."""
-        return sum(1 for tr, _ in self._pending.values() if pred(tr.root.attrs))
+        return sum(1 for tr, _ in self._pending.values() if pred(tr.attrs))
 
     def _complete(self, tr: _Trace, incomplete: bool = False) -> None:
         if tr.done:
             return
         tr.done = True
         tr.tracer = None
-        self._pending.pop(id(tr), None)
-        root = tr.root
-        d = root.to_dict()
-        d["node"] = self.node
-        d["wall_time"] = time.time()
-        d["start_time"] = d["wall_time"] - (time.perf_counter() - root.start)
+        if self._pending:
+            self._pending.pop(id(tr), None)
+        tr.wall_time = time.time()
+        tr.freeze()
         if tr.dropped:
-            d["dropped_spans"] = tr.dropped
             self.dropped_spans += tr.dropped
         if incomplete:
-            d["incomplete"] = True
+            tr.incomplete = True
             self.incomplete += 1
         self.finished += 1
-        n = tr.nspans
-        self.recent.append(d, n)
+        self.recent.append(tr)
         if tr.background:
-            d["background"] = True
-        dur = root.duration
-        slow = dur >= self.slow_threshold and not tr.background
-        if slow:
-            self.slow_count += 1
-            self.slow.append(d, n)
-        for sub in list(self._subscribers) if not tr.background else ():
+            slow = False
+        else:
+            dur = tr.duration
+            slow = dur >= self.slow_threshold
+            if slow:
+                self.slow_count += 1
+                self.slow.append(tr)
+            if self._subscribers:
+                self._deliver(tr, dur)
+        for sink in self._sinks:
+            sink(tr)
+
+    def _deliver(self, tr: _Trace, dur: float) -> None:
+        for sub in list(self._subscribers):
             md = self.slow_threshold if sub.min_duration is None else sub.min_duration
-            if dur < md or (sub.match is not None and not sub.match(d)):
+            if dur < md:
+                continue
+            d = tr.dict()
+            if sub.match is not None and not sub.match(d):
                 continue
             try:
                 sub.send.send_nowait(d)
@@ -369,28 +475,25 @@ class Tracer:
                 self.follower_drops += 1  # a slow follower loses traces, never slows reads
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(sub)
-        for sink in self._sinks:
-            sink(d)
 
     # -- consumers --------------------------------------------------------------------
 
     def subscribe(self, min_duration: float | None = None,
                   match: Callable[[dict], bool] | None = None,
                   buffer: int = 1024) -> trio.MemoryReceiveChannel:
-        """Finished traces at least ``min_duration`` long (default: the slow threshold)
-        that ``match`` accepts, as they finish."""
+        """Recorded traces at least ``min_duration`` long (default: the slow threshold)
+        that ``match`` accepts, as dicts, as they are recorded (continuations excluded)."""
         send, recv = trio.open_memory_channel(buffer)
         self._subscribers.append(_Subscriber(send, min_duration, match))
         return recv
 
     def unsubscribe(self, recv: trio.MemoryReceiveChannel) -> None:
         recv.close()
-        # the matching send side is removed at its next delivery (BrokenResourceError)
-        self._subscribers = [s for s in self._subscribers
-                             if not _recv_closed(s.send)]
+        self._subscribers = [s for s in self._subscribers if not _recv_closed(s.send)]
 
-    def add_sink(self, fn: Callable[[dict], None]) -> None:
-        """``fn(trace_dict)`` for every finished trace; must not block (e.g. OTLP queue)."""
+    def add_sink(self, fn: Callable[[_Trace], None]) -> None:
+        """``fn(trace)`` for every recorded trace (``trace.attrs`` is the root's attributes,
+        ``trace.dict()`` the whole trace); must be quick and never block."""
         self._sinks.append(fn)
 
     def statistics(self) -> dict:

@@ -102,13 +102,13 @@ class Tracing:
         self._ids = itertools.count(1)
         d.tracer.add_sink(self._sink)
 
-    def _sink(self, tr: dict) -> None:
+    def _sink(self, tr) -> None:
         if not self.captures:
             return
         for c in self.captures.values():
-            if c.match(tr):
+            if c.match(tr.attrs):
                 if len(c.traces) < MAX_CAPTURED:
-                    c.traces.append(tr)
+                    c.traces.append(tr.dict())
                 else:
                     c.dropped += 1
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import stat
@@ -37,7 +38,7 @@ from .chunks.reader import ChunkReader
 from .config import Config, MountSpec
 from .errors import ObjectChanged, S3Error
 from .index import Index, IndexWriter, path_key
-from .objectstore import ObjectStore
+from .objectstore import Listing, ObjectStore, ObjInfo
 from .stats import Stats
 from .trace import Tracer, span
 
@@ -159,6 +160,7 @@ class FileHandle:
             return d
         ev = self.pending.get(i)
         if ev is not None:
+            self.vfs.stats.inc("readahead_waits")
             with span("readahead.wait", chunk=i):
                 await ev.wait()
             d = self.buf.get(i)
@@ -189,6 +191,10 @@ class FileHandle:
         if first == last:
             data = await self._chunk(first)
             return data[off - first * cs:end - first * cs]
+        # a read spanning several chunks: fetch them all at once, then assemble in order
+        for i in range(first + 1, last + 1):
+            if i not in self.buf and i not in self.pending:
+                self._start(i)
         parts = []
         for i in range(first, last + 1):
             data = await self._chunk(i)
@@ -206,10 +212,17 @@ class FileHandle:
             if not self.vfs.budget.try_take(ref_len):
                 self.vfs.stats.inc("readahead_budget_full")
                 return
-            ev = trio.Event()
-            self.pending[i] = ev
             self.vfs.stats.inc("readahead_started")
-            self.vfs.nursery.start_soon(self._prefetch, i, ev)
+            self._start(i, charged=True)
+
+    def _start(self, i: int, charged: bool = False) -> None:
+        """Fetch chunk i in the background into this handle's buffer."""
+        if not charged:
+            self.vfs.budget.take(min(self.obj.chunk_size,
+                                     self.obj.size - i * self.obj.chunk_size))
+        ev = trio.Event()
+        self.pending[i] = ev
+        self.vfs.nursery.start_soon(self._prefetch, i, ev)
 
     def close(self) -> None:
         self.closed = True
@@ -306,6 +319,8 @@ class VFS:
         ev = trio.Event()
         self._listing[d.ino] = ev
         try:
+            if d.children is None and await self._load_listing(d):
+                return
             await self._list(d)
         finally:
             del self._listing[d.ino]
@@ -321,6 +336,44 @@ class VFS:
             log.warning("listing s3://%s/%s failed: %s", m.spec.bucket, prefix, e)
             raise FSError(errno.EIO) from None
         self.stats.inc("dir_listings")
+        self._apply_listing(d, prefix, listing)
+        blob = json.dumps({"t": time.time(), "p": listing.prefixes,
+                           "o": [[o.key, o.size, o.etag, o.mtime] for o in listing.objects]},
+                          separators=(",", ":")).encode()
+        self.writer.submit(Index.op_put_listing(self._listing_key(d), blob))
+
+    def _listing_key(self, d: Node) -> bytes:
+        assert d.mount is not None
+        return path_key(d.mount.spec.name, "listing:" + d.mount.spec.prefix + d.path)
+
+    async def _load_listing(self, d: Node) -> bool:
+        """Use the listing kept in the index if it is younger than the metadata TTL."""
+        key = self._listing_key(d)
+
+        def load() -> Listing | None:
+            blob = self.index.get_listing(key)
+            if blob is None:
+                return None
+            doc = json.loads(blob)
+            age = time.time() - float(doc["t"])
+            if not 0 <= age < self.cfg.metadata_ttl:
+                return None
+            return Listing(doc["p"], [ObjInfo(k, size, etag, mtime)
+                                      for k, size, etag, mtime in doc["o"]]), age
+
+        got = await trio.to_thread.run_sync(load)
+        if got is None:
+            return False
+        listing, age = got
+        assert d.mount is not None
+        self._apply_listing(d, d.mount.spec.prefix + d.path, listing)
+        d.listed_at = time.monotonic() - age
+        self.stats.inc("dir_listings_from_index")
+        return True
+
+    def _apply_listing(self, d: Node, prefix: str, listing: Listing) -> None:
+        m = d.mount
+        assert m is not None
         old = d.children or {}
         new: dict[str, int] = {}
         for p in listing.prefixes:

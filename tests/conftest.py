@@ -3,7 +3,6 @@ import os
 import uuid
 
 import pytest
-
 from cachefs_env import Mount, fuse_available, unmount
 from s3env import s3_client, start_moto, start_proxy
 

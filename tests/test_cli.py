@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from cachefs_env import CREDS, cli, is_mounted
 
 
@@ -87,9 +86,11 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
     mp.mkdir()
     cache = tmp_path / "cache"
     r = cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(cache), "--cache-size",
-            "64MiB", "--endpoint-url", proxy.url)
+            "1000TiB", "--endpoint-url", proxy.url)
     try:
         assert r.returncode == 0, r.stderr
+        # a cache larger than the disk is said at mount
+        assert "larger than the free space" in r.stderr
         # returns only once the mount is live
         assert is_mounted(mp)
         assert (mp / "d" / "hello.txt").read_bytes() == b"hello"

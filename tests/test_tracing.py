@@ -135,7 +135,7 @@ async def test_tracer_bounds_and_background_spans():
             n.start_soon(background, "late")
         ev.set()
     d = t.recent.last(1)[0]
-    assert d["name"] == "late" and d["continues"] == root.attrs["trace_id"]
+    assert d["name"] == "late" and d["continues"] == root.to_dict()["trace_id"]
     assert d["ino"] == 7 and d["background"] is True and d not in list(t.slow)[-1:]
     # off: nothing recorded
     off = Tracer(slow_threshold=0.0, enabled=False)

@@ -101,7 +101,7 @@ class ClusterNode:
                 on_change=self._on_members)
         self.corrupt_for_test = os.environ.get(TEST_CORRUPT_ENV) == "1"
         self.port: int | None = None
-        self._ops: dict[str, Op] = {"status": self._op_status}
+        self._ops: dict[str, Op] = {"status": self._op_status, "cache": self._op_cache}
         # counters
         self.served = 0
         self.bytes_served = 0
@@ -229,6 +229,27 @@ class ClusterNode:
     async def _op_status(self, payload: dict) -> dict:
         return self.statistics()
 
+    async def _op_cache(self, payload: dict) -> dict:
+        return {"cache": self.daemon.store.statistics()}
+
+    async def cache_by_node(self, wait: float = 2.0) -> dict[str, dict]:
+        """Every member's ``ChunkStore.statistics()`` (``{"error": ...}`` for a node
+        that did not answer within ``wait`` seconds), asked concurrently."""
+        out: dict[str, dict] = {}
+
+        async def one(node: str) -> None:
+            out[node] = {"error": "timed out"}
+            with trio.move_on_after(wait):
+                try:
+                    out[node] = (await self.forward(node, "cache", {}))["cache"]
+                except (PeerError, ValueError, KeyError, TypeError) as e:
+                    out[node] = {"error": str(e)}
+
+        async with trio.open_nursery() as n:
+            for node in sorted(self.members):
+                n.start_soon(one, node)
+        return dict(sorted(out.items()))
+
     # -- the reader's peer tier --------------------------------------------------
     def _count_error(self, node: str, reason: str) -> None:
         self.peer_errors.setdefault(node, Counter())[reason] += 1
@@ -321,6 +342,17 @@ class ClusterNode:
         return data
 
     # -- hooks for cluster-wide commands (preload/free/status) ---------------------
+    def resolve_chunk(self, desc: dict) -> ChunkRef:
+        """A peer's chunk description (``ChunkRef.describe()``) → a ChunkRef on
+        one of our mounts, validated like a ``get`` request (PeerError if not)."""
+        return self._resolve(desc)
+
+    def mark_unreachable(self, node: str, reason: str) -> None:
+        """A cluster-wide command could not reach ``node``: readers skip it for a while."""
+        if node != self.node_id:
+            self._count_error(node, reason)
+            self.health.mark_bad(node, reason)
+
     async def owner_of(self, ref: ChunkRef) -> str:
         """The id of the node that owns ``ref`` on the current ring."""
         return self.ring.owner(ref.cid)

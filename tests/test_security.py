@@ -1,0 +1,242 @@
+"""Security: private cache files, FUSE permissions, no credential anywhere visible.
+
+  - everything under the cache dir (chunk files, LMDB files, lock, log, tmp) is private to
+    the daemon's user (mode & 0o077 == 0), even when the daemon starts with umask 0;
+  - with --allow-other, the kernel enforces default_permissions: another user (uid 65534)
+    reads the 0444 files and 0555 directories but cannot write; without --allow-other,
+    another user cannot access the mount at all;
+  - credentials (AWS keys, the peer secret) never appear in the daemon's argv
+    (/proc/PID/cmdline), its logs (foreground stderr and the daemonized log file, at DEBUG),
+    its traces, its stats or its Prometheus metrics.
+
+Peer requests without the secret (or with a wrong one) are refused: covered by
+tests/test_cluster.py::test_wrong_or_missing_secret_is_refused (real daemons) and
+tests/test_peer.py::test_wrong_secret_refused_handler_not_called /
+test_missing_secret_refused_and_connection_closed / test_replayed_request_refused
+(protocol level); not repeated here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import random
+import socket
+import stat
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cachefs_env import cli, unmount
+from test_reliability import put, read_all
+
+pytestmark = pytest.mark.fuse
+
+CS = 64 * 1024
+NOBODY = 65534
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def loose_modes(root: Path) -> list[str]:
+    """Paths under root (root included) that group or others may access in any way."""
+    bad = []
+    for p in [root, *root.rglob("*")]:
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            bad.append(f"{p} is a symlink")
+        elif mode & 0o077:
+            bad.append(f"{p} {stat.filemode(mode)}")
+    return bad
+
+
+def test_cache_files_private_even_with_umask_0(s3, bucket, mounts, proxy):
+    """Chunk files, tmp, index (data.mdb, lock.mdb), lock: no group/other bits, with the
+    daemon started under umask 0 - after reads, an eviction, a free, a crash and a
+    restart (orphans adopted, tmp files removed)."""
+    rnd = random.Random(1)
+    objs = {f"s/{i}": put(s3, bucket, f"s/{i}", rnd.randbytes(3 * CS)) for i in range(6)}
+    m = mounts(f"s3://{bucket}", cache_size=str(12 * CS), start=False)
+    with umask(0):
+        m.start()
+    for k, d in objs.items():
+        assert read_all(m.path(k)) == d  # 18 chunks through a 12-chunk cache: evictions
+    m.request({"op": "free", "entries": [[1, "s/0", "s/0"]]})
+    assert m.counters()["evictions"] >= 1
+    assert loose_modes(m.cache_dir) == []
+    m.kill()
+    with umask(0):
+        m.start()
+    assert read_all(m.path("s/5")) == objs["s/5"]
+    m.stop()
+    names = {p.name for p in m.cache_dir.rglob("*")}
+    assert {"data.mdb", "lock.mdb", "lock", "chunks", "tmp", "index"} <= names
+    assert loose_modes(m.cache_dir) == []
+    # the runtime dir holding the control socket is private too
+    assert loose_modes(Path(os.environ["CACHEFS_RUNTIME_DIR"])) == []
+
+
+def test_daemonized_log_file_private_and_clean(s3, bucket, tmp_path, proxy):
+    """`cachefs mount` without --foreground logs to <cache-dir>/cachefs.log: mode 0600 under
+    umask 0, and no credential in it even at DEBUG."""
+    secret = f"SeCrEt{random.randrange(1 << 60):x}"
+    akid = f"AKIDTEST{random.randrange(1 << 40):X}"
+    put(s3, bucket, "a.bin", b"x" * 1000)
+    mp, cache = tmp_path / "mnt", tmp_path / "cache"
+    mp.mkdir()
+    env = {"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret}
+    with umask(0):
+        r = cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(cache), "--cache-size",
+                "64MiB", "--endpoint-url", proxy.url, "--log-level", "DEBUG", env=env)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (mp / "a.bin").read_bytes() == b"x" * 1000
+        assert (mp / "missing").exists() is False
+    finally:
+        cli("umount", str(mp), env=env)
+        unmount(mp)
+    logf = cache / "cachefs.log"
+    assert logf.exists() and stat.S_IMODE(logf.stat().st_mode) == 0o600
+    text = logf.read_text(errors="replace")
+    assert "DEBUG" in text or "INFO" in text
+    for cred in (secret, akid):
+        assert cred not in text and cred not in r.stderr and cred not in r.stdout
+    assert loose_modes(cache) == []
+
+
+def _as_nobody(cwd: Path, ops: list[tuple]) -> list:
+    """Fork a child that enters cwd (as root), drops to uid/gid 65534 and runs ops.
+
+    Each op is (name, relative path); the child reports, per op, "ok" or the errno name.
+    Relative paths from a cwd inside the mount: the parents of the mountpoint (pytest's
+    0700 tmp dirs) are not traversed, so only the FUSE permissions are tested.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only syscalls, then _exit
+        try:
+            os.close(r)
+            out = []
+            try:
+                os.chdir(cwd)
+                os.setgroups([])
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            except OSError as e:
+                out.append(f"setup:{errno.errorcode[e.errno]}")
+            for op, rel in ops:
+                try:
+                    if op == "listdir":
+                        os.listdir(rel)
+                    elif op == "stat":
+                        os.stat(rel)
+                    elif op == "read":
+                        fd = os.open(rel, os.O_RDONLY)
+                        try:
+                            os.read(fd, 100)
+                        finally:
+                            os.close(fd)
+                    elif op == "write":
+                        fd = os.open(rel, os.O_WRONLY)
+                        os.close(fd)
+                    elif op == "create":
+                        fd = os.open(rel, os.O_WRONLY | os.O_CREAT, 0o644)
+                        os.close(fd)
+                    elif op == "mkdir":
+                        os.mkdir(rel)
+                    out.append("ok")
+                except OSError as e:
+                    out.append(errno.errorcode.get(e.errno, str(e.errno)))
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+OPS = [("listdir", "."), ("stat", "f.txt"), ("read", "f.txt"), ("read", "d/g.txt"),
+       ("write", "f.txt"), ("create", "new.txt"), ("mkdir", "nd")]
+
+
+def test_allow_other_enforces_default_permissions(s3, bucket, mounts):
+    """--allow-other: uid 65534 can list and read (0555 dirs, 0444 files) but never write;
+    without it, uid 65534 cannot even list or stat."""
+    put(s3, bucket, "f.txt", b"hello")
+    put(s3, bucket, "d/g.txt", b"world")
+    shared = mounts(f"s3://{bucket}", name="shared", extra=("--allow-other",))
+    assert stat.S_IMODE(shared.path("f.txt").stat().st_mode) == 0o444
+    assert stat.S_IMODE(shared.path("d").stat().st_mode) == 0o555
+    got = _as_nobody(shared.mp, OPS)
+    assert got[:4] == ["ok"] * 4, got
+    assert all(g in ("EACCES", "EROFS", "EPERM") for g in got[4:]), got
+    private = mounts(f"s3://{bucket}", name="private")
+    got = _as_nobody(private.mp, OPS)
+    assert got[0] in ("EACCES", "EPERM") and got[1] in ("EACCES", "EPERM"), got
+    assert "ok" not in got, got
+    # root itself is unaffected, and nothing reached S3 as a write
+    assert private.path("f.txt").read_bytes() == b"hello"
+
+
+def test_no_credentials_in_argv_logs_traces_stats_metrics(s3, bucket, mounts, proxy):
+    """Unique AWS keys and peer secret, DEBUG logging, S3 errors and retries, a one-node
+    cluster: none of the secrets shows in /proc/PID/cmdline, the log, traces, stats or
+    /metrics."""
+    secret = f"SeCrEt{random.randrange(1 << 60):x}"
+    akid = f"AKIDTEST{random.randrange(1 << 40):X}"
+    peer_secret = f"PeErSeCrEt{random.randrange(1 << 60):x}"
+    data = put(s3, bucket, "c.bin", random.randbytes(3 * CS))
+    put(s3, bucket, "denied.bin", b"no")
+    with socket.socket() as s1, socket.socket() as s2:
+        s1.bind(("127.0.0.1", 0))
+        s2.bind(("127.0.0.1", 0))
+        peer_port, metrics_port = s1.getsockname()[1], s2.getsockname()[1]
+    m = mounts(f"s3://{bucket}", env={"AWS_ACCESS_KEY_ID": akid, "AWS_SECRET_ACCESS_KEY": secret,
+                                      "CACHEFS_PEER_SECRET": peer_secret},
+               extra=("--log-level", "DEBUG", "--node-id", "n0",
+                      "--peer-listen", f"127.0.0.1:{peer_port}",
+                      "--peers", f"n0=127.0.0.1:{peer_port}",
+                      "--metrics-listen", f"127.0.0.1:{metrics_port}",
+                      "--s3-max-attempts", "2", "--slow-threshold", "0s"))
+    proxy.faults(status=503, count=1)
+    proxy.faults(persistent_status=403, key_filter="denied.bin")
+    assert read_all(m.path("c.bin")) == data
+    with pytest.raises(OSError):
+        m.path("denied.bin").read_bytes()
+    seen = {"cmdline": Path(f"/proc/{m.proc.pid}/cmdline").read_bytes().decode(errors="replace")}
+    seen["stats"] = json.dumps(m.stats())
+    with contextlib.suppress(Exception):  # trace ops come from cachefs/tracing.py
+        seen["traces"] = json.dumps(m.request({"op": "trace_recent", "n": 0}))
+        seen["slow"] = json.dumps(m.request({"op": "trace_recent", "n": 0, "slow": True}))
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                        timeout=5) as resp:
+                seen["metrics"] = resp.read().decode(errors="replace")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    m.stop()
+    seen["log"] = m.log_text() + m.log.read_text(errors="replace")
+    assert "DEBUG" in seen["log"] and "s3://" in seen["log"]
+    assert "traces" in seen and "metrics" in seen
+    for where, text in seen.items():
+        for cred in (secret, akid, peer_secret):
+            assert cred not in text, f"a credential shows in {where}"
