@@ -248,14 +248,15 @@ def client_for(mount: str | None):
 @cli.command()
 @click.option("--mount", help="The cachefs mountpoint (default: the only one).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def stats(mount: str | None, as_json: bool) -> None:
+@click.option("--nodes", is_flag=True, help="In a cluster: every node's cache figures too.")
+def stats(mount: str | None, as_json: bool, nodes: bool) -> None:
     """Cache size, use, pinned bytes, chunks, hits and misses per tier, evictions.
 
     \b
     cachefs stats --mount /mnt/train
     """
     client, mp = client_for(mount)
-    s = client.request({"op": "stats"})["stats"]
+    s = client.request({"op": "stats", "nodes": nodes})["stats"]
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return

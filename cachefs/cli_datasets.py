@@ -199,7 +199,7 @@ def _unreachable(res: dict, code: int) -> int:
 
 def _node_lines(nodes: dict, fmt) -> None:
     for n, row in sorted(nodes.items()):
-        text = str(row["error"]) if row.get("error") else fmt(row)
+        text = str(row["error"]).removeprefix(f"node {n} ") if row.get("error") else fmt(row)
         click.echo(f"  node {n:<12} {text}")
 
 
@@ -287,7 +287,7 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
     if res.get("nodes"):
         def fmt(row: dict) -> str:
             fb = row.get("fallback_for") or {}
-            return (f"{human(row.get('bytes', 0))} owned, "
+            return (f"{human(row.get('bytes', 0))} placed here, "
                     f"{human(row.get('cached_before_bytes', 0))} already cached, fetched "
                     f"{human(row.get('fetched_bytes', 0))} ({row.get('fetched_chunks', 0)} "
                     "chunks)"

@@ -189,8 +189,12 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
             detail = []
             for c, _, _p in _walk(s):
                 cn = c.get("name")
-                if cn in ("peer", "peer.handoff") and not c.get("error"):
-                    row["node"] = c.get("node", node)
+                if cn in ("peer", "peer.handoff") and c.get("result") == "miss":
+                    detail.append(f"hand-off probe to {c.get('node')}: not cached "
+                                  f"({c.get('duration_ms')} ms)")
+                elif cn in ("peer", "peer.handoff") and not c.get("error"):
+                    if row["tier"] == "peer":
+                        row["node"] = c.get("node", node)
                     detail.append(describe(c))
                     owner = [x for x in c.get("spans", ()) if x.get("name") == "peer.serve"]
                     for o in owner:
@@ -206,11 +210,17 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
             row["detail"] = "; ".join(detail)
             key = idx if idx is not None else f"?{len(rows)}"
             old = rows.get(key)
-            if (old is None or prio[name] > prio[old["span"]]
-                    or old["tier"] == "miss" and row["tier"] != "miss"):
+            if old is None or _rank(row, prio) > _rank(old, prio):
                 rows[key] = row
     return sorted(rows.values(), key=lambda r: (not isinstance(r["chunk"], int),
                                                 r["chunk"] if isinstance(r["chunk"], int) else 0))
+
+
+def _rank(row: dict, prio: dict) -> float:
+    """Which span tells best how a chunk was served: a fetch, then a wait or a hit."""
+    if row["span"] == "chunk" and row["tier"] in ("miss", "readahead"):
+        return 1.5
+    return prio[row["span"]]
 
 
 def _guess_fast_path(t: dict, chunk_size: int | None) -> dict[int, int]:

@@ -22,7 +22,10 @@ def register_all(d: Daemon) -> None:
                 "chunk_size": d.cfg.chunk_size, "single_root": d.cfg.single_root}
 
     async def stats(req, emit):
-        return {"stats": stats_dict(d)}
+        out = stats_dict(d)
+        if d.cluster is not None and req.get("nodes"):
+            out["cluster"]["nodes_cache"] = await d.cluster.cache_by_node()
+        return {"stats": out}
 
     async def stop(req, emit):
         d.stop()

@@ -34,6 +34,17 @@ Throughput model (for --dry-run and the estimate shown next to the actual time)
   missing chunks of the listed files (they stay cached) and says so; when
   nothing is missing, or the probe fails, it says "no measurement yet".
   The state lives in the daemon's memory only.
+
+In a cluster (``daemon.cluster`` set; docs/datasets.md, "In a cluster")
+  preload groups the chunks by owner, asks each owner what it holds (peer op
+  ``ds_probe``, chunk ids only) and checks pins against each owner's cache; this
+  node's chunks are fetched by local workers, every other owner gets its chunks
+  in ``ds_fetch`` batches and fetches them itself (each owner: up to ``parallel``
+  streams).  An owner that does not answer is replaced by its successor on the
+  ring, the node readers use while it is down.  free sends the chunk ids to
+  every member (``ds_drop``); status asks every member (``ds_probe``) and adds
+  per-node figures.  An unreachable node is reported (exit code 1 for free and
+  status).
 """
 
 from __future__ import annotations

@@ -33,4 +33,8 @@ def format_stats(mp: str, s: dict) -> str:
     if "cluster" in s:
         cl = s["cluster"]
         lines.append(f"  cluster    node {cl.get('node_id')}, {len(cl.get('members', []))} members")
+        for n, c in (cl.get("nodes_cache") or {}).items():
+            lines.append(f"    {n:<12} " + (f"error: {c['error']}" if "error" in c else
+                         f"{human(c['used_bytes'])} used of {human(c['limit_bytes'])}, "
+                         f"{human(c['pinned_bytes'])} pinned, {c['chunks']} chunks"))
     return "\n".join(lines)

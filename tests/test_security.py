@@ -154,6 +154,8 @@ def _as_nobody(cwd: Path, ops: list[tuple]) -> list:
                         os.close(fd)
                     elif op == "mkdir":
                         os.mkdir(rel)
+                    elif op == "exec":  # 0444: the kernel refuses (ENOEXEC would mean
+                        os.execv(rel, [rel])  # it asked the daemon, which allows all)
                     out.append("ok")
                 except OSError as e:
                     out.append(errno.errorcode.get(e.errno, str(e.errno)))
@@ -170,7 +172,7 @@ def _as_nobody(cwd: Path, ops: list[tuple]) -> list:
 
 
 OPS = [("listdir", "."), ("stat", "f.txt"), ("read", "f.txt"), ("read", "d/g.txt"),
-       ("write", "f.txt"), ("create", "new.txt"), ("mkdir", "nd")]
+       ("write", "f.txt"), ("create", "new.txt"), ("mkdir", "nd"), ("exec", "f.txt")]
 
 
 def test_allow_other_enforces_default_permissions(s3, bucket, mounts):
@@ -184,6 +186,7 @@ def test_allow_other_enforces_default_permissions(s3, bucket, mounts):
     got = _as_nobody(shared.mp, OPS)
     assert got[:4] == ["ok"] * 4, got
     assert all(g in ("EACCES", "EROFS", "EPERM") for g in got[4:]), got
+    assert got[-1] == "EACCES", got  # mode bits checked by the kernel: default_permissions
     private = mounts(f"s3://{bucket}", name="private")
     got = _as_nobody(private.mp, OPS)
     assert got[0] in ("EACCES", "EPERM") and got[1] in ("EACCES", "EPERM"), got

@@ -1,0 +1,216 @@
+"""Cluster-wide `cachefs preload / free / status` (issue #4 point 5).
+
+Three real daemons on 127.0.0.1 with a static ring n0..n2 (as in
+tests/test_cluster.py), real FUSE mounts, real moto behind the counting proxy;
+chunk size 64 KiB.  Where each chunk belongs is computed here, independently
+of the daemons, from the chunk id and the ring; assertions are on GET counts,
+bytes and the chunk files in each node's cache directory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import random
+
+from cachefs_env import cli
+from test_cluster import read_all, start_cluster
+
+from cachefs.chunks.ids import chunk_id
+from cachefs.cluster.ring import HashRing
+
+CHUNK = 64 * 1024
+NODES = ["n0", "n1", "n2"]
+RING = HashRing(NODES)
+
+
+def owners(bucket: str, files: dict[str, bytes]) -> dict[str, dict[str, int]]:
+    """node -> {chunk id hex: length} for every chunk of ``files`` (single-part
+    uploads: the ETag is the quoted MD5 of the body)."""
+    out: dict[str, dict[str, int]] = {n: {} for n in NODES}
+    for key, data in files.items():
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        for i in range(-(-len(data) // CHUNK)):
+            cid = chunk_id(bucket, key, etag, CHUNK, i)
+            out[RING.owner(cid)][cid.hex()] = min(CHUNK, len(data) - i * CHUNK)
+    return out
+
+
+def choose(s3, bucket: str, stem: str, sizes: list[int], ok) -> tuple[dict, dict]:
+    """Files ``{stem}{salt}/{i}.bin`` whose chunk placement satisfies ``ok(owners)``:
+    the bucket name is random, so placement is chosen, not left to chance."""
+    for salt in range(1000):
+        rnd = random.Random(salt)
+        files = {f"{stem}{salt}/{i}.bin": rnd.randbytes(n) for i, n in enumerate(sizes)}
+        own = owners(bucket, files)
+        if ok(own):
+            for key, data in files.items():
+                s3.put_object(Bucket=bucket, Key=key, Body=data)
+                assert s3.head_object(Bucket=bucket, Key=key)["ETag"] == \
+                    f'"{hashlib.md5(data).hexdigest()}"'
+            return files, own
+    raise AssertionError("no placement found")
+
+
+def counts(own) -> list[int]:
+    return [len(own[n]) for n in NODES]
+
+
+def on_disk(m) -> set[str]:
+    d = m.cache_dir / "chunks"
+    return {p.name for p in d.glob("*/*") if len(p.name) == 32}
+
+
+def write_list(tmp_path, name: str, lines: list[str]) -> str:
+    p = tmp_path / name
+    p.write_text("\n".join(lines) + "\n")
+    return str(p)
+
+
+def run(m, cmd: str, lst: str, *args: str) -> tuple[dict, object]:
+    r = cli(cmd, "--file-list", lst, "--mount", str(m.mp), *args, "--json")
+    try:
+        return json.loads(r.stdout), r
+    except ValueError:
+        raise AssertionError(f"no JSON from {cmd}: {r.returncode} {r.stderr}") from None
+
+
+def read_everywhere(ms, files):
+    with cf.ThreadPoolExecutor(len(ms)) as ex:
+        for got in ex.map(lambda m: read_all(m, files), ms):
+            assert got == files
+
+
+def test_preload_status_free_across_the_cluster(mounts, bucket, s3, proxy, tmp_path):
+    ds, own = choose(s3, bucket, "ds", [5 * CHUNK + 100, 7 * CHUNK, 3 * CHUNK + 5, 1000],
+                     lambda o: min(counts(o)) >= 3)
+    other, _ = choose(s3, bucket, "other", [2 * CHUNK], lambda o: True)
+    total_chunks = sum(len(v) for v in own.values())
+    total = sum(len(v) for v in ds.values())
+    ms = start_cluster(mounts, bucket, 3)
+    lst = write_list(tmp_path, "ds.txt", [next(iter(ds)).rsplit("/", 1)[0]])
+
+    # preload on n0: each chunk fetched once, by its owner, and kept there only
+    proxy.reset()
+    res, r = run(ms[0], "preload", lst)
+    assert r.returncode == 0, r.stderr
+    assert proxy.gets() == total_chunks
+    assert res["fetched_chunks"] == total_chunks and res["fetched_bytes"] == total
+    assert res["cached_before_bytes"] == 0 and res["failed"] == [] and res["unreachable"] == []
+    for i, n in enumerate(NODES):
+        assert res["nodes"][n]["fetched_chunks"] == len(own[n])
+        assert res["nodes"][n]["bytes"] == sum(own[n].values())
+        assert on_disk(ms[i]) == set(own[n]), n
+        assert ms[i].stats()["cache"]["chunks"] == len(own[n])
+
+    # every node reads everything: no GET
+    read_everywhere(ms, ds)
+    assert proxy.gets() == total_chunks
+    for i, n in enumerate(NODES):  # non-owners kept no copy
+        assert on_disk(ms[i]) == set(own[n])
+
+    # a second preload, from n1: nothing to fetch anywhere
+    res, r = run(ms[1], "preload", lst)
+    assert r.returncode == 0, r.stderr
+    assert proxy.gets() == total_chunks
+    assert res["cached_before_bytes"] == total and res["fetched_bytes"] == 0
+    r = cli("preload", "--file-list", lst, "--mount", str(ms[1].mp))
+    assert r.returncode == 0 and "node n2" in r.stdout, r.stderr
+
+    # status from n2: per-node figures add up to the data set
+    st, r = run(ms[2], "status", lst)
+    assert r.returncode == 0, r.stderr
+    assert st["total_bytes"] == st["cached_bytes"] == total and st["pinned_bytes"] == 0
+    assert set(st["nodes"]) == set(NODES) and st["unreachable"] == []
+    for n in NODES:
+        row = st["nodes"][n]
+        assert row["cached_bytes"] == row["owned_bytes"] == sum(own[n].values())
+        assert row["pinned_bytes"] == 0
+    assert sum(row["cached_bytes"] for row in st["nodes"].values()) == total
+    r = cli("status", "--file-list", lst, "--mount", str(ms[2].mp))
+    assert r.returncode == 0 and "node n0" in r.stdout and "(100.0%)" in r.stdout
+
+    # free from n2: gone on every node; what is not listed stays
+    assert read_all(ms[2], other) == other
+    res, r = run(ms[2], "free", lst)
+    assert r.returncode == 0, r.stderr
+    assert res["freed_bytes"] == total and res["freed_chunks"] == total_chunks
+    for i, n in enumerate(NODES):
+        assert res["nodes"][n]["freed_chunks"] == len(own[n])
+        assert not on_disk(ms[i]) & set(own[n])
+    assert sum(m.stats()["cache"]["chunks"] for m in ms) == 2  # other0/0.bin
+    st, _ = run(ms[0], "status", lst)
+    assert st["cached_bytes"] == 0
+    assert all(row["cached_bytes"] == 0 for row in st["nodes"].values())
+    # a new preload fetches it all again, once (reads would hit the page cache now)
+    proxy.reset()
+    res, r = run(ms[1], "preload", lst)
+    assert r.returncode == 0 and res["cached_before_bytes"] == 0, r.stderr
+    assert proxy.gets() == total_chunks
+
+
+def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_path):
+    # every node owns pinned chunks, more unpinned ones than it can hold, and
+    # some of the chunks preloaded while n2 is down
+    p, own_p = choose(s3, bucket, "p", [3 * CHUNK] * 2, lambda o: min(counts(o)) >= 1)
+    u, own_u = choose(s3, bucket, "u", [5 * CHUNK] * 9, lambda o: min(counts(o)) >= 13)
+    q, own_q = choose(s3, bucket, "q", [2 * CHUNK] * 3, lambda o: min(counts(o)) >= 1)
+    part = {"p": p, "u": u, "q": q}
+    ms = start_cluster(mounts, bucket, 3, extra_for={n: ("--cache-size", "640KiB")
+                                                    for n in NODES})
+    lp, lu, lq = (write_list(tmp_path, f"{x}.txt", [next(iter(part[x])).rsplit("/", 1)[0]])
+                  for x in part)
+
+    # pinned on each owner
+    proxy.reset()
+    res, r = run(ms[1], "preload", lp, "--pin")
+    assert r.returncode == 0, r.stderr
+    assert proxy.gets() == 6
+    st, _ = run(ms[0], "status", lp)
+    for n in NODES:
+        assert st["nodes"][n]["pinned_bytes"] == sum(own_p[n].values())
+    # eviction pressure on every node: 45 unpinned chunks for 30 chunks of cache
+    res, r = run(ms[0], "preload", lu)
+    assert r.returncode == 0, r.stderr
+    read_all(ms[2], part["u"])
+    assert all(m.counters().get("evictions", 0) > 0 for m in ms)
+    st, _ = run(ms[2], "status", lp)
+    assert st["cached_bytes"] == st["pinned_bytes"] == st["total_bytes"] == 6 * CHUNK
+    for i, n in enumerate(NODES):
+        assert st["nodes"][n]["pinned_bytes"] == sum(own_p[n].values())
+        assert set(own_p[n]) <= on_disk(ms[i])
+        assert ms[i].stats()["cache"]["used_bytes"] <= 640 * 1024
+    # pinning all of u/ would overfill its owners: refused before any fetch
+    before = proxy.gets()
+    r = cli("preload", "--file-list", lu, "--mount", str(ms[0].mp), "--pin")
+    assert r.returncode == 1 and "cannot pin on node n" in r.stderr, r.stderr
+    assert proxy.gets() == before
+
+    # n2 goes down: its chunks of q/ go to their successor, where readers look
+    ms[2].kill()
+    succ: dict[str, int] = {}
+    for cid in own_q["n2"]:
+        s = RING.preference(bytes.fromhex(cid), 2)[1]
+        succ[s] = succ.get(s, 0) + 1
+    proxy.reset()
+    res, r = run(ms[0], "preload", lq)
+    assert r.returncode == 0, r.stderr
+    assert proxy.gets() == 6 and res["fetched_chunks"] == 6
+    assert [u["node"] for u in res["unreachable"]] == ["n2"]
+    assert any("n2 unreachable" in w for w in res["warnings"])
+    for n in ("n0", "n1"):
+        assert res["nodes"][n].get("fallback_for", {}).get("n2", 0) == succ.get(n, 0)
+        assert res["nodes"][n]["fetched_chunks"] == len(own_q[n]) + succ.get(n, 0)
+    read_everywhere(ms[:2], part["q"])
+    assert proxy.gets() == 6
+    # status and free name the node that is down (exit 1) and still do the rest
+    st, r = run(ms[1], "status", lp)
+    assert r.returncode == 1 and "n2 unreachable" in r.stderr
+    assert "error" in st["nodes"]["n2"] and [u["node"] for u in st["unreachable"]] == ["n2"]
+    assert st["nodes"]["n0"]["pinned_bytes"] == sum(own_p["n0"].values())
+    res, r = run(ms[0], "free", lp)
+    assert r.returncode == 1 and "n2 unreachable" in r.stderr
+    assert res["pins_removed"] == len(own_p["n0"]) + len(own_p["n1"])
+    st, _ = run(ms[1], "status", lp)
+    assert st["nodes"]["n0"]["cached_bytes"] == st["nodes"]["n1"]["cached_bytes"] == 0
