@@ -70,6 +70,8 @@ def cli() -> None:
 @click.option("--etcd", help="etcd endpoints for membership, comma-separated URLs.")
 @click.option("--metrics-listen", help="HOST:PORT for Prometheus metrics (default off).")
 @click.option("--slow-threshold", help="Traces slower than this are kept (default 50ms).")
+@click.option("--otlp-endpoint", help="POST finished traces as OTLP/HTTP JSON to URL/v1/traces "
+              "(default off; also CACHEFS_OTLP_ENDPOINT).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
 @click.option("--log-file", help="Daemon log (default <cache-dir>/cachefs.log).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground (systemd, tests).")

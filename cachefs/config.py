@@ -167,6 +167,7 @@ class Config:
     cluster: ClusterOptions = ClusterOptions()
     slow_threshold: float = 0.05
     metrics_listen: str | None = None
+    otlp_endpoint: str | None = field(default=None, repr=False)
     config_file: Path | None = None
 
     @property
@@ -227,7 +228,7 @@ def build_config(
     _check_keys(cl, {"node_id", "peer_listen", "advertise", "peers", "etcd", "etcd_prefix",
                      "peer_secret", "peer_timeout", "lease_ttl", "grace_period"}, "[cluster]")
     tr = _table(raw, "trace")
-    _check_keys(tr, {"slow_threshold", "metrics_listen"}, "[trace]")
+    _check_keys(tr, {"slow_threshold", "metrics_listen", "otlp_endpoint"}, "[trace]")
     lg = _table(raw, "log")
     _check_keys(lg, {"level", "file"}, "[log]")
     fu = _table(raw, "fuse")
@@ -375,6 +376,7 @@ def build_config(
         slow_threshold=parse_duration(pick("slow_threshold", tr, "slow_threshold", 0.05),
                                       "slow threshold"),
         metrics_listen=metrics,
+        otlp_endpoint=pick("otlp_endpoint", tr, "otlp_endpoint"),
         config_file=Path(config_file) if config_file else None,
     )
 

@@ -97,6 +97,16 @@ class Index:
             b = txn.get(key, db=self.listings)
         return bytes(b) if b is not None else None
 
+    def get_inos(self, keys: list[bytes]) -> dict[bytes, int]:
+        """Many inode lookups in one read transaction (run in a thread for big listings)."""
+        out = {}
+        with self.env.begin() as txn:
+            for k in keys:
+                b = txn.get(k, db=self.inodes)
+                if b:
+                    out[k] = struct.unpack("<Q", b)[0]
+        return out
+
     def next_ino(self) -> int:
         with self.env.begin() as txn:
             b = txn.get(b"next_ino", db=self.meta)

@@ -40,7 +40,7 @@ from .errors import ObjectChanged, S3Error
 from .index import Index, IndexWriter, path_key
 from .objectstore import Listing, ObjectStore, ObjInfo
 from .stats import Stats
-from .trace import Tracer, span
+from .trace import Tracer, current, span
 
 log = logging.getLogger("cachefs.vfs")
 
@@ -157,6 +157,8 @@ class FileHandle:
         d = self.buf.get(i)
         if d is not None:
             self.vfs.stats.inc("readahead_hits")
+            with span("chunk", chunk=i, tier="readahead", bytes=len(d)):
+                pass
             return d
         ev = self.pending.get(i)
         if ev is not None:
@@ -267,11 +269,13 @@ class VFS:
 
     # -- inodes -----------------------------------------------------------------------
 
+    def _ino_key(self, mount: MountCtx | None, name: str, path: str) -> bytes:
+        return path_key(mount.spec.name if mount else "", path if path else "/" + name)
+
     def _new_node(self, parent: Node, name: str, is_dir: bool, mount: MountCtx | None,
-                  path: str) -> Node:
-        mname = mount.spec.name if mount else ""
-        key = path_key(mname, path if path else "/" + name)
-        ino = self.index.get_ino(key)
+                  path: str, known: dict[bytes, int] | None = None) -> Node:
+        key = self._ino_key(mount, name, path)
+        ino = known.get(key) if known is not None else self.index.get_ino(key)
         if ino is None or ino in self.nodes:
             ino = self._next_ino
             self._next_ino += 1
@@ -308,7 +312,7 @@ class VFS:
             self.stats.inc("skipped_keys")
             log.warning("skipping S3 key %r: %s", key, why)
 
-    async def _ensure_listed(self, d: Node) -> None:
+    async def _ensure_listed(self, d: Node, op: str = "list") -> None:
         if d.children is not None and time.monotonic() - d.listed_at < self.cfg.metadata_ttl:
             return
         ev = self._listing.get(d.ino)
@@ -321,7 +325,11 @@ class VFS:
         try:
             if d.children is None and await self._load_listing(d):
                 return
-            await self._list(d)
+            if current() is None:  # a FUSE lookup/opendir that reaches S3: its own trace
+                with self.tracer.start(op, ino=d.ino, path=self.display_path(d)):
+                    await self._list(d)
+            else:
+                await self._list(d)
         finally:
             del self._listing[d.ino]
             ev.set()
@@ -336,7 +344,7 @@ class VFS:
             log.warning("listing s3://%s/%s failed: %s", m.spec.bucket, prefix, e)
             raise FSError(errno.EIO) from None
         self.stats.inc("dir_listings")
-        self._apply_listing(d, prefix, listing)
+        self._apply_listing(d, prefix, listing, await self._known_inos(d, prefix, listing))
         blob = json.dumps({"t": time.time(), "p": listing.prefixes,
                            "o": [[o.key, o.size, o.etag, o.mtime] for o in listing.objects]},
                           separators=(",", ":")).encode()
@@ -366,12 +374,25 @@ class VFS:
             return False
         listing, age = got
         assert d.mount is not None
-        self._apply_listing(d, d.mount.spec.prefix + d.path, listing)
+        prefix = d.mount.spec.prefix + d.path
+        self._apply_listing(d, prefix, listing, await self._known_inos(d, prefix, listing))
         d.listed_at = time.monotonic() - age
         self.stats.inc("dir_listings_from_index")
         return True
 
-    def _apply_listing(self, d: Node, prefix: str, listing: Listing) -> None:
+    async def _known_inos(self, d: Node, prefix: str, listing: Listing) -> dict[bytes, int]:
+        """Persisted inode numbers of the entries that are new to us (one thread call)."""
+        old = d.children or {}
+        keys = [self._ino_key(d.mount, "", d.path + p[len(prefix):-1] + "/")
+                for p in listing.prefixes if p[len(prefix):-1] not in old]
+        keys += [self._ino_key(d.mount, "", d.path + o.key[len(prefix):])
+                 for o in listing.objects if o.key[len(prefix):] not in old]
+        if not keys:
+            return {}
+        return await trio.to_thread.run_sync(self.index.get_inos, keys)
+
+    def _apply_listing(self, d: Node, prefix: str, listing: Listing,
+                       known: dict[bytes, int]) -> None:
         m = d.mount
         assert m is not None
         old = d.children or {}
@@ -384,7 +405,7 @@ class VFS:
             ino = old.get(name)
             node = self.nodes.get(ino) if ino else None
             if node is None or not node.is_dir:
-                node = self._new_node(d, name, True, m, d.path + name + "/")
+                node = self._new_node(d, name, True, m, d.path + name + "/", known)
             new[name] = node.ino
         for o in listing.objects:
             name = o.key[len(prefix):]
@@ -398,7 +419,7 @@ class VFS:
             ino = old.get(name)
             node = self.nodes.get(ino) if ino else None
             if node is None or node.is_dir:
-                node = self._new_node(d, name, False, m, d.path + name)
+                node = self._new_node(d, name, False, m, d.path + name, known)
             elif node.etag and node.etag != o.etag:
                 log.info("s3://%s/%s changed (ETag %s → %s)", m.spec.bucket, o.key, node.etag,
                          o.etag)
@@ -419,7 +440,7 @@ class VFS:
             node = self.get(parent.parent)
         else:
             if parent.mount is not None:
-                await self._ensure_listed(parent)
+                await self._ensure_listed(parent, "lookup")
             assert parent.children is not None
             ino = parent.children.get(name)
             if ino is None:
@@ -434,7 +455,7 @@ class VFS:
         if not d.is_dir:
             raise FSError(errno.ENOTDIR)
         if d.mount is not None:
-            await self._ensure_listed(d)
+            await self._ensure_listed(d, "opendir")
         assert d.children is not None
         fh = next(self._fh)
         self.dir_handles[fh] = sorted(d.children.items())

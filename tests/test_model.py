@@ -40,8 +40,7 @@ import pytest
 from cachefs_env import Mount, fuse_available, unmount
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
-                                 rule)
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from test_reliability import CacheState
 
 pytestmark = pytest.mark.fuse

@@ -61,7 +61,9 @@ class ChunkReader:
         if f is None:
             # fast path: local hit without a flight (no await before registering below)
             if self.store.contains(ref.cid) and not pin:
-                data = await self.store.get(ref.cid, ref.length)
+                with span("chunk", chunk=ref.index, bytes=ref.length) as sp:
+                    data = await self.store.get(ref.cid, ref.length)
+                    sp.set(tier="local" if data is not None else "miss")
                 if data is not None:
                     return data
                 f = self._flights.get(ref.cid)
