@@ -269,6 +269,21 @@ async def _serve_connection(
         seq += 1
 
 
+async def _guarded(fn, limiter: trio.CapacityLimiter, what: str, handler_timeout: float):
+    """Run a local handler for a peer: bounded, timed, and only PeerError gets out."""
+    try:
+        async with limiter:
+            with trio.fail_after(handler_timeout):
+                return await fn()
+    except PeerError as e:
+        raise PeerError(str(e), "remote") from None
+    except trio.TooSlowError:
+        raise PeerError(f"{what} timed out after {handler_timeout}s", "remote") from None
+    except Exception:
+        log.exception("peer server: %s failed", what)
+        raise PeerError(f"internal error in {what}", "remote") from None
+
+
 async def _call_handler(
     handler: Handler,
     limiter: trio.CapacityLimiter,
@@ -276,17 +291,8 @@ async def _call_handler(
     trace: dict,
     handler_timeout: float,
 ) -> tuple[bytes | bytearray | memoryview, list]:
-    try:
-        async with limiter:
-            with trio.fail_after(handler_timeout):
-                result = await handler(chunk, trace)
-    except PeerError as e:
-        raise PeerError(str(e), "remote") from None
-    except trio.TooSlowError:
-        raise PeerError(f"handler timed out after {handler_timeout}s", "remote") from None
-    except Exception:
-        log.exception("peer server: handler failed for chunk %r", chunk)
-        raise PeerError("internal error in chunk handler", "remote") from None
+    result = await _guarded(lambda: handler(chunk, trace), limiter, "chunk handler",
+                            handler_timeout)
     try:
         data, spans = result
     except (TypeError, ValueError):
@@ -295,8 +301,7 @@ async def _call_handler(
     if not isinstance(data, (bytes, bytearray, memoryview)):
         log.error("peer server: handler returned data of type %s", type(data).__name__)
         raise PeerError("internal error in chunk handler", "remote")
-    spans = list(spans or [])
-    return data, spans
+    return data, list(spans or [])
 
 
 async def _call_control(
@@ -306,17 +311,8 @@ async def _call_control(
     payload: dict,
     handler_timeout: float,
 ) -> dict:
-    try:
-        async with limiter:
-            with trio.fail_after(handler_timeout):
-                result = await call_handler(name, payload)
-    except PeerError as e:
-        raise PeerError(str(e), "remote") from None
-    except trio.TooSlowError:
-        raise PeerError(f"call {name!r} timed out after {handler_timeout}s", "remote") from None
-    except Exception:
-        log.exception("peer server: call %r failed", name)
-        raise PeerError(f"internal error in call {name!r}", "remote") from None
+    result = await _guarded(lambda: call_handler(name, payload), limiter, f"call {name!r}",
+                            handler_timeout)
     if not isinstance(result, dict):
         log.error("peer server: call %r returned %r, not a dict", name, type(result))
         raise PeerError(f"internal error in call {name!r}", "remote")
