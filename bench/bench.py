@@ -596,6 +596,49 @@ class CacheFS(System):
             raise Unavailable(f"cachefs not available: {e}") from None
 
 
+class CacheFSNode(CacheFS):
+    """A cachefs daemon of a hook (cluster node, tracing on/off): its own name
+    (mountpoint, cache dir, log), extra `cachefs mount` arguments and environment."""
+
+    def __init__(self, ctx: Ctx, name: str, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
+        self.name = name
+        super().__init__(ctx)
+        self.extra, self.env = tuple(extra), dict(env or {})
+
+    def command(self):
+        argv, env = super().command()
+        env.update(self.env)
+        return [*argv, *self.extra], env
+
+    def stats(self) -> dict:
+        """`cachefs stats --mount MP --json` (retried while the control socket comes up)."""
+        err = ""
+        for _ in range(50):
+            r = subprocess.run([*cachefs_argv0(), "stats", "--mount", str(self.mp), "--json"],
+                               capture_output=True, text=True, timeout=30, env=s3_env())
+            if r.returncode == 0:
+                return json.loads(r.stdout)
+            err = (r.stderr or r.stdout).strip()
+            time.sleep(0.1)
+        raise RuntimeError(f"cachefs stats {self.mp}: {err[-200:]}")
+
+    def remove_cache(self) -> None:
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+
+def cachefs_chunk_size(ctx: Ctx) -> int:
+    """The chunk size the cachefs daemons use (a --cachefs-arg may set it)."""
+    from cachefs.config import DEFAULT_CHUNK_SIZE, parse_size
+    a, val = ctx.args.cachefs_arg, None
+    for i, x in enumerate(a):
+        if x.startswith("--chunk-size="):
+            val = x.split("=", 1)[1]
+        elif x == "--chunk-size" and i + 1 < len(a):
+            val = a[i + 1]
+    return parse_size(val, "--chunk-size") if val else DEFAULT_CHUNK_SIZE
+
+
 class S3fs(System):
     name = "s3fs"
 
@@ -745,9 +788,15 @@ SCENARIOS = [
              "s3-direct"),
     Scenario("mem_32", "mem", "Daemon peak RSS during 32 sequential readers (conc_32)", "MiB", None,
              higher_is_better=False, target="≤ 512 MiB"),
-    Scenario("cluster_3", "hooks", "Cluster of 3: S3 bytes / data set bytes", "×", None,
+    Scenario("cluster_3", "hooks", "Cluster of 3: S3 GET bytes (sum over the nodes) / data set bytes, "
+             "every node reads the large data set at once, cold", "×", None,
              higher_is_better=False, target="≤ 1.05"),
-    Scenario("tracing_cost", "hooks", "Tracing on vs off: throughput cost", "%", None,
+    Scenario("cluster_peer_warm", "hooks", "Cluster of 3: warm read on node n0 of an object whose chunks "
+             "a peer owns (peer SSD → TCP), page cache dropped", "MB/s", None),
+    Scenario("cluster_local_warm", "hooks", "Cluster of 3: warm read on node n0 of an object whose chunks "
+             "n0 owns (its own SSD), page cache dropped", "MB/s", None),
+    Scenario("tracing_cost", "hooks", "Tracing on vs off: warm O_DIRECT throughput cost, "
+             "128 KiB requests (1 MiB in the note)", "%", None,
              higher_is_better=False, target="< 5%"),
 ]
 SCEN = {s.id: s for s in SCENARIOS}
@@ -1010,18 +1059,209 @@ def disk_dd(ctx: Ctx) -> None:
     ctx.notes.setdefault(name, []).append("`dd bs=1M` of the shard files; cold and warm are the same thing here")
 
 
-# -- hooks to fill later -------------------------------------------------------
+# -- cluster and tracing (cachefs only; helpers from cluster_peer.py / bench_tracing.py)
 def scenario_cluster_of_3(ctx: Ctx) -> None:
-    """HOOK (not yet implemented): three cachefs nodes (--peers / --peer-listen) on
-    loopback, each reading the whole data set; measure S3 egress (ctx.s3.egress())
-    over the data set size. Target: ≤ 1.05×."""
-    ctx.record("cluster_3", "cachefs", status="skipped: hook not implemented yet (needs the cluster mode wired up)")
+    """Three cachefs nodes on loopback (own mountpoints, caches, peer ports, one
+    secret). All three read the whole large data set at once, from cold; the S3 GET
+    bytes of the three nodes (`cachefs stats --json` counter s3_bytes, summed) over
+    the data set size is the figure (target ≤ 1.05×). Then, on n0: warm reads of an
+    object a peer owns vs one n0 owns (cluster_peer.py's key picking and timed reads,
+    page cache dropped before each read)."""
+    import secrets
+
+    import cluster_peer as cp
+    from cachefs.cluster.ring import HashRing
+
+    p, lay = ctx.profile, ctx.layout
+    ids = ["n0", "n1", "n2"]
+    ports = {n: free_port() for n in ids}
+    env = {"CACHEFS_PEER_SECRET": secrets.token_hex(16)}
+    nodes = [CacheFSNode(ctx, f"cluster-{n}", cp.cluster_args(n, ports), env) for n in ids]
+    n0 = nodes[0]
+    data_bytes = p.shards * p.shard_size
+    chunk = cachefs_chunk_size(ctx)
+    probe_size = 8 * chunk  # 8 chunks all on one owner: 1 key in 3^8 fits
+    rounds = 3 if p.runs == 1 else 5
+    m = Measurer(ctx, "cachefs")
+    s3 = boto3_client(ctx.s3.url)
+    probe_keys: list[str] = []
+
+    def node_stats() -> list[dict]:
+        return [n.stats() for n in nodes]
+
+    def cold() -> tuple[float, dict]:
+        before = node_stats()
+        drop_page_cache()
+        res: dict[str, tuple[int, float]] = {}
+        errors: list[BaseException] = []
+
+        def reader(n: CacheFSNode) -> None:
+            try:
+                res[n.name] = read_files(n.root, lay.shards, 1, p.timeout)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=reader, args=(n,), daemon=True) for n in nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(p.timeout + 30)
+        wall = time.perf_counter() - t0
+        if any(t.is_alive() for t in threads):
+            raise Timeout(f"cluster readers stuck after {p.timeout:.0f} s")
+        if errors:
+            raise errors[0]
+        for name, (nb, _) in res.items():
+            if nb != data_bytes:
+                raise RuntimeError(f"{name} read {nb} bytes, expected {data_bytes}")
+        after = node_stats()
+
+        def delta(f: Callable[[dict], int]) -> int:
+            return sum(f(a) - f(b) for a, b in zip(after, before))
+
+        s3_bytes = delta(lambda st: st["counters"].get("s3_bytes", 0))
+        peer_bytes = delta(lambda st: st.get("cluster", {}).get("bytes_from_peers", 0))
+        fallbacks = delta(lambda st: st.get("cluster", {}).get("s3_fallbacks", 0))
+        errs = sum(sum(c.values()) for st in after
+                   for c in st.get("cluster", {}).get("peer_errors", {}).values())
+        per_node = {k: v[0] / v[1] / MB for k, v in res.items()}
+        extra = {"s3_bytes": s3_bytes, "data_bytes": data_bytes, "seconds": wall,
+                 "bytes_from_peers": peer_bytes, "s3_fallbacks": fallbacks,
+                 "peer_errors": errs, "node_MBps": per_node}
+        log(f"  cluster: 3 × {data_bytes / MB:.0f} MB in {wall:.1f} s "
+            f"({3 * data_bytes / wall / MB:.0f} MB/s together); S3 GET bytes {s3_bytes / MB:.0f} MB, "
+            f"from peers {peer_bytes / MB:.0f} MB, S3 fallbacks {fallbacks}, peer errors {errs}")
+        return s3_bytes / data_bytes, extra
+
+    def place_probes() -> tuple[str, str]:
+        """Two objects of probe_size: every chunk of one owned by n1, of the other by n0."""
+        body = os.urandom(probe_size)
+        etag = s3.put_object(Bucket=ctx.bucket, Key="cluster/probe", Body=body)["ETag"]
+        probe_keys.append("cluster/probe")
+        ring = HashRing(ids)
+        kp = cp.pick_key(ctx.bucket, etag, ring, "n1", "cluster/peer", probe_size, chunk)
+        kl = cp.pick_key(ctx.bucket, etag, ring, "n0", "cluster/local", probe_size, chunk)
+        for k in (kp, kl):
+            s3.put_object(Bucket=ctx.bucket, Key=k, Body=body)
+            probe_keys.append(k)
+        return kp, kl
+
+    try:
+        # before the mounts: keys uploaded later may be hidden by cached listings
+        kp, kl = place_probes()
+        for run in range(p.runs):
+            log(f"cachefs cluster of 3: run {run + 1}/{p.runs} (nodes {', '.join(ids)}, "
+                f"peer ports {', '.join(map(str, ports.values()))})")
+            for n in nodes:
+                n.unmount()
+                n.wipe_cache()
+            for n in nodes:  # every node up before anyone reads: the ring is static
+                n.mount()
+            ok = m("cluster_3", cold, data_bytes)
+            e = ctx.results["cluster_3"]["cachefs"]
+            x = e["extra"][-1] if ok and e["extra"] else None
+            if x:
+                e["status"] = (f"S3 GET bytes {x['s3_bytes'] / MB:.0f} MB (s3_bytes of the 3 nodes) ÷ "
+                               f"data set {data_bytes / MB:.0f} MB = {x['s3_bytes'] / data_bytes:.3f}×; "
+                               f"3 nodes read it at once in {x['seconds']:.1f} s; "
+                               f"{x['bytes_from_peers'] / MB:.0f} MB from peers, "
+                               f"{x['s3_fallbacks']} S3 fallbacks, {x['peer_errors']} peer errors")
+            # warm: peer-owned vs own chunks, read through n0
+            cp.timed_read(nodes[1].root / kp, probe_size)  # cold, by their owners
+            cp.timed_read(n0.root / kl, probe_size)
+            st0 = n0.stats().get("cluster", {}).get("bytes_from_peers", 0)
+            peer, local = cp.peer_vs_local(n0.root / kp, n0.root / kl, rounds, probe_size)
+            got = n0.stats().get("cluster", {}).get("bytes_from_peers", 0) - st0
+            for v in peer:
+                ctx.record("cluster_peer_warm", "cachefs", v)
+            for v in local:
+                ctx.record("cluster_local_warm", "cachefs", v)
+            pm, lm = statistics.median(peer), statistics.median(local)
+            ctx.results["cluster_peer_warm"]["cachefs"]["status"] = (
+                f"peer ÷ local = {pm / lm:.2f}× (local: {lm:.0f} MB/s); {rounds} rounds of "
+                f"{probe_size // MiB} MiB; {got / MB:.0f} MB came from the peer")
+            ctx.results["cluster_local_warm"]["cachefs"]["status"] = (
+                f"{rounds} rounds of {probe_size // MiB} MiB, alternating with the peer reads")
+            log(f"  cachefs {'cluster warm n0':20s} peer {pm:.0f} MB/s, local {lm:.0f} MB/s "
+                f"(peer ÷ local {pm / lm:.2f}×; {got / MB:.0f} MB from peers)")
+    except Unavailable as e:
+        log(f"cluster of 3: {e}")
+        for sc in ("cluster_3", "cluster_peer_warm", "cluster_local_warm"):
+            ctx.record(sc, "cachefs", status=str(e)[:300])
+    except Exception as e:  # noqa: BLE001
+        log(f"cluster of 3: FAILED {e!r}")
+        if ctx.args.verbose:
+            traceback.print_exc()
+        for sc in ("cluster_peer_warm", "cluster_local_warm"):
+            ctx.record(sc, "cachefs", status=f"failed: {e.__class__.__name__}: {e}"[:300])
+    finally:
+        for n in nodes:
+            n.unmount()
+            n.remove_cache()
+        for k in probe_keys:
+            with contextlib.suppress(Exception):
+                s3.delete_object(Bucket=ctx.bucket, Key=k)
+    ctx.notes.setdefault("cachefs", []).append(
+        f"cluster_3: 3 daemons `cachefs mount ... --node-id nI --peer-listen 127.0.0.1:PORT --peers "
+        f"n0=...,n1=...,n2=...` (CACHEFS_PEER_SECRET in the environment), chunk size {chunk // MiB} MiB")
 
 
 def scenario_tracing_overhead(ctx: Ctx) -> None:
-    """HOOK (not yet implemented): large_warm and small_warm_8 with tracing on and off
-    (cachefs flags TBD); report (off - on) / off. Target: < 5%."""
-    ctx.record("tracing_cost", "cachefs", status="skipped: hook not implemented yet (needs a tracing on/off switch)")
+    """Two cachefs daemons side by side, CACHEFS_TRACING=1 and =0 (own caches), both
+    filled with the herd file; then bench_tracing.py's alternating warm O_DIRECT
+    passes (the page cache is bypassed: every block reaches the daemon), 128 KiB and
+    1 MiB requests, median of N passes per mode. Figure: the cost (off - on) / off
+    with 128 KiB requests (the most requests per byte, where a per-request cost
+    shows most); the 1 MiB figure goes in the note. Target: < 5%."""
+    import bench_tracing as bt
+
+    p = ctx.profile
+    # many short alternating passes pair better against a shared machine's load
+    # swings than a few long ones
+    rel, size = ctx.layout.herd, p.herd_size
+    passes = 21 if p.runs == 1 else 31
+    nodes = {mode: CacheFSNode(ctx, f"tracing-{mode}", env={"CACHEFS_TRACING": val})
+             for mode, val in bt.MODES.items()}
+    m = Measurer(ctx, "cachefs", talks_to_s3=False)
+    summary_parts: list[str] = []
+
+    def measure() -> tuple[float, dict]:
+        paths = {mode: n.root / rel for mode, n in nodes.items()}
+        for path in paths.values():  # fill the cache (cold), then one warm-up pass
+            bt.read_direct(path, MiB)
+            bt.read_direct(path, MiB)
+        extra, costs = {"passes": passes, "bytes": size}, {}
+        for block in (128 * KiB, MiB):
+            res = bt.alternate_passes(paths, size, block, passes)
+            on, off, pct_ = bt.cost(res)
+            costs[block] = pct_
+            extra[f"{block // KiB}KiB"] = {"on_MBps": res["on"], "off_MBps": res["off"],
+                                          "cost_pct": pct_}
+            summary_parts.append(f"{block // KiB} KiB requests: on {on:.0f} MB/s "
+                                 f"({min(res['on']):.0f}–{max(res['on']):.0f}), off {off:.0f} MB/s "
+                                 f"({min(res['off']):.0f}–{max(res['off']):.0f}), cost {pct_:+.1f}%")
+            log(f"  cachefs {'tracing ' + str(block // KiB) + ' KiB':20s} on {on:.0f} MB/s, "
+                f"off {off:.0f} MB/s (median of {passes}), cost {pct_:+.1f}%")
+        return costs[128 * KiB], extra
+
+    try:
+        for n in nodes.values():
+            n.unmount()
+            n.wipe_cache()
+            n.mount()
+        log(f"cachefs tracing on vs off: {passes} alternating warm O_DIRECT passes over "
+            f"{rel} ({size // MiB} MiB)")
+        if m("tracing_cost", measure):
+            ctx.results["tracing_cost"]["cachefs"]["status"] = (
+                "; ".join(summary_parts) + f" (median of {passes} alternating passes of {size // MiB} MiB)")
+    except Unavailable as e:
+        log(f"tracing on vs off: {e}")
+        ctx.record("tracing_cost", "cachefs", status=str(e)[:300])
+    finally:
+        for n in nodes.values():
+            n.unmount()
+            n.remove_cache()
 
 
 HOOKS = [scenario_cluster_of_3, scenario_tracing_overhead]
@@ -1157,7 +1397,7 @@ def plot_group(ctx: Ctx, group: str, path: Path) -> bool:
 
 ALL_SYSTEM_NAMES = ["s3-direct", "disk-dd", "pyfuse3-passthrough", "cachefs", "s3fs", "rclone"]
 GROUP_TITLES = {"large": "Large sequential", "small": "Small files", "meta": "Metadata",
-                "conc": "Concurrency", "mem": "Memory", "hooks": "Not yet measured (hooks)"}
+                "conc": "Concurrency", "mem": "Memory", "hooks": "Cluster of 3 and tracing cost (cachefs only)"}
 
 
 def target_checks(ctx: Ctx) -> list[tuple[str, str, str]]:
@@ -1185,8 +1425,10 @@ def target_checks(ctx: Ctx) -> list[tuple[str, str, str]]:
               lambda x: x >= 5, f"{r:.2f}×" if r else "")
     v = c("mem_32")
     check("daemon peak RSS ≤ 512 MiB with 32 readers", v, lambda x: x <= 512, f"{v:.0f} MiB" if v else "")
-    check("cluster of 3: S3 bytes ≤ 1.05× data set", c("cluster_3"), lambda x: x <= 1.05, "")
-    check("tracing cost < 5%", c("tracing_cost"), lambda x: x < 5, "")
+    v = c("cluster_3")
+    check("cluster of 3: S3 bytes ≤ 1.05× data set", v, lambda x: x <= 1.05, f"{v:.3f}×" if v is not None else "")
+    v = c("tracing_cost")
+    check("tracing cost < 5%", v, lambda x: x < 5, f"{v:+.1f}%" if v is not None else "")
     return out
 
 

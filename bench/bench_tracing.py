@@ -8,6 +8,9 @@ kernel page cache is bypassed) in BLOCK-sized requests.  Reported: the median
 MB/s per mode and the relative cost, for 128 KiB requests (the most requests
 per byte, where a per-request cost shows most) and 1 MiB requests.
 
+The helpers (read_direct, alternate_passes, cost) are also used by
+bench/bench.py's `tracing_cost` scenario.
+
 Also an in-process micro-benchmark: the cost of one traced request
 (``Tracer.start`` + 3 spans + recording) vs tracing off.
 
@@ -29,8 +32,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-sys.path.insert(0, str(HERE.parent))
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+MODES = {"on": "1", "off": "0"}  # mode -> CACHEFS_TRACING of the daemon
 
 
 def read_direct(path: Path, block: int) -> tuple[int, float]:
@@ -49,6 +54,27 @@ def read_direct(path: Path, block: int) -> tuple[int, float]:
         os.close(fd)
         buf.close()
     return got, dt
+
+
+def alternate_passes(paths: dict[str, Path], size: int, block: int,
+                     passes: int) -> dict[str, list[float]]:
+    """`passes` rounds of one O_DIRECT read of each path (mode -> path), the order
+    alternating every round; MB/s per mode."""
+    res: dict[str, list[float]] = {m: [] for m in paths}
+    modes = list(paths)
+    for i in range(passes):
+        for mode in (modes if i % 2 == 0 else modes[::-1]):
+            got, dt = read_direct(paths[mode], block)
+            if got != size:
+                raise RuntimeError(f"{paths[mode]}: read {got} bytes, expected {size}")
+            res[mode].append(got / dt / 1e6)
+    return res
+
+
+def cost(res: dict[str, list[float]]) -> tuple[float, float, float]:
+    """(median on, median off, cost % = (off - on) / off)."""
+    on, off = statistics.median(res["on"]), statistics.median(res["off"])
+    return on, off, 100 * (off - on) / off
 
 
 def micro(n: int = 200_000) -> dict:
@@ -91,6 +117,7 @@ def main() -> None:
     print(f"micro: one traced request (root + 3 spans, recorded): {m['on_us']:.2f} µs; "
           f"tracing off: {m['off_us']:.2f} µs; cost {m['on_us'] - m['off_us']:.2f} µs/request")
 
+    sys.path.insert(0, str(HERE.parent / "tests"))
     from cachefs_env import Mount, fuse_available
     from s3env import s3_client, start_moto
 
@@ -106,7 +133,7 @@ def main() -> None:
         s3 = s3_client(moto.url)
         s3.create_bucket(Bucket="benchtrace")
         s3.put_object(Bucket="benchtrace", Key="f.bin", Body=os.urandom(size))
-        for mode, val in (("on", "1"), ("off", "0")):
+        for mode, val in MODES.items():
             mounts[mode] = Mount(tmp, "s3://benchtrace", moto.url, name=f"trace-{mode}",
                                  cache_size="4GiB", chunk_size=a.chunk_size,
                                  env={"CACHEFS_TRACING": val}).start()
@@ -114,17 +141,12 @@ def main() -> None:
             read_direct(mp.path("f.bin"), 1 << 20)
             read_direct(mp.path("f.bin"), 1 << 20)
         for block in (128 << 10, 1 << 20):
-            res: dict[str, list[float]] = {"on": [], "off": []}
-            for i in range(a.passes):
-                order = ("on", "off") if i % 2 == 0 else ("off", "on")
-                for mode in order:
-                    got, dt = read_direct(mounts[mode].path("f.bin"), block)
-                    assert got == size, (got, size)
-                    res[mode].append(got / dt / 1e6)
-            on, off = statistics.median(res["on"]), statistics.median(res["off"])
+            res = alternate_passes({m: mp.path("f.bin") for m, mp in mounts.items()},
+                                   size, block, a.passes)
+            on, off, pct = cost(res)
             print(f"warm O_DIRECT reads, {block >> 10} KiB requests, {a.passes} passes of "
                   f"{size >> 20} MiB: tracing on {on:.0f} MB/s, off {off:.0f} MB/s, "
-                  f"cost {100 * (off - on) / off:+.1f}%  "
+                  f"cost {pct:+.1f}%  "
                   f"(on {min(res['on']):.0f}–{max(res['on']):.0f}, "
                   f"off {min(res['off']):.0f}–{max(res['off']):.0f})")
         st = mounts["on"].request({"op": "trace_stats"})["tracer"]

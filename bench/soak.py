@@ -32,6 +32,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -266,6 +267,10 @@ def main(argv=None) -> int:
                 print("  problem:", p)
         ok = (summary["wrong_bytes"] == 0 and summary["wrong_reads"] == 0
               and summary["eio"] == 0 and summary["short_reads"] == 0 and summary["other_errors"] == 0 and consistent)
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"soak: work dir kept for inspection: {work}")
         return 0 if ok else 1
     finally:
         if m is not None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +62,9 @@ class Index:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True,
                              mode=0o600, metasync=False, lock=True)
+        # set_mapsize needs no transaction open in this process: reads (any thread) and
+        # the resize take this lock; commits do not (they run in the one writer thread)
+        self._resize = threading.Lock()
         self.chunks = self.env.open_db(b"chunks")
         self.inodes = self.env.open_db(b"inodes")
         self.meta = self.env.open_db(b"meta")
@@ -78,29 +82,29 @@ class Index:
     # -- reads (short) ---------------------------------------------------------------
 
     def get_chunk(self, cid: bytes) -> ChunkRec | None:
-        with self.env.begin() as txn:
+        with self._resize, self.env.begin() as txn:
             b = txn.get(cid, db=self.chunks)
         return ChunkRec.unpack(b) if b else None
 
     def iter_chunks(self) -> Iterator[tuple[bytes, ChunkRec]]:
-        with self.env.begin() as txn:
-            for k, v in txn.cursor(db=self.chunks):
-                yield bytes(k), ChunkRec.unpack(v)
+        with self._resize, self.env.begin() as txn:
+            items = [(bytes(k), ChunkRec.unpack(v)) for k, v in txn.cursor(db=self.chunks)]
+        yield from items
 
     def get_ino(self, key: bytes) -> int | None:
-        with self.env.begin() as txn:
+        with self._resize, self.env.begin() as txn:
             b = txn.get(key, db=self.inodes)
         return struct.unpack("<Q", b)[0] if b else None
 
     def get_listing(self, key: bytes) -> bytes | None:
-        with self.env.begin() as txn:
+        with self._resize, self.env.begin() as txn:
             b = txn.get(key, db=self.listings)
         return bytes(b) if b is not None else None
 
     def get_inos(self, keys: list[bytes]) -> dict[bytes, int]:
         """Many inode lookups in one read transaction (run in a thread for big listings)."""
         out = {}
-        with self.env.begin() as txn:
+        with self._resize, self.env.begin() as txn:
             for k in keys:
                 b = txn.get(k, db=self.inodes)
                 if b:
@@ -108,7 +112,7 @@ class Index:
         return out
 
     def next_ino(self) -> int:
-        with self.env.begin() as txn:
+        with self._resize, self.env.begin() as txn:
             b = txn.get(b"next_ino", db=self.meta)
         return struct.unpack("<Q", b)[0] if b else 2
 
@@ -125,7 +129,8 @@ class Index:
             except lmdb.MapFullError:
                 new = self.env.info()["map_size"] * 2
                 log.info("index map full: growing to %d MiB", new >> 20)
-                self.env.set_mapsize(new)
+                with self._resize:
+                    self.env.set_mapsize(new)
 
     # op factories ----------------------------------------------------------------
 
@@ -173,8 +178,26 @@ class Index:
         return op
 
 
+class IndexCommitError(Exception):
+    """A batch could not be committed (disk full, I/O error): its ops are lost."""
+
+
+class _Waiter:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 class IndexWriter:
-    """Group commit: callers enqueue ops; one task commits them in batches off-thread."""
+    """Group commit: callers enqueue ops; one task commits them in batches off-thread.
+
+    A batch that fails to commit (an ``lmdb.Error`` other than a full map: the disk
+    is full, an I/O error) is lost and the daemon goes on: ``commit`` raises
+    IndexCommitError to its callers; ``submit``ted ops (LRU touches, inode numbers)
+    are dropped.  The index then lags the files, which start-up reconciles.
+    """
 
     def __init__(self, index: Index, max_batch: int = 4096) -> None:
         self.index = index
@@ -183,13 +206,16 @@ class IndexWriter:
         self._limiter = trio.CapacityLimiter(1)
         self.commits = 0
         self.pending = 0
+        self.errors = 0
 
     async def commit(self, *ops) -> None:
-        """Enqueue ops and wait until they are durable in LMDB."""
-        done = trio.Event()
+        """Enqueue ops and wait until they are durable in LMDB (or IndexCommitError)."""
+        w = _Waiter()
         self.pending += 1
-        self._send.send_nowait((list(ops), done))
-        await done.wait()
+        self._send.send_nowait((list(ops), w))
+        await w.done.wait()
+        if w.error is not None:
+            raise IndexCommitError(str(w.error))
 
     def submit(self, *ops) -> None:
         """Enqueue ops without waiting (LRU touches, inode numbers)."""
@@ -206,12 +232,19 @@ class IndexWriter:
                 except trio.WouldBlock:
                     break
             ops = [op for ops, _ in batch for op in ops]
-            await trio.to_thread.run_sync(self.index.apply, ops, limiter=self._limiter)
-            self.commits += 1
+            error = None
+            try:
+                await trio.to_thread.run_sync(self.index.apply, ops, limiter=self._limiter)
+                self.commits += 1
+            except lmdb.Error as e:  # MapFullError is handled inside apply
+                error = e
+                self.errors += 1
+                log.warning("index commit of %d operations failed: %s", len(ops), e)
             self.pending -= len(batch)
-            for _, done in batch:
-                if done is not None:
-                    done.set()
+            for _, w in batch:
+                if w is not None:
+                    w.error = error
+                    w.done.set()
 
     async def flush(self) -> None:
         await self.commit()
@@ -226,4 +259,7 @@ class IndexWriter:
                 break
             ops.extend(o)
         if ops:
-            self.index.apply(ops)
+            try:
+                self.index.apply(ops)
+            except lmdb.Error as e:
+                log.warning("index: %d queued operations lost at shutdown: %s", len(ops), e)

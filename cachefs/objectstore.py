@@ -77,6 +77,21 @@ def _mtime(v: object) -> float:
 _CR_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
+def _is_error_document(data: bytes, content_type: str) -> bool:
+    """An S3 XML error document served with a 2xx status (a broken proxy or gateway).
+
+    Checked after the length check, so it only matters when the document happens to be
+    exactly as long as the range.  An XML object whose chunk is itself exactly an
+    <Error> document would be refused too: an accepted false positive.
+    """
+    if not content_type.startswith(("application/xml", "text/xml")):
+        return False
+    body = data.strip()
+    if body.startswith(b"<?xml"):
+        body = body[body.find(b"?>") + 2:].lstrip()
+    return body.startswith(b"<Error>") and body.endswith(b"</Error>")
+
+
 class ObjectStore:
     """One bucket behind one endpoint."""
 
@@ -275,6 +290,9 @@ class ObjectStore:
                 if len(data) != length:
                     self.stats.inc("s3_short_bodies")
                     raise _Retry(f"short body: {len(data)} of {length} bytes")
+                if _is_error_document(data, r.get("ContentType") or ""):
+                    self.stats.inc("s3_error_bodies")
+                    raise _Retry("an XML error document in a 2xx response")
                 self.stats.inc("s3_bytes", len(data))
                 sp.set(ttfb_ms=round(ttfb * 1000, 3),
                        transfer_ms=round((time.perf_counter() - t0 - ttfb) * 1000, 3),

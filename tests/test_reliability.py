@@ -226,11 +226,6 @@ def _error_doc_len() -> int:
     return len(error_xml("InternalError", "We encountered an internal error. Please try again."))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a 2xx response whose body is an XML error document of exactly the range length "
-    "passes every check in ObjectStore.get_range (status, Content-Range, ETag, length) and "
-    "is returned and cached as data; fix in docs/reliability.md (MD5 check of whole-object "
-    "ranges + error-document check)"))
 def test_error_body_exactly_chunk_length_never_returned(s3, bucket, mounts, proxy):
     """An XML error body as long as the requested range: never returned, never cached."""
     n = _error_doc_len()
@@ -244,9 +239,6 @@ def test_error_body_exactly_chunk_length_never_returned(s3, bucket, mounts, prox
     assert got == small, got[:60]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "same bug as test_error_body_exactly_chunk_length_never_returned, on a partial range "
-    "(no MD5 to check there): fixed by the error-document check of the proposed diff"))
 def test_error_body_on_last_chunk_same_length(s3, bucket, mounts, proxy):
     """Same collision on the short last chunk of a multi-chunk object."""
     n = _error_doc_len()
@@ -372,8 +364,8 @@ def test_sigkill_at_crash_point_then_remount(s3, bucket, mounts, proxy, point):
     assert not st.dangling() and not st.bad_files()
     if point == "chunk.tmp_written":
         assert st.tmp and not st.orphans()
-    else:
-        assert st.orphans() and not st.tmp
+    else:  # (read-ahead may have had other chunk writes in tmp/ at the time)
+        assert st.orphans()
     if point == "evict.index_deleted":
         assert st.orphans() <= {bytes.fromhex(p.name) for p in st.files.values()}
 
@@ -487,10 +479,6 @@ def _fill(d: Path) -> Path:
     return filler
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: an LMDB commit that fails on a full disk (lmdb.Error, not MapFullError) escapes "
-    "IndexWriter.run and kills the daemon (every reader gets ENOTCONN); fix in "
-    "docs/reliability.md (the batch fails, its chunk is served uncached)"))
 def test_index_commit_on_full_disk(s3, bucket, mounts, proxy, small_disk):
     """The disk fills up (another file takes every free byte) while the daemon runs; then
     new names are listed (inode records to commit) and new chunks read (records to commit):

@@ -39,7 +39,7 @@ import trio
 import xxhash
 
 from ..faults import crash_point
-from ..index import ChunkRec, Index, IndexWriter
+from ..index import ChunkRec, Index, IndexCommitError, IndexWriter
 from ..stats import Stats
 from ..trace import span
 
@@ -295,7 +295,14 @@ class ChunkStore:
                         log.warning("chunk write failed: %s", e)
                     return False
                 rec = ChunkRec(size, ck, time.time(), pin)
-                await self.writer.commit(Index.op_put_chunk(cid, rec))
+                try:
+                    await self.writer.commit(Index.op_put_chunk(cid, rec))
+                except IndexCommitError:
+                    # not in the index: the file must go too (or start-up would adopt it)
+                    self.stats.inc("index_commit_errors")
+                    await trio.to_thread.run_sync(self._unlink, cid,
+                                                  limiter=self._disk_limiter)
+                    return False
         finally:
             self.reserved -= size
         if self.contains(cid):  # raced with another writer of the same chunk
@@ -308,6 +315,12 @@ class ChunkStore:
             self.lru[cid] = size
         self.stats.inc("ssd_writes")
         return True
+
+    def _unlink(self, cid: bytes) -> None:
+        try:
+            os.unlink(self.path(cid))
+        except FileNotFoundError:
+            pass
 
     async def set_pinned(self, cids: list[bytes], pinned: bool) -> int:
         ops, n = [], 0
@@ -326,7 +339,10 @@ class ChunkStore:
             ops.append(Index.op_pin(cid, pinned))
             n += 1
         if ops:
-            await self.writer.commit(*ops)
+            try:
+                await self.writer.commit(*ops)
+            except IndexCommitError:
+                self.stats.inc("index_commit_errors")  # pinned in memory, not after a restart
         return n
 
     # -- removal ----------------------------------------------------------------------
@@ -346,7 +362,11 @@ class ChunkStore:
             paths.append(self.path(cid))
         if not ops:
             return 0
-        await self.writer.commit(*ops)
+        try:
+            await self.writer.commit(*ops)
+        except IndexCommitError:
+            # the records stay in the index without their files: start-up drops them
+            self.stats.inc("index_commit_errors")
         crash_point("evict.index_deleted")
 
         def unlink_all() -> None:
