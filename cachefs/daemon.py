@@ -32,7 +32,7 @@ from .config import Config
 from .control import ControlServer
 from .errors import QuietError
 from .fuse_ops import Operations
-from .index import Index, IndexWriter
+from .index import Index, IndexWriter, open_index
 from .objectstore import ObjectStore
 from .stats import Stats
 from .store.chunkstore import ChunkStore
@@ -206,7 +206,7 @@ class Daemon:
         cfg = self.cfg
         # hidden, for tests only: a tiny LMDB map exercises MapFullError → grow
         map_size = int(os.environ.get("CACHEFS_TEST_INDEX_MAP_SIZE") or 1 << 30)
-        self.index = index = await trio.to_thread.run_sync(Index, cfg.cache_dir / "index",
+        self.index = index = await trio.to_thread.run_sync(open_index, cfg.cache_dir / "index",
                                                            map_size)
         self.writer = writer = IndexWriter(index)
         self.store = store = ChunkStore(cfg.cache_dir, index, writer, self.stats,

@@ -17,10 +17,12 @@ retries the batch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,8 +62,14 @@ def path_key(mount: str, path: str) -> bytes:
 class Index:
     def __init__(self, path: Path, map_size: int = 1 << 30) -> None:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # No fsync per commit: with ext4's ordered data mode an fsync of the index also
+        # flushes every chunk file written since the last one (measured: an 8 MiB chunk
+        # put took 27 ms with it, 5 ms without).  IndexWriter syncs at most once a second
+        # instead; a process crash loses nothing, a power loss at most ~1 s of records
+        # (their files are adopted again at start), and an index that no longer opens is
+        # rebuilt from the chunk files (open_index).
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=8, subdir=True,
-                             mode=0o600, metasync=False, lock=True)
+                             mode=0o600, sync=False, metasync=False, lock=True)
         # set_mapsize needs no transaction open in this process: reads (any thread) and
         # the resize take this lock; commits do not (they run in the one writer thread)
         self._resize = threading.Lock()
@@ -77,7 +85,12 @@ class Index:
                 raise RuntimeError(f"cache index format {v!r} is not {FORMAT_VERSION!r}")
 
     def close(self) -> None:
+        with contextlib.suppress(lmdb.Error):
+            self.env.sync(True)
         self.env.close()
+
+    def sync(self) -> None:
+        self.env.sync(True)
 
     # -- reads (short) ---------------------------------------------------------------
 
@@ -207,6 +220,8 @@ class IndexWriter:
         self.commits = 0
         self.pending = 0
         self.errors = 0
+        self.sync_interval = 1.0
+        self._synced = time.monotonic()
 
     async def commit(self, *ops) -> None:
         """Enqueue ops and wait until they are durable in LMDB (or IndexCommitError)."""
@@ -234,7 +249,7 @@ class IndexWriter:
             ops = [op for ops, _ in batch for op in ops]
             error = None
             try:
-                await trio.to_thread.run_sync(self.index.apply, ops, limiter=self._limiter)
+                await trio.to_thread.run_sync(self._apply, ops, limiter=self._limiter)
                 self.commits += 1
             except lmdb.Error as e:  # MapFullError is handled inside apply
                 error = e
@@ -245,6 +260,14 @@ class IndexWriter:
                 if w is not None:
                     w.error = error
                     w.done.set()
+
+    def _apply(self, ops: list) -> None:
+        """Worker thread: commit, and make the index durable at most once a second."""
+        self.index.apply(ops)
+        now = time.monotonic()
+        if now - self._synced >= self.sync_interval:
+            self._synced = now
+            self.index.sync()
 
     async def flush(self) -> None:
         await self.commit()
@@ -263,3 +286,17 @@ class IndexWriter:
                 self.index.apply(ops)
             except lmdb.Error as e:
                 log.warning("index: %d queued operations lost at shutdown: %s", len(ops), e)
+
+
+def open_index(path: Path, map_size: int = 1 << 30) -> Index:
+    """Open the index; one that cannot be opened (damaged by a power loss, or another
+    format) is moved aside and started afresh: start-up then adopts every chunk file
+    that verifies, so the cache stays warm."""
+    try:
+        return Index(path, map_size)
+    except (lmdb.Error, RuntimeError, struct.error) as e:
+        aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
+        log.warning("cache index %s cannot be used (%s): moved to %s, rebuilding from the "
+                    "chunk files", path, e, aside)
+        path.rename(aside)
+        return Index(path, map_size)

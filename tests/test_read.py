@@ -395,3 +395,21 @@ def test_readahead_sequential_not_random(s3, bucket, mounts, proxy):
     assert started <= 1, started
     assert gets <= len(touched) + 1, gets
     assert m.stats()["readahead_bytes"] == 0  # all handles closed: budget fully returned
+
+
+def test_damaged_index_rebuilt_from_chunk_files(s3, bucket, mounts, proxy):
+    objs = {f"r/{i}.bin": put(s3, bucket, f"r/{i}.bin", random.randbytes(2 * CS + i))
+            for i in range(3)}
+    m = mounts(f"s3://{bucket}")
+    for k, d in objs.items():
+        assert m.path(k).read_bytes() == d
+    m.stop()
+    (m.cache_dir / "index" / "data.mdb").write_bytes(b"\x00garbage" * 512)
+    proxy.reset()
+    m.start()
+    assert "rebuilding from the chunk files" in m.log_text()
+    for k, d in objs.items():
+        assert m.path(k).read_bytes() == d
+    # every chunk file verified and adopted: still warm
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+    assert m.stats()["cache"]["chunks"] == 8  # 2 + 3 + 3
