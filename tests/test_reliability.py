@@ -567,17 +567,11 @@ def test_index_map_full_grows_in_process(tmp_path):
         ix.close()
 
 
-def _daemon_supports_map_size_env() -> bool:
-    return "CACHEFS_TEST_INDEX_MAP_SIZE" in (REPO / "cachefs" / "daemon.py").read_text()
-
 
 def test_index_map_full_in_daemon(s3, bucket, mounts, proxy):
     """A daemon started with a 64 KiB index map: the map grows while chunk records and
     inode numbers are committed under concurrent reads; no reader sees an error, and the
     grown index is consistent after a restart."""
-    if not _daemon_supports_map_size_env():
-        pytest.skip("daemon.py does not read CACHEFS_TEST_INDEX_MAP_SIZE yet "
-                    "(diff in docs/reliability.md)")
     rnd = random.Random(7)
     objs = {f"x/{i:04d}": put(s3, bucket, f"x/{i:04d}", rnd.randbytes(rnd.randrange(1, 4096)))
             for i in range(400)}
