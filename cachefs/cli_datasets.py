@@ -59,9 +59,7 @@ class Prepared:
 
     def report_errors(self, failed: list[dict]) -> int:
         """Print every failed entry as one line; the exit code they call for."""
-        items = [{"line": e.line, "entry": e.text, "reason": e.reason} for e in self.errors]
-        items += failed
-        items.sort(key=lambda x: x["line"])
+        items = sorted(self.cli_failed() + failed, key=lambda x: x["line"])
         for it in items:
             _say(f"{self.list_name}:{it['line']}: {it['entry']}: {it['reason']}")
         if any("path" in it for it in failed):
@@ -74,11 +72,19 @@ class Prepared:
     def request(self, req: dict, on_event=None) -> dict:
         if not self.entries:
             return {}
-        res = self.client.request({**req, "entries": self.wire()}, on_event=on_event,
-                                  timeout=REQUEST_TIMEOUT)
-        if res.get("refused"):
-            raise QuietError(str(res["refused"]))
-        return res
+        return self.client.request({**req, "entries": self.wire()}, on_event=on_event,
+                                   timeout=REQUEST_TIMEOUT)
+
+    def result(self, op: str, empty: dict) -> tuple[dict, int]:
+        """free/status: the daemon's answer (``empty`` when no entry was valid) with every
+        failed entry, daemon's and ours, in line order; and the exit code so far."""
+        res = self.request({"op": op})
+        code = self.report_errors(res.get("failed", []))
+        res = res or empty
+        res.pop("ok", None)
+        res["failed"] = sorted(self.cli_failed() + res.get("failed", []),
+                               key=lambda x: x["line"])
+        return res, _unreachable(res, code)
 
 
 def _dur(s: float | None) -> str:
@@ -316,13 +322,8 @@ def free(file_list, mount, as_json) -> None:
     cachefs free --file-list train.txt --mount /mnt/train
     """
     prep = Prepared(file_list, mount)
-    res = prep.request({"op": "free"})
-    code = prep.report_errors(res.get("failed", []))
-    res = res or {"files": 0, "total_bytes": 0, "freed_bytes": 0, "freed_chunks": 0,
-                  "pins_removed": 0}
-    res.pop("ok", None)
-    res["failed"] = sorted(prep.cli_failed() + res.get("failed", []), key=lambda x: x["line"])
-    code = _unreachable(res, code)
+    res, code = prep.result("free", {"files": 0, "total_bytes": 0, "freed_bytes": 0,
+                                     "freed_chunks": 0, "pins_removed": 0})
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -351,15 +352,11 @@ def status(file_list, mount, as_json) -> None:
     cachefs status --file-list train.txt --mount /mnt/train
     """
     prep = Prepared(file_list, mount)
-    res = prep.request({"op": "status"})
-    code = prep.report_errors(res.get("failed", []))
-    res = res or {"files": [], "total_bytes": 0, "cached_bytes": 0, "pinned_bytes": 0}
-    res.pop("ok", None)
-    res["failed"] = sorted(prep.cli_failed() + res.get("failed", []), key=lambda x: x["line"])
+    res, code = prep.result("status", {"files": [], "total_bytes": 0, "cached_bytes": 0,
+                                       "pinned_bytes": 0})
     mp = prep.mp.rstrip("/")
     for f in res["files"]:
         f["path"] = mp + f["path"]
-    code = _unreachable(res, code)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         _exit(code)

@@ -1219,22 +1219,6 @@ def _h(n: float) -> str:
     return human(n)
 
 
-def _refusing(handler):
-    """A ControlError becomes ``{"refused": msg}`` in an ok answer.
-
-    ControlServer calls handlers inside a nursery, so with trio's strict
-    exception groups its ``except ControlError`` never matches and the client
-    would see "internal error: Exceptions from Trio nursery".  Until control.py
-    unwraps the group, refusals travel this way (the CLI turns them into one line).
-    """
-    async def wrapped(req: dict, emit) -> dict:
-        try:
-            return await handler(req, emit)
-        except ControlError as e:
-            return {"refused": str(e)}
-    return wrapped
-
-
 def register(d: Daemon) -> None:
     srv = d.control
     assert srv is not None
@@ -1244,9 +1228,9 @@ def register(d: Daemon) -> None:
     async def throughput(req, emit):
         return ds.statistics()
 
-    srv.register("preload", _refusing(ds.preload))
-    srv.register("free", _refusing(ds.free))
-    srv.register("status", _refusing(ds.status))
+    srv.register("preload", ds.preload)
+    srv.register("free", ds.free)
+    srv.register("status", ds.status)
     srv.register("throughput", throughput)
     if d.cluster is not None:  # the owner side of cluster-wide preload / free / status
         d.cluster.register_op("ds_fetch", ds.op_fetch)

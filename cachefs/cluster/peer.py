@@ -207,28 +207,14 @@ async def _serve_connection(
             header = decode_json(raw, "request header")
             op = header.get("op")
             if op == "ping":
-                resp = {
-                    "status": "ok",
-                    "code": "ok",
-                    "message": "",
-                    "length": 0,
-                    "checksum": checksum(b""),
-                    "spans": [],
-                }
+                resp = _ok_header(b"")
             elif op == "get":
                 chunk = header.get("chunk")
                 trace = header.get("trace") or {}
                 if not isinstance(chunk, dict) or not isinstance(trace, dict):
                     raise PeerError("get needs a 'chunk' object and a 'trace' object", "protocol")
                 data, spans = await _call_handler(handler, limiter, chunk, trace, handler_timeout)
-                resp = {
-                    "status": "ok",
-                    "code": "ok",
-                    "message": "",
-                    "length": len(data),
-                    "checksum": checksum(data),
-                    "spans": spans,
-                }
+                resp = _ok_header(data, spans)
                 if corrupt_for_test and data:
                     data = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
             elif op == "call" and call_handler is not None:
@@ -239,15 +225,7 @@ async def _serve_connection(
                                     "protocol")
                 result = await _call_control(call_handler, limiter, name, payload,
                                              handler_timeout)
-                resp = {
-                    "status": "ok",
-                    "code": "ok",
-                    "message": "",
-                    "length": 0,
-                    "checksum": checksum(b""),
-                    "spans": [],
-                    "result": result,
-                }
+                resp = _ok_header(b"", result=result)
             else:
                 raise PeerError(f"unknown op {op!r}", "protocol")
             try:
@@ -267,6 +245,13 @@ async def _serve_connection(
             if data:
                 await stream.send_all(data)
         seq += 1
+
+
+def _ok_header(data: bytes | bytearray | memoryview, spans: list | None = None,
+                **extra: object) -> dict:
+    """The header of a successful response carrying ``data``."""
+    return {"status": "ok", "code": "ok", "message": "", "length": len(data),
+            "checksum": checksum(data), "spans": spans or [], **extra}
 
 
 async def _guarded(fn, limiter: trio.CapacityLimiter, what: str, handler_timeout: float):
