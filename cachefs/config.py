@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -382,4 +382,4 @@ def build_config(
 
 
 __all__ = ["Config", "MountSpec", "S3Options", "ClusterOptions", "build_config", "parse_size",
-           "parse_duration", "replace"]
+           "parse_duration"]

@@ -16,7 +16,6 @@ import errno
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -314,7 +313,3 @@ async def _invalidate(ino: int, token) -> None:
             if e.errno not in (errno.ENOENT, errno.ENOSYS):
                 log.debug("invalidate inode %d: %s", ino, e)
     await trio.to_thread.run_sync(work)
-
-
-def disk_free(path: Path) -> int:
-    return shutil.disk_usage(path).free

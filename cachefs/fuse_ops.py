@@ -116,7 +116,8 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def read(self, fh, off, size):
-        return await self.vfs.read(fh, off, size, pyfuse3_pid())
+        # pyfuse3 passes no request context to read(): the reader's pid is unknown here
+        return await self.vfs.read(fh, off, size, 0)
 
     @_boundary
     async def release(self, fh):
@@ -175,8 +176,3 @@ class Operations(pyfuse3.Operations):
     write = _erofs("write")
     setxattr = _erofs("setxattr")
     removexattr = _erofs("removexattr")
-
-
-def pyfuse3_pid() -> int:
-    # pyfuse3 passes no ctx to read; the pid is not available there
-    return 0

@@ -269,9 +269,6 @@ class IndexWriter:
             self._synced = now
             self.index.sync()
 
-    async def flush(self) -> None:
-        await self.commit()
-
     def drain_sync(self) -> None:
         """At shutdown (no trio tasks left): commit whatever is still queued."""
         ops = []

@@ -273,9 +273,12 @@ class VFS:
         return path_key(mount.spec.name if mount else "", path if path else "/" + name)
 
     def _new_node(self, parent: Node, name: str, is_dir: bool, mount: MountCtx | None,
-                  path: str, known: dict[bytes, int] | None = None) -> Node:
-        key = self._ino_key(mount, name, path)
-        ino = known.get(key) if known is not None else self.index.get_ino(key)
+                  path: str, known: dict[str, tuple[bytes, int | None]] | None = None) -> Node:
+        if known is not None and path in known:
+            key, ino = known[path]
+        else:
+            key = self._ino_key(mount, name, path)
+            ino = self.index.get_ino(key)
         if ino is None or ino in self.nodes:
             ino = self._next_ino
             self._next_ino += 1
@@ -380,19 +383,23 @@ class VFS:
         self.stats.inc("dir_listings_from_index")
         return True
 
-    async def _known_inos(self, d: Node, prefix: str, listing: Listing) -> dict[bytes, int]:
-        """Persisted inode numbers of the entries that are new to us (one thread call)."""
+    async def _known_inos(self, d: Node, prefix: str,
+                          listing: Listing) -> dict[str, tuple[bytes, int | None]]:
+        """path → (inode key, persisted inode number or None) for the entries new to us,
+        looked up in one thread call."""
         old = d.children or {}
-        keys = [self._ino_key(d.mount, "", d.path + p[len(prefix):-1] + "/")
-                for p in listing.prefixes if p[len(prefix):-1] not in old]
-        keys += [self._ino_key(d.mount, "", d.path + o.key[len(prefix):])
-                 for o in listing.objects if o.key[len(prefix):] not in old]
-        if not keys:
+        paths = [d.path + p[len(prefix):-1] + "/" for p in listing.prefixes
+                 if p[len(prefix):-1] not in old]
+        paths += [d.path + o.key[len(prefix):] for o in listing.objects
+                  if o.key[len(prefix):] not in old]
+        if not paths:
             return {}
-        return await trio.to_thread.run_sync(self.index.get_inos, keys)
+        keys = [self._ino_key(d.mount, "", p) for p in paths]
+        inos = await trio.to_thread.run_sync(self.index.get_inos, keys)
+        return {p: (k, inos.get(k)) for p, k in zip(paths, keys, strict=True)}
 
     def _apply_listing(self, d: Node, prefix: str, listing: Listing,
-                       known: dict[bytes, int]) -> None:
+                       known: dict[str, tuple[bytes, int | None]]) -> None:
         m = d.mount
         assert m is not None
         old = d.children or {}
