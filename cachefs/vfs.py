@@ -210,8 +210,7 @@ class FileHandle:
         for i in range(start, min(start + n, nch)):
             if i in self.buf or i in self.pending:
                 continue
-            ref_len = min(self.obj.chunk_size, self.obj.size - i * self.obj.chunk_size)
-            if not self.vfs.budget.try_take(ref_len):
+            if not self.vfs.budget.try_take(self.obj.chunk_len(i)):
                 self.vfs.stats.inc("readahead_budget_full")
                 return
             self.vfs.stats.inc("readahead_started")
@@ -220,8 +219,7 @@ class FileHandle:
     def _start(self, i: int, charged: bool = False) -> None:
         """Fetch chunk i in the background into this handle's buffer."""
         if not charged:
-            self.vfs.budget.take(min(self.obj.chunk_size,
-                                     self.obj.size - i * self.obj.chunk_size))
+            self.vfs.budget.take(self.obj.chunk_len(i))
         ev = trio.Event()
         self.pending[i] = ev
         self.vfs.nursery.start_soon(self._prefetch, i, ev)

@@ -42,9 +42,11 @@ class ObjectVersion:
     def nchunks(self) -> int:
         return (self.size + self.chunk_size - 1) // self.chunk_size
 
+    def chunk_len(self, index: int) -> int:
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
     def chunk(self, index: int) -> ChunkRef:
-        off = index * self.chunk_size
-        return ChunkRef(self, index, off, min(self.chunk_size, self.size - off),
+        return ChunkRef(self, index, index * self.chunk_size, self.chunk_len(index),
                         chunk_id(self.bucket, self.key, self.etag, self.chunk_size, index))
 
     def chunks(self) -> list[ChunkRef]:

@@ -34,13 +34,12 @@ class PeerTier(Protocol):
 
 
 class _Flight:
-    __slots__ = ("done", "data", "error", "waiters")
+    __slots__ = ("done", "data", "error")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
-        self.waiters = 0
 
 
 class ChunkReader:
@@ -75,7 +74,6 @@ class ChunkReader:
         else:
             leader = False
             self.stats.inc("singleflight_joins")
-        f.waiters += 1
         if leader:
             await f.done.wait()
         else:
