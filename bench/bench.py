@@ -35,9 +35,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 BENCH = Path(__file__).resolve().parent
 NODE_DIR = BENCH / ".node"
@@ -1070,6 +1070,7 @@ def scenario_cluster_of_3(ctx: Ctx) -> None:
     import secrets
 
     import cluster_peer as cp
+
     from cachefs.cluster.ring import HashRing
 
     p, lay = ctx.profile, ctx.layout
@@ -1118,7 +1119,7 @@ def scenario_cluster_of_3(ctx: Ctx) -> None:
         after = node_stats()
 
         def delta(f: Callable[[dict], int]) -> int:
-            return sum(f(a) - f(b) for a, b in zip(after, before))
+            return sum(f(a) - f(b) for a, b in zip(after, before, strict=True))
 
         s3_bytes = delta(lambda st: st["counters"].get("s3_bytes", 0))
         peer_bytes = delta(lambda st: st.get("cluster", {}).get("bytes_from_peers", 0))
@@ -1367,7 +1368,7 @@ def plot_group(ctx: Ctx, group: str, path: Path) -> bool:
         return False
     units = sorted({s.unit for s in scs})
     fig, axes = plt.subplots(1, len(units), figsize=(6 + 2.5 * len(scs), 4.5), squeeze=False)
-    for ax, unit in zip(axes[0], units):
+    for ax, unit in zip(axes[0], units, strict=True):
         us = [s for s in scs if s.unit == unit]
         width = 0.8 / len(systems)
         for i, n in enumerate(systems):

@@ -56,6 +56,8 @@ def cli() -> None:
 @click.option("--metadata-ttl", help="How long listings are trusted (default 300s).")
 @click.option("--readahead-memory", help="Memory for read-ahead chunks (default 256MiB).")
 @click.option("--readahead-chunks", type=int, help="Max chunks in flight per reader (default 8).")
+@click.option("--prefetch-files", type=int, help="Files fetched ahead of a reader that opens a "
+              "directory's files in name order (default 32; 0: off).")
 @click.option("--high-watermark", type=float, help="Evict when use passes this (default 0.9).")
 @click.option("--low-watermark", type=float, help="Evict down to this (default 0.8).")
 @click.option("--s3-max-attempts", type=int, help="Attempts per S3 request (default 6).")

@@ -30,6 +30,7 @@ DEFAULT_CHUNK_SIZE = 8 * MiB
 DEFAULT_METADATA_TTL = 300.0
 DEFAULT_READAHEAD_MEMORY = 256 * MiB
 DEFAULT_READAHEAD_CHUNKS = 8
+DEFAULT_PREFETCH_FILES = 32
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -40,6 +41,19 @@ _UNITS = {
     "t": 1024 * GiB, "tb": 1000**4, "tib": 1024 * GiB,
     "p": 1024**5, "pb": 1000**5, "pib": 1024**5,
 }
+
+
+def parse_count(value: Any, what: str) -> int:
+    """A whole number >= 0 from a flag or a TOML value."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{what}: expected a whole number, got {value!r}")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"{what}: expected a whole number, got {value!r}") from None
+    if n < 0:
+        raise ConfigError(f"{what}: must be >= 0, got {value!r}")
+    return n
 
 
 def parse_size(value: Any, what: str) -> int:
@@ -158,6 +172,7 @@ class Config:
     attr_timeout: float = DEFAULT_METADATA_TTL
     readahead_memory: int = DEFAULT_READAHEAD_MEMORY
     readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS
+    prefetch_files: int = DEFAULT_PREFETCH_FILES
     kernel_read_ahead_kb: int = 1024
     allow_other: bool = False
     foreground: bool = False
@@ -220,7 +235,8 @@ def build_config(
     meta = _table(raw, "metadata")
     _check_keys(meta, {"ttl", "attr_timeout"}, "[metadata]")
     read = _table(raw, "read")
-    _check_keys(read, {"readahead_memory", "readahead_chunks", "kernel_read_ahead_kb"}, "[read]")
+    _check_keys(read, {"readahead_memory", "readahead_chunks", "prefetch_files",
+                       "kernel_read_ahead_kb"}, "[read]")
     s3 = _table(raw, "s3")
     _check_keys(s3, {"endpoint_url", "region", "profile", "max_attempts", "request_timeout",
                      "connect_timeout", "max_concurrency"}, "[s3]")
@@ -298,17 +314,20 @@ def build_config(
     attr_timeout = parse_duration(pick("attr_timeout", meta, "attr_timeout", ttl), "attr timeout")
     ra_mem = parse_size(pick("readahead_memory", read, "readahead_memory",
                              DEFAULT_READAHEAD_MEMORY), "read-ahead memory")
-    ra_chunks = int(pick("readahead_chunks", read, "readahead_chunks", DEFAULT_READAHEAD_CHUNKS))
-    if ra_chunks < 0:
-        raise ConfigError("readahead chunks must be >= 0")
+    ra_chunks = parse_count(pick("readahead_chunks", read, "readahead_chunks",
+                                 DEFAULT_READAHEAD_CHUNKS), "readahead chunks")
+    pf_files = parse_count(pick("prefetch_files", read, "prefetch_files",
+                                DEFAULT_PREFETCH_FILES), "prefetch files (0 turns it off)")
 
     s3opts = S3Options(
-        max_attempts=int(pick("s3_max_attempts", s3, "max_attempts", S3Options.max_attempts)),
+        max_attempts=parse_count(pick("s3_max_attempts", s3, "max_attempts",
+                                      S3Options.max_attempts), "s3 max attempts"),
         request_timeout=parse_duration(pick("s3_timeout", s3, "request_timeout",
                                             S3Options.request_timeout), "s3 request timeout"),
         connect_timeout=parse_duration(s3.get("connect_timeout", S3Options.connect_timeout),
                                        "s3 connect timeout"),
-        max_concurrency=int(s3.get("max_concurrency", S3Options.max_concurrency)),
+        max_concurrency=parse_count(s3.get("max_concurrency", S3Options.max_concurrency),
+                                    "s3 max_concurrency"),
     )
     if s3opts.max_attempts < 1:
         raise ConfigError("s3 max_attempts must be >= 1")
@@ -367,6 +386,7 @@ def build_config(
         attr_timeout=attr_timeout,
         readahead_memory=ra_mem,
         readahead_chunks=ra_chunks,
+        prefetch_files=pf_files,
         allow_other=bool(pick("allow_other", fu, "allow_other", False)),
         foreground=bool(flags.get("foreground", False)),
         log_level=level,

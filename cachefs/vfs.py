@@ -17,6 +17,8 @@ Reads
   a seek resets it to zero, so random readers fetch only what they read.
   Prefetched chunks are held in memory under a global byte budget
   (``readahead_memory``); when it is spent, read-ahead pauses, reads do not.
+  Across files: a reader opening a directory's files in name order gets the
+  next files fetched ahead of it (prefetch.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .config import Config, MountSpec
 from .errors import ObjectChanged, S3Error
 from .index import Index, IndexWriter, path_key
 from .objectstore import Listing, ObjectStore, ObjInfo
+from .prefetch import FilePrefetcher
 from .stats import Stats
 from .trace import Tracer, current, span
 
@@ -244,6 +247,7 @@ class VFS:
         self.nursery = nursery
         self.on_change = on_change or (lambda ino: None)
         self.budget = ReadaheadBudget(cfg.readahead_memory)
+        self.prefetch = FilePrefetcher(self, cfg.prefetch_files)
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, FileHandle] = {}
         self.dir_handles: dict[int, list[tuple[str, int]]] = {}
@@ -523,7 +527,8 @@ class VFS:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise FSError(errno.EROFS)
         fh = next(self._fh)
-        self.handles[fh] = FileHandle(self, node, self.version(node))
+        h = self.handles[fh] = FileHandle(self, node, self.version(node))
+        self.prefetch.opened(node, h)
         return fh
 
     async def read(self, fh: int, off: int, size: int, pid: int = 0) -> bytes:

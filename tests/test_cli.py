@@ -35,11 +35,14 @@ def test_bad_cli_input(tmp_path):
     one_line_error(cli(*base, "--cache-size", "1GiB", "--no-such-flag"), "no-such-flag")
     one_line_error(cli(*base, "--cache-size", "1GiB", "--high-watermark", "0.5",
                        "--low-watermark", "0.7"), "watermark")
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--prefetch-files", "-1"), "prefetch files")
     one_line_error(cli("mount", str(mp)), "config")
     one_line_error(cli("mount", "--config", str(tmp_path / "none.toml"), str(mp)), "not found")
     bad = tmp_path / "bad.toml"
     bad.write_text("[cache]\nsize = 'x'\nbogus = 1\n")
     one_line_error(cli("mount", "--config", str(bad), str(mp)), "bogus")
+    bad.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[read]\nprefetch_files = 'many'\n")
+    one_line_error(cli("mount", "--config", str(bad), "s3://bucket-x", str(mp)), "prefetch files")
     one_line_error(cli("nosuchcommand"), "nosuchcommand")
     one_line_error(cli("umount", str(mp)), "not mounted")
     one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")

@@ -208,6 +208,29 @@ class ChunkStore:
             status, data = await trio.to_thread.run_sync(self._read_file, cid, length,
                                                          limiter=self._disk_limiter)
             sp.set(status=status)
+        return await self._settle(cid, length, status, data)
+
+    async def get_many(self, items: list[tuple[bytes, int]]) -> dict[bytes, bytes]:
+        """``get`` of several chunks in one worker-thread call (a thread hop costs more
+        than reading a small chunk): chunk id → verified bytes, for those that hit."""
+        items = [(cid, n) for cid, n in items if self.contains(cid)]
+        if not items:
+            return {}
+
+        def read_all() -> list[tuple[str, bytes | None]]:
+            return [self._read_file(cid, n) for cid, n in items]
+
+        with span("ssd.read", tier="local", chunks=len(items)):
+            got = await trio.to_thread.run_sync(read_all, limiter=self._disk_limiter)
+        out = {}
+        for (cid, n), (status, data) in zip(items, got, strict=True):
+            data = await self._settle(cid, n, status, data)
+            if data is not None:
+                out[cid] = data
+        return out
+
+    async def _settle(self, cid: bytes, length: int, status: str,
+                      data: bytes | None) -> bytes | None:
         if status == "ok":
             self.stats.inc("ssd_hits")
             self.stats.inc("ssd_bytes", length)

@@ -1,0 +1,222 @@
+"""File prefetch: fetch a directory's next files ahead of a reader that opens them in order.
+
+A data loader reading camera frames opens f00000.jpg, f00001.jpg, ... one after another.
+Chunk read-ahead (vfs.FileHandle) cannot help it: each file is a single chunk, read whole,
+so every file would pay a full SSD (or S3) round trip while the reader waits.
+
+Detection, per directory: the position, in name order (the order of ``readdir``), of the
+files opened there.  An open at most ``SLACK`` positions past the furthest one seen extends
+the run (several reader threads draining one ordered queue open files slightly out of
+order); an open up to ``SLACK`` positions behind it changes nothing; anything else ends the
+run and drops what was fetched ahead in that directory.  From the ``MIN_RUN``-th open of a
+run on, the next files are fetched: the window starts at ``START_WINDOW`` files and doubles
+on every open, up to ``prefetch_files``.
+
+Only files of one chunk (0 < size <= chunk size) are prefetched: larger files have their own
+read-ahead once read.  Chunks on this node's SSD are read ``LOCAL_BATCH`` at a time in one worker-thread call
+(a thread hop costs more than reading a 100 KiB file); the others go through the chunk
+reader like any read (singleflight, the owning peer, S3 with write-through).  Their bytes are held in memory charged
+to the read-ahead budget, at most a quarter of it; when that share is spent, prefetch waits
+and reads go on.  The open of a prefetched file hands its bytes to the new handle (the read
+is then served from memory, tier "readahead"); an open while the fetch is still running
+claims it, and the bytes go to the handle when they arrive.  Bytes nobody opened within
+``HOLD_TTL`` seconds are dropped.  Nothing here is persistent: a restart forgets runs and
+held bytes, and a failed prefetch is only logged at debug level (the read itself retries).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from .vfs import VFS, FileHandle, Node
+
+log = logging.getLogger("cachefs.prefetch")
+
+SLACK = 8
+MIN_RUN = 3
+START_WINDOW = 4
+HOLD_TTL = 30.0
+MAX_DIRS = 1024
+LOCAL_BATCH = 8  # chunks read from the SSD per worker-thread call
+BUDGET_SHARE = 4  # prefetch holds at most 1/BUDGET_SHARE of the read-ahead budget
+
+
+class _Run:
+    __slots__ = ("children", "names", "pos", "top", "length", "ahead", "window")
+
+    def __init__(self, children: dict[str, int]) -> None:
+        self.children = children  # the listing the order was built from (identity)
+        self.names = sorted(children)
+        self.pos = {n: i for i, n in enumerate(self.names)}
+        self.top = -SLACK - 2  # furthest position opened in the current run
+        self.length = 0  # opens in the current run
+        self.ahead = -1  # furthest position fetched ahead
+        self.window = 0
+
+
+class _Held:
+    __slots__ = ("data", "dir_ino", "at")
+
+    def __init__(self, data: bytes, dir_ino: int) -> None:
+        self.data = data
+        self.dir_ino = dir_ino
+        self.at = time.monotonic()
+
+
+class FilePrefetcher:
+    def __init__(self, vfs: VFS, max_files: int) -> None:
+        self.vfs = vfs
+        self.max_files = max_files
+        self.runs: OrderedDict[int, _Run] = OrderedDict()
+        self.held: OrderedDict[bytes, _Held] = OrderedDict()  # chunk id → bytes, oldest first
+        # chunk id → (handle, event) of the opens that claimed it while it was fetched
+        self.inflight: dict[bytes, list[tuple[FileHandle, trio.Event]]] = {}
+        self.bytes = 0  # held + in flight, charged to the budget
+
+    # -- the open path ----------------------------------------------------------------
+
+    def opened(self, node: Node, h: FileHandle) -> None:
+        """A file was opened: hand over its prefetched bytes, then extend the run."""
+        if self.held or self.inflight:
+            self._hand_over(h)
+            self._expire()
+        if self.max_files:
+            self._observe(node)
+
+    def _hand_over(self, h: FileHandle) -> None:
+        obj = h.obj
+        if not 0 < obj.size <= obj.chunk_size:
+            return
+        cid = obj.chunk(0).cid
+        e = self.held.pop(cid, None)
+        if e is not None:
+            self.bytes -= len(e.data)
+            self.vfs.stats.inc("prefetch_hits")
+            h._keep(0, e.data, charged=True)  # the handle owns the budget charge now
+            return
+        waiting = self.inflight.get(cid)
+        if waiting is not None:
+            self.vfs.stats.inc("prefetch_claims")
+            ev = trio.Event()
+            h.pending[0] = ev  # the handle's first read waits for the fetch (readahead.wait)
+            waiting.append((h, ev))
+
+    def _observe(self, node: Node) -> None:
+        d = self.vfs.nodes.get(node.parent)
+        if d is None or d.children is None:
+            return
+        r = self.runs.get(d.ino)
+        if r is None or r.children is not d.children:
+            r = _Run(d.children)
+            self.runs[d.ino] = r
+            while len(self.runs) > MAX_DIRS:
+                self.runs.popitem(last=False)
+        self.runs.move_to_end(d.ino)
+        p = r.pos.get(node.name)
+        if p is None:
+            return
+        if r.top < p <= r.top + SLACK:
+            r.length += 1
+            r.top = p
+        elif r.top - SLACK <= p <= r.top:
+            return
+        else:
+            if r.length >= MIN_RUN:
+                self._drop_dir(d.ino)
+            r.top, r.length, r.ahead, r.window = p, 1, p, 0
+            return
+        if r.length < MIN_RUN:
+            return
+        r.window = min(self.max_files, START_WINDOW if r.window == 0 else r.window * 2)
+        self._schedule(d, r, p)
+
+    # -- fetching ahead ---------------------------------------------------------------
+
+    def _schedule(self, d: Node, r: _Run, p: int) -> None:
+        self._expire()
+        vfs = self.vfs
+        store = vfs.reader.store
+        cap = vfs.budget.limit // BUDGET_SHARE
+        local, remote = [], []
+        for i in range(max(r.ahead, p) + 1, min(p + r.window, len(r.names) - 1) + 1):
+            ino = r.children.get(r.names[i])
+            node = vfs.nodes.get(ino) if ino is not None else None
+            if node is None or node.is_dir or not 0 < node.size <= vfs.cfg.chunk_size:
+                r.ahead = i
+                continue
+            ref = vfs.version(node).chunk(0)
+            if ref.cid not in self.held and ref.cid not in self.inflight:
+                if self.bytes + ref.length > cap or not vfs.budget.try_take(ref.length):
+                    vfs.stats.inc("prefetch_budget_full")
+                    break
+                self.bytes += ref.length
+                self.inflight[ref.cid] = []
+                (local if store.contains(ref.cid) else remote).append(ref)
+            r.ahead = i
+        vfs.stats.inc("prefetch_started", len(local) + len(remote))
+        for i in range(0, len(local), LOCAL_BATCH):
+            vfs.nursery.start_soon(self._fetch_local, local[i:i + LOCAL_BATCH], d.ino)
+        for ref in remote:
+            vfs.nursery.start_soon(self._fetch, ref, d.ino)
+
+    async def _fetch_local(self, refs: list, dir_ino: int) -> None:
+        """Chunks on this node's SSD: read in one worker-thread call."""
+        try:
+            got = await self.vfs.reader.store.get_many([(r.cid, r.length) for r in refs])
+        except Exception as e:  # noqa: BLE001 - the reads themselves will retry and report
+            log.debug("prefetch from the SSD failed: %s", e)
+            got = {}
+        for ref in refs:
+            self._deliver(ref, got.get(ref.cid), dir_ino)
+
+    async def _fetch(self, ref, dir_ino: int) -> None:
+        """A chunk from its owner or S3, through the chunk reader (singleflight)."""
+        data = None
+        try:
+            data = await self.vfs.reader.get(ref)
+        except Exception as e:  # noqa: BLE001 - the read itself will retry and report
+            log.debug("prefetch of %s failed: %s", ref.obj.key, e)
+        self._deliver(ref, data, dir_ino)
+
+    def _deliver(self, ref, data: bytes | None, dir_ino: int) -> None:
+        waiting = self.inflight.pop(ref.cid, [])
+        self.bytes -= ref.length
+        charged = True
+        if data is not None:
+            for h, _ in waiting:
+                if not h.closed:
+                    h._keep(0, data, charged=charged)
+                    charged = False
+        for h, ev in waiting:
+            if h.pending.get(0) is ev:
+                del h.pending[0]
+            ev.set()  # a failed fetch: the read goes to the chunk reader itself
+        if charged and data is not None and not waiting:
+            self.held[ref.cid] = _Held(data, dir_ino)
+            self.bytes += len(data)
+        elif charged:
+            self.vfs.budget.give(ref.length)
+
+    def _drop(self, cid: bytes) -> None:
+        e = self.held.pop(cid)
+        self.bytes -= len(e.data)
+        self.vfs.budget.give(len(e.data))
+        self.vfs.stats.inc("prefetch_unused")
+
+    def _drop_dir(self, dir_ino: int) -> None:
+        for cid in [c for c, e in self.held.items() if e.dir_ino == dir_ino]:
+            self._drop(cid)
+
+    def _expire(self) -> None:
+        limit = time.monotonic() - HOLD_TTL
+        while self.held:
+            cid, e = next(iter(self.held.items()))
+            if e.at > limit:
+                break
+            self._drop(cid)
