@@ -23,6 +23,7 @@ python - <<'PY' 2>/dev/null || pip install -q matplotlib
 import matplotlib
 PY
 python -c 'import boto3, aiobotocore, trio, pyfuse3' 2>/dev/null || pip install -q boto3 'aiobotocore[httpx]' trio pyfuse3
+command -v py-spy >/dev/null || pip install -q py-spy  # the tracing scenario's profile
 
 # S3 server: s3rver from npm, kept in bench/.node (gitignored)
 if [ ! -f "$BENCH/.node/node_modules/s3rver/bin/s3rver.js" ]; then
