@@ -12,8 +12,10 @@ run and drops what was fetched ahead in that directory.  From the ``MIN_RUN``-th
 run on, the next files are fetched: the window starts at ``START_WINDOW`` files and doubles
 on every open, up to ``prefetch_files``.
 
-Only files of one chunk (0 < size <= chunk size) are prefetched: larger files have their own
-read-ahead once read.  Chunks on this node's SSD are read ``LOCAL_BATCH`` at a time in one worker-thread call
+Only small files are prefetched (0 < size <= chunk size / 8, 1 MiB by default: there the
+per-request latency, not the bandwidth, bounds a reader), and never more than one chunk's
+worth of bytes ahead of the reader: a reader that stops has cost at most that many extra
+bytes.  Larger files have chunk read-ahead once read.  Chunks on this node's SSD are read ``LOCAL_BATCH`` at a time in one worker-thread call
 (a thread hop costs more than reading a 100 KiB file); the others go through the chunk
 reader like any read (singleflight, the owning peer, S3 with write-through).  Their bytes are held in memory charged
 to the read-ahead budget, at most a quarter of it; when that share is spent, prefetch waits
@@ -43,6 +45,7 @@ MIN_RUN = 3
 START_WINDOW = 4
 HOLD_TTL = 30.0
 MAX_DIRS = 1024
+SMALL_DIVISOR = 8  # files up to chunk size / 8 (1 MiB by default) are prefetched
 LOCAL_BATCH = 8  # chunks read from the SSD per worker-thread call
 BUDGET_SHARE = 4  # prefetch holds at most 1/BUDGET_SHARE of the read-ahead budget
 
@@ -144,11 +147,18 @@ class FilePrefetcher:
         store = vfs.reader.store
         cap = vfs.budget.limit // BUDGET_SHARE
         local, remote = [], []
-        for i in range(max(r.ahead, p) + 1, min(p + r.window, len(r.names) - 1) + 1):
+        max_size = vfs.cfg.chunk_size // SMALL_DIVISOR
+        ahead_bytes = 0
+        for i in range(p + 1, min(p + r.window, len(r.names) - 1) + 1):
             ino = r.children.get(r.names[i])
             node = vfs.nodes.get(ino) if ino is not None else None
-            if node is None or node.is_dir or not 0 < node.size <= vfs.cfg.chunk_size:
-                r.ahead = i
+            if node is None or node.is_dir or not 0 < node.size <= max_size:
+                r.ahead = max(r.ahead, i)
+                continue
+            ahead_bytes += node.size
+            if ahead_bytes > vfs.cfg.chunk_size:
+                break  # at most one chunk's worth of bytes ahead of the reader
+            if i <= r.ahead:
                 continue
             ref = vfs.version(node).chunk(0)
             if ref.cid not in self.held and ref.cid not in self.inflight:

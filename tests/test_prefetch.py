@@ -79,6 +79,7 @@ def test_out_of_order_reader_prefetches_nothing(s3, bucket, mounts, proxy):
 
 def test_reader_that_stops_wastes_at_most_the_window(s3, bucket, mounts, proxy):
     data = frames(s3, bucket)
+    more = frames(s3, bucket, prefix="more")
     m = mounts(f"s3://{bucket}", extra=("--prefetch-files", "4"))
     keys = sorted(data)
     assert read_in(m, keys[:10]) == {k: data[k] for k in keys[:10]}
@@ -86,21 +87,32 @@ def test_reader_that_stops_wastes_at_most_the_window(s3, bucket, mounts, proxy):
     assert 10 < settled_gets(proxy) <= 10 + 4
     c = m.counters()
     assert c.get("prefetch_started", 0) <= 10 + 4 - 3, c
+    # with the default window (32 files), the bytes ahead stay within one chunk (64 KiB)
+    m.stop()
+    m.extra = ()
+    m.start()
+    proxy.reset()
+    keys = sorted(more)[:10]
+    assert read_in(m, keys) == {k: more[k] for k in keys}
+    assert 10 + 4 < settled_gets(proxy) <= 10 + 64 * 1024 // SIZE
 
 
 def test_off_and_large_files(s3, bucket, mounts, proxy):
     data = frames(s3, bucket, n=12)
     big = frames(s3, bucket, n=6, size=3 * 64 * 1024 + 5, prefix="shards")
+    medium = frames(s3, bucket, n=8, size=20_000, prefix="medium")  # > chunk size / 8
     m = mounts(f"s3://{bucket}", extra=("--prefetch-files", "0"))
     assert read_in(m, sorted(data)) == data
     assert m.counters().get("prefetch_started", 0) == 0
     m.stop()
     m.extra = ()
     m.start()
-    # files larger than a chunk have their own read-ahead: never prefetched as files
+    # files larger than a chunk have their own read-ahead, and files over chunk size / 8
+    # are bandwidth-bound: neither is prefetched as files
     assert read_in(m, sorted(big)) == big
+    assert read_in(m, sorted(medium)) == medium
     assert m.counters().get("prefetch_started", 0) == 0
-    assert gets(proxy) == 12 + 6 * 4
+    assert settled_gets(proxy) == 12 + 6 * 4 + 8
 
 
 def test_concurrent_readers_of_one_queue(s3, bucket, mounts, proxy):
