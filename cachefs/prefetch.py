@@ -15,13 +15,14 @@ on every open, up to ``prefetch_files``.
 Only small files are prefetched (0 < size <= chunk size / 8, 1 MiB by default: there the
 per-request latency, not the bandwidth, bounds a reader), and never more than one chunk's
 worth of bytes ahead of the reader: a reader that stops has cost at most that many extra
-bytes.  Larger files have chunk read-ahead once read.  Chunks on this node's SSD are read ``LOCAL_BATCH`` at a time in one worker-thread call
-(a thread hop costs more than reading a 100 KiB file); the others go through the chunk
-reader like any read (singleflight, the owning peer, S3 with write-through).  Their bytes are held in memory charged
-to the read-ahead budget, at most a quarter of it; when that share is spent, prefetch waits
-and reads go on.  The open of a prefetched file hands its bytes to the new handle (the read
-is then served from memory, tier "readahead"); an open while the fetch is still running
-claims it, and the bytes go to the handle when they arrive.  Bytes nobody opened within
+bytes.  Larger files have chunk read-ahead once read.  Chunks on this node's SSD are read
+``LOCAL_BATCH`` at a time in one worker-thread call (a thread hop costs more than reading a
+100 KiB file); the others go through the chunk reader like any read (singleflight, the
+owning peer, S3 with write-through).  Their bytes are held in memory charged to the
+read-ahead budget, at most a quarter of it; when that share is spent, prefetch waits and
+reads go on.  The open of a prefetched file hands its bytes to the new handle (the read is
+then served from memory, tier "readahead"); an open while the fetch is still running claims
+it, and the bytes go to the handle when they arrive.  Bytes nobody opened within
 ``HOLD_TTL`` seconds are dropped.  Nothing here is persistent: a restart forgets runs and
 held bytes, and a failed prefetch is only logged at debug level (the read itself retries).
 """
@@ -82,6 +83,9 @@ class FilePrefetcher:
         self.inflight: dict[bytes, list[tuple[FileHandle, trio.Event]]] = {}
         self.bytes = 0  # held + in flight, charged to the budget
 
+    def _small(self, size: int) -> bool:
+        return 0 < size <= self.vfs.cfg.chunk_size // SMALL_DIVISOR
+
     # -- the open path ----------------------------------------------------------------
 
     def opened(self, node: Node, h: FileHandle) -> None:
@@ -93,10 +97,9 @@ class FilePrefetcher:
             self._observe(node)
 
     def _hand_over(self, h: FileHandle) -> None:
-        obj = h.obj
-        if not 0 < obj.size <= obj.chunk_size:
+        if not self._small(h.obj.size):
             return
-        cid = obj.chunk(0).cid
+        cid = h.obj.chunk(0).cid
         e = self.held.pop(cid, None)
         if e is not None:
             self.bytes -= len(e.data)
@@ -142,17 +145,15 @@ class FilePrefetcher:
     # -- fetching ahead ---------------------------------------------------------------
 
     def _schedule(self, d: Node, r: _Run, p: int) -> None:
-        self._expire()
         vfs = self.vfs
         store = vfs.reader.store
         cap = vfs.budget.limit // BUDGET_SHARE
         local, remote = [], []
-        max_size = vfs.cfg.chunk_size // SMALL_DIVISOR
         ahead_bytes = 0
         for i in range(p + 1, min(p + r.window, len(r.names) - 1) + 1):
             ino = r.children.get(r.names[i])
             node = vfs.nodes.get(ino) if ino is not None else None
-            if node is None or node.is_dir or not 0 < node.size <= max_size:
+            if node is None or node.is_dir or not self._small(node.size):
                 r.ahead = max(r.ahead, i)
                 continue
             ahead_bytes += node.size
@@ -197,20 +198,17 @@ class FilePrefetcher:
     def _deliver(self, ref, data: bytes | None, dir_ino: int) -> None:
         waiting = self.inflight.pop(ref.cid, [])
         self.bytes -= ref.length
-        charged = True
-        if data is not None:
-            for h, _ in waiting:
-                if not h.closed:
-                    h._keep(0, data, charged=charged)
-                    charged = False
+        live = [h for h, _ in waiting if not h.closed] if data is not None else []
+        for i, h in enumerate(live):
+            h._keep(0, data, charged=i == 0)  # the first handle takes over the budget charge
         for h, ev in waiting:
             if h.pending.get(0) is ev:
                 del h.pending[0]
             ev.set()  # a failed fetch: the read goes to the chunk reader itself
-        if charged and data is not None and not waiting:
+        if data is not None and not waiting:
             self.held[ref.cid] = _Held(data, dir_ino)
             self.bytes += len(data)
-        elif charged:
+        elif not live:
             self.vfs.budget.give(ref.length)
 
     def _drop(self, cid: bytes) -> None:
