@@ -1231,28 +1231,23 @@ def scenario_tracing_overhead(ctx: Ctx) -> None:
 
     def measure() -> tuple[float, dict]:
         paths = {mode: n.root / rel for mode, n in nodes.items()}
-        pids = {mode: n.proc.pid for mode, n in nodes.items() if n.proc is not None}
+        pids = {mode: n.proc.pid for mode, n in nodes.items()}
         for path in paths.values():  # fill the cache (cold), then one warm-up pass
             bt.read_direct(path, MiB)
             bt.read_direct(path, MiB)
         extra, costs = {"passes": passes, "bytes": size}, {}
         for block in (128 * KiB, MiB):
             res = bt.alternate_passes(paths, size, block, passes, pids)
-            on, off, pct_ = bt.cost(res)
+            _, _, pct_ = bt.cost(res)
             con, coff, cpct = bt.cpu_cost(res)
             costs[block] = cpct
             extra[f"{block // KiB}KiB"] = {"on_MBps": res["on"], "off_MBps": res["off"],
                                           "throughput_cost_pct": pct_,
                                           "cpu_us_per_request": {"on": con, "off": coff},
                                           "cpu_cost_pct": cpct}
-            summary_parts.append(f"{block // KiB} KiB requests: daemon CPU per request on "
-                                 f"{con:.1f} µs, off {coff:.1f} µs ({cpct:+.1f}%); throughput on "
-                                 f"{on:.0f} MB/s ({min(res['on']):.0f}–{max(res['on']):.0f}), off "
-                                 f"{off:.0f} MB/s ({min(res['off']):.0f}–{max(res['off']):.0f}), "
-                                 f"paired cost {pct_:+.1f}%")
-            log(f"  cachefs {'tracing ' + str(block // KiB) + ' KiB':20s} CPU/request on "
-                f"{con:.1f} µs, off {coff:.1f} µs ({cpct:+.1f}%); on {on:.0f} MB/s, off "
-                f"{off:.0f} MB/s (median of {passes}), paired cost {pct_:+.1f}%")
+            line = bt.describe(res)
+            summary_parts.append(f"{block // KiB} KiB requests: {line}")
+            log(f"  cachefs {'tracing ' + str(block // KiB) + ' KiB':20s} {line} (median of {passes})")
         sh = bt.trace_share(pids["on"], lambda: [bt.read_direct(paths["on"], 128 * KiB)
                                                  for _ in range(max(3, passes // 3))])
         if sh is not None:

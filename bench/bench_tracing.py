@@ -43,7 +43,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-MODES = {"on": os.environ.get("BT_ON", "1"), "off": os.environ.get("BT_OFF", "0")}  # mode -> CACHEFS_TRACING of the daemon
+# mode -> CACHEFS_TRACING of its daemon; BT_ON=0 gives an A/A run (both off), which shows
+# how far apart two identical daemons measure on this machine
+MODES = {"on": os.environ.get("BT_ON", "1"), "off": os.environ.get("BT_OFF", "0")}
 
 
 def read_direct(path: Path, block: int) -> tuple[int, float]:
@@ -113,6 +115,17 @@ def cpu_cost(res: dict[str, list[float]]) -> tuple[float, float, float] | None:
         return None
     on, off = statistics.median(res["on_cpu_us"]), statistics.median(res["off_cpu_us"])
     return on, off, 100 * (on - off) / off
+
+
+def describe(res: dict[str, list[float]]) -> str:
+    """One line for a block size's results: CPU per request, then throughput."""
+    on, off, pct = cost(res)
+    cpu = cpu_cost(res)
+    head = (f"daemon CPU per request on {cpu[0]:.1f} µs, off {cpu[1]:.1f} µs ({cpu[2]:+.1f}%); "
+            if cpu else "")
+    return (f"{head}throughput on {on:.0f} MB/s ({min(res['on']):.0f}–{max(res['on']):.0f}), "
+            f"off {off:.0f} MB/s ({min(res['off']):.0f}–{max(res['off']):.0f}), "
+            f"paired cost {pct:+.1f}%")
 
 
 def py_spy() -> str | None:
@@ -227,18 +240,11 @@ def main() -> None:
             read_direct(mp.path("f.bin"), 1 << 20)
             read_direct(mp.path("f.bin"), 1 << 20)
         pids = {m: mp.proc.pid for m, mp in mounts.items()}
-        for block in (128 << 10, 1 << 20):
-            res = alternate_passes({m: mp.path("f.bin") for m, mp in mounts.items()},
-                                   size, block, a.passes, pids)
-            on, off, pct = cost(res)
-            con, coff, cpct = cpu_cost(res)
-            print(f"warm O_DIRECT reads, {block >> 10} KiB requests, {a.passes} passes of "
-                  f"{size >> 20} MiB: tracing on {on:.0f} MB/s, off {off:.0f} MB/s, "
-                  f"cost {pct:+.1f}% (median of per-round pairs)  "
-                  f"(on {min(res['on']):.0f}–{max(res['on']):.0f}, "
-                  f"off {min(res['off']):.0f}–{max(res['off']):.0f}); "
-                  f"daemon CPU per request: on {con:.1f} µs, off {coff:.1f} µs ({cpct:+.1f}%)")
         paths = {m: mp.path("f.bin") for m, mp in mounts.items()}
+        for block in (128 << 10, 1 << 20):
+            res = alternate_passes(paths, size, block, a.passes, pids)
+            print(f"warm O_DIRECT reads, {block >> 10} KiB requests, {a.passes} passes of "
+                  f"{size >> 20} MiB: {describe(res)}")
         sh = trace_share(pids["on"], lambda: [read_direct(paths["on"], 128 << 10)
                                               for _ in range(max(3, a.passes // 3))])
         if sh is None:
