@@ -111,7 +111,7 @@ class OTLPExporter:
         self.posts = 0
 
     def offer(self, trace) -> None:
-        """Called by the tracer for every recorded trace (a trace.``_Trace``)."""
+        """Called by the tracer for every recorded trace (a trace.``RootSpan``)."""
         try:
             self._send.send_nowait(trace)
         except trio.WouldBlock:

@@ -30,10 +30,12 @@ Bounds (memory):
     256 + 1024 traces and 8,192 + 32,768 spans (each about 0.5 KiB),
     i.e. about 20 MiB in the worst case.
 
-Cost: the hot path builds Span objects only (class-based context managers, no
-generators, no dicts); a trace becomes a dict when somebody asks for it
-(``trace --recent``, a follower, a capture, the OTLP exporter).  Measured by
-bench/bench_tracing.py (see docs/tracing.md).
+Cost: a warm read records a RootSpan and one leaf() tuple; recording it is
+one call (``_record``) and a deque append, and a recorded trace holds no
+reference cycle (children point at the root while the trace is built and at
+a _Done once it is recorded).  A trace becomes a dict when somebody asks for
+it (``trace --recent``, a follower, a capture, the OTLP exporter).  Measured
+by bench/bench_tracing.py (see docs/tracing.md).
 
 ``CACHEFS_TRACING=0`` in the daemon's environment turns tracing off (for
 benchmarks): ``start`` then records nothing and ``span`` finds no trace.
@@ -68,91 +70,22 @@ def _cut(v: Any) -> Any:
     return v
 
 
-class _Trace:
-    """One trace: its root, book-keeping shared by its spans, and (once recorded)
-    its dict form, built on first use."""
-
-    __slots__ = ("tracer", "owner", "root", "seq", "open", "nspans", "dropped", "ended",
-                 "done", "background", "incomplete", "wall_time", "_dict", "frozen", "attrs",
-                 "duration")
-
-    def __init__(self, tracer: Tracer, root: Span, background: bool = False) -> None:
-        self.tracer: Tracer | None = tracer  # None once recorded
-        self.owner = tracer
-        self.root = root
-        self.seq = next(_ids)
-        self.background = background  # a continuation: not a request, never "slow"
-        self.open = 0  # spans opened under the root that have not ended
-        self.nspans = 1
-        self.dropped = 0
-        self.ended = False  # the root has ended
-        self.done = False  # recorded
-        self.incomplete = False
-        self.wall_time = 0.0
-        self._dict: dict | None = None
-        self.frozen: tuple | None = None
-        self.attrs = root.attrs  # the root's attributes (ino, path, offset, size, ...)
-        self.duration = 0.0
-
-    @property
-    def trace_id(self) -> str:
-        return f"{self.owner.pid_hex}-{self.seq:x}"
-
-    def freeze(self) -> None:
-        """Keep the finished trace as nested tuples of plain values: the span objects
-        are freed, and the garbage collector stops tracking what the rings hold (a
-        ring of live objects made every full collection slower)."""
-        root = self.root
-        self.duration = root.duration
-        self.frozen = _freeze(root)
-        self.root = None  # type: ignore[assignment]
-
-    def span_done(self) -> None:
-        self.open -= 1
-        if self.open == 0 and self.ended and self.tracer is not None:
-            self.tracer._complete(self)
-
-    def root_done(self) -> None:
-        self.ended = True
-        if self.tracer is None:
-            return
-        if self.open == 0:
-            self.tracer._complete(self)
-        else:
-            self.tracer._defer(self)
-
-    def dict(self) -> dict:
-        """The trace as JSON-ready data (built once, then cached)."""
-        if self._dict is None:
-            f = self.frozen
-            assert f is not None
-            d = _thaw(f, f[1])
-            d["trace_id"] = self.trace_id
-            d["node"] = self.owner.node
-            d["wall_time"] = self.wall_time
-            d["start_time"] = self.wall_time - self.duration
-            if self.dropped:
-                d["dropped_spans"] = self.dropped
-            if self.incomplete:
-                d["incomplete"] = True
-            if self.background:
-                d["background"] = True
-            self._dict = d
-        return self._dict
-
-
 class Span:
-    """A timed operation; also its own context manager (``with span(...) as s``)."""
+    """A timed operation; also its own context manager (``with span(...) as s``).
 
-    __slots__ = ("name", "attrs", "start", "end", "children", "trace", "_token")
+    ``root`` is the RootSpan of the trace the span belongs to while that trace is
+    being built, a _Done once it is recorded, None outside any trace."""
 
-    def __init__(self, name: str, attrs: dict[str, Any], trace: _Trace | None = None) -> None:
+    __slots__ = ("name", "attrs", "start", "end", "children", "root", "_token")
+
+    def __init__(self, name: str, attrs: dict[str, Any], root: Any = None) -> None:
         self.name = name
         self.attrs = attrs
         self.start = _now()
         self.end: float | None = None
-        self.children: list[Span] | None = None  # created on the first child
-        self.trace = trace
+        # created on the first child; a leaf() child is kept in its frozen (tuple) form
+        self.children: list[Span | tuple] | None = None
+        self.root = root
 
     def set(self, **attrs: Any) -> None:
         self.attrs.update(attrs)
@@ -170,12 +103,14 @@ class Span:
         if et is not None:
             self.attrs.setdefault("error", et.__name__)
         _current.reset(self._token)
-        tr = self.trace
-        if tr is not None:
-            if tr.root is self:
-                tr.root_done()
-            else:
-                tr.span_done()
+        # the token holds the parent span, which holds this span among its children: drop
+        # it, or every traced request leaves a reference cycle for the garbage collector
+        self._token = None
+        r = self.root
+        if r is not None and not r.done:
+            r.open -= 1
+            if r.open == 0 and r.ended:
+                r.owner._record(r)
         return False
 
     def to_dict(self, t0: float | None = None) -> dict:
@@ -185,14 +120,12 @@ class Span:
             "start_ms": round((self.start - t0) * 1000, 3),
             "duration_ms": round(self.duration * 1000, 3),
         }
-        tr = self.trace
-        if tr is not None and tr.attrs is self.attrs:  # the root (also once frozen)
-            d["trace_id"] = tr.trace_id
         for k, v in self.attrs.items():
             d[k] = _cut(v)
         if self.end is None:
             d["open"] = True
-        d["spans"] = [c.to_dict(t0) for c in self.children or ()]
+        d["spans"] = [_thaw(c, t0) if type(c) is tuple else c.to_dict(t0)
+                      for c in self.children or ()]
         return d
 
     def add(self, child: Span) -> None:
@@ -202,10 +135,98 @@ class Span:
             self.children.append(child)
 
 
-def _freeze(s: Span) -> tuple:
-    kids = s.children
-    return (s.name, s.start, s.end, s.attrs,
-            tuple(_freeze(c) for c in kids) if kids else ())
+class RootSpan(Span):
+    """The root span of a recorded trace, and the trace's book-keeping.
+
+    Child spans point at their RootSpan while the trace is built; once it is recorded
+    (``_seal``) they point at a _Done instead, so a recorded trace holds no reference
+    cycle and is freed by reference counting when the rings let it go.  The rings keep
+    RootSpans; the JSON form is built on first use (``dict()``)."""
+
+    __slots__ = ("owner", "seq", "open", "nspans", "dropped", "ended", "done", "background",
+                 "incomplete", "nested", "_dict")
+
+    def __init__(self, owner: Tracer, name: str, attrs: dict[str, Any], seq: int,
+                 background: bool = False) -> None:
+        self.name = name
+        self.attrs = attrs
+        self.start = _now()
+        self.end = None
+        self.children = None
+        self.root = None
+        self.owner = owner
+        self.seq = seq
+        self.open = 0  # spans opened under the root that have not ended
+        self.nspans = 1
+        self.dropped = 0
+        self.ended = False  # the root has ended
+        self.done = False  # recorded
+        self.background = background  # a continuation: not a request, never "slow"
+        self.incomplete = False
+        self.nested = False  # holds Span objects (not only leaf() tuples): _seal walks them
+        self._dict: dict | None = None
+
+    def __exit__(self, et, e, tb) -> bool:
+        self.end = _now()
+        if et is not None:
+            self.attrs.setdefault("error", et.__name__)
+        _current.reset(self._token)
+        self._token = None
+        self.ended = True
+        if not self.done:
+            if self.open == 0:
+                self.owner._record(self)
+            else:
+                self.owner._defer(self)
+        return False
+
+    @property
+    def trace_id(self) -> str:
+        return f"{self.owner.pid_hex}-{self.seq:x}"
+
+    def to_dict(self, t0: float | None = None) -> dict:
+        d = super().to_dict(t0)
+        d["trace_id"] = self.trace_id
+        return d
+
+    def dict(self) -> dict:
+        """The recorded trace as JSON-ready data (built once, then cached)."""
+        d = self._dict
+        if d is None:
+            d = self.to_dict()
+            d["node"] = self.owner.node
+            end = self.end if self.end is not None else _now()
+            wall_end = end + (time.time() - _now())
+            d["wall_time"] = wall_end
+            d["start_time"] = wall_end - (end - self.start)
+            if self.dropped:
+                d["dropped_spans"] = self.dropped
+            if self.incomplete:
+                d["incomplete"] = True
+            if self.background:
+                d["background"] = True
+            self._dict = d
+        return d
+
+
+class _Done:
+    """What the spans of a recorded trace point at: enough to name the trace that a late
+    task continues (``continues``), and nothing that leads back to the spans."""
+
+    __slots__ = ("owner", "attrs", "trace_id")
+    done = True
+
+    def __init__(self, root: RootSpan) -> None:
+        self.owner = root.owner
+        self.attrs = root.attrs
+        self.trace_id = root.trace_id
+
+
+def _seal(s: Span, done: _Done) -> None:
+    for c in s.children or ():
+        if type(c) is not tuple:
+            c.root = done
+            _seal(c, done)
 
 
 def _thaw(f: tuple, t0: float) -> dict:
@@ -261,11 +282,7 @@ def span(name: str, **attrs: Any) -> Span | _NullSpan:
     parent = _get()
     if parent is None:
         return NULL_SPAN
-    tr = parent.trace
-    if tr is None:
-        s = Span(name, attrs)
-        parent.add(s)
-        return s
+    tr = parent.root or parent  # a current span is a RootSpan or has a root
     if tr.done:
         # The trace was recorded already: a task it started (read-ahead) opened its
         # first span only after the request returned.  Record it as a trace of its
@@ -276,6 +293,7 @@ def span(name: str, **attrs: Any) -> Span | _NullSpan:
         return NULL_SPAN
     tr.nspans += 1
     tr.open += 1
+    tr.nested = True
     s = Span(name, attrs, tr)
     kids = parent.children
     if kids is None:
@@ -285,12 +303,39 @@ def span(name: str, **attrs: Any) -> Span | _NullSpan:
     return s
 
 
+def leaf(name: str, **attrs: Any) -> None:
+    """Record an instant child span of the current span that has no children of its own
+    (a chunk served from memory): no context manager, no Span object, about a third of
+    what ``with span(...): pass`` costs on the hottest path (a read-ahead hit)."""
+    parent = _get()
+    if parent is None:
+        return
+    tr = parent.root or parent
+    if tr.done:
+        with tr.owner._continuation(tr, name, attrs):
+            return
+    if tr.nspans >= MAX_SPANS:
+        tr.dropped += 1
+        return
+    tr.nspans += 1
+    t = _now()
+    kid = (name, t, t, attrs, ())  # the frozen form _thaw reads
+    kids = parent.children
+    if kids is None:
+        parent.children = [kid]  # type: ignore[list-item]
+    else:
+        kids.append(kid)  # type: ignore[arg-type]
+
+
 def attach(spans: list[dict]) -> None:
     """Attach span dicts received from elsewhere (a peer's reply) to the current span."""
     parent = _get()
     if parent is None:
         return
-    tr = parent.trace
+    tr = parent.root or parent
+    if tr.done:
+        return  # the trace was recorded (given up on) while the reply was on its way
+    tr.nested = True
     for d in spans:
         if not isinstance(d, dict):
             continue
@@ -299,15 +344,14 @@ def attach(spans: list[dict]) -> None:
             parent.add(s)
 
 
-def _from_dict(d: dict, base: float, tr: _Trace | None) -> Span | None:
-    if tr is not None:
-        if tr.nspans >= MAX_SPANS:
-            tr.dropped += 1
-            return None
-        tr.nspans += 1
+def _from_dict(d: dict, base: float, tr: RootSpan) -> Span | None:
+    if tr.nspans >= MAX_SPANS:
+        tr.dropped += 1
+        return None
+    tr.nspans += 1
     s = Span(str(d.get("name", "?")), {k: _cut(v) for k, v in d.items()
                                        if k not in ("name", "start_ms", "duration_ms", "spans")
-                                       and isinstance(v, (str, int, float, bool))})
+                                       and isinstance(v, (str, int, float, bool))}, tr)
     try:
         s.start = base + float(d.get("start_ms", 0)) / 1000
         s.end = s.start + float(d.get("duration_ms", 0)) / 1000
@@ -332,15 +376,20 @@ class _Ring:
 
     def __init__(self, max_traces: int, max_spans: int) -> None:
         self.max_spans = max_spans
-        self.items: deque[_Trace] = deque(maxlen=max_traces)
+        self.items: deque[RootSpan] = deque(maxlen=max_traces)
         self.spans = 0
 
-    def append(self, tr: _Trace) -> None:
+    def append(self, tr: RootSpan) -> None:
         items = self.items
         if len(items) == items.maxlen:
             self.spans -= items[0].nspans
         items.append(tr)
         self.spans += tr.nspans
+        if self.spans > self.max_spans:
+            self.trim()
+
+    def trim(self) -> None:
+        items = self.items
         while self.spans > self.max_spans and len(items) > 1:
             self.spans -= items.popleft().nspans
 
@@ -383,8 +432,8 @@ class Tracer:
         self.pid_hex = f"{os.getpid():x}"
         self.enabled = tracing_enabled_from_env() if enabled is None else enabled
         self._subscribers: list[_Subscriber] = []
-        self._sinks: list[Callable[[_Trace], None]] = []
-        self._pending: dict[int, tuple[_Trace, float]] = {}
+        self._sinks: list[Callable[[RootSpan], None]] = []
+        self._pending: dict[int, tuple[RootSpan, float]] = {}
         self.started = 0
         self.finished = 0
         self.slow_count = 0
@@ -392,75 +441,71 @@ class Tracer:
         self.dropped_spans = 0
         self.follower_drops = 0
 
-    def start(self, op: str, **attrs: Any) -> Span | _Detached:
+    def start(self, op: str, **attrs: Any) -> RootSpan | _Detached:
         """The root span of a new trace: ``with tracer.start("read", ino=...) as root:``."""
         if not self.enabled:
             # callers may still set attributes or read to_dict() of the root
             return _Detached(Span(op, attrs))
-        root = Span(op, attrs)
-        root.trace = _Trace(self, root)
-        self.started += 1
-        return root
+        self.started = n = self.started + 1
+        return RootSpan(self, op, attrs, n)
 
-    def _continuation(self, prev: _Trace, op: str, attrs: dict) -> Span:
+    def _continuation(self, prev: RootSpan | _Done, op: str, attrs: dict) -> RootSpan:
         pa = prev.attrs
         attrs = {**{k: pa[k] for k in ("ino", "path", "offset", "size") if k in pa}, **attrs,
                  "continues": prev.trace_id}
-        root = Span(op, attrs)
-        root.trace = _Trace(self, root, background=True)
-        self.started += 1
-        return root
+        self.started = n = self.started + 1
+        return RootSpan(self, op, attrs, n, background=True)
 
     # -- completion -------------------------------------------------------------------
 
-    def _defer(self, tr: _Trace) -> None:
+    def _defer(self, root: RootSpan) -> None:
         now = time.monotonic()
-        self._pending[id(tr)] = (tr, now)
+        self._pending[id(root)] = (root, now)
         if len(self._pending) > PENDING_MAX or next(iter(self._pending.values()))[1] < \
                 now - PENDING_MAX_AGE:
             self._sweep(now)
 
     def _sweep(self, now: float) -> None:
-        for tr, t in list(self._pending.values()):
+        for root, t in list(self._pending.values()):
             if len(self._pending) > PENDING_MAX or t < now - PENDING_MAX_AGE:
-                self._complete(tr, incomplete=True)
+                self._record(root, incomplete=True)
             else:
                 break
 
     def pending_for(self, pred: Callable[[dict], bool]) -> int:
         """Traces whose root has ended but whose background spans still run."""
-        return sum(1 for tr, _ in self._pending.values() if pred(tr.attrs))
+        return sum(1 for root, _ in self._pending.values() if pred(root.attrs))
 
-    def _complete(self, tr: _Trace, incomplete: bool = False) -> None:
-        if tr.done:
+    def _record(self, root: RootSpan, incomplete: bool = False) -> None:
+        """Keep a finished trace: the recent ring, the slow ring if slow, followers,
+        sinks.  The hot path (a warm read: a root and leaf() children) runs no loop and
+        calls nothing but the ring."""
+        if root.done:
             return
-        tr.done = True
-        tr.tracer = None
+        root.done = True
         if self._pending:
-            self._pending.pop(id(tr), None)
-        tr.wall_time = time.time()
-        tr.freeze()
-        if tr.dropped:
-            self.dropped_spans += tr.dropped
+            self._pending.pop(id(root), None)
+        if root.nested:
+            _seal(root, _Done(root))
+        if root.dropped:
+            self.dropped_spans += root.dropped
         if incomplete:
-            tr.incomplete = True
+            root.incomplete = True
             self.incomplete += 1
         self.finished += 1
-        self.recent.append(tr)
-        if tr.background:
-            slow = False
-        else:
-            dur = tr.duration
-            slow = dur >= self.slow_threshold
-            if slow:
+        self.recent.append(root)
+        if not root.background:
+            dur = root.end - root.start  # type: ignore[operator]
+            if dur >= self.slow_threshold:
                 self.slow_count += 1
-                self.slow.append(tr)
+                self.slow.append(root)
             if self._subscribers:
-                self._deliver(tr, dur)
-        for sink in self._sinks:
-            sink(tr)
+                self._deliver(root, dur)
+        if self._sinks:
+            for sink in self._sinks:
+                sink(root)
 
-    def _deliver(self, tr: _Trace, dur: float) -> None:
+    def _deliver(self, tr: RootSpan, dur: float) -> None:
         for sub in list(self._subscribers):
             md = self.slow_threshold if sub.min_duration is None else sub.min_duration
             if dur < md:
@@ -491,10 +536,14 @@ class Tracer:
         recv.close()
         self._subscribers = [s for s in self._subscribers if not _recv_closed(s.send)]
 
-    def add_sink(self, fn: Callable[[_Trace], None]) -> None:
+    def add_sink(self, fn: Callable[[RootSpan], None]) -> None:
         """``fn(trace)`` for every recorded trace (``trace.attrs`` is the root's attributes,
         ``trace.dict()`` the whole trace); must be quick and never block."""
         self._sinks.append(fn)
+
+    def remove_sink(self, fn: Callable[[RootSpan], None]) -> None:
+        if fn in self._sinks:
+            self._sinks.remove(fn)
 
     def statistics(self) -> dict:
         return {"enabled": self.enabled, "started": self.started, "finished": self.finished,

@@ -15,6 +15,9 @@ Ops (JSON lines on the control socket, see control.py):
   trace_evict    {ino, offset, length}                 → drops the chunks of that range from
                  this node's SSD cache and, in a cluster, from every node's
   trace_stats    {}                                    → tracer statistics
+  trace_enable   {on}                                  → {"enabled": bool}: switches tracing
+                 on or off in the running daemon (traces under way finish as they started);
+                 bench/bench_tracing.py uses it to compare both modes in one process
 
 `cachefs trace PATH` correlates its own read with the daemon's traces by inode and
 byte range, not by pid: pyfuse3 gives ``read()`` no request context, so the reader's
@@ -100,11 +103,16 @@ class Tracing:
         self.d = d
         self.captures: dict[int, Capture] = {}
         self._ids = itertools.count(1)
-        d.tracer.add_sink(self._sink)
+
+    def _captures_changed(self) -> None:
+        """The capture sink is registered only while a capture runs: a recorded trace
+        then costs no call at all."""
+        tracer = self.d.tracer
+        tracer.remove_sink(self._sink)
+        if self.captures:
+            tracer.add_sink(self._sink)
 
     def _sink(self, tr) -> None:
-        if not self.captures:
-            return
         for c in self.captures.values():
             if c.match(tr.attrs):
                 if len(c.traces) < MAX_CAPTURED:
@@ -117,6 +125,7 @@ class Tracing:
         for k, c in list(self.captures.items()):
             if now - c.created > CAPTURE_TTL:
                 del self.captures[k]
+        self._captures_changed()
 
     # -- ops --------------------------------------------------------------------------
 
@@ -176,6 +185,7 @@ class Tracing:
             raise ControlError(f"too many trace captures running ({MAX_CAPTURES})")
         cid = next(self._ids)
         self.captures[cid] = Capture(ino, off, hi)
+        self._captures_changed()
         return {"capture": cid, "node": self.d.tracer.node, "enabled": self.d.tracer.enabled}
 
     async def capture_stop(self, req: dict, emit) -> dict:
@@ -190,6 +200,7 @@ class Tracing:
         while tr.pending_for(c.match) and trio.current_time() < deadline:  # noqa: ASYNC110
             await trio.sleep(0.01)
         self.captures.pop(cid, None)
+        self._captures_changed()
         out: dict[str, Any] = {"traces": c.traces, "node": tr.node, "enabled": tr.enabled,
                                "pending": tr.pending_for(c.match)}
         if c.dropped:
@@ -249,6 +260,13 @@ class Tracing:
     async def stats(self, req: dict, emit) -> dict:
         return {"tracer": self.d.tracer.statistics(), "node": self.d.tracer.node}
 
+    async def enable(self, req: dict, emit) -> dict:
+        on = req.get("on")
+        if not isinstance(on, bool):
+            raise ControlError("on must be true or false")
+        self.d.tracer.enabled = on
+        return {"enabled": on}
+
 
 def register(d: Daemon) -> None:
     srv = d.control
@@ -261,6 +279,7 @@ def register(d: Daemon) -> None:
     srv.register("trace_capture_stop", t.capture_stop)
     srv.register("trace_evict", t.evict)
     srv.register("trace_stats", t.stats)
+    srv.register("trace_enable", t.enable)
     if d.cluster is not None:
         d.cluster.register_op(DROP_OP, t._drop_op)
     _start_services(d)

@@ -7,6 +7,7 @@ Assertions are about spans, tiers, counts and bytes, never about timings
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -24,6 +25,7 @@ from etcd_env import free_port
 from cachefs import trace as tracemod
 from cachefs.chunks.ids import chunk_id
 from cachefs.cluster.ring import HashRing
+from cachefs.errors import QuietError
 from cachefs.trace import Tracer, span
 
 CHUNK = 64 * 1024
@@ -137,12 +139,50 @@ async def test_tracer_bounds_and_background_spans():
     d = t.recent.last(1)[0]
     assert d["name"] == "late" and d["continues"] == root.to_dict()["trace_id"]
     assert d["ino"] == 7 and d["background"] is True and d not in list(t.slow)[-1:]
+    # leaf(): an instant child in the trace; after the trace is recorded, a continuation
+    with t.start("read", ino=8) as root:
+        tracemod.leaf("chunk", chunk=0, tier="readahead")
+    d = t.recent.last(1)[0]
+    assert [(c["name"], c["tier"], c["duration_ms"]) for c in d["spans"]] == \
+        [("chunk", "readahead", 0.0)]
+
+    async def late_leaf():
+        tracemod.leaf("chunk", chunk=1, tier="readahead")
+
+    async with trio.open_nursery() as n:
+        with t.start("read", ino=9) as root:
+            n.start_soon(late_leaf)
+    d = t.recent.last(1)[0]
+    assert d["name"] == "chunk" and d["continues"] == root.to_dict()["trace_id"]
+    assert d["ino"] == 9 and d["tier"] == "readahead"
     # off: nothing recorded
     off = Tracer(slow_threshold=0.0, enabled=False)
     with off.start("read"):
         with span("x") as s:
             assert s is tracemod.NULL_SPAN
     assert len(off.recent) == 0
+
+
+def test_a_traced_request_leaves_no_reference_cycle():
+    """A recorded trace must be freed by reference counting alone: cyclic garbage from
+    every request made each traced read pay for garbage collections (+10% of daemon CPU
+    in the tracing benchmark)."""
+    import gc
+
+    t = Tracer(slow_threshold=0.0, recent=4, slow=4, enabled=True)
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(200):
+            with t.start("read", ino=1, offset=i, size=10):
+                with span("chunk", chunk=i) as sp:
+                    sp.set(tier="local")
+                    with span("ssd.read", bytes=10):
+                        pass
+        assert len(t.recent) == 4
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 # -- one daemon: trace PATH, cold and warm; /metrics; OTLP; no credential anywhere ---------
@@ -230,6 +270,15 @@ def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):
         rx.close()
 
 
+def read_direct(path, size: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, size)
+        assert os.preadv(fd, [buf], 0) == size
+    finally:
+        os.close(fd)
+
+
 # -- --follow shows slow reads only ---------------------------------------------------------
 
 
@@ -247,13 +296,7 @@ def test_follow_shows_slow_reads_only(mounts, s3, bucket, proxy):
         assert "following traces over 200.0 ms" in p.stderr.readline()
         proxy.faults(delay=0.5, count=1)
         for name in ("fast.bin", "slow.bin"):
-            fd = os.open(m.path(name), os.O_RDONLY | os.O_DIRECT)
-            try:
-                import mmap
-                buf = mmap.mmap(-1, CHUNK)
-                assert os.preadv(fd, [buf], 0) == CHUNK
-            finally:
-                os.close(fd)
+            read_direct(m.path(name), CHUNK)
         deadline = time.monotonic() + 10
         while m.counters().get("s3_get_requests", 0) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -263,6 +306,24 @@ def test_follow_shows_slow_reads_only(mounts, s3, bucket, proxy):
         out, _ = p.communicate(timeout=10)
     assert "/slow.bin" in out and "s3.get" in out
     assert "/fast.bin" not in out
+
+
+def test_tracing_switches_off_and_on_in_a_running_daemon(mounts, s3, bucket):
+    put(s3, bucket, "t.bin", CHUNK, seed=6)
+    m = mounts(f"s3://{bucket}")
+    read_direct(m.path("t.bin"), CHUNK)
+    started = m.request({"op": "trace_stats"})["tracer"]["started"]
+    assert started >= 1
+    assert m.request({"op": "trace_enable", "on": False}) == {"ok": True, "enabled": False}
+    for _ in range(3):
+        read_direct(m.path("t.bin"), CHUNK)
+    st = m.request({"op": "trace_stats"})["tracer"]
+    assert st["started"] == started and st["enabled"] is False
+    assert m.request({"op": "trace_enable", "on": True})["enabled"] is True
+    read_direct(m.path("t.bin"), CHUNK)
+    assert m.request({"op": "trace_stats"})["tracer"]["started"] == started + 1
+    with pytest.raises(QuietError, match="^on must be true or false$"):
+        m.request({"op": "trace_enable", "on": "yes"})
 
 
 # -- a 2-node cluster: a peer span holds the owner's spans ----------------------------------
