@@ -623,6 +623,12 @@ class CacheFSNode(CacheFS):
             time.sleep(0.1)
         raise RuntimeError(f"cachefs stats {self.mp}: {err[-200:]}")
 
+    def request(self, req: dict) -> dict:
+        """One control op on this daemon's socket (see cachefs/control.py)."""
+        from cachefs import runtime
+        from cachefs.control import ControlClient
+        return ControlClient(runtime.socket_path(self.mp), str(self.mp)).request(req)
+
     def remove_cache(self) -> None:
         shutil.rmtree(self.cache, ignore_errors=True)
 
@@ -1209,14 +1215,14 @@ def scenario_cluster_of_3(ctx: Ctx) -> None:
 
 
 def scenario_tracing_overhead(ctx: Ctx) -> None:
-    """Two cachefs daemons side by side, CACHEFS_TRACING=1 and =0 (own caches), both
-    filled with the herd file; then bench_tracing.py's alternating warm O_DIRECT
-    passes (the page cache is bypassed: every block reaches the daemon), 128 KiB and
-    1 MiB requests. Figure: the extra daemon CPU time per 128 KiB request with tracing
-    on (the most requests per byte, where a per-request cost shows most; CPU time, not
-    wall-clock throughput, which this shared machine's load swings move by ±15% between
-    two identical daemons). The throughput cost (median of per-round pairs), the
-    1 MiB figures and a py-spy profile share go in the note. Target: < 5%."""
+    """One cachefs daemon, its cache filled with the herd file; then bench_tracing.py's
+    rounds of warm O_DIRECT passes (the page cache is bypassed: every block reaches
+    the daemon) alternating tracing on and off in that daemon (control op
+    trace_enable), 128 KiB and 1 MiB requests. Figure: the extra daemon CPU time per
+    128 KiB request with tracing on (the most requests per byte, where a per-request
+    cost shows most), the median over rounds of on/off - 1; CPU time, not wall-clock
+    throughput, which this shared machine's load swings move by ±15%. The throughput
+    cost, the 1 MiB figures and a py-spy profile share go in the note. Target: < 5%."""
     import bench_tracing as bt
 
     p = ctx.profile
@@ -1224,55 +1230,55 @@ def scenario_tracing_overhead(ctx: Ctx) -> None:
     # swings than a few long ones
     rel, size = ctx.layout.herd, p.herd_size
     passes = 21 if p.runs == 1 else 31
-    nodes = {mode: CacheFSNode(ctx, f"tracing-{mode}", env={"CACHEFS_TRACING": val})
-             for mode, val in bt.MODES.items()}
+    node = CacheFSNode(ctx, "tracing")
     m = Measurer(ctx, "cachefs", talks_to_s3=False)
     summary_parts: list[str] = []
 
     def measure() -> tuple[float, dict]:
-        paths = {mode: n.root / rel for mode, n in nodes.items()}
-        pids = {mode: n.proc.pid for mode, n in nodes.items()}
-        for path in paths.values():  # fill the cache (cold), then one warm-up pass
-            bt.read_direct(path, MiB)
-            bt.read_direct(path, MiB)
+        path, pid = node.root / rel, node.proc.pid
+        paths, pids = {mode: path for mode in bt.MODES}, {mode: pid for mode in bt.MODES}
+        bt.read_direct(path, MiB)  # fill the cache (cold), then one warm-up pass
+        bt.read_direct(path, MiB)
+        before = bt.switcher(node.request)
         extra, costs = {"passes": passes, "bytes": size}, {}
         for block in (128 * KiB, MiB):
-            res = bt.alternate_passes(paths, size, block, passes, pids)
+            res = bt.alternate_passes(paths, size, block, passes, pids, before)
             _, _, pct_ = bt.cost(res)
             con, coff, cpct = bt.cpu_cost(res)
             costs[block] = cpct
             extra[f"{block // KiB}KiB"] = {"on_MBps": res["on"], "off_MBps": res["off"],
                                           "throughput_cost_pct": pct_,
                                           "cpu_us_per_request": {"on": con, "off": coff},
-                                          "cpu_cost_pct": cpct}
+                                          "cpu_cost_pct": cpct,
+                                          "cpu_cost_interval_pct": bt.interval(res)}
             line = bt.describe(res)
             summary_parts.append(f"{block // KiB} KiB requests: {line}")
             log(f"  cachefs {'tracing ' + str(block // KiB) + ' KiB':20s} {line} (median of {passes})")
-        sh = bt.trace_share(pids["on"], lambda: [bt.read_direct(paths["on"], 128 * KiB)
-                                                 for _ in range(max(3, passes // 3))])
+        before("on")
+        sh = bt.trace_share(pid, lambda: [bt.read_direct(path, 128 * KiB)
+                                          for _ in range(max(3, passes // 3))])
         if sh is not None:
             extra["py_spy"] = sh
-            summary_parts.append(f"py-spy of the tracing daemon at 128 KiB: "
+            summary_parts.append(f"py-spy of the daemon at 128 KiB, tracing on: "
                                  f"{sh['share_pct']:.1f}% of its busy samples in trace.py")
         return costs[128 * KiB], extra
 
     try:
-        for n in nodes.values():
-            n.unmount()
-            n.wipe_cache()
-            n.mount()
-        log(f"cachefs tracing on vs off: {passes} alternating warm O_DIRECT passes over "
-            f"{rel} ({size // MiB} MiB)")
+        node.unmount()
+        node.wipe_cache()
+        node.mount()
+        log(f"cachefs tracing on vs off: {passes} rounds of warm O_DIRECT passes over "
+            f"{rel} ({size // MiB} MiB), tracing switched in one daemon")
         if m("tracing_cost", measure):
             ctx.results["tracing_cost"]["cachefs"]["status"] = (
-                "; ".join(summary_parts) + f" (median of {passes} alternating passes of {size // MiB} MiB)")
+                "; ".join(summary_parts) + f" (median of {passes} rounds of {size // MiB} MiB "
+                "per mode, one daemon)")
     except Unavailable as e:
         log(f"tracing on vs off: {e}")
         ctx.record("tracing_cost", "cachefs", status=str(e)[:300])
     finally:
-        for n in nodes.values():
-            n.unmount()
-            n.remove_cache()
+        node.unmount()
+        node.remove_cache()
 
 
 HOOKS = [scenario_cluster_of_3, scenario_tracing_overhead]

@@ -1,19 +1,26 @@
-"""What does tracing cost?  Warm-read throughput with tracing on vs off.
+"""What does tracing cost?  Warm-read CPU and throughput with tracing on vs off.
 
-Two daemons mount the same bucket side by side (own cache dirs), one with
-CACHEFS_TRACING=1 (the default) and one with CACHEFS_TRACING=0.  Both caches
-are filled first; then passes alternate between the two mounts, each pass
-reading the whole file with O_DIRECT (every block reaches the daemon: the
-kernel page cache is bypassed) in BLOCK-sized requests.  Reported, for 128 KiB
-requests (the most requests per byte, where a per-request cost shows most) and
-1 MiB requests: the median MB/s per mode; the cost, as the median over rounds
-of 1 - on/off (a round's two passes run back to back); and the daemons' CPU time
-per request (schedstat of every thread), which a shared machine's load swings
-disturb far less than wall-clock throughput; and, with py-spy, the share of the
-tracing daemon's busy samples spent in cachefs/trace.py (one process, one time
-window: the most direct measure of what tracing costs).
+One daemon serves both modes: its cache is filled first, then rounds of passes
+alternate tracing on and off in the running daemon (the control op
+``trace_enable``), each pass reading the whole file with O_DIRECT (every block
+reaches the daemon: the kernel page cache is bypassed) in BLOCK-sized requests.
+One process for both modes means the same memory layout, the same threads, the
+same cache and the same file: two daemons side by side (the first version of
+this benchmark) measured ±11% apart with tracing off in both.
 
-The helpers (read_direct, alternate_passes, cost) are also used by
+Reported, for 128 KiB requests (the most requests per byte, where a per-request
+cost shows most) and 1 MiB requests:
+  * the daemon's CPU time per request (schedstat of every thread), median per
+    mode, and the cost as the median over rounds of on/off - 1 (a round's two
+    passes run back to back): the headline figure, which the load swings of a
+    shared machine disturb far less than wall-clock throughput;
+  * the throughput per mode and its paired cost;
+  * with py-spy, the share of the daemon's busy samples (tracing on) spent in
+    cachefs/trace.py.
+``BT_OFF=1`` runs an A/A comparison (tracing on in both "modes"): the spread it
+shows is what this machine's noise alone gives.
+
+The helpers (read_direct, alternate_passes, cost, ...) are also used by
 bench/bench.py's `tracing_cost` scenario.
 
 Also an in-process micro-benchmark: the cost of one traced request
@@ -37,15 +44,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-# mode -> CACHEFS_TRACING of its daemon; BT_ON=0 gives an A/A run (both off), which shows
-# how far apart two identical daemons measure on this machine
-MODES = {"on": os.environ.get("BT_ON", "1"), "off": os.environ.get("BT_OFF", "0")}
+# mode -> tracing on (True) or off in the daemon during that mode's passes; BT_OFF=1 gives an
+# A/A run (on in both), which shows how far apart two identical modes measure on this machine
+MODES = {"on": os.environ.get("BT_ON", "1") != "0", "off": os.environ.get("BT_OFF", "0") != "0"}
 
 
 def read_direct(path: Path, block: int) -> tuple[int, float]:
@@ -78,11 +86,21 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def switcher(request: Callable[[dict], dict]) -> Callable[[str], None]:
+    """A ``before`` for alternate_passes: sets the daemon's tracing for a mode (MODES)
+    through its control socket (``request`` sends one control op)."""
+    def before(mode: str) -> None:
+        request({"op": "trace_enable", "on": MODES[mode]})
+    return before
+
+
 def alternate_passes(paths: dict[str, Path], size: int, block: int, passes: int,
-                     pids: dict[str, int] | None = None) -> dict[str, list[float]]:
+                     pids: dict[str, int] | None = None,
+                     before: Callable[[str], None] | None = None) -> dict[str, list[float]]:
     """`passes` rounds of one O_DIRECT read of each path (mode -> path), the order
-    alternating every round. Returns MB/s per mode (key = mode) and, given the daemons'
-    pids, their CPU time per request in µs (key = mode + "_cpu_us")."""
+    alternating every round; ``before(mode)`` runs ahead of each pass (outside what is
+    measured). Returns MB/s per mode (key = mode) and, given the daemons' pids, their
+    CPU time per request in µs (key = mode + "_cpu_us")."""
     res: dict[str, list[float]] = {m: [] for m in paths}
     if pids:
         res.update({m + "_cpu_us": [] for m in paths})
@@ -90,6 +108,8 @@ def alternate_passes(paths: dict[str, Path], size: int, block: int, passes: int,
     requests = -(-size // block)
     for i in range(passes):
         for mode in (modes if i % 2 == 0 else modes[::-1]):
+            if before is not None:
+                before(mode)
             c0 = cpu_seconds(pids[mode]) if pids else 0.0
             got, dt = read_direct(paths[mode], block)
             if pids:
@@ -110,19 +130,43 @@ def cost(res: dict[str, list[float]]) -> tuple[float, float, float]:
 
 
 def cpu_cost(res: dict[str, list[float]]) -> tuple[float, float, float] | None:
-    """(median µs of daemon CPU per request on, off, extra % on), or None without pids."""
+    """(median µs of daemon CPU per request on, off, extra %), or None without pids; the
+    extra is the median over rounds of on/off - 1, like cost()."""
     if "on_cpu_us" not in res:
         return None
-    on, off = statistics.median(res["on_cpu_us"]), statistics.median(res["off_cpu_us"])
-    return on, off, 100 * (on - off) / off
+    return (statistics.median(res["on_cpu_us"]), statistics.median(res["off_cpu_us"]),
+            statistics.median(_pairs(res)))
+
+
+def _pairs(res: dict[str, list[float]]) -> list[float]:
+    return [100 * (x / y - 1) for x, y in zip(res["on_cpu_us"], res["off_cpu_us"], strict=True)]
+
+
+def interval(res: dict[str, list[float]], level: float = 0.9,
+             resamples: int = 4000) -> tuple[float, float]:
+    """A bootstrap confidence interval (``level``) of the median per-round CPU cost (%):
+    the rounds are resampled with replacement, and the spread of their medians says how
+    far the headline figure can be trusted on this machine."""
+    import random
+
+    pairs = _pairs(res)
+    rng = random.Random(1)
+    meds = sorted(statistics.median(rng.choices(pairs, k=len(pairs)))
+                  for _ in range(resamples))
+    lo = meds[int((1 - level) / 2 * resamples)]
+    hi = meds[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return lo, hi
 
 
 def describe(res: dict[str, list[float]]) -> str:
     """One line for a block size's results: CPU per request, then throughput."""
     on, off, pct = cost(res)
     cpu = cpu_cost(res)
-    head = (f"daemon CPU per request on {cpu[0]:.1f} µs, off {cpu[1]:.1f} µs ({cpu[2]:+.1f}%); "
-            if cpu else "")
+    head = ""
+    if cpu:
+        lo, hi = interval(res)
+        head = (f"daemon CPU per request on {cpu[0]:.1f} µs, off {cpu[1]:.1f} µs "
+                f"({cpu[2]:+.1f}%, 90% interval {lo:+.1f}% to {hi:+.1f}%); ")
     return (f"{head}throughput on {on:.0f} MB/s ({min(res['on']):.0f}–{max(res['on']):.0f}), "
             f"off {off:.0f} MB/s ({min(res['off']):.0f}–{max(res['off']):.0f}), "
             f"paired cost {pct:+.1f}%")
@@ -227,37 +271,37 @@ def main() -> None:
     os.environ["CACHEFS_RUNTIME_DIR"] = rt
     moto = start_moto()
     tmp = Path(tempfile.mkdtemp(prefix="cachefs-bench-tracing-"))
-    mounts = {}
+    mp = None
     try:
         s3 = s3_client(moto.url)
         s3.create_bucket(Bucket="benchtrace")
         s3.put_object(Bucket="benchtrace", Key="f.bin", Body=os.urandom(size))
-        for mode, val in MODES.items():
-            mounts[mode] = Mount(tmp, "s3://benchtrace", moto.url, name=f"trace-{mode}",
-                                 cache_size="4GiB", chunk_size=a.chunk_size,
-                                 env={"CACHEFS_TRACING": val}).start()
-        for mp in mounts.values():  # fill the caches (cold), then one warm-up pass
-            read_direct(mp.path("f.bin"), 1 << 20)
-            read_direct(mp.path("f.bin"), 1 << 20)
-        pids = {m: mp.proc.pid for m, mp in mounts.items()}
-        paths = {m: mp.path("f.bin") for m, mp in mounts.items()}
+        mp = Mount(tmp, "s3://benchtrace", moto.url, name="trace", cache_size="4GiB",
+                   chunk_size=a.chunk_size).start()
+        path = mp.path("f.bin")
+        read_direct(path, 1 << 20)  # fill the cache (cold), then one warm-up pass
+        read_direct(path, 1 << 20)
+        pid = mp.proc.pid
+        paths, pids = {m: path for m in MODES}, {m: pid for m in MODES}
+        before = switcher(mp.request)
         for block in (128 << 10, 1 << 20):
-            res = alternate_passes(paths, size, block, a.passes, pids)
-            print(f"warm O_DIRECT reads, {block >> 10} KiB requests, {a.passes} passes of "
-                  f"{size >> 20} MiB: {describe(res)}")
-        sh = trace_share(pids["on"], lambda: [read_direct(paths["on"], 128 << 10)
-                                              for _ in range(max(3, a.passes // 3))])
+            res = alternate_passes(paths, size, block, a.passes, pids, before)
+            print(f"warm O_DIRECT reads, {block >> 10} KiB requests, {a.passes} rounds of "
+                  f"{size >> 20} MiB per mode: {describe(res)}")
+        before("on")
+        sh = trace_share(pid, lambda: [read_direct(path, 128 << 10)
+                                       for _ in range(max(3, a.passes // 3))])
         if sh is None:
             print("py-spy not found: no profile of the tracing daemon")
         else:
-            print(f"py-spy of the tracing daemon, 128 KiB requests: {sh['trace_samples']} of "
-                  f"{sh['busy_samples']} busy samples in cachefs/trace.py = "
+            print(f"py-spy of the daemon, tracing on, 128 KiB requests: {sh['trace_samples']} "
+                  f"of {sh['busy_samples']} busy samples in cachefs/trace.py = "
                   f"{sh['share_pct']:.1f}% of its CPU")
-        st = mounts["on"].request({"op": "trace_stats"})["tracer"]
-        print(f"tracer (on): {st['finished']} traces recorded, {st['recent_spans_kept']} spans "
+        st = mp.request({"op": "trace_stats"})["tracer"]
+        print(f"tracer: {st['finished']} traces recorded, {st['recent_spans_kept']} spans "
               f"in the recent ring, {st['dropped_spans']} dropped")
     finally:
-        for mp in mounts.values():
+        if mp is not None:
             mp.stop()
         moto.stop()
 
