@@ -801,8 +801,11 @@ SCENARIOS = [
              "a peer owns (peer SSD → TCP), page cache dropped", "MB/s", None),
     Scenario("cluster_local_warm", "hooks", "Cluster of 3: warm read on node n0 of an object whose chunks "
              "n0 owns (its own SSD), page cache dropped", "MB/s", None),
-    Scenario("tracing_cost", "hooks", "Tracing on vs off: extra daemon CPU per warm O_DIRECT "
-             "128 KiB request (throughput, 1 MiB and a py-spy profile in the note)", "%", None,
+    Scenario("tracing_cost", "hooks", "Tracing on vs off: extra daemon CPU per warm 1 MiB request "
+             "(the size buffered sequential reads reach the daemon in; throughput and a py-spy "
+             "profile in the note)", "%", None, higher_is_better=False, target="< 5%"),
+    Scenario("tracing_cost_128k", "hooks", "Tracing on vs off: extra daemon CPU per warm O_DIRECT "
+             "128 KiB request (the worst case: eight times the requests per byte)", "%", None,
              higher_is_better=False, target="< 5%"),
 ]
 SCEN = {s.id: s for s in SCENARIOS}
@@ -1218,11 +1221,13 @@ def scenario_tracing_overhead(ctx: Ctx) -> None:
     """One cachefs daemon, its cache filled with the herd file; then bench_tracing.py's
     rounds of warm O_DIRECT passes (the page cache is bypassed: every block reaches
     the daemon) alternating tracing on and off in that daemon (control op
-    trace_enable), 128 KiB and 1 MiB requests. Figure: the extra daemon CPU time per
-    128 KiB request with tracing on (the most requests per byte, where a per-request
-    cost shows most), the median over rounds of on/off - 1; CPU time, not wall-clock
-    throughput, which this shared machine's load swings move by ±15%. The throughput
-    cost, the 1 MiB figures and a py-spy profile share go in the note. Target: < 5%."""
+    trace_enable), 128 KiB and 1 MiB requests. Figures: the extra daemon CPU time per
+    request with tracing on, the median over rounds of on/off - 1, for 1 MiB requests
+    (tracing_cost: buffered sequential reads reach the daemon as 1 MiB requests) and
+    for 128 KiB requests (tracing_cost_128k: the most requests per byte, where a
+    per-request cost shows most); CPU time, not wall-clock throughput, which this
+    shared machine's load swings move by ±15%. The throughput cost, a 90% interval
+    and a py-spy profile share go in the note. Target: < 5%."""
     import bench_tracing as bt
 
     p = ctx.profile
@@ -1261,7 +1266,8 @@ def scenario_tracing_overhead(ctx: Ctx) -> None:
             extra["py_spy"] = sh
             summary_parts.append(f"py-spy of the daemon at 128 KiB, tracing on: "
                                  f"{sh['share_pct']:.1f}% of its busy samples in trace.py")
-        return costs[128 * KiB], extra
+        ctx.record("tracing_cost_128k", "cachefs", costs[128 * KiB])
+        return costs[MiB], extra
 
     try:
         node.unmount()
@@ -1445,7 +1451,11 @@ def target_checks(ctx: Ctx) -> list[tuple[str, str, str]]:
     v = c("cluster_3")
     check("cluster of 3: S3 bytes ≤ 1.05× data set", v, lambda x: x <= 1.05, f"{v:.3f}×" if v is not None else "")
     v = c("tracing_cost")
-    check("tracing cost < 5%", v, lambda x: x < 5, f"{v:+.1f}%" if v is not None else "")
+    check("tracing cost < 5% (1 MiB requests: buffered warm reads)", v, lambda x: x < 5,
+          f"{v:+.1f}%" if v is not None else "")
+    v = c("tracing_cost_128k")
+    check("tracing cost < 5% (128 KiB O_DIRECT requests: worst case)", v, lambda x: x < 5,
+          f"{v:+.1f}%" if v is not None else "")
     return out
 
 
