@@ -218,7 +218,7 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
 
 def _rank(row: dict, prio: dict) -> float:
     """Which span tells best how a chunk was served: a fetch, then a wait or a hit."""
-    if row["span"] == "chunk" and row["tier"] in ("miss", "readahead"):
+    if row["span"] == "chunk" and row["tier"] in ("miss", "readahead", "memory"):
         return 1.5
     return prio[row["span"]]
 

@@ -38,7 +38,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Stats counter → (metric, labels) for the curated families; every counter is also
 # exported under cachefs_events_total{name=...}.
 TIER_HITS = {"local": ("ssd_hits", "ssd_bytes"), "peer": ("peer_hits", "peer_bytes"),
-             "s3": ("s3_misses", "s3_bytes"), "readahead": ("readahead_hits", None)}
+             "s3": ("s3_misses", "s3_bytes"), "readahead": ("readahead_hits", None),
+             "memory": ("memory_hits", None)}
 S3_REQUESTS = {"GET": "s3_get_requests", "LIST": "s3_list_requests",
                "HEAD": "s3_head_requests"}
 
@@ -223,7 +224,8 @@ def render(d: Daemon) -> str:
 
     # chunk reads per tier
     o.family("cachefs_chunk_reads_total", "counter",
-             "Chunks served per tier: local SSD, peer node, S3 (a miss), read-ahead buffer.")
+             "Chunks served per tier: local SSD, peer node, S3 (a miss), read-ahead buffer, "
+             "memory (a chunk another handle of the file fetched).")
     for tier, (n, _) in TIER_HITS.items():
         o.sample("cachefs_chunk_reads_total", c.get(n, 0), {"tier": tier})
     o.family("cachefs_chunk_bytes_total", "counter", "Chunk bytes served per tier.")

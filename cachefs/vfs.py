@@ -30,6 +30,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,6 +115,94 @@ class ReadaheadBudget:
         self.used -= n
 
 
+MEMO_CHUNKS = 8  # the shared memo holds up to this many chunks (and ≤ 1/4 of the budget)
+MEMO_AHEAD = 2  # chunks a herd's shared read-ahead fetches past a miss
+
+
+class ChunkMemo:
+    """The chunks handles fetched themselves most recently, shared by every handle.
+
+    When many readers open one file at once (a herd: the ranks of a job reading the
+    same shard), the kernel's page cache serves each reader part of the file, so
+    their offsets jump, their read-ahead stays off, and every reader fetches the
+    chunks it misses: without the memo, once per reader from the SSD.  With it, a
+    chunk one handle fetched is served from memory to the others.  At most ``limit``
+    bytes, charged to the read-ahead budget; a handle served from the memo holds no
+    copy of its own.  Chunk ids name immutable bytes, so an entry is never stale;
+    entries leave with their chunk when it is dropped from the SSD (ChunkStore.on_drop:
+    `cachefs free`, eviction, `trace --cold`) and with the last handle of their file."""
+
+    def __init__(self, budget: ReadaheadBudget, limit: int) -> None:
+        self.budget = budget
+        self.limit = limit
+        # chunk id -> (bytes, inode, the handle that fetched it)
+        self.items: OrderedDict[bytes, tuple[bytes, int, object]] = OrderedDict()
+        self.used = 0
+
+    def get(self, cid: bytes) -> bytes | None:
+        e = self.items.get(cid)
+        if e is None:
+            return None
+        self.items.move_to_end(cid)
+        return e[0]
+
+    def fetched_by_other(self, cid: bytes, h: object) -> bool:
+        e = self.items.get(cid)
+        return e is not None and e[2] is not h
+
+    def put(self, cid: bytes, data: bytes, ino: int, owner: object) -> None:
+        n = len(data)
+        if cid in self.items or n > self.limit:
+            return
+        while self.items and self.used + n > self.limit:
+            self._pop()
+        if not self.budget.try_take(n):
+            return  # read-ahead holds the budget: it comes first
+        self.items[cid] = (data, ino, owner)
+        self.used += n
+
+    def ahead(self, vfs: VFS, obj: ObjectVersion, ino: int, start: int, n: int) -> None:
+        """Fetch chunks start..start+n-1 of obj into the memo in the background, unless
+        they are held or in flight already: the herd's shared read-ahead."""
+        flights = vfs.reader.flights
+        for j in range(start, min(start + n, obj.nchunks)):
+            ref = obj.chunk(j)
+            if ref.cid in self.items or ref.cid in flights:
+                continue
+            vfs.stats.inc("memory_readahead_started")
+            vfs.nursery.start_soon(self._fetch, vfs, ref, ino)
+
+    async def _fetch(self, vfs: VFS, ref, ino: int) -> None:
+        try:
+            with span("readahead", chunk=ref.index, shared=True):
+                data = await vfs.reader.get(ref)
+        except Exception:  # noqa: BLE001 - a reader that wants the chunk fetches it itself
+            return
+        if vfs.open_count.get(ino):
+            self.put(ref.cid, data, ino, self)
+
+    def discard(self, cids: list[bytes]) -> None:
+        items = self.items
+        if not items:
+            return
+        for cid in cids:
+            e = items.pop(cid, None)
+            if e is not None:
+                self._gone(e)
+
+    def closed(self, ino: int) -> None:
+        """The last handle of inode ino closed: its chunks leave the memo."""
+        for cid in [c for c, e in self.items.items() if e[1] == ino]:
+            self._gone(self.items.pop(cid))
+
+    def _pop(self) -> None:
+        self._gone(self.items.popitem(last=False)[1])
+
+    def _gone(self, e: tuple[bytes, int, object]) -> None:
+        self.used -= len(e[0])
+        self.budget.give(len(e[0]))
+
+
 class FileHandle:
     def __init__(self, vfs: VFS, node: Node, obj: ObjectVersion) -> None:
         self.vfs = vfs
@@ -170,8 +259,20 @@ class FileHandle:
             d = self.buf.get(i)
             if d is not None:
                 return d
-        data = await self.vfs.reader.get(self.obj.chunk(i))
+        ref = self.obj.chunk(i)
+        memo = self.vfs.memo
+        d = memo.get(ref.cid)
+        if d is not None:  # another handle of this file fetched it (see ChunkMemo)
+            self.vfs.stats.inc("memory_hits")
+            leaf("chunk", chunk=i, tier="memory", bytes=len(d))
+            return d
+        if i > 0 and memo.fetched_by_other(self.obj.chunk(i - 1).cid, self):
+            # another handle fetched the chunk before this one: the file is read forward
+            # by several readers whose own read-ahead is off (their offsets jump)
+            memo.ahead(self.vfs, self.obj, self.node.ino, i + 1, MEMO_AHEAD)
+        data = await self.vfs.reader.get(ref)
         self._keep(i, data, charged=False)
+        memo.put(ref.cid, data, self.node.ino, self)
         return data
 
     async def read(self, off: int, size: int) -> bytes | memoryview:
@@ -251,9 +352,13 @@ class VFS:
         self.nursery = nursery
         self.on_change = on_change or (lambda ino: None)
         self.budget = ReadaheadBudget(cfg.readahead_memory)
+        self.memo = ChunkMemo(self.budget,
+                              min(cfg.readahead_memory // 4, MEMO_CHUNKS * cfg.chunk_size))
+        reader.store.on_drop.append(self.memo.discard)
         self.prefetch = FilePrefetcher(self, cfg.prefetch_files)
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, FileHandle] = {}
+        self.open_count: dict[int, int] = {}  # inode -> open handles
         self.dir_handles: dict[int, list[tuple[str, int]]] = {}
         self._fh = itertools.count(1)
         self._next_ino = max(index.next_ino(), ROOT_INO + 1)
@@ -532,6 +637,7 @@ class VFS:
             raise FSError(errno.EROFS)
         fh = next(self._fh)
         h = self.handles[fh] = FileHandle(self, node, self.version(node))
+        self.open_count[node.ino] = self.open_count.get(node.ino, 0) + 1
         self.prefetch.opened(node, h)
         return fh
 
@@ -561,6 +667,12 @@ class VFS:
         h = self.handles.pop(fh, None)
         if h is not None:
             h.close()
+            ino = h.node.ino
+            left = self.open_count.pop(ino, 1) - 1
+            if left:
+                self.open_count[ino] = left
+            else:
+                self.memo.closed(ino)
 
     def display_path(self, node: Node) -> str:
         if node.mount is None:

@@ -145,3 +145,14 @@ class Mount:
 
 def read_json(s: str) -> dict:
     return json.loads(s)
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)

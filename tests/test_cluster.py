@@ -14,7 +14,7 @@ from functools import partial
 
 import pytest
 import trio
-from cachefs_env import cli
+from cachefs_env import cli, wait_for
 from etcd_env import etcd_available, free_port, start_etcd
 
 from cachefs.cluster.membership import parse_peer, prefix_end, resolve_self
@@ -84,17 +84,6 @@ def cluster_stats(m) -> dict:
 
 def gets(proxy) -> int:
     return proxy.stats()["ops"].get("GetObject", 0)
-
-
-def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- unit: identities -------------------------------------------------------------------

@@ -8,6 +8,7 @@ import random
 import threading
 
 import pytest
+from cachefs_env import wait_for
 
 CS = 64 * 1024  # the fixture's chunk size
 
@@ -147,6 +148,66 @@ def test_concurrent_cold_readers_singleflight(s3, bucket, mounts, proxy):
     assert not errors
     assert all(r == data for r in results) and len(results) == 16
     assert proxy.stats()["ops"]["GetObject"] == 13  # one GET per chunk
+
+
+def test_herd_of_readers_shares_chunks_in_memory(s3, bucket, mounts, proxy):
+    """Readers of one cold file at once whose offsets jump (in a real herd the page
+    cache serves each reader part of the file), so their own read-ahead stays off: a
+    chunk one of them fetched must reach the others from memory (the shared memo),
+    not through one SSD read per reader.  4 groups of 4 O_DIRECT readers; reader k of
+    a group reads every 4th chunk from chunk k, and reads a chunk only once the group
+    before has read it (so no reader joins another's fetch: the reads come after)."""
+    import mmap
+
+    cs, n = 256 * 1024, 48
+    data = put(s3, bucket, "herd.bin", random.randbytes(n * cs))
+    m = mounts(f"s3://{bucket}", chunk_size="256KiB")
+    m.path("herd.bin").stat()
+    proxy.reset()
+    got: dict[tuple[int, int], bytes] = {}
+    done: list[set[int]] = [set() for _ in range(4)]
+    cond = threading.Condition()
+    errors: list[BaseException] = []
+
+    def reader(g: int, k: int) -> None:
+        try:
+            fd = os.open(m.path("herd.bin"), os.O_RDONLY | os.O_DIRECT)
+            buf = mmap.mmap(-1, cs)
+            try:
+                for i in range(k, n, 4):
+                    if g:
+                        with cond:
+                            assert cond.wait_for(lambda i=i: i in done[g - 1], timeout=60)
+                    assert os.preadv(fd, [buf], i * cs) == cs
+                    got[g, i] = bytes(buf)
+                    with cond:
+                        done[g].add(i)
+                        cond.notify_all()
+            finally:
+                os.close(fd)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            with cond:
+                done[g].update(range(n))  # let the groups behind finish
+                cond.notify_all()
+
+    threads = [threading.Thread(target=reader, args=(g, k)) for g in range(4) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(got) == 4 * n
+    assert all(b == data[i * cs:(i + 1) * cs] for (_, i), b in got.items())
+    assert proxy.stats()["ops"]["GetObject"] == n  # one GET per chunk
+    c = m.counters()
+    # groups 1-3 read each chunk after group 0 fetched it: 3n reads that, without the
+    # memo, were SSD reads
+    assert c.get("memory_hits", 0) >= 2 * n, c
+    assert c.get("ssd_hits", 0) <= n // 4, c
+    # all handles closed (the kernel sends RELEASE after close() returns): the memo let
+    # go of the file's chunks too
+    wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
 
 
 def test_warm_restart_after_umount_and_sigkill(s3, bucket, mounts, proxy):
@@ -394,7 +455,8 @@ def test_readahead_sequential_not_random(s3, bucket, mounts, proxy):
     # of read-ahead; after that, seeks keep the window at zero
     assert started <= 1, started
     assert gets <= len(touched) + 1, gets
-    assert m.stats()["readahead_bytes"] == 0  # all handles closed: budget fully returned
+    # all handles closed (RELEASE arrives after close() returns): budget fully returned
+    wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
 
 
 def test_damaged_index_rebuilt_from_chunk_files(s3, bucket, mounts, proxy):

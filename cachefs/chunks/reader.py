@@ -50,6 +50,7 @@ class ChunkReader:
         self.nursery = nursery
         self.peers = peers
         self._flights: dict[bytes, _Flight] = {}
+        self.flights = self._flights.keys()  # chunk ids being fetched (read-only view)
 
     @property
     def in_flight(self) -> int:

@@ -33,6 +33,7 @@ import shutil
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -80,6 +81,9 @@ class ChunkStore:
         self._evict_wakeup = trio.Event()
         self._space_lock = trio.Lock()
         self._tmp_seq = itertools.count()
+        # called with the ids of chunks about to be dropped (free, eviction, trace --cold):
+        # copies held in memory elsewhere (the VFS's shared chunk memo) go with them
+        self.on_drop: list[Callable[[list[bytes]], None]] = []
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -372,6 +376,8 @@ class ChunkStore:
 
     async def drop(self, cids: list[bytes]) -> int:
         """Remove chunks (index first, then files). Returns bytes freed."""
+        for fn in self.on_drop:
+            fn(cids)
         freed, ops, paths = 0, [], []
         for cid in cids:
             size = self.lru.pop(cid, None)
