@@ -1234,7 +1234,7 @@ def scenario_tracing_overhead(ctx: Ctx) -> None:
     # many short alternating passes pair better against a shared machine's load
     # swings than a few long ones
     rel, size = ctx.layout.herd, p.herd_size
-    passes = 21 if p.runs == 1 else 31
+    passes = 101  # ~30 s in all: enough rounds for a 90% interval of a few percent
     node = CacheFSNode(ctx, "tracing")
     m = Measurer(ctx, "cachefs", talks_to_s3=False)
     summary_parts: list[str] = []

@@ -107,7 +107,15 @@ class Span:
         # it, or every traced request leaves a reference cycle for the garbage collector
         self._token = None
         r = self.root
-        if r is not None and not r.done:
+        if r is None:
+            if type(self) is RootSpan:  # the root of a trace: recorded now or once its
+                self.ended = True  # background spans (read-ahead) have ended
+                if not self.done:
+                    if self.open == 0:
+                        self.owner._record(self)
+                    else:
+                        self.owner._defer(self)
+        elif not r.done:
             r.open -= 1
             if r.open == 0 and r.ended:
                 r.owner._record(r)
@@ -165,20 +173,6 @@ class RootSpan(Span):
         self.incomplete = False
         self.nested = False  # holds Span objects (not only leaf() tuples): _seal walks them
         self._dict: dict | None = None
-
-    def __exit__(self, et, e, tb) -> bool:
-        self.end = _now()
-        if et is not None:
-            self.attrs.setdefault("error", et.__name__)
-        _current.reset(self._token)
-        self._token = None
-        self.ended = True
-        if not self.done:
-            if self.open == 0:
-                self.owner._record(self)
-            else:
-                self.owner._defer(self)
-        return False
 
     @property
     def trace_id(self) -> str:
