@@ -43,7 +43,6 @@ benchmarks): ``start`` then records nothing and ``span`` finds no trace.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections import deque
@@ -53,7 +52,6 @@ from typing import Any
 
 import trio
 
-_ids = itertools.count(1)
 _current: ContextVar[Span | None] = ContextVar("cachefs_span", default=None)
 _get = _current.get
 _now = time.perf_counter
@@ -289,11 +287,7 @@ def span(name: str, **attrs: Any) -> Span | _NullSpan:
     tr.open += 1
     tr.nested = True
     s = Span(name, attrs, tr)
-    kids = parent.children
-    if kids is None:
-        parent.children = [s]
-    else:
-        kids.append(s)
+    parent.add(s)
     return s
 
 
@@ -314,7 +308,7 @@ def leaf(name: str, **attrs: Any) -> None:
     tr.nspans += 1
     t = _now()
     kid = (name, t, t, attrs, ())  # the frozen form _thaw reads
-    kids = parent.children
+    kids = parent.children  # Span.add inlined: this is the read-ahead hit's hot path
     if kids is None:
         parent.children = [kid]  # type: ignore[list-item]
     else:
