@@ -211,6 +211,8 @@ def test_503_at_10_percent_mixed_faults_concurrent_readers(s3, bucket, mounts, p
     # every injected fault cost exactly one retry: none reached a reader
     assert c["s3_retries"] == st["faults_injected"]
     assert c.get("s3_failures", 0) == 0
+    # all but the first GET skipped botocore's call path (objectstore._DirectGet)
+    assert c["s3_get_direct"] == c["s3_get_requests"] - 1
     m.stop()
     CacheState(m.cache_dir).assert_consistent()
     proxy.reset()
@@ -227,16 +229,21 @@ def _error_doc_len() -> int:
 
 
 def test_error_body_exactly_chunk_length_never_returned(s3, bucket, mounts, proxy):
-    """An XML error body as long as the requested range: never returned, never cached."""
+    """An XML error body as long as the requested range: never returned, never cached.
+    (The mount's first GET goes through botocore, the later ones direct: here the fault
+    meets a direct GET, in the next test botocore's.)"""
     n = _error_doc_len()
     small = put(s3, bucket, "small.bin", random.randbytes(n))  # one chunk of n bytes
+    first = put(s3, bucket, "first.bin", b"x" * 100)
     m = mounts(f"s3://{bucket}")
-    m.path("small.bin").stat()
+    assert m.path("first.bin").read_bytes() == first
     proxy.reset()
     proxy.faults(error_body_200=1, key_filter="small.bin")
     got = m.path("small.bin").read_bytes()
     assert proxy.stats()["faults_injected"] == 1
     assert got == small, got[:60]
+    c = m.counters()
+    assert c["s3_get_requests"] == 3 and c["s3_get_direct"] == 2, c
 
 
 def test_error_body_on_last_chunk_same_length(s3, bucket, mounts, proxy):
@@ -250,6 +257,8 @@ def test_error_body_on_last_chunk_same_length(s3, bucket, mounts, proxy):
         got = os.pread(f.fileno(), n, CS)  # a random read: the GET of chunk 1 alone
     assert proxy.stats()["faults_injected"] == 1
     assert got == data[CS:], got[:60]
+    c = m.counters()  # the faulty answer went to botocore (the mount's first GET)
+    assert c["s3_get_requests"] == 2 and c["s3_get_direct"] == 1, c
     m.stop()
     CacheState(m.cache_dir).assert_consistent()
     m.start()
@@ -703,6 +712,9 @@ def test_hostile_keys(s3, bucket, mounts, proxy, tmp_path):
         assert ei.value.errno in (errno.ENOENT, errno.ENAMETOOLONG)
     c = m.counters()
     assert c.get("skipped_keys", 0) == 10  # "/abs" and "//double" share the prefix "/"
+    # every key but the first was fetched by a GET built without botocore: its URL
+    # encoding of the key matches botocore's
+    assert c["s3_get_direct"] == c["s3_get_requests"] - 1 > 10, c
     assert c.get("fuse_internal_errors", 0) == 0
     # the control API resolves paths like lookups: ".." cannot climb out of the mount
     res = m.request({"op": "status", "entries": [[1, "../../etc/passwd", "x"],
