@@ -1639,7 +1639,10 @@ def main() -> int:
         if "cachefs" in wanted:
             for hook in HOOKS:
                 hook(ctx)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BaseExceptionGroup) as e:
+        # (an interrupt inside trio.run, as in s3-direct, arrives in an exception group)
+        if isinstance(e, BaseExceptionGroup) and e.subgroup(KeyboardInterrupt) is None:
+            raise
         log("interrupted: cleaning up")
         return 130
     finally:
