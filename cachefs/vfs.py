@@ -270,8 +270,16 @@ class FileHandle:
             # another handle fetched the chunk before this one: the file is read forward
             # by several readers whose own read-ahead is off (their offsets jump)
             memo.ahead(self.vfs, self.obj, self.node.ino, i + 1, MEMO_AHEAD)
-        data = await self.vfs.reader.get(ref)
-        self._keep(i, data, charged=False)
+        # charged while in flight, like read-ahead: with many readers fetching their own
+        # chunks at once, read-ahead then waits instead of adding its chunks on top
+        budget = self.vfs.budget
+        budget.take(ref.length)
+        try:
+            data = await self.vfs.reader.get(ref)
+        except BaseException:
+            budget.give(ref.length)
+            raise
+        self._keep(i, data, charged=True)
         memo.put(ref.cid, data, self.node.ino, self)
         return data
 
