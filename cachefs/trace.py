@@ -120,19 +120,8 @@ class Span:
         return False
 
     def to_dict(self, t0: float | None = None) -> dict:
-        t0 = self.start if t0 is None else t0
-        d = {
-            "name": self.name,
-            "start_ms": round((self.start - t0) * 1000, 3),
-            "duration_ms": round(self.duration * 1000, 3),
-        }
-        for k, v in self.attrs.items():
-            d[k] = _cut(v)
-        if self.end is None:
-            d["open"] = True
-        d["spans"] = [_thaw(c, t0) if type(c) is tuple else c.to_dict(t0)
-                      for c in self.children or ()]
-        return d
+        return _span_dict(self.name, self.start, self.end, self.attrs, self.children,
+                          self.start if t0 is None else t0)
 
     def add(self, child: Span) -> None:
         if self.children is None:
@@ -221,15 +210,17 @@ def _seal(s: Span, done: _Done) -> None:
             _seal(c, done)
 
 
-def _thaw(f: tuple, t0: float) -> dict:
-    name, start, end, attrs, kids = f
+def _span_dict(name: str, start: float, end: float | None, attrs: dict[str, Any],
+               kids: list | tuple | None, t0: float) -> dict:
+    """The JSON form of a span, or of a leaf() tuple (name, start, end, attrs, ())."""
     d = {"name": name, "start_ms": round((start - t0) * 1000, 3),
-         "duration_ms": round(((end if end is not None else start) - start) * 1000, 3)}
+         "duration_ms": round(((end if end is not None else _now()) - start) * 1000, 3)}
     for k, v in attrs.items():
         d[k] = _cut(v)
     if end is None:
         d["open"] = True
-    d["spans"] = [_thaw(c, t0) for c in kids]
+    d["spans"] = [_span_dict(*c, t0) if type(c) is tuple else c.to_dict(t0)
+                  for c in kids or ()]
     return d
 
 
@@ -307,7 +298,7 @@ def leaf(name: str, **attrs: Any) -> None:
         return
     tr.nspans += 1
     t = _now()
-    kid = (name, t, t, attrs, ())  # the frozen form _thaw reads
+    kid = (name, t, t, attrs, ())  # the form _span_dict reads
     kids = parent.children  # Span.add inlined: this is the read-ahead hit's hot path
     if kids is None:
         parent.children = [kid]  # type: ignore[list-item]
