@@ -103,7 +103,7 @@ def _mtime(v: object) -> float:
 _CR_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-def _is_error_document(data: bytes, content_type: str) -> bool:
+def _is_error_document(data: bytes | memoryview, content_type: str) -> bool:
     """An S3 XML error document served with a 2xx status (a broken proxy or gateway).
 
     Checked after the length check, so it only matters when the document happens to be
@@ -112,7 +112,7 @@ def _is_error_document(data: bytes, content_type: str) -> bool:
     """
     if not content_type.startswith(("application/xml", "text/xml")):
         return False
-    body = data.strip()
+    body = bytes(data).strip()
     if body.startswith(b"<?xml"):
         body = body[body.find(b"?>") + 2:].lstrip()
     return body.startswith(b"<Error>") and body.endswith(b"</Error>")
@@ -363,11 +363,15 @@ class ObjectStore:
                        _mtime(r.get("LastModified")))
 
     async def _get_direct(self, direct: _DirectGet, key: str, start: int, end: int,
-                          etag: str, t0: float) -> tuple[int, Any, bytes, float]:
-        """One direct ranged GET: (status, headers, body, seconds from t0 to the first
-        byte).  The headers are case-insensitive (botocore's HTTPHeaders).  A non-2xx
-        status raises the ClientError botocore would have raised, so _classify treats both
-        ways alike; a 2xx is counted as soon as its headers arrive, as on botocore's way."""
+                          etag: str, t0: float, into: memoryview | None
+                          ) -> tuple[int, Any, bytes | memoryview, int, float]:
+        """One direct ranged GET: (status, headers, body, its length in bytes, seconds
+        from t0 to the first byte).  The headers are case-insensitive (botocore's
+        HTTPHeaders).  ``into``: memory of the range's length the body is read into (a
+        longer body is cut short there, and its length reported as one more).  The body
+        is taken as sent, never decoded.  A non-2xx status raises the ClientError botocore
+        would have raised, so _classify treats both ways alike; a 2xx is counted as soon
+        as its headers arrive, as on botocore's way."""
         headers = {"Range": f"bytes={start}-{end}"}
         if etag:
             headers["If-Match"] = etag
@@ -378,17 +382,31 @@ class ObjectStore:
             self.stats.inc("s3_get_requests")
             self.stats.inc("s3_get_direct")
         try:
-            body = await r.content
+            if ok and into is not None:
+                n, cap = 0, len(into)
+                async for piece in r.raw.aiter_raw():
+                    m = len(piece)
+                    if n + m > cap:
+                        n = cap + 1
+                        break
+                    into[n:n + m] = piece
+                    n += m
+                body = into[:n] if n < cap else into
+            else:
+                body = b"".join([piece async for piece in r.raw.aiter_raw()])
+                n = len(body)
         finally:
             with trio.CancelScope(shield=True):
                 await r.raw.aclose()  # a body not read to its end closes the connection
         if not ok:
-            raise _client_error(r.status_code, body)
-        return r.status_code, r.headers, body, ttfb
+            raise _client_error(r.status_code, bytes(body))
+        return r.status_code, r.headers, body, n, ttfb
 
     async def get_range(self, key: str, etag: str, start: int, length: int,
-                        object_size: int) -> bytes:
-        """Exactly ``length`` bytes at ``start`` of the version ``etag`` of ``key``."""
+                        object_size: int, into: memoryview | None = None
+                        ) -> bytes | memoryview:
+        """Exactly ``length`` bytes at ``start`` of the version ``etag`` of ``key``;
+        read into ``into`` (``length`` bytes of memory) and returned as it, if given."""
         if length == 0:
             return b""
         end = start + length - 1
@@ -401,8 +419,8 @@ class ObjectStore:
                 t0 = time.perf_counter()
                 direct = self._direct
                 if direct is not None:
-                    status, hdr, data, ttfb = await self._get_direct(direct, key, start, end,
-                                                                     etag, t0)
+                    status, hdr, data, got, ttfb = await self._get_direct(
+                        direct, key, start, end, etag, t0, into)
                     got_etag, content_range = hdr.get("ETag"), hdr.get("Content-Range")
                     content_type = hdr.get("Content-Type")
                 else:
@@ -417,6 +435,10 @@ class ObjectStore:
                     self.stats.inc("s3_get_requests")
                     async with r["Body"] as body:
                         data = await body.read()
+                    got = len(data)
+                    if into is not None and got == length:
+                        into[:] = data
+                        data = into
                     status = int(r.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
                     got_etag, content_range = r.get("ETag"), r.get("ContentRange")
                     content_type = r.get("ContentType")
@@ -431,9 +453,10 @@ class ObjectStore:
                         raise _Retry("200 for a partial range")
                 else:
                     raise _Retry(f"unexpected status {status}", status=status)
-                if len(data) != length:
+                if got != length:
                     self.stats.inc("s3_short_bodies")
-                    raise _Retry(f"short body: {len(data)} of {length} bytes")
+                    raise _Retry(f"body of {'over ' if got > length else ''}"
+                                 f"{min(got, length)} bytes, not {length}")
                 if _is_error_document(data, content_type or ""):
                     self.stats.inc("s3_error_bodies")
                     raise _Retry("an XML error document in a 2xx response")

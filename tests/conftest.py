@@ -1,5 +1,6 @@
 import itertools
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -27,6 +28,28 @@ def proxy(moto):
 def s3(moto):
     """boto3 client straight to moto (setup traffic does not count at the proxy)."""
     return s3_client(moto.url)
+
+
+@pytest.fixture
+def memory_fs(tmp_path):
+    """memory_fs(size, fstype="tmpfs") → a fresh in-memory file system mounted on a
+    directory (a tmpfs: a disk that fills up; a ramfs: one that refuses O_DIRECT);
+    unmounted after the test."""
+    made = []
+
+    def make(size: str, fstype: str = "tmpfs"):
+        d = tmp_path / f"{fstype}{len(made)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", fstype, "-o", f"size={size},mode=0700", fstype,
+                            str(d)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a {fstype}: {r.stderr.strip()}")
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 @pytest.fixture

@@ -186,6 +186,7 @@ FAULT_KINDS = (
     "delay",
     "stall_mid_body",
     "drop",
+    "extra_bytes",
 )
 
 
@@ -240,6 +241,10 @@ class Fault:
         elif self.kind in ("truncate", "error_body_200", "drop"):
             if count is None:
                 count = int(value)
+        elif self.kind == "extra_bytes":  # value: bytes appended past the real body
+            self.extra = int(value)
+            if count is None:
+                count = 1
         elif self.kind in ("delay", "stall_mid_body"):
             self.seconds = float(value)
             if count is None:
@@ -678,6 +683,9 @@ class Handler(BaseHTTPRequestHandler):
         if clen_hdr is not None:
             total = int(clen_hdr)
             chunked_out = False
+            if kind == "extra_bytes":  # a body longer than the range, announced as such
+                headers = [(k, str(total + fault.extra) if k.lower() == "content-length"
+                            else v) for k, v in headers]
         elif kind in ("truncate", "stall_mid_body"):
             # need the length to find "half": buffer it
             data = resp.read()
@@ -739,6 +747,8 @@ class Handler(BaseHTTPRequestHandler):
                 pass
             return status, sent
 
+        if kind == "extra_bytes" and total is not None and sent == total:
+            self._write(b"J" * fault.extra)
         if chunked_out:
             self._write(b"0\r\n\r\n")
         if total is not None and sent != total:

@@ -290,6 +290,15 @@ def test_rate_fault_is_deterministic(proxy, s3):
     assert a == [int(rng.random() < 0.3) for _ in range(60)]
 
 
+def test_extra_bytes(proxy, s3, big_data):
+    proxy.faults(extra_bytes=7)
+    status, headers, body, err = raw_get(proxy, BIG, {"Range": "bytes=0-999"})
+    assert status == 206 and int(headers["Content-Length"]) == 1007 and err is None
+    assert body == big_data[:1000] + b"J" * 7
+    status, headers, body, err = raw_get(proxy, BIG, {"Range": "bytes=0-999"})
+    assert int(headers["Content-Length"]) == 1000 and body == big_data[:1000]
+
+
 def test_truncate(proxy, s3, big_data):
     proxy.faults(truncate=2)
     # raw client: Content-Length as upstream, half the body, then EOF

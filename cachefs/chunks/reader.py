@@ -21,7 +21,7 @@ from typing import Protocol
 import trio
 
 from ..stats import Stats
-from ..store.chunkstore import ChunkStore
+from ..store.chunkstore import ChunkBuf, ChunkStore
 from ..trace import span
 from .ids import ChunkRef
 
@@ -38,7 +38,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: bytes | memoryview | None = None
         self.error: BaseException | None = None
 
 
@@ -56,7 +56,8 @@ class ChunkReader:
     def in_flight(self) -> int:
         return len(self._flights)
 
-    async def get(self, ref: ChunkRef, *, pin: bool = False, local_only: bool = False) -> bytes:
+    async def get(self, ref: ChunkRef, *, pin: bool = False,
+                  local_only: bool = False) -> bytes | memoryview:
         f = self._flights.get(ref.cid)
         if f is None:
             # fast path: local hit without a flight (no await before registering below)
@@ -96,7 +97,7 @@ class ChunkReader:
             del self._flights[ref.cid]
             f.done.set()
 
-    async def _fetch(self, ref: ChunkRef, pin: bool, local_only: bool) -> bytes:
+    async def _fetch(self, ref: ChunkRef, pin: bool, local_only: bool) -> bytes | memoryview:
         with span("chunk", chunk=ref.index, key=ref.obj.key, bytes=ref.length) as sp:
             data = await self.store.get(ref.cid, ref.length)
             if data is not None:
@@ -115,6 +116,10 @@ class ChunkReader:
             obj = ref.obj
             assert obj.store is not None
             self.stats.inc("s3_misses")
-            data = await obj.store.get_range(obj.key, obj.etag, ref.offset, ref.length, obj.size)
-            await self.store.put(ref.cid, data, pin=pin)
-            return data
+            # the body lands in memory laid out like the chunk's file (ChunkBuf): the
+            # write to the SSD goes straight from it, and readers share it read-only
+            buf = ChunkBuf(ref.length)
+            await obj.store.get_range(obj.key, obj.etag, ref.offset, ref.length, obj.size,
+                                      into=buf.data)
+            await self.store.put(ref.cid, buf.data, pin=pin, buf=buf)
+            return buf.data.toreadonly()

@@ -12,6 +12,11 @@ fails verification just like a bit flip, a truncation or a zero fill.
 
 Write protocol (invariant: a chunk is in the index only once its file is complete):
   reserve space → write tmp file → rename into chunks/ → index commit → account
+The file is written with O_DIRECT from a ChunkBuf, memory laid out like the file
+(header then data, 4 KiB aligned and padded; the padding is cut off by ftruncate):
+a chunk file does not pass through the page cache, so writing it costs no copy and
+no writeback later (on a cold read of 4 GiB: daemon system CPU 17–18 s → 8–10 s).
+Where the file system refuses O_DIRECT (tmpfs), writes fall back to buffered ones.
 A crash before the rename leaves a tmp file (deleted at start); after the rename
 but before the commit, an orphan file that start-up verifies and adopts (or
 deletes if it fails verification).
@@ -25,6 +30,7 @@ evicted; when only pinned data is left, the new chunk is served without caching.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import logging
@@ -51,11 +57,43 @@ HEADER = struct.Struct("<8s16sQ16s16x")
 HEADER_SIZE = HEADER.size  # 64
 
 
+ALIGN = 4096  # O_DIRECT alignment of memory, file offsets and lengths
+
+
+class ChunkBuf:
+    """Memory for one chunk, laid out like its file: ``file`` is the header's 64 bytes
+    then the data, at a 4 KiB-aligned address and padded to 4 KiB, so the whole file
+    goes to disk in one O_DIRECT write straight from it.  ``data`` is the chunk's part;
+    an S3 GET streams its body into it, and readers are handed a read-only view of it
+    (the memory lives as long as any view does)."""
+
+    __slots__ = ("file", "data", "length")
+
+    def __init__(self, length: int) -> None:
+        size = -(-(HEADER_SIZE + length) // ALIGN) * ALIGN
+        raw = bytearray(size + ALIGN)
+        off = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % ALIGN
+        self.file = memoryview(raw)[off:off + size]  # pins raw: it can no longer move
+        self.data = self.file[HEADER_SIZE:HEADER_SIZE + length]
+        self.length = length
+
+    @classmethod
+    def of(cls, data: bytes | memoryview) -> ChunkBuf:
+        buf = cls(len(data))
+        buf.data[:] = data
+        return buf
+
+
 def checksum(cid: bytes, data: bytes | memoryview) -> bytes:
     h = xxhash.xxh3_128()
     h.update(cid)
     h.update(data)
     return h.digest()
+
+
+def _write_loop(fd: int, mv: memoryview) -> None:
+    while mv:
+        mv = mv[os.write(fd, mv):]
 
 
 class ChunkStore:
@@ -81,6 +119,7 @@ class ChunkStore:
         self._evict_wakeup = trio.Event()
         self._space_lock = trio.Lock()
         self._tmp_seq = itertools.count()
+        self._odirect = hasattr(os, "O_DIRECT")  # cleared when the file system refuses it
         # called with the ids of chunks about to be dropped (free, eviction, trace --cold):
         # copies held in memory elsewhere (the VFS's shared chunk memo) go with them
         self.on_drop: list[Callable[[list[bytes]], None]] = []
@@ -266,23 +305,15 @@ class ChunkStore:
             self._evict_wakeup.set()
         return True
 
-    def _write_file(self, cid: bytes, data: bytes, ck: bytes) -> None:
+    def _write_file(self, cid: bytes, buf: ChunkBuf, ck: bytes) -> None:
         """Blocking: tmp file + rename. Raises OSError (ENOSPC...) to the caller."""
         tmp = self.tmp_dir / f"{cid.hex()}.{os.getpid()}.{next(self._tmp_seq)}"
         final = self.path(cid)
+        buf.file[:HEADER_SIZE] = HEADER.pack(MAGIC, cid, buf.length, ck)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                hdr = HEADER.pack(MAGIC, cid, len(data), ck)
-                view = memoryview(hdr + data) if len(data) < 65536 else None
-                if view is not None:
-                    os.write(fd, view)
-                else:
-                    os.write(fd, hdr)
-                    mv = memoryview(data)
-                    while mv:
-                        n = os.write(fd, mv)
-                        mv = mv[n:]
+                self._write_all(fd, tmp, buf)
             finally:
                 os.close(fd)
             crash_point("chunk.tmp_written")
@@ -296,8 +327,39 @@ class ChunkStore:
                 pass
             raise
 
-    async def put(self, cid: bytes, data: bytes, *, pin: bool = False) -> bool:
-        """Store a verified chunk. Returns False when it could not be cached."""
+    def _write_all(self, fd: int, path: Path, buf: ChunkBuf) -> None:
+        size = HEADER_SIZE + buf.length
+        if self._odirect:
+            try:
+                dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._no_odirect(e)
+            else:
+                try:
+                    _write_loop(dfd, buf.file)  # aligned and padded; the padding goes next
+                    os.ftruncate(dfd, size)
+                    return
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._no_odirect(e)
+                    os.ftruncate(fd, 0)
+                finally:
+                    os.close(dfd)
+        _write_loop(fd, buf.file[:size])
+
+    def _no_odirect(self, e: OSError) -> None:
+        if self._odirect:
+            self._odirect = False
+            log.info("the cache directory's file system refuses O_DIRECT (%s): chunk files "
+                     "are written through the page cache", e.strerror)
+
+    async def put(self, cid: bytes, data: bytes | memoryview, *, pin: bool = False,
+                  buf: ChunkBuf | None = None) -> bool:
+        """Store a verified chunk (``buf``: the ChunkBuf ``data`` is the data of, if it is
+        one; otherwise the data is copied into one). False when it could not be cached."""
         if self.contains(cid):
             if pin:
                 await self.set_pinned([cid], True)
@@ -308,8 +370,9 @@ class ChunkStore:
         try:
             with span("ssd.write", bytes=size):
                 def work() -> bytes:
-                    ck = checksum(cid, data)
-                    self._write_file(cid, data, ck)
+                    b = buf if buf is not None else ChunkBuf.of(data)
+                    ck = checksum(cid, b.data)
+                    self._write_file(cid, b, ck)
                     return ck
                 try:
                     ck = await trio.to_thread.run_sync(work, limiter=self._disk_limiter)

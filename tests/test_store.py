@@ -1,0 +1,79 @@
+"""The SSD chunk store on its own (no FUSE, no S3): chunk files as written, read back
+and adopted after a restart, on a file system that takes O_DIRECT and on one that
+refuses it."""
+
+import os
+
+import pytest
+import trio
+
+from cachefs.index import Index, IndexWriter
+from cachefs.stats import Stats
+from cachefs.store.chunkstore import HEADER_SIZE, ChunkBuf, ChunkStore
+
+# lengths around the 4 KiB boundaries the O_DIRECT padding is cut back from
+SIZES = (1, 4096 - HEADER_SIZE, 4096 - HEADER_SIZE + 1, 100 * 1024 + 3, 8 * 1024 * 1024)
+
+
+async def _with_store(cache_dir, body):
+    ix = Index(cache_dir / "index", 1 << 26)
+    try:
+        writer = IndexWriter(ix)
+        store = ChunkStore(cache_dir, ix, writer, Stats(), limit=1 << 30)
+        report = await trio.to_thread.run_sync(store.reconcile)
+        async with trio.open_nursery() as n:
+            await n.start(writer.run)
+            out = await body(store, report)
+            n.cancel_scope.cancel()
+        return out
+    finally:
+        ix.close()
+
+
+def _roundtrip(cache_dir):
+    chunks = {os.urandom(16): os.urandom(n) for n in SIZES}
+
+    async def write(store, report):
+        for i, (cid, data) in enumerate(chunks.items()):
+            if i % 2:  # as the chunk reader does: data in the memory it was fetched into
+                buf = ChunkBuf.of(data)
+                assert await store.put(cid, buf.data, buf=buf)
+            else:  # as a peer hand-off does: plain bytes
+                assert await store.put(cid, data)
+        got = {cid: bytes(await store.get(cid, len(d))) for cid, d in chunks.items()}
+        return store._odirect, got
+
+    odirect, got = trio.run(_with_store, cache_dir, write)
+    assert got == chunks
+    for cid, data in chunks.items():  # the O_DIRECT padding is gone: header + data exactly
+        assert (cache_dir / "chunks" / cid.hex()[:2] / cid.hex()).stat().st_size == \
+            HEADER_SIZE + len(data)
+    assert not any((cache_dir / "tmp").iterdir())
+
+    async def reread(store, report):
+        assert report == {"tmp_removed": 0, "orphans_adopted": 0, "orphans_removed": 0,
+                          "records_dropped": 0}
+        return {cid: bytes(await store.get(cid, len(d))) for cid, d in chunks.items()}
+
+    assert trio.run(_with_store, cache_dir, reread) == chunks  # and after a restart
+    return odirect
+
+
+def test_chunk_files_written_with_odirect(tmp_path):
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this system")
+    assert _roundtrip(tmp_path / "cache") is True
+
+
+def test_chunk_files_on_a_file_system_without_odirect(memory_fs):
+    """ramfs refuses O_DIRECT: the store falls back to buffered writes, same files."""
+    assert _roundtrip(memory_fs("64m", "ramfs") / "cache") is False
+
+
+def test_chunkbuf_layout():
+    for n in (0, 1, 4031, 4032, 4033, 8 << 20):
+        b = ChunkBuf(n)
+        assert len(b.data) == n and len(b.file) % 4096 == 0
+        assert len(b.file) >= HEADER_SIZE + n > len(b.file) - 4096
+        b.data[:] = b"\x07" * n
+        assert bytes(b.file[HEADER_SIZE:HEADER_SIZE + n]) == b"\x07" * n
