@@ -391,7 +391,7 @@ class ObjectStore:
                         break
                     into[n:n + m] = piece
                     n += m
-                body = into[:n] if n < cap else into
+                body = into  # its true length is n: one that is not cap is never used
             else:
                 body = b"".join([piece async for piece in r.raw.aiter_raw()])
                 n = len(body)

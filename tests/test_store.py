@@ -37,7 +37,7 @@ def _roundtrip(cache_dir):
         for i, (cid, data) in enumerate(chunks.items()):
             if i % 2:  # as the chunk reader does: data in the memory it was fetched into
                 buf = ChunkBuf.of(data)
-                assert await store.put(cid, buf.data, buf=buf)
+                assert await store.put(cid, buf)
             else:  # as a peer hand-off does: plain bytes
                 assert await store.put(cid, data)
         got = {cid: bytes(await store.get(cid, len(d))) for cid, d in chunks.items()}

@@ -121,5 +121,5 @@ class ChunkReader:
             buf = ChunkBuf(ref.length)
             await obj.store.get_range(obj.key, obj.etag, ref.offset, ref.length, obj.size,
                                       into=buf.data)
-            await self.store.put(ref.cid, buf.data, pin=pin, buf=buf)
+            await self.store.put(ref.cid, buf, pin=pin)
             return buf.data.toreadonly()

@@ -357,21 +357,21 @@ class ChunkStore:
             log.info("the cache directory's file system refuses O_DIRECT (%s): chunk files "
                      "are written through the page cache", e.strerror)
 
-    async def put(self, cid: bytes, data: bytes | memoryview, *, pin: bool = False,
-                  buf: ChunkBuf | None = None) -> bool:
-        """Store a verified chunk (``buf``: the ChunkBuf ``data`` is the data of, if it is
-        one; otherwise the data is copied into one). False when it could not be cached."""
+    async def put(self, cid: bytes, data: ChunkBuf | bytes | memoryview, *,
+                  pin: bool = False) -> bool:
+        """Store a verified chunk: a ChunkBuf is written as it is, other bytes are copied
+        into one first. Returns False when it could not be cached."""
         if self.contains(cid):
             if pin:
                 await self.set_pinned([cid], True)
             return True
-        size = len(data)
+        size = data.length if isinstance(data, ChunkBuf) else len(data)
         if not await self.reserve(size):
             return False
         try:
             with span("ssd.write", bytes=size):
                 def work() -> bytes:
-                    b = buf if buf is not None else ChunkBuf.of(data)
+                    b = data if isinstance(data, ChunkBuf) else ChunkBuf.of(data)
                     ck = checksum(cid, b.data)
                     self._write_file(cid, b, ck)
                     return ck
