@@ -107,3 +107,18 @@ def test_damage_found_on_read(tmp_path, memory_fs, fs, damage):
     got, contained, exists, counters = trio.run(_with_store, cache_dir, body)
     assert got is None and not contained and not exists
     assert counters.get("chunks_corrupt") == 1
+
+
+def test_chunk_directory_removed_while_running(tmp_path):
+    """The 256 chunk directories are made at start; one removed behind the daemon's back
+    is made again by the next write into it."""
+    cid, data = bytes.fromhex("ab" + "00" * 15), os.urandom(5000)
+
+    async def body(store, report):
+        d = store.chunk_dir / "ab"
+        assert d.is_dir() and len(list(store.chunk_dir.iterdir())) == 256
+        d.rmdir()
+        assert await store.put(cid, data)
+        return bytes(await store.get(cid, len(data)))
+
+    assert trio.run(_with_store, tmp_path / "cache", body) == data

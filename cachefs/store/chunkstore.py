@@ -136,6 +136,8 @@ class ChunkStore:
         """Blocking (run in a thread before serving): make the index and files agree."""
         for d in (self.chunk_dir, self.tmp_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for i in range(256):  # every chunk's directory, made once here, not per write
+            (self.chunk_dir / f"{i:02x}").mkdir(mode=0o700, exist_ok=True)
         report = {"tmp_removed": 0, "orphans_adopted": 0, "orphans_removed": 0,
                   "records_dropped": 0}
         for f in self.tmp_dir.iterdir():
@@ -342,8 +344,11 @@ class ChunkStore:
             finally:
                 os.close(fd)
             crash_point("chunk.tmp_written")
-            final.parent.mkdir(mode=0o700, exist_ok=True)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:  # its directory was removed while we run
+                final.parent.mkdir(mode=0o700, exist_ok=True)
+                os.rename(tmp, final)
             crash_point("chunk.renamed")
         except BaseException:
             try:
