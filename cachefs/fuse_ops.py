@@ -110,14 +110,13 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode, flags, ctx):
-        fh = await self.vfs.open(inode, flags)
+        fh = await self.vfs.open(inode, flags, ctx.pid)
         # the object version is immutable for this handle: let the page cache keep it
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_boundary
     async def read(self, fh, off, size):
-        # pyfuse3 passes no request context to read(): the reader's pid is unknown here
-        return await self.vfs.read(fh, off, size, 0)
+        return await self.vfs.read(fh, off, size)
 
     @_boundary
     async def release(self, fh):

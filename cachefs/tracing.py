@@ -20,9 +20,10 @@ Ops (JSON lines on the control socket, see control.py):
                  bench/bench_tracing.py uses it to compare both modes in one process
 
 `cachefs trace PATH` correlates its own read with the daemon's traces by inode and
-byte range, not by pid: pyfuse3 gives ``read()`` no request context, so the reader's
-pid is not known to the daemon (traces carry ``pid: 0``).  A read of the same range
-by another process during the capture is captured too.
+byte range, not by pid: pyfuse3 gives ``read()`` no request context, so a read trace
+carries the pid of the process that opened the file, which is not always the reader
+(a forked data-loader worker reads through its parent's descriptor).  A read of the
+same range by another process during the capture is captured too.
 
 register() also starts the Prometheus endpoint (``--metrics-listen``, metrics.py)
 and the OTLP exporter (``--otlp-endpoint`` / ``CACHEFS_OTLP_ENDPOINT``, otlp.py)

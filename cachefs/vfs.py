@@ -204,8 +204,9 @@ class ChunkMemo:
 
 
 class FileHandle:
-    def __init__(self, vfs: VFS, node: Node, obj: ObjectVersion) -> None:
+    def __init__(self, vfs: VFS, node: Node, obj: ObjectVersion, pid: int = 0) -> None:
         self.vfs = vfs
+        self.pid = pid  # of the process that opened the file
         self.node = node
         self.obj = obj
         self.buf: dict[int, bytes] = {}
@@ -637,25 +638,27 @@ class VFS:
 
     # -- files ------------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int, pid: int = 0) -> int:
+        """A handle on the node's current version; ``pid``: the opener's, which the traces
+        of the handle's reads carry (pyfuse3 gives read() no request context)."""
         node = self.get(ino)
         if node.is_dir:
             raise FSError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise FSError(errno.EROFS)
         fh = next(self._fh)
-        h = self.handles[fh] = FileHandle(self, node, self.version(node))
+        h = self.handles[fh] = FileHandle(self, node, self.version(node), pid)
         self.open_count[node.ino] = self.open_count.get(node.ino, 0) + 1
         self.prefetch.opened(node, h)
         return fh
 
-    async def read(self, fh: int, off: int, size: int, pid: int = 0) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handles.get(fh)
         if h is None:
             raise FSError(errno.EBADF)
         t0 = time.perf_counter()
         with self.tracer.start("read", ino=h.node.ino, path=self.display_path(h.node),
-                               offset=off, size=size, pid=pid):
+                               offset=off, size=size, pid=h.pid):
             try:
                 data = await h.read(off, size)
             except ObjectChanged:

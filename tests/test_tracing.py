@@ -241,7 +241,8 @@ def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):
 
         recent = cli("trace", "--recent", "50", "--json", "--mount", str(m.mp), env=env)
         assert recent.returncode == 0, recent.stderr
-        assert any(t.get("path") == "/dir/a.bin" for t in json.loads(recent.stdout))
+        mine = [t for t in json.loads(recent.stdout) if t.get("path") == "/dir/a.bin"]
+        assert mine and {t.get("pid") for t in mine} == {os.getpid()}  # the opener's
 
         # OTLP: finished traces arrive as OTLP/HTTP JSON
         deadline = time.monotonic() + 10
