@@ -231,7 +231,6 @@ class ChunkStore:
         with O_DIRECT into a ChunkBuf: no copy through the page cache, and the chunk's
         pages are not cached twice (the mount's own page cache holds what readers read)."""
         size = HEADER_SIZE + length
-        buf = ChunkBuf(length)
         try:
             fd = self._open_read(self.path(cid))
         except FileNotFoundError:
@@ -242,6 +241,7 @@ class ChunkStore:
         try:
             if os.fstat(fd).st_size != size:
                 return "corrupt", None
+            buf = ChunkBuf(length)
             got = 0
             while got < size:
                 n = os.preadv(fd, [buf.file[got:]], got)
