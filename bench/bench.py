@@ -1357,6 +1357,24 @@ def memory_reporting() -> str:
             f"({size / took / MB:.0f} MB/s); figures vary with it")
 
 
+def proactive_reclaim() -> str:
+    """Whether DAMON pages out memory it sees as cold (a kdamond running a ``pageout``
+    scheme): it evicts page cache a pass has just filled and read once, so the next
+    (hot) pass finds holes and goes back to the system for them."""
+    base = Path("/sys/kernel/mm/damon/admin/kdamonds")
+    found = []
+    for k in sorted(base.glob("[0-9]*")):
+        with contextlib.suppress(OSError):
+            if (k / "state").read_text().strip() != "on":
+                continue
+            for sch in sorted(k.glob("contexts/*/schemes/[0-9]*")):
+                if (sch / "action").read_text().strip() == "pageout":
+                    age = (sch / "access_pattern/age/min").read_text().strip()
+                    found.append(f"kdamond {k.name}: pageout of regions idle for ≥ {age} "
+                                 "aggregation intervals")
+    return ("yes, " + "; ".join(found) + " (hot figures vary with it)") if found else "no"
+
+
 def machine_facts(ctx: Ctx) -> list[tuple[str, str]]:
     def ver(pkg: str) -> str:
         try:
@@ -1389,6 +1407,7 @@ def machine_facts(ctx: Ctx) -> list[tuple[str, str]]:
         ("load average at start / end", f"{ctx.load_start} / {os.getloadavg()[0]:.2f} "
          "(other jobs on the machine skew figures)"),
         ("memory handed back to the host", ctx.memory_start),
+        ("proactive reclaim (DAMON)", proactive_reclaim()),
         ("cachefs", ver("cachefs")),
         ("pyfuse3", ver("pyfuse3")),
         ("trio", ver("trio")),
