@@ -231,8 +231,11 @@ class ChunkStore:
         with O_DIRECT into a ChunkBuf: no copy through the page cache, and the chunk's
         pages are not cached twice (the mount's own page cache holds what readers read)."""
         size = HEADER_SIZE + length
+        p = self.path(cid)
         try:
-            fd = self._open_read(self.path(cid))
+            fd = self._open_direct(p, os.O_RDONLY)
+            if fd is None:
+                fd = os.open(p, os.O_RDONLY)
         except FileNotFoundError:
             return "missing", None
         except OSError as e:
@@ -259,16 +262,6 @@ class ChunkStore:
         if magic != MAGIC or hcid != cid or hlen != length or checksum(cid, buf.data) != ck:
             return "corrupt", None
         return "ok", buf.data.toreadonly()
-
-    def _open_read(self, path: Path) -> int:
-        if self._odirect:
-            try:
-                return os.open(path, os.O_RDONLY | os.O_DIRECT)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                self._no_odirect(e)
-        return os.open(path, os.O_RDONLY)
 
     async def get(self, cid: bytes, length: int) -> memoryview | None:
         """The verified bytes of chunk cid, or None (miss; a bad file is dropped)."""
@@ -359,26 +352,33 @@ class ChunkStore:
 
     def _write_all(self, fd: int, path: Path, buf: ChunkBuf) -> None:
         size = HEADER_SIZE + buf.length
-        if self._odirect:
+        dfd = self._open_direct(path, os.O_WRONLY)
+        if dfd is not None:
             try:
-                dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                _write_loop(dfd, buf.file)  # aligned and padded; the padding goes next
+                os.ftruncate(dfd, size)
+                return
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 self._no_odirect(e)
-            else:
-                try:
-                    _write_loop(dfd, buf.file)  # aligned and padded; the padding goes next
-                    os.ftruncate(dfd, size)
-                    return
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self._no_odirect(e)
-                    os.ftruncate(fd, 0)
-                finally:
-                    os.close(dfd)
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(dfd)
         _write_loop(fd, buf.file[:size])
+
+    def _open_direct(self, path: Path, flags: int) -> int | None:
+        """path opened with O_DIRECT added to flags, or None where the file system
+        refuses O_DIRECT (said once; later calls do not try again)."""
+        if not self._odirect:
+            return None
+        try:
+            return os.open(path, flags | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._no_odirect(e)
+            return None
 
     def _no_odirect(self, e: OSError) -> None:
         if self._odirect:
