@@ -411,7 +411,7 @@ class Ctx:
     results: dict = field(default_factory=dict)  # scenario -> system -> entry
     notes: dict = field(default_factory=dict)  # system -> list of notes
     load_start: str = field(default_factory=lambda: f"{os.getloadavg()[0]:.2f}")
-    memory_start: str = field(default_factory=lambda: memory_reporting())
+    memory_start: str = "not measured"  # memory_reporting(), set by main() before the runs
 
     def record(self, scenario: str, system: str, value: float | None = None,
                status: str | None = None, extra: dict | None = None) -> None:
@@ -1648,6 +1648,7 @@ def main() -> int:
     s3 = S3Server(work / "s3", bucket, work / "logs" / "s3rver.log")
     ctx = Ctx(args=args, profile=profile, layout=Layout.of(profile), work=work,
               local=work / f"local-{profile.name}", bucket=bucket, s3=s3)
+    ctx.memory_start = memory_reporting()
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
