@@ -56,6 +56,12 @@ def parse_count(value: Any, what: str) -> int:
     return n
 
 
+def parse_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what}: expected true or false, got {value!r}")
+    return value
+
+
 def parse_size(value: Any, what: str) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a size like 500GiB, got {value!r}")
@@ -139,6 +145,7 @@ class S3Options:
     backoff_base: float = 0.1
     backoff_max: float = 5.0
     max_concurrency: int = 32  # concurrent S3 requests per endpoint
+    own_connections: bool = True  # ranged GETs on cachefs's HTTP/1.1 connections (http1.py)
 
 
 @dataclass(frozen=True)
@@ -239,7 +246,7 @@ def build_config(
                        "kernel_read_ahead_kb"}, "[read]")
     s3 = _table(raw, "s3")
     _check_keys(s3, {"endpoint_url", "region", "profile", "max_attempts", "request_timeout",
-                     "connect_timeout", "max_concurrency"}, "[s3]")
+                     "connect_timeout", "max_concurrency", "own_connections"}, "[s3]")
     cl = _table(raw, "cluster")
     _check_keys(cl, {"node_id", "peer_listen", "advertise", "peers", "etcd", "etcd_prefix",
                      "peer_secret", "peer_timeout", "lease_ttl", "grace_period"}, "[cluster]")
@@ -328,6 +335,8 @@ def build_config(
                                        "s3 connect timeout"),
         max_concurrency=parse_count(s3.get("max_concurrency", S3Options.max_concurrency),
                                     "s3 max_concurrency"),
+        own_connections=parse_bool(s3.get("own_connections", S3Options.own_connections),
+                                   "s3 own_connections"),
     )
     if s3opts.max_attempts < 1:
         raise ConfigError("s3 max_attempts must be >= 1")

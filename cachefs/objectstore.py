@@ -32,12 +32,14 @@ from __future__ import annotations
 import logging
 import random
 import re
+import ssl
 import time
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiobotocore.httpxsession
 import aiobotocore.session
@@ -45,9 +47,11 @@ import botocore.exceptions
 import httpx
 import trio
 from aiobotocore.config import AioConfig
+from botocore.auth import _host_from_url
 from botocore.awsrequest import AWSRequest
 from botocore.utils import percent_encode
 
+from . import http1
 from .config import MountSpec, S3Options
 from .errors import NoSuchObject, ObjectChanged, QuietError, S3Error
 from .stats import Stats
@@ -128,7 +132,7 @@ class _DirectGet:
     """A ranged GET without botocore's per-call machinery (see the module docstring)."""
 
     __slots__ = ("prefix", "suffix", "signing_name", "region", "user_agent", "signer",
-                 "http")
+                 "http", "pool", "path_prefix")
 
     def __init__(self, prefix: str, suffix: str, signing_name: str, region: str,
                  user_agent: str, signer, http) -> None:
@@ -139,6 +143,25 @@ class _DirectGet:
         self.user_agent = user_agent
         self.signer = signer  # the client's AioRequestSigner: credentials, refreshed
         self.http = http  # the client's HttpxSession
+        self.pool: http1.Pool | None = None  # our own connections, where they can serve
+        self.path_prefix = ""  # the request target up to the key, for the pool
+
+    def use_own_connections(self, connect_timeout: float, max_idle: int, stats: Stats) -> bool:
+        """Send GETs on ``http1`` connections when the client's session would reach the
+        endpoint directly: http, or https with the SSLContext the session built (its
+        verify setting, CA bundle, client certificate); never through a proxy."""
+        u = urlsplit(self.prefix)
+        proxies = getattr(self.http, "_proxy_urls", None)
+        ctx = getattr(self.http, "_verify", None) if u.scheme == "https" else None
+        if (proxies is None or u.scheme in proxies or u.scheme not in ("http", "https")
+                or (u.scheme == "https" and not isinstance(ctx, ssl.SSLContext))
+                or not u.hostname or u.username or u.password):
+            return False
+        self.pool = http1.Pool(u.scheme, u.hostname, u.port or (443 if ctx else 80),
+                               _host_from_url(self.prefix), ctx, connect_timeout,
+                               max_idle=max_idle, count=stats.inc)
+        self.path_prefix = self.prefix[len(f"{u.scheme}://{u.netloc}"):]
+        return True
 
     @classmethod
     def learn(cls, client, key: str, request, signing_name: str, region_name: str,
@@ -161,8 +184,8 @@ class _DirectGet:
                    str(request.headers.get("User-Agent") or "cachefs"), request_signer,
                    http)
 
-    async def get(self, key: str, headers: dict[str, str]):
-        """Send the GET; returns botocore's HTTP response (body not read yet)."""
+    async def sign(self, key: str, headers: dict[str, str]) -> AWSRequest:
+        """The GET of ``key``, signed with the client's current credentials."""
         req = AWSRequest(method="GET",
                          url=self.prefix + percent_encode(key, safe="/~") + self.suffix,
                          headers={**headers, "User-Agent": self.user_agent})
@@ -170,9 +193,31 @@ class _DirectGet:
                                                    region_name=self.region,
                                                    signature_version="s3v4")
         auth.add_auth(req)
-        prepared = req.prepare()
+        return req
+
+    async def get(self, key: str, headers: dict[str, str]):
+        """Send the GET through the client's session; returns botocore's HTTP response
+        (body not read yet)."""
+        prepared = (await self.sign(key, headers)).prepare()
         prepared.stream_output = True
         return await self.http.send(prepared)
+
+
+def _tls_failure(e: BaseException) -> str | None:
+    """What went wrong in TLS, when an ssl.SSLError is somewhere in ``e``'s chain."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {x.verify_message}"
+        if isinstance(x, ssl.SSLError):
+            return x.reason or str(x)
+        todo += [x.__cause__, x.__context__]
+    return None
 
 
 def _client_error(status: int, body: bytes) -> botocore.exceptions.ClientError:
@@ -229,10 +274,15 @@ class ObjectStore:
         except Exception as e:  # noqa: BLE001 - botocore stays the way
             log.debug("direct GETs unavailable: %s", e)
         if self._direct is not None:
-            log.debug("ranged GETs of s3://%s go direct to %s…", self.bucket,
-                      self._direct.prefix.split("?")[0][:80])
+            own = (self.opts.own_connections and self._direct.use_own_connections(
+                self.opts.connect_timeout, self.opts.max_concurrency, self.stats))
+            log.debug("ranged GETs of s3://%s go direct to %s… (%s)", self.bucket,
+                      self._direct.prefix.split("?")[0][:80],
+                      "own connections" if own else "the client's HTTP session")
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._direct is not None and self._direct.pool is not None:
+            self._direct.pool.close()
         await self._stack.aclose()
 
     # -- retry machinery -------------------------------------------------------------
@@ -315,6 +365,10 @@ class ObjectStore:
             raise QuietError(f"S3 endpoint {where} did not answer in time") from None
         except Exception as e:  # noqa: BLE001
             c = self._classify(e)
+            if (tls := _tls_failure(e)) is not None:
+                raise QuietError(f"TLS with S3 endpoint {where} failed: {tls}"
+                                 + (" (a private CA's certificate goes in AWS_CA_BUNDLE)"
+                                    if "verify failed" in tls else "")) from None
             if isinstance(c, _Retry):
                 if c.status:
                     raise QuietError(f"S3 endpoint {where} answered {c.status} {c.code}") from None
@@ -375,6 +429,16 @@ class ObjectStore:
         headers = {"Range": f"bytes={start}-{end}"}
         if etag:
             headers["If-Match"] = etag
+        if direct.pool is not None:
+            req = await direct.sign(key, headers)
+            target = direct.path_prefix + percent_encode(key, safe="/~") + direct.suffix
+            status, hdrs, body, n, t_head = await direct.pool.get(
+                target, req.headers.items(), into)
+            if not 200 <= status < 300:
+                raise _client_error(status, bytes(body))
+            self.stats.inc("s3_get_requests")
+            self.stats.inc("s3_get_direct")
+            return status, hdrs, body, n, t_head - t0
         r = await direct.get(key, headers)
         ttfb = time.perf_counter() - t0
         ok = 200 <= r.status_code < 300
@@ -421,8 +485,8 @@ class ObjectStore:
                 if direct is not None:
                     status, hdr, data, got, ttfb = await self._get_direct(
                         direct, key, start, end, etag, t0, into)
-                    got_etag, content_range = hdr.get("ETag"), hdr.get("Content-Range")
-                    content_type = hdr.get("Content-Type")
+                    got_etag, content_range = hdr.get("etag"), hdr.get("content-range")
+                    content_type = hdr.get("content-type")
                 else:
                     token = _learning.set(key)
                     try:

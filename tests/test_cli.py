@@ -152,6 +152,29 @@ endpoint_url = "{moto.url}"
     assert (m.mp / "west" / "b.txt").read_bytes() == b"dc2"
 
 
+def test_own_connections_can_be_turned_off(s3, bucket, proxy, tmp_path, mounts):
+    """[s3] own_connections = false: ranged GETs still skip botocore's call path but go
+    out through its HTTP session (httpx), not cachefs's connections."""
+    objs = {f"f{i}.bin": os.urandom(3000 + i) for i in range(4)}
+    for k, v in objs.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[s3]\nown_connections = "yes"\n')
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--config", str(bad),
+                       "--cache-dir", str(tmp_path / "c"), "--cache-size", "64MiB"),
+                   "own_connections", "expected true or false")
+    cfg = tmp_path / "cachefs.toml"
+    cfg.write_text("[s3]\nown_connections = false\n")
+    m = mounts(f"s3://{bucket}", config=str(cfg), extra=("--prefetch-files", "0"))
+    for k, v in objs.items():
+        assert m.path(k).read_bytes() == v
+    c = m.counters()
+    assert c["s3_get_requests"] == 4 and c["s3_get_direct"] == 3, c
+    assert "s3_connections" not in c, c
+
+
 def test_version():
     r = subprocess.run([sys.executable, "-m", "cachefs", "--version"], capture_output=True,
                        text=True)

@@ -1,0 +1,106 @@
+"""An https endpoint: moto behind TLS with a certificate of a private CA.
+
+cachefs trusts what botocore trusts (AWS_CA_BUNDLE, ``ca_bundle`` in the profile), on
+botocore's requests and on the ranged GETs it sends on its own connections."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import random
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import pytest
+from cachefs_env import cli
+from test_cli import one_line_error
+
+CS = 64 * 1024  # the tests' chunk size (cachefs_env.Mount)
+
+
+def _self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cachefs test endpoint")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem, key_pem = tmp_path / "endpoint.pem", tmp_path / "endpoint.key"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert_pem, key_pem
+
+
+@pytest.fixture(scope="module")
+def tls_moto(tmp_path_factory):
+    """(url, CA file): a moto server answering on https only."""
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = _self_signed(tmp)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port), "-c", str(cert), "-k", str(key)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ctx = ssl.create_default_context(cafile=str(cert))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+                break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("moto did not start on https")
+            time.sleep(0.1)
+    yield f"https://127.0.0.1:{port}", cert
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_https_endpoint_with_private_ca(tls_moto, mounts, tmp_path):
+    url, ca = tls_moto
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=url, verify=str(ca), region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="tls")
+    objs = {"first.bin": b"f" * 100, "big.bin": random.randbytes(3 * CS + 7),
+            **{f"frames/{i:03d}.jpg": random.randbytes(5000 + i) for i in range(40)}}
+    for k, v in objs.items():
+        s3.put_object(Bucket="tls", Key=k, Body=v)
+
+    # the CA is not trusted: the mount fails at once, on one line, naming the cause
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    r = cli("mount", "s3://tls", str(mp), "--cache-dir", str(tmp_path / "c"),
+            "--cache-size", "64MiB", "--endpoint-url", url, "--s3-timeout", "5s")
+    one_line_error(r, "certificate")
+
+    m = mounts("s3://tls", endpoint=url, env={"AWS_CA_BUNDLE": str(ca)})
+    for k, v in objs.items():
+        assert m.path(k).read_bytes() == v, k
+    c = m.counters()
+    # every GET but the mount's first went out on cachefs's own TLS connections; moto
+    # answers each with "Connection: close", so each had its own
+    assert c["s3_get_direct"] == c["s3_get_requests"] - 1 >= 44, c
+    assert c["s3_connections"] == c["s3_get_direct"], c
+    assert c.get("s3_retries", 0) == 0, c
