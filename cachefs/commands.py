@@ -50,6 +50,7 @@ def stats_dict(d: Daemon) -> dict:
         "in_flight_fetches": d.reader.in_flight,
         "readahead_bytes": d.vfs.budget.used,
         "readahead_peak_bytes": d.vfs.budget.peak,
+        "memo_bytes": d.vfs.memo.used,
         "open_files": len(d.vfs.handles),
         "inodes": len(d.vfs.nodes),
         "index_commits": d.writer.commits if d.writer else 0,

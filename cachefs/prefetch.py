@@ -104,14 +104,13 @@ class FilePrefetcher:
         if e is not None:
             self.bytes -= len(e.data)
             self.vfs.stats.inc("prefetch_hits")
-            h._keep(0, e.data, charged=True)  # the handle owns the budget charge now
+            h.keep(0, e.data, charged=True)  # the handle owns the budget charge now
             return
         waiting = self.inflight.get(cid)
         if waiting is not None:
             self.vfs.stats.inc("prefetch_claims")
-            ev = trio.Event()
-            h.pending[0] = ev  # the handle's first read waits for the fetch (readahead.wait)
-            waiting.append((h, ev))
+            # the handle's first read waits for the fetch (readahead.wait)
+            waiting.append((h, h.expect(0)))
 
     def _observe(self, node: Node) -> None:
         d = self.vfs.nodes.get(node.parent)
@@ -200,11 +199,9 @@ class FilePrefetcher:
         self.bytes -= ref.length
         live = [h for h, _ in waiting if not h.closed] if data is not None else []
         for i, h in enumerate(live):
-            h._keep(0, data, charged=i == 0)  # the first handle takes over the budget charge
+            h.keep(0, data, charged=i == 0)  # the first handle takes over the budget charge
         for h, ev in waiting:
-            if h.pending.get(0) is ev:
-                del h.pending[0]
-            ev.set()  # a failed fetch: the read goes to the chunk reader itself
+            h.arrived(0, ev)  # after a failed fetch, the read goes to the chunk reader
         if data is not None and not waiting:
             self.held[ref.cid] = _Held(data, dir_ino)
             self.bytes += len(data)

@@ -127,16 +127,21 @@ class ChunkMemo:
     their offsets jump, their read-ahead stays off, and every reader fetches the
     chunks it misses: without the memo, once per reader from the SSD.  With it, a
     chunk one handle fetched is served from memory to the others.  At most ``limit``
-    bytes, charged to the read-ahead budget; a handle served from the memo holds no
-    copy of its own.  Chunk ids name immutable bytes, so an entry is never stale;
-    entries leave with their chunk when it is dropped from the SSD (ChunkStore.on_drop:
-    `cachefs free`, eviction, `trace --cold`) and with the last handle of their file."""
+    bytes; a handle served from the memo holds no copy of its own.  Chunk ids name
+    immutable bytes, so an entry is never stale; entries leave with their chunk when it
+    is dropped from the SSD (ChunkStore.on_drop: `cachefs free`, eviction, `trace
+    --cold`) and with the last handle of their file.
+
+    Budget: every byte in memory is charged to the read-ahead budget once.  A chunk the
+    fetching handle also keeps in its buffer is *borrowed*: the handle's charge covers
+    it, and when the handle lets go of it (``adopt``) the memo takes the charge over.
+    Other entries (the herd's shared read-ahead) are charged by the memo itself."""
 
     def __init__(self, budget: ReadaheadBudget, limit: int) -> None:
         self.budget = budget
         self.limit = limit
-        # chunk id -> (bytes, inode, the handle that fetched it)
-        self.items: OrderedDict[bytes, tuple[bytes, int, object]] = OrderedDict()
+        # chunk id -> [bytes, inode, the handle that fetched it, charged by the memo]
+        self.items: OrderedDict[bytes, list] = OrderedDict()
         self.used = 0
 
     def get(self, cid: bytes) -> bytes | None:
@@ -150,16 +155,27 @@ class ChunkMemo:
         e = self.items.get(cid)
         return e is not None and e[2] is not h
 
-    def put(self, cid: bytes, data: bytes, ino: int, owner: object) -> None:
+    def put(self, cid: bytes, data: bytes, ino: int, owner: object,
+            borrowed: bool = False) -> None:
+        """Keep chunk cid; ``borrowed``: ``owner`` keeps it too and its charge covers it."""
         n = len(data)
         if cid in self.items or n > self.limit:
             return
         while self.items and self.used + n > self.limit:
             self._pop()
-        if not self.budget.try_take(n):
+        if not borrowed and not self.budget.try_take(n):
             return  # read-ahead holds the budget: it comes first
-        self.items[cid] = (data, ino, owner)
+        self.items[cid] = [data, ino, owner, not borrowed]
         self.used += n
+
+    def adopt(self, cid: bytes, owner: object) -> bool:
+        """``owner`` lets go of chunk cid: True if the memo keeps it and takes over the
+        charge (the owner must not give it back), False if the owner gives it back."""
+        e = self.items.get(cid)
+        if e is None or e[2] is not owner or e[3]:
+            return False
+        e[3] = True
+        return True
 
     def ahead(self, vfs: VFS, obj: ObjectVersion, ino: int, start: int, n: int) -> None:
         """Fetch chunks start..start+n-1 of obj into the memo in the background, unless
@@ -198,9 +214,10 @@ class ChunkMemo:
     def _pop(self) -> None:
         self._gone(self.items.popitem(last=False)[1])
 
-    def _gone(self, e: tuple[bytes, int, object]) -> None:
+    def _gone(self, e: list) -> None:
         self.used -= len(e[0])
-        self.budget.give(len(e[0]))
+        if e[3]:
+            self.budget.give(len(e[0]))
 
 
 class FileHandle:
@@ -216,7 +233,9 @@ class FileHandle:
         self.cur_chunk = -1
         self.closed = False
 
-    def _keep(self, i: int, data: bytes, charged: bool) -> None:
+    def keep(self, i: int, data: bytes, charged: bool) -> None:
+        """Chunk i arrived (from this handle's fetches or the file prefetcher);
+        ``charged``: its budget charge comes with it."""
         if self.closed or i in self.buf:
             if charged:
                 self.vfs.budget.give(len(data))
@@ -225,23 +244,49 @@ class FileHandle:
             self.vfs.budget.take(len(data))
         self.buf[i] = data
 
+    def expect(self, i: int) -> trio.Event:
+        """Chunk i is on its way from elsewhere (the file prefetcher): reads of it wait
+        for the event, then look in the buffer, then fetch it themselves."""
+        ev = self.pending[i] = trio.Event()
+        return ev
+
+    def arrived(self, i: int, ev: trio.Event) -> None:
+        """What ``expect(i)`` waited for is settled (kept, or failed)."""
+        if self.pending.get(i) is ev:
+            del self.pending[i]
+        ev.set()
+
+    def _let_go(self, i: int) -> None:
+        data = self.buf.pop(i)
+        if not self.vfs.memo.adopt(self.obj.chunk(i).cid, self):
+            self.vfs.budget.give(len(data))
+
     def _drop_below(self, i: int) -> None:
         for j in [j for j in self.buf if j < i]:
-            self.vfs.budget.give(len(self.buf.pop(j)))
+            self._let_go(j)
 
     def _drop_except(self, lo: int, hi: int) -> None:
         for j in [j for j in self.buf if j < lo or j > hi]:
-            self.vfs.budget.give(len(self.buf.pop(j)))
+            self._let_go(j)
 
-    async def _prefetch(self, i: int, ev: trio.Event) -> None:
+    async def _fetch(self, i: int) -> bytes:
+        """Chunk i through the chunk reader, into the buffer.  The caller took its
+        budget charge; the buffer keeps it, or a failed fetch gives it back."""
         ref = self.obj.chunk(i)
         try:
-            with span("readahead", chunk=i):
-                data = await self.vfs.reader.get(ref)
-        except Exception:  # noqa: BLE001 - a failed prefetch is retried by the read itself
+            data = await self.vfs.reader.get(ref)
+        except BaseException:
             self.vfs.budget.give(ref.length)
-        else:
-            self._keep(i, data, charged=True)
+            raise
+        self.keep(i, data, charged=True)
+        return data
+
+    async def _prefetch(self, i: int, ev: trio.Event) -> None:
+        try:
+            with span("readahead", chunk=i):
+                await self._fetch(i)
+        except Exception:  # noqa: BLE001, S110 - a failed prefetch is retried by the read
+            pass
         finally:
             self.pending.pop(i, None)
             ev.set()
@@ -273,15 +318,10 @@ class FileHandle:
             memo.ahead(self.vfs, self.obj, self.node.ino, i + 1, MEMO_AHEAD)
         # charged while in flight, like read-ahead: with many readers fetching their own
         # chunks at once, read-ahead then waits instead of adding its chunks on top
-        budget = self.vfs.budget
-        budget.take(ref.length)
-        try:
-            data = await self.vfs.reader.get(ref)
-        except BaseException:
-            budget.give(ref.length)
-            raise
-        self._keep(i, data, charged=True)
-        memo.put(ref.cid, data, self.node.ino, self)
+        self.vfs.budget.take(ref.length)
+        data = await self._fetch(i)
+        # shared with the other handles; the buffer's charge covers it while both hold it
+        memo.put(ref.cid, data, self.node.ino, self, borrowed=self.buf.get(i) is data)
         return data
 
     async def read(self, off: int, size: int) -> bytes | memoryview:
@@ -343,9 +383,8 @@ class FileHandle:
 
     def close(self) -> None:
         self.closed = True
-        for d in self.buf.values():
-            self.vfs.budget.give(len(d))
-        self.buf.clear()
+        for i in list(self.buf):
+            self._let_go(i)
 
 
 class VFS:

@@ -475,3 +475,25 @@ def test_damaged_index_rebuilt_from_chunk_files(s3, bucket, mounts, proxy):
     # every chunk file verified and adopted: still warm
     assert proxy.stats()["ops"].get("GetObject", 0) == 0
     assert m.stats()["cache"]["chunks"] == 8  # 2 + 3 + 3
+
+
+def test_memory_charged_once_for_a_chunk_the_memo_shares(s3, bucket, mounts):
+    """A chunk a handle fetched itself is kept in its buffer and shared through the memo:
+    one copy in memory, charged to the read-ahead budget once, while the handle holds it
+    and after (the memo takes the charge over); all of it returned once the file closes."""
+    MiB = 1 << 20
+    data = put(s3, bucket, "f.bin", random.randbytes(4 * MiB))
+    m = mounts(f"s3://{bucket}", chunk_size="1MiB")
+    fd = os.open(m.path("f.bin"), os.O_RDONLY | os.O_DIRECT)  # no kernel read-ahead
+    try:
+        # random reads: the handle's read-ahead stays off, each read fetches its chunk
+        assert os.pread(fd, 4096, 2 * MiB + 4096) == data[2 * MiB + 4096:2 * MiB + 8192]
+        st = m.stats()
+        assert st["readahead_bytes"] == MiB and st["memo_bytes"] == MiB, st
+        assert os.pread(fd, 4096, 5000) == data[5000:9096]  # chunk 2 leaves the buffer
+        st = m.stats()
+        assert st["readahead_bytes"] == 2 * MiB and st["memo_bytes"] == 2 * MiB, st
+    finally:
+        os.close(fd)
+    wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
+    assert m.stats()["memo_bytes"] == 0
