@@ -70,6 +70,9 @@ def cli() -> None:
               "(default: --peer-listen, with a wildcard host replaced by the host name).")
 @click.option("--peers", help="Static cluster members, comma-separated HOST:PORT or NODE=HOST:PORT.")
 @click.option("--etcd", help="etcd endpoints for membership, comma-separated URLs.")
+@click.option("--etcd-ca", help="CA file that signed etcd's certificate (https endpoints).")
+@click.option("--etcd-cert", help="Client certificate for etcd (with --etcd-key).")
+@click.option("--etcd-key", help="Private key of --etcd-cert.")
 @click.option("--metrics-listen", help="HOST:PORT for Prometheus metrics (default off).")
 @click.option("--slow-threshold", help="Traces slower than this are kept (default 50ms).")
 @click.option("--otlp-endpoint", help="POST finished traces as OTLP/HTTP JSON to URL/v1/traces "

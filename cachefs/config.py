@@ -56,6 +56,16 @@ def parse_count(value: Any, what: str) -> int:
     return n
 
 
+def _readable_file(value: Any, what: str) -> str | None:
+    """An absolute path to a file this process can read (the daemon changes directory)."""
+    if value is None:
+        return None
+    p = Path(str(value)).expanduser()
+    if not p.is_file() or not os.access(p, os.R_OK):
+        raise ConfigError(f"{what}: cannot read {str(value)!r}")
+    return str(p.resolve())
+
+
 def parse_bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{what}: expected true or false, got {value!r}")
@@ -156,6 +166,9 @@ class ClusterOptions:
     peers: tuple[str, ...] = ()  # static members "host:port" or "node=host:port"
     etcd: tuple[str, ...] = ()
     etcd_prefix: str = "/cachefs/members/"
+    etcd_ca: str | None = None  # CA file that signed etcd's certificate (default: the system's)
+    etcd_cert: str | None = None  # client certificate, for etcd's --client-cert-auth
+    etcd_key: str | None = None  # its private key
     peer_secret: str | None = field(default=None, repr=False)
     peer_timeout: float = 2.0
     lease_ttl: int = 10
@@ -249,6 +262,7 @@ def build_config(
                      "connect_timeout", "max_concurrency", "own_connections"}, "[s3]")
     cl = _table(raw, "cluster")
     _check_keys(cl, {"node_id", "peer_listen", "advertise", "peers", "etcd", "etcd_prefix",
+                      "etcd_ca", "etcd_cert", "etcd_key",
                      "peer_secret", "peer_timeout", "lease_ttl", "grace_period"}, "[cluster]")
     tr = _table(raw, "trace")
     _check_keys(tr, {"slow_threshold", "metrics_listen", "otlp_endpoint"}, "[trace]")
@@ -355,6 +369,8 @@ def build_config(
         peers=tuple(peers),
         etcd=tuple(etcd),
         etcd_prefix=str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix)),
+        **{k: _readable_file(pick(k, cl, k), f"[cluster] {k}")
+           for k in ("etcd_ca", "etcd_cert", "etcd_key")},
         peer_secret=secret,
         peer_timeout=parse_duration(cl.get("peer_timeout", 2.0), "peer timeout"),
         lease_ttl=int(cl.get("lease_ttl", 10)),
@@ -373,6 +389,16 @@ def build_config(
             raise ConfigError("--peer-listen needs --peers or --etcd")
     elif cluster.peers or cluster.etcd:
         raise ConfigError("--peers/--etcd need --peer-listen HOST:PORT")
+    if (cluster.etcd_cert is None) != (cluster.etcd_key is None):
+        raise ConfigError("[cluster] etcd_cert and etcd_key go together (the client "
+                          "certificate and its private key)")
+    if cluster.etcd_ca or cluster.etcd_cert:
+        if not cluster.etcd:
+            raise ConfigError("[cluster] etcd_ca/etcd_cert/etcd_key need etcd endpoints")
+        plain = [e for e in cluster.etcd if not e.startswith("https://")]
+        if plain:
+            raise ConfigError(f"etcd TLS options given, but {plain[0]!r} is not an "
+                              "https:// endpoint")
 
     metrics = pick("metrics_listen", tr, "metrics_listen")
     if metrics:

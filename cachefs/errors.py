@@ -8,6 +8,8 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import ssl
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
@@ -46,3 +48,21 @@ class ObjectChanged(S3Error):
 
 class NoSuchObject(S3Error):
     pass
+
+
+def tls_failure(e: BaseException) -> str | None:
+    """What went wrong in TLS, when an ssl.SSLError is somewhere in ``e``'s chain (HTTP
+    clients wrap it, sometimes in an exception with no message of its own)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {x.verify_message}"
+        if isinstance(x, ssl.SSLError):
+            return (x.reason or str(x)).replace("_", " ").lower()
+        todo += [x.__cause__, x.__context__]
+    return None

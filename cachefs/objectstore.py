@@ -16,9 +16,11 @@ response parsing cost about 2.5 ms of CPU per GET here, more than s3rver spends
 serving a 100 KiB object.  The first GET of a store goes through botocore and
 shows the way: a hook reads the URL it built and how it signed it.  Later GETs
 build that URL for their key, are signed by botocore's own SigV4 signer with the
-client's (refreshing) credentials, and go out through the client's own HTTP
-session (the same pool, TLS settings and proxies).  Anything unusual (another
-signature version, a URL that does not end with the key) keeps botocore.
+client's (refreshing) credentials, and go out on cachefs's own HTTP/1.1
+connections (http1.py, with the TLS context the client built), or through the
+client's HTTP session where a proxy is configured or ``[s3] own_connections`` is
+false.  Anything unusual (another signature version, a URL that does not end with
+the key) keeps botocore.
 
 Retry budget: ``max_attempts`` attempts, each bounded by ``request_timeout``,
 separated by full-jitter exponential backoff (base 0.1 s, cap 5 s).  With the
@@ -53,7 +55,7 @@ from botocore.utils import percent_encode
 
 from . import http1
 from .config import MountSpec, S3Options
-from .errors import NoSuchObject, ObjectChanged, QuietError, S3Error
+from .errors import NoSuchObject, ObjectChanged, QuietError, S3Error, tls_failure
 from .stats import Stats
 from .trace import span
 
@@ -203,23 +205,6 @@ class _DirectGet:
         return await self.http.send(prepared)
 
 
-def _tls_failure(e: BaseException) -> str | None:
-    """What went wrong in TLS, when an ssl.SSLError is somewhere in ``e``'s chain."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, ssl.SSLCertVerificationError):
-            return f"certificate verify failed: {x.verify_message}"
-        if isinstance(x, ssl.SSLError):
-            return x.reason or str(x)
-        todo += [x.__cause__, x.__context__]
-    return None
-
-
 def _client_error(status: int, body: bytes) -> botocore.exceptions.ClientError:
     """A non-2xx answer to a direct GET as the error botocore would have raised."""
     code, msg = (m.group(1).decode("utf-8", "replace") if (m := _XML_FIELD[f].search(body))
@@ -365,7 +350,7 @@ class ObjectStore:
             raise QuietError(f"S3 endpoint {where} did not answer in time") from None
         except Exception as e:  # noqa: BLE001
             c = self._classify(e)
-            if (tls := _tls_failure(e)) is not None:
+            if (tls := tls_failure(e)) is not None:
                 raise QuietError(f"TLS with S3 endpoint {where} failed: {tls}"
                                  + (" (a private CA's certificate goes in AWS_CA_BUNDLE)"
                                     if "verify failed" in tls else "")) from None

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -72,20 +73,29 @@ class Etcd:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def start_etcd(base: Path | None = None, timeout: float = 20) -> Etcd:
+def start_etcd(base: Path | None = None, timeout: float = 20, tls=None) -> Etcd:
+    """``tls``: a certs.CA: clients then talk https and must show a certificate it
+    signed (etcd's --client-cert-auth); the server's own is issued as "etcd-server"."""
     own = base is None
     d = Path(tempfile.mkdtemp(prefix="etcd-")) if own else Path(base)
     d.mkdir(parents=True, exist_ok=True)
     data = d / "data"
     log = d / "etcd.log"
     client, peer = free_port(), free_port()
-    url = f"http://127.0.0.1:{client}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{client}"
     argv = [ETCD, "--name", "test", "--data-dir", str(data),
             "--listen-client-urls", url, "--advertise-client-urls", url,
             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-cluster", f"test=http://127.0.0.1:{peer}",
             "--initial-cluster-state", "new", "--log-level", "warn"]
+    ctx = None
+    if tls is not None:
+        cert, key = tls.issue("etcd-server")
+        argv += ["--cert-file", str(cert), "--key-file", str(key), "--client-cert-auth",
+                 "--trusted-ca-file", str(tls.pem)]
+        ctx = ssl.create_default_context(cafile=str(tls.pem))
+        ctx.load_cert_chain(*tls.issue("etcd-health"))
     logf = open(log, "ab")
     proc = subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
     logf.close()
@@ -97,7 +107,7 @@ def start_etcd(base: Path | None = None, timeout: float = 20) -> Etcd:
             e.stop()
             raise RuntimeError(f"etcd exited ({proc.returncode}): {e.log_text()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+            with urllib.request.urlopen(url + "/health", timeout=1, context=ctx) as r:
                 if json.loads(r.read()).get("health") in ("true", True):
                     return e
         except (OSError, ValueError):

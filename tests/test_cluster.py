@@ -15,7 +15,9 @@ from functools import partial
 import pytest
 import trio
 from cachefs_env import cli, wait_for
+from certs import CA
 from etcd_env import etcd_available, free_port, start_etcd
+from test_cli import one_line_error
 
 from cachefs.cluster.membership import parse_peer, prefix_end, resolve_self
 from cachefs.cluster.peer import PeerClient, PeerError, serve_peers
@@ -272,3 +274,52 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
     finally:
         etcd.stop()
 
+
+
+@pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
+def test_etcd_over_tls_with_client_certificates(mounts, bucket, s3, proxy, tmp_path):
+    """An etcd that serves https only and demands a client certificate its CA signed
+    (--client-cert-auth): nodes given etcd_ca/etcd_cert/etcd_key join and share chunks; a
+    node without a certificate is refused at mount, on one line; TLS options that cannot
+    work are configuration errors."""
+    ca = CA(tmp_path / "pki")
+    etcd = start_etcd(tmp_path / "etcd", tls=ca)
+    try:
+        cert, key = ca.issue("cachefs-node")
+        base = (f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "/tls/members/"\n'
+                f'lease_ttl = 2\netcd_ca = "{ca.pem}"\n')
+        good = tmp_path / "good.toml"
+        good.write_text(base + f'etcd_cert = "{cert}"\netcd_key = "{key}"\n')
+        ms = [mounts(f"s3://{bucket}", name=f"t{i}", start=False, config=str(good),
+                     env={"CACHEFS_PEER_SECRET": SECRET},
+                     extra=("--node-id", f"t{i}", "--peer-listen", f"127.0.0.1:{free_port()}"))
+              for i in range(2)]
+        start_all(ms)
+        for m in ms:
+            wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 2, 5, "2 members")
+        files = put_files(s3, bucket, {"t.bin": 1_000_000}, seed=11)
+        proxy.reset()
+        assert read_all(ms[0], files) == files and read_all(ms[1], files) == files
+        assert gets(proxy) == nchunks(files)  # the second node read from the first
+
+        def mount_with(text: str):
+            cfg = tmp_path / "other.toml"
+            cfg.write_text(text)
+            mp = tmp_path / "mp-x"
+            mp.mkdir(exist_ok=True)
+            return cli("mount", f"s3://{bucket}", str(mp), "--config", str(cfg),
+                       "--cache-dir", str(tmp_path / "c-x"), "--cache-size", "64MiB",
+                       "--endpoint-url", proxy.url, "--node-id", "x",
+                       "--peer-listen", f"127.0.0.1:{free_port()}",
+                       env={"CACHEFS_PEER_SECRET": SECRET})
+
+        one_line_error(mount_with(base), "etcd", "certificate")  # etcd wants a certificate
+        one_line_error(mount_with(base + f'etcd_cert = "{cert}"\n'), "etcd_key")
+        one_line_error(mount_with(base + f'etcd_cert = "{cert}"\netcd_key = "/nope.key"\n'),
+                       "cannot read")
+        plain = base.replace("https://", "http://")
+        one_line_error(mount_with(plain + f'etcd_cert = "{cert}"\netcd_key = "{key}"\n'),
+                       "not an https:// endpoint")
+        assert all(cluster_stats(m)["ring_size"] == 2 for m in ms)  # x never joined
+    finally:
+        etcd.stop()

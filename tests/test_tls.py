@@ -5,8 +5,6 @@ botocore's requests and on the ranged GETs it sends on its own connections."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import random
 import socket
 import ssl
@@ -16,42 +14,17 @@ import time
 
 import pytest
 from cachefs_env import cli
+from certs import CA
 from test_cli import one_line_error
 
 CS = 64 * 1024  # the tests' chunk size (cachefs_env.Mount)
 
 
-def _self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cachefs test endpoint")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_pem, key_pem = tmp_path / "endpoint.pem", tmp_path / "endpoint.key"
-    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    return cert_pem, key_pem
-
-
 @pytest.fixture(scope="module")
 def tls_moto(tmp_path_factory):
     """(url, CA file): a moto server answering on https only."""
-    tmp = tmp_path_factory.mktemp("tls")
-    cert, key = _self_signed(tmp)
+    ca = CA(tmp_path_factory.mktemp("tls"))
+    cert, key = ca.issue("endpoint")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -59,7 +32,7 @@ def tls_moto(tmp_path_factory):
                              str(port), "-c", str(cert), "-k", str(key)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx = ssl.create_default_context(cafile=str(ca.pem))
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -71,7 +44,7 @@ def tls_moto(tmp_path_factory):
                 proc.kill()
                 pytest.fail("moto did not start on https")
             time.sleep(0.1)
-    yield f"https://127.0.0.1:{port}", cert
+    yield f"https://127.0.0.1:{port}", ca.pem
     proc.terminate()
     proc.wait(10)
 

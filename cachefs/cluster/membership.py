@@ -24,12 +24,13 @@ import json
 import logging
 import random
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
 
-from ..errors import ConfigError, QuietError
+from ..errors import ConfigError, QuietError, tls_failure
 from .peer import parse_address
 
 log = logging.getLogger("cachefs.cluster")
@@ -165,6 +166,7 @@ class EtcdMembership:
         grace_period: float = 30.0,
         on_change: OnChange | None = None,
         request_timeout: float = 5.0,
+        tls: tuple[str | None, str | None, str | None] = (None, None, None),
     ) -> None:
         self.endpoints = [e.rstrip("/") if "://" in e else "http://" + e.rstrip("/")
                           for e in endpoints]
@@ -181,6 +183,7 @@ class EtcdMembership:
         self.grace_period = grace_period
         self.on_change = on_change
         self.request_timeout = request_timeout
+        self.tls = tls  # (CA file, client certificate, its key): paths or None
         self.alive: dict[str, str] = {}
         self.departing: dict[str, tuple[str, float]] = {}  # id -> (address, deadline)
         self.members: dict[str, str] = {node_id: address}
@@ -215,8 +218,15 @@ class EtcdMembership:
                 last = e
                 self.counters["etcd_errors"] += 1
                 self._ep = (self._ep + 1) % len(self.endpoints)
-        self.last_error = str(last)
-        raise EtcdError(f"etcd unreachable ({', '.join(self.endpoints)}): {last}")
+        tls = tls_failure(last) if last is not None else None
+        why = f"TLS: {tls}" if tls else (str(last) or type(last).__name__)
+        if (isinstance(last, httpx.ReadError) and not self.tls[1]
+                and any(e.startswith("https://") for e in self.endpoints)):
+            # etcd's --client-cert-auth hangs up on a client without a certificate
+            why += (" (the connection was closed: if etcd wants client certificates, "
+                    "give etcd_cert and etcd_key)")
+        self.last_error = why
+        raise EtcdError(f"etcd unreachable ({', '.join(self.endpoints)}): {why}")
 
     # -- registration ------------------------------------------------------------
     def _key(self, node: str) -> str:
@@ -394,10 +404,27 @@ class EtcdMembership:
         return True
 
     # -- lifecycle -------------------------------------------------------------------
+    def _ssl_context(self) -> ssl.SSLContext:
+        """Verify etcd against the given CA (or the system's); show the client
+        certificate, if any (etcd's --client-cert-auth)."""
+        ca, cert, key = self.tls
+        try:
+            ctx = ssl.create_default_context(cafile=ca)
+        except (ssl.SSLError, OSError) as e:
+            raise QuietError(f"etcd TLS: cannot load the CA file {ca} ({e})") from None
+        if cert:
+            try:
+                ctx.load_cert_chain(cert, key)
+            except (ssl.SSLError, OSError) as e:
+                raise QuietError(f"etcd TLS: cannot load the client certificate {cert} "
+                                 f"with key {key} ({e})") from None
+        return ctx
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         import httpx
 
-        async with httpx.AsyncClient() as client:
+        ctx = await trio.to_thread.run_sync(self._ssl_context)
+        async with httpx.AsyncClient(verify=ctx) as client:
             self._client = client
             try:
                 try:
