@@ -197,7 +197,7 @@ class Pool:
             if te and te != "identity":
                 if not te.endswith("chunked"):
                     raise ProtocolError(f"unsupported Transfer-Encoding {te!r}")
-                body, keep = await self._read_chunked(c, buf, keep)
+                body = await self._read_chunked(c, buf)
                 n = len(body)
                 if into is not None and 200 <= status < 300 and n == len(into):
                     into[:] = body
@@ -298,7 +298,7 @@ class Pool:
             n += got
 
     @staticmethod
-    async def _read_chunked(c: _Conn, buf: bytes, keep: bool) -> tuple[bytes, bool]:
+    async def _read_chunked(c: _Conn, buf: bytes) -> bytes:
         """A chunked body, whole (only error documents and odd gateways send them)."""
         out = bytearray()
         pending = bytearray(buf)
@@ -323,7 +323,7 @@ class Pool:
             if size == 0:
                 while await line():  # trailers up to the empty line
                     pass
-                return bytes(out), keep
+                return bytes(out)
             if len(out) + size > MAX_ERROR_BODY * 64:
                 raise ProtocolError("chunked body too long")
             while len(pending) < size + 2:

@@ -251,7 +251,8 @@ class FileHandle:
         return ev
 
     def arrived(self, i: int, ev: trio.Event) -> None:
-        """What ``expect(i)`` waited for is settled (kept, or failed)."""
+        """What ``expect(i)`` (or this handle's own read-ahead) waited for is settled
+        (kept, or failed)."""
         if self.pending.get(i) is ev:
             del self.pending[i]
         ev.set()
@@ -288,8 +289,7 @@ class FileHandle:
         except Exception:  # noqa: BLE001, S110 - a failed prefetch is retried by the read
             pass
         finally:
-            self.pending.pop(i, None)
-            ev.set()
+            self.arrived(i, ev)
 
     async def _chunk(self, i: int) -> bytes:
         d = self.buf.get(i)

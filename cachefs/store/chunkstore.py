@@ -172,7 +172,7 @@ class ChunkStore:
                     f.unlink(missing_ok=True)
                     continue
                 # orphan: adopt if it verifies completely
-                hdr_data = self._read_verify(f, cid, None)
+                hdr_data = self._read_verify(f, cid)
                 if hdr_data is None:
                     f.unlink(missing_ok=True)
                     report["orphans_removed"] += 1
@@ -199,7 +199,7 @@ class ChunkStore:
                 self.lru[cid] = rec.size
         return report
 
-    def _read_verify(self, f: Path, cid: bytes, expect_len: int | None):
+    def _read_verify(self, f: Path, cid: bytes):
         """Blocking: (checksum, size) if file f holds a valid chunk cid, else None."""
         try:
             with open(f, "rb") as fh:
@@ -208,8 +208,6 @@ class ChunkStore:
                     return None
                 magic, hcid, length, ck = HEADER.unpack(hdr)
                 if magic != MAGIC or hcid != cid:
-                    return None
-                if expect_len is not None and length != expect_len:
                     return None
                 data = fh.read(length + 1)
         except OSError:
