@@ -17,14 +17,16 @@ per-request latency, not the bandwidth, bounds a reader), and never more than on
 worth of bytes ahead of the reader: a reader that stops has cost at most that many extra
 bytes.  Larger files have chunk read-ahead once read.  Chunks on this node's SSD are read
 ``LOCAL_BATCH`` at a time in one worker-thread call (a thread hop costs more than reading a
-100 KiB file); the others go through the chunk reader like any read (singleflight, the
-owning peer, S3 with write-through).  Their bytes are held in memory charged to the
-read-ahead budget, at most a quarter of it; when that share is spent, prefetch waits and
-reads go on.  The open of a prefetched file hands its bytes to the new handle (the read is
-then served from memory, tier "readahead"); an open while the fetch is still running claims
-it, and the bytes go to the handle when they arrive.  Bytes nobody opened within
-``HOLD_TTL`` seconds are dropped.  Nothing here is persistent: a restart forgets runs and
-held bytes, and a failed prefetch is only logged at debug level (the read itself retries).
+100 KiB file), and a full window is refilled only once ``LOCAL_BATCH`` files are missing
+from it, so a steady reader costs one call per ``LOCAL_BATCH`` files; the others go through
+the chunk reader like any read (singleflight, the owning peer, S3 with write-through).
+Their bytes are held in memory charged to the read-ahead budget, at most a quarter of it;
+when that share is spent, prefetch waits and reads go on.  The open of a prefetched file
+hands its bytes to the new handle (the read is then served from memory, tier "readahead");
+an open while the fetch is still running claims it, and the bytes go to the handle when they
+arrive.  Bytes nobody opened within ``HOLD_TTL`` seconds are dropped.  Nothing here is
+persistent: a restart forgets runs and held bytes, and a failed prefetch is only logged at
+debug level (the read itself retries).
 """
 
 from __future__ import annotations
@@ -147,27 +149,34 @@ class FilePrefetcher:
         vfs = self.vfs
         store = vfs.reader.store
         cap = vfs.budget.limit // BUDGET_SHARE
-        local, remote = [], []
+        todo = []  # positions past r.ahead: (position, node, or None for one not fetched)
+        small = 0
         ahead_bytes = 0
         for i in range(p + 1, min(p + r.window, len(r.names) - 1) + 1):
             ino = r.children.get(r.names[i])
             node = vfs.nodes.get(ino) if ino is not None else None
             if node is None or node.is_dir or not self._small(node.size):
-                r.ahead = max(r.ahead, i)
-                continue
-            ahead_bytes += node.size
-            if ahead_bytes > vfs.cfg.chunk_size:
-                break  # at most one chunk's worth of bytes ahead of the reader
-            if i <= r.ahead:
-                continue
-            ref = vfs.version(node).chunk(0)
-            if ref.cid not in self.held and ref.cid not in self.inflight:
-                if self.bytes + ref.length > cap or not vfs.budget.try_take(ref.length):
-                    vfs.stats.inc("prefetch_budget_full")
-                    break
-                self.bytes += ref.length
-                self.inflight[ref.cid] = []
-                (local if store.contains(ref.cid) else remote).append(ref)
+                node = None
+            else:
+                ahead_bytes += node.size
+                if ahead_bytes > vfs.cfg.chunk_size:
+                    break  # at most one chunk's worth of bytes ahead of the reader
+            if i > r.ahead:
+                todo.append((i, node))
+                small += node is not None
+        if small < LOCAL_BATCH and r.ahead - p >= LOCAL_BATCH:
+            return  # the reader has files in hand: refill LOCAL_BATCH at a time
+        local, remote = [], []
+        for i, node in todo:
+            if node is not None:
+                ref = vfs.version(node).chunk(0)
+                if ref.cid not in self.held and ref.cid not in self.inflight:
+                    if self.bytes + ref.length > cap or not vfs.budget.try_take(ref.length):
+                        vfs.stats.inc("prefetch_budget_full")
+                        break
+                    self.bytes += ref.length
+                    self.inflight[ref.cid] = []
+                    (local if store.contains(ref.cid) else remote).append(ref)
             r.ahead = i
         vfs.stats.inc("prefetch_started", len(local) + len(remote))
         for i in range(0, len(local), LOCAL_BATCH):
@@ -177,6 +186,7 @@ class FilePrefetcher:
 
     async def _fetch_local(self, refs: list, dir_ino: int) -> None:
         """Chunks on this node's SSD: read in one worker-thread call."""
+        self.vfs.stats.inc("prefetch_ssd_calls")
         try:
             got = await self.vfs.reader.store.get_many([(r.cid, r.length) for r in refs])
         except Exception as e:  # noqa: BLE001 - the reads themselves will retry and report
