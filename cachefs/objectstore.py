@@ -205,6 +205,16 @@ class _DirectGet:
         return await self.http.send(prepared)
 
 
+def _ca_problem(e: BaseException) -> str:
+    if isinstance(e, botocore.exceptions.InvalidConfigError):
+        return "it is empty"
+    if isinstance(e, ssl.SSLError):
+        return "no PEM certificate in it"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
 def _client_error(status: int, body: bytes) -> botocore.exceptions.ClientError:
     """A non-2xx answer to a direct GET as the error botocore would have raised."""
     code, msg = (m.group(1).decode("utf-8", "replace") if (m := _XML_FIELD[f].search(body))
@@ -243,6 +253,12 @@ class ObjectStore:
                 config=cfg))
         except botocore.exceptions.ProfileNotFound as e:
             raise QuietError(f"AWS profile not found: {e}") from None
+        except (botocore.exceptions.InvalidConfigError, OSError) as e:
+            ca = session.get_config_variable("ca_bundle")
+            if ca is None:
+                raise
+            raise QuietError(f"the CA bundle {ca!r} (AWS_CA_BUNDLE, or ca_bundle in the "
+                             f"profile) cannot be used: {_ca_problem(e)}") from None
         except ValueError as e:
             raise QuietError(f"invalid S3 endpoint {self.spec.endpoint_url!r}: {e}") from None
         self._client.meta.events.register("before-sign.s3.GetObject", self._learn)

@@ -67,6 +67,14 @@ def test_https_endpoint_with_private_ca(tls_moto, mounts, tmp_path):
     r = cli("mount", "s3://tls", str(mp), "--cache-dir", str(tmp_path / "c"),
             "--cache-size", "64MiB", "--endpoint-url", url, "--s3-timeout", "5s")
     one_line_error(r, "certificate")
+    # a CA bundle that cannot be used is named, with what is wrong with it
+    not_pem = tmp_path / "not-a-cert.pem"
+    not_pem.write_text("hello\n")
+    for bundle, why in (("", "it is empty"), (str(tmp_path / "missing.pem"), "No such file"),
+                        (str(not_pem), "no PEM certificate")):
+        r = cli("mount", "s3://tls", str(mp), "--cache-dir", str(tmp_path / "c"),
+                "--cache-size", "64MiB", "--endpoint-url", url, env={"AWS_CA_BUNDLE": bundle})
+        one_line_error(r, f"the CA bundle {bundle!r}", why)
 
     m = mounts("s3://tls", endpoint=url, env={"AWS_CA_BUNDLE": str(ca)})
     for k, v in objs.items():
