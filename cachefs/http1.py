@@ -47,6 +47,15 @@ class _Stale(Exception):
     """A reused connection ended before the first byte of the answer."""
 
 
+def _placed(body: bytes | bytearray, target: memoryview | None) -> bytes | memoryview:
+    """A body read whole: in ``target`` (a 2xx's memory) when it is exactly that long,
+    else as bytes (one of another length is refused by the caller)."""
+    if target is not None and len(body) == len(target):
+        target[:] = body
+        return target
+    return bytes(body)
+
+
 class _Conn:
     """One connection: a trio socket, and the TLS stream over it on https."""
 
@@ -193,27 +202,25 @@ class Pool:
             status, hdrs, buf, version = await self._read_head(c)
             t_head = time.perf_counter()
             keep = version == "HTTP/1.1" and "close" not in hdrs.get("connection", "").lower()
+            target = into if 200 <= status < 300 else None  # where a 2xx body goes
             te = hdrs.get("transfer-encoding", "").lower()
             if te and te != "identity":
                 if not te.endswith("chunked"):
                     raise ProtocolError(f"unsupported Transfer-Encoding {te!r}")
                 body = await self._read_chunked(c, buf)
                 n = len(body)
-                if into is not None and 200 <= status < 300 and n == len(into):
-                    into[:] = body
-                    body = into
+                body = _placed(body, target)
             elif "content-length" in hdrs:
                 cl = hdrs["content-length"]
                 if not cl.isdigit():
                     raise ProtocolError(f"bad Content-Length {cl!r}")
                 n = int(cl)
-                if 200 <= status < 300 and into is not None:
-                    if n != len(into):
+                if target is not None:
+                    if n != len(target):
                         keep = False  # not read: the caller refuses a body of this length
-                        body = into
                     else:
-                        await self._read_exact(c, buf, into)
-                        body = into
+                        await self._read_exact(c, buf, target)
+                    body = target
                 elif n > MAX_ERROR_BODY:
                     keep = False
                     body = bytes(buf[:MAX_ERROR_BODY])
@@ -224,16 +231,12 @@ class Pool:
             else:  # the body runs to the end of the connection
                 keep = False
                 got = bytearray(buf)
-                limit = len(into) + 1 if into is not None and 200 <= status < 300 \
-                    else MAX_ERROR_BODY
+                limit = len(target) + 1 if target is not None else MAX_ERROR_BODY
                 while len(got) < limit and (data := await c.recv()):
                     got += data
                 n = len(got)
-                if into is not None and 200 <= status < 300 and n == len(into):
-                    into[:] = got
-                    body = into
-                else:
-                    body = bytes(got[:limit])
+                del got[limit:]
+                body = _placed(got, target)
             return status, hdrs, body, n, t_head
         except BaseException:
             keep = False  # an error, a timeout: what is left on the connection is unknown
