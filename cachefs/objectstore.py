@@ -134,7 +134,7 @@ class _DirectGet:
     """A ranged GET without botocore's per-call machinery (see the module docstring)."""
 
     __slots__ = ("prefix", "suffix", "signing_name", "region", "user_agent", "signer",
-                 "http", "pool", "path_prefix")
+                 "http", "pool", "origin_len")
 
     def __init__(self, prefix: str, suffix: str, signing_name: str, region: str,
                  user_agent: str, signer, http) -> None:
@@ -146,7 +146,7 @@ class _DirectGet:
         self.signer = signer  # the client's AioRequestSigner: credentials, refreshed
         self.http = http  # the client's HttpxSession
         self.pool: http1.Pool | None = None  # our own connections, where they can serve
-        self.path_prefix = ""  # the request target up to the key, for the pool
+        self.origin_len = 0  # len("scheme://host:port"): the rest of a URL is its target
 
     def use_own_connections(self, connect_timeout: float, max_idle: int, stats: Stats) -> bool:
         """Send GETs on ``http1`` connections when the client's session would reach the
@@ -162,7 +162,7 @@ class _DirectGet:
         self.pool = http1.Pool(u.scheme, u.hostname, u.port or (443 if ctx else 80),
                                _host_from_url(self.prefix), ctx, connect_timeout,
                                max_idle=max_idle, count=stats.inc)
-        self.path_prefix = self.prefix[len(f"{u.scheme}://{u.netloc}"):]
+        self.origin_len = len(f"{u.scheme}://{u.netloc}")
         return True
 
     @classmethod
@@ -432,9 +432,8 @@ class ObjectStore:
             headers["If-Match"] = etag
         if direct.pool is not None:
             req = await direct.sign(key, headers)
-            target = direct.path_prefix + percent_encode(key, safe="/~") + direct.suffix
             status, hdrs, body, n, t_head = await direct.pool.get(
-                target, req.headers.items(), into)
+                req.url[direct.origin_len:], req.headers.items(), into)
             if not 200 <= status < 300:
                 raise _client_error(status, bytes(body))
             self.stats.inc("s3_get_requests")
