@@ -417,6 +417,10 @@ class ObjectStore:
         return ObjInfo(key, int(r["ContentLength"]), r.get("ETag", ""),
                        _mtime(r.get("LastModified")))
 
+    def _count_direct(self) -> None:
+        self.stats.inc("s3_get_requests")
+        self.stats.inc("s3_get_direct")
+
     async def _get_direct(self, direct: _DirectGet, key: str, start: int, end: int,
                           etag: str, t0: float, into: memoryview | None
                           ) -> tuple[int, Any, bytes | memoryview, int, float]:
@@ -436,15 +440,13 @@ class ObjectStore:
                 req.url[direct.origin_len:], req.headers.items(), into)
             if not 200 <= status < 300:
                 raise _client_error(status, bytes(body))
-            self.stats.inc("s3_get_requests")
-            self.stats.inc("s3_get_direct")
+            self._count_direct()
             return status, hdrs, body, n, t_head - t0
         r = await direct.get(key, headers)
         ttfb = time.perf_counter() - t0
         ok = 200 <= r.status_code < 300
         if ok:
-            self.stats.inc("s3_get_requests")
-            self.stats.inc("s3_get_direct")
+            self._count_direct()
         try:
             if ok and into is not None:
                 n, cap = 0, len(into)

@@ -27,6 +27,7 @@ import errno
 import itertools
 import json
 import logging
+import math
 import os
 import stat
 import time
@@ -262,11 +263,8 @@ class FileHandle:
         if not self.vfs.memo.adopt(self.obj.chunk(i).cid, self):
             self.vfs.budget.give(len(data))
 
-    def _drop_below(self, i: int) -> None:
-        for j in [j for j in self.buf if j < i]:
-            self._let_go(j)
-
-    def _drop_except(self, lo: int, hi: int) -> None:
+    def _drop_outside(self, lo: int, hi: float = math.inf) -> None:
+        """Let go of the buffered chunks before lo or after hi."""
         for j in [j for j in self.buf if j < lo or j > hi]:
             self._let_go(j)
 
@@ -334,13 +332,13 @@ class FileHandle:
         sequential = off == self.next_off
         self.next_off = end
         if sequential:
-            self._drop_below(first)
+            self._drop_outside(first)
             if first != self.cur_chunk or self.window == 0:
                 self.window = min(self.vfs.cfg.readahead_chunks, max(1, self.window * 2))
             self._schedule(last + 1, self.window)
         else:
             self.window = 0
-            self._drop_except(first, last)
+            self._drop_outside(first, last)
         self.cur_chunk = last
         if first == last:
             data = await self._chunk(first)

@@ -275,7 +275,6 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
         etcd.stop()
 
 
-
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
 def test_etcd_over_tls_with_client_certificates(mounts, bucket, s3, proxy, tmp_path):
     """An etcd that serves https only and demands a client certificate its CA signed

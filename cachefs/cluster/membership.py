@@ -220,8 +220,7 @@ class EtcdMembership:
                 self._ep = (self._ep + 1) % len(self.endpoints)
         tls = tls_failure(last) if last is not None else None
         why = f"TLS: {tls}" if tls else (str(last) or type(last).__name__)
-        if (isinstance(last, httpx.ReadError) and not self.tls[1]
-                and any(e.startswith("https://") for e in self.endpoints)):
+        if isinstance(last, httpx.ReadError) and not self.tls[1] and self._uses_tls:
             # etcd's --client-cert-auth hangs up on a client without a certificate
             why += (" (the connection was closed: if etcd wants client certificates, "
                     "give etcd_cert and etcd_key)")
@@ -404,6 +403,10 @@ class EtcdMembership:
         return True
 
     # -- lifecycle -------------------------------------------------------------------
+    @property
+    def _uses_tls(self) -> bool:
+        return any(e.startswith("https://") for e in self.endpoints)
+
     def _ssl_context(self) -> ssl.SSLContext:
         """Verify etcd against the given CA (or the system's); show the client
         certificate, if any (etcd's --client-cert-auth)."""
@@ -423,8 +426,11 @@ class EtcdMembership:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         import httpx
 
-        ctx = await trio.to_thread.run_sync(self._ssl_context)
-        async with httpx.AsyncClient(verify=ctx) as client:
+        # TLS only where an endpoint asks for it: no CA store is loaded for plain http
+        verify: ssl.SSLContext | bool = False
+        if self._uses_tls:
+            verify = await trio.to_thread.run_sync(self._ssl_context)
+        async with httpx.AsyncClient(verify=verify) as client:
             self._client = client
             try:
                 try:
