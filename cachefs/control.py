@@ -70,86 +70,91 @@ class ControlServer:
                 pass
 
     async def _conn(self, stream: trio.SocketStream) -> None:
+        """One connection.  Nothing it raises may reach serve_listeners' nursery: that
+        would end the daemon, and with it the mount under every reader."""
         async with stream:
-            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                             struct.calcsize("3i"))
-            _, uid, _ = struct.unpack("3i", creds)
-            if uid not in (os.getuid(), 0):
-                log.warning("control: refused a connection from uid %d", uid)
-                await _send(stream, {"ok": False, "error": "permission denied"})
-                return
-            buf = b""
-            while b"\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buf += data
-                if len(buf) > MAX_REQUEST:
-                    await _send(stream, {"ok": False, "error": "request too large"})
-                    return
-            line = buf.split(b"\n", 1)[0]
             try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError
-            except ValueError:
-                await _send(stream, {"ok": False, "error": "malformed request"})
-                return
-            handler = self.handlers.get(str(req.get("op")))
-            if handler is None:
-                await _send(stream, {"ok": False, "error": f"unknown op {req.get('op')!r}"})
-                return
+                await self._serve(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went away (Ctrl-C on `cachefs trace --follow`)
+            except Exception:  # noqa: BLE001 - logged, and the daemon stays up
+                log.exception("control connection failed")
 
-            async def emit(ev: dict) -> None:
-                await _send(stream, {"event": True, **ev})
+    async def _serve(self, stream: trio.SocketStream) -> None:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                         struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid not in (os.getuid(), 0):
+            log.warning("control: refused a connection from uid %d", uid)
+            await _send(stream, {"ok": False, "error": "permission denied"})
+            return
+        buf = b""
+        while b"\n" not in buf:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+            if len(buf) > MAX_REQUEST:
+                await _send(stream, {"ok": False, "error": "request too large"})
+                return
+        line = buf.split(b"\n", 1)[0]
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError
+        except ValueError:
+            await _send(stream, {"ok": False, "error": "malformed request"})
+            return
+        handler = self.handlers.get(str(req.get("op")))
+        if handler is None:
+            await _send(stream, {"ok": False, "error": f"unknown op {req.get('op')!r}"})
+            return
 
-            result = None
-            try:
-                async with trio.open_nursery() as n:
-                    n.start_soon(_watch_hangup, stream, n.cancel_scope)
-                    result = await handler(req, emit)
-                    n.cancel_scope.cancel()
-            except BaseExceptionGroup as eg:
-                ce = _single(eg, ControlError)
-                if ce is None:
-                    raise
-                await _send(stream, {"ok": False, "error": str(ce)})
-                return
-            except ControlError as e:
-                await _send(stream, {"ok": False, "error": str(e)})
-                return
-            except trio.BrokenResourceError:
-                return
-            except Exception as e:  # noqa: BLE001 - report, keep the daemon up
-                log.exception("control op %s failed", req.get("op"))
-                try:
-                    await _send(stream, {"ok": False, "error": f"internal error: {e}"})
-                except trio.BrokenResourceError:
-                    pass
-                return
-            if result is None:
-                return  # client hung up (handler cancelled)
-            try:
-                await _send(stream, {"ok": True, **result})
-            except trio.BrokenResourceError:
-                pass
+        async def emit(ev: dict) -> None:
+            await _send(stream, {"event": True, **ev})
+
+        result = None
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(_watch_hangup, stream, n.cancel_scope)
+                result = await handler(req, emit)
+                n.cancel_scope.cancel()
+        except BaseException as e:  # noqa: BLE001 - sorted below; the rest re-raised
+            err = _only_error(e)
+            if err is None:
+                raise  # cancellation of the daemon, KeyboardInterrupt: not ours to keep
+            if isinstance(err, ControlError):
+                await _send(stream, {"ok": False, "error": str(err)})
+            elif not isinstance(err, (trio.BrokenResourceError, trio.ClosedResourceError)):
+                log.error("control op %s failed", req.get("op"), exc_info=err)
+                await _send(stream, {"ok": False, "error": f"internal error: {err}"})
+            return
+        if result is None:
+            return  # client hung up (handler cancelled)
+        await _send(stream, {"ok": True, **result})
 
 
-def _single(eg: BaseExceptionGroup, kind: type) -> BaseException | None:
-    """The one exception of type kind inside a (nested) group, if that is all it holds."""
+def _only_error(e: BaseException) -> Exception | None:
+    """What a handler raised, out of trio's exception groups: the one Exception it
+    comes to, or a group of Exceptions as one; None when any part of it is not an
+    Exception (Cancelled, KeyboardInterrupt), which must go on up."""
+    if not isinstance(e, BaseExceptionGroup):
+        return e if isinstance(e, Exception) else None
     leaves: list[BaseException] = []
 
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
+    def walk(x: BaseException) -> None:
+        if isinstance(x, BaseExceptionGroup):
+            for sub in x.exceptions:
                 walk(sub)
         else:
-            leaves.append(e)
+            leaves.append(x)
 
-    walk(eg)
-    if len(leaves) == 1 and isinstance(leaves[0], kind):
-        return leaves[0]
-    return None
+    walk(e)
+    if not all(isinstance(x, Exception) for x in leaves):
+        return None
+    if len(leaves) == 1:
+        return leaves[0]  # type: ignore[return-value]
+    return e  # type: ignore[return-value]  # several errors: an ExceptionGroup
 
 
 async def _watch_hangup(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
@@ -205,16 +210,16 @@ class ControlClient:
                 s.sendall(json.dumps(req).encode() + b"\n")
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the server may have answered (refused) already: read its reply
-            f = s.makefile("rb")
-            for line in f:
-                msg = json.loads(line)
-                if msg.get("event"):
-                    if on_event:
-                        on_event(msg)
-                    continue
-                if not msg.get("ok"):
-                    raise QuietError(str(msg.get("error", "request failed")))
-                return msg
+            with s.makefile("rb") as f:  # closed with s, or the socket's fd stays open
+                for line in f:
+                    msg = json.loads(line)
+                    if msg.get("event"):
+                        if on_event:
+                            on_event(msg)
+                        continue
+                    if not msg.get("ok"):
+                        raise QuietError(str(msg.get("error", "request failed")))
+                    return msg
             raise QuietError("the cachefs daemon closed the connection")
         except TimeoutError:
             raise QuietError("the cachefs daemon did not answer in time") from None

@@ -55,9 +55,9 @@ DROP_OP = "trace.drop"
 
 
 def _num(req: dict, key: str, default: Any = None, kind: type = int) -> Any:
-    v = req.get(key, default)
-    if v is None:
-        return None
+    v = req.get(key)
+    if v is None:  # absent, or null
+        return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ControlError(f"{key} must be a number")
     if v < 0:
