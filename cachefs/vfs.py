@@ -476,10 +476,13 @@ class VFS:
         if d.children is not None and time.monotonic() - d.listed_at < self.cfg.metadata_ttl:
             return
         ev = self._listing.get(d.ino)
-        if ev is not None:
+        if ev is not None:  # share the listing under way
             await ev.wait()
             if d.children is not None:
                 return
+            # it failed (its caller logged why and got EIO): so do its waiters, rather
+            # than each of them asking the failing S3 again in turn
+            raise FSError(errno.EIO)
         ev = trio.Event()
         self._listing[d.ino] = ev
         try:
@@ -491,7 +494,8 @@ class VFS:
             else:
                 await self._list(d)
         finally:
-            del self._listing[d.ino]
+            if self._listing.get(d.ino) is ev:
+                del self._listing[d.ino]
             ev.set()
 
     async def _list(self, d: Node) -> None:

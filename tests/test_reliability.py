@@ -247,6 +247,45 @@ def test_error_body_exactly_chunk_length_never_returned(s3, bucket, mounts, prox
     assert c["s3_get_requests"] == 3 and c["s3_get_direct"] == 2, c
 
 
+def test_requests_sharing_a_failed_listing_all_fail_cleanly(s3, bucket, mounts, proxy):
+    """Four data-set requests and a FUSE lookup in a directory whose listing fails (S3 503
+    on every attempt) share listings: each reports the failure for its entry (none gets an
+    internal error: the waiters of a failed listing once raised KeyError, which ended the
+    daemon), and the directory lists once S3 is back."""
+    files = {f"d/f{i}": put(s3, bucket, f"d/f{i}", bytes([i]) * 100) for i in range(4)}
+    m = mounts(f"s3://{bucket}")
+    assert sorted(os.listdir(m.mp)) == ["d"]
+    proxy.reset()
+    proxy.faults(persistent_status=503, ops=["ListObjects"])
+
+    def status(i: int) -> str:
+        try:
+            r = m.request({"op": "status", "entries": [[1, f"d/f{i}", f"d/f{i}"]]})
+            return str(r.get("failed"))
+        except Exception as e:  # noqa: BLE001
+            return f"{type(e).__name__}: {e}"
+
+    def stat() -> str:
+        try:
+            os.stat(m.path("d/f0"))
+            return "found"
+        except OSError as e:
+            return errno.errorcode[e.errno]
+
+    with cf.ThreadPoolExecutor(5) as ex:
+        got = list(ex.map(status, range(4)))
+        looked = ex.submit(stat).result()
+    listings = proxy.stats()["ops"]["ListObjects"]
+    proxy.clear_faults()
+    assert looked == "EIO"
+    for i, g in enumerate(got):
+        assert "internal error" not in g and f"d/f{i}" in g and "listing from S3 failed" in g, got
+    assert m.counters().get("fuse_internal_errors", 0) == 0
+    assert listings < 5 * 6, listings  # the requests shared listings
+    for k, data in files.items():
+        assert m.path(k).read_bytes() == data
+
+
 def test_error_body_on_last_chunk_same_length(s3, bucket, mounts, proxy):
     """Same collision on the short last chunk of a multi-chunk object."""
     n = _error_doc_len()
