@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -151,38 +152,69 @@ def _daemonize(cfg) -> None:
                             pass_fds=(w,), start_new_session=True, close_fds=True)
     os.close(w)
     logf.close()
-    deadline = time.monotonic() + START_TIMEOUT
+    try:
+        _wait_ready(cfg, proc, r, logp)
+    except BaseException:  # gave up (timeout, Ctrl-C): nothing may stay mounted behind us
+        _stop_starting_daemon(proc, Path(os.path.realpath(cfg.mountpoint)))
+        raise
+
+
+def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
+    """Relay the daemon's start-up lines until OK or ERR.  The deadline is START_TIMEOUT
+    after the last line: a long start-up (a cache rebuilt from its chunk files) says how
+    far it got, and is waited for while it does."""
+    timeout = float(os.environ.get("CACHEFS_START_TIMEOUT") or START_TIMEOUT)
+    deadline = time.monotonic() + timeout
     buf = b""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise QuietError(f"the daemon did not finish starting in {START_TIMEOUT:.0f}s "
-                             f"(pid {proc.pid}, log {logp})")
-        rl, _, _ = select.select([r], [], [], min(left, 1.0))
-        if rl:
-            data = os.read(r, 65536)
-            if not data:
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QuietError(f"the daemon did not finish starting in {timeout:.0f}s and "
+                                 f"was stopped (log {logp})")
+            rl, _, _ = select.select([r], [], [], min(left, 1.0))
+            if rl:
+                data = os.read(r, 65536)
+                if not data:
+                    break
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    deadline = time.monotonic() + timeout
+                    kind, _, msg = line.decode(errors="replace").partition(" ")
+                    if kind == "WARN":
+                        click.echo(f"cachefs: warning: {msg}", err=True)
+                    elif kind == "WAIT":
+                        click.echo(f"cachefs: {msg}", err=True)
+                    elif kind == "OK":
+                        click.echo(f"cachefs: mounted at {cfg.mountpoint} (pid {proc.pid}, "
+                                   f"log {logp})", err=True)
+                        return
+                    elif kind == "ERR":
+                        proc.wait(timeout=30)
+                        raise QuietError(msg)
+            elif proc.poll() is not None:
                 break
-            buf += data
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                kind, _, msg = line.decode(errors="replace").partition(" ")
-                if kind == "WARN":
-                    click.echo(f"cachefs: warning: {msg}", err=True)
-                elif kind == "OK":
-                    os.close(r)
-                    click.echo(f"cachefs: mounted at {cfg.mountpoint} (pid {proc.pid}, "
-                               f"log {logp})", err=True)
-                    return
-                elif kind == "ERR":
-                    os.close(r)
-                    proc.wait(timeout=30)
-                    raise QuietError(msg)
-        elif proc.poll() is not None:
-            break
-    os.close(r)
+    finally:
+        os.close(r)  # from now on the daemon's OK finds nobody, and it unmounts
     code = proc.wait(timeout=30)
     raise QuietError(f"the daemon exited during start-up (status {code}); see {logp}")
+
+
+def _stop_starting_daemon(proc: subprocess.Popen, mp: Path) -> None:
+    """SIGTERM (a daemon already serving unmounts), then SIGKILL and a lazy unmount."""
+    from .daemon import fusermount_unmount, is_stale_mount
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if is_stale_mount(mp) or os.path.ismount(mp):
+            fusermount_unmount(mp, lazy=True)
 
 
 def _find_quiet(e: BaseException) -> QuietError | None:

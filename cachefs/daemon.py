@@ -47,21 +47,30 @@ class Ready:
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
 
-    def _say(self, line: str) -> None:
+    def _say(self, line: str) -> bool:
+        """False when the line found nobody (the `cachefs mount` that waits is gone)."""
         if self.fd is None:
-            return
+            return True
         try:
             os.write(self.fd, (line.replace("\n", " ") + "\n").encode())
         except OSError:
-            pass
+            return False
+        return True
 
     def warn(self, msg: str) -> None:
         log.warning("%s", msg)
         self._say("WARN " + msg)
 
-    def ok(self, msg: str = "") -> None:
-        self._say("OK " + msg)
+    def progress(self, msg: str) -> None:
+        """Start-up is slow but moving: said to the waiting command, which waits on."""
+        log.info("%s", msg)
+        self._say("WAIT " + msg)
+
+    def ok(self, msg: str = "") -> bool:
+        """Say the mount is live; False if the command that waited for it gave up."""
+        heard = self._say("OK " + msg)
         self.close()
+        return heard
 
     def fail(self, msg: str) -> None:
         self._say("ERR " + msg)
@@ -212,7 +221,7 @@ class Daemon:
                                         limit=cfg.cache_size, high=cfg.high_watermark,
                                         low=cfg.low_watermark)
         try:
-            report = await trio.to_thread.run_sync(store.reconcile)
+            report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,
                      store.statistics()["chunks"], store.used >> 20, report)
             free = store.disk_free()
@@ -276,7 +285,10 @@ class Daemon:
             log.info("mounted %s at %s (cache %s, limit %d MiB, chunk %d KiB)",
                      ", ".join(m.spec.source for m in mounts), mp, cfg.cache_dir,
                      cfg.cache_size >> 20, cfg.chunk_size >> 10)
-            self.ready.ok(str(mp))
+            if not self.ready.ok(str(mp)):
+                log.warning("the `cachefs mount` that started this daemon gave up waiting "
+                            "for it: unmounting")
+                return
             await pyfuse3.main()
             log.info("file system at %s unmounted", mp)
         finally:

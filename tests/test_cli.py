@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from cachefs_env import CREDS, cli, is_mounted
@@ -119,6 +120,56 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
         from cachefs.cli import _alive
 
         assert not _alive(pid)  # exited (a zombie not yet reaped by init counts as exited)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def _daemon_pid(cache) -> int:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            return int((cache / "lock").read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError("the daemon never took the cache lock")
+
+
+def _gone(pid: int, mp) -> bool:
+    from cachefs.cli import _alive
+
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _alive(pid) and not is_mounted(mp)
+
+
+def test_mount_that_gives_up_leaves_nothing_mounted(s3, bucket, proxy, tmp_path):
+    """`cachefs mount` that stops waiting (its start-up deadline, or killed) leaves no
+    daemon and no mount behind, though the daemon was about to mount."""
+    s3.put_object(Bucket=bucket, Key="f", Body=b"x")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cache = tmp_path / "cache"
+    args = ("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(cache),
+            "--cache-size", "1GiB", "--endpoint-url", proxy.url)
+    try:
+        # the bucket check at start-up answers after 6 s; the command waits 2 s
+        proxy.faults(delay=6, ops=["ListObjects"])
+        r = cli(*args, env={"CACHEFS_START_TIMEOUT": "2"})
+        one_line_error(r, "did not finish starting in 2s and was stopped")
+        assert _gone(_daemon_pid(cache), mp)
+        time.sleep(6)  # past the point where it would have mounted
+        assert not is_mounted(mp)
+        # killed while it waits: the daemon's "mounted" finds nobody, and it unmounts
+        (cache / "lock").unlink()
+        proxy.faults(delay=4, ops=["ListObjects"])
+        p = subprocess.Popen([sys.executable, "-m", "cachefs", *args],
+                             env={**os.environ, **CREDS}, stderr=subprocess.DEVNULL)
+        pid = _daemon_pid(cache)
+        p.kill()
+        p.wait()
+        assert _gone(pid, mp)
+        assert "gave up waiting for it: unmounting" in (cache / "cachefs.log").read_text()
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 

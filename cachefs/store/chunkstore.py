@@ -132,8 +132,10 @@ class ChunkStore:
         h = cid.hex()
         return self.chunk_dir / h[:2] / h
 
-    def reconcile(self) -> dict:
-        """Blocking (run in a thread before serving): make the index and files agree."""
+    def reconcile(self, progress: Callable[[str], None] | None = None) -> dict:
+        """Blocking (run in a thread before serving): make the index and files agree.
+        ``progress(msg)`` hears every 10 s how far it got (verifying the files of a lost
+        index reads them all)."""
         for d in (self.chunk_dir, self.tmp_dir):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         for i in range(256):  # every chunk's directory, made once here, not per write
@@ -147,11 +149,17 @@ class ChunkStore:
         on_disk: set[bytes] = set()
         ops = []
         now = time.time()
+        said, seen = time.monotonic(), 0
         for sub in self.chunk_dir.iterdir():
             if not sub.is_dir():
                 sub.unlink(missing_ok=True)
                 continue
             for f in sub.iterdir():
+                seen += 1
+                if progress is not None and time.monotonic() - said >= 10:
+                    said = time.monotonic()
+                    progress(f"checking the cache's chunk files: {seen} so far, "
+                             f"{report['orphans_adopted']} not in the index adopted")
                 try:
                     cid = bytes.fromhex(f.name)
                     if len(cid) != 16:
