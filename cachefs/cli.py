@@ -362,3 +362,9 @@ def main() -> None:
         sys.exit(q.exitcode)
     except BrokenPipeError:
         sys.exit(EXIT_FAILED)
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("CACHEFS_DEBUG"):
+            raise
+        click.echo(f"cachefs: internal error: {type(e).__name__}: {e} (CACHEFS_DEBUG=1 "
+                   "shows where)", err=True)
+        sys.exit(EXIT_FAILED)

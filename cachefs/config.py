@@ -8,12 +8,14 @@ the file or from ``CACHEFS_PEER_SECRET``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -105,7 +107,24 @@ def parse_duration(value: Any, what: str) -> float:
     return secs
 
 
-def parse_hostport(value: str, what: str) -> tuple[str, int]:
+def parse_fraction(value: Any, what: str) -> float:
+    """A fraction in (0, 1]: 0.9, "0.9" or "90%"."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, str) and value.strip().endswith("%"):
+            f = float(value.strip()[:-1]) / 100
+        else:
+            f = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected a fraction such as 0.9 or 90%, got {value!r}"
+                          ) from None
+    return f
+
+
+def parse_hostport(value: Any, what: str) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: expected \"HOST:PORT\" (a string), got {value!r}")
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
         raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
@@ -227,6 +246,10 @@ def load_toml(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path}: not UTF-8 text") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except PermissionError:
@@ -327,8 +350,8 @@ def build_config(
     if cache_size < 2 * chunk_size:
         raise ConfigError(f"cache size {size_raw} is too small: it must hold at least two chunks "
                           f"({2 * chunk_size} bytes)")
-    high = float(pick("high_watermark", cache, "high_watermark", 0.9))
-    low = float(pick("low_watermark", cache, "low_watermark", 0.8))
+    high = parse_fraction(pick("high_watermark", cache, "high_watermark", 0.9), "high watermark")
+    low = parse_fraction(pick("low_watermark", cache, "low_watermark", 0.8), "low watermark")
     if not (0 < low < high <= 1):
         raise ConfigError("watermarks must satisfy 0 < low < high <= 1 (defaults 0.8 and 0.9)")
     ttl = parse_duration(pick("metadata_ttl", meta, "ttl", DEFAULT_METADATA_TTL), "metadata ttl")
@@ -373,7 +396,7 @@ def build_config(
            for k in ("etcd_ca", "etcd_cert", "etcd_key")},
         peer_secret=secret,
         peer_timeout=parse_duration(cl.get("peer_timeout", 2.0), "peer timeout"),
-        lease_ttl=int(cl.get("lease_ttl", 10)),
+        lease_ttl=math.ceil(parse_duration(cl.get("lease_ttl", 10), "[cluster] lease_ttl")),
         grace_period=parse_duration(cl.get("grace_period", 30), "grace period"),
     )
     if cluster.lease_ttl < 2:
@@ -431,9 +454,25 @@ def build_config(
         slow_threshold=parse_duration(pick("slow_threshold", tr, "slow_threshold", 0.05),
                                       "slow threshold"),
         metrics_listen=metrics,
-        otlp_endpoint=pick("otlp_endpoint", tr, "otlp_endpoint"),
+        otlp_endpoint=_otlp_endpoint(flags.get("otlp_endpoint"), tr.get("otlp_endpoint")),
         config_file=Path(config_file) if config_file else None,
     )
+
+
+def _otlp_endpoint(flag: Any, table: Any) -> str | None:
+    """The collector URL; one that carries a secret (user:password@, or a ?token) is
+    refused on the command line, where every user sees it in the process list."""
+    for v, where in ((flag, "--otlp-endpoint"), (table, "[trace] otlp_endpoint")):
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{where} must be a URL")
+    if flag is not None:
+        u = urlsplit(flag)
+        if "@" in u.netloc or u.query:
+            raise ConfigError("--otlp-endpoint: a URL with credentials would be visible in "
+                              "the process list; give it in CACHEFS_OTLP_ENDPOINT or as "
+                              "[trace] otlp_endpoint in the config file")
+        return flag
+    return table
 
 
 __all__ = ["Config", "MountSpec", "S3Options", "ClusterOptions", "build_config", "parse_size",

@@ -44,6 +44,27 @@ def test_bad_cli_input(tmp_path):
     one_line_error(cli("mount", "--config", str(bad), str(mp)), "bogus")
     bad.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[read]\nprefetch_files = 'many'\n")
     one_line_error(cli("mount", "--config", str(bad), "s3://bucket-x", str(mp)), "prefetch files")
+    # a wrong type or unit in the file: one line naming the setting, never a traceback
+    for table, line, needle in (
+            ("read", "readahead_chunks = 'x'", "readahead chunks"),
+            ("cluster", "lease_ttl = 'ten'\npeer_listen = '127.0.0.1:7070'", "lease_ttl"),
+            ("cluster", "peer_listen = 7070", "peer listen address"),
+            ("trace", "metrics_listen = 9100", "metrics listen address"),
+            ("trace", "otlp_endpoint = 4318", "otlp_endpoint")):
+        bad.write_text(f"[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[{table}]\n{line}\n")
+        one_line_error(cli("mount", "--config", str(bad), "s3://bucket-x", str(mp)), needle)
+    bad.write_bytes(b"[cache]\nsize = '\xff'\n")
+    one_line_error(cli("mount", "--config", str(bad), str(mp)), "not UTF-8")
+    bad.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\nhigh_watermark = 'ninety'\n")
+    one_line_error(cli("mount", "--config", str(bad), "s3://bucket-x", str(mp)), "high watermark")
+    # a percentage is a fraction
+    bad.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\nhigh_watermark = '50%'\n"
+                   "low_watermark = '70%'\n")
+    one_line_error(cli("mount", "--config", str(bad), "s3://bucket-x", str(mp)),
+                   "0 < low < high")
+    # a secret in a flag would be in the process list
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--otlp-endpoint",
+                       "https://user:pw@collector:4318"), "CACHEFS_OTLP_ENDPOINT")
     one_line_error(cli("nosuchcommand"), "nosuchcommand")
     one_line_error(cli("umount", str(mp)), "not mounted")
     one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
