@@ -240,20 +240,22 @@ def umount(mountpoint: str, timeout: float) -> None:
     \b
     cachefs umount /mnt/train
     """
-    from .daemon import fusermount_unmount, is_stale_mount
+    from .daemon import fusermount_unmount
 
-    mp = Path(os.path.abspath(mountpoint))
+    # nothing here touches the mount itself: a daemon that hangs would hang umount too
+    mp = Path(runtime.resolve_mountpoint(mountpoint))
+    if str(mp) not in runtime.cachefs_mounts():
+        raise QuietError(f"{mp} is not mounted" if not os.path.ismount(mp)
+                         else f"{mp} is not a cachefs mount")
     info = runtime.read_info(mp)
-    stale = is_stale_mount(mp)
-    if not stale and not os.path.ismount(mp):
-        raise QuietError(f"{mp} is not mounted")
+    pid = info.get("pid") if info else None
+    stale = not pid or not _alive(pid)  # the daemon is gone: detach even while busy
     ok, err = fusermount_unmount(mp, lazy=stale)
     if not ok:
         if "busy" in err.lower():
             raise QuietError(f"{mp} is busy: a process still uses it (close it, or see "
                              f"`fuser -m {mp}`)")
         raise QuietError(f"could not unmount {mp}: {err}")
-    pid = info.get("pid") if info else None
     if pid:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -261,7 +263,8 @@ def umount(mountpoint: str, timeout: float) -> None:
                 break
             time.sleep(0.05)
         else:
-            raise QuietError(f"unmounted {mp}, but daemon pid {pid} is still running")
+            raise QuietError(f"unmounted {mp}, but daemon pid {pid} is still running (it "
+                             f"hangs? `kill {pid}`)")
     click.echo(f"cachefs: unmounted {mp}", err=True)
 
 

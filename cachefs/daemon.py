@@ -103,10 +103,13 @@ def is_stale_mount(mp: Path) -> bool:
 def fusermount_unmount(mp: Path, lazy: bool = False) -> tuple[bool, str]:
     cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [str(mp)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except FileNotFoundError:
-        r = subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(mp)],
-                           capture_output=True, text=True, timeout=30)
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            r = subprocess.run(["umount"] + (["-l"] if lazy else []) + [str(mp)],
+                               capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False, f"{cmd[0]} did not finish in 30s"
     return r.returncode == 0, (r.stderr or r.stdout).strip()
 
 

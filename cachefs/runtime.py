@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import EXIT_NO_DAEMON, QuietError
@@ -42,7 +43,7 @@ def _private_dir(p: Path) -> Path:
 
 
 def mount_dir(mountpoint: str | Path, *, create: bool = False, resolved: bool = False) -> Path:
-    real = str(mountpoint) if resolved else os.path.realpath(mountpoint)
+    real = str(mountpoint) if resolved else resolve_mountpoint(mountpoint)
     h = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     root = runtime_root()
     if create:
@@ -81,18 +82,35 @@ def cachefs_mounts() -> list[str]:
                 parts = line.split()
                 sep = parts.index("-")
                 fstype = parts[sep + 1]
-                if fstype in ("fuse.cachefs", "fuse.cachefs"):
-                    mp = parts[4].encode().decode("unicode_escape")
-                    out.append(mp)
+                if fstype == "fuse.cachefs":
+                    out.append(_unescape(parts[4]))
     except OSError:
         pass
     return out
 
 
+def _unescape(field: str) -> str:
+    """A mountinfo path: space, tab, newline and backslash come as octal escapes."""
+    b = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]),
+               field.encode("utf-8", "surrogateescape"))
+    return b.decode("utf-8", "surrogateescape")
+
+
+def resolve_mountpoint(path: str | Path) -> str:
+    """The real path of a mountpoint, found without asking the file system mounted there
+    (a daemon that hangs would hang this process in the kernel): the parent directory
+    is resolved, and the name kept when that is a cachefs mountpoint."""
+    a = os.path.abspath(path)
+    here = os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a))
+    if here in cachefs_mounts():
+        return here
+    return os.path.realpath(a)
+
+
 def find_mount(mount: str | None) -> str:
     """The mountpoint to talk to: the given one, or the only cachefs mount."""
     if mount:
-        return os.path.realpath(mount)
+        return resolve_mountpoint(mount)
     mounts = cachefs_mounts()
     if not mounts:
         raise QuietError("no cachefs mount found (is `cachefs mount` running?)", EXIT_NO_DAEMON)

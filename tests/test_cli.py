@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -143,6 +144,39 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
         assert not _alive(pid)  # exited (a zombie not yet reaped by init counts as exited)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+@pytest.mark.fuse
+def test_umount_of_a_hung_or_dead_daemon(s3, bucket, mounts):
+    """`cachefs umount` never touches the mount: a stopped daemon (SIGSTOP, its attributes
+    expired, so any stat of the mountpoint would wait on it) is unmounted and named as
+    still running; a killed daemon's mount (stale, a process still inside) is detached."""
+    s3.put_object(Bucket=bucket, Key="d/f", Body=b"x")
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    assert m.path("d/f").read_bytes() == b"x"
+    pid = m.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # the kernel's attributes of the root have expired
+        one_line_error(cli("umount", "--timeout", "2", str(m.mp), timeout=30),
+                       f"daemon pid {pid} is still running")
+        assert not is_mounted(m.mp)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert m.proc.wait(timeout=30) == 0  # it saw the unmount and left cleanly
+
+    m2 = mounts(f"s3://{bucket}")
+    assert m2.path("d/f").read_bytes() == b"x"
+    holder = subprocess.Popen(["sleep", "30"], cwd=m2.mp / "d")
+    try:
+        m2.proc.kill()
+        m2.proc.wait()
+        r = cli("umount", str(m2.mp), timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(m2.mp)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _daemon_pid(cache) -> int:
