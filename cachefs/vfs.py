@@ -460,8 +460,22 @@ class VFS:
                 parent = self.nodes.get(node.parent)
                 attached = (parent is not None and parent.children is not None
                             and parent.children.get(node.name) == ino)
-                if not attached and not any(h.node is node for h in self.handles.values()):
-                    del self.nodes[ino]
+                if not attached:
+                    self._drop_unused(ino)
+
+    def _drop_unused(self, ino: int) -> None:
+        """Forget a node no longer in its directory (and its subtree) once nothing uses
+        it: the kernel holds no lookup and no handle is open.  A node still in use is
+        dropped when the kernel forgets it (forget above)."""
+        stack = [ino]
+        while stack:
+            node = self.nodes.get(stack.pop())
+            if (node is None or node.ino == ROOT_INO or node.lookups > 0
+                    or node.ino in self.open_count):
+                continue
+            del self.nodes[node.ino]
+            if node.children:
+                stack.extend(node.children.values())
 
     # -- directories ------------------------------------------------------------------
 
@@ -597,6 +611,10 @@ class VFS:
             new[name] = node.ino
         d.children = new
         d.listed_at = time.monotonic()
+        kept = set(new.values())
+        for ino in old.values():
+            if ino not in kept:  # gone from S3 (or now a directory instead of a file)
+                self._drop_unused(ino)
 
     async def lookup(self, parent_ino: int, name: str, *, count: bool = True) -> Node:
         parent = self.get(parent_ino)

@@ -926,6 +926,30 @@ def _many_keys(mounts, n: int, endpoint: str, bucket: str, per_key_budget: int) 
             "bytes_per_key": round(grown / n), "list_seconds": round(list_s, 2)}
 
 
+def test_objects_gone_from_s3_leave_no_inodes_behind(s3, bucket, mounts):
+    """Objects deleted in S3 (a whole prefix, and files of a directory) leave the daemon's
+    inode table once the kernel has forgotten them: a bucket whose objects come and go
+    does not grow the daemon without bound."""
+    for i in range(40):
+        put(s3, bucket, f"d/f{i:02}", b"x")
+        put(s3, bucket, f"d/sub/g{i:02}", b"y")
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    assert len(os.listdir(m.path("d"))) == 41
+    assert len(os.listdir(m.path("d/sub"))) == 40
+    before = os.statvfs(m.mp).f_files  # the daemon's inodes: root, d, sub, 80 files
+    assert before >= 83, before
+    subprocess.run(["sh", "-c", "echo 2 > /proc/sys/vm/drop_caches"], check=True)
+    time.sleep(0.5)  # the kernel's FORGETs arrive
+    for i in range(40):
+        s3.delete_object(Bucket=bucket, Key=f"d/sub/g{i:02}")
+        if i >= 5:
+            s3.delete_object(Bucket=bucket, Key=f"d/f{i:02}")
+    time.sleep(1.5)  # past the metadata TTL
+    assert sorted(os.listdir(m.path("d"))) == [f"f{i:02}" for i in range(5)]
+    after = os.statvfs(m.mp).f_files
+    assert after <= 3 + 5 + 2, (before, after)  # root, d, the 5 files (+ what the kernel holds)
+
+
 def test_many_keys_list_completely_bounded_memory(mounts):
     """20k keys in one directory: listed completely and uniquely, every entry stat-able,
     and the daemon's peak memory grows by at most 2 KiB per key (measured ~0.7 KiB)."""
