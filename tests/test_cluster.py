@@ -255,6 +255,10 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
         assert gets(proxy) == before
         h = cluster_stats(m4)["handoff"]
         assert h["received"] > 0 and h["not_found"] == 0
+        # a node that had not read yet reads e3's quarter from e3: it pools connections there
+        addr4 = cluster_stats(ms[2])["members"]["e3"]["address"]
+        assert read_all(ms[2], files) == files
+        assert addr4 in cluster_stats(ms[2])["client"]["peers"]
 
         # stopped: still in the rings during the grace period, then gone
         # (it leaves etcd at some point during stop(), so after t_stop)
@@ -271,6 +275,8 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
         for m in ms:
             s = cluster_stats(m)
             assert s["ring_size"] == 3 and s["etcd"]["leaves"] >= 1
+            # the pool of connections to the node that left went with it
+            assert addr4 not in s["client"]["peers"], s["client"]["peers"]
     finally:
         etcd.stop()
 

@@ -148,6 +148,7 @@ class ClusterNode:
         else:
             ring = self.ring
         self.members, self.ring = members, ring
+        await self.client.retain(set(members.values()))
 
     # -- serving peers ---------------------------------------------------------
     def _resolve(self, c: dict) -> ChunkRef:

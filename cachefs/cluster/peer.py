@@ -413,6 +413,16 @@ class PeerClient:
                 pool.open -= 1
                 await trio.aclose_forcefully(conn.stream)
 
+    async def retain(self, addresses: set[str]) -> None:
+        """Drop the pools of peers not in ``addresses`` (nodes that left the ring): their
+        idle connections are closed now, busy ones when their request ends."""
+        for addr in [a for a in self._pools if a not in addresses]:
+            pool = self._pools.pop(addr)
+            idle, pool.idle = pool.idle, []
+            for conn in idle:
+                pool.open -= 1
+                await trio.aclose_forcefully(conn.stream)
+
     async def __aenter__(self) -> PeerClient:
         return self
 
@@ -467,7 +477,7 @@ class PeerClient:
                     continue
                 raise
             finally:
-                if ok and not self._closed:
+                if ok and not self._closed and self._pools.get(address) is pool:
                     pool.idle.append(conn)
                 else:
                     pool.open -= 1
