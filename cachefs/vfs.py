@@ -523,9 +523,13 @@ class VFS:
             raise FSError(errno.EIO) from None
         self.stats.inc("dir_listings")
         self._apply_listing(d, prefix, listing, await self._known_inos(d, prefix, listing))
-        blob = json.dumps({"t": time.time(), "p": listing.prefixes,
-                           "o": [[o.key, o.size, o.etag, o.mtime] for o in listing.objects]},
-                          separators=(",", ":")).encode()
+
+        def encode() -> bytes:  # a large directory's JSON takes long: not on the trio thread
+            return json.dumps({"t": time.time(), "p": listing.prefixes,
+                               "o": [[o.key, o.size, o.etag, o.mtime] for o in listing.objects]},
+                              separators=(",", ":")).encode()
+
+        blob = await trio.to_thread.run_sync(encode)
         self.writer.submit(Index.op_put_listing(self._listing_key(d), blob))
 
     def _listing_key(self, d: Node) -> bytes:
