@@ -54,6 +54,7 @@ def stats_dict(d: Daemon) -> dict:
         "open_files": len(d.vfs.handles),
         "inodes": len(d.vfs.nodes),
         "index_commits": d.writer.commits if d.writer else 0,
+        "index_syncs": d.writer.syncs if d.writer else 0,
         "tracing": d.tracer.statistics(),
     }
     if d.cluster is not None:

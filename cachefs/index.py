@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import struct
 import threading
 import time
@@ -221,7 +222,9 @@ class IndexWriter:
         self.pending = 0
         self.errors = 0
         self.sync_interval = 1.0
+        self.syncs = 0
         self._synced = time.monotonic()
+        self._unsynced = False  # commits since the last sync
 
     async def commit(self, *ops) -> None:
         """Enqueue ops and wait until they are durable in LMDB (or IndexCommitError)."""
@@ -239,7 +242,19 @@ class IndexWriter:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        async for first in self._recv:
+        while True:
+            # commits not yet synced are synced within sync_interval even if nothing follows
+            wait = (max(0.0, self._synced + self.sync_interval - time.monotonic())
+                    if self._unsynced else math.inf)
+            first = None
+            with trio.move_on_after(wait):
+                try:
+                    first = await self._recv.receive()
+                except trio.EndOfChannel:
+                    return
+            if first is None:
+                await trio.to_thread.run_sync(self._sync, limiter=self._limiter)
+                continue
             batch = [first]
             while len(batch) < self.max_batch:
                 try:
@@ -264,10 +279,20 @@ class IndexWriter:
     def _apply(self, ops: list) -> None:
         """Worker thread: commit, and make the index durable at most once a second."""
         self.index.apply(ops)
-        now = time.monotonic()
-        if now - self._synced >= self.sync_interval:
-            self._synced = now
+        self._unsynced = True
+        if time.monotonic() - self._synced >= self.sync_interval:
+            self._sync()
+
+    def _sync(self) -> None:
+        """Worker thread: what is committed reaches the disk (fsync)."""
+        self._synced = time.monotonic()
+        self._unsynced = False
+        try:
             self.index.sync()
+            self.syncs += 1
+        except lmdb.Error as e:
+            self.errors += 1
+            log.warning("index sync failed: %s", e)
 
     def drain_sync(self) -> None:
         """At shutdown (no trio tasks left): commit whatever is still queued."""
