@@ -56,9 +56,9 @@ BUDGET_SHARE = 4  # prefetch holds at most 1/BUDGET_SHARE of the read-ahead budg
 class _Run:
     __slots__ = ("children", "names", "pos", "top", "length", "ahead", "window")
 
-    def __init__(self, children: dict[str, int]) -> None:
-        self.children = children  # the listing the order was built from (identity)
-        self.names = sorted(children)
+    def __init__(self, d: Node) -> None:
+        self.children = d.children  # the listing the order was built from (identity)
+        self.names = [name for name, _ in d.entries()]
         self.pos = {n: i for i, n in enumerate(self.names)}
         self.top = -SLACK - 2  # furthest position opened in the current run
         self.length = 0  # opens in the current run
@@ -120,7 +120,7 @@ class FilePrefetcher:
             return
         r = self.runs.get(d.ino)
         if r is None or r.children is not d.children:
-            r = _Run(d.children)
+            r = _Run(d)
             self.runs[d.ino] = r
             while len(self.runs) > MAX_DIRS:
                 self.runs.popitem(last=False)
