@@ -155,7 +155,7 @@ def _daemonize(cfg) -> None:
     try:
         _wait_ready(cfg, proc, r, logp)
     except BaseException:  # gave up (timeout, Ctrl-C): nothing may stay mounted behind us
-        _stop_starting_daemon(proc, Path(os.path.realpath(cfg.mountpoint)))
+        _stop_starting_daemon(proc, runtime.resolve_mountpoint(cfg.mountpoint))
         raise
 
 
@@ -201,9 +201,9 @@ def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
     raise QuietError(f"the daemon exited during start-up (status {code}); see {logp}")
 
 
-def _stop_starting_daemon(proc: subprocess.Popen, mp: Path) -> None:
+def _stop_starting_daemon(proc: subprocess.Popen, mp: str) -> None:
     """SIGTERM (a daemon already serving unmounts), then SIGKILL and a lazy unmount."""
-    from .daemon import fusermount_unmount, is_stale_mount
+    from .daemon import fusermount_unmount
 
     if proc.poll() is None:
         proc.terminate()
@@ -213,8 +213,8 @@ def _stop_starting_daemon(proc: subprocess.Popen, mp: Path) -> None:
             proc.kill()
             proc.wait()
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        if is_stale_mount(mp) or os.path.ismount(mp):
-            fusermount_unmount(mp, lazy=True)
+        if mp in runtime.cachefs_mounts():
+            fusermount_unmount(Path(mp), lazy=True)
 
 
 def _find_quiet(e: BaseException) -> QuietError | None:
