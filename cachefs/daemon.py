@@ -265,7 +265,8 @@ class Daemon:
             nursery.start_soon(_invalidate, ino, token)
 
         self.vfs = VFS(cfg, mounts, self.reader, self.index, self.writer, self.stats,
-                       self.tracer, nursery, on_change=on_change)
+                       self.tracer, nursery, on_change=on_change,
+                       invalidate=lambda ino: _invalidate(ino, token))
         ops = Operations(self.vfs, self.stats)
         options = set(pyfuse3.default_options)
         options |= {"fsname=cachefs", "subtype=cachefs", "ro", "noatime"}

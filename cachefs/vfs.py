@@ -32,7 +32,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -68,7 +68,7 @@ class MountCtx:
 
 class Node:
     __slots__ = ("ino", "parent", "name", "is_dir", "mount", "path", "size", "etag", "mtime",
-                 "children", "listed_at", "lookups", "_sorted")
+                 "children", "listed_at", "lookups", "_sorted", "stale")
 
     def __init__(self, ino: int, parent: int, name: str, is_dir: bool, mount: MountCtx | None,
                  path: str) -> None:
@@ -84,6 +84,7 @@ class Node:
         self.children: dict[str, int] | None = None
         self._sorted: tuple[dict[str, int], list[tuple[str, int]]] | None = None
         self.listed_at = 0.0
+        self.stale = False  # S3 has a newer version than this node's ETag (a read saw it)
         self.lookups = 0
 
     def entries(self) -> list[tuple[str, int]]:
@@ -399,7 +400,8 @@ class FileHandle:
 class VFS:
     def __init__(self, cfg: Config, mounts: list[MountCtx], reader: ChunkReader, index: Index,
                  writer: IndexWriter, stats: Stats, tracer: Tracer, nursery: trio.Nursery,
-                 on_change: Callable[[int], None] | None = None) -> None:
+                 on_change: Callable[[int], None] | None = None,
+                 invalidate: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.cfg = cfg
         self.reader = reader
         self.index = index
@@ -407,7 +409,8 @@ class VFS:
         self.stats = stats
         self.tracer = tracer
         self.nursery = nursery
-        self.on_change = on_change or (lambda ino: None)
+        self.on_change = on_change or (lambda ino: None)  # a listing found a new ETag
+        self.invalidate = invalidate  # drop the kernel's pages and attributes of an inode
         self.budget = ReadaheadBudget(cfg.readahead_memory)
         self.memo = ChunkMemo(self.budget,
                               min(cfg.readahead_memory // 4, MEMO_CHUNKS * cfg.chunk_size))
@@ -720,6 +723,17 @@ class VFS:
             raise FSError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise FSError(errno.EROFS)
+        if node.stale:  # a read found the object changed: see its new version, not EIO
+            parent = self.nodes.get(node.parent)
+            if parent is not None and parent.mount is not None:
+                parent.listed_at = 0.0
+                etag = node.etag
+                await self._ensure_listed(parent, "list")
+                if node.etag != etag and self.invalidate is not None:
+                    # before this open returns: the kernel must not read on with the old
+                    # version's size and pages
+                    await self.invalidate(node.ino)
+            node.stale = False
         fh = next(self._fh)
         h = self.handles[fh] = FileHandle(self, node, self.version(node), pid)
         self.open_count[node.ino] = self.open_count.get(node.ino, 0) + 1
@@ -739,6 +753,8 @@ class VFS:
                 self.stats.inc("read_errors")
                 log.warning("read of %s failed: the object changed in S3 while open",
                             self.display_path(h.node))
+                if h.obj.etag == h.node.etag:  # our listing is behind: the next open relists
+                    h.node.stale = True
                 raise FSError(errno.EIO) from None
             except S3Error as e:
                 self.stats.inc("read_errors")

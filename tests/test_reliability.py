@@ -407,6 +407,23 @@ def test_overwrite_between_two_ranged_gets(s3, bucket, mounts, proxy):
     assert payloads == {b"A", b"B"}
 
 
+def test_open_after_a_read_found_the_object_changed_reads_the_new_version(s3, bucket, mounts):
+    """An object overwritten in S3 under a long metadata TTL: the read that meets the change
+    fails (EIO, never a mix of versions), and the next open reads the new version instead
+    of failing until the TTL runs out."""
+    put(s3, bucket, "ow.bin", b"A" * (64 * CS))
+    m = mounts(f"s3://{bucket}")  # the default TTL, 300 s
+    with open(m.path("ow.bin"), "rb") as f:
+        assert f.read(4096) == b"A" * 4096
+    new = put(s3, bucket, "ow.bin", b"B" * (64 * CS + 7))
+    with pytest.raises(OSError) as e:
+        read_all(m.path("ow.bin"))
+    assert e.value.errno == errno.EIO
+    assert read_all(m.path("ow.bin")) == new  # the open relisted, and the kernel forgot
+    assert m.path("ow.bin").stat().st_size == len(new)  # the old size and pages
+    assert m.counters()["objects_changed"] == 1
+
+
 # -- crash points -------------------------------------------------------------------------
 
 
