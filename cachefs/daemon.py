@@ -236,7 +236,8 @@ class Daemon:
                 mounts = []
                 for spec in cfg.mounts:
                     st = await stack.enter_async_context(ObjectStore(spec, cfg.s3, self.stats))
-                    await st.check()
+                    if (warning := await st.check()) is not None:
+                        self.ready.warn(warning)
                     mounts.append(MountCtx(spec, st))
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery

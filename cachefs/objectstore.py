@@ -353,15 +353,17 @@ class ObjectStore:
 
     # -- operations ------------------------------------------------------------------
 
-    async def check(self) -> None:
-        """Fail fast at mount: endpoint unreachable, bucket missing, bad credentials."""
+    async def check(self) -> str | None:
+        """Fail fast at mount: endpoint unreachable, bucket missing, bad credentials.
+        Returns a warning when the prefix holds no object (a mistyped prefix mounts
+        an empty tree)."""
         async def head_bucket():
             return await self._client.list_objects_v2(Bucket=self.bucket, MaxKeys=1,
                                                       Prefix=self.spec.prefix)
         where = self.spec.endpoint_url or "the default AWS endpoint"
         try:
             with trio.fail_after(self.opts.connect_timeout + self.opts.request_timeout):
-                await head_bucket()
+                r = await head_bucket()
         except trio.TooSlowError:
             raise QuietError(f"S3 endpoint {where} did not answer in time") from None
         except Exception as e:  # noqa: BLE001
@@ -379,8 +381,18 @@ class ObjectStore:
                                                  "AccessDenied"):
                     raise QuietError(f"S3 refused the credentials for bucket {self.bucket!r} "
                                      f"({c.code or c.status})") from None
+                if isinstance(c, NoSuchObject) and c.code != "NoSuchBucket":
+                    # a listing has no object to miss: this is no S3 server (or the wrong
+                    # path on one)
+                    raise QuietError(f"S3 endpoint {where} answered {c.status or 404} "
+                                     f"{c.code or 'Not Found'} to a listing of bucket "
+                                     f"{self.bucket!r}: is it an S3 endpoint?") from None
                 raise QuietError(str(c)) from None
             raise
+        if self.spec.prefix and not r.get("Contents") and not r.get("CommonPrefixes"):
+            return (f"s3://{self.bucket}/{self.spec.prefix} holds no object (yet): the mount "
+                    "is empty (a mistyped prefix?)")
+        return None
 
     async def list_dir(self, prefix: str) -> Listing:
         """All entries directly under ``prefix`` (all pages)."""

@@ -88,6 +88,19 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c"),
                        "--cache-size", "64MiB", "--endpoint-url", "http://127.0.0.1:9",
                        "--s3-timeout", "2s"), "unreachable")
+    # a web server that is no S3 endpoint (404 to everything)
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "0"],
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                           text=True)
+    try:
+        port = web.stdout.readline().split("port ")[1].split()[0]
+        one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir",
+                           str(tmp_path / "c"), "--cache-size", "64MiB", "--endpoint-url",
+                           f"http://127.0.0.1:{port}"), "is it an S3 endpoint?")
+    finally:
+        web.kill()
+        web.wait()
+        web.stdout.close()
     proxy.faults(status=403, code="InvalidAccessKeyId", ops=["ListObjects"], count=1)
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache), "credentials")
     proxy.reset()
@@ -142,6 +155,19 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
         from cachefs.cli import _alive
 
         assert not _alive(pid)  # exited (a zombie not yet reaped by init counts as exited)
+        # a mistyped prefix mounts (objects may come later), with a warning
+        r = cli("mount", f"s3://{bucket}/dd", str(mp), "--cache-dir", str(cache),
+                "--cache-size", "1GiB", "--endpoint-url", proxy.url)
+        assert r.returncode == 0, r.stderr
+        assert f"warning: s3://{bucket}/dd/ holds no object (yet)" in r.stderr
+        assert cli("umount", str(mp)).returncode == 0
+        # umount leaves alone what is not a cachefs mount
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mp)], check=True)
+        try:
+            one_line_error(cli("umount", str(mp)), "is not a cachefs mount")
+            assert os.path.ismount(mp)
+        finally:
+            subprocess.run(["umount", str(mp)], check=True)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
