@@ -316,6 +316,9 @@ def render_capture(res: dict) -> str:
         ok = [n for n, v in cold["nodes"].items() if "error" not in v]
         head += (f"\n  --cold: dropped {human(cold['dropped_bytes'])} of {cold['chunks']} "
                  f"chunk(s) on {len(ok)} node(s)")
+        if cold.get("kept_pinned"):
+            head += (f"; kept {cold['kept_pinned']} pinned chunk(s) (a data set's: `cachefs "
+                     "free` it to trace them cold)")
         for n, v in cold["nodes"].items():
             if "error" in v:
                 head += f"\n  --cold: node {n}: {v['error']}"
@@ -355,7 +358,7 @@ def _strip(d: dict) -> dict:
 @click.option("--offset", help="First byte of the range to read (default 0; sizes like 8MiB).")
 @click.option("--length", help="Bytes to read (default: one chunk).")
 @click.option("--cold", is_flag=True, help="Drop the range's chunks from every node's cache "
-              "first, so the miss path is traced.")
+              "first, so the miss path is traced (pinned chunks are kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per trace with "
               "--follow).")
 @click.option("--follow", is_flag=True, help="Stream traces as they finish.")

@@ -210,30 +210,27 @@ class Tracing:
 
     async def evict(self, req: dict, emit) -> dict:
         vfs, node = self._node(req)
-        store = self.d.store
-        assert store is not None
         obj = vfs.version(node)
         lo, hi = self._range(req, obj.size)
         if hi <= lo:
             return {"chunks": 0, "dropped_bytes": 0, "nodes": {}}
         cs = obj.chunk_size
         cids = [obj.chunk(i).cid for i in range(lo // cs, (hi - 1) // cs + 1)]
-        with trio.CancelScope(shield=True):
-            freed = await store.drop(cids)
-        nodes: dict[str, Any] = {self.d.tracer.node: {"dropped_bytes": freed}}
+        nodes: dict[str, Any] = {self.d.tracer.node: await self._drop_unpinned(cids)}
         cl = self.d.cluster
         if cl is not None:
             async def one(nid: str) -> None:
-                total = 0
+                total = kept = 0
                 try:
                     for i in range(0, len(cids), DROP_BATCH):
                         r = await cl.forward(nid, DROP_OP,
                                              {"cids": [c.hex() for c in cids[i:i + DROP_BATCH]]})
                         total += int(r.get("dropped_bytes", 0))
+                        kept += int(r.get("kept_pinned", 0))
                 except Exception as e:  # noqa: BLE001 - reported per node
                     nodes[nid] = {"error": f"{type(e).__name__}: {e}"}
                     return
-                nodes[nid] = {"dropped_bytes": total}
+                nodes[nid] = {"dropped_bytes": total, "kept_pinned": kept}
 
             async with trio.open_nursery() as n:
                 for nid in sorted(cl.nodes()):
@@ -241,11 +238,20 @@ class Tracing:
                         n.start_soon(one, nid)
         return {"chunks": len(cids), "dropped_bytes": sum(v.get("dropped_bytes", 0)
                                                          for v in nodes.values()),
+                "kept_pinned": sum(v.get("kept_pinned", 0) for v in nodes.values()),
                 "nodes": nodes, "chunk_size": cs, "size": obj.size}
 
-    async def _drop_op(self, payload: dict) -> dict:
+    async def _drop_unpinned(self, cids: list[bytes]) -> dict:
+        """Drop chunks for a cold trace, except pinned ones: a diagnostic must not take
+        a chunk out of a data set that was pinned (its refetch would come back unpinned)."""
         store = self.d.store
         assert store is not None
+        drop = [c for c in cids if not store.is_pinned(c)]
+        with trio.CancelScope(shield=True):
+            freed = await store.drop(drop)
+        return {"dropped_bytes": freed, "kept_pinned": len(cids) - len(drop)}
+
+    async def _drop_op(self, payload: dict) -> dict:
         raw = payload.get("cids")
         if not isinstance(raw, list) or len(raw) > DROP_BATCH:
             raise ValueError(f"cids must be a list of at most {DROP_BATCH} ids")
@@ -254,9 +260,7 @@ class Tracing:
             if not isinstance(h, str) or len(h) != 32:
                 raise ValueError("bad chunk id")
             cids.append(bytes.fromhex(h))
-        with trio.CancelScope(shield=True):
-            freed = await store.drop(cids)
-        return {"dropped_bytes": freed}
+        return await self._drop_unpinned(cids)
 
     async def stats(self, req: dict, emit) -> dict:
         return {"tracer": self.d.tracer.statistics(), "node": self.d.tracer.node}

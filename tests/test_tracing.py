@@ -238,6 +238,14 @@ def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):
         r = cli("trace", str(m.path("dir/b.bin")), "--length", "64KiB", "--cold", env=env)
         assert r.returncode == 0, r.stderr
         assert "tier=s3" in r.stdout and "◀ dominant" in r.stdout and "ttfb" in r.stdout
+        # a pinned chunk is kept: a diagnostic does not take it out of its data set
+        lst = m.tmp / "pin.txt"
+        lst.write_text(str(m.path("dir/b.bin")) + "\n")
+        assert cli("preload", "--file-list", str(lst), "--pin", env=env).returncode == 0
+        r = cli("trace", str(m.path("dir/b.bin")), "--length", "64KiB", "--cold", env=env)
+        assert r.returncode == 0 and "kept 1 pinned chunk(s)" in r.stdout, r.stdout
+        st = cli("status", "--file-list", str(lst), "--json", env=env)
+        assert json.loads(st.stdout)["pinned_bytes"] == m.path("dir/b.bin").stat().st_size
 
         recent = cli("trace", "--recent", "50", "--json", "--mount", str(m.mp), env=env)
         assert recent.returncode == 0, recent.stderr
