@@ -261,13 +261,8 @@ class Daemon:
             peers = self.cluster
         self.reader = ChunkReader(self.store, self.stats, nursery, peers=peers)
         token = trio.lowlevel.current_trio_token()
-
-        def on_change(ino: int) -> None:
-            nursery.start_soon(_invalidate, ino, token)
-
         self.vfs = VFS(cfg, mounts, self.reader, self.index, self.writer, self.stats,
-                       self.tracer, nursery, on_change=on_change,
-                       invalidate=lambda ino: _invalidate(ino, token))
+                       self.tracer, nursery, invalidate=lambda ino: _invalidate(ino, token))
         ops = Operations(self.vfs, self.stats)
         options = set(pyfuse3.default_options)
         options |= {"fsname=cachefs", "subtype=cachefs", "ro", "noatime"}

@@ -88,9 +88,9 @@ class Node:
         self.lookups = 0
 
     def entries(self) -> list[tuple[str, int]]:
-        """The directory's (name, inode) in name order: sorted once per listing (a
-        directory of a million frames takes a second), shared by every opendir and the
-        file prefetcher.  Not to be modified."""
+        """The directory's (name, inode) in name order: sorted once per listing (0.14 s
+        of the trio thread for a million names in S3's order), shared by every opendir
+        and the file prefetcher.  Not to be modified."""
         c = self.children or {}
         s = self._sorted
         if s is None or s[0] is not c:
@@ -400,7 +400,6 @@ class FileHandle:
 class VFS:
     def __init__(self, cfg: Config, mounts: list[MountCtx], reader: ChunkReader, index: Index,
                  writer: IndexWriter, stats: Stats, tracer: Tracer, nursery: trio.Nursery,
-                 on_change: Callable[[int], None] | None = None,
                  invalidate: Callable[[int], Awaitable[None]] | None = None) -> None:
         self.cfg = cfg
         self.reader = reader
@@ -409,7 +408,6 @@ class VFS:
         self.stats = stats
         self.tracer = tracer
         self.nursery = nursery
-        self.on_change = on_change or (lambda ino: None)  # a listing found a new ETag
         self.invalidate = invalidate  # drop the kernel's pages and attributes of an inode
         self.budget = ReadaheadBudget(cfg.readahead_memory)
         self.memo = ChunkMemo(self.budget,
@@ -624,7 +622,8 @@ class VFS:
                 log.info("s3://%s/%s changed (ETag %s → %s)", m.spec.bucket, o.key, node.etag,
                          o.etag)
                 self.stats.inc("objects_changed")
-                self.on_change(node.ino)
+                if self.invalidate is not None:
+                    self.nursery.start_soon(self.invalidate, node.ino)
             node.size, node.etag, node.mtime = o.size, o.etag, o.mtime
             new[name] = node.ino
         d.children = new
@@ -728,7 +727,7 @@ class VFS:
             if parent is not None and parent.mount is not None:
                 parent.listed_at = 0.0
                 etag = node.etag
-                await self._ensure_listed(parent, "list")
+                await self._ensure_listed(parent)
                 if node.etag != etag and self.invalidate is not None:
                     # before this open returns: the kernel must not read on with the old
                     # version's size and pages
