@@ -331,6 +331,13 @@ class _Pool:
     errors: Counter = field(default_factory=Counter)
 
 
+async def _close_idle(pool: _Pool) -> None:
+    idle, pool.idle = pool.idle, []
+    for conn in idle:
+        pool.open -= 1
+        await trio.aclose_forcefully(conn.stream)
+
+
 class PeerClient:
     """Fetches chunks from peers over pooled, authenticated connections.
 
@@ -408,20 +415,13 @@ class PeerClient:
         """Close idle connections; in-flight ones are closed when they finish."""
         self._closed = True
         for pool in self._pools.values():
-            idle, pool.idle = pool.idle, []
-            for conn in idle:
-                pool.open -= 1
-                await trio.aclose_forcefully(conn.stream)
+            await _close_idle(pool)
 
     async def retain(self, addresses: set[str]) -> None:
         """Drop the pools of peers not in ``addresses`` (nodes that left the ring): their
         idle connections are closed now, busy ones when their request ends."""
         for addr in [a for a in self._pools if a not in addresses]:
-            pool = self._pools.pop(addr)
-            idle, pool.idle = pool.idle, []
-            for conn in idle:
-                pool.open -= 1
-                await trio.aclose_forcefully(conn.stream)
+            await _close_idle(self._pools.pop(addr))
 
     async def __aenter__(self) -> PeerClient:
         return self
