@@ -174,8 +174,20 @@ class Moto(Proc):
 class Proxy(Proc):
     upstream: str
 
-    def stats(self) -> dict:
-        return self._call("GET", "/__proxy__/stats")
+    def stats(self, settle: float = 0.5) -> dict:
+        """Counters, once no request is in flight (waiting at most ``settle`` s).
+
+        The proxy records a response when its handler returns, which is just
+        after the client has read the last byte: without the wait, a test that
+        reads a body and then asks for ``get_bytes`` could see the count of the
+        response before it.  A test that keeps a request stalled on purpose
+        gets the counters after ``settle`` seconds, with ``inflight`` > 0."""
+        deadline = time.monotonic() + settle
+        while True:
+            st = self._call("GET", "/__proxy__/stats")
+            if st["inflight"] == 0 or time.monotonic() >= deadline:
+                return st
+            time.sleep(0.01)
 
     def reset(self):
         """Zero all counters and disarm all faults."""
