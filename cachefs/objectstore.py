@@ -247,6 +247,13 @@ class ObjectStore:
             max_pool_connections=self.opts.max_concurrency,
             s3={"addressing_style": "path"} if self.spec.endpoint_url else None,
         )
+        # The session's own default config decides how credentials are fetched: with
+        # the httpx session class they refresh through anyio (instance roles, container
+        # roles, credential_process), which runs on trio; with aiobotocore's default the
+        # instance-role fetcher needs an asyncio loop and fails at mount on EC2.
+        session.set_default_client_config(AioConfig(
+            http_session_cls=aiobotocore.httpxsession.HttpxSession,
+            connect_timeout=self.opts.connect_timeout))
         try:
             self._client = await self._stack.enter_async_context(session.create_client(
                 "s3", endpoint_url=self.spec.endpoint_url, region_name=self.spec.region,

@@ -243,3 +243,44 @@ def test_no_credentials_in_argv_logs_traces_stats_metrics(s3, bucket, mounts, pr
     for where, text in seen.items():
         for cred in (secret, akid, peer_secret):
             assert cred not in text, f"a credential shows in {where}"
+
+
+def _no_static_credentials(tmp_path: Path, **env: str) -> dict:
+    """An environment where the only credentials are what ``env`` adds: no keys, no
+    profile, shared files that do not exist."""
+    return {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": "",
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-credentials"),
+            "AWS_CONFIG_FILE": str(tmp_path / "no-config"), **env}
+
+
+def test_instance_role_credentials(s3, bucket, mounts, moto, proxy, tmp_path):
+    """On an EC2 node with an instance role the only credentials come from the instance
+    metadata service (moto's, at AWS_EC2_METADATA_SERVICE_ENDPOINT): the mount starts,
+    reads the bytes S3 holds, and the role's secret and session token show nowhere in
+    its DEBUG log.  (The fetch used to need an asyncio loop: the mount failed with
+    "no running event loop".)"""
+    data = put(s3, bucket, "role.bin", random.randbytes(3 * CS))
+    env = _no_static_credentials(tmp_path, AWS_EC2_METADATA_SERVICE_ENDPOINT=moto.url + "/")
+    m = mounts(f"s3://{bucket}", env=env, extra=("--log-level", "DEBUG"))
+    assert read_all(m.path("role.bin")) == data
+    assert proxy.gets("role.bin") == 3
+    m.stop()
+    log = m.log_text()
+    assert "DEBUG" in log
+    for secret in ("test-secret-key", "test-session-token"):  # moto's role credentials
+        assert secret not in log
+
+
+def test_no_credentials_is_one_line(s3, bucket, proxy, tmp_path):
+    """No keys, no profile and no instance role: ``cachefs mount`` says so on one line,
+    exits non-zero and leaves nothing mounted."""
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    env = _no_static_credentials(tmp_path, AWS_EC2_METADATA_DISABLED="true")
+    r = cli("mount", f"s3://{bucket}", str(mp), "--endpoint-url", proxy.url,
+            "--cache-dir", str(tmp_path / "cache"), "--cache-size", "64MiB", env=env)
+    assert r.returncode != 0
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "no AWS credentials found" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not os.path.ismount(mp)
