@@ -16,7 +16,7 @@ import click
 
 from . import runtime
 from .config import build_config
-from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
+from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError
 
 log = logging.getLogger("cachefs")
 
@@ -246,7 +246,7 @@ def umount(mountpoint: str, timeout: float) -> None:
     mp = Path(runtime.resolve_mountpoint(mountpoint))
     if str(mp) not in runtime.cachefs_mounts():
         raise QuietError(f"{mp} is not mounted" if not os.path.ismount(mp)
-                         else f"{mp} is not a cachefs mount")
+                         else f"{mp} is not a cachefs mount", EXIT_NO_DAEMON)
     info = runtime.read_info(mp)
     pid = info.get("pid") if info else None
     stale = not pid or not _alive(pid)  # the daemon is gone: detach even while busy

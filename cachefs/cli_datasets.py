@@ -370,9 +370,12 @@ def status(file_list, mount, as_json) -> None:
     if len(rows) > MAX_ROWS:
         click.echo(f"  ... {len(rows) - MAX_ROWS} more files (--json lists them all)")
     tot = res["total_bytes"]
-    click.echo(f"total: {len(rows)} files, {human(tot)}; cached {human(res['cached_bytes'])} "
-               f"({_pct(res['cached_bytes'], tot):.1f}%), pinned {human(res['pinned_bytes'])} "
-               f"({_pct(res['pinned_bytes'], tot):.1f}%)")
+    if not rows:  # every entry failed (each named on stderr): no share to report
+        click.echo("total: 0 files")
+    else:
+        click.echo(f"total: {len(rows)} files, {human(tot)}; cached "
+                   f"{human(res['cached_bytes'])} ({_pct(res['cached_bytes'], tot):.1f}%), "
+                   f"pinned {human(res['pinned_bytes'])} ({_pct(res['pinned_bytes'], tot):.1f}%)")
     if res.get("nodes"):
         _node_lines(res["nodes"], lambda r: f"cached {human(r['cached_bytes'])}, pinned "
                     f"{human(r['pinned_bytes'])} (owns {human(r['owned_bytes'])})")

@@ -458,7 +458,7 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise QuietError(f"{path}: {e.strerror}") from None
+        raise QuietError(f"{path}: {e.strerror}", EXIT_USAGE) from None
     if not os.path.isfile(path):
         raise QuietError(f"{path} is not a regular file", EXIT_USAGE)
     if offset >= st.st_size:

@@ -33,6 +33,7 @@ from .errors import QuietError
 from .fuse_ops import Operations
 from .index import Index, IndexWriter, open_index
 from .objectstore import ObjectStore
+from .report import human
 from .stats import Stats
 from .store.chunkstore import ChunkStore
 from .trace import Tracer
@@ -229,9 +230,9 @@ class Daemon:
                      store.statistics()["chunks"], store.used >> 20, report)
             free = store.disk_free()
             if cfg.cache_size > free + store.used:
-                self.ready.warn(f"--cache-size {cfg.cache_size >> 30} GiB is larger than the "
-                                f"free space of {cfg.cache_dir} ({(free + store.used) >> 30} "
-                                "GiB); the cache will stop growing when the disk is full")
+                self.ready.warn(f"--cache-size {human(cfg.cache_size)} is larger than the "
+                                f"free space of {cfg.cache_dir} ({human(free + store.used)}"
+                                "); the cache will stop growing when the disk is full")
             async with AsyncExitStack() as stack:
                 mounts = []
                 for spec in cfg.mounts:

@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import EXIT_NO_DAEMON, QuietError
+from .errors import EXIT_NO_DAEMON, EXIT_USAGE, QuietError
 
 
 def runtime_root() -> Path:
@@ -116,5 +116,5 @@ def find_mount(mount: str | None) -> str:
         raise QuietError("no cachefs mount found (is `cachefs mount` running?)", EXIT_NO_DAEMON)
     if len(mounts) > 1:
         raise QuietError("several cachefs mounts: choose one with --mount "
-                         f"({', '.join(mounts)})")
+                         f"({', '.join(mounts)})", EXIT_USAGE)
     return mounts[0]

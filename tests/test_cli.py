@@ -12,8 +12,10 @@ import pytest
 from cachefs_env import CREDS, cli, is_mounted
 
 
-def one_line_error(r, *needles):
+def one_line_error(r, *needles, code: int | None = None):
     assert r.returncode != 0, r
+    if code is not None:
+        assert r.returncode == code, (r.returncode, r.stderr)
     err = r.stderr.strip()
     assert "Traceback" not in err, err
     lines = [ln for ln in err.splitlines() if "WARN" not in ln and ln.strip()]
@@ -67,7 +69,7 @@ def test_bad_cli_input(tmp_path):
     one_line_error(cli(*base, "--cache-size", "1GiB", "--otlp-endpoint",
                        "https://user:pw@collector:4318"), "CACHEFS_OTLP_ENDPOINT")
     one_line_error(cli("nosuchcommand"), "nosuchcommand")
-    one_line_error(cli("umount", str(mp)), "not mounted")
+    one_line_error(cli("umount", str(mp)), "not mounted", code=3)
     one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
     r = cli("--help")
     assert r.returncode == 0 and "mount" in r.stdout
@@ -125,11 +127,11 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
     mp.mkdir()
     cache = tmp_path / "cache"
     r = cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(cache), "--cache-size",
-            "1000TiB", "--endpoint-url", proxy.url)
+            "2PiB", "--endpoint-url", proxy.url)
     try:
         assert r.returncode == 0, r.stderr
         # a cache larger than the disk is said at mount
-        assert "larger than the free space" in r.stderr
+        assert "--cache-size 2.0 PiB is larger than the free space" in r.stderr, r.stderr
         # returns only once the mount is live
         assert is_mounted(mp)
         assert (mp / "d" / "hello.txt").read_bytes() == b"hello"
@@ -164,7 +166,7 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
         # umount leaves alone what is not a cachefs mount
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mp)], check=True)
         try:
-            one_line_error(cli("umount", str(mp)), "is not a cachefs mount")
+            one_line_error(cli("umount", str(mp)), "is not a cachefs mount", code=3)
             assert os.path.ismount(mp)
         finally:
             subprocess.run(["umount", str(mp)], check=True)
@@ -311,3 +313,24 @@ def test_version():
     r = subprocess.run([sys.executable, "-m", "cachefs", "--version"], capture_output=True,
                        text=True)
     assert r.returncode == 0 and "0.1.0" in r.stdout
+
+
+@pytest.mark.fuse
+def test_exit_codes_with_two_mounts(s3, bucket, mounts, tmp_path):
+    """The README's exit codes hold across commands: 2 for input the user must fix (a
+    path that does not exist, a directory, an offset past the end, several mounts and no
+    --mount), 3 where no cachefs daemon serves the path."""
+    s3.put_object(Bucket=bucket, Key="d/f.bin", Body=b"x" * 1000)
+    a = mounts(f"s3://{bucket}", name="a")
+    mounts(f"s3://{bucket}", name="b")
+    one_line_error(cli("trace", str(a.path("d/missing.bin"))), "No such file", code=2)
+    one_line_error(cli("trace", str(a.path("d"))), "not a regular file", code=2)
+    one_line_error(cli("trace", str(a.path("d/f.bin")), "--offset", "1000"), "past the end",
+                   code=2)
+    outside = tmp_path / "plain.txt"
+    outside.write_text("x")
+    one_line_error(cli("trace", str(outside)), "not inside a cachefs mount", code=3)
+    for cmd in (("stats",), ("trace", "--recent", "1")):
+        one_line_error(cli(*cmd), "several cachefs mounts", str(a.mp), code=2)
+    r = cli("stats", "--mount", str(a.mp), "--json")
+    assert r.returncode == 0, r.stderr

@@ -299,6 +299,10 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
     ]
     r = cli("status", "--file-list", lst, "--mount", str(m.mp))
     assert r.returncode == 2 and "total: 1 files" in r.stdout and "100.0%" in r.stdout
+    # only bad entries: no file, so no share of one is claimed
+    r = cli("status", "--file-list", write_list(tmp_path, ["data/nothing.bin"], "bad.txt"),
+            "--mount", str(m.mp))
+    assert r.returncode == 2 and r.stdout.splitlines()[-1] == "total: 0 files", r.stdout
     r = cli("free", "--file-list", write_list(tmp_path, ["# nothing"], "empty.txt"),
             "--mount", str(m.mp))
     assert r.returncode == 2 and "has no entries" in r.stderr
