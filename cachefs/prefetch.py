@@ -24,7 +24,15 @@ Their bytes are held in memory charged to the read-ahead budget, at most a quart
 when that share is spent, prefetch waits and reads go on.  The open of a prefetched file
 hands its bytes to the new handle (the read is then served from memory, tier "readahead");
 an open while the fetch is still running claims it, and the bytes go to the handle when they
-arrive.  Bytes nobody opened within ``HOLD_TTL`` seconds are dropped.  Nothing here is
+arrive.  Bytes nobody opened within ``HOLD_TTL`` seconds are dropped.
+
+A run whose files come from the kernel's page cache (a second epoch over a data set that
+fits in RAM) opens files whose reads never reach the daemon: what was fetched ahead for
+them is read from the SSD for nothing.  Once a prefetched file closes unread the window
+stops growing, and after ``PAUSE_AFTER`` of them in a row (closes reach the daemon late:
+the kernel sends them after the process's close returns) the directory's prefetch pauses (its held
+bytes are dropped); the first file of that directory whose read does reach the daemon
+(the page cache let it go) resumes it, from a window of ``START_WINDOW``.  Nothing here is
 persistent: a restart forgets runs and held bytes, and a failed prefetch is only logged at
 debug level (the read itself retries).
 """
@@ -51,10 +59,12 @@ MAX_DIRS = 1024
 SMALL_DIVISOR = 8  # files up to chunk size / 8 (1 MiB by default) are prefetched
 LOCAL_BATCH = 8  # chunks read from the SSD per worker-thread call
 BUDGET_SHARE = 4  # prefetch holds at most 1/BUDGET_SHARE of the read-ahead budget
+PAUSE_AFTER = 8  # prefetched files closed unread in a row that pause a directory's prefetch
 
 
 class _Run:
-    __slots__ = ("children", "names", "pos", "top", "length", "ahead", "window")
+    __slots__ = ("children", "names", "pos", "top", "length", "ahead", "window", "unread",
+                 "paused")
 
     def __init__(self, d: Node) -> None:
         self.children = d.children  # the listing the order was built from (identity)
@@ -64,6 +74,8 @@ class _Run:
         self.length = 0  # opens in the current run
         self.ahead = -1  # furthest position fetched ahead
         self.window = 0
+        self.unread = 0  # prefetched files closed in a row with no read reaching the daemon
+        self.paused = False  # the page cache serves this directory: fetch nothing ahead
 
 
 class _Held:
@@ -107,10 +119,12 @@ class FilePrefetcher:
             self.bytes -= len(e.data)
             self.vfs.stats.inc("prefetch_hits")
             h.keep(0, e.data, charged=True)  # the handle owns the budget charge now
+            h.prefetched = True
             return
         waiting = self.inflight.get(cid)
         if waiting is not None:
             self.vfs.stats.inc("prefetch_claims")
+            h.prefetched = True
             # the handle's first read waits for the fetch (readahead.wait)
             waiting.append((h, h.expect(0)))
 
@@ -138,10 +152,32 @@ class FilePrefetcher:
                 self._drop_dir(d.ino)
             r.top, r.length, r.ahead, r.window = p, 1, p, 0
             return
-        if r.length < MIN_RUN:
+        if r.length < MIN_RUN or r.paused:
             return
-        r.window = min(self.max_files, START_WINDOW if r.window == 0 else r.window * 2)
+        # the window grows while the files fetched ahead are read, not while they close
+        # unread (on the way to a pause)
+        r.window = min(self.max_files, START_WINDOW if r.window == 0 or r.unread
+                       else r.window * 2)
         self._schedule(d, r, p)
+
+    def closed(self, h: FileHandle) -> None:
+        """A handle closed: did its reads reach the daemon, or did the page cache serve
+        them?  Pauses or resumes its directory's prefetch (see the module docstring)."""
+        r = self.runs.get(h.node.parent) if self.runs else None
+        if r is None:
+            return
+        if h.cur_chunk >= 0:  # a read reached the daemon
+            r.unread = 0
+            if r.paused:
+                r.paused = False
+                r.window = 0
+                self.vfs.stats.inc("prefetch_resumed")
+        elif h.prefetched:
+            r.unread += 1
+            if r.unread >= PAUSE_AFTER and not r.paused:
+                r.paused = True
+                self.vfs.stats.inc("prefetch_paused")
+                self._drop_dir(h.node.parent)
 
     # -- fetching ahead ---------------------------------------------------------------
 

@@ -243,8 +243,9 @@ class FileHandle:
         self.pending: dict[int, trio.Event] = {}
         self.next_off = 0
         self.window = 0
-        self.cur_chunk = -1
+        self.cur_chunk = -1  # stays -1 until a read reaches the daemon
         self.closed = False
+        self.prefetched = False  # the file prefetcher handed its first chunk over
 
     def keep(self, i: int, data: bytes, charged: bool) -> None:
         """Chunk i arrived (from this handle's fetches or the file prefetcher);
@@ -767,6 +768,7 @@ class VFS:
         h = self.handles.pop(fh, None)
         if h is not None:
             h.close()
+            self.prefetch.closed(h)
             ino = h.node.ino
             left = self.open_count.pop(ino, 1) - 1
             if left:

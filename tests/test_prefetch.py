@@ -154,3 +154,42 @@ def test_concurrent_readers_of_one_queue(s3, bucket, mounts, proxy):
     c = m.counters()
     assert c.get("prefetch_started", 0) >= 40, c
     assert gets(proxy) == 80
+
+
+def test_page_cache_epoch_pauses_prefetch_and_a_dropped_cache_resumes_it(s3, bucket, mounts,
+                                                                         proxy):
+    """A second epoch over files the kernel's page cache still holds reaches the daemon
+    only as opens: prefetching for it would read the SSD for nothing.  It pauses after
+    PAUSE_AFTER files closed unread; once the page cache lets the files go, the first read
+    that reaches the daemon resumes it."""
+    from cachefs.prefetch import PAUSE_AFTER, START_WINDOW
+
+    data = frames(s3, bucket)
+    m = mounts(f"s3://{bucket}")
+    keys = sorted(data)
+    assert read_in(m, keys) == data  # cold: fetched ahead from S3
+    settled_gets(proxy)
+    c1 = m.counters()
+    assert read_in(m, keys) == data  # hot: the page cache serves every read
+    c2 = m.counters()
+    assert c2.get("fuse_read", 0) == c1.get("fuse_read", 0), "pass 2 was not page-cached"
+    assert c2.get("prefetch_paused", 0) == 1, c2
+    # SSD reads for nothing: until the pause (closes reach the daemon after the process's
+    # close returns, so a fast reader is a few files further by then), not for every file
+    wasted = c2.get("ssd_hits", 0) - c1.get("ssd_hits", 0)
+    assert wasted <= PAUSE_AFTER + 2 * START_WINDOW, c2  # 12 here; 37 before the pause
+    # the page cache lets the files go: reads reach the daemon again, prefetch resumes
+    for k in keys:
+        fd = os.open(m.path(k), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    assert read_in(m, keys) == data
+    c3 = m.counters()
+    assert c3.get("prefetch_resumed", 0) == 1, c3
+    assert c3.get("fuse_read", 0) - c2.get("fuse_read", 0) >= N, c3
+    served = (c3.get("prefetch_hits", 0) + c3.get("prefetch_claims", 0)
+              - c2.get("prefetch_hits", 0) - c2.get("prefetch_claims", 0))
+    assert served >= N - 8, c3
+    assert gets(proxy) == N  # every pass after the first from this node's SSD
