@@ -17,6 +17,7 @@ Three modes:
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -28,7 +29,7 @@ import click
 
 from . import runtime
 from .config import parse_duration, parse_size
-from .errors import EXIT_NO_DAEMON, EXIT_USAGE, QuietError
+from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError
 from .report import human
 
 DOMINANT = "◀ dominant"
@@ -458,7 +459,9 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise QuietError(f"{path}: {e.strerror}", EXIT_USAGE) from None
+        # a path that is not there is the user's to fix; EIO or EACCES is a failure
+        raise QuietError(f"{path}: {e.strerror}", EXIT_USAGE if e.errno in (
+            errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG) else EXIT_FAILED) from None
     if not os.path.isfile(path):
         raise QuietError(f"{path} is not a regular file", EXIT_USAGE)
     if offset >= st.st_size:

@@ -73,6 +73,21 @@ try:
 except (ImportError, AttributeError):  # another httpcore: keep its default
     pass
 
+# a refreshing credential provider (instance role, container role, credential_process,
+# assume-role) that failed: the metadata service blinked, or the process failed
+_CREDENTIAL_ERRORS = (botocore.exceptions.CredentialRetrievalError,
+                      botocore.exceptions.MetadataRetrievalError,
+                      botocore.exceptions.RefreshWithMFAUnsupportedError)
+
+
+def _credential_failure(e: BaseException) -> str | None:
+    """What went wrong fetching credentials, when ``e`` is such a failure."""
+    if isinstance(e, _CREDENTIAL_ERRORS) or (
+            isinstance(e, RuntimeError) and "credentials are still expired" in str(e)):
+        return " ".join(str(e).split())
+    return None
+
+
 TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
     "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "RequestLimitExceeded",
@@ -268,6 +283,10 @@ class ObjectStore:
                              f"profile) cannot be used: {_ca_problem(e)}") from None
         except ValueError as e:
             raise QuietError(f"invalid S3 endpoint {self.spec.endpoint_url!r}: {e}") from None
+        except Exception as e:
+            if (why := _credential_failure(e)) is None:
+                raise
+            raise QuietError(f"could not get AWS credentials: {why}") from None
         self._client.meta.events.register("before-sign.s3.GetObject", self._learn)
         return self
 
@@ -315,6 +334,9 @@ class ObjectStore:
                 return _Retry(f"{status} {code}", code, status)
             return S3Error(f"S3 {status} {code}: {err.get('Message', '')}".strip(), code=code,
                            status=status)
+        if (why := _credential_failure(e)) is not None:
+            # retried like a 503: a refresh that fails for a second must not fail reads
+            return _Retry(f"credential refresh failed: {why}", "Credentials")
         if isinstance(e, (botocore.exceptions.NoCredentialsError,
                           botocore.exceptions.PartialCredentialsError)):
             return S3Error("no AWS credentials found (set AWS_ACCESS_KEY_ID/"
@@ -380,6 +402,9 @@ class ObjectStore:
                                  + (" (a private CA's certificate goes in AWS_CA_BUNDLE)"
                                     if "verify failed" in tls else "")) from None
             if isinstance(c, _Retry):
+                if c.code == "Credentials":
+                    raise QuietError(f"could not get AWS credentials: "
+                                     f"{_credential_failure(e)}") from None
                 if c.status:
                     raise QuietError(f"S3 endpoint {where} answered {c.status} {c.code}") from None
                 raise QuietError(f"S3 endpoint {where} is unreachable ({c})") from None

@@ -30,9 +30,10 @@ A run whose files come from the kernel's page cache (a second epoch over a data 
 fits in RAM) opens files whose reads never reach the daemon: what was fetched ahead for
 them is read from the SSD for nothing.  Once a prefetched file closes unread the window
 stops growing, and after ``PAUSE_AFTER`` of them in a row (closes reach the daemon late:
-the kernel sends them after the process's close returns) the directory's prefetch pauses (its held
-bytes are dropped); the first file of that directory whose read does reach the daemon
-(the page cache let it go) resumes it, from a window of ``START_WINDOW``.  Nothing here is
+the kernel sends them after the process's close returns) the directory's prefetch pauses
+(its held bytes are dropped).  The first read of a file of that directory that does reach
+the daemon (the page cache let it go) resumes it, from a window of ``START_WINDOW``; a
+relisting of the directory keeps the pause.  Nothing here is
 persistent: a restart forgets runs and held bytes, and a failed prefetch is only logged at
 debug level (the read itself retries).
 """
@@ -134,7 +135,9 @@ class FilePrefetcher:
             return
         r = self.runs.get(d.ino)
         if r is None or r.children is not d.children:
-            r = _Run(d)
+            old, r = r, _Run(d)
+            if old is not None:  # relisted: the page cache still holds what it held
+                r.paused, r.unread = old.paused, old.unread
             self.runs[d.ino] = r
             while len(self.runs) > MAX_DIRS:
                 self.runs.popitem(last=False)
@@ -160,19 +163,25 @@ class FilePrefetcher:
                        else r.window * 2)
         self._schedule(d, r, p)
 
-    def closed(self, h: FileHandle) -> None:
-        """A handle closed: did its reads reach the daemon, or did the page cache serve
-        them?  Pauses or resumes its directory's prefetch (see the module docstring)."""
+    def reached(self, h: FileHandle) -> None:
+        """The first read of a handle reached the daemon: the page cache does not hold
+        this file, so its directory's prefetch runs (again)."""
         r = self.runs.get(h.node.parent) if self.runs else None
         if r is None:
             return
-        if h.cur_chunk >= 0:  # a read reached the daemon
-            r.unread = 0
-            if r.paused:
-                r.paused = False
-                r.window = 0
-                self.vfs.stats.inc("prefetch_resumed")
-        elif h.prefetched:
+        r.unread = 0
+        if r.paused:
+            r.paused = False
+            r.window = 0
+            self.vfs.stats.inc("prefetch_resumed")
+
+    def closed(self, h: FileHandle) -> None:
+        """A handle closed: one whose first chunk was handed over but whose reads never
+        reached the daemon counts towards pausing its directory's prefetch."""
+        if h.cur_chunk >= 0 or not h.prefetched or not self.runs:
+            return
+        r = self.runs.get(h.node.parent)
+        if r is not None:
             r.unread += 1
             if r.unread >= PAUSE_AFTER and not r.paused:
                 r.paused = True

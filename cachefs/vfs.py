@@ -744,6 +744,8 @@ class VFS:
         h = self.handles.get(fh)
         if h is None:
             raise FSError(errno.EBADF)
+        if h.cur_chunk < 0:  # its first read: the page cache did not serve it
+            self.prefetch.reached(h)
         t0 = time.perf_counter()
         with self.tracer.start("read", ino=h.node.ino, path=self.display_path(h.node),
                                offset=off, size=size, pid=h.pid):
@@ -768,13 +770,13 @@ class VFS:
         h = self.handles.pop(fh, None)
         if h is not None:
             h.close()
-            self.prefetch.closed(h)
             ino = h.node.ino
             left = self.open_count.pop(ino, 1) - 1
             if left:
                 self.open_count[ino] = left
             else:
                 self.memo.closed(ino)
+            self.prefetch.closed(h)
 
     def display_path(self, node: Node) -> str:
         if node.mount is None:

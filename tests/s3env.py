@@ -185,7 +185,7 @@ class Proxy(Proc):
         deadline = time.monotonic() + settle
         while True:
             st = self._call("GET", "/__proxy__/stats")
-            if st["inflight"] == 0 or time.monotonic() >= deadline:
+            if st["inflight"] <= 0 or time.monotonic() >= deadline:
                 return st
             time.sleep(0.01)
 

@@ -291,6 +291,7 @@ class State:
     def __init__(self):
         self.lock = threading.Lock()
         self.faults: list[Fault] = []
+        self.inflight = 0  # a gauge, not a counter: reset() leaves it alone
         self._zero()
 
     def _zero(self):
@@ -306,8 +307,7 @@ class State:
         self.status_counts: dict[str, int] = {}
         self.faults_injected = 0
         self.faults_by_kind: dict[str, int] = {}
-        self.inflight = 0
-        self.max_inflight = 0
+        self.max_inflight = self.inflight
         self.upstream_errors = 0
 
     def reset(self):

@@ -284,3 +284,43 @@ def test_no_credentials_is_one_line(s3, bucket, proxy, tmp_path):
     assert "no AWS credentials found" in r.stderr
     assert "Traceback" not in r.stderr
     assert not os.path.ismount(mp)
+
+
+def test_failed_credential_refresh_is_retried(s3, bucket, mounts, proxy, tmp_path):
+    """Credentials that expire within botocore's mandatory refresh window (here from a
+    credential_process, as an instance role's are from its metadata service) are fetched
+    again at every request; a fetch that fails for a moment is retried like a 503, so
+    the read still returns S3's bytes instead of EIO."""
+    helper = tmp_path / "creds.sh"
+    fail = tmp_path / "fail"
+    calls = tmp_path / "calls"
+    helper.write_text(f"""#!/bin/sh
+echo x >> {calls}
+if [ -s {fail} ] && [ "$(cat {fail})" -gt 0 ]; then
+  echo $(( $(cat {fail}) - 1 )) > {fail}
+  echo "the credential service blinked" >&2
+  exit 1
+fi
+exp=$(date -u -d '+5 min' +%Y-%m-%dT%H:%M:%SZ)
+printf '{{"Version": 1, "AccessKeyId": "procKey", "SecretAccessKey": "procSecret",
+  "SessionToken": "procToken", "Expiration": "%s"}}' "$exp"
+""")
+    helper.chmod(0o700)
+    config = tmp_path / "aws-config"
+    config.write_text(f"[default]\ncredential_process = {helper}\n")
+    a = put(s3, bucket, "a.bin", random.randbytes(2 * CS))
+    b = put(s3, bucket, "b.bin", random.randbytes(CS))  # one chunk: one fetch, the read's
+    env = _no_static_credentials(tmp_path, AWS_CONFIG_FILE=str(config),
+                                 AWS_EC2_METADATA_DISABLED="true")
+    m = mounts(f"s3://{bucket}", env=env)
+    assert read_all(m.path("a.bin")) == a
+    before = len(calls.read_text().splitlines())
+    assert before >= 2  # fetched at mount, and again for the reads
+    fail.write_text("2")
+    retries = m.counters().get("s3_retries", 0)
+    assert read_all(m.path("b.bin")) == b
+    assert fail.read_text().strip() == "0"  # both failures happened
+    assert m.counters().get("s3_retries", 0) >= retries + 2
+    log = m.log_text()
+    for secret in ("procSecret", "procToken"):
+        assert secret not in log
