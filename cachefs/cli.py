@@ -142,6 +142,8 @@ def _daemonize(cfg) -> None:
 
     prepare_cache_dir(cfg.cache_dir)
     logp = _log_path(cfg)
+    mp = runtime.resolve_mountpoint(cfg.mountpoint)
+    mounted_before = os.path.ismount(mp) or mp in runtime.cachefs_mounts()
     r, w = os.pipe()
     argv = [sys.executable, "-m", "cachefs"] + sys.argv[1:] + ["--ready-fd", str(w)]
     try:
@@ -155,7 +157,7 @@ def _daemonize(cfg) -> None:
     try:
         _wait_ready(cfg, proc, r, logp)
     except BaseException:  # gave up (timeout, Ctrl-C): nothing may stay mounted behind us
-        _stop_starting_daemon(proc, runtime.resolve_mountpoint(cfg.mountpoint))
+        _stop_starting_daemon(proc, mp, mounted_before)
         raise
 
 
@@ -201,8 +203,10 @@ def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
     raise QuietError(f"the daemon exited during start-up (status {code}); see {logp}")
 
 
-def _stop_starting_daemon(proc: subprocess.Popen, mp: str) -> None:
-    """SIGTERM (a daemon already serving unmounts), then SIGKILL and a lazy unmount."""
+def _stop_starting_daemon(proc: subprocess.Popen, mp: str, mounted_before: bool) -> None:
+    """SIGTERM (a daemon already serving unmounts), then SIGKILL and a lazy unmount of
+    the mount it left, never of one that was there before it (a second `mount` of a
+    live mountpoint fails, and must not take the live one down with it)."""
     from .daemon import fusermount_unmount
 
     if proc.poll() is None:
@@ -213,7 +217,10 @@ def _stop_starting_daemon(proc: subprocess.Popen, mp: str) -> None:
             proc.kill()
             proc.wait()
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        if mp in runtime.cachefs_mounts():
+        if mp not in runtime.cachefs_mounts():
+            return
+        owner = (runtime.read_info(mp) or {}).get("pid")
+        if owner == proc.pid or (not mounted_before and not (owner and _alive(owner))):
             fusermount_unmount(Path(mp), lazy=True)
 
 

@@ -134,6 +134,11 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
         assert "--cache-size 2.0 PiB is larger than the free space" in r.stderr, r.stderr
         # returns only once the mount is live
         assert is_mounted(mp)
+        # mounting again where it is mounted fails, and leaves the live mount alone
+        again = cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c2"),
+                    "--cache-size", "1GiB", "--endpoint-url", proxy.url)
+        one_line_error(again, "is busy: something is already mounted there")
+        assert (mp / "d" / "hello.txt").read_bytes() == b"hello"
         assert (mp / "d" / "hello.txt").read_bytes() == b"hello"
         r = cli("stats", "--mount", str(mp), "--json")
         assert r.returncode == 0 and '"used_bytes"' in r.stdout
