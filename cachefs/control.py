@@ -31,7 +31,10 @@ log = logging.getLogger("cachefs.control")
 
 Emit = Callable[[dict], Awaitable[None]]
 Handler = Callable[[dict, Emit], Awaitable[dict]]
-MAX_REQUEST = 16 << 20
+# a request is one JSON line; a data-set command carries its whole file list (a million
+# 60-character paths is about 70 MiB of it)
+MAX_REQUEST = 1 << 30
+BIG_REQUEST = 1 << 20  # parsed in a worker thread from this size on
 
 
 class ControlError(Exception):
@@ -88,18 +91,22 @@ class ControlServer:
             log.warning("control: refused a connection from uid %d", uid)
             await _send(stream, {"ok": False, "error": "permission denied"})
             return
-        buf = b""
-        while b"\n" not in buf:
-            data = await stream.receive_some(65536)
+        buf = bytearray()
+        while True:
+            data = await stream.receive_some(1 << 20)
             if not data:
                 return
-            buf += data
+            end = data.find(b"\n")
+            buf += data if end < 0 else data[:end]
             if len(buf) > MAX_REQUEST:
-                await _send(stream, {"ok": False, "error": "request too large"})
+                await _send(stream, {"ok": False, "error": "request too large (over "
+                                     f"{MAX_REQUEST >> 20} MiB): split the file list"})
                 return
-        line = buf.split(b"\n", 1)[0]
+            if end >= 0:
+                break
         try:
-            req = json.loads(line)
+            req = (json.loads(buf) if len(buf) < BIG_REQUEST
+                   else await trio.to_thread.run_sync(json.loads, buf))
             if not isinstance(req, dict):
                 raise ValueError
         except ValueError:

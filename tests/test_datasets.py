@@ -362,3 +362,21 @@ def test_control_socket_refuses_other_users(mounts, bucket, s3, monkeypatch):
         assert as_nobody(raw=True) == "permission denied"
     finally:
         os.chmod(run, 0o700)
+
+
+
+def test_file_list_over_16_mib(mounts, bucket, s3, tmp_path):
+    """A file list of 300k lines (21 MiB) goes to the daemon in one request; above 16 MiB
+    it was refused ("request too large").  The limit is now 1 GiB: a million paths of 70
+    characters make 70 MiB."""
+    keys = [f"frames/{c * 60}.bin" for c in "ab"]
+    for k, size in zip(keys, (1000, 500)):
+        s3.put_object(Bucket=bucket, Key=k, Body=b"z" * size)
+    m = mounts(f"s3://{bucket}")
+    lst = tmp_path / "big.txt"
+    lst.write_text("".join(keys[i % 2] + "\n" for i in range(300_000)))
+    assert lst.stat().st_size > 20 << 20
+    r = cli("status", "--file-list", str(lst), "--mount", str(m.mp), "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["total_bytes"] == 1500 and len(res["files"]) == 2, r.stdout[:500]
