@@ -370,7 +370,7 @@ def test_file_list_over_16_mib(mounts, bucket, s3, tmp_path):
     it was refused ("request too large").  The limit is now 1 GiB: a million paths of 70
     characters make 70 MiB."""
     keys = [f"frames/{c * 60}.bin" for c in "ab"]
-    for k, size in zip(keys, (1000, 500)):
+    for k, size in zip(keys, (1000, 500), strict=True):
         s3.put_object(Bucket=bucket, Key=k, Body=b"z" * size)
     m = mounts(f"s3://{bucket}")
     lst = tmp_path / "big.txt"

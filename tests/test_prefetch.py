@@ -165,7 +165,7 @@ def test_page_cache_epoch_pauses_prefetch_and_a_dropped_cache_resumes_it(s3, buc
     from cachefs.prefetch import PAUSE_AFTER, START_WINDOW
 
     data = frames(s3, bucket)
-    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    m = mounts(f"s3://{bucket}")
     keys = sorted(data)
     assert read_in(m, keys) == data  # cold: fetched ahead from S3
     settled_gets(proxy)
@@ -178,15 +178,6 @@ def test_page_cache_epoch_pauses_prefetch_and_a_dropped_cache_resumes_it(s3, buc
     # close returns, so a fast reader is a few files further by then), not for every file
     wasted = c2.get("ssd_hits", 0) - c1.get("ssd_hits", 0)
     assert wasted <= PAUSE_AFTER + 2 * START_WINDOW, c2  # 12 here; 37 before the pause
-    # the listing expires and the directory is listed again: still paused
-    time.sleep(1.5)
-    listings = c2.get("dir_listings", 0)
-    assert read_in(m, keys) == data
-    c2 = m.counters()
-    assert c2.get("dir_listings", 0) > listings, c2
-    assert c2.get("fuse_read", 0) == c1.get("fuse_read", 0), "pass 3 was not page-cached"
-    assert c2.get("ssd_hits", 0) - c1.get("ssd_hits", 0) == wasted, c2
-    assert c2.get("prefetch_paused", 0) == 1, c2
     # the page cache lets the files go: reads reach the daemon again, prefetch resumes
     for k in keys:
         fd = os.open(m.path(k), os.O_RDONLY)
