@@ -59,8 +59,8 @@ def cli() -> None:
 @click.option("--readahead-chunks", type=int, help="Max chunks in flight per reader (default 8).")
 @click.option("--prefetch-files", type=int, help="Files fetched ahead of a reader that opens a "
               "directory's files in name order (default 32; 0: off).")
-@click.option("--high-watermark", type=float, help="Evict when use passes this (default 0.9).")
-@click.option("--low-watermark", type=float, help="Evict down to this (default 0.8).")
+@click.option("--high-watermark", help="Evict when use passes this: 0.9 or 90% (default).")
+@click.option("--low-watermark", help="Evict down to this: 0.8 or 80% (default).")
 @click.option("--s3-max-attempts", type=int, help="Attempts per S3 request (default 6).")
 @click.option("--s3-timeout", help="Timeout of one S3 attempt (default 30s).")
 @click.option("--allow-other", is_flag=True, default=None, help="Let other users read the mount.")
@@ -240,7 +240,8 @@ def _find_quiet(e: BaseException) -> QuietError | None:
 
 @cli.command()
 @click.argument("mountpoint")
-@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon.")
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds to wait for the daemon.")
 def umount(mountpoint: str, timeout: float) -> None:
     """Unmount a cachefs mount and wait for its daemon to exit.
 

@@ -467,6 +467,9 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
     if offset >= st.st_size:
         raise QuietError(f"--offset {offset} is at or past the end of {path} ({st.st_size} bytes)",
                          EXIT_USAGE)
+    if length == 0:
+        raise QuietError("--length 0 reads nothing: give a length of at least 1 byte",
+                         EXIT_USAGE)
     if length is None:
         length = chunk_size or BLOCK
     length = min(length, st.st_size - offset)

@@ -92,6 +92,27 @@ def parse_size(value: Any, what: str) -> int:
     return n
 
 
+def parse_positive_duration(value: Any, what: str) -> float:
+    secs = parse_duration(value, what)
+    if secs <= 0:
+        raise ConfigError(f"{what}: must be more than 0, got {value!r}")
+    return secs
+
+
+def check_endpoint(url: str | None) -> str | None:
+    """An S3 endpoint URL: http(s)://host[:port][/path]."""
+    if url is None:
+        return None
+    u = urlsplit(str(url))
+    try:
+        u.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        u = None
+    if u is None or u.scheme not in ("http", "https") or not u.hostname:
+        raise ConfigError(f"S3 endpoint {url!r}: expected http://host:port or https://host")
+    return str(url)
+
+
 def parse_duration(value: Any, what: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a duration like 300s, got {value!r}")
@@ -299,7 +320,7 @@ def build_config(
             return flags[flag]
         return table.get(key, default)
 
-    endpoint = pick("endpoint_url", s3, "endpoint_url")
+    endpoint = check_endpoint(pick("endpoint_url", s3, "endpoint_url"))
     region = pick("region", s3, "region")
     profile = pick("profile", s3, "profile")
 
@@ -331,7 +352,8 @@ def build_config(
             names.add(name)
             mounts.append(MountSpec(
                 name, bucket, prefix,
-                flags.get("endpoint_url") or e.get("endpoint_url") or s3.get("endpoint_url"),
+                check_endpoint(flags.get("endpoint_url") or e.get("endpoint_url")
+                               or s3.get("endpoint_url")),
                 flags.get("region") or e.get("region") or s3.get("region"),
                 flags.get("profile") or e.get("profile") or s3.get("profile"),
             ))
@@ -366,10 +388,11 @@ def build_config(
     s3opts = S3Options(
         max_attempts=parse_count(pick("s3_max_attempts", s3, "max_attempts",
                                       S3Options.max_attempts), "s3 max attempts"),
-        request_timeout=parse_duration(pick("s3_timeout", s3, "request_timeout",
-                                            S3Options.request_timeout), "s3 request timeout"),
-        connect_timeout=parse_duration(s3.get("connect_timeout", S3Options.connect_timeout),
-                                       "s3 connect timeout"),
+        request_timeout=parse_positive_duration(
+            pick("s3_timeout", s3, "request_timeout", S3Options.request_timeout),
+            "s3 request timeout"),
+        connect_timeout=parse_positive_duration(
+            s3.get("connect_timeout", S3Options.connect_timeout), "s3 connect timeout"),
         max_concurrency=parse_count(s3.get("max_concurrency", S3Options.max_concurrency),
                                     "s3 max_concurrency"),
         own_connections=parse_bool(s3.get("own_connections", S3Options.own_connections),

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from .config import parse_size
-from .errors import QuietError
+from .errors import EXIT_USAGE, QuietError
 from .report import human
 
 CREDS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
@@ -114,10 +114,30 @@ def _stats(mp: Path, env: dict) -> dict:
     return json.loads(r.stdout)["counters"]
 
 
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 4 << 30
+
+
 def run_demo(workdir: str | None, shards: int, shard_size: str, small: int,
              small_size: str) -> None:
     ssize = parse_size(shard_size, "--shard-size")
     fsize = parse_size(small_size, "--small-size")
+    if shards < 0 or small < 0 or shards + small == 0:
+        raise QuietError("--shards and --small-files: counts of 0 or more, not both 0",
+                         EXIT_USAGE)
+    total = shards * ssize + small * fsize
+    room = _mem_available() // 2  # the demo's S3 server (moto) holds the data in memory
+    if total > room:
+        raise QuietError(f"the demo data set ({human(total)}) must fit in half of this "
+                         f"machine's available memory ({human(room)}): the demo's S3 "
+                         "server keeps it in memory", EXIT_USAGE)
     own = workdir is None
     wd = Path(workdir or tempfile.mkdtemp(prefix="cachefs-demo-"))
     wd.mkdir(parents=True, exist_ok=True)

@@ -416,8 +416,9 @@ class ObjectStore:
                 if isinstance(c, NoSuchObject) and c.code != "NoSuchBucket":
                     # a listing has no object to miss: this is no S3 server (or the wrong
                     # path on one)
+                    what = c.code if c.code and not c.code.isdigit() else "Not Found"
                     raise QuietError(f"S3 endpoint {where} answered {c.status or 404} "
-                                     f"{c.code or 'Not Found'} to a listing of bucket "
+                                     f"{what} to a listing of bucket "
                                      f"{self.bucket!r}: is it an S3 endpoint?") from None
                 raise QuietError(str(c)) from None
             raise

@@ -40,6 +40,19 @@ def test_bad_cli_input(tmp_path):
     one_line_error(cli(*base, "--cache-size", "1GiB", "--high-watermark", "0.5",
                        "--low-watermark", "0.7"), "watermark")
     one_line_error(cli(*base, "--cache-size", "1GiB", "--prefetch-files", "-1"), "prefetch files")
+    # flags take what the config file takes: "90%" is a watermark (its order is wrong here)
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--high-watermark", "80%",
+                       "--low-watermark", "90%"), "0 < low < high", code=2)
+    # values that cannot work are bad input, not an S3 failure after a start
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--s3-timeout", "0s"),
+                   "s3 request timeout: must be more than 0", code=2)
+    for url in ("127.0.0.1:9000", "ftp://127.0.0.1:9000", "http://", "http://h:port"):
+        one_line_error(cli(*base, "--cache-size", "1GiB", "--endpoint-url", url),
+                       "expected http://host:port", code=2)
+    one_line_error(cli("umount", "--timeout", "-1", str(mp)), "timeout", code=2)
+    one_line_error(cli("demo", "--shards", "-1"), "--shards", code=2)
+    one_line_error(cli("demo", "--shards", "1", "--shard-size", "1TiB", "--small-files", "0"),
+                   "available memory", code=2)
     one_line_error(cli("mount", str(mp)), "config")
     one_line_error(cli("mount", "--config", str(tmp_path / "none.toml"), str(mp)), "not found")
     bad = tmp_path / "bad.toml"
@@ -331,6 +344,8 @@ def test_exit_codes_with_two_mounts(s3, bucket, mounts, tmp_path):
     one_line_error(cli("trace", str(a.path("d/missing.bin"))), "No such file", code=2)
     one_line_error(cli("trace", str(a.path("d"))), "not a regular file", code=2)
     one_line_error(cli("trace", str(a.path("d/f.bin")), "--offset", "1000"), "past the end",
+                   code=2)
+    one_line_error(cli("trace", str(a.path("d/f.bin")), "--length", "0"), "reads nothing",
                    code=2)
     outside = tmp_path / "plain.txt"
     outside.write_text("x")
