@@ -16,7 +16,7 @@ import click
 
 from . import runtime
 from .config import build_config
-from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError
+from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError, leaves
 
 log = logging.getLogger("cachefs")
 
@@ -143,7 +143,7 @@ def _daemonize(cfg) -> None:
     prepare_cache_dir(cfg.cache_dir)
     logp = _log_path(cfg)
     mp = runtime.resolve_mountpoint(cfg.mountpoint)
-    mounted_before = os.path.ismount(mp) or mp in runtime.cachefs_mounts()
+    mounted_before = mp in runtime.cachefs_mounts()  # only such a mount is ever cleaned up
     r, w = os.pipe()
     argv = [sys.executable, "-m", "cachefs"] + sys.argv[1:] + ["--ready-fd", str(w)]
     try:
@@ -225,14 +225,7 @@ def _stop_starting_daemon(proc: subprocess.Popen, mp: str, mounted_before: bool)
 
 
 def _find_quiet(e: BaseException) -> QuietError | None:
-    if isinstance(e, QuietError):
-        return e
-    if isinstance(e, BaseExceptionGroup):
-        for sub in e.exceptions:
-            q = _find_quiet(sub)
-            if q is not None:
-                return q
-    return None
+    return next((x for x in leaves(e) if isinstance(x, QuietError)), None)
 
 
 # -- umount ---------------------------------------------------------------------------

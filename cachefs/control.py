@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from .errors import EXIT_NO_DAEMON, QuietError
+from .errors import EXIT_NO_DAEMON, QuietError, leaves
 
 log = logging.getLogger("cachefs.control")
 
@@ -145,22 +145,11 @@ def _only_error(e: BaseException) -> Exception | None:
     """What a handler raised, out of trio's exception groups: the one Exception it
     comes to, or a group of Exceptions as one; None when any part of it is not an
     Exception (Cancelled, KeyboardInterrupt), which must go on up."""
-    if not isinstance(e, BaseExceptionGroup):
-        return e if isinstance(e, Exception) else None
-    leaves: list[BaseException] = []
-
-    def walk(x: BaseException) -> None:
-        if isinstance(x, BaseExceptionGroup):
-            for sub in x.exceptions:
-                walk(sub)
-        else:
-            leaves.append(x)
-
-    walk(e)
-    if not all(isinstance(x, Exception) for x in leaves):
+    found = leaves(e)
+    if not all(isinstance(x, Exception) for x in found):
         return None
-    if len(leaves) == 1:
-        return leaves[0]  # type: ignore[return-value]
+    if len(found) == 1:
+        return found[0]  # type: ignore[return-value]
     return e  # type: ignore[return-value]  # several errors: an ExceptionGroup
 
 

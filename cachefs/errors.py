@@ -50,6 +50,14 @@ class NoSuchObject(S3Error):
     pass
 
 
+def leaves(e: BaseException) -> list[BaseException]:
+    """The exceptions inside trio's (nested) exception groups; ``[e]`` for one that is
+    not a group."""
+    if not isinstance(e, BaseExceptionGroup):
+        return [e]
+    return [x for sub in e.exceptions for x in leaves(sub)]
+
+
 def tls_failure(e: BaseException) -> str | None:
     """What went wrong in TLS, when an ssl.SSLError is somewhere in ``e``'s chain (HTTP
     clients wrap it, sometimes in an exception with no message of its own)."""

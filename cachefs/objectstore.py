@@ -396,15 +396,14 @@ class ObjectStore:
         except trio.TooSlowError:
             raise QuietError(f"S3 endpoint {where} did not answer in time") from None
         except Exception as e:  # noqa: BLE001
+            if (why := _credential_failure(e)) is not None:
+                raise QuietError(f"could not get AWS credentials: {why}") from None
             c = self._classify(e)
             if (tls := tls_failure(e)) is not None:
                 raise QuietError(f"TLS with S3 endpoint {where} failed: {tls}"
                                  + (" (a private CA's certificate goes in AWS_CA_BUNDLE)"
                                     if "verify failed" in tls else "")) from None
             if isinstance(c, _Retry):
-                if c.code == "Credentials":
-                    raise QuietError(f"could not get AWS credentials: "
-                                     f"{_credential_failure(e)}") from None
                 if c.status:
                     raise QuietError(f"S3 endpoint {where} answered {c.status} {c.code}") from None
                 raise QuietError(f"S3 endpoint {where} is unreachable ({c})") from None
