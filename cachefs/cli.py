@@ -125,7 +125,7 @@ def _run_foreground(cfg, ready_fd: int | None) -> None:
     except BaseException as e:  # noqa: BLE001
         q = _find_quiet(e)
         if q is not None:
-            ready.fail(q.msg)
+            ready.fail(q.msg, q.exitcode)
             raise q from None
         if isinstance(e, KeyboardInterrupt):
             return
@@ -194,6 +194,9 @@ def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
                         return
                     elif kind == "ERR":
                         proc.wait(timeout=30)
+                        code, _, text = msg.partition(" ")
+                        if code.isdigit():
+                            raise QuietError(text, int(code))
                         raise QuietError(msg)
             elif proc.poll() is not None:
                 break

@@ -99,8 +99,8 @@ def parse_positive_duration(value: Any, what: str) -> float:
     return secs
 
 
-def check_endpoint(url: str | None) -> str | None:
-    """An S3 endpoint URL: http(s)://host[:port][/path]."""
+def check_endpoint(url: str | None, what: str = "S3 endpoint") -> str | None:
+    """An endpoint URL: http(s)://host[:port][/path]."""
     if url is None:
         return None
     u = urlsplit(str(url))
@@ -109,7 +109,7 @@ def check_endpoint(url: str | None) -> str | None:
     except ValueError:
         u = None
     if u is None or u.scheme not in ("http", "https") or not u.hostname:
-        raise ConfigError(f"S3 endpoint {url!r}: expected http://host:port or https://host")
+        raise ConfigError(f"{what} {url!r}: expected http://host:port or https://host")
     return str(url)
 
 
@@ -494,8 +494,11 @@ def _otlp_endpoint(flag: Any, table: Any) -> str | None:
             raise ConfigError("--otlp-endpoint: a URL with credentials would be visible in "
                               "the process list; give it in CACHEFS_OTLP_ENDPOINT or as "
                               "[trace] otlp_endpoint in the config file")
-        return flag
-    return table
+        return check_endpoint(flag, "--otlp-endpoint")
+    if table is not None:
+        return check_endpoint(table, "[trace] otlp_endpoint")
+    return check_endpoint(os.environ.get("CACHEFS_OTLP_ENDPOINT") or None,
+                          "CACHEFS_OTLP_ENDPOINT")
 
 
 __all__ = ["Config", "MountSpec", "S3Options", "ClusterOptions", "build_config", "parse_size",

@@ -29,7 +29,7 @@ from . import runtime
 from .chunks.reader import ChunkReader
 from .config import Config
 from .control import ControlServer
-from .errors import QuietError
+from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
 from .fuse_ops import Operations
 from .index import Index, IndexWriter, open_index
 from .objectstore import ObjectStore
@@ -73,8 +73,9 @@ class Ready:
         self.close()
         return heard
 
-    def fail(self, msg: str) -> None:
-        self._say("ERR " + msg)
+    def fail(self, msg: str, exitcode: int = EXIT_FAILED) -> None:
+        """Start-up failed: the waiting command prints msg and exits with exitcode."""
+        self._say(f"ERR {exitcode} {msg}")
         self.close()
 
     def close(self) -> None:
@@ -114,7 +115,33 @@ def fusermount_unmount(mp: Path, lazy: bool = False) -> tuple[bool, str]:
     return r.returncode == 0, (r.stderr or r.stdout).strip()
 
 
+# where a FUSE mount would hide what the kernel, the daemon or its tools need
+PSEUDO_FILESYSTEMS = frozenset({
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
+    "tracefs", "bpf", "configfs", "fusectl", "mqueue", "pstore", "binfmt_misc", "efivarfs",
+    "selinuxfs", "nsfs", "autofs", "rpc_pipefs", "hugetlbfs"})
+
+
+def check_mountpoint_place(mp: Path) -> None:
+    """Refuse mountpoints on kernel pseudo file systems (a mount over /proc/sys hid what
+    the daemon itself reads there, and it hung on its own mount) and inside a cachefs
+    mount (read-only, and its daemon could not be unmounted while ours lives).  Only
+    mountinfo is read: nothing here waits on a file system."""
+    parent = runtime.mount_containing(str(mp.parent))
+    if parent is None:
+        return
+    if parent.fstype in PSEUDO_FILESYSTEMS:
+        raise QuietError(f"mountpoint {mp} is on the kernel's {parent.fstype} file system "
+                         f"({parent.mountpoint}); choose a directory on a local disk",
+                         EXIT_USAGE)
+    if parent.fstype == "fuse.cachefs":
+        raise QuietError(f"mountpoint {mp} is inside the cachefs mount at "
+                         f"{parent.mountpoint}; choose a directory on a local disk",
+                         EXIT_USAGE)
+
+
 def check_mountpoint(mp: Path) -> None:
+    check_mountpoint_place(mp)
     if is_stale_mount(mp):
         ok, err = fusermount_unmount(mp, lazy=True)
         if not ok:
@@ -122,13 +149,21 @@ def check_mountpoint(mp: Path) -> None:
                              f"connected) that could not be cleared: {err}")
         log.warning("cleared a stale mount left at %s by a previous daemon", mp)
     if not mp.exists():
-        raise QuietError(f"mountpoint {mp} does not exist")
+        raise QuietError(f"mountpoint {mp} does not exist", EXIT_USAGE)
     if not mp.is_dir():
-        raise QuietError(f"mountpoint {mp} is not a directory")
+        raise QuietError(f"mountpoint {mp} is not a directory", EXIT_USAGE)
     if os.path.ismount(mp):
         raise QuietError(f"mountpoint {mp} is busy: something is already mounted there")
     if not os.access(mp, os.R_OK | os.X_OK):
         raise QuietError(f"mountpoint {mp} is not accessible")
+
+
+def lock_mountpoint(mp: Path) -> int:
+    """Held while the daemon lives: two `cachefs mount` of one mountpoint started at the
+    same moment both found it free, and their mounts stacked."""
+    return _flock(runtime.mount_dir(mp, create=True, resolved=True) / "lock",
+                  lambda pid: f"mountpoint {mp} is busy: another cachefs daemon{pid} is "
+                             "starting or serving there")
 
 
 def prepare_cache_dir(d: Path) -> None:
@@ -143,14 +178,20 @@ def prepare_cache_dir(d: Path) -> None:
 
 
 def lock_cache_dir(d: Path) -> int:
-    fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    return _flock(d / "lock", lambda pid: f"cache dir {d} is in use by another cachefs "
+                                          f"daemon{pid}")
+
+
+def _flock(path: Path, busy) -> int:
+    """An exclusive lock held by this process, with its pid in the file; busy(" (pid N)")
+    is the error when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         other = os.pread(fd, 32, 0).decode(errors="replace").strip()
         os.close(fd)
-        raise QuietError(f"cache dir {d} is in use by another cachefs daemon"
-                         + (f" (pid {other})" if other else "")) from None
+        raise QuietError(busy(f" (pid {other})" if other else "")) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
@@ -158,16 +199,8 @@ def lock_cache_dir(d: Path) -> int:
 
 def mount_device(mp: Path) -> str | None:
     """major:minor of the mount at mp, from mountinfo (a stat would ask ourselves)."""
-    dev = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if parts[4].encode().decode("unicode_escape") == str(mp):
-                    dev = parts[2]  # the last one mounted there wins
-    except OSError:
-        return None
-    return dev
+    devs = [m.device for m in runtime.mountinfo() if m.mountpoint == str(mp)]
+    return devs[-1] if devs else None  # the last one mounted there wins
 
 
 def set_kernel_readahead(mp: Path, kb: int) -> None:
@@ -202,17 +235,22 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.cfg
-        def prechecks() -> tuple[Path, int]:
-            mp = Path(os.path.realpath(cfg.mountpoint))
+        def prechecks(locks: list[int]) -> Path:
+            mp = Path(runtime.resolve_mountpoint(cfg.mountpoint))
+            check_mountpoint_place(mp)
+            locks.append(lock_mountpoint(mp))
             check_mountpoint(mp)
             prepare_cache_dir(cfg.cache_dir)
-            return mp, lock_cache_dir(cfg.cache_dir)
+            locks.append(lock_cache_dir(cfg.cache_dir))
+            return mp
 
-        mp, lock_fd = await trio.to_thread.run_sync(prechecks)
+        locks: list[int] = []
         try:
+            mp = await trio.to_thread.run_sync(prechecks, locks)
             await self._run_locked(mp)
         finally:
-            os.close(lock_fd)
+            for fd in locks:
+                os.close(fd)
 
     async def _run_locked(self, mp: Path) -> None:
         cfg = self.cfg

@@ -55,7 +55,7 @@ from botocore.utils import percent_encode
 
 from . import http1
 from .config import MountSpec, S3Options
-from .errors import NoSuchObject, ObjectChanged, QuietError, S3Error, tls_failure
+from .errors import EXIT_USAGE, NoSuchObject, ObjectChanged, QuietError, S3Error, tls_failure
 from .stats import Stats
 from .trace import span
 
@@ -274,7 +274,7 @@ class ObjectStore:
                 "s3", endpoint_url=self.spec.endpoint_url, region_name=self.spec.region,
                 config=cfg))
         except botocore.exceptions.ProfileNotFound as e:
-            raise QuietError(f"AWS profile not found: {e}") from None
+            raise QuietError(f"AWS profile not found: {e}", EXIT_USAGE) from None
         except (botocore.exceptions.InvalidConfigError, OSError) as e:
             ca = session.get_config_variable("ca_bundle")
             if ca is None:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import EXIT_NO_DAEMON, EXIT_USAGE, QuietError
 
@@ -73,20 +74,42 @@ def socket_path(mountpoint: str | Path) -> Path:
     return mount_dir(mountpoint) / "control.sock"
 
 
-def cachefs_mounts() -> list[str]:
-    """Mountpoints of cachefs file systems, from /proc/self/mountinfo."""
+class MountEntry(NamedTuple):
+    device: str  # major:minor
+    mountpoint: str
+    fstype: str
+
+
+def mountinfo() -> list[MountEntry]:
+    """The mounts of /proc/self/mountinfo, in mount order (a later one hides an earlier
+    one at the same mountpoint).  Read from the kernel: never asks a mounted daemon."""
     out = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 parts = line.split()
                 sep = parts.index("-")
-                fstype = parts[sep + 1]
-                if fstype == "fuse.cachefs":
-                    out.append(_unescape(parts[4]))
-    except OSError:
+                out.append(MountEntry(parts[2], _unescape(parts[4]), parts[sep + 1]))
+    except (OSError, ValueError, IndexError):
         pass
     return out
+
+
+def cachefs_mounts() -> list[str]:
+    """Mountpoints of cachefs file systems."""
+    return [m.mountpoint for m in mountinfo() if m.fstype == "fuse.cachefs"]
+
+
+def mount_containing(path: str) -> MountEntry | None:
+    """The mount that `path` (a real, absolute path) lies on: the last mounted of those
+    whose mountpoint is its longest prefix."""
+    best = None
+    for m in mountinfo():
+        mp = m.mountpoint
+        if path == mp or path.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) >= len(best.mountpoint):
+                best = m
+    return best
 
 
 def _unescape(field: str) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -305,7 +304,7 @@ def _start_services(d: Daemon) -> None:
         sock = bind_metrics(d.cfg.metrics_listen)  # QuietError: the mount fails, clearly
         d.metrics_started = True  # type: ignore[attr-defined]
         nursery.start_soon(serve_metrics, d, sock)
-    endpoint = getattr(d.cfg, "otlp_endpoint", None) or os.environ.get("CACHEFS_OTLP_ENDPOINT")
+    endpoint = getattr(d.cfg, "otlp_endpoint", None)  # the flag, the config or the env
     if endpoint and not getattr(d, "otlp", None):
         from .otlp import OTLPExporter
 

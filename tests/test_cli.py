@@ -81,6 +81,10 @@ def test_bad_cli_input(tmp_path):
     # a secret in a flag would be in the process list
     one_line_error(cli(*base, "--cache-size", "1GiB", "--otlp-endpoint",
                        "https://user:pw@collector:4318"), "CACHEFS_OTLP_ENDPOINT")
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--otlp-endpoint", "notaurl"),
+                   "--otlp-endpoint 'notaurl': expected http://host:port", code=2)
+    one_line_error(cli(*base, "--cache-size", "1GiB", env={"CACHEFS_OTLP_ENDPOINT": "x:1"}),
+                   "CACHEFS_OTLP_ENDPOINT 'x:1'", code=2)
     one_line_error(cli("nosuchcommand"), "nosuchcommand")
     one_line_error(cli("umount", str(mp)), "not mounted", code=3)
     one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
@@ -94,11 +98,18 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     mp.mkdir()
     cache = ["--cache-dir", str(tmp_path / "c"), "--cache-size", "64MiB",
              "--endpoint-url", proxy.url]
+    # what the daemon finds wrong reaches the command with its exit code
     one_line_error(cli("mount", f"s3://{bucket}", str(tmp_path / "missing"), *cache),
-                   "does not exist")
+                   "does not exist", code=2)
     f = tmp_path / "file"
     f.write_text("x")
-    one_line_error(cli("mount", f"s3://{bucket}", str(f), *cache), "not a directory")
+    one_line_error(cli("mount", f"s3://{bucket}", str(f), *cache), "not a directory", code=2)
+    one_line_error(cli("mount", f"s3://{bucket}", "/proc/sys", *cache),
+                   "on the kernel's proc file system", code=2)
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache, "--profile", "nosuch"),
+                   "profile", code=2)
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache, "--peers", "garbage"),
+                   "--peers", code=2)
     one_line_error(cli("mount", "s3://no-such-bucket-here", str(mp), *cache), "no-such-bucket")
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c"),
                        "--cache-size", "64MiB", "--endpoint-url", "http://127.0.0.1:9",
@@ -130,7 +141,39 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     one_line_error(cli("mount", f"s3://{bucket}", str(m.mp), "--cache-dir",
                        str(tmp_path / "c3"), "--cache-size", "64MiB", "--endpoint-url",
                        proxy.url), "busy")
-    assert not is_mounted(mp) and not is_mounted(mp2)
+    # inside a cachefs mount (a directory of the bucket)
+    s3.put_object(Bucket=bucket, Key="inner/x", Body=b"x")
+    assert (m.mp / "inner").is_dir()
+    one_line_error(cli("mount", f"s3://{bucket}", str(m.mp / "inner"), "--cache-dir",
+                       str(tmp_path / "c4"), "--cache-size", "64MiB", "--endpoint-url",
+                       proxy.url), f"inside the cachefs mount at {m.mp}", code=2)
+    assert not is_mounted(mp) and not is_mounted(mp2) and not is_mounted(m.mp / "inner")
+
+
+@pytest.mark.fuse
+def test_two_mounts_started_at_once_on_one_mountpoint(s3, bucket, proxy, tmp_path):
+    """Both found the mountpoint free, and their mounts stacked: one must fail."""
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"a")
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "cachefs", "mount", f"s3://{bucket}", str(mp), "--cache-dir",
+         str(tmp_path / f"c{i}"), "--cache-size", "64MiB", "--endpoint-url", proxy.url],
+        env={**os.environ, **CREDS}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    results = [(p.wait(timeout=120), p.communicate()[1]) for p in procs]
+    try:
+        assert sorted(code for code, _ in results) == [0, 1], results
+        err = next(e for code, e in results if code)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"mountpoint {mp} is busy" in lines[0], err
+        with open("/proc/self/mountinfo") as f:
+            assert sum(line.split()[4] == str(mp) for line in f) == 1
+        assert (mp / "a.txt").read_bytes() == b"a"
+    finally:
+        r = cli("umount", str(mp))
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(mp)
 
 
 @pytest.mark.fuse
@@ -150,7 +193,7 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
         # mounting again where it is mounted fails, and leaves the live mount alone
         again = cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c2"),
                     "--cache-size", "1GiB", "--endpoint-url", proxy.url)
-        one_line_error(again, "is busy: something is already mounted there")
+        one_line_error(again, "is busy: another cachefs daemon")
         assert (mp / "d" / "hello.txt").read_bytes() == b"hello"
         assert (mp / "d" / "hello.txt").read_bytes() == b"hello"
         r = cli("stats", "--mount", str(mp), "--json")
