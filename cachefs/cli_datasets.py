@@ -19,6 +19,7 @@ from . import filelist, runtime
 from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
 from .report import human
 
+MAX_ERROR_LINES = 50  # failed entries printed; --json carries them all
 PLAIN_EVERY = 2.0  # seconds between progress lines when stderr is not a terminal
 MAX_ROWS = 30
 REQUEST_TIMEOUT = 120.0  # between two lines from the daemon (it sends progress twice a second)
@@ -60,8 +61,11 @@ class Prepared:
     def report_errors(self, failed: list[dict]) -> int:
         """Print every failed entry as one line; the exit code they call for."""
         items = sorted(self.cli_failed() + failed, key=lambda x: x["line"])
-        for it in items:
+        for it in items[:MAX_ERROR_LINES]:
             _say(f"{self.list_name}:{it['line']}: {it['entry']}: {it['reason']}")
+        if len(items) > MAX_ERROR_LINES:
+            _say(f"{self.list_name}: {len(items) - MAX_ERROR_LINES} more failed entries "
+                 "not shown (--json lists every one)")
         if any("path" in it for it in failed):
             return EXIT_FAILED  # a fetch failed
         return EXIT_USAGE if items else 0

@@ -367,7 +367,7 @@ def _strip(d: dict) -> dict:
               "(default for --follow: the daemon's --slow-threshold).")
 @click.option("--path-prefix", help="With --follow/--recent: only reads of paths under this "
               "(a path in the mount, or relative to the mount root).")
-@click.option("--recent", type=int, help="Print the last N traces.")
+@click.option("--recent", type=click.IntRange(min=1), help="Print the last N traces.")
 @click.option("--slow", is_flag=True, help="With --recent: from the slow-trace ring.")
 @click.option("--mount", help="The cachefs mountpoint (default: the one holding PATH, or the "
               "only one).")

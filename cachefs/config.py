@@ -34,7 +34,7 @@ DEFAULT_READAHEAD_MEMORY = 256 * MiB
 DEFAULT_READAHEAD_CHUNKS = 8
 DEFAULT_PREFETCH_FILES = 32
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
     "": 1, "b": 1,
     "k": KiB, "kb": 1000, "kib": KiB,
@@ -42,6 +42,7 @@ _UNITS = {
     "g": GiB, "gb": 1000**3, "gib": GiB,
     "t": 1024 * GiB, "tb": 1000**4, "tib": 1024 * GiB,
     "p": 1024**5, "pb": 1000**5, "pib": 1024**5,
+    "e": 1024**6, "eb": 1000**6, "eib": 1024**6,
 }
 
 

@@ -605,7 +605,8 @@ class VFS:
         for p in listing.prefixes:
             name = p[len(prefix):-1]
             if not valid_name(name):
-                self._warn(p, "not a valid directory name")
+                self._warn(p, "an empty path segment ('//') is not a directory name" if not name
+                           else "not a valid directory name")
                 continue
             ino = old.get(name)
             node = self.nodes.get(ino) if ino else None
@@ -618,8 +619,10 @@ class VFS:
             name = o.key[len(prefix):]
             if name == "":
                 continue  # a "directory marker" object: the directory itself
-            if name in new:
-                continue  # both an object and a prefix: the directory wins
+            if name in new:  # both an object and a prefix: the directory wins
+                self._warn(o.key, f"hidden by the directory {name!r} (keys start with "
+                                  f"{o.key + '/'!r})")
+                continue
             if not valid_name(name):
                 self._warn(o.key, "not a valid file name")
                 continue

@@ -25,6 +25,14 @@ def one_line_error(r, *needles, code: int | None = None):
     return lines[0]
 
 
+def test_sizes_up_to_exbibytes():
+    from cachefs.config import parse_size
+    from cachefs.report import human
+
+    assert parse_size("1EiB", "x") == 1 << 60 and parse_size("2 eb", "x") == 2 * 10**18
+    assert human(1 << 60) == "1.0 EiB" and human(parse_size("1.5PiB", "x")) == "1.5 PiB"
+
+
 def test_bad_cli_input(tmp_path):
     mp = tmp_path / "mp"
     mp.mkdir()
@@ -50,6 +58,7 @@ def test_bad_cli_input(tmp_path):
         one_line_error(cli(*base, "--cache-size", "1GiB", "--endpoint-url", url),
                        "expected http://host:port", code=2)
     one_line_error(cli("umount", "--timeout", "-1", str(mp)), "timeout", code=2)
+    one_line_error(cli("trace", "--recent", "0"), "--recent", code=2)
     one_line_error(cli("demo", "--shards", "-1"), "--shards", code=2)
     one_line_error(cli("demo", "--shards", "1", "--shard-size", "1TiB", "--small-files", "0"),
                    "available memory", code=2)

@@ -303,6 +303,16 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
     r = cli("status", "--file-list", write_list(tmp_path, ["data/nothing.bin"], "bad.txt"),
             "--mount", str(m.mp))
     assert r.returncode == 2 and r.stdout.splitlines()[-1] == "total: 0 files", r.stdout
+    # a list that is all wrong prints the first 50 and says how many more; --json has all
+    many = write_list(tmp_path, [f"data/none{i}.bin" for i in range(60)], "many.txt")
+    r = cli("status", "--file-list", many, "--mount", str(m.mp))
+    errs = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(errs) == 51, r.stderr
+    assert errs[49].startswith(f"cachefs: {many}:50: data/none49.bin: no such file")
+    assert errs[50] == f"cachefs: {many}: 10 more failed entries not shown (--json lists " \
+                       "every one)"
+    res, r = run_json("status", "--file-list", many, "--mount", str(m.mp))
+    assert r.returncode == 2 and len(res["failed"]) == 60
     r = cli("free", "--file-list", write_list(tmp_path, ["# nothing"], "empty.txt"),
             "--mount", str(m.mp))
     assert r.returncode == 2 and "has no entries" in r.stderr
