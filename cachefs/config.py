@@ -408,6 +408,10 @@ def build_config(
     etcd = pick("etcd", cl, "etcd", ())
     if isinstance(etcd, str):
         etcd = tuple(p.strip() for p in etcd.split(",") if p.strip())
+    if not isinstance(etcd, list | tuple) or not all(isinstance(e, str) for e in etcd):
+        raise ConfigError("[cluster] etcd: expected a list of URLs")
+    for e in etcd:  # HOST:PORT means http://HOST:PORT
+        check_endpoint(e if "://" in e else "http://" + e, "etcd endpoint")
     secret = os.environ.get("CACHEFS_PEER_SECRET") or cl.get("peer_secret")
     cluster = ClusterOptions(
         node_id=pick("node_id", cl, "node_id"),
@@ -423,6 +427,11 @@ def build_config(
         lease_ttl=math.ceil(parse_duration(cl.get("lease_ttl", 10), "[cluster] lease_ttl")),
         grace_period=parse_duration(cl.get("grace_period", 30), "grace period"),
     )
+    if cluster.peers:  # malformed entries fail here, not after the daemon's start-up
+        from .cluster.membership import parse_peer
+
+        for e in cluster.peers:
+            parse_peer(e)
     if cluster.lease_ttl < 2:
         raise ConfigError("[cluster] lease_ttl must be at least 2 (seconds)")
     if cluster.advertise:

@@ -59,6 +59,11 @@ def test_bad_cli_input(tmp_path):
                        "expected http://host:port", code=2)
     one_line_error(cli("umount", "--timeout", "-1", str(mp)), "timeout", code=2)
     one_line_error(cli("trace", "--recent", "0"), "--recent", code=2)
+    for etcd in ("ftp://10.0.0.1:2379", "10.0.0.1:port", "http://"):
+        one_line_error(cli(*base, "--cache-size", "1GiB", "--peer-listen", "127.0.0.1:7070",
+                           "--etcd", f"http://10.0.0.2:2379,{etcd}",
+                           env={"CACHEFS_PEER_SECRET": "s" * 32}),
+                       "etcd endpoint", code=2)
     one_line_error(cli("demo", "--shards", "-1"), "--shards", code=2)
     one_line_error(cli("demo", "--shards", "1", "--shard-size", "1TiB", "--small-files", "0"),
                    "available memory", code=2)
@@ -117,7 +122,8 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
                    "on the kernel's proc file system", code=2)
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache, "--profile", "nosuch"),
                    "profile", code=2)
-    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache, "--peers", "garbage"),
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache, "--peers", "garbage",
+                       "--peer-listen", "127.0.0.1:0", env={"CACHEFS_PEER_SECRET": "s" * 32}),
                    "--peers", code=2)
     one_line_error(cli("mount", "s3://no-such-bucket-here", str(mp), *cache), "no-such-bucket")
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c"),
