@@ -127,7 +127,7 @@ class Progress:
                 _say(f"preload: {ev['files']} files, {human(ev['total_bytes'])}; "
                      f"{human(ev['cached_before_bytes'])} already cached, "
                      f"{human(ev['missing_bytes'])} to fetch"
-                     + (f", estimated {_dur(ev['estimate']['seconds'])}"
+                     + (f", estimated {_span(ev['estimate'])}"
                         if ev["estimate"].get("seconds") is not None else ""))
             return
         if kind == "progress":
@@ -182,13 +182,28 @@ class Progress:
 def _estimate_text(est: dict) -> str:
     if est.get("seconds") is None:
         return "no measurement yet (no chunk has been fetched by a preload on this node)"
-    if "stream_bps" not in est:
+    if "basis" not in est:
         return "0s (nothing to fetch)"
+    n = est["streams"]
+    streams = f"{n} stream" + ("" if n == 1 else "s")
+    at = ", ".join(f"{c:g}" for c in est["measured_streams"])
+    how = {"measured": f"measured at {streams}",
+           "interpolated": f"interpolated between fetches measured at {at} streams",
+           "extrapolated": f"fetches were measured at {at} streams only; a dry run at this "
+                           "--parallel measures it"}[est["basis"]]
+    if "seconds_low" in est and est["basis"] != "extrapolated":
+        how += (f"; on chunks of {human(est['measured_chunk_bytes'])}, and this data set's are "
+                "of another size")
     src = (f"{est['probed_chunks']} chunk fetches just now" if est.get("probed_chunks")
-           else f"{est['samples']} recent chunk fetches")
-    return (f"{_dur(est['seconds'])} with {est['streams']} streams "
-            f"(per stream {human(est['stream_bps'])}/s, per-chunk latency "
-            f"{est['latency_s'] * 1000:.1f} ms; from {src})")
+           else f"{est['samples']} chunk fetches since the daemon started")
+    return f"{_span(est)} with {streams} ({how}; from {src})"
+
+
+def _span(est: dict) -> str:
+    """The estimated duration, or its range."""
+    if "seconds_low" in est:
+        return f"{_dur(est['seconds_low'])} to {_dur(est['seconds_high'])}"
+    return _dur(est["seconds"])
 
 
 def _entries_n(n: int) -> str:

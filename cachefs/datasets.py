@@ -20,19 +20,12 @@ preload
   unpinned data set is larger than the room left beside pinned data, a warning
   says that LRU will evict the earliest-fetched files.
 
-Throughput model (for --dry-run and the estimate shown next to the actual time)
-  Each chunk fetched by a preload is timed (seconds from get() to its return).
-  Per-chunk time is modelled as t = latency + bytes / stream_bps, fitted by
-  least squares over recent fetches with exponential forgetting (weight 0.98
-  per sample).  When the chunk sizes do not vary enough to separate the two
-  terms, latency is taken as 0 and stream_bps as mean bytes / mean time (which
-  still predicts chunks of the measured size exactly).  The estimate for a plan:
-      streams = min(parallel, S3 max concurrency, missing chunks)
-      seconds = missing_bytes / (stream_bps * streams)
-                + ceil(missing_chunks / streams) * latency
-  With no measurement yet, a dry run times up to PROBE_CHUNKS real fetches of
-  missing chunks of the listed files (they stay cached) and says so; when
-  nothing is missing, or the probe fails, it says "no measurement yet".
+Estimates (throughput.py)
+  Every chunk a preload fetches is timed with the number of fetches in flight
+  beside it; the estimate for a plan comes from fetches measured at about the
+  plan's number of streams, or says that it is interpolated or a range.  A dry
+  run with no measurement near its --parallel first fetches missing chunks of
+  the list at that parallelism for PROBE_SECONDS (they stay cached) and says so.
   The state lives in the daemon's memory only.
 
 In a cluster (``daemon.cluster`` set; docs/datasets.md, "In a cluster")
@@ -53,7 +46,6 @@ import base64
 import errno
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -67,6 +59,7 @@ import trio
 from .chunks.ids import ChunkRef
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
+from .throughput import ThroughputModel
 from .vfs import FSError, Node
 
 if TYPE_CHECKING:
@@ -75,7 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cachefs.datasets")
 
 PROGRESS_EVERY = 0.5  # seconds between progress events
-PROBE_CHUNKS = 2
+PROBE_SECONDS = 2.0  # a dry run's measurement: new fetches start for this long
 YIELD_EVERY = 256  # files or chunks handled between two checkpoints (reads go on meanwhile)
 MAX_PARALLEL = 256
 MAX_ROWS = 1_000_000
@@ -89,72 +82,6 @@ CALLS_PER_NODE = 2  # ds_fetch calls in flight from one preload to one owner
 MAX_FETCH_CALLS = 8  # ds_fetch calls one owner serves at once; more get "busy"
 BUSY_BACKOFF = 0.2  # seconds before resending a batch an owner was too busy for
 JOB_IDLE = 300.0  # an owner forgets a preload's concurrency limiter after this
-
-
-# -- throughput model -------------------------------------------------------------------
-
-
-class ThroughputModel:
-    """t = latency + bytes / stream_bps, fitted with exponential forgetting."""
-
-    DECAY = 0.98
-
-    def __init__(self) -> None:
-        self.w = 0.0
-        self.sx = self.sy = self.sxx = self.sxy = 0.0
-        self.samples = 0
-        self.updated_at = 0.0
-
-    def observe(self, nbytes: int, seconds: float) -> None:
-        if nbytes <= 0 or seconds <= 0:
-            return
-        d = self.DECAY
-        x, y = float(nbytes), float(seconds)
-        self.w = self.w * d + 1
-        self.sx = self.sx * d + x
-        self.sy = self.sy * d + y
-        self.sxx = self.sxx * d + x * x
-        self.sxy = self.sxy * d + x * y
-        self.samples += 1
-        self.updated_at = time.time()
-
-    @property
-    def measured(self) -> bool:
-        return self.samples > 0
-
-    def params(self) -> tuple[float, float]:
-        """(latency seconds, per-stream bytes/s)."""
-        mx, my = self.sx / self.w, self.sy / self.w
-        var = self.sxx / self.w - mx * mx
-        if var > (0.05 * mx) ** 2 and self.samples >= 4:
-            slope = (self.sxy / self.w - mx * my) / var
-            lat = my - slope * mx
-            if slope > 0 and lat >= 0:
-                return lat, 1.0 / slope
-        return 0.0, mx / my
-
-    def estimate(self, missing_bytes: int, missing_chunks: int, parallel: int,
-                 s3_concurrency: int) -> dict:
-        streams = max(1, min(parallel, s3_concurrency, max(1, missing_chunks)))
-        out: dict = {"streams": streams, "samples": self.samples}
-        if missing_chunks == 0:
-            out.update(seconds=0.0, measured=self.measured)
-            return out
-        if not self.measured:
-            out.update(seconds=None, measured=False)
-            return out
-        lat, bps = self.params()
-        secs = missing_bytes / (bps * streams) + math.ceil(missing_chunks / streams) * lat
-        out.update(seconds=round(secs, 3), measured=True, stream_bps=round(bps),
-                   latency_s=round(lat, 6))
-        return out
-
-    def statistics(self) -> dict:
-        if not self.measured:
-            return {"samples": 0}
-        lat, bps = self.params()
-        return {"samples": self.samples, "stream_bps": round(bps), "latency_s": round(lat, 6),
-                "updated_at": self.updated_at}
 
 
 # -- resolving entries ------------------------------------------------------------------
@@ -402,26 +329,36 @@ class Datasets:
                 "estimate": self.model.estimate(missing, nmissing, parallel,
                                                 self.s3_concurrency)}
 
-    async def _probe(self, files: list[FileItem], missing: set[bytes] | None = None) -> int:
-        """Time a few real fetches of missing chunks (they stay cached, on their
-        owner in a cluster: a read on a non-owner keeps no copy)."""
+    async def _probe(self, files: list[FileItem], streams: int,
+                     missing: set[bytes] | None = None) -> int:
+        """Fetch missing chunks of the list, ``streams`` at a time, starting new fetches
+        for PROBE_SECONDS, and time them; the number fetched.  They stay cached (in a
+        cluster on their owner: a read on a non-owner keeps no copy)."""
         reader, store = self.d.reader, self.d.store
         assert reader is not None and store is not None
-        n = 0
-        for f in files:
-            for r in f.refs:
-                if n >= PROBE_CHUNKS:
-                    return n
-                if (r.cid not in missing) if missing is not None else store.contains(r.cid):
-                    continue
-                t0 = time.perf_counter()
+        todo = (r for f in files for r in f.refs
+                if ((r.cid in missing) if missing is not None else not store.contains(r.cid)))
+        deadline = trio.current_time() + PROBE_SECONDS
+        n, failed = 0, False
+
+        async def worker() -> None:
+            nonlocal n, failed
+            while not failed and trio.current_time() < deadline:
+                r = next(todo, None)
+                if r is None:
+                    return
                 try:
-                    await reader.get(r)
-                except Exception as e:  # noqa: BLE001 - a probe that fails measures nothing
+                    with self.model.timed(r.length):
+                        await reader.get(r)
+                except Exception as e:  # noqa: BLE001 - a probe that fails measures no more
                     log.info("throughput probe failed: %s", e)
-                    return n
-                self.model.observe(r.length, time.perf_counter() - t0)
+                    failed = True
+                    return
                 n += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(streams):
+                nursery.start_soon(worker)
         return n
 
     async def preload(self, req: dict, emit) -> dict:
@@ -446,8 +383,9 @@ class Datasets:
             plan = await self._plan(files, pin, parallel)
         if dry_run:
             probed = 0
-            if plan["missing_chunks"] and not self.model.measured:
-                probed = await job.run(self._probe, files, cp.missing if cp else None)
+            streams = plan["estimate"]["streams"]
+            if plan["missing_chunks"] and not self.model.near(streams):
+                probed = await job.run(self._probe, files, streams, cp.missing if cp else None)
                 if probed:  # the plan stays what was missing when we looked
                     plan["estimate"] = cp.estimate(self) if cp else self.model.estimate(
                         plan["missing_bytes"], plan["missing_chunks"], parallel,
@@ -747,18 +685,16 @@ class Datasets:
             async with limiter:
                 if await cached(k, ref):
                     return
-                t0 = time.perf_counter()
                 try:
                     # our own chunk: the SSD, a hand-off copy from the successor, or S3;
                     # a chunk we stand in for (its owner is down): the SSD or S3 only
-                    await reader.get(ref, pin=pin, local_only=ring.owner(ref.cid) != me)
+                    with self.model.timed(ref.length) as t:
+                        await reader.get(ref, pin=pin, local_only=ring.owner(ref.cid) != me)
                 except Exception as e:  # noqa: BLE001 - this chunk fails, the others go on
                     codes[k] = "e"
                     errors[str(k)] = _reason(e)
                     return
-                dt = time.perf_counter() - t0
-                self.model.observe(ref.length, dt)
-                times.append([ref.length, round(dt, 6)])
+                times.append([ref.length, round(t.seconds, 6), round(t.streams, 2)])
                 kept = store.contains(ref.cid)
                 codes[k] = "f" if kept else "u"
                 if kept and pin and not store.is_pinned(ref.cid):
@@ -894,15 +830,13 @@ class _Run:
                 if skipped % YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()
                 continue
-            t0 = time.perf_counter()
             try:
-                await reader.get(r, pin=self.pin, local_only=self.local_only(r))
+                with self.ds.model.timed(r.length):
+                    await reader.get(r, pin=self.pin, local_only=self.local_only(r))
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
                 self._file_failed(self.me, f, _reason(e))
                 self._chunk_done(f, r.length)
                 continue
-            dt = time.perf_counter() - t0
-            self.ds.model.observe(r.length, dt)
             kept = store.contains(r.cid)
             self._fetched(self.me, f, r.length, kept)
             if kept and self.pin and not store.is_pinned(r.cid):
@@ -1197,7 +1131,7 @@ class _ClusterRun(_Run):
                 continue
             for t in res.get("times") or []:
                 try:
-                    ds.model.observe(int(t[0]), float(t[1]))
+                    ds.model.observe(int(t[0]), float(t[1]), float(t[2]))  # on the owner
                 except (TypeError, ValueError, IndexError):
                     pass
             pending = []

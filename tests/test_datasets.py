@@ -16,8 +16,9 @@ import pytest
 from cachefs_env import CREDS, cli
 
 from cachefs import filelist
-from cachefs.datasets import ThroughputModel
+from cachefs.cli_datasets import _estimate_text
 from cachefs.filelist import MountInfo
+from cachefs.throughput import ThroughputModel
 
 KiB = 1024
 CHUNK = 64 * KiB
@@ -85,18 +86,50 @@ def test_filelist_translate():
 def test_throughput_model():
     m = ThroughputModel()
     assert m.estimate(10 * CHUNK, 10, 8, 32)["seconds"] is None  # no measurement yet
-    for _ in range(5):  # equal sizes: latency cannot be separated, t/bytes still exact
-        m.observe(CHUNK, 0.1)
-    est = m.estimate(16 * CHUNK, 16, 8, 32)
-    assert est["streams"] == 8 and est["latency_s"] == 0 and est["seconds"] == pytest.approx(0.2)
+    for _ in range(5):  # equal sizes at 1 stream: per byte and per chunk agree
+        m.observe(CHUNK, 0.1, 1)
+    est = m.estimate(16 * CHUNK, 16, 1, 32)
+    assert est["basis"] == "measured" and est["seconds"] == pytest.approx(1.6)
+    assert "seconds_low" not in est
+    # a server that saturates: 8 streams take 4x as long per chunk, so 2x the aggregate
+    for _ in range(5):
+        m.observe(CHUNK, 0.4, 8)
+    est = m.estimate(80 * CHUNK, 80, 8, 32)
+    assert est["basis"] == "measured" and est["seconds"] == pytest.approx(4.0)
+    assert m.estimate(80 * CHUNK, 80, 1, 32)["seconds"] == pytest.approx(8.0)
+    est = m.estimate(80 * CHUNK, 80, 4, 32)  # between the two, on a log-log line
+    assert est["basis"] == "interpolated" and est["seconds"] == pytest.approx(8 * 0.5 ** (2 / 3), abs=1e-3)
+    # more streams than measured: from "no further gain" to "linear gain", never just linear
+    est = m.estimate(80 * CHUNK, 80, 32, 64)
+    assert est["basis"] == "extrapolated" and est["measured_streams"] == [1, 8]
+    assert (est["seconds_low"], est["seconds_high"]) == (pytest.approx(1.0), pytest.approx(4.0))
+    assert est["seconds"] == pytest.approx(2.0)
+    assert _estimate_text(est) == (
+        "1.0s to 4.0s with 32 streams (fetches were measured at 1, 8 streams only; a dry run "
+        "at this --parallel measures it; from 10 chunk fetches since the daemon started)")
+    assert m.estimate(80 * CHUNK, 80, 32, 8)["streams"] == 8  # capped by the S3 concurrency
+    assert m.near(8) and m.near(10) and not m.near(4)
+    # chunks of another size than measured: between per-byte and per-chunk time
+    est = m.estimate(80 * CHUNK // 8, 80, 1, 32)
+    assert (est["seconds_low"], est["seconds_high"]) == (pytest.approx(1.0), pytest.approx(8.0))
+    # sizes that vary separate latency from bandwidth: t = 10 ms + bytes / 1 MB/s
     m = ThroughputModel()
-    for size in (CHUNK, CHUNK // 4, CHUNK // 2) * 4:  # t = 10 ms + bytes / 1 MB/s
-        m.observe(size, 0.01 + size / 1e6)
-    lat, bps = m.params()
-    assert lat == pytest.approx(0.01, rel=1e-3) and bps == pytest.approx(1e6, rel=1e-3)
-    est = m.estimate(4_000_000, 40, 64, 4)  # streams capped by the S3 concurrency
-    assert est["streams"] == 4 and est["seconds"] == pytest.approx(1.0 + 10 * 0.01, rel=1e-3)
+    for size in (CHUNK, CHUNK // 4, CHUNK // 2) * 4:
+        m.observe(size, 0.01 + size / 1e6, 2)
+    est = m.estimate(4_000_000, 40, 2, 32)
+    assert est["seconds"] == pytest.approx((40 * 0.01 + 4.0) / 2, rel=1e-3)
+    assert "seconds_low" not in est
     assert m.estimate(0, 0, 8, 32)["seconds"] == 0
+    # a fetch is timed with the mean number in flight beside it
+    m = ThroughputModel()
+    with m.timed(CHUNK) as a:
+        with m.timed(CHUNK) as b:
+            time.sleep(0.02)
+        time.sleep(0.02)
+    with pytest.raises(OSError), m.timed(CHUNK):
+        raise OSError("a failed fetch is not a sample")
+    assert b.streams == pytest.approx(2.0) and 1.2 < a.streams < 1.8
+    assert m.samples == 2 and m.inflight == 0
 
 
 # -- preload ------------------------------------------------------------------------------
@@ -132,23 +165,30 @@ def test_dry_run_estimate(mounts, bucket, s3, proxy, tmp_path):
     put(s3, bucket, DATA)
     m = mounts(f"s3://{bucket}")
     lst = write_list(tmp_path, ["data", "other"])
+    total, chunks = sum(DATA.values()), nchunks(DATA.values())
     proxy.reset()
-    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
+    proxy.faults(delay=1.0, count=-1)  # every GET takes a second: an S3 of known speed
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run",
+                      "--parallel", "2")
     assert r.returncode == 0, r.stderr
-    total = sum(DATA.values())
-    # no measurement yet: two real chunk fetches were timed (and are kept)
-    assert proxy.gets() == 2
-    assert res["dry_run"] is True and res["missing_bytes"] == total
+    # nothing measured at 2 streams: the list's chunks were fetched 2 at a time for about
+    # 2 s, timed, and kept; the plan is what was missing before
     est = res["estimate"]
-    assert est["probed_chunks"] == 2 and est["seconds"] > 0 and est["streams"] == 8
+    probed = est["probed_chunks"]
+    assert 2 <= probed <= 6 and proxy.gets() == probed, (est, proxy.gets())
+    assert res["dry_run"] is True and res["missing_bytes"] == total
+    assert est["basis"] == "measured" and est["streams"] == 2
+    assert chunks / 2 * 0.9 < est["seconds"] < chunks / 2 * 1.5, est  # ~1 s per chunk
     r = cli("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run", "--parallel", "2")
-    assert r.returncode == 0 and "to fetch" in r.stdout and "with 2 streams" in r.stdout
-    assert proxy.gets() == 2
-    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
-    assert res["cached_before_bytes"] == 2 * CHUNK
-    assert res["fetched_bytes"] == total - 2 * CHUNK
-    assert res["estimate"]["seconds"] > 0
-    assert proxy.gets() == nchunks(DATA.values())
+    assert r.returncode == 0 and "to fetch" in r.stdout, r.stderr
+    assert "with 2 streams (measured at 2 streams; from" in r.stdout, r.stdout
+    assert proxy.gets() == probed  # measured already: no new fetch
+    proxy.clear_faults()
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--parallel", "2")
+    assert res["cached_before_bytes"] > 0 and res["fetched_bytes"] < total
+    assert res["cached_before_bytes"] + res["fetched_bytes"] == total
+    assert res["estimate"]["basis"] == "measured" and res["estimate"]["seconds"] > 0
+    assert proxy.gets() == chunks
     res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
     assert res["missing_bytes"] == 0 and res["estimate"]["seconds"] == 0
     r = cli("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
