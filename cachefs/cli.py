@@ -23,9 +23,46 @@ log = logging.getLogger("cachefs")
 START_TIMEOUT = 180.0
 
 
+class RepeatLimit(logging.Filter):
+    """At most BURST records per message template and WINDOW seconds.  A node whose
+    cache disk is full said "serving chunk without caching" for every chunk read, a
+    hundred lines a second into a log on that same disk.  The BURST-th record says
+    that repeats are now counted; the first one after the window says how many were."""
+
+    WINDOW = 60.0
+    BURST = 10
+
+    def __init__(self, clock=time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.seen: dict[tuple, list] = {}  # template -> [window start, records, dropped]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        key = (record.name, record.levelno, str(record.msg))
+        st = self.seen.get(key)
+        if st is None or now - st[0] >= self.WINDOW:
+            if len(self.seen) > 10_000:
+                self.seen = {k: v for k, v in self.seen.items() if now - v[0] < self.WINDOW}
+            if st is not None and st[2]:
+                record.msg = f"{record.msg} [{st[2]} more like this were not logged]"
+            self.seen[key] = [now, 1, 0]
+            return True
+        st[1] += 1
+        if st[1] < self.BURST:
+            return True
+        if st[1] == self.BURST:
+            record.msg = (f"{record.msg} [more like this in the next "
+                          f"{self.WINDOW - (now - st[0]):.0f}s are counted, not logged]")
+            return True
+        st[2] += 1
+        return False
+
+
 def setup_logging(level: str, stream=None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatLimit())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -25,6 +25,35 @@ def one_line_error(r, *needles, code: int | None = None):
     return lines[0]
 
 
+def test_repeated_log_messages_are_limited():
+    import io
+    import logging
+
+    from cachefs.cli import RepeatLimit
+
+    now = [0.0]
+    out = io.StringIO()
+    h = logging.StreamHandler(out)
+    h.addFilter(RepeatLimit(clock=lambda: now[0]))
+    lg = logging.getLogger("cachefs.test-repeat")
+    lg.addHandler(h)
+    lg.propagate = False
+    try:
+        for i in range(100):
+            lg.warning("chunk %s: write failed", i)
+        lg.warning("another message")
+        now[0] = 61.0
+        lg.warning("chunk %s: write failed", "x")
+    finally:
+        lg.removeHandler(h)
+    lines = out.getvalue().splitlines()
+    assert lines[:9] == [f"chunk {i}: write failed" for i in range(9)]
+    assert lines[9] == ("chunk 9: write failed [more like this in the next 60s are counted, "
+                        "not logged]")
+    assert lines[10:] == ["another message",
+                          "chunk x: write failed [90 more like this were not logged]"]
+
+
 def test_sizes_up_to_exbibytes():
     from cachefs.config import parse_size
     from cachefs.report import human
