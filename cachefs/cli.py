@@ -111,6 +111,8 @@ def cli() -> None:
 @click.option("--etcd-ca", help="CA file that signed etcd's certificate (https endpoints).")
 @click.option("--etcd-cert", help="Client certificate for etcd (with --etcd-key).")
 @click.option("--etcd-key", help="Private key of --etcd-cert.")
+@click.option("--etcd-user", help="etcd user, when etcd has auth enabled (its password: "
+              "CACHEFS_ETCD_PASSWORD).")
 @click.option("--metrics-listen", help="HOST:PORT for Prometheus metrics (default off).")
 @click.option("--slow-threshold", help="Traces slower than this are kept (default 50ms).")
 @click.option("--otlp-endpoint", help="POST finished traces as OTLP/HTTP JSON to URL/v1/traces "

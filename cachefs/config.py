@@ -210,6 +210,8 @@ class ClusterOptions:
     etcd_ca: str | None = None  # CA file that signed etcd's certificate (default: the system's)
     etcd_cert: str | None = None  # client certificate, for etcd's --client-cert-auth
     etcd_key: str | None = None  # its private key
+    etcd_user: str | None = None  # etcd's --auth: user name (password from the environment)
+    etcd_password: str | None = field(default=None, repr=False)
     peer_secret: str | None = field(default=None, repr=False)
     peer_timeout: float = 2.0
     lease_ttl: int = 10
@@ -307,7 +309,7 @@ def build_config(
                      "connect_timeout", "max_concurrency", "own_connections"}, "[s3]")
     cl = _table(raw, "cluster")
     _check_keys(cl, {"node_id", "peer_listen", "advertise", "peers", "etcd", "etcd_prefix",
-                      "etcd_ca", "etcd_cert", "etcd_key",
+                      "etcd_ca", "etcd_cert", "etcd_key", "etcd_user", "etcd_password",
                      "peer_secret", "peer_timeout", "lease_ttl", "grace_period"}, "[cluster]")
     tr = _table(raw, "trace")
     _check_keys(tr, {"slow_threshold", "metrics_listen", "otlp_endpoint"}, "[trace]")
@@ -422,6 +424,8 @@ def build_config(
         etcd_prefix=str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix)),
         **{k: _readable_file(pick(k, cl, k), f"[cluster] {k}")
            for k in ("etcd_ca", "etcd_cert", "etcd_key")},
+        etcd_user=pick("etcd_user", cl, "etcd_user"),
+        etcd_password=os.environ.get("CACHEFS_ETCD_PASSWORD") or cl.get("etcd_password"),
         peer_secret=secret,
         peer_timeout=parse_duration(cl.get("peer_timeout", 2.0), "peer timeout"),
         lease_ttl=math.ceil(parse_duration(cl.get("lease_ttl", 10), "[cluster] lease_ttl")),
@@ -445,6 +449,17 @@ def build_config(
             raise ConfigError("--peer-listen needs --peers or --etcd")
     elif cluster.peers or cluster.etcd:
         raise ConfigError("--peers/--etcd need --peer-listen HOST:PORT")
+    for k in ("etcd_user", "etcd_password"):
+        if getattr(cluster, k) is not None and not isinstance(getattr(cluster, k), str):
+            raise ConfigError(f"[cluster] {k}: expected a string")
+    if cluster.etcd_user and not cluster.etcd_password:
+        raise ConfigError("--etcd-user needs a password: set CACHEFS_ETCD_PASSWORD (or "
+                          "[cluster] etcd_password in a file only root can read)")
+    if cluster.etcd_password and not cluster.etcd_user:
+        raise ConfigError("an etcd password is set (CACHEFS_ETCD_PASSWORD or [cluster] "
+                          "etcd_password) but no --etcd-user")
+    if cluster.etcd_user and not cluster.etcd:
+        raise ConfigError("--etcd-user needs etcd endpoints (--etcd)")
     if (cluster.etcd_cert is None) != (cluster.etcd_key is None):
         raise ConfigError("[cluster] etcd_cert and etcd_key go together (the client "
                           "certificate and its private key)")

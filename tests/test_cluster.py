@@ -328,3 +328,90 @@ def test_etcd_over_tls_with_client_certificates(mounts, bucket, s3, proxy, tmp_p
         assert all(cluster_stats(m)["ring_size"] == 2 for m in ms)  # x never joined
     finally:
         etcd.stop()
+
+
+@pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
+def test_etcd_with_user_and_password(mounts, bucket, s3, proxy, tmp_path):
+    """etcd with --auth: nodes given --etcd-user and CACHEFS_ETCD_PASSWORD join and share
+    chunks; the password is in no log and no argv; a wrong password, or none, fails the
+    mount on one line."""
+    import base64
+
+    etcd = start_etcd(tmp_path / "etcd")
+    b64 = lambda t: base64.b64encode(t.encode()).decode()  # noqa: E731
+    try:
+        for path, body in (
+                ("/v3/auth/user/add", {"name": "root", "password": "root-pw"}),
+                ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+                ("/v3/auth/role/add", {"name": "cachefs"}),
+                ("/v3/auth/role/grant", {"name": "cachefs", "perm": {
+                    "permType": "READWRITE", "key": b64("/auth/members/"),
+                    "range_end": b64("/auth/members0")}}),
+                ("/v3/auth/user/add", {"name": "node", "password": "pw-Zq81x"}),
+                ("/v3/auth/user/grant", {"user": "node", "role": "cachefs"}),
+                ("/v3/auth/enable", {})):
+            etcd.call(path, body)
+        cfg = tmp_path / "cluster.toml"
+        cfg.write_text(f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "/auth/members/"\n'
+                       "lease_ttl = 2\n")
+        ms = [mounts(f"s3://{bucket}", name=f"a{i}", start=False, config=str(cfg),
+                     env={"CACHEFS_PEER_SECRET": SECRET, "CACHEFS_ETCD_PASSWORD": "pw-Zq81x"},
+                     extra=("--node-id", f"a{i}", "--etcd-user", "node",
+                            "--peer-listen", f"127.0.0.1:{free_port()}"))
+              for i in range(2)]
+        start_all(ms)
+        for m in ms:
+            wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 2, 5, "2 members")
+        files = put_files(s3, bucket, {"a.bin": 1_000_000}, seed=12)
+        proxy.reset()
+        assert read_all(ms[0], files) == files and read_all(ms[1], files) == files
+        assert gets(proxy) == nchunks(files)  # the second node read from the first
+        for m in ms:
+            assert "pw-Zq81x" not in m.log_text()
+            with open(f"/proc/{m.proc.pid}/cmdline", "rb") as f:
+                assert b"pw-Zq81x" not in f.read()
+
+        # tokens die with an auth disable/enable (as with an etcd restart): the nodes
+        # authenticate again, and keep their leases
+        import json
+        import urllib.request
+
+        def as_root(path: str, body: dict) -> dict:
+            token = etcd.call("/v3/auth/authenticate", {"name": "root",
+                                                        "password": "root-pw"})["token"]
+            req = urllib.request.Request(etcd.url + path, data=json.dumps(body).encode(),
+                                         headers={"Authorization": token})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return json.loads(r.read())
+
+        def members() -> list[str]:
+            kvs = as_root("/v3/kv/range", {"key": b64("/auth/members/"),
+                                           "range_end": b64("/auth/members0")}).get("kvs", [])
+            return sorted(base64.b64decode(kv["key"]).decode() for kv in kvs)
+
+        as_root("/v3/auth/disable", {})
+        etcd.call("/v3/auth/enable", {})
+        # a0's key deleted: it registers again, with a new token (the old one is refused)
+        as_root("/v3/kv/deleterange", {"key": b64("/auth/members/a0")})
+        wait_for(lambda: members() == ["/auth/members/a0", "/auth/members/a1"], 10,
+                 "a0 to register again")
+        assert all(cluster_stats(m)["ring_size"] == 2 for m in ms)
+
+        def mount_with(*extra, **env):
+            mp = tmp_path / "mp-x"
+            mp.mkdir(exist_ok=True)
+            return cli("mount", f"s3://{bucket}", str(mp), "--config", str(cfg),
+                       "--cache-dir", str(tmp_path / "c-x"), "--cache-size", "64MiB",
+                       "--endpoint-url", proxy.url, "--node-id", "x",
+                       "--peer-listen", f"127.0.0.1:{free_port()}", *extra,
+                       env={"CACHEFS_PEER_SECRET": SECRET, **env})
+
+        one_line_error(mount_with(), "etcd has authentication enabled: give --etcd-user")
+        line = one_line_error(mount_with("--etcd-user", "node", CACHEFS_ETCD_PASSWORD="wrong"),
+                              "authentication as etcd user 'node' failed")
+        assert "wrong" not in line
+        one_line_error(mount_with("--etcd-user", "node"), "CACHEFS_ETCD_PASSWORD", code=2)
+        one_line_error(mount_with(CACHEFS_ETCD_PASSWORD="pw-Zq81x"), "no --etcd-user", code=2)
+        assert all(cluster_stats(m)["ring_size"] == 2 for m in ms)  # x never joined
+    finally:
+        etcd.stop()

@@ -125,6 +125,10 @@ class EtcdError(Exception):
     pass
 
 
+class EtcdAuthError(EtcdError):
+    """etcd refused our user, password or permissions: no other endpoint will differ."""
+
+
 def _b64(s: str) -> str:
     return base64.b64encode(s.encode("utf-8")).decode("ascii")
 
@@ -167,6 +171,7 @@ class EtcdMembership:
         on_change: OnChange | None = None,
         request_timeout: float = 5.0,
         tls: tuple[str | None, str | None, str | None] = (None, None, None),
+        auth: tuple[str, str] | None = None,
     ) -> None:
         self.endpoints = [e.rstrip("/") if "://" in e else "http://" + e.rstrip("/")
                           for e in endpoints]
@@ -184,6 +189,8 @@ class EtcdMembership:
         self.on_change = on_change
         self.request_timeout = request_timeout
         self.tls = tls  # (CA file, client certificate, its key): paths or None
+        self._auth = auth  # (user, password) for etcd's --auth; never logged
+        self._token: str | None = None
         self.alive: dict[str, str] = {}
         self.departing: dict[str, tuple[str, float]] = {}  # id -> (address, deadline)
         self.members: dict[str, str] = {node_id: address}
@@ -197,6 +204,27 @@ class EtcdMembership:
         self.last_error: str | None = None
 
     # -- HTTP ------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": self._token} if self._token else {}
+
+    async def _authenticate(self, url: str) -> None:
+        """A token for the user (etcd's simple tokens expire when unused; a call refused
+        for its token authenticates again)."""
+        assert self._auth is not None
+        user, password = self._auth
+        r = await self._client.post(url + "/v3/auth/authenticate",
+                                    json={"name": user, "password": password},
+                                    timeout=self.request_timeout)
+        try:
+            token = r.json().get("token") if r.status_code == 200 else None
+        except ValueError:
+            token = None
+        if not token:
+            self._token = None
+            why = _error_text(r)
+            raise EtcdAuthError(f"authentication as etcd user {user!r} failed: {why}")
+        self._token = str(token)
+
     async def _call(self, path: str, body: dict) -> dict:
         """POST to the first endpoint that answers; rotates on failure."""
         import httpx
@@ -205,7 +233,19 @@ class EtcdMembership:
         for _ in range(len(self.endpoints)):
             url = self.endpoints[self._ep] + path
             try:
-                r = await self._client.post(url, json=body, timeout=self.request_timeout)
+                if self._auth and not self._token:
+                    await self._authenticate(self.endpoints[self._ep])
+                r = await self._client.post(url, json=body, timeout=self.request_timeout,
+                                            headers=self._headers())
+                if self._auth and _token_refused(r):
+                    await self._authenticate(self.endpoints[self._ep])
+                    r = await self._client.post(url, json=body, timeout=self.request_timeout,
+                                                headers=self._headers())
+                if not self._auth and _token_refused(r):
+                    raise EtcdAuthError("etcd has authentication enabled: give --etcd-user "
+                                        "(and its password in CACHEFS_ETCD_PASSWORD)")
+                if r.status_code in (401, 403):
+                    raise EtcdAuthError(f"etcd refused {path}: {_error_text(r)}")
                 if r.status_code != 200:
                     raise EtcdError(f"{url}: HTTP {r.status_code}: {r.text[:200]}")
                 out = r.json()
@@ -214,10 +254,16 @@ class EtcdMembership:
                 if "error" in out and "header" not in out and "result" not in out:
                     raise EtcdError(f"{url}: {out.get('error') or out.get('message')}")
                 return out
+            except EtcdAuthError:
+                self.counters["etcd_errors"] += 1
+                raise  # another endpoint of the same cluster says the same
             except (httpx.HTTPError, EtcdError, ValueError) as e:
                 last = e
                 self.counters["etcd_errors"] += 1
                 self._ep = (self._ep + 1) % len(self.endpoints)
+                # etcd 3.4's gateway answers a token it cannot parse by never answering:
+                # a timeout may be a refused token, so the next try authenticates again
+                self._token = None
         tls = tls_failure(last) if last is not None else None
         why = f"TLS: {tls}" if tls else (str(last) or type(last).__name__)
         if isinstance(last, httpx.ReadError) and not self.tls[1] and self._uses_tls:
@@ -343,8 +389,12 @@ class EtcdMembership:
                                        "range_end": _b64(prefix_end(self.prefix)),
                                        "start_revision": str(self.revision + 1)}}
             try:
+                if self._auth and not self._token:
+                    await self._authenticate(self.endpoints[self._ep])
                 async with self._client.stream("POST", url, json=body, timeout=httpx.Timeout(
-                        self.request_timeout, read=None)) as r:
+                        self.request_timeout, read=None), headers=self._headers()) as r:
+                    if self._auth and r.status_code in (400, 401):
+                        self._token = None  # a token refused: a new one next time
                     if r.status_code != 200:
                         raise EtcdError(f"watch: HTTP {r.status_code}")
                     async for line in r.aiter_lines():
@@ -463,6 +513,24 @@ class EtcdMembership:
             "last_error": self.last_error,
             **self.counters,
         }
+
+
+def _error_text(r) -> str:
+    """etcd's error message from a gateway reply (never the request: it holds secrets)."""
+    try:
+        d = r.json()
+        msg = d.get("error") or d.get("message") if isinstance(d, dict) else None
+    except ValueError:
+        msg = None
+    return str(msg or f"HTTP {r.status_code}").removeprefix("etcdserver: ")
+
+
+def _token_refused(r) -> bool:
+    """Is this reply etcd refusing the auth token (expired, or from before a restart)?"""
+    if r.status_code == 200:
+        return False
+    text = _error_text(r)
+    return "auth token" in text or "user name is empty" in text
 
 
 def _parse_value(v: str) -> str | None:

@@ -99,7 +99,8 @@ class ClusterNode:
                 cfg.etcd, cfg.etcd_prefix, self.node_id, self.address,
                 lease_ttl=cfg.lease_ttl, grace_period=cfg.grace_period,
                 on_change=self._on_members,
-                tls=(cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key))
+                tls=(cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key),
+                auth=(cfg.etcd_user, cfg.etcd_password) if cfg.etcd_user else None)
         self.corrupt_for_test = os.environ.get(TEST_CORRUPT_ENV) == "1"
         self.port: int | None = None
         self._ops: dict[str, Op] = {"status": self._op_status, "cache": self._op_cache}
