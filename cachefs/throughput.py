@@ -17,7 +17,9 @@ Why buckets: a chunk's time includes the contention of the streams beside it.
 Rates measured at 8 streams and multiplied by 32 promised 4 times the throughput
 of a server that was saturated at 8, and rates measured at 8 and divided among 1
 stream took 4 times too long (docs/datasets.md).  So the estimate for ``s`` streams
-comes from the bucket nearest ``s`` (within a factor of sqrt 2), else it is
+comes from the bucket nearest ``s`` (within a factor of sqrt 2; a bucket of fewer
+than MIN_SAMPLES fetches, such as the tail of a run, counts only when no other
+bucket exists), else it is
 interpolated between the measured concurrencies around ``s`` (log-log), else it is a
 range: above the highest measured concurrency, from "no further gain" to "linear
 gain"; below the lowest, from "the same aggregate rate" to "the same per-stream
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 DECAY = 0.98  # weight kept by older samples of a bucket at each new one
 NEAR = 0.5  # log2 distance within which a bucket counts as measured at that concurrency
 RANGE = 1.25  # high/low ratio above which the estimate is given as a range
+MIN_SAMPLES = 4  # a bucket with fewer (the tail of a run) is used only when no other is
 
 
 @dataclass
@@ -151,9 +154,13 @@ class ThroughputModel:
     def measured(self) -> bool:
         return self.samples > 0
 
+    def _fits(self) -> list[_Fit]:
+        return ([f for f in self.buckets.values() if f.samples >= MIN_SAMPLES]
+                or list(self.buckets.values()))
+
     def near(self, streams: int) -> bool:
         """Is there a measurement at about this many streams?"""
-        return any(abs(math.log2(f.streams / streams)) <= NEAR for f in self.buckets.values())
+        return any(abs(math.log2(f.streams / streams)) <= NEAR for f in self._fits())
 
     def estimate(self, missing_bytes: int, missing_chunks: int, parallel: int,
                  s3_concurrency: int) -> dict:
@@ -166,7 +173,7 @@ class ThroughputModel:
             out.update(seconds=None, measured=False)
             return out
         pts = sorted(((f.streams, *f.seconds(missing_bytes, missing_chunks), f)
-                      for f in self.buckets.values()), key=lambda p: p[0])
+                      for f in self._fits()), key=lambda p: p[0])
         s = float(streams)
         nearest = min(pts, key=lambda p: abs(math.log2(p[0] / s)))
         below = [p for p in pts if p[0] < s]
