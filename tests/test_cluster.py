@@ -281,6 +281,25 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
         etcd.stop()
 
 
+def two_nodes_sharing(mounts, s3, bucket, proxy, cfg, name: str, *, seed: int,
+                      env: dict | None = None, extra: tuple = ()) -> list:
+    """Two nodes of the etcd cluster in ``cfg`` find each other, and a file read on both
+    costs one GET per chunk (the second node reads from the first)."""
+    ms = [mounts(f"s3://{bucket}", name=f"{name}{i}", start=False, config=str(cfg),
+                 env={"CACHEFS_PEER_SECRET": SECRET, **(env or {})},
+                 extra=("--node-id", f"{name}{i}", "--peer-listen",
+                        f"127.0.0.1:{free_port()}", *extra))
+          for i in range(2)]
+    start_all(ms)
+    for m in ms:
+        wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 2, 5, "2 members")
+    files = put_files(s3, bucket, {f"{name}.bin": 1_000_000}, seed=seed)
+    proxy.reset()
+    assert read_all(ms[0], files) == files and read_all(ms[1], files) == files
+    assert gets(proxy) == nchunks(files)
+    return ms
+
+
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
 def test_etcd_over_tls_with_client_certificates(mounts, bucket, s3, proxy, tmp_path):
     """An etcd that serves https only and demands a client certificate its CA signed
@@ -295,17 +314,7 @@ def test_etcd_over_tls_with_client_certificates(mounts, bucket, s3, proxy, tmp_p
                 f'lease_ttl = 2\netcd_ca = "{ca.pem}"\n')
         good = tmp_path / "good.toml"
         good.write_text(base + f'etcd_cert = "{cert}"\netcd_key = "{key}"\n')
-        ms = [mounts(f"s3://{bucket}", name=f"t{i}", start=False, config=str(good),
-                     env={"CACHEFS_PEER_SECRET": SECRET},
-                     extra=("--node-id", f"t{i}", "--peer-listen", f"127.0.0.1:{free_port()}"))
-              for i in range(2)]
-        start_all(ms)
-        for m in ms:
-            wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 2, 5, "2 members")
-        files = put_files(s3, bucket, {"t.bin": 1_000_000}, seed=11)
-        proxy.reset()
-        assert read_all(ms[0], files) == files and read_all(ms[1], files) == files
-        assert gets(proxy) == nchunks(files)  # the second node read from the first
+        ms = two_nodes_sharing(mounts, s3, bucket, proxy, good, "t", seed=11)
 
         def mount_with(text: str):
             cfg = tmp_path / "other.toml"
@@ -354,18 +363,9 @@ def test_etcd_with_user_and_password(mounts, bucket, s3, proxy, tmp_path):
         cfg = tmp_path / "cluster.toml"
         cfg.write_text(f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "/auth/members/"\n'
                        "lease_ttl = 2\n")
-        ms = [mounts(f"s3://{bucket}", name=f"a{i}", start=False, config=str(cfg),
-                     env={"CACHEFS_PEER_SECRET": SECRET, "CACHEFS_ETCD_PASSWORD": "pw-Zq81x"},
-                     extra=("--node-id", f"a{i}", "--etcd-user", "node",
-                            "--peer-listen", f"127.0.0.1:{free_port()}"))
-              for i in range(2)]
-        start_all(ms)
-        for m in ms:
-            wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 2, 5, "2 members")
-        files = put_files(s3, bucket, {"a.bin": 1_000_000}, seed=12)
-        proxy.reset()
-        assert read_all(ms[0], files) == files and read_all(ms[1], files) == files
-        assert gets(proxy) == nchunks(files)  # the second node read from the first
+        ms = two_nodes_sharing(mounts, s3, bucket, proxy, cfg, "a", seed=12,
+                               env={"CACHEFS_ETCD_PASSWORD": "pw-Zq81x"},
+                               extra=("--etcd-user", "node"))
         for m in ms:
             assert "pw-Zq81x" not in m.log_text()
             with open(f"/proc/{m.proc.pid}/cmdline", "rb") as f:
