@@ -376,10 +376,15 @@ def test_overwrite_between_two_ranged_gets(s3, bucket, mounts, proxy):
     out: dict = {}
 
     def reader():
+        # O_DIRECT: each pread is one FUSE read of exactly CS bytes (through the page cache
+        # the kernel's read-ahead could make the first read span both GETs)
         try:
-            with open(m.path("v.bin"), "rb", buffering=0) as f:
-                out["first"] = os.pread(f.fileno(), CS, 0)
-                out["second"] = os.pread(f.fileno(), CS, CS)
+            fd = os.open(m.path("v.bin"), os.O_RDONLY | os.O_DIRECT)
+            try:
+                out["first"] = os.pread(fd, CS, 0)
+                out["second"] = os.pread(fd, CS, CS)
+            finally:
+                os.close(fd)
         except OSError as e:
             out["error"] = e.errno
 
