@@ -141,7 +141,8 @@ def check_mountpoint_place(mp: Path) -> None:
 
 
 def check_mountpoint(mp: Path) -> None:
-    check_mountpoint_place(mp)
+    """After check_mountpoint_place: a stale mount is cleared, then the directory must be
+    there, free and accessible."""
     if is_stale_mount(mp):
         ok, err = fusermount_unmount(mp, lazy=True)
         if not ok:
