@@ -393,8 +393,6 @@ class EtcdMembership:
                     await self._authenticate(self.endpoints[self._ep])
                 async with self._client.stream("POST", url, json=body, timeout=httpx.Timeout(
                         self.request_timeout, read=None), headers=self._headers()) as r:
-                    if self._auth and r.status_code in (400, 401):
-                        self._token = None  # a token refused: a new one next time
                     if r.status_code != 200:
                         raise EtcdError(f"watch: HTTP {r.status_code}")
                     async for line in r.aiter_lines():
@@ -409,6 +407,7 @@ class EtcdMembership:
                 self.last_error = f"watch: {e}"
                 log.info("etcd watch interrupted (%s); resyncing", e)
                 self._ep = (self._ep + 1) % len(self.endpoints)
+                self._token = None  # as in _call: the next endpoint gets a fresh token
             await trio.sleep(backoff * (1 + random.random()))
             backoff = min(backoff * 2, 5.0)
             try:
