@@ -25,7 +25,8 @@ Estimates (throughput.py)
   beside it; the estimate for a plan comes from fetches measured at about the
   plan's number of streams, or says that it is interpolated or a range.  A dry
   run with no measurement near its --parallel first fetches missing chunks of
-  the list at that parallelism for PROBE_SECONDS (they stay cached) and says so.
+  the list at that parallelism for PROBE_SECONDS, at most a quarter of what is
+  missing (they stay cached), and says so.
   The state lives in the daemon's memory only.
 
 In a cluster (``daemon.cluster`` set; docs/datasets.md, "In a cluster")
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import itertools
 import json
 import logging
 import os
@@ -59,7 +61,7 @@ import trio
 from .chunks.ids import ChunkRef
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
-from .throughput import ThroughputModel
+from .throughput import MIN_SAMPLES, ThroughputModel
 from .vfs import FSError, Node
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ log = logging.getLogger("cachefs.datasets")
 
 PROGRESS_EVERY = 0.5  # seconds between progress events
 PROBE_SECONDS = 2.0  # a dry run's measurement: new fetches start for this long
+PROBE_SHARE = 4  # ... and fetch at most 1/PROBE_SHARE of the missing chunks (MIN_SAMPLES at least)
 YIELD_EVERY = 256  # files or chunks handled between two checkpoints (reads go on meanwhile)
 MAX_PARALLEL = 256
 MAX_ROWS = 1_000_000
@@ -329,15 +332,19 @@ class Datasets:
                 "estimate": self.model.estimate(missing, nmissing, parallel,
                                                 self.s3_concurrency)}
 
-    async def _probe(self, files: list[FileItem], streams: int,
+    async def _probe(self, files: list[FileItem], streams: int, nmissing: int,
                      missing: set[bytes] | None = None) -> int:
         """Fetch missing chunks of the list, ``streams`` at a time, starting new fetches
-        for PROBE_SECONDS, and time them; the number fetched.  They stay cached (in a
-        cluster on their owner: a read on a non-owner keeps no copy)."""
+        for PROBE_SECONDS but no more than a quarter of the ``nmissing`` chunks (a dry run
+        of a small list would otherwise fetch all of it), and time them; the number
+        fetched.  They stay cached (in a cluster on their owner: a read on a non-owner
+        keeps no copy)."""
         reader, store = self.d.reader, self.d.store
         assert reader is not None and store is not None
-        todo = (r for f in files for r in f.refs
-                if ((r.cid in missing) if missing is not None else not store.contains(r.cid)))
+        todo = itertools.islice(
+            (r for f in files for r in f.refs
+             if ((r.cid in missing) if missing is not None else not store.contains(r.cid))),
+            max(MIN_SAMPLES, nmissing // PROBE_SHARE))
         deadline = trio.current_time() + PROBE_SECONDS
         n, failed = 0, False
 
@@ -385,7 +392,8 @@ class Datasets:
             probed = 0
             streams = plan["estimate"]["streams"]
             if plan["missing_chunks"] and not self.model.near(streams):
-                probed = await job.run(self._probe, files, streams, cp.missing if cp else None)
+                probed = await job.run(self._probe, files, streams, plan["missing_chunks"],
+                                       cp.missing if cp else None)
                 if probed:  # the plan stays what was missing when we looked
                     plan["estimate"] = cp.estimate(self) if cp else self.model.estimate(
                         plan["missing_bytes"], plan["missing_chunks"], parallel,

@@ -197,6 +197,21 @@ def test_dry_run_estimate(mounts, bucket, s3, proxy, tmp_path):
     assert r.returncode == 0 and "nothing to fetch" in r.stdout, r.stderr
 
 
+def test_dry_run_of_a_small_list_fetches_at_most_a_quarter(mounts, bucket, s3, proxy, tmp_path):
+    sizes = {f"many/f{i:02d}.bin": 4 * CHUNK for i in range(10)}  # 40 chunks, fetched fast
+    put(s3, bucket, sizes)
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["many/"])
+    proxy.reset()
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run",
+                      "--parallel", "8")
+    assert r.returncode == 0, r.stderr
+    # 2 s at 8 streams would fetch all 40; the probe stops at a quarter of what is missing
+    assert res["missing_chunks"] == 40
+    assert 4 <= res["estimate"]["probed_chunks"] == proxy.gets() <= 10, (res, proxy.gets())
+    assert res["estimate"]["basis"] in ("measured", "interpolated", "extrapolated")
+
+
 def test_interrupted_preload_resumes(mounts, bucket, s3, proxy, tmp_path):
     sizes = {f"shards/s{i}.bin": 4 * CHUNK for i in range(4)}
     data = put(s3, bucket, sizes)
