@@ -27,6 +27,7 @@ import mmap
 import os
 import platform
 import queue
+import resource
 import shutil
 import signal
 import socket
@@ -816,15 +817,20 @@ SCEN = {s.id: s for s in SCENARIOS}
 class Measurer:
     """Runs one measurement for one system, recording value, S3 egress and errors."""
 
-    def __init__(self, ctx: Ctx, system: str, talks_to_s3: bool = True):
-        self.ctx, self.system, self.talks_to_s3 = ctx, system, talks_to_s3
+    def __init__(self, ctx: Ctx, system: str, talks_to_s3: bool = True,
+                 pids: Callable[[], list[int]] = list):
+        self.ctx, self.system, self.talks_to_s3, self.pids = ctx, system, talks_to_s3, pids
 
     def __call__(self, scenario: str, fn: Callable[[], tuple[float, dict]],
                  logical_bytes: int | None = None) -> bool:
         ctx = self.ctx
         e0 = ctx.s3.egress()
+        pids, s3_pid = self.pids(), ctx.s3.proc.pid if ctx.s3.proc else None
+        c0 = cpu_snapshot(pids, s3_pid)
         try:
             value, extra = fn()
+            c1 = cpu_snapshot(pids, s3_pid)
+            extra["cpu"] = {k: round(c1[k] - c0[k], 3) for k in c0}
         except Skip as e:
             ctx.record(scenario, self.system, status=f"skipped: {e}")
             return False
@@ -853,7 +859,7 @@ def run_mounted_system(ctx: Ctx, sys_: System) -> None:
     """All mounted scenarios for one system, ctx.profile.runs times."""
     p, lay, to = ctx.profile, ctx.layout, ctx.profile.timeout
     root = sys_.root
-    m = Measurer(ctx, sys_.name, talks_to_s3=sys_.talks_to_s3)
+    m = Measurer(ctx, sys_.name, talks_to_s3=sys_.talks_to_s3, pids=sys_.daemon_pids)
     large_bytes = p.shards * p.shard_size
     small_bytes = p.small * p.small_size
     medium_bytes = p.medium * p.medium_size
@@ -1318,6 +1324,35 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{x * 100:.0f}%"
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pids: list[int]) -> tuple[float, float]:
+    """(user, system) CPU-seconds of these processes so far, all their threads included."""
+    u = k = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        u, k = u + int(fields[11]), k + int(fields[12])
+    return u / CLK_TCK, k / CLK_TCK
+
+
+def cpu_snapshot(system_pids: list[int], s3_pid: int | None) -> dict[str, float]:
+    """CPU-seconds so far: the system's processes (a mount's daemon), the S3 server, this
+    process with its finished children (the readers; s3-direct's client; dd), and the
+    machine (busy and all, over every core)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    su, ss = proc_cpu(system_pids)
+    return {"system_user": su, "system_sys": ss, "s3": sum(proc_cpu([s3_pid] if s3_pid else [])),
+            "readers": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+            "machine_busy": (sum(v) - v[3] - v[4]) / CLK_TCK, "machine_all": sum(v) / CLK_TCK}
+
+
 def median_of(ctx: Ctx, scenario: str, system: str) -> float | None:
     e = ctx.results.get(scenario, {}).get(system)
     s = summary(e) if e else None
@@ -1502,6 +1537,54 @@ def target_checks(ctx: Ctx) -> list[tuple[str, str, str]]:
     return out
 
 
+CPU_SCENARIOS = ("large_cold", "large_warm", "small_cold_1", "small_warm_1", "small_warm_8")
+
+
+def cpu_section(ctx: Ctx) -> list[str]:
+    """Where the CPU went in the scenarios whose ceilings are CPU-bound on a small machine:
+    CPU-seconds per GB (or per 1000 files) of the system's own processes, the S3 server,
+    the readers (this process: its reader threads, s3-direct's client, dd), and the rest."""
+    L = ["## Where the CPU goes", "",
+         "CPU-seconds per GB read (MB/s scenarios) or per 1000 files (files/s), medians over "
+         "the runs: the system's own processes (user + sys), the S3 server (s3rver), the "
+         "readers (the bench process: reader threads, s3-direct's client; dd), and the rest "
+         "of the machine's busy time (kernel threads, other jobs). `busy` is the machine's "
+         "busy share of all its cores during the measurement.", ""]
+    for sid in CPU_SCENARIOS:
+        rows = ctx.results.get(sid, {})
+        sc = SCEN[sid]
+        per_gb = sc.unit == "MB/s"
+        lines = []
+        for name in ALL_SYSTEM_NAMES:
+            e = rows.get(name)
+            if not e:
+                continue
+            cols: dict[str, list[float]] = {}
+            for v, x in zip(e["values"], e["extra"], strict=False):
+                c = x.get("cpu")
+                amount = x.get("bytes", 0) / 1e9 if per_gb else v * x.get("seconds", 0) / 1000
+                if not c or amount <= 0:
+                    continue
+                own = c["system_user"] + c["system_sys"]
+                vals = {"busy": 100 * c["machine_busy"] / max(c["machine_all"], 1e-9),
+                        "user": c["system_user"] / amount, "sys": c["system_sys"] / amount,
+                        "s3": c["s3"] / amount, "readers": c["readers"] / amount,
+                        "rest": max(0.0, c["machine_busy"] - own - c["s3"] - c["readers"]) / amount}
+                for k, val in vals.items():
+                    cols.setdefault(k, []).append(val)
+            if cols:
+                md = {k: statistics.median(v) for k, v in cols.items()}
+                own = f"{md['user']:.2f} + {md['sys']:.2f}" if md["user"] + md["sys"] else "—"
+                lines.append(f"| {name} | {md['busy']:.0f}% | {own} | "
+                             f"{md['s3']:.2f} | {md['readers']:.2f} | {md['rest']:.2f} |")
+        if lines:
+            unit = "GB" if per_gb else "1000 files"
+            L += [f"### {sc.title}", "",
+                  f"| system | busy | own processes, user + sys (s/{unit}) | S3 server | readers | rest |",
+                  "|---|---:|---:|---:|---:|---:|", *lines, ""]
+    return L
+
+
 def write_report(ctx: Ctx, started: float) -> Path:
     out_dir = BENCH / "results"
     out_dir.mkdir(exist_ok=True)
@@ -1587,6 +1670,7 @@ def write_report(ctx: Ctx, started: float) -> Path:
                 L.append("")
                 L.append("; ".join(parts) + ".")
             L.append("")
+    L += cpu_section(ctx)
     L.append("## Notes per system")
     L.append("")
     for name, notes in ctx.notes.items():
