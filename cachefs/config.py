@@ -412,8 +412,9 @@ def build_config(
         etcd = tuple(p.strip() for p in etcd.split(",") if p.strip())
     if not isinstance(etcd, list | tuple) or not all(isinstance(e, str) for e in etcd):
         raise ConfigError("[cluster] etcd: expected a list of URLs")
-    for e in etcd:  # HOST:PORT means http://HOST:PORT
-        check_endpoint(e if "://" in e else "http://" + e, "etcd endpoint")
+    etcd = tuple((e if "://" in e else "http://" + e).rstrip("/") for e in etcd)  # HOST:PORT
+    for e in etcd:
+        check_endpoint(e, "etcd endpoint")
     secret = os.environ.get("CACHEFS_PEER_SECRET") or cl.get("peer_secret")
     cluster = ClusterOptions(
         node_id=pick("node_id", cl, "node_id"),

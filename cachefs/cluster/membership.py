@@ -173,8 +173,7 @@ class EtcdMembership:
         tls: tuple[str | None, str | None, str | None] = (None, None, None),
         auth: tuple[str, str] | None = None,
     ) -> None:
-        self.endpoints = [e.rstrip("/") if "://" in e else "http://" + e.rstrip("/")
-                          for e in endpoints]
+        self.endpoints = list(endpoints)  # URLs, normalised by the configuration
         if not self.endpoints:
             raise ValueError("EtcdMembership needs at least one endpoint")
         if not prefix.endswith("/"):
