@@ -285,11 +285,14 @@ def umount(mountpoint: str, timeout: float) -> None:
     """
     from .daemon import fusermount_unmount
 
-    # nothing here touches the mount itself: a daemon that hangs would hang umount too
-    mp = Path(runtime.resolve_mountpoint(mountpoint))
-    if str(mp) not in runtime.cachefs_mounts():
-        raise QuietError(f"{mp} is not mounted" if not os.path.ismount(mp)
-                         else f"{mp} is not a cachefs mount", EXIT_NO_DAEMON)
+    # nothing here touches the mount itself (a daemon that hangs would hang umount too):
+    # mountinfo is read once, from the kernel
+    entries = runtime.mountinfo()
+    mp = Path(runtime.resolve_mountpoint(mountpoint, entries))
+    if str(mp) not in runtime.cachefs_mounts(entries):
+        mounted = any(m.mountpoint == str(mp) for m in entries)
+        raise QuietError(f"{mp} is not a cachefs mount" if mounted else f"{mp} is not mounted",
+                         EXIT_NO_DAEMON)
     info = runtime.read_info(mp)
     pid = info.get("pid") if info else None
     stale = not pid or not _alive(pid)  # the daemon is gone: detach even while busy

@@ -95,9 +95,10 @@ def mountinfo() -> list[MountEntry]:
     return out
 
 
-def cachefs_mounts() -> list[str]:
-    """Mountpoints of cachefs file systems."""
-    return [m.mountpoint for m in mountinfo() if m.fstype == "fuse.cachefs"]
+def cachefs_mounts(entries: list[MountEntry] | None = None) -> list[str]:
+    """Mountpoints of cachefs file systems (of ``entries``, or of a fresh mountinfo)."""
+    return [m.mountpoint for m in (mountinfo() if entries is None else entries)
+            if m.fstype == "fuse.cachefs"]
 
 
 def mount_containing(path: str) -> MountEntry | None:
@@ -119,13 +120,13 @@ def _unescape(field: str) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-def resolve_mountpoint(path: str | Path) -> str:
+def resolve_mountpoint(path: str | Path, entries: list[MountEntry] | None = None) -> str:
     """The real path of a mountpoint, found without asking the file system mounted there
     (a daemon that hangs would hang this process in the kernel): the parent directory
     is resolved, and the name kept when that is a cachefs mountpoint."""
     a = os.path.abspath(path)
     here = os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a))
-    if here in cachefs_mounts():
+    if here in cachefs_mounts(entries):
         return here
     return os.path.realpath(a)
 
