@@ -33,6 +33,7 @@ DEFAULT_METADATA_TTL = 300.0
 DEFAULT_READAHEAD_MEMORY = 256 * MiB
 DEFAULT_READAHEAD_CHUNKS = 8
 DEFAULT_PREFETCH_FILES = 32
+MAX_KERNEL_READ_AHEAD_KB = 65536  # the kernel read-ahead of the mount (bdi read_ahead_kb)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -387,6 +388,11 @@ def build_config(
                                  DEFAULT_READAHEAD_CHUNKS), "readahead chunks")
     pf_files = parse_count(pick("prefetch_files", read, "prefetch_files",
                                 DEFAULT_PREFETCH_FILES), "prefetch files (0 turns it off)")
+    kernel_ra = parse_count(read.get("kernel_read_ahead_kb", Config.kernel_read_ahead_kb),
+                            "[read] kernel_read_ahead_kb")
+    if not 128 <= kernel_ra <= MAX_KERNEL_READ_AHEAD_KB:
+        raise ConfigError(f"[read] kernel_read_ahead_kb: expected 128 to "
+                          f"{MAX_KERNEL_READ_AHEAD_KB}, got {kernel_ra}")
 
     s3opts = S3Options(
         max_attempts=parse_count(pick("s3_max_attempts", s3, "max_attempts",
@@ -491,6 +497,7 @@ def build_config(
         low_watermark=low,
         metadata_ttl=ttl,
         attr_timeout=attr_timeout,
+        kernel_read_ahead_kb=kernel_ra,
         readahead_memory=ra_mem,
         readahead_chunks=ra_chunks,
         prefetch_files=pf_files,

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from cachefs_env import CREDS, cli, is_mounted
@@ -106,6 +107,8 @@ def test_bad_cli_input(tmp_path):
     # a wrong type or unit in the file: one line naming the setting, never a traceback
     for table, line, needle in (
             ("read", "readahead_chunks = 'x'", "readahead chunks"),
+            ("read", "kernel_read_ahead_kb = 64", "kernel_read_ahead_kb: expected 128 to"),
+            ("read", "kernel_read_ahead_kb = '1MiB'", "kernel_read_ahead_kb"),
             ("cluster", "lease_ttl = 'ten'\npeer_listen = '127.0.0.1:7070'", "lease_ttl"),
             ("cluster", "peer_listen = 7070", "peer listen address"),
             ("trace", "metrics_listen = 9100", "metrics listen address"),
@@ -389,6 +392,32 @@ endpoint_url = "{moto.url}"
     assert sorted(os.listdir(m.mp)) == ["east", "west"]
     assert (m.mp / "east" / "a.txt").read_bytes() == b"dc1"
     assert (m.mp / "west" / "b.txt").read_bytes() == b"dc2"
+
+
+def test_kernel_read_ahead_from_the_config_file(s3, bucket, tmp_path, mounts):
+    """[read] kernel_read_ahead_kb sets the mount's kernel read-ahead (1024 by default)."""
+    from cachefs.daemon import mount_device
+
+    s3.put_object(Bucket=bucket, Key="f", Body=b"x" * 1000)
+
+    def read_ahead_kb(m) -> int:
+        dev = mount_device(m.mp)
+        deadline = time.monotonic() + 10  # set once the kernel has finished FUSE INIT
+        while True:
+            kb = int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text())
+            if kb != 128 or time.monotonic() > deadline:
+                return kb
+            time.sleep(0.05)
+
+    m = mounts(f"s3://{bucket}")
+    assert m.path("f").read_bytes() == b"x" * 1000
+    assert read_ahead_kb(m) == 1024
+    m.stop()
+    cfg = tmp_path / "cachefs.toml"
+    cfg.write_text("[read]\nkernel_read_ahead_kb = 4096\n")
+    m = mounts(f"s3://{bucket}", config=str(cfg))
+    assert m.path("f").read_bytes() == b"x" * 1000
+    assert read_ahead_kb(m) == 4096
 
 
 def test_own_connections_can_be_turned_off(s3, bucket, proxy, tmp_path, mounts):
