@@ -176,7 +176,8 @@ def _run_foreground(cfg, ready_fd: int | None) -> None:
 
 
 def _daemonize(cfg) -> None:
-    """Start `cachefs mount --foreground` detached; return once the mount is live."""
+    """Run this `cachefs mount` again with --ready-fd (which serves in the foreground),
+    detached; return once the mount is live."""
     from .daemon import prepare_cache_dir
 
     prepare_cache_dir(cfg.cache_dir)

@@ -470,8 +470,8 @@ class PeerClient:
                 ok = True
             except PeerError as e:
                 # A pooled connection the server has since closed (idle
-                # timeout, restart): retry once on a fresh connection.  Safe,
-                # since get and ping are idempotent reads.
+                # timeout, restart): send again on the next idle connection, or
+                # a new one.  Safe: every request is idempotent (docs/cluster.md).
                 if reused and e.reason == "closed":
                     pool.retries += 1
                     continue
