@@ -182,8 +182,9 @@ def _daemonize(cfg) -> None:
 
     prepare_cache_dir(cfg.cache_dir)
     logp = _log_path(cfg)
-    mp = runtime.resolve_mountpoint(cfg.mountpoint)
-    mounted_before = mp in runtime.cachefs_mounts()  # only such a mount is ever cleaned up
+    entries = runtime.mountinfo()
+    mp = runtime.resolve_mountpoint(cfg.mountpoint, entries)
+    mounted_before = mp in runtime.cachefs_mounts(entries)  # only such a mount is ever cleaned up
     r, w = os.pipe()
     argv = [sys.executable, "-m", "cachefs"] + sys.argv[1:] + ["--ready-fd", str(w)]
     try:

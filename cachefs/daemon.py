@@ -122,12 +122,12 @@ PSEUDO_FILESYSTEMS = frozenset({
     "selinuxfs", "nsfs", "autofs", "rpc_pipefs", "hugetlbfs"})
 
 
-def check_mountpoint_place(mp: Path) -> None:
+def check_mountpoint_place(mp: Path, entries: list[runtime.MountEntry] | None = None) -> None:
     """Refuse mountpoints on kernel pseudo file systems (a mount over /proc/sys hid what
     the daemon itself reads there, and it hung on its own mount) and inside a cachefs
     mount (read-only, and its daemon could not be unmounted while ours lives).  Only
     mountinfo is read: nothing here waits on a file system."""
-    parent = runtime.mount_containing(str(mp.parent))
+    parent = runtime.mount_containing(str(mp.parent), entries)
     if parent is None:
         return
     if parent.fstype in PSEUDO_FILESYSTEMS:
@@ -237,8 +237,9 @@ class Daemon:
     async def run(self) -> None:
         cfg = self.cfg
         def prechecks(locks: list[int]) -> Path:
-            mp = Path(runtime.resolve_mountpoint(cfg.mountpoint))
-            check_mountpoint_place(mp)
+            entries = runtime.mountinfo()  # read once for both
+            mp = Path(runtime.resolve_mountpoint(cfg.mountpoint, entries))
+            check_mountpoint_place(mp, entries)
             locks.append(lock_mountpoint(mp))
             check_mountpoint(mp)
             prepare_cache_dir(cfg.cache_dir)

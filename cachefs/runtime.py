@@ -101,11 +101,11 @@ def cachefs_mounts(entries: list[MountEntry] | None = None) -> list[str]:
             if m.fstype == "fuse.cachefs"]
 
 
-def mount_containing(path: str) -> MountEntry | None:
+def mount_containing(path: str, entries: list[MountEntry] | None = None) -> MountEntry | None:
     """The mount that `path` (a real, absolute path) lies on: the last mounted of those
-    whose mountpoint is its longest prefix."""
+    whose mountpoint is its longest prefix (of ``entries``, or of a fresh mountinfo)."""
     best = None
-    for m in mountinfo():
+    for m in (mountinfo() if entries is None else entries):
         mp = m.mountpoint
         if path == mp or path.startswith(mp.rstrip("/") + "/"):
             if best is None or len(mp) >= len(best.mountpoint):
