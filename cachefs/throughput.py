@@ -39,6 +39,11 @@ RANGE = 1.25  # high/low ratio above which the estimate is given as a range
 MIN_SAMPLES = 4  # a bucket with fewer (the tail of a run) is used only when no other is
 
 
+def _distance(measured: float, streams: float) -> float:
+    """How far a measured concurrency is from a plan's streams (log2)."""
+    return abs(math.log2(measured / streams))
+
+
 @dataclass
 class _Fit:
     """Least squares of t = latency + bytes / bps at one concurrency, with forgetting."""
@@ -64,6 +69,10 @@ class _Fit:
     def streams(self) -> float:
         return self.sc / self.w
 
+    @property
+    def chunk_bytes(self) -> float:
+        return self.sx / self.w
+
     def params(self) -> tuple[float, float] | None:
         """(latency s, per-stream bytes/s) when chunk sizes vary enough to separate them."""
         mx, my = self.sx / self.w, self.sy / self.w
@@ -88,7 +97,7 @@ class _Fit:
 
     def summary(self) -> dict:
         out = {"streams": round(self.streams, 2), "samples": self.samples,
-               "weight": round(self.w, 1), "chunk_bytes": round(self.sx / self.w),
+               "weight": round(self.w, 1), "chunk_bytes": round(self.chunk_bytes),
                "chunk_seconds": round(self.sy / self.w, 6)}
         p = self.params()
         if p is not None:
@@ -160,7 +169,7 @@ class ThroughputModel:
 
     def near(self, streams: int) -> bool:
         """Is there a measurement at about this many streams?"""
-        return any(abs(math.log2(f.streams / streams)) <= NEAR for f in self._fits())
+        return any(_distance(f.streams, streams) <= NEAR for f in self._fits())
 
     def estimate(self, missing_bytes: int, missing_chunks: int, parallel: int,
                  s3_concurrency: int) -> dict:
@@ -175,10 +184,10 @@ class ThroughputModel:
         pts = sorted(((f.streams, *f.seconds(missing_bytes, missing_chunks), f)
                       for f in self._fits()), key=lambda p: p[0])
         s = float(streams)
-        nearest = min(pts, key=lambda p: abs(math.log2(p[0] / s)))
+        nearest = min(pts, key=lambda p: _distance(p[0], s))
         below = [p for p in pts if p[0] < s]
         above = [p for p in pts if p[0] > s]
-        if abs(math.log2(nearest[0] / s)) <= NEAR:
+        if _distance(nearest[0], s) <= NEAR:
             basis, (_, lo, hi, _) = "measured", nearest
         elif below and above:
             basis = "interpolated"
@@ -196,7 +205,7 @@ class ThroughputModel:
         secs = math.sqrt(lo * hi)
         out.update(seconds=round(secs, 3), measured=True, basis=basis,
                    measured_streams=[round(p[0], 1) for p in pts],
-                   measured_chunk_bytes=round(nearest[3].sx / nearest[3].w))
+                   measured_chunk_bytes=round(nearest[3].chunk_bytes))
         if hi > lo * RANGE:
             out.update(seconds_low=round(lo, 3), seconds_high=round(hi, 3))
         return out
