@@ -96,6 +96,10 @@ def cli() -> None:
 @click.option("--readahead-chunks", type=int, help="Max chunks in flight per reader (default 8).")
 @click.option("--prefetch-files", type=int, help="Files fetched ahead of a reader that opens a "
               "directory's files in name order (default 32; 0: off).")
+@click.option("--page-cache/--no-page-cache", default=None,
+              help="Keep read bytes in the kernel page cache (default), or bypass it: one copy "
+              "less per byte and no page-cache memory for data sets far larger than RAM read "
+              "in large requests; MAP_SHARED mmap then fails.")
 @click.option("--high-watermark", help="Evict when use passes this: 0.9 or 90% (default).")
 @click.option("--low-watermark", help="Evict down to this: 0.8 or 80% (default).")
 @click.option("--s3-max-attempts", type=int, help="Attempts per S3 request (default 6).")

@@ -238,6 +238,7 @@ class Config:
     readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS
     prefetch_files: int = DEFAULT_PREFETCH_FILES
     kernel_read_ahead_kb: int = 1024
+    page_cache: bool = True  # False: reads bypass the kernel page cache (FOPEN_DIRECT_IO)
     allow_other: bool = False
     foreground: bool = False
     log_level: str = "INFO"
@@ -304,7 +305,7 @@ def build_config(
     _check_keys(meta, {"ttl", "attr_timeout"}, "[metadata]")
     read = _table(raw, "read")
     _check_keys(read, {"readahead_memory", "readahead_chunks", "prefetch_files",
-                       "kernel_read_ahead_kb"}, "[read]")
+                       "kernel_read_ahead_kb", "page_cache"}, "[read]")
     s3 = _table(raw, "s3")
     _check_keys(s3, {"endpoint_url", "region", "profile", "max_attempts", "request_timeout",
                      "connect_timeout", "max_concurrency", "own_connections"}, "[s3]")
@@ -498,6 +499,8 @@ def build_config(
         metadata_ttl=ttl,
         attr_timeout=attr_timeout,
         kernel_read_ahead_kb=kernel_ra,
+        page_cache=parse_bool(pick("page_cache", read, "page_cache", Config.page_cache),
+                              "[read] page_cache"),
         readahead_memory=ra_mem,
         readahead_chunks=ra_chunks,
         prefetch_files=pf_files,

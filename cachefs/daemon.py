@@ -323,9 +323,10 @@ class Daemon:
             await nursery.start(self.control.serve)
             nursery.start_soon(self._signals)
             nursery.start_soon(self._after_init, mp)
-            log.info("mounted %s at %s (cache %s, limit %d MiB, chunk %d KiB)",
+            log.info("mounted %s at %s (cache %s, limit %d MiB, chunk %d KiB%s)",
                      ", ".join(m.spec.source for m in mounts), mp, cfg.cache_dir,
-                     cfg.cache_size >> 20, cfg.chunk_size >> 10)
+                     cfg.cache_size >> 20, cfg.chunk_size >> 10,
+                     "" if cfg.page_cache else "; page cache bypassed: MAP_SHARED mmap fails")
             if not self.ready.ok(str(mp)):
                 log.warning("the `cachefs mount` that started this daemon gave up waiting "
                             "for it: unmounting")

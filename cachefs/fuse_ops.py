@@ -111,6 +111,8 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode, flags, ctx):
         fh = await self.vfs.open(inode, flags, ctx.pid)
+        if not self.vfs.cfg.page_cache:  # every read comes to us, straight into the reader's buffer
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         # the object version is immutable for this handle: let the page cache keep it
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 

@@ -109,6 +109,7 @@ def test_bad_cli_input(tmp_path):
             ("read", "readahead_chunks = 'x'", "readahead chunks"),
             ("read", "kernel_read_ahead_kb = 64", "kernel_read_ahead_kb: expected 128 to"),
             ("read", "kernel_read_ahead_kb = '1MiB'", "kernel_read_ahead_kb"),
+            ("read", "page_cache = 'off'", "page_cache: expected true or false"),
             ("cluster", "lease_ttl = 'ten'\npeer_listen = '127.0.0.1:7070'", "lease_ttl"),
             ("cluster", "peer_listen = 7070", "peer listen address"),
             ("trace", "metrics_listen = 9100", "metrics listen address"),
@@ -418,6 +419,39 @@ def test_kernel_read_ahead_from_the_config_file(s3, bucket, tmp_path, mounts):
     m = mounts(f"s3://{bucket}", config=str(cfg))
     assert m.path("f").read_bytes() == b"x" * 1000
     assert read_ahead_kb(m) == 4096
+
+
+def test_page_cache_can_be_bypassed(s3, bucket, tmp_path, mounts):
+    """--no-page-cache (or [read] page_cache = false): every read reaches the daemon, none is
+    served from the kernel page cache; MAP_SHARED mmap is refused, MAP_PRIVATE works."""
+    import errno
+    import mmap
+
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    s3.put_object(Bucket=bucket, Key="f", Body=data)
+
+    def read_twice(m) -> int:
+        before = m.counters().get("fuse_read_bytes", 0)
+        for _ in range(2):
+            assert m.path("f").read_bytes() == data
+        return m.counters().get("fuse_read_bytes", 0) - before
+
+    m = mounts(f"s3://{bucket}")
+    assert read_twice(m) == len(data)  # the second read came from the page cache
+    m.stop()
+    m = mounts(f"s3://{bucket}", extra=("--no-page-cache",))
+    assert read_twice(m) == 2 * len(data)
+    with open(m.path("f"), "rb") as f:
+        with pytest.raises(OSError) as e:
+            mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        assert e.value.errno == errno.ENODEV
+        with mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ) as mm:
+            assert mm[:] == data
+    m.stop()
+    cfg = tmp_path / "cachefs.toml"
+    cfg.write_text("[read]\npage_cache = false\n")
+    m = mounts(f"s3://{bucket}", config=str(cfg))
+    assert read_twice(m) == 2 * len(data)
 
 
 def test_own_connections_can_be_turned_off(s3, bucket, proxy, tmp_path, mounts):
