@@ -28,12 +28,17 @@ arrive.  Bytes nobody opened within ``HOLD_TTL`` seconds are dropped.
 
 A run whose files come from the kernel's page cache (a second epoch over a data set that
 fits in RAM) opens files whose reads never reach the daemon: what was fetched ahead for
-them is read from the SSD for nothing.  Once a prefetched file closes unread the window
-stops growing, and after ``PAUSE_AFTER`` of them in a row (closes reach the daemon late:
-the kernel sends them after the process's close returns) the directory's prefetch pauses
-(its held bytes are dropped).  The first read of a file of that directory that does reach
-the daemon (the page cache let it go) resumes it, from a window of ``START_WINDOW``; a
-relisting of the directory keeps the pause.  Nothing here is
+them is read from the SSD for nothing.  Each directory therefore keeps ``reach``, a moving
+share of its recent opens whose reads reached the daemon (each outcome weighs
+``REACH_WEIGHT``; a file closed with no read reaching the daemon counts 0, and closes
+reach the daemon late: the kernel sends them after the process's close returns).  Once a
+file closes unread the window stops growing; when ``reach`` falls below ``PAUSE_BELOW``
+the directory's prefetch pauses (its held bytes are dropped), and it resumes, from a
+window of ``START_WINDOW``, once ``reach`` is back above ``RESUME_ABOVE``: after a few
+reads in a row that reached the daemon (the page cache let the files go).  The gap
+between the two keeps a page cache that holds most but not all files (the kernel
+reclaimed some) from pausing and resuming on every file.  A relisting of the directory
+keeps ``reach`` and the pause.  Nothing here is
 persistent: a restart forgets runs and held bytes, and a failed prefetch is only logged at
 debug level (the read itself retries).
 """
@@ -60,12 +65,14 @@ MAX_DIRS = 1024
 SMALL_DIVISOR = 8  # files up to chunk size / 8 (1 MiB by default) are prefetched
 LOCAL_BATCH = 8  # chunks read from the SSD per worker-thread call
 BUDGET_SHARE = 4  # prefetch holds at most 1/BUDGET_SHARE of the read-ahead budget
-PAUSE_AFTER = 8  # prefetched files closed unread in a row that pause a directory's prefetch
+REACH_WEIGHT = 1 / 6  # weight of an open's outcome (read by the daemon or not) in ``reach``
+PAUSE_BELOW = 0.3  # pause a directory's prefetch when fewer of its opens reach the daemon
+RESUME_ABOVE = 0.6  # and resume it when more do
 
 
 class _Run:
     __slots__ = ("children", "names", "pos", "top", "length", "ahead", "window", "unread",
-                 "paused")
+                 "reach", "paused")
 
     def __init__(self, d: Node) -> None:
         self.children = d.children  # the listing the order was built from (identity)
@@ -75,7 +82,8 @@ class _Run:
         self.length = 0  # opens in the current run
         self.ahead = -1  # furthest position fetched ahead
         self.window = 0
-        self.unread = 0  # prefetched files closed in a row with no read reaching the daemon
+        self.unread = 0  # files closed in a row with no read reaching the daemon
+        self.reach = 1.0  # moving share of opens whose reads reached the daemon
         self.paused = False  # the page cache serves this directory: fetch nothing ahead
 
 
@@ -120,12 +128,10 @@ class FilePrefetcher:
             self.bytes -= len(e.data)
             self.vfs.stats.inc("prefetch_hits")
             h.keep(0, e.data, charged=True)  # the handle owns the budget charge now
-            h.prefetched = True
             return
         waiting = self.inflight.get(cid)
         if waiting is not None:
             self.vfs.stats.inc("prefetch_claims")
-            h.prefetched = True
             # the handle's first read waits for the fetch (readahead.wait)
             waiting.append((h, h.expect(0)))
 
@@ -137,7 +143,7 @@ class FilePrefetcher:
         if r is None or r.children is not d.children:
             old, r = r, _Run(d)
             if old is not None:  # relisted: the page cache still holds what it held
-                r.paused, r.unread = old.paused, old.unread
+                r.paused, r.unread, r.reach = old.paused, old.unread, old.reach
             self.runs[d.ino] = r
             while len(self.runs) > MAX_DIRS:
                 self.runs.popitem(last=False)
@@ -165,28 +171,29 @@ class FilePrefetcher:
 
     def reached(self, h: FileHandle) -> None:
         """The first read of a handle reached the daemon: the page cache does not hold
-        this file, so its directory's prefetch runs (again)."""
+        this file."""
+        self._outcome(h, True)
+
+    def closed(self, h: FileHandle) -> None:
+        """A handle closed; if none of its reads reached the daemon, the page cache served
+        it (or nothing read it)."""
+        if h.cur_chunk < 0:
+            self._outcome(h, False)
+
+    def _outcome(self, h: FileHandle, reached: bool) -> None:
         r = self.runs.get(h.node.parent) if self.runs else None
-        if r is None:
+        if r is None or h.obj.size == 0:  # an empty file's reads never reach the daemon
             return
-        r.unread = 0
-        if r.paused:
+        r.unread = 0 if reached else r.unread + 1
+        r.reach += REACH_WEIGHT * (reached - r.reach)
+        if r.paused and r.reach > RESUME_ABOVE:
             r.paused = False
             r.window = 0
             self.vfs.stats.inc("prefetch_resumed")
-
-    def closed(self, h: FileHandle) -> None:
-        """A handle closed: one whose first chunk was handed over but whose reads never
-        reached the daemon counts towards pausing its directory's prefetch."""
-        if h.cur_chunk >= 0 or not h.prefetched or not self.runs:
-            return
-        r = self.runs.get(h.node.parent)
-        if r is not None:
-            r.unread += 1
-            if r.unread >= PAUSE_AFTER and not r.paused:
-                r.paused = True
-                self.vfs.stats.inc("prefetch_paused")
-                self._drop_dir(h.node.parent)
+        elif not r.paused and r.reach < PAUSE_BELOW:
+            r.paused = True
+            self.vfs.stats.inc("prefetch_paused")
+            self._drop_dir(h.node.parent)
 
     # -- fetching ahead ---------------------------------------------------------------
 

@@ -247,7 +247,6 @@ class FileHandle:
         self.window = 0
         self.cur_chunk = -1  # stays -1 until a read reaches the daemon
         self.closed = False
-        self.prefetched = False  # the file prefetcher handed its first chunk over
 
     def keep(self, i: int, data: bytes, charged: bool) -> None:
         """Chunk i arrived (from this handle's fetches or the file prefetcher);
