@@ -54,6 +54,8 @@ ROOT_INO = 1
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 APPLY_SLICE = 4096  # listing entries applied between two checkpoints
+STALE_WAIT = 1.0  # seconds a lookup waits for a relisting before it uses the listing it has
+STALE_RETRY = 30.0  # after a relisting failed, the old listing is used this long, then retried
 
 
 class FSError(Exception):
@@ -423,6 +425,7 @@ class VFS:
         self._fh = itertools.count(1)
         self._next_ino = max(index.next_ino(), ROOT_INO + 1)
         self._listing: dict[int, trio.Event] = {}
+        self._slow: set[int] = set()  # directories whose relisting outlasted STALE_WAIT
         self._warned: set[str] = set()
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -501,30 +504,88 @@ class VFS:
             log.warning("skipping S3 key %r: %s", key, why)
 
     async def _ensure_listed(self, d: Node, op: str = "list") -> None:
+        """List d if it has no listing or its listing is older than the metadata TTL.
+
+        A first listing is waited for; if S3 fails it, a listing kept in the index, however
+        old, is used rather than EIO.  A relisting runs in the background: the caller waits
+        for it at most STALE_WAIT seconds and otherwise goes on with the listing it has, and
+        a failed relisting keeps the old listing for STALE_RETRY seconds, so files already
+        listed (and cached) stay readable while S3 is down or slow."""
         if d.children is not None and time.monotonic() - d.listed_at < self.cfg.metadata_ttl:
             return
         ev = self._listing.get(d.ino)
-        if ev is not None:  # share the listing under way
+        if ev is None:
+            ev = trio.Event()
+            self._listing[d.ino] = ev
+            if d.children is not None:
+                self.nursery.start_soon(self._relist, d, ev, op)
+            else:
+                try:
+                    await self._first_listing(d, op)
+                finally:
+                    if self._listing.get(d.ino) is ev:
+                        del self._listing[d.ino]
+                    ev.set()
+                return
+        if d.children is None:  # share the first listing under way
             await ev.wait()
             if d.children is not None:
                 return
             # it failed (its caller logged why and got EIO): so do its waiters, rather
             # than each of them asking the failing S3 again in turn
             raise FSError(errno.EIO)
-        ev = trio.Event()
-        self._listing[d.ino] = ev
+        if d.ino in self._slow:
+            return  # an earlier caller already waited for this relisting
+        with trio.move_on_after(STALE_WAIT) as cs:
+            await ev.wait()
+        if cs.cancelled_caught and not ev.is_set():
+            self._slow.add(d.ino)
+            log.warning("listing %s takes longer than %.0f s: using the one from %.0f s ago "
+                        "meanwhile", self.display_path(d), STALE_WAIT,
+                        time.monotonic() - d.listed_at)
+
+    async def _first_listing(self, d: Node, op: str) -> None:
+        if await self._load_listing(d):
+            return
         try:
-            if d.children is None and await self._load_listing(d):
+            await self._traced_list(d, op)
+        except FSError:
+            if await self._load_listing(d, any_age=True):
+                log.warning("using the listing of %s kept from %.0f s ago until S3 answers",
+                            self.display_path(d), time.monotonic() - d.listed_at)
+                self._retry_later(d)
                 return
-            if current() is None:  # a FUSE lookup/opendir that reaches S3: its own trace
-                with self.tracer.start(op, ino=d.ino, path=self.display_path(d)):
-                    await self._list(d)
-            else:
-                await self._list(d)
+            raise
+
+    async def _relist(self, d: Node, ev: trio.Event, op: str) -> None:
+        try:
+            await self._traced_list(d, op, own=True)
+        except FSError:  # _list logged why
+            log.warning("using the listing of %s from %.0f s ago until S3 answers",
+                        self.display_path(d), time.monotonic() - d.listed_at)
+            self._retry_later(d)
+        except Exception:  # a bug: never the end of the daemon for a background relisting
+            log.exception("relisting %s failed", self.display_path(d))
+            self._retry_later(d)
         finally:
             if self._listing.get(d.ino) is ev:
                 del self._listing[d.ino]
+            self._slow.discard(d.ino)
             ev.set()
+
+    def _retry_later(self, d: Node) -> None:
+        self.stats.inc("dir_listings_stale")
+        d.listed_at = time.monotonic() - self.cfg.metadata_ttl + min(STALE_RETRY,
+                                                                      self.cfg.metadata_ttl)
+
+    async def _traced_list(self, d: Node, op: str, own: bool = False) -> None:
+        """own: a trace of its own even inside a traced request (a background relisting
+        outlives the request that started it)."""
+        if own or current() is None:  # a FUSE lookup/opendir that reaches S3: its own trace
+            with self.tracer.start(op, ino=d.ino, path=self.display_path(d)):
+                await self._list(d)
+        else:
+            await self._list(d)
 
     async def _list(self, d: Node) -> None:
         m = d.mount
@@ -550,8 +611,9 @@ class VFS:
         assert d.mount is not None
         return path_key(d.mount.spec.name, "listing:" + d.mount.spec.prefix + d.path)
 
-    async def _load_listing(self, d: Node) -> bool:
-        """Use the listing kept in the index if it is younger than the metadata TTL."""
+    async def _load_listing(self, d: Node, any_age: bool = False) -> bool:
+        """Use the listing kept in the index if it is younger than the metadata TTL (or of
+        any age: S3 cannot list it now)."""
         key = self._listing_key(d)
 
         def load() -> Listing | None:
@@ -560,7 +622,7 @@ class VFS:
                 return None
             doc = json.loads(blob)
             age = time.time() - float(doc["t"])
-            if not 0 <= age < self.cfg.metadata_ttl:
+            if not any_age and not 0 <= age < self.cfg.metadata_ttl:
                 return None
             return Listing(doc["p"], [ObjInfo(k, size, etag, mtime)
                                       for k, size, etag, mtime in doc["o"]]), age

@@ -403,6 +403,8 @@ def test_s3_faults_retried(s3, bucket, mounts, proxy):
 def test_persistent_failure_gives_eio_within_bound(s3, bucket, mounts, proxy):
     import time
 
+    from cachefs.chunks.reader import FAILED_FOR
+
     put(s3, bucket, "p.bin", random.randbytes(CS))
     cached = put(s3, bucket, "cached.bin", random.randbytes(CS))
     m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "3", "--s3-timeout", "2s"))
@@ -425,7 +427,62 @@ def test_persistent_failure_gives_eio_within_bound(s3, bucket, mounts, proxy):
         m.path("p.bin").read_bytes()
     assert time.monotonic() - t0 < 3 * 2 + 2
     proxy.reset()
+    time.sleep(FAILED_FOR)  # a chunk whose fetch just failed fails again at once until then
     assert len(m.path("p.bin").read_bytes()) == CS
+
+
+def test_listed_files_stay_readable_when_s3_fails_after_the_ttl(s3, bucket, mounts, proxy):
+    """S3 down or stalled once the metadata TTL has run out: the relisting fails or hangs,
+    and the directory's last listing goes on serving (cached files read, listed files
+    stat) instead of EIO after each open waited out the retry budget."""
+    import time
+
+    from cachefs.vfs import STALE_WAIT
+
+    cached = put(s3, bucket, "d/cached.bin", random.randbytes(CS))
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s", "--s3-max-attempts", "2",
+                                        "--s3-timeout", "20s"))
+    assert m.path("d/cached.bin").read_bytes() == cached
+    proxy.faults(persistent_status=500, ops=["ListObjects", "GetObject"])
+    time.sleep(1.2)
+    assert m.path("d/cached.bin").read_bytes() == cached  # EIO before
+    assert m.counters().get("dir_listings_stale", 0) >= 1
+    proxy.reset()
+    time.sleep(1.2)  # past the TTL again (the retry after a failure waits min(TTL, 30 s))
+    os.listdir(m.path("d"))  # relisted: the stall below starts from a fresh TTL
+    proxy.faults(delay=60, count=-1, ops=["ListObjects", "GetObject"])  # stalled: 20 s a LIST
+    time.sleep(1.2)
+    t0 = time.monotonic()
+    assert m.path("d/cached.bin").read_bytes() == cached
+    first = time.monotonic() - t0
+    t0 = time.monotonic()
+    assert m.path("d/cached.bin").stat().st_size == CS
+    again = time.monotonic() - t0
+    # at most STALE_WAIT per directory level (the root, d); 80 s before (two attempts of
+    # 20 s per level)
+    assert first < 2 * STALE_WAIT + 2, first
+    assert again < 1, again  # the relisting under way is not waited for again
+    proxy.reset()
+
+
+def test_a_stalled_read_fails_within_one_retry_budget(s3, bucket, mounts, proxy):
+    """The kernel retries a failed read-ahead read of the same pages straight away: it gets
+    the error at once, instead of waiting out a second retry budget (8.2 s before, here)."""
+    import time
+
+    put(s3, bucket, "big.bin", random.randbytes(32 * CS))
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "2", "--s3-timeout", "2s"))
+    m.path("big.bin").stat()
+    proxy.faults(delay=30, count=-1)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as ei:
+        with open(m.path("big.bin"), "rb") as f:
+            while f.read(1 << 20):
+                pass
+    took = time.monotonic() - t0
+    assert ei.value.errno == errno.EIO
+    assert took < 2 * 2 + 1.5, took  # one budget: 2 attempts of 2 s, and the backoff
+    assert m.counters().get("fetch_failures_repeated", 0) >= 1
 
 
 def test_readahead_sequential_not_random(s3, bucket, mounts, proxy):

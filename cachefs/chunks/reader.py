@@ -10,22 +10,33 @@ Tiers, in order:
 Singleflight: concurrent ``get`` calls for one chunk id share one fetch.  The
 fetch runs in a service nursery, not in the caller's task, so a caller that is
 cancelled (an interrupted read) does not fail the others; it only stops
-waiting.  Errors reach every waiter, and the next call starts a fresh fetch.
+waiting.  Errors reach every waiter.  A chunk whose fetch failed fails again at once for
+``FAILED_FOR`` seconds (the kernel retries a failed read-ahead read straight away, and
+that retry would wait out a second S3 retry budget), and once S3 has answered that an
+object version is gone (412), its chunks that are not cached fail at once for
+``CHANGED_FOR`` seconds instead of one 412 per chunk of every read-ahead.  Cached chunks
+of that version are still served.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import time
 from typing import Protocol
 
 import trio
 
+from ..errors import ObjectChanged, S3Error
 from ..stats import Stats
 from ..store.chunkstore import ChunkBuf, ChunkStore
 from ..trace import span
 from .ids import ChunkRef
 
 log = logging.getLogger("cachefs.reader")
+
+FAILED_FOR = 2.0  # seconds a chunk whose fetch failed fails again without a new fetch
+CHANGED_FOR = 60.0  # seconds an object version S3 no longer has fails without a GET
 
 
 class PeerTier(Protocol):
@@ -51,6 +62,8 @@ class ChunkReader:
         self.peers = peers
         self._flights: dict[bytes, _Flight] = {}
         self.flights = self._flights.keys()  # chunk ids being fetched (read-only view)
+        self._failed: dict[bytes, tuple[float, S3Error]] = {}  # chunk id → (until, error)
+        self._changed: dict[tuple[str, str, str], tuple[float, S3Error]] = {}  # version
 
     @property
     def in_flight(self) -> int:
@@ -69,6 +82,7 @@ class ChunkReader:
                     return data
                 f = self._flights.get(ref.cid)
         if f is None:
+            self._fail_fast(ref)
             f = _Flight()
             self._flights[ref.cid] = f
             self.nursery.start_soon(self._run, ref, f, pin, local_only)
@@ -88,11 +102,39 @@ class ChunkReader:
             await self.store.set_pinned([ref.cid], True)
         return f.data
 
+    def _fail_fast(self, ref: ChunkRef) -> None:
+        """Raise the error of a fetch of this chunk (or a 412 for its version) that failed
+        moments ago."""
+        if not (self._failed or self._changed):
+            return
+        now = time.monotonic()
+        for memo, key in ((self._failed, ref.cid),
+                          (self._changed, (ref.obj.bucket, ref.obj.key, ref.obj.etag))):
+            got = memo.get(key)  # type: ignore[attr-defined]
+            if got is not None:
+                if got[0] > now:
+                    self.stats.inc("fetch_failures_repeated")
+                    raise copy.copy(got[1])
+                del memo[key]  # type: ignore[attr-defined]
+
+    def _remember(self, ref: ChunkRef, e: S3Error) -> None:
+        now = time.monotonic()
+        for memo in (self._failed, self._changed):  # forget what has expired
+            if len(memo) > 1024:
+                for k in [k for k, (until, _) in memo.items() if until <= now]:
+                    del memo[k]
+        if isinstance(e, ObjectChanged):
+            self._changed[(ref.obj.bucket, ref.obj.key, ref.obj.etag)] = (now + CHANGED_FOR, e)
+        else:
+            self._failed[ref.cid] = (now + FAILED_FOR, e)
+
     async def _run(self, ref: ChunkRef, f: _Flight, pin: bool, local_only: bool) -> None:
         try:
             f.data = await self._fetch(ref, pin, local_only)
         except Exception as e:  # noqa: BLE001 - handed to every waiter
             f.error = e
+            if isinstance(e, S3Error):
+                self._remember(ref, e)
         finally:
             del self._flights[ref.cid]
             f.done.set()
