@@ -17,7 +17,7 @@ import click
 
 from . import filelist, runtime
 from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
-from .report import human
+from .report import human, printable
 
 MAX_ERROR_LINES = 50  # failed entries printed; --json carries them all
 PLAIN_EVERY = 2.0  # seconds between progress lines when stderr is not a terminal
@@ -26,7 +26,9 @@ REQUEST_TIMEOUT = 120.0  # between two lines from the daemon (it sends progress 
 
 
 def _say(msg: str) -> None:
-    click.echo(f"cachefs: {msg}", err=True)
+    """One line on stderr; entries, paths and daemon reasons in it are escaped (a list or
+    an S3 key may hold control characters: never write them raw to a terminal)."""
+    click.echo(f"cachefs: {printable(msg)}", err=True)
 
 
 def _choose_mount(mount: str | None, text: str) -> str:
@@ -44,7 +46,7 @@ class Prepared:
     def __init__(self, file_list: str, mount: str | None) -> None:
         from .control import ControlClient
 
-        self.list_name = "<stdin>" if file_list == "-" else file_list
+        self.list_name = "<stdin>" if file_list == "-" else printable(file_list)
         text = filelist.read_list(file_list)
         self.mp = _choose_mount(mount, text)
         self.client = ControlClient(runtime.socket_path(self.mp), self.mp)
@@ -279,7 +281,7 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
     if dry_run:
         for w in res.get("warnings", []):
             _say(f"warning: {w}")
-        click.echo(f"dry run for {prep.mp}: {res['files']} files, {human(res['total_bytes'])} "
+        click.echo(f"dry run for {printable(prep.mp)}: {res['files']} files, {human(res['total_bytes'])} "
                    "listed")
         click.echo(f"  already cached  {human(res['cached_before_bytes'])}")
         click.echo(f"  to fetch        {human(res['missing_bytes'])} "
@@ -294,7 +296,7 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
         return
     secs = res["seconds"]
     fs = res.get("fetch_seconds", secs)
-    click.echo(f"preload into {prep.mp}: {res['files']} files, {human(res['total_bytes'])} "
+    click.echo(f"preload into {printable(prep.mp)}: {res['files']} files, {human(res['total_bytes'])} "
                "listed" + (", pinned" if pin else ""))
     click.echo(f"  already cached  {human(res['cached_before_bytes'])}")
     click.echo(f"  fetched         {human(res['fetched_bytes'])} "
@@ -348,7 +350,7 @@ def free(file_list, mount, as_json) -> None:
     else:
         click.echo(f"freed {human(res['freed_bytes'])} ({res['freed_chunks']} chunks, "
                    f"{res['pins_removed']} pinned) of {res['files']} files listed "
-                   f"({human(res['total_bytes'])}) in {prep.mp}"
+                   f"({human(res['total_bytes'])}) in {printable(prep.mp)}"
                    + (f" on {len(res['nodes'])} nodes" if res.get("nodes") else ""))
         if res.get("nodes"):
             _node_lines(res["nodes"], lambda r: f"freed {human(r['freed_bytes'])} "
@@ -385,7 +387,7 @@ def status(file_list, mount, as_json) -> None:
     for f in rows[:MAX_ROWS]:
         click.echo(f"{_pct(f['cached_bytes'], f['size']):6.1f}% "
                    f"{_pct(f['pinned_bytes'], f['size']):6.1f}% {human(f['size']):>10}  "
-                   f"{f['path']}")
+                   f"{printable(f['path'])}")
     if len(rows) > MAX_ROWS:
         click.echo(f"  ... {len(rows) - MAX_ROWS} more files (--json lists them all)")
     tot = res["total_bytes"]

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from .errors import EXIT_USAGE, QuietError
+from .report import printable
 
 
 @dataclass(frozen=True)
@@ -51,18 +52,29 @@ class EntryError:
 
 
 def read_list(path: str) -> str:
-    """The text of the file list (``-`` is stdin); a missing file is one clear line."""
-    if path == "-":
-        return sys.stdin.read()
+    """The text of the file list (``-`` is stdin); a missing file, or one that is not
+    UTF-8 text, is one clear line.  S3 keys, and so every name in a mount, are UTF-8: a
+    list that is not cannot name them (a binary file given by mistake would otherwise
+    print a line of raw bytes for each of its "entries")."""
+    name = "<stdin>" if path == "-" else printable(path)
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
     except FileNotFoundError:
-        raise QuietError(f"file list {path}: no such file", EXIT_USAGE) from None
+        raise QuietError(f"file list {name}: no such file", EXIT_USAGE) from None
     except IsADirectoryError:
-        raise QuietError(f"file list {path}: is a directory", EXIT_USAGE) from None
+        raise QuietError(f"file list {name}: is a directory", EXIT_USAGE) from None
     except OSError as e:
-        raise QuietError(f"file list {path}: {e.strerror or e}", EXIT_USAGE) from None
+        raise QuietError(f"file list {name}: {e.strerror or e}", EXIT_USAGE) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise QuietError(f"file list {name}: not UTF-8 text (line {line})",
+                         EXIT_USAGE) from None
 
 
 def split_lines(text: str) -> list[tuple[int, str]]:

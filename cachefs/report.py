@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
@@ -12,6 +14,27 @@ def human(n: float) -> str:
             break
         n /= 1024
     return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+
+
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(s: str) -> str:
+    """``s`` safe to print on a terminal: control characters (``\\x1b``, ``\\n``...), bidi
+    overrides and undecodable bytes (surrogate escapes, shown as the byte ``\\xNN``) are
+    written as escapes, the way repr() does; everything else is left as it is."""
+    if s.isprintable():
+        return s
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cs"):
+            out.append(repr(ch)[1:-1])
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def format_stats(mp: str, s: dict) -> str:

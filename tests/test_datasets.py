@@ -6,6 +6,7 @@ the counting proxy; chunk size 64 KiB.  Assertions are on GET counts and bytes.
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -340,11 +341,11 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     m = mounts(f"s3://{bucket}")
     lst = write_list(tmp_path, ["data/a.bin", "data/nothing.bin", "# c", "s3://not-ours/k",
-                                "data/a.bin/under", "/somewhere/else"])
+                                "data/a.bin/under", "/somewhere/else", "data/\x1b[2J\x9bx.bin"])
     res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
     assert r.returncode == 2
     assert res["files"] == 1 and res["fetched_bytes"] == 200 * KiB
-    assert [f["line"] for f in res["failed"]] == [2, 4, 5, 6]
+    assert [f["line"] for f in res["failed"]] == [2, 4, 5, 6, 7]
     errs = r.stderr.strip().splitlines()
     assert errs == [
         f"cachefs: {lst}:2: data/nothing.bin: no such file or directory",
@@ -353,7 +354,10 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
         f"cachefs: {lst}:5: data/a.bin/under: not a directory (a file name is used as a "
         "directory)",
         f"cachefs: {lst}:6: /somewhere/else: not under the cachefs mount {m.mp}",
+        # control characters in an entry are shown escaped, never written raw
+        f"cachefs: {lst}:7: data/\\x1b[2J\\x9bx.bin: no such file or directory",
     ]
+    assert res["failed"][-1]["entry"] == "data/\x1b[2J\x9bx.bin"  # --json keeps it as it is
     r = cli("status", "--file-list", lst, "--mount", str(m.mp))
     assert r.returncode == 2 and "total: 1 files" in r.stdout and "100.0%" in r.stdout
     # only bad entries: no file, so no share of one is claimed
@@ -379,6 +383,27 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
             "--mount", str(m.mp))
     proxy.clear_faults()
     assert r.returncode == 1 and "b.txt:1: data/b.bin: S3" in r.stderr
+
+
+def test_a_list_that_is_not_utf8_text_is_one_line(mounts, bucket, tmp_path):
+    """A binary file given as the list printed a line of raw bytes (terminal escapes
+    included) for each of its "entries"; now it is refused on one line, and a control
+    character in the list's name is shown escaped."""
+    m = mounts(f"s3://{bucket}")
+    lst = tmp_path / "bin\x1b[31m.lst"
+    lst.write_bytes(b"data/a.bin\n# fine so far\n\xf0\x95\x1b[2J\x9b\n" +
+                    random.Random(0).randbytes(3000))
+    shown = f"{tmp_path}/bin\\x1b[31m.lst"
+    for cmd in ("preload", "status", "free"):
+        r = cli(cmd, "--file-list", str(lst), "--mount", str(m.mp))
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert r.stderr == f"cachefs: error: file list {shown}: not UTF-8 text (line 3)\n", cmd
+    r = subprocess.run([sys.executable, "-m", "cachefs", "status", "--file-list", "-",
+                        "--mount", str(m.mp)],
+                       input=b"\xff\xfe\x00\x1b]0;x\x07\n", capture_output=True,
+                       env={**os.environ, **CREDS})
+    assert r.returncode == 2 and r.stderr == b"cachefs: error: file list <stdin>: not UTF-8 " \
+                                             b"text (line 1)\n", r.stderr
 
 
 def test_control_socket_refuses_other_users(mounts, bucket, s3, monkeypatch):
