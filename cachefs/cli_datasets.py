@@ -181,6 +181,16 @@ class Progress:
             self.drawn = False
 
 
+def _streams(counts: list[float]) -> str:
+    """Measured concurrencies as whole stream counts: [2.4, 4] → "about 2 and 4 streams".
+    Each is the time-weighted mean of the fetches in flight, hence "about"."""
+    whole = sorted({max(1, round(c)) for c in counts})
+    about = "about " if any(abs(c - round(c)) >= 0.05 for c in counts) else ""
+    names = [str(n) for n in whole]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{about}{listed} stream" + ("" if whole == [1] else "s")
+
+
 def _estimate_text(est: dict) -> str:
     if est.get("seconds") is None:
         return "no measurement yet (no chunk has been fetched by a preload on this node)"
@@ -188,14 +198,20 @@ def _estimate_text(est: dict) -> str:
         return "0s (nothing to fetch)"
     n = est["streams"]
     streams = f"{n} stream" + ("" if n == 1 else "s")
-    at = ", ".join(f"{c:g}" for c in est["measured_streams"])
-    how = {"measured": f"measured at {streams}",
-           "interpolated": f"interpolated between fetches measured at {at} streams",
-           "extrapolated": f"fetches were measured at {at} streams only; a dry run at this "
-                           "--parallel measures it"}[est["basis"]]
-    if "seconds_low" in est and est["basis"] != "extrapolated":
-        how += (f"; on chunks of {human(est['measured_chunk_bytes'])}, and this data set's are "
-                "of another size")
+    basis = est["basis"]
+    if basis == "measured":
+        how = f"measured at {streams}"
+    elif basis == "interpolated":
+        how = ("interpolated between fetches measured at "
+               + _streams(est.get("between_streams") or est["measured_streams"]))
+    else:
+        how = (f"fetches were measured only at {_streams(est['measured_streams'])}, hence the "
+               f"range; a dry run with this --parallel would measure fetches at {streams}")
+    if "seconds_low" in est and basis != "extrapolated":
+        plan = est.get("plan_chunk_bytes")
+        theirs = f"average {human(plan)}" if plan else "are of another size"
+        how += (f"; the fetches were timed on {human(est['measured_chunk_bytes'])} chunks and "
+                f"this data set's {theirs}, hence the range")
     src = (f"{est['probed_chunks']} chunk fetches just now" if est.get("probed_chunks")
            else f"{est['samples']} chunk fetches since the daemon started")
     return f"{_span(est)} with {streams} ({how}; from {src})"

@@ -192,6 +192,7 @@ class ThroughputModel:
         elif below and above:
             basis = "interpolated"
             (c0, lo0, hi0, _), (c1, lo1, hi1, _) = below[-1], above[0]
+            out["between_streams"] = [round(c0, 1), round(c1, 1)]
             k = math.log(s / c0) / math.log(c1 / c0)
             lo, hi = lo0 * (lo1 / lo0) ** k, hi0 * (hi1 / hi0) ** k
         elif below:  # more streams than ever measured: from no gain to a linear one
@@ -205,7 +206,8 @@ class ThroughputModel:
         secs = math.sqrt(lo * hi)
         out.update(seconds=round(secs, 3), measured=True, basis=basis,
                    measured_streams=[round(p[0], 1) for p in pts],
-                   measured_chunk_bytes=round(nearest[3].chunk_bytes))
+                   measured_chunk_bytes=round(nearest[3].chunk_bytes),
+                   plan_chunk_bytes=round(missing_bytes / missing_chunks))
         if hi > lo * RANGE:
             out.update(seconds_low=round(lo, 3), seconds_high=round(hi, 3))
         return out

@@ -102,19 +102,32 @@ def test_throughput_model():
         m.observe(CHUNK, 0.52, 5.3)
     est = m.estimate(80 * CHUNK, 80, 4, 32)  # between the two, on a log-log line
     assert est["basis"] == "interpolated" and est["seconds"] == pytest.approx(8 * 0.5 ** (2 / 3), abs=1e-3)
+    assert _estimate_text(est) == (
+        "5.0s with 4 streams (interpolated between fetches measured at 1 and 8 streams; from "
+        "12 chunk fetches since the daemon started)")
     # more streams than measured: from "no further gain" to "linear gain", never just linear
     est = m.estimate(80 * CHUNK, 80, 32, 64)
     assert est["basis"] == "extrapolated" and est["measured_streams"] == [1, 8]
     assert (est["seconds_low"], est["seconds_high"]) == (pytest.approx(1.0), pytest.approx(4.0))
     assert est["seconds"] == pytest.approx(2.0)
     assert _estimate_text(est) == (
-        "1.0s to 4.0s with 32 streams (fetches were measured at 1, 8 streams only; a dry run "
-        "at this --parallel measures it; from 12 chunk fetches since the daemon started)")
+        "1.0s to 4.0s with 32 streams (fetches were measured only at 1 and 8 streams, hence "
+        "the range; a dry run with this --parallel would measure fetches at 32 streams; from "
+        "12 chunk fetches since the daemon started)")
     assert m.estimate(80 * CHUNK, 80, 32, 8)["streams"] == 8  # capped by the S3 concurrency
     assert m.near(8) and m.near(10) and not m.near(4)
     # chunks of another size than measured: between per-byte and per-chunk time
     est = m.estimate(80 * CHUNK // 8, 80, 1, 32)
     assert (est["seconds_low"], est["seconds_high"]) == (pytest.approx(1.0), pytest.approx(8.0))
+    assert _estimate_text(est) == (
+        "1.0s to 8.0s with 1 stream (measured at 1 stream; the fetches were timed on 64.0 KiB "
+        "chunks and this data set's average 8.0 KiB, hence the range; from 12 chunk fetches "
+        "since the daemon started)")
+    # concurrencies are time-weighted means: shown as whole streams, "about"
+    assert _estimate_text({**est, "basis": "extrapolated", "streams": 8,
+                           "measured_streams": [2.4, 4.0]}).startswith(
+        "1.0s to 8.0s with 8 streams (fetches were measured only at about 2 and 4 streams, "
+        "hence the range; a dry run with this --parallel would measure fetches at 8 streams; ")
     # sizes that vary separate latency from bandwidth: t = 10 ms + bytes / 1 MB/s
     m = ThroughputModel()
     for size in (CHUNK, CHUNK // 4, CHUNK // 2) * 4:
