@@ -108,6 +108,12 @@ def _pct(a: int, b: int) -> float:
     return 100.0 * a / b if b else 100.0
 
 
+def _share(a: int, b: int) -> str:
+    """``a`` as a share of ``b`` for status: "—" when ``b`` is 0 (an empty file has
+    nothing to cache or pin, and 0 of 0 bytes must not read as 100% pinned)."""
+    return f"{100.0 * a / b:.1f}%" if b else "—"
+
+
 class Progress:
     """A bar on a terminal, a line every ~2 s otherwise; nothing with --json off a tty."""
 
@@ -401,8 +407,8 @@ def status(file_list, mount, as_json) -> None:
     rows = res["files"]
     click.echo(f"{'cached':>7} {'pinned':>7} {'size':>10}  path")
     for f in rows[:MAX_ROWS]:
-        click.echo(f"{_pct(f['cached_bytes'], f['size']):6.1f}% "
-                   f"{_pct(f['pinned_bytes'], f['size']):6.1f}% {human(f['size']):>10}  "
+        click.echo(f"{_share(f['cached_bytes'], f['size']):>7} "
+                   f"{_share(f['pinned_bytes'], f['size']):>7} {human(f['size']):>10}  "
                    f"{printable(f['path'])}")
     if len(rows) > MAX_ROWS:
         click.echo(f"  ... {len(rows) - MAX_ROWS} more files (--json lists them all)")
@@ -411,8 +417,8 @@ def status(file_list, mount, as_json) -> None:
         click.echo("total: 0 files")
     else:
         click.echo(f"total: {len(rows)} files, {human(tot)}; cached "
-                   f"{human(res['cached_bytes'])} ({_pct(res['cached_bytes'], tot):.1f}%), "
-                   f"pinned {human(res['pinned_bytes'])} ({_pct(res['pinned_bytes'], tot):.1f}%)")
+                   f"{human(res['cached_bytes'])} ({_share(res['cached_bytes'], tot)}), "
+                   f"pinned {human(res['pinned_bytes'])} ({_share(res['pinned_bytes'], tot)})")
     if res.get("nodes"):
         _node_lines(res["nodes"], lambda r: f"cached {human(r['cached_bytes'])}, pinned "
                     f"{human(r['pinned_bytes'])} (owns {human(r['owned_bytes'])})")

@@ -290,6 +290,30 @@ def test_free_removes_exactly_the_listed_files(mounts, bucket, s3, proxy, tmp_pa
     assert proxy.gets() == 4
 
 
+def test_status_of_an_empty_file(mounts, bucket, s3, tmp_path):
+    """A 0-byte file never pinned showed as 100.0% cached and 100.0% pinned, and a total
+    of 0 B as "pinned 0 B (100.0%)": a share of nothing is shown as "—"."""
+    put(s3, bucket, {"e/empty": 0, "e/full.bin": 2 * CHUNK})
+    m = mounts(f"s3://{bucket}")
+    empty = write_list(tmp_path, ["e/empty"], "empty.txt")
+    both = write_list(tmp_path, ["e/"], "both.txt")
+    r = cli("status", "--file-list", empty, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        " cached  pinned       size  path",
+        f"      —       —        0 B  {m.mp}/e/empty",
+        "total: 1 files, 0 B; cached 0 B (—), pinned 0 B (—)"]
+    st, _ = run_json("status", "--file-list", empty, "--mount", str(m.mp))
+    assert st["files"][0]["size"] == st["files"][0]["pinned_bytes"] == st["pinned_bytes"] == 0
+    assert cli("preload", "--file-list", both, "--mount", str(m.mp), "--pin").returncode == 0
+    r = cli("status", "--file-list", both, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[1:] == [
+        f"      —       —        0 B  {m.mp}/e/empty",
+        f" 100.0%  100.0%  128.0 KiB  {m.mp}/e/full.bin",
+        "total: 2 files, 128.0 KiB; cached 128.0 KiB (100.0%), pinned 128.0 KiB (100.0%)"]
+
+
 def test_free_while_reading(mounts, bucket, s3, proxy, tmp_path):
     data = put(s3, bucket, {"big.bin": 16 * CHUNK})
     m = mounts(f"s3://{bucket}")
