@@ -246,6 +246,17 @@ def _unreachable(res: dict, code: int) -> int:
     return code or (EXIT_FAILED if res.get("unreachable") else 0)
 
 
+def _on_nodes(nodes: dict) -> str:
+    """The end of free's summary: 'on 3 nodes', or 'on 2 of 3 nodes, not on n2' when n2
+    did not answer (its reason is on stderr and in its node line)."""
+    if not nodes:
+        return ""
+    bad = sorted(n for n, row in nodes.items() if row.get("error"))
+    if not bad:
+        return f" on {len(nodes)} nodes"
+    return f" on {len(nodes) - len(bad)} of {len(nodes)} nodes, not on {', '.join(bad)}"
+
+
 def _node_lines(nodes: dict, fmt) -> None:
     for n, row in sorted(nodes.items()):
         text = str(row["error"]).removeprefix(f"node {n} ") if row.get("error") else fmt(row)
@@ -373,7 +384,7 @@ def free(file_list, mount, as_json) -> None:
         click.echo(f"freed {human(res['freed_bytes'])} ({res['freed_chunks']} chunks, "
                    f"{res['pins_removed']} pinned) of {res['files']} files listed "
                    f"({human(res['total_bytes'])}) in {printable(prep.mp)}"
-                   + (f" on {len(res['nodes'])} nodes" if res.get("nodes") else ""))
+                   + _on_nodes(res.get("nodes") or {}))
         if res.get("nodes"):
             _node_lines(res["nodes"], lambda r: f"freed {human(r['freed_bytes'])} "
                         f"({r['freed_chunks']} chunks, {r['pins_removed']} pinned)")

@@ -214,3 +214,10 @@ def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_p
     assert res["pins_removed"] == len(own_p["n0"]) + len(own_p["n1"])
     st, _ = run(ms[1], "status", lp)
     assert st["nodes"]["n0"]["cached_bytes"] == st["nodes"]["n1"]["cached_bytes"] == 0
+    # the summary counts the nodes that answered and names the one that did not (it said
+    # "on 3 nodes" with n2 down)
+    r = cli("free", "--file-list", lq, "--mount", str(ms[0].mp))
+    assert r.returncode == 1 and "node n2 unreachable" in r.stderr, r.stderr
+    assert r.stdout.splitlines()[0] == (
+        f"freed 384.0 KiB (6 chunks, 0 pinned) of 3 files listed (384.0 KiB) in {ms[0].mp} "
+        "on 2 of 3 nodes, not on n2"), r.stdout
