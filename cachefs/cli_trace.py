@@ -315,8 +315,9 @@ def render_capture(res: dict) -> str:
             + ("" if res.get("direct") else "  (no O_DIRECT: page cache dropped instead)"))
     if cold:
         ok = [n for n, v in cold["nodes"].items() if "error" not in v]
+        of = f" of {len(cold['nodes'])}" if len(ok) < len(cold["nodes"]) else ""
         head += (f"\n  --cold: dropped {human(cold['dropped_bytes'])} of {cold['chunks']} "
-                 f"chunk(s) on {len(ok)} node(s)")
+                 f"chunk(s) on {len(ok)}{of} node(s)")
         if cold.get("kept_pinned"):
             head += (f"; kept {cold['kept_pinned']} pinned chunk(s) (a data set's: `cachefs "
                      "free` it to trace them cold)")
@@ -512,6 +513,14 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
         click.echo(render_capture(res))
     if got < length:
         raise QuietError(f"short read: {got} of {length} bytes")
+    failed = {n: v["error"] for n, v in (res.get("cold") or {}).get("nodes", {}).items()
+              if "error" in v}
+    if failed:
+        # the trace is printed, but it may not be cold: a node that did not answer may still
+        # hold (and serve) chunks of the range
+        raise QuietError("--cold could not drop the range's chunks on "
+                         + ", ".join(f"node {n} ({e})" for n, e in sorted(failed.items()))
+                         + ": the trace may show cached reads")
 
 
 COMMANDS = [trace_cmd]

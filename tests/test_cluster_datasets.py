@@ -221,3 +221,17 @@ def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_p
     assert r.stdout.splitlines()[0] == (
         f"freed 384.0 KiB (6 chunks, 0 pinned) of 3 files listed (384.0 KiB) in {ms[0].mp} "
         "on 2 of 3 nodes, not on n2"), r.stdout
+    # trace --cold cannot drop n2's copies: the trace is shown, but it exits 1 and says so
+    # (it exited 0)
+    path = str(ms[0].path(next(iter(q))))
+    for args in ((), ("--json",)):
+        r = cli("trace", path, "--cold", *args)
+        assert r.returncode == 1, (r.returncode, r.stderr)
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            "cachefs: error: --cold could not drop the range's chunks on node n2 ("), r.stderr
+        assert err[0].endswith("): the trace may show cached reads"), r.stderr
+    assert set(json.loads(r.stdout)["cold"]["nodes"]) == set(NODES)
+    assert "error" in json.loads(r.stdout)["cold"]["nodes"]["n2"]
+    r = cli("trace", path, "--cold")
+    assert "on 2 of 3 node(s)" in r.stdout and "--cold: node n2: " in r.stdout, r.stdout
