@@ -30,7 +30,7 @@ import click
 from . import runtime
 from .config import parse_duration, parse_size
 from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError
-from .report import human
+from .report import human, printable
 
 DOMINANT = "◀ dominant"
 BLOCK = 1 << 20
@@ -49,17 +49,46 @@ def _offset(v: str | None, what: str) -> int | None:
     return parse_size(v, what)
 
 
-def _mount_of(path: str, mount: str | None) -> str:
-    if mount:
-        return runtime.find_mount(mount)
-    real = os.path.realpath(path)
+def _inside(path: str, mp: str) -> bool:
+    return path == mp or path.startswith(mp.rstrip("/") + "/")
+
+
+def _holding(path: str) -> str:
+    """The cachefs mount holding ``path`` (the deepest), or ""."""
     best = ""
     for mp in runtime.cachefs_mounts():
-        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) > len(best):
+        if _inside(path, mp) and len(mp) > len(best):
             best = mp
-    if not best:
-        raise QuietError(f"{path} is not inside a cachefs mount", EXIT_NO_DAEMON)
     return best
+
+
+def _locate(path: str, mount: str | None) -> tuple[str, str]:
+    """(the file to read, its mountpoint).  A relative PATH is taken from the current
+    directory when that is inside the mount (--mount's, or any cachefs mount without
+    --mount), as a shell would; otherwise from the mount's root (--mount, or the only
+    mount), as file lists take it.  With --mount, PATH must be inside that mount."""
+    mp = runtime.find_mount(mount) if mount else ""
+    if not os.path.isabs(path):
+        try:
+            cwd = os.path.realpath(os.getcwd())
+        except OSError:  # the current directory was removed
+            cwd = ""
+        here = mp or (_holding(cwd) if cwd else "")
+        if here and _inside(cwd, here):
+            path = os.path.join(cwd, path)
+        else:
+            mp = mp or runtime.find_mount(None)
+            path = os.path.join(mp, path)
+    path = os.path.normpath(path)
+    real = os.path.realpath(path)
+    if not mp:
+        mp = _holding(real)
+        if not mp:
+            raise QuietError(f"{printable(path)} is not inside a cachefs mount", EXIT_NO_DAEMON)
+    elif not _inside(real, mp):
+        raise QuietError(f"{printable(path)} is not inside the cachefs mount {printable(mp)}",
+                         EXIT_USAGE)
+    return path, mp
 
 
 def _client(mp: str):
@@ -78,7 +107,7 @@ def read_direct(path: str, offset: int, length: int) -> tuple[int, float, bool]:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError as e:
         if e.errno != 22:  # EINVAL: no O_DIRECT support; fall back below
-            raise QuietError(f"cannot open {path}: {e.strerror}") from None
+            raise QuietError(f"cannot open {printable(path)}: {e.strerror}") from None
         fd = os.open(path, os.O_RDONLY)
         direct = False
     try:
@@ -97,7 +126,7 @@ def read_direct(path: str, offset: int, length: int) -> tuple[int, float, bool]:
                     break
                 got += r
         except OSError as e:
-            raise QuietError(f"reading {path} failed: {e.strerror}") from None
+            raise QuietError(f"reading {printable(path)} failed: {e.strerror}") from None
         finally:
             elapsed = time.perf_counter() - t0
             buf.close()
@@ -453,7 +482,8 @@ def _follow(client, slower: float | None, prefix: str | None, as_json: bool) -> 
 
 def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json: bool,
                 mount: str | None) -> None:
-    mp = _mount_of(path, mount)
+    path, mp = _locate(path, mount)
+    shown = printable(path)
     client = _client(mp)
     info = client.request({"op": "info"})
     chunk_size = int(info.get("chunk_size") or 0) or None
@@ -461,13 +491,13 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
         st = os.stat(path)
     except OSError as e:
         # a path that is not there is the user's to fix; EIO or EACCES is a failure
-        raise QuietError(f"{path}: {e.strerror}", EXIT_USAGE if e.errno in (
+        raise QuietError(f"{shown}: {e.strerror}", EXIT_USAGE if e.errno in (
             errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG) else EXIT_FAILED) from None
     if not os.path.isfile(path):
-        raise QuietError(f"{path} is not a regular file", EXIT_USAGE)
+        raise QuietError(f"{shown} is not a regular file", EXIT_USAGE)
     if offset >= st.st_size:
-        raise QuietError(f"--offset {offset} is at or past the end of {path} ({st.st_size} bytes)",
-                         EXIT_USAGE)
+        raise QuietError(f"--offset {offset} is at or past the end of {shown} ({st.st_size} "
+                         "bytes)", EXIT_USAGE)
     if length == 0:
         raise QuietError("--length 0 reads nothing: give a length of at least 1 byte",
                          EXIT_USAGE)

@@ -288,6 +288,42 @@ def read_direct(path, size: int) -> None:
         os.close(fd)
 
 
+# -- trace PATH: a relative PATH ------------------------------------------------------------
+
+
+def trace_in(cwd, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cachefs", "trace", *args], cwd=cwd,
+                          capture_output=True, text=True, env={**os.environ, **CREDS},
+                          timeout=60)
+
+
+def test_trace_a_relative_path(mounts, s3, bucket, tmp_path):
+    """`trace top.txt --mount MP` from outside the mount read ./top.txt and failed; a
+    relative PATH is now taken from the mount's root when the current directory is not
+    inside the mount (as file lists take it), and from the current directory when it is."""
+    put(s3, bucket, "top.txt", 1000, seed=7)
+    put(s3, bucket, "dir/sub.bin", 3000, seed=8)
+    m = mounts(f"s3://{bucket}")
+    (tmp_path / "top.txt").write_text("a local file of that name is not the mount's\n")
+    r = trace_in(tmp_path, "top.txt", "--json", "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["path"] == f"{m.mp}/top.txt" and res["bytes_read"] == 1000, res
+    assert res["traces"] and res["mountpoint"] == str(m.mp)
+    for args in (("--mount", str(m.mp)), ()):  # inside the mount: from the current directory
+        r = trace_in(m.path("dir"), "sub.bin", "--json", *args)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert res["path"] == f"{m.mp}/dir/sub.bin" and res["bytes_read"] == 3000, res
+    r = trace_in(tmp_path, "nothing.txt", "--mount", str(m.mp))
+    assert r.returncode == 2 and r.stderr == \
+        f"cachefs: error: {m.mp}/nothing.txt: No such file or directory\n", r.stderr
+    # a file outside the mount named with --mount is not traced as if it were in it
+    r = trace_in(tmp_path, str(tmp_path / "top.txt"), "--mount", str(m.mp))
+    assert r.returncode == 2 and r.stderr == (f"cachefs: error: {tmp_path}/top.txt is not "
+                                              f"inside the cachefs mount {m.mp}\n"), r.stderr
+
+
 # -- --follow shows slow reads only ---------------------------------------------------------
 
 
