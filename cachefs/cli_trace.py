@@ -440,12 +440,33 @@ def trace_cmd(path, offset, length, cold, as_json, follow, slower_than, path_pre
         if not r.get("enabled", True):
             click.echo("cachefs: tracing is off in the daemon (CACHEFS_TRACING=0)", err=True)
         if not r["traces"]:
-            click.echo("no traces yet" if not slow else
-                       f"no traces slower than {r['slow_threshold_ms']} ms yet")
+            click.echo(_none_found(client, r, slow, slower_than, path_prefix))
         for t in r["traces"]:
             d = dominant([t])
             click.echo("\n".join(render_tree(t, d[1] if d else None)))
             click.echo("")
+
+
+def _none_found(client, r: dict, slow: bool, slower_than: str | None,
+                path_prefix: str | None) -> str:
+    """Why --recent printed nothing: no trace kept yet, or none passed the filters (which
+    is not the same: traces exist, only not under that prefix or that slow)."""
+    none_yet = ("no traces yet" if not slow else
+                f"no traces slower than {r['slow_threshold_ms']} ms yet")
+    if not slower_than and not path_prefix:
+        return none_yet
+    st = client.request({"op": "trace_stats"})["tracer"]
+    kept = int(st.get("slow_kept" if slow else "recent_kept", 0))
+    if not kept:
+        return none_yet
+    what = []
+    if path_prefix:
+        what.append(f"under {printable(path_prefix)}")
+    if slower_than:
+        what.append(f"at least {printable(slower_than)} long")
+    kind = "slow trace" if slow else "recent trace"
+    return (f"none of the {kept} {kind}{'' if kept == 1 else 's'} kept is "
+            + " and ".join(what))
 
 
 def _display_prefix(p: str, mp: str) -> str:

@@ -324,6 +324,31 @@ def test_trace_a_relative_path(mounts, s3, bucket, tmp_path):
                                               f"inside the cachefs mount {m.mp}\n"), r.stderr
 
 
+def test_recent_says_when_filters_leave_nothing(mounts, s3, bucket):
+    """`--recent 2 --path-prefix /nonexistent` said "no traces yet" although traces were
+    kept and only filtered out."""
+    put(s3, bucket, "t.bin", CHUNK, seed=9)
+    m = mounts(f"s3://{bucket}")
+    mp = str(m.mp)
+    kept = m.request({"op": "trace_stats"})["tracer"]["recent_kept"]
+    if not kept:  # nothing traced yet: that is what it says, filter or not
+        r = cli("trace", "--recent", "2", "--path-prefix", "/nonexistent", "--mount", mp)
+        assert r.returncode == 0 and r.stdout == "no traces yet\n", r.stdout
+    read_direct(m.path("t.bin"), CHUNK)
+    kept = m.request({"op": "trace_stats"})["tracer"]["recent_kept"]
+    assert kept >= 1
+    kept_s = f"{kept} recent trace{'' if kept == 1 else 's'} kept"
+    r = cli("trace", "--recent", "2", "--path-prefix", "/nonexistent", "--mount", mp)
+    assert r.returncode == 0 and r.stdout == f"none of the {kept_s} is under /nonexistent\n", \
+        r.stdout
+    r = cli("trace", "--recent", "2", "--slower-than", "1h", "--path-prefix", f"{mp}/nope",
+            "--mount", mp)
+    assert r.returncode == 0 and r.stdout == (
+        f"none of the {kept_s} is under {mp}/nope and at least 1h long\n"), r.stdout
+    r = cli("trace", "--recent", "2", "--path-prefix", "/t.bin", "--mount", mp)
+    assert r.returncode == 0 and r.stdout.startswith("read /t.bin offset 0"), r.stdout
+
+
 # -- --follow shows slow reads only ---------------------------------------------------------
 
 
