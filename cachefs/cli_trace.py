@@ -119,9 +119,8 @@ def read_direct(path: str, offset: int, length: int) -> tuple[int, float, bool]:
         try:
             while got < length:
                 n = min(BLOCK, length - got)
-                view = memoryview(buf)[:n]
-                r = os.preadv(fd, [view], offset + got)
-                view.release()
+                with memoryview(buf)[:n] as view:  # released on an error too: the buffer
+                    r = os.preadv(fd, [view], offset + got)  # cannot close while viewed
                 if r <= 0:
                     break
                 got += r

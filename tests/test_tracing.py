@@ -349,6 +349,22 @@ def test_recent_says_when_filters_leave_nothing(mounts, s3, bucket):
     assert r.returncode == 0 and r.stdout.startswith("read /t.bin offset 0"), r.stdout
 
 
+def test_trace_of_a_read_that_fails_is_one_line(mounts, s3, bucket, proxy):
+    """A read that failed in the middle of `trace PATH` (S3 refusing the GET: EIO) ended in
+    "internal error: BufferError" (the buffer was closed with a view of it still held)."""
+    put(s3, bucket, "f.bin", 2 * CHUNK, seed=10)
+    m = mounts(f"s3://{bucket}")
+    path = str(m.path("f.bin"))
+    os.stat(path)
+    proxy.faults(persistent_status=403)
+    try:
+        r = cli("trace", path, "--cold")
+    finally:
+        proxy.clear_faults()
+    assert r.returncode == 1 and r.stderr == (
+        f"cachefs: error: reading {path} failed: Input/output error\n"), r.stderr
+
+
 # -- --follow shows slow reads only ---------------------------------------------------------
 
 
