@@ -298,14 +298,14 @@ def _attrs(s: dict) -> str:
             elif k.endswith("_ms"):
                 out.append(f"{k[:-3]} {v} ms")
             else:
-                out.append(f"{k}={v}")
+                out.append(f"{k}={printable(v) if isinstance(v, str) else v}")
     if s.get("open"):
         out.append("(still running)")
     return " ".join(out)
 
 
 def render_tree(t: dict, mark: dict | None = None) -> list[str]:
-    head = (f"{t.get('name')} {t.get('path', '')}".rstrip()
+    head = (f"{t.get('name')} {printable(str(t.get('path', '')))}".rstrip()
             + (f" offset {t['offset']} size {t['size']}" if "offset" in t else "")
             + f"  {t.get('duration_ms')} ms  [node {t.get('node', '?')}, trace "
             f"{t.get('trace_id', '?')}]")
@@ -338,7 +338,7 @@ def render_tree(t: dict, mark: dict | None = None) -> list[str]:
 def render_capture(res: dict) -> str:
     lines = []
     cold = res.get("cold")
-    head = (f"{res['path']}  bytes {res['offset']}–{res['offset'] + res['bytes_read'] - 1}"
+    head = (f"{printable(res['path'])}  bytes {res['offset']}–{res['offset'] + res['bytes_read'] - 1}"
             f" ({human(res['bytes_read'])}) read in {res['elapsed_ms']} ms"
             + ("" if res.get("direct") else "  (no O_DIRECT: page cache dropped instead)"))
     if cold:
@@ -351,7 +351,7 @@ def render_capture(res: dict) -> str:
                      "free` it to trace them cold)")
         for n, v in cold["nodes"].items():
             if "error" in v:
-                head += f"\n  --cold: node {n}: {v['error']}"
+                head += f"\n  --cold: node {n}: {printable(v['error'])}"
     lines.append(head)
     traces = res["traces"]
     if not res.get("enabled", True):

@@ -365,6 +365,27 @@ def test_trace_of_a_read_that_fails_is_one_line(mounts, s3, bucket, proxy):
         f"cachefs: error: reading {path} failed: Input/output error\n"), r.stderr
 
 
+def test_control_characters_in_a_path_are_printed_escaped(mounts, s3, bucket, tmp_path):
+    """A key is a legal file name with an ESC in it (docs/reliability.md); `trace` and
+    `status` wrote it raw, so the terminal ran its escape sequence."""
+    key = "ctl/esc\x1b[2Jred"
+    put(s3, bucket, key, CHUNK, seed=11)
+    m = mounts(f"s3://{bucket}")
+    shown = "ctl/esc\\x1b[2Jred"
+    r = cli("trace", str(m.path(key)))
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and r.stdout.startswith(f"{m.mp}/{shown}  bytes 0–"), r.stdout
+    r = cli("trace", "--recent", "5", "--mount", str(m.mp))
+    assert r.returncode == 0 and "\x1b" not in r.stdout and f"read /{shown} offset" in r.stdout
+    lst = tmp_path / "l.txt"
+    lst.write_text(key + "\n")
+    r = cli("status", "--file-list", str(lst), "--mount", str(m.mp))
+    assert r.returncode == 0 and "\x1b" not in r.stdout and f"{m.mp}/{shown}\n" in r.stdout
+    res = json.loads(cli("status", "--file-list", str(lst), "--mount", str(m.mp),
+                         "--json").stdout)
+    assert res["files"][0]["path"] == f"{m.mp}/{key}"  # --json keeps the name as it is
+
+
 # -- --follow shows slow reads only ---------------------------------------------------------
 
 
