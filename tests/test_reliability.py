@@ -557,9 +557,22 @@ def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
     assert bad == []
     c = m.counters()
     assert c["ssd_write_errors"] >= 1
-    # and again, now that the disk is full: hits and misses, still correct
+    # the limit came down to what the disk holds: eviction makes room again
+    assert c.get("cache_limit_lowered", 0) >= 1, c
+    limit = m.stats()["cache"]["limit_bytes"]
+    assert limit < 4 * 1024 * 1024, limit
+    assert "the cache limit drops from 64 to" in m.log_text()
+    # and again, now that the disk is full: hits and misses, still correct, and new chunks
+    # cached in place of old ones (none were, before)
+    assert c.get("evictions", 0) > 0, c
+    for k in keys:
+        fd = os.open(m.path(k), os.O_RDONLY)  # the reads below reach the daemon
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
     for k in keys[::3]:
         assert read_all(m.path(k)) == objs[k]
+    c2 = m.counters()
+    assert c2["ssd_writes"] > c["ssd_writes"], c2
     assert m.proc.poll() is None, m.log_text()
     assert m.stop() == 0
     CacheState(m.cache_dir).assert_consistent()

@@ -98,6 +98,9 @@ def _write_loop(fd: int, mv: memoryview) -> None:
         mv = mv[os.write(fd, mv):]
 
 
+DISK_FULL_SHARE = 0.95  # on ENOSPC, the limit becomes this share of the chunks held
+
+
 class ChunkStore:
     def __init__(self, cache_dir: Path, index: Index, writer: IndexWriter, stats: Stats, *,
                  limit: int, high: float = 0.9, low: float = 0.8) -> None:
@@ -108,6 +111,7 @@ class ChunkStore:
         self.writer = writer
         self.stats = stats
         self.limit = limit
+        self._marks = (high, low)
         self.high = int(limit * high)
         self.low = int(limit * low)
         self.used = 0
@@ -415,8 +419,7 @@ class ChunkStore:
                 except OSError as e:
                     self.stats.inc("ssd_write_errors")
                     if e.errno == errno.ENOSPC:
-                        log.warning("cache disk full: serving chunk without caching")
-                        self._evict_wakeup.set()
+                        self._disk_full()
                     else:
                         log.warning("chunk write failed: %s", e)
                     return False
@@ -441,6 +444,23 @@ class ChunkStore:
             self.lru[cid] = size
         self.stats.inc("ssd_writes")
         return True
+
+    def _disk_full(self) -> None:
+        """A chunk write met ENOSPC: the file system holds less than the limit promised (it
+        is smaller, or shared). The limit drops to 95% of the chunks it holds now, and
+        eviction goes on from there, so new chunks are cached again in LRU order instead of
+        none at all once the disk is full. Until the daemon restarts."""
+        new = int(self.used * DISK_FULL_SHARE)
+        if new < self.limit:
+            log.warning("cache disk full with %d MiB of chunks: the cache limit drops from "
+                        "%d to %d MiB until restart; this chunk is served without caching",
+                        self.used >> 20, self.limit >> 20, new >> 20)
+            self.limit = new
+            self.high, self.low = (int(new * f) for f in self._marks)
+            self.stats.inc("cache_limit_lowered")
+        else:
+            log.warning("cache disk full: serving a chunk without caching")
+        self._evict_wakeup.set()
 
     def _unlink(self, cid: bytes) -> None:
         try:
