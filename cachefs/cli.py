@@ -84,7 +84,8 @@ def cli() -> None:
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("args", nargs=-1, required=True, metavar="[s3://BUCKET[/PREFIX]] MOUNTPOINT")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="TOML file with [[mount]] tables and settings (flags override it).")
+              help="TOML file with [[mount]] tables and settings (flags override it; its "
+              "[[mount]] tables and an s3:// source on the command line exclude each other).")
 @click.option("--endpoint-url", help="S3 endpoint, e.g. http://s3.internal:9000.")
 @click.option("--region", help="S3 region (default: from the AWS configuration).")
 @click.option("--profile", help="AWS profile for credentials.")

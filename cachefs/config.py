@@ -330,6 +330,9 @@ def build_config(
     profile = pick("profile", s3, "profile")
 
     mounts: list[MountSpec] = []
+    if source and "mount" in raw:
+        raise ConfigError(f"{source} on the command line and the [[mount]] tables of "
+                          f"{config_file} cannot be combined: give one or the other")
     if source:
         bucket, prefix = parse_source(source)
         mounts.append(MountSpec("", bucket, prefix, endpoint, region, profile))

@@ -116,6 +116,13 @@ def test_bad_cli_input(tmp_path):
             ("trace", "otlp_endpoint = 4318", "otlp_endpoint")):
         bad.write_text(f"[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[{table}]\n{line}\n")
         one_line_error(cli("mount", "--config", str(bad), "s3://bucket-x", str(mp)), needle)
+    # a source on the command line would silently drop the file's mount tables
+    tables = tmp_path / "tables.toml"
+    tables.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[[mount]]\n"
+                      "source = 's3://bucket-y'\nendpoint_url = 'http://127.0.0.1:9'\n")
+    one_line_error(cli("mount", "s3://bucket-x", str(mp), "--config", str(tables)),
+                   f"s3://bucket-x on the command line and the [[mount]] tables of {tables} "
+                   "cannot be combined", code=2)
     bad.write_bytes(b"[cache]\nsize = '\xff'\n")
     one_line_error(cli("mount", "--config", str(bad), str(mp)), "not UTF-8")
     bad.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\nhigh_watermark = 'ninety'\n")
