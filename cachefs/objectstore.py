@@ -389,24 +389,29 @@ class ObjectStore:
         async def head_bucket():
             return await self._client.list_objects_v2(Bucket=self.bucket, MaxKeys=1,
                                                       Prefix=self.spec.prefix)
-        where = self.spec.endpoint_url or "the default AWS endpoint"
+        if self.spec.endpoint_url:
+            where = f"S3 endpoint {self.spec.endpoint_url}"
+        else:  # botocore's endpoint for the region (or AWS_ENDPOINT_URL_S3), credentials cut
+            u = urlsplit(getattr(self._client.meta, "endpoint_url", None) or "")
+            host = u.netloc.rpartition("@")[2]
+            where = "the default AWS S3 endpoint" + (f" ({u.scheme}://{host})" if host else "")
         try:
             with trio.fail_after(self.opts.connect_timeout + self.opts.request_timeout):
                 r = await head_bucket()
         except trio.TooSlowError:
-            raise QuietError(f"S3 endpoint {where} did not answer in time") from None
+            raise QuietError(f"{where} did not answer in time") from None
         except Exception as e:  # noqa: BLE001
             if (why := _credential_failure(e)) is not None:
                 raise QuietError(f"could not get AWS credentials: {why}") from None
             c = self._classify(e)
             if (tls := tls_failure(e)) is not None:
-                raise QuietError(f"TLS with S3 endpoint {where} failed: {tls}"
+                raise QuietError(f"TLS with {where} failed: {tls}"
                                  + (" (a private CA's certificate goes in AWS_CA_BUNDLE)"
                                     if "verify failed" in tls else "")) from None
             if isinstance(c, _Retry):
                 if c.status:
-                    raise QuietError(f"S3 endpoint {where} answered {c.status} {c.code}") from None
-                raise QuietError(f"S3 endpoint {where} is unreachable ({c})") from None
+                    raise QuietError(f"{where} answered {c.status} {c.code}") from None
+                raise QuietError(f"{where} is unreachable ({c})") from None
             if isinstance(c, S3Error):
                 if c.status == 403 or c.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
                                                  "AccessDenied"):
@@ -416,7 +421,7 @@ class ObjectStore:
                     # a listing has no object to miss: this is no S3 server (or the wrong
                     # path on one)
                     what = c.code if c.code and not c.code.isdigit() else "Not Found"
-                    raise QuietError(f"S3 endpoint {where} answered {c.status or 404} "
+                    raise QuietError(f"{where} answered {c.status or 404} "
                                      f"{what} to a listing of bucket "
                                      f"{self.bucket!r}: is it an S3 endpoint?") from None
                 raise QuietError(str(c)) from None
