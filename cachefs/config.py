@@ -105,14 +105,24 @@ def check_endpoint(url: str | None, what: str = "S3 endpoint") -> str | None:
     """An endpoint URL: http(s)://host[:port][/path]."""
     if url is None:
         return None
-    u = urlsplit(str(url))
     try:
+        u = urlsplit(str(url))
         u.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
+    except ValueError:  # also an unclosed [IPv6 address
         u = None
     if u is None or u.scheme not in ("http", "https") or not u.hostname:
         raise ConfigError(f"{what} {url!r}: expected http://host:port or https://host")
     return str(url)
+
+
+def _no_credentials(url: Any, where: str) -> None:
+    """S3 credentials come from the AWS chain: an endpoint URL with user:password@ would
+    carry them into the process list, the log and error messages (so the error names
+    the setting, never the URL)."""
+    if url is not None and "@" in str(url).partition("://")[2].partition("/")[0]:
+        raise ConfigError(f"{where}: an S3 endpoint URL must not carry credentials "
+                          "(user:password@); they come from the AWS chain (environment, "
+                          "profile, instance role)")
 
 
 def parse_duration(value: Any, what: str) -> float:
@@ -325,6 +335,8 @@ def build_config(
             return flags[flag]
         return table.get(key, default)
 
+    _no_credentials(flags.get("endpoint_url"), "--endpoint-url")
+    _no_credentials(s3.get("endpoint_url"), "[s3] endpoint_url")
     endpoint = check_endpoint(pick("endpoint_url", s3, "endpoint_url"))
     region = pick("region", s3, "region")
     profile = pick("profile", s3, "profile")
@@ -348,6 +360,7 @@ def build_config(
                 raise ConfigError(f"config: [[mount]] #{i} must be a table")
             _check_keys(e, {"name", "source", "endpoint_url", "region", "profile"},
                         f"[[mount]] #{i}")
+            _no_credentials(e.get("endpoint_url"), f"config: [[mount]] #{i} endpoint_url")
             if "source" not in e:
                 raise ConfigError(f"config: [[mount]] #{i} needs source = \"s3://bucket[/prefix]\"")
             bucket, prefix = parse_source(str(e["source"]))

@@ -139,6 +139,23 @@ def test_bad_cli_input(tmp_path):
                    "--otlp-endpoint 'notaurl': expected http://host:port", code=2)
     one_line_error(cli(*base, "--cache-size", "1GiB", env={"CACHEFS_OTLP_ENDPOINT": "x:1"}),
                    "CACHEFS_OTLP_ENDPOINT 'x:1'", code=2)
+    # S3 credentials come from the AWS chain, never from a URL: refused wherever an S3
+    # endpoint is given, and the error never repeats them
+    secret_url = "http://AKIA:SECRETPW@127.0.0.1:5731"
+    r = cli(*base, "--cache-size", "1GiB", "--endpoint-url", secret_url)
+    one_line_error(r, "--endpoint-url: an S3 endpoint URL must not carry credentials", code=2)
+    assert "SECRETPW" not in r.stderr + r.stdout
+    for where, text in (
+            ("[s3] endpoint_url", f"[s3]\nendpoint_url = '{secret_url}'\n"),
+            ("[[mount]] #2 endpoint_url",
+             "[[mount]]\nsource = 's3://bucket-x'\n"
+             f"[[mount]]\nsource = 's3://bucket-y'\nendpoint_url = '{secret_url}'\n")):
+        bad.write_text(f"[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n{text}")
+        r = cli("mount", "--config", str(bad), str(mp))
+        one_line_error(r, f"{where}: an S3 endpoint URL must not carry credentials", code=2)
+        assert "SECRETPW" not in r.stderr + r.stdout
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--endpoint-url", "http://[::1"),
+                   "expected http://host:port", code=2)
     one_line_error(cli("nosuchcommand"), "nosuchcommand")
     one_line_error(cli("umount", str(mp)), "not mounted", code=3)
     one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
