@@ -185,26 +185,71 @@ def _daemonize(cfg) -> None:
     detached; return once the mount is live."""
     from .daemon import prepare_cache_dir
 
-    prepare_cache_dir(cfg.cache_dir)
     logp = _log_path(cfg)
+    fresh = _first_missing(cfg.cache_dir)  # what this command creates, if it fails
+    try:
+        prepare_cache_dir(cfg.cache_dir)
+        logf = _open_log(logp)
+    except QuietError:
+        if fresh:
+            _remove_fresh_cache_dir(cfg.cache_dir, fresh, logp)
+        raise
     entries = runtime.mountinfo()
     mp = runtime.resolve_mountpoint(cfg.mountpoint, entries)
     mounted_before = mp in runtime.cachefs_mounts(entries)  # only such a mount is ever cleaned up
     r, w = os.pipe()
     argv = [sys.executable, "-m", "cachefs"] + sys.argv[1:] + ["--ready-fd", str(w)]
-    try:
-        logf = open(os.open(logp, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
-    except OSError as e:
-        raise QuietError(f"cannot open log file {logp}: {e.strerror}") from None
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                             pass_fds=(w,), start_new_session=True, close_fds=True)
     os.close(w)
     logf.close()
     try:
         _wait_ready(cfg, proc, r, logp)
-    except BaseException:  # gave up (timeout, Ctrl-C): nothing may stay mounted behind us
+    except BaseException as e:  # gave up (timeout, Ctrl-C): nothing may stay mounted behind us
         _stop_starting_daemon(proc, mp, mounted_before)
+        if fresh and not (isinstance(e, QuietError) and str(logp) in e.msg):
+            _remove_fresh_cache_dir(cfg.cache_dir, fresh, logp)
         raise
+
+
+def _open_log(logp: Path):
+    """The daemon's log, appended to; a path that cannot be a log file is bad input."""
+    try:
+        return open(os.open(logp, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    except IsADirectoryError:
+        raise QuietError(f"log file {logp} is a directory", EXIT_USAGE) from None
+    except FileNotFoundError:
+        raise QuietError(f"log file {logp}: directory {logp.parent} does not exist",
+                         EXIT_USAGE) from None
+    except NotADirectoryError:
+        raise QuietError(f"log file {logp}: {logp.parent} is not a directory",
+                         EXIT_USAGE) from None
+    except OSError as e:
+        raise QuietError(f"cannot open log file {logp}: {e.strerror}") from None
+
+
+def _first_missing(d: Path) -> Path | None:
+    """The outermost of d and its parents that does not exist (None: d exists)."""
+    top = None
+    p = d.absolute()
+    while not os.path.lexists(p) and p != p.parent:
+        top, p = p, p.parent
+    return top
+
+
+def _remove_fresh_cache_dir(d: Path, top: Path, logp: Path) -> None:
+    """A mount that failed before its daemon used the cache dir this command created
+    leaves no empty cache dir behind (nor the log in it that holds only the error the
+    user was shown, nor the parents created for it).  A dir with anything else stays."""
+    with contextlib.suppress(OSError):
+        if logp.parent == d and set(os.listdir(d)) <= {logp.name}:
+            logp.unlink(missing_ok=True)
+        p = d.absolute()
+        while True:
+            p.rmdir()  # fails on a dir that is not empty
+            if p == top:
+                return
+            p = p.parent
 
 
 def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:

@@ -168,6 +168,8 @@ def lock_mountpoint(mp: Path) -> int:
 
 
 def prepare_cache_dir(d: Path) -> None:
+    if d.exists() and not d.is_dir():
+        raise QuietError(f"cache dir {d} is not a directory", EXIT_USAGE)
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(d, 0o700)

@@ -156,6 +156,18 @@ def test_bad_cli_input(tmp_path):
         assert "SECRETPW" not in r.stderr + r.stdout
     one_line_error(cli(*base, "--cache-size", "1GiB", "--endpoint-url", "http://[::1"),
                    "expected http://host:port", code=2)
+    # a cache dir or log file that cannot be one is bad input, and leaves nothing behind
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    one_line_error(cli(*base[:3], "--cache-dir", str(afile), "--cache-size", "1GiB"),
+                   f"cache dir {afile} is not a directory", code=2)
+    fresh = tmp_path / "fresh" / "cache"
+    for log_file, needle in ((tmp_path / "nodir" / "x.log", "does not exist"),
+                             (tmp_path, f"log file {tmp_path} is a directory"),
+                             (afile / "x.log", f"{afile} is not a directory")):
+        one_line_error(cli(*base[:3], "--cache-dir", str(fresh), "--cache-size", "1GiB",
+                           "--log-file", str(log_file)), needle, code=2)
+        assert not (tmp_path / "fresh").exists()
     one_line_error(cli("nosuchcommand"), "nosuchcommand")
     one_line_error(cli("umount", str(mp)), "not mounted", code=3)
     one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
@@ -172,6 +184,8 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     # what the daemon finds wrong reaches the command with its exit code
     one_line_error(cli("mount", f"s3://{bucket}", str(tmp_path / "missing"), *cache),
                    "does not exist", code=2)
+    # the cache dir this command created for it is not left behind
+    assert not (tmp_path / "c").exists()
     f = tmp_path / "file"
     f.write_text("x")
     one_line_error(cli("mount", f"s3://{bucket}", str(f), *cache), "not a directory", code=2)
