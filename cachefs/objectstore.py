@@ -32,8 +32,10 @@ about 3 s when every attempt answers 5xx at once.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
+import socket
 import ssl
 import time
 from contextlib import AsyncExitStack
@@ -86,6 +88,38 @@ def _credential_failure(e: BaseException) -> str | None:
             isinstance(e, RuntimeError) and "credentials are still expired" in str(e)):
         return " ".join(str(e).split())
     return None
+
+
+_TIMEOUTS = (trio.TooSlowError, TimeoutError, httpx.TimeoutException,
+             botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError)
+
+
+def _why(e: BaseException) -> str:
+    """What went wrong on the wire, in words ("connection refused", "timed out"), from
+    ``e`` or what it wraps: trio's connect failure holds the errno in an exception group
+    under its cause, botocore's and httpx's in their chains."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop(0)
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, _TIMEOUTS):
+            return "timed out"
+        if isinstance(x, http1.ProtocolError) and str(x):
+            return str(x)
+        if isinstance(x, OSError) and x.strerror:
+            # trio words its own ("error connecting to (host, port): ..."): the errno's
+            why = (os.strerror(x.errno) if isinstance(x.errno, int) and x.errno > 0
+                   and not isinstance(x, socket.gaierror) else x.strerror)
+            return why[:1].lower() + why[1:]
+        if isinstance(x, BaseExceptionGroup):
+            todo += x.exceptions
+        todo += [x.__cause__, x.__context__]
+    if isinstance(e, httpx.HTTPError) and str(e):
+        return str(e)
+    return type(e).__name__
 
 
 TRANSIENT_CODES = {
@@ -332,7 +366,7 @@ class ObjectStore:
                 return NoSuchObject("no such object", code=code, status=404)
             if status >= 500 or code in TRANSIENT_CODES or status == 429:
                 return _Retry(f"{status} {code}", code, status)
-            return S3Error(f"S3 {status} {code}: {err.get('Message', '')}".strip(), code=code,
+            return S3Error(f"{status} {code}: {err.get('Message', '')}".strip(" :"), code=code,
                            status=status)
         if (why := _credential_failure(e)) is not None:
             # retried like a 503: a refresh that fails for a second must not fail reads
@@ -347,7 +381,7 @@ class ObjectStore:
                           botocore.exceptions.ReadTimeoutError,
                           botocore.exceptions.ResponseStreamingError,
                           botocore.exceptions.IncompleteReadError)):
-            return _Retry(type(e).__name__)
+            return _Retry(_why(e))
         return e
 
     async def _call(self, what: str, fn, *args):
@@ -371,7 +405,9 @@ class ObjectStore:
                     self.stats.inc("s3_failures")
                     log.warning("S3 %s s3://%s/…: giving up after %d attempts (%s)", what,
                                 self.bucket, attempt, c)
-                    raise S3Error(f"S3 {what} failed after {attempt} attempts: {c}",
+                    # no "S3" in front: its readers say where it comes from ("S3: …")
+                    raise S3Error(f"{what} failed after {attempt} attempt"
+                                  f"{'s' if attempt != 1 else ''}: {c}",
                                   code=c.code, status=c.status, transient=True) from None
                 self.stats.inc("s3_retries")
                 delay = random.uniform(0, min(self.opts.backoff_max,
@@ -424,6 +460,8 @@ class ObjectStore:
                     raise QuietError(f"{where} answered {c.status or 404} "
                                      f"{what} to a listing of bucket "
                                      f"{self.bucket!r}: is it an S3 endpoint?") from None
+                if c.status and c.code != "NoSuchBucket":
+                    raise QuietError(f"{where} answered {c}") from None
                 raise QuietError(str(c)) from None
             raise
         if self.spec.prefix and not r.get("Contents") and not r.get("CommonPrefixes"):

@@ -199,12 +199,14 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     one_line_error(cli("mount", "s3://no-such-bucket-here", str(mp), *cache), "no-such-bucket")
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c"),
                        "--cache-size", "64MiB", "--endpoint-url", "http://127.0.0.1:9",
-                       "--s3-timeout", "2s"), "unreachable")
+                       "--s3-timeout", "2s"),
+                   "S3 endpoint http://127.0.0.1:9 is unreachable (connection refused)")
     # no --endpoint-url: botocore's own endpoint (here from AWS_ENDPOINT_URL_S3) is named
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c"),
                        "--cache-size", "64MiB", "--s3-timeout", "2s",
                        env={"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9"}),
-                   "the default AWS S3 endpoint (http://127.0.0.1:9) is unreachable", code=1)
+                   "the default AWS S3 endpoint (http://127.0.0.1:9) is unreachable "
+                   "(connection refused)", code=1)
     # a web server that is no S3 endpoint (404 to everything)
     web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "0"],
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -218,6 +220,9 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
         web.kill()
         web.wait()
         web.stdout.close()
+    proxy.faults(status=400, code="InvalidArgument", message="bad", ops=["ListObjects"])
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache),
+                   f"S3 endpoint {proxy.url} answered 400 InvalidArgument: bad", code=1)
     proxy.faults(status=403, code="InvalidAccessKeyId", ops=["ListObjects"], count=1)
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache), "credentials")
     proxy.reset()

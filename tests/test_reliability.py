@@ -362,6 +362,44 @@ def test_stall_mid_body_times_out_and_retries(s3, bucket, mounts, proxy):
     CacheState(m.cache_dir).assert_consistent()
 
 
+def test_failed_fetches_name_why_once(s3, bucket, moto, mounts, tmp_path):
+    """S3 that stalls, then is down: preload names the reason of each failed fetch
+    ("timed out", "connection refused") and says "S3" once (it said "S3: S3 GET failed
+    after 6 attempts: OSError")."""
+    from cachefs_env import cli
+    from s3env import start_proxy
+
+    put(s3, bucket, "slow.bin", random.randbytes(CS))
+    put(s3, bucket, "down.bin", random.randbytes(CS))
+    p = start_proxy(moto.url)  # its own proxy, stopped below
+    try:
+        m = mounts(f"s3://{bucket}", endpoint=p.url,
+                   extra=("--s3-timeout", "1s", "--s3-max-attempts", "2"))
+        assert sorted(os.listdir(m.mp)) == ["down.bin", "slow.bin"]  # listed while up
+        lst = tmp_path / "list.txt"
+
+        def preload_error(name: str) -> str:
+            lst.write_text(name + "\n")
+            r = cli("preload", "--file-list", str(lst), "--mount", str(m.mp))
+            assert r.returncode == 1, r.stderr
+            lines = [ln for ln in r.stderr.splitlines() if f": {name}: " in ln]
+            assert len(lines) == 1, r.stderr
+            return lines[0]
+
+        p.faults(status=403, code="AccessDenied", message="Access Denied")  # not retried
+        assert preload_error("slow.bin").endswith(
+            "list.txt:1: slow.bin: S3: 403 AccessDenied: Access Denied")
+        p.faults(delay=5, count=-1)
+        assert preload_error("slow.bin").endswith(
+            "list.txt:1: slow.bin: S3: GET failed after 2 attempts: timed out")
+        p.stop()
+        assert preload_error("down.bin").endswith(
+            "list.txt:1: down.bin: S3: GET failed after 2 attempts: connection refused")
+        assert "giving up after 2 attempts (connection refused)" in m.log_text()
+    finally:
+        p.stop()
+
+
 def test_overwrite_between_two_ranged_gets(s3, bucket, mounts, proxy):
     """The object is overwritten (by another client) while one read of it is between two
     ranged GETs: the read gets old bytes then EIO (or a short read), never a new byte; the
