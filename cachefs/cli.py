@@ -412,9 +412,12 @@ def stats(mount: str | None, as_json: bool, nodes: bool) -> None:
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Where to put the S3 data, cache and mountpoint (default: a temp dir).")
 @click.option("--shards", default=3, show_default=True, help="Number of large shard files.")
-@click.option("--shard-size", default="32MiB", show_default=True)
-@click.option("--small-files", default=2000, show_default=True)
-@click.option("--small-size", default="64KiB", show_default=True)
+@click.option("--shard-size", default="32MiB", show_default=True,
+              help="Size of each shard file.")
+@click.option("--small-files", default=2000, show_default=True,
+              help="Number of small \"camera frame\" files.")
+@click.option("--small-size", default="64KiB", show_default=True,
+              help="Size of each small file.")
 def demo(workdir, shards, shard_size, small_files, small_size) -> None:
     """Local S3 server + sample data set, mounted, read cold, warm and hot; then cleaned up.
 

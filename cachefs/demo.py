@@ -153,8 +153,10 @@ def run_demo(workdir: str | None, shards: int, shard_size: str, small: int,
         say(f"  local S3 server (moto) at {url}")
         t0 = time.perf_counter()
         ds = _generate(url, shards, ssize, small, fsize)
-        say(f"  data set: {shards} shards of {human(ssize)} + {small} frames of {human(fsize)}"
-            f" = {human(ds['bytes'])} ({time.perf_counter() - t0:.1f}s to upload)")
+        parts = [f"{n} {what}{'s' if n != 1 else ''} of {human(size)}"
+                 for n, what, size in ((shards, "shard", ssize), (small, "frame", fsize)) if n]
+        say(f"  data set: {' + '.join(parts)} = {human(ds['bytes'])} "
+            f"({time.perf_counter() - t0:.1f}s to upload)")
 
         def mount() -> None:
             nonlocal mounted

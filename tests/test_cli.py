@@ -552,3 +552,26 @@ def test_exit_codes_with_two_mounts(s3, bucket, mounts, tmp_path):
         one_line_error(cli(*cmd), "several cachefs mounts", str(a.mp), code=2)
     r = cli("stats", "--mount", str(a.mp), "--json")
     assert r.returncode == 0, r.stderr
+
+
+def test_every_option_is_described():
+    """`cachefs COMMAND --help` says what each option is for (demo's sizes said nothing)."""
+    import click
+
+    from cachefs.cli import cli as group
+
+    bare = [(name, p.opts[0]) for name, cmd in group.commands.items() for p in cmd.params
+            if isinstance(p, click.Option) and not p.hidden and not p.help]
+    assert bare == []
+    r = cli("demo", "--help")
+    assert r.returncode == 0 and "Size of each shard file." in r.stdout, r.stdout
+
+
+@pytest.mark.fuse
+def test_demo_with_one_shard_and_one_frame(tmp_path):
+    """The demo runs end to end, and counts of one are singular."""
+    r = cli("demo", "--workdir", str(tmp_path / "demo"), "--shards", "1", "--shard-size",
+            "64KiB", "--small-files", "1", "--small-size", "1KiB", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "data set: 1 shard of 64.0 KiB + 1 frame of 1.0 KiB = 65.0 KiB" in r.stdout, r.stdout
+    assert "unmounted; cleaning up" in r.stdout
