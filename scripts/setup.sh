@@ -22,7 +22,20 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v -i "warning" || true
+# Quiet unless something is wrong: pip's output is kept, and shown whole if it fails.
+# setuptools' "Editable installation" notice (a multi-line box on every editable install)
+# is silenced by its message; pip's own "WARNING:" lines (e.g. an index location that
+# does not exist) are dropped; anything else pip says (an ERROR about conflicting
+# dependencies, which does not change its exit status) is shown.
+pip_log=$(mktemp)
+trap 'rm -f "$pip_log"' EXIT
+if ! PYTHONWARNINGS="ignore:Editable installation" \
+        .venv/bin/python -m pip install -q -e '.[test]' >"$pip_log" 2>&1; then
+    cat "$pip_log" >&2
+    echo "setup: pip install -e '.[test]' failed (output above)" >&2
+    exit 1
+fi
+grep -v "^WARNING: " "$pip_log" >&2 || true
 .venv/bin/python -c "import pyfuse3, trio, aiobotocore, lmdb, cachefs" \
     || { echo "setup: python dependencies failed to install" >&2; exit 1; }
 echo "setup: ready (.venv/bin/cachefs)"
