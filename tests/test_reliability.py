@@ -369,13 +369,13 @@ def test_failed_fetches_name_why_once(s3, bucket, moto, mounts, tmp_path):
     from cachefs_env import cli
     from s3env import start_proxy
 
-    put(s3, bucket, "slow.bin", random.randbytes(CS))
-    put(s3, bucket, "down.bin", random.randbytes(CS))
+    for name in ("denied.bin", "slow.bin", "down.bin"):  # one each: a failure is remembered 2 s
+        put(s3, bucket, name, random.randbytes(CS))
     p = start_proxy(moto.url)  # its own proxy, stopped below
     try:
         m = mounts(f"s3://{bucket}", endpoint=p.url,
                    extra=("--s3-timeout", "1s", "--s3-max-attempts", "2"))
-        assert sorted(os.listdir(m.mp)) == ["down.bin", "slow.bin"]  # listed while up
+        assert sorted(os.listdir(m.mp)) == ["denied.bin", "down.bin", "slow.bin"]  # listed
         lst = tmp_path / "list.txt"
 
         def preload_error(name: str) -> str:
@@ -387,8 +387,8 @@ def test_failed_fetches_name_why_once(s3, bucket, moto, mounts, tmp_path):
             return lines[0]
 
         p.faults(status=403, code="AccessDenied", message="Access Denied")  # not retried
-        assert preload_error("slow.bin").endswith(
-            "list.txt:1: slow.bin: S3: 403 AccessDenied: Access Denied")
+        assert preload_error("denied.bin").endswith(
+            "list.txt:1: denied.bin: S3: 403 AccessDenied: Access Denied")
         p.faults(delay=5, count=-1)
         assert preload_error("slow.bin").endswith(
             "list.txt:1: slow.bin: S3: GET failed after 2 attempts: timed out")
