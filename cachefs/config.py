@@ -115,14 +115,17 @@ def check_endpoint(url: str | None, what: str = "S3 endpoint") -> str | None:
     return str(url)
 
 
-def _no_credentials(url: Any, where: str) -> None:
-    """S3 credentials come from the AWS chain: an endpoint URL with user:password@ would
-    carry them into the process list, the log and error messages (so the error names
-    the setting, never the URL)."""
+_AWS_CHAIN = "they come from the AWS chain (environment, profile, instance role)"
+
+
+def _no_credentials(url: Any, where: str, what: str = "an S3 endpoint URL",
+                    instead: str = _AWS_CHAIN) -> None:
+    """S3 credentials come from the AWS chain, etcd's from --etcd-user and the
+    environment: an endpoint URL with user:password@ would carry them into the process
+    list, the log and error messages (so the error names the setting, never the URL)."""
     if url is not None and "@" in str(url).partition("://")[2].partition("/")[0]:
-        raise ConfigError(f"{where}: an S3 endpoint URL must not carry credentials "
-                          "(user:password@); they come from the AWS chain (environment, "
-                          "profile, instance role)")
+        raise ConfigError(f"{where}: {what} must not carry credentials "
+                          f"(user:password@); {instead}")
 
 
 def parse_duration(value: Any, what: str) -> float:
@@ -435,6 +438,11 @@ def build_config(
         etcd = tuple(p.strip() for p in etcd.split(",") if p.strip())
     if not isinstance(etcd, list | tuple) or not all(isinstance(e, str) for e in etcd):
         raise ConfigError("[cluster] etcd: expected a list of URLs")
+    for e in etcd:
+        _no_credentials(e if "://" in e else "http://" + e,
+                        "--etcd" if "etcd" in flags else "[cluster] etcd",
+                        "an etcd endpoint URL", "give the user with --etcd-user "
+                        "([cluster] etcd_user) and the password in CACHEFS_ETCD_PASSWORD")
     etcd = tuple((e if "://" in e else "http://" + e).rstrip("/") for e in etcd)  # HOST:PORT
     for e in etcd:
         check_endpoint(e, "etcd endpoint")

@@ -154,6 +154,19 @@ def test_bad_cli_input(tmp_path):
         r = cli("mount", "--config", str(bad), str(mp))
         one_line_error(r, f"{where}: an S3 endpoint URL must not carry credentials", code=2)
         assert "SECRETPW" not in r.stderr + r.stdout
+    # etcd's password comes from CACHEFS_ETCD_PASSWORD (user: --etcd-user), never a URL
+    cluster = (*base, "--cache-size", "1GiB", "--peer-listen", "127.0.0.1:7999")
+    for etcd in ("http://root:SECRETPW@127.0.0.1:2379",
+                 "http://127.0.0.1:2379,root:SECRETPW@h:2379"):  # HOST:PORT, no scheme
+        r = cli(*cluster, "--etcd", etcd)
+        one_line_error(r, "--etcd: an etcd endpoint URL must not carry credentials",
+                       "--etcd-user", "CACHEFS_ETCD_PASSWORD", code=2)
+        assert "SECRETPW" not in r.stderr + r.stdout
+    bad.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[cluster]\n"
+                   "peer_listen = '127.0.0.1:7999'\netcd = ['https://root:SECRETPW@h:2379']\n")
+    r = cli("mount", "--config", str(bad), "s3://bucket-x", str(mp))
+    one_line_error(r, "[cluster] etcd: an etcd endpoint URL must not carry credentials", code=2)
+    assert "SECRETPW" not in r.stderr + r.stdout
     one_line_error(cli(*base, "--cache-size", "1GiB", "--endpoint-url", "http://[::1"),
                    "expected http://host:port", code=2)
     # a cache dir or log file that cannot be one is bad input, and leaves nothing behind
