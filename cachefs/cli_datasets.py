@@ -17,7 +17,7 @@ import click
 
 from . import filelist, runtime
 from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
-from .report import human, printable
+from .report import human, plural, printable
 
 MAX_ERROR_LINES = 50  # failed entries printed; --json carries them all
 PLAIN_EVERY = 2.0  # seconds between progress lines when stderr is not a terminal
@@ -66,8 +66,9 @@ class Prepared:
         for it in items[:MAX_ERROR_LINES]:
             _say(f"{self.list_name}:{it['line']}: {it['entry']}: {it['reason']}")
         if len(items) > MAX_ERROR_LINES:
-            _say(f"{self.list_name}: {len(items) - MAX_ERROR_LINES} more failed entries "
-                 "not shown (--json lists every one)")
+            more = plural(len(items) - MAX_ERROR_LINES, "more failed entry",
+                          "more failed entries")
+            _say(f"{self.list_name}: {more} not shown (--json lists every one)")
         if any("path" in it for it in failed):
             return EXIT_FAILED  # a fetch failed
         return EXIT_USAGE if items else 0
@@ -132,7 +133,7 @@ class Progress:
                 _say(f"warning: {w}")
             if self.enabled:
                 self._clear()
-                _say(f"preload: {ev['files']} files, {human(ev['total_bytes'])}; "
+                _say(f"preload: {plural(ev['files'], 'file')}, {human(ev['total_bytes'])}; "
                      f"{human(ev['cached_before_bytes'])} already cached, "
                      f"{human(ev['missing_bytes'])} to fetch"
                      + (f", estimated {_span(ev['estimate'])}"
@@ -153,12 +154,14 @@ class Progress:
 
     def _line(self, ev: dict) -> str:
         if ev.get("kind") == "resolving":
-            return f"resolving the file list: {ev['entries_done']}/{ev['entries_total']} entries"
+            return (f"resolving the file list: {ev['entries_done']}/"
+                    f"{_entries_n(ev['entries_total'])}")
         el = max(ev["elapsed"], 1e-6)
         rate = ev["fetched_bytes"] / el
         left = max(0, ev["missing_bytes"] - ev["fetched_bytes"])
         eta = left / rate if rate > 0 else None
-        return (f"{ev['files_done']}/{ev['files_total']} files, {human(ev['bytes_done'])} of "
+        return (f"{ev['files_done']}/{plural(ev['files_total'], 'file')}, "
+                f"{human(ev['bytes_done'])} of "
                 f"{human(ev['bytes_total'])} ({_pct(ev['bytes_done'], ev['bytes_total']):.0f}%), "
                 f"{human(rate)}/s, ETA {_dur(eta) if left else '0s'}"
                 + (f", {ev['failed_files']} failed" if ev.get("failed_files") else ""))
@@ -218,8 +221,10 @@ def _estimate_text(est: dict) -> str:
         theirs = f"average {human(plan)}" if plan else "are of another size"
         how += (f"; the fetches were timed on {human(est['measured_chunk_bytes'])} chunks and "
                 f"this data set's {theirs}, hence the range")
-    src = (f"{est['probed_chunks']} chunk fetches just now" if est.get("probed_chunks")
-           else f"{est['samples']} chunk fetches since the daemon started")
+    src = (f"{plural(est['probed_chunks'], 'chunk fetch', 'chunk fetches')} just now"
+           if est.get("probed_chunks")
+           else f"{plural(est['samples'], 'chunk fetch', 'chunk fetches')} since the daemon "
+                "started")
     return f"{_span(est)} with {streams} ({how}; from {src})"
 
 
@@ -231,7 +236,7 @@ def _span(est: dict) -> str:
 
 
 def _entries_n(n: int) -> str:
-    return f"{n} entry" if n == 1 else f"{n} entries"
+    return plural(n, "entry", "entries")
 
 
 def _exit(code: int) -> None:
@@ -253,8 +258,9 @@ def _on_nodes(nodes: dict) -> str:
         return ""
     bad = sorted(n for n, row in nodes.items() if row.get("error"))
     if not bad:
-        return f" on {len(nodes)} nodes"
-    return f" on {len(nodes) - len(bad)} of {len(nodes)} nodes, not on {', '.join(bad)}"
+        return f" on {plural(len(nodes), 'node')}"
+    return (f" on {len(nodes) - len(bad)} of {plural(len(nodes), 'node')}, "
+            f"not on {', '.join(bad)}")
 
 
 def _node_lines(nodes: dict, fmt) -> None:
@@ -292,7 +298,7 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
         progress.done()
         ev = progress.latest
         done = (f" after fetching {human(ev.get('fetched_bytes', 0))} "
-                f"({ev.get('files_done', 0)}/{ev.get('files_total', 0)} files done)"
+                f"({ev.get('files_done', 0)}/{plural(ev.get('files_total', 0), 'file')} done)"
                 if ev else "")
         _say(f"preload interrupted{done}; fetches in flight finish in the daemon and are "
              "kept; run it again to fetch the rest")
@@ -314,11 +320,11 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
     if dry_run:
         for w in res.get("warnings", []):
             _say(f"warning: {w}")
-        click.echo(f"dry run for {printable(prep.mp)}: {res['files']} files, {human(res['total_bytes'])} "
-                   "listed")
+        click.echo(f"dry run for {printable(prep.mp)}: {plural(res['files'], 'file')}, "
+                   f"{human(res['total_bytes'])} listed")
         click.echo(f"  already cached  {human(res['cached_before_bytes'])}")
         click.echo(f"  to fetch        {human(res['missing_bytes'])} "
-                   f"({res.get('missing_chunks', 0)} chunks)")
+                   f"({plural(res.get('missing_chunks', 0), 'chunk')})")
         if pin:
             click.echo(f"  to pin          {human(res.get('to_pin_bytes', 0))}")
         if "estimate" in res:
@@ -329,11 +335,11 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
         return
     secs = res["seconds"]
     fs = res.get("fetch_seconds", secs)
-    click.echo(f"preload into {printable(prep.mp)}: {res['files']} files, {human(res['total_bytes'])} "
-               "listed" + (", pinned" if pin else ""))
+    click.echo(f"preload into {printable(prep.mp)}: {plural(res['files'], 'file')}, "
+               f"{human(res['total_bytes'])} listed" + (", pinned" if pin else ""))
     click.echo(f"  already cached  {human(res['cached_before_bytes'])}")
     click.echo(f"  fetched         {human(res['fetched_bytes'])} "
-               f"({res.get('fetched_chunks', 0)} chunks) in {_dur(fs)}"
+               f"({plural(res.get('fetched_chunks', 0), 'chunk')}) in {_dur(fs)}"
                + (f", {human(res['throughput_bps'])}/s" if res.get("fetched_bytes") else ""))
     est = res.get("estimate") or {}
     if res.get("fetched_bytes"):
@@ -349,10 +355,10 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
             fb = row.get("fallback_for") or {}
             return (f"{human(row.get('bytes', 0))} placed here, "
                     f"{human(row.get('cached_before_bytes', 0))} already cached, fetched "
-                    f"{human(row.get('fetched_bytes', 0))} ({row.get('fetched_chunks', 0)} "
-                    "chunks)"
-                    + (f", {row['failed_chunks']} chunks failed" if row.get("failed_chunks")
-                       else "")
+                    f"{human(row.get('fetched_bytes', 0))} "
+                    f"({plural(row.get('fetched_chunks', 0), 'chunk')})"
+                    + (f", {plural(row['failed_chunks'], 'chunk')} failed"
+                       if row.get("failed_chunks") else "")
                     + (f", standing in for {', '.join(sorted(fb))}" if fb else ""))
         _node_lines(res["nodes"], fmt)
     for w in res.get("warnings", []):
@@ -381,13 +387,13 @@ def free(file_list, mount, as_json) -> None:
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
-        click.echo(f"freed {human(res['freed_bytes'])} ({res['freed_chunks']} chunks, "
-                   f"{res['pins_removed']} pinned) of {res['files']} files listed "
+        click.echo(f"freed {human(res['freed_bytes'])} ({plural(res['freed_chunks'], 'chunk')}, "
+                   f"{res['pins_removed']} pinned) of {plural(res['files'], 'file')} listed "
                    f"({human(res['total_bytes'])}) in {printable(prep.mp)}"
                    + _on_nodes(res.get("nodes") or {}))
         if res.get("nodes"):
             _node_lines(res["nodes"], lambda r: f"freed {human(r['freed_bytes'])} "
-                        f"({r['freed_chunks']} chunks, {r['pins_removed']} pinned)")
+                        f"({plural(r['freed_chunks'], 'chunk')}, {r['pins_removed']} pinned)")
     _exit(code)
 
 
@@ -422,12 +428,12 @@ def status(file_list, mount, as_json) -> None:
                    f"{_share(f['pinned_bytes'], f['size']):>7} {human(f['size']):>10}  "
                    f"{printable(f['path'])}")
     if len(rows) > MAX_ROWS:
-        click.echo(f"  ... {len(rows) - MAX_ROWS} more files (--json lists them all)")
+        click.echo(f"  ... {plural(len(rows) - MAX_ROWS, 'more file')} (--json lists them all)")
     tot = res["total_bytes"]
     if not rows:  # every entry failed (each named on stderr): no share to report
         click.echo("total: 0 files")
     else:
-        click.echo(f"total: {len(rows)} files, {human(tot)}; cached "
+        click.echo(f"total: {plural(len(rows), 'file')}, {human(tot)}; cached "
                    f"{human(res['cached_bytes'])} ({_share(res['cached_bytes'], tot)}), "
                    f"pinned {human(res['pinned_bytes'])} ({_share(res['pinned_bytes'], tot)})")
     if res.get("nodes"):

@@ -61,6 +61,7 @@ import trio
 from .chunks.ids import ChunkRef
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
+from .report import human, plural
 from .throughput import MIN_SAMPLES, ThroughputModel
 from .vfs import FSError, Node
 
@@ -991,8 +992,8 @@ class _ClusterPlan:
         for owner, targets in by_owner.items():
             self.row(owner)["error"] = self.down[owner]
             warnings.append(
-                f"{self.down[owner]}; its {sum(targets.values())} chunks go to the next node "
-                f"of the ring ({', '.join(f'{t}: {k}' for t, k in targets.items())}), where "
+                f"{self.down[owner]}; its {plural(sum(targets.values()), 'chunk')} go to the "
+                f"next node of the ring ({', '.join(f'{t}: {k}' for t, k in targets.items())}), where "
                 "reads look for them while it is down")
         for owner in self.down:
             self.row(owner)["error"] = self.down[owner]
@@ -1156,8 +1157,6 @@ class _ClusterRun(_Run):
 
 
 def _h(n: float) -> str:
-    from .report import human
-
     return human(n)
 
 

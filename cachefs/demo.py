@@ -23,7 +23,7 @@ import click
 
 from .config import parse_size
 from .errors import EXIT_USAGE, QuietError
-from .report import human
+from .report import human, plural
 
 CREDS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
          "AWS_DEFAULT_REGION": "us-east-1"}
@@ -153,7 +153,7 @@ def run_demo(workdir: str | None, shards: int, shard_size: str, small: int,
         say(f"  local S3 server (moto) at {url}")
         t0 = time.perf_counter()
         ds = _generate(url, shards, ssize, small, fsize)
-        parts = [f"{n} {what}{'s' if n != 1 else ''} of {human(size)}"
+        parts = [f"{plural(n, what)} of {human(size)}"
                  for n, what, size in ((shards, "shard", ssize), (small, "frame", fsize)) if n]
         say(f"  data set: {' + '.join(parts)} = {human(ds['bytes'])} "
             f"({time.perf_counter() - t0:.1f}s to upload)")

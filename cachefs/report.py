@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import unicodedata
 
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """A count and its noun: plural(1, "file") → "1 file", plural(2, "file") → "2 files",
+    plural(3, "entry", "entries") → "3 entries"."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
+
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
@@ -44,23 +51,26 @@ def format_stats(mp: str, s: dict) -> str:
         f"cachefs at {mp}  (up {s['uptime_s']:.0f}s)",
         f"  cache      {human(cache['used_bytes'])} used of {human(cache['limit_bytes'])}"
         f"  ({100 * cache['used_bytes'] / max(1, cache['limit_bytes']):.1f}%),"
-        f" {cache['chunks']} chunks",
-        f"  pinned     {human(cache['pinned_bytes'])} in {cache['pinned_chunks']} chunks",
+        f" {plural(cache['chunks'], 'chunk')}",
+        f"  pinned     {human(cache['pinned_bytes'])} in {plural(cache['pinned_chunks'], 'chunk')}",
         f"  hits       local SSD {c.get('ssd_hits', 0)} ({human(c.get('ssd_bytes', 0))})"
         f"   peer {c.get('peer_hits', 0)} ({human(c.get('peer_bytes', 0))})",
         f"  misses     S3 {c.get('s3_misses', 0)} GETs {c.get('s3_get_requests', 0)}"
         f" ({human(c.get('s3_bytes', 0))}), retries {c.get('s3_retries', 0)},"
         f" errors {c.get('s3_errors', 0)}",
-        f"  evictions  {c.get('evictions', 0)} chunks ({human(c.get('evicted_bytes', 0))})",
+        f"  evictions  {plural(c.get('evictions', 0), 'chunk')}"
+        f" ({human(c.get('evicted_bytes', 0))})",
         f"  corrupt    {c.get('chunks_corrupt', 0)} dropped, {c.get('chunks_missing', 0)} missing",
-        f"  reads      {c.get('fuse_read', 0)} FUSE reads ({human(c.get('fuse_read_bytes', 0))}),"
-        f" {s['open_files']} open files, {s['in_flight_fetches']} fetches in flight",
+        f"  reads      {plural(c.get('fuse_read', 0), 'FUSE read')}"
+        f" ({human(c.get('fuse_read_bytes', 0))}), {plural(s['open_files'], 'open file')},"
+        f" {plural(s['in_flight_fetches'], 'fetch', 'fetches')} in flight",
     ]
     if "cluster" in s:
         cl = s["cluster"]
-        lines.append(f"  cluster    node {cl.get('node_id')}, {len(cl.get('members', []))} members")
+        lines.append(f"  cluster    node {cl.get('node_id')}, "
+                     f"{plural(len(cl.get('members', [])), 'member')}")
         for n, c in (cl.get("nodes_cache") or {}).items():
             lines.append(f"    {n:<12} " + (f"error: {c['error']}" if "error" in c else
                          f"{human(c['used_bytes'])} used of {human(c['limit_bytes'])}, "
-                         f"{human(c['pinned_bytes'])} pinned, {c['chunks']} chunks"))
+                         f"{human(c['pinned_bytes'])} pinned, {plural(c['chunks'], 'chunk')}"))
     return "\n".join(lines)

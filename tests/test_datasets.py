@@ -259,6 +259,33 @@ def test_interrupted_preload_resumes(mounts, bucket, s3, proxy, tmp_path):
     assert proxy.gets() == total_chunks  # each chunk fetched exactly once, overall
 
 
+def test_counts_of_one_are_singular(mounts, bucket, s3, proxy, tmp_path):
+    """One file of one chunk: preload, stats, free, dry run and status say '1 file',
+    '1 chunk' (they said '1 files', '1 chunks')."""
+    put(s3, bucket, {"one.bin": CHUNK})
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["one.bin"])
+    r = cli("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert "preload: 1 file, 64.0 KiB; 0 B already cached" in r.stderr, r.stderr
+    assert f"preload into {m.mp}: 1 file, 64.0 KiB listed" in r.stdout, r.stdout
+    assert "  fetched         64.0 KiB (1 chunk) in " in r.stdout, r.stdout
+    r = cli("stats", "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    cache = r.stdout.splitlines()[1]
+    assert cache.startswith("  cache ") and cache.endswith(", 1 chunk"), r.stdout
+    r = cli("status", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0 and "total: 1 file, 64.0 KiB;" in r.stdout, r.stdout
+    r = cli("free", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("freed 64.0 KiB (1 chunk, 0 pinned) of 1 file listed"), r.stdout
+    r = cli("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert f"dry run for {m.mp}: 1 file, 64.0 KiB listed" in r.stdout, r.stdout
+    assert "  to fetch        64.0 KiB (1 chunk)" in r.stdout, r.stdout
+    assert "(measured at 1 stream; from 1 chunk fetch since the daemon started)" in r.stdout
+
+
 # -- free / status ------------------------------------------------------------------------
 
 
@@ -302,7 +329,7 @@ def test_status_of_an_empty_file(mounts, bucket, s3, tmp_path):
     assert r.stdout.splitlines() == [
         " cached  pinned       size  path",
         f"      —       —        0 B  {m.mp}/e/empty",
-        "total: 1 files, 0 B; cached 0 B (—), pinned 0 B (—)"]
+        "total: 1 file, 0 B; cached 0 B (—), pinned 0 B (—)"]
     st, _ = run_json("status", "--file-list", empty, "--mount", str(m.mp))
     assert st["files"][0]["size"] == st["files"][0]["pinned_bytes"] == st["pinned_bytes"] == 0
     assert cli("preload", "--file-list", both, "--mount", str(m.mp), "--pin").returncode == 0
@@ -396,7 +423,7 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
     ]
     assert res["failed"][-1]["entry"] == "data/\x1b[2J\x9bx.bin"  # --json keeps it as it is
     r = cli("status", "--file-list", lst, "--mount", str(m.mp))
-    assert r.returncode == 2 and "total: 1 files" in r.stdout and "100.0%" in r.stdout
+    assert r.returncode == 2 and "total: 1 file," in r.stdout and "100.0%" in r.stdout
     # only bad entries: no file, so no share of one is claimed
     r = cli("status", "--file-list", write_list(tmp_path, ["data/nothing.bin"], "bad.txt"),
             "--mount", str(m.mp))
