@@ -158,13 +158,14 @@ class Progress:
                     f"{_entries_n(ev['entries_total'])}")
         el = max(ev["elapsed"], 1e-6)
         rate = ev["fetched_bytes"] / el
-        left = max(0, ev["missing_bytes"] - ev["fetched_bytes"])
+        # failed bytes are not progress, and no longer left to fetch
+        left = max(0, ev["missing_bytes"] - ev["fetched_bytes"] - ev.get("failed_bytes", 0))
         eta = left / rate if rate > 0 else None
         return (f"{ev['files_done']}/{plural(ev['files_total'], 'file')}, "
                 f"{human(ev['bytes_done'])} of "
                 f"{human(ev['bytes_total'])} ({_pct(ev['bytes_done'], ev['bytes_total']):.0f}%), "
                 f"{human(rate)}/s, ETA {_dur(eta) if left else '0s'}"
-                + (f", {ev['failed_files']} failed" if ev.get("failed_files") else ""))
+                + (f", {_failed_files(ev)} failed" if ev.get("failed_files") else ""))
 
     def _draw(self, ev: dict) -> None:
         if ev.get("kind") == "progress":
@@ -233,6 +234,11 @@ def _span(est: dict) -> str:
     if "seconds_low" in est:
         return f"{_dur(est['seconds_low'])} to {_dur(est['seconds_high'])}"
     return _dur(est["seconds"])
+
+
+def _failed_files(res: dict) -> str:
+    """'1 file (293.0 KiB)': the files that failed and their bytes not in the cache."""
+    return f"{plural(res['failed_files'], 'file')} ({human(res.get('failed_bytes', 0))})"
 
 
 def _entries_n(n: int) -> str:
@@ -346,9 +352,9 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
         click.echo(f"  estimate        {_estimate_text(est)}; actual {_dur(fs)}")
     if res.get("uncached_bytes"):
         click.echo(f"  not kept        {human(res['uncached_bytes'])} (cache full)")
-    click.echo(f"  failed          {len(res['failed'])}"
-               + (f" {'entry' if len(res['failed']) == 1 else 'entries'} (listed above)"
-                  if res["failed"] else ""))
+    click.echo("  failed          "
+               + (f"{_entries_n(len(res['failed']))} (listed above)" if res["failed"] else "0")
+               + (f"; {_failed_files(res)} not fetched" if res.get("failed_files") else ""))
     click.echo(f"  duration        {_dur(secs)}")
     if res.get("nodes"):
         def fmt(row: dict) -> str:

@@ -426,6 +426,7 @@ class Datasets:
                "fetched_files": sum(1 for f in files if not f.error and f in run.touched),
                "uncached_bytes": run.uncached_bytes, "failed": failed,
                "failed_files": sum(1 for f in files if f.error),
+               "failed_bytes": run.failed_bytes,
                "seconds": round(total_secs, 3), "fetch_seconds": round(secs, 3),
                "throughput_bps": round(fetched / secs) if secs > 0 else 0,
                "estimate": plan["estimate"], "warnings": plan["warnings"],
@@ -757,8 +758,9 @@ class _Run:
         self.plan = plan
         self.fetched_bytes = 0
         self.fetched_chunks = 0
-        self.done_bytes = 0
-        self.files_done = 0
+        self.done_bytes = 0  # of chunks cached: before, or fetched now
+        self.failed_bytes = 0  # of chunks of failed files that are not cached
+        self.files_done = 0  # files whose every chunk is cached (a failed file is not done)
         self.uncached_bytes = 0
         self.failed_files = 0
         self.touched: set = set()
@@ -796,7 +798,7 @@ class _Run:
         return {"files_done": self.files_done, "files_total": p["files"],
                 "bytes_done": self.done_bytes, "bytes_total": p["total_bytes"],
                 "fetched_bytes": self.fetched_bytes, "missing_bytes": p["missing_bytes"],
-                "failed_files": self.failed_files,
+                "failed_files": self.failed_files, "failed_bytes": self.failed_bytes,
                 "elapsed": round(time.monotonic() - self.t0, 3)}
 
     def _work(self):
@@ -807,10 +809,15 @@ class _Run:
             for r in f.refs:
                 yield f, r
 
-    def _chunk_done(self, f: FileItem, length: int) -> None:
-        self.done_bytes += length
+    def _chunk_done(self, f: FileItem, length: int, ok: bool = True) -> None:
+        """One chunk of ``f`` is settled: cached (``ok``), or failed or not fetched
+        because its file failed; only cached bytes are progress."""
+        if ok:
+            self.done_bytes += length
+        else:
+            self.failed_bytes += length
         f.left -= 1
-        if f.left == 0:
+        if f.left == 0 and not f.error:
             self.files_done += 1
 
     async def go(self) -> None:
@@ -834,7 +841,8 @@ class _Run:
         skipped = 0
         for f, r in work:
             if f.error or (store.contains(r.cid) and (not self.pin or store.is_pinned(r.cid))):
-                self._chunk_done(f, r.length)  # failed file, or already cached
+                # already cached, or not fetched: its file failed
+                self._chunk_done(f, r.length, store.contains(r.cid))
                 skipped += 1
                 if skipped % YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()
@@ -844,7 +852,7 @@ class _Run:
                     await reader.get(r, pin=self.pin, local_only=self.local_only(r))
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
                 self._file_failed(self.me, f, _reason(e))
-                self._chunk_done(f, r.length)
+                self._chunk_done(f, r.length, False)
                 continue
             kept = store.contains(r.cid)
             self._fetched(self.me, f, r.length, kept)
@@ -905,7 +913,8 @@ class _ClusterPlan:
         self.down: dict[str, str] = {}  # node -> reason
         self.fallback: Counter = Counter()  # (target, owner) -> chunks
         self.lanes: dict[str, list[tuple[FileItem, ChunkRef]]] = {}  # target -> work
-        self.pre_done: list[tuple[FileItem, ChunkRef]] = []  # cached already, or no target
+        self.pre_done: list[tuple[FileItem, ChunkRef]] = []  # cached already
+        self.pre_failed: list[tuple[FileItem, ChunkRef]] = []  # no target answered
         self.missing: set[bytes] = set()
         self.nodes: dict[str, dict] = {}
         self.stores: dict[str, dict] = {}
@@ -920,7 +929,7 @@ class _ClusterPlan:
     def fail(self, f: FileItem, r: ChunkRef, node: str, reason: str) -> None:
         if not f.error:
             f.error = reason
-        self.pre_done.append((f, r))
+        self.pre_failed.append((f, r))
         self.row(node)["failed_chunks"] += 1
 
     def add(self, node: str, items: list, states: str, store: dict, pin: bool) -> None:
@@ -1039,6 +1048,8 @@ class _ClusterRun(_Run):
                 self.files_done += 1
         for f, r in self.cp.pre_done:
             self._chunk_done(f, r.length)
+        for f, r in self.cp.pre_failed:
+            self._chunk_done(f, r.length, False)
         lanes = self.cp.lanes
         while lanes:
             self.reassigned = {}
@@ -1069,7 +1080,7 @@ class _ClusterRun(_Run):
             self.row(node)["error"] = reason
         for f, r in items:
             if f.error:
-                self._chunk_done(f, r.length)
+                self._chunk_done(f, r.length, False)
                 continue
             prefs = self.ring.preference(r.cid, 2)
             if down and prefs[0] == node and len(prefs) > 1 and prefs[1] not in self.cp.down:
@@ -1079,7 +1090,7 @@ class _ClusterRun(_Run):
                 fb[node] = fb.get(node, 0) + 1
                 continue
             self._file_failed(node, f, reason)
-            self._chunk_done(f, r.length)
+            self._chunk_done(f, r.length, False)
 
     def row(self, node: str) -> dict:
         r = self.by_node.get(node)
@@ -1100,7 +1111,7 @@ class _ClusterRun(_Run):
                 f, r = dq[0]
                 if f.error:
                     dq.popleft()
-                    self._chunk_done(f, r.length)
+                    self._chunk_done(f, r.length, False)
                     continue
                 add = 10 + (0 if r.obj in objs else ds._obj_size(r.obj))
                 if nb and size + add > FETCH_PAYLOAD:
@@ -1152,7 +1163,7 @@ class _ClusterRun(_Run):
                     self._file_failed(node, f, str(errors.get(str(k), f"failed on node {node}")))
                 elif c in "fu":
                     self._fetched(node, f, r.length, c == "f")
-                self._chunk_done(f, r.length)
+                self._chunk_done(f, r.length, c != "e")
             dq.extendleft(reversed(pending))
 
 

@@ -17,7 +17,7 @@ import pytest
 from cachefs_env import CREDS, cli
 
 from cachefs import filelist
-from cachefs.cli_datasets import _estimate_text
+from cachefs.cli_datasets import Progress, _estimate_text
 from cachefs.filelist import MountInfo
 from cachefs.throughput import ThroughputModel
 
@@ -284,6 +284,47 @@ def test_counts_of_one_are_singular(mounts, bucket, s3, proxy, tmp_path):
     assert f"dry run for {m.mp}: 1 file, 64.0 KiB listed" in r.stdout, r.stdout
     assert "  to fetch        64.0 KiB (1 chunk)" in r.stdout, r.stdout
     assert "(measured at 1 stream; from 1 chunk fetch since the daemon started)" in r.stdout
+
+
+def test_failed_bytes_are_not_progress(mounts, bucket, s3, proxy, tmp_path):
+    """While S3 fails a file, its chunks are not progress ('64 KiB of 293 KiB (22%)' was
+    shown for a file that had failed), the file is not done, and the summary says how
+    many files and bytes failed."""
+    put(s3, bucket, {"bad.bin": 293 * KiB, "good.bin": 3 * CHUNK})
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "2"))
+    proxy.reset()
+    # bad.bin fails at once; good.bin takes 2 s, so progress is reported after the failure
+    proxy.faults([{"persistent_status": 500, "key_filter": "bad.bin"},
+                  {"delay": 2.0, "count": -1, "key_filter": "good.bin"}])
+    events: list[dict] = []
+    try:
+        res = m.request({"op": "preload", "parallel": 8,
+                         "entries": [[1, "bad.bin", "bad.bin"], [2, "good.bin", "good.bin"]]},
+                        on_event=events.append, timeout=60)
+    finally:
+        proxy.clear_faults()
+    prog = [e for e in events if e.get("kind") == "progress"]
+    for e in prog:  # nothing was cached before: only what was fetched is done
+        assert e["bytes_done"] == e["fetched_bytes"], prog
+    failed = [e for e in prog if e["failed_files"]]
+    assert failed, events
+    ev = failed[0]
+    assert ev["failed_bytes"] == 293 * KiB and ev["files_done"] == 0 and ev["bytes_done"] == 0
+    line = Progress(enabled=True)._line(ev)
+    assert line.startswith("0/2 files, 0 B of 485.0 KiB (0%), "), line
+    assert line.endswith(", 1 file (293.0 KiB) failed"), line
+    assert res["failed_files"] == 1 and res["failed_bytes"] == 293 * KiB
+    assert res["fetched_bytes"] == 3 * CHUNK and [f["line"] for f in res["failed"]] == [1]
+    # the summary, with S3 still failing bad.bin: good.bin is cached, bad.bin fails again
+    lst = write_list(tmp_path, ["bad.bin", "good.bin"])
+    proxy.faults(persistent_status=500, key_filter="bad.bin")
+    try:
+        r = cli("preload", "--file-list", lst, "--mount", str(m.mp))
+    finally:
+        proxy.clear_faults()
+    assert r.returncode == 1 and f"{lst}:1: bad.bin: " in r.stderr, r.stderr
+    assert "  failed          1 entry (listed above); 1 file (293.0 KiB) not fetched\n" \
+        in r.stdout, r.stdout
 
 
 # -- free / status ------------------------------------------------------------------------
