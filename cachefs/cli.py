@@ -363,6 +363,9 @@ def umount(mountpoint: str, timeout: float) -> None:
         else:
             raise QuietError(f"unmounted {mp}, but daemon pid {pid} is still running (it "
                              f"hangs? `kill {pid}`)")
+    # a live daemon removes its runtime dir as it exits; a killed one's is left: remove
+    # it (unless a new daemon for this mountpoint holds it already)
+    runtime.remove_if_stale(runtime.mount_dir(mp, resolved=True))
     click.echo(f"cachefs: unmounted {mp}", err=True)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import signal
@@ -161,8 +160,9 @@ def check_mountpoint(mp: Path) -> None:
 
 def lock_mountpoint(mp: Path) -> int:
     """Held while the daemon lives: two `cachefs mount` of one mountpoint started at the
-    same moment both found it free, and their mounts stacked."""
-    return _flock(runtime.mount_dir(mp, create=True, resolved=True) / "lock",
+    same moment both found it free, and their mounts stacked.  It also keeps the
+    mountpoint's runtime dir from being removed under a live daemon."""
+    return _flock(lambda: runtime.mount_dir(mp, create=True, resolved=True) / runtime.LOCK,
                   lambda pid: f"mountpoint {mp} is busy: another cachefs daemon{pid} is "
                              "starting or serving there")
 
@@ -181,20 +181,17 @@ def prepare_cache_dir(d: Path) -> None:
 
 
 def lock_cache_dir(d: Path) -> int:
-    return _flock(d / "lock", lambda pid: f"cache dir {d} is in use by another cachefs "
-                                          f"daemon{pid}")
+    return _flock(lambda: d / "lock", lambda pid: f"cache dir {d} is in use by another "
+                                                  f"cachefs daemon{pid}")
 
 
-def _flock(path: Path, busy) -> int:
-    """An exclusive lock held by this process, with its pid in the file; busy(" (pid N)")
-    is the error when another process holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+def _flock(where, busy) -> int:
+    """An exclusive lock held by this process, on the file at where(), with its pid in
+    the file; busy(" (pid N)") is the error when another process holds it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise QuietError(busy(f" (pid {other})" if other else "")) from None
+        fd = runtime.lock_file(where)
+    except runtime.LockBusy as e:
+        raise QuietError(busy(f" (pid {e.holder})" if e.holder else "")) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
@@ -238,11 +235,16 @@ class Daemon:
 
     async def run(self) -> None:
         cfg = self.cfg
+        rdir: list[Path] = []  # our runtime dir, once we hold its lock (locks[0])
+
         def prechecks(locks: list[int]) -> Path:
             entries = runtime.mountinfo()  # read once for both
             mp = Path(runtime.resolve_mountpoint(cfg.mountpoint, entries))
             check_mountpoint_place(mp, entries)
             locks.append(lock_mountpoint(mp))
+            rdir.append(runtime.mount_dir(mp, resolved=True))
+            # the dirs of daemons that were killed (nobody holds their lock)
+            runtime.remove_stale_dirs(keep=rdir[0])
             check_mountpoint(mp)
             prepare_cache_dir(cfg.cache_dir)
             locks.append(lock_cache_dir(cfg.cache_dir))
@@ -253,6 +255,9 @@ class Daemon:
             mp = await trio.to_thread.run_sync(prechecks, locks)
             await self._run_locked(mp)
         finally:
+            if rdir:  # unmounted (or never mounted): no one will look for us there
+                with contextlib.suppress(OSError):
+                    runtime.remove_mount_dir(rdir[0], locks[0])
             for fd in locks:
                 os.close(fd)
 

@@ -1,19 +1,27 @@
 """Where a running daemon can be found: one private directory per mountpoint.
 
 <runtime root>/<hash of the mountpoint's real path>/
+    lock           flock'ed by the mountpoint's daemon for its whole life (holds its pid)
     control.sock   the control API (mode 0600, in a 0700 directory)
     info.json      pid, mountpoint, cache dir
 
 The runtime root is /run/cachefs for root, else $XDG_RUNTIME_DIR/cachefs, else
 /tmp/cachefs-<uid>.  Directories are created 0700 and must be owned by us.
+
+A daemon removes its directory when it exits; one whose daemon was killed is removed
+by the next daemon to start, or by `cachefs umount` of its stale mount.  Only the
+holder of the lock removes a directory, the lock file last (see remove_mount_dir).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +68,108 @@ def write_info(mountpoint: Path, info: dict) -> Path:
         json.dump(info, f)
     os.replace(tmp, d / "info.json")
     return d
+
+
+LOCK = "lock"
+_LOCK_TRIES = 100
+
+
+class LockBusy(Exception):
+    """Another process holds the lock; ``holder`` is the pid it wrote there, or ""."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """``fd`` is still the file at ``path`` (not one unlinked, or replaced, since)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def lock_file(where: Callable[[], Path]) -> int:
+    """An exclusive flock on the file at ``where()`` (created 0600), as an open fd; the
+    holder's pid is for the caller to write.  LockBusy if another process holds it.
+
+    A lock file may be unlinked by its holder (remove_mount_dir) after we opened it: a
+    lock on a file no longer at its path protects nothing, so it is let go and taken
+    again on the path's new file (``where`` makes its directory again if need be)."""
+    for _ in range(_LOCK_TRIES):
+        path = where()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # its directory was just removed: make it again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if _same_file(fd, path):
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise LockBusy(holder) from None
+            os.close(fd)  # its holder is removing it: try the new file
+            continue
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # removed between our open and our lock
+    raise LockBusy("")
+
+
+def remove_mount_dir(d: Path, fd: int) -> None:
+    """Remove the runtime dir ``d`` of a mount while holding its lock ``fd`` (closed by the
+    caller afterwards): its files, then the lock file, then the directory.
+
+    No daemon can be using the directory meanwhile: a daemon writes there only once it
+    holds the lock.  One that opened the lock file before it was unlinked gets the lock
+    only after ``fd`` is closed, sees that the file is no longer at its path and takes
+    the lock again on a new file (lock_file), in a directory made again if this one is
+    gone; if it created its lock file before our rmdir, the rmdir fails (not empty) and
+    the directory is its."""
+    if not _same_file(fd, d / LOCK):
+        return
+    for name in ("control.sock", "info.json", "info.json.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            (d / name).unlink()
+    (d / LOCK).unlink()
+    with contextlib.suppress(OSError):
+        d.rmdir()
+
+
+def remove_if_stale(d: Path) -> bool:
+    """Remove the runtime dir ``d`` if no daemon holds its lock (it was killed, or exited
+    before it could remove it).  A live daemon's directory is left alone."""
+    def existing() -> Path:  # never makes d again
+        if not d.is_dir():
+            raise FileNotFoundError(d)
+        return d / LOCK
+
+    try:
+        fd = lock_file(existing)
+    except (LockBusy, OSError):
+        return False
+    try:
+        remove_mount_dir(d, fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return not d.exists()
+
+
+def remove_stale_dirs(keep: Path | None = None) -> int:
+    """Remove every stale mount dir under the runtime root but ``keep``; how many."""
+    try:
+        dirs = [p for p in runtime_root().iterdir()
+                if re.fullmatch(r"[0-9a-f]{16}", p.name) and p != keep and p.is_dir()
+                and not p.is_symlink()]
+    except OSError:
+        return 0
+    return sum(remove_if_stale(p) for p in dirs)
 
 
 def read_info(mountpoint: str | Path) -> dict | None:

@@ -377,6 +377,97 @@ def test_umount_of_a_hung_or_dead_daemon(s3, bucket, mounts):
         holder.wait()
 
 
+@pytest.mark.fuse
+def test_runtime_dirs_are_removed(s3, bucket, mounts):
+    """A mount's runtime dir (lock, control socket, info.json) is removed when its daemon
+    exits; one a killed daemon left is removed by the next daemon to start, or by
+    `cachefs umount` of its stale mount; a live daemon's is never touched.  They were
+    never removed: one more for every mountpoint ever mounted."""
+    from cachefs import runtime
+
+    run = Path(os.environ["CACHEFS_RUNTIME_DIR"])
+
+    def dirs() -> list[Path]:
+        return sorted(run.iterdir())
+
+    s3.put_object(Bucket=bucket, Key="f", Body=b"x")
+    a = mounts(f"s3://{bucket}", name="a")
+    da = runtime.mount_dir(a.mp)
+    assert dirs() == [da] and (da / "control.sock").exists() and (da / "lock").exists()
+    assert a.stop() == 0
+    assert dirs() == []
+    # killed: its dir stays until the next daemon starts, which leaves a live one's alone
+    a.start()
+    b = mounts(f"s3://{bucket}", name="b")
+    db = runtime.mount_dir(b.mp)
+    a.kill()
+    assert dirs() == sorted([da, db])
+    c = mounts(f"s3://{bucket}", name="c")
+    dc = runtime.mount_dir(c.mp)
+    assert dirs() == sorted([db, dc])
+    assert b.path("f").read_bytes() == b"x" and b.control_ready()
+    r = cli("umount", str(a.mp), timeout=30)  # its stale mount, without its info.json
+    assert r.returncode == 0 and not is_mounted(a.mp), r.stderr
+    # killed and mounted again at the same place: the same dir, removed at the stop
+    b.kill()
+    b.start()
+    assert dirs() == sorted([db, dc]) and b.control_ready()
+    assert b.stop() == 0 and c.stop() == 0
+    assert dirs() == []
+    # `cachefs umount` of a killed daemon's stale mount removes its dir
+    c.start()
+    c.kill()
+    r = cli("umount", str(c.mp), timeout=30)
+    assert r.returncode == 0 and not is_mounted(c.mp), r.stderr
+    assert dirs() == []
+
+
+@pytest.mark.parametrize("when", ["after its removal", "during its removal"])
+def test_a_removed_lock_file_is_never_held(tmp_path, monkeypatch, when):
+    """A daemon starting for a mountpoint whose previous daemon removes the runtime dir
+    as it exits: it opened the old lock file, which is then unlinked.  It must not keep
+    a lock on that file (a third daemon would lock the new one and both would serve),
+    nor call the mountpoint busy: it takes the lock on a new file, in a dir made again."""
+    import fcntl
+
+    from cachefs import runtime
+
+    d = tmp_path / "0123456789abcdef"
+
+    def where() -> Path:
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d / runtime.LOCK
+
+    old = runtime.lock_file(where)  # the exiting daemon's
+    (d / "info.json").write_text("{}")
+    real_flock = fcntl.flock
+    calls = []
+
+    def flock(fd, op):  # runs between the new daemon's open and its lock
+        if not calls:
+            runtime.remove_mount_dir(d, old)
+            if when == "after its removal":
+                os.close(old)
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(runtime.fcntl, "flock", flock)
+    try:
+        fd = runtime.lock_file(where)
+    finally:
+        if when == "during its removal":
+            os.close(old)
+    monkeypatch.setattr(runtime.fcntl, "flock", real_flock)
+    assert len(calls) == 2  # the old file, then the new one
+    st, fst = os.stat(d / runtime.LOCK), os.fstat(fd)
+    assert (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino) and list(d.iterdir()) == [d / "lock"]
+    with pytest.raises(runtime.LockBusy):  # and it is held
+        runtime.lock_file(where)
+    assert not runtime.remove_if_stale(d) and d.exists()  # a live holder's dir stays
+    os.close(fd)
+    assert runtime.remove_if_stale(d) and not d.exists()
+
+
 def _daemon_pid(cache) -> int:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
