@@ -540,7 +540,7 @@ class VFS:
             await ev.wait()
         if cs.cancelled_caught and not ev.is_set():
             self._slow.add(d.ino)
-            log.warning("listing %s takes longer than %.0f s: using the one from %.0f s ago "
+            log.info("listing %s takes longer than %.0f s: using the one from %.0f s ago "
                         "meanwhile", self.display_path(d), STALE_WAIT,
                         time.monotonic() - d.listed_at)
 
