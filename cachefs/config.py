@@ -438,13 +438,11 @@ def build_config(
         etcd = tuple(p.strip() for p in etcd.split(",") if p.strip())
     if not isinstance(etcd, list | tuple) or not all(isinstance(e, str) for e in etcd):
         raise ConfigError("[cluster] etcd: expected a list of URLs")
-    for e in etcd:
-        _no_credentials(e if "://" in e else "http://" + e,
-                        "--etcd" if "etcd" in flags else "[cluster] etcd",
-                        "an etcd endpoint URL", "give the user with --etcd-user "
-                        "([cluster] etcd_user) and the password in CACHEFS_ETCD_PASSWORD")
     etcd = tuple((e if "://" in e else "http://" + e).rstrip("/") for e in etcd)  # HOST:PORT
     for e in etcd:
+        _no_credentials(e, "--etcd" if "etcd" in flags else "[cluster] etcd",
+                        "an etcd endpoint URL", "give the user with --etcd-user "
+                        "([cluster] etcd_user) and the password in CACHEFS_ETCD_PASSWORD")
         check_endpoint(e, "etcd endpoint")
     secret = os.environ.get("CACHEFS_PEER_SECRET") or cl.get("peer_secret")
     cluster = ClusterOptions(

@@ -39,6 +39,11 @@ FAILED_FOR = 2.0  # seconds a chunk whose fetch failed fails again without a new
 CHANGED_FOR = 60.0  # seconds an object version S3 no longer has fails without a GET
 
 
+def _version(ref: ChunkRef) -> tuple[str, str, str]:
+    """The object version a chunk belongs to: bucket, key, ETag."""
+    return ref.obj.bucket, ref.obj.key, ref.obj.etag
+
+
 class PeerTier(Protocol):
     async def fetch(self, ref: ChunkRef) -> bytes | None:
         """The chunk from its owner, or None when we own it or no peer could serve it."""
@@ -109,7 +114,7 @@ class ChunkReader:
             return
         now = time.monotonic()
         for memo, key in ((self._failed, ref.cid),
-                          (self._changed, (ref.obj.bucket, ref.obj.key, ref.obj.etag))):
+                          (self._changed, _version(ref))):
             got = memo.get(key)  # type: ignore[attr-defined]
             if got is not None:
                 if got[0] > now:
@@ -124,7 +129,7 @@ class ChunkReader:
                 for k in [k for k, (until, _) in memo.items() if until <= now]:
                     del memo[k]
         if isinstance(e, ObjectChanged):
-            self._changed[(ref.obj.bucket, ref.obj.key, ref.obj.etag)] = (now + CHANGED_FOR, e)
+            self._changed[_version(ref)] = (now + CHANGED_FOR, e)
         else:
             self._failed[ref.cid] = (now + FAILED_FOR, e)
 

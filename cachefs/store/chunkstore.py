@@ -110,10 +110,8 @@ class ChunkStore:
         self.index = index
         self.writer = writer
         self.stats = stats
-        self.limit = limit
         self._marks = (high, low)
-        self.high = int(limit * high)
-        self.low = int(limit * low)
+        self._set_limit(limit)
         self.used = 0
         self.reserved = 0
         self.pinned_bytes = 0
@@ -445,6 +443,10 @@ class ChunkStore:
         self.stats.inc("ssd_writes")
         return True
 
+    def _set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self.high, self.low = (int(limit * f) for f in self._marks)
+
     def _disk_full(self) -> None:
         """A chunk write met ENOSPC: the file system holds less than the limit promised (it
         is smaller, or shared). The limit drops to 95% of the chunks it holds now, and
@@ -455,8 +457,7 @@ class ChunkStore:
             log.warning("cache disk full with %d MiB of chunks: the cache limit drops from "
                         "%d to %d MiB until restart; this chunk is served without caching",
                         self.used >> 20, self.limit >> 20, new >> 20)
-            self.limit = new
-            self.high, self.low = (int(new * f) for f in self._marks)
+            self._set_limit(new)
             self.stats.inc("cache_limit_lowered")
         else:
             log.warning("cache disk full: serving a chunk without caching")
