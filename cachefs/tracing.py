@@ -64,11 +64,18 @@ def _num(req: dict, key: str, default: Any = None, kind: type = int) -> Any:
     return kind(v)
 
 
+def under(path: str, prefix: str) -> bool:
+    """``path`` is ``prefix`` or lies below it, by whole components (/t.bin is under /t.bin
+    and under /, /t.bin2 is not under /t.bin)."""
+    top = prefix.rstrip("/")
+    return not top or path == top or path.startswith(top + "/")
+
+
 def matcher(slower_than: float | None = None, path_prefix: str | None = None):
     def match(d: dict) -> bool:
         if slower_than is not None and d.get("duration_ms", 0) < slower_than * 1000:
             return False
-        if path_prefix and not str(d.get("path", "")).startswith(path_prefix):
+        if path_prefix and not under(str(d.get("path", "")), path_prefix):
             return False
         return True
     return match

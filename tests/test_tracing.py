@@ -347,6 +347,11 @@ def test_recent_says_when_filters_leave_nothing(mounts, s3, bucket):
         f"none of the {kept_s} is under {mp}/nope and at least 1h long\n"), r.stdout
     r = cli("trace", "--recent", "2", "--path-prefix", "/t.bin", "--mount", mp)
     assert r.returncode == 0 and r.stdout.startswith("read /t.bin offset 0"), r.stdout
+    # whole components: /t.bi is not a directory /t.bin lies under
+    r = cli("trace", "--recent", "2", "--path-prefix", "/t.bi", "--mount", mp)
+    assert r.returncode == 0 and r.stdout == f"none of the {kept_s} is under /t.bi\n", r.stdout
+    r = cli("trace", "--recent", "2", "--path-prefix", f"{mp}/", "--mount", mp)
+    assert r.returncode == 0 and "\nread /t.bin offset 0" in r.stdout, r.stdout  # all of it
 
 
 def test_trace_of_a_read_that_fails_is_one_line(mounts, s3, bucket, proxy):
