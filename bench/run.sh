@@ -11,10 +11,12 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-# Python: the project's venv
-VENV="${VENV:-$ROOT/.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "no virtualenv at $VENV (set VENV=...)" >&2
+# Python: the project's venv, set up by scripts/setup.sh on a fresh clone
+if [ -z "${VENV:-}" ]; then
+    "$ROOT/scripts/setup.sh"
+    VENV="$ROOT/.venv"
+elif [ ! -x "$VENV/bin/python" ]; then
+    echo "no virtualenv at $VENV (VENV=...)" >&2
     exit 1
 fi
 # shellcheck disable=SC1091
