@@ -106,6 +106,7 @@ class ChunkStore:
                  limit: int, high: float = 0.9, low: float = 0.8) -> None:
         self.dir = cache_dir
         self.chunk_dir = cache_dir / "chunks"
+        self._chunk_root = str(self.chunk_dir)  # for file names built per read
         self.tmp_dir = cache_dir / "tmp"
         self.index = index
         self.writer = writer
@@ -131,8 +132,13 @@ class ChunkStore:
     # -- start-up ---------------------------------------------------------------------
 
     def path(self, cid: bytes) -> Path:
+        return Path(self._file(cid))
+
+    def _file(self, cid: bytes) -> str:
+        """The chunk file's name as a str (a Path costs more than the read of a small
+        chunk's file on the warm path)."""
         h = cid.hex()
-        return self.chunk_dir / h[:2] / h
+        return f"{self._chunk_root}/{h[:2]}/{h}"
 
     def reconcile(self, progress: Callable[[str], None] | None = None) -> dict:
         """Blocking (run in a thread before serving): make the index and files agree.
@@ -239,7 +245,7 @@ class ChunkStore:
         with O_DIRECT into a ChunkBuf: no copy through the page cache, and the chunk's
         pages are not cached twice (the mount's own page cache holds what readers read)."""
         size = HEADER_SIZE + length
-        p = self.path(cid)
+        p = self._file(cid)
         try:
             fd = self._open_direct(p, os.O_RDONLY)
             if fd is None:
@@ -375,7 +381,7 @@ class ChunkStore:
                 os.close(dfd)
         _write_loop(fd, buf.file[:size])
 
-    def _open_direct(self, path: Path, flags: int) -> int | None:
+    def _open_direct(self, path: Path | str, flags: int) -> int | None:
         """path opened with O_DIRECT added to flags, or None where the file system
         refuses O_DIRECT (said once; later calls do not try again)."""
         if not self._odirect:
