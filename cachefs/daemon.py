@@ -310,7 +310,8 @@ class Daemon:
         self.reader = ChunkReader(self.store, self.stats, nursery, peers=peers)
         token = trio.lowlevel.current_trio_token()
         self.vfs = VFS(cfg, mounts, self.reader, self.index, self.writer, self.stats,
-                       self.tracer, nursery, invalidate=lambda ino: _invalidate(ino, token))
+                       self.tracer, nursery, invalidate=lambda ino: _invalidate(ino, token),
+                       invalidate_entry=_invalidate_entry)
         ops = Operations(self.vfs, self.stats)
         options = set(pyfuse3.default_options)
         options |= {"fsname=cachefs", "subtype=cachefs", "ro", "noatime"}
@@ -364,6 +365,12 @@ class Daemon:
 
     def stop(self) -> None:
         pyfuse3.terminate()
+
+
+def _invalidate_entry(parent: int, name: str) -> None:
+    """Queued to pyfuse3's own thread: the kernel takes the directory's lock for it, which
+    a lookup in that directory (the one whose relisting calls this) holds meanwhile."""
+    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
 
 
 async def _invalidate(ino: int, token) -> None:

@@ -7,7 +7,9 @@ Namespace
   Names that cannot be POSIX names ("", ".", "..", over 255 bytes, NUL) are
   skipped with one warning each.  Inode numbers are stable across restarts
   (kept in the index).  A relisting that finds a new ETag updates the node and
-  invalidates the kernel's cached pages for it.
+  invalidates the kernel's cached pages for it; if handles of the old version are
+  open, the name gets a new inode instead (the kernel keeps one size per inode), and
+  the old one lives on, detached, until its handles close and the kernel forgets it.
 
 Reads
   A handle pins the object version (ETag, size) it was opened with; every S3
@@ -404,7 +406,8 @@ class FileHandle:
 class VFS:
     def __init__(self, cfg: Config, mounts: list[MountCtx], reader: ChunkReader, index: Index,
                  writer: IndexWriter, stats: Stats, tracer: Tracer, nursery: trio.Nursery,
-                 invalidate: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 invalidate: Callable[[int], Awaitable[None]] | None = None,
+                 invalidate_entry: Callable[[int, str], None] | None = None) -> None:
         self.cfg = cfg
         self.reader = reader
         self.index = index
@@ -413,6 +416,7 @@ class VFS:
         self.tracer = tracer
         self.nursery = nursery
         self.invalidate = invalidate  # drop the kernel's pages and attributes of an inode
+        self.invalidate_entry = invalidate_entry  # drop the kernel's (directory, name) entry
         self.budget = ReadaheadBudget(cfg.readahead_memory)
         self.memo = ChunkMemo(self.budget,
                               min(cfg.readahead_memory // 4, MEMO_CHUNKS * cfg.chunk_size))
@@ -473,12 +477,14 @@ class VFS:
             if node is None or ino == ROOT_INO:
                 continue
             node.lookups -= n
-            if node.lookups <= 0:
-                parent = self.nodes.get(node.parent)
-                attached = (parent is not None and parent.children is not None
-                            and parent.children.get(node.name) == ino)
-                if not attached:
-                    self._drop_unused(ino)
+            if node.lookups <= 0 and not self._attached(node):
+                self._drop_unused(ino)
+
+    def _attached(self, node: Node) -> bool:
+        """node is still its directory's entry for its name."""
+        parent = self.nodes.get(node.parent)
+        return (parent is not None and parent.children is not None
+                and parent.children.get(node.name) == node.ino)
 
     def _drop_unused(self, ino: int) -> None:
         """Forget a node no longer in its directory (and its subtree) once nothing uses
@@ -695,7 +701,16 @@ class VFS:
                 log.info("s3://%s/%s changed (ETag %s → %s)", m.spec.bucket, o.key, node.etag,
                          o.etag)
                 self.stats.inc("objects_changed")
-                if self.invalidate is not None:
+                if (node.ino in self.open_count and not node.stale
+                        and self.invalidate_entry is not None):
+                    # open handles read the old version: they keep its inode (and the
+                    # kernel's size of it, or their reads past a shorter new version would
+                    # end early without an error); the name gets a new inode.  (Once a
+                    # read met the change, the next open of this inode updates it in place
+                    # and reads the new version: see open.)
+                    node = self._new_node(d, name, False, m, d.path + name, known)
+                    self.invalidate_entry(d.ino, name)
+                elif self.invalidate is not None:
                     self.nursery.start_soon(self.invalidate, node.ino)
             node.size, node.etag, node.mtime = o.size, o.etag, o.mtime
             new[name] = node.ino
@@ -848,6 +863,8 @@ class VFS:
                 self.open_count[ino] = left
             else:
                 self.memo.closed(ino)
+                if h.node.lookups <= 0 and not self._attached(h.node):
+                    self._drop_unused(ino)  # the kernel forgot it while it was open
             self.prefetch.closed(h)
 
     def display_path(self, node: Node) -> str:

@@ -378,6 +378,37 @@ def test_overwrite_new_bytes_after_ttl_never_mixed(s3, bucket, mounts, proxy):
     assert m.counters().get("objects_changed", 0) == 1
 
 
+def test_an_open_handle_keeps_its_version_when_a_shorter_one_replaces_it(s3, bucket, mounts):
+    """An object overwritten by a shorter one while a handle of the old version is open, then
+    relisted by another lookup: the kernel keeps one size per inode, so the old handle's
+    reads past the new size ended at EOF, a short read with no error.  The name now gets a
+    new inode: the old handle keeps its size, and what it reads is the old version's or EIO."""
+    import time
+
+    old = put(s3, bucket, "s.bin", b"A" * (64 * CS))
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    f = open(m.path("s.bin"), "rb", buffering=0)
+    ino = os.fstat(f.fileno()).st_ino
+    assert os.pread(f.fileno(), CS, 0) == old[:CS]
+    new = put(s3, bucket, "s.bin", b"B" * (CS // 2))
+    time.sleep(1.5)
+    st = m.path("s.bin").stat()  # relisted: the name is the new version
+    assert (st.st_size, st.st_ino != ino) == (len(new), True)
+    assert m.path("s.bin").read_bytes() == new
+    assert os.fstat(f.fileno()).st_size == len(old)
+    assert os.pread(f.fileno(), CS, 0) == old[:CS]  # cached bytes of the old version
+    with pytest.raises(OSError) as e:
+        os.pread(f.fileno(), CS, 48 * CS)  # gone from S3: an error, not EOF
+    assert e.value.errno == errno.EIO
+    f.close()
+    assert m.counters()["objects_changed"] == 1
+    # the old inode goes once its last handle closed and the kernel forgot it
+    with open("/proc/sys/vm/drop_caches", "w") as dc:
+        dc.write("2\n")
+    time.sleep(0.5)  # the kernel's FORGETs arrive
+    assert os.statvfs(m.mp).f_files == 2  # the root and s.bin
+
+
 def test_s3_faults_retried(s3, bucket, mounts, proxy):
     data = put(s3, bucket, "f.bin", random.randbytes(6 * CS))
     # 7 faults may all land on one chunk's consecutive attempts: give it 8
