@@ -3,8 +3,8 @@
 Sub-databases:
   chunks   chunk id (16 B) → ChunkRec (size, checksum, last access, pinned)
   inodes   blake2b(mount \\0 path) → inode number (stable across restarts)
-  listings blake2b(mount \\0 dir path) → the directory's last S3 listing (object metadata:
-           names, sizes, ETags, mtimes) and when it was taken
+  listings blake2b(mount \\0 endpoint, bucket, prefix, dir path) → the directory's last
+           S3 listing (object metadata: names, sizes, ETags, mtimes) and when it was taken
   meta     "next_ino", "version"
 
 The Index class is synchronous.  Reads are memory-mapped lookups of a few µs

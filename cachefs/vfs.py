@@ -614,8 +614,13 @@ class VFS:
         self.writer.submit(Index.op_put_listing(self._listing_key(d), blob))
 
     def _listing_key(self, d: Node) -> bytes:
+        """The listing's key names what was listed (endpoint, bucket, prefix), not only
+        where it shows: a cache dir mounted again with another source under the same
+        name (a single-bucket mount's is always "") must not be shown the old tree."""
         assert d.mount is not None
-        return path_key(d.mount.spec.name, "listing:" + d.mount.spec.prefix + d.path)
+        spec = d.mount.spec
+        return path_key(spec.name, f"listing:{spec.endpoint_url or ''}\0{spec.bucket}/"
+                                   f"{spec.prefix}{d.path}")
 
     async def _load_listing(self, d: Node, any_age: bool = False) -> bool:
         """Use the listing kept in the index if it is younger than the metadata TTL (or of

@@ -721,3 +721,33 @@ def test_setup_script_is_quiet_and_stops_when_pip_fails(tmp_path, request):
     assert "setup: ready" not in r.stdout
     assert "setup: pip install -e '.[test]' failed (output above)" in r.stderr, r.stderr
     assert "TOMLDecodeError: Unclosed array" in r.stderr, r.stderr  # pip's own error
+
+
+@pytest.mark.fuse
+def test_another_source_over_the_same_cache_dir_lists_its_own_bucket(s3, bucket, proxy,
+                                                                      mounts):
+    """A listing kept in the index is reused after a restart only for what was listed:
+    a cache dir mounted again, within the metadata TTL, with another bucket showed the
+    first bucket's tree (whose files then failed with EIO)."""
+    other = f"{bucket}-b"
+    s3.create_bucket(Bucket=other)
+    s3.put_object(Bucket=bucket, Key="d/a.bin", Body=b"A" * 1000)
+    s3.put_object(Bucket=other, Key="d/b.bin", Body=b"B" * 500)
+    s3.put_object(Bucket=other, Key="top.txt", Body=b"top")
+    m = mounts(f"s3://{bucket}", name="same")
+    assert sorted(os.listdir(m.mp)) == ["d"] and os.listdir(m.path("d")) == ["a.bin"]
+    assert m.path("d/a.bin").read_bytes() == b"A" * 1000
+    assert m.stop() == 0
+    # the same source again: its listings come from the index, its bytes from the SSD
+    proxy.reset()
+    m = mounts(f"s3://{bucket}", name="same")
+    assert m.path("d/a.bin").read_bytes() == b"A" * 1000
+    assert m.counters()["dir_listings_from_index"] == 2
+    assert proxy.stats()["ops"]["GetObject"] == 0
+    assert m.stop() == 0
+    # another bucket over the same cache dir: its own tree
+    m = mounts(f"s3://{other}", name="same")
+    assert sorted(os.listdir(m.mp)) == ["d", "top.txt"]
+    assert os.listdir(m.path("d")) == ["b.bin"]
+    assert m.path("d/b.bin").read_bytes() == b"B" * 500
+    assert m.counters().get("dir_listings_from_index", 0) == 0
