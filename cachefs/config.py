@@ -70,6 +70,22 @@ def _readable_file(value: Any, what: str) -> str | None:
     return str(p.resolve())
 
 
+def parse_str(value: Any, what: str) -> str | None:
+    """A text setting (a name, a region, a secret): a TOML number or list is refused."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{what}: expected a string, got {value!r}")
+    return value
+
+
+def parse_path(value: Any, what: str) -> Path | None:
+    """A path setting; ``~`` is the user's home, as in a shell."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: expected a path (a string), got {value!r}")
+    return Path(value).expanduser()
+
+
 def parse_bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{what}: expected true or false, got {value!r}")
@@ -138,6 +154,8 @@ def parse_duration(value: Any, what: str) -> float:
         if not m:
             raise ConfigError(f"{what}: expected a duration like 300s, 50ms or 5m, got {value!r}")
         secs = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    if not math.isfinite(secs):
+        raise ConfigError(f"{what}: expected a duration like 300s, got {value!r}")
     if secs < 0:
         raise ConfigError(f"{what}: must not be negative")
     return secs
@@ -341,8 +359,8 @@ def build_config(
     _no_credentials(flags.get("endpoint_url"), "--endpoint-url")
     _no_credentials(s3.get("endpoint_url"), "[s3] endpoint_url")
     endpoint = check_endpoint(pick("endpoint_url", s3, "endpoint_url"))
-    region = pick("region", s3, "region")
-    profile = pick("profile", s3, "profile")
+    region = parse_str(pick("region", s3, "region"), "[s3] region")
+    profile = parse_str(pick("profile", s3, "profile"), "[s3] profile")
 
     mounts: list[MountSpec] = []
     if source and "mount" in raw:
@@ -366,7 +384,9 @@ def build_config(
             _no_credentials(e.get("endpoint_url"), f"config: [[mount]] #{i} endpoint_url")
             if "source" not in e:
                 raise ConfigError(f"config: [[mount]] #{i} needs source = \"s3://bucket[/prefix]\"")
-            bucket, prefix = parse_source(str(e["source"]))
+            for k in ("name", "source", "region", "profile"):
+                parse_str(e.get(k), f"config: [[mount]] #{i} {k}")
+            bucket, prefix = parse_source(e["source"])
             name = str(e.get("name") or (bucket + ("-" + prefix.strip("/").replace("/", "-")
                                                    if prefix else "")))
             if not _NAME_RE.match(name) or name in (".", ".."):
@@ -382,7 +402,7 @@ def build_config(
                 flags.get("profile") or e.get("profile") or s3.get("profile"),
             ))
 
-    cache_dir = pick("cache_dir", cache, "dir")
+    cache_dir = parse_path(pick("cache_dir", cache, "dir"), "[cache] dir")
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or [cache] dir in the config file")
     size_raw = pick("cache_size", cache, "size")
@@ -429,10 +449,14 @@ def build_config(
     )
     if s3opts.max_attempts < 1:
         raise ConfigError("s3 max_attempts must be >= 1")
+    if s3opts.max_concurrency < 1:
+        raise ConfigError("s3 max_concurrency must be >= 1")
 
     peers = pick("peers", cl, "peers", ())
     if isinstance(peers, str):
         peers = tuple(p.strip() for p in peers.split(",") if p.strip())
+    if not isinstance(peers, list | tuple) or not all(isinstance(p, str) for p in peers):
+        raise ConfigError("[cluster] peers: expected a list of \"HOST:PORT\" strings")
     etcd = pick("etcd", cl, "etcd", ())
     if isinstance(etcd, str):
         etcd = tuple(p.strip() for p in etcd.split(",") if p.strip())
@@ -444,14 +468,16 @@ def build_config(
                         "an etcd endpoint URL", "give the user with --etcd-user "
                         "([cluster] etcd_user) and the password in CACHEFS_ETCD_PASSWORD")
         check_endpoint(e, "etcd endpoint")
-    secret = os.environ.get("CACHEFS_PEER_SECRET") or cl.get("peer_secret")
+    secret = os.environ.get("CACHEFS_PEER_SECRET") or parse_str(cl.get("peer_secret"),
+                                                                 "[cluster] peer_secret")
     cluster = ClusterOptions(
-        node_id=pick("node_id", cl, "node_id"),
+        node_id=parse_str(pick("node_id", cl, "node_id"), "[cluster] node_id"),
         peer_listen=pick("peer_listen", cl, "peer_listen"),
         advertise=pick("peer_advertise", cl, "advertise"),
         peers=tuple(peers),
         etcd=tuple(etcd),
-        etcd_prefix=str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix)),
+        etcd_prefix=parse_str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix),
+                              "[cluster] etcd_prefix"),
         **{k: _readable_file(pick(k, cl, k), f"[cluster] {k}")
            for k in ("etcd_ca", "etcd_cert", "etcd_key")},
         etcd_user=pick("etcd_user", cl, "etcd_user"),
@@ -508,12 +534,12 @@ def build_config(
     level = str(pick("log_level", lg, "level", "INFO")).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    log_file = pick("log_file", lg, "file")
+    log_file = parse_path(pick("log_file", lg, "file"), "[log] file")
 
     return Config(
         mounts=tuple(mounts),
         mountpoint=Path(mountpoint),
-        cache_dir=Path(cache_dir),
+        cache_dir=cache_dir,
         cache_size=cache_size,
         chunk_size=chunk_size,
         high_watermark=high,
@@ -526,10 +552,11 @@ def build_config(
         readahead_memory=ra_mem,
         readahead_chunks=ra_chunks,
         prefetch_files=pf_files,
-        allow_other=bool(pick("allow_other", fu, "allow_other", False)),
+        allow_other=parse_bool(pick("allow_other", fu, "allow_other", False),
+                               "[fuse] allow_other"),
         foreground=bool(flags.get("foreground", False)),
         log_level=level,
-        log_file=Path(log_file) if log_file else None,
+        log_file=log_file,
         s3=s3opts,
         cluster=cluster,
         slow_threshold=parse_duration(pick("slow_threshold", tr, "slow_threshold", 0.05),

@@ -188,6 +188,40 @@ def test_bad_cli_input(tmp_path):
     assert r.returncode == 0 and "mount" in r.stdout
 
 
+def test_config_values_of_the_wrong_type(tmp_path):
+    """A setting of the wrong type (a number for a path, a string for a boolean, nan for a
+    duration) is bad input named on one line.  They were internal errors (exit 1), and
+    `allow_other = "false"` turned allow_other on."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cfg = tmp_path / "c.toml"
+    head = f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n"
+    for text, needle in (
+            ("[cache]\nsize = '1GiB'\ndir = 5\n", "[cache] dir: expected a path"),
+            (head + "[fuse]\nallow_other = 'false'\n",
+             "[fuse] allow_other: expected true or false, got 'false'"),
+            (head + "[fuse]\nallow_other = 1\n", "[fuse] allow_other: expected true or false"),
+            (head + "[log]\nfile = 5\n", "[log] file: expected a path"),
+            (head + "[s3]\nregion = 5\n", "[s3] region: expected a string"),
+            (head + "[s3]\nmax_concurrency = 0\n", "s3 max_concurrency must be >= 1"),
+            (head + "[metadata]\nttl = nan\n", "metadata ttl: expected a duration"),
+            (head + "[metadata]\nattr_timeout = inf\n", "attr timeout: expected a duration"),
+            (head + "[s3]\nrequest_timeout = nan\n", "s3 request timeout: expected a duration"),
+            (head + "[cluster]\nlease_ttl = nan\n", "[cluster] lease_ttl: expected a duration"),
+            (head + "[cluster]\nnode_id = 7\n", "[cluster] node_id: expected a string"),
+            (head + "[cluster]\npeer_listen = '127.0.0.1:7070'\npeers = 5\n",
+             "[cluster] peers: expected a list"),
+            (head + "[cluster]\npeer_listen = '127.0.0.1:7070'\npeers = [5]\n",
+             "[cluster] peers: expected a list")):
+        cfg.write_text(text)
+        one_line_error(cli("mount", "--config", str(cfg), "s3://bucket-x", str(mp)), needle,
+                       code=2)
+    cfg.write_text(head + "[[mount]]\nsource = 5\n")
+    one_line_error(cli("mount", "--config", str(cfg), str(mp)),
+                   "[[mount]] #1 source: expected a string", code=2)
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.fuse
 def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     mp = tmp_path / "mp"
