@@ -183,9 +183,12 @@ def _run_foreground(cfg, ready_fd: int | None) -> None:
 def _daemonize(cfg) -> None:
     """Run this `cachefs mount` again with --ready-fd (which serves in the foreground),
     detached; return once the mount is live."""
-    from .daemon import prepare_cache_dir
+    from .daemon import check_outside_mountpoint, prepare_cache_dir
 
     logp = _log_path(cfg)
+    entries = runtime.mountinfo()
+    mp = runtime.resolve_mountpoint(cfg.mountpoint, entries)
+    check_outside_mountpoint(mp, cfg.cache_dir, cfg.log_file)  # before either is created
     fresh = _first_missing(cfg.cache_dir)  # what this command creates, if it fails
     try:
         prepare_cache_dir(cfg.cache_dir)
@@ -194,8 +197,6 @@ def _daemonize(cfg) -> None:
         if fresh:
             _remove_fresh_cache_dir(cfg.cache_dir, fresh, logp)
         raise
-    entries = runtime.mountinfo()
-    mp = runtime.resolve_mountpoint(cfg.mountpoint, entries)
     mounted_before = mp in runtime.cachefs_mounts(entries)  # only such a mount is ever cleaned up
     r, w = os.pipe()
     argv = [sys.executable, "-m", "cachefs"] + sys.argv[1:] + ["--ready-fd", str(w)]

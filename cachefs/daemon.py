@@ -158,6 +158,29 @@ def check_mountpoint(mp: Path) -> None:
         raise QuietError(f"mountpoint {mp} is not accessible")
 
 
+def check_outside_mountpoint(mp: Path | str, cache_dir: Path, log_file: Path | None) -> None:
+    """The mount must not hide the cache dir or the log: every chunk write then went into
+    the mount itself and failed, and nothing was ever cached."""
+    for what, p in (("cache dir", cache_dir), ("log file", log_file)):
+        if p is not None:
+            real = os.path.realpath(p)
+            if real == str(mp) or real.startswith(str(mp).rstrip("/") + "/"):
+                raise QuietError(f"{what} {p} is inside the mountpoint {mp}, which the mount "
+                                 "would hide; choose a directory outside it", EXIT_USAGE)
+
+
+def check_mountpoint_empty(mp: Path) -> None:
+    """After check_mountpoint: the mount would hide what the directory holds."""
+    try:
+        with os.scandir(mp) as it:
+            first = next(it, None)
+    except OSError:
+        return
+    if first is not None:
+        raise QuietError(f"mountpoint {mp} is not empty (it holds {first.name!r}): the mount "
+                         "would hide what is in it; choose an empty directory", EXIT_USAGE)
+
+
 def lock_mountpoint(mp: Path) -> int:
     """Held while the daemon lives: two `cachefs mount` of one mountpoint started at the
     same moment both found it free, and their mounts stacked.  It also keeps the
@@ -246,6 +269,8 @@ class Daemon:
             # the dirs of daemons that were killed (nobody holds their lock)
             runtime.remove_stale_dirs(keep=rdir[0])
             check_mountpoint(mp)
+            check_outside_mountpoint(mp, cfg.cache_dir, cfg.log_file)
+            check_mountpoint_empty(mp)
             prepare_cache_dir(cfg.cache_dir)
             locks.append(lock_cache_dir(cfg.cache_dir))
             return mp

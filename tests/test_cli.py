@@ -785,3 +785,33 @@ def test_another_source_over_the_same_cache_dir_lists_its_own_bucket(s3, bucket,
     assert os.listdir(m.path("d")) == ["b.bin"]
     assert m.path("d/b.bin").read_bytes() == b"B" * 500
     assert m.counters().get("dir_listings_from_index", 0) == 0
+
+
+@pytest.mark.fuse
+def test_a_mount_hides_nothing(s3, bucket, proxy, tmp_path):
+    """A cache dir (or log) inside the mountpoint was hidden by the mount: every chunk
+    write went into the mount itself and failed, nothing was ever cached.  A mountpoint
+    that holds files hid them.  Both are bad input now, and nothing is left behind."""
+    s3.put_object(Bucket=bucket, Key="f", Body=b"x" * 1000)
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    src = ("mount", f"s3://{bucket}", str(mp), "--cache-size", "64MiB", "--endpoint-url",
+           proxy.url)
+    try:
+        for extra in ((), ("--foreground",)):
+            one_line_error(cli(*src, "--cache-dir", str(mp / "cache"), *extra),
+                           f"cache dir {mp / 'cache'} is inside the mountpoint {mp}", code=2)
+        one_line_error(cli(*src, "--cache-dir", str(tmp_path / "c"), "--log-file",
+                           str(mp / "x.log")), f"log file {mp / 'x.log'} is inside", code=2)
+        assert os.listdir(mp) == [] and not is_mounted(mp)
+        (mp / "precious.txt").write_text("keep")
+        one_line_error(cli(*src, "--cache-dir", str(tmp_path / "c")),
+                       f"mountpoint {mp} is not empty (it holds 'precious.txt')", code=2)
+        assert not is_mounted(mp) and (mp / "precious.txt").read_text() == "keep"
+        (mp / "precious.txt").unlink()
+        r = cli(*src, "--cache-dir", str(tmp_path / "c"))
+        assert r.returncode == 0, r.stderr
+        assert (mp / "f").read_bytes() == b"x" * 1000
+        assert cli("umount", str(mp)).returncode == 0
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
