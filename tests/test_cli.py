@@ -815,3 +815,51 @@ def test_a_mount_hides_nothing(s3, bucket, proxy, tmp_path):
         assert cli("umount", str(mp)).returncode == 0
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+def test_packaged_deployments_run_what_the_cli_takes(monkeypatch, tmp_path):
+    """The systemd unit and the Kubernetes DaemonSet: their cachefs command lines parse,
+    their config files load, and the mountpoint exists before the mount starts (cachefs
+    refuses a missing one: the DaemonSet never made it, and failed on every fresh node)."""
+    import shlex
+
+    from cachefs.cli import cli as group
+    from cachefs.config import build_config
+
+    yaml = pytest.importorskip("yaml")
+    pkg = Path(__file__).resolve().parent.parent / "packaging"
+    monkeypatch.setenv("CACHEFS_PEER_SECRET", "s" * 32)
+
+    def check_argv(argv: list[str]) -> dict:
+        cmd = group.commands[argv[0]]
+        with cmd.make_context("cachefs", argv[1:]) as ctx:
+            return ctx.params
+
+    unit = (pkg / "systemd" / "cachefs@.service").read_text()
+    lines = {k: v.replace("%i", "train").replace("%H", "gpu-01") for k, _, v in
+             (ln.partition("=") for ln in unit.splitlines() if not ln.startswith("#"))}
+    argv = shlex.split(lines["ExecStart"])
+    assert argv[0] == "/usr/local/bin/cachefs"
+    params = check_argv(argv[1:])
+    check_argv(shlex.split(lines["ExecStop"])[1:])
+    mountpoint = params["args"][-1]
+    assert shlex.split(lines["ExecStartPre"])[-2:] == ["-p", mountpoint]
+    assert params["config_file"] == "/etc/cachefs/train.toml"
+    build_config(mountpoint=mountpoint, config_file=str(pkg / "systemd" /
+                                                        "cachefs.toml.example"))
+
+    docs = list(yaml.safe_load_all((pkg / "kubernetes" / "cachefs-daemonset.yaml").read_text()))
+    spec = next(d for d in docs if d and d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    params = check_argv([a.replace("$(NODE_NAME)", "gpu-01") for a in c["args"]])
+    check_argv(c["lifecycle"]["preStop"]["exec"]["command"][1:])
+    check_argv(c["readinessProbe"]["exec"]["command"][1:])
+    mountpoint = params["args"][-1]
+    made = [i for i in spec.get("initContainers", ())
+            if i["command"][:2] == ["mkdir", "-p"] and mountpoint in i["command"]]
+    assert made, "nothing creates the DaemonSet's mountpoint before cachefs mounts it"
+    vols = {v["name"]: v["mountPath"] for v in made[0]["volumeMounts"]}
+    assert any(mountpoint.startswith(p + "/") for p in vols.values()), vols
+    cm = next(d for d in docs if d and d["kind"] == "ConfigMap")
+    (tmp_path / "cachefs.toml").write_text(cm["data"]["cachefs.toml"])
+    build_config(mountpoint=mountpoint, config_file=str(tmp_path / "cachefs.toml"))
