@@ -292,6 +292,13 @@ class Daemon:
         map_size = int(os.environ.get("CACHEFS_TEST_INDEX_MAP_SIZE") or 1 << 30)
         self.index = index = await trio.to_thread.run_sync(open_index, cfg.cache_dir / "index",
                                                            map_size)
+        changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
+        if changed and changed[1]:
+            old, n, nbytes = changed
+            self.ready.warn(f"the chunk size changed from {human(old)} to "
+                            f"{human(cfg.chunk_size)}: {n} pinned chunks ({human(nbytes)}) of "
+                            "the old size can no longer be read and were unpinned (eviction "
+                            "reclaims them); preload --pin the data sets again")
         self.writer = writer = IndexWriter(index)
         self.store = store = ChunkStore(cfg.cache_dir, index, writer, self.stats,
                                         limit=cfg.cache_size, high=cfg.high_watermark,

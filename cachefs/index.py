@@ -5,7 +5,7 @@ Sub-databases:
   inodes   blake2b(mount \\0 path) → inode number (stable across restarts)
   listings blake2b(mount \\0 endpoint, bucket, prefix, dir path) → the directory's last
            S3 listing (object metadata: names, sizes, ETags, mtimes) and when it was taken
-  meta     "next_ino", "version"
+  meta     "next_ino", "version", "chunk_size" (the one the cache was last started with)
 
 The Index class is synchronous.  Reads are memory-mapped lookups of a few µs
 and may run on the trio thread ("proven short").  Every write goes through
@@ -129,6 +129,27 @@ class Index:
         with self._resize, self.env.begin() as txn:
             b = txn.get(b"next_ino", db=self.meta)
         return struct.unpack("<Q", b)[0] if b else 2
+
+    def set_chunk_size(self, chunk_size: int) -> tuple[int, int, int] | None:
+        """At start-up, before the writer runs: record the chunk size.  When the cache was
+        last started with another one, its pinned chunks can no longer be read, freed or
+        evicted (chunk ids include the chunk size): they are unpinned, for eviction to
+        reclaim.  Returns (old chunk size, chunks unpinned, their bytes), or None."""
+        new = struct.pack("<Q", chunk_size)
+        with self._resize, self.env.begin(write=True) as txn:
+            old = txn.get(b"chunk_size", db=self.meta)
+            if old == new:
+                return None
+            txn.put(b"chunk_size", new, db=self.meta)
+            if old is None:  # a new cache, or one from before the chunk size was recorded
+                return None
+            n = nbytes = 0
+            for k, v in list(txn.cursor(db=self.chunks)):
+                rec = ChunkRec.unpack(v)
+                if rec.pinned:
+                    txn.put(bytes(k), replace(rec, pinned=False).pack(), db=self.chunks)
+                    n, nbytes = n + 1, nbytes + rec.size
+        return struct.unpack("<Q", old)[0], n, nbytes
 
     # -- writes: only through IndexWriter.commit (one writer thread) -----------------
 

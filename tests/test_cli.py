@@ -863,3 +863,37 @@ def test_packaged_deployments_run_what_the_cli_takes(monkeypatch, tmp_path):
     cm = next(d for d in docs if d and d["kind"] == "ConfigMap")
     (tmp_path / "cachefs.toml").write_text(cm["data"]["cachefs.toml"])
     build_config(mountpoint=mountpoint, config_file=str(tmp_path / "cachefs.toml"))
+
+
+@pytest.mark.fuse
+def test_pins_of_an_old_chunk_size_are_released(s3, bucket, proxy, tmp_path, mounts):
+    """Chunk ids include the chunk size: after a restart with another one, the chunks
+    pinned before could no longer be read, freed (`free` computes the new ids) or
+    evicted, and held their space for ever.  They are unpinned, with a warning; a
+    restart with the same chunk size keeps every pin."""
+    data = {f"d/f{i}.bin": os.urandom(200_000) for i in range(3)}
+    for k, v in data.items():
+        s3.put_object(Bucket=bucket, Key=k, Body=v)
+    lst = tmp_path / "list.txt"
+    m = mounts(f"s3://{bucket}", name="cs", chunk_size="64KiB")
+    lst.write_text(f"{m.path('d')}\n")
+    r = cli("preload", "--file-list", str(lst), "--mount", str(m.mp), "--pin")
+    assert r.returncode == 0, r.stderr
+    pinned = m.stats()["cache"]["pinned_bytes"]
+    assert pinned == 600_000
+    assert m.stop() == 0
+    m = mounts(f"s3://{bucket}", name="cs", chunk_size="64KiB")
+    assert m.stats()["cache"]["pinned_bytes"] == pinned
+    assert m.stop() == 0
+    m = mounts(f"s3://{bucket}", name="cs", chunk_size="128KiB")
+    assert m.stats()["cache"]["pinned_bytes"] == 0
+    assert ("the chunk size changed from 64.0 KiB to 128.0 KiB: 12 pinned chunks (585.9 KiB)"
+            in m.log_text())
+    for k, v in data.items():
+        assert m.path(k).read_bytes() == v
+    r = cli("preload", "--file-list", str(lst), "--mount", str(m.mp), "--pin")
+    assert r.returncode == 0, r.stderr
+    assert m.stats()["cache"]["pinned_bytes"] == 600_000
+    r = cli("free", "--file-list", str(lst), "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert m.stats()["cache"]["pinned_bytes"] == 0
