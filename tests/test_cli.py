@@ -823,10 +823,10 @@ def test_packaged_deployments_run_what_the_cli_takes(monkeypatch, tmp_path):
     refuses a missing one: the DaemonSet never made it, and failed on every fresh node)."""
     import shlex
 
+    import yaml
+
     from cachefs.cli import cli as group
     from cachefs.config import build_config
-
-    yaml = pytest.importorskip("yaml")
     pkg = Path(__file__).resolve().parent.parent / "packaging"
     monkeypatch.setenv("CACHEFS_PEER_SECRET", "s" * 32)
 
