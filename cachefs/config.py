@@ -356,6 +356,17 @@ def build_config(
             return flags[flag]
         return table.get(key, default)
 
+    base = Path(config_file).resolve().parent if config_file else None
+
+    def pick_path(flag: str, table: dict, key: str, what: str) -> Path | None:
+        """A relative path in the file is taken from the file's directory (a service
+        started in / finds what the file names); on the command line, from the current
+        directory."""
+        p = parse_path(pick(flag, table, key), what)
+        if p is not None and flag not in flags and base is not None and not p.is_absolute():
+            p = base / p
+        return p
+
     _no_credentials(flags.get("endpoint_url"), "--endpoint-url")
     _no_credentials(s3.get("endpoint_url"), "[s3] endpoint_url")
     endpoint = check_endpoint(pick("endpoint_url", s3, "endpoint_url"))
@@ -402,7 +413,7 @@ def build_config(
                 flags.get("profile") or e.get("profile") or s3.get("profile"),
             ))
 
-    cache_dir = parse_path(pick("cache_dir", cache, "dir"), "[cache] dir")
+    cache_dir = pick_path("cache_dir", cache, "dir", "[cache] dir")
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or [cache] dir in the config file")
     size_raw = pick("cache_size", cache, "size")
@@ -478,7 +489,7 @@ def build_config(
         etcd=tuple(etcd),
         etcd_prefix=parse_str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix),
                               "[cluster] etcd_prefix"),
-        **{k: _readable_file(pick(k, cl, k), f"[cluster] {k}")
+        **{k: _readable_file(pick_path(k, cl, k, f"[cluster] {k}"), f"[cluster] {k}")
            for k in ("etcd_ca", "etcd_cert", "etcd_key")},
         etcd_user=pick("etcd_user", cl, "etcd_user"),
         etcd_password=os.environ.get("CACHEFS_ETCD_PASSWORD") or cl.get("etcd_password"),
@@ -534,7 +545,7 @@ def build_config(
     level = str(pick("log_level", lg, "level", "INFO")).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    log_file = parse_path(pick("log_file", lg, "file"), "[log] file")
+    log_file = pick_path("log_file", lg, "file", "[log] file")
 
     return Config(
         mounts=tuple(mounts),

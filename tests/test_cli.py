@@ -222,6 +222,29 @@ def test_config_values_of_the_wrong_type(tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_relative_paths_in_a_config_file_are_taken_from_its_directory(tmp_path, monkeypatch):
+    """`[cache] dir = "cache"` meant ./cache of wherever the mount was started (/ under
+    systemd); it is now the config file's directory's, as a flag's path is the current
+    directory's."""
+    from cachefs.config import build_config
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "ca.pem").write_text("x")
+    cfg = etc / "cachefs.toml"
+    cfg.write_text("[cache]\nsize = '1GiB'\ndir = 'cache'\n[log]\nfile = 'logs/d.log'\n"
+                   "[cluster]\nnode_id = 'n1'\npeer_listen = '127.0.0.1:7070'\n"
+                   "etcd = ['https://127.0.0.1:2379']\netcd_ca = 'ca.pem'\n")
+    monkeypatch.setenv("CACHEFS_PEER_SECRET", "s" * 32)
+    monkeypatch.chdir(tmp_path)  # not the file's directory
+    c = build_config(mountpoint="mp", source="s3://bkt", config_file=str(cfg))
+    assert (c.cache_dir, c.log_file) == (etc / "cache", etc / "logs" / "d.log")
+    assert c.cluster.etcd_ca == str(etc / "ca.pem")
+    c = build_config(mountpoint="mp", source="s3://bkt", config_file=str(cfg),
+                     flags={"cache_dir": "here", "log_file": "x.log"})
+    assert (c.cache_dir, c.log_file) == (Path("here"), Path("x.log"))
+
+
 @pytest.mark.fuse
 def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     mp = tmp_path / "mp"
