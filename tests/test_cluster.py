@@ -107,6 +107,9 @@ def test_peer_entries_and_self_identity():
         resolve_self("zz", "0.0.0.0:9", "elsewhere:9", peers)
     with pytest.raises(ConfigError, match="twice"):
         resolve_self("a", "h1:1", "h1:1", ["a=h1:1", "a=h3:1"])
+    # one node under two ids would ask itself for the other id's chunks
+    with pytest.raises(ConfigError, match="'a' and 'b' have the same address h1:1"):
+        resolve_self("a", "h1:1", "h1:1", ["a=h1:1", "b=h1:1"])
     assert prefix_end("/cachefs/members/") == "/cachefs/members0"
 
 
@@ -413,5 +416,53 @@ def test_etcd_with_user_and_password(mounts, bucket, s3, proxy, tmp_path):
         one_line_error(mount_with("--etcd-user", "node"), "CACHEFS_ETCD_PASSWORD", code=2)
         one_line_error(mount_with(CACHEFS_ETCD_PASSWORD="pw-Zq81x"), "no --etcd-user", code=2)
         assert all(cluster_stats(m)["ring_size"] == 2 for m in ms)  # x never joined
+    finally:
+        etcd.stop()
+
+
+@pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
+def test_restart_with_a_new_node_id_does_not_ask_itself(mounts, bucket, s3, proxy, tmp_path):
+    """A node killed and started again at once with another --node-id on the same address:
+    its old key lives in etcd until the lease expires, so its ring holds the old id at its
+    own address.  Reads of the chunks the old id owns go to S3, not to this process itself
+    (that request waited on this node's own flight for the chunk until the peer request
+    timed out: every such read hung for the S3 timeout plus the peer timeout)."""
+    import hashlib
+
+    from cachefs.chunks.ids import chunk_id
+    from cachefs.cluster.ring import HashRing
+
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        cfg = tmp_path / "cluster.toml"
+        cfg.write_text(f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "/r/members/"\n'
+                       "lease_ttl = 60\n")
+        port = free_port()
+        ring = HashRing(["e0", "old", "new"])
+        for salt in range(100):  # a file with chunks the old id owns
+            data = random.Random(salt).randbytes(600_000)
+            etag = f'"{hashlib.md5(data).hexdigest()}"'
+            cids = [chunk_id(bucket, "r.bin", etag, CHUNK, i) for i in range(10)]
+            if sum(ring.owner(c) == "old" for c in cids) >= 2:
+                break
+        s3.put_object(Bucket=bucket, Key="r.bin", Body=data)
+        e0 = mounts(f"s3://{bucket}", name="e0", config=str(cfg),
+                    env={"CACHEFS_PEER_SECRET": SECRET},
+                    extra=("--node-id", "e0", "--peer-listen", f"127.0.0.1:{free_port()}"))
+        m = mounts(f"s3://{bucket}", name="x", config=str(cfg), start=False,
+                   env={"CACHEFS_PEER_SECRET": SECRET},
+                   extra=("--node-id", "old", "--peer-listen", f"127.0.0.1:{port}",
+                          "--s3-timeout", "3s"))
+        m.start()
+        m.kill()  # no revoke: the key "old" stays for the lease's 60 s
+        m.extra = ("--node-id", "new", "--peer-listen", f"127.0.0.1:{port}", "--s3-timeout", "3s")
+        m.start()
+        st = cluster_stats(m)
+        assert st["members"]["old"]["address"] == st["address"]
+        assert read_all(m, {"r.bin": data}) == {"r.bin": data}
+        st = cluster_stats(m)
+        assert "old" not in st["peer_errors"], st["peer_errors"]
+        assert st["requests_served"] == 0  # it never asked itself
+        assert cluster_stats(e0)["ring_size"] == 3
     finally:
         etcd.stop()

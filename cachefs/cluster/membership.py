@@ -89,6 +89,13 @@ def resolve_self(
         if n in members and members[n] != a:
             raise ConfigError(f"--peers: node id {n!r} is listed twice with different addresses")
         members[n] = a
+    by_addr: dict[str, str] = {}
+    for n, a in members.items():
+        if a in by_addr:
+            # one node under two ids: it would ask itself for the chunks of the other id
+            raise ConfigError(f"--peers: node ids {by_addr[a]!r} and {n!r} have the same "
+                              f"address {a}: list each node once")
+        by_addr[a] = n
     if not members:
         return node_id or advertise, {}
     if node_id and node_id in members:

@@ -268,14 +268,17 @@ class ClusterNode:
         desc = ref.describe()
         ctx = {"node": self.node_id}
         for node in prefs:
-            if node == self.node_id:
+            addr = members.get(node)
+            if node == self.node_id or addr == self.address:
                 # We are next in line: the chunk belongs here if the owner
-                # leaves, so read it from S3 and keep it.
+                # leaves, so read it from S3 and keep it.  A member at our own
+                # address is this process under another id (an etcd key left
+                # by a crash before a restart with a new --node-id): asking it
+                # would wait on our own flight for this chunk.
                 break
             if not self.health.is_healthy(node):
                 self.skipped_unhealthy += 1
                 continue
-            addr = members.get(node)
             if addr is None:
                 continue
             with trace.span("peer", node=node, tier="peer", bytes=ref.length) as sp:
@@ -317,7 +320,7 @@ class ClusterNode:
             return None
         node = prefs[1]
         addr = members.get(node)
-        if addr is None:
+        if addr is None or addr == self.address:
             return None
         desc = {**ref.describe(), "cached_only": True}
         with trace.span("peer.handoff", node=node, tier="peer", bytes=ref.length) as sp:
