@@ -466,3 +466,44 @@ def test_restart_with_a_new_node_id_does_not_ask_itself(mounts, bucket, s3, prox
         assert cluster_stats(e0)["ring_size"] == 3
     finally:
         etcd.stop()
+
+
+def test_a_node_with_another_chunk_size_or_a_wrong_peers_address_is_refused(
+        mounts, bucket, s3, proxy, tmp_path):
+    """Chunk ids include the chunk size: a node with another --chunk-size cached every
+    data set a second time, and `free` run on one node left the other's copies (`status`
+    there still said 100% cached).  A --peers list with a wrong address sent one node's
+    chunks to another.  Both are refused at mount, on one line, when a member answers."""
+    from cachefs_env import is_mounted
+
+    files = put_files(s3, bucket, {"k.bin": 300_000}, seed=13)
+    ms = start_cluster(mounts, bucket, 2, names=["n0", "n1"])
+    p0, p1 = (cluster_stats(m)["address"] for m in ms)
+    p2 = f"127.0.0.1:{free_port()}"
+    mp = tmp_path / "mp-n2"
+    mp.mkdir()
+
+    def mount_n2(peers: str, *extra: str):
+        return cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c-n2"),
+                   "--cache-size", "64MiB", "--endpoint-url", proxy.url, "--node-id", "n2",
+                   "--peer-listen", p2, "--peers", peers, *extra,
+                   env={"CACHEFS_PEER_SECRET": SECRET})
+
+    try:
+        line = one_line_error(mount_n2(f"n0={p0},n1={p1},n2={p2}", "--chunk-size", "128KiB"),
+                              "uses a chunk size of 64.0 KiB, this node 128.0 KiB",
+                              "same --chunk-size", code=2)
+        assert line.startswith(("cachefs: error: node n0 (", "cachefs: error: node n1 (")), line
+        assert not is_mounted(mp)
+        one_line_error(mount_n2(f"n0={p1},n1={p0},n2={p2}", "--chunk-size", "64KiB"),
+                       f"--peers lists n0 at {p1}, but node n1 answers there", code=2)
+        assert not is_mounted(mp)
+        # the same node with the right list and chunk size joins
+        r = mount_n2(f"n0={p0},n1={p1},n2={p2}", "--chunk-size", "64KiB")
+        assert r.returncode == 0, r.stderr
+        assert read_all(ms[0], files) == files
+        assert (mp / "k.bin").read_bytes() == files["k.bin"]
+    finally:
+        if is_mounted(mp):
+            cli("umount", str(mp))
+    assert not is_mounted(mp)

@@ -29,6 +29,7 @@ import trio
 from .. import trace
 from ..chunks.ids import ChunkRef, ObjectVersion
 from ..errors import ConfigError
+from ..report import human
 from .membership import EtcdMembership, advertise_address, resolve_self, static_members
 from .peer import PeerClient, PeerError, PeerHealth, serve_peers
 from .ring import HashRing
@@ -86,6 +87,7 @@ class ClusterNode:
         self.ring_changes = 0
         self.health = PeerHealth(bad_for=UNHEALTHY_FOR)
         chunk_size = int(getattr(daemon.cfg, "chunk_size", _MAX_CHUNK))
+        self.chunk_size = chunk_size
         s3_timeout = float(getattr(getattr(daemon.cfg, "s3", None), "request_timeout", 30.0))
         # connect: a dead host costs at most peer_timeout; the whole request may
         # include the owner's own S3 read, so it gets that much more.
@@ -103,7 +105,8 @@ class ClusterNode:
                 auth=(cfg.etcd_user, cfg.etcd_password) if cfg.etcd_user else None)
         self.corrupt_for_test = os.environ.get(TEST_CORRUPT_ENV) == "1"
         self.port: int | None = None
-        self._ops: dict[str, Op] = {"status": self._op_status, "cache": self._op_cache}
+        self._ops: dict[str, Op] = {"status": self._op_status, "cache": self._op_cache,
+                                    "identity": self._op_identity}
         # counters
         self.served = 0
         self.bytes_served = 0
@@ -135,6 +138,7 @@ class ClusterNode:
                                   f"{e.strerror or e}") from None
             if self.membership is not None:
                 await nursery.start(self.membership.run)
+            await self._check_peers()
             log.info("cluster: node %s (%s) listening on %s, %s membership, %d node(s): %s",
                      self.node_id, self.address, self.listen, self.mode, len(self.ring),
                      ", ".join(sorted(self.members)))
@@ -234,6 +238,41 @@ class ClusterNode:
 
     async def _op_cache(self, payload: dict) -> dict:
         return {"cache": self.daemon.store.statistics()}
+
+    async def _op_identity(self, payload: dict) -> dict:
+        return {"node_id": self.node_id, "chunk_size": self.chunk_size}
+
+    async def _check_peers(self) -> None:
+        """Refuse to start next to a member that answers with another chunk size (chunk
+        ids include it: the nodes would cache every data set twice, and `free` or `status`
+        from one node would not see the other's copies) or, with a static --peers list,
+        with another node id (a wrong address in the list).  Members that are down, or do
+        not answer within peer_timeout, are not checked."""
+        problems: list[str] = []
+
+        async def one(node: str, addr: str) -> None:
+            with trio.move_on_after(self.opts.peer_timeout):
+                try:
+                    r = await self.client.call(addr, "identity", {})
+                except (PeerError, ValueError):
+                    return  # down, another secret, or a version without this op
+                theirs = r.get("chunk_size")
+                if isinstance(theirs, int) and theirs != self.chunk_size:
+                    problems.append(
+                        f"node {node} ({addr}) uses a chunk size of {human(theirs)}, this "
+                        f"node {human(self.chunk_size)}: give every node of the cluster the "
+                        "same --chunk-size")
+                elif self.mode == "static" and r.get("node_id") not in (None, node):
+                    problems.append(
+                        f"--peers lists {node} at {addr}, but node {r.get('node_id')} answers "
+                        "there: fix the address (give every node the same --peers)")
+
+        async with trio.open_nursery() as n:
+            for node, addr in self.members.items():
+                if node != self.node_id and addr != self.address:
+                    n.start_soon(one, node, addr)
+        if problems:
+            raise ConfigError(sorted(problems)[0])
 
     async def cache_by_node(self, wait: float = 2.0) -> dict[str, dict]:
         """Every member's ``ChunkStore.statistics()`` (``{"error": ...}`` for a node
