@@ -516,6 +516,11 @@ def build_config(
             raise ConfigError("--peer-listen needs --peers or --etcd")
     elif cluster.peers or cluster.etcd:
         raise ConfigError("--peers/--etcd need --peer-listen HOST:PORT")
+    if cluster.peers and cluster.etcd:
+        raise ConfigError("--peers and --etcd cannot be combined: the members come from a "
+                          "static list or from etcd (give one of them)")
+    if cluster.etcd and "/" in str(cluster.node_id or ""):
+        raise ConfigError(f"node id {cluster.node_id!r} must not contain '/' (it is an etcd key)")
     for k in ("etcd_user", "etcd_password"):
         if getattr(cluster, k) is not None and not isinstance(getattr(cluster, k), str):
             raise ConfigError(f"[cluster] {k}: expected a string")

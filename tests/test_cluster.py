@@ -113,6 +113,25 @@ def test_peer_entries_and_self_identity():
     assert prefix_end("/cachefs/members/") == "/cachefs/members0"
 
 
+def test_conflicting_membership_options_are_refused(tmp_path):
+    """--peers together with --etcd was accepted and the static list silently ignored; a
+    node id with '/' in etcd mode failed with exit 1 after the daemon had started."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+
+    def mount(*extra):
+        return cli("mount", "s3://some-bucket", str(mp), "--cache-dir", str(tmp_path / "c"),
+                   "--cache-size", "64MiB", "--endpoint-url", "http://127.0.0.1:1",
+                   "--peer-listen", f"127.0.0.1:{free_port()}", *extra,
+                   env={"CACHEFS_PEER_SECRET": SECRET})
+
+    one_line_error(mount("--node-id", "a", "--peers", "a=127.0.0.1:7000,b=127.0.0.1:7001",
+                         "--etcd", "http://127.0.0.1:1"),
+                   "--peers and --etcd cannot be combined", code=2)
+    one_line_error(mount("--node-id", "rack/a", "--etcd", "http://127.0.0.1:1"),
+                   "node id 'rack/a' must not contain '/'", code=2)
+
+
 @pytest.mark.trio
 async def test_control_call_between_nodes():
     """The `call` op that ClusterNode.forward uses (cluster-wide preload/free/status)."""

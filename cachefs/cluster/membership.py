@@ -186,7 +186,7 @@ class EtcdMembership:
         if not prefix.endswith("/"):
             prefix += "/"
         if "/" in node_id:
-            raise QuietError(f"node id {node_id!r} must not contain '/' (it is an etcd key)")
+            raise ConfigError(f"node id {node_id!r} must not contain '/' (it is an etcd key)")
         self.prefix = prefix
         self.node_id = node_id
         self.address = address
