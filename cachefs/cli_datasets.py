@@ -64,7 +64,11 @@ class Prepared:
         """Print every failed entry as one line; the exit code they call for."""
         items = sorted(self.cli_failed() + failed, key=lambda x: x["line"])
         for it in items[:MAX_ERROR_LINES]:
-            _say(f"{self.list_name}:{it['line']}: {it['entry']}: {it['reason']}")
+            path = it.get("path")
+            # a directory or prefix entry: name the file under it that failed
+            inner = (f"{self.mp.rstrip('/')}{path}: " if path and not
+                     ("/" + it["entry"].lstrip("/")).endswith(path) else "")
+            _say(f"{self.list_name}:{it['line']}: {it['entry']}: {inner}{it['reason']}")
         if len(items) > MAX_ERROR_LINES:
             more = plural(len(items) - MAX_ERROR_LINES, "more failed entry",
                           "more failed entries")

@@ -488,6 +488,16 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
             "--mount", str(m.mp))
     proxy.clear_faults()
     assert r.returncode == 1 and "b.txt:1: data/b.bin: S3" in r.stderr
+    # a directory entry: the line names the file under it that failed (every file of the
+    # directory failed on a line that said only "d.txt:1: data/: ...")
+    proxy.faults(persistent_status=403, key_filter="data/b.bin")
+    r = cli("preload", "--file-list", write_list(tmp_path, ["data/"], "d.txt"),
+            "--mount", str(m.mp))
+    proxy.clear_faults()
+    errs = [ln for ln in r.stderr.splitlines() if "d.txt:1:" in ln]
+    assert r.returncode == 1 and len(errs) == 1, r.stderr
+    assert errs[0].endswith(f"d.txt:1: data/: {m.mp}/data/b.bin: S3: 403 AccessDenied: "
+                            "Injected fault AccessDenied by s3proxy"), errs
 
 
 def test_a_list_that_is_not_utf8_text_is_one_line(mounts, bucket, tmp_path):
