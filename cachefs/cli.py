@@ -403,10 +403,18 @@ def stats(mount: str | None, as_json: bool, nodes: bool) -> None:
     s = client.request({"op": "stats", "nodes": nodes})["stats"]
     if as_json:
         click.echo(json.dumps(s, indent=2))
-        return
-    from .report import format_stats
+    else:
+        from .report import format_stats
 
-    click.echo(format_stats(mp, s))
+        click.echo(format_stats(mp, s))
+    down = {n: c["error"] for n, c in (s.get("cluster", {}).get("nodes_cache") or {}).items()
+            if "error" in c}
+    if down:  # the figures of the others are above; exit 1 as status and free do
+        from .report import printable
+
+        for n, why in sorted(down.items()):
+            click.echo(f"cachefs: node {n} unreachable: {printable(str(why))}", err=True)
+        raise SystemExit(EXIT_FAILED)
 
 
 # -- demo -----------------------------------------------------------------------------

@@ -204,6 +204,11 @@ def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_p
         assert res["nodes"][n]["fetched_chunks"] == len(own_q[n]) + succ.get(n, 0)
     read_everywhere(ms[:2], part["q"])
     assert proxy.gets() == 6
+    # stats --nodes shows the others' figures and names the node that is down (exit 1)
+    r = cli("stats", "--nodes", "--mount", str(ms[0].mp))
+    assert r.returncode == 1 and r.stderr.startswith("cachefs: node n2 unreachable: "), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "    n2           error: " in r.stdout
+    assert "    n1           " in r.stdout and " used of 640.0 KiB" in r.stdout, r.stdout
     # status and free name the node that is down (exit 1) and still do the rest
     st, r = run(ms[1], "status", lp)
     assert r.returncode == 1 and "n2 unreachable" in r.stderr
