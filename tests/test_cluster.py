@@ -483,6 +483,17 @@ def test_restart_with_a_new_node_id_does_not_ask_itself(mounts, bucket, s3, prox
         assert "old" not in st["peer_errors"], st["peer_errors"]
         assert st["requests_served"] == 0  # it never asked itself
         assert cluster_stats(e0)["ring_size"] == 3
+        # a live id at another address is refused, saying when a crashed one's key expires
+        mp = tmp_path / "mp-dup"
+        mp.mkdir()
+        one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--config", str(cfg),
+                           "--cache-dir", str(tmp_path / "c-dup"), "--cache-size", "64MiB",
+                           "--endpoint-url", proxy.url, "--node-id", "e0",
+                           "--peer-listen", f"127.0.0.1:{free_port()}",
+                           env={"CACHEFS_PEER_SECRET": SECRET}),
+                       "node id 'e0' is already registered in etcd by a node at "
+                       f"{cluster_stats(e0)['address']}", "within the lease TTL of 60 s",
+                       code=1)
     finally:
         etcd.stop()
 

@@ -295,7 +295,9 @@ class EtcdMembership:
             if other and other != self.address:
                 await self._revoke(lease)
                 raise QuietError(f"node id {self.node_id!r} is already registered in etcd by a "
-                                 f"live node at {other}; give each node its own --node-id")
+                                 f"node at {other}; give each node its own --node-id (if "
+                                 f"that was this node before a crash, its key expires within "
+                                 f"the lease TTL of {self.lease_ttl} s: mount again then)")
         value = json.dumps({"address": self.address})
         await self._call("/v3/kv/put", {"key": _b64(self._key(self.node_id)),
                                         "value": _b64(value), "lease": lease})
