@@ -34,7 +34,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -757,17 +757,24 @@ class VFS:
         self.dir_handles[fh] = d.entries()
         return fh
 
-    def readdir(self, fh: int, start: int) -> list[tuple[str, Node, int]]:
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[str, Node, int]]:
+        """The handle's entries from ``start`` on, one at a time: the kernel takes what
+        fits in its buffer (a few hundred) and asks again from there, so building the
+        whole rest on every call made listing a directory quadratic (200k names: 7.7 s
+        of the trio thread, a million: minutes, every other request waiting)."""
         entries = self.dir_handles.get(fh)
         if entries is None:
             raise FSError(errno.EBADF)
-        out = []
+        return self._entries_from(entries, start)
+
+    def _entries_from(self, entries: list[tuple[str, int]],
+                      start: int) -> Iterator[tuple[str, Node, int]]:
+        nodes = self.nodes
         for i in range(start, len(entries)):
             name, ino = entries[i]
-            node = self.nodes.get(ino)
+            node = nodes.get(ino)
             if node is not None:
-                out.append((name, node, i + 1))
-        return out
+                yield name, node, i + 1
 
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
