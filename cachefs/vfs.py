@@ -820,7 +820,9 @@ class VFS:
         node = self.get(ino)
         if node.is_dir:
             raise FSError(errno.EISDIR)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+        # O_APPEND only moves writes: a read-only open with it reads, as on any read-only
+        # file system (O_TRUNC would write; the kernel refuses it on a ro mount already)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise FSError(errno.EROFS)
         if node.stale:  # a read found the object changed: see its new version, not EIO
             parent = self.nodes.get(node.parent)

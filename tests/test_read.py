@@ -125,6 +125,13 @@ def test_writes_are_erofs(s3, bucket, mounts, proxy):
             fn()
         assert ei.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM), fn
     assert m.path("f.txt").read_bytes() == b"data"
+    # O_APPEND moves only writes: a read-only open with it reads, as on any read-only file
+    # system (it got EROFS)
+    fd = os.open(m.path("f.txt"), os.O_RDONLY | os.O_APPEND)
+    try:
+        assert os.read(fd, 100) == b"data"
+    finally:
+        os.close(fd)
     ops = proxy.stats()["ops"]
     assert ops.get("PutObject", 0) == 0
     assert {k for k, v in ops.items() if v} <= {"GetObject", "ListObjects", "HeadObject"}
