@@ -46,6 +46,7 @@ debug level (the read itself retries).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -60,7 +61,7 @@ log = logging.getLogger("cachefs.prefetch")
 SLACK = 8
 MIN_RUN = 3
 START_WINDOW = 4
-HOLD_TTL = 30.0
+HOLD_TTL = float(os.environ.get("CACHEFS_TEST_PREFETCH_HOLD", "30"))  # env: tests only
 MAX_DIRS = 1024
 SMALL_DIVISOR = 8  # files up to chunk size / 8 (1 MiB by default) are prefetched
 LOCAL_BATCH = 8  # chunks read from the SSD per worker-thread call
@@ -105,6 +106,7 @@ class FilePrefetcher:
         # chunk id → (handle, event) of the opens that claimed it while it was fetched
         self.inflight: dict[bytes, list[tuple[FileHandle, trio.Event]]] = {}
         self.bytes = 0  # held + in flight, charged to the budget
+        self._sweeping = False  # a task drops held bytes as they expire
 
     def _small(self, size: int) -> bool:
         return 0 < size <= self.vfs.cfg.chunk_size // SMALL_DIVISOR
@@ -267,6 +269,9 @@ class FilePrefetcher:
         if data is not None and not waiting:
             self.held[ref.cid] = _Held(data, dir_ino)
             self.bytes += len(data)
+            if not self._sweeping:
+                self._sweeping = True
+                self.vfs.nursery.start_soon(self._sweep)
         elif not live:
             self.vfs.budget.give(ref.length)
 
@@ -279,6 +284,18 @@ class FilePrefetcher:
     def _drop_dir(self, dir_ino: int) -> None:
         for cid in [c for c, e in self.held.items() if e.dir_ino == dir_ino]:
             self._drop(cid)
+
+    async def _sweep(self) -> None:
+        """Drop held bytes HOLD_TTL seconds after they arrived, also when no file is opened
+        again (a reader that stopped): they were held, and charged to the read-ahead budget,
+        until the next open."""
+        try:
+            while self.held:
+                oldest = next(iter(self.held.values())).at
+                await trio.sleep(max(0.0, oldest + HOLD_TTL - time.monotonic()) + 0.05)
+                self._expire()
+        finally:
+            self._sweeping = False
 
     def _expire(self) -> None:
         limit = time.monotonic() - HOLD_TTL

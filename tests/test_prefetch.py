@@ -86,13 +86,21 @@ def test_out_of_order_reader_prefetches_nothing(s3, bucket, mounts, proxy):
 def test_reader_that_stops_wastes_at_most_the_window(s3, bucket, mounts, proxy):
     data = frames(s3, bucket)
     more = frames(s3, bucket, prefix="more")
-    m = mounts(f"s3://{bucket}", extra=("--prefetch-files", "4"))
+    m = mounts(f"s3://{bucket}", extra=("--prefetch-files", "4"),
+               env={"CACHEFS_TEST_PREFETCH_HOLD": "3"})
     keys = sorted(data)
     assert read_in(m, keys[:10]) == {k: data[k] for k in keys[:10]}
     # the last open (position 9) fetched at most positions 10..13
     assert 10 < settled_gets(proxy) <= 10 + 4
     c = m.counters()
     assert c.get("prefetch_started", 0) <= 10 + 4 - 3, c
+    # what it fetched ahead is dropped once held for the hold time, with no further open
+    # (it stayed held, charged to the read-ahead budget, until the next open)
+    held = c["prefetch_started"] - c.get("prefetch_hits", 0) - c.get("prefetch_claims", 0)
+    assert held > 0 and m.stats()["readahead_bytes"] > 0
+    time.sleep(3.5)
+    assert m.stats()["readahead_bytes"] == 0
+    assert m.counters().get("prefetch_unused", 0) == held
     # with the default window (32 files), the bytes ahead stay within one chunk (64 KiB)
     m.stop()
     m.extra = ()
