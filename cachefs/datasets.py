@@ -471,7 +471,8 @@ class Datasets:
         parts, store = [], {}
         for i in range(0, len(cids), ID_BATCH):
             part = cids[i:i + ID_BATCH]
-            res = await self.d.cluster.forward(node, "ds_probe", {"ids": _pack_ids(part)})
+            res = await self.d.cluster.forward(node, "ds_probe", {"ids": _pack_ids(part)},
+                                               no_s3=True)
             states, store = res["states"], res["store"]
             if not isinstance(states, str) or len(states) != len(part):
                 raise ValueError("ds_probe: wrong number of states")
@@ -482,7 +483,8 @@ class Datasets:
         tot = {"freed_bytes": 0, "freed_chunks": 0, "pins_removed": 0}
         for i in range(0, len(cids), ID_BATCH):
             res = await self.d.cluster.forward(node, "ds_drop",
-                                               {"ids": _pack_ids(cids[i:i + ID_BATCH])})
+                                               {"ids": _pack_ids(cids[i:i + ID_BATCH])},
+                                               no_s3=True)
             for k in tot:
                 tot[k] += int(res[k])
         return tot

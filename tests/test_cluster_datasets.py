@@ -240,3 +240,28 @@ def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_p
     assert "error" in json.loads(r.stdout)["cold"]["nodes"]["n2"]
     r = cli("trace", path, "--cold")
     assert "on 2 of 3 node(s)" in r.stdout and "--cold: node n2: " in r.stdout, r.stdout
+
+
+def test_a_frozen_node_is_given_up_after_five_peer_timeouts(mounts, bucket, s3, proxy, tmp_path):
+    """status and free ask each node which chunks it holds (ds_probe) or to drop them
+    (ds_drop), which never waits on S3: a node that does not answer (here SIGSTOP) is given
+    up after 5 peer timeouts (10 s), not after the peer timeout plus the S3 timeout (32 s)."""
+    import os
+    import signal
+
+    files, own = choose(s3, bucket, "z", [2 * CHUNK] * 3, lambda o: min(counts(o)) >= 1)
+    ms = start_cluster(mounts, bucket, 3)
+    lst = write_list(tmp_path, "z.txt", [next(iter(files)).rsplit("/", 1)[0]])
+    res, r = run(ms[0], "preload", lst)
+    assert r.returncode == 0, r.stderr
+    os.kill(ms[1].proc.pid, signal.SIGSTOP)
+    try:
+        st, r = run(ms[0], "status", lst)
+    finally:
+        os.kill(ms[1].proc.pid, signal.SIGCONT)
+    assert r.returncode == 1 and "n1 unreachable" in r.stderr, r.stderr
+    assert "timed out after 10s" in r.stderr, r.stderr
+    assert [u["node"] for u in st["unreachable"]] == ["n1"]
+    assert "error" not in st["nodes"]["n0"] and "error" not in st["nodes"]["n2"]
+    st, r = run(ms[0], "status", lst)  # n1 answers again
+    assert r.returncode == 0 and st["cached_bytes"] == st["total_bytes"] == 6 * CHUNK, r.stderr

@@ -52,6 +52,9 @@ ADVERTISE_ENV = "CACHEFS_PEER_ADVERTISE"
 PEER_CANDIDATES = 2
 #: A peer that failed is skipped for this long (then tried again).
 UNHEALTHY_FOR = 10.0
+# a call that never waits on S3 (ds_probe, ds_drop: index lookups, unlinks) is given up
+# after this many peer timeouts (10 s by default), not peer timeout + S3 timeout (32 s)
+NO_S3_TIMEOUTS = 5
 #: Concurrent requests this node sends to one peer (pooled connections).
 MAX_CONNS_PER_PEER = 4
 #: Peer requests served at once by this node (all peers together).
@@ -410,19 +413,29 @@ class ClusterNode:
         """Serve ``forward(node, name, payload)`` calls from peers with ``fn(payload)``."""
         self._ops[name] = fn
 
-    async def forward(self, node: str, op: str, payload: dict) -> dict:
+    async def forward(self, node: str, op: str, payload: dict, *, no_s3: bool = False) -> dict:
         """Run ``op`` on ``node`` (locally if it is us); its result dict.
 
         Raises PeerError if the node is unknown or unreachable, or if the op
         failed there (reason ``remote``).  The request, payload included,
-        must stay under 64 KiB: split long file lists.
+        must stay under 64 KiB: split long file lists.  ``no_s3``: the op never
+        waits on S3 there, so a node that does not answer (frozen, overloaded) is
+        given up after ``NO_S3_TIMEOUTS`` peer timeouts rather than the peer timeout
+        plus the S3 timeout.
         """
         if node == self.node_id:
             return await self._serve_call(op, payload)
         addr = self.members.get(node)
         if addr is None:
             raise PeerError(f"unknown node {node!r}", "connect")
-        return await self.client.call(addr, op, payload)
+        if not no_s3:
+            return await self.client.call(addr, op, payload)
+        limit = NO_S3_TIMEOUTS * self.opts.peer_timeout
+        try:
+            with trio.fail_after(limit):
+                return await self.client.call(addr, op, payload)
+        except trio.TooSlowError:
+            raise PeerError(f"request to {addr} timed out after {limit:g}s", "timeout") from None
 
     # -- statistics ---------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
