@@ -116,8 +116,7 @@ class FilePrefetcher:
     def opened(self, node: Node, h: FileHandle) -> None:
         """A file was opened: hand over its prefetched bytes, then extend the run."""
         if self.held or self.inflight:
-            self._hand_over(h)
-            self._expire()
+            self._hand_over(h)  # (expired bytes are dropped by _sweep, not on this path)
         if self.max_files:
             self._observe(node)
 

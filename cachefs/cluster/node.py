@@ -242,6 +242,12 @@ class ClusterNode:
     async def _op_cache(self, payload: dict) -> dict:
         return {"cache": self.daemon.store.statistics()}
 
+    def _is_self(self, node: str, addr: str | None) -> bool:
+        """``node`` is this process: its id, or another id at its address (an etcd key a
+        crash left behind before a restart with a new --node-id, or one address listed
+        under two ids)."""
+        return node == self.node_id or addr == self.address
+
     async def _op_identity(self, payload: dict) -> dict:
         return {"node_id": self.node_id, "chunk_size": self.chunk_size}
 
@@ -272,7 +278,7 @@ class ClusterNode:
 
         async with trio.open_nursery() as n:
             for node, addr in self.members.items():
-                if node != self.node_id and addr != self.address:
+                if not self._is_self(node, addr):
                     n.start_soon(one, node, addr)
         if problems:
             raise ConfigError(sorted(problems)[0])
@@ -311,12 +317,10 @@ class ClusterNode:
         ctx = {"node": self.node_id}
         for node in prefs:
             addr = members.get(node)
-            if node == self.node_id or addr == self.address:
+            if self._is_self(node, addr):
                 # We are next in line: the chunk belongs here if the owner
-                # leaves, so read it from S3 and keep it.  A member at our own
-                # address is this process under another id (an etcd key left
-                # by a crash before a restart with a new --node-id): asking it
-                # would wait on our own flight for this chunk.
+                # leaves, so read it from S3 and keep it (asking ourselves
+                # would wait on our own flight for this chunk).
                 break
             if not self.health.is_healthy(node):
                 self.skipped_unhealthy += 1
@@ -362,7 +366,7 @@ class ClusterNode:
             return None
         node = prefs[1]
         addr = members.get(node)
-        if addr is None or addr == self.address:
+        if addr is None or self._is_self(node, addr):
             return None
         desc = {**ref.describe(), "cached_only": True}
         with trace.span("peer.handoff", node=node, tier="peer", bytes=ref.length) as sp:
