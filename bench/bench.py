@@ -567,6 +567,31 @@ class Passthrough(System):
         pass  # no cache of its own: cold == page cache dropped
 
 
+C_PASSTHROUGH = BENCH / ".build" / "c-passthrough"  # built from c_passthrough.c by run.sh
+
+
+class CPassthrough(Passthrough):
+    """The same passthrough in C on libfuse's multithreaded loop: the least any FUSE
+    daemon does per request, so the ceiling of a FUSE file system on this machine."""
+    name, role = "c-passthrough", "ceiling"
+
+    def check(self) -> None:
+        if not os.access(C_PASSTHROUGH, os.X_OK):
+            raise Unavailable(f"c-passthrough not available: {C_PASSTHROUGH} not built "
+                              "(bench/run.sh builds it; needs gcc and libfuse3-dev)")
+
+    def command(self):
+        return [str(C_PASSTHROUGH), str(self.ctx.local), str(self.mp)], dict(os.environ)
+
+    def after_mount(self) -> None:
+        os.stat(self.mp)  # returns once INIT is answered, which resets the read-ahead
+        devno = mount_devno(self.mp)
+        if devno:
+            with contextlib.suppress(OSError), \
+                    open(f"/sys/class/bdi/{devno}/read_ahead_kb", "w") as f:
+                f.write("1024")
+
+
 def cachefs_argv0() -> list[str] | None:
     venv_bin = Path(sys.executable).parent / "cachefs"
     if venv_bin.exists():
@@ -703,7 +728,7 @@ class Rclone(System):
         return argv, env
 
 
-SYSTEMS: list[type[System]] = [Passthrough, CacheFS, CacheFSNoPageCache, S3fs, Rclone]
+SYSTEMS: list[type[System]] = [Passthrough, CPassthrough, CacheFS, CacheFSNoPageCache, S3fs, Rclone]
 
 
 # --------------------------------------------------------------------------
@@ -1514,8 +1539,8 @@ def plot_group(ctx: Ctx, group: str, path: Path) -> bool:
     return True
 
 
-ALL_SYSTEM_NAMES = ["s3-direct", "disk-dd", "pyfuse3-passthrough", "cachefs", "cachefs-no-page-cache",
-                    "s3fs", "rclone"]
+ALL_SYSTEM_NAMES = ["s3-direct", "disk-dd", "pyfuse3-passthrough", "c-passthrough", "cachefs",
+                    "cachefs-no-page-cache", "s3fs", "rclone"]
 GROUP_TITLES = {"large": "Large sequential", "small": "Small files", "meta": "Metadata",
                 "conc": "Concurrency", "mem": "Memory", "hooks": "Cluster of 3 and tracing cost (cachefs only)"}
 
@@ -1556,6 +1581,34 @@ def target_checks(ctx: Ctx) -> list[tuple[str, str, str]]:
     check("tracing cost < 5% (128 KiB O_DIRECT requests: worst case)", v, lambda x: x < 5,
           f"{v:+.1f}%" if v is not None else "")
     return out
+
+
+# targets set as a multiple of a peer: (scenario, peer, factor)
+PEER_TARGETS = (("large_warm", "rclone", 2.0), ("small_warm_1", "rclone", 5.0),
+                ("small_warm_8", "rclone", 5.0))
+
+
+def reach_section(ctx: Ctx) -> list[str]:
+    """How far the two passthroughs (Python and C) get towards the targets set as a
+    multiple of a peer: a target above the C passthrough is out of reach of any FUSE
+    daemon on this machine, one above the pyfuse3 passthrough out of reach of Python."""
+    rows = []
+    for sid, peer, k in PEER_TARGETS:
+        base = median_of(ctx, sid, peer)
+        if not base:
+            continue
+        cells = []
+        for name in ("cachefs", "pyfuse3-passthrough", "c-passthrough"):
+            v = median_of(ctx, sid, name)
+            cells.append(f"{v / base:.2f}×" if v else "—")
+        rows.append(f"| {sid}: ≥ {k:g}× {peer} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["What the passthroughs reach on the targets set against a peer (median ÷ the peer's "
+            "median): the C passthrough does the least any FUSE daemon does per request, the "
+            "pyfuse3 one the least a Python daemon does.", "",
+            "| target | cachefs | pyfuse3-passthrough | c-passthrough |", "|---|---:|---:|---:|",
+            *rows, ""]
 
 
 CPU_SCENARIOS = ("large_cold", "large_warm", "small_cold_1", "small_warm_1", "small_warm_8")
@@ -1637,6 +1690,7 @@ def write_report(ctx: Ctx, started: float) -> Path:
     for t, v, verdict in target_checks(ctx):
         L.append(f"| {t} | {v} | {verdict} |")
     L.append("")
+    L.extend(reach_section(ctx))
     plots = {}
     for group in GROUP_TITLES:
         scs = [s for s in SCENARIOS if s.group == group]
@@ -1724,8 +1778,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small data set, 1 run (< 5 min)")
     ap.add_argument("--runs", type=int, help="runs per figure (default: 3, quick: 1)")
-    ap.add_argument("--systems", default="s3-direct,disk-dd,pyfuse3-passthrough,cachefs,"
-                    "cachefs-no-page-cache,s3fs,rclone",
+    ap.add_argument("--systems", default="s3-direct,disk-dd,pyfuse3-passthrough,c-passthrough,"
+                    "cachefs,cachefs-no-page-cache,s3fs,rclone",
                     help="comma-separated subset of: " + ",".join(ALL_SYSTEM_NAMES))
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("CACHEFS_BENCH_WORK", BENCH / ".work")),
                     help="scratch dir: S3 data, local copy, caches, mountpoints (default bench/.work)")
