@@ -1,6 +1,7 @@
 """Run a real single-member etcd (Debian ``etcd-server``) for tests.
 
     etcd = start_etcd(tmp_dir)     # .url ("http://127.0.0.1:PORT"), .stop()
+    etcd.pause(); etcd.restart()   # an outage: the same ports and data again
 
 The server listens on free loopback ports, keeps its data in a fresh
 directory, and is stopped by its own PID (SIGTERM, then SIGKILL); ``atexit``
@@ -45,6 +46,8 @@ class Etcd:
         self.data_dir = data_dir
         self.log = log
         self._own_dir = own_dir
+        self.argv: list[str] = []
+        self.ctx: ssl.SSLContext | None = None
 
     def log_text(self) -> str:
         try:
@@ -58,6 +61,24 @@ class Etcd:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
+
+    def restart(self, timeout: float = 20) -> None:
+        """Start the stopped server again: same ports, same data (an etcd outage)."""
+        assert self.proc.poll() is not None, "etcd is running"
+        logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=logf,
+                                     stdin=subprocess.DEVNULL)
+        logf.close()
+        _live.append(self)
+        _wait_healthy(self, timeout, self.ctx)
+
+    def pause(self) -> None:
+        """SIGTERM, keeping the data for restart()."""
+        own, self._own_dir = self._own_dir, False
+        try:
+            self.stop()
+        finally:
+            self._own_dir = own
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -100,16 +121,22 @@ def start_etcd(base: Path | None = None, timeout: float = 20, tls=None) -> Etcd:
     proc = subprocess.Popen(argv, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
     logf.close()
     e = Etcd(proc, url, d, log, own)
+    e.argv, e.ctx = argv, ctx
     _live.append(e)
+    _wait_healthy(e, timeout, ctx)
+    return e
+
+
+def _wait_healthy(e: Etcd, timeout: float, ctx) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if e.proc.poll() is not None:
             e.stop()
-            raise RuntimeError(f"etcd exited ({proc.returncode}): {e.log_text()}")
+            raise RuntimeError(f"etcd exited ({e.proc.returncode}): {e.log_text()}")
         try:
-            with urllib.request.urlopen(url + "/health", timeout=1, context=ctx) as r:
+            with urllib.request.urlopen(e.url + "/health", timeout=1, context=ctx) as r:
                 if json.loads(r.read()).get("health") in ("true", True):
-                    return e
+                    return
         except (OSError, ValueError):
             pass
         time.sleep(0.1)

@@ -303,6 +303,49 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
         etcd.stop()
 
 
+@pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
+def test_an_etcd_outage_keeps_the_ring_and_clears_its_error(mounts, bucket, s3, proxy,
+                                                             tmp_path):
+    """etcd down: the nodes keep the members they know (no one departs, however long it
+    lasts), share chunks as before, and say why in stats; etcd back: the error is gone
+    and the ring is the same."""
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        ttl, grace = 2, 2
+        cfg = tmp_path / "cluster.toml"
+        cfg.write_text(f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "/o/members/"\n'
+                       f"lease_ttl = {ttl}\ngrace_period = {grace}\n")
+        # read first during the outage (uploaded now: the listing is cached from the start)
+        files = put_files(s3, bucket, {"outage/during.bin": 700_000}, seed=22)
+        ms = two_nodes_sharing(mounts, s3, bucket, proxy, cfg, "o", seed=21)
+        for m in ms:
+            assert cluster_stats(m)["etcd"]["last_error"] is None
+
+        etcd.pause()
+        for m in ms:
+            wait_for(lambda m=m: cluster_stats(m)["etcd"]["last_error"], ttl + 2,
+                     "the outage in stats")
+        time.sleep(grace + ttl + 1)  # longer than a departed node stays in the ring
+        proxy.reset()
+        assert read_all(ms[0], files) == files and read_all(ms[1], files) == files
+        assert gets(proxy) == nchunks(files)  # the second node read from the first
+        for m in ms:
+            s = cluster_stats(m)
+            assert s["ring_size"] == 2, s["members"]
+            assert all(v["state"] == "alive" for v in s["members"].values()), s["members"]
+            err = s["etcd"]["last_error"]  # the address it failed to reach, or the watch's
+            assert etcd.url.rsplit(":", 1)[1] in err or err.startswith("watch:"), err
+
+        etcd.restart()
+        for m in ms:
+            wait_for(lambda m=m: cluster_stats(m)["etcd"]["last_error"] is None, 3 * ttl + 6,
+                     "the error to clear once etcd answers")
+            s = cluster_stats(m)
+            assert s["ring_size"] == 2 and s["etcd"]["keepalive_failures"] >= 1, s
+    finally:
+        etcd.stop()
+
+
 def two_nodes_sharing(mounts, s3, bucket, proxy, cfg, name: str, *, seed: int,
                       env: dict | None = None, extra: tuple = ()) -> list:
     """Two nodes of the etcd cluster in ``cfg`` find each other, and a file read on both

@@ -207,7 +207,7 @@ class EtcdMembership:
         self._wake_sweeper = trio.Event()
         self.counters = {"registrations": 0, "keepalive_failures": 0, "watch_restarts": 0,
                          "joins": 0, "leaves": 0, "etcd_errors": 0}
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # of the last etcd call, until one succeeds
 
     # -- HTTP ------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -259,6 +259,7 @@ class EtcdMembership:
                     raise EtcdError(f"{url}: unexpected reply {out!r:.200}")
                 if "error" in out and "header" not in out and "result" not in out:
                     raise EtcdError(f"{url}: {out.get('error') or out.get('message')}")
+                self.last_error = None  # etcd answers again: stats show no stale error
                 return out
             except EtcdAuthError:
                 self.counters["etcd_errors"] += 1
@@ -403,6 +404,7 @@ class EtcdMembership:
                         self.request_timeout, read=None), headers=self._headers()) as r:
                     if r.status_code != 200:
                         raise EtcdError(f"watch: HTTP {r.status_code}")
+                    self.last_error = None
                     async for line in r.aiter_lines():
                         if not line.strip():
                             continue
