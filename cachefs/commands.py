@@ -51,6 +51,7 @@ def stats_dict(d: Daemon) -> dict:
         "readahead_bytes": d.vfs.budget.used,
         "readahead_peak_bytes": d.vfs.budget.peak,
         "memo_bytes": d.vfs.memo.used,
+        "chunk_buffers": d.store.buffers.statistics() if d.store.buffers else None,
         "open_files": len(d.vfs.handles),
         "inodes": len(d.vfs.nodes),
         "index_commits": d.writer.commits if d.writer else 0,

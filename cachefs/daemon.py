@@ -302,7 +302,7 @@ class Daemon:
         self.writer = writer = IndexWriter(index)
         self.store = store = ChunkStore(cfg.cache_dir, index, writer, self.stats,
                                         limit=cfg.cache_size, high=cfg.high_watermark,
-                                        low=cfg.low_watermark)
+                                        low=cfg.low_watermark, chunk_size=cfg.chunk_size)
         try:
             report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,

@@ -52,6 +52,26 @@ def test_bytes_equal_s3(s3, bucket, mounts, proxy):
     # one GET per chunk at most: every chunk was fetched once and then served locally
     total_chunks = sum((len(d) + CS - 1) // CS for d in objs.values())
     assert proxy.stats()["ops"].get("GetObject", 0) == total_chunks
+    # once more past the page cache, from the SSD (and the daemon's memory), in 3-chunk
+    # pieces: full chunks are read into memory used again (ChunkStore.new_buf), which
+    # must never change bytes a reader still holds
+    import mmap
+
+    buf = mmap.mmap(-1, 3 * CS)
+    for _ in range(2):
+        for name, data in objs.items():
+            fd = os.open(m.path(f"sizes/{name}.bin"), os.O_RDONLY | os.O_DIRECT)
+            try:
+                got = bytearray()
+                while n := os.readv(fd, [buf]):
+                    got += buf[:n]
+            finally:
+                os.close(fd)
+            assert bytes(got) == data, name
+    buf.close()
+    assert proxy.stats()["ops"].get("GetObject", 0) == total_chunks
+    pool = m.stats()["chunk_buffers"]
+    assert pool["size"] == -(-(64 + CS) // 4096) * 4096 and pool["reused"] > 0, pool
 
 
 def test_listing_equals_s3(s3, bucket, mounts):

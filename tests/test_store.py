@@ -9,17 +9,17 @@ import trio
 
 from cachefs.index import Index, IndexWriter
 from cachefs.stats import Stats
-from cachefs.store.chunkstore import HEADER_SIZE, ChunkBuf, ChunkStore
+from cachefs.store.chunkstore import HEADER_SIZE, BufferPool, ChunkBuf, ChunkStore, file_size
 
 # lengths around the 4 KiB boundaries the O_DIRECT padding is cut back from
 SIZES = (1, 4096 - HEADER_SIZE, 4096 - HEADER_SIZE + 1, 100 * 1024 + 3, 8 * 1024 * 1024)
 
 
-async def _with_store(cache_dir, body):
+async def _with_store(cache_dir, body, chunk_size=None):
     ix = Index(cache_dir / "index", 1 << 26)
     try:
         writer = IndexWriter(ix)
-        store = ChunkStore(cache_dir, ix, writer, Stats(), limit=1 << 30)
+        store = ChunkStore(cache_dir, ix, writer, Stats(), limit=1 << 30, chunk_size=chunk_size)
         report = await trio.to_thread.run_sync(store.reconcile)
         async with trio.open_nursery() as n:
             await n.start(writer.run)
@@ -77,6 +77,55 @@ def test_chunkbuf_layout():
         assert len(b.file) >= HEADER_SIZE + n > len(b.file) - 4096
         b.data[:] = b"\x07" * n
         assert bytes(b.file[HEADER_SIZE:HEADER_SIZE + n]) == b"\x07" * n
+
+
+def test_pooled_chunk_memory_is_reused_only_once_no_view_refers_to_it():
+    n = 1 << 20
+    pool = BufferPool(file_size(n), keep=32, idle=4)
+    a = ChunkBuf(n, pool)
+    a.data[:] = b"a" * n
+    view = a.data.toreadonly()  # a reader still holds the chunk
+    del a
+    b = ChunkBuf(n, pool)  # must be other memory
+    b.data[:] = b"b" * n
+    assert bytes(view) == b"a" * n and pool.statistics()["reused"] == 0
+    del view
+    c = ChunkBuf(n, pool)  # a's memory, nothing refers to it any more
+    assert pool.statistics() == {"size": file_size(n), "held": 2, "reused": 1, "created": 2}
+    c.data[:] = b"c" * n
+    assert bytes(b.data) == b"b" * n
+    assert ChunkBuf(n - 8192, pool).length == n - 8192  # another size: not from the pool
+    assert pool.statistics()["created"] == 2
+    # a burst of readers left many free: at most `idle` of them stay behind
+    burst = [ChunkBuf(n, pool) for _ in range(10)]
+    del burst, b, c
+    d = ChunkBuf(n, pool)
+    assert pool.statistics()["held"] == 1 + 4
+    del d
+
+
+def test_store_reads_full_chunks_into_reused_memory(tmp_path):
+    size = 1 << 20
+    chunks = {os.urandom(16): os.urandom(size) for _ in range(3)}
+
+    async def body(store, report):
+        for cid, data in chunks.items():
+            assert await store.put(cid, data)
+        held = []
+        for _ in range(3):
+            for cid, data in chunks.items():
+                got = await store.get(cid, size)
+                assert bytes(got) == data
+                # readers keep the last two chunks and let go of the others
+                held = [*held[-1:], (got, data)]
+                del got
+                for g, d in held:  # memory handed out again never changes a kept chunk
+                    assert bytes(g) == d
+                del g
+        return store.buffers.statistics()
+
+    st = trio.run(_with_store, tmp_path / "cache", body, size)
+    assert st["reused"] >= 5 and st["created"] <= 4, st
 
 
 @pytest.mark.parametrize("fs", ["ext4", "ramfs"])

@@ -29,7 +29,7 @@ import trio
 
 from ..errors import ObjectChanged, S3Error
 from ..stats import Stats
-from ..store.chunkstore import ChunkBuf, ChunkStore
+from ..store.chunkstore import ChunkStore
 from ..trace import span
 from .ids import ChunkRef
 
@@ -165,7 +165,7 @@ class ChunkReader:
             self.stats.inc("s3_misses")
             # the body lands in memory laid out like the chunk's file (ChunkBuf): the
             # write to the SSD goes straight from it, and readers share it read-only
-            buf = ChunkBuf(ref.length)
+            buf = self.store.new_buf(ref.length)
             await obj.store.get_range(obj.key, obj.etag, ref.offset, ref.length, obj.size,
                                       into=buf.data)
             await self.store.put(ref.cid, buf, pin=pin)
