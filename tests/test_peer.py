@@ -409,6 +409,44 @@ async def test_oversized_body_rejected(nursery):
         assert ei.value.reason == "protocol"
 
 
+async def test_nested_json_before_the_mac_is_a_protocol_error(nursery):
+    """Whoever listens at a member's address speaks first (the hello) and may answer with
+    an error frame before any MAC is checked: JSON nested deeper than the parser's
+    recursion limit is a malformed frame (it was a RecursionError, which no caller
+    expected: every read of a chunk that node owns failed with EIO)."""
+    deep = b"[" * 2000 + b"]" * 2000  # under the hello size limit (4 KiB)
+
+    async def hello(stream):
+        await stream.send_all(struct.pack(">I", len(deep)) + deep)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, hello, 0, host="127.0.0.1"))
+    bad_hello = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+    async def respond(stream, nonce, seq):
+        header = b'{"status": "error", "message": ' + deep + b"}"
+        await stream.send_all(struct.pack(">I", len(header)) + b"\0" * MAC_SIZE + header)
+
+    bad_response = await fake_server(nursery, respond)
+    async with PeerClient(SECRET, request_timeout=5) as client:
+        for address in (bad_hello, bad_response):
+            with pytest.raises(PeerError, match="nested too deep") as ei:
+                await client.get(address, CHUNK, TRACE)
+            assert ei.value.reason == "protocol"
+
+
+async def test_an_unauthenticated_error_message_is_cut_short(nursery):
+    async def respond(stream, nonce, seq):
+        header = {"status": "error", "code": "internal", "message": "x" * 100_000}
+        await stream.send_all(encode_response(None, nonce, seq, header))
+
+    address = await fake_server(nursery, respond)
+    async with PeerClient(SECRET, request_timeout=5) as client:
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "remote" and len(str(ei.value)) < 300
+
+
 async def test_stale_pooled_connection_is_retried(nursery):
     handler, calls = counting_handler(b"data")
     address = await start_server(nursery, handler, idle_timeout=0.1)

@@ -345,6 +345,13 @@ class ClusterNode:
                     self.health.mark_bad(node, "address")
                     log.warning("peer %s: %s", node, e)
                     continue
+                except Exception as e:  # noqa: BLE001 - a peer failure never fails a read
+                    sp.set(error="internal")
+                    self._count_error(node, "internal")
+                    self.health.mark_bad(node, "internal")
+                    log.error("peer %s (%s): unexpected %s: %s; trying the next node", node,
+                              addr, type(e).__name__, e)
+                    continue
                 trace.attach(spans)
                 if len(data) != ref.length:
                     sp.set(error="length")
@@ -379,6 +386,13 @@ class ClusterNode:
                     self.health.mark_bad(node, e.reason)
                 return None
             except ValueError:
+                return None
+            except Exception as e:  # noqa: BLE001 - the hand-off is only a shortcut
+                sp.set(error="internal")
+                self._count_error(node, "internal")
+                self.health.mark_bad(node, "internal")
+                log.error("peer %s: unexpected %s in a hand-off: %s", node,
+                          type(e).__name__, e)
                 return None
             if not data and ref.length:
                 sp.set(result="miss")

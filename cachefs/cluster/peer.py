@@ -533,7 +533,9 @@ class PeerClient:
                     reason = "protocol"
                 else:
                     reason = "remote"
-                raise PeerError(f"peer {address}: {resp.get('message') or code}", reason)
+                # not authenticated: whoever answers at the address chose this text
+                msg = str(resp.get("message") or code)[:200]
+                raise PeerError(f"peer {address}: {msg}", reason)
             if not hmac.compare_digest(mac, response_mac(self._secret, conn.nonce, conn.seq, raw)):
                 raise PeerError(f"bad response MAC from {address}", "bad_response_mac")
             length = resp.get("length")

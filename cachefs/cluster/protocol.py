@@ -166,6 +166,8 @@ def decode_json(raw: bytes, what: str) -> dict[str, Any]:
         obj = json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise PeerError(f"malformed {what} (not JSON)", "protocol") from None
+    except RecursionError:  # [[[[…]]]]: it comes before any MAC is checked
+        raise PeerError(f"malformed {what} (nested too deep)", "protocol") from None
     if not isinstance(obj, dict):
         raise PeerError(f"malformed {what} (not a JSON object)", "protocol")
     return obj
