@@ -37,7 +37,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from cachefs_env import fuse_available, is_mounted
+from cachefs_env import cli, fuse_available, is_mounted
 
 from cachefs.faults import POINTS
 from cachefs.index import ChunkRec
@@ -616,6 +616,49 @@ def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
     CacheState(m.cache_dir).assert_consistent()
     m.start()
     for k in keys[:4]:
+        assert read_all(m.path(k)) == objs[k]
+
+
+def test_a_cache_disk_that_refuses_to_remove_files_is_survived(s3, bucket, mounts, tmp_path):
+    """The chunk directory turns read-only while the daemon runs (ext4's errors=remount-ro,
+    a failing disk): eviction cannot remove files and new chunks cannot be written.  Reads
+    go on with S3's bytes, served uncached, and the daemon stays mounted (a failed unlink
+    used to end its evictor, and with it the mount, or fail the read that evicted)."""
+    rnd = random.Random(11)
+    objs = {f"ro/{i:02d}": put(s3, bucket, f"ro/{i:02d}", rnd.randbytes(4 * CS))
+            for i in range(16)}
+    m = mounts(f"s3://{bucket}", cache_size="1MiB")
+    keys = list(objs)
+    for k in keys[:8]:
+        assert read_all(m.path(k)) == objs[k]
+    chunks = m.cache_dir / "chunks"
+    r = subprocess.run(["mount", "--bind", str(chunks), str(chunks)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot bind-mount: {r.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(chunks)], check=True)
+        lst = tmp_path / "first.txt"  # `cachefs free` removes files too
+        lst.write_text("".join(f"{k}\n" for k in keys[:4]))
+        r = cli("free", "--file-list", str(lst), "--mount", str(m.mp))
+        assert r.returncode == 0, r.stderr
+        for k in keys[8:]:  # cold: chunks that need room evict older ones
+            assert read_all(m.path(k)) == objs[k], k
+        for k in keys[:8]:  # whatever the cache still holds, or S3 again
+            fd = os.open(m.path(k), os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            assert read_all(m.path(k)) == objs[k], k
+        c = m.counters()
+        assert c.get("ssd_unlink_errors", 0) > 0 and c.get("ssd_write_errors", 0) > 0, c
+        assert c.get("fuse_internal_errors", 0) == 0, c
+        assert m.proc is not None and m.proc.poll() is None, m.log_text()
+        assert "could not remove" in m.log_text()
+    finally:
+        subprocess.run(["umount", "-l", str(chunks)], capture_output=True)
+    assert m.stop() == 0
+    m.start()  # the files it could not remove are adopted again, or dropped
+    for k in keys[::5]:
         assert read_all(m.path(k)) == objs[k]
 
 

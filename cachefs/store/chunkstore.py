@@ -541,10 +541,25 @@ class ChunkStore:
         self._evict_wakeup.set()
 
     def _unlink(self, cid: bytes) -> None:
-        try:
-            os.unlink(self.path(cid))
-        except FileNotFoundError:
-            pass
+        self._unlink_paths([self._file(cid)])
+
+    def _unlink_paths(self, paths: list[str]) -> None:
+        """Blocking. A file that cannot be removed (the cache disk went read-only or
+        failed) is counted and left behind: its record is gone from the index, so it
+        costs disk space until a start-up adopts it again or it is evicted then; the
+        daemon goes on serving, from S3 where the disk no longer takes chunks."""
+        failed, why = 0, None
+        for p in paths:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                failed, why = failed + 1, e
+        if failed:
+            self.stats.inc("ssd_unlink_errors", failed)
+            log.warning("could not remove %d chunk file%s from the cache disk: %s", failed,
+                        "" if failed == 1 else "s", why)
 
     async def set_pinned(self, cids: list[bytes], pinned: bool) -> int:
         ops, n = [], 0
@@ -585,7 +600,7 @@ class ChunkStore:
                 self.pinned_bytes -= size
             freed += size
             ops.append(Index.op_delete_chunk(cid))
-            paths.append(self.path(cid))
+            paths.append(self._file(cid))
         if not ops:
             return 0
         try:
@@ -594,15 +609,11 @@ class ChunkStore:
             # the records stay in the index without their files: start-up drops them
             self.stats.inc("index_commit_errors")
         crash_point("evict.index_deleted")
-
-        def unlink_all() -> None:
-            for p in paths:
-                try:
-                    os.unlink(p)
-                except FileNotFoundError:
-                    pass
-        await trio.to_thread.run_sync(unlink_all, limiter=self._disk_limiter)
-        self.used -= freed
+        try:
+            await trio.to_thread.run_sync(self._unlink_paths, paths,
+                                          limiter=self._disk_limiter)
+        finally:  # out of the index and of the LRU: out of the accounting too
+            self.used -= freed
         return freed
 
     async def _evict_some(self, nbytes: int) -> None:
@@ -624,10 +635,15 @@ class ChunkStore:
         while True:
             await self._evict_wakeup.wait()
             self._evict_wakeup = trio.Event()
-            async with self._space_lock:
-                while self.used + self.reserved > self.low and self.lru:
-                    await self._evict_some(min(self.used + self.reserved - self.low,
-                                               64 * 1024 * 1024))
+            try:
+                async with self._space_lock:
+                    while self.used + self.reserved > self.low and self.lru:
+                        await self._evict_some(min(self.used + self.reserved - self.low,
+                                                   64 * 1024 * 1024))
+            except Exception:  # the mount must outlive a failing cache disk
+                self.stats.inc("eviction_errors")
+                log.exception("eviction failed; trying again at the next wake-up")
+                await trio.sleep(1)
 
     def kick(self) -> None:
         if self.used + self.reserved > self.high:
