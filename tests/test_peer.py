@@ -309,6 +309,35 @@ async def test_silent_server_connect_times_out(nursery):
         assert time.perf_counter() - t0 < 1.5
 
 
+async def test_requests_queued_behind_a_failed_connect_fail_without_connecting(nursery):
+    """A frozen host (it accepts TCP, never says hello): the requests that waited for a
+    pool slot meanwhile fail at once with the connect's error, instead of each waiting
+    out connect_timeout in turn (64 queued chunk reads took up to 32 s to fall back)."""
+    accepted = []
+
+    async def silent(stream):
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    reasons = []
+    async with PeerClient(SECRET, connect_timeout=0.3, request_timeout=30,
+                          max_conns_per_peer=2) as client:
+
+        async def one():
+            try:
+                await client.get(address, CHUNK, TRACE)
+            except PeerError as e:
+                reasons.append(e.reason)
+
+        async with trio.open_nursery() as n:
+            for _ in range(10):
+                n.start_soon(one)
+    assert reasons == ["timeout"] * 10
+    assert len(accepted) == 2  # the two that held the pool's slots; 10 before
+
+
 async def test_server_side_handler_timeout(nursery):
     async def handler(chunk, trace):
         await trio.sleep_forever()

@@ -329,6 +329,10 @@ class _Pool:
     bytes_in: int = 0
     retries: int = 0
     errors: Counter = field(default_factory=Counter)
+    # a connect that failed: until then, requests that need a new connection fail at
+    # once with its error instead of each waiting out connect_timeout on a frozen host
+    failed_until: float = 0.0
+    failed: PeerError | None = None
 
 
 async def _close_idle(pool: _Pool) -> None:
@@ -461,6 +465,10 @@ class PeerClient:
     ) -> tuple[bytes, Any, float]:
         while True:
             reused = bool(pool.idle)
+            if not reused and pool.failed is not None \
+                    and trio.current_time() < pool.failed_until:
+                raise PeerError(f"{pool.failed} (moments ago; not tried again)",
+                                pool.failed.reason)
             conn = pool.idle.pop() if reused else await self._connect(address, pool)
             ok = False
             try:
@@ -487,6 +495,15 @@ class PeerClient:
             return data, spans, rtt
 
     async def _connect(self, address: str, pool: _Pool) -> _Conn:
+        try:
+            conn = await self._open(address, pool)
+        except PeerError as e:
+            pool.failed, pool.failed_until = e, trio.current_time() + self.connect_timeout
+            raise
+        pool.failed = None
+        return conn
+
+    async def _open(self, address: str, pool: _Pool) -> _Conn:
         host, port = parse_address(address)
         try:
             with trio.fail_after(self.connect_timeout):
