@@ -173,11 +173,23 @@ def _run_foreground(cfg, ready_fd: int | None) -> None:
             raise q from None
         if isinstance(e, KeyboardInterrupt):
             return
-        ready.fail(f"daemon failed: {type(e).__name__}: {e} (see {_log_path(cfg)})")
+        why = daemon_failure(e)
+        ready.fail(f"daemon failed: {why} (see {_log_path(cfg)})")
         log.exception("daemon failed")
-        raise QuietError(f"daemon failed: {type(e).__name__}: {e}") from None
+        raise QuietError(f"daemon failed: {why}") from None
     finally:
         ready.close()
+
+
+def daemon_failure(e: BaseException) -> str:
+    """``Type: message`` of what stopped the daemon: for trio's exception groups, that
+    of the first exception inside ("ValueError: bad port ...", not "ExceptionGroup:
+    Exceptions from Trio nursery (1 sub-exception)"); on one line, control characters
+    escaped."""
+    from .report import printable
+
+    leaf = leaves(e)[0] if isinstance(e, BaseExceptionGroup) and leaves(e) else e
+    return printable(f"{type(leaf).__name__}: {leaf}")
 
 
 def _daemonize(cfg) -> None:
@@ -413,7 +425,8 @@ def stats(mount: str | None, as_json: bool, nodes: bool) -> None:
         from .report import printable
 
         for n, why in sorted(down.items()):
-            click.echo(f"cachefs: node {n} unreachable: {printable(str(why))}", err=True)
+            click.echo(f"cachefs: node {printable(str(n))} unreachable: {printable(str(why))}",
+                       err=True)
         raise SystemExit(EXIT_FAILED)
 
 

@@ -270,13 +270,16 @@ def _on_nodes(nodes: dict) -> str:
     if not bad:
         return f" on {plural(len(nodes), 'node')}"
     return (f" on {len(nodes) - len(bad)} of {plural(len(nodes), 'node')}, "
-            f"not on {', '.join(bad)}")
+            f"not on {', '.join(printable(str(n)) for n in bad)}")
 
 
 def _node_lines(nodes: dict, fmt) -> None:
+    """One line per node; its name and error text may come from a peer (an error frame
+    needs no authentication), so their control characters are escaped."""
     for n, row in sorted(nodes.items()):
-        text = str(row["error"]).removeprefix(f"node {n} ") if row.get("error") else fmt(row)
-        click.echo(f"  node {n:<12} {text}")
+        text = (printable(str(row["error"]).removeprefix(f"node {n} ")) if row.get("error")
+                else fmt(row))
+        click.echo(f"  node {printable(str(n)):<12} {text}")
 
 
 # -- preload -----------------------------------------------------------------------------

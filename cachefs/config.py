@@ -117,8 +117,10 @@ def parse_positive_duration(value: Any, what: str) -> float:
     return secs
 
 
-def check_endpoint(url: str | None, what: str = "S3 endpoint") -> str | None:
-    """An endpoint URL: http(s)://host[:port][/path]."""
+def check_endpoint(url: str | None, what: str) -> str | None:
+    """An endpoint URL: http(s)://host[:port][/path].  ``what`` names the setting (the
+    flag, the table and key, the environment variable): the error never repeats the URL,
+    which may carry a secret (under systemd, errors go to the journal)."""
     if url is None:
         return None
     try:
@@ -127,7 +129,7 @@ def check_endpoint(url: str | None, what: str = "S3 endpoint") -> str | None:
     except ValueError:  # also an unclosed [IPv6 address
         u = None
     if u is None or u.scheme not in ("http", "https") or not u.hostname:
-        raise ConfigError(f"{what} {url!r}: expected http://host:port or https://host")
+        raise ConfigError(f"{what}: expected http://host:port or https://host")
     return str(url)
 
 
@@ -139,7 +141,9 @@ def _no_credentials(url: Any, where: str, what: str = "an S3 endpoint URL",
     """S3 credentials come from the AWS chain, etcd's from --etcd-user and the
     environment: an endpoint URL with user:password@ would carry them into the process
     list, the log and error messages (so the error names the setting, never the URL)."""
-    if url is not None and "@" in str(url).partition("://")[2].partition("/")[0]:
+    # user[:password]@ with or without a scheme ("AKIA...:SECRET@s3.internal:9000"); a
+    # password may hold '/', '?' or '#', and no endpoint has an '@' of its own: any '@'
+    if url is not None and "@" in str(url):
         raise ConfigError(f"{where}: {what} must not carry credentials "
                           f"(user:password@); {instead}")
 
@@ -183,6 +187,27 @@ def parse_hostport(value: Any, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
         raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+ADVERTISE_ENV = "CACHEFS_PEER_ADVERTISE"  # wins over --peer-advertise and [cluster] advertise
+_WILDCARD_HOSTS = ("0.0.0.0", "::")
+
+
+def parse_advertise(value: Any, what: str) -> str:
+    """The HOST:PORT other nodes connect to: a host they can reach (not empty, not a
+    wildcard such as 0.0.0.0) and a port from 1 to 65535."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{what}: expected \"HOST:PORT\" (a string), got {value!r}")
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if (not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536
+            or not host or host in _WILDCARD_HOSTS
+            or any(c.isspace() or not c.isprintable() for c in host)):
+        raise ConfigError(f"{what}: expected HOST:PORT that other nodes can connect to "
+                          f"(a host name or address, and a port from 1 to 65535), "
+                          f"got {value!r}")
+    return value
 
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
@@ -369,7 +394,9 @@ def build_config(
 
     _no_credentials(flags.get("endpoint_url"), "--endpoint-url")
     _no_credentials(s3.get("endpoint_url"), "[s3] endpoint_url")
-    endpoint = check_endpoint(pick("endpoint_url", s3, "endpoint_url"))
+    endpoint = check_endpoint(pick("endpoint_url", s3, "endpoint_url"),
+                              "--endpoint-url" if "endpoint_url" in flags
+                              else "[s3] endpoint_url")
     region = parse_str(pick("region", s3, "region"), "[s3] region")
     profile = parse_str(pick("profile", s3, "profile"), "[s3] profile")
 
@@ -408,7 +435,10 @@ def build_config(
             mounts.append(MountSpec(
                 name, bucket, prefix,
                 check_endpoint(flags.get("endpoint_url") or e.get("endpoint_url")
-                               or s3.get("endpoint_url")),
+                               or s3.get("endpoint_url"),
+                               "--endpoint-url" if "endpoint_url" in flags
+                               else f"config: [[mount]] #{i} endpoint_url"
+                               if e.get("endpoint_url") else "[s3] endpoint_url"),
                 flags.get("region") or e.get("region") or s3.get("region"),
                 flags.get("profile") or e.get("profile") or s3.get("profile"),
             ))
@@ -474,11 +504,12 @@ def build_config(
     if not isinstance(etcd, list | tuple) or not all(isinstance(e, str) for e in etcd):
         raise ConfigError("[cluster] etcd: expected a list of URLs")
     etcd = tuple((e if "://" in e else "http://" + e).rstrip("/") for e in etcd)  # HOST:PORT
-    for e in etcd:
-        _no_credentials(e, "--etcd" if "etcd" in flags else "[cluster] etcd",
+    etcd_where = "--etcd" if "etcd" in flags else "[cluster] etcd"
+    for k, e in enumerate(etcd, 1):
+        _no_credentials(e, etcd_where,
                         "an etcd endpoint URL", "give the user with --etcd-user "
                         "([cluster] etcd_user) and the password in CACHEFS_ETCD_PASSWORD")
-        check_endpoint(e, "etcd endpoint")
+        check_endpoint(e, f"{etcd_where}: etcd endpoint #{k}")
     secret = os.environ.get("CACHEFS_PEER_SECRET") or parse_str(cl.get("peer_secret"),
                                                                  "[cluster] peer_secret")
     cluster = ClusterOptions(
@@ -505,8 +536,13 @@ def build_config(
             parse_peer(e)
     if cluster.lease_ttl < 2:
         raise ConfigError("[cluster] lease_ttl must be at least 2 (seconds)")
-    if cluster.advertise:
-        parse_hostport(cluster.advertise, "peer advertise address")
+    # the address other nodes connect to: a bad one fails here, not inside the daemon
+    if "peer_advertise" in flags:
+        parse_advertise(flags["peer_advertise"], "--peer-advertise")
+    if cl.get("advertise") is not None:
+        parse_advertise(cl["advertise"], "[cluster] advertise")
+    if cluster.peer_listen and os.environ.get(ADVERTISE_ENV):  # read only in a cluster
+        parse_advertise(os.environ[ADVERTISE_ENV], ADVERTISE_ENV)
     if cluster.peer_listen:
         parse_hostport(cluster.peer_listen, "peer listen address")
         if not cluster.peer_secret:
@@ -538,10 +574,10 @@ def build_config(
     if cluster.etcd_ca or cluster.etcd_cert:
         if not cluster.etcd:
             raise ConfigError("[cluster] etcd_ca/etcd_cert/etcd_key need etcd endpoints")
-        plain = [e for e in cluster.etcd if not e.startswith("https://")]
+        plain = [k for k, e in enumerate(cluster.etcd, 1) if not e.startswith("https://")]
         if plain:
-            raise ConfigError(f"etcd TLS options given, but {plain[0]!r} is not an "
-                              "https:// endpoint")
+            raise ConfigError(f"etcd TLS options given, but {etcd_where} etcd endpoint "
+                              f"#{plain[0]} is not an https:// endpoint")
 
     metrics = pick("metrics_listen", tr, "metrics_listen")
     if metrics:
@@ -590,8 +626,11 @@ def _otlp_endpoint(flag: Any, table: Any) -> str | None:
         if v is not None and not isinstance(v, str):
             raise ConfigError(f"{where} must be a URL")
     if flag is not None:
-        u = urlsplit(flag)
-        if "@" in u.netloc or u.query:
+        try:
+            query = urlsplit(flag).query
+        except ValueError:  # an unclosed [IPv6 address: check_endpoint says what is wrong
+            query = ""
+        if "@" in flag or query:  # user:password@, with or without a scheme
             raise ConfigError("--otlp-endpoint: a URL with credentials would be visible in "
                               "the process list; give it in CACHEFS_OTLP_ENDPOINT or as "
                               "[trace] otlp_endpoint in the config file")

@@ -67,10 +67,13 @@ def format_stats(mp: str, s: dict) -> str:
     ]
     if "cluster" in s:
         cl = s["cluster"]
-        lines.append(f"  cluster    node {cl.get('node_id')}, "
+        lines.append(f"  cluster    node {printable(str(cl.get('node_id')))}, "
                      f"{plural(len(cl.get('members', [])), 'member')}")
+        # node names and errors may come from a peer (an unauthenticated error frame):
+        # printed with control characters escaped
         for n, c in (cl.get("nodes_cache") or {}).items():
-            lines.append(f"    {n:<12} " + (f"error: {c['error']}" if "error" in c else
+            lines.append(f"    {printable(str(n)):<12} "
+                         + (f"error: {printable(str(c['error']))}" if "error" in c else
                          f"{human(c['used_bytes'])} used of {human(c['limit_bytes'])}, "
                          f"{human(c['pinned_bytes'])} pinned, {plural(c['chunks'], 'chunk')}"))
     return "\n".join(lines)

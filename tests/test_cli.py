@@ -136,9 +136,9 @@ def test_bad_cli_input(tmp_path):
     one_line_error(cli(*base, "--cache-size", "1GiB", "--otlp-endpoint",
                        "https://user:pw@collector:4318"), "CACHEFS_OTLP_ENDPOINT")
     one_line_error(cli(*base, "--cache-size", "1GiB", "--otlp-endpoint", "notaurl"),
-                   "--otlp-endpoint 'notaurl': expected http://host:port", code=2)
+                   "--otlp-endpoint: expected http://host:port", code=2)
     one_line_error(cli(*base, "--cache-size", "1GiB", env={"CACHEFS_OTLP_ENDPOINT": "x:1"}),
-                   "CACHEFS_OTLP_ENDPOINT 'x:1'", code=2)
+                   "CACHEFS_OTLP_ENDPOINT: expected http://host:port", code=2)
     # S3 credentials come from the AWS chain, never from a URL: refused wherever an S3
     # endpoint is given, and the error never repeats them
     secret_url = "http://AKIA:SECRETPW@127.0.0.1:5731"
@@ -186,6 +186,146 @@ def test_bad_cli_input(tmp_path):
     one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
     r = cli("--help")
     assert r.returncode == 0 and "mount" in r.stdout
+
+
+S3_CREDS_REFUSED = ("an S3 endpoint URL must not carry credentials (user:password@); they "
+                    "come from the AWS chain (environment, profile, instance role)")
+BAD_URL = "expected http://host:port or https://host"
+
+
+def test_endpoint_credentials_without_a_scheme_are_refused_and_never_repeated(tmp_path):
+    """user:password@host:port with no scheme (or a password holding '/') is refused
+    like http://user:password@ is, naming the setting; and an endpoint that is not a
+    URL is named by its setting, never quoted (it may hold a secret, and under systemd
+    the error goes to the journal)."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    base = ("mount", "s3://bucket-x", str(mp), "--cache-dir", str(tmp_path / "c"),
+            "--cache-size", "1GiB")
+    for url in ("AKIAEXAMPLE:SECRETPW@s3.internal:9000", "user:SECRETPW@127.0.0.1:9000",
+                "AKIASECRETPW@s3.internal:9000", "http://AKIA:SECRET/PW@127.0.0.1:9000"):
+        r = cli(*base, "--endpoint-url", url)
+        assert one_line_error(r, code=2) == f"cachefs: error: --endpoint-url: {S3_CREDS_REFUSED}"
+        assert "SECRET" not in r.stderr + r.stdout
+    cfg = tmp_path / "c.toml"
+    secret_url = "AKIAEXAMPLE:SECRETPW@s3.internal:9000"
+    for where, text in (
+            ("[s3] endpoint_url", f"[s3]\nendpoint_url = '{secret_url}'\n"),
+            ("config: [[mount]] #1 endpoint_url",
+             f"[[mount]]\nsource = 's3://bucket-y'\nendpoint_url = '{secret_url}'\n")):
+        cfg.write_text(f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n{text}")
+        r = cli("mount", "--config", str(cfg), str(mp))
+        assert one_line_error(r, code=2) == f"cachefs: error: {where}: {S3_CREDS_REFUSED}"
+        assert "SECRET" not in r.stderr + r.stdout
+    # an endpoint that is no URL: the setting is named, the value is not repeated
+    r = cli(*base, "--endpoint-url", "ftp://s3.internal:9000/SECRETPW")
+    assert one_line_error(r, code=2) == f"cachefs: error: --endpoint-url: {BAD_URL}"
+    assert "SECRET" not in r.stderr + r.stdout
+    for where, text in (
+            ("[s3] endpoint_url", "[s3]\nendpoint_url = 's3.internal:9000/SECRETPW'\n"),
+            ("config: [[mount]] #1 endpoint_url",
+             "[[mount]]\nsource = 's3://bucket-y'\nendpoint_url = 'SECRETPW:9000'\n")):
+        cfg.write_text(f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n{text}")
+        r = cli("mount", "--config", str(cfg), str(mp))
+        assert one_line_error(r, code=2) == f"cachefs: error: {where}: {BAD_URL}"
+        assert "SECRET" not in r.stderr + r.stdout
+    # CACHEFS_OTLP_ENDPOINT may carry a secret (it is where one goes): never repeated
+    r = cli(*base, env={"CACHEFS_OTLP_ENDPOINT": "user:SECRETPW@collector:4318"})
+    assert one_line_error(r, code=2) == f"cachefs: error: CACHEFS_OTLP_ENDPOINT: {BAD_URL}"
+    assert "SECRET" not in r.stderr + r.stdout
+    r = cli(*base, "--otlp-endpoint", "user:SECRETPW@collector:4318")
+    assert one_line_error(r, code=2) == (
+        "cachefs: error: --otlp-endpoint: a URL with credentials would be visible in the "
+        "process list; give it in CACHEFS_OTLP_ENDPOINT or as [trace] otlp_endpoint in the "
+        "config file")
+    assert "SECRET" not in r.stderr + r.stdout
+    # etcd: the same, and a malformed endpoint is named by its place in the list
+    cluster = (*base, "--peer-listen", "127.0.0.1:7999")
+    env = {"CACHEFS_PEER_SECRET": "s" * 32}
+    r = cli(*cluster, "--etcd", "http://127.0.0.1:2379,root:SECRET/PW@h:2379", env=env)
+    assert one_line_error(r, code=2) == (
+        "cachefs: error: --etcd: an etcd endpoint URL must not carry credentials "
+        "(user:password@); give the user with --etcd-user ([cluster] etcd_user) and the "
+        "password in CACHEFS_ETCD_PASSWORD")
+    assert "SECRET" not in r.stderr + r.stdout
+    r = cli(*cluster, "--etcd", "http://127.0.0.1:2379,ftp://h:2379/SECRETPW", env=env)
+    assert one_line_error(r, code=2) == (
+        f"cachefs: error: --etcd: etcd endpoint #2: {BAD_URL}")
+    assert "SECRET" not in r.stderr + r.stdout
+    cfg.write_text(f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n[cluster]\n"
+                   "peer_listen = '127.0.0.1:7999'\npeer_secret = 'ssssssssssssssss'\n"
+                   "etcd = ['http://h:port/SECRETPW']\n")
+    r = cli("mount", "--config", str(cfg), "s3://bucket-x", str(mp))
+    assert one_line_error(r, code=2) == (
+        f"cachefs: error: [cluster] etcd: etcd endpoint #1: {BAD_URL}")
+    assert "SECRET" not in r.stderr + r.stdout
+
+
+ADVERTISE_BAD = ("expected HOST:PORT that other nodes can connect to (a host name or "
+                 "address, and a port from 1 to 65535), got ")
+
+
+def test_a_bad_peer_advertise_address_is_bad_input(tmp_path, monkeypatch):
+    """--peer-advertise, [cluster] advertise and CACHEFS_PEER_ADVERTISE are checked with
+    the rest of the configuration (one line naming the setting, exit 2), not by the
+    daemon, where ':17071' used to end as 'daemon failed: ExceptionGroup: ...', exit 1."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cluster = ("--peer-listen", "127.0.0.1:7999", "--peers", "127.0.0.1:7999")
+    base = ("mount", "s3://bucket-x", str(mp), "--cache-dir", str(tmp_path / "c"),
+            "--cache-size", "1GiB", "--endpoint-url", "http://127.0.0.1:9", *cluster)
+    env = {"CACHEFS_PEER_SECRET": "s" * 32}
+    for value in (":17071", "gpu-07:0", "0.0.0.0:7070", "[::]:7070", "gpu-07:70000",
+                  "gpu-07", "gpu-07:x"):
+        r = cli(*base, "--peer-advertise", value, env=env)
+        assert one_line_error(r, code=2) == \
+            f"cachefs: error: --peer-advertise: {ADVERTISE_BAD}{value!r}", value
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[cluster]\nadvertise = ':17071'\n")
+    r = cli(*base, "--config", str(cfg), env=env)
+    assert one_line_error(r, code=2) == \
+        f"cachefs: error: [cluster] advertise: {ADVERTISE_BAD}':17071'"
+    # the environment wins over both, and is checked too (its control characters escaped)
+    for value in (":17071", "\x1b]0;owned\x07:7070"):
+        r = cli(*base, "--peer-advertise", "gpu-07:7070", env={**env,
+                                                              "CACHEFS_PEER_ADVERTISE": value})
+        assert one_line_error(r, code=2) == \
+            f"cachefs: error: CACHEFS_PEER_ADVERTISE: {ADVERTISE_BAD}{value!r}"
+        assert "\x1b" not in r.stderr
+    # good addresses pass (a name, an IPv4 or a bracketed IPv6 address)
+    from cachefs.config import build_config
+
+    monkeypatch.setenv("CACHEFS_PEER_SECRET", "s" * 32)
+    monkeypatch.setenv("CACHEFS_PEER_ADVERTISE", "10.0.0.7:7070")
+    for value in ("gpu-07:7070", "10.0.0.7:7070", "[fd00::7]:7070"):
+        c = build_config(mountpoint=str(mp), source="s3://bucket-x", flags={
+            "cache_dir": str(tmp_path / "c"), "cache_size": "1GiB", "peer_advertise": value,
+            "peer_listen": "0.0.0.0:7999", "peers": "gpu-07:7999"})
+        assert c.cluster.advertise == value
+
+
+def test_a_daemon_failure_names_the_exception_inside_trio_groups():
+    """An unexpected error inside the daemon's (nested) nurseries is reported as the error
+    itself, on one line: 'ValueError: ...', not 'ExceptionGroup: Exceptions from Trio
+    nursery (1 sub-exception)'."""
+    import trio
+
+    from cachefs.cli import daemon_failure
+
+    async def fail() -> None:
+        raise ValueError("bad port in peer address ':17071'\x1b[2J")
+
+    async def main() -> None:
+        async with trio.open_nursery() as outer:
+            async def inner() -> None:
+                async with trio.open_nursery() as n:
+                    n.start_soon(fail)
+            outer.start_soon(inner)
+
+    with pytest.raises(BaseExceptionGroup) as ei:
+        trio.run(main)
+    assert daemon_failure(ei.value) == "ValueError: bad port in peer address ':17071'\\x1b[2J"
+    assert daemon_failure(OSError("disk gone")) == "OSError: disk gone"
 
 
 def test_config_values_of_the_wrong_type(tmp_path):

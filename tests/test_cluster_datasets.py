@@ -15,7 +15,7 @@ import json
 import random
 
 from cachefs_env import cli
-from test_cluster import read_all, start_cluster
+from test_cluster import SECRET, read_all, start_cluster
 
 from cachefs.chunks.ids import chunk_id
 from cachefs.cluster.ring import HashRing
@@ -265,3 +265,99 @@ def test_a_frozen_node_is_given_up_after_five_peer_timeouts(mounts, bucket, s3, 
     assert "error" not in st["nodes"]["n0"] and "error" not in st["nodes"]["n2"]
     st, r = run(ms[0], "status", lst)  # n1 answers again
     assert r.returncode == 0 and st["cached_bytes"] == st["total_bytes"] == 6 * CHUNK, r.stderr
+
+
+EVIL = "\x1b]0;owned\x07\x1b[2J"  # sets the terminal's title, clears the screen
+SHOWN = "\\x1b]0;owned\\x07\\x1b[2J"  # what a terminal must get instead
+
+
+class EvilPeer:
+    """A "member" that answers every request with an unauthenticated error frame (all-zero
+    MAC, as a node sends before a request is authenticated) whose message holds terminal
+    control sequences: any host on the network can be this, no secret needed."""
+
+    def __init__(self, message: str) -> None:
+        import socket
+        import threading
+
+        self.message = message
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        import os
+        import struct
+
+        from cachefs.cluster.protocol import checksum, encode_hello, encode_response
+
+        def exactly(n: int) -> bytes:
+            buf = b""
+            while len(buf) < n:
+                got = conn.recv(n - len(buf))
+                if not got:
+                    raise EOFError
+                buf += got
+            return buf
+
+        nonce = os.urandom(16)
+        with conn:
+            try:
+                conn.sendall(encode_hello(nonce))
+                for seq in range(1 << 30):
+                    (size,) = struct.unpack(">I", exactly(4))
+                    exactly(32 + size)  # MAC and header, ignored
+                    conn.sendall(encode_response(None, nonce, seq, {
+                        "status": "error", "code": "unauthorized", "message": self.message,
+                        "length": 0, "checksum": checksum(b""), "spans": []}))
+            except (EOFError, OSError):
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_peers_error_text_reaches_the_terminal_escaped(mounts, bucket, s3, tmp_path):
+    """`stats --nodes`, `status` and `free` print each node's error; the text
+    of a peer's error frame is printed with its control characters escaped."""
+    import socket
+
+    evil = EvilPeer(EVIL)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        peers = f"n0=127.0.0.1:{port},n1=127.0.0.1:{evil.port}"
+        m = mounts(f"s3://{bucket}", name="n0", env={"CACHEFS_PEER_SECRET": SECRET},
+                   extra=("--node-id", "n0", "--peer-listen", f"127.0.0.1:{port}",
+                          "--peers", peers))
+        s3.put_object(Bucket=bucket, Key="e/a.bin", Body=b"x" * 1000)
+        why = f"peer 127.0.0.1:{evil.port}: {SHOWN}"
+
+        r = cli("stats", "--nodes", "--mount", str(m.mp))
+        assert r.returncode == 1, r.stderr
+        assert "\x1b" not in r.stdout + r.stderr and "\x07" not in r.stdout + r.stderr
+        assert f"    n1           error: {why}" in r.stdout.splitlines(), r.stdout
+        assert r.stderr.splitlines() == [f"cachefs: node n1 unreachable: {why}"]
+
+        lst = write_list(tmp_path, "e.txt", ["e/a.bin"])
+        for cmd in ("status", "free"):
+            r = cli(cmd, "--file-list", lst, "--mount", str(m.mp))
+            assert r.returncode == 1, (cmd, r.stderr)
+            out = r.stdout + r.stderr
+            assert "\x1b" not in out and "\x07" not in out, (cmd, out)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("  node n1 ")]
+            assert lines == [f"  node n1           unreachable: {why}"], (cmd, r.stdout)
+            assert r.stderr.splitlines() == [f"cachefs: node n1 unreachable: {why}"]
+    finally:
+        evil.close()

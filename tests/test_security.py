@@ -324,3 +324,36 @@ printf '{{"Version": 1, "AccessKeyId": "procKey", "SecretAccessKey": "procSecret
     log = m.log_text()
     for secret in ("procSecret", "procToken"):
         assert secret not in log
+
+
+def test_node_names_and_errors_are_printed_escaped():
+    """Node names (in etcd mode, the keys any etcd writer registers) and node errors
+    (a peer's unauthenticated error frame) reach the terminal with control characters
+    escaped, in `stats` and in the node lines of `status`/`free`/`preload`."""
+    import click
+    from click.testing import CliRunner
+
+    from cachefs.cli_datasets import _node_lines, _on_nodes
+    from cachefs.report import format_stats
+
+    evil, shown = "\x1b]0;owned\x07", "\\x1b]0;owned\\x07"
+    cache = {"used_bytes": 0, "limit_bytes": 1, "chunks": 0, "pinned_bytes": 0,
+             "pinned_chunks": 0}
+    s = {"counters": {}, "cache": cache, "uptime_s": 1, "open_files": 0,
+         "in_flight_fetches": 0,
+         "cluster": {"node_id": f"n0{evil}", "members": ["n0", "n1"],
+                     "nodes_cache": {f"n1{evil}": {"error": f"peer h:1: {evil}"}}}}
+    out = format_stats("/mnt/x", s).splitlines()
+    assert out[-2:] == [f"  cluster    node n0{shown}, 2 members",
+                        f"    n1{shown} error: peer h:1: {shown}"]
+    nodes = {f"n1{evil}": {"error": f"node n1{evil} unreachable: {evil}"},
+             "n0": {"error": None, "x": 1}}
+    assert _on_nodes(nodes) == f" on 1 of 2 nodes, not on n1{shown}"
+
+    @click.command()
+    def show() -> None:
+        _node_lines(nodes, lambda r: f"x {r['x']}")
+
+    r = CliRunner().invoke(show)
+    assert r.output.splitlines() == ["  node n0           x 1",
+                                     f"  node n1{shown} unreachable: {shown}"]
