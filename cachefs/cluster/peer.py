@@ -498,7 +498,8 @@ class PeerClient:
         try:
             conn = await self._open(address, pool)
         except PeerError as e:
-            pool.failed, pool.failed_until = e, trio.current_time() + self.connect_timeout
+            if e.reason == "timeout":  # a refused connect costs nothing to try again
+                pool.failed, pool.failed_until = e, trio.current_time() + self.connect_timeout
             raise
         pool.failed = None
         return conn
