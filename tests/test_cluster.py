@@ -238,14 +238,20 @@ def test_wrong_or_missing_secret_is_refused(mounts, bucket, s3, proxy):
     assert r.returncode != 0 and "secret" in r.stderr
 
 
+def etcd_config(tmp_path, etcd, prefix: str, ttl: int, grace: int):
+    """A config file for nodes of the etcd cluster ``etcd`` under ``prefix``."""
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text(f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "{prefix}"\n'
+                   f"lease_ttl = {ttl}\ngrace_period = {grace}\n")
+    return cfg
+
+
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
 def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
     etcd = start_etcd(tmp_path / "etcd")
     try:
         ttl, grace = 2, 3
-        cfg = tmp_path / "cluster.toml"
-        cfg.write_text(f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "/t/members/"\n'
-                       f"lease_ttl = {ttl}\ngrace_period = {grace}\n")
+        cfg = etcd_config(tmp_path, etcd, "/t/members/", ttl, grace)
 
         def node(name):
             return mounts(f"s3://{bucket}", name=name, start=False, config=str(cfg),
@@ -312,9 +318,7 @@ def test_an_etcd_outage_keeps_the_ring_and_clears_its_error(mounts, bucket, s3, 
     etcd = start_etcd(tmp_path / "etcd")
     try:
         ttl, grace = 2, 2
-        cfg = tmp_path / "cluster.toml"
-        cfg.write_text(f'[cluster]\netcd = ["{etcd.url}"]\netcd_prefix = "/o/members/"\n'
-                       f"lease_ttl = {ttl}\ngrace_period = {grace}\n")
+        cfg = etcd_config(tmp_path, etcd, "/o/members/", ttl, grace)
         # read first during the outage (uploaded now: the listing is cached from the start)
         files = put_files(s3, bucket, {"outage/during.bin": 700_000}, seed=22)
         ms = two_nodes_sharing(mounts, s3, bucket, proxy, cfg, "o", seed=21)
