@@ -347,8 +347,7 @@ class ClusterNode:
                     continue
                 except Exception as e:  # noqa: BLE001 - a peer failure never fails a read
                     sp.set(error="internal")
-                    self._count_error(node, "internal")
-                    self.health.mark_bad(node, "internal")
+                    self.mark_unreachable(node, "internal")
                     log.error("peer %s (%s): unexpected %s: %s; trying the next node", node,
                               addr, type(e).__name__, e)
                     continue
@@ -389,8 +388,7 @@ class ClusterNode:
                 return None
             except Exception as e:  # noqa: BLE001 - the hand-off is only a shortcut
                 sp.set(error="internal")
-                self._count_error(node, "internal")
-                self.health.mark_bad(node, "internal")
+                self.mark_unreachable(node, "internal")
                 log.error("peer %s: unexpected %s in a hand-off: %s", node,
                           type(e).__name__, e)
                 return None
