@@ -233,7 +233,7 @@ def test_interrupted_preload_resumes(mounts, bucket, s3, proxy, tmp_path):
     lst = write_list(tmp_path, ["shards/"])
     total_chunks = nchunks(sizes.values())
     proxy.reset()
-    proxy.faults(delay=0.2, count=-1)
+    proxy.faults(delay=0.5, count=-1)  # the preload outlasts the interrupt on a busy machine
     env = {**os.environ, **CREDS}
     p = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list", lst,
                           "--mount", str(m.mp), "--parallel", "2"], env=env,
