@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import threading
 
 import pytest
@@ -593,6 +594,62 @@ def test_damaged_index_rebuilt_from_chunk_files(s3, bucket, mounts, proxy):
     # every chunk file verified and adopted: still warm
     assert proxy.stats()["ops"].get("GetObject", 0) == 0
     assert m.stats()["cache"]["chunks"] == 8  # 2 + 3 + 3
+
+
+def _damage_branch_pages(data_mdb, rnd: random.Random) -> int:
+    """Overwrite the body of every branch page (LMDB page header: pgno u64, pad u16,
+    flags u16; P_BRANCH = 1) with random bytes: the tree's pointers lead anywhere,
+    inside the file or past its end, while the meta pages and the leaves stay intact."""
+    import struct
+
+    n = 0
+    with open(data_mdb, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        for off in range(2 * 4096, size, 4096):
+            f.seek(off)
+            pgno, _, flags = struct.unpack("<QHH", f.read(12))
+            if pgno == off // 4096 and flags == 0x01:
+                f.seek(off + 16)
+                f.write(rnd.randbytes(4096 - 16))
+                n += 1
+    return n
+
+
+def test_index_damaged_inside_is_rebuilt(s3, bucket, mounts, proxy):
+    """An index whose first pages are fine but whose tree is damaged inside (a power loss
+    with records not yet synced, a failing disk) opens; reading its chunks then raised
+    MDB_CORRUPTED or killed the daemon with SIGBUS, at every start. The index is now read
+    whole in a child process before the daemon opens it, and rebuilt when that fails."""
+    from cachefs.index import ChunkRec, Index
+
+    objs = {f"r/{i}.bin": put(s3, bucket, f"r/{i}.bin", random.randbytes(2 * CS + i))
+            for i in range(3)}
+    m = mounts(f"s3://{bucket}")
+    for k, d in objs.items():
+        assert m.path(k).read_bytes() == d
+    m.stop()
+    # a real cache holds millions of records: make the chunk tree several levels deep
+    ix = Index(m.cache_dir / "index")
+    rnd = random.Random(5)
+    with ix.env.begin(write=True) as txn:
+        for _ in range(30_000):
+            txn.put(rnd.randbytes(16), ChunkRec(CS, rnd.randbytes(16), 1.0).pack(),
+                    db=ix.chunks)
+    ix.close()
+    assert _damage_branch_pages(m.cache_dir / "index" / "data.mdb", rnd) >= 1
+    proxy.reset()
+    m.start()
+    log = m.log_text()
+    assert "rebuilding from the chunk files" in log, log
+    # the child's finding: an LMDB error, or the signal that killed it
+    assert re.search(r"cannot be used \((\w+Error: mdb_|reading it kills the reader with SIG)",
+                     log), log
+    for k, d in objs.items():
+        assert m.path(k).read_bytes() == d
+    # every chunk file verified and adopted: still warm; the fake records are gone
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0
+    assert m.stats()["cache"]["chunks"] == 8
+    assert len(list(m.cache_dir.glob("index.bad-*"))) == 1
 
 
 def test_memory_charged_once_for_a_chunk_the_memo_shares(s3, bucket, mounts):

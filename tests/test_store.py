@@ -189,3 +189,16 @@ def test_index_commit_reaches_the_disk_within_the_sync_interval(tmp_path):
         return w.syncs, w._unsynced
 
     assert trio.run(_with_store, tmp_path, body) == (2, False)
+
+
+def test_index_check_reads_records_as_the_index_writes_them(tmp_path):
+    """The child-process walk of the index (index_check, which imports only lmdb) decodes
+    records with its own copy of the layouts; they must be the index's."""
+    from cachefs import index, index_check
+
+    assert index_check.CHUNK_REC.format == index._REC.format
+    ix = index.Index(tmp_path / "index", 1 << 26)
+    ix.apply([index.Index.op_put_chunk(b"c" * 16, index.ChunkRec(5, b"k" * 16, 1.0))])
+    ix.close()
+    assert index.check_in_child(tmp_path / "index") is None
+    assert index_check.walk(str(tmp_path / "index")) >= 2  # the chunk and the version

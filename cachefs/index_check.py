@@ -1,0 +1,61 @@
+"""Walk every record of a cache index, in a child process of the daemon.
+
+LMDB trusts its pages: a page damaged inside the file (a power loss with writes not yet
+synced, a failing disk) can make a read raise ``MDB_CORRUPTED``, or kill the process with
+SIGBUS or an assertion when a damaged branch points outside the file. The daemon cannot
+survive the second kind in-process, so after a shutdown that was not clean it has this
+module read the whole index first (``python -m cachefs.index_check PATH``): exit status 0
+means every record was read and decoded; anything else (including death by a signal)
+means the index is moved aside and rebuilt from the chunk files (``index.open_index``).
+
+Only lmdb and struct are imported, so the child starts in a few tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+
+import lmdb
+
+# the record layouts of cachefs.index (kept in step with it; a test checks both agree)
+CHUNK_REC = struct.Struct("<Q16sdB")
+INO = struct.Struct("<Q")
+NAMED_DBS = (b"chunks", b"inodes", b"meta", b"listings")
+
+
+def walk(path: str) -> int:
+    """Read every record of every database; returns how many. Raises on damage."""
+    env = lmdb.open(path, readonly=True, lock=False, max_dbs=8, subdir=True)
+    try:
+        n = 0
+        with env.begin() as txn:
+            names = {bytes(k) for k, _ in txn.cursor()}  # the main database: db names
+            for name in NAMED_DBS:
+                if name not in names:
+                    continue
+                db = env.open_db(name, txn=txn, create=False)
+                for k, v in txn.cursor(db=db):
+                    if name == b"chunks":
+                        if len(k) != 16:
+                            raise ValueError(f"a chunk id of {len(k)} bytes")
+                        CHUNK_REC.unpack(v)
+                    elif name == b"inodes":
+                        INO.unpack(v)
+                    n += 1
+        return n
+    finally:
+        env.close()
+
+
+def main() -> None:
+    try:
+        n = walk(sys.argv[1])
+    except (lmdb.Error, struct.error, ValueError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(n)
+
+
+if __name__ == "__main__":
+    main()
