@@ -62,6 +62,7 @@ from .chunks.ids import ChunkRef
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
 from .report import human, plural
+from .store.chunkstore import file_size
 from .throughput import MIN_SAMPLES, ThroughputModel
 from .vfs import FSError, Node
 
@@ -305,7 +306,7 @@ class Datasets:
                     missing += r.length
                     nmissing += 1
                 if pin and not store.is_pinned(r.cid):
-                    to_pin += r.length
+                    to_pin += file_size(r.length)  # as the limit counts it: on disk
             total += f.size
         warnings = []
         limit = store.limit
@@ -948,7 +949,7 @@ class _ClusterPlan:
             else:
                 row["cached_before_bytes"] += r.length
             if pin and st != "2":
-                row["to_pin_bytes"] += r.length
+                row["to_pin_bytes"] += file_size(r.length)
             if st == "0" or (pin and st != "2"):
                 lane.append((f, r))
             else:

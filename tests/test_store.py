@@ -202,3 +202,23 @@ def test_index_check_reads_records_as_the_index_writes_them(tmp_path):
     ix.close()
     assert index.check_in_child(tmp_path / "index") is None
     assert index_check.walk(str(tmp_path / "index")) >= 2  # the chunk and the version
+
+
+def test_small_chunks_stay_within_the_limit_on_disk(tmp_path):
+    """The limit counts what chunk files take on disk (header, whole 4 KiB blocks), not
+    bytes of data: 1 KiB objects (labels, JSON) took 4 KiB each, so a cache of them used
+    4x its limit on disk."""
+    limit = 1 << 20
+
+    async def body(store, report):
+        store._set_limit(limit)
+        for i in range(1000):
+            assert await store.put(i.to_bytes(16, "big"), os.urandom(1000))
+        return store.statistics()
+
+    st = trio.run(_with_store, tmp_path, body)
+    files = [f for d in (tmp_path / "chunks").iterdir() for f in d.iterdir()]
+    on_disk = sum(f.stat().st_blocks * 512 for f in files)
+    assert on_disk <= limit, (on_disk, len(files))
+    assert st["used_bytes"] == len(files) * file_size(1000) == on_disk
+    assert st["chunks"] == len(files) >= 200

@@ -23,7 +23,9 @@ A crash before the rename leaves a tmp file (deleted at start); after the rename
 but before the commit, an orphan file that start-up verifies and adopts (or
 deletes if it fails verification).
 
-Space: ``used`` counts indexed chunks, ``reserved`` counts writes in flight.
+Space: ``used`` counts indexed chunks, ``reserved`` counts writes in flight, both as
+the disk holds them: header and data rounded up to whole 4 KiB blocks (``file_size``),
+so a cache of small objects stays within its limit on disk too.
 ``reserve`` evicts synchronously until used + reserved + size <= limit, so use
 never exceeds the limit, however many readers write at once.  A background
 evictor keeps use between the low and high watermarks.  Pinned chunks are never
@@ -66,7 +68,8 @@ ALIGN = 4096  # O_DIRECT alignment of memory, file offsets and lengths
 
 
 def file_size(length: int) -> int:
-    """Bytes of memory (and of O_DIRECT I/O) for a chunk of ``length`` bytes."""
+    """Bytes of memory (and of O_DIRECT I/O) for a chunk of ``length`` bytes; also what
+    its file takes on disk (whole 4 KiB blocks), which is what the cache limit counts."""
     return -(-(HEADER_SIZE + length) // ALIGN) * ALIGN
 
 
@@ -274,10 +277,10 @@ class ChunkStore:
         if ops:
             self.index.apply(ops)
         for cid, rec in sorted(indexed.items(), key=lambda kv: kv[1].last_access):
-            self.used += rec.size
+            self.used += file_size(rec.size)
             if rec.pinned:
                 self.pinned[cid] = rec.size
-                self.pinned_bytes += rec.size
+                self.pinned_bytes += file_size(rec.size)
             else:
                 self.lru[cid] = rec.size
         return report
@@ -480,7 +483,8 @@ class ChunkStore:
                 await self.set_pinned([cid], True)
             return True
         size = data.length if isinstance(data, ChunkBuf) else len(data)
-        if not await self.reserve(size):
+        disk = file_size(size)
+        if not await self.reserve(disk):
             return False
         try:
             with span("ssd.write", bytes=size):
@@ -508,13 +512,13 @@ class ChunkStore:
                                                   limiter=self._disk_limiter)
                     return False
         finally:
-            self.reserved -= size
+            self.reserved -= disk
         if self.contains(cid):  # raced with another writer of the same chunk
             return True
-        self.used += size
+        self.used += disk
         if pin:
             self.pinned[cid] = size
-            self.pinned_bytes += size
+            self.pinned_bytes += disk
         else:
             self.lru[cid] = size
         self.stats.inc("ssd_writes")
@@ -567,10 +571,10 @@ class ChunkStore:
             if pinned and cid in self.lru:
                 size = self.lru.pop(cid)
                 self.pinned[cid] = size
-                self.pinned_bytes += size
+                self.pinned_bytes += file_size(size)
             elif not pinned and cid in self.pinned:
                 size = self.pinned.pop(cid)
-                self.pinned_bytes -= size
+                self.pinned_bytes -= file_size(size)
                 self.lru[cid] = size
                 self.lru.move_to_end(cid, last=False)  # unpinned data goes first
             else:
@@ -587,18 +591,19 @@ class ChunkStore:
     # -- removal ----------------------------------------------------------------------
 
     async def drop(self, cids: list[bytes]) -> int:
-        """Remove chunks (index first, then files). Returns bytes freed."""
+        """Remove chunks (index first, then files). Returns the chunks' bytes of data."""
         for fn in self.on_drop:
             fn(cids)
-        freed, ops, paths = 0, [], []
+        freed, disk, ops, paths = 0, 0, [], []
         for cid in cids:
             size = self.lru.pop(cid, None)
             if size is None:
                 size = self.pinned.pop(cid, None)
                 if size is None:
                     continue
-                self.pinned_bytes -= size
+                self.pinned_bytes -= file_size(size)
             freed += size
+            disk += file_size(size)
             ops.append(Index.op_delete_chunk(cid))
             paths.append(self._file(cid))
         if not ops:
@@ -613,14 +618,14 @@ class ChunkStore:
             await trio.to_thread.run_sync(self._unlink_paths, paths,
                                           limiter=self._disk_limiter)
         finally:  # out of the index and of the LRU: out of the accounting too
-            self.used -= freed
+            self.used -= disk
         return freed
 
     async def _evict_some(self, nbytes: int) -> None:
         victims, total = [], 0
-        for cid, size in self.lru.items():
+        for cid, size in self.lru.items():  # nbytes of disk, as used counts them
             victims.append(cid)
-            total += size
+            total += file_size(size)
             if total >= nbytes and len(victims) >= 1:
                 break
         if victims:
