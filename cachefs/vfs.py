@@ -43,7 +43,7 @@ import trio.lowlevel
 from .chunks.ids import ObjectVersion
 from .chunks.reader import ChunkReader
 from .config import Config, MountSpec
-from .errors import ObjectChanged, S3Error
+from .errors import NoSuchObject, ObjectChanged, S3Error
 from .index import Index, IndexWriter, path_key
 from .objectstore import Listing, ObjectStore, ObjInfo
 from .prefetch import FilePrefetcher
@@ -825,21 +825,42 @@ class VFS:
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise FSError(errno.EROFS)
         if node.stale:  # a read found the object changed: see its new version, not EIO
-            parent = self.nodes.get(node.parent)
-            if parent is not None and parent.mount is not None:
-                parent.listed_at = 0.0
-                etag = node.etag
-                await self._ensure_listed(parent)
-                if node.etag != etag and self.invalidate is not None:
-                    # before this open returns: the kernel must not read on with the old
-                    # version's size and pages
-                    await self.invalidate(node.ino)
-            node.stale = False
+            await self._refresh(node)
         fh = next(self._fh)
         h = self.handles[fh] = FileHandle(self, node, self.version(node), pid)
         self.open_count[node.ino] = self.open_count.get(node.ino, 0) + 1
         self.prefetch.opened(node, h)
         return fh
+
+    async def _refresh(self, node: Node) -> None:
+        """A read met a newer version of the node's object than its listing has. Ask S3
+        for that object alone (one HEAD, however large its directory: a relisting that
+        outlasted STALE_WAIT left the open on the old version, and each open failed again
+        until it ended) and take its size, ETag and mtime."""
+        m = node.mount
+        assert m is not None
+        try:
+            info = await m.store.head(node.key)
+        except NoSuchObject:
+            log.info("%s was deleted from S3", self.display_path(node))
+            parent = self.nodes.get(node.parent)
+            if parent is not None:
+                parent.listed_at = 0.0  # its next lookup lists it again
+            raise FSError(errno.ENOENT) from None
+        except S3Error as e:  # S3 down: what is cached of the listed version stays readable
+            log.warning("open of %s: cannot ask S3 for its new version (%s)",
+                        self.display_path(node), e)
+            return
+        if info.etag != node.etag:
+            log.info("s3://%s/%s changed (ETag %s → %s)", m.spec.bucket, node.key, node.etag,
+                     info.etag)
+            self.stats.inc("objects_changed")
+            node.size, node.etag, node.mtime = info.size, info.etag, info.mtime
+            if self.invalidate is not None:
+                # before this open returns: the kernel must not read on with the old
+                # version's size and pages
+                await self.invalidate(node.ino)
+        node.stale = False
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handles.get(fh)

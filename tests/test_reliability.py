@@ -467,6 +467,36 @@ def test_open_after_a_read_found_the_object_changed_reads_the_new_version(s3, bu
     assert m.counters()["objects_changed"] == 1
 
 
+def test_an_open_after_a_change_asks_s3_for_that_object_alone(s3, bucket, mounts, proxy):
+    """The open after a read met a change used to relist the whole directory and wait for
+    it at most STALE_WAIT (1 s): a slower listing (a large directory) left every open on
+    the old version, failing with EIO until the listing ended. It now asks S3 for that
+    object alone (one HEAD); an object deleted meanwhile is ENOENT."""
+    put(s3, bucket, "ow.bin", b"A" * (64 * CS))
+    put(s3, bucket, "del.bin", b"C" * (64 * CS))
+    m = mounts(f"s3://{bucket}")  # the default TTL, 300 s
+    for k, b in (("ow.bin", b"A"), ("del.bin", b"C")):
+        with open(m.path(k), "rb") as f:
+            assert f.read(4096) == b * 4096
+    new = put(s3, bucket, "ow.bin", b"B" * (64 * CS + 7))
+    put(s3, bucket, "del.bin", b"D" * (64 * CS))
+    proxy.reset()
+    proxy.faults(delay=3, ops=["ListObjects"], count=-1)  # every listing takes 3 s
+    for k in ("ow.bin", "del.bin"):
+        with pytest.raises(OSError) as e:
+            read_all(m.path(k))
+        assert e.value.errno == errno.EIO
+    s3.delete_object(Bucket=bucket, Key="del.bin")
+    assert read_all(m.path("ow.bin")) == new
+    assert m.path("ow.bin").stat().st_size == len(new)
+    with pytest.raises(OSError) as e:
+        open(m.path("del.bin"), "rb").close()
+    assert e.value.errno == errno.ENOENT
+    ops = proxy.stats()["ops"]
+    assert ops.get("HeadObject", 0) == 2 and ops.get("ListObjects", 0) == 0, ops
+    assert m.counters()["objects_changed"] == 1
+
+
 # -- crash points -------------------------------------------------------------------------
 
 
