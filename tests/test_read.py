@@ -674,6 +674,68 @@ def test_memory_charged_once_for_a_chunk_the_memo_shares(s3, bucket, mounts):
     assert m.stats()["memo_bytes"] == 0
 
 
+def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch):
+    """The first listing of a directory hashes every new name into its inode key and
+    applies the entries. For a million names the hashing took 2 s of the trio thread,
+    every other FUSE request waiting, and the subdirectories were applied without a
+    pause. Names are now hashed in a worker thread, and applying yields every
+    APPLY_SLICE entries, subdirectories too."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from cachefs import vfs as vfsmod
+    from cachefs.index import Index, IndexWriter, path_key
+    from cachefs.objectstore import Listing, ObjInfo
+    from cachefs.stats import Stats
+    from cachefs.vfs import VFS, MountCtx, Node
+
+    hashed_on_trio = []
+
+    def spy(mount: str, path: str) -> bytes:
+        hashed_on_trio.append(trio.lowlevel.in_trio_run())
+        return path_key(mount, path)
+
+    monkeypatch.setattr(vfsmod, "path_key", spy)
+    n = 3 * vfsmod.APPLY_SLICE
+    listing = Listing([f"d/s{i}/" for i in range(n)],
+                      [ObjInfo(f"d/f{i}", i, f"e{i}", 0.0) for i in range(n)])
+    ix = Index(tmp_path / "index", 1 << 26)
+    mount = MountCtx(SimpleNamespace(name="m", bucket="b"), None)
+    ix.apply([Index.op_put_ino(path_key("m", "d/f7"), 77, 100)])  # known from before
+    v = VFS.__new__(VFS)  # what listing uses: the index, its writer, the inode table
+    v.index, v.writer, v.stats, v.nodes, v._warned = ix, IndexWriter(ix), Stats(), {}, set()
+    v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
+    d = Node(5, 1, "d", True, mount, "d/")
+    ticks = 0
+
+    async def main():
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.lowlevel.checkpoint()
+            known = await v._known_inos(d, "d/", listing)
+            before = ticks
+            await v._apply_listing(d, "d/", listing, known)
+            nursery.cancel_scope.cancel()
+        return known, ticks - before
+
+    try:
+        known, ticks_applying = trio.run(main)
+    finally:
+        ix.close()
+    assert len(known) == 2 * n and known["d/f7"][1] == 77
+    assert len(hashed_on_trio) == 2 * n and not any(hashed_on_trio)
+    # 6 slices of entries (3 of subdirectories, 3 of files): other tasks ran between them
+    assert ticks_applying >= 5, ticks_applying
+    assert len(d.children) == 2 * n and v.nodes[d.children["f7"]].ino == 77
+
+
 def test_readdir_walks_only_the_entries_the_kernel_takes():
     """The kernel asks for a directory's entries a buffer at a time (a few hundred names),
     from the offset it reached.  Each readdir built the whole rest of the listing before
