@@ -833,6 +833,9 @@ SCENARIOS = [
              "s3-direct"),
     Scenario("mem_32", "mem", "Daemon peak RSS during 32 sequential readers (conc_32)", "MiB", None,
              higher_is_better=False, target="≤ 512 MiB"),
+    Scenario("large_warm_paired", "hooks", "Warm large sequential, paired: cachefs ÷ pyfuse3 "
+             "passthrough in rounds that read through each in turn, the page cache dropped "
+             "before each read", "%", None, target="≥ 90%"),
     Scenario("cluster_3", "hooks", "Cluster of 3: S3 GET bytes (sum over the nodes) / data set bytes, "
              "every node reads the large data set at once, cold", "×", None,
              higher_is_better=False, target="≤ 1.05"),
@@ -1338,7 +1341,57 @@ def scenario_tracing_overhead(ctx: Ctx) -> None:
         node.remove_cache()
 
 
-HOOKS = [scenario_cluster_of_3, scenario_tracing_overhead]
+def scenario_large_warm_paired(ctx: Ctx) -> None:
+    """cachefs and the pyfuse3 passthrough mounted side by side (cachefs's cache filled
+    once), then rounds of one warm read of the large shards through each, the page cache
+    dropped before each read and the order flipped every round. Figure: cachefs ÷
+    passthrough per round, in %; its median judges the target "warm large ≥ 90% of the
+    pyfuse3 passthrough". The large_warm medians of the two systems come from runs
+    minutes apart, and this VM's speed swings by a fifth between them (how fast the host
+    hands back memory after a page-cache drop, the other tenants); a ratio of reads a few
+    seconds apart, both after the same drop, measures the two daemons instead."""
+    wanted = {s.strip() for s in ctx.args.systems.split(",")}
+    if "pyfuse3-passthrough" not in wanted:
+        return
+    p, lay = ctx.profile, ctx.layout
+    rounds = 3 if p.runs == 1 else 7
+    pt, cf = Passthrough(ctx), CacheFSNode(ctx, "paired")
+    try:
+        pt.mount()
+        cf.wipe_cache()
+        cf.mount()
+        log(f"warm large, paired: {rounds} rounds of {len(lay.shards)} shards through "
+            "pyfuse3-passthrough and cachefs in turn")
+        n, _ = read_files(cf.root, lay.shards, 1, p.timeout)  # fill cachefs's cache
+        if n != p.shards * p.shard_size:
+            raise RuntimeError(f"read {n} bytes, expected {p.shards * p.shard_size}")
+        for r in range(rounds):
+            mbs = {}
+            order = (pt, cf) if r % 2 == 0 else (cf, pt)
+            for s_ in order:
+                drop_page_cache()
+                n, secs = read_files(s_.root, lay.shards, 1, p.timeout)
+                if n != p.shards * p.shard_size:
+                    raise RuntimeError(f"{s_.name}: read {n} bytes, expected "
+                                       f"{p.shards * p.shard_size}")
+                mbs[s_] = n / secs / MB
+            share = 100 * mbs[cf] / mbs[pt]
+            ctx.record("large_warm_paired", "cachefs", share,
+                       extra={"cachefs_MBps": round(mbs[cf], 1),
+                              "passthrough_MBps": round(mbs[pt], 1),
+                              "first": order[0].name})
+            log(f"  round {r + 1}: cachefs {mbs[cf]:7.1f} MB/s, pyfuse3-passthrough "
+                f"{mbs[pt]:7.1f} MB/s: {share:.1f}%")
+    except (Unavailable, RuntimeError, Timeout) as e:
+        log(f"warm large, paired: {e}")
+        ctx.record("large_warm_paired", "cachefs", status=str(e)[:300])
+    finally:
+        cf.unmount()
+        pt.unmount()
+        cf.remove_cache()
+
+
+HOOKS = [scenario_large_warm_paired, scenario_cluster_of_3, scenario_tracing_overhead]
 
 
 # --------------------------------------------------------------------------
@@ -1556,8 +1609,12 @@ def target_checks(ctx: Ctx) -> list[tuple[str, str, str]]:
             out.append((label, shown, "PASS" if ok(value) else "FAIL"))
 
     c = lambda s: median_of(ctx, s, "cachefs")  # noqa: E731
+    v = c("large_warm_paired")
+    check("warm large sequential ≥ 90% of pyfuse3 passthrough (paired rounds)", v,
+          lambda x: x >= 90, f"{v:.0f}%" if v is not None else "")
     r = ratio(c("large_warm"), median_of(ctx, "large_warm", "pyfuse3-passthrough"))
-    check("warm large sequential ≥ 90% of pyfuse3 passthrough", r, lambda x: x >= 0.9, pct(r))
+    out.append(("the same from the large_warm medians (runs minutes apart)", pct(r),
+                "for reference"))
     r = ratio(c("large_warm"), median_of(ctx, "large_warm", "rclone"))
     check("warm large sequential ≥ 2× rclone", r, lambda x: x >= 2, f"{r:.2f}×" if r else "")
     r = ratio(c("large_cold"), median_of(ctx, "large_cold", "s3-direct"))
@@ -1662,9 +1719,11 @@ def cpu_section(ctx: Ctx) -> list[str]:
 def write_report(ctx: Ctx, started: float) -> Path:
     out_dir = BENCH / "results"
     out_dir.mkdir(exist_ok=True)
-    stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}"
-    md = out_dir / f"{stem}.md"
     p = ctx.profile
+    # a quick (smoke) run never overwrites the day's full report
+    stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}" + (
+        "-quick" if p.name == "quick" else "")
+    md = out_dir / f"{stem}.md"
     L: list[str] = []
     L.append(f"# cachefs bench — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {socket.gethostname()}")
     L.append("")
