@@ -26,6 +26,7 @@ from cachefs import trace as tracemod
 from cachefs.chunks.ids import chunk_id
 from cachefs.cluster.ring import HashRing
 from cachefs.errors import QuietError
+from cachefs.store.chunkstore import file_size
 from cachefs.trace import Tracer, span
 
 CHUNK = 64 * 1024
@@ -210,7 +211,8 @@ def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):
         assert met['cachefs_s3_requests_total{op="GET"}'] == proxy.gets() == 4
         assert met['cachefs_fuse_requests_total{op="read"}'] >= 1
         assert met['cachefs_fuse_request_duration_seconds_count{op="read"}'] >= 1
-        assert met["cachefs_cache_used_bytes"] == size
+        # the cache counts what its chunk files take on disk (header, whole 4 KiB blocks)
+        assert met["cachefs_cache_used_bytes"] == 3 * file_size(CHUNK) + file_size(1000)
         assert met["cachefs_cache_limit_bytes"] > 0
         assert "cachefs_in_flight_fetches" in met and "cachefs_evictions_total" in met
 
