@@ -17,6 +17,7 @@ Three modes:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
@@ -100,8 +101,11 @@ def _client(mp: str):
 # -- reading ---------------------------------------------------------------------------
 
 
-def read_direct(path: str, offset: int, length: int) -> tuple[int, float, bool]:
-    """Read [offset, offset+length) with O_DIRECT; (bytes, seconds, direct)."""
+def read_direct(path: str, offset: int, length: int
+                ) -> tuple[int, float, bool, OSError | None]:
+    """Read [offset, offset+length) with O_DIRECT; (bytes, seconds, direct, the error that
+    ended the read early or None).  A failed read is returned, not raised: its trace is
+    what the user most needs to see.  A failed open raises QuietError (nothing was read)."""
     direct = True
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
@@ -110,6 +114,7 @@ def read_direct(path: str, offset: int, length: int) -> tuple[int, float, bool]:
             raise QuietError(f"cannot open {printable(path)}: {e.strerror}") from None
         fd = os.open(path, os.O_RDONLY)
         direct = False
+    err: OSError | None = None
     try:
         if not direct:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
@@ -125,13 +130,13 @@ def read_direct(path: str, offset: int, length: int) -> tuple[int, float, bool]:
                     break
                 got += r
         except OSError as e:
-            raise QuietError(f"reading {printable(path)} failed: {e.strerror}") from None
+            err = e
         finally:
             elapsed = time.perf_counter() - t0
             buf.close()
     finally:
         os.close(fd)
-    return got, elapsed, direct
+    return got, elapsed, direct, err
 
 
 # -- analysis --------------------------------------------------------------------------
@@ -171,6 +176,10 @@ def dominant(traces: list[dict], in_range=None) -> tuple[int, dict] | None:
 def describe(s: dict) -> str:
     """The cost inside a chunk fetch, in one phrase."""
     n = s.get("name")
+    if n == "s3.get" and s.get("error"):
+        tries = s.get("attempts")
+        return (f"S3 GET failed: {printable(str(s['error']))}"
+                + (f" after {tries} attempt{'' if tries == 1 else 's'}" if tries else ""))
     if n == "s3.get":
         parts = [f"ttfb {s.get('ttfb_ms', '?')} ms", f"transfer {s.get('transfer_ms', '?')} ms"]
         if s.get("retries"):
@@ -338,9 +347,16 @@ def render_tree(t: dict, mark: dict | None = None) -> list[str]:
 def render_capture(res: dict) -> str:
     lines = []
     cold = res.get("cold")
-    head = (f"{printable(res['path'])}  bytes {res['offset']}–{res['offset'] + res['bytes_read'] - 1}"
-            f" ({human(res['bytes_read'])}) read in {res['elapsed_ms']} ms"
-            + ("" if res.get("direct") else "  (no O_DIRECT: page cache dropped instead)"))
+    if res.get("error"):  # the range asked for, and how the read of it ended
+        head = (f"{printable(res['path'])}  bytes {res['offset']}–"
+                f"{res['offset'] + res['length'] - 1} ({human(res['length'])}): read failed "
+                f"after {res['elapsed_ms']} ms: {printable(str(res['error']))} "
+                f"({res['bytes_read']} bytes read)")
+    else:
+        head = (f"{printable(res['path'])}  bytes {res['offset']}–"
+                f"{res['offset'] + res['bytes_read'] - 1} ({human(res['bytes_read'])}) read in "
+                f"{res['elapsed_ms']} ms")
+    head += "" if res.get("direct") else "  (no O_DIRECT: page cache dropped instead)"
     if cold:
         ok = [n for n, v in cold["nodes"].items() if "error" not in v]
         of = f" of {len(cold['nodes'])}" if len(ok) < len(cold["nodes"]) else ""
@@ -500,6 +516,11 @@ def _follow(client, slower: float | None, prefix: str | None, as_json: bool) -> 
                    on_event=on_event, timeout=None)
 
 
+def _stop_capture(client, cap: dict) -> dict:
+    return client.request({"op": "trace_capture_stop", "capture": cap["capture"],
+                           "wait": 10.0}, timeout=60)
+
+
 def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json: bool,
                 mount: str | None) -> None:
     path, mp = _locate(path, mount)
@@ -533,13 +554,26 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
     cap = client.request({"op": "trace_capture_start", "ino": ino, "offset": offset,
                           "length": length})
     try:
-        got, elapsed, direct = read_direct(path, offset, length)
-    finally:
-        stop = client.request({"op": "trace_capture_stop", "capture": cap["capture"],
-                               "wait": 10.0}, timeout=60)
+        got, elapsed, direct, err = read_direct(path, offset, length)
+    except BaseException:
+        with contextlib.suppress(QuietError):  # the error to report is this one
+            _stop_capture(client, cap)  # a failed open, ^C: free the daemon's capture
+        raise
+    why = (err.strerror or str(err)) if err is not None else None
+    failure = f"reading {shown} failed: {why}" if why is not None else None
+    try:
+        stop = _stop_capture(client, cap)
+    except QuietError as e:
+        if failure is None:
+            raise
+        # the daemon's failure may be why the read failed: say both
+        raise QuietError(f"{failure} (and its trace could not be collected: "
+                         f"{printable(e.msg)})") from None
     traces = sorted(stop["traces"], key=lambda t: (t.get("start_time", 0), t.get("offset", 0)))
     res.update(bytes_read=got, elapsed_ms=round(elapsed * 1000, 3), direct=direct,
                node=stop.get("node"), enabled=stop.get("enabled", True), traces=traces)
+    if why is not None:
+        res["error"] = why
     lo, hi = offset, offset + max(got, 1)
 
     def in_range(idx: Any) -> bool:
@@ -561,6 +595,9 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
         click.echo(json.dumps(out, indent=2))
     else:
         click.echo(render_capture(res))
+    if failure is not None:
+        # the trace of the failed read is printed above: this is the one error line
+        raise QuietError(failure)
     if got < length:
         raise QuietError(f"short read: {got} of {length} bytes")
     failed = {n: v["error"] for n, v in (res.get("cold") or {}).get("nodes", {}).items()

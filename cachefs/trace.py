@@ -43,6 +43,7 @@ benchmarks): ``start`` then records nothing and ``span`` finds no trace.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections import deque
@@ -60,6 +61,16 @@ MAX_SPANS = 256
 MAX_ATTR = 512
 PENDING_MAX = 1024
 PENDING_MAX_AGE = 60.0
+
+
+def _error(et: type[BaseException], e: BaseException | None) -> str:
+    """A span's ``error``: the errno name of an error that carries one (a FUSE reply's
+    ``EIO``: the daemon's own exception class would say nothing to a user), else the
+    exception's type name (``S3Error``, ``ObjectChanged``)."""
+    code = getattr(e, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return errno.errorcode[code]
+    return et.__name__
 
 
 def _cut(v: Any) -> Any:
@@ -99,7 +110,7 @@ class Span:
     def __exit__(self, et, e, tb) -> bool:
         self.end = _now()
         if et is not None:
-            self.attrs.setdefault("error", et.__name__)
+            self.attrs.setdefault("error", _error(et, e))
         _current.reset(self._token)
         # the token holds the parent span, which holds this span among its children: drop
         # it, or every traced request leaves a reference cycle for the garbage collector
@@ -256,7 +267,7 @@ class _Detached:
     def __exit__(self, et, e, tb) -> bool:
         self.span.end = _now()
         if et is not None:
-            self.span.attrs.setdefault("error", et.__name__)
+            self.span.attrs.setdefault("error", _error(et, e))
         return False
 
 

@@ -372,6 +372,52 @@ def test_trace_of_a_read_that_fails_is_one_line(mounts, s3, bucket, proxy):
         f"cachefs: error: reading {path} failed: Input/output error\n"), r.stderr
 
 
+def test_trace_of_a_failing_read_still_prints_its_trace(mounts, s3, bucket, proxy):
+    """A read that failed (S3 answering 500, or the object changed in S3) under `trace
+    PATH` printed one error line and threw away the trace it had captured: the trace of
+    a failing read, the one most wanted, was never shown.  It is printed now (text and
+    --json), with the error in it, before the error line and exit code 1."""
+    for key, seed in (("f.bin", 10), ("g.bin", 12), ("h.bin", 14)):
+        put(s3, bucket, key, 2 * CHUNK, seed=seed)
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "2"))
+    path, other, changed = (str(m.path(k)) for k in ("f.bin", "h.bin", "g.bin"))
+    for p in (path, other, changed):
+        os.stat(p)
+    failed = "Input/output error"
+    proxy.faults(status=500, count=-1)
+    try:
+        r = cli("trace", path, "--cold")
+        j = cli("trace", other, "--cold", "--json")
+    finally:
+        proxy.clear_faults()
+    for x, p in ((r, path), (j, other)):
+        assert x.returncode == 1 and x.stderr == (
+            f"cachefs: error: reading {p} failed: {failed}\n"), x.stderr
+    assert r.stdout.startswith(f"{path}  bytes 0–65535 (64.0 KiB): read failed after "), r.stdout
+    assert f" ms: {failed} (0 bytes read)\n" in r.stdout, r.stdout
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("read /f.bin ")][0].endswith(
+        "error=EIO"), r.stdout  # what the FUSE read answered
+    assert "S3 GET failed: S3Error after 2 attempts" in r.stdout, r.stdout  # the chunk row
+    assert "s3.get tier=s3 attempts=2 retries=1 error=S3Error" in r.stdout, r.stdout
+    assert "s3.backoff attempt=1 reason=500 InternalError" in r.stdout, r.stdout
+    assert "◀ dominant" in r.stdout, r.stdout
+    res = json.loads(j.stdout)
+    assert res["error"] == failed and res["bytes_read"] == 0 and res["traces"], res
+    gets = [s for t in res["traces"] for s in all_spans(t) if s["name"] == "s3.get"
+            and s["offset"] == 0]
+    assert gets and all(g["error"] == "S3Error" and g["attempts"] == 2 for g in gets), res
+    assert res["chunks"][0]["chunk"] == 0 and res["chunks"][0]["tier"] == "s3", res["chunks"]
+    assert [t["error"] for t in res["traces"] if t["name"] == "read"] == ["EIO"], res
+
+    # the object was overwritten in S3 after it was listed: its GET (If-Match) fails
+    put(s3, bucket, "g.bin", 2 * CHUNK, seed=13)
+    r = cli("trace", changed, "--cold")
+    assert r.returncode == 1 and r.stderr == (
+        f"cachefs: error: reading {changed} failed: {failed}\n"), r.stderr
+    assert f" ms: {failed} (0 bytes read)\n" in r.stdout, r.stdout
+    assert "s3.get tier=s3 error=ObjectChanged" in r.stdout, r.stdout
+
+
 def test_control_characters_in_a_path_are_printed_escaped(mounts, s3, bucket, tmp_path):
     """A key is a legal file name with an ESC in it (docs/reliability.md); `trace` and
     `status` wrote it raw, so the terminal ran its escape sequence."""
