@@ -41,6 +41,13 @@ SHOWN = ("chunk", "tier", "node", "peer", "bytes", "ttfb_ms", "transfer_ms", "st
 WAITS = ("singleflight.wait", "readahead.wait")
 
 
+def _esc(v: Any) -> str:
+    """Text from a trace, for the terminal: node names, peer error text, span names and
+    attributes may come from another node (a peer's reply, an etcd key any writer can
+    register), so their control characters are escaped.  --json keeps them as they are."""
+    return printable(str(v))
+
+
 def _offset(v: str | None, what: str) -> int | None:
     if v is None:
         return None
@@ -178,18 +185,19 @@ def describe(s: dict) -> str:
     n = s.get("name")
     if n == "s3.get" and s.get("error"):
         tries = s.get("attempts")
-        return (f"S3 GET failed: {printable(str(s['error']))}"
+        return (f"S3 GET failed: {_esc(s['error'])}"
                 + (f" after {tries} attempt{'' if tries == 1 else 's'}" if tries else ""))
     if n == "s3.get":
-        parts = [f"ttfb {s.get('ttfb_ms', '?')} ms", f"transfer {s.get('transfer_ms', '?')} ms"]
+        parts = [f"ttfb {_esc(s.get('ttfb_ms', '?'))} ms",
+                 f"transfer {_esc(s.get('transfer_ms', '?'))} ms"]
         if s.get("retries"):
-            parts.append(f"{s['retries']} retr{'y' if s['retries'] == 1 else 'ies'}")
+            parts.append(f"{_esc(s['retries'])} retr{'y' if s['retries'] == 1 else 'ies'}")
         return "S3 GET " + ", ".join(parts)
     if n == "ssd.read":
-        return f"SSD read {s.get('duration_ms')} ms"
+        return f"SSD read {_esc(s.get('duration_ms'))} ms"
     if n in ("peer", "peer.handoff"):
-        return f"peer {s.get('node')} round trip {s.get('duration_ms')} ms"
-    return f"{n} {s.get('duration_ms')} ms"
+        return f"peer {_esc(s.get('node'))} round trip {_esc(s.get('duration_ms'))} ms"
+    return f"{_esc(n)} {_esc(s.get('duration_ms'))} ms"
 
 
 def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
@@ -228,8 +236,8 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
             for c, _, _p in _walk(s):
                 cn = c.get("name")
                 if cn in ("peer", "peer.handoff") and c.get("result") == "miss":
-                    detail.append(f"hand-off probe to {c.get('node')}: not cached "
-                                  f"({c.get('duration_ms')} ms)")
+                    detail.append(f"hand-off probe to {_esc(c.get('node'))}: not cached "
+                                  f"({_esc(c.get('duration_ms'))} ms)")
                 elif cn in ("peer", "peer.handoff") and not c.get("error"):
                     if row["tier"] == "peer":
                         row["node"] = c.get("node", node)
@@ -238,9 +246,9 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
                     for o in owner:
                         inner = [x for x, _, _ in _walk(o) if x.get("name") in
                                  ("s3.get", "ssd.read")]
-                        detail.extend(f"on {c.get('node')}: {describe(x)}" for x in inner)
+                        detail.extend(f"on {_esc(c.get('node'))}: {describe(x)}" for x in inner)
                 elif cn in ("peer", "peer.handoff"):
-                    detail.append(f"peer {c.get('node')} failed ({c.get('error')})")
+                    detail.append(f"peer {_esc(c.get('node'))} failed ({_esc(c.get('error'))})")
                 elif cn in ("s3.get", "ssd.read") and c is not s and not _under_peer(s, c):
                     detail.append(describe(c))
                 elif c is s and cn == "ssd.read":
@@ -301,25 +309,25 @@ def _attrs(s: dict) -> str:
             if k == "retries" and not v:
                 continue
             if k == "chunk":
-                out.append(f"#{v}")
+                out.append(f"#{_esc(v)}")
             elif k == "bytes" and isinstance(v, int):
                 out.append(human(v) if v >= 1024 else f"{v} B")
             elif k.endswith("_ms"):
-                out.append(f"{k[:-3]} {v} ms")
+                out.append(f"{k[:-3]} {_esc(v)} ms")
             else:
-                out.append(f"{k}={printable(v) if isinstance(v, str) else v}")
+                out.append(f"{k}={_esc(v)}")
     if s.get("open"):
         out.append("(still running)")
     return " ".join(out)
 
 
 def render_tree(t: dict, mark: dict | None = None) -> list[str]:
-    head = (f"{t.get('name')} {printable(str(t.get('path', '')))}".rstrip()
-            + (f" offset {t['offset']} size {t['size']}" if "offset" in t else "")
-            + f"  {t.get('duration_ms')} ms  [node {t.get('node', '?')}, trace "
-            f"{t.get('trace_id', '?')}]")
+    head = (f"{_esc(t.get('name'))} {_esc(t.get('path', ''))}".rstrip()
+            + (f" offset {_esc(t['offset'])} size {_esc(t.get('size'))}" if "offset" in t else "")
+            + f"  {_esc(t.get('duration_ms'))} ms  [node {_esc(t.get('node', '?'))}, trace "
+            f"{_esc(t.get('trace_id', '?'))}]")
     if t.get("error"):
-        head += f"  error={t['error']}"
+        head += f"  error={_esc(t['error'])}"
     if t.get("incomplete"):
         head += "  (incomplete)"
     lines = [head]
@@ -328,9 +336,9 @@ def render_tree(t: dict, mark: dict | None = None) -> list[str]:
         kids = s.get("spans", ())
         for i, c in enumerate(kids):
             last = i == len(kids) - 1
-            label = f"{c.get('name')} {_attrs(c)}".rstrip()
+            label = f"{_esc(c.get('name'))} {_attrs(c)}".rstrip()
             line = f"{prefix}{'└─ ' if last else '├─ '}{label}"
-            dur = f"{c.get('duration_ms'):>9} ms"
+            dur = f"{_esc(c.get('duration_ms')):>9} ms"
             pad = max(1, 72 - len(line))
             line = line + " " * pad + dur
             if c is mark:
@@ -340,7 +348,7 @@ def render_tree(t: dict, mark: dict | None = None) -> list[str]:
 
     rec(t, "")
     if t.get("dropped_spans"):
-        lines.append(f"   ({t['dropped_spans']} more spans not kept)")
+        lines.append(f"   ({_esc(t['dropped_spans'])} more spans not kept)")
     return lines
 
 
@@ -367,7 +375,7 @@ def render_capture(res: dict) -> str:
                      "free` it to trace them cold)")
         for n, v in cold["nodes"].items():
             if "error" in v:
-                head += f"\n  --cold: node {n}: {printable(v['error'])}"
+                head += f"\n  --cold: node {_esc(n)}: {_esc(v['error'])}"
     lines.append(head)
     traces = res["traces"]
     if not res.get("enabled", True):
@@ -376,15 +384,15 @@ def render_capture(res: dict) -> str:
                  f"{round(sum(t.get('duration_ms', 0) for t in traces), 3)} ms")
     dom = res.get("dominant")
     if dom:
-        lines.append(f"  dominant cost: {dom['name']} {_attrs(dom)} — self "
-                     f"{dom['self_ms']} ms of {dom['duration_ms']} ms")
+        lines.append(f"  dominant cost: {_esc(dom['name'])} {_attrs(dom)} — self "
+                     f"{dom['self_ms']} ms of {_esc(dom['duration_ms'])} ms")
     if res["chunks"]:
         lines.append("")
         lines.append("chunks")
         for r in res["chunks"]:
-            idx = f"#{r['chunk']}" if r["chunk"] is not None else "#?"
-            lines.append(f"  {idx:<6} {r['tier']:<9} node {str(r['node']):<12} "
-                         f"{r['duration_ms']:>9} ms   {r['detail']}")
+            idx = f"#{_esc(r['chunk'])}" if r["chunk"] is not None else "#?"
+            lines.append(f"  {idx:<6} {_esc(r['tier']):<9} node {_esc(r['node']):<12} "
+                         f"{_esc(r['duration_ms']):>9} ms   {_esc(r['detail'])}")
     for t in traces:
         lines.append("")
         mark = dom.get("_span") if dom else None
@@ -496,8 +504,8 @@ def _follow(client, slower: float | None, prefix: str | None, as_json: bool) -> 
     def on_event(ev: dict) -> None:
         if "following" in ev:
             if not as_json:
-                click.echo(f"cachefs: following traces over {ev['slower_than_ms']} ms on node "
-                           f"{ev['node']} (Ctrl-C to stop)", err=True)
+                click.echo(f"cachefs: following traces over {_esc(ev['slower_than_ms'])} ms on "
+                           f"node {_esc(ev['node'])} (Ctrl-C to stop)", err=True)
                 if not ev.get("enabled", True):
                     click.echo("cachefs: tracing is off in the daemon (CACHEFS_TRACING=0)",
                                err=True)
@@ -568,7 +576,7 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
             raise
         # the daemon's failure may be why the read failed: say both
         raise QuietError(f"{failure} (and its trace could not be collected: "
-                         f"{printable(e.msg)})") from None
+                         f"{_esc(e.msg)})") from None
     traces = sorted(stop["traces"], key=lambda t: (t.get("start_time", 0), t.get("offset", 0)))
     res.update(bytes_read=got, elapsed_ms=round(elapsed * 1000, 3), direct=direct,
                node=stop.get("node"), enabled=stop.get("enabled", True), traces=traces)
@@ -606,7 +614,7 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
         # the trace is printed, but it may not be cold: a node that did not answer may still
         # hold (and serve) chunks of the range
         raise QuietError("--cold could not drop the range's chunks on "
-                         + ", ".join(f"node {n} ({e})" for n, e in sorted(failed.items()))
+                         + ", ".join(f"node {_esc(n)} ({_esc(e)})" for n, e in sorted(failed.items()))
                          + ": the trace may show cached reads")
 
 

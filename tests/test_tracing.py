@@ -439,6 +439,82 @@ def test_control_characters_in_a_path_are_printed_escaped(mounts, s3, bucket, tm
     assert res["files"][0]["path"] == f"{m.mp}/{key}"  # --json keeps the name as it is
 
 
+def test_a_peers_names_and_error_text_in_a_trace_are_printed_escaped(mounts, s3, bucket):
+    """`trace PATH` wrote node names (in etcd mode, keys any etcd writer registers) and a
+    peer's error text (an unauthenticated error frame) raw: in the chunk rows, the --cold
+    lines and the error line, so any host could make the terminal run escape sequences."""
+    import socket
+
+    from test_cluster_datasets import EVIL, SHOWN, EvilPeer
+
+    evil_name = f"n1{EVIL}"
+    data = put(s3, bucket, "e.bin", 8 * CHUNK, seed=15)
+    etag = s3.head_object(Bucket=bucket, Key="e.bin")["ETag"]
+    ring = HashRing(["n0", evil_name])
+    owned = [i for i in range(8)
+             if ring.owner(chunk_id(bucket, "e.bin", etag, CHUNK, i)) == evil_name]
+    assert owned, "no chunk owned by the evil node (hash luck)"
+    off = str(owned[0] * CHUNK)
+    evil = EvilPeer(EVIL)
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        m = mounts(f"s3://{bucket}", name="n0", env={"CACHEFS_PEER_SECRET": SECRET},
+                   extra=("--node-id", "n0", "--peer-listen", f"127.0.0.1:{port}", "--peers",
+                          f"n0=127.0.0.1:{port},{evil_name}=127.0.0.1:{evil.port}"))
+        path = str(m.path("e.bin"))
+        # the read asks the owner, which answers with an error frame: S3 serves the chunk
+        r = cli("trace", path, "--offset", off, "--length", "64KiB")
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout + r.stderr and "\x07" not in r.stdout + r.stderr, r.stdout
+        assert f"peer n1{SHOWN} failed (" in r.stdout, r.stdout  # the chunk row
+        # --cold asks every node to drop the range: the evil node's answer is its error text
+        r = cli("trace", path, "--offset", off, "--length", "64KiB", "--cold")
+        assert r.returncode == 1, r.stderr
+        assert "\x1b" not in r.stdout + r.stderr and "\x07" not in r.stdout + r.stderr, r.stdout
+        why = f"peer 127.0.0.1:{evil.port}: {SHOWN}"
+        assert f"  --cold: node n1{SHOWN}: " in r.stdout and why in r.stdout, r.stdout
+        err = r.stderr.splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            f"cachefs: error: --cold could not drop the range's chunks on node n1{SHOWN} ("), err
+        assert why in err[0], err
+        with open(path, "rb") as f:
+            assert f.read() == data
+    finally:
+        evil.close()
+
+
+def test_text_of_a_peers_spans_is_printed_escaped():
+    """The spans a peer sends back (its `peer.serve` trace) are its text: span names,
+    node names and attribute values of any type.  The tree (`trace PATH`, `--recent`,
+    `--follow`) and the chunk rows wrote them raw."""
+    from cachefs.cli_trace import chunk_rows, render_capture
+
+    e, shown = "\x1b]0;owned\x07", "\\x1b]0;owned\\x07"
+    get = {"name": "s3.get", "duration_ms": 1.5, "ttfb_ms": f"1{e}", "transfer_ms": 0.1,
+           "status": f"206{e}", "bytes": f"9{e}", "chunk": f"3{e}"}
+    odd = {"name": f"ssd.write{e}", "duration_ms": 0.2}
+    serve = {"name": "peer.serve", "duration_ms": 2.0, "node": f"n0{e}", "spans": [get, odd]}
+    peer = {"name": "peer", "node": f"n0{e}", "tier": "peer", "duration_ms": 2.5,
+            "spans": [serve]}
+    t = {"name": "read", "path": "/a", "offset": 0, "size": 10, "duration_ms": 3.0,
+         "node": "n1", "trace_id": "1-1", "spans": [
+             {"name": "chunk", "chunk": 0, "tier": "peer", "duration_ms": 2.9,
+              "spans": [peer]}]}
+    res = {"path": "/mnt/a", "offset": 0, "length": 10, "bytes_read": 10, "elapsed_ms": 3.1,
+           "direct": True, "traces": [t], "chunks": chunk_rows([t], "n1", CHUNK, 0, 10),
+           "dominant": {"name": f"ssd.write{e}", "self_ms": 0.2, "duration_ms": f"0.2{e}",
+                        "node": f"n0{e}"}}
+    out = render_capture(res)
+    assert "\x1b" not in out and "\x07" not in out, out
+    assert f"node n0{shown}" in out and f"on n0{shown}: S3 GET ttfb 1{shown} ms" in out, out
+    assert f"peer.serve node=n0{shown}" in out and f"─ ssd.write{shown} " in out, out
+    assert f"s3.get #3{shown} bytes=9{shown} ttfb 1{shown} ms" in out, out
+    assert f"dominant cost: ssd.write{shown} node=n0{shown} — self 0.2 ms of 0.2{shown}" in out, \
+        out
+
+
 # -- --follow shows slow reads only ---------------------------------------------------------
 
 
