@@ -17,6 +17,7 @@ import click
 from . import runtime
 from .config import build_config
 from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError, leaves
+from .report import printable
 
 log = logging.getLogger("cachefs")
 
@@ -477,8 +478,8 @@ def main() -> None:
     except click.ClickException as e:
         click.echo(f"cachefs: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code if e.exit_code else EXIT_USAGE)
-    except QuietError as e:
-        click.echo(f"cachefs: error: {e.msg}", err=True)
+    except QuietError as e:  # its text may come from a daemon, and from a peer through it
+        click.echo(f"cachefs: error: {printable(e.msg)}", err=True)
         sys.exit(e.exitcode)
     except KeyboardInterrupt:
         click.echo("cachefs: interrupted", err=True)
@@ -487,13 +488,13 @@ def main() -> None:
         q = _find_quiet(eg)
         if q is None:
             raise
-        click.echo(f"cachefs: error: {q.msg}", err=True)
+        click.echo(f"cachefs: error: {printable(q.msg)}", err=True)
         sys.exit(q.exitcode)
     except BrokenPipeError:
         sys.exit(EXIT_FAILED)
     except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
         if os.environ.get("CACHEFS_DEBUG"):
             raise
-        click.echo(f"cachefs: internal error: {type(e).__name__}: {e} (CACHEFS_DEBUG=1 "
+        click.echo(f"cachefs: internal error: {type(e).__name__}: {printable(str(e))} (CACHEFS_DEBUG=1 "
                    "shows where)", err=True)
         sys.exit(EXIT_FAILED)

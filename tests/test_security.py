@@ -326,6 +326,28 @@ printf '{{"Version": 1, "AccessKeyId": "procKey", "SecretAccessKey": "procSecret
         assert secret not in log
 
 
+def test_error_text_from_a_daemon_is_printed_escaped():
+    """The one error line `cachefs` prints for a failed command often carries text from
+    the daemon (its control socket's error reply), and through it from a peer or S3: its
+    control characters reach the terminal escaped, as in every other line."""
+    import subprocess
+    import sys
+
+    prog = (
+        "import sys\n"
+        "from cachefs import cli\n"
+        "from cachefs.errors import QuietError\n"
+        "@cli.cli.command('boom')\n"
+        "def boom():\n"
+        "    raise QuietError('node n1: \\x1b]0;owned\\x07\\x1b[2J gone')\n"
+        "sys.argv = ['cachefs', 'boom']\n"
+        "cli.main()\n")
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == "cachefs: error: node n1: \\x1b]0;owned\\x07\\x1b[2J gone\n"
+
+
 def test_node_names_and_errors_are_printed_escaped():
     """Node names (in etcd mode, the keys any etcd writer registers) and node errors
     (a peer's unauthenticated error frame) reach the terminal with control characters
