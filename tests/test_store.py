@@ -222,3 +222,25 @@ def test_small_chunks_stay_within_the_limit_on_disk(tmp_path):
     assert on_disk <= limit, (on_disk, len(files))
     assert st["used_bytes"] == len(files) * file_size(1000) == on_disk
     assert st["chunks"] == len(files) >= 200
+
+
+def test_a_chunk_put_while_its_drop_runs_keeps_its_file(tmp_path):
+    """A drop takes the chunk out of the index, then unlinks its file. A put of the same
+    chunk between the two (a reader fetched it again) wrote a new file that the drop then
+    unlinked: the index said cached, the file was gone, and the next read fetched it once
+    more. The put now waits for the drop to finish."""
+    cid, data = os.urandom(16), os.urandom(100_000)
+
+    async def body(store, report):
+        assert await store.put(cid, data)
+        async with trio.open_nursery() as n:
+            async with store.writer._limiter:  # index commits wait meanwhile
+                n.start_soon(store.drop, [cid])
+                while store.contains(cid):  # the drop took it out, and waits for its commit
+                    await trio.lowlevel.checkpoint()
+                n.start_soon(store.put, cid, data)
+                await trio.sleep(0.2)  # the put's file write, on the old code
+        return store.contains(cid), bytes(await store.get(cid, len(data)) or b"")
+
+    contains, got = trio.run(_with_store, tmp_path, body)
+    assert contains and got == data

@@ -191,6 +191,9 @@ class ChunkStore:
         self._disk_limiter = trio.CapacityLimiter(8)
         self._evict_wakeup = trio.Event()
         self._space_lock = trio.Lock()
+        # chunks being dropped (out of the accounting, file not yet unlinked) → set once
+        # the file is gone: a put of one waits, or the drop would unlink its new file
+        self._dropping: dict[bytes, trio.Event] = {}
         self._tmp_seq = itertools.count()
         self._odirect = hasattr(os, "O_DIRECT")  # cleared when the file system refuses it
         # called with the ids of chunks about to be dropped (free, eviction, trace --cold):
@@ -478,6 +481,8 @@ class ChunkStore:
                   pin: bool = False) -> bool:
         """Store a verified chunk: a ChunkBuf is written as it is, other bytes are copied
         into one first. Returns False when it could not be cached."""
+        while (gone := self._dropping.get(cid)) is not None:
+            await gone.wait()
         if self.contains(cid):
             if pin:
                 await self.set_pinned([cid], True)
@@ -594,7 +599,7 @@ class ChunkStore:
         """Remove chunks (index first, then files). Returns the chunks' bytes of data."""
         for fn in self.on_drop:
             fn(cids)
-        freed, disk, ops, paths = 0, 0, [], []
+        freed, disk, ops, paths, victims = 0, 0, [], [], []
         for cid in cids:
             size = self.lru.pop(cid, None)
             if size is None:
@@ -606,19 +611,27 @@ class ChunkStore:
             disk += file_size(size)
             ops.append(Index.op_delete_chunk(cid))
             paths.append(self._file(cid))
+            victims.append(cid)
         if not ops:
             return 0
+        gone = trio.Event()
+        dropping = [c for c in victims if c not in self._dropping]
+        for cid in dropping:
+            self._dropping[cid] = gone
         try:
-            await self.writer.commit(*ops)
-        except IndexCommitError:
-            # the records stay in the index without their files: start-up drops them
-            self.stats.inc("index_commit_errors")
-        crash_point("evict.index_deleted")
-        try:
+            try:
+                await self.writer.commit(*ops)
+            except IndexCommitError:
+                # the records stay in the index without their files: start-up drops them
+                self.stats.inc("index_commit_errors")
+            crash_point("evict.index_deleted")
             await trio.to_thread.run_sync(self._unlink_paths, paths,
                                           limiter=self._disk_limiter)
         finally:  # out of the index and of the LRU: out of the accounting too
             self.used -= disk
+            for cid in dropping:
+                del self._dropping[cid]
+            gone.set()
         return freed
 
     async def _evict_some(self, nbytes: int) -> None:
