@@ -291,7 +291,7 @@ class Daemon:
         # hidden, for tests only: a tiny LMDB map exercises MapFullError → grow
         map_size = int(os.environ.get("CACHEFS_TEST_INDEX_MAP_SIZE") or 1 << 30)
         self.index = index = await trio.to_thread.run_sync(open_index, cfg.cache_dir / "index",
-                                                           map_size)
+                                                           map_size, self.ready.progress)
         changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
         if changed and changed[1]:
             old, n, nbytes = changed

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import shutil
 import signal
 import struct
@@ -335,7 +336,13 @@ class IndexWriter:
                 log.warning("index: %d queued operations lost at shutdown: %s", len(ops), e)
 
 
-def open_index(path: Path, map_size: int = 1 << 30) -> Index:
+CHECK_TIMEOUT = 600.0  # seconds the child may read the index (3M records: about 1.2 s)
+# what a damaged page does to the process that reads it (besides index_check.DAMAGED)
+DAMAGE_SIGNALS = (signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT)
+
+
+def open_index(path: Path, map_size: int = 1 << 30,
+               progress: Callable[[str], None] | None = None) -> Index:
     """Open the index; one that cannot be opened or read whole (damaged by a power loss
     or a failing disk, or of another format) is moved aside and started afresh: start-up
     then adopts every chunk file that verifies, so the cache stays warm.
@@ -343,9 +350,10 @@ def open_index(path: Path, map_size: int = 1 << 30) -> Index:
     Every record is read first, in a child process (``index_check``): a page damaged
     inside the file can kill the process that reads it (SIGBUS), and that must not be
     the daemon, at every start. The walk is cheap beside start-up's own: 0.37 s for a
-    million chunk records (an 8 TB cache), where reconciling them takes 2.8 s."""
+    million chunk records (an 8 TB cache), where reconciling them takes 2.8 s.
+    ``progress(msg)`` hears every 10 s how long the check has taken."""
     if (path / "data.mdb").exists():
-        why = check_in_child(path)
+        why = check_in_child(path, progress)
         if why is not None:
             _move_aside(path, why)
     try:
@@ -355,23 +363,70 @@ def open_index(path: Path, map_size: int = 1 << 30) -> Index:
         return Index(path, map_size)
 
 
-def check_in_child(path: Path) -> str | None:
-    """None if every record of the index at ``path`` reads back, else why not."""
+def check_in_child(path: Path, progress: Callable[[str], None] | None = None,
+                   timeout: float | None = None) -> str | None:
+    """Why the index at ``path`` is damaged, or None: every record read back, or the check
+    could not tell. Only what damage does counts as damage: the child's DAMAGED exit
+    status (LMDB reported a corrupt page, a record does not decode) or its death by
+    SIGBUS, SIGSEGV or SIGABRT. A child that could not start, was killed from outside
+    (SIGKILL by the OOM killer) or took longer than ``timeout`` says nothing about the
+    index, which is then opened unchecked: moving a healthy index aside would lose its
+    pins, inode numbers and listings. The child runs in a session of its own, so a
+    Ctrl-C at the terminal that started the daemon does not reach it."""
+    from .index_check import DAMAGED
+
+    timeout = CHECK_TIMEOUT if timeout is None else timeout
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "cachefs.index_check", str(path)],
-                       capture_output=True, text=True, check=False)
-    if r.returncode == 0:
-        log.info("cache index %s: %s records read back in %.2f s", path, r.stdout.strip(),
+    env = dict(os.environ)  # the child imports the cachefs this process runs
+    here = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "cachefs.index_check", str(path)],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env,
+                                 start_new_session=True)
+    except OSError as e:
+        log.warning("cannot check the cache index %s (%s): opening it unchecked", path, e)
+        return None
+    try:
+        while True:
+            try:
+                out, err = child.communicate(
+                    timeout=min(10.0, max(0.05, t0 + timeout - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                waited = time.monotonic() - t0
+                if waited >= timeout:
+                    _kill_group(child)
+                    child.communicate()
+                    log.warning("checking the cache index %s took over %.0f s: stopped; "
+                                "opening it unchecked", path, timeout)
+                    return None
+                if progress is not None:
+                    progress(f"checking the cache index: {waited:.0f} s so far")
+    except BaseException:
+        _kill_group(child)
+        child.wait()
+        raise
+    rc = child.returncode
+    last = (err.strip().splitlines() or [f"exit status {rc}"])[-1]
+    if rc == 0:
+        log.info("cache index %s: %s records read back in %.2f s", path, out.strip(),
                  time.monotonic() - t0)
         return None
-    if r.returncode < 0:
-        try:
-            sig = signal.Signals(-r.returncode).name
-        except ValueError:
-            sig = f"signal {-r.returncode}"
-        return f"reading it kills the reader with {sig}"
-    lines = r.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit status {r.returncode}"
+    if rc == DAMAGED:
+        return last
+    if -rc in DAMAGE_SIGNALS:
+        return f"reading it kills the reader with {signal.Signals(-rc).name}"
+    why = f"killed by signal {-rc}" if rc < 0 else last
+    log.warning("the check of the cache index %s failed (%s): opening it unchecked", path, why)
+    return None
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    """The child and anything it started (its session is its own process group)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
 
 
 def _move_aside(path: Path, why: str) -> None:

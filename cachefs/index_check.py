@@ -3,10 +3,11 @@
 LMDB trusts its pages: a page damaged inside the file (a power loss with writes not yet
 synced, a failing disk) can make a read raise ``MDB_CORRUPTED``, or kill the process with
 SIGBUS or an assertion when a damaged branch points outside the file. The daemon cannot
-survive the second kind in-process, so after a shutdown that was not clean it has this
-module read the whole index first (``python -m cachefs.index_check PATH``): exit status 0
-means every record was read and decoded; anything else (including death by a signal)
-means the index is moved aside and rebuilt from the chunk files (``index.open_index``).
+survive the second kind in-process, so at every start it has this module read the whole
+index first (``python -m cachefs.index_check PATH``): exit status 0 means every record was
+read and decoded; DAMAGED (or death by SIGBUS, SIGSEGV, SIGABRT) means the index is moved
+aside and rebuilt from the chunk files (``index.open_index``); anything else (the child
+could not run, or was killed from outside) says nothing about the index.
 
 Only lmdb and struct are imported, so the child starts in a few tens of milliseconds.
 """
@@ -22,6 +23,7 @@ import lmdb
 CHUNK_REC = struct.Struct("<Q16sdB")
 INO = struct.Struct("<Q")
 NAMED_DBS = (b"chunks", b"inodes", b"meta", b"listings")
+DAMAGED = 3  # exit status: a record did not read back
 
 
 def walk(path: str) -> int:
@@ -53,7 +55,7 @@ def main() -> None:
         n = walk(sys.argv[1])
     except (lmdb.Error, struct.error, ValueError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(DAMAGED)
     print(n)
 
 

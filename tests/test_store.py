@@ -244,3 +244,37 @@ def test_a_chunk_put_while_its_drop_runs_keeps_its_file(tmp_path):
 
     contains, got = trio.run(_with_store, tmp_path, body)
     assert contains and got == data
+
+
+@pytest.mark.parametrize(("child", "damaged"), [
+    ("kill -KILL $$", False),  # the OOM killer, an operator
+    ("echo 'ModuleNotFoundError: No module named cachefs' >&2; exit 1", False),
+    ("sleep 30", False),  # over the time limit: stopped
+    ("kill -BUS $$", True),  # what a damaged branch page does to its reader
+    ("echo 'CorruptedError: mdb_cursor_get: MDB_CORRUPTED' >&2; exit 3", True),
+])
+def test_only_damage_moves_the_index_aside(tmp_path, monkeypatch, child, damaged):
+    """The index is moved aside (its pins, inode numbers and listings lost) only when its
+    check in a child process finds damage. A child that could not run, was killed from
+    outside or took too long says nothing about the index, which is then opened as it is;
+    each of those moved a healthy index aside. (The interpreter the check runs is
+    replaced by a script that behaves like each case.)"""
+    import sys
+
+    from cachefs import index
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    ix.apply([Index.op_put_chunk(b"c" * 16, index.ChunkRec(5, b"k" * 16, 1.0))])
+    ix.close()
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\n{child}\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    monkeypatch.setattr(index, "CHECK_TIMEOUT", 1.0)
+    ix = index.open_index(tmp_path / "index", 1 << 26)
+    try:
+        kept = dict(ix.iter_chunks())
+    finally:
+        ix.close()
+    assert (kept == {}) == damaged, kept
+    assert bool(list(tmp_path.glob("index.bad-*"))) == damaged
