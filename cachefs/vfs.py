@@ -58,6 +58,7 @@ FILE_MODE = stat.S_IFREG | 0o444
 APPLY_SLICE = 4096  # listing entries applied between two checkpoints
 STALE_WAIT = 1.0  # seconds a lookup waits for a relisting before it uses the listing it has
 STALE_RETRY = 30.0  # after a relisting failed, the old listing is used this long, then retried
+HEAD_WAIT = 10.0  # seconds an open of a changed object waits for S3 to say its new version
 
 
 class FSError(Exception):
@@ -430,6 +431,7 @@ class VFS:
         self._next_ino = max(index.next_ino(), ROOT_INO + 1)
         self._listing: dict[int, trio.Event] = {}
         self._slow: set[int] = set()  # directories whose relisting outlasted STALE_WAIT
+        self._refreshing: dict[int, tuple[trio.Event, list]] = {}  # stale node → its HEAD
         self._warned: set[str] = set()
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -842,31 +844,54 @@ class VFS:
         """A read met a newer version of the node's object than its listing has. Ask S3
         for that object alone (one HEAD, however large its directory: a relisting that
         outlasted STALE_WAIT left the open on the old version, and each open failed again
-        until it ended) and take its size, ETag and mtime."""
+        until it ended) and take its size, ETag and mtime. One HEAD per node at a time,
+        which every open of it shares; an open waits for it at most HEAD_WAIT, not for
+        its whole retry budget (minutes, S3 being down), then goes on with the listed
+        version; the HEAD goes on in the background and a later open gets its answer."""
+        entry = self._refreshing.get(node.ino)
+        if entry is None:
+            entry = self._refreshing[node.ino] = (trio.Event(), [])
+            self.nursery.start_soon(self._head, node, entry)
+        done, outcome = entry
+        with trio.move_on_after(HEAD_WAIT):
+            await done.wait()
+        if outcome == ["gone"]:
+            raise FSError(errno.ENOENT)
+
+    async def _head(self, node: Node, entry: tuple[trio.Event, list]) -> None:
         m = node.mount
         assert m is not None
+        done, outcome = entry
         try:
             info = await m.store.head(node.key)
         except NoSuchObject:
             log.info("%s was deleted from S3", self.display_path(node))
+            outcome.append("gone")  # (the node stays stale: opens ask again until relisted)
             parent = self.nodes.get(node.parent)
             if parent is not None:
                 parent.listed_at = 0.0  # its next lookup lists it again
-            raise FSError(errno.ENOENT) from None
+                if self.invalidate_entry is not None:
+                    self.invalidate_entry(parent.ino, node.name)
         except S3Error as e:  # S3 down: what is cached of the listed version stays readable
             log.warning("open of %s: cannot ask S3 for its new version (%s)",
                         self.display_path(node), e)
-            return
-        if info.etag != node.etag:
-            log.info("s3://%s/%s changed (ETag %s → %s)", m.spec.bucket, node.key, node.etag,
-                     info.etag)
-            self.stats.inc("objects_changed")
-            node.size, node.etag, node.mtime = info.size, info.etag, info.mtime
-            if self.invalidate is not None:
-                # before this open returns: the kernel must not read on with the old
-                # version's size and pages
-                await self.invalidate(node.ino)
-        node.stale = False
+        except Exception:  # a bug: never the end of the daemon for a background HEAD
+            log.exception("asking S3 for the version of %s failed", self.display_path(node))
+        else:
+            if info.etag != node.etag:
+                log.info("s3://%s/%s changed (ETag %s → %s)", m.spec.bucket, node.key,
+                         node.etag, info.etag)
+                self.stats.inc("objects_changed")
+                node.size, node.etag, node.mtime = info.size, info.etag, info.mtime
+                if self.invalidate is not None:
+                    # before the opens waiting for this go on: the kernel must not read on
+                    # with the old version's size and pages
+                    await self.invalidate(node.ino)
+            node.stale = False
+        finally:
+            if self._refreshing.get(node.ino) is entry:
+                del self._refreshing[node.ino]
+            done.set()
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handles.get(fh)

@@ -497,6 +497,27 @@ def test_an_open_after_a_change_asks_s3_for_that_object_alone(s3, bucket, mounts
     assert m.counters()["objects_changed"] == 1
 
 
+def test_opens_of_a_changed_object_share_one_slow_head(s3, bucket, mounts, proxy):
+    """Opens of a changed object while S3 is slow to answer its HEAD share the one HEAD in
+    flight (each sent its own, and each waited for its whole retry budget when S3 was
+    down) and all read the new version once it is answered."""
+    put(s3, bucket, "slow.bin", b"A" * (64 * CS))
+    m = mounts(f"s3://{bucket}")
+    with open(m.path("slow.bin"), "rb") as f:
+        assert f.read(4096) == b"A" * 4096
+    new = put(s3, bucket, "slow.bin", b"B" * (64 * CS + 3))
+    with pytest.raises(OSError) as e:
+        read_all(m.path("slow.bin"))
+    assert e.value.errno == errno.EIO  # the read met the change
+    proxy.reset()
+    proxy.faults(delay=3, ops=["HeadObject"], count=-1)
+    with cf.ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda _: read_all(m.path("slow.bin")), range(4)))
+    assert got == [new] * 4
+    assert proxy.stats()["ops"].get("HeadObject", 0) == 1
+    assert m.counters()["objects_changed"] == 1
+
+
 # -- crash points -------------------------------------------------------------------------
 
 
