@@ -582,7 +582,9 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
                node=stop.get("node"), enabled=stop.get("enabled", True), traces=traces)
     if why is not None:
         res["error"] = why
-    lo, hi = offset, offset + max(got, 1)
+    # the chunks of the bytes read; of a failed read, those of the whole range (the chunk
+    # that failed is past the bytes read)
+    lo, hi = offset, offset + (length if why is not None else max(got, 1))
 
     def in_range(idx: Any) -> bool:
         if not chunk_size or not isinstance(idx, int):

@@ -295,37 +295,41 @@ class Datasets:
         store = self.d.store
         assert store is not None
         total = cached = to_pin = missing = nmissing = nchunks = 0
+        disk = pin_disk = 0  # what the chunk files take on disk: what the limit counts
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             for r in f.refs:
                 nchunks += 1
+                disk += file_size(r.length)
                 if store.contains(r.cid):
                     cached += r.length
                 else:
                     missing += r.length
                     nmissing += 1
                 if pin and not store.is_pinned(r.cid):
-                    to_pin += file_size(r.length)  # as the limit counts it: on disk
+                    to_pin += r.length
+                    pin_disk += file_size(r.length)
             total += f.size
         warnings = []
         limit = store.limit
         if pin:
-            after = store.pinned_bytes + to_pin
+            after = store.pinned_bytes + pin_disk
             if after > limit:
                 raise ControlError(
-                    f"cannot pin: {_h(store.pinned_bytes)} already pinned + {_h(to_pin)} to pin "
-                    f"= {_h(after)}, more than the cache limit of {_h(limit)}; nothing was "
-                    "fetched (free pinned data with `cachefs free`, or raise --cache-size)")
+                    f"cannot pin: {_h(store.pinned_bytes)} already pinned + {_h(pin_disk)} to pin "
+                    f"(on disk) = {_h(after)}, more than the cache limit of {_h(limit)}; nothing "
+                    "was fetched (free pinned data with `cachefs free`, or raise --cache-size)")
             if after > store.high:
                 warnings.append(
                     f"pinned data will fill {100 * after / limit:.0f}% of the cache "
                     f"({_h(after)} of {_h(limit)}); other reads keep only {_h(limit - after)}")
         else:
             room = limit - store.pinned_bytes
-            if total > room:
+            if disk > room:
                 warnings.append(
-                    f"the data set ({_h(total)}) is larger than the cache room for unpinned data "
+                    f"the data set ({_h(disk)} on disk) is larger than the cache room for "
+                    "unpinned data "
                     f"({_h(room)} of {_h(limit)}): LRU eviction will drop the earliest-fetched "
                     "files while later ones arrive; the end of the list is what stays cached")
         return {"files": len(files), "total_bytes": total, "chunks": nchunks,
@@ -903,7 +907,9 @@ def _obj_desc(o) -> dict:
 def _row() -> dict:
     return {"chunks": 0, "bytes": 0, "cached_before_bytes": 0, "missing_bytes": 0,
             "missing_chunks": 0, "to_pin_bytes": 0, "fetched_bytes": 0, "fetched_chunks": 0,
-            "failed_chunks": 0, "uncached_bytes": 0}
+            "failed_chunks": 0, "uncached_bytes": 0,
+            # what the chunk files take on the node's disk, as its cache limit counts them
+            "disk_bytes": 0, "to_pin_disk_bytes": 0}
 
 
 class _ClusterPlan:
@@ -949,7 +955,9 @@ class _ClusterPlan:
             else:
                 row["cached_before_bytes"] += r.length
             if pin and st != "2":
-                row["to_pin_bytes"] += file_size(r.length)
+                row["to_pin_bytes"] += r.length
+                row["to_pin_disk_bytes"] += file_size(r.length)
+            row["disk_bytes"] += file_size(r.length)
             if st == "0" or (pin and st != "2"):
                 lane.append((f, r))
             else:
@@ -979,21 +987,23 @@ class _ClusterPlan:
             st, row = self.stores[n], self.nodes[n]
             limit, pinned = int(st["limit"]), int(st["pinned_bytes"])
             if pin:
-                after = pinned + row["to_pin_bytes"]
+                after = pinned + row["to_pin_disk_bytes"]
                 if after > limit:
                     raise ControlError(
                         f"cannot pin on node {n}: {_h(pinned)} already pinned + "
-                        f"{_h(row['to_pin_bytes'])} to pin = {_h(after)}, more than its cache "
-                        f"limit of {_h(limit)}; nothing was fetched (free pinned data with "
+                        f"{_h(row['to_pin_disk_bytes'])} to pin (on disk) = {_h(after)}, more "
+                        f"than its cache limit of {_h(limit)}; nothing was fetched (free pinned "
+                        "data with "
                         "`cachefs free`, or raise --cache-size)")
                 if after > int(st["high"]):
                     warnings.append(
                         f"node {n}: pinned data will fill {100 * after / limit:.0f}% of its cache "
                         f"({_h(after)} of {_h(limit)}); other reads keep only "
                         f"{_h(limit - after)}")
-            elif row["bytes"] > limit - pinned:
+            elif row["disk_bytes"] > limit - pinned:
                 warnings.append(
-                    f"node {n}: its share of the data set ({_h(row['bytes'])}) is larger than "
+                    f"node {n}: its share of the data set ({_h(row['disk_bytes'])} on disk) is "
+                    "larger than "
                     f"its cache room for unpinned data ({_h(limit - pinned)} of {_h(limit)}): "
                     "LRU eviction will drop the earliest-fetched files while later ones "
                     "arrive; the end of the list is what stays cached")

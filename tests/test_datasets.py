@@ -398,6 +398,24 @@ def test_free_while_reading(mounts, bucket, s3, proxy, tmp_path):
 # -- pins ---------------------------------------------------------------------------------
 
 
+def test_the_plan_counts_small_files_as_the_cache_limit_does(mounts, bucket, s3, tmp_path):
+    """The cache limit counts what chunk files take on disk (whole 4 KiB blocks): 300
+    files of 1,000 bytes are 300 KB of data but 1.2 MB of a 1 MiB cache. The plan said
+    they fit, and eviction then dropped most of them during the preload; it now warns,
+    and refuses to pin them, in the limit's own unit."""
+    put(s3, bucket, {f"tiny/{i:03d}": 1000 for i in range(300)})
+    m = mounts(f"s3://{bucket}", cache_size="1MiB")
+    lst = write_list(tmp_path, ["tiny"])
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert res["total_bytes"] == 300_000 and res["to_pin_bytes"] == 0
+    assert any("larger than the cache room" in w for w in res["warnings"]), res["warnings"]
+    r = cli("preload", "--file-list", lst, "--mount", str(m.mp), "--pin")
+    assert r.returncode != 0
+    assert "cannot pin: 0 B already pinned + 1.2 MiB to pin (on disk)" in r.stderr, r.stderr
+    assert m.stats()["cache"]["pinned_bytes"] == 0
+
+
 def test_pins_survive_eviction(mounts, bucket, s3, proxy, tmp_path):
     files = {"p.bin": 4 * CHUNK, "u1.bin": 3 * CHUNK, "u2.bin": 3 * CHUNK, "u3.bin": 3 * CHUNK}
     put(s3, bucket, files)

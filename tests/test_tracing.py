@@ -377,7 +377,7 @@ def test_trace_of_a_failing_read_still_prints_its_trace(mounts, s3, bucket, prox
     PATH` printed one error line and threw away the trace it had captured: the trace of
     a failing read, the one most wanted, was never shown.  It is printed now (text and
     --json), with the error in it, before the error line and exit code 1."""
-    for key, seed in (("f.bin", 10), ("g.bin", 12), ("h.bin", 14)):
+    for key, seed in (("f.bin", 10), ("g.bin", 12), ("h.bin", 14), ("k.bin", 15)):
         put(s3, bucket, key, 2 * CHUNK, seed=seed)
     m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "2"))
     path, other, changed = (str(m.path(k)) for k in ("f.bin", "h.bin", "g.bin"))
@@ -416,6 +416,25 @@ def test_trace_of_a_failing_read_still_prints_its_trace(mounts, s3, bucket, prox
         f"cachefs: error: reading {changed} failed: {failed}\n"), r.stderr
     assert f" ms: {failed} (0 bytes read)\n" in r.stdout, r.stdout
     assert "s3.get tier=s3 error=ObjectChanged" in r.stdout, r.stdout
+
+    # a range of two chunks, the first cached, the second failing: the failed chunk is
+    # in the chunk table (it was cut off at the bytes read, and only the tree had it)
+    fd = os.open(m.path("k.bin"), os.O_RDONLY | os.O_DIRECT)
+    try:  # not at offset 0: no read-ahead of chunk 1
+        buf = mmap.mmap(-1, 4096)
+        assert os.preadv(fd, [buf], 4096) == 4096
+    finally:
+        os.close(fd)
+    proxy.faults(status=500, count=-1)
+    try:
+        j = cli("trace", str(m.path("k.bin")), "--length", str(2 * CHUNK), "--json")
+    finally:
+        proxy.clear_faults()
+    assert j.returncode == 1, j.stderr
+    res = json.loads(j.stdout)
+    assert res["bytes_read"] < 2 * CHUNK and res["error"] == failed, res
+    assert [(c["chunk"], c["tier"]) for c in res["chunks"]] == [(0, "local"), (1, "s3")], \
+        res["chunks"]
 
 
 def test_control_characters_in_a_path_are_printed_escaped(mounts, s3, bucket, tmp_path):

@@ -635,17 +635,18 @@ class ChunkStore:
         return freed
 
     async def _evict_some(self, nbytes: int) -> None:
-        victims, total = [], 0
+        victims, disk, total = [], 0, 0
         for cid, size in self.lru.items():  # nbytes of disk, as used counts them
             victims.append(cid)
-            total += file_size(size)
-            if total >= nbytes and len(victims) >= 1:
+            disk += file_size(size)
+            total += size
+            if disk >= nbytes and len(victims) >= 1:
                 break
         if victims:
             with span("evict", chunks=len(victims), bytes=total):
                 await self.drop(victims)
             self.stats.inc("evictions", len(victims))
-            self.stats.inc("evicted_bytes", total)
+            self.stats.inc("evicted_bytes", total)  # of data, like every bytes counter
 
     async def evictor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background: when use passes the high watermark, evict LRU down to the low one."""
