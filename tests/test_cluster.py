@@ -584,3 +584,111 @@ def test_a_node_with_another_chunk_size_or_a_wrong_peers_address_is_refused(
         if is_mounted(mp):
             cli("umount", str(mp))
     assert not is_mounted(mp)
+
+
+class NotAPeer:
+    """Something other than cachefs listening at a member's address: an HTTP server
+    (it waits for its client to speak, then answers; it counts its answers) or one that
+    greets every connection with a banner of another protocol (SSH)."""
+
+    def __init__(self, kind: str) -> None:
+        import http.server
+        import socket
+        import threading
+
+        self.answered: list[int] = []
+        if kind == "http":
+            outer = self
+
+            class Handler(http.server.BaseHTTPRequestHandler):
+                def send_error(self, code, message=None, explain=None):
+                    outer.answered.append(code)
+                    super().send_error(code, message, explain)
+
+                def log_message(self, *args):
+                    pass
+
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+            self.port = self.server.server_address[1]
+            self.close = lambda: (self.server.shutdown(), self.server.server_close())
+        else:
+            sock = socket.create_server(("127.0.0.1", 0))
+            conns = []
+
+            def serve() -> None:
+                while True:
+                    try:
+                        conn, _ = sock.accept()
+                        conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+                    except OSError:
+                        return
+                    conns.append(conn)  # kept open, as an SSH server waits for our banner
+
+            threading.Thread(target=serve, daemon=True).start()
+            self.port = sock.getsockname()[1]
+            self.close = lambda: [s.close() for s in [sock, *conns]]
+
+
+@pytest.mark.parametrize("kind", ["http", "banner"])
+def test_a_member_address_where_no_cachefs_peer_listens(mounts, bucket, s3, proxy, tmp_path,
+                                                        kind):
+    """A --peers entry whose port holds something else.  An HTTP server waits for its
+    client to speak: every attempt (the start-up check, a read of its chunks once per
+    10 s, each preload, status, free, stats --nodes) waited out the 2 s peer timeout for a
+    hello, and stats --nodes said only "timed out".  A banner was a `protocol` error, which
+    commands take for a node that answered: a preload failed the chunks it owns instead of
+    sending them to its successor.  Both are now known in a round trip as `not_peer`: down,
+    like a node that refuses connections (readers skip it for 10 s, commands say so)."""
+    import hashlib
+    import json
+
+    from cachefs.chunks.ids import chunk_id
+    from cachefs.cluster.ring import HashRing
+
+    ring = HashRing(["n0", "n1"])
+    for salt in range(100):  # a file of which n1 owns a chunk, read before the preload
+        data = random.Random(salt).randbytes(3 * CHUNK)
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        if any(ring.owner(chunk_id(bucket, "r.bin", etag, CHUNK, i)) == "n1"
+               for i in range(3)):
+            break
+    s3.put_object(Bucket=bucket, Key="r.bin", Body=data)
+    files = put_files(s3, bucket, {f"np/{i}.bin": 3 * CHUNK for i in range(4)}, seed=17)
+    fake = NotAPeer(kind)
+    try:
+        port = free_port()
+        addr = f"127.0.0.1:{fake.port}"
+        m = mounts(f"s3://{bucket}", name="n0", env={"CACHEFS_PEER_SECRET": SECRET},
+                   extra=("--node-id", "n0", "--peer-listen", f"127.0.0.1:{port}",
+                          "--peers", f"n0=127.0.0.1:{port},n1={addr}"))
+        assert read_all(m, {"r.bin": data}) == {"r.bin": data}
+        assert cluster_stats(m)["peer_errors"]["n1"]["not_peer"] >= 1
+        lst = tmp_path / "np.txt"
+        lst.write_text("np\n")
+        why = f"node n1 unreachable: connect to {addr}: not a cachefs peer (it sent b'"
+
+        r = cli("preload", "--file-list", str(lst), "--mount", str(m.mp), "--json")
+        assert r.returncode == 0 and f"warning: {why}" in r.stderr, r.stderr
+        res = json.loads(r.stdout)  # n1's chunks went to n0, its successor
+        assert res["fetched_chunks"] == 12 and res["nodes"]["n0"]["fallback_for"]["n1"] > 0
+        r = cli("status", "--file-list", str(lst), "--mount", str(m.mp), "--json")
+        assert r.returncode == 1 and r.stderr.startswith(f"cachefs: {why}"), r.stderr
+        st = json.loads(r.stdout)
+        assert st["cached_bytes"] == st["total_bytes"] == 12 * CHUNK
+        assert [u["node"] for u in st["unreachable"]] == ["n1"]
+        assert read_all(m, files) == files
+        r = cli("stats", "--nodes", "--mount", str(m.mp))
+        assert r.returncode == 1 and r.stderr.startswith(f"cachefs: {why}"), r.stderr
+
+        cl = cluster_stats(m)
+        tried = cl["client"]["peers"][addr]
+        assert tried["connects"] == 0 and set(tried["errors"]) == {"not_peer"}
+        # the start-up check, the read, preload, status, stats --nodes
+        assert tried["errors"]["not_peer"] >= 5
+        assert set(cl["peer_errors"]["n1"]) == {"not_peer"}
+        if kind == "http":  # it answered every attempt: none waited for a hello
+            assert fake.answered == [400] * tried["errors"]["not_peer"]
+    finally:
+        fake.close()
+

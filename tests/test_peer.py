@@ -1,7 +1,9 @@
+import http.server
 import json
 import os
 import socket
 import struct
+import threading
 import time
 from functools import partial
 
@@ -19,6 +21,7 @@ from cachefs.cluster.protocol import (
     encode_hello,
     encode_request,
     encode_response,
+    pad_first_request,
     request_mac,
 )
 
@@ -338,6 +341,117 @@ async def test_requests_queued_behind_a_failed_connect_fail_without_connecting(n
     assert len(accepted) == 2  # the two that held the pool's slots; 10 before
 
 
+class _CountingHTTPHandler(http.server.BaseHTTPRequestHandler):
+    def send_error(self, code, message=None, explain=None):
+        self.server.answered.append(code)
+        super().send_error(code, message, explain)
+
+    def log_message(self, *args):
+        pass
+
+
+async def test_an_http_server_at_a_peer_address_is_known_in_a_round_trip():
+    """A member address where an HTTP server listens (a typo in --peers, the S3 or etcd
+    port): it waits for its client to speak, so every attempt waited out connect_timeout
+    for a hello (2 s in a daemon).  The length of the first request now goes out before
+    the hello, ending in a newline: the server answers that line at once, and the client
+    calls it what it is, not a cachefs peer (a reason that counts as down)."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CountingHTTPHandler)
+    srv.answered = []
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{srv.server_address[1]}"
+    try:
+        async with PeerClient(SECRET, connect_timeout=10) as client:
+            for _ in range(3):
+                with pytest.raises(PeerError, match="not a cachefs peer") as ei:
+                    await client.call(address, "identity", {})
+                assert ei.value.reason == "not_peer"
+                assert f"connect to {address}: not a cachefs peer (it sent b'<!DOCTYPE HTML>" \
+                    in str(ei.value)
+            stats = client.statistics()["peers"][address]
+        assert stats["errors"] == {"not_peer": 3} and stats["connects"] == 0
+        assert srv.answered == [400, 400, 400]  # every attempt answered: none waited for a hello
+    finally:
+        await trio.to_thread.run_sync(srv.shutdown)
+        srv.server_close()
+
+
+async def test_a_banner_at_a_peer_address_is_not_a_peer(nursery):
+    """Something that speaks first with another protocol (an SSH or SMTP banner) was a
+    `protocol` error, which cluster-wide commands take for a node that answered: a preload
+    failed the chunks it owns instead of sending them to its successor."""
+    async def banner(stream):
+        await stream.send_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
+        await trio.sleep_forever()
+
+    async def two_bytes(stream):  # reads a line, answers "?" and hangs up
+        await stream.receive_some(4)
+        await stream.send_all(b"?\n")
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, banner, 0, host="127.0.0.1"))
+    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    listeners = await nursery.start(partial(trio.serve_tcp, two_bytes, 0, host="127.0.0.1"))
+    short = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    async with PeerClient(SECRET, connect_timeout=10) as client:
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, CHUNK, TRACE)
+        assert ei.value.reason == "not_peer"
+        assert str(ei.value) == (f"connect to {address}: not a cachefs peer "
+                                 "(it sent b'SSH-2.0-OpenSSH_9.2p1 Debian-2\\r\\n')")
+        with pytest.raises(PeerError) as ei:
+            await client.get(short, CHUNK, TRACE)
+        assert ei.value.reason == "not_peer" and str(ei.value).endswith(
+            "not a cachefs peer (connection closed after 2 of 4 bytes; it sent b'?\\n')")
+
+
+async def test_the_first_requests_length_goes_out_before_the_hello(nursery):
+    """A cachefs server reads the same bytes as before: the first request's u32 length,
+    sent as soon as TCP connects (its last byte a newline: the header is padded with JSON
+    whitespace), then, once the hello came, its MAC and header.  Checked against a server
+    that sends its hello only after it has those 4 bytes, and against the real one with a
+    header too large to pad (sent the old way)."""
+    seen = {}
+
+    async def serve(stream):
+        reader = FrameReader(stream)
+        head = await reader.read_exactly(4)  # before any hello
+        nonce = os.urandom(16)
+        await stream.send_all(encode_hello(nonce))
+        (size,) = struct.unpack(">I", head)
+        mac = await reader.read_exactly(MAC_SIZE)
+        raw = await reader.read_exactly(size)
+        assert mac == request_mac(SECRET, nonce, 0, raw)
+        seen.update(head=head, header=json.loads(raw), raw=raw)
+        await stream.send_all(encode_response(SECRET, nonce, 0, {
+            "status": "ok", "code": "ok", "message": "", "length": 0,
+            "checksum": checksum(b""), "spans": [], "result": {"ok": 1}}))
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
+    address = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    async with PeerClient(SECRET, connect_timeout=10) as client:
+        assert await client.call(address, "x", {"k": "v"}) == {"ok": 1}
+    assert seen["head"][3:] == b"\n" and seen["header"] == {
+        "op": "call", "name": "x", "payload": {"k": "v"}}
+    assert seen["raw"] == b'{"op":"call","name":"x","payload":{"k":"v"}}'.ljust(266)
+
+    big = {"pad": "x" * (MAX_REQUEST_HEADER - 200)}  # no room to pad to a newline
+    raw = json.dumps({"op": "call", "name": "echo", "payload": big},
+                     separators=(",", ":")).encode()
+    assert len(raw) <= MAX_REQUEST_HEADER and pad_first_request(raw) is None
+
+    async def echo(name, payload):
+        return {"n": len(payload["pad"])}
+
+    handler, _ = counting_handler()
+    real = await start_server(nursery, handler, call_handler=echo)
+    async with PeerClient(SECRET) as client:
+        assert await client.call(real, "echo", big) == {"n": len(big["pad"])}
+        assert await client.call(real, "echo", {"pad": ""}) == {"n": 0}
+        assert client.statistics()["peers"][real]["connects"] == 1
+
+
 async def test_server_side_handler_timeout(nursery):
     async def handler(chunk, trace):
         await trio.sleep_forever()
@@ -458,10 +572,11 @@ async def test_nested_json_before_the_mac_is_a_protocol_error(nursery):
 
     bad_response = await fake_server(nursery, respond)
     async with PeerClient(SECRET, request_timeout=5) as client:
-        for address in (bad_hello, bad_response):
+        # a hello that is not a cachefs hello: no cachefs peer there
+        for address, reason in ((bad_hello, "not_peer"), (bad_response, "protocol")):
             with pytest.raises(PeerError, match="nested too deep") as ei:
                 await client.get(address, CHUNK, TRACE)
-            assert ei.value.reason == "protocol"
+            assert ei.value.reason == reason
 
 
 async def test_an_unauthenticated_error_message_is_cut_short(nursery):

@@ -19,19 +19,19 @@ import trio
 
 from .protocol import (
     MAC_SIZE,
-    MAX_HELLO,
     MAX_REQUEST_HEADER,
     MAX_RESPONSE_HEADER,
     NONCE_SIZE,
     FrameReader,
     PeerError,
     checksum,
-    decode_hello,
     decode_json,
     dump_request_header,
     encode_hello,
     encode_response,
     frame_request,
+    pad_first_request,
+    read_hello,
     request_mac,
     response_mac,
 )
@@ -310,13 +310,16 @@ async def _call_control(
 
 
 class _Conn:
-    __slots__ = ("stream", "reader", "nonce", "seq")
+    __slots__ = ("stream", "reader", "nonce", "seq", "first")
 
-    def __init__(self, stream: trio.SocketStream, reader: FrameReader, nonce: bytes) -> None:
+    def __init__(self, stream: trio.SocketStream, reader: FrameReader, nonce: bytes,
+                 first: bytes | None) -> None:
         self.stream = stream
         self.reader = reader
         self.nonce = nonce
         self.seq = 0
+        # the padded header of the first request, whose length went out before the hello
+        self.first = first
 
 
 @dataclass
@@ -469,7 +472,7 @@ class PeerClient:
                     and trio.current_time() < pool.failed_until:
                 raise PeerError(f"{pool.failed} (moments ago; not tried again)",
                                 pool.failed.reason)
-            conn = pool.idle.pop() if reused else await self._connect(address, pool)
+            conn = pool.idle.pop() if reused else await self._connect(address, pool, header)
             ok = False
             try:
                 t0 = trio.current_time()
@@ -494,9 +497,9 @@ class PeerClient:
             pool.bytes_in += len(data)
             return data, spans, rtt
 
-    async def _connect(self, address: str, pool: _Pool) -> _Conn:
+    async def _connect(self, address: str, pool: _Pool, header: bytes) -> _Conn:
         try:
-            conn = await self._open(address, pool)
+            conn = await self._open(address, pool, header)
         except PeerError as e:
             if e.reason == "timeout":  # a refused connect costs nothing to try again
                 pool.failed, pool.failed_until = e, trio.current_time() + self.connect_timeout
@@ -504,17 +507,23 @@ class PeerClient:
         pool.failed = None
         return conn
 
-    async def _open(self, address: str, pool: _Pool) -> _Conn:
+    async def _open(self, address: str, pool: _Pool, header: bytes) -> _Conn:
+        """A new connection, the hello read, for a first request of ``header``.
+
+        The length of that request goes out at once, before the hello: a cachefs
+        server reads it as the start of the request; something else that waits for
+        its client (HTTP, etcd) gets a line ending in it and answers or closes, so
+        it is known for what it is in a round trip, not after connect_timeout."""
         host, port = parse_address(address)
+        first = pad_first_request(header)
         try:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(host, port)
                 try:
+                    if first is not None:
+                        await stream.send_all(len(first).to_bytes(4, "big"))
                     reader = FrameReader(stream)
-                    size = await reader.read_u32(frame_start=True)
-                    if size > MAX_HELLO:
-                        raise PeerError(f"hello from {address} too large", "protocol")
-                    nonce = decode_hello(await reader.read_exactly(size))
+                    nonce = await read_hello(reader)
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
@@ -528,12 +537,16 @@ class PeerClient:
             raise PeerError(f"connect to {address}: {e}", e.reason) from None
         pool.open += 1
         pool.connects += 1
-        return _Conn(stream, reader, nonce)
+        return _Conn(stream, reader, nonce, first)
 
     async def _exchange(
         self, address: str, conn: _Conn, header: bytes, want: str = "spans"
     ) -> tuple[bytes, Any]:
-        frame = frame_request(self._secret, conn.nonce, conn.seq, header)
+        if conn.first is not None:  # its length went out with the connect
+            header, conn.first = conn.first, None
+            frame = frame_request(self._secret, conn.nonce, conn.seq, header)[4:]
+        else:
+            frame = frame_request(self._secret, conn.nonce, conn.seq, header)
         reader = conn.reader
         try:
             await conn.stream.send_all(frame)

@@ -22,6 +22,16 @@ Response (server -> client)::
     header: {"status": "ok" | "error", "code": str, "message": str,
              "length": int, "checksum": xxh3_128 hex of the data, "spans": [...]}
 
+The client sends the 4-byte length of its first request on a connection as
+soon as TCP connects, before the hello arrives (the MAC needs the nonce, the
+length does not), and pads that request's JSON header with spaces so the
+length's last byte is ``\n`` (``pad_first_request``).  A cachefs server reads
+the same bytes as before, only earlier.  Something else listening at a peer's
+address that waits for its client to speak first (an HTTP server, etcd) gets a
+line and answers or closes at once, so the client knows within a round trip
+that no cachefs peer is there (``read_hello``: reason ``not_peer``) instead
+of waiting out its connect timeout for a hello that never comes.
+
 ``nonce`` is the 16 random bytes from the hello and ``seq`` counts requests
 on the connection from 0, so a captured request cannot be replayed on
 another connection or out of order on the same one.  Error frames that the
@@ -55,6 +65,8 @@ __all__ = [
     "response_mac",
     "encode_hello",
     "decode_hello",
+    "read_hello",
+    "pad_first_request",
     "encode_request",
     "dump_request_header",
     "frame_request",
@@ -84,7 +96,9 @@ class PeerError(Exception):
     ``reason`` is a short machine-readable tag, suitable as a PeerHealth
     counter key: ``connect``, ``timeout``, ``closed``, ``short_read``,
     ``protocol``, ``unauthorized``, ``bad_response_mac``, ``checksum``,
-    ``too_large``, ``remote`` (the server's handler failed) or ``error``.
+    ``too_large``, ``remote`` (the server's handler failed), ``not_peer``
+    (what answers at the address is not a cachefs peer: no valid hello) or
+    ``error``.
     """
 
     def __init__(self, message: str, reason: str = "error") -> None:
@@ -126,6 +140,49 @@ def decode_hello(raw: bytes) -> bytes:
     if len(nonce) != NONCE_SIZE:
         raise PeerError("malformed hello nonce", "protocol")
     return nonce
+
+
+#: The last byte of the first request's length, which goes out before the hello: "\n".
+FIRST_LENGTH_END = 0x0A
+
+
+def pad_first_request(raw: bytes) -> bytes | None:
+    """A serialised request header padded with JSON whitespace so that its length
+    ends in ``FIRST_LENGTH_END``; None if that would pass MAX_REQUEST_HEADER."""
+    n = len(raw) + (FIRST_LENGTH_END - len(raw)) % 256
+    return raw + b" " * (n - len(raw)) if n <= MAX_REQUEST_HEADER else None
+
+
+def _sample(data: bytes, limit: int = 48) -> str:
+    """What a non-peer sent, for an error message: printable ASCII only."""
+    return repr(bytes(data[:limit])) + ("..." if len(data) > limit else "")
+
+
+async def read_hello(reader: FrameReader) -> bytes:
+    """Read the server hello; its nonce.
+
+    A clean EOF before it is PeerError ``closed``; anything that is not a
+    cachefs hello (too large, cut short, not JSON, another protocol) is
+    ``not_peer``, with what was received in the message.
+    """
+    head = b""
+    try:
+        head = await reader.read_exactly(4, frame_start=True)
+        (size,) = _U32.unpack(head)
+        if size > MAX_HELLO:
+            raise PeerError(f"not a cachefs peer (it sent {_sample(head + reader.buffered(48))})",
+                            "not_peer")
+        raw = await reader.read_exactly(size)
+    except PeerError as e:
+        if e.reason != "short_read":  # "closed": nothing at all came before EOF
+            raise
+        raise PeerError(f"not a cachefs peer ({e}; it sent "
+                        f"{_sample(head + reader.buffered(48))})", "not_peer") from None
+    try:
+        return decode_hello(raw)
+    except PeerError as e:
+        raise PeerError(f"not a cachefs peer ({e}; it sent {_sample(head + raw)})",
+                        "not_peer") from None
 
 
 def dump_request_header(header: dict[str, Any]) -> bytes:
@@ -183,6 +240,10 @@ class FrameReader:
     def __init__(self, stream: Any) -> None:
         self._stream = stream
         self._buf = bytearray()
+
+    def buffered(self, n: int) -> bytes:
+        """Up to ``n`` bytes received but not read yet (for error messages)."""
+        return bytes(self._buf[:n])
 
     async def at_eof(self) -> bool:
         """Wait for at least one byte; True if the peer closed cleanly."""
