@@ -692,3 +692,42 @@ def test_a_member_address_where_no_cachefs_peer_listens(mounts, bucket, s3, prox
     finally:
         fake.close()
 
+
+def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, bucket, tmp_path):
+    """A member that accepts, says the cachefs hello and then never answers (a peer whose
+    event loop is stuck): every request to it is bounded (PeerClient's request timeout;
+    stats --nodes gives each node 2 s), and stats --nodes names it with its address and
+    that limit (it said only "timed out")."""
+    import os
+    import socket
+    import threading
+
+    from cachefs.cluster.protocol import encode_hello
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    conns = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+                conn.sendall(encode_hello(os.urandom(16)))
+            except OSError:
+                return
+            conns.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    addr = f"127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        port = free_port()
+        m = mounts(f"s3://{bucket}", name="n0", env={"CACHEFS_PEER_SECRET": SECRET},
+                   extra=("--node-id", "n0", "--peer-listen", f"127.0.0.1:{port}",
+                          "--peers", f"n0=127.0.0.1:{port},n1={addr}"))
+        r = cli("stats", "--nodes", "--mount", str(m.mp))
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.splitlines() == [
+            f"cachefs: node n1 unreachable: request to {addr} timed out after 2s"], r.stderr
+        assert "    n0           " in r.stdout, r.stdout
+    finally:
+        for s in [sock, *conns]:
+            s.close()

@@ -287,9 +287,10 @@ class ClusterNode:
         """Every member's ``ChunkStore.statistics()`` (``{"error": ...}`` for a node
         that did not answer within ``wait`` seconds), asked concurrently."""
         out: dict[str, dict] = {}
+        members = dict(self.members)
 
         async def one(node: str) -> None:
-            out[node] = {"error": "timed out"}
+            out[node] = {"error": f"request to {members.get(node)} timed out after {wait:g}s"}
             with trio.move_on_after(wait):
                 try:
                     out[node] = (await self.forward(node, "cache", {}))["cache"]
@@ -297,7 +298,7 @@ class ClusterNode:
                     out[node] = {"error": str(e)}
 
         async with trio.open_nursery() as n:
-            for node in sorted(self.members):
+            for node in sorted(members):
                 n.start_soon(one, node)
         return dict(sorted(out.items()))
 
