@@ -593,7 +593,6 @@ class NotAPeer:
 
     def __init__(self, kind: str) -> None:
         import http.server
-        import socket
         import threading
 
         self.answered: list[int] = []
@@ -612,22 +611,30 @@ class NotAPeer:
             threading.Thread(target=self.server.serve_forever, daemon=True).start()
             self.port = self.server.server_address[1]
             self.close = lambda: (self.server.shutdown(), self.server.server_close())
-        else:
-            sock = socket.create_server(("127.0.0.1", 0))
-            conns = []
+        else:  # kept open after the banner, as an SSH server waits for ours
+            self.port, self.close = greeter(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
 
-            def serve() -> None:
-                while True:
-                    try:
-                        conn, _ = sock.accept()
-                        conn.sendall(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n")
-                    except OSError:
-                        return
-                    conns.append(conn)  # kept open, as an SSH server waits for our banner
 
-            threading.Thread(target=serve, daemon=True).start()
-            self.port = sock.getsockname()[1]
-            self.close = lambda: [s.close() for s in [sock, *conns]]
+def greeter(greeting: bytes):
+    """A TCP listener on 127.0.0.1 that sends ``greeting`` on every connection and then
+    says nothing, keeping it open: (port, close)."""
+    import socket
+    import threading
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    conns = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+                conn.sendall(greeting)
+            except OSError:
+                return
+            conns.append(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return sock.getsockname()[1], lambda: [s.close() for s in [sock, *conns]]
 
 
 @pytest.mark.parametrize("kind", ["http", "banner"])
@@ -699,25 +706,11 @@ def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, buc
     stats --nodes gives each node 2 s), and stats --nodes names it with its address and
     that limit (it said only "timed out")."""
     import os
-    import socket
-    import threading
 
     from cachefs.cluster.protocol import encode_hello
 
-    sock = socket.create_server(("127.0.0.1", 0))
-    conns = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-                conn.sendall(encode_hello(os.urandom(16)))
-            except OSError:
-                return
-            conns.append(conn)
-
-    threading.Thread(target=serve, daemon=True).start()
-    addr = f"127.0.0.1:{sock.getsockname()[1]}"
+    silent, close = greeter(encode_hello(os.urandom(16)))
+    addr = f"127.0.0.1:{silent}"
     try:
         port = free_port()
         m = mounts(f"s3://{bucket}", name="n0", env={"CACHEFS_PEER_SECRET": SECRET},
@@ -729,5 +722,4 @@ def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, buc
             f"cachefs: node n1 unreachable: request to {addr} timed out after 2s"], r.stderr
         assert "    n0           " in r.stdout, r.stdout
     finally:
-        for s in [sock, *conns]:
-            s.close()
+        close()

@@ -578,13 +578,19 @@ def test_readahead_sequential_not_random(s3, bucket, mounts, proxy):
     wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
 
 
-def test_damaged_index_rebuilt_from_chunk_files(s3, bucket, mounts, proxy):
+def _cached_then_stopped(s3, bucket, mounts):
+    """Three objects (8 chunks) read through a mount, which is then stopped cleanly."""
     objs = {f"r/{i}.bin": put(s3, bucket, f"r/{i}.bin", random.randbytes(2 * CS + i))
             for i in range(3)}
     m = mounts(f"s3://{bucket}")
     for k, d in objs.items():
         assert m.path(k).read_bytes() == d
     m.stop()
+    return m, objs
+
+
+def test_damaged_index_rebuilt_from_chunk_files(s3, bucket, mounts, proxy):
+    m, objs = _cached_then_stopped(s3, bucket, mounts)
     (m.cache_dir / "index" / "data.mdb").write_bytes(b"\x00garbage" * 512)
     proxy.reset()
     m.start()
@@ -622,12 +628,7 @@ def test_index_damaged_inside_is_rebuilt(s3, bucket, mounts, proxy):
     whole in a child process before the daemon opens it, and rebuilt when that fails."""
     from cachefs.index import ChunkRec, Index
 
-    objs = {f"r/{i}.bin": put(s3, bucket, f"r/{i}.bin", random.randbytes(2 * CS + i))
-            for i in range(3)}
-    m = mounts(f"s3://{bucket}")
-    for k, d in objs.items():
-        assert m.path(k).read_bytes() == d
-    m.stop()
+    m, objs = _cached_then_stopped(s3, bucket, mounts)
     # a real cache holds millions of records: make the chunk tree several levels deep
     ix = Index(m.cache_dir / "index")
     rnd = random.Random(5)
