@@ -17,7 +17,7 @@ import click
 from . import runtime
 from .config import build_config
 from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError, leaves
-from .report import printable
+from .report import human, printable
 
 log = logging.getLogger("cachefs")
 
@@ -171,6 +171,11 @@ def _run_foreground(cfg, ready_fd: int | None) -> None:
         q = _find_quiet(e)
         if q is not None:
             ready.fail(q.msg, q.exitcode)
+            if ready_fd is not None:
+                # daemonized: `cachefs mount` says it; the log (another daemon's, when the
+                # cache dir is in use) gets a dated line, not a bare "cachefs: error"
+                log.error("not started: %s", printable(q.msg))
+                raise SystemExit(q.exitcode) from None
             raise q from None
         if isinstance(e, KeyboardInterrupt):
             return
@@ -187,8 +192,6 @@ def daemon_failure(e: BaseException) -> str:
     of the first exception inside ("ValueError: bad port ...", not "ExceptionGroup:
     Exceptions from Trio nursery (1 sub-exception)"); on one line, control characters
     escaped."""
-    from .report import printable
-
     leaf = leaves(e)[0] if isinstance(e, BaseExceptionGroup) and leaves(e) else e
     return printable(f"{type(leaf).__name__}: {leaf}")
 
@@ -294,8 +297,10 @@ def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
                     elif kind == "WAIT":
                         click.echo(f"cachefs: {msg}", err=True)
                     elif kind == "OK":
+                        # the limit as read ("10GB" is 9.3 GiB): a GB/GiB mix-up shows
                         click.echo(f"cachefs: mounted at {cfg.mountpoint} (pid {proc.pid}, "
-                                   f"log {logp})", err=True)
+                                   f"cache limit {human(cfg.cache_size)}, log {logp})",
+                                   err=True)
                         return
                     elif kind == "ERR":
                         proc.wait(timeout=30)
@@ -423,8 +428,6 @@ def stats(mount: str | None, as_json: bool, nodes: bool) -> None:
     down = {n: c["error"] for n, c in (s.get("cluster", {}).get("nodes_cache") or {}).items()
             if "error" in c}
     if down:  # the figures of the others are above; exit 1 as status and free do
-        from .report import printable
-
         for n, why in sorted(down.items()):
             click.echo(f"cachefs: node {printable(str(n))} unreachable: {printable(str(why))}",
                        err=True)

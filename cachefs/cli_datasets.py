@@ -342,8 +342,13 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
             click.echo(f"  to pin          {human(res.get('to_pin_bytes', 0))}")
         if "estimate" in res:
             click.echo(f"  estimate        {_estimate_text(res['estimate'])}")
+        if res.get("fetched_bytes"):
+            left = max(0, res["missing_bytes"] - res["fetched_bytes"])
+            click.echo(f"  measured with   {plural(res.get('fetched_chunks', 0), 'chunk')} "
+                       f"({human(res['fetched_bytes'])}) fetched just now and kept in the "
+                       f"cache: {human(left)} left to fetch")
         if res["failed"]:
-            click.echo(f"  failed          {_entries_n(len(res['failed']))} (listed above)")
+            click.echo(f"  failed          {_entries_n(len(res['failed']))} (listed on stderr)")
         _exit(code)
         return
     secs = res["seconds"]
@@ -360,7 +365,7 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
     if res.get("uncached_bytes"):
         click.echo(f"  not kept        {human(res['uncached_bytes'])} (cache full)")
     click.echo("  failed          "
-               + (f"{_entries_n(len(res['failed']))} (listed above)" if res["failed"] else "0")
+               + (f"{_entries_n(len(res['failed']))} (listed on stderr)" if res["failed"] else "0")
                + (f"; {_failed_files(res)} not fetched" if res.get("failed_files") else ""))
     click.echo(f"  duration        {_dur(secs)}")
     if res.get("nodes"):

@@ -339,12 +339,12 @@ class Datasets:
                                                 self.s3_concurrency)}
 
     async def _probe(self, files: list[FileItem], streams: int, nmissing: int,
-                     missing: set[bytes] | None = None) -> int:
+                     missing: set[bytes] | None = None) -> tuple[int, int]:
         """Fetch missing chunks of the list, ``streams`` at a time, starting new fetches
         for PROBE_SECONDS but no more than a quarter of the ``nmissing`` chunks (a dry run
-        of a small list would otherwise fetch all of it), and time them; the number
-        fetched.  They stay cached (in a cluster on their owner: a read on a non-owner
-        keeps no copy)."""
+        of a small list would otherwise fetch all of it), and time them; the chunks and
+        bytes fetched.  They stay cached (in a cluster on their owner: a read on a
+        non-owner keeps no copy)."""
         reader, store = self.d.reader, self.d.store
         assert reader is not None and store is not None
         todo = itertools.islice(
@@ -352,10 +352,10 @@ class Datasets:
              if ((r.cid in missing) if missing is not None else not store.contains(r.cid))),
             max(MIN_SAMPLES, nmissing // PROBE_SHARE))
         deadline = trio.current_time() + PROBE_SECONDS
-        n, failed = 0, False
+        n, nbytes, failed = 0, 0, False
 
         async def worker() -> None:
-            nonlocal n, failed
+            nonlocal n, nbytes, failed
             while not failed and trio.current_time() < deadline:
                 r = next(todo, None)
                 if r is None:
@@ -368,11 +368,12 @@ class Datasets:
                     failed = True
                     return
                 n += 1
+                nbytes += r.length
 
         async with trio.open_nursery() as nursery:
             for _ in range(streams):
                 nursery.start_soon(worker)
-        return n
+        return n, nbytes
 
     async def preload(self, req: dict, emit) -> dict:
         d = self.d
@@ -395,18 +396,21 @@ class Datasets:
         else:
             plan = await self._plan(files, pin, parallel)
         if dry_run:
-            probed = 0
+            probed = probed_bytes = 0
             streams = plan["estimate"]["streams"]
             if plan["missing_chunks"] and not self.model.near(streams):
-                probed = await job.run(self._probe, files, streams, plan["missing_chunks"],
-                                       cp.missing if cp else None)
+                probed, probed_bytes = await job.run(
+                    self._probe, files, streams, plan["missing_chunks"],
+                    cp.missing if cp else None)
                 if probed:  # the plan stays what was missing when we looked
                     plan["estimate"] = cp.estimate(self) if cp else self.model.estimate(
                         plan["missing_bytes"], plan["missing_chunks"], parallel,
                         self.s3_concurrency)
             plan["estimate"]["probed_chunks"] = probed
+            # what the measurement fetched stays cached: a preload now has that much less
             return {"dry_run": True, "pin": pin, "parallel": parallel, **plan,
-                    "failed": failed, "fetched_bytes": 0,
+                    "failed": failed, "fetched_bytes": probed_bytes,
+                    "fetched_chunks": probed,
                     "seconds": round(time.monotonic() - t_start, 3),
                     "throughput": self.model.statistics()}
         await job.emit({"kind": "plan", "pin": pin, "parallel": parallel, **plan})

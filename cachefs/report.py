@@ -55,9 +55,10 @@ def format_stats(mp: str, s: dict) -> str:
         f"  pinned     {human(cache['pinned_bytes'])} in {plural(cache['pinned_chunks'], 'chunk')}",
         f"  hits       local SSD {c.get('ssd_hits', 0)} ({human(c.get('ssd_bytes', 0))})"
         f"   peer {c.get('peer_hits', 0)} ({human(c.get('peer_bytes', 0))})",
-        f"  misses     S3 {c.get('s3_misses', 0)} GETs {c.get('s3_get_requests', 0)}"
-        f" ({human(c.get('s3_bytes', 0))}), retries {c.get('s3_retries', 0)},"
-        f" errors {c.get('s3_errors', 0)}",
+        f"  misses     {plural(c.get('s3_misses', 0), 'chunk')} from S3"
+        f" ({human(c.get('s3_bytes', 0))}) in {plural(c.get('s3_get_requests', 0), 'GET')},"
+        f" {plural(c.get('s3_retries', 0), 'retry', 'retries')},"
+        f" {plural(c.get('s3_errors', 0), 'error')}",
         f"  evictions  {plural(c.get('evictions', 0), 'chunk')}"
         f" ({human(c.get('evicted_bytes', 0))})",
         f"  corrupt    {c.get('chunks_corrupt', 0)} dropped, {c.get('chunks_missing', 0)} missing",

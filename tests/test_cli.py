@@ -496,6 +496,9 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
         assert r.returncode == 0, r.stderr
         # a cache larger than the disk is said at mount
         assert "--cache-size 2.0 PiB is larger than the free space" in r.stderr, r.stderr
+        # the limit as read is said (a decimal "10GB" shows as 9.3 GiB)
+        assert f"cachefs: mounted at {mp} (pid " in r.stderr and ", cache limit 2.0 PiB, log " \
+            in r.stderr, r.stderr
         # returns only once the mount is live
         assert is_mounted(mp)
         # mounting again where it is mounted fails, and leaves the live mount alone
@@ -503,7 +506,16 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
                     "--cache-size", "1GiB", "--endpoint-url", proxy.url)
         one_line_error(again, "is busy: another cachefs daemon")
         assert (mp / "d" / "hello.txt").read_bytes() == b"hello"
-        assert (mp / "d" / "hello.txt").read_bytes() == b"hello"
+        # a second mount of the same cache dir is refused; the first daemon's log gets a
+        # dated line about it, not the bare error line the refused process printed there
+        mp2 = tmp_path / "mp2"
+        mp2.mkdir()
+        one_line_error(cli("mount", f"s3://{bucket}", str(mp2), "--cache-dir", str(cache),
+                           "--cache-size", "1GiB", "--endpoint-url", proxy.url),
+                       "in use by another cachefs daemon")
+        logged = (cache / "cachefs.log").read_text()
+        assert "cachefs: error:" not in logged, logged
+        assert " ERROR cachefs: not started: cache dir " in logged, logged
         r = cli("stats", "--mount", str(mp), "--json")
         assert r.returncode == 0 and '"used_bytes"' in r.stdout
         # the daemon's argv and its logs never carry credentials
@@ -1064,3 +1076,17 @@ def test_pins_of_an_old_chunk_size_are_released(s3, bucket, proxy, tmp_path, mou
     r = cli("free", "--file-list", str(lst), "--mount", str(m.mp))
     assert r.returncode == 0, r.stderr
     assert m.stats()["cache"]["pinned_bytes"] == 0
+
+
+def test_stats_text_says_what_each_miss_figure_counts():
+    """The misses line printed the chunk count and the GET count side by side with
+    nothing to tell them apart ("S3 70 GETs 70 (83.6 MiB)")."""
+    from cachefs.report import format_stats
+
+    cache = {"used_bytes": 0, "limit_bytes": 1, "chunks": 0, "pinned_bytes": 0,
+             "pinned_chunks": 0}
+    c = {"s3_misses": 70, "s3_get_requests": 71, "s3_bytes": 87_660_000, "s3_retries": 1}
+    s = {"counters": c, "cache": cache, "uptime_s": 1, "open_files": 0, "in_flight_fetches": 0}
+    lines = format_stats("/mnt/x", s).splitlines()
+    assert "  misses     70 chunks from S3 (83.6 MiB) in 71 GETs, 1 retry, 0 errors" in lines, \
+        lines

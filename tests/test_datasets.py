@@ -225,6 +225,10 @@ def test_dry_run_of_a_small_list_fetches_at_most_a_quarter(mounts, bucket, s3, p
     assert res["missing_chunks"] == 40
     assert 4 <= res["estimate"]["probed_chunks"] == proxy.gets() <= 10, (res, proxy.gets())
     assert res["estimate"]["basis"] in ("measured", "interpolated", "extrapolated")
+    # what it fetched to measure is said (it stays cached: the preload has that much less)
+    assert res["fetched_chunks"] == proxy.gets() and res["fetched_bytes"] == proxy.gets() * CHUNK
+    st, _ = run_json("status", "--file-list", lst, "--mount", str(m.mp))
+    assert st["cached_bytes"] == res["fetched_bytes"]
 
 
 def test_interrupted_preload_resumes(mounts, bucket, s3, proxy, tmp_path):
@@ -324,7 +328,7 @@ def test_failed_bytes_are_not_progress(mounts, bucket, s3, proxy, tmp_path):
     finally:
         proxy.clear_faults()
     assert r.returncode == 1 and f"{lst}:1: bad.bin: " in r.stderr, r.stderr
-    assert "  failed          1 entry (listed above); 1 file (293.0 KiB) not fetched\n" \
+    assert "  failed          1 entry (listed on stderr); 1 file (293.0 KiB) not fetched\n" \
         in r.stdout, r.stdout
 
 
