@@ -7,6 +7,7 @@ never share a chunk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -15,7 +16,10 @@ if TYPE_CHECKING:
     from ..objectstore import ObjectStore
 
 
+@functools.lru_cache(maxsize=8192)
 def chunk_id(bucket: str, key: str, etag: str, chunk_size: int, index: int) -> bytes:
+    """(Remembered for the last 8192: opening a small file asks for its one chunk's id three
+    times, from the prefetcher, the hand-over of prefetched bytes and the read.)"""
     h = hashlib.blake2b(digest_size=16, person=b"cachefs-chunk-1")
     for part in (bucket, key, etag):
         b = part.encode("utf-8", "surrogateescape")
