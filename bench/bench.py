@@ -1354,7 +1354,8 @@ def scenario_large_warm_paired(ctx: Ctx) -> None:
     if "pyfuse3-passthrough" not in wanted:
         return
     p, lay = ctx.profile, ctx.layout
-    rounds = 3 if p.runs == 1 else 7
+    # single rounds swing from 76% to 116% on this VM: the median needs many of them
+    rounds = 3 if p.runs == 1 else 4 * p.runs - 1
     pt, cf = Passthrough(ctx), CacheFSNode(ctx, "paired")
     try:
         pt.mount()
