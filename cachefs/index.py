@@ -209,6 +209,12 @@ class Index:
         return op
 
     @staticmethod
+    def op_delete_listing(key: bytes):
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            txn.delete(key, db=ix.listings)
+        return op
+
+    @staticmethod
     def op_put_ino(key: bytes, ino: int, next_ino: int):
         def op(ix: Index, txn: lmdb.Transaction) -> None:
             txn.put(key, struct.pack("<Q", ino), db=ix.inodes)

@@ -870,6 +870,7 @@ class VFS:
             parent = self.nodes.get(node.parent)
             if parent is not None:
                 parent.listed_at = 0.0  # its next lookup lists it again
+                self._forget_saved_listing(parent)
                 if self.invalidate_entry is not None:
                     self.invalidate_entry(parent.ino, node.name)
         except S3Error as e:  # S3 down: what is cached of the listed version stays readable
@@ -883,6 +884,9 @@ class VFS:
                          node.etag, info.etag)
                 self.stats.inc("objects_changed")
                 node.size, node.etag, node.mtime = info.size, info.etag, info.mtime
+                parent = self.nodes.get(node.parent)
+                if parent is not None:
+                    self._forget_saved_listing(parent)
                 if self.invalidate is not None:
                     # before the opens waiting for this go on: the kernel must not read on
                     # with the old version's size and pages
@@ -892,6 +896,13 @@ class VFS:
             if self._refreshing.get(node.ino) is entry:
                 del self._refreshing[node.ino]
             done.set()
+
+    def _forget_saved_listing(self, d: Node) -> None:
+        """The listing of d kept in the index names a version S3 no longer has: a restart
+        within the TTL would take it up again (and fail the reads of that object once
+        more), so it lists d from S3 instead."""
+        if d.mount is not None:
+            self.writer.submit(Index.op_delete_listing(self._listing_key(d)))
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         h = self.handles.get(fh)
