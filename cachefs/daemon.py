@@ -302,7 +302,11 @@ class Daemon:
         self.writer = writer = IndexWriter(index)
         self.store = store = ChunkStore(cfg.cache_dir, index, writer, self.stats,
                                         limit=cfg.cache_size, high=cfg.high_watermark,
-                                        low=cfg.low_watermark, chunk_size=cfg.chunk_size)
+                                        low=cfg.low_watermark, chunk_size=cfg.chunk_size,
+                                        # a reader's read-ahead window of chunk memory
+                                        # outlives the file it read: the next file reuses
+                                        # it instead of faulting in fresh memory
+                                        idle_buffers=cfg.readahead_chunks + 2)
         try:
             report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,

@@ -171,7 +171,7 @@ DISK_FULL_SHARE = 0.95  # on ENOSPC, the limit becomes this share of the chunks 
 class ChunkStore:
     def __init__(self, cache_dir: Path, index: Index, writer: IndexWriter, stats: Stats, *,
                  limit: int, high: float = 0.9, low: float = 0.8,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, idle_buffers: int = 4) -> None:
         self.dir = cache_dir
         self.chunk_dir = cache_dir / "chunks"
         self._chunk_root = str(self.chunk_dir)  # for file names built per read
@@ -200,7 +200,8 @@ class ChunkStore:
         # copies held in memory elsewhere (the VFS's shared chunk memo) go with them
         self.on_drop: list[Callable[[list[bytes]], None]] = []
         # memory of full-size chunks, reused (partial ones: the last of an object)
-        self.buffers = BufferPool(file_size(chunk_size)) if chunk_size else None
+        self.buffers = (BufferPool(file_size(chunk_size), idle=idle_buffers)
+                        if chunk_size else None)
 
     # -- start-up ---------------------------------------------------------------------
 
