@@ -61,18 +61,23 @@ def test_bytes_equal_s3(s3, bucket, mounts, proxy):
     buf = mmap.mmap(-1, 3 * CS)
     for _ in range(2):
         for name, data in objs.items():
-            fd = os.open(m.path(f"sizes/{name}.bin"), os.O_RDONLY | os.O_DIRECT)
-            try:
-                got = bytearray()
-                while n := os.readv(fd, [buf]):
-                    got += buf[:n]
-            finally:
-                os.close(fd)
-            assert bytes(got) == data, name
+            assert read_direct(m.path(f"sizes/{name}.bin"), buf) == data, name
     buf.close()
     assert proxy.stats()["ops"].get("GetObject", 0) == total_chunks
     pool = m.stats()["chunk_buffers"]
     assert pool["size"] == -(-(64 + CS) // 4096) * 4096 and pool["reused"] > 0, pool
+
+
+def read_direct(path, buf) -> bytes:
+    """The whole file, read with O_DIRECT (past the page cache) in ``buf``-sized reads."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        got = bytearray()
+        while n := os.readv(fd, [buf]):
+            got += buf[:n]
+    finally:
+        os.close(fd)
+    return bytes(got)
 
 
 def test_chunk_memory_outlives_the_file_a_reader_read(s3, bucket, mounts):
@@ -87,24 +92,13 @@ def test_chunk_memory_outlives_the_file_a_reader_read(s3, bucket, mounts):
             for i in range(4)}
     m = mounts(f"s3://{bucket}")
     buf = mmap.mmap(-1, CS)
-
-    def read_direct(key: str) -> bytes:
-        fd = os.open(m.path(key), os.O_RDONLY | os.O_DIRECT)
-        try:
-            got = bytearray()
-            while n := os.readv(fd, [buf]):
-                got += buf[:n]
-        finally:
-            os.close(fd)
-        return bytes(got)
-
     for k, d in objs.items():  # cold: every chunk on the SSD
-        assert read_direct(k) == d
+        assert read_direct(m.path(k), buf) == d
     wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
-    read_direct("seq/f0.bin")  # warm: the first file makes the window's buffers
+    read_direct(m.path("seq/f0.bin"), buf)  # warm: the first file makes the window's buffers
     before = m.stats()["chunk_buffers"]["created"]
     for k in ("seq/f1.bin", "seq/f2.bin", "seq/f3.bin"):
-        assert read_direct(k) == objs[k]
+        assert read_direct(m.path(k), buf) == objs[k]
     created = m.stats()["chunk_buffers"]["created"] - before
     assert created <= 2, created  # the next files use the window's memory again
 
