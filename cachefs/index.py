@@ -295,13 +295,16 @@ class IndexWriter:
                     break
             ops = [op for ops, _ in batch for op in ops]
             error = None
-            try:
-                await trio.to_thread.run_sync(self._apply, ops, limiter=self._limiter)
-                self.commits += 1
-            except lmdb.Error as e:  # MapFullError is handled inside apply
-                error = e
-                self.errors += 1
-                log.warning("index commit of %d operations failed: %s", len(ops), e)
+            # a batch taken off the queue is committed even when shutdown cancels us: it
+            # is no longer there for drain_sync (waiting for the limiter is a checkpoint)
+            with trio.CancelScope(shield=True):
+                try:
+                    await trio.to_thread.run_sync(self._apply, ops, limiter=self._limiter)
+                    self.commits += 1
+                except lmdb.Error as e:  # MapFullError is handled inside apply
+                    error = e
+                    self.errors += 1
+                    log.warning("index commit of %d operations failed: %s", len(ops), e)
             self.pending -= len(batch)
             for _, w in batch:
                 if w is not None:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from cachefs.index import Index, IndexWriter
 from cachefs.stats import Stats
@@ -189,6 +190,32 @@ def test_index_commit_reaches_the_disk_within_the_sync_interval(tmp_path):
         return w.syncs, w._unsynced
 
     assert trio.run(_with_store, tmp_path, body) == (2, False)
+
+
+def test_ops_the_writer_took_are_committed_when_it_is_cancelled(tmp_path):
+    """Shutdown cancels the index writer.  Ops it had taken off its queue but not yet
+    handed to its thread were lost: neither it nor drain_sync committed them (an inode
+    number given out just before a stop changed at the next start)."""
+    key = b"ino-key"
+
+    async def main(ix):
+        w = IndexWriter(ix)
+        async with trio.open_nursery() as n:
+            await n.start(w.run)
+            await w._limiter.acquire()  # the writer's thread is busy with a batch
+            w.submit(Index.op_put_ino(key, 7, 8))
+            await trio.testing.wait_all_tasks_blocked()  # taken, waiting for its thread
+            n.cancel_scope.cancel()  # the daemon stops
+            w._limiter.release()
+        w.drain_sync()
+        return w.pending
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    try:
+        assert trio.run(main, ix) == 0
+        assert ix.get_ino(key) == 7
+    finally:
+        ix.close()
 
 
 def test_index_check_reads_records_as_the_index_writes_them(tmp_path):
