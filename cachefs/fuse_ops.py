@@ -69,15 +69,16 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = self.vfs.cfg.attr_timeout
         a.attr_timeout = self.vfs.cfg.attr_timeout
-        if node.is_dir:
+        if node.is_dir:  # S3 keeps no time for a prefix: the directory shows the mount's
             a.st_mode = DIR_MODE
             a.st_nlink = 2
             a.st_size = 0
+            ns = self.vfs.started_ns
         else:
             a.st_mode = FILE_MODE
             a.st_nlink = 1
             a.st_size = node.size
-        ns = int(node.mtime * 1e9)
+            ns = int(node.mtime * 1e9)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
         a.st_uid = self.vfs.uid
         a.st_gid = self.vfs.gid
@@ -102,7 +103,8 @@ class Operations(pyfuse3.Operations):
         for name, node, next_id in self.vfs.readdir(fh, start_id):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs(node), next_id):
                 return
-            node.lookups += 1
+            if next_id > 2:  # the kernel takes no reference on "." and ".."
+                node.lookups += 1
 
     @_boundary
     async def releasedir(self, fh):

@@ -426,13 +426,15 @@ class VFS:
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, FileHandle] = {}
         self.open_count: dict[int, int] = {}  # inode -> open handles
-        self.dir_handles: dict[int, list[tuple[str, int]]] = {}
+        # an open directory: the node and its entries as they were at opendir
+        self.dir_handles: dict[int, tuple[Node, list[tuple[str, int]]]] = {}
         self._fh = itertools.count(1)
         self._next_ino = max(index.next_ino(), ROOT_INO + 1)
         self._listing: dict[int, trio.Event] = {}
         self._slow: set[int] = set()  # directories whose relisting outlasted STALE_WAIT
         self._refreshing: dict[int, tuple[trio.Event, list]] = {}  # stale node → its HEAD
         self._warned: set[str] = set()
+        self.started_ns = time.time_ns()  # the time directories show
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.mounts = {m.spec.name: m for m in mounts}
@@ -762,27 +764,32 @@ class VFS:
             await self._ensure_listed(d, "opendir")
         assert d.children is not None
         fh = next(self._fh)
-        self.dir_handles[fh] = d.entries()
+        self.dir_handles[fh] = (d, d.entries())
         return fh
 
     def readdir(self, fh: int, start: int) -> Iterator[tuple[str, Node, int]]:
-        """The handle's entries from ``start`` on, one at a time: the kernel takes what
-        fits in its buffer (a few hundred) and asks again from there, so building the
-        whole rest on every call made listing a directory quadratic (200k names: 7.7 s
-        of the trio thread, a million: minutes, every other request waiting)."""
-        entries = self.dir_handles.get(fh)
-        if entries is None:
+        """The handle's entries from offset ``start`` on, one at a time: "." (offset 1),
+        ".." (2), then the names (3 on).  The kernel takes what fits in its buffer (a few
+        hundred) and asks again from there, so building the whole rest on every call made
+        listing a directory quadratic (200k names: 7.7 s of the trio thread, a million:
+        minutes, every other request waiting)."""
+        h = self.dir_handles.get(fh)
+        if h is None:
             raise FSError(errno.EBADF)
-        return self._entries_from(entries, start)
+        return self._entries_from(*h, start)
 
-    def _entries_from(self, entries: list[tuple[str, int]],
+    def _entries_from(self, d: Node, entries: list[tuple[str, int]],
                       start: int) -> Iterator[tuple[str, Node, int]]:
         nodes = self.nodes
-        for i in range(start, len(entries)):
+        if start < 1:
+            yield ".", d, 1
+        if start < 2:
+            yield "..", nodes.get(d.parent, d), 2
+        for i in range(max(start - 2, 0), len(entries)):
             name, ino = entries[i]
             node = nodes.get(ino)
             if node is not None:
-                yield name, node, i + 1
+                yield name, node, i + 3
 
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)

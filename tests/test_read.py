@@ -144,6 +144,32 @@ def test_listing_equals_s3(s3, bucket, mounts):
     assert st.st_size == 7 and int(st.st_mtime) == int(head["LastModified"].timestamp())
 
 
+def test_directories_list_dot_entries_and_show_the_mount_time(s3, bucket, mounts):
+    """`ls -a` shows "." and ".." (they were missing), "." is the directory itself, and a
+    directory's times are the mount's, not 1970 (S3 keeps no time for a prefix)."""
+    import subprocess
+    import time
+
+    for i in range(600):  # more than one kernel readdir buffer
+        put(s3, bucket, f"d/f{i:04d}", b"x")
+    before = time.time()
+    m = mounts(f"s3://{bucket}")
+    out = subprocess.run(["ls", "-a1i", m.path("d")], capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    rows = [line.split(None, 1) for line in out if line]
+    names = [name for _, name in rows]
+    assert names[:2] == [".", ".."] and names[2:] == [f"f{i:04d}" for i in range(600)]
+    assert int(rows[0][0]) == os.stat(m.path("d")).st_ino
+    assert int(rows[1][0]) == os.stat(m.mp).st_ino
+    top = subprocess.run(["ls", "-a1", m.mp], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert top == [".", "..", "d"]
+    for p in (m.mp, m.path("d")):
+        st = os.stat(p)
+        assert before - 5 <= st.st_mtime <= time.time(), (p, st.st_mtime)
+    assert os.listdir(m.path("d")) == [f"f{i:04d}" for i in range(600)]  # no dots here
+
+
 def test_prefix_mount_and_errors(s3, bucket, mounts):
     put(s3, bucket, "train/x/1.bin", b"one")
     put(s3, bucket, "other/2.bin", b"two")
@@ -787,12 +813,14 @@ def test_readdir_walks_only_the_entries_the_kernel_takes():
     vfs = VFS.__new__(VFS)  # only the directory handles and the inode table are used
     vfs.nodes = CountingNodes({ino: Node(ino, 1, name, False, None, name)
                                for name, ino in entries})
-    vfs.dir_handles = {7: entries}
-    got = list(itertools.islice(vfs.readdir(7, 1000), 300))  # what one kernel buffer takes
+    d = Node(1, 1, "", True, None, "")
+    vfs.dir_handles = {7: (d, entries)}
+    # offsets: "." 1, ".." 2, entry i at i + 3
+    got = list(itertools.islice(vfs.readdir(7, 1002), 300))  # what one kernel buffer takes
     assert [(name, node.ino, nxt) for name, node, nxt in got] == [
-        (entries[i][0], entries[i][1], i + 1) for i in range(1000, 1300)]
+        (entries[i][0], entries[i][1], i + 3) for i in range(1000, 1300)]
     assert vfs.nodes.gets == 300  # was 99,000: the rest of the directory, on every call
-    assert [e[2] for e in vfs.readdir(7, n - 2)] == [n - 1, n]
+    assert [e[2] for e in vfs.readdir(7, n)] == [n + 1, n + 2]
     with pytest.raises(FSError) as ei:
         vfs.readdir(8, 0)
     assert ei.value.errno == errno.EBADF
