@@ -110,6 +110,17 @@ class Node:
         return self.mount.spec.prefix + self.path
 
 
+class _HeadCheck:
+    """One HEAD of a stale node, shared by the opens that wait for it."""
+
+    __slots__ = ("done", "gone", "slow")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.gone = False  # S3 says the object was deleted
+        self.slow = False  # an open waited HEAD_WAIT for it in vain: the next ones do not
+
+
 def valid_name(name: str) -> bool:
     return (name not in ("", ".", "..") and "\0" not in name
             and len(name.encode("utf-8", "surrogateescape")) <= 255)
@@ -432,7 +443,11 @@ class VFS:
         self._next_ino = max(index.next_ino(), ROOT_INO + 1)
         self._listing: dict[int, trio.Event] = {}
         self._slow: set[int] = set()  # directories whose relisting outlasted STALE_WAIT
-        self._refreshing: dict[int, tuple[trio.Event, list]] = {}  # stale node → its HEAD
+        self._refreshing: dict[int, _HeadCheck] = {}  # stale node → its HEAD
+        # node → when its last HEAD answered (monotonic) and what (None: deleted): a
+        # listing started before that must not undo it
+        self._headed: dict[int, tuple[float, ObjInfo | None]] = {}
+        self._head_retry_at: dict[int, float] = {}  # node → S3 failed its HEAD: not before
         self._warned: set[str] = set()
         self.started_ns = time.time_ns()  # the time directories show
         self.uid = os.getuid()
@@ -501,6 +516,8 @@ class VFS:
                     or node.ino in self.open_count):
                 continue
             del self.nodes[node.ino]
+            self._headed.pop(node.ino, None)
+            self._head_retry_at.pop(node.ino, None)
             if node.children:
                 stack.extend(node.children.values())
 
@@ -601,13 +618,16 @@ class VFS:
         m = d.mount
         assert m is not None
         prefix = m.spec.prefix + d.path
+        asked = time.monotonic()
         try:
             listing = await m.store.list_dir(prefix)
         except S3Error as e:
             log.warning("listing s3://%s/%s failed: %s", m.spec.bucket, prefix, e)
             raise FSError(errno.EIO) from None
         self.stats.inc("dir_listings")
-        await self._apply_listing(d, prefix, listing, await self._known_inos(d, prefix, listing))
+        if not await self._apply_listing(d, prefix, listing,
+                                         await self._known_inos(d, prefix, listing), asked):
+            return  # a HEAD answered meanwhile: this listing is older than what we show
 
         def encode() -> bytes:  # a large directory's JSON takes long: not on the trio thread
             return json.dumps({"t": time.time(), "p": listing.prefixes,
@@ -648,7 +668,8 @@ class VFS:
         listing, age = got
         assert d.mount is not None
         prefix = d.mount.spec.prefix + d.path
-        await self._apply_listing(d, prefix, listing, await self._known_inos(d, prefix, listing))
+        await self._apply_listing(d, prefix, listing, await self._known_inos(d, prefix, listing),
+                                  time.monotonic() - age)
         d.listed_at = time.monotonic() - age
         self.stats.inc("dir_listings_from_index")
         return True
@@ -673,15 +694,19 @@ class VFS:
         return await trio.to_thread.run_sync(work)
 
     async def _apply_listing(self, d: Node, prefix: str, listing: Listing,
-                             known: dict[str, tuple[bytes, int | None]]) -> None:
-        """Make ``listing`` the directory's entries.  The old entries stay the directory's
-        until the end (lookups in it see either listing, never half of one); a large
-        listing yields to other requests every ``APPLY_SLICE`` entries (a million names
-        took 1.6 s to apply again, 4 s the first time, all other reads waiting)."""
+                             known: dict[str, tuple[bytes, int | None]], asked: float) -> bool:
+        """Make ``listing`` (asked of S3 at monotonic time ``asked``) the directory's
+        entries.  The old entries stay the directory's until the end (lookups in it see
+        either listing, never half of one); a large listing yields to other requests every
+        ``APPLY_SLICE`` entries (a million names took 1.6 s to apply again, 4 s the first
+        time, all other reads waiting).  An object whose HEAD answered after ``asked``
+        keeps what the HEAD said (its new version, or gone): False then, the listing is
+        not S3's latest and is not to be saved."""
         m = d.mount
         assert m is not None
         old = d.children or {}
         new: dict[str, int] = {}
+        latest = True
         for n, p in enumerate(listing.prefixes, 1):
             if n % APPLY_SLICE == 0:
                 await trio.lowlevel.checkpoint()
@@ -710,6 +735,13 @@ class VFS:
                 continue
             ino = old.get(name)
             node = self.nodes.get(ino) if ino else None
+            if node is not None and (headed := self._headed.get(node.ino)) is not None:
+                if headed[0] > asked:  # S3 answered the HEAD after it answered this LIST
+                    latest = False
+                    if headed[1] is not None:
+                        new[name] = node.ino
+                    continue
+                del self._headed[node.ino]  # this listing is newer than that answer
             if node is None or node.is_dir:
                 node = self._new_node(d, name, False, m, d.path + name, known)
             elif node.etag and node.etag != o.etag:
@@ -735,6 +767,7 @@ class VFS:
         for ino in old.values():
             if ino not in kept:  # gone from S3 (or now a directory instead of a file)
                 self._drop_unused(ino)
+        return latest
 
     async def lookup(self, parent_ino: int, name: str, *, count: bool = True) -> Node:
         parent = self.get(parent_ino)
@@ -855,25 +888,32 @@ class VFS:
         which every open of it shares; an open waits for it at most HEAD_WAIT, not for
         its whole retry budget (minutes, S3 being down), then goes on with the listed
         version; the HEAD goes on in the background and a later open gets its answer."""
-        entry = self._refreshing.get(node.ino)
-        if entry is None:
-            entry = self._refreshing[node.ino] = (trio.Event(), [])
-            self.nursery.start_soon(self._head, node, entry)
-        done, outcome = entry
-        with trio.move_on_after(HEAD_WAIT):
-            await done.wait()
-        if outcome == ["gone"]:
+        retry_at = self._head_retry_at.get(node.ino)
+        if retry_at is not None:
+            if time.monotonic() < retry_at:
+                return  # S3 failed its last HEAD: the listed version until STALE_RETRY
+            del self._head_retry_at[node.ino]
+        check = self._refreshing.get(node.ino)
+        if check is None:
+            check = self._refreshing[node.ino] = _HeadCheck()
+            self.nursery.start_soon(self._head, node, check)
+        if not check.slow:  # an open before us waited HEAD_WAIT for it already: no wait
+            with trio.move_on_after(HEAD_WAIT) as cs:
+                await check.done.wait()
+            if cs.cancelled_caught:
+                check.slow = True
+        if check.gone:
             raise FSError(errno.ENOENT)
 
-    async def _head(self, node: Node, entry: tuple[trio.Event, list]) -> None:
+    async def _head(self, node: Node, check: _HeadCheck) -> None:
         m = node.mount
         assert m is not None
-        done, outcome = entry
         try:
             info = await m.store.head(node.key)
         except NoSuchObject:
             log.info("%s was deleted from S3", self.display_path(node))
-            outcome.append("gone")  # (the node stays stale: opens ask again until relisted)
+            check.gone = True  # (the node stays stale: opens ask again until relisted)
+            self._headed[node.ino] = (time.monotonic(), None)
             parent = self.nodes.get(node.parent)
             if parent is not None:
                 parent.listed_at = 0.0  # its next lookup lists it again
@@ -881,8 +921,9 @@ class VFS:
                 if self.invalidate_entry is not None:
                     self.invalidate_entry(parent.ino, node.name)
         except S3Error as e:  # S3 down: what is cached of the listed version stays readable
-            log.warning("open of %s: cannot ask S3 for its new version (%s)",
-                        self.display_path(node), e)
+            log.warning("open of %s: cannot ask S3 for its new version (%s); asking again "
+                        "in %.0f s", self.display_path(node), e, STALE_RETRY)
+            self._head_retry_at[node.ino] = time.monotonic() + STALE_RETRY
         except Exception:  # a bug: never the end of the daemon for a background HEAD
             log.exception("asking S3 for the version of %s failed", self.display_path(node))
         else:
@@ -891,6 +932,7 @@ class VFS:
                          node.etag, info.etag)
                 self.stats.inc("objects_changed")
                 node.size, node.etag, node.mtime = info.size, info.etag, info.mtime
+                self._headed[node.ino] = (time.monotonic(), info)
                 parent = self.nodes.get(node.parent)
                 if parent is not None:
                     self._forget_saved_listing(parent)
@@ -900,9 +942,9 @@ class VFS:
                     await self.invalidate(node.ino)
             node.stale = False
         finally:
-            if self._refreshing.get(node.ino) is entry:
+            if self._refreshing.get(node.ino) is check:
                 del self._refreshing[node.ino]
-            done.set()
+            check.done.set()
 
     def _forget_saved_listing(self, d: Node) -> None:
         """The listing of d kept in the index names a version S3 no longer has: a restart
@@ -922,10 +964,11 @@ class VFS:
                                offset=off, size=size, pid=h.pid):
             try:
                 data = await h.read(off, size)
-            except ObjectChanged:
+            except (ObjectChanged, NoSuchObject) as e:
                 self.stats.inc("read_errors")
-                log.warning("read of %s failed: the object changed in S3 while open",
-                            self.display_path(h.node))
+                log.warning("read of %s failed: the object %s in S3 while open",
+                            self.display_path(h.node),
+                            "was deleted" if isinstance(e, NoSuchObject) else "changed")
                 if h.obj.etag == h.node.etag:  # our listing is behind: the next open relists
                     h.node.stale = True
                 raise FSError(errno.EIO) from None

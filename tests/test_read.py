@@ -761,6 +761,7 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     v = VFS.__new__(VFS)  # what listing uses: the index, its writer, the inode table
     v.index, v.writer, v.stats, v.nodes, v._warned = ix, IndexWriter(ix), Stats(), {}, set()
     v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
+    v._headed = {}
     d = Node(5, 1, "d", True, mount, "d/")
     ticks = 0
 
@@ -776,7 +777,7 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
             await trio.lowlevel.checkpoint()
             known = await v._known_inos(d, "d/", listing)
             before = ticks
-            await v._apply_listing(d, "d/", listing, known)
+            assert await v._apply_listing(d, "d/", listing, known, 0.0)
             nursery.cancel_scope.cancel()
         return known, ticks - before
 

@@ -524,6 +524,82 @@ def test_opens_of_a_changed_object_share_one_slow_head(s3, bucket, mounts, proxy
     assert m.counters()["objects_changed"] == 1
 
 
+def test_a_listing_s3_answered_before_a_head_does_not_undo_it(s3, bucket, mounts, proxy):
+    """A relisting S3 answered before an open's HEAD but that ended after it (a large
+    directory's takes minutes) put the old version back: the next opens failed with EIO
+    again, a deleted object showed again, and the old listing was saved for the next
+    start.  What the HEAD said now stands until a listing asked of S3 after it."""
+    put(s3, bucket, "ow.bin", b"A" * (64 * CS))
+    put(s3, bucket, "del.bin", b"C" * (64 * CS))
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "2s"))
+    for k, b in (("ow.bin", b"A"), ("del.bin", b"C")):
+        with open(m.path(k), "rb") as f:
+            assert f.read(4096) == b * 4096
+    time.sleep(2.2)  # past the metadata TTL
+    proxy.reset()
+    proxy.faults(stall_mid_body=6, ops=["ListObjects"], count=1)
+    # a lookup starts the relisting: S3 answers it now, its body ends in 6 s; the lookup
+    # uses the listing it has after STALE_WAIT (1 s)
+    assert not os.path.exists(m.path("none"))
+    new = put(s3, bucket, "ow.bin", b"B" * (64 * CS + 7))
+    put(s3, bucket, "del.bin", b"D" * (64 * CS))
+    for k in ("ow.bin", "del.bin"):
+        with pytest.raises(OSError) as e:
+            read_all(m.path(k))
+        assert e.value.errno == errno.EIO  # the reads meet the change
+    s3.delete_object(Bucket=bucket, Key="del.bin")
+    assert read_all(m.path("ow.bin")) == new  # the open's HEAD: the new version
+    with pytest.raises(FileNotFoundError):
+        open(m.path("del.bin"), "rb").close()
+    st = proxy.stats(settle=15)  # the stalled listing ends
+    assert st["inflight"] == 0 and st["ops"]["ListObjects"] == 1, st["ops"]
+    assert read_all(m.path("ow.bin")) == new
+    assert not os.path.exists(m.path("del.bin"))
+    assert sorted(os.listdir(m.mp)) == ["ow.bin"]
+    assert m.counters()["objects_changed"] == 1
+    m.stop()
+    m.start()  # within the TTL of that listing: it was not saved
+    assert read_all(m.path("ow.bin")) == new
+    assert sorted(os.listdir(m.mp)) == ["ow.bin"]
+
+
+def test_opens_wait_once_for_a_slow_head_and_not_again_after_it_failed(s3, bucket, mounts,
+                                                                        proxy):
+    """Each open of a changed object waited HEAD_WAIT (10 s) for a HEAD S3 was slow to
+    answer, and when the HEAD failed the next open sent another one and waited again:
+    while S3 was down, every open of that file took 10 s.  Now one open waits; the
+    others take the listed version at once, and a failed HEAD is asked again only after
+    STALE_RETRY (30 s)."""
+    put(s3, bucket, "ow.bin", b"A" * (64 * CS))
+    m = mounts(f"s3://{bucket}")
+    with open(m.path("ow.bin"), "rb") as f:
+        assert f.read(4096) == b"A" * 4096
+    new = put(s3, bucket, "ow.bin", b"B" * (64 * CS + 3))
+    with pytest.raises(OSError):
+        read_all(m.path("ow.bin"))
+    proxy.reset()
+    proxy.faults(delay=13, ops=["HeadObject"], count=1)
+    for _ in range(2):  # the first open waits 10 s, the second not at all
+        with open(m.path("ow.bin"), "rb") as f:
+            assert f.read(4096) == b"A" * 4096  # the listed version, from the cache
+    assert proxy.stats(settle=0)["inflight"] == 1  # the HEAD is still on its way
+    assert proxy.stats(settle=10)["inflight"] == 0
+    with open(m.path("ow.bin"), "rb") as f:  # (its start only: the next change must show)
+        assert f.read(4096) == new[:4096]
+    assert proxy.stats()["ops"]["HeadObject"] == 1
+    # S3 now refuses HEADs: one is sent, then none for STALE_RETRY
+    put(s3, bucket, "ow.bin", b"C" * (64 * CS + 5))
+    with pytest.raises(OSError):
+        read_all(m.path("ow.bin"))
+    proxy.reset()
+    proxy.faults(status=403, code="AccessDenied", ops=["HeadObject"], count=-1)
+    for _ in range(3):
+        with open(m.path("ow.bin"), "rb") as f:
+            assert f.read(4096) == new[:4096]
+    assert proxy.stats()["ops"]["HeadObject"] == 1
+    assert "asking again in 30 s" in m.log_text()
+
+
 # -- crash points -------------------------------------------------------------------------
 
 
