@@ -305,8 +305,11 @@ class Daemon:
                                         low=cfg.low_watermark, chunk_size=cfg.chunk_size,
                                         # a reader's read-ahead window of chunk memory
                                         # outlives the file it read: the next file reuses
-                                        # it instead of faulting in fresh memory
-                                        idle_buffers=cfg.readahead_chunks + 2)
+                                        # it instead of faulting in fresh memory (a window
+                                        # is at most what the read-ahead budget holds)
+                                        idle_buffers=min(cfg.readahead_chunks,
+                                                         cfg.readahead_memory
+                                                         // cfg.chunk_size) + 2)
         try:
             report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,

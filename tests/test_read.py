@@ -103,6 +103,15 @@ def test_chunk_memory_outlives_the_file_a_reader_read(s3, bucket, mounts):
     assert created <= 2, created  # the next files use the window's memory again
 
 
+def test_idle_chunk_memory_stays_within_the_read_ahead_budget(s3, bucket, mounts):
+    """The pool keeps a reader's window of free chunk memory, but never more chunks than
+    the read-ahead budget holds (+ 2): with 256 MiB chunks the window of 8 would have
+    left 2.5 GiB idle behind a 256 MiB budget."""
+    assert mounts(f"s3://{bucket}").stats()["chunk_buffers"]["idle_max"] == 8 + 2
+    small = mounts(f"s3://{bucket}", name="small", extra=("--readahead-memory", str(3 * CS)))
+    assert small.stats()["chunk_buffers"]["idle_max"] == 3 + 2
+
+
 def test_listing_equals_s3(s3, bucket, mounts):
     keys = ["top.txt", "a/b/c/deep.txt", "a/b/side.txt", "a/x.txt",
             "ünïcødé/名前.txt", "emoji/🚀.bin", "dual", "dual/inside.txt",

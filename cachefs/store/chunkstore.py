@@ -121,8 +121,8 @@ class BufferPool:
             return memoryview(m)
 
     def statistics(self) -> dict:
-        return {"size": self.size, "held": len(self._maps), "reused": self.reused,
-                "created": self.created}
+        return {"size": self.size, "held": len(self._maps), "idle_max": self.idle,
+                "reused": self.reused, "created": self.created}
 
 
 class ChunkBuf:
