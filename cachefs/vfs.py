@@ -735,7 +735,8 @@ class VFS:
                 continue
             ino = old.get(name)
             node = self.nodes.get(ino) if ino else None
-            if node is not None and (headed := self._headed.get(node.ino)) is not None:
+            if (self._headed and node is not None
+                    and (headed := self._headed.get(node.ino)) is not None):
                 if headed[0] > asked:  # S3 answered the HEAD after it answered this LIST
                     latest = False
                     if headed[1] is not None:
