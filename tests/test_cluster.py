@@ -185,11 +185,15 @@ def test_sigkill_one_node_mid_read(mounts, bucket, s3, proxy):
     total = nchunks(files)
     ms = start_cluster(mounts, bucket, 3)
     proxy.reset()
+    # S3 slow enough that the kill lands mid-read: on loopback the reads could end between
+    # the quarter mark and the kill, and nobody met the dead node
+    proxy.faults(delay=0.3, ops=["GetObject"], count=-1)
     with cf.ThreadPoolExecutor(2) as ex:
         futs = [ex.submit(read_all, m, files, 64 * 1024) for m in ms[1:]]
         wait_for(lambda: gets(proxy) >= total // 4 or all(f.done() for f in futs), 60,
                  "a quarter of the chunks")
         ms[0].kill()
+        assert not all(f.done() for f in futs)
         results = [f.result(timeout=120) for f in futs]
     for r in results:
         assert r == files
