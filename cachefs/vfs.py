@@ -113,10 +113,13 @@ class Node:
 class _HeadCheck:
     """One HEAD of a stale node, shared by the opens that wait for it."""
 
-    __slots__ = ("done", "gone", "slow")
+    __slots__ = ("done", "answered", "gone", "slow")
 
     def __init__(self) -> None:
         self.done = trio.Event()
+        # S3 answered and the node is being changed: opens wait for ``done`` (the kernel
+        # forgetting the old version's pages), or one could read old pages, then new bytes
+        self.answered = False
         self.gone = False  # S3 says the object was deleted
         self.slow = False  # an open waited HEAD_WAIT for it in vain: the next ones do not
 
@@ -635,7 +638,19 @@ class VFS:
                               separators=(",", ":")).encode()
 
         blob = await trio.to_thread.run_sync(encode)
+        if self._headed_since(d, asked):
+            return  # a HEAD answered while it was encoded: not S3's latest any more
         self.writer.submit(Index.op_put_listing(self._listing_key(d), blob))
+
+    def _headed_since(self, d: Node, asked: float) -> list[tuple[Node, ObjInfo | None]]:
+        """The files of d whose HEAD S3 answered after ``asked`` (monotonic), and what it
+        said (None: deleted)."""
+        out = []
+        for ino, (t, info) in self._headed.items():
+            node = self.nodes.get(ino)
+            if t > asked and node is not None and node.parent == d.ino:
+                out.append((node, info))
+        return out
 
     def _listing_key(self, d: Node) -> bytes:
         """The listing's key names what was listed (endpoint, bucket, prefix), not only
@@ -762,8 +777,15 @@ class VFS:
                     self.nursery.start_soon(self.invalidate, node.ino)
             node.size, node.etag, node.mtime = o.size, o.etag, o.mtime
             new[name] = node.ino
+        for node, info in self._headed_since(d, asked):  # (answered during the slices above)
+            latest = False
+            if info is None:
+                if new.get(node.name) == node.ino:
+                    del new[node.name]
+            elif node.name not in new:  # not yet in this listing: S3 said it is there
+                new[node.name] = node.ino
         d.children = new
-        d.listed_at = time.monotonic()
+        d.listed_at = time.monotonic()  # (with what HEADs said since: as new as the LIST)
         kept = set(new.values())
         for ino in old.values():
             if ino not in kept:  # gone from S3 (or now a directory instead of a file)
@@ -898,11 +920,15 @@ class VFS:
         if check is None:
             check = self._refreshing[node.ino] = _HeadCheck()
             self.nursery.start_soon(self._head, node, check)
-        if not check.slow:  # an open before us waited HEAD_WAIT for it already: no wait
+        # an open before us waited HEAD_WAIT in vain: no wait, unless S3 has answered since
+        for _ in range(2):
+            if check.slow and not check.answered:
+                break
             with trio.move_on_after(HEAD_WAIT) as cs:
                 await check.done.wait()
-            if cs.cancelled_caught:
-                check.slow = True
+            if not cs.cancelled_caught:
+                break
+            check.slow = True
         if check.gone:
             raise FSError(errno.ENOENT)
 
@@ -913,8 +939,9 @@ class VFS:
             info = await m.store.head(node.key)
         except NoSuchObject:
             log.info("%s was deleted from S3", self.display_path(node))
-            check.gone = True  # (the node stays stale: opens ask again until relisted)
-            self._headed[node.ino] = (time.monotonic(), None)
+            check.answered = check.gone = True  # (the node stays stale: opens ask again
+            if self.nodes.get(node.ino) is node:  # until relisted)
+                self._headed[node.ino] = (time.monotonic(), None)
             parent = self.nodes.get(node.parent)
             if parent is not None:
                 parent.listed_at = 0.0  # its next lookup lists it again
@@ -924,7 +951,8 @@ class VFS:
         except S3Error as e:  # S3 down: what is cached of the listed version stays readable
             log.warning("open of %s: cannot ask S3 for its new version (%s); asking again "
                         "in %.0f s", self.display_path(node), e, STALE_RETRY)
-            self._head_retry_at[node.ino] = time.monotonic() + STALE_RETRY
+            if self.nodes.get(node.ino) is node:
+                self._head_retry_at[node.ino] = time.monotonic() + STALE_RETRY
         except Exception:  # a bug: never the end of the daemon for a background HEAD
             log.exception("asking S3 for the version of %s failed", self.display_path(node))
         else:
@@ -932,8 +960,10 @@ class VFS:
                 log.info("s3://%s/%s changed (ETag %s → %s)", m.spec.bucket, node.key,
                          node.etag, info.etag)
                 self.stats.inc("objects_changed")
+                check.answered = True
                 node.size, node.etag, node.mtime = info.size, info.etag, info.mtime
-                self._headed[node.ino] = (time.monotonic(), info)
+                if self.nodes.get(node.ino) is node:
+                    self._headed[node.ino] = (time.monotonic(), info)
                 parent = self.nodes.get(node.parent)
                 if parent is not None:
                     self._forget_saved_listing(parent)

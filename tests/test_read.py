@@ -7,6 +7,7 @@ import os
 import random
 import re
 import threading
+import time
 
 import pytest
 from cachefs_env import wait_for
@@ -799,6 +800,46 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     # 6 slices of entries (3 of subdirectories, 3 of files): other tasks ran between them
     assert ticks_applying >= 5, ticks_applying
     assert len(d.children) == 2 * n and v.nodes[d.children["f7"]].ino == 77
+
+
+def test_a_listing_asked_before_a_head_keeps_what_the_head_said(tmp_path):
+    """A listing asked of S3 before a HEAD's answer: a name the HEAD found deleted is left
+    out, one it found (changed) is kept even if that listing lacks it, the node keeps the
+    HEAD's version, and the listing is reported as not S3's latest (not to be saved)."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from cachefs.index import Index, IndexWriter
+    from cachefs.objectstore import Listing, ObjInfo
+    from cachefs.stats import Stats
+    from cachefs.vfs import VFS, MountCtx, Node
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    mount = MountCtx(SimpleNamespace(name="m", bucket="b"), None)
+    v = VFS.__new__(VFS)
+    v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
+    v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
+    v._headed, v._head_retry_at = {}, {}
+    d = Node(5, 1, "d", True, mount, "d/")
+    v.nodes = {5: d}
+    for ino, name, etag in ((10, "gone.bin", "e1"), (11, "new.bin", "e2"), (12, "same.bin", "s")):
+        n = v.nodes[ino] = Node(ino, 5, name, False, mount, "d/" + name)
+        n.size, n.etag = 1, etag
+    d.children = {"gone.bin": 10, "new.bin": 11, "same.bin": 12}
+    asked = time.monotonic()
+    v._headed[10] = (asked + 1, None)  # deleted, said after the listing was asked
+    v._headed[11] = (asked + 1, ObjInfo("d/new.bin", 2, "e2", 0.0))
+    older = Listing([], [ObjInfo("d/gone.bin", 1, "e1", 0.0), ObjInfo("d/same.bin", 1, "s", 0.0)])
+    latest = trio.run(v._apply_listing, d, "d/", older, {}, asked)
+    assert latest is False
+    assert d.children == {"new.bin": 11, "same.bin": 12}
+    assert v.nodes[11].etag == "e2" and 10 not in v.nodes
+    # a listing asked after the answers is S3's latest: it rules, and the answers are spent
+    newer = Listing([], [ObjInfo("d/new.bin", 3, "e3", 0.0), ObjInfo("d/same.bin", 1, "s", 0.0)])
+    assert trio.run(v._apply_listing, d, "d/", newer, {}, asked + 2) is True
+    assert v.nodes[11].etag == "e3" and 11 not in v._headed
+    ix.close()
 
 
 def test_readdir_walks_only_the_entries_the_kernel_takes():

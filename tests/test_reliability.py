@@ -37,7 +37,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from cachefs_env import cli, fuse_available, is_mounted
+from cachefs_env import cli, fuse_available, is_mounted, wait_for
 
 from cachefs.faults import POINTS
 from cachefs.index import ChunkRec
@@ -537,8 +537,8 @@ def test_a_listing_s3_answered_before_a_head_does_not_undo_it(s3, bucket, mounts
             assert f.read(4096) == b * 4096
     time.sleep(2.2)  # past the metadata TTL
     proxy.reset()
-    proxy.faults(stall_mid_body=6, ops=["ListObjects"], count=1)
-    # a lookup starts the relisting: S3 answers it now, its body ends in 6 s; the lookup
+    proxy.faults(stall_mid_body=10, ops=["ListObjects"], count=1)
+    # a lookup starts the relisting: S3 answers it now, its body ends in 10 s; the lookup
     # uses the listing it has after STALE_WAIT (1 s)
     assert not os.path.exists(m.path("none"))
     new = put(s3, bucket, "ow.bin", b"B" * (64 * CS + 7))
@@ -551,16 +551,19 @@ def test_a_listing_s3_answered_before_a_head_does_not_undo_it(s3, bucket, mounts
     assert read_all(m.path("ow.bin")) == new  # the open's HEAD: the new version
     with pytest.raises(FileNotFoundError):
         open(m.path("del.bin"), "rb").close()
-    st = proxy.stats(settle=15)  # the stalled listing ends
+    assert proxy.stats(settle=0)["inflight"] == 1  # the listing is still on its way
+    st = proxy.stats(settle=20)  # the stalled listing ends
     assert st["inflight"] == 0 and st["ops"]["ListObjects"] == 1, st["ops"]
     assert read_all(m.path("ow.bin")) == new
     assert not os.path.exists(m.path("del.bin"))
     assert sorted(os.listdir(m.mp)) == ["ow.bin"]
     assert m.counters()["objects_changed"] == 1
     m.stop()
-    m.start()  # within the TTL of that listing: it was not saved
+    m.extra = ("--metadata-ttl", "300s")  # a saved listing would be taken up again
+    m.start()
     assert read_all(m.path("ow.bin")) == new
     assert sorted(os.listdir(m.mp)) == ["ow.bin"]
+    assert m.counters().get("dir_listings_from_index", 0) == 0
 
 
 def test_opens_wait_once_for_a_slow_head_and_not_again_after_it_failed(s3, bucket, mounts,
@@ -583,7 +586,7 @@ def test_opens_wait_once_for_a_slow_head_and_not_again_after_it_failed(s3, bucke
         with open(m.path("ow.bin"), "rb") as f:
             assert f.read(4096) == b"A" * 4096  # the listed version, from the cache
     assert proxy.stats(settle=0)["inflight"] == 1  # the HEAD is still on its way
-    assert proxy.stats(settle=10)["inflight"] == 0
+    wait_for(lambda: m.counters().get("objects_changed", 0) == 1, 20, "the HEAD's answer")
     with open(m.path("ow.bin"), "rb") as f:  # (its start only: the next change must show)
         assert f.read(4096) == new[:4096]
     assert proxy.stats()["ops"]["HeadObject"] == 1
