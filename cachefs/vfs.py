@@ -721,7 +721,6 @@ class VFS:
         assert m is not None
         old = d.children or {}
         new: dict[str, int] = {}
-        latest = True
         for n, p in enumerate(listing.prefixes, 1):
             if n % APPLY_SLICE == 0:
                 await trio.lowlevel.checkpoint()
@@ -752,11 +751,8 @@ class VFS:
             node = self.nodes.get(ino) if ino else None
             if (self._headed and node is not None
                     and (headed := self._headed.get(node.ino)) is not None):
-                if headed[0] > asked:  # S3 answered the HEAD after it answered this LIST
-                    latest = False
-                    if headed[1] is not None:
-                        new[name] = node.ino
-                    continue
+                if headed[0] > asked:  # its HEAD answered after this LIST was asked: the
+                    continue  # node stays as the HEAD left it, and is placed below
                 del self._headed[node.ino]  # this listing is newer than that answer
             if node is None or node.is_dir:
                 node = self._new_node(d, name, False, m, d.path + name, known)
@@ -777,8 +773,8 @@ class VFS:
                     self.nursery.start_soon(self.invalidate, node.ino)
             node.size, node.etag, node.mtime = o.size, o.etag, o.mtime
             new[name] = node.ino
-        for node, info in self._headed_since(d, asked):  # (answered during the slices above)
-            latest = False
+        answered = self._headed_since(d, asked)  # (some answered during the slices above)
+        for node, info in answered:
             if info is None:
                 if new.get(node.name) == node.ino:
                     del new[node.name]
@@ -790,7 +786,7 @@ class VFS:
         for ino in old.values():
             if ino not in kept:  # gone from S3 (or now a directory instead of a file)
                 self._drop_unused(ino)
-        return latest
+        return not answered
 
     async def lookup(self, parent_ino: int, name: str, *, count: bool = True) -> Node:
         parent = self.get(parent_ino)
