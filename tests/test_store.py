@@ -274,6 +274,52 @@ def test_a_chunk_put_while_its_drop_runs_keeps_its_file(tmp_path):
     assert contains and got == data
 
 
+def test_a_second_put_of_a_chunk_being_written_leaves_no_record_without_its_file(tmp_path):
+    """Two puts of one chunk at once (a read-ahead and a preload), and a drop once the
+    first is cached: the second put's file, renamed over the first's, was unlinked by the
+    drop, and its record committed after it, so the index said cached over no file. A
+    second put now waits for the first and finds the chunk cached."""
+    import threading
+
+    cid, data = os.urandom(16), os.urandom(100_000)
+    gate, renamed = threading.Event(), threading.Event()
+
+    async def body(store, report):
+        real, calls = store._write_file, []
+
+        def write_file(*a):  # the first write waits at the gate, the others go on
+            calls.append(1)
+            if len(calls) == 1:
+                gate.wait(10)
+            real(*a)
+            if len(calls) == 1 or gate.is_set():
+                renamed.set()
+
+        store._write_file = write_file
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                n.start_soon(store.put, cid, data)  # held at the gate
+                await trio.testing.wait_all_tasks_blocked()
+                renamed.clear()
+                n.start_soon(store.put, cid, data)  # the old code writes and caches it
+                await trio.sleep(0.3)  # (its index commit included)
+                async with store.writer._limiter:  # index commits wait meanwhile
+                    gate.set()
+                    # the first put's file is in place
+                    assert await trio.to_thread.run_sync(renamed.wait, 10)
+                    await trio.testing.wait_all_tasks_blocked()
+                    n.start_soon(store.drop, [cid])  # drops what is cached
+                    await trio.testing.wait_all_tasks_blocked()
+        on_disk = await trio.to_thread.run_sync(os.path.exists, store.path(cid))
+        return store.contains(cid), on_disk, len(calls), bytes(await store.get(cid, len(data))
+                                                              or b"")
+
+    contains, on_disk, writes, got = trio.run(_with_store, tmp_path, body)
+    assert contains == on_disk
+    assert writes == 1
+    assert contains and got == data
+
+
 @pytest.mark.parametrize(("child", "damaged"), [
     ("kill -KILL $$", False),  # the OOM killer, an operator
     ("echo 'ModuleNotFoundError: No module named cachefs' >&2; exit 1", False),

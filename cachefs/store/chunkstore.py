@@ -194,6 +194,11 @@ class ChunkStore:
         # chunks being dropped (out of the accounting, file not yet unlinked) → set once
         # the file is gone: a put of one waits, or the drop would unlink its new file
         self._dropping: dict[bytes, trio.Event] = {}
+        # chunks being written (file written, record committed, then accounted) → set once
+        # the put is over: a second put of one waits and finds it cached, or its file
+        # would replace the first's unaccounted, and a drop between the two would leave
+        # the index saying cached over no file
+        self._writing: dict[bytes, trio.Event] = {}
         self._tmp_seq = itertools.count()
         self._odirect = hasattr(os, "O_DIRECT")  # cleared when the file system refuses it
         # called with the ids of chunks about to be dropped (free, eviction, trace --cold):
@@ -482,12 +487,25 @@ class ChunkStore:
                   pin: bool = False) -> bool:
         """Store a verified chunk: a ChunkBuf is written as it is, other bytes are copied
         into one first. Returns False when it could not be cached."""
-        while (gone := self._dropping.get(cid)) is not None:
-            await gone.wait()
+        while True:
+            if (gone := self._dropping.get(cid)) is not None:
+                await gone.wait()
+            elif (written := self._writing.get(cid)) is not None:
+                await written.wait()
+            else:
+                break
         if self.contains(cid):
             if pin:
                 await self.set_pinned([cid], True)
             return True
+        written = self._writing[cid] = trio.Event()
+        try:
+            return await self._put(cid, data, pin)
+        finally:
+            del self._writing[cid]
+            written.set()
+
+    async def _put(self, cid: bytes, data: ChunkBuf | bytes | memoryview, pin: bool) -> bool:
         size = data.length if isinstance(data, ChunkBuf) else len(data)
         disk = file_size(size)
         if not await self.reserve(disk):
@@ -519,8 +537,6 @@ class ChunkStore:
                     return False
         finally:
             self.reserved -= disk
-        if self.contains(cid):  # raced with another writer of the same chunk
-            return True
         self.used += disk
         if pin:
             self.pinned[cid] = size
