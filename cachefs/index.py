@@ -257,9 +257,23 @@ class IndexWriter:
         self.syncs = 0
         self._synced = time.monotonic()
         self._unsynced = False  # commits since the last sync
+        self._stopped = False  # run() has ended: commit() commits by itself
 
     async def commit(self, *ops) -> None:
-        """Enqueue ops and wait until they are durable in LMDB (or IndexCommitError)."""
+        """Enqueue ops and wait until they are durable in LMDB (or IndexCommitError).
+
+        Once the writer has stopped (shutdown cancelled it), a commit from a task that
+        shields itself from that (a drop keeping index and files consistent) is
+        committed here: nobody would take it off the queue, and the shutdown would wait
+        for that task forever."""
+        if self._stopped:
+            try:
+                await trio.to_thread.run_sync(self._apply, list(ops), limiter=self._limiter)
+            except lmdb.Error as e:
+                self.errors += 1
+                raise IndexCommitError(str(e)) from None
+            self.commits += 1
+            return
         w = _Waiter()
         self.pending += 1
         self._send.send_nowait((list(ops), w))
@@ -274,6 +288,26 @@ class IndexWriter:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        try:
+            await self._run()
+        finally:
+            # stopped (cancelled at shutdown): commits from now on are made by their
+            # callers; those already queued are taken off and committed here, so that
+            # every commit() returns (submit()ted ops queued later: drain_sync)
+            self._stopped = True
+            with trio.CancelScope(shield=True):
+                while True:
+                    batch = []
+                    while len(batch) < self.max_batch:
+                        try:
+                            batch.append(self._recv.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    if not batch:
+                        break
+                    await self._commit_batch(batch)
+
+    async def _run(self) -> None:
         while True:
             # commits not yet synced are synced within sync_interval even if nothing follows
             wait = (max(0.0, self._synced + self.sync_interval - time.monotonic())
@@ -293,23 +327,26 @@ class IndexWriter:
                     batch.append(self._recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-            ops = [op for ops, _ in batch for op in ops]
-            error = None
             # a batch taken off the queue is committed even when shutdown cancels us: it
             # is no longer there for drain_sync (waiting for the limiter is a checkpoint)
             with trio.CancelScope(shield=True):
-                try:
-                    await trio.to_thread.run_sync(self._apply, ops, limiter=self._limiter)
-                    self.commits += 1
-                except lmdb.Error as e:  # MapFullError is handled inside apply
-                    error = e
-                    self.errors += 1
-                    log.warning("index commit of %d operations failed: %s", len(ops), e)
-            self.pending -= len(batch)
-            for _, w in batch:
-                if w is not None:
-                    w.error = error
-                    w.done.set()
+                await self._commit_batch(batch)
+
+    async def _commit_batch(self, batch: list[tuple]) -> None:
+        ops = [op for ops, _ in batch for op in ops]
+        error = None
+        try:
+            await trio.to_thread.run_sync(self._apply, ops, limiter=self._limiter)
+            self.commits += 1
+        except lmdb.Error as e:  # MapFullError is handled inside apply
+            error = e
+            self.errors += 1
+            log.warning("index commit of %d operations failed: %s", len(ops), e)
+        self.pending -= len(batch)
+        for _, w in batch:
+            if w is not None:
+                w.error = error
+                w.done.set()
 
     def _apply(self, ops: list) -> None:
         """Worker thread: commit, and make the index durable at most once a second."""

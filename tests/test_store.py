@@ -219,6 +219,73 @@ def test_ops_the_writer_took_are_committed_when_it_is_cancelled(tmp_path):
         ix.close()
 
 
+def test_a_commit_after_the_writer_stopped_returns_and_is_committed(tmp_path):
+    """A task that shields its commit from shutdown (a drop keeping index and files
+    consistent) and commits once the cancelled writer has stopped waited for it forever:
+    the unmount hung. It now commits by itself."""
+    key = b"ino-key"
+
+    async def main(ix):
+        w = IndexWriter(ix)
+        stopped, done, outcome = trio.Event(), trio.Event(), []
+
+        async def writer(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await w.run(task_status=task_status)
+            finally:
+                stopped.set()
+
+        async def shielded_commit():
+            with trio.CancelScope(shield=True) as sc:
+                guard.append(sc)
+                await stopped.wait()
+                await w.commit(Index.op_put_ino(key, 7, 8))
+                outcome.append("committed")
+            done.set()
+
+        async def watchdog():  # on the old code: lift the shield so that the test ends
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await done.wait()
+            guard[0].shield = False
+
+        guard: list[trio.CancelScope] = []
+        async with trio.open_nursery() as n:
+            await n.start(writer)
+            n.start_soon(shielded_commit)
+            n.start_soon(watchdog)
+            await trio.testing.wait_all_tasks_blocked()
+            n.cancel_scope.cancel()  # the daemon stops
+        return outcome
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    try:
+        assert trio.run(main, ix) == ["committed"]
+        assert ix.get_ino(key) == 7
+    finally:
+        ix.close()
+
+
+def test_a_drop_cancelled_half_way_still_removes_its_files(tmp_path):
+    """A drop (the evictor's, a peer request's under its time-out) cancelled while its
+    index deletion was being committed: the records went, the files stayed, outside the
+    cache's accounting, and a clean stop left them for the next start to adopt."""
+    cid, data = os.urandom(16), os.urandom(100_000)
+
+    async def body(store, report):
+        assert await store.put(cid, data)
+        async with trio.open_nursery() as n:
+            with trio.CancelScope() as sc:
+                async with store.writer._limiter:  # index commits wait meanwhile
+                    n.start_soon(store.drop, [cid])
+                    await trio.testing.wait_all_tasks_blocked()
+                    n.cancel_scope.cancel()  # the drop is cancelled, we are not
+            assert not sc.cancelled_caught
+        return (store.contains(cid), store.used,
+                await trio.to_thread.run_sync(os.path.exists, store.path(cid)))
+
+    assert trio.run(_with_store, tmp_path, body) == (False, 0, False)
+
+
 def test_index_check_reads_records_as_the_index_writes_them(tmp_path):
     """The child-process walk of the index (index_check, which imports only lmdb) decodes
     records with its own copy of the layouts; they must be the index's."""

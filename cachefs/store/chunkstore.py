@@ -636,14 +636,18 @@ class ChunkStore:
         for cid in dropping:
             self._dropping[cid] = gone
         try:
-            try:
-                await self.writer.commit(*ops)
-            except IndexCommitError:
-                # the records stay in the index without their files: start-up drops them
-                self.stats.inc("index_commit_errors")
-            crash_point("evict.index_deleted")
-            await trio.to_thread.run_sync(self._unlink_paths, paths,
-                                          limiter=self._disk_limiter)
+            # shielded: the records are queued for deletion now, whatever happens to the
+            # caller (a stopping evictor, a peer request's time-out), so the files must go
+            # too, or a clean stop would leave files no record counts
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.writer.commit(*ops)
+                except IndexCommitError:
+                    # the records stay in the index without their files: start-up drops them
+                    self.stats.inc("index_commit_errors")
+                crash_point("evict.index_deleted")
+                await trio.to_thread.run_sync(self._unlink_paths, paths,
+                                              limiter=self._disk_limiter)
         finally:  # out of the index and of the LRU: out of the accounting too
             self.used -= disk
             for cid in dropping:
