@@ -387,6 +387,92 @@ def test_a_second_put_of_a_chunk_being_written_leaves_no_record_without_its_file
     assert contains and got == data
 
 
+def test_a_read_that_found_the_file_gone_keeps_the_chunk_put_again_meanwhile(tmp_path):
+    """A read of a cached chunk whose file an eviction unlinked under it finds it missing.
+    If a reader had fetched and put the chunk again meanwhile, the read dropped that good
+    copy (a false "missing on disk" warning, another S3 fetch, and a pin lost). The file
+    is now read once more before it is called bad."""
+    import threading
+
+    cid, data = os.urandom(16), os.urandom(100_000)
+    opened, did_read, read = threading.Event(), threading.Event(), threading.Event()
+
+    async def body(store, report):
+        assert await store.put(cid, data)
+        real, calls = store._read_file, []
+
+        def read_file(*a):  # the first read waits before it opens the file and after
+            calls.append(1)
+            if len(calls) > 1:
+                return real(*a)
+            opened.wait(10)
+            out = real(*a)
+            did_read.set()
+            read.wait(10)
+            return out
+
+        store._read_file = read_file
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                got = []
+
+                async def get():
+                    got.append(await store.get(cid, len(data)))
+
+                n.start_soon(get)
+                await trio.testing.wait_all_tasks_blocked()
+                await store.drop([cid])  # evicted under the read
+                opened.set()  # the read finds the file gone
+                assert await trio.to_thread.run_sync(did_read.wait, 10)
+                assert await store.put(cid, data, pin=True)  # fetched and pinned again
+                read.set()
+        return (bytes(got[0] or b""), store.is_pinned(cid), store.stats.c["chunks_missing"],
+                await trio.to_thread.run_sync(os.path.exists, store.path(cid)))
+
+    assert trio.run(_with_store, tmp_path, body) == (data, True, 0, True)
+
+
+def test_a_pinning_read_of_a_cached_chunk_keeps_it_through_an_eviction(tmp_path):
+    """preload --pin of a chunk already cached: the chunk was pinned only once its read
+    returned, and an eviction while it was read left nothing to pin (the data set was
+    reported kept in part). It is now pinned before the read."""
+    import threading
+
+    from cachefs.chunks.ids import ObjectVersion
+    from cachefs.chunks.reader import ChunkReader
+
+    ref = ObjectVersion("", "bucket", "key", "etag", 100_000, 1 << 20).chunk(0)
+    data = os.urandom(ref.length)
+    did_read, go_on = threading.Event(), threading.Event()
+
+    async def body(store, report):
+        assert await store.put(ref.cid, data)
+        real = store._read_file
+
+        def read_file(*a):  # waits once it has read the file
+            out = real(*a)
+            did_read.set()
+            go_on.wait(10)
+            return out
+
+        store._read_file = read_file
+        got = []
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                reader = ChunkReader(store, store.stats, n)
+
+                async def get():
+                    got.append(bytes(await reader.get(ref, pin=True)))
+
+                n.start_soon(get)
+                assert await trio.to_thread.run_sync(did_read.wait, 10)
+                await store._evict_some(1)  # the evictor picks the least recently used
+                go_on.set()
+        return got, store.is_pinned(ref.cid), store.contains(ref.cid)
+
+    assert trio.run(_with_store, tmp_path, body) == ([data], True, True)
+
+
 @pytest.mark.parametrize(("child", "damaged"), [
     ("kill -KILL $$", False),  # the OOM killer, an operator
     ("echo 'ModuleNotFoundError: No module named cachefs' >&2; exit 1", False),

@@ -146,11 +146,12 @@ class ChunkReader:
 
     async def _fetch(self, ref: ChunkRef, pin: bool, local_only: bool) -> bytes | memoryview:
         with span("chunk", chunk=ref.index, key=ref.obj.key, bytes=ref.length) as sp:
+            if pin and self.store.contains(ref.cid):
+                # pinned before the read: an eviction meanwhile would leave nothing to pin
+                await self.store.set_pinned([ref.cid], True)
             data = await self.store.get(ref.cid, ref.length)
             if data is not None:
                 sp.set(tier="local")
-                if pin:
-                    await self.store.set_pinned([ref.cid], True)
                 return data
             if self.peers is not None and not local_only:
                 data = await self.peers.fetch(ref)

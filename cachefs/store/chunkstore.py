@@ -396,7 +396,14 @@ class ChunkStore:
             self.stats.inc("ssd_bytes", length)
             self.touch(cid)
             return data
-        if self.contains(cid):  # not evicted meanwhile: the file is bad
+        if self.contains(cid):  # cached still
+            # or again: dropped and put back while the read ran, it found the old file
+            # gone, and the new one is good. Only a second read tells a bad file.
+            status, data = await trio.to_thread.run_sync(self._read_file, cid, length,
+                                                         limiter=self._disk_limiter)
+            if status == "ok":
+                return await self._settle(cid, length, status, data)
+        if self.contains(cid):  # the file is bad
             self.stats.inc(f"chunks_{status}")
             log.warning("chunk %s is %s on disk: dropped, fetching again", cid.hex(), status)
             await self.drop([cid])
