@@ -83,6 +83,8 @@ ID_BATCH = 2500  # chunk ids per ds_probe / ds_drop call: ~53 KB of base64, unde
 FETCH_PAYLOAD = 48 * 1024  # bytes of chunk descriptions per ds_fetch call
 MAX_FETCH_CHUNKS = 1024  # chunks per ds_fetch call, at most
 FETCH_WAIT = 10.0  # seconds an owner works on one ds_fetch call before it answers
+FREE_WAIT = 4.0  # seconds a free waits for fetches of its chunks under way (a ds_drop's
+# requester gives up after 10 s)
 CALLS_PER_NODE = 2  # ds_fetch calls in flight from one preload to one owner
 MAX_FETCH_CALLS = 8  # ds_fetch calls one owner serves at once; more get "busy"
 BUSY_BACKOFF = 0.2  # seconds before resending a batch an owner was too busy for
@@ -190,6 +192,7 @@ class Datasets:
         # owner side of cluster-wide preloads
         self._jobs: dict[str, list] = {}  # job id -> [CapacityLimiter, last used]
         self._fetch_calls = 0
+        self._fetch_scopes: set[trio.CancelScope] = set()  # of the ds_fetch calls running
         self._obj_sizes: dict = {}
 
     def statistics(self) -> dict:
@@ -277,17 +280,37 @@ class Datasets:
         job, files, failed = await self._resolve_request(req, emit)
         if self.d.cluster is not None:
             return await job.run(self._free_cluster, files, failed)
-        cids = [r.cid for f in files for r in f.refs if store.contains(r.cid)]
-        pins = sum(1 for c in cids if store.is_pinned(c))  # removed with their chunks
-        freed = 0
-        with trio.CancelScope(shield=True):  # index and files stay consistent
-            for i in range(0, len(cids), 4096):
-                freed += await store.drop(cids[i:i + 4096])
-        log.info("free: %d files, %d chunks, %d bytes (%d pins removed)", len(files), len(cids),
-                 freed, pins)
-        return {"files": len(files), "total_bytes": sum(f.size for f in files),
-                "freed_bytes": freed, "freed_chunks": len(cids), "pins_removed": pins,
+        got = await self._drop_local(list(await self._unique(files)))
+        log.info("free: %d files, %d chunks, %d bytes (%d pins removed)", len(files),
+                 got["freed_chunks"], got["freed_bytes"], got["pins_removed"])
+        return {"files": len(files), "total_bytes": sum(f.size for f in files), **got,
                 "failed": failed, "cache": store.statistics()}
+
+    async def _drop_local(self, cids: list[bytes]) -> dict:
+        """Drop the cached ones of ``cids``, pins included, and the ones that fetches
+        still under way put back within FREE_WAIT. A preload stopped moments before (Ctrl-C,
+        then free) leaves its fetches running, and they cache their chunks pinned: the free
+        makes them cache unpinned, and stops this node's ds_fetch calls from starting more
+        (each answers early; a requester still running asks again)."""
+        store, reader = self.d.store, self.d.reader
+        assert store is not None and reader is not None
+        for sc in self._fetch_scopes:
+            sc.cancel()
+        busy = reader.unpin(cids) + [c for c in cids if c in store.writing]
+        out = {"freed_bytes": 0, "freed_chunks": 0, "pins_removed": 0}
+        with trio.CancelScope(shield=True):  # index and files stay consistent
+            for last in (not busy, True):
+                have = [c for c in cids if store.contains(c)]
+                out["pins_removed"] += sum(1 for c in have if store.is_pinned(c))
+                out["freed_chunks"] += len(have)
+                for i in range(0, len(have), 4096):
+                    out["freed_bytes"] += await store.drop(have[i:i + 4096])
+                if last:
+                    break
+                with trio.move_on_after(FREE_WAIT):
+                    await reader.wait_for(busy)
+                    await store.wait_written(busy)
+        return out
 
     # -- preload --------------------------------------------------------------------
 
@@ -724,7 +747,8 @@ class Datasets:
 
         self._fetch_calls += 1
         try:
-            with trio.move_on_after(wait):
+            with trio.move_on_after(wait) as scope:
+                self._fetch_scopes.add(scope)  # a free cancels it
                 async with trio.open_nursery() as n:
                     for k, ref in enumerate(refs):
                         if isinstance(ref, str):
@@ -734,6 +758,7 @@ class Datasets:
                             n.start_soon(one, k, ref)
         finally:
             self._fetch_calls -= 1
+            self._fetch_scopes.discard(scope)
         return {"codes": "".join(codes), "errors": errors, "times": times}
 
     async def op_probe(self, payload: dict) -> dict:
@@ -746,15 +771,11 @@ class Datasets:
                                             "used_bytes": store.used}}
 
     async def op_drop(self, payload: dict) -> dict:
-        store = self.d.store
-        cids = [c for c in _unpack_ids(payload.get("ids")) if store.contains(c)]
-        pins = sum(1 for c in cids if store.is_pinned(c))
-        with trio.CancelScope(shield=True):  # index and files stay consistent
-            freed = await store.drop(cids)
-        if cids:
-            log.info("free from a peer: %d chunks, %d bytes (%d pins removed)", len(cids),
-                     freed, pins)
-        return {"freed_bytes": freed, "freed_chunks": len(cids), "pins_removed": pins}
+        got = await self._drop_local(_unpack_ids(payload.get("ids")))
+        if got["freed_chunks"]:
+            log.info("free from a peer: %d chunks, %d bytes (%d pins removed)",
+                     got["freed_chunks"], got["freed_bytes"], got["pins_removed"])
+        return got
 
 
 class _Run:

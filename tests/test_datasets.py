@@ -264,6 +264,40 @@ def test_interrupted_preload_resumes(mounts, bucket, s3, proxy, tmp_path):
     assert proxy.gets() == total_chunks  # each chunk fetched exactly once, overall
 
 
+def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
+        mounts, bucket, s3, proxy, tmp_path):
+    """Ctrl-C on `preload --pin`, then `free` of the same list: the fetches the preload had
+    under way went on in the daemon and cached their chunks pinned after the free was
+    over, so pinned data the user had just freed stayed, never evicted. The free now
+    makes them cache unpinned and drops what lands within a few seconds."""
+    sizes = {f"shards/s{i}.bin": 4 * CHUNK for i in range(4)}
+    put(s3, bucket, sizes)
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["shards/"])
+    proxy.reset()
+    proxy.faults(delay=3.0, count=-1)  # the fetches under way outlast the interrupt
+    env = {**os.environ, **CREDS}
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list", lst,
+                          "--mount", str(m.mp), "--parallel", "2", "--pin"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while m.stats()["in_flight_fetches"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 130, err
+    assert m.stats()["in_flight_fetches"] > 0  # still fetching, pinned
+    res, r = run_json("free", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 20
+    while m.stats()["in_flight_fetches"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert m.stats()["cache"]["pinned_bytes"] == 0
+    st, _ = run_json("status", "--file-list", lst, "--mount", str(m.mp))
+    assert st["pinned_bytes"] == 0 and st["cached_bytes"] == 0
+    assert res["freed_chunks"] >= 2  # the fetches under way, dropped once they landed
+
+
 def test_counts_of_one_are_singular(mounts, bucket, s3, proxy, tmp_path):
     """One file of one chunk: preload, stats, free, dry run and status say '1 file',
     '1 chunk' (they said '1 files', '1 chunks')."""

@@ -50,12 +50,13 @@ class PeerTier(Protocol):
 
 
 class _Flight:
-    __slots__ = ("done", "data", "error")
+    __slots__ = ("done", "data", "error", "pin")
 
-    def __init__(self) -> None:
+    def __init__(self, pin: bool) -> None:
         self.done = trio.Event()
         self.data: bytes | memoryview | None = None
         self.error: BaseException | None = None
+        self.pin = pin  # cache the chunk pinned (cleared by a free of it meanwhile)
 
 
 class ChunkReader:
@@ -88,9 +89,9 @@ class ChunkReader:
                 f = self._flights.get(ref.cid)
         if f is None:
             self._fail_fast(ref)
-            f = _Flight()
+            f = _Flight(pin)
             self._flights[ref.cid] = f
-            self.nursery.start_soon(self._run, ref, f, pin, local_only)
+            self.nursery.start_soon(self._run, ref, f, local_only)
             leader = True
         else:
             leader = False
@@ -133,9 +134,26 @@ class ChunkReader:
         else:
             self._failed[ref.cid] = (now + FAILED_FOR, e)
 
-    async def _run(self, ref: ChunkRef, f: _Flight, pin: bool, local_only: bool) -> None:
+    def unpin(self, cids) -> list[bytes]:
+        """Fetches of these chunks still under way will cache them unpinned (a free of
+        them: the preload that started them was stopped); returns their ids."""
+        out = []
+        for cid in cids:
+            f = self._flights.get(cid)
+            if f is not None:
+                f.pin = False
+                out.append(cid)
+        return out
+
+    async def wait_for(self, cids: list[bytes]) -> None:
+        """Until the fetches of these chunks under way have ended."""
+        for cid in cids:
+            while (f := self._flights.get(cid)) is not None:
+                await f.done.wait()
+
+    async def _run(self, ref: ChunkRef, f: _Flight, local_only: bool) -> None:
         try:
-            f.data = await self._fetch(ref, pin, local_only)
+            f.data = await self._fetch(ref, f, local_only)
         except Exception as e:  # noqa: BLE001 - handed to every waiter
             f.error = e
             if isinstance(e, S3Error):
@@ -144,9 +162,9 @@ class ChunkReader:
             del self._flights[ref.cid]
             f.done.set()
 
-    async def _fetch(self, ref: ChunkRef, pin: bool, local_only: bool) -> bytes | memoryview:
+    async def _fetch(self, ref: ChunkRef, f: _Flight, local_only: bool) -> bytes | memoryview:
         with span("chunk", chunk=ref.index, key=ref.obj.key, bytes=ref.length) as sp:
-            if pin and self.store.contains(ref.cid):
+            if f.pin and self.store.contains(ref.cid):
                 # pinned before the read: an eviction meanwhile would leave nothing to pin
                 await self.store.set_pinned([ref.cid], True)
             data = await self.store.get(ref.cid, ref.length)
@@ -169,5 +187,5 @@ class ChunkReader:
             buf = self.store.new_buf(ref.length)
             await obj.store.get_range(obj.key, obj.etag, ref.offset, ref.length, obj.size,
                                       into=buf.data)
-            await self.store.put(ref.cid, buf, pin=pin)
+            await self.store.put(ref.cid, buf, pin=f.pin)
             return buf.data.toreadonly()

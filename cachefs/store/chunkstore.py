@@ -199,6 +199,7 @@ class ChunkStore:
         # would replace the first's unaccounted, and a drop between the two would leave
         # the index saying cached over no file
         self._writing: dict[bytes, trio.Event] = {}
+        self.writing = self._writing.keys()  # chunk ids being written (read-only view)
         self._tmp_seq = itertools.count()
         self._odirect = hasattr(os, "O_DIRECT")  # cleared when the file system refuses it
         # called with the ids of chunks about to be dropped (free, eviction, trace --cold):
@@ -322,6 +323,12 @@ class ChunkStore:
 
     def is_pinned(self, cid: bytes) -> bool:
         return cid in self.pinned
+
+    async def wait_written(self, cids: list[bytes]) -> None:
+        """Until the puts of these chunks under way have ended."""
+        for cid in cids:
+            while (written := self._writing.get(cid)) is not None:
+                await written.wait()
 
     def _read_file(self, cid: bytes, length: int) -> tuple[str, memoryview | None]:
         """Blocking. ('ok', data) | ('missing', None) | ('corrupt', None).  The file is read
