@@ -191,3 +191,43 @@ def test_deterministic_across_processes():
         ).stdout.strip()
         outs.add(out)
     assert outs == {repr(EXPECTED_PREF)}
+
+
+def test_a_membership_change_built_after_a_later_one_does_not_replace_it(monkeypatch):
+    """Two membership changes in a row (etcd's watch and the grace-period sweeper): the ring
+    of each is built in a worker thread, and the older one, finished last, replaced the
+    newer one, which nothing corrected until the next change. The latest change wins."""
+    import threading
+
+    import trio
+    import trio.testing
+
+    import cachefs.cluster.node as node_mod
+    from cachefs.cluster.node import ClusterNode
+    from cachefs.cluster.peer import PeerClient
+
+    gate = threading.Event()
+
+    def build(nodes):  # the first change's ring takes longer to build
+        if len(nodes) == 3:
+            gate.wait(10)
+        return HashRing(nodes)
+
+    monkeypatch.setattr(node_mod, "HashRing", build)
+    node = ClusterNode.__new__(ClusterNode)  # only what a membership change touches
+    node.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}
+    node.ring = HashRing(list(node.members))
+    node.ring_changes = node._members_seq = 0
+    older = {**node.members, "c": "127.0.0.1:3"}
+    newer = {**older, "d": "127.0.0.1:4"}
+
+    async def main():
+        async with PeerClient(b"secret") as client, trio.open_nursery() as n:
+            node.client = client
+            n.start_soon(node._on_members, older)
+            await trio.testing.wait_all_tasks_blocked()
+            await node._on_members(newer)
+            gate.set()
+
+    trio.run(main)
+    assert sorted(node.ring.nodes) == ["a", "b", "c", "d"] and node.members == newer

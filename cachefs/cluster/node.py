@@ -88,6 +88,7 @@ class ClusterNode:
         self.members: dict[str, str] = static_members(self.node_id, self.address, listed)
         self.ring = HashRing(self.members)
         self.ring_changes = 0
+        self._members_seq = 0  # membership changes seen: the latest one sets the ring
         self.health = PeerHealth(bad_for=UNHEALTHY_FOR)
         chunk_size = int(getattr(daemon.cfg, "chunk_size", _MAX_CHUNK))
         self.chunk_size = chunk_size
@@ -148,8 +149,13 @@ class ClusterNode:
             task_status.started()
 
     async def _on_members(self, members: dict[str, str]) -> None:
+        self._members_seq = seq = self._members_seq + 1
         if set(members) != set(self.ring.nodes):
             ring = await trio.to_thread.run_sync(HashRing, list(members))
+            if seq != self._members_seq:
+                # a later change came while the ring was built, and is (or will be) applied:
+                # this older one must not replace it
+                return
             self.ring_changes += 1
             log.info("cluster: ring now has %d node(s): %s", len(ring),
                      ", ".join(sorted(members)))
