@@ -193,6 +193,9 @@ class Datasets:
         self._jobs: dict[str, list] = {}  # job id -> [CapacityLimiter, last used]
         self._fetch_calls = 0
         self._fetch_scopes: set[trio.CancelScope] = set()  # of the ds_fetch calls running
+        # disk bytes that preload --pin runs under way have yet to pin: the limit check of
+        # a preload started meanwhile counts them as pinned already
+        self.pin_reserved = 0
         self._obj_sizes: dict = {}
 
     def statistics(self) -> dict:
@@ -314,7 +317,11 @@ class Datasets:
 
     # -- preload --------------------------------------------------------------------
 
-    async def _plan(self, files: list[FileItem], pin: bool, parallel: int) -> dict:
+    async def _plan(self, files: list[FileItem], pin: bool, parallel: int,
+                    reserve: bool = False) -> dict:
+        """What a preload of ``files`` would do. ``reserve``: a --pin run follows, and
+        what it will pin is counted against the limit of the runs that start meanwhile
+        (``plan["pin_reserved"]``: the caller hands it to the run, which gives it back)."""
         store = self.d.store
         assert store is not None
         total = cached = to_pin = missing = nmissing = nchunks = 0
@@ -336,13 +343,20 @@ class Datasets:
             total += f.size
         warnings = []
         limit = store.limit
+        reserved = 0
         if pin:
-            after = store.pinned_bytes + pin_disk
+            after = store.pinned_bytes + self.pin_reserved + pin_disk
             if after > limit:
+                others = (f" + {_h(self.pin_reserved)} being pinned by other preloads"
+                          if self.pin_reserved else "")
                 raise ControlError(
-                    f"cannot pin: {_h(store.pinned_bytes)} already pinned + {_h(pin_disk)} to pin "
-                    f"(on disk) = {_h(after)}, more than the cache limit of {_h(limit)}; nothing "
-                    "was fetched (free pinned data with `cachefs free`, or raise --cache-size)")
+                    f"cannot pin: {_h(store.pinned_bytes)} already pinned{others} + "
+                    f"{_h(pin_disk)} to pin (on disk) = {_h(after)}, more than the cache limit "
+                    f"of {_h(limit)}; nothing was fetched (free pinned data with `cachefs "
+                    "free`, or raise --cache-size)")
+            if reserve:  # no await since the check
+                reserved = pin_disk
+                self.pin_reserved += reserved
             if after > store.high:
                 warnings.append(
                     f"pinned data will fill {100 * after / limit:.0f}% of the cache "
@@ -359,7 +373,8 @@ class Datasets:
                 "cached_before_bytes": cached, "missing_bytes": missing,
                 "missing_chunks": nmissing, "to_pin_bytes": to_pin, "warnings": warnings,
                 "estimate": self.model.estimate(missing, nmissing, parallel,
-                                                self.s3_concurrency)}
+                                                self.s3_concurrency),
+                "pin_reserved": reserved}
 
     async def _probe(self, files: list[FileItem], streams: int, nmissing: int,
                      missing: set[bytes] | None = None) -> tuple[int, int]:
@@ -417,7 +432,19 @@ class Datasets:
             cp = await job.run(self._plan_cluster, files, pin, parallel)
             plan = cp.plan
         else:
-            plan = await self._plan(files, pin, parallel)
+            plan = await self._plan(files, pin, parallel, reserve=pin and not dry_run)
+        reservation = _PinReservation(self, plan.pop("pin_reserved", 0))
+        try:
+            return await self._preload(job, files, failed, plan, cp, pin, parallel,
+                                       reservation, dry_run, t_start)
+        finally:
+            reservation.release()  # what the run did not pin
+
+    async def _preload(self, job: Job, files: list[FileItem], failed: list[dict], plan: dict,
+                       cp: _ClusterPlan | None, pin: bool, parallel: int,
+                       reservation: _PinReservation, dry_run: bool, t_start: float) -> dict:
+        store = self.d.store
+        assert store is not None
         if dry_run:
             probed = probed_bytes = 0
             streams = plan["estimate"]["streams"]
@@ -437,7 +464,8 @@ class Datasets:
                     "seconds": round(time.monotonic() - t_start, 3),
                     "throughput": self.model.statistics()}
         await job.emit({"kind": "plan", "pin": pin, "parallel": parallel, **plan})
-        run = _Run(self, files, pin, parallel, plan) if cp is None else _ClusterRun(self, cp)
+        run = (_Run(self, files, pin, parallel, plan, reservation) if cp is None
+               else _ClusterRun(self, cp))
         job.progress = run.progress
         t0 = time.monotonic()
         await job.run(run.go)
@@ -778,12 +806,28 @@ class Datasets:
         return got
 
 
+class _PinReservation:
+    """The disk bytes a preload --pin run has yet to pin, counted in
+    ``Datasets.pin_reserved`` until it pins them, gives up on them, or ends."""
+
+    __slots__ = ("ds", "left")
+
+    def __init__(self, ds: Datasets, nbytes: int) -> None:
+        self.ds, self.left = ds, nbytes
+
+    def release(self, nbytes: int | None = None) -> None:
+        n = self.left if nbytes is None else min(nbytes, self.left)
+        self.left -= n
+        self.ds.pin_reserved -= n
+
+
 class _Run:
     """One preload: workers take chunks in list order."""
 
     def __init__(self, ds: Datasets, files: list[FileItem], pin: bool, parallel: int,
-                 plan: dict) -> None:
+                 plan: dict, reservation: _PinReservation | None = None) -> None:
         self.ds = ds
+        self.reservation = reservation or _PinReservation(ds, 0)
         self.files = files
         self.pin = pin
         self.parallel = parallel
@@ -857,10 +901,12 @@ class _Run:
         assert store is not None
         if self.pin:
             # already cached chunks are pinned in place, without reading them back
-            cids = [r.cid for f in self.files for r in f.refs
+            refs = [r for f in self.files for r in f.refs
                     if store.contains(r.cid) and not store.is_pinned(r.cid)]
-            for i in range(0, len(cids), 4096):
-                await store.set_pinned(cids[i:i + 4096], True)
+            for i in range(0, len(refs), 4096):
+                part = refs[i:i + 4096]
+                await store.set_pinned([r.cid for r in part], True)
+                self.reservation.release(sum(file_size(r.length) for r in part))
         work = self._work()
         async with trio.open_nursery() as n:
             for _ in range(self.parallel):
@@ -883,6 +929,7 @@ class _Run:
                 with self.ds.model.timed(r.length):
                     await reader.get(r, pin=self.pin, local_only=self.local_only(r))
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
+                self.reservation.release(file_size(r.length))
                 self._file_failed(self.me, f, _reason(e))
                 self._chunk_done(f, r.length, False)
                 continue
@@ -890,6 +937,7 @@ class _Run:
             self._fetched(self.me, f, r.length, kept)
             if kept and self.pin and not store.is_pinned(r.cid):
                 await store.set_pinned([r.cid], True)
+            self.reservation.release(file_size(r.length))  # pinned, or it could not be
             self._chunk_done(f, r.length)
 
 

@@ -488,6 +488,42 @@ def test_pins_survive_eviction(mounts, bucket, s3, proxy, tmp_path):
     assert res["pins_removed"] == 4 and res["cache"]["pinned_bytes"] == 0
 
 
+def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3, proxy,
+                                                             tmp_path):
+    """Two `preload --pin` started together (two training jobs on one host): each checked
+    the limit against what was pinned when it started, both passed, and together they
+    filled the cache with pinned data past what the check promised. The second now counts
+    what the first has yet to pin, and what a run has pinned or ended stops counting."""
+    files = {f"a{i}.bin": CHUNK for i in range(5)} | {f"b{i}.bin": CHUNK for i in range(5)} \
+        | {f"c{i}.bin": CHUNK for i in range(4)}
+    put(s3, bucket, files)
+    m = mounts(f"s3://{bucket}", cache_size="640KiB")  # 9 chunk files: 5 + 5 do not fit
+    lists = {g: write_list(tmp_path, [k for k in files if k.startswith(g)], f"{g}.txt")
+             for g in "abc"}
+    proxy.reset()
+    proxy.faults(delay=0.5, count=-1)
+    env = {**os.environ, **CREDS}
+    a = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list",
+                          lists["a"], "--mount", str(m.mp), "--parallel", "1", "--pin"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while m.stats()["in_flight_fetches"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = cli("preload", "--file-list", lists["b"], "--mount", str(m.mp), "--pin")
+    assert a.poll() is None  # a was still running
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "being pinned by other preloads" in lines[0], r.stderr
+    _, err = a.communicate(timeout=60)
+    assert a.returncode == 0, err
+    proxy.clear_faults()
+    assert m.stats()["cache"]["pinned_bytes"] == 5 * file_size(CHUNK)
+    # a's run is over: only what it pinned counts (4 + 5 chunk files fit)
+    res, r = run_json("preload", "--file-list", lists["c"], "--mount", str(m.mp), "--pin")
+    assert r.returncode == 0, r.stderr
+    assert res["cache"]["pinned_bytes"] == 9 * file_size(CHUNK) and not res["uncached_bytes"]
+
+
 # -- errors -------------------------------------------------------------------------------
 
 
