@@ -14,8 +14,18 @@ import hashlib
 import json
 import random
 
-from cachefs_env import cli
-from test_cluster import SECRET, read_all, start_cluster
+import pytest
+from cachefs_env import cli, wait_for
+from etcd_env import etcd_available, free_port, start_etcd
+from test_cluster import (
+    SECRET,
+    cluster_stats,
+    etcd_config,
+    gets,
+    read_all,
+    start_all,
+    start_cluster,
+)
 
 from cachefs.chunks.ids import chunk_id
 from cachefs.cluster.ring import HashRing
@@ -362,3 +372,68 @@ def test_a_peers_error_text_reaches_the_terminal_escaped(mounts, bucket, s3, tmp
             assert r.stderr.splitlines() == [f"cachefs: node n1 unreachable: {why}"]
     finally:
         evil.close()
+
+
+@pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
+def test_a_node_joining_during_a_pinning_preload_loses_no_pin(mounts, bucket, s3, proxy,
+                                                             tmp_path):
+    """A preload --pin gives each node its own chunks. A node joining half-way owns some
+    of them now: the node that was given them read them from the newcomer and did not
+    keep them (not kept, "the cache is full of pinned data"), and the newcomer kept them
+    unpinned. The node that was given a chunk to pin now keeps it, pinned."""
+    two, three = HashRing(["e0", "e1"]), HashRing(["e0", "e1", "e2"])
+
+    def ring_owners(ring, files):
+        out = {}
+        for key, data in files.items():
+            etag = f'"{hashlib.md5(data).hexdigest()}"'
+            for i in range(-(-len(data) // CHUNK)):
+                out[(key, i)] = ring.owner(chunk_id(bucket, key, etag, CHUNK, i))
+        return out
+
+    for salt in range(1000):  # e0 is busy for a while, then reads chunks e2 will own
+        rnd = random.Random(salt)
+        files = {f"j{salt}/first.bin": rnd.randbytes(40 * CHUNK),
+                 f"j{salt}/last.bin": rnd.randbytes(8 * CHUNK)}
+        o2, o3 = ring_owners(two, files), ring_owners(three, files)
+        first = sum(1 for (k, _), n in o2.items() if k.endswith("first.bin") and n == "e0")
+        moved = sum(1 for (k, i), n in o2.items()
+                    if k.endswith("last.bin") and n == "e0" and o3[(k, i)] == "e2")
+        if first >= 20 and moved >= 2:
+            break
+    else:
+        raise AssertionError("no placement found")
+    for key, data in files.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        cfg = etcd_config(tmp_path, etcd, "/j/members/", 2, 30)
+
+        def node(name):
+            return mounts(f"s3://{bucket}", name=name, start=False, config=str(cfg),
+                          env={"CACHEFS_PEER_SECRET": SECRET},
+                          extra=("--node-id", name, "--peer-listen",
+                                 f"127.0.0.1:{free_port()}"))
+
+        ms = [node("e0"), node("e1")]
+        start_all(ms)
+        for m in ms:
+            wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 2, 2, "2 members")
+        lst = write_list(tmp_path, "j.txt", list(files))
+        proxy.reset()
+        proxy.faults(delay=0.4, count=-1)  # e0's part of first.bin takes 8 s or more
+        with cf.ThreadPoolExecutor(1) as ex:
+            pre = ex.submit(run, ms[0], "preload", lst, "--pin", "--parallel", "1")
+            wait_for(lambda: gets(proxy) >= 1, 2, "the preload to start")
+            node("e2").start()
+            wait_for(lambda: cluster_stats(ms[0])["ring_size"] == 3, 2, "e2 to join")
+            res, r = pre.result(timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert res["uncached_bytes"] == 0 and "could not be kept" not in r.stderr
+        assert cluster_stats(ms[0])["fetched_from_peers"] >= moved  # read from e2, and kept
+        proxy.clear_faults()
+        st, _ = run(ms[0], "status", lst)
+        total = sum(len(d) for d in files.values())
+        assert st["pinned_bytes"] == total, st["nodes"]
+    finally:
+        etcd.stop()

@@ -177,6 +177,10 @@ class ChunkReader:
                     sp.set(tier="peer")
                     self.stats.inc("peer_hits")
                     self.stats.inc("peer_bytes", len(data))
+                    if f.pin:
+                        # a preload gave this node the chunk to keep, and the ring has
+                        # changed since (a node joined and owns it now): keep it here
+                        await self.store.put(ref.cid, data, pin=True)
                     return data
             sp.set(tier="s3")
             obj = ref.obj
