@@ -448,7 +448,7 @@ def stats(mount: str | None, as_json: bool, nodes: bool) -> None:
 @click.option("--small-size", default="64KiB", show_default=True,
               help="Size of each small file.")
 def demo(workdir, shards, shard_size, small_files, small_size) -> None:
-    """Local S3 server + sample data set, mounted, read cold, warm and hot; then cleaned up.
+    """Local S3 server + sample data set, mounted, read cold, hot and warm; then cleaned up.
 
     \b
     cachefs demo
@@ -478,6 +478,12 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("cachefs: interrupted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        if type(e).__name__ != "NoArgsIsHelpError":  # click >= 8.2: `cachefs` alone
+            click.echo(f"cachefs: error: {e.format_message()}", err=True)
+        elif e.ctx is not None:  # the help, as --help shows it, not as an error
+            click.echo(e.ctx.get_help())
+        sys.exit(EXIT_USAGE)
     except click.ClickException as e:
         click.echo(f"cachefs: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code if e.exit_code else EXIT_USAGE)

@@ -219,8 +219,13 @@ def _estimate_text(est: dict) -> str:
         how = ("interpolated between fetches measured at "
                + _streams(est.get("between_streams") or est["measured_streams"]))
     else:
-        how = (f"fetches were measured only at {_streams(est['measured_streams'])}, hence the "
-               f"range; a dry run with this --parallel would measure fetches at {streams}")
+        how = f"fetches were measured only at {_streams(est['measured_streams'])}"
+        if " to " in _span(est):
+            how += ", hence the range"
+        if not est.get("probed_chunks"):  # this was not a dry run that measured already
+            how += f"; a dry run with this --parallel would measure fetches at {streams}"
+        else:  # it fetched at most a quarter of the missing chunks: fewer streams
+            how += " (a dry run fetches at most a quarter of the missing chunks)"
     if "seconds_low" in est and basis != "extrapolated":
         plan = est.get("plan_chunk_bytes")
         theirs = f"average {human(plan)}" if plan else "are of another size"
@@ -236,7 +241,8 @@ def _estimate_text(est: dict) -> str:
 def _span(est: dict) -> str:
     """The estimated duration, or its range."""
     if "seconds_low" in est:
-        return f"{_dur(est['seconds_low'])} to {_dur(est['seconds_high'])}"
+        lo, hi = _dur(est["seconds_low"]), _dur(est["seconds_high"])
+        return lo if lo == hi else f"{lo} to {hi}"
     return _dur(est["seconds"])
 
 

@@ -309,6 +309,12 @@ class ObjectStore:
                 config=cfg))
         except botocore.exceptions.ProfileNotFound as e:
             raise QuietError(f"AWS profile not found: {e}", EXIT_USAGE) from None
+        except botocore.exceptions.PartialCredentialsError as e:
+            # AWS_ACCESS_KEY_ID without AWS_SECRET_ACCESS_KEY, or a profile lacking one
+            where = {"env": "the environment"}.get(e.kwargs.get("provider"),
+                                                   e.kwargs.get("provider"))
+            raise QuietError(f"incomplete AWS credentials in {where}: "
+                             f"{e.kwargs.get('cred_var')} is missing", EXIT_USAGE) from None
         except (botocore.exceptions.InvalidConfigError, OSError) as e:
             ca = session.get_config_variable("ca_bundle")
             if ca is None:

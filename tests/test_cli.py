@@ -184,6 +184,8 @@ def test_bad_cli_input(tmp_path):
                            "--log-file", str(log_file)), needle, code=2)
         assert not (tmp_path / "fresh").exists()
     one_line_error(cli("nosuchcommand"), "nosuchcommand")
+    r = cli()  # no command: the help, not an error of many lines
+    assert r.returncode == 2 and r.stdout.startswith("Usage: cachefs") and not r.stderr, r
     one_line_error(cli("umount", str(mp)), "not mounted", code=3)
     one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
     r = cli("--help")

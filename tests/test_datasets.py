@@ -129,6 +129,13 @@ def test_throughput_model():
                            "measured_streams": [2.4, 4.0]}).startswith(
         "1.0s to 8.0s with 8 streams (fetches were measured only at about 2 and 4 streams, "
         "hence the range; a dry run with this --parallel would measure fetches at 8 streams; ")
+    # ... and after a dry run that measured (at most a quarter of the chunks: fewer streams),
+    # no advice to run one; a range whose ends look the same is one figure
+    assert _estimate_text({**est, "basis": "extrapolated", "streams": 7, "probed_chunks": 4,
+                           "seconds_low": 0.1, "seconds_high": 0.12,
+                           "measured_streams": [4]}) == (
+        "0.1s with 7 streams (fetches were measured only at 4 streams (a dry run fetches at "
+        "most a quarter of the missing chunks); from 4 chunk fetches just now)")
     # sizes that vary separate latency from bandwidth: t = 10 ms + bytes / 1 MB/s
     m = ThroughputModel()
     for size in (CHUNK, CHUNK // 4, CHUNK // 2) * 4:

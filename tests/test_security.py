@@ -284,6 +284,14 @@ def test_no_credentials_is_one_line(s3, bucket, proxy, tmp_path):
     assert "no AWS credentials found" in r.stderr
     assert "Traceback" not in r.stderr
     assert not os.path.ismount(mp)
+    # a key id without its secret: said as such, a usage error like a wrong --profile
+    env["AWS_ACCESS_KEY_ID"] = "AKIDEXAMPLE"
+    r = cli("mount", f"s3://{bucket}", str(mp), "--endpoint-url", proxy.url,
+            "--cache-dir", str(tmp_path / "cache"), "--cache-size", "64MiB", env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == ("cachefs: error: incomplete AWS credentials in the "
+                                "environment: AWS_SECRET_ACCESS_KEY is missing"), r.stderr
+    assert not os.path.ismount(mp)
 
 
 def test_failed_credential_refresh_is_retried(s3, bucket, mounts, proxy, tmp_path):
