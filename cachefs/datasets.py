@@ -299,6 +299,7 @@ class Datasets:
         assert store is not None and reader is not None
         for sc in self._fetch_scopes:
             sc.cancel()
+        store.forget_repin(cids)
         busy = reader.unpin(cids) + [c for c in cids if c in store.writing]
         out = {"freed_bytes": 0, "freed_chunks": 0, "pins_removed": 0}
         with trio.CancelScope(shield=True):  # index and files stay consistent

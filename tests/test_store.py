@@ -160,6 +160,29 @@ def test_damage_found_on_read(tmp_path, memory_fs, fs, damage):
     assert counters.get("chunks_corrupt") == 1
 
 
+def test_a_pinned_chunk_with_a_bad_file_is_pinned_again_when_fetched_again(tmp_path):
+    """A pinned chunk whose file went bad is dropped, and the read fetches it again: it was
+    cached unpinned then, and the data set silently lost that pin. It is pinned again;
+    unless it was freed meanwhile."""
+    a, b = os.urandom(16), os.urandom(16)
+    data = os.urandom(100_000)
+
+    async def body(store, report):
+        for cid in (a, b):
+            assert await store.put(cid, data, pin=True)
+            f = store.path(cid)
+            raw = bytearray(f.read_bytes())
+            raw[-1] ^= 0x80
+            f.write_bytes(raw)
+            assert await store.get(cid, len(data)) is None  # dropped
+        store.forget_repin([b])  # b is freed
+        for cid in (a, b):  # as the reader does on a miss: fetched again, put unpinned
+            assert await store.put(cid, data)
+        return store.is_pinned(a), store.is_pinned(b), store.pinned_bytes
+
+    assert trio.run(_with_store, tmp_path, body) == (True, False, file_size(len(data)))
+
+
 def test_chunk_directory_removed_while_running(tmp_path):
     """The 256 chunk directories are made at start; one removed behind the daemon's back
     is made again by the next write into it."""

@@ -200,6 +200,9 @@ class ChunkStore:
         # the index saying cached over no file
         self._writing: dict[bytes, trio.Event] = {}
         self.writing = self._writing.keys()  # chunk ids being written (read-only view)
+        # pinned chunks dropped because their file was bad: cached pinned again when they
+        # are fetched again (a free of them forgets them)
+        self._repin: set[bytes] = set()
         self._tmp_seq = itertools.count()
         self._odirect = hasattr(os, "O_DIRECT")  # cleared when the file system refuses it
         # called with the ids of chunks about to be dropped (free, eviction, trace --cold):
@@ -324,6 +327,11 @@ class ChunkStore:
     def is_pinned(self, cid: bytes) -> bool:
         return cid in self.pinned
 
+    def forget_repin(self, cids: list[bytes]) -> None:
+        """A free of these chunks: those dropped for a bad file are not pinned again."""
+        if self._repin:
+            self._repin.difference_update(cids)
+
     async def wait_written(self, cids: list[bytes]) -> None:
         """Until the puts of these chunks under way have ended."""
         for cid in cids:
@@ -413,7 +421,10 @@ class ChunkStore:
         if self.contains(cid):  # the file is bad
             self.stats.inc(f"chunks_{status}")
             log.warning("chunk %s is %s on disk: dropped, fetching again", cid.hex(), status)
+            pinned = self.is_pinned(cid)
             await self.drop([cid])
+            if pinned:  # a pinned data set stays pinned: its next fetch pins it again
+                self._repin.add(cid)
         return None
 
     def touch(self, cid: bytes) -> None:
@@ -508,6 +519,9 @@ class ChunkStore:
                 await written.wait()
             else:
                 break
+        if cid in self._repin:
+            self._repin.discard(cid)
+            pin = True
         if self.contains(cid):
             if pin:
                 await self.set_pinned([cid], True)
