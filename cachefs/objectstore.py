@@ -26,7 +26,8 @@ Retry budget: ``max_attempts`` attempts, each bounded by ``request_timeout``,
 separated by full-jitter exponential backoff (base 0.1 s, cap 5 s).  With the
 defaults (6 attempts, 30 s) a read fails with EIO after at most
 6 × 30 s + 0.1+0.2+0.4+0.8+1.6 s ≈ 183 s when every attempt stalls, and after
-about 3 s when every attempt answers 5xx at once.
+about 3 s when every attempt answers 5xx at once.  Waiting for one of the
+``max_concurrency`` connection slots counts against the same budget.
 """
 
 from __future__ import annotations
@@ -390,15 +391,38 @@ class ObjectStore:
             return _Retry(_why(e))
         return e
 
+    def budget(self) -> float:
+        """The longest a request may take: every attempt timing out, and every backoff at
+        its cap (183.1 s with the defaults)."""
+        o = self.opts
+        return o.max_attempts * o.request_timeout + sum(
+            min(o.backoff_max, o.backoff_base * 2 ** i) for i in range(o.max_attempts - 1))
+
     async def _call(self, what: str, fn, *args):
-        """Run ``fn`` with per-attempt timeout and jittered exponential backoff."""
+        """Run ``fn`` with per-attempt timeout and jittered exponential backoff, all of it
+        within budget(), the waits for a free connection slot included: while S3 does not
+        answer, a read queued behind many others (read-ahead, prefetch, a preload) would
+        otherwise wait in the queue before each of its attempts, many budgets in all."""
+        deadline = trio.current_time() + self.budget()
         attempt = 0
         while True:
             attempt += 1
+            with trio.move_on_at(deadline) as queued:
+                await self._limiter.acquire()
+            if queued.cancelled_caught:
+                self.stats.inc("s3_failures")
+                log.warning("S3 %s s3://%s/…: no connection slot came free in %.0fs",
+                            what, self.bucket, self.budget())
+                raise S3Error(f"{what} failed: waited {self.budget():.0f}s for one of the "
+                              f"{self.opts.max_concurrency} S3 connections (S3 is slow to "
+                              "answer the requests ahead)", code="Timeout", transient=True)
             try:
-                async with self._limiter:
-                    with trio.fail_after(self.opts.request_timeout):
+                try:
+                    with trio.fail_at(min(trio.current_time() + self.opts.request_timeout,
+                                          deadline)):
                         return await fn(*args)
+                finally:
+                    self._limiter.release()
             except Exception as e:  # noqa: BLE001 - classified below
                 c = self._classify(e)
                 if not isinstance(c, _Retry):
@@ -407,7 +431,7 @@ class ObjectStore:
                     self.stats.inc("s3_errors")
                     raise c from None
                 self.stats.inc("s3_errors")
-                if attempt >= self.opts.max_attempts:
+                if attempt >= self.opts.max_attempts or trio.current_time() >= deadline:
                     self.stats.inc("s3_failures")
                     log.warning("S3 %s s3://%s/…: giving up after %d attempts (%s)", what,
                                 self.bucket, attempt, c)
