@@ -183,6 +183,49 @@ def test_a_pinned_chunk_with_a_bad_file_is_pinned_again_when_fetched_again(tmp_p
     assert trio.run(_with_store, tmp_path, body) == (True, False, file_size(len(data)))
 
 
+def test_a_failed_fetch_remembered_holds_no_chunk_memory(tmp_path, monkeypatch):
+    """A chunk whose fetch failed is remembered for a moment (its next reads fail at
+    once). What was remembered was the exception itself, whose traceback held the failed
+    fetch's frames and so its chunk memory: up to 1,024 chunks of memory kept out of the
+    pool during an outage. A remembered error now holds no frame."""
+    import gc
+    import weakref
+
+    from cachefs.chunks.ids import ObjectVersion
+    from cachefs.chunks.reader import ChunkReader
+    from cachefs.config import MountSpec, S3Options
+    from cachefs.objectstore import ObjectStore, S3Error
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    spec = MountSpec("", "bucket", "", endpoint_url="http://127.0.0.1:9")  # refused
+    ref = None
+    bufs = []
+
+    async def body(store, report):
+        nonlocal ref
+        real = store.new_buf
+
+        def new_buf(n):
+            b = real(n)
+            bufs.append(weakref.ref(b.file))  # its memory
+            return b
+
+        store.new_buf = new_buf
+        async with ObjectStore(spec, S3Options(max_attempts=1), store.stats) as s3:
+            ref = ObjectVersion("", "bucket", "k", "etag", 100_000, 1 << 20, s3).chunk(0)
+            async with trio.open_nursery() as n:
+                reader = ChunkReader(store, store.stats, n)
+                with pytest.raises(S3Error):
+                    await reader.get(ref)
+                with pytest.raises(S3Error):  # remembered: fails at once
+                    await reader.get(ref)
+                gc.collect()
+                return [b() is None for b in bufs], store.stats.c["fetch_failures_repeated"]
+
+    assert trio.run(_with_store, tmp_path, body) == ([True], 1)
+
+
 def test_chunk_directory_removed_while_running(tmp_path):
     """The 256 chunk directories are made at start; one removed behind the daemon's back
     is made again by the next write into it."""

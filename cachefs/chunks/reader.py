@@ -124,6 +124,9 @@ class ChunkReader:
                 del memo[key]  # type: ignore[attr-defined]
 
     def _remember(self, ref: ChunkRef, e: S3Error) -> None:
+        # a copy, without the traceback and the exception it replaced: their frames hold
+        # the failed fetch's chunk memory (8 MiB, kept from the pool) as long as the memo
+        e = copy.copy(e)
         now = time.monotonic()
         for memo in (self._failed, self._changed):  # forget what has expired
             if len(memo) > 1024:
