@@ -539,7 +539,7 @@ class ObjectStore:
         self.stats.inc("s3_get_direct")
 
     async def _get_direct(self, direct: _DirectGet, key: str, start: int, end: int,
-                          etag: str, t0: float, into: memoryview | None
+                          etag: str, t0: float, into: memoryview
                           ) -> tuple[int, Any, bytes | memoryview, int, float]:
         """One direct ranged GET: (status, headers, body, its length in bytes, seconds
         from t0 to the first byte).  The headers are case-insensitive (botocore's
@@ -565,7 +565,7 @@ class ObjectStore:
         if ok:
             self._count_direct()
         try:
-            if ok and into is not None:
+            if ok:
                 n, cap = 0, len(into)
                 async for piece in r.raw.aiter_raw():
                     m = len(piece)
@@ -586,10 +586,9 @@ class ObjectStore:
         return r.status_code, r.headers, body, n, ttfb
 
     async def get_range(self, key: str, etag: str, start: int, length: int,
-                        object_size: int, into: memoryview | None = None
-                        ) -> bytes | memoryview:
-        """Exactly ``length`` bytes at ``start`` of the version ``etag`` of ``key``;
-        read into ``into`` (``length`` bytes of memory) and returned as it, if given."""
+                        object_size: int, *, into: memoryview) -> bytes | memoryview:
+        """Exactly ``length`` bytes at ``start`` of the version ``etag`` of ``key``,
+        read into ``into`` (``length`` bytes of memory) and returned as it."""
         if length == 0:
             return b""
         end = start + length - 1
@@ -619,7 +618,7 @@ class ObjectStore:
                     async with r["Body"] as body:
                         data = await body.read()
                     got = len(data)
-                    if into is not None and got == length:
+                    if got == length:
                         into[:] = data
                         data = into
                     status = int(r.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
