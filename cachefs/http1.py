@@ -205,7 +205,7 @@ class Pool:
             target = into if 200 <= status < 300 else None  # where a 2xx body goes
             te = hdrs.get("transfer-encoding", "").lower()
             if te and te != "identity":
-                if not te.endswith("chunked"):
+                if te != "chunked":  # ("gzip, chunked": a body we would not decode)
                     raise ProtocolError(f"unsupported Transfer-Encoding {te!r}")
                 body = await self._read_chunked(c, buf)
                 n = len(body)
@@ -326,6 +326,8 @@ class Pool:
             if size == 0:
                 while await line():  # trailers up to the empty line
                     pass
+                if pending:  # the connection's next answer would be read from the middle
+                    raise ProtocolError("more bytes after the chunked body")
                 return bytes(out)
             if len(out) + size > MAX_ERROR_BODY * 64:
                 raise ProtocolError("chunked body too long")
