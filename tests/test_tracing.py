@@ -6,6 +6,7 @@ Assertions are about spans, tiers, counts and bytes, never about timings
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -39,6 +40,24 @@ def put(s3, bucket: str, key: str, size: int, seed: int = 1) -> bytes:
     data = random.Random(seed).randbytes(size)
     s3.put_object(Bucket=bucket, Key=key, Body=data)
     return data
+
+
+def put_owned(s3, bucket: str, key: str, nodes: list[str], node: str,
+              chunks: int = 8) -> tuple[bytes, list[int]]:
+    """An object of ``chunks`` chunks of which ``node`` owns some on the ring of ``nodes``
+    (the bucket name is random: the placement is chosen, not left to chance), and the
+    indexes of those chunks."""
+    ring = HashRing(nodes)
+    for seed in range(1000):
+        data = random.Random(seed).randbytes(chunks * CHUNK)
+        etag = f'"{hashlib.md5(data).hexdigest()}"'  # a single-part upload's ETag
+        owned = [i for i in range(chunks)
+                 if ring.owner(chunk_id(bucket, key, etag, CHUNK, i)) == node]
+        if owned:
+            s3.put_object(Bucket=bucket, Key=key, Body=data)
+            assert s3.head_object(Bucket=bucket, Key=key)["ETag"] == etag
+            return data, owned
+    raise AssertionError("no placement found")
 
 
 def all_spans(t: dict):
@@ -467,12 +486,7 @@ def test_a_peers_names_and_error_text_in_a_trace_are_printed_escaped(mounts, s3,
     from test_cluster_datasets import EVIL, SHOWN, EvilPeer
 
     evil_name = f"n1{EVIL}"
-    data = put(s3, bucket, "e.bin", 8 * CHUNK, seed=15)
-    etag = s3.head_object(Bucket=bucket, Key="e.bin")["ETag"]
-    ring = HashRing(["n0", evil_name])
-    owned = [i for i in range(8)
-             if ring.owner(chunk_id(bucket, "e.bin", etag, CHUNK, i)) == evil_name]
-    assert owned, "no chunk owned by the evil node (hash luck)"
+    data, owned = put_owned(s3, bucket, "e.bin", ["n0", evil_name], evil_name)
     off = str(owned[0] * CHUNK)
     evil = EvilPeer(EVIL)
     try:
@@ -587,14 +601,8 @@ def test_tracing_switches_off_and_on_in_a_running_daemon(mounts, s3, bucket):
 def test_peer_span_carries_owner_spans(mounts, s3, bucket):
     from test_cluster import start_cluster
 
-    data = put(s3, bucket, "p.bin", 8 * CHUNK, seed=5)
-    assert data
-    etag = s3.head_object(Bucket=bucket, Key="p.bin")["ETag"]
+    data, owned_by_a = put_owned(s3, bucket, "p.bin", ["n0", "n1"], "n0")
     a, b = start_cluster(mounts, bucket, n=2)
-    ring = HashRing(["n0", "n1"])
-    owned_by_a = [i for i in range(8) if ring.owner(chunk_id(bucket, "p.bin", etag, CHUNK, i))
-                  == "n0"]
-    assert owned_by_a, "no chunk owned by n0 (hash luck)"
     i = owned_by_a[0]
     res = trace_json(str(b.path("p.bin")), "--offset", str(i * CHUNK), "--length", "64KiB",
                      "--cold")
