@@ -424,9 +424,9 @@ def test_a_node_joining_during_a_pinning_preload_loses_no_pin(mounts, bucket, s3
         proxy.faults(delay=0.4, count=-1)  # e0's part of first.bin takes 8 s or more
         with cf.ThreadPoolExecutor(1) as ex:
             pre = ex.submit(run, ms[0], "preload", lst, "--pin", "--parallel", "1")
-            wait_for(lambda: gets(proxy) >= 1, 2, "the preload to start")
+            wait_for(lambda: gets(proxy) >= 1, 20, "the preload to start")
             node("e2").start()
-            wait_for(lambda: cluster_stats(ms[0])["ring_size"] == 3, 2, "e2 to join")
+            wait_for(lambda: cluster_stats(ms[0])["ring_size"] == 3, 5, "e2 to join")
             res, r = pre.result(timeout=120)
         assert r.returncode == 0, r.stderr
         assert res["uncached_bytes"] == 0 and "could not be kept" not in r.stderr

@@ -508,7 +508,7 @@ def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3
     lists = {g: write_list(tmp_path, [k for k in files if k.startswith(g)], f"{g}.txt")
              for g in "abc"}
     proxy.reset()
-    proxy.faults(delay=0.5, count=-1)
+    proxy.faults(delay=1.0, count=-1)  # a runs 5 s or more
     env = {**os.environ, **CREDS}
     a = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list",
                           lists["a"], "--mount", str(m.mp), "--parallel", "1", "--pin"],
