@@ -84,7 +84,7 @@ FETCH_PAYLOAD = 48 * 1024  # bytes of chunk descriptions per ds_fetch call
 MAX_FETCH_CHUNKS = 1024  # chunks per ds_fetch call, at most
 FETCH_WAIT = 10.0  # seconds an owner works on one ds_fetch call before it answers
 FREE_WAIT = 4.0  # seconds a free waits for fetches of its chunks under way (a ds_drop's
-# requester gives up after 10 s)
+# requester gives up after NO_S3_TIMEOUTS peer timeouts: 10 s by default; see _free_wait)
 CALLS_PER_NODE = 2  # ds_fetch calls in flight from one preload to one owner
 MAX_FETCH_CALLS = 8  # ds_fetch calls one owner serves at once; more get "busy"
 BUSY_BACKOFF = 0.2  # seconds before resending a batch an owner was too busy for
@@ -192,10 +192,13 @@ class Datasets:
         # owner side of cluster-wide preloads
         self._jobs: dict[str, list] = {}  # job id -> [CapacityLimiter, last used]
         self._fetch_calls = 0
-        self._fetch_scopes: set[trio.CancelScope] = set()  # of the ds_fetch calls running
-        # disk bytes that preload --pin runs under way have yet to pin: the limit check of
-        # a preload started meanwhile counts them as pinned already
-        self.pin_reserved = 0
+        # the ds_fetch calls running → their chunk ids (a free of one of them cancels it)
+        self._fetch_scopes: dict[trio.CancelScope, set[bytes]] = {}
+        # chunks that preload --pin runs under way have yet to pin → their disk bytes: the
+        # limit check of a preload started meanwhile counts them as pinned already (once,
+        # however many runs pin them)
+        self._reserved: dict[bytes, int] = {}
+        self.pin_reserved = 0  # their sum
         self._obj_sizes: dict = {}
 
     def statistics(self) -> dict:
@@ -289,6 +292,15 @@ class Datasets:
         return {"files": len(files), "total_bytes": sum(f.size for f in files), **got,
                 "failed": failed, "cache": store.statistics()}
 
+    def _free_wait(self) -> float:
+        """FREE_WAIT, or less in a cluster whose peers give up on a ds_drop sooner (it
+        waits once per batch of ids)."""
+        cl = self.d.cluster
+        if cl is None:
+            return FREE_WAIT
+        from .cluster.node import NO_S3_TIMEOUTS
+        return min(FREE_WAIT, NO_S3_TIMEOUTS * cl.opts.peer_timeout / 3)
+
     async def _drop_local(self, cids: list[bytes]) -> dict:
         """Drop the cached ones of ``cids``, pins included, and the ones that fetches
         still under way put back within FREE_WAIT. A preload stopped moments before (Ctrl-C,
@@ -297,8 +309,10 @@ class Datasets:
         (each answers early; a requester still running asks again)."""
         store, reader = self.d.store, self.d.reader
         assert store is not None and reader is not None
-        for sc in self._fetch_scopes:
-            sc.cancel()
+        want = set(cids)
+        for sc, theirs in self._fetch_scopes.items():
+            if not want.isdisjoint(theirs):
+                sc.cancel()
         store.forget_repin(cids)
         busy = reader.unpin(cids) + [c for c in cids if c in store.writing]
         out = {"freed_bytes": 0, "freed_chunks": 0, "pins_removed": 0}
@@ -311,7 +325,7 @@ class Datasets:
                     out["freed_bytes"] += await store.drop(have[i:i + 4096])
                 if last:
                     break
-                with trio.move_on_after(FREE_WAIT):
+                with trio.move_on_after(self._free_wait()):
                     await reader.wait_for(busy)
                     await store.wait_written(busy)
         return out
@@ -326,7 +340,8 @@ class Datasets:
         store = self.d.store
         assert store is not None
         total = cached = to_pin = missing = nmissing = nchunks = 0
-        disk = pin_disk = 0  # what the chunk files take on disk: what the limit counts
+        disk = 0  # what the chunk files take on disk: what the limit counts
+        unpinned: dict[bytes, int] = {}  # chunks to pin → their disk bytes
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
@@ -340,12 +355,16 @@ class Datasets:
                     nmissing += 1
                 if pin and not store.is_pinned(r.cid):
                     to_pin += r.length
-                    pin_disk += file_size(r.length)
+                    unpinned[r.cid] = file_size(r.length)
             total += f.size
         warnings = []
         limit = store.limit
-        reserved = 0
-        if pin:
+        reserved: dict[bytes, int] = {}
+        if pin:  # (no await from here to the reservation)
+            # what other runs will pin is counted once, in pin_reserved
+            mine = {c: n for c, n in unpinned.items()
+                    if c not in self._reserved and not store.is_pinned(c)}
+            pin_disk = sum(mine.values())
             after = store.pinned_bytes + self.pin_reserved + pin_disk
             if after > limit:
                 others = (f" + {_h(self.pin_reserved)} being pinned by other preloads"
@@ -355,9 +374,10 @@ class Datasets:
                     f"{_h(pin_disk)} to pin (on disk) = {_h(after)}, more than the cache limit "
                     f"of {_h(limit)}; nothing was fetched (free pinned data with `cachefs "
                     "free`, or raise --cache-size)")
-            if reserve:  # no await since the check
-                reserved = pin_disk
-                self.pin_reserved += reserved
+            if reserve:
+                reserved = mine
+                self._reserved.update(mine)
+                self.pin_reserved += pin_disk
             if after > store.high:
                 warnings.append(
                     f"pinned data will fill {100 * after / limit:.0f}% of the cache "
@@ -434,12 +454,12 @@ class Datasets:
             plan = cp.plan
         else:
             plan = await self._plan(files, pin, parallel, reserve=pin and not dry_run)
-        reservation = _PinReservation(self, plan.pop("pin_reserved", 0))
+        reservation = _PinReservation(self, plan.pop("pin_reserved", {}))
         try:
             return await self._preload(job, files, failed, plan, cp, pin, parallel,
                                        reservation, dry_run, t_start)
         finally:
-            reservation.release()  # what the run did not pin
+            reservation.release_all()  # what the run did not pin
 
     async def _preload(self, job: Job, files: list[FileItem], failed: list[dict], plan: dict,
                        cp: _ClusterPlan | None, pin: bool, parallel: int,
@@ -777,7 +797,7 @@ class Datasets:
         self._fetch_calls += 1
         try:
             with trio.move_on_after(wait) as scope:
-                self._fetch_scopes.add(scope)  # a free cancels it
+                self._fetch_scopes[scope] = {r.cid for r in refs if not isinstance(r, str)}
                 async with trio.open_nursery() as n:
                     for k, ref in enumerate(refs):
                         if isinstance(ref, str):
@@ -787,7 +807,7 @@ class Datasets:
                             n.start_soon(one, k, ref)
         finally:
             self._fetch_calls -= 1
-            self._fetch_scopes.discard(scope)
+            self._fetch_scopes.pop(scope, None)
         return {"codes": "".join(codes), "errors": errors, "times": times}
 
     async def op_probe(self, payload: dict) -> dict:
@@ -808,18 +828,23 @@ class Datasets:
 
 
 class _PinReservation:
-    """The disk bytes a preload --pin run has yet to pin, counted in
-    ``Datasets.pin_reserved`` until it pins them, gives up on them, or ends."""
+    """The chunks a preload --pin run has yet to pin (those no other run had reserved),
+    counted in ``Datasets.pin_reserved`` until it pins them, gives up on them, or ends."""
 
-    __slots__ = ("ds", "left")
+    __slots__ = ("ds", "cids")
 
-    def __init__(self, ds: Datasets, nbytes: int) -> None:
-        self.ds, self.left = ds, nbytes
+    def __init__(self, ds: Datasets, cids: dict[bytes, int]) -> None:
+        self.ds, self.cids = ds, cids
 
-    def release(self, nbytes: int | None = None) -> None:
-        n = self.left if nbytes is None else min(nbytes, self.left)
-        self.left -= n
-        self.ds.pin_reserved -= n
+    def release(self, cid: bytes) -> None:
+        n = self.cids.pop(cid, None)
+        if n is not None:
+            del self.ds._reserved[cid]
+            self.ds.pin_reserved -= n
+
+    def release_all(self) -> None:
+        for cid in list(self.cids):
+            self.release(cid)
 
 
 class _Run:
@@ -828,7 +853,7 @@ class _Run:
     def __init__(self, ds: Datasets, files: list[FileItem], pin: bool, parallel: int,
                  plan: dict, reservation: _PinReservation | None = None) -> None:
         self.ds = ds
-        self.reservation = reservation or _PinReservation(ds, 0)
+        self.reservation = reservation or _PinReservation(ds, {})
         self.files = files
         self.pin = pin
         self.parallel = parallel
@@ -907,7 +932,8 @@ class _Run:
             for i in range(0, len(refs), 4096):
                 part = refs[i:i + 4096]
                 await store.set_pinned([r.cid for r in part], True)
-                self.reservation.release(sum(file_size(r.length) for r in part))
+                for r in part:
+                    self.reservation.release(r.cid)
         work = self._work()
         async with trio.open_nursery() as n:
             for _ in range(self.parallel):
@@ -930,7 +956,7 @@ class _Run:
                 with self.ds.model.timed(r.length):
                     await reader.get(r, pin=self.pin, local_only=self.local_only(r))
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
-                self.reservation.release(file_size(r.length))
+                self.reservation.release(r.cid)
                 self._file_failed(self.me, f, _reason(e))
                 self._chunk_done(f, r.length, False)
                 continue
@@ -938,7 +964,7 @@ class _Run:
             self._fetched(self.me, f, r.length, kept)
             if kept and self.pin and not store.is_pinned(r.cid):
                 await store.set_pinned([r.cid], True)
-            self.reservation.release(file_size(r.length))  # pinned, or it could not be
+            self.reservation.release(r.cid)  # pinned, or it could not be
             self._chunk_done(f, r.length)
 
 

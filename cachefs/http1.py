@@ -207,7 +207,9 @@ class Pool:
             if te and te != "identity":
                 if te != "chunked":  # ("gzip, chunked": a body we would not decode)
                     raise ProtocolError(f"unsupported Transfer-Encoding {te!r}")
-                body = await self._read_chunked(c, buf)
+                body, extra = await self._read_chunked(c, buf)
+                if extra:  # bytes past the body: the next answer would start inside them
+                    keep = False
                 n = len(body)
                 body = _placed(body, target)
             elif "content-length" in hdrs:
@@ -301,8 +303,9 @@ class Pool:
             n += got
 
     @staticmethod
-    async def _read_chunked(c: _Conn, buf: bytes) -> bytes:
-        """A chunked body, whole (only error documents and odd gateways send them)."""
+    async def _read_chunked(c: _Conn, buf: bytes) -> tuple[bytes, bool]:
+        """A chunked body, whole (only error documents and odd gateways send them), and
+        whether bytes came after it."""
         out = bytearray()
         pending = bytearray(buf)
 
@@ -326,9 +329,7 @@ class Pool:
             if size == 0:
                 while await line():  # trailers up to the empty line
                     pass
-                if pending:  # the connection's next answer would be read from the middle
-                    raise ProtocolError("more bytes after the chunked body")
-                return bytes(out)
+                return bytes(out), bool(pending)
             if len(out) + size > MAX_ERROR_BODY * 64:
                 raise ProtocolError("chunked body too long")
             while len(pending) < size + 2:

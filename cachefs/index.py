@@ -334,7 +334,7 @@ class IndexWriter:
 
     async def _commit_batch(self, batch: list[tuple]) -> None:
         ops = [op for ops, _ in batch for op in ops]
-        error = None
+        error: BaseException | None = None
         try:
             await trio.to_thread.run_sync(self._apply, ops, limiter=self._limiter)
             self.commits += 1
@@ -342,11 +342,15 @@ class IndexWriter:
             error = e
             self.errors += 1
             log.warning("index commit of %d operations failed: %s", len(ops), e)
-        self.pending -= len(batch)
-        for _, w in batch:
-            if w is not None:
-                w.error = error
-                w.done.set()
+        except BaseException as e:  # a bug: the writer ends, and the daemon with it
+            error = e
+            raise
+        finally:  # every waiter hears, or a shielded one would hold up the shutdown
+            self.pending -= len(batch)
+            for _, w in batch:
+                if w is not None:
+                    w.error = error
+                    w.done.set()
 
     def _apply(self, ops: list) -> None:
         """Worker thread: commit, and make the index durable at most once a second."""

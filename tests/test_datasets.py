@@ -521,6 +521,10 @@ def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3
     assert r.returncode == 1, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "being pinned by other preloads" in lines[0], r.stderr
+    # the same list again (another job of the same data set): what a will pin is not
+    # counted twice, so it fits
+    r = cli("preload", "--file-list", lists["a"], "--mount", str(m.mp), "--pin")
+    assert r.returncode == 0, r.stderr
     _, err = a.communicate(timeout=60)
     assert a.returncode == 0, err
     proxy.clear_faults()

@@ -147,16 +147,25 @@ async def test_broken_answers_are_protocol_errors(server):
         b"HTTP/1.1 206 X\r\nX: " + b"y" * 70000 + b"\r\n\r\n",
     ])
     p = pool(server)
-    server.answers.extend([  # bytes past a chunked body; a coding we would not undo
-        b"HTTP/1.1 503 X\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\nHTTP/1.1",
+    server.answers.extend([  # a coding we would not undo
         b"HTTP/1.1 503 X\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     ])
     for match in ("closed after 3 of 10 body bytes", "not an HTTP/1.x answer",
                   "bad Content-Length", "bad header line", "over 64 KiB",
-                  "more bytes after the chunked body", "unsupported Transfer-Encoding"):
+                  "unsupported Transfer-Encoding"):
         with pytest.raises(http1.ProtocolError, match=match), trio.fail_after(5):
             await p.get("/k", [], memoryview(bytearray(10)))
-    assert server.conns == 7  # none of these connections was kept
+    assert server.conns == 6  # none of these connections was kept
+    # bytes past a chunked body: the answer stands (a 412 must stay a 412), the
+    # connection is not used again
+    server.answers.extend([
+        b"HTTP/1.1 412 X\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\nHTTP/1.1",
+        ok(b"y")])
+    status, _, body, _, _ = await p.get("/k", [], memoryview(bytearray(10)))
+    assert (status, body) == (412, b"x")
+    assert (await p.get("/k", [], None))[2] == b"y"
+    assert server.conns == 8
+    p.close()
 
 
 async def test_header_injection_refused(server):

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs.index import Index, IndexWriter
+from cachefs.index import Index, IndexCommitError, IndexWriter
 from cachefs.stats import Stats
 from cachefs.store.chunkstore import HEADER_SIZE, BufferPool, ChunkBuf, ChunkStore, file_size
 
@@ -176,6 +176,9 @@ def test_a_pinned_chunk_with_a_bad_file_is_pinned_again_when_fetched_again(tmp_p
             f.write_bytes(raw)
             assert await store.get(cid, len(data)) is None  # dropped
         store.forget_repin([b])  # b is freed
+        limit, store.limit = store.limit, 0  # a put that cannot cache keeps the intent
+        assert not await store.put(a, data)
+        store.limit = limit
         for cid in (a, b):  # as the reader does on a miss: fetched again, put unpinned
             assert await store.put(cid, data)
         return store.is_pinned(a), store.is_pinned(b), store.pinned_bytes
@@ -350,6 +353,38 @@ def test_a_drop_cancelled_half_way_still_removes_its_files(tmp_path):
                 await trio.to_thread.run_sync(os.path.exists, store.path(cid)))
 
     assert trio.run(_with_store, tmp_path, body) == (False, 0, False)
+
+
+def test_a_commit_that_fails_with_a_bug_still_answers_its_waiters(tmp_path):
+    """A batch whose commit raised something other than an LMDB error (a bug, a thread
+    that could not start) ended the writer without telling its waiters: one that waited
+    shielded from the stop (a drop) waited for ever, and the unmount with it."""
+    def bad(ix, txn):
+        raise RuntimeError("a bug")
+
+    async def main(ix):
+        w = IndexWriter(ix)
+        heard = []
+
+        async def shielded_commit():
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await w.commit(bad)
+                except IndexCommitError as e:
+                    heard.append(str(e))
+
+        with pytest.raises(BaseExceptionGroup) as ei:  # as the daemon's nursery sees it
+            async with trio.open_nursery() as n:
+                await n.start(w.run)
+                n.start_soon(shielded_commit)
+        assert ei.value.subgroup(RuntimeError) is not None
+        return heard
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    try:
+        assert trio.run(main, ix) == ["a bug"]
+    finally:
+        ix.close()
 
 
 def test_index_check_reads_records_as_the_index_writes_them(tmp_path):

@@ -96,6 +96,8 @@ class ChunkReader:
         else:
             leader = False
             self.stats.inc("singleflight_joins")
+            if pin:  # the fetch keeps the chunk pinned, also when a peer serves it
+                f.pin = True
         if leader:
             await f.done.wait()
         else:

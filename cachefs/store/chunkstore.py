@@ -519,19 +519,21 @@ class ChunkStore:
                 await written.wait()
             else:
                 break
-        if cid in self._repin:
-            self._repin.discard(cid)
-            pin = True
+        pin = pin or cid in self._repin
         if self.contains(cid):
             if pin:
                 await self.set_pinned([cid], True)
+                self._repin.discard(cid)
             return True
         written = self._writing[cid] = trio.Event()
         try:
-            return await self._put(cid, data, pin)
+            ok = await self._put(cid, data, pin)
         finally:
             del self._writing[cid]
             written.set()
+        if ok:
+            self._repin.discard(cid)
+        return ok
 
     async def _put(self, cid: bytes, data: ChunkBuf | bytes | memoryview, pin: bool) -> bool:
         size = data.length if isinstance(data, ChunkBuf) else len(data)
