@@ -286,6 +286,11 @@ class ObjectStore:
         self._client = None
         self._limiter = trio.CapacityLimiter(opts.max_concurrency)
         self._direct: _DirectGet | None = None
+        # the longest a request may take: every attempt timing out, and every backoff at
+        # its cap (183.1 s with the defaults)
+        self.budget = opts.max_attempts * opts.request_timeout + sum(
+            min(opts.backoff_max, opts.backoff_base * 2 ** i)
+            for i in range(opts.max_attempts - 1))
 
     async def __aenter__(self) -> ObjectStore:
         session = aiobotocore.session.AioSession(profile=self.spec.profile)
@@ -391,19 +396,12 @@ class ObjectStore:
             return _Retry(_why(e))
         return e
 
-    def budget(self) -> float:
-        """The longest a request may take: every attempt timing out, and every backoff at
-        its cap (183.1 s with the defaults)."""
-        o = self.opts
-        return o.max_attempts * o.request_timeout + sum(
-            min(o.backoff_max, o.backoff_base * 2 ** i) for i in range(o.max_attempts - 1))
-
     async def _call(self, what: str, fn, *args):
         """Run ``fn`` with per-attempt timeout and jittered exponential backoff, all of it
-        within budget(), the waits for a free connection slot included: while S3 does not
+        within ``budget``, the waits for a free connection slot included: while S3 does not
         answer, a read queued behind many others (read-ahead, prefetch, a preload) would
         otherwise wait in the queue before each of its attempts, many budgets in all."""
-        deadline = trio.current_time() + self.budget()
+        deadline = trio.current_time() + self.budget
         attempt = 0
         while True:
             attempt += 1
@@ -412,8 +410,8 @@ class ObjectStore:
             if queued.cancelled_caught:
                 self.stats.inc("s3_failures")
                 log.warning("S3 %s s3://%s/…: no connection slot came free in %.0fs",
-                            what, self.bucket, self.budget())
-                raise S3Error(f"{what} failed: waited {self.budget():.0f}s for one of the "
+                            what, self.bucket, self.budget)
+                raise S3Error(f"{what} failed: waited {self.budget:.0f}s for one of the "
                               f"{self.opts.max_concurrency} S3 connections (S3 is slow to "
                               "answer the requests ahead)", code="Timeout", transient=True)
             try:
