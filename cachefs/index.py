@@ -266,18 +266,13 @@ class IndexWriter:
         shields itself from that (a drop keeping index and files consistent) is
         committed here: nobody would take it off the queue, and the shutdown would wait
         for that task forever."""
-        if self._stopped:
-            try:
-                await trio.to_thread.run_sync(self._apply, list(ops), limiter=self._limiter)
-            except lmdb.Error as e:
-                self.errors += 1
-                raise IndexCommitError(str(e)) from None
-            self.commits += 1
-            return
         w = _Waiter()
         self.pending += 1
-        self._send.send_nowait((list(ops), w))
-        await w.done.wait()
+        if self._stopped:
+            await self._commit_batch([(list(ops), w)])
+        else:
+            self._send.send_nowait((list(ops), w))
+            await w.done.wait()
         if w.error is not None:
             raise IndexCommitError(str(w.error))
 
@@ -296,15 +291,7 @@ class IndexWriter:
             # every commit() returns (submit()ted ops queued later: drain_sync)
             self._stopped = True
             with trio.CancelScope(shield=True):
-                while True:
-                    batch = []
-                    while len(batch) < self.max_batch:
-                        try:
-                            batch.append(self._recv.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    if not batch:
-                        break
+                while batch := self._take([]):
                     await self._commit_batch(batch)
 
     async def _run(self) -> None:
@@ -321,16 +308,20 @@ class IndexWriter:
             if first is None:
                 await trio.to_thread.run_sync(self._sync, limiter=self._limiter)
                 continue
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = self._take([first])
             # a batch taken off the queue is committed even when shutdown cancels us: it
             # is no longer there for drain_sync (waiting for the limiter is a checkpoint)
             with trio.CancelScope(shield=True):
                 await self._commit_batch(batch)
+
+    def _take(self, batch: list[tuple]) -> list[tuple]:
+        """``batch`` with what is queued added, up to max_batch entries."""
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return batch
 
     async def _commit_batch(self, batch: list[tuple]) -> None:
         ops = [op for ops, _ in batch for op in ops]
