@@ -198,7 +198,6 @@ class Datasets:
         # limit check of a preload started meanwhile counts them as pinned already (once,
         # however many runs pin them)
         self._reserved: dict[bytes, int] = {}
-        self.pin_reserved = 0  # their sum
         self._obj_sizes: dict = {}
 
     def statistics(self) -> dict:
@@ -361,14 +360,15 @@ class Datasets:
         limit = store.limit
         reserved: dict[bytes, int] = {}
         if pin:  # (no await from here to the reservation)
-            # what other runs will pin is counted once, in pin_reserved
+            # what other runs will pin is counted once: in theirs, not in mine
             mine = {c: n for c, n in unpinned.items()
                     if c not in self._reserved and not store.is_pinned(c)}
             pin_disk = sum(mine.values())
-            after = store.pinned_bytes + self.pin_reserved + pin_disk
+            theirs = sum(self._reserved.values())
+            after = store.pinned_bytes + theirs + pin_disk
             if after > limit:
-                others = (f" + {_h(self.pin_reserved)} being pinned by other preloads"
-                          if self.pin_reserved else "")
+                others = (f" + {_h(theirs)} being pinned by other preloads"
+                          if theirs else "")
                 raise ControlError(
                     f"cannot pin: {_h(store.pinned_bytes)} already pinned{others} + "
                     f"{_h(pin_disk)} to pin (on disk) = {_h(after)}, more than the cache limit "
@@ -377,7 +377,6 @@ class Datasets:
             if reserve:
                 reserved = mine
                 self._reserved.update(mine)
-                self.pin_reserved += pin_disk
             if after > store.high:
                 warnings.append(
                     f"pinned data will fill {100 * after / limit:.0f}% of the cache "
@@ -829,7 +828,7 @@ class Datasets:
 
 class _PinReservation:
     """The chunks a preload --pin run has yet to pin (those no other run had reserved),
-    counted in ``Datasets.pin_reserved`` until it pins them, gives up on them, or ends."""
+    counted in ``Datasets._reserved`` until it pins them, gives up on them, or ends."""
 
     __slots__ = ("ds", "cids")
 
@@ -837,10 +836,8 @@ class _PinReservation:
         self.ds, self.cids = ds, cids
 
     def release(self, cid: bytes) -> None:
-        n = self.cids.pop(cid, None)
-        if n is not None:
+        if self.cids.pop(cid, None) is not None:
             del self.ds._reserved[cid]
-            self.ds.pin_reserved -= n
 
     def release_all(self) -> None:
         for cid in list(self.cids):
