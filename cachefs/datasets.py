@@ -919,18 +919,20 @@ class _Run:
         if f.left == 0 and not f.error:
             self.files_done += 1
 
-    async def go(self) -> None:
+    async def _pin_cached(self, refs) -> None:
+        """Pin the chunks of ``refs`` already cached in place, without reading them back."""
         store = self.ds.d.store
         assert store is not None
+        todo = [r for r in refs if store.contains(r.cid) and not store.is_pinned(r.cid)]
+        for i in range(0, len(todo), 4096):
+            part = todo[i:i + 4096]
+            await store.set_pinned([r.cid for r in part], True)
+            for r in part:
+                self.reservation.release(r.cid)
+
+    async def go(self) -> None:
         if self.pin:
-            # already cached chunks are pinned in place, without reading them back
-            refs = [r for f in self.files for r in f.refs
-                    if store.contains(r.cid) and not store.is_pinned(r.cid)]
-            for i in range(0, len(refs), 4096):
-                part = refs[i:i + 4096]
-                await store.set_pinned([r.cid for r in part], True)
-                for r in part:
-                    self.reservation.release(r.cid)
+            await self._pin_cached(r for f in self.files for r in f.refs)
         work = self._work()
         async with trio.open_nursery() as n:
             for _ in range(self.parallel):
@@ -1151,8 +1153,6 @@ class _ClusterRun(_Run):
         return self.ring.owner(r.cid) != self.me
 
     async def go(self) -> None:
-        store = self.ds.d.store
-        assert store is not None
         for f in self.files:
             if not f.refs:
                 self.files_done += 1
@@ -1170,10 +1170,7 @@ class _ClusterRun(_Run):
                     dq = deque(items)
                     if node == self.me:
                         if self.pin:
-                            cids = [r.cid for _, r in items
-                                    if store.contains(r.cid) and not store.is_pinned(r.cid)]
-                            for i in range(0, len(cids), 4096):
-                                await store.set_pinned(cids[i:i + 4096], True)
+                            await self._pin_cached(r for _, r in items)
                         work = _drain(dq)
                         for _ in range(min(self.parallel, len(dq))):
                             n.start_soon(self._worker, work)
