@@ -969,7 +969,7 @@ class _Run:
 
 # -- cluster-wide preload ------------------------------------------------------------------
 
-_NOT_DOWN = ("remote", "protocol", "too_large")  # the node answered: no fallback
+_NOT_DOWN = ("remote", "busy", "protocol", "too_large")  # the node answered: no fallback
 
 
 def _is_down(reason: str) -> bool:

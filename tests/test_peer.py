@@ -658,6 +658,38 @@ async def test_server_concurrency_limit(nursery):
     assert state["max"] == 3
 
 
+async def test_a_get_queues_for_a_serving_slot_at_most_its_wait_then_hears_busy(nursery):
+    running, release = trio.Event(), trio.Event()
+
+    async def handler(chunk, trace):
+        if chunk["key"] == "slow":
+            running.set()
+            await release.wait()
+        return chunk["key"].encode(), []
+
+    address = await start_server(nursery, handler, max_concurrent=1)
+    async with PeerClient(SECRET, request_timeout=30) as client:
+        nursery.start_soon(client.get, address, {"key": "slow"}, {})
+        await running.wait()  # the only slot is taken
+        with pytest.raises(PeerError, match="busy: all 1 serving slots stayed in use") as ei:
+            await client.get(address, {"key": "k1"}, {}, wait=0.2)
+        assert ei.value.reason == "busy"
+        with pytest.raises(PeerError) as ei:
+            await client.get(address, {"key": "k1"}, {}, wait="soon")
+        assert ei.value.reason == "protocol"
+        got = {}
+
+        async def queued():
+            got["data"], _ = await client.get(address, {"key": "k2"}, {}, wait=20)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(queued)
+            await trio.sleep(0.3)
+            release.set()  # a slot frees within the wait: the request is served
+        assert got["data"] == b"k2"
+        assert client.statistics()["peers"][address]["errors"] == {"busy": 1, "protocol": 1}
+
+
 async def test_client_pool_limit(nursery):
     handler, state = concurrency_probe()
     address = await start_server(nursery, handler, max_concurrent=50)

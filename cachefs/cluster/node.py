@@ -57,6 +57,8 @@ UNHEALTHY_FOR = 10.0
 NO_S3_TIMEOUTS = 5
 #: Concurrent requests this node sends to one peer (pooled connections).
 MAX_CONNS_PER_PEER = 4
+# a peer that answered one of these is up: reading elsewhere once does not make readers skip it
+_ANSWERED = ("remote", "busy")
 #: Peer requests served at once by this node (all peers together).
 MAX_SERVING = 16
 
@@ -336,12 +338,14 @@ class ClusterNode:
                 continue
             with trace.span("peer", node=node, tier="peer", bytes=ref.length) as sp:
                 try:
-                    data, spans = await self.client.get(addr, desc, ctx)
+                    data, spans = await self.client.get(addr, desc, ctx,
+                                                        wait=self.opts.peer_timeout)
                 except PeerError as e:
                     sp.set(error=e.reason)
                     self._count_error(node, e.reason)
-                    if e.reason == "remote":
-                        # The owner is fine but its S3 read failed: try S3 ourselves.
+                    if e.reason in _ANSWERED:
+                        # The owner is up but its S3 read failed, or every serving slot
+                        # stayed taken for peer_timeout: S3 is the quicker way now.
                         break
                     log.info("peer %s (%s) failed: %s; trying the next node", node, addr, e)
                     self.health.mark_bad(node, e.reason)
@@ -384,11 +388,12 @@ class ClusterNode:
         desc = {**ref.describe(), "cached_only": True}
         with trace.span("peer.handoff", node=node, tier="peer", bytes=ref.length) as sp:
             try:
-                data, spans = await self.client.get(addr, desc, {"node": self.node_id})
+                data, spans = await self.client.get(addr, desc, {"node": self.node_id},
+                                                    wait=self.opts.peer_timeout)
             except PeerError as e:
                 sp.set(error=e.reason)
                 self._count_error(node, e.reason)
-                if e.reason != "remote":
+                if e.reason not in _ANSWERED:
                     self.health.mark_bad(node, e.reason)
                 return None
             except ValueError:

@@ -213,7 +213,8 @@ async def _serve_connection(
                 trace = header.get("trace") or {}
                 if not isinstance(chunk, dict) or not isinstance(trace, dict):
                     raise PeerError("get needs a 'chunk' object and a 'trace' object", "protocol")
-                data, spans = await _call_handler(handler, limiter, chunk, trace, handler_timeout)
+                data, spans = await _call_handler(handler, limiter, chunk, trace, handler_timeout,
+                                                  _slot_wait(header))
                 resp = _ok_header(data, spans)
                 if corrupt_for_test and data:
                     data = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
@@ -254,12 +255,35 @@ def _ok_header(data: bytes | bytearray | memoryview, spans: list | None = None,
             "checksum": checksum(data), "spans": spans or [], **extra}
 
 
-async def _guarded(fn, limiter: trio.CapacityLimiter, what: str, handler_timeout: float):
-    """Run a local handler for a peer: bounded, timed, and only PeerError gets out."""
+def _slot_wait(header: dict) -> float | None:
+    """The ``wait`` of a request: how long it may queue for a serving slot (None: no limit,
+    as from a client that does not send it)."""
+    wait = header.get("wait")
+    if wait is None:
+        return None
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 < wait < 1e6:
+        raise PeerError("'wait' must be a number of seconds", "protocol")
+    return float(wait)
+
+
+async def _guarded(fn, limiter: trio.CapacityLimiter, what: str, handler_timeout: float,
+                   wait: float | None = None):
+    """Run a local handler for a peer: bounded, timed, and only PeerError gets out.
+
+    ``wait``: the longest the request queues for one of the ``limiter``'s slots; then it is
+    answered ``busy`` (its client reads the chunk elsewhere rather than queue behind a
+    saturated node, and nothing runs here for a client that has given up)."""
+    wait = handler_timeout if wait is None else wait
+    slot = False
+    with trio.move_on_after(wait):
+        await limiter.acquire()
+        slot = True
+    if not slot:
+        raise PeerError(f"busy: all {limiter.total_tokens:g} serving slots stayed in use "
+                        f"for {wait:g}s", "busy")
     try:
-        async with limiter:
-            with trio.fail_after(handler_timeout):
-                return await fn()
+        with trio.fail_after(handler_timeout):
+            return await fn()
     except PeerError as e:
         raise PeerError(str(e), "remote") from None
     except trio.TooSlowError:
@@ -267,6 +291,8 @@ async def _guarded(fn, limiter: trio.CapacityLimiter, what: str, handler_timeout
     except Exception:
         log.exception("peer server: %s failed", what)
         raise PeerError(f"internal error in {what}", "remote") from None
+    finally:
+        limiter.release()
 
 
 async def _call_handler(
@@ -275,9 +301,10 @@ async def _call_handler(
     chunk: dict,
     trace: dict,
     handler_timeout: float,
+    wait: float | None = None,
 ) -> tuple[bytes | bytearray | memoryview, list]:
     result = await _guarded(lambda: handler(chunk, trace), limiter, "chunk handler",
-                            handler_timeout)
+                            handler_timeout, wait)
     try:
         data, spans = result
     except (TypeError, ValueError):
@@ -376,13 +403,18 @@ class PeerClient:
         self._closed = False
 
     # -- public API ------------------------------------------------------
-    async def get(self, address: str, chunk: dict, trace: dict) -> tuple[bytes, list[dict]]:
+    async def get(self, address: str, chunk: dict, trace: dict,
+                  wait: float | None = None) -> tuple[bytes, list[dict]]:
         """Fetch one chunk from the peer at ``address`` ("host:port").
 
         Returns ``(data, spans)``; ``data`` matched the length and xxh3_128
-        checksum in the authenticated response header.
+        checksum in the authenticated response header.  ``wait``: the longest the
+        request may queue there for a serving slot before the peer answers ``busy``.
         """
-        raw = dump_request_header({"op": "get", "chunk": chunk, "trace": trace})
+        header = {"op": "get", "chunk": chunk, "trace": trace}
+        if wait is not None:
+            header["wait"] = wait
+        raw = dump_request_header(header)
         data, spans, _ = await self._request(address, raw)
         return data, spans
 
@@ -558,7 +590,7 @@ class PeerClient:
             resp = decode_json(raw, "response header")
             if resp.get("status") != "ok":
                 code = str(resp.get("code") or "remote")
-                if code in ("unauthorized", "too_large"):
+                if code in ("unauthorized", "too_large", "busy"):
                     reason = code
                 elif code == "bad_request":
                     reason = "protocol"
