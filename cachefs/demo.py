@@ -180,6 +180,7 @@ def run_demo(workdir: str | None, shards: int, shard_size: str, small: int,
             f"{'page cache':>12}")
         passes = [("cold  (empty cache: S3)", False), ("hot   (same mount: page cache)", False),
                   ("warm  (after remount: local SSD)", True)]
+        hot_ssd = 0
         for label, remount in passes:
             if remount:
                 umount()
@@ -193,7 +194,13 @@ def run_demo(workdir: str | None, shards: int, shard_size: str, small: int,
             pageb = max(0, nbytes - fuseb)
             say(f"  {label:<36}{n:>7}{nbytes / secs / 1e6:>10.0f}{human(s3b):>12}"
                 f"{human(ssdb):>12}{human(pageb):>12}")
+            if label.startswith("hot"):
+                hot_ssd = ssdb
         say("")
+        if hot_ssd:
+            say(f"  (hot: the {human(hot_ssd)} from SSD are frames fetched ahead of the reader "
+                "before cachefs saw that its opens were served from the page cache; it then "
+                "pauses fetching ahead there)")
         say("  (moto reads the whole object for each ranged GET, so cold reads here are slower "
             "than against a real S3 endpoint; see bench/ for measurements)")
         umount()
