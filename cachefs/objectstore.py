@@ -129,6 +129,17 @@ TRANSIENT_CODES = {
 }
 
 
+def canonical_etag(etag: str | None) -> str:
+    """An ETag as HTTP writes a strong one, ``"abc"``.  S3-compatible stores and the proxies
+    before them differ: some list ETags without their quotes, some mark them weak (``W/``);
+    cachefs keeps, compares and sends (If-Match) this one form only."""
+    core = (etag or "").strip()
+    if core[:2] in ("W/", "w/"):
+        core = core[2:]
+    core = core.strip('"')
+    return f'"{core}"' if core else ""
+
+
 @dataclass(frozen=True)
 class ObjInfo:
     key: str
@@ -514,7 +525,7 @@ class ObjectStore:
             self.stats.inc("s3_list_requests")
             out.prefixes.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []))
             for o in resp.get("Contents", []):
-                out.objects.append(ObjInfo(o["Key"], int(o["Size"]), o.get("ETag", ""),
+                out.objects.append(ObjInfo(o["Key"], int(o["Size"]), canonical_etag(o.get("ETag")),
                                            _mtime(o.get("LastModified"))))
             if not resp.get("IsTruncated"):
                 return out
@@ -529,7 +540,7 @@ class ObjectStore:
         with span("s3.head", key=key, tier="s3"):
             r = await self._call("HEAD", do)
         self.stats.inc("s3_head_requests")
-        return ObjInfo(key, int(r["ContentLength"]), r.get("ETag", ""),
+        return ObjInfo(key, int(r["ContentLength"]), canonical_etag(r.get("ETag")),
                        _mtime(r.get("LastModified")))
 
     def _count_direct(self) -> None:
@@ -548,7 +559,7 @@ class ObjectStore:
         as its headers arrive, as on botocore's way."""
         headers = {"Range": f"bytes={start}-{end}"}
         if etag:
-            headers["If-Match"] = etag
+            headers["If-Match"] = canonical_etag(etag)
         if direct.pool is not None:
             req = await direct.sign(key, headers)
             status, hdrs, body, n, t_head = await direct.pool.get(
@@ -608,7 +619,7 @@ class ObjectStore:
                     try:
                         r = await self._client.get_object(Bucket=self.bucket, Key=key,
                                                           Range=f"bytes={start}-{end}",
-                                                          IfMatch=etag)
+                                                          IfMatch=canonical_etag(etag))
                     finally:
                         _learning.reset(token)
                     ttfb = time.perf_counter() - t0
@@ -622,7 +633,8 @@ class ObjectStore:
                     status = int(r.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
                     got_etag, content_range = r.get("ETag"), r.get("ContentRange")
                     content_type = r.get("ContentType")
-                if got_etag is not None and etag and got_etag != etag:
+                if got_etag is not None and etag and got_etag != etag \
+                        and canonical_etag(got_etag) != canonical_etag(etag):
                     raise ObjectChanged("object changed in S3 since it was opened", status=412)
                 if status == 206:
                     m = _CR_RE.match(content_range or "")

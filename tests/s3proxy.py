@@ -24,10 +24,12 @@ See docs/testing-s3proxy.md for the fault specification.  Stdlib only.
 from __future__ import annotations
 
 import argparse
+import html
 import http.client
 import json
 import os
 import random
+import re
 import socket
 import sys
 import threading
@@ -179,6 +181,7 @@ def error_xml(code: str, message: str, resource: str = "") -> bytes:
 # --------------------------------------------------------------------------- faults
 
 FAULT_KINDS = (
+    "etag_form",
     "persistent_status",
     "status",
     "truncate",
@@ -245,6 +248,10 @@ class Fault:
             self.extra = int(value)
             if count is None:
                 count = 1
+        elif self.kind == "etag_form":  # value: "bare" or "weak"; every match by default
+            if value not in ("bare", "weak"):
+                raise ValueError('etag_form must be "bare" or "weak"')
+            self.form = value
         elif self.kind in ("delay", "stall_mid_body"):
             self.seconds = float(value)
             if count is None:
@@ -256,6 +263,11 @@ class Fault:
             self.code = spec.get("code") or DEFAULT_CODES.get(self.status, "InternalError")
             self.message = spec.get("message") or f"Injected fault {self.code} by s3proxy"
         self.fired = 0
+
+    def reform(self, etag: str) -> str:
+        """``etag`` ("abc", quoted as S3 sends it) in this fault's form."""
+        core = etag.strip().removeprefix("W/").strip('"')
+        return core if self.form == "bare" else f'W/"{core}"'
 
     def exhausted(self) -> bool:
         return self.remaining is not None and self.remaining <= 0
@@ -652,6 +664,24 @@ class Handler(BaseHTTPRequestHandler):
         headers = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
         clen_hdr = resp.getheader("Content-Length")
         no_body = head or status in (204, 304) or 100 <= status < 200
+
+        if kind == "etag_form":
+            headers = [(k, fault.reform(v) if k.lower() == "etag" else v) for k, v in headers]
+            if not no_body and "xml" in (resp.getheader("Content-Type") or ""):
+                # a listing's ETags too (its body is read whole)
+                body = re.sub(rb"<ETag>(.*?)</ETag>", lambda m: b"<ETag>" + html.escape(
+                    fault.reform(html.unescape(m.group(1).decode()))).encode() + b"</ETag>",
+                    resp.read())
+                headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+                headers.append(("Content-Length", str(len(body))))
+                if resp.will_close:
+                    self._close_upstream()
+                self.send_response_only(status, resp.reason)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self._write(body)
+                return status, len(body)
 
         if kind == "error_body_200" and not no_body:
             resp.read()  # drain upstream so its connection stays reusable

@@ -360,6 +360,25 @@ def test_content_encoding_served_as_stored(s3, bucket, mounts):
     assert c["s3_get_requests"] == 2 and c["s3_get_direct"] == 1 and c.get("s3_retries", 0) == 0
 
 
+@pytest.mark.parametrize("form,ops", [("bare", ["ListObjects"]),
+                                      ("bare", ["GetObject", "HeadObject"]),
+                                      ("weak", ["GetObject", "HeadObject"])])
+def test_etags_quoted_otherwise_by_a_store_are_the_same_version(s3, bucket, mounts, proxy,
+                                                                 form, ops):
+    """A store (or a proxy before it) that writes ETags without quotes, or weak, in its
+    listings or in its GET and HEAD answers: reads still return the object's bytes, with one
+    GET per chunk (every read failed as "object changed in S3": EIO)."""
+    data = put(s3, bucket, "e.bin", random.randbytes(2 * CS + 5))
+    proxy.reset()
+    proxy.faults(etag_form=form, ops=ops)
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "1"))
+    assert read_all(m.path("e.bin")) == data
+    c = m.counters()
+    assert c["s3_get_requests"] == 3 and c.get("s3_retries", 0) == 0
+    m.stop()
+    CacheState(m.cache_dir).assert_consistent()
+
+
 def test_stall_mid_body_times_out_and_retries(s3, bucket, mounts, proxy):
     """A body that stalls half-way past the attempt timeout is retried, not returned short."""
     data = put(s3, bucket, "s.bin", random.randbytes(3 * CS))
