@@ -13,7 +13,9 @@ Namespace
 
 Reads
   A handle pins the object version (ETag, size) it was opened with; every S3
-  GET for it carries that ETag, so a read never mixes two versions.
+  GET for it carries that ETag, so a read never mixes two versions.  Once a read met
+  a change and an open moved the inode to the new version, handles of the old one
+  read EIO (their bytes would go into the pages the new handles read).
   Read-ahead: a handle whose reads follow each other keeps a window of chunk
   fetches in flight that doubles on each new chunk up to ``readahead_chunks``;
   a seek resets it to zero, so random readers fetch only what they read.
@@ -984,6 +986,12 @@ class VFS:
         h = self.handles.get(fh)
         if h is None:
             raise FSError(errno.EBADF)
+        if h.obj.etag != h.node.etag:
+            # A read met a change, then an open moved the node to the new version in place
+            # (the kernel opens the inode it has). This handle's version is gone from S3,
+            # and what it read of it would go into the pages the new handles read.
+            self.stats.inc("read_errors")
+            raise FSError(errno.EIO)
         if h.cur_chunk < 0:  # its first read: the page cache did not serve it
             self.prefetch.reached(h)
         t0 = time.perf_counter()

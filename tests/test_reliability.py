@@ -499,6 +499,36 @@ def test_open_after_a_read_found_the_object_changed_reads_the_new_version(s3, bu
     assert m.counters()["objects_changed"] == 1
 
 
+def test_a_handle_of_the_old_version_does_not_fill_the_pages_a_new_open_reads(s3, bucket,
+                                                                             mounts):
+    """A read met a change while another handle of the old version stayed open; the next
+    open takes the new version on the same inode. The old handle's reads (cached bytes of
+    the old version) put old pages into that inode's page cache, which the new handle then
+    read: 8 KiB of 'A' then 'B' in one pread. Now the old handle reads EIO, and the new
+    one only the new version."""
+    put(s3, bucket, "mix.bin", b"A" * (64 * CS))
+    m = mounts(f"s3://{bucket}")
+    p = m.path("mix.bin")
+    assert read_start(p) == b"A" * 4096  # chunk 0 of the old version cached
+    old_fd = os.open(p, os.O_RDONLY)
+    try:
+        os.posix_fadvise(old_fd, 0, 0, os.POSIX_FADV_RANDOM)
+        new = put(s3, bucket, "mix.bin", b"B" * (64 * CS))
+        with pytest.raises(OSError):  # meets the change: the node is stale
+            read_all(p)
+        new_fd = os.open(p, os.O_RDONLY)  # asks S3: the new version, same inode
+        try:
+            with pytest.raises(OSError) as e:
+                os.pread(old_fd, 4096, 0)
+            assert e.value.errno == errno.EIO
+            assert os.pread(new_fd, 8192, 0) == new[:8192]
+            assert os.pread(new_fd, 2 * CS, 3 * CS) == new[3 * CS:5 * CS]
+        finally:
+            os.close(new_fd)
+    finally:
+        os.close(old_fd)
+
+
 def test_an_open_after_a_change_asks_s3_for_that_object_alone(s3, bucket, mounts, proxy):
     """The open after a read met a change used to relist the whole directory and wait for
     it at most STALE_WAIT (1 s): a slower listing (a large directory) left every open on
