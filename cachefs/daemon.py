@@ -114,6 +114,15 @@ def fusermount_unmount(mp: Path, lazy: bool = False) -> tuple[bool, str]:
     return r.returncode == 0, (r.stderr or r.stdout).strip()
 
 
+# FUSE requests served at once (pyfuse3's default is 99).  Each waits on its own for the
+# cache or S3: with 99 reads of cold files waiting on a stalled S3, no request was left
+# to serve a cached file, a stat or a listing until one of them timed out.  An idle
+# request task costs a few KiB.
+FUSE_TASKS = 2048
+# asynchronous FUSE requests (read-ahead, O_DIRECT reads) the kernel keeps in flight
+FUSE_BACKGROUND = 256
+FUSECTL = Path("/sys/fs/fuse/connections")
+
 # where a FUSE mount would hide what the kernel, the daemon or its tools need
 PSEUDO_FILESYSTEMS = frozenset({
     "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs",
@@ -237,6 +246,32 @@ def set_kernel_readahead(mp: Path, kb: int) -> None:
     except OSError as e:
         log.info("could not raise the kernel read-ahead of %s to %d KiB (%s): reads stay at "
                  "128 KiB", mp, kb, e.strerror)
+
+
+def set_fuse_background(mp: Path, n: int) -> None:
+    """Let the kernel keep ``n`` asynchronous requests (read-ahead, O_DIRECT reads) in flight
+    to the daemon, not 12: with 12 reads of cold files waiting on a stalled S3, every other
+    read of the mount queued in the kernel behind them, cached files included.  The knob is
+    in the FUSE control file system, which systemd mounts at boot; where it is missing (a
+    container) and we are root, it is mounted (it stays: it is the machine's, shared by all
+    FUSE mounts, as on any systemd host)."""
+    dev = mount_device(mp)
+    if dev is None:
+        return
+    conn = FUSECTL / dev.partition(":")[2]
+    try:
+        if not conn.is_dir() and not os.path.ismount(FUSECTL) and os.geteuid() == 0:
+            r = subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)],
+                               capture_output=True, text=True, check=False)
+            if r.returncode:
+                log.info("could not mount the FUSE control file system at %s (%s)", FUSECTL,
+                         r.stderr.strip() or f"exit {r.returncode}")
+        (conn / "max_background").write_text(str(n))
+        (conn / "congestion_threshold").write_text(str(n * 3 // 4))
+    except OSError as e:
+        log.info("could not raise the kernel's limit of background requests of %s to %d (%s):"
+                 " it stays at 12, and reads of cached files wait behind 12 reads waiting on "
+                 "S3", mp, n, e.strerror or e)
 
 
 class Daemon:
@@ -378,7 +413,7 @@ class Daemon:
                 log.warning("the `cachefs mount` that started this daemon gave up waiting "
                             "for it: unmounting")
                 return
-            await pyfuse3.main()
+            await pyfuse3.main(max_tasks=FUSE_TASKS)
             log.info("file system at %s unmounted", mp)
         finally:
             with contextlib.suppress(Exception):
@@ -391,6 +426,7 @@ class Daemon:
         def work() -> None:
             os.stat(mp)  # served by pyfuse3.main: returns only after INIT
             set_kernel_readahead(mp, self.cfg.kernel_read_ahead_kb)
+            set_fuse_background(mp, FUSE_BACKGROUND)
         await trio.to_thread.run_sync(work, abandon_on_cancel=True)
 
     async def _signals(self) -> None:

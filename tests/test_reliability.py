@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures as cf
+import contextlib
 import errno
 import gzip
 import hashlib
@@ -377,6 +378,47 @@ def test_etags_quoted_otherwise_by_a_store_are_the_same_version(s3, bucket, moun
     assert c["s3_get_requests"] == 3 and c.get("s3_retries", 0) == 0
     m.stop()
     CacheState(m.cache_dir).assert_consistent()
+
+
+def test_cached_files_read_while_a_hundred_reads_wait_on_a_stalled_s3(s3, bucket, mounts,
+                                                                      proxy):
+    """S3 stalls under 110 readers of cold files: a file on the SSD still reads, before any
+    of them gives up. It waited for the first time-out: pyfuse3 ran at most 99 requests at
+    once, each waiting for S3, and the kernel sent at most 12 asynchronous ones (read-ahead,
+    O_DIRECT reads) at once."""
+    n = 110
+    warm = put(s3, bucket, "warm.bin", random.randbytes(CS))
+    for i in range(n):
+        put(s3, bucket, f"cold/{i:03d}", b"c" * CS)
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "1", "--s3-timeout", "6s"))
+    assert read_start(m.path("warm.bin"), CS) == warm  # on the SSD, not in the page cache
+    for i in range(n):
+        m.path(f"cold/{i:03d}").stat()
+    proxy.faults(delay=10, count=-1, ops=["GetObject"])
+    done = []
+
+    def cold(i: int) -> None:  # half through the page cache, half O_DIRECT
+        with contextlib.suppress(OSError):
+            if i % 2:
+                read_start(m.path(f"cold/{i:03d}"), CS)
+            else:
+                m.path(f"cold/{i:03d}").read_bytes()
+        done.append(i)
+
+    threads = [threading.Thread(target=cold, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: proxy.stats(settle=0)["ops"].get("GetObject", 0) >= 16, 10,
+             "the cold reads reaching S3")
+    time.sleep(1)  # the readers' requests reach the daemon
+    assert m.path("warm.bin").read_bytes() == warm
+    assert done == []  # every cold read still waits for S3
+    direct = read_start(m.path("warm.bin"), CS)
+    assert done == [] and direct == warm
+    for t in threads:
+        t.join(60)
+    proxy.reset()
+    assert len(done) == n
 
 
 def test_stall_mid_body_times_out_and_retries(s3, bucket, mounts, proxy):
