@@ -207,7 +207,7 @@ def _daemonize(cfg) -> None:
     check_outside_mountpoint(mp, cfg.cache_dir, cfg.log_file)  # before either is created
     fresh = _first_missing(cfg.cache_dir)  # what this command creates, if it fails
     try:
-        prepare_cache_dir(cfg.cache_dir)
+        prepare_cache_dir(cfg.cache_dir, logp)
         logf = _open_log(logp)
     except QuietError:
         if fresh:
@@ -258,9 +258,13 @@ def _remove_fresh_cache_dir(d: Path, top: Path, logp: Path) -> None:
     """A mount that failed before its daemon used the cache dir this command created
     leaves no empty cache dir behind (nor the log in it that holds only the error the
     user was shown, nor the parents created for it).  A dir with anything else stays."""
+    from .daemon import CACHEDIR_TAG
+
     with contextlib.suppress(OSError):
-        if logp.parent == d and set(os.listdir(d)) <= {logp.name}:
-            logp.unlink(missing_ok=True)
+        ours = {CACHEDIR_TAG} | ({logp.name} if logp.parent == d else set())
+        if set(os.listdir(d)) <= ours:
+            for name in ours:
+                (d / name).unlink(missing_ok=True)
         p = d.absolute()
         while True:
             p.rmdir()  # fails on a dir that is not empty

@@ -199,12 +199,71 @@ def lock_mountpoint(mp: Path) -> int:
                              "starting or serving there")
 
 
-def prepare_cache_dir(d: Path) -> None:
+# A cache dir is marked as one (the Cache Directory Tagging convention: backup and archive
+# tools that honour it skip the directory).
+CACHEDIR_TAG = "CACHEDIR.TAG"
+_TAG_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+_TAG = _TAG_SIGNATURE + (b"\n# This directory is a cachefs cache (chunks of S3 objects): "
+                         b"cachefs removes what it does not know in it.\n")
+# what a cache dir may hold besides cachefs's own files before it is tagged
+_OWN = frozenset({"index", "chunks", "tmp", "lock", CACHEDIR_TAG, "lost+found"})
+_HEX = frozenset("0123456789abcdef")
+
+
+def _foreign_in_cache_dir(d: Path, log_name: str) -> str | None:
+    """Something in the untagged, existing dir d that is not cachefs's, or None.  Start-up
+    removes what it does not know in tmp/ and chunks/, so a dir of the user's (a typo, an
+    SSD's root, /var with its tmp/) must never be taken as a cache."""
+    if (d / "index" / "data.mdb").is_file():
+        return None  # made by a cachefs before the tag
+    for name in sorted(os.listdir(d)):
+        if not (name in _OWN or name.startswith(("cachefs.log", "index.bad-", ".probe."))
+                or (log_name and name.startswith(log_name))):
+            return name
+    for sub in ("index", "tmp"):
+        if (d / sub).is_dir() and (first := next(iter(sorted(os.listdir(d / sub))), None)):
+            return f"{sub}/{first}"
+        if (d / sub).exists() and not (d / sub).is_dir():
+            return sub
+    chunks = d / "chunks"
+    if chunks.exists():
+        if not chunks.is_dir():
+            return "chunks"
+        for name in sorted(os.listdir(chunks)):
+            if len(name) != 2 or not set(name) <= _HEX or not (chunks / name).is_dir():
+                return f"chunks/{name}"
+    return None
+
+
+def _tagged(tag: Path) -> bool:
+    try:
+        with open(tag, "rb") as f:
+            return f.read(len(_TAG_SIGNATURE)) == _TAG_SIGNATURE
+    except OSError:
+        return False
+
+
+def prepare_cache_dir(d: Path, log_file: Path | None = None) -> None:
+    """The cache dir, created (0700) or checked to be a cache dir (a tagged one, or one
+    holding nothing that is not cachefs's), then tagged.  ``log_file``: the log, which may
+    be in it."""
     if d.exists() and not d.is_dir():
         raise QuietError(f"cache dir {d} is not a directory", EXIT_USAGE)
+    tag = d / CACHEDIR_TAG
     try:
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
+        if not d.exists():
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)  # (an existing dir keeps its mode: chunks/ is 0700)
+        elif not _tagged(tag):
+            log_name = log_file.name if log_file and log_file.parent == d else ""
+            foreign = _foreign_in_cache_dir(d, log_name)
+            if foreign is not None:
+                raise QuietError(
+                    f"cache dir {d} holds {foreign!r}, which cachefs did not put there: "
+                    "it removes what it does not know in its cache dir; give it a "
+                    "directory of its own (a new or empty one)", EXIT_USAGE)
+        if not tag.exists():
+            tag.write_bytes(_TAG)
         probe = d / f".probe.{os.getpid()}"
         probe.write_bytes(b"x")
         probe.unlink()
@@ -306,7 +365,7 @@ class Daemon:
             check_mountpoint(mp)
             check_outside_mountpoint(mp, cfg.cache_dir, cfg.log_file)
             check_mountpoint_empty(mp)
-            prepare_cache_dir(cfg.cache_dir)
+            prepare_cache_dir(cfg.cache_dir, cfg.log_file)
             locks.append(lock_cache_dir(cfg.cache_dir))
             return mp
 

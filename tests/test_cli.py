@@ -996,6 +996,50 @@ def test_a_mount_hides_nothing(s3, bucket, proxy, tmp_path):
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
 
+def test_a_directory_of_the_users_is_never_taken_as_a_cache_dir(s3, bucket, proxy, tmp_path):
+    """--cache-dir naming a directory that holds the user's files (an SSD's root, /var with
+    its tmp/): start-up removed every file in its tmp/ and whatever in its chunks/ was not a
+    chunk, and made it 0700, before it even found the bucket was a typo. Now it is refused
+    on one line and left as it was; a cache dir cachefs made is tagged (CACHEDIR.TAG) and
+    taken again, also one made before the tag."""
+    s3.put_object(Bucket=bucket, Key="f", Body=b"x" * 1000)
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    shared = tmp_path / "scratch"
+    (shared / "tmp").mkdir(parents=True)
+    (shared / "tmp" / "results.csv").write_text("precious\n")
+    shared.chmod(0o1777)
+    src = ("mount", f"s3://{bucket}", str(mp), "--cache-size", "64MiB", "--endpoint-url",
+           proxy.url)
+    for extra in ((), ("--foreground",)):
+        one_line_error(cli(*src, "--cache-dir", str(shared), *extra),
+                       f"cache dir {shared} holds 'tmp/results.csv', which cachefs did not "
+                       "put there", code=2)
+    (shared / "tmp" / "results.csv").unlink()
+    (shared / "chunks").mkdir()
+    (shared / "chunks" / "README").write_text("notes\n")
+    one_line_error(cli(*src, "--cache-dir", str(shared)), "holds 'chunks/README'", code=2)
+    (shared / "notes.txt").write_text("mine\n")
+    one_line_error(cli(*src, "--cache-dir", str(shared)), "holds 'notes.txt'", code=2)
+    assert sorted(p.name for p in shared.rglob("*")) == ["README", "chunks", "notes.txt", "tmp"]
+    assert oct(shared.stat().st_mode & 0o7777) == "0o1777" and not is_mounted(mp)
+
+    cache = tmp_path / "cache"
+    try:
+        assert cli(*src, "--cache-dir", str(cache)).returncode == 0
+        assert (mp / "f").read_bytes() == b"x" * 1000
+        assert cli("umount", str(mp)).returncode == 0
+        tag = (cache / "CACHEDIR.TAG").read_bytes()
+        assert tag.startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
+        (cache / "CACHEDIR.TAG").unlink()  # as a cache made before the tag was
+        r = cli(*src, "--cache-dir", str(cache))
+        assert r.returncode == 0, r.stderr
+        assert cli("umount", str(mp)).returncode == 0
+        assert (cache / "CACHEDIR.TAG").read_bytes() == tag
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
 def test_packaged_deployments_run_what_the_cli_takes(monkeypatch, tmp_path):
     """The systemd unit and the Kubernetes DaemonSet: their cachefs command lines parse,
     their config files load, and the mountpoint exists before the mount starts (cachefs
