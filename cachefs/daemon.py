@@ -122,6 +122,8 @@ FUSE_TASKS = 2048
 # asynchronous FUSE requests (read-ahead, O_DIRECT reads) the kernel keeps in flight
 FUSE_BACKGROUND = 256
 FUSECTL = Path("/sys/fs/fuse/connections")
+# seconds the FUSE requests under way get to finish when the daemon is told to stop
+STOP_GRACE = 5.0
 
 # where a FUSE mount would hide what the kernel, the daemon or its tools need
 PSEUDO_FILESYSTEMS = frozenset({
@@ -349,6 +351,8 @@ class Daemon:
         self.writer: IndexWriter | None = None
         self.cluster = None
         self.nursery: trio.Nursery | None = None
+        self._fuse_scope = trio.CancelScope()  # pyfuse3.main: cancelled STOP_GRACE into a stop
+        self._stopping = trio.Event()
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -472,7 +476,8 @@ class Daemon:
                 log.warning("the `cachefs mount` that started this daemon gave up waiting "
                             "for it: unmounting")
                 return
-            await pyfuse3.main(max_tasks=FUSE_TASKS)
+            with self._fuse_scope:
+                await pyfuse3.main(max_tasks=FUSE_TASKS)
             log.info("file system at %s unmounted", mp)
         finally:
             with contextlib.suppress(Exception):
@@ -493,12 +498,32 @@ class Daemon:
             async for sig in sigs:
                 if sig == signal.SIGHUP:
                     continue
+                if self._stopping.is_set():  # a second one: no more grace
+                    log.info("signal %s again: not waiting for the requests under way",
+                             signal.Signals(sig).name)
+                    self._fuse_scope.cancel()
+                    continue
                 log.info("signal %s: unmounting", signal.Signals(sig).name)
-                pyfuse3.terminate()
-                return
+                self.stop()
 
     def stop(self) -> None:
+        """End the FUSE loop: no new requests; those under way get STOP_GRACE seconds, then
+        they are cancelled (their callers get an error when the mount goes): a read waiting
+        on a stalled S3 would hold the stop for its whole retry budget, past the service
+        manager's stop time-out, whose SIGKILL leaves the mount stale."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
         pyfuse3.terminate()
+        assert self.nursery is not None
+        self.nursery.start_soon(self._end_fuse_loop)
+
+    async def _end_fuse_loop(self) -> None:
+        await trio.sleep(STOP_GRACE)
+        if not self._fuse_scope.cancel_called:
+            log.warning("FUSE requests still waiting %g s after the stop began (on S3?): "
+                        "cancelling them", STOP_GRACE)
+            self._fuse_scope.cancel()
 
 
 def _invalidate_entry(parent: int, name: str) -> None:

@@ -421,6 +421,34 @@ def test_cached_files_read_while_a_hundred_reads_wait_on_a_stalled_s3(s3, bucket
     assert len(done) == n
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_while_reads_wait_on_a_stalled_s3_unmounts_at_once(s3, bucket, mounts, proxy,
+                                                                   signals):
+    """SIGTERM while reads wait on S3: the daemon waited for them, up to their whole retry
+    budget (183 s with the defaults, past systemd's and Kubernetes' stop time-outs), and a
+    second SIGTERM killed it with the mount left behind, stale. Now the reads get an error
+    within the stop's grace, and the mount is gone; a second signal ends the grace."""
+    put(s3, bucket, "f", b"x" * 100_000)
+    m = mounts(f"s3://{bucket}", extra=("--s3-timeout", "30s", "--s3-max-attempts", "3"))
+    assert [p.name for p in m.mp.iterdir()] == ["f"]
+    proxy.faults(delay=60, ops=["GetObject"], count=-1)
+    reader = subprocess.Popen(["cat", str(m.path("f"))], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    wait_for(lambda: proxy.stats(settle=0)["ops"].get("GetObject", 0) >= 1, 10,
+             "the read reaching S3")
+    t0 = time.monotonic()
+    for _ in range(signals):
+        m.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+    assert m.proc.wait(30) == 0, m.log_text()
+    took = time.monotonic() - t0
+    assert reader.wait(10) != 0  # the read failed; it did not hang
+    proxy.clear_faults()
+    assert not is_mounted(m.mp)
+    assert took < 25, took  # not the read's 90 s of attempts
+    assert ("still waiting" if signals == 1 else "again: not waiting") in m.log_text()
+
+
 def test_stall_mid_body_times_out_and_retries(s3, bucket, mounts, proxy):
     """A body that stalls half-way past the attempt timeout is retried, not returned short."""
     data = put(s3, bucket, "s.bin", random.randbytes(3 * CS))
