@@ -70,11 +70,16 @@ def read_list(path: str) -> str:
     except OSError as e:
         raise QuietError(f"file list {name}: {e.strerror or e}", EXIT_USAGE) from None
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # (a byte order mark, as Windows editors save: skipped)
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise QuietError(f"file list {name}: not UTF-8 text (line {line})",
                          EXIT_USAGE) from None
+    if (nul := data.find(b"\0")) >= 0:  # a tar of text files, a file of zeros: UTF-8, no list
+        line = data.count(b"\n", 0, nul) + 1
+        raise QuietError(f"file list {name}: not a text file (a NUL byte on line {line})",
+                         EXIT_USAGE)
+    return text
 
 
 def split_lines(text: str) -> list[tuple[int, str]]:

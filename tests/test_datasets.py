@@ -625,6 +625,28 @@ def test_a_list_that_is_not_utf8_text_is_one_line(mounts, bucket, tmp_path):
                                              b"text (line 1)\n", r.stderr
 
 
+def test_a_list_with_nul_bytes_is_one_line_and_a_byte_order_mark_is_skipped(
+        mounts, bucket, s3, tmp_path):
+    """A tar of JSON samples, or a file of zeros, is valid UTF-8: each "entry" was printed
+    whole (20 MB of stderr for 5 MB of zeros). A list saved with a byte order mark (Windows
+    editors) made its first line an entry that did not exist."""
+    put(s3, bucket, {"a/f0.bin": 10, "a/f1.bin": 10})
+    m = mounts(f"s3://{bucket}")
+    zeros = tmp_path / "zeros.lst"
+    zeros.write_bytes(b"a/f0.bin\n" + bytes(1 << 20))
+    for cmd in ("preload", "status", "free"):
+        r = cli(cmd, "--file-list", str(zeros), "--mount", str(m.mp))
+        assert (r.returncode, r.stderr) == (2, f"cachefs: error: file list {zeros}: not a text "
+                                               "file (a NUL byte on line 2)\n"), cmd
+    bom = tmp_path / "bom.lst"
+    bom.write_bytes(b"\xef\xbb\xbfa/f0.bin\r\na/f1.bin\r\n")
+    r = cli("status", "--file-list", str(bom), "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    bom.write_bytes(b"\xef\xbb\xbf# my list\r\na/f1.bin\r\n")
+    r = cli("status", "--file-list", str(bom), "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+
+
 def test_control_socket_refuses_other_users(mounts, bucket, s3, monkeypatch):
     put(s3, bucket, {"f": 10})
     run = tempfile.mkdtemp(prefix="cachefs-run-")
