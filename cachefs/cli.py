@@ -393,10 +393,14 @@ def umount(mountpoint: str, timeout: float) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """True while pid runs (a zombie waiting for its parent counts as exited)."""
+    """True while pid runs a cachefs daemon (a zombie waiting for its parent counts as
+    exited; so does another program under the pid of a daemon that was killed)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"cachefs" in f.read()
     except (OSError, IndexError):
         return False
 

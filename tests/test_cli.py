@@ -582,6 +582,12 @@ def test_umount_of_a_hung_or_dead_daemon(s3, bucket, mounts):
     try:
         m2.proc.kill()
         m2.proc.wait()
+        # its pid given to another program meanwhile: that is not the daemon
+        import json
+
+        from cachefs import runtime
+        info = runtime.mount_dir(m2.mp) / "info.json"
+        info.write_text(json.dumps({**json.loads(info.read_text()), "pid": holder.pid}))
         r = cli("umount", str(m2.mp), timeout=30)
         assert r.returncode == 0, r.stderr
         assert not is_mounted(m2.mp)
