@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import select
+import stat
 import subprocess
 import sys
 import time
@@ -146,12 +147,28 @@ def mount(args, config_file, ready_fd, foreground, **flags) -> None:
         raise QuietError("too many arguments: expected [s3://bucket[/prefix]] MOUNTPOINT",
                          EXIT_USAGE)
     flags["foreground"] = foreground
+    if config_file and not foreground and ready_fd is None and _not_a_file(config_file):
+        raise QuietError(f"config file {printable(config_file)} is read from a pipe or "
+                         "stdin: the daemon reads it again as it starts; write it to a file, "
+                         "or mount with --foreground", EXIT_USAGE)
     cfg = build_config(mountpoint=mountpoint, source=source, config_file=config_file,
                        flags=flags)
     if foreground or ready_fd is not None:
         _run_foreground(cfg, ready_fd)
     else:
         _daemonize(cfg)
+
+
+def _not_a_file(path: str) -> bool:
+    """A path the daemon cannot read again as this process did: this process's own file
+    descriptors (stdin, a shell's <(...)), a pipe, a terminal."""
+    if path in ("-", "/dev/stdin") or path.startswith(("/dev/fd/", "/proc/self/fd/")):
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # (what is missing gets its own error)
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
 
 
 def _log_path(cfg) -> Path:

@@ -766,6 +766,25 @@ endpoint_url = "{moto.url}"
     assert (m.mp / "west" / "b.txt").read_bytes() == b"dc2"
 
 
+def test_a_config_read_from_stdin_or_a_pipe_is_refused_before_the_daemon_starts(
+        moto, tmp_path):
+    """`--config /dev/stdin` or `--config <(...)`: the daemon, which reads the config again,
+    found nothing there and failed, and the user saw only "the daemon exited during start-up
+    (status 2)" (exit 1) and a cache dir left behind."""
+    text = (f'[s3]\nendpoint_url = "{moto.url}"\n[cache]\ndir = "{tmp_path / "c"}"\n'
+            'size = "64MiB"\n[[mount]]\nsource = "s3://b"\n')
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    one_line_error(cli("mount", "--config", "/dev/stdin", str(mp), input=text),
+                   "config file /dev/stdin is read from a pipe or stdin", "--foreground",
+                   code=2)
+    fifo = tmp_path / "cfg.fifo"
+    os.mkfifo(fifo)
+    one_line_error(cli("mount", "--config", str(fifo), str(mp)),
+                   f"config file {fifo} is read from a pipe", code=2)
+    assert not (tmp_path / "c").exists() and not is_mounted(mp)
+
+
 def test_kernel_read_ahead_from_the_config_file(s3, bucket, tmp_path, mounts):
     """[read] kernel_read_ahead_kb sets the mount's kernel read-ahead (1024 by default)."""
     from cachefs.daemon import mount_device
