@@ -969,6 +969,8 @@ class VFS:
                     # before the opens waiting for this go on: the kernel must not read on
                     # with the old version's size and pages
                     await self.invalidate(node.ino)
+            else:  # the listed version is S3's again (it was put back)
+                self.reader.version_current(m.spec.bucket, node.key, node.etag)
             node.stale = False
         finally:
             if self._refreshing.get(node.ino) is check:

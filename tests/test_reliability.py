@@ -599,6 +599,20 @@ def test_a_handle_of_the_old_version_does_not_fill_the_pages_a_new_open_reads(s3
         os.close(old_fd)
 
 
+def test_an_object_put_back_to_its_listed_version_reads_again(s3, bucket, mounts):
+    """Overwritten, then put back (a rollback) before the next open: that open's HEAD finds
+    the listed version again, and its reads are S3's bytes. They failed with EIO for
+    60 s: the version stayed marked as changed."""
+    a = put(s3, bucket, "rb.bin", b"A" * (64 * CS))
+    m = mounts(f"s3://{bucket}")
+    assert read_start(m.path("rb.bin")) == b"A" * 4096  # (see read_start)
+    put(s3, bucket, "rb.bin", b"B" * (64 * CS))
+    with pytest.raises(OSError):
+        read_all(m.path("rb.bin"))
+    put(s3, bucket, "rb.bin", a)
+    assert read_all(m.path("rb.bin")) == a
+
+
 def test_an_open_after_a_change_asks_s3_for_that_object_alone(s3, bucket, mounts, proxy):
     """The open after a read met a change used to relist the whole directory and wait for
     it at most STALE_WAIT (1 s): a slower listing (a large directory) left every open on

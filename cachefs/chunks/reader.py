@@ -139,6 +139,11 @@ class ChunkReader:
         else:
             self._failed[ref.cid] = (now + FAILED_FOR, e)
 
+    def version_current(self, bucket: str, key: str, etag: str) -> None:
+        """S3 said this version is the object's again (put back, a rollback): reads of it
+        no longer fail at once for the change a GET met."""
+        self._changed.pop((bucket, key, etag), None)
+
     def unpin(self, cids) -> list[bytes]:
         """Fetches of these chunks still under way will cache them unpinned (a free of
         them: the preload that started them was stopped); returns their ids."""
