@@ -152,6 +152,8 @@ class ReadaheadBudget:
 
 
 MEMO_CHUNKS = 8  # the shared memo holds up to this many chunks (and ≤ 1/4 of the budget)
+# a handle that has not read for this long gives its chunks back when the budget is spent
+IDLE_HANDLE = 1.0
 MEMO_AHEAD = 2  # chunks a herd's shared read-ahead fetches past a miss
 
 
@@ -268,6 +270,7 @@ class FileHandle:
         self.window = 0
         self.cur_chunk = -1  # stays -1 until a read reaches the daemon
         self.closed = False
+        self.last_read = 0.0  # trio time of its last read (see VFS._trim_idle)
 
     def keep(self, i: int, data: bytes, charged: bool) -> None:
         """Chunk i arrived (from this handle's fetches or the file prefetcher);
@@ -416,6 +419,9 @@ class FileHandle:
 
     def close(self) -> None:
         self.closed = True
+        self.let_go_all()
+
+    def let_go_all(self) -> None:
         for i in list(self.buf):
             self._let_go(i)
 
@@ -442,6 +448,8 @@ class VFS:
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, FileHandle] = {}
         self.open_count: dict[int, int] = {}  # inode -> open handles
+        # handles that have read, the one that read last at the end (see _trim_idle)
+        self._reading: OrderedDict[FileHandle, None] = OrderedDict()
         # an open directory: the node and its entries as they were at opendir
         self.dir_handles: dict[int, tuple[Node, list[tuple[str, int]]]] = {}
         self._fh = itertools.count(1)
@@ -997,6 +1005,9 @@ class VFS:
         if h.cur_chunk < 0:  # its first read: the page cache did not serve it
             self.prefetch.reached(h)
         t0 = time.perf_counter()
+        h.last_read = trio.current_time()
+        self._reading.pop(h, None)
+        self._reading[h] = None  # (the most recent last)
         with self.tracer.start("read", ino=h.node.ino, path=self.display_path(h.node),
                                offset=off, size=size, pid=h.pid):
             try:
@@ -1015,11 +1026,30 @@ class VFS:
                 raise FSError(errno.EIO) from None
         self.stats.observe("fuse_read", time.perf_counter() - t0)
         self.stats.inc("fuse_read_bytes", len(data))
+        if self.budget.used > self.budget.limit:
+            self._trim_idle()
         return data
+
+    def _trim_idle(self) -> None:
+        """The read-ahead budget is spent: handles that have not read for IDLE_HANDLE give
+        back the chunks they keep, oldest first.  A handle keeps the chunk it reads in (and
+        its read-ahead) between reads, and files held open and left (a loader's open
+        shards, HDF5 files) kept one chunk each, 8 MiB per open file, without a bound."""
+        idle_since = trio.current_time() - IDLE_HANDLE
+        for h in list(self._reading):
+            if h.last_read > idle_since or self.budget.used <= self.budget.limit:
+                return
+            if h.pending:  # its read-ahead is still on its way: the next trim
+                continue
+            del self._reading[h]
+            if h.buf:
+                self.stats.inc("idle_handle_chunks_released", len(h.buf))
+                h.let_go_all()
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is not None:
+            self._reading.pop(h, None)
             h.close()
             ino = h.node.ino
             left = self.open_count.pop(ino, 1) - 1
