@@ -790,7 +790,10 @@ class VFS:
                     del new[node.name]
             elif node.name not in new:  # not yet in this listing: S3 said it is there
                 new[node.name] = node.ino
-        d.children = new
+        # the same names and inodes: the same dict, so what was built from it (its sorted
+        # entries, the file prefetcher's order of it) stays; rebuilding took 0.36 s of the
+        # trio thread for a million names, once per metadata TTL
+        d.children = old if new == old else new
         d.listed_at = time.monotonic()  # (with what HEADs said since: as new as the LIST)
         kept = set(new.values())
         for ino in old.values():
