@@ -265,7 +265,9 @@ def prepare_cache_dir(d: Path, log_file: Path | None = None) -> None:
                     "it removes what it does not know in its cache dir; give it a "
                     "directory of its own (a new or empty one)", EXIT_USAGE)
         if not tag.exists():
-            tag.write_bytes(_TAG)
+            fd = os.open(tag, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as f:
+                f.write(_TAG)
         probe = d / f".probe.{os.getpid()}"
         probe.write_bytes(b"x")
         probe.unlink()

@@ -1203,7 +1203,7 @@ def test_hostile_keys(s3, bucket, mounts, proxy, tmp_path):
     for p in m.cache_dir.rglob("*"):
         rel = p.relative_to(m.cache_dir).as_posix()
         assert re.fullmatch(r"lock|tmp|chunks|chunks/[0-9a-f]{2}|chunks/[0-9a-f]{2}/[0-9a-f]{32}"
-                            r"|index|index/(data|lock)\.mdb|cachefs\.log", rel), rel
+                            r"|index|index/(data|lock)\.mdb|cachefs\.log|CACHEDIR\.TAG", rel), rel
 
 
 # -- many keys ----------------------------------------------------------------------------
