@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("cachefs.metrics")
 
 MAX_REQUEST = 8192
-REQUEST_TIMEOUT = 5.0
-MAX_CONNECTIONS = 16
+REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
+SEND_TIMEOUT = 10.0  # ... and to take the answer
+MAX_CONNECTIONS = 16  # served at once; more are closed at once
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Stats counter → (metric, labels) for the curated families; every counter is also
@@ -77,9 +78,17 @@ async def serve_metrics(d: Daemon, sock: socket.socket, *,
     task_status.started((host, port))
 
     async def handle(stream: trio.SocketStream) -> None:
+        if not limiter.available_tokens:
+            # MAX_CONNECTIONS clients are being served: this one is closed at once, not
+            # queued (idle connections held every file descriptor of the daemon: its chunk
+            # writes, S3 and peer connections failed with EMFILE)
+            d.stats.inc("metrics_connections_refused")
+            await trio.aclose_forcefully(stream)
+            return
         async with limiter:
             try:
-                await _handle(d, stream)
+                with trio.move_on_after(REQUEST_TIMEOUT + SEND_TIMEOUT):
+                    await _handle(d, stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             except Exception:  # noqa: BLE001 - a scrape must never stop the daemon

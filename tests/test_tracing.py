@@ -208,6 +208,35 @@ def test_a_traced_request_leaves_no_reference_cycle():
 # -- one daemon: trace PATH, cold and warm; /metrics; OTLP; no credential anywhere ---------
 
 
+def test_idle_metrics_clients_hold_no_more_than_a_few_descriptors(mounts, s3, bucket):
+    """Clients that connect to /metrics and say nothing were queued without a time limit,
+    each holding a file descriptor: enough of them, from any local user or the network,
+    and the daemon's chunk writes, S3 and peer connections failed with EMFILE. Now at most
+    16 are served at once, the others closed at once, and scrapes still answer."""
+    import socket
+
+    data = put(s3, bucket, "f.bin", 4 * CHUNK)
+    port = free_port()
+    m = mounts(f"s3://{bucket}", extra=("--metrics-listen", f"127.0.0.1:{port}"))
+    os.stat(m.path("f.bin"))
+    fds = lambda: len(os.listdir(f"/proc/{m.proc.pid}/fd"))  # noqa: E731
+    before = fds()
+    idle = []
+    try:
+        for _ in range(120):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(1)
+        assert fds() <= before + 16 + 4, (before, fds())
+        assert m.path("f.bin").read_bytes() == data
+        refused = m.counters()["metrics_connections_refused"]
+        assert refused >= 60
+    finally:
+        for c in idle:
+            c.close()
+    assert scrape(port)[0]["cachefs_s3_bytes_total"] == len(data)
+    assert "Too many open files" not in m.log_text()
+
+
 def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):
     size = 3 * CHUNK + 1000
     put(s3, bucket, "dir/a.bin", size, seed=1)
