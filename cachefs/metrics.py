@@ -314,6 +314,16 @@ def render(d: Daemon) -> str:
     o.one("cachefs_trace_dropped_spans_total", "counter",
           "Spans not kept (per-trace span cap).", ts["dropped_spans"])
 
+    otlp = getattr(d, "otlp", None)
+    if otlp is not None:
+        st = otlp.statistics()
+        o.one("cachefs_otlp_exported_total", "counter", "Traces exported over OTLP.",
+              st["exported"])
+        o.one("cachefs_otlp_dropped_total", "counter",
+              "Traces not exported (queue full, a failed POST).", st["dropped"])
+        o.one("cachefs_otlp_failed_posts_total", "counter", "OTLP POSTs that failed.",
+              st["failed_posts"])
+
     # every counter, generically (names are fixed identifiers, never data)
     o.family("cachefs_events_total", "counter", "Every internal counter, by name.")
     for name, v in sorted(c.items()):

@@ -16,7 +16,9 @@ logged or reported with them (``redact``).
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import secrets
 from typing import Any
@@ -55,11 +57,20 @@ def _value(v: Any) -> dict:
     if isinstance(v, int):
         return {"intValue": str(v)}
     if isinstance(v, float):
-        return {"doubleValue": v}
+        return {"doubleValue": v} if math.isfinite(v) else {"stringValue": str(v)}
     return {"stringValue": str(v)}
 
 
 _SKIP = {"name", "start_ms", "duration_ms", "spans", "wall_time", "start_time", "trace_id"}
+
+
+def _ns(ms: Any) -> int:
+    """Milliseconds (from a span, maybe a peer's) as whole nanoseconds; 0 if not finite."""
+    try:
+        v = float(ms) * 1e6
+    except (TypeError, ValueError):
+        return 0
+    return int(v) if math.isfinite(v) else 0
 
 
 def to_otlp(traces: list[dict], node: str) -> dict:
@@ -67,12 +78,12 @@ def to_otlp(traces: list[dict], node: str) -> dict:
     spans: list[dict] = []
     for t in traces:
         tid = secrets.token_hex(16)
-        base_ns = int(float(t.get("start_time", t.get("wall_time", 0))) * 1e9)
+        base_ns = _ns(t.get("start_time", t.get("wall_time", 0))) * 1000
 
         def walk(s: dict, parent: str | None, tid=tid, base_ns=base_ns) -> None:
             sid = secrets.token_hex(8)
-            start = base_ns + int(float(s.get("start_ms", 0)) * 1e6)
-            end = start + int(float(s.get("duration_ms", 0)) * 1e6)
+            start = base_ns + _ns(s.get("start_ms", 0))
+            end = start + _ns(s.get("duration_ms", 0))
             attrs = [{"key": f"cachefs.{k}", "value": _value(v)} for k, v in s.items()
                      if k not in _SKIP and isinstance(v, (str, int, float, bool))]
             if parent is None and "trace_id" in s:
@@ -109,6 +120,8 @@ class OTLPExporter:
         self.dropped = 0
         self.failed_posts = 0
         self.posts = 0
+        self.encode_errors = 0
+        self._limiter = trio.CapacityLimiter(1)
 
     def offer(self, trace) -> None:
         """Called by the tracer for every recorded trace (a trace.``RootSpan``)."""
@@ -129,10 +142,19 @@ class OTLPExporter:
                         batch.append(self._recv.receive_nowait())
                     except trio.WouldBlock:
                         break
-                body = to_otlp([t.dict() for t in batch], self.node)
+                try:  # off the trio thread: tens of ms for a batch of cold traces
+                    body = await trio.to_thread.run_sync(self._encode, batch,
+                                                         limiter=self._limiter)
+                except Exception:  # a bug, or a value JSON cannot carry: this batch only
+                    self.encode_errors += 1
+                    self.dropped += len(batch)
+                    if self.encode_errors in (1, 10, 100) or self.encode_errors % 1000 == 0:
+                        log.exception("OTLP: a batch of traces could not be encoded")
+                    continue
                 self.posts += 1
                 try:
-                    r = await client.post(self.url, json=body)
+                    r = await client.post(self.url, content=body,
+                                          headers={"Content-Type": "application/json"})
                     if r.status_code >= 300:
                         raise httpx.HTTPStatusError(f"status {r.status_code}", request=r.request,
                                                     response=r)
@@ -147,6 +169,13 @@ class OTLPExporter:
                 self.exported += len(batch)
                 log.debug("OTLP: exported %d trace(s) to %s", len(batch), redact(self.url))
 
+    def _encode(self, batch: list) -> bytes:
+        """A batch of recorded traces as the POST's body (in a worker thread: they are
+        finished, nothing changes them)."""
+        return json.dumps(to_otlp([t.dict() for t in batch], self.node),
+                          allow_nan=False).encode()
+
     def statistics(self) -> dict:
         return {"url": redact(self.url), "exported": self.exported, "dropped": self.dropped,
-                "posts": self.posts, "failed_posts": self.failed_posts}
+                "posts": self.posts, "failed_posts": self.failed_posts,
+                "encode_errors": self.encode_errors}

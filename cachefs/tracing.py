@@ -269,7 +269,9 @@ class Tracing:
         return await self._drop_unpinned(cids)
 
     async def stats(self, req: dict, emit) -> dict:
-        return {"tracer": self.d.tracer.statistics(), "node": self.d.tracer.node}
+        otlp = getattr(self.d, "otlp", None)
+        return {"tracer": self.d.tracer.statistics(), "node": self.d.tracer.node,
+                "otlp": otlp.statistics() if otlp is not None else None}
 
     async def enable(self, req: dict, emit) -> dict:
         on = req.get("on")

@@ -208,6 +208,21 @@ def test_a_traced_request_leaves_no_reference_cycle():
 # -- one daemon: trace PATH, cold and warm; /metrics; OTLP; no credential anywhere ---------
 
 
+def test_otlp_encodes_a_peers_non_finite_figures_without_failing():
+    """A NaN or infinite duration in a peer's spans (a buggy or damaged member) raised
+    ValueError in the exporter, outside its error handling: it ended the daemon."""
+    from cachefs.otlp import to_otlp
+
+    body = to_otlp([{"name": "read", "start_time": 1e9, "duration_ms": 3.0,
+                     "spans": [{"name": "peer", "start_ms": float("nan"),
+                                "duration_ms": float("inf"), "ttfb_ms": float("nan")}]}], "n")
+    spans = json.loads(json.dumps(body, allow_nan=False))["resourceSpans"][0][
+        "scopeSpans"][0]["spans"]
+    peer = next(s for s in spans if s["name"] == "peer")
+    assert peer["startTimeUnixNano"] == peer["endTimeUnixNano"] == str(10**18)
+    assert {"key": "cachefs.ttfb_ms", "value": {"stringValue": "nan"}} in peer["attributes"]
+
+
 def test_idle_metrics_clients_hold_no_more_than_a_few_descriptors(mounts, s3, bucket):
     """Clients that connect to /metrics and say nothing were queued without a time limit,
     each holding a file descriptor: enough of them, from any local user or the network,
@@ -311,6 +326,10 @@ def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):
                  for rs in json.loads(b)["resourceSpans"] for ss in rs["scopeSpans"]
                  for s in ss["spans"]}
         assert {"read", "chunk", "s3.get"} <= names
+        wait_until = time.monotonic() + 10
+        while scrape(port)[0].get("cachefs_otlp_exported_total", 0) < 1:
+            assert time.monotonic() < wait_until, "cachefs_otlp_exported_total"
+            time.sleep(0.05)
 
         # no credential in the log, traces, metrics, OTLP payloads or argv
         _, text = scrape(port)
