@@ -22,6 +22,7 @@ import errno
 import json
 import mmap
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -524,6 +525,22 @@ def _follow(client, slower: float | None, prefix: str | None, as_json: bool) -> 
                    on_event=on_event, timeout=None)
 
 
+@contextlib.contextmanager
+def _signals_end_us():
+    """SIGTERM and SIGHUP (`timeout`, a closed ssh session) end the command the way ^C
+    does, through its clean-up, instead of at once: the daemon's capture was left running,
+    collecting every trace of that range, until the next `cachefs trace` expired it."""
+    def end(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = {sig: signal.signal(sig, end) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def _stop_capture(client, cap: dict) -> dict:
     return client.request({"op": "trace_capture_stop", "capture": cap["capture"],
                            "wait": 10.0}, timeout=60)
@@ -562,10 +579,11 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
     cap = client.request({"op": "trace_capture_start", "ino": ino, "offset": offset,
                           "length": length})
     try:
-        got, elapsed, direct, err = read_direct(path, offset, length)
+        with _signals_end_us():
+            got, elapsed, direct, err = read_direct(path, offset, length)
     except BaseException:
         with contextlib.suppress(QuietError):  # the error to report is this one
-            _stop_capture(client, cap)  # a failed open, ^C: free the daemon's capture
+            _stop_capture(client, cap)  # a failed open, ^C, kill: free the daemon's capture
         raise
     why = (err.strerror or str(err)) if err is not None else None
     failure = f"reading {shown} failed: {why}" if why is not None else None

@@ -208,6 +208,30 @@ def test_a_traced_request_leaves_no_reference_cycle():
 # -- one daemon: trace PATH, cold and warm; /metrics; OTLP; no credential anywhere ---------
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_trace_command_killed_mid_read_ends_its_capture(mounts, s3, bucket, proxy, sig):
+    """`timeout 5 cachefs trace ...` or a closed ssh session: the command ended without its
+    clean-up, and the daemon kept collecting every trace of that range (21 kept after 20
+    reads) until some later `cachefs trace` expired it."""
+    import signal
+
+    put(s3, bucket, "k.bin", 4 * CHUNK)
+    m = mounts(f"s3://{bucket}")
+    os.stat(m.path("k.bin"))
+    proxy.faults(delay=2.0, count=1)
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", str(m.path("k.bin"))],
+                         env={**os.environ, **CREDS}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not proxy.stats(settle=0)["ops"].get("GetObject"):
+        assert time.monotonic() < deadline, "the trace's read reaching S3"
+        time.sleep(0.05)
+    p.send_signal(getattr(signal, sig))
+    assert p.wait(30) == 128 + getattr(signal, sig)
+    with pytest.raises(QuietError, match="no trace capture 1"):
+        m.request({"op": "trace_capture_stop", "capture": 1, "wait": 0})
+
+
 def test_otlp_encodes_a_peers_non_finite_figures_without_failing():
     """A NaN or infinite duration in a peer's spans (a buggy or damaged member) raised
     ValueError in the exporter, outside its error handling: it ended the daemon."""
