@@ -416,9 +416,17 @@ class ObjectStore:
         attempt = 0
         while True:
             attempt += 1
-            with trio.move_on_at(deadline) as queued:
-                await self._limiter.acquire()
-            if queued.cancelled_caught:
+            try:
+                self._limiter.acquire_nowait()
+                gave_up = False
+            except trio.WouldBlock:
+                # the daemon's own queue, not S3: its trace says so (the wait was counted
+                # as the GET's, unexplained beside its ttfb and transfer)
+                with span("s3.slot_wait", slots=self.opts.max_concurrency), \
+                        trio.move_on_at(deadline) as queued:
+                    await self._limiter.acquire()
+                gave_up = queued.cancelled_caught
+            if gave_up:
                 self.stats.inc("s3_failures")
                 log.warning("S3 %s s3://%s/…: no connection slot came free in %.0fs",
                             what, self.bucket, self.budget)

@@ -381,6 +381,36 @@ def read_direct(path, size: int) -> None:
         os.close(fd)
 
 
+def test_a_wait_for_an_s3_connection_slot_is_its_own_span(mounts, s3, bucket, proxy,
+                                                            tmp_path):
+    """With every S3 connection slot taken, a GET's wait for one was counted as the GET's
+    own time (s3.get 1012 ms = ttfb 506 + transfer 0.3, and 507 ms of nothing): the trace
+    blamed S3 for the daemon's own queue."""
+    put(s3, bucket, "a.bin", CHUNK, seed=1)
+    put(s3, bucket, "b.bin", CHUNK, seed=2)
+    (tmp_path / "c.toml").write_text("[s3]\nmax_concurrency = 1\n")
+    m = mounts(f"s3://{bucket}", config=str(tmp_path / "c.toml"))
+    os.stat(m.path("a.bin"))
+    os.stat(m.path("b.bin"))
+    proxy.faults(delay=0.5, count=2)
+    ts = [threading.Thread(target=read_direct, args=(m.path(n), CHUNK))
+          for n in ("a.bin", "b.bin")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    recent = json.loads(cli("trace", "--recent", "10", "--json", "--mount", str(m.mp)).stdout)
+    gets = [s for t in recent for s in all_spans(t) if s["name"] == "s3.get"]
+    assert len(gets) == 2
+    waited = max(gets, key=lambda s: s["duration_ms"])
+    waits = [c for c in waited.get("spans", ()) if c["name"] == "s3.slot_wait"]
+    assert len(waits) == 1 and waits[0]["slots"] == 1
+    assert waits[0]["duration_ms"] >= 300  # the other GET's injected 0.5 s
+    unexplained = (waited["duration_ms"] - waited["ttfb_ms"] - waited["transfer_ms"]
+                   - waits[0]["duration_ms"])
+    assert unexplained < 100, waited
+
+
 # -- trace PATH: a relative PATH ------------------------------------------------------------
 
 
