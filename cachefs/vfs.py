@@ -1027,7 +1027,8 @@ class VFS:
                 self.stats.inc("read_errors")
                 log.warning("read of %s failed: %s", self.display_path(h.node), e)
                 raise FSError(errno.EIO) from None
-        self.stats.observe("fuse_read", time.perf_counter() - t0)
+            finally:  # failed reads too: in an outage they are the slowest ones
+                self.stats.observe("fuse_read", time.perf_counter() - t0)
         self.stats.inc("fuse_read_bytes", len(data))
         if self.budget.used > self.budget.limit:
             self._trim_idle()

@@ -232,6 +232,25 @@ def test_a_trace_command_killed_mid_read_ends_its_capture(mounts, s3, bucket, pr
         m.request({"op": "trace_capture_stop", "capture": 1, "wait": 0})
 
 
+def test_failed_reads_are_in_the_read_latency_histogram(mounts, s3, bucket, proxy):
+    """During an S3 outage the slowest reads are the ones that fail after their retry
+    budget; they were left out of cachefs_fuse_request_duration_seconds{op="read"}, so a
+    latency alert missed the outage (count 0, requests 1)."""
+    put(s3, bucket, "f.bin", CHUNK)
+    port = free_port()
+    m = mounts(f"s3://{bucket}", extra=("--metrics-listen", f"127.0.0.1:{port}",
+                                        "--s3-max-attempts", "1"))
+    os.stat(m.path("f.bin"))
+    proxy.faults(persistent_status=503)
+    with pytest.raises(OSError):
+        read_direct(m.path("f.bin"), CHUNK)
+    proxy.clear_faults()
+    met, _ = scrape(port)
+    assert met['cachefs_fuse_requests_total{op="read"}'] >= 1
+    assert met['cachefs_fuse_request_duration_seconds_count{op="read"}'] == \
+        met['cachefs_fuse_requests_total{op="read"}']
+
+
 def test_otlp_encodes_a_peers_non_finite_figures_without_failing():
     """A NaN or infinite duration in a peer's spans (a buggy or damaged member) raised
     ValueError in the exporter, outside its error handling: it ended the daemon."""
