@@ -381,8 +381,12 @@ def render_capture(res: dict) -> str:
     traces = res["traces"]
     if not res.get("enabled", True):
         lines.append("  tracing is off in the daemon (CACHEFS_TRACING=0): no spans")
-    lines.append(f"  {len(traces)} FUSE read(s) traced, daemon time "
-                 f"{round(sum(t.get('duration_ms', 0) for t in traces), 3)} ms")
+    # read-ahead that outlived its read is a trace of its own ("continues"): not a read
+    reads = [t for t in traces if "continues" not in t]
+    more = len(traces) - len(reads)
+    lines.append(f"  {len(reads)} FUSE read(s) traced, daemon time "
+                 f"{round(sum(t.get('duration_ms', 0) for t in reads), 3)} ms"
+                 + (f" (+ {more} read-ahead trace(s) that outlived their read)" if more else ""))
     dom = res.get("dominant")
     if dom:
         lines.append(f"  dominant cost: {_esc(dom['name'])} {_attrs(dom)} — self "

@@ -251,6 +251,21 @@ def test_failed_reads_are_in_the_read_latency_histogram(mounts, s3, bucket, prox
         met['cachefs_fuse_requests_total{op="read"}']
 
 
+def test_trace_counts_fuse_reads_not_the_read_ahead_that_outlived_them(mounts, s3, bucket):
+    """Read-ahead that outlives its read is recorded as a trace of its own, with the read's
+    inode and range: `cachefs trace` counted those as FUSE reads and added their time to the
+    daemon's ("8 FUSE read(s) traced" for 6 reads)."""
+    put(s3, bucket, "big.bin", 16 << 20)
+    m = mounts(f"s3://{bucket}", chunk_size="2MiB")
+    m.path("big.bin").read_bytes()  # warm
+    res = trace_json(str(m.path("big.bin")), "--length", "6MiB")
+    reads = [t for t in res["traces"] if "continues" not in t]
+    assert len(reads) == 6  # 1 MiB O_DIRECT reads
+    r = cli("trace", str(m.path("big.bin")), "--length", "6MiB")
+    assert r.returncode == 0, r.stderr
+    assert "  6 FUSE read(s) traced, daemon time " in r.stdout, r.stdout
+
+
 def test_otlp_encodes_a_peers_non_finite_figures_without_failing():
     """A NaN or infinite duration in a peer's spans (a buggy or damaged member) raised
     ValueError in the exporter, outside its error handling: it ended the daemon."""
