@@ -286,6 +286,15 @@ class FilePrefetcher:
         self.vfs.budget.give(len(e.data))
         self.vfs.stats.inc("prefetch_unused")
 
+    def discard(self, cids: list[bytes]) -> None:
+        """These chunks left the SSD (`cachefs free`, eviction, `trace --cold`): what is
+        held of them goes too, as from the chunk memo (a `trace --cold` of a file fetched
+        ahead showed it served from memory)."""
+        if self.held:
+            for cid in cids:
+                if cid in self.held:
+                    self._drop(cid)
+
     def _drop_dir(self, dir_ino: int) -> None:
         for cid in [c for c, e in self.held.items() if e.dir_ino == dir_ino]:
             self._drop(cid)

@@ -445,6 +445,7 @@ class VFS:
                               min(cfg.readahead_memory // 4, MEMO_CHUNKS * cfg.chunk_size))
         reader.store.on_drop.append(self.memo.discard)
         self.prefetch = FilePrefetcher(self, cfg.prefetch_files)
+        reader.store.on_drop.append(self.prefetch.discard)
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, FileHandle] = {}
         self.open_count: dict[int, int] = {}  # inode -> open handles

@@ -266,6 +266,26 @@ def test_trace_counts_fuse_reads_not_the_read_ahead_that_outlived_them(mounts, s
     assert "  6 FUSE read(s) traced, daemon time " in r.stdout, r.stdout
 
 
+def test_trace_cold_of_a_file_fetched_ahead_shows_the_miss(mounts, s3, bucket):
+    """A reader opening a directory's small files in order gets the next ones fetched
+    ahead into memory; `trace --cold` of one of those dropped its chunk from the SSD but
+    not from that memory, and showed tier readahead 0.0 ms instead of the miss."""
+    for i in range(30):
+        put(s3, bucket, f"d/f{i:02d}", 4096, seed=i)
+    m = mounts(f"s3://{bucket}")
+    os.listdir(m.path("d"))
+    for i in range(5):
+        m.path(f"d/f{i:02d}").read_bytes()
+    deadline = time.monotonic() + 10
+    while m.counters().get("prefetch_started", 0) < 3:
+        assert time.monotonic() < deadline, "prefetch started"
+        time.sleep(0.05)
+    time.sleep(0.5)  # what it fetched has arrived
+    res = trace_json(str(m.path("d/f07")), "--cold")
+    assert res["cold"]["dropped_bytes"] == 4096
+    assert [c["tier"] for c in res["chunks"]] == ["s3"]
+
+
 def test_otlp_encodes_a_peers_non_finite_figures_without_failing():
     """A NaN or infinite duration in a peer's spans (a buggy or damaged member) raised
     ValueError in the exporter, outside its error handling: it ended the daemon."""
