@@ -235,8 +235,11 @@ class Tracing:
                 total = kept = 0
                 try:
                     for i in range(0, len(cids), DROP_BATCH):
+                        # (an unlink never waits on S3: a frozen node is given up after
+                        # 5 peer timeouts, not the peer timeout plus S3's)
                         r = await cl.forward(nid, DROP_OP,
-                                             {"cids": [c.hex() for c in cids[i:i + DROP_BATCH]]})
+                                             {"cids": [c.hex() for c in cids[i:i + DROP_BATCH]]},
+                                             no_s3=True)
                         total += int(r.get("dropped_bytes", 0))
                         kept += int(r.get("kept_pinned", 0))
                 except Exception as e:  # noqa: BLE001 - reported per node

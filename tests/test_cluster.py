@@ -704,7 +704,8 @@ def test_a_member_address_where_no_cachefs_peer_listens(mounts, bucket, s3, prox
         fake.close()
 
 
-def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, bucket, tmp_path):
+def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, bucket, tmp_path,
+                                                                     s3):
     """A member that accepts, says the cachefs hello and then never answers (a peer whose
     event loop is stuck): every request to it is bounded (PeerClient's request timeout;
     stats --nodes gives each node 2 s), and stats --nodes names it with its address and
@@ -725,5 +726,26 @@ def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, buc
         assert r.stderr.splitlines() == [
             f"cachefs: node n1 unreachable: request to {addr} timed out after 2s"], r.stderr
         assert "    n0           " in r.stdout, r.stdout
+        # trace --cold asks every member to drop the chunks: n1 is given up after 5 peer
+        # timeouts, as status and free give it up (it waited the 32 s request timeout);
+        # the read then asks n1 for a copy of a chunk n0 owns: 2 peer timeouts
+        import hashlib
+
+        from cachefs.chunks.ids import chunk_id
+        from cachefs.cluster.ring import HashRing
+
+        body = b"t" * 1000  # a chunk n0 owns: its read asks nobody
+        etag = f'"{hashlib.md5(body).hexdigest()}"'
+        key = next(k for k in (f"t{i}.bin" for i in range(100))
+                   if HashRing(["n0", "n1"]).owner(chunk_id(bucket, k, etag, CHUNK, 0)) == "n0")
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+        t0 = time.monotonic()
+        r = cli("trace", str(m.path(key)), "--cold")
+        # 10 s for the drop, 4 s for the read's hand-off probe of n1, its successor (it
+        # waited the request timeout too: 42 s in all)
+        assert time.monotonic() - t0 < 25
+        assert r.returncode == 1, r.stderr
+        assert "node n1 (PeerError: request to " in r.stderr and "timed out after 10s" in \
+            r.stderr, r.stderr
     finally:
         close()

@@ -55,6 +55,10 @@ UNHEALTHY_FOR = 10.0
 # a call that never waits on S3 (ds_probe, ds_drop: index lookups, unlinks) is given up
 # after this many peer timeouts (10 s by default), not peer timeout + S3 timeout (32 s)
 NO_S3_TIMEOUTS = 5
+# a hand-off probe (a cached copy or nothing: never S3 there) is given up after this many
+# peer timeouts: a read waits on it, and S3 is the way on (it waited the request timeout,
+# 32 s, on a successor that accepts and then says nothing)
+HANDOFF_TIMEOUTS = 2
 #: Concurrent requests this node sends to one peer (pooled connections).
 MAX_CONNS_PER_PEER = 4
 # a peer that answered one of these is up: reading elsewhere once does not make readers skip it
@@ -388,8 +392,14 @@ class ClusterNode:
         desc = {**ref.describe(), "cached_only": True}
         with trace.span("peer.handoff", node=node, tier="peer", bytes=ref.length) as sp:
             try:
-                data, spans = await self.client.get(addr, desc, {"node": self.node_id},
-                                                    wait=self.opts.peer_timeout)
+                limit = HANDOFF_TIMEOUTS * self.opts.peer_timeout
+                try:
+                    with trio.fail_after(limit):
+                        data, spans = await self.client.get(
+                            addr, desc, {"node": self.node_id}, wait=self.opts.peer_timeout)
+                except trio.TooSlowError:
+                    raise PeerError(f"request to {addr} timed out after {limit:g}s",
+                                    "timeout") from None
             except PeerError as e:
                 sp.set(error=e.reason)
                 self._count_error(node, e.reason)
