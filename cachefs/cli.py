@@ -161,14 +161,14 @@ def mount(args, config_file, ready_fd, foreground, **flags) -> None:
 
 def _not_a_file(path: str) -> bool:
     """A path the daemon cannot read again as this process did: this process's own file
-    descriptors (stdin, a shell's <(...)), a pipe, a terminal."""
+    descriptors (stdin, a shell's <(...)), a pipe."""
     if path in ("-", "/dev/stdin") or path.startswith(("/dev/fd/", "/proc/self/fd/")):
         return True
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False  # (what is missing gets its own error)
-    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 def _log_path(cfg) -> Path:

@@ -208,7 +208,7 @@ _TAG_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 _TAG = _TAG_SIGNATURE + (b"\n# This directory is a cachefs cache (chunks of S3 objects): "
                          b"cachefs removes what it does not know in it.\n")
 # what a cache dir may hold besides cachefs's own files before it is tagged
-_OWN = frozenset({"index", "chunks", "tmp", "lock", CACHEDIR_TAG, "lost+found"})
+_OWN = frozenset({"index", "chunks", "tmp", "lock", "lost+found"})
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -216,6 +216,8 @@ def _foreign_in_cache_dir(d: Path, log_name: str) -> str | None:
     """Something in the untagged, existing dir d that is not cachefs's, or None.  Start-up
     removes what it does not know in tmp/ and chunks/, so a dir of the user's (a typo, an
     SSD's root, /var with its tmp/) must never be taken as a cache."""
+    if (d / CACHEDIR_TAG).exists():
+        return CACHEDIR_TAG  # another tool's cache (cachefs's own tag was checked before)
     if (d / "index" / "data.mdb").is_file():
         return None  # made by a cachefs before the tag
     for name in sorted(os.listdir(d)):
@@ -238,9 +240,11 @@ def _foreign_in_cache_dir(d: Path, log_name: str) -> str | None:
 
 
 def _tagged(tag: Path) -> bool:
+    """Tagged by cachefs: other tools (ccache, borg, cargo, restic) write the same
+    signature line in their caches, which are not cachefs's to clean."""
     try:
         with open(tag, "rb") as f:
-            return f.read(len(_TAG_SIGNATURE)) == _TAG_SIGNATURE
+            return f.read(len(_TAG) + 1) == _TAG
     except OSError:
         return False
 

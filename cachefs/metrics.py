@@ -33,7 +33,8 @@ log = logging.getLogger("cachefs.metrics")
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request
 SEND_TIMEOUT = 10.0  # ... and to take the answer
-MAX_CONNECTIONS = 16  # served at once; more are closed at once
+MAX_CONNECTIONS = 16  # served at once
+SLOT_WAIT = 0.5  # seconds a new client waits for one of them before it is closed
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Stats counter → (metric, labels) for the curated families; every counter is also
@@ -77,39 +78,53 @@ async def serve_metrics(d: Daemon, sock: socket.socket, *,
     log.info("metrics: serving http://%s:%d/metrics", host, port)
     task_status.started((host, port))
 
+    # the connections still waiting for their request, the longest waiting first
+    waiting: dict[trio.CancelScope, None] = {}
+
     async def handle(stream: trio.SocketStream) -> None:
-        if not limiter.available_tokens:
-            # MAX_CONNECTIONS clients are being served: this one is closed at once, not
-            # queued (idle connections held every file descriptor of the daemon: its chunk
-            # writes, S3 and peer connections failed with EMFILE)
+        # MAX_CONNECTIONS clients at most, none queued for long: idle connections held
+        # every file descriptor of the daemon (its chunk writes, S3 and peer connections
+        # failed with EMFILE).  When all are taken, the one that has waited longest for its
+        # request makes room; a new client that still finds none is closed.
+        if not limiter.available_tokens and waiting:
+            next(iter(waiting)).cancel()
+            d.stats.inc("metrics_idle_connections_closed")
+        with trio.move_on_after(SLOT_WAIT):
+            await limiter.acquire()
+        if trio.current_task() not in limiter.statistics().borrowers:
             d.stats.inc("metrics_connections_refused")
             await trio.aclose_forcefully(stream)
             return
-        async with limiter:
-            try:
-                with trio.move_on_after(REQUEST_TIMEOUT + SEND_TIMEOUT):
-                    await _handle(d, stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            except Exception:  # noqa: BLE001 - a scrape must never stop the daemon
-                log.exception("metrics: request failed")
-            finally:
-                await trio.aclose_forcefully(stream)
+        try:
+            with trio.move_on_after(REQUEST_TIMEOUT + SEND_TIMEOUT):
+                await _handle(d, stream, waiting)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        except Exception:  # noqa: BLE001 - a scrape must never stop the daemon
+            log.exception("metrics: request failed")
+        finally:
+            limiter.release()
+            await trio.aclose_forcefully(stream)
 
     await trio.serve_listeners(handle, [listener])
 
 
-async def _handle(d: Daemon, stream: trio.SocketStream) -> None:
+async def _handle(d: Daemon, stream: trio.SocketStream,
+                  waiting: dict[trio.CancelScope, None]) -> None:
     buf = b""
     with trio.move_on_after(REQUEST_TIMEOUT) as cs:
-        while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
-            data = await stream.receive_some(4096)
-            if not data:
-                break
-            buf += data
-            if len(buf) > MAX_REQUEST:
-                await _reply(stream, 431, "request too large\n")
-                return
+        waiting[cs] = None
+        try:
+            while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+                data = await stream.receive_some(4096)
+                if not data:
+                    break
+                buf += data
+                if len(buf) > MAX_REQUEST:
+                    await _reply(stream, 431, "request too large\n")
+                    return
+        finally:
+            del waiting[cs]
     if cs.cancelled_caught or not buf:
         return
     line = buf.split(b"\n", 1)[0].decode("latin-1").strip()

@@ -122,16 +122,10 @@ class Tracing:
     def _sink(self, tr) -> None:
         for c in self.captures.values():
             if c.match(tr.attrs):
-                if time.monotonic() - c.created > CAPTURE_TTL:  # its client is gone
-                    self.d.nursery.start_soon(self._expire_soon)
-                    continue
                 if len(c.traces) < MAX_CAPTURED:
                     c.traces.append(tr.dict())
                 else:
                     c.dropped += 1
-
-    async def _expire_soon(self) -> None:
-        self._expire()  # (not from the sink: it is called while the tracer walks its sinks)
 
     def _expire(self) -> None:
         now = time.monotonic()

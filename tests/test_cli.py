@@ -783,6 +783,8 @@ def test_a_config_read_from_stdin_or_a_pipe_is_refused_before_the_daemon_starts(
     one_line_error(cli("mount", "--config", str(fifo), str(mp)),
                    f"config file {fifo} is read from a pipe", code=2)
     assert not (tmp_path / "c").exists() and not is_mounted(mp)
+    r = cli("mount", "--config", "/dev/null", str(mp))  # read again as easily: not refused
+    assert r.returncode != 0 and "pipe" not in r.stderr, r.stderr
 
 
 def test_kernel_read_ahead_from_the_config_file(s3, bucket, tmp_path, mounts):
@@ -1046,6 +1048,14 @@ def test_a_directory_of_the_users_is_never_taken_as_a_cache_dir(s3, bucket, prox
     one_line_error(cli(*src, "--cache-dir", str(shared)), "holds 'chunks/README'", code=2)
     (shared / "notes.txt").write_text("mine\n")
     one_line_error(cli(*src, "--cache-dir", str(shared)), "holds 'notes.txt'", code=2)
+    other = tmp_path / "ccache"  # another tool's cache, tagged with the same signature
+    (other / "tmp").mkdir(parents=True)
+    (other / "tmp" / "build.o.tmp").write_text("x")
+    (other / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n"
+                                        "# This file is a cache directory tag created by "
+                                        "ccache.\n")
+    one_line_error(cli(*src, "--cache-dir", str(other)), "holds 'CACHEDIR.TAG'", code=2)
+    assert (other / "tmp" / "build.o.tmp").exists()
     assert sorted(p.name for p in shared.rglob("*")) == ["README", "chunks", "notes.txt", "tmp"]
     assert oct(shared.stat().st_mode & 0o7777) == "0o1777" and not is_mounted(mp)
 
