@@ -387,7 +387,8 @@ def umount(mountpoint: str, timeout: float) -> None:
                          EXIT_NO_DAEMON)
     info = runtime.read_info(mp)
     pid = info.get("pid") if info else None
-    stale = not pid or not _alive(pid)  # the daemon is gone: detach even while busy
+    started = info.get("pid_start") if info else None
+    stale = not pid or not _alive(pid, started)  # the daemon is gone: detach even if busy
     ok, err = fusermount_unmount(mp, lazy=stale)
     if not ok:
         if "busy" in err.lower():
@@ -397,7 +398,7 @@ def umount(mountpoint: str, timeout: float) -> None:
     if pid:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not _alive(pid, started):
                 break
             time.sleep(0.05)
         else:
@@ -409,16 +410,15 @@ def umount(mountpoint: str, timeout: float) -> None:
     click.echo(f"cachefs: unmounted {mp}", err=True)
 
 
-def _alive(pid: int) -> bool:
-    """True while pid runs a cachefs daemon (a zombie waiting for its parent counts as
-    exited; so does another program under the pid of a daemon that was killed)."""
+def _alive(pid: int, started: int | None = None) -> bool:
+    """True while pid runs (a zombie waiting for its parent counts as exited); with
+    ``started`` (its start time, runtime.proc_start), only the process that began then: a
+    daemon that was killed may have its pid taken by another program since."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"cachefs" in f.read()
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0] != "Z" and (started is None or int(fields[19]) == started)
+    except (OSError, IndexError, ValueError):
         return False
 
 

@@ -465,7 +465,9 @@ class Daemon:
         except RuntimeError as e:
             raise QuietError(f"could not mount at {mp}: {e}") from None
         try:
-            rdir = runtime.write_info(mp, {"pid": os.getpid(), "mountpoint": str(mp),
+            rdir = runtime.write_info(mp, {"pid": os.getpid(),
+                                           "pid_start": runtime.proc_start(os.getpid()),
+                                           "mountpoint": str(mp),
                                            "cache_dir": str(cfg.cache_dir),
                                            "mounts": [m.spec.source for m in mounts]})
             self.control = ControlServer(rdir / "control.sock")

@@ -41,6 +41,16 @@ def runtime_root() -> Path:
     return Path(f"/tmp/cachefs-{uid}")
 
 
+def proc_start(pid: int) -> int | None:
+    """When process ``pid`` began (clock ticks after boot; /proc/PID/stat field 22): with
+    its pid, it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _private_dir(p: Path) -> Path:
     p.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = p.stat()

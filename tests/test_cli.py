@@ -578,11 +578,14 @@ def test_umount_of_a_hung_or_dead_daemon(s3, bucket, mounts):
 
     m2 = mounts(f"s3://{bucket}")
     assert m2.path("d/f").read_bytes() == b"x"
-    holder = subprocess.Popen(["sleep", "30"], cwd=m2.mp / "d")
+    # (a program whose arguments name cachefs, as an editor of its config would)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                               "/etc/cachefs/train.toml"], cwd=m2.mp / "d")
     try:
         m2.proc.kill()
         m2.proc.wait()
-        # its pid given to another program meanwhile: that is not the daemon
+        # its pid given to another program meanwhile: that is not the daemon (info.json
+        # keeps the daemon's start time)
         import json
 
         from cachefs import runtime
