@@ -89,9 +89,11 @@ async def serve_metrics(d: Daemon, sock: socket.socket, *,
         if not limiter.available_tokens and waiting:
             next(iter(waiting)).cancel()
             d.stats.inc("metrics_idle_connections_closed")
+        slot = False
         with trio.move_on_after(SLOT_WAIT):
             await limiter.acquire()
-        if trio.current_task() not in limiter.statistics().borrowers:
+            slot = True
+        if not slot:
             d.stats.inc("metrics_connections_refused")
             await trio.aclose_forcefully(stream)
             return
