@@ -170,8 +170,9 @@ class OTLPExporter:
                 log.debug("OTLP: exported %d trace(s) to %s", len(batch), redact(self.url))
 
     def _encode(self, batch: list) -> bytes:
-        """A batch of recorded traces as the POST's body (in a worker thread: they are
-        finished, nothing changes them)."""
+        """A batch of recorded traces as the POST's body (in a worker thread).  A trace
+        recorded incomplete (its read-ahead still running after 60 s) may still change
+        meanwhile: the encoding then fails and the batch is dropped, counted."""
         return json.dumps(to_otlp([t.dict() for t in batch], self.node),
                           allow_nan=False).encode()
 

@@ -1005,6 +1005,7 @@ class VFS:
             # (the kernel opens the inode it has). This handle's version is gone from S3,
             # and what it read of it would go into the pages the new handles read.
             self.stats.inc("read_errors")
+            self.stats.observe("fuse_read", 0.0)  # (every read is in the histogram)
             raise FSError(errno.EIO)
         if h.cur_chunk < 0:  # its first read: the page cache did not serve it
             self.prefetch.reached(h)

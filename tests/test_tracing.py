@@ -266,7 +266,7 @@ def test_trace_counts_fuse_reads_not_the_read_ahead_that_outlived_them(mounts, s
     assert "  6 FUSE read(s) traced, daemon time " in r.stdout, r.stdout
 
 
-def test_trace_cold_of_a_file_fetched_ahead_shows_the_miss(mounts, s3, bucket):
+def test_trace_cold_of_a_file_fetched_ahead_shows_the_miss(mounts, s3, bucket, proxy):
     """A reader opening a directory's small files in order gets the next ones fetched
     ahead into memory; `trace --cold` of one of those dropped its chunk from the SSD but
     not from that memory, and showed tier readahead 0.0 ms instead of the miss."""
@@ -280,7 +280,11 @@ def test_trace_cold_of_a_file_fetched_ahead_shows_the_miss(mounts, s3, bucket):
     while m.counters().get("prefetch_started", 0) < 3:
         assert time.monotonic() < deadline, "prefetch started"
         time.sleep(0.05)
-    time.sleep(0.5)  # what it fetched has arrived
+    gets = -1  # what prefetch fetched has arrived: S3 has served every GET, and no more
+    while (n := proxy.stats()["ops"].get("GetObject", 0)) != gets:  # (none in flight)
+        assert time.monotonic() < deadline, "what prefetch fetched has arrived"
+        gets = n
+        time.sleep(0.3)
     res = trace_json(str(m.path("d/f07")), "--cold")
     assert res["cold"]["dropped_bytes"] == 4096
     assert [c["tier"] for c in res["chunks"]] == ["s3"]
@@ -462,7 +466,7 @@ def test_a_wait_for_an_s3_connection_slot_is_its_own_span(mounts, s3, bucket, pr
     assert waits[0]["duration_ms"] >= 300  # the other GET's injected 0.5 s
     unexplained = (waited["duration_ms"] - waited["ttfb_ms"] - waited["transfer_ms"]
                    - waits[0]["duration_ms"])
-    assert unexplained < 100, waited
+    assert unexplained < 250, waited  # (507 ms before: the whole wait)
 
 
 # -- trace PATH: a relative PATH ------------------------------------------------------------
