@@ -17,6 +17,7 @@ See docs/cluster.md for the decisions and their measurements.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -72,6 +73,17 @@ _MAX_CHUNK = 256 * 1024 * 1024
 _MAX_OBJECT = 5 * 1024**4  # S3's largest object
 
 Op = Callable[[dict], Awaitable[dict]]
+
+
+@contextlib.contextmanager
+def _within(limit: float, addr: str):
+    """A caller's own, shorter bound on a peer request: it fails as the client's own
+    request time-out does (PeerError, reason ``timeout``)."""
+    try:
+        with trio.fail_after(limit):
+            yield
+    except trio.TooSlowError:
+        raise PeerError(f"request to {addr} timed out after {limit:g}s", "timeout") from None
 
 
 class ClusterNode:
@@ -392,14 +404,9 @@ class ClusterNode:
         desc = {**ref.describe(), "cached_only": True}
         with trace.span("peer.handoff", node=node, tier="peer", bytes=ref.length) as sp:
             try:
-                limit = HANDOFF_TIMEOUTS * self.opts.peer_timeout
-                try:
-                    with trio.fail_after(limit):
-                        data, spans = await self.client.get(
-                            addr, desc, {"node": self.node_id}, wait=self.opts.peer_timeout)
-                except trio.TooSlowError:
-                    raise PeerError(f"request to {addr} timed out after {limit:g}s",
-                                    "timeout") from None
+                with _within(HANDOFF_TIMEOUTS * self.opts.peer_timeout, addr):
+                    data, spans = await self.client.get(
+                        addr, desc, {"node": self.node_id}, wait=self.opts.peer_timeout)
             except PeerError as e:
                 sp.set(error=e.reason)
                 self._count_error(node, e.reason)
@@ -468,12 +475,8 @@ class ClusterNode:
             raise PeerError(f"unknown node {node!r}", "connect")
         if not no_s3:
             return await self.client.call(addr, op, payload)
-        limit = NO_S3_TIMEOUTS * self.opts.peer_timeout
-        try:
-            with trio.fail_after(limit):
-                return await self.client.call(addr, op, payload)
-        except trio.TooSlowError:
-            raise PeerError(f"request to {addr} timed out after {limit:g}s", "timeout") from None
+        with _within(NO_S3_TIMEOUTS * self.opts.peer_timeout, addr):
+            return await self.client.call(addr, op, payload)
 
     # -- statistics ---------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
