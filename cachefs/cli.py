@@ -414,12 +414,8 @@ def _alive(pid: int, started: int | None = None) -> bool:
     """True while pid runs (a zombie waiting for its parent counts as exited); with
     ``started`` (its start time, runtime.proc_start), only the process that began then: a
     daemon that was killed may have its pid taken by another program since."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0] != "Z" and (started is None or int(fields[19]) == started)
-    except (OSError, IndexError, ValueError):
-        return False
+    st = runtime.proc_state(pid)
+    return st is not None and st[0] != "Z" and (started is None or st[1] == started)
 
 
 # -- stats ----------------------------------------------------------------------------

@@ -41,14 +41,21 @@ def runtime_root() -> Path:
     return Path(f"/tmp/cachefs-{uid}")
 
 
-def proc_start(pid: int) -> int | None:
-    """When process ``pid`` began (clock ticks after boot; /proc/PID/stat field 22): with
-    its pid, it names one process, even after the pid is reused."""
+def proc_state(pid: int) -> tuple[str, int] | None:
+    """Process ``pid``'s state letter ("Z": a zombie) and when it began (clock ticks after
+    boot, /proc/PID/stat field 22: with its pid, it names one process, even after the pid
+    is reused); None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def proc_start(pid: int) -> int | None:
+    st = proc_state(pid)
+    return st[1] if st else None
 
 
 def _private_dir(p: Path) -> Path:
