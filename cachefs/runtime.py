@@ -5,8 +5,12 @@
     control.sock   the control API (mode 0600, in a 0700 directory)
     info.json      pid, mountpoint, cache dir
 
-The runtime root is /run/cachefs for root, else $XDG_RUNTIME_DIR/cachefs, else
-/tmp/cachefs-<uid>.  Directories are created 0700 and must be owned by us.
+The runtime root is /run/cachefs for root.  Other users' daemons make theirs in the
+first of $XDG_RUNTIME_DIR/cachefs, /run/user/<uid>/cachefs and /tmp/cachefs-<uid> that
+can be written; a command looks for a mountpoint's directory in all three, since the
+shell it runs in (cron, Slurm, sudo -u, ssh without a login session) may name another
+$XDG_RUNTIME_DIR than the daemon's, or none.  Directories are created 0700 and must be
+owned by us.
 
 A daemon removes its directory when it exits; one whose daemon was killed is removed
 by the next daemon to start, or by `cachefs umount` of its stale mount.  Only the
@@ -21,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -28,17 +33,26 @@ from typing import NamedTuple
 from .errors import EXIT_NO_DAEMON, EXIT_USAGE, QuietError
 
 
-def runtime_root() -> Path:
+def runtime_roots() -> list[Path]:
+    """Where runtime dirs may be, the one a starting daemon uses first."""
     override = os.environ.get("CACHEFS_RUNTIME_DIR")
     if override:
-        return Path(override)
+        return [Path(override)]
     uid = os.getuid()
     if uid == 0 and os.access("/run", os.W_OK):
-        return Path("/run/cachefs")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.access(xdg, os.W_OK):
-        return Path(xdg) / "cachefs"
-    return Path(f"/tmp/cachefs-{uid}")
+        return [Path("/run/cachefs")]
+    roots = []
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
+        if base and os.path.isabs(base) and os.access(base, os.W_OK):
+            p = Path(base) / "cachefs"
+            if p not in roots:
+                roots.append(p)
+    roots.append(Path(f"/tmp/cachefs-{uid}"))
+    return roots
+
+
+def runtime_root() -> Path:
+    return runtime_roots()[0]
 
 
 def proc_state(pid: int) -> tuple[str, int] | None:
@@ -71,11 +85,35 @@ def _private_dir(p: Path) -> Path:
 def mount_dir(mountpoint: str | Path, *, create: bool = False, resolved: bool = False) -> Path:
     real = str(mountpoint) if resolved else resolve_mountpoint(mountpoint)
     h = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    root = runtime_root()
+    roots = runtime_roots()
     if create:
-        _private_dir(root)
-        return _private_dir(root / h)
-    return root / h
+        _private_dir(roots[0])
+        return _private_dir(roots[0] / h)
+    found = [r / h for r in roots if _ours(r) and (r / h).is_dir()]
+    for d in found:  # a live daemon's, before one a killed daemon left
+        if _pid_alive(d):
+            return d
+    return found[0] if found else roots[0] / h
+
+
+def _ours(root: Path) -> bool:
+    """A runtime root to look in: a directory of ours (/tmp/cachefs-<uid> may have been
+    made by another user, whose "daemon" a command would then talk to)."""
+    try:
+        st = root.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
+def _pid_alive(d: Path) -> bool:
+    try:
+        with open(d / "info.json") as f:
+            info = json.load(f)
+        st = proc_state(int(info["pid"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return st is not None and st[0] != "Z" and info.get("pid_start") in (None, st[1])
 
 
 def write_info(mountpoint: Path, info: dict) -> Path:
@@ -179,13 +217,17 @@ def remove_if_stale(d: Path) -> bool:
 
 
 def remove_stale_dirs(keep: Path | None = None) -> int:
-    """Remove every stale mount dir under the runtime root but ``keep``; how many."""
-    try:
-        dirs = [p for p in runtime_root().iterdir()
-                if re.fullmatch(r"[0-9a-f]{16}", p.name) and p != keep and p.is_dir()
-                and not p.is_symlink()]
-    except OSError:
-        return 0
+    """Remove every stale mount dir under the runtime roots but ``keep``; how many."""
+    dirs = []
+    for root in runtime_roots():
+        if not _ours(root):
+            continue
+        try:
+            dirs += [p for p in root.iterdir()
+                     if re.fullmatch(r"[0-9a-f]{16}", p.name) and p != keep and p.is_dir()
+                     and not p.is_symlink()]
+        except OSError:
+            continue
     return sum(remove_if_stale(p) for p in dirs)
 
 

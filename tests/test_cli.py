@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -597,6 +598,90 @@ def test_umount_of_a_hung_or_dead_daemon(s3, bucket, mounts):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _as_user(uid: int, fn) -> int:
+    """fn() in a child of this process running as ``uid`` (forked, not executed: the
+    interpreter may live where that user cannot read it); its exit status."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            fn()
+            code = 0
+        except BaseException as e:  # noqa: BLE001
+            print(f"as uid {uid}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_a_users_daemon_is_found_from_a_shell_without_its_runtime_dir(monkeypatch):
+    """A user's daemon keeps its control socket under $XDG_RUNTIME_DIR. A command run from
+    cron, Slurm, `sudo -u` or ssh without a login session has no XDG_RUNTIME_DIR (or
+    another one), looked in /tmp/cachefs-<uid> only, and said "no cachefs daemon is running"
+    for a live mount. Commands now look in every place a daemon may use, a live daemon's
+    dir before one a killed daemon left, and never in a directory of another user's."""
+    from cachefs import runtime
+
+    if os.getuid() != 0:
+        pytest.skip("needs root, to run as another user")
+    uid = 65534  # nobody
+    user_run = Path(f"/run/user/{uid}")
+    made = not user_run.exists()
+    if made:  # what a login session has (systemd-logind makes it)
+        user_run.mkdir(mode=0o700, parents=True)
+        os.chown(user_run, uid, uid)
+    # a second XDG_RUNTIME_DIR, holding a killed daemon's dir (where that user can reach it)
+    other = Path(tempfile.mkdtemp(prefix="cachefs-test-xdg-"))
+    os.chown(other, uid, uid)
+    foreign = Path(f"/tmp/cachefs-{uid}")
+    foreign_made = not foreign.exists()
+    monkeypatch.delenv("CACHEFS_RUNTIME_DIR")
+    mp = "/mnt/cachefs-test-mountpoint"
+
+    def child() -> None:
+        # the daemon, started in a login session
+        os.environ["XDG_RUNTIME_DIR"] = str(user_run)
+        live = runtime.mount_dir(mp, create=True, resolved=True)
+        assert live.parent == user_run / "cachefs", live
+        runtime.write_info(Path(mp), {"pid": os.getpid(),
+                                      "pid_start": runtime.proc_start(os.getpid())})
+        # a killed daemon's dir for the same mountpoint, under another XDG_RUNTIME_DIR
+        os.environ["XDG_RUNTIME_DIR"] = str(other)
+        dead = runtime.mount_dir(mp, create=True, resolved=True)
+        assert dead.parent == other / "cachefs", dead
+        with open(dead / "info.json", "w") as f:
+            f.write('{"pid": 999999999}')
+        for xdg in (None, str(other)):  # cron: none; another session: the other one
+            if xdg is None:
+                os.environ.pop("XDG_RUNTIME_DIR", None)
+            else:
+                os.environ["XDG_RUNTIME_DIR"] = xdg
+            assert runtime.socket_path(mp).parent == live, (xdg, runtime.socket_path(mp))
+            assert runtime.read_info(mp)["pid"] == os.getpid()
+        # /tmp/cachefs-<uid> made by someone else is never looked in
+        os.environ.pop("XDG_RUNTIME_DIR", None)
+        os.rename(user_run / "cachefs", user_run / "moved")
+        assert runtime.read_info(mp) is None
+        os.rename(user_run / "moved", user_run / "cachefs")
+
+    try:
+        if foreign_made:  # (root's: a live pid, the same mountpoint)
+            h = runtime.mount_dir(mp, resolved=True).name
+            (foreign / h).mkdir(parents=True)
+            (foreign / h / "info.json").write_text(f'{{"pid": {os.getpid()}}}')
+        assert _as_user(uid, child) == 0
+    finally:
+        if made:
+            subprocess.run(["rm", "-rf", str(user_run)], check=False)
+        else:
+            subprocess.run(["rm", "-rf", str(user_run / "cachefs")], check=False)
+        if foreign_made:
+            subprocess.run(["rm", "-rf", str(foreign)], check=False)
+        subprocess.run(["rm", "-rf", str(other)], check=False)
 
 
 @pytest.mark.fuse
