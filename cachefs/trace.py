@@ -389,6 +389,9 @@ class _Ring:
     def __iter__(self) -> Iterator[dict]:
         return (t.dict() for t in list(self.items))
 
+    def roots(self) -> list[RootSpan]:
+        return list(self.items)
+
     def last(self, n: int) -> list[dict]:
         if n <= 0:
             return []

@@ -533,6 +533,21 @@ def test_recent_says_when_filters_leave_nothing(mounts, s3, bucket):
     assert r.returncode == 0 and r.stdout == f"none of the {kept_s} is under /t.bi\n", r.stdout
     r = cli("trace", "--recent", "2", "--path-prefix", f"{mp}/", "--mount", mp)
     assert r.returncode == 0 and "\nread /t.bin offset 0" in r.stdout, r.stdout  # all of it
+    # more than one batch of traces (64), the last n in order, filtered before the n
+    fd = os.open(m.path("t.bin"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 512)
+        for k in range(100):
+            assert os.preadv(fd, [buf], 512 * k) == 512
+    finally:
+        os.close(fd)
+    got = m.request({"op": "trace_recent", "n": 90, "path_prefix": "/t.bin"})["traces"]
+    assert [t["offset"] for t in got if t["name"] == "read"][-80:] == \
+        [512 * k for k in range(20, 100)]
+    assert len(got) == 90 and all(t["path"] == "/t.bin" for t in got)
+    assert m.request({"op": "trace_recent", "n": 90, "slower_than": 3600})["traces"] == []
+    every = m.request({"op": "trace_recent", "n": 1000})["traces"]
+    assert len(every) == m.request({"op": "trace_stats"})["tracer"]["recent_kept"] > 100
 
 
 def test_trace_of_a_read_that_fails_is_one_line(mounts, s3, bucket, proxy):
