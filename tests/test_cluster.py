@@ -7,7 +7,9 @@ counts and bytes, never timings.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
+import json
 import random
 import time
 from functools import partial
@@ -19,7 +21,7 @@ from certs import CA
 from etcd_env import etcd_available, free_port, start_etcd
 from test_cli import one_line_error
 
-from cachefs.cluster.membership import parse_peer, prefix_end, resolve_self
+from cachefs.cluster.membership import EtcdMembership, parse_peer, prefix_end, resolve_self
 from cachefs.cluster.peer import PeerClient, PeerError, serve_peers
 from cachefs.errors import ConfigError
 
@@ -408,6 +410,120 @@ def test_etcd_over_tls_with_client_certificates(mounts, bucket, s3, proxy, tmp_p
         one_line_error(mount_with(plain + f'etcd_cert = "{cert}"\netcd_key = "{key}"\n'),
                        "not an https:// endpoint")
         assert all(cluster_stats(m)["ring_size"] == 2 for m in ms)  # x never joined
+    finally:
+        etcd.stop()
+
+
+class SilencingProxy:
+    """A TCP proxy in front of etcd that can make the flows open at one moment go silent
+    (no FIN, no RST: a NAT or load balancer that forgot them, a partition); connections
+    made later are forwarded as usual."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.generation = 0
+
+    async def handle(self, down) -> None:
+        gen = self.generation
+        try:
+            up = await trio.open_tcp_stream("127.0.0.1", self.port)
+        except OSError:
+            await down.aclose()
+            return
+
+        async def pump(a, b) -> None:
+            try:
+                while True:
+                    data = await a.receive_some(65536)
+                    if not data:
+                        break
+                    if gen != self.generation:
+                        await trio.sleep_forever()
+                    await b.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with up, down, trio.open_nursery() as n:
+            n.start_soon(pump, down, up)
+            n.start_soon(pump, up, down)
+
+
+def etcd_put(etcd, key: str, address: str, ttl: int = 60) -> str:
+    lease = etcd.call("/v3/lease/grant", {"TTL": ttl})["ID"]
+    etcd.call("/v3/kv/put", {"key": b64(key), "value": b64(json.dumps({"address": address})),
+                             "lease": lease})
+    return lease
+
+
+def b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+async def trio_wait_for(pred, limit: float, what: str) -> None:
+    """Poll pred (state of an object under test, which has no event to wait on)."""
+    with trio.move_on_after(limit):
+        while not pred():  # noqa: ASYNC110
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timed out after {limit}s waiting for {what}")
+
+
+@pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
+async def test_a_watch_connection_that_goes_silent_is_watched_again(tmp_path):
+    """A watch connection that died without a word (etcd's host lost power, a NAT forgot
+    the flow) was never noticed: keepalives on new connections went on working, stats
+    showed no error, and the node never saw a join or a leave again (40 s after, its ring
+    still held a node that had left and lacked one that had joined)."""
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        px = SilencingProxy(int(etcd.url.rsplit(":", 1)[1]))
+        async with trio.open_nursery() as n:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            n.start_soon(trio.serve_listeners, px.handle, listeners)
+            url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+            m = EtcdMembership([url], "/w/", "a", "127.0.0.1:7001", lease_ttl=3,
+                               grace_period=1, watch_idle=2)
+            await n.start(m.run)
+            etcd_put(etcd, "/w/c", "127.0.0.1:7003")
+            await trio_wait_for(lambda: "c" in m.members, 10, "c to join")
+            px.generation += 1  # the watch's flow goes silent
+            etcd_put(etcd, "/w/b", "127.0.0.1:7002")
+            etcd.call("/v3/kv/deleterange", {"key": b64("/w/c")})
+            await trio_wait_for(lambda: sorted(m.members) == ["a", "b"], 15,
+                                "b to join and c to leave")
+            assert m.statistics()["watch_renewals"] >= 1
+            n.cancel_scope.cancel()
+    finally:
+        etcd.stop()
+
+
+@pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
+async def test_a_node_whose_id_was_taken_while_its_lease_expired_keeps_serving(tmp_path):
+    """A node whose lease expired (etcd unreachable longer than the TTL) registers again;
+    when another node had registered its id meanwhile, the QuietError meant for start-up
+    ended the daemon, unmounting under the jobs reading from it. It now keeps serving
+    with the members it knows, says why in its stats, and registers once the id is free."""
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        async with trio.open_nursery() as n:
+            m = EtcdMembership([etcd.url], "/i/", "a", "127.0.0.1:7001", lease_ttl=2,
+                               grace_period=1)
+            await n.start(m.run)
+            own_lease = m.lease_id
+            other = etcd_put(etcd, "/i/a", "127.0.0.1:9999")  # the same id, elsewhere
+            etcd.call("/v3/lease/revoke", {"ID": own_lease})  # our lease expires
+            await trio_wait_for(lambda: "already registered in etcd by a node at 127.0.0.1:9999"
+                                in (m.statistics()["last_error"] or ""), 10, "the clash")
+            await trio.sleep(2)  # keepalives go on failing to register: still running
+            assert m.counters["id_taken"] >= 2
+            etcd.call("/v3/lease/revoke", {"ID": other})  # the other node leaves
+            await trio_wait_for(lambda: m.lease_id not in (None, own_lease), 10,
+                                "registration")
+            r = etcd.call("/v3/kv/range", {"key": b64("/i/a")})
+            assert json.loads(base64.b64decode(r["kvs"][0]["value"])) == {
+                "address": "127.0.0.1:7001"}
+            assert m.statistics()["last_error"] is None
+            n.cancel_scope.cancel()
     finally:
         etcd.stop()
 

@@ -11,6 +11,13 @@ or revoked at shutdown) keeps its node in the ring for ``grace_period`` more
 seconds, so a restart or a short partition does not reshuffle ownership.
 While etcd itself is unreachable the last known membership is kept.
 
+A watch connection can die without a word (etcd's host loses power, a NAT or load
+balancer forgets an idle flow): the watch stream asks etcd for progress notifications,
+its sockets send TCP keepalives, and a stream silent for ``watch_idle`` seconds is
+created again from the last revision seen (events of the silence included).  A node
+whose id another node registered while its own lease had expired keeps serving with the
+members it knows and tries again; only at start-up is that fatal.
+
 etcd is spoken through its v3 JSON gateway (``/v3/...``, keys and values in
 base64) with httpx, which runs natively under trio.  Only ``lease/grant``,
 ``lease/keepalive``, ``lease/revoke``, ``kv/put``, ``kv/range`` and the
@@ -136,6 +143,19 @@ class EtcdAuthError(EtcdError):
     """etcd refused our user, password or permissions: no other endpoint will differ."""
 
 
+class NodeIdTaken(QuietError):
+    """Another node (another address) holds our id in etcd."""
+
+
+WATCH_IDLE = 60.0  # a watch stream silent this long is created again
+# TCP keepalive on etcd connections: a peer gone without a FIN is seen within ~25 s, and
+# a NAT or load balancer does not forget the idle watch flow
+_KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
+    (socket.IPPROTO_TCP, opt, val) for name, val in
+    (("TCP_KEEPIDLE", 10), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3))
+    if (opt := getattr(socket, name, None)) is not None]
+
+
 def _b64(s: str) -> str:
     return base64.b64encode(s.encode("utf-8")).decode("ascii")
 
@@ -179,6 +199,7 @@ class EtcdMembership:
         request_timeout: float = 5.0,
         tls: tuple[str | None, str | None, str | None] = (None, None, None),
         auth: tuple[str, str] | None = None,
+        watch_idle: float = WATCH_IDLE,
     ) -> None:
         self.endpoints = list(endpoints)  # URLs, normalised by the configuration
         if not self.endpoints:
@@ -194,6 +215,7 @@ class EtcdMembership:
         self.grace_period = grace_period
         self.on_change = on_change
         self.request_timeout = request_timeout
+        self.watch_idle = watch_idle
         self.tls = tls  # (CA file, client certificate, its key): paths or None
         self._auth = auth  # (user, password) for etcd's --auth; never logged
         self._token: str | None = None
@@ -206,8 +228,11 @@ class EtcdMembership:
         self._client: Any = None
         self._wake_sweeper = trio.Event()
         self.counters = {"registrations": 0, "keepalive_failures": 0, "watch_restarts": 0,
-                         "joins": 0, "leaves": 0, "etcd_errors": 0}
+                         "watch_renewals": 0, "joins": 0, "leaves": 0, "etcd_errors": 0,
+                         "id_taken": 0}
         self.last_error: str | None = None  # of the last etcd call, until one succeeds
+        # why we are out of etcd: another node registered our id while our lease had expired
+        self._id_taken: str | None = None
 
     # -- HTTP ------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -295,7 +320,7 @@ class EtcdMembership:
             other = _parse_value(kv.get("value", ""))
             if other and other != self.address:
                 await self._revoke(lease)
-                raise QuietError(f"node id {self.node_id!r} is already registered in etcd by a "
+                raise NodeIdTaken(f"node id {self.node_id!r} is already registered in etcd by a "
                                  f"node at {other}; give each node its own --node-id (if "
                                  f"that was this node before a crash, its key expires within "
                                  f"the lease TTL of {self.lease_ttl} s: mount again then)")
@@ -314,15 +339,35 @@ class EtcdMembership:
             except EtcdError as e:
                 log.info("etcd: could not revoke lease: %s", e)
 
+    async def _register_again(self) -> None:
+        """Register after our lease expired or our key was deleted.  Another node may
+        have taken our id meanwhile: that must not end a daemon serving reads, which
+        keeps the members it knows and tries again at the next keepalive."""
+        try:
+            await self._register()
+        except NodeIdTaken as e:
+            self.counters["id_taken"] += 1
+            if self._id_taken is None:
+                log.error("etcd: %s; this node keeps serving, out of etcd, and tries again", e)
+            self._id_taken = str(e)
+            self.lease_id = None
+        else:
+            if self._id_taken is not None:
+                log.warning("etcd: node id %r is ours again", self.node_id)
+            self._id_taken = None
+
     async def _keepalive_loop(self) -> None:
         while True:
             await trio.sleep(self.lease_ttl / 3)
             try:
+                if self.lease_id is None:  # our id was taken: try again
+                    await self._register_again()
+                    continue
                 r = await self._call("/v3/lease/keepalive", {"ID": self.lease_id})
                 ttl = int((r.get("result") or {}).get("TTL") or 0)
                 if ttl <= 0:
                     log.warning("etcd: lease %s expired; registering again", self.lease_id)
-                    await self._register()
+                    await self._register_again()
             except EtcdError as e:
                 self.counters["keepalive_failures"] += 1
                 log.warning("etcd keepalive failed (membership kept as is): %s", e)
@@ -396,12 +441,14 @@ class EtcdMembership:
             url = self.endpoints[self._ep] + "/v3/watch"
             body = {"create_request": {"key": _b64(self.prefix),
                                        "range_end": _b64(prefix_end(self.prefix)),
-                                       "start_revision": str(self.revision + 1)}}
+                                       "start_revision": str(self.revision + 1),
+                                       "progress_notify": True}}
             try:
                 if self._auth and not self._token:
                     await self._authenticate(self.endpoints[self._ep])
                 async with self._client.stream("POST", url, json=body, timeout=httpx.Timeout(
-                        self.request_timeout, read=None), headers=self._headers()) as r:
+                        self.request_timeout, read=self.watch_idle),
+                        headers=self._headers()) as r:
                     if r.status_code != 200:
                         raise EtcdError(f"watch: HTTP {r.status_code}")
                     self.last_error = None
@@ -412,6 +459,13 @@ class EtcdMembership:
                             break
                         backoff = 0.2
                 raise EtcdError("watch stream ended")
+            except httpx.ReadTimeout:
+                # silent for watch_idle: a dead flow, or only an idle one (etcd's progress
+                # notifications come every 10 minutes). Watched again from the last
+                # revision seen, which brings the events of the silence.
+                self.counters["watch_renewals"] += 1
+                log.debug("etcd watch silent for %.0fs; watching again", self.watch_idle)
+                continue
             except (httpx.HTTPError, EtcdError, ValueError) as e:
                 self.counters["watch_restarts"] += 1
                 self.last_error = f"watch: {e}"
@@ -456,7 +510,7 @@ class EtcdMembership:
         if own_deleted:
             log.warning("etcd: our key was deleted; registering again")
             try:
-                await self._register()
+                await self._register_again()
             except EtcdError as e:
                 log.warning("etcd: re-registration failed (will retry): %s", e)
         return True
@@ -489,7 +543,8 @@ class EtcdMembership:
         verify: ssl.SSLContext | bool = False
         if self._uses_tls:
             verify = await trio.to_thread.run_sync(self._ssl_context)
-        async with httpx.AsyncClient(verify=verify) as client:
+        transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=_KEEPALIVE)
+        async with httpx.AsyncClient(verify=verify, transport=transport) as client:
             self._client = client
             try:
                 try:
@@ -519,7 +574,7 @@ class EtcdMembership:
             "grace_period": self.grace_period,
             "revision": self.revision,
             "departing": {n: round(max(0.0, t - now), 1) for n, (_, t) in self.departing.items()},
-            "last_error": self.last_error,
+            "last_error": self._id_taken or self.last_error,
             **self.counters,
         }
 
