@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -315,6 +316,19 @@ def set_kernel_readahead(mp: Path, kb: int) -> None:
                  "128 KiB", mp, kb, e.strerror)
 
 
+def raise_fd_limit(want: int = 1 << 16) -> int:
+    """The soft limit on open descriptors, raised towards the hard one (to ``want``): the
+    usual soft limit of a shell, 1024, is below what a daemon of a large cluster holds
+    (a pooled connection to and from every member, S3 connections, chunk files)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
 def set_fuse_background(mp: Path, n: int) -> None:
     """Let the kernel keep ``n`` asynchronous requests (read-ahead, O_DIRECT reads) in flight
     to the daemon, not 12: with 12 reads of cold files waiting on a stalled S3, every other
@@ -363,6 +377,7 @@ class Daemon:
     async def run(self) -> None:
         cfg = self.cfg
         rdir: list[Path] = []  # our runtime dir, once we hold its lock (locks[0])
+        raise_fd_limit()
 
         def prechecks(locks: list[int]) -> Path:
             entries = runtime.mountinfo()  # read once for both

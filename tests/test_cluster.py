@@ -182,6 +182,41 @@ def test_every_node_reads_everything_one_get_per_chunk(mounts, bucket, s3, proxy
     assert sum(s["bytes_served"] for s in st) == sum(s["bytes_from_peers"] for s in st)
 
 
+def test_requests_that_wait_for_a_fetch_under_way_take_no_serving_slot(mounts, bucket, s3,
+                                                                        proxy):
+    """An owner's serving slots went to requests that only waited for a fetch already
+    under way: when every node of a cluster asks for one cold chunk (a checkpoint all load
+    at once), the owner answered all but the first 16 `busy` after the peer timeout, and
+    each of those read the chunk from S3 itself. Here the owner has one slot, S3 answers
+    in 3 s, and two nodes ask: one GET (it was two)."""
+    import hashlib
+
+    from cachefs.chunks.ids import chunk_id
+    from cachefs.cluster.ring import HashRing
+
+    ring = HashRing(["n0", "n1", "n2"])
+    for salt in range(200):  # a one-chunk file that n0 owns
+        data = random.Random(salt).randbytes(CHUNK)
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        if ring.owner(chunk_id(bucket, "ckpt.bin", etag, CHUNK, 0)) == "n0":
+            break
+    s3.put_object(Bucket=bucket, Key="ckpt.bin", Body=data)
+    ms = start_cluster(mounts, bucket, 3, env_for={"n0": {"CACHEFS_TEST_PEER_SLOTS": "1"}})
+    for m in ms:
+        assert m.path("ckpt.bin").stat().st_size == CHUNK
+    proxy.reset()
+    proxy.faults(delay=3, ops=["GetObject"], count=-1)
+    with cf.ThreadPoolExecutor(2) as ex:
+        first = ex.submit(read_all, ms[1], {"ckpt.bin": data})
+        wait_for(lambda: proxy.stats()["inflight"] >= 1, 10, "the owner's GET")
+        second = ex.submit(read_all, ms[2], {"ckpt.bin": data})
+        assert first.result(timeout=30) == second.result(timeout=30) == {"ckpt.bin": data}
+    assert gets(proxy) == 1
+    assert cluster_stats(ms[0])["requests_served"] == 2
+    for m in ms[1:]:
+        assert cluster_stats(m)["fetched_from_peers"] == 1
+
+
 def test_sigkill_one_node_mid_read(mounts, bucket, s3, proxy):
     files = put_files(s3, bucket, {f"f{i}.bin": 900_000 for i in range(6)}, seed=11)
     total = nchunks(files)

@@ -703,15 +703,71 @@ async def test_client_pool_limit(nursery):
     assert state["max"] == 2
 
 
-async def test_server_connection_limit(nursery):
-    handler, _ = counting_handler()
-    address = await start_server(nursery, handler, max_connections=1)
+async def test_server_connection_limit(nursery, monkeypatch):
+    """At most max_connections are served. A full server made room for nobody: a cluster of
+    66 nodes, each pooling 4 connections to it, filled its 256, and healthy peers were
+    refused (they then skipped it and read S3); so could anyone reaching the port with
+    silent sockets, without the secret, for 300 s. Now the connection that has waited
+    longest for a request is closed to make room (a client's pool connects again), one
+    that sends nothing is closed after FIRST_REQUEST_WAIT, and a new connection is refused
+    only when every one is busy."""
+    from cachefs.cluster import peer
+
+    release = trio.Event()
+
+    async def handler(chunk, trace):
+        if chunk.get("key") == "slow":
+            await release.wait()
+        return b"ok", []
+
+    address = await start_server(nursery, handler, max_connections=2)
+    host, port = parse_address(address)
     async with PeerClient(SECRET) as first, PeerClient(SECRET) as second:
-        await first.get(address, CHUNK, TRACE)  # holds the only connection
-        with pytest.raises(PeerError) as ei:
-            await second.get(address, CHUNK, TRACE)
-        assert ei.value.reason in ("closed", "short_read", "connect")
-        await first.get(address, CHUNK, TRACE)
+        await first.get(address, CHUNK, TRACE)  # pooled, idle
+        silent = await trio.open_tcp_stream(host, port)  # no secret, never a request
+        assert (await second.get(address, CHUNK, TRACE))[0] == b"ok"  # made room
+        assert (await first.get(address, CHUNK, TRACE))[0] == b"ok"  # connects again
+        with trio.fail_after(5):  # the silent socket was the longest waiting
+            while await silent.receive_some(4096):
+                pass
+        await silent.aclose()
+        # every connection busy: a new one is refused
+        async with trio.open_nursery() as n:
+            n.start_soon(first.get, address, {"key": "slow"}, TRACE)
+            n.start_soon(second.get, address, {"key": "slow"}, TRACE)
+            await trio.sleep(0.3)
+            async with PeerClient(SECRET) as third:
+                with pytest.raises(PeerError) as ei:
+                    await third.get(address, CHUNK, TRACE)
+                assert ei.value.reason in ("closed", "short_read", "connect")
+            release.set()
+    # a connection that sends nothing is closed, with room to spare
+    monkeypatch.setattr(peer, "FIRST_REQUEST_WAIT", 0.3)
+    silent = await trio.open_tcp_stream(host, port)
+    with trio.fail_after(5):
+        while await silent.receive_some(4096):
+            pass
+    await silent.aclose()
+
+
+async def test_the_daemon_raises_its_descriptor_limit():
+    """A daemon started from a shell had the shell's 1024 descriptors: below what a large
+    cluster's peer connections alone hold."""
+    import sys
+
+    code = ("import resource\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))\n"
+            "from cachefs.daemon import raise_fd_limit\n"
+            "from cachefs.cluster.node import max_peer_connections\n"
+            "print(raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard,"
+            " max_peer_connections())\n")
+    out = (await trio.run_process([sys.executable, "-c", code], capture_stdout=True)
+           ).stdout.decode().split()
+    got, soft, hard, conns = (int(x) for x in out)
+    want = min(1 << 16, hard)
+    assert got == soft == want
+    assert conns == max(256, min(8192, want // 4))
 
 
 # --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -64,8 +65,19 @@ HANDOFF_TIMEOUTS = 2
 MAX_CONNS_PER_PEER = 4
 # a peer that answered one of these is up: reading elsewhere once does not make readers skip it
 _ANSWERED = ("remote", "busy")
-#: Peer requests served at once by this node (all peers together).
-MAX_SERVING = 16
+#: Peer requests served at once by this node (all peers together); the environment
+#: variable is for tests only.
+MAX_SERVING = int(os.environ.get("CACHEFS_TEST_PEER_SLOTS") or 16)
+
+
+def max_peer_connections() -> int:
+    """Connections this node serves: every other member pools up to MAX_CONNS_PER_PEER
+    (256 was full in a cluster of 66, where it refused healthy peers, which then skipped
+    this node and read S3), a quarter of the descriptors the process may open."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(256, min(8192, soft // 4))
 
 _MAX_KEY = 1024  # S3's limit, in UTF-8 bytes
 _MAX_ETAG = 256
@@ -154,7 +166,8 @@ class ClusterNode:
                 self.port = await nursery.start(partial(
                     serve_peers, host.strip("[]") or None, int(port), self.secret,
                     self._serve_chunk, max_concurrent=MAX_SERVING,
-                    call_handler=self._serve_call, corrupt_for_test=self.corrupt_for_test))
+                    max_connections=max_peer_connections(), call_handler=self._serve_call,
+                    joins_work=self._joins_fetch, corrupt_for_test=self.corrupt_for_test))
             except OSError as e:
                 raise ConfigError(f"cannot listen for peers on {self.listen}: "
                                   f"{e.strerror or e}") from None
@@ -216,6 +229,18 @@ class ClusterNode:
                             "remote")
         obj = ObjectVersion(ctx.spec.name, bucket, key, etag, size, chunk_size, ctx.store)
         return obj.chunk(index)
+
+    def _joins_fetch(self, chunk: dict) -> bool:
+        """A request for a chunk this node is fetching already: it only waits for that
+        fetch, and takes no serving slot (40 nodes asking for one cold chunk took all 16,
+        and 24 of them, answered busy, read it from S3 themselves)."""
+        reader = self.daemon.reader
+        if reader is None or not reader.in_flight or chunk.get("cached_only"):
+            return False
+        try:
+            return self._resolve(chunk).cid in reader.flights
+        except PeerError:
+            return False
 
     async def _serve_chunk(self, chunk: dict, ctx: dict) -> tuple[bytes, list[dict]]:
         try:

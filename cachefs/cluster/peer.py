@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -46,6 +47,9 @@ Handler = Callable[[dict, dict], Awaitable[tuple[bytes, list[dict]]]]
 #: nodes (cluster-wide preload/free/status); see ClusterNode.forward.
 CallHandler = Callable[[str, dict], Awaitable[dict]]
 
+# a new connection's first request (the client sends it as soon as it has the hello): a
+# socket that sends nothing holds no connection slot longer, secret or not
+FIRST_REQUEST_WAIT = 10.0
 # Errors that mean "this connection is unusable"; they never escape to callers.
 _CONN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -94,6 +98,7 @@ async def serve_peers(
     idle_timeout: float = 300.0,
     io_timeout: float = 30.0,
     call_handler: CallHandler | None = None,
+    joins_work: Callable[[dict], bool] | None = None,
     corrupt_for_test: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -102,10 +107,16 @@ async def serve_peers(
     ``handler(chunk, trace)`` returns ``(data, spans)``; it may raise
     PeerError(msg) to send an error frame carrying ``msg``.  At most
     ``max_concurrent`` handler calls run at once (across all connections),
-    each limited to ``handler_timeout`` seconds.  At most ``max_connections``
-    connections are served; extra ones are closed at once.  A connection idle
-    for ``idle_timeout`` is closed; reading one request frame or sending one
-    response must finish within ``io_timeout``.
+    each limited to ``handler_timeout`` seconds; a chunk request that
+    ``joins_work(chunk)`` says only waits for work under way (a fetch of that
+    chunk) takes no slot.  At most ``max_connections`` connections are served:
+    when all are taken, the one that has waited longest for its next request
+    is closed to make room (a client's pool opens it again when it needs it);
+    a new connection is refused only when every one is busy.  A connection
+    idle for ``idle_timeout`` is closed, and one that sends no request within
+    ``FIRST_REQUEST_WAIT`` of connecting (before it could authenticate at all);
+    reading one request frame or sending one response must finish within
+    ``io_timeout``.
 
     ``call_handler(name, payload)``, if given, serves the ``call`` op (small
     JSON control requests; the result dict travels in the response header,
@@ -122,13 +133,21 @@ async def serve_peers(
         raise ValueError("serve_peers needs a non-empty shared secret")
     secret = bytes(secret)
     limiter = trio.CapacityLimiter(max_concurrent)
-    state = {"connections": 0}
+    state = {"connections": 0, "warned": -math.inf}
+    # the connections waiting for their next request, the longest waiting first
+    idle: dict[trio.CancelScope, None] = {}
 
     async def on_connection(stream: trio.SocketStream) -> None:
         if state["connections"] >= max_connections:
-            log.warning("peer server: connection limit %d reached, refusing", max_connections)
-            await trio.aclose_forcefully(stream)
-            return
+            if idle:
+                next(iter(idle)).cancel()  # it closes; this one takes its place
+            else:
+                if trio.current_time() - state["warned"] > 60:
+                    state["warned"] = trio.current_time()
+                    log.warning("peer server: all %d connections are busy, refusing new ones",
+                                max_connections)
+                await trio.aclose_forcefully(stream)
+                return
         state["connections"] += 1
         try:
             async with stream:
@@ -141,6 +160,8 @@ async def serve_peers(
                     idle_timeout=idle_timeout,
                     io_timeout=io_timeout,
                     call_handler=call_handler,
+                    joins_work=joins_work,
+                    idle=idle,
                     corrupt_for_test=corrupt_for_test,
                 )
         except (*_CONN_ERRORS, PeerError, trio.TooSlowError):
@@ -166,6 +187,8 @@ async def _serve_connection(
     idle_timeout: float,
     io_timeout: float,
     call_handler: CallHandler | None = None,
+    joins_work: Callable[[dict], bool] | None = None,
+    idle: dict[trio.CancelScope, None] | None = None,
     corrupt_for_test: bool = False,
 ) -> None:
     nonce = secrets.token_bytes(NONCE_SIZE)
@@ -173,10 +196,16 @@ async def _serve_connection(
     with trio.fail_after(io_timeout):
         await stream.send_all(encode_hello(nonce))
     seq = 0
+    waiting = {} if idle is None else idle
     while True:
-        with trio.move_on_after(idle_timeout) as idle:
-            eof = await reader.at_eof()
-        if idle.cancelled_caught or eof:
+        with trio.move_on_after(min(FIRST_REQUEST_WAIT, idle_timeout) if seq == 0
+                                else idle_timeout) as wait:
+            waiting[wait] = None
+            try:
+                eof = await reader.at_eof()
+            finally:
+                del waiting[wait]
+        if wait.cancelled_caught or eof:
             return
         with trio.fail_after(io_timeout):
             size = await reader.read_u32()
@@ -213,8 +242,9 @@ async def _serve_connection(
                 trace = header.get("trace") or {}
                 if not isinstance(chunk, dict) or not isinstance(trace, dict):
                     raise PeerError("get needs a 'chunk' object and a 'trace' object", "protocol")
-                data, spans = await _call_handler(handler, limiter, chunk, trace, handler_timeout,
-                                                  _slot_wait(header))
+                joins = joins_work is not None and joins_work(chunk)
+                data, spans = await _call_handler(handler, None if joins else limiter, chunk,
+                                                  trace, handler_timeout, _slot_wait(header))
                 resp = _ok_header(data, spans)
                 if corrupt_for_test and data:
                     data = bytes([data[0] ^ 0xFF]) + bytes(data[1:])
@@ -266,18 +296,20 @@ def _slot_wait(header: dict) -> float | None:
     return float(wait)
 
 
-async def _guarded(fn, limiter: trio.CapacityLimiter, what: str, handler_timeout: float,
-                   wait: float | None = None):
+async def _guarded(fn, limiter: trio.CapacityLimiter | None, what: str,
+                   handler_timeout: float, wait: float | None = None):
     """Run a local handler for a peer: bounded, timed, and only PeerError gets out.
 
     ``wait``: the longest the request queues for one of the ``limiter``'s slots; then it is
     answered ``busy`` (its client reads the chunk elsewhere rather than queue behind a
-    saturated node, and nothing runs here for a client that has given up)."""
+    saturated node, and nothing runs here for a client that has given up).  Without a
+    limiter (a request that only joins work under way) it takes no slot."""
     wait = handler_timeout if wait is None else wait
-    slot = False
-    with trio.move_on_after(wait):
-        await limiter.acquire()
-        slot = True
+    slot = limiter is None
+    if not slot:
+        with trio.move_on_after(wait):
+            await limiter.acquire()
+            slot = True
     if not slot:
         raise PeerError(f"busy: all {limiter.total_tokens:g} serving slots stayed in use "
                         f"for {wait:g}s", "busy")
@@ -292,12 +324,13 @@ async def _guarded(fn, limiter: trio.CapacityLimiter, what: str, handler_timeout
         log.exception("peer server: %s failed", what)
         raise PeerError(f"internal error in {what}", "remote") from None
     finally:
-        limiter.release()
+        if limiter is not None:
+            limiter.release()
 
 
 async def _call_handler(
     handler: Handler,
-    limiter: trio.CapacityLimiter,
+    limiter: trio.CapacityLimiter | None,
     chunk: dict,
     trace: dict,
     handler_timeout: float,
