@@ -22,6 +22,7 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import lmdb
 import pyfuse3
 import trio
 
@@ -31,7 +32,7 @@ from .config import Config
 from .control import ControlServer
 from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
 from .fuse_ops import Operations
-from .index import Index, IndexWriter, open_index
+from .index import Index, IndexWriter, open_index, reopen_damaged
 from .objectstore import ObjectStore
 from .report import human
 from .stats import Stats
@@ -411,7 +412,14 @@ class Daemon:
         map_size = int(os.environ.get("CACHEFS_TEST_INDEX_MAP_SIZE") or 1 << 30)
         self.index = index = await trio.to_thread.run_sync(open_index, cfg.cache_dir / "index",
                                                            map_size, self.ready.progress)
-        changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
+        try:
+            changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
+        except lmdb.Error as e:
+            # damage the check did not see (a page no record leads to) fails the first
+            # write: moved aside like any damaged index, and the cache dir adopted again
+            self.index = index = await trio.to_thread.run_sync(
+                reopen_damaged, index, cfg.cache_dir / "index", map_size, e)
+            changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
         if changed and changed[1]:
             old, n, nbytes = changed
             self.ready.warn(f"the chunk size changed from {human(old)} to "
@@ -430,7 +438,13 @@ class Daemon:
                                                          cfg.readahead_memory
                                                          // cfg.chunk_size) + 2)
         try:
-            report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
+            try:
+                report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
+            except lmdb.Error as e:
+                self.index = index = store.index = writer.index = await trio.to_thread.run_sync(
+                    reopen_damaged, index, cfg.cache_dir / "index", map_size, e)
+                await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
+                report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,
                      store.statistics()["chunks"], store.used >> 20, report)
             free = store.disk_free()

@@ -755,6 +755,46 @@ def test_index_damaged_inside_is_rebuilt(s3, bucket, mounts, proxy):
     assert len(list(m.cache_dir.glob("index.bad-*"))) == 1
 
 
+def test_index_that_passes_the_check_but_fails_its_first_write_is_rebuilt(s3, bucket, mounts,
+                                                                         proxy):
+    """Damage on a page no record leads to (the free-page list: a power loss, a failing
+    disk) passes the check, which reads every record, and fails the first write at
+    start-up with MDB_CORRUPTED: the daemon failed every start, and the cache stayed
+    unusable until its index was deleted by hand. It is moved aside and rebuilt now."""
+    import struct
+
+    from cachefs.index import ChunkRec, Index, check_in_child
+
+    m, objs = _cached_then_stopped(s3, bucket, mounts)
+    ix = Index(m.cache_dir / "index")
+    rnd = random.Random(6)
+    fake = [rnd.randbytes(16) for _ in range(2000)]
+    ix.apply([Index.op_put_chunk(c, ChunkRec(CS, rnd.randbytes(16), 1.0)) for c in fake])
+    ix.apply([Index.op_delete_chunk(c) for c in fake])  # their pages go to the free list
+    ix.close()
+    data_mdb = m.cache_dir / "index" / "data.mdb"
+    raw = bytearray(data_mdb.read_bytes())
+    # the newer of the two meta pages (after the 16-byte page header: magic, version,
+    # address, map size, then two 48-byte db records, free list first, each ending in its
+    # root page number; then the last page and the transaction id)
+    metas = [(struct.unpack_from("<Q", raw, pg * 4096 + 16 + 24 + 96 + 8)[0],
+              struct.unpack_from("<Q", raw, pg * 4096 + 16 + 24 + 40)[0]) for pg in (0, 1)]
+    free_root = max(metas)[1]
+    assert 2 <= free_root < len(raw) // 4096
+    raw[free_root * 4096 + 10:free_root * 4096 + 12] = b"\xff\xff"  # its page flags
+    data_mdb.write_bytes(raw)
+    assert check_in_child(m.cache_dir / "index") is None  # every record reads back
+    proxy.reset()
+    m.start()
+    log = m.log_text()
+    assert re.search(r"cannot be used \(CorruptedError: mdb_put: MDB_CORRUPTED", log), log
+    for k, d in objs.items():
+        assert m.path(k).read_bytes() == d
+    assert proxy.stats()["ops"].get("GetObject", 0) == 0  # the chunk files adopted
+    assert m.stats()["cache"]["chunks"] == 8
+    assert len(list(m.cache_dir.glob("index.bad-*"))) == 1
+
+
 def test_memory_charged_once_for_a_chunk_the_memo_shares(s3, bucket, mounts):
     """A chunk a handle fetched itself is kept in its buffer and shared through the memo:
     one copy in memory, charged to the read-ahead budget once, while the handle holds it

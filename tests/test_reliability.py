@@ -776,6 +776,8 @@ def test_sigkill_at_crash_point_then_remount(s3, bucket, mounts, proxy, point):
     if point == "evict.index_deleted":
         m.cache_size = str(8 * CS)
     m.env["CACHEFS_TEST_CRASH_AT"] = point
+    if point == "index.commit":  # past start-up's own commit (the chunk size, the time)
+        m.env["CACHEFS_TEST_CRASH_AFTER"] = "1"
     m.start()
     errs = []
 
@@ -902,6 +904,43 @@ def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
     m.start()
     for k in keys[:4]:
         assert read_all(m.path(k)) == objs[k]
+
+
+def test_a_limit_lowered_by_a_disk_another_program_filled_rises_when_it_frees_it(
+        s3, bucket, mounts, small_disk):
+    """A cache disk shared with another program, which filled it right after the daemon
+    started: the first chunk write met ENOSPC with almost nothing cached, the limit fell
+    to almost nothing, and caching stayed off until the daemon restarted, long after the
+    other program had removed its files. The limit now rises again as the disk gets room."""
+    rnd = random.Random(12)
+    objs = {f"f/{i:02d}": put(s3, bucket, f"f/{i:02d}", rnd.randbytes(4 * CS))
+            for i in range(24)}
+    m = mounts(f"s3://{bucket}", cache_size="64MiB", start=False)
+    m.cache_dir = small_disk / "cache"
+    m.start()
+    filler = small_disk / "other-program.bin"
+    with open(filler, "wb") as f:  # the disk, all but a few chunks' worth
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    keys = list(objs)
+    for k in keys[:8]:
+        assert read_all(m.path(k)) == objs[k]
+    c = m.counters()
+    assert c.get("cache_limit_lowered", 0) >= 1, c
+    low = m.stats()["cache"]["limit_bytes"]
+    assert low < 1 << 20, low
+    filler.unlink()
+    time.sleep(1.5)  # the disk is looked at again at most once a second
+    for k in keys[8:]:
+        assert read_all(m.path(k)) == objs[k]
+    st = m.stats()["cache"]
+    assert m.counters().get("cache_limit_raised", 0) >= 1
+    assert st["limit_bytes"] > 2 << 20 and st["used_bytes"] > low, st
+    assert "the cache disk has room again: the cache limit rises from" in m.log_text()
 
 
 def test_a_cache_disk_that_refuses_to_remove_files_is_survived(s3, bucket, mounts, tmp_path):

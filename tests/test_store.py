@@ -606,3 +606,89 @@ def test_only_damage_moves_the_index_aside(tmp_path, monkeypatch, child, damaged
         ix.close()
     assert (kept == {}) == damaged, kept
     assert bool(list(tmp_path.glob("index.bad-*"))) == damaged
+
+
+def test_an_orphan_with_a_bad_length_field_is_removed_and_the_others_adopted(tmp_path):
+    """Chunk files without a record (all of them, after the index was rebuilt) are read to
+    be adopted. A flipped bit in one header's length asked for exabytes: OverflowError or
+    MemoryError, outside the OSError start-up handles, and every start of the daemon
+    failed on that one file."""
+    good = {os.urandom(16): os.urandom(n) for n in (5000, 70_000)}
+    bad = {os.urandom(16): os.urandom(3000) for _ in range(3)}
+
+    async def write(store, report):
+        for cid, data in {**good, **bad}.items():
+            assert await store.put(cid, data)
+        return {cid: store.path(cid) for cid in bad}
+
+    paths = trio.run(_with_store, tmp_path, write, 1 << 20)
+    for f, length in zip(paths.values(), (1 << 62, (1 << 64) - 1, 4000), strict=True):
+        raw = bytearray(f.read_bytes())
+        raw[24:32] = length.to_bytes(8, "little")  # the header's length field
+        f.write_bytes(raw)
+    import shutil
+    shutil.rmtree(tmp_path / "index")  # every file an orphan
+
+    async def reread(store, report):
+        got = {cid: bytes(await store.get(cid, len(d))) for cid, d in good.items()}
+        return report, got, [f.exists() for f in paths.values()]
+
+    report, got, exist = trio.run(_with_store, tmp_path, reread, 1 << 20)
+    assert report["orphans_adopted"] == 2 and report["orphans_removed"] == 3
+    assert got == good and exist == [False] * 3
+
+
+def test_a_read_that_fails_for_want_of_descriptors_keeps_the_file(tmp_path):
+    """Any error reading a chunk file counted as a bad file: out of descriptors (EMFILE),
+    a read dropped the chunk and deleted its file, pinned or not. Only a bad file (its
+    size, header or checksum, or EIO) is dropped now; the read misses and the file stays."""
+    import resource
+
+    cid, data = os.urandom(16), os.urandom(100_000)
+
+    async def body(store, report):
+        assert await store.put(cid, data, pin=True)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE,
+                           (max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1, hard))
+        filler = []
+        try:
+            while True:  # every descriptor below the limit taken
+                try:
+                    filler.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    break
+            missed = await store.get(cid, len(data))
+        finally:
+            for fd in filler:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        again = await store.get(cid, len(data))
+        return (missed, store.is_pinned(cid), store.path(cid).exists(), bytes(again),
+                store.stats.snapshot())
+
+    missed, pinned, exists, again, counters = trio.run(_with_store, tmp_path, body)
+    assert missed is None and pinned and exists and again == data
+    assert counters.get("ssd_read_errors") == 1 and not counters.get("chunks_corrupt")
+
+
+def test_a_chunk_size_change_on_an_index_larger_than_its_map(tmp_path):
+    """An index reopened is mapped at its used size when that is larger than the map asked
+    for. A chunk-size change rewrites every pinned record there, outside the writer that
+    grows a full map: MapFullError, and the daemon could not start."""
+    import time
+
+    from cachefs.index import ChunkRec, open_index
+
+    d = tmp_path / "index"
+    ix = Index(d, 64 * 1024)
+    ix.set_chunk_size(1 << 20)
+    ix.apply([Index.op_put_chunk(os.urandom(16), ChunkRec(100, b"c" * 16, time.time(), True))
+              for _ in range(3000)])  # grows the map
+    ix.close()
+    ix = open_index(d, 64 * 1024)
+    try:
+        assert ix.set_chunk_size(2 << 20) == (1 << 20, 3000, 300_000)
+        assert not any(rec.pinned for _, rec in ix.iter_chunks())
+    finally:
+        ix.close()

@@ -38,6 +38,7 @@ import ctypes
 import errno
 import itertools
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -153,6 +154,17 @@ class ChunkBuf:
         return buf
 
 
+# errors reading a chunk file that say the file (or the disk under it) is bad; any other
+# (EMFILE, ENFILE, ENOMEM, EINTR) is the process's, and the file is kept
+_BAD_FILE_ERRNOS = frozenset({errno.EIO, errno.EBADMSG, errno.EUCLEAN, errno.ENODATA,
+                              errno.EISDIR, errno.ENOTDIR, errno.ELOOP})
+
+
+def _read_error(cid: bytes, e: OSError) -> str:
+    log.warning("chunk %s: read error %s", cid.hex(), e)
+    return "corrupt" if e.errno in _BAD_FILE_ERRNOS else "error"
+
+
 def checksum(cid: bytes, data: bytes | memoryview) -> bytes:
     h = xxhash.xxh3_128()
     h.update(cid)
@@ -166,6 +178,10 @@ def _write_loop(fd: int, mv: memoryview) -> None:
 
 
 DISK_FULL_SHARE = 0.95  # on ENOSPC, the limit becomes this share of the chunks held
+# a limit lowered by a full disk is raised again, at most once per this many seconds, when
+# the disk has room for at least RAISE_CHUNKS more chunks (another program freed space)
+DISK_RECHECK = 1.0
+RAISE_CHUNKS = 4
 
 
 class ChunkStore:
@@ -181,6 +197,8 @@ class ChunkStore:
         self.stats = stats
         self._marks = (high, low)
         self._set_limit(limit)
+        self.configured_limit = limit
+        self._limit_checked = -math.inf
         self.used = 0
         self.reserved = 0
         self.pinned_bytes = 0
@@ -211,6 +229,7 @@ class ChunkStore:
         # memory of full-size chunks, reused (partial ones: the last of an object)
         self.buffers = (BufferPool(file_size(chunk_size), idle=idle_buffers)
                         if chunk_size else None)
+        self.chunk_size = chunk_size
 
     # -- start-up ---------------------------------------------------------------------
 
@@ -299,7 +318,10 @@ class ChunkStore:
         return report
 
     def _read_verify(self, f: Path, cid: bytes):
-        """Blocking: (checksum, size) if file f holds a valid chunk cid, else None."""
+        """Blocking: (checksum, size) if file f holds a valid chunk cid, else None.  The
+        header's length is believed only when the file has that many bytes after it: a
+        flipped bit there asked for exabytes (OverflowError, MemoryError), and every start
+        of the daemon failed on that one file."""
         try:
             with open(f, "rb") as fh:
                 hdr = fh.read(HEADER_SIZE)
@@ -307,6 +329,9 @@ class ChunkStore:
                     return None
                 magic, hcid, length, ck = HEADER.unpack(hdr)
                 if magic != MAGIC or hcid != cid:
+                    return None
+                if os.fstat(fh.fileno()).st_size != HEADER_SIZE + length or \
+                        (self.chunk_size is not None and length > self.chunk_size):
                     return None
                 data = fh.read(length + 1)
         except OSError:
@@ -339,9 +364,11 @@ class ChunkStore:
                 await written.wait()
 
     def _read_file(self, cid: bytes, length: int) -> tuple[str, memoryview | None]:
-        """Blocking. ('ok', data) | ('missing', None) | ('corrupt', None).  The file is read
-        with O_DIRECT into a ChunkBuf: no copy through the page cache, and the chunk's
-        pages are not cached twice (the mount's own page cache holds what readers read)."""
+        """Blocking. ('ok', data) | ('missing', None) | ('corrupt', None) | ('error', None).
+        The file is read with O_DIRECT into a ChunkBuf: no copy through the page cache, and
+        the chunk's pages are not cached twice (the mount's own page cache holds what
+        readers read).  'error' is a failure that says nothing about the file (out of
+        descriptors or memory): the read misses, and the file is kept."""
         size = HEADER_SIZE + length
         p = self._file(cid)
         try:
@@ -351,8 +378,7 @@ class ChunkStore:
         except FileNotFoundError:
             return "missing", None
         except OSError as e:
-            log.warning("chunk %s: read error %s", cid.hex(), e)
-            return "corrupt", None
+            return _read_error(cid, e), None
         try:
             if os.fstat(fd).st_size != size:
                 return "corrupt", None
@@ -364,8 +390,7 @@ class ChunkStore:
                     break
                 got += n
         except OSError as e:
-            log.warning("chunk %s: read error %s", cid.hex(), e)
-            return "corrupt", None
+            return _read_error(cid, e), None
         finally:
             os.close(fd)
         if got != size:
@@ -411,6 +436,9 @@ class ChunkStore:
             self.stats.inc("ssd_bytes", length)
             self.touch(cid)
             return data
+        if status == "error":  # nothing wrong with the file: this read misses, it stays
+            self.stats.inc("ssd_read_errors")
+            return None
         if self.contains(cid):  # cached still
             # or again: dropped and put back while the read ran, it found the old file
             # gone, and the new one is good. Only a second read tells a bad file.
@@ -437,6 +465,9 @@ class ChunkStore:
     async def reserve(self, size: int) -> bool:
         """Make room for ``size`` bytes; False if only pinned data is left to evict."""
         async with self._space_lock:
+            if self.limit < self.configured_limit and \
+                    self.used + self.reserved + size > self.limit:
+                self._regain_limit()
             while self.used + self.reserved + size > self.limit:
                 if not self.lru:
                     self.stats.inc("cache_full_uncached")
@@ -584,17 +615,40 @@ class ChunkStore:
         """A chunk write met ENOSPC: the file system holds less than the limit promised (it
         is smaller, or shared). The limit drops to 95% of the chunks it holds now, and
         eviction goes on from there, so new chunks are cached again in LRU order instead of
-        none at all once the disk is full. Until the daemon restarts."""
+        none at all once the disk is full. Until the disk has room again (_regain_limit)."""
         new = int(self.used * DISK_FULL_SHARE)
+        self._limit_checked = time.monotonic()  # not raised again at the next write
         if new < self.limit:
             log.warning("cache disk full with %d MiB of chunks: the cache limit drops from "
-                        "%d to %d MiB until restart; this chunk is served without caching",
+                        "%d to %d MiB until the disk has room again; this chunk is served "
+                        "without caching",
                         self.used >> 20, self.limit >> 20, new >> 20)
             self._set_limit(new)
             self.stats.inc("cache_limit_lowered")
         else:
             log.warning("cache disk full: serving a chunk without caching")
         self._evict_wakeup.set()
+
+    def _regain_limit(self) -> None:
+        """A limit lowered by a full disk goes up again as the disk gets room (another
+        program sharing it removed its files): it stayed low until the daemon restarted,
+        and with a disk filled by someone else right after start, caching stayed off."""
+        now = time.monotonic()
+        if now - self._limit_checked < DISK_RECHECK:
+            return
+        self._limit_checked = now
+        try:
+            free = self.disk_free()
+        except OSError:
+            return
+        new = min(self.configured_limit, int((self.used + self.reserved + free)
+                                             * DISK_FULL_SHARE))
+        if new - self.limit >= RAISE_CHUNKS * (self.chunk_size or 8 << 20) or \
+                new == self.configured_limit > self.limit:
+            log.warning("the cache disk has room again: the cache limit rises from %d to "
+                        "%d MiB", self.limit >> 20, new >> 20)
+            self._set_limit(new)
+            self.stats.inc("cache_limit_raised")
 
     def _unlink(self, cid: bytes) -> None:
         self._unlink_paths([self._file(cid)])
