@@ -1253,13 +1253,15 @@ class _ClusterRun(_Run):
                 await trio.sleep(BUSY_BACKOFF)
                 continue
             codes, errors = res.get("codes"), res.get("errors") or {}
-            if not isinstance(codes, str) or len(codes) != len(order):
+            times = res.get("times") or []
+            if not isinstance(codes, str) or len(codes) != len(order) or \
+                    not isinstance(errors, dict) or not isinstance(times, list):
                 self._give_up(node, order, f"node {node}: malformed ds_fetch reply", False)
                 continue
-            for t in res.get("times") or []:
-                try:
-                    ds.model.observe(int(t[0]), float(t[1]), float(t[2]))  # on the owner
-                except (TypeError, ValueError, IndexError):
+            for t in times:
+                try:  # on the owner (int(Infinity) is an OverflowError)
+                    ds.model.observe(int(t[0]), float(t[1]), float(t[2]))
+                except (TypeError, ValueError, IndexError, OverflowError):
                     pass
             pending = []
             for k, ((f, r), c) in enumerate(zip(order, codes, strict=True)):

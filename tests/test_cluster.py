@@ -741,6 +741,76 @@ def test_a_node_with_another_chunk_size_or_a_wrong_peers_address_is_refused(
     assert not is_mounted(mp)
 
 
+class BuggyPeer:
+    """A member that speaks the protocol with the secret but answers ds_fetch with a reply
+    of the wrong shape: ``errors`` a list, not an object, and a throughput figure of
+    Infinity (valid JSON to Python's json)."""
+
+    def __init__(self, node_id: str) -> None:
+        import threading
+
+        async def call(name, payload):
+            if name == "identity":
+                return {"node_id": node_id, "chunk_size": CHUNK}
+            if name == "ds_probe":  # nothing cached here, room for everything
+                n = len(base64.b64decode(payload["ids"])) // 16
+                return {"states": "0" * n, "store": {"limit": 1 << 30, "high": 1 << 30,
+                                                     "pinned_bytes": 0, "used_bytes": 0}}
+            if name == "ds_fetch":
+                n = sum(len(o.get("idx", [])) for o in payload.get("objs", []))
+                return {"codes": "e" * n, "errors": ["?"], "times": [[float("inf"), 1, 1]]}
+            return {}
+
+        async def chunk(c, t):
+            raise PeerError("no chunks here")
+
+        self.stop = threading.Event()
+        started = threading.Event()
+
+        async def main():
+            async with trio.open_nursery() as n:
+                self.port = await n.start(partial(serve_peers, "127.0.0.1", 0, SECRET.encode(),
+                                                  chunk, call_handler=call))
+                started.set()
+                while not self.stop.is_set():  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+                n.cancel_scope.cancel()
+
+        self.thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+        self.thread.start()
+        assert started.wait(10)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def test_a_preload_survives_a_member_whose_reply_has_the_wrong_shape(mounts, bucket, s3,
+                                                                     tmp_path):
+    """A member that answered ds_fetch with ``errors`` that is not an object, or a figure
+    of Infinity, ended the whole preload with an internal error (AttributeError,
+    OverflowError). Its chunks now fail as a malformed reply, and the rest is preloaded."""
+    import json
+
+    files = put_files(s3, bucket, {f"bp/{i}.bin": 3 * CHUNK for i in range(4)}, seed=23)
+    fake = BuggyPeer("n1")
+    try:
+        port = free_port()
+        m = mounts(f"s3://{bucket}", name="n0", env={"CACHEFS_PEER_SECRET": SECRET},
+                   extra=("--node-id", "n0", "--peer-listen", f"127.0.0.1:{port}",
+                          "--peers", f"n0=127.0.0.1:{port},n1=127.0.0.1:{fake.port}"))
+        lst = tmp_path / "bp.txt"
+        lst.write_text("bp\n")
+        r = cli("preload", "--file-list", str(lst), "--mount", str(m.mp), "--json")
+        assert "internal error" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "node n1: malformed ds_fetch reply" in r.stderr, r.stderr
+        res = json.loads(r.stdout)
+        assert 0 < res["fetched_chunks"] < nchunks(files), res
+        assert m.proc.poll() is None
+    finally:
+        fake.close()
+
+
 class NotAPeer:
     """Something other than cachefs listening at a member's address: an HTTP server
     (it waits for its client to speak, then answers; it counts its answers) or one that

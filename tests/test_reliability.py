@@ -854,16 +854,23 @@ def small_disk(memory_fs):
     return memory_fs("4m")
 
 
+def _mounted_on(disk, s3, bucket, mounts, prefix: str, n: int, size: int, seed: int):
+    """A mount with --cache-size 64MiB whose cache dir is on ``disk``, and n objects of
+    ``size`` bytes under ``prefix/`` (name → bytes)."""
+    rnd = random.Random(seed)
+    objs = {f"{prefix}/{i:02d}": put(s3, bucket, f"{prefix}/{i:02d}", rnd.randbytes(size))
+            for i in range(n)}
+    m = mounts(f"s3://{bucket}", cache_size="64MiB", start=False)
+    m.cache_dir = disk / "cache"
+    m.start()
+    return m, objs
+
+
 def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
     """--cache-size 64MiB on a 4 MiB disk, 8 MiB read by 8 readers: every byte correct, no
     EIO; chunk writes that hit ENOSPC are served uncached; the daemon survives a full disk
     (index commits included) and a restart finds index and files in agreement."""
-    rnd = random.Random(5)
-    objs = {f"d/{i:02d}": put(s3, bucket, f"d/{i:02d}", rnd.randbytes(8 * CS))
-            for i in range(16)}
-    m = mounts(f"s3://{bucket}", cache_size="64MiB", start=False)
-    m.cache_dir = small_disk / "cache"
-    m.start()
+    m, objs = _mounted_on(small_disk, s3, bucket, mounts, "d", 16, 8 * CS, seed=5)
     assert "larger than the free space" in m.log_text()
     bad = []
 
@@ -912,12 +919,7 @@ def test_a_limit_lowered_by_a_disk_another_program_filled_rises_when_it_frees_it
     started: the first chunk write met ENOSPC with almost nothing cached, the limit fell
     to almost nothing, and caching stayed off until the daemon restarted, long after the
     other program had removed its files. The limit now rises again as the disk gets room."""
-    rnd = random.Random(12)
-    objs = {f"f/{i:02d}": put(s3, bucket, f"f/{i:02d}", rnd.randbytes(4 * CS))
-            for i in range(24)}
-    m = mounts(f"s3://{bucket}", cache_size="64MiB", start=False)
-    m.cache_dir = small_disk / "cache"
-    m.start()
+    m, objs = _mounted_on(small_disk, s3, bucket, mounts, "f", 24, 4 * CS, seed=12)
     filler = small_disk / "other-program.bin"
     with open(filler, "wb") as f:  # the disk, all but a few chunks' worth
         try:
