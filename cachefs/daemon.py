@@ -22,7 +22,6 @@ import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import lmdb
 import pyfuse3
 import trio
 
@@ -32,7 +31,7 @@ from .config import Config
 from .control import ControlServer
 from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
 from .fuse_ops import Operations
-from .index import Index, IndexWriter, open_index, reopen_damaged
+from .index import DAMAGE_ERRORS, Index, IndexWriter, open_index, reopen_damaged
 from .objectstore import ObjectStore
 from .report import human
 from .stats import Stats
@@ -385,7 +384,7 @@ class Daemon:
             mp = Path(runtime.resolve_mountpoint(cfg.mountpoint, entries))
             check_mountpoint_place(mp, entries)
             locks.append(lock_mountpoint(mp))
-            rdir.append(runtime.mount_dir(mp, resolved=True))
+            rdir.append(runtime.mount_dir(mp, create=True, resolved=True))  # the lock's
             # the dirs of daemons that were killed (nobody holds their lock)
             runtime.remove_stale_dirs(keep=rdir[0])
             check_mountpoint(mp)
@@ -414,7 +413,7 @@ class Daemon:
                                                            map_size, self.ready.progress)
         try:
             changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
-        except lmdb.Error as e:
+        except DAMAGE_ERRORS as e:
             # damage the check did not see (a page no record leads to) fails the first
             # write: moved aside like any damaged index, and the cache dir adopted again
             self.index = index = await trio.to_thread.run_sync(
@@ -440,7 +439,7 @@ class Daemon:
         try:
             try:
                 report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
-            except lmdb.Error as e:
+            except DAMAGE_ERRORS as e:
                 self.index = index = store.index = writer.index = await trio.to_thread.run_sync(
                     reopen_damaged, index, cfg.cache_dir / "index", map_size, e)
                 await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
@@ -520,7 +519,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
             with contextlib.suppress(OSError):
-                (runtime.mount_dir(mp, resolved=True) / "info.json").unlink()
+                (runtime.mount_dir(mp, create=True, resolved=True) / "info.json").unlink()
 
     async def _after_init(self, mp: Path) -> None:
         """Once the kernel has finished FUSE INIT (it resets the bdi read-ahead then)."""

@@ -168,18 +168,22 @@ class Index:
             got.append((struct.unpack("<Q", old)[0], n, nbytes))
 
         # through apply: a full map grows (an index reopened is mapped at its used size)
-        self.apply([op])
+        self.apply([op], crash=False)
         return got[0] if got else None
 
     # -- writes: only through IndexWriter.commit (one writer thread) -----------------
 
-    def apply(self, ops: list[Callable[[Index, lmdb.Transaction], None]]) -> None:
+    def apply(self, ops: list[Callable[[Index, lmdb.Transaction], None]],
+              crash: bool = True) -> None:
+        """Commit ``ops`` in one transaction (``crash``: the ``index.commit`` crash point of
+        the tests, which start-up's own commit passes)."""
         while True:
             try:
                 with self.env.begin(write=True) as txn:
                     for op in ops:
                         op(self, txn)
-                    crash_point("index.commit")
+                    if crash:
+                        crash_point("index.commit")
                 return
             except lmdb.MapFullError:
                 new = self.env.info()["map_size"] * 2
@@ -417,6 +421,11 @@ def open_index(path: Path, map_size: int = 1 << 30,
     except (lmdb.Error, RuntimeError, struct.error) as e:
         _move_aside(path, str(e))
         return Index(path, map_size)
+
+
+# what damage to an index raises (the rest, a full disk or an I/O error, is not the index's)
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError,
+                 lmdb.InvalidError)
 
 
 def reopen_damaged(index: Index, path: Path, map_size: int, err: Exception) -> Index:

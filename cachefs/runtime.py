@@ -5,10 +5,12 @@
     control.sock   the control API (mode 0600, in a 0700 directory)
     info.json      pid, mountpoint, cache dir
 
-The runtime root is /run/cachefs for root.  Other users' daemons make theirs in the
-first of $XDG_RUNTIME_DIR/cachefs, /run/user/<uid>/cachefs and /tmp/cachefs-<uid> that
-can be written; a command looks for a mountpoint's directory in all three, since the
-shell it runs in (cron, Slurm, sudo -u, ssh without a login session) may name another
+The runtime root is /run/cachefs for root.  Other users' daemons make theirs in
+$XDG_RUNTIME_DIR/cachefs, or without one in /tmp/cachefs-<uid> (not in /run/user/<uid>:
+logind removes that at the user's last logout, with a cron-started daemon's socket in
+it).  A command looks for a mountpoint's directory in $XDG_RUNTIME_DIR/cachefs,
+/run/user/<uid>/cachefs and /tmp/cachefs-<uid>, those owned by the user only: the shell
+it runs in (cron, Slurm, sudo -u, ssh without a login session) may name another
 $XDG_RUNTIME_DIR than the daemon's, or none.  Directories are created 0700 and must be
 owned by us.
 
@@ -33,26 +35,32 @@ from typing import NamedTuple
 from .errors import EXIT_NO_DAEMON, EXIT_USAGE, QuietError
 
 
-def runtime_roots() -> list[Path]:
-    """Where runtime dirs may be, the one a starting daemon uses first."""
+def runtime_root() -> Path:
+    """Where a starting daemon makes its runtime dir."""
     override = os.environ.get("CACHEFS_RUNTIME_DIR")
     if override:
-        return [Path(override)]
+        return Path(override)
     uid = os.getuid()
     if uid == 0 and os.access("/run", os.W_OK):
-        return [Path("/run/cachefs")]
-    roots = []
-    for base in (os.environ.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
-        if base and os.path.isabs(base) and os.access(base, os.W_OK):
-            p = Path(base) / "cachefs"
-            if p not in roots:
-                roots.append(p)
-    roots.append(Path(f"/tmp/cachefs-{uid}"))
+        return Path("/run/cachefs")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and os.access(xdg, os.W_OK):
+        return Path(xdg) / "cachefs"
+    return Path(f"/tmp/cachefs-{uid}")
+
+
+def runtime_roots() -> list[Path]:
+    """Where runtime dirs may be: the daemon's own first, then the other places a daemon
+    started from another shell may have used."""
+    first = runtime_root()
+    if os.environ.get("CACHEFS_RUNTIME_DIR") or first == Path("/run/cachefs"):
+        return [first]
+    uid = os.getuid()
+    roots = [first]
+    for p in (Path(f"/run/user/{uid}/cachefs"), Path(f"/tmp/cachefs-{uid}")):
+        if p not in roots:
+            roots.append(p)
     return roots
-
-
-def runtime_root() -> Path:
-    return runtime_roots()[0]
 
 
 def proc_state(pid: int) -> tuple[str, int] | None:
@@ -85,15 +93,21 @@ def _private_dir(p: Path) -> Path:
 def mount_dir(mountpoint: str | Path, *, create: bool = False, resolved: bool = False) -> Path:
     real = str(mountpoint) if resolved else resolve_mountpoint(mountpoint)
     h = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    roots = runtime_roots()
     if create:
-        _private_dir(roots[0])
-        return _private_dir(roots[0] / h)
-    found = [r / h for r in roots if _ours(r) and (r / h).is_dir()]
+        root = runtime_root()
+        _private_dir(root)
+        return _private_dir(root / h)
+    roots = runtime_roots()
+    ours = [r for r in roots if _ours(r)]
+    found = [r / h for r in ours if (r / h).is_dir()]
     for d in found:  # a live daemon's, before one a killed daemon left
         if _pid_alive(d):
             return d
-    return found[0] if found else roots[0] / h
+    if found:
+        return found[0]
+    if ours or not roots[0].exists():
+        return (ours or roots)[0] / h  # no such dir: no daemon
+    raise QuietError(f"{roots[0]} is owned by another user; refusing to use it")
 
 
 def _ours(root: Path) -> bool:

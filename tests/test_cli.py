@@ -619,36 +619,49 @@ def _as_user(uid: int, fn) -> int:
 
 
 def test_a_users_daemon_is_found_from_a_shell_without_its_runtime_dir(monkeypatch):
-    """A user's daemon keeps its control socket under $XDG_RUNTIME_DIR. A command run from
-    cron, Slurm, `sudo -u` or ssh without a login session has no XDG_RUNTIME_DIR (or
-    another one), looked in /tmp/cachefs-<uid> only, and said "no cachefs daemon is running"
-    for a live mount. Commands now look in every place a daemon may use, a live daemon's
-    dir before one a killed daemon left, and never in a directory of another user's."""
+    """A user's daemon keeps its control socket under $XDG_RUNTIME_DIR, or without one in
+    /tmp/cachefs-<uid>. A command run from another shell (cron, Slurm, `sudo -u`, ssh
+    without a login session: no XDG_RUNTIME_DIR, or another one) looked in its own place
+    only, and said "no cachefs daemon is running" for a live mount. Commands now look in
+    every place a daemon may use, a live daemon's dir before one a killed daemon left, and
+    never in a directory of another user's."""
     from cachefs import runtime
+    from cachefs.errors import QuietError
 
     if os.getuid() != 0:
         pytest.skip("needs root, to run as another user")
     uid = 65534  # nobody
     user_run = Path(f"/run/user/{uid}")
-    made = not user_run.exists()
-    if made:  # what a login session has (systemd-logind makes it)
-        user_run.mkdir(mode=0o700, parents=True)
-        os.chown(user_run, uid, uid)
+    tmp_root = Path(f"/tmp/cachefs-{uid}")
+    if user_run.exists() or tmp_root.exists():
+        pytest.skip(f"{user_run} or {tmp_root} exists already")
+    # what a login session has (systemd-logind makes it)
+    user_run.mkdir(mode=0o700, parents=True)
+    os.chown(user_run, uid, uid)
     # a second XDG_RUNTIME_DIR, holding a killed daemon's dir (where that user can reach it)
     other = Path(tempfile.mkdtemp(prefix="cachefs-test-xdg-"))
     os.chown(other, uid, uid)
-    foreign = Path(f"/tmp/cachefs-{uid}")
-    foreign_made = not foreign.exists()
     monkeypatch.delenv("CACHEFS_RUNTIME_DIR")
     mp = "/mnt/cachefs-test-mountpoint"
 
-    def child() -> None:
-        # the daemon, started in a login session
+    def alive_here() -> None:
+        runtime.write_info(Path(mp), {"pid": os.getpid(),
+                                      "pid_start": runtime.proc_start(os.getpid())})
+
+    def started_from_cron() -> None:
+        os.environ.pop("XDG_RUNTIME_DIR", None)
+        d = runtime.mount_dir(mp, create=True, resolved=True)
+        assert d.parent == tmp_root, d  # not /run/user: gone at the last logout
+        alive_here()
+        os.environ["XDG_RUNTIME_DIR"] = str(user_run)  # a login shell
+        assert runtime.socket_path(mp).parent == d
+        assert runtime.read_info(mp)["pid"] == os.getpid()
+
+    def started_in_a_session() -> None:
         os.environ["XDG_RUNTIME_DIR"] = str(user_run)
         live = runtime.mount_dir(mp, create=True, resolved=True)
         assert live.parent == user_run / "cachefs", live
-        runtime.write_info(Path(mp), {"pid": os.getpid(),
-                                      "pid_start": runtime.proc_start(os.getpid())})
+        alive_here()
         # a killed daemon's dir for the same mountpoint, under another XDG_RUNTIME_DIR
         os.environ["XDG_RUNTIME_DIR"] = str(other)
         dead = runtime.mount_dir(mp, create=True, resolved=True)
@@ -662,26 +675,27 @@ def test_a_users_daemon_is_found_from_a_shell_without_its_runtime_dir(monkeypatc
                 os.environ["XDG_RUNTIME_DIR"] = xdg
             assert runtime.socket_path(mp).parent == live, (xdg, runtime.socket_path(mp))
             assert runtime.read_info(mp)["pid"] == os.getpid()
-        # /tmp/cachefs-<uid> made by someone else is never looked in
+        # /tmp/cachefs-<uid> made by someone else (root, here) is never looked in
         os.environ.pop("XDG_RUNTIME_DIR", None)
         os.rename(user_run / "cachefs", user_run / "moved")
-        assert runtime.read_info(mp) is None
+        try:
+            runtime.read_info(mp)
+            raise AssertionError("another user's directory was used")
+        except QuietError as e:
+            assert str(e) == f"{tmp_root} is owned by another user; refusing to use it"
         os.rename(user_run / "moved", user_run / "cachefs")
 
     try:
-        if foreign_made:  # (root's: a live pid, the same mountpoint)
-            h = runtime.mount_dir(mp, resolved=True).name
-            (foreign / h).mkdir(parents=True)
-            (foreign / h / "info.json").write_text(f'{{"pid": {os.getpid()}}}')
-        assert _as_user(uid, child) == 0
+        assert _as_user(uid, started_from_cron) == 0
+        subprocess.run(["rm", "-rf", str(tmp_root)], check=True)
+        # another user's, with a live pid, for the same mountpoint
+        h = runtime.mount_dir(mp, resolved=True).name
+        (tmp_root / h).mkdir(parents=True)
+        (tmp_root / h / "info.json").write_text(f'{{"pid": {os.getpid()}}}')
+        assert _as_user(uid, started_in_a_session) == 0
     finally:
-        if made:
-            subprocess.run(["rm", "-rf", str(user_run)], check=False)
-        else:
-            subprocess.run(["rm", "-rf", str(user_run / "cachefs")], check=False)
-        if foreign_made:
-            subprocess.run(["rm", "-rf", str(foreign)], check=False)
-        subprocess.run(["rm", "-rf", str(other)], check=False)
+        for d in (user_run, tmp_root, other):
+            subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
 @pytest.mark.fuse

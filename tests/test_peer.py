@@ -741,6 +741,27 @@ async def test_server_connection_limit(nursery, monkeypatch):
                     await third.get(address, CHUNK, TRACE)
                 assert ei.value.reason in ("closed", "short_read", "connect")
             release.set()
+    # a burst of silent sockets: each closes the one that waited longest, and at most
+    # max_connections stay (each new one closed the same one, and all 100 were let in)
+    burst = []
+
+    async def connect() -> None:
+        burst.append(await trio.open_tcp_stream(host, port))
+
+    async with trio.open_nursery() as n:
+        for _ in range(100):
+            n.start_soon(connect)
+    await trio.sleep(1)
+    still_open = 0
+    for st in burst:
+        with trio.move_on_after(0.05):
+            while await st.receive_some(4096):
+                pass
+            continue  # closed by the server
+        still_open += 1
+    for st in burst:
+        await st.aclose()
+    assert still_open <= 2, still_open
     # a connection that sends nothing is closed, with room to spare
     monkeypatch.setattr(peer, "FIRST_REQUEST_WAIT", 0.3)
     silent = await trio.open_tcp_stream(host, port)

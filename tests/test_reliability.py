@@ -776,8 +776,6 @@ def test_sigkill_at_crash_point_then_remount(s3, bucket, mounts, proxy, point):
     if point == "evict.index_deleted":
         m.cache_size = str(8 * CS)
     m.env["CACHEFS_TEST_CRASH_AT"] = point
-    if point == "index.commit":  # past start-up's own commit (the chunk size, the time)
-        m.env["CACHEFS_TEST_CRASH_AFTER"] = "1"
     m.start()
     errs = []
 

@@ -443,6 +443,7 @@ class EtcdMembership:
                                        "range_end": _b64(prefix_end(self.prefix)),
                                        "start_revision": str(self.revision + 1),
                                        "progress_notify": True}}
+            answered = False
             try:
                 if self._auth and not self._token:
                     await self._authenticate(self.endpoints[self._ep])
@@ -455,29 +456,36 @@ class EtcdMembership:
                     async for line in r.aiter_lines():
                         if not line.strip():
                             continue
+                        answered = True
                         if not await self._on_watch_message(json.loads(line)):
                             break
                         backoff = 0.2
                 raise EtcdError("watch stream ended")
-            except httpx.ReadTimeout:
-                # silent for watch_idle: a dead flow, or only an idle one (etcd's progress
-                # notifications come every 10 minutes). Watched again from the last
-                # revision seen, which brings the events of the silence.
-                self.counters["watch_renewals"] += 1
-                log.debug("etcd watch silent for %.0fs; watching again", self.watch_idle)
-                continue
+            except httpx.ReadTimeout as e:
+                if not answered:  # not even the creation: an endpoint that hangs
+                    self._watch_failed(e)
+                else:
+                    # silent for watch_idle: a dead flow, or only an idle one (etcd's
+                    # progress notifications come every 10 minutes). Watched again from
+                    # the last revision delivered, which brings the events of the silence.
+                    self.counters["watch_renewals"] += 1
+                    log.debug("etcd watch silent for %.0fs; watching again", self.watch_idle)
+                    continue
             except (httpx.HTTPError, EtcdError, ValueError) as e:
-                self.counters["watch_restarts"] += 1
-                self.last_error = f"watch: {e}"
-                log.info("etcd watch interrupted (%s); resyncing", e)
-                self._ep = (self._ep + 1) % len(self.endpoints)
-                self._token = None  # as in _call: the next endpoint gets a fresh token
+                self._watch_failed(e)
             await trio.sleep(backoff * (1 + random.random()))
             backoff = min(backoff * 2, 5.0)
             try:
                 await self._snapshot()
             except EtcdError as e:
                 log.warning("etcd unreachable, keeping the last known members: %s", e)
+
+    def _watch_failed(self, e: Exception) -> None:
+        self.counters["watch_restarts"] += 1
+        self.last_error = f"watch: {e or type(e).__name__}"
+        log.info("etcd watch interrupted (%s); resyncing", e or type(e).__name__)
+        self._ep = (self._ep + 1) % len(self.endpoints)
+        self._token = None  # as in _call: the next endpoint gets a fresh token
 
     async def _on_watch_message(self, msg: dict) -> bool:
         """Apply one watch message; False means the watch must be re-created."""
@@ -486,10 +494,17 @@ class EtcdMembership:
             raise EtcdError(f"watch error: {msg.get('error', msg)!r:.200}")
         if res.get("canceled") or res.get("compact_revision"):
             raise EtcdError(f"watch canceled: {res.get('cancel_reason') or 'compacted'}")
-        rev = int(res.get("header", {}).get("revision", 0) or 0)
+        # how far the events delivered go: a progress notification's header says it (no
+        # events, not the creation); the header of the creation, or of a batch of events,
+        # names the store's current revision, which events still on their way may precede
+        # (watched again from there after a silence, they would be skipped for good)
+        events = res.get("events", []) or []
+        rev = 0
+        if not events and not res.get("created"):
+            rev = int(res.get("header", {}).get("revision", 0) or 0)
         now = trio.current_time()
         own_deleted = False
-        for ev in res.get("events", []) or []:
+        for ev in events:
             kv = ev.get("kv", {})
             node = _unb64(kv.get("key", ""))[len(self.prefix):]
             if not node:

@@ -140,7 +140,11 @@ async def serve_peers(
     async def on_connection(stream: trio.SocketStream) -> None:
         if state["connections"] >= max_connections:
             if idle:
-                next(iter(idle)).cancel()  # it closes; this one takes its place
+                # it closes, and this one takes its place; out of ``idle`` at once, or a
+                # burst of connections would all close the same one and all be let in
+                oldest = next(iter(idle))
+                del idle[oldest]
+                oldest.cancel()
             else:
                 if trio.current_time() - state["warned"] > 60:
                     state["warned"] = trio.current_time()
@@ -204,7 +208,7 @@ async def _serve_connection(
             try:
                 eof = await reader.at_eof()
             finally:
-                del waiting[wait]
+                waiting.pop(wait, None)  # (gone already when closed to make room)
         if wait.cancelled_caught or eof:
             return
         with trio.fail_after(io_timeout):

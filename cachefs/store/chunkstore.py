@@ -154,15 +154,16 @@ class ChunkBuf:
         return buf
 
 
-# errors reading a chunk file that say the file (or the disk under it) is bad; any other
-# (EMFILE, ENFILE, ENOMEM, EINTR) is the process's, and the file is kept
-_BAD_FILE_ERRNOS = frozenset({errno.EIO, errno.EBADMSG, errno.EUCLEAN, errno.ENODATA,
-                              errno.EISDIR, errno.ENOTDIR, errno.ELOOP})
+# errors reading a chunk file that are the process's own (out of descriptors or memory,
+# interrupted) and say nothing about the file, which is kept; any other error makes the
+# file bad (dropped, fetched again and written anew)
+_TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
+                               errno.EINTR})
 
 
 def _read_error(cid: bytes, e: OSError) -> str:
     log.warning("chunk %s: read error %s", cid.hex(), e)
-    return "corrupt" if e.errno in _BAD_FILE_ERRNOS else "error"
+    return "error" if e.errno in _TRANSIENT_ERRNOS else "corrupt"
 
 
 def checksum(cid: bytes, data: bytes | memoryview) -> bytes:
@@ -444,7 +445,7 @@ class ChunkStore:
             # gone, and the new one is good. Only a second read tells a bad file.
             status, data = await trio.to_thread.run_sync(self._read_file, cid, length,
                                                          limiter=self._disk_limiter)
-            if status == "ok":
+            if status in ("ok", "error"):
                 return await self._settle(cid, length, status, data)
         if self.contains(cid):  # the file is bad
             self.stats.inc(f"chunks_{status}")
