@@ -199,6 +199,7 @@ class ChunkStore:
         self._marks = (high, low)
         self._set_limit(limit)
         self.configured_limit = limit
+        self._disk_limited = False  # the limit was lowered by a full disk (_disk_full)
         self._limit_checked = -math.inf
         self.used = 0
         self.reserved = 0
@@ -466,8 +467,7 @@ class ChunkStore:
     async def reserve(self, size: int) -> bool:
         """Make room for ``size`` bytes; False if only pinned data is left to evict."""
         async with self._space_lock:
-            if self.limit < self.configured_limit and \
-                    self.used + self.reserved + size > self.limit:
+            if self._disk_limited and self.used + self.reserved + size > self.limit:
                 self._regain_limit()
             while self.used + self.reserved + size > self.limit:
                 if not self.lru:
@@ -625,6 +625,7 @@ class ChunkStore:
                         "without caching",
                         self.used >> 20, self.limit >> 20, new >> 20)
             self._set_limit(new)
+            self._disk_limited = True
             self.stats.inc("cache_limit_lowered")
         else:
             log.warning("cache disk full: serving a chunk without caching")
@@ -649,6 +650,7 @@ class ChunkStore:
             log.warning("the cache disk has room again: the cache limit rises from %d to "
                         "%d MiB", self.limit >> 20, new >> 20)
             self._set_limit(new)
+            self._disk_limited = new < self.configured_limit
             self.stats.inc("cache_limit_raised")
 
     def _unlink(self, cid: bytes) -> None:
