@@ -463,6 +463,7 @@ class Daemon:
                     await self._serve(nursery, mp, mounts)
                     nursery.cancel_scope.cancel()
         finally:
+            store.flush_touches()
             writer.drain_sync()
             index.close()
 

@@ -182,6 +182,7 @@ DISK_FULL_SHARE = 0.95  # on ENOSPC, the limit becomes this share of the chunks 
 # a limit lowered by a full disk is raised again, at most once per this many seconds, when
 # the disk has room for at least RAISE_CHUNKS more chunks (another program freed space)
 DISK_RECHECK = 1.0
+TOUCH_EVERY = 1.0  # seconds between two writes of access times to the index
 RAISE_CHUNKS = 4
 
 
@@ -223,6 +224,8 @@ class ChunkStore:
         # pinned chunks dropped because their file was bad: cached pinned again when they
         # are fetched again (a free of them forgets them)
         self._repin: set[bytes] = set()
+        self._touched: dict[bytes, float] = {}  # access times not yet queued for the index
+        self._touches_sent = 0.0
         self._tmp_seq = itertools.count()
         self._odirect = hasattr(os, "O_DIRECT")  # cleared when the file system refuses it
         # called with the ids of chunks about to be dropped (free, eviction, trace --cold):
@@ -458,9 +461,22 @@ class ChunkStore:
         return None
 
     def touch(self, cid: bytes) -> None:
+        """A read of chunk cid: last in the LRU order now, and in the index within a second
+        (access times are written once a second, in one commit: one per chunk read was
+        one synced commit each, 170 a second for warm reads at 1.4 GB/s)."""
         if cid in self.lru:
             self.lru.move_to_end(cid)
-            self.writer.submit(Index.op_touch(cid, time.time()))
+            now = time.time()
+            self._touched[cid] = now
+            if now - self._touches_sent >= TOUCH_EVERY:
+                self.flush_touches(now)
+
+    def flush_touches(self, now: float | None = None) -> None:
+        """Queue the access times not yet written (also at a clean stop)."""
+        self._touches_sent = time.time() if now is None else now
+        if self._touched:
+            touched, self._touched = self._touched, {}
+            self.writer.submit(*[Index.op_touch(c, t) for c, t in touched.items()])
 
     # -- writes -----------------------------------------------------------------------
 
