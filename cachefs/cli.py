@@ -354,7 +354,7 @@ def _stop_starting_daemon(proc: subprocess.Popen, mp: str, mounted_before: bool)
         if mp not in runtime.cachefs_mounts():
             return
         owner = (runtime.read_info(mp) or {}).get("pid")
-        if owner == proc.pid or (not mounted_before and not (owner and _alive(owner))):
+        if owner == proc.pid or (not mounted_before and not (owner and runtime.alive(owner))):
             fusermount_unmount(Path(mp), lazy=True)
 
 
@@ -388,7 +388,7 @@ def umount(mountpoint: str, timeout: float) -> None:
     info = runtime.read_info(mp)
     pid = info.get("pid") if info else None
     started = info.get("pid_start") if info else None
-    stale = not pid or not _alive(pid, started)  # the daemon is gone: detach even if busy
+    stale = not pid or not runtime.alive(pid, started)  # the daemon is gone: detach even if busy
     ok, err = fusermount_unmount(mp, lazy=stale)
     if not ok:
         if "busy" in err.lower():
@@ -398,7 +398,7 @@ def umount(mountpoint: str, timeout: float) -> None:
     if pid:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not _alive(pid, started):
+            if not runtime.alive(pid, started):
                 break
             time.sleep(0.05)
         else:
@@ -408,14 +408,6 @@ def umount(mountpoint: str, timeout: float) -> None:
     # it (unless a new daemon for this mountpoint holds it already)
     runtime.remove_if_stale(runtime.mount_dir(mp, resolved=True))
     click.echo(f"cachefs: unmounted {mp}", err=True)
-
-
-def _alive(pid: int, started: int | None = None) -> bool:
-    """True while pid runs (a zombie waiting for its parent counts as exited); with
-    ``started`` (its start time, runtime.proc_start), only the process that began then: a
-    daemon that was killed may have its pid taken by another program since."""
-    st = runtime.proc_state(pid)
-    return st is not None and st[0] != "Z" and (started is None or st[1] == started)
 
 
 # -- stats ----------------------------------------------------------------------------

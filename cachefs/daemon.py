@@ -411,14 +411,20 @@ class Daemon:
         map_size = int(os.environ.get("CACHEFS_TEST_INDEX_MAP_SIZE") or 1 << 30)
         self.index = index = await trio.to_thread.run_sync(open_index, cfg.cache_dir / "index",
                                                            map_size, self.ready.progress)
+
+        async def rebuilt(e: Exception) -> Index:
+            # damage the check did not see (a page no record leads to) fails the first
+            # write: moved aside like any damaged index, and the cache dir adopted again
+            ix = await trio.to_thread.run_sync(reopen_damaged, self.index,
+                                               cfg.cache_dir / "index", map_size, e)
+            self.index = ix
+            await trio.to_thread.run_sync(ix.set_chunk_size, cfg.chunk_size)  # a new index
+            return ix
+
         try:
             changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
         except DAMAGE_ERRORS as e:
-            # damage the check did not see (a page no record leads to) fails the first
-            # write: moved aside like any damaged index, and the cache dir adopted again
-            self.index = index = await trio.to_thread.run_sync(
-                reopen_damaged, index, cfg.cache_dir / "index", map_size, e)
-            changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
+            index, changed = await rebuilt(e), None
         if changed and changed[1]:
             old, n, nbytes = changed
             self.ready.warn(f"the chunk size changed from {human(old)} to "
@@ -440,9 +446,7 @@ class Daemon:
             try:
                 report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             except DAMAGE_ERRORS as e:
-                self.index = index = store.index = writer.index = await trio.to_thread.run_sync(
-                    reopen_damaged, index, cfg.cache_dir / "index", map_size, e)
-                await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
+                index = store.index = writer.index = await rebuilt(e)
                 report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,
                      store.statistics()["chunks"], store.used >> 20, report)

@@ -80,6 +80,14 @@ def proc_start(pid: int) -> int | None:
     return st[1] if st else None
 
 
+def alive(pid: int, started: int | None = None) -> bool:
+    """True while pid runs (a zombie waiting for its parent counts as exited); with
+    ``started`` (its start time, proc_start), only the process that began then: a daemon
+    that was killed may have its pid taken by another program since."""
+    st = proc_state(pid)
+    return st is not None and st[0] != "Z" and (started is None or st[1] == started)
+
+
 def _private_dir(p: Path) -> Path:
     p.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = p.stat()
@@ -121,13 +129,13 @@ def _ours(root: Path) -> bool:
 
 
 def _pid_alive(d: Path) -> bool:
+    """The daemon that wrote d's info.json still runs."""
     try:
         with open(d / "info.json") as f:
             info = json.load(f)
-        st = proc_state(int(info["pid"]))
+        return alive(int(info["pid"]), info.get("pid_start"))
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return st is not None and st[0] != "Z" and info.get("pid_start") in (None, st[1])
 
 
 def write_info(mountpoint: Path, info: dict) -> Path:

@@ -538,7 +538,7 @@ def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
         r = cli("umount", str(mp))
         assert r.returncode == 0, r.stderr
         assert not is_mounted(mp)
-        from cachefs.cli import _alive
+        from cachefs.runtime import alive as _alive
 
         assert not _alive(pid)  # exited (a zombie not yet reaped by init counts as exited)
         # a mistyped prefix mounts (objects may come later), with a warning
@@ -800,7 +800,7 @@ def _daemon_pid(cache) -> int:
 
 
 def _gone(pid: int, mp) -> bool:
-    from cachefs.cli import _alive
+    from cachefs.runtime import alive as _alive
 
     deadline = time.monotonic() + 30
     while _alive(pid) and time.monotonic() < deadline:
