@@ -42,7 +42,8 @@ import time
 from contextlib import AsyncExitStack
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import formatdate
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -165,6 +166,37 @@ def _mtime(v: object) -> float:
     if isinstance(v, datetime):
         return v.timestamp()
     return 0.0
+
+
+def version_of(etag: str | None, size: int, mtime: float) -> str:
+    """The version an object's chunks are cached and fetched under: its ETag.  A store
+    that lists or heads an object without one gets ``~<size>-<LastModified, whole
+    seconds>`` instead: with no version at all, the chunks of an overwritten object would
+    be served for the new one.  (Whole seconds: a listing's LastModified may carry
+    milliseconds, a HEAD's has none.)"""
+    return canonical_etag(etag) or f"~{size}-{int(mtime)}"
+
+
+def _botocore_preconditions(version: str) -> dict[str, Any]:
+    h = _preconditions(version)
+    if "If-Match" in h:
+        return {"IfMatch": h["If-Match"]}
+    if h:
+        return {"IfUnmodifiedSince": datetime.fromtimestamp(int(version.rpartition("-")[2]), UTC)}
+    return {}
+
+
+def _preconditions(version: str) -> dict[str, str]:
+    """The headers that make a GET fail (412) unless the object is still ``version``:
+    If-Match with an ETag, If-Unmodified-Since with the LastModified of a version made
+    up for a store without ETags (version_of)."""
+    if version.startswith('"'):
+        return {"If-Match": version}
+    if version.startswith("~"):
+        mtime = int(version.rpartition("-")[2])
+        if mtime > 0:
+            return {"If-Unmodified-Since": formatdate(mtime, usegmt=True)}
+    return {}
 
 
 _CR_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -533,8 +565,9 @@ class ObjectStore:
             self.stats.inc("s3_list_requests")
             out.prefixes.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []))
             for o in resp.get("Contents", []):
-                out.objects.append(ObjInfo(o["Key"], int(o["Size"]), canonical_etag(o.get("ETag")),
-                                           _mtime(o.get("LastModified"))))
+                size, mtime = int(o["Size"]), _mtime(o.get("LastModified"))
+                out.objects.append(ObjInfo(o["Key"], size, version_of(o.get("ETag"), size, mtime),
+                                           mtime))
             if not resp.get("IsTruncated"):
                 return out
             token = resp.get("NextContinuationToken")
@@ -548,8 +581,8 @@ class ObjectStore:
         with span("s3.head", key=key, tier="s3"):
             r = await self._call("HEAD", do)
         self.stats.inc("s3_head_requests")
-        return ObjInfo(key, int(r["ContentLength"]), canonical_etag(r.get("ETag")),
-                       _mtime(r.get("LastModified")))
+        size, mtime = int(r["ContentLength"]), _mtime(r.get("LastModified"))
+        return ObjInfo(key, size, version_of(r.get("ETag"), size, mtime), mtime)
 
     def _count_direct(self) -> None:
         self.stats.inc("s3_get_requests")
@@ -565,9 +598,7 @@ class ObjectStore:
         is taken as sent, never decoded.  A non-2xx status raises the ClientError botocore
         would have raised, so _classify treats both ways alike; a 2xx is counted as soon
         as its headers arrive, as on botocore's way."""
-        headers = {"Range": f"bytes={start}-{end}"}
-        if etag:
-            headers["If-Match"] = canonical_etag(etag)
+        headers = {"Range": f"bytes={start}-{end}", **_preconditions(etag)}
         if direct.pool is not None:
             req = await direct.sign(key, headers)
             status, hdrs, body, n, t_head = await direct.pool.get(
@@ -627,7 +658,7 @@ class ObjectStore:
                     try:
                         r = await self._client.get_object(Bucket=self.bucket, Key=key,
                                                           Range=f"bytes={start}-{end}",
-                                                          IfMatch=canonical_etag(etag))
+                                                          **_botocore_preconditions(etag))
                     finally:
                         _learning.reset(token)
                     ttfb = time.perf_counter() - t0
@@ -641,13 +672,18 @@ class ObjectStore:
                     status = int(r.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
                     got_etag, content_range = r.get("ETag"), r.get("ContentRange")
                     content_type = r.get("ContentType")
-                if got_etag is not None and etag and got_etag != etag \
-                        and canonical_etag(got_etag) != canonical_etag(etag):
+                if got_etag is not None and etag.startswith('"') and got_etag != etag \
+                        and canonical_etag(got_etag) != etag:
                     raise ObjectChanged("object changed in S3 since it was opened", status=412)
                 if status == 206:
                     m = _CR_RE.match(content_range or "")
                     if not m or int(m.group(1)) != start or int(m.group(2)) != end:
                         raise _Retry(f"bad Content-Range {content_range!r}")
+                    if m.group(3) != "*" and int(m.group(3)) != object_size:
+                        # (what tells a store without ETags that an object was replaced
+                        # within the second its LastModified names)
+                        raise ObjectChanged("object changed in S3 since it was opened",
+                                            status=412)
                 elif status == 200:
                     if start != 0 or length != object_size:
                         raise _Retry("200 for a partial range")

@@ -248,9 +248,9 @@ class Fault:
             self.extra = int(value)
             if count is None:
                 count = 1
-        elif self.kind == "etag_form":  # value: "bare" or "weak"; every match by default
-            if value not in ("bare", "weak"):
-                raise ValueError('etag_form must be "bare" or "weak"')
+        elif self.kind == "etag_form":  # value: "bare", "weak" or "none"; every match by default
+            if value not in ("bare", "weak", "none"):
+                raise ValueError('etag_form must be "bare", "weak" or "none"')
             self.form = value
         elif self.kind in ("delay", "stall_mid_body"):
             self.seconds = float(value)
@@ -265,8 +265,10 @@ class Fault:
         self.fired = 0
 
     def reform(self, etag: str) -> str:
-        """``etag`` ("abc", quoted as S3 sends it) in this fault's form."""
+        """``etag`` ("abc", quoted as S3 sends it) in this fault's form ("" for none)."""
         core = etag.strip().removeprefix("W/").strip('"')
+        if self.form == "none":
+            return ""
         return core if self.form == "bare" else f'W/"{core}"'
 
     def exhausted(self) -> bool:
@@ -667,11 +669,14 @@ class Handler(BaseHTTPRequestHandler):
 
         if kind == "etag_form":
             headers = [(k, fault.reform(v) if k.lower() == "etag" else v) for k, v in headers]
+            headers = [(k, v) for k, v in headers if k.lower() != "etag" or v]
             if not no_body and "xml" in (resp.getheader("Content-Type") or ""):
-                # a listing's ETags too (its body is read whole)
-                body = re.sub(rb"<ETag>(.*?)</ETag>", lambda m: b"<ETag>" + html.escape(
-                    fault.reform(html.unescape(m.group(1).decode()))).encode() + b"</ETag>",
-                    resp.read())
+                # a listing's ETags too (its body is read whole); none: no element at all
+                def reform(m: re.Match) -> bytes:
+                    e = fault.reform(html.unescape(m.group(1).decode()))
+                    return b"<ETag>" + html.escape(e).encode() + b"</ETag>" if e else b""
+
+                body = re.sub(rb"<ETag>(.*?)</ETag>", reform, resp.read())
                 headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
                 headers.append(("Content-Length", str(len(body))))
                 if resp.will_close:

@@ -380,6 +380,37 @@ def test_etags_quoted_otherwise_by_a_store_are_the_same_version(s3, bucket, moun
     CacheState(m.cache_dir).assert_consistent()
 
 
+def test_a_store_without_etags_never_serves_an_overwritten_objects_chunks(s3, bucket, mounts,
+                                                                          proxy):
+    """A store that lists, heads and answers GETs without ETags, and an object overwritten
+    by one of the same size: a GET for the old version's handle fails (412 on
+    If-Unmodified-Since: it was the new version's bytes), and once relisted the name reads
+    the new bytes (the old version's cached chunk was read: both versions had the same
+    chunk ids)."""
+    proxy.reset()
+    proxy.faults(etag_form="none", ops=["ListObjects", "GetObject", "HeadObject"])
+    old = put(s3, bucket, "v.bin", b"A" * (4 * CS))
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s", "--readahead-chunks", "0"))
+    fd = os.open(m.path("v.bin"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.pread(fd, CS, 0) == old[:CS]  # chunk 0 on the SSD
+        time.sleep(1.1)  # the new version's LastModified is a later second
+        new = put(s3, bucket, "v.bin", b"B" * (4 * CS))
+        with pytest.raises(OSError) as e:
+            os.pread(fd, CS, CS)
+        assert e.value.errno == errno.EIO
+        assert os.pread(fd, CS, 0) == old[:CS]  # what it has of its version still reads
+    finally:
+        os.close(fd)
+    time.sleep(1.2)  # past the metadata TTL
+    assert read_all(m.path("v.bin")) == new
+    c = m.counters()
+    assert c["objects_changed"] == 1 and c["read_errors"] == 1
+    assert proxy.stats(settle=0)["faults_by_kind"]["etag_form"] >= 4
+    m.stop()
+    CacheState(m.cache_dir).assert_consistent()
+
+
 def test_cached_files_read_while_a_hundred_reads_wait_on_a_stalled_s3(s3, bucket, mounts,
                                                                       proxy):
     """S3 stalls under 110 readers of cold files: a file on the SSD still reads, before any
