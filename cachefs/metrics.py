@@ -24,6 +24,7 @@ import trio
 
 from .errors import ConfigError, QuietError
 from .stats import BUCKETS
+from .waiting import Waiting
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -78,16 +79,14 @@ async def serve_metrics(d: Daemon, sock: socket.socket, *,
     log.info("metrics: serving http://%s:%d/metrics", host, port)
     task_status.started((host, port))
 
-    # the connections still waiting for their request, the longest waiting first
-    waiting: dict[trio.CancelScope, None] = {}
+    waiting = Waiting()
 
     async def handle(stream: trio.SocketStream) -> None:
         # MAX_CONNECTIONS clients at most, none queued for long: idle connections held
         # every file descriptor of the daemon (its chunk writes, S3 and peer connections
         # failed with EMFILE).  When all are taken, the one that has waited longest for its
         # request makes room; a new client that still finds none is closed.
-        if not limiter.available_tokens and waiting:
-            next(iter(waiting)).cancel()
+        if not limiter.available_tokens and waiting.close_longest():
             d.stats.inc("metrics_idle_connections_closed")
         slot = False
         with trio.move_on_after(SLOT_WAIT):
@@ -111,22 +110,17 @@ async def serve_metrics(d: Daemon, sock: socket.socket, *,
     await trio.serve_listeners(handle, [listener])
 
 
-async def _handle(d: Daemon, stream: trio.SocketStream,
-                  waiting: dict[trio.CancelScope, None]) -> None:
+async def _handle(d: Daemon, stream: trio.SocketStream, waiting: Waiting) -> None:
     buf = b""
-    with trio.move_on_after(REQUEST_TIMEOUT) as cs:
-        waiting[cs] = None
-        try:
-            while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
-                data = await stream.receive_some(4096)
-                if not data:
-                    break
-                buf += data
-                if len(buf) > MAX_REQUEST:
-                    await _reply(stream, 431, "request too large\n")
-                    return
-        finally:
-            del waiting[cs]
+    with waiting.wait(REQUEST_TIMEOUT) as cs:
+        while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+            buf += data
+            if len(buf) > MAX_REQUEST:
+                await _reply(stream, 431, "request too large\n")
+                return
     if cs.cancelled_caught or not buf:
         return
     line = buf.split(b"\n", 1)[0].decode("latin-1").strip()

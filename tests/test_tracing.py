@@ -328,10 +328,32 @@ def test_idle_metrics_clients_hold_no_more_than_a_few_descriptors(mounts, s3, bu
         assert m.path("f.bin").read_bytes() == data
         assert scrape(port)[0]["cachefs_s3_bytes_total"] == len(data)  # idle ones still there
         assert m.counters()["metrics_idle_connections_closed"] >= 100
+        # a burst of clients, each slow to send its request, while idle ones hold every
+        # slot: each closes another idle one (they all closed the same one, and all but one
+        # were refused after 0.5 s)
+        burst = [socket.create_connection(("127.0.0.1", port)) for _ in range(12)]
+        idle.extend(burst)
+        time.sleep(1)  # longer than a newcomer waits for a slot
+        for c in burst:
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: cachefs\r\n\r\n")
+        answers = [_receive_all(c) for c in burst]
+        assert [a[:12] for a in answers] == [b"HTTP/1.1 200"] * len(burst)
     finally:
         for c in idle:
             c.close()
     assert "Too many open files" not in m.log_text()
+
+
+def _receive_all(sock) -> bytes:
+    """What a server sends until it closes (b"" if it resets the connection)."""
+    sock.settimeout(10)
+    out = b""
+    try:
+        while data := sock.recv(65536):
+            out += data
+    except ConnectionResetError:
+        return b""
+    return out
 
 
 def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):

@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from ..waiting import Waiting
 from .protocol import (
     MAC_SIZE,
     MAX_REQUEST_HEADER,
@@ -134,18 +135,11 @@ async def serve_peers(
     secret = bytes(secret)
     limiter = trio.CapacityLimiter(max_concurrent)
     state = {"connections": 0, "warned": -math.inf}
-    # the connections waiting for their next request, the longest waiting first
-    idle: dict[trio.CancelScope, None] = {}
+    idle = Waiting()
 
     async def on_connection(stream: trio.SocketStream) -> None:
         if state["connections"] >= max_connections:
-            if idle:
-                # it closes, and this one takes its place; out of ``idle`` at once, or a
-                # burst of connections would all close the same one and all be let in
-                oldest = next(iter(idle))
-                del idle[oldest]
-                oldest.cancel()
-            else:
+            if not idle.close_longest():  # (it closes, and this one takes its place)
                 if trio.current_time() - state["warned"] > 60:
                     state["warned"] = trio.current_time()
                     log.warning("peer server: all %d connections are busy, refusing new ones",
@@ -192,7 +186,7 @@ async def _serve_connection(
     io_timeout: float,
     call_handler: CallHandler | None = None,
     joins_work: Callable[[dict], bool] | None = None,
-    idle: dict[trio.CancelScope, None] | None = None,
+    idle: Waiting | None = None,
     corrupt_for_test: bool = False,
 ) -> None:
     nonce = secrets.token_bytes(NONCE_SIZE)
@@ -200,15 +194,12 @@ async def _serve_connection(
     with trio.fail_after(io_timeout):
         await stream.send_all(encode_hello(nonce))
     seq = 0
-    waiting = {} if idle is None else idle
+    waiting = Waiting() if idle is None else idle
     while True:
-        with trio.move_on_after(min(FIRST_REQUEST_WAIT, idle_timeout) if seq == 0
-                                else idle_timeout) as wait:
-            waiting[wait] = None
-            try:
-                eof = await reader.at_eof()
-            finally:
-                waiting.pop(wait, None)  # (gone already when closed to make room)
+        eof = False
+        with waiting.wait(min(FIRST_REQUEST_WAIT, idle_timeout) if seq == 0
+                          else idle_timeout) as wait:
+            eof = await reader.at_eof()
         if wait.cancelled_caught or eof:
             return
         with trio.fail_after(io_timeout):
