@@ -3,6 +3,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 from functools import partial
@@ -339,6 +340,52 @@ async def test_requests_queued_behind_a_failed_connect_fail_without_connecting(n
                 n.start_soon(one)
     assert reasons == ["timeout"] * 10
     assert len(accepted) == 2  # the two that held the pool's slots; 10 before
+
+
+@pytest.fixture
+def blackhole():
+    """``blackhole(port)``: every packet to that local TCP port is dropped where it arrives
+    (nftables), as for a host that lost power or its network: its sender hears nothing, not
+    even a reset.  Lifted at teardown."""
+    table = f"cachefs_test_{os.getpid()}"
+    armed = []
+
+    def arm(port: int) -> None:
+        rules = (f"table inet {table} {{\n chain input {{\n"
+                 f"  type filter hook input priority 0;\n  tcp dport {port} drop\n }}\n}}\n")
+        subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
+        armed.append(port)
+
+    yield arm
+    if armed:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+
+
+async def test_a_peer_host_gone_behind_pooled_connections_is_known_in_the_ack_timeout(
+        nursery, blackhole):
+    """A member's host goes away (power, network) while the client pools connections to it:
+    a request sent on one waited out the whole request timeout (32 s in a daemon, which
+    includes the owner's own S3 read), and then the next pooled connection did the same.
+    Now the kernel gives up on data unacknowledged for ``ack_timeout``; the pool's other
+    connections are closed, and the next request fails at once."""
+    handler, calls = counting_handler()
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET, connect_timeout=0.5, request_timeout=8,
+                          ack_timeout=1) as client:
+        async with trio.open_nursery() as n:  # two connections in the pool
+            for _ in range(2):
+                n.start_soon(client.get, address, CHUNK, TRACE)
+        assert client.statistics()["peers"][address]["open"] == 2 and len(calls) == 2
+        blackhole(parse_address(address)[1])
+        reasons = []
+        for _ in range(2):
+            with pytest.raises(PeerError) as ei:
+                await client.get(address, CHUNK, TRACE)
+            reasons.append(ei.value.reason)
+        assert reasons == ["unacknowledged"] * 2, reasons
+        assert "acknowledged nothing for 1s" in str(ei.value) and "moments ago" in str(ei.value)
+        assert client.statistics()["peers"][address]["open"] == 0
+    assert len(calls) == 2
 
 
 class _CountingHTTPHandler(http.server.BaseHTTPRequestHandler):

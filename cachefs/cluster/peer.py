@@ -7,10 +7,12 @@ counters live in memory only.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import math
 import secrets
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -407,6 +409,13 @@ class PeerClient:
     any error is closed, never reused.  ``request_timeout`` bounds a whole
     call (waiting for a pooled connection, connecting, request, response);
     ``connect_timeout`` additionally bounds connecting + the server hello.
+    ``ack_timeout`` (default 5 connect timeouts) bounds how long a request sent
+    may go unacknowledged by the peer's host (TCP_USER_TIMEOUT): a host that
+    lost power or its network behind a pooled connection is known for what it
+    is then, not after the request timeout (which includes the owner's own S3
+    read); the pool's other connections to it are closed, and new ones are not
+    tried for a connect timeout.  A live peer's kernel acknowledges at once,
+    however busy the daemon.
     """
 
     def __init__(
@@ -415,6 +424,7 @@ class PeerClient:
         *,
         connect_timeout: float = 2.0,
         request_timeout: float = 10.0,
+        ack_timeout: float | None = None,
         max_conns_per_peer: int = 4,
         max_body: int = 256 * 1024 * 1024,
     ) -> None:
@@ -425,6 +435,7 @@ class PeerClient:
         self._secret = bytes(secret)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.ack_timeout = 5 * connect_timeout if ack_timeout is None else ack_timeout
         self.max_conns_per_peer = max_conns_per_peer
         self.max_body = max_body
         self._pools: dict[str, _Pool] = {}
@@ -546,6 +557,9 @@ class PeerClient:
                 if reused and e.reason == "closed":
                     pool.retries += 1
                     continue
+                if e.reason == "unacknowledged":  # the host is gone: so are its connections
+                    pool.failed, pool.failed_until = e, trio.current_time() + self.connect_timeout
+                    await _close_idle(pool)
                 raise
             finally:
                 if ok and not self._closed and self._pools.get(address) is pool:
@@ -580,6 +594,8 @@ class PeerClient:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(host, port)
                 try:
+                    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                      max(1, int(self.ack_timeout * 1000)))
                     if first is not None:
                         await stream.send_all(len(first).to_bytes(4, "big"))
                     reader = FrameReader(stream)
@@ -643,6 +659,9 @@ class PeerClient:
                 raise PeerError(f"malformed response header from {address}", "protocol")
             data = await reader.read_body(length)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            if _timed_out(e):
+                raise PeerError(f"{address} acknowledged nothing for {self.ack_timeout:g}s "
+                                "(its host is down or unreachable)", "unacknowledged") from None
             # Broken before or during the response: treat like an EOF.
             raise PeerError(f"connection to {address} broken: {e}", "closed") from None
         except PeerError as e:
@@ -653,6 +672,13 @@ class PeerClient:
             raise PeerError(f"checksum mismatch on data from {address}", "checksum")
         conn.seq += 1
         return data, spans
+
+
+def _timed_out(e: BaseException) -> bool:
+    """The kernel gave up on the connection: sent data went unacknowledged
+    (TCP_USER_TIMEOUT).  trio raises it as BrokenResourceError from the OSError."""
+    return any(isinstance(x, OSError) and x.errno == errno.ETIMEDOUT
+               for x in (e, e.__cause__, e.__context__))
 
 
 # ---------------------------------------------------------------------------
