@@ -231,3 +231,32 @@ def test_a_membership_change_built_after_a_later_one_does_not_replace_it(monkeyp
 
     trio.run(main)
     assert sorted(node.ring.nodes) == ["a", "b", "c", "d"] and node.members == newer
+
+
+def test_a_member_that_leaves_takes_its_error_counters_with_it():
+    """Nodes that left kept their error counters (cluster stats, /metrics series) and
+    unhealthy marks for good: with node ids that change at every start (a scheduler's pod
+    names), they grew without a bound."""
+    import trio
+
+    from cachefs.cluster.node import ClusterNode
+    from cachefs.cluster.peer import PeerClient, PeerHealth
+
+    node = ClusterNode.__new__(ClusterNode)  # only what a membership change touches
+    node.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2", "c": "127.0.0.1:3"}
+    node.ring = HashRing(list(node.members))
+    node.ring_changes = node._members_seq = 0
+    node.peer_errors = {}
+    node.health = PeerHealth()
+
+    async def main():
+        async with PeerClient(b"secret") as client:
+            node.client = client
+            for n in ("b", "c"):
+                node._count_error(n, "timeout")
+                node.health.mark_bad(n, "timeout")
+            await node._on_members({"a": "127.0.0.1:1", "c": "127.0.0.1:3"})
+            return node.health.statistics(), node.health.is_healthy("b")
+
+    health, b_healthy = trio.run(main)
+    assert list(node.peer_errors) == ["c"] and list(health) == ["c"] and b_healthy

@@ -193,6 +193,12 @@ class ClusterNode:
         else:
             ring = self.ring
         self.members, self.ring = members, ring
+        # what is kept per member goes with it: with node ids that change at every start
+        # (a scheduler's pod names), the error counters and their /metrics series grew
+        # without a bound
+        for n in [n for n in self.peer_errors if n not in members]:
+            del self.peer_errors[n]
+        self.health.retain(set(members))
         await self.client.retain(set(members.values()))
 
     # -- serving peers ---------------------------------------------------------

@@ -723,6 +723,12 @@ class PeerHealth:
     def errors(self, node: str) -> dict[str, int]:
         return dict(self._errors.get(node, {}))
 
+    def retain(self, nodes: set[str]) -> None:
+        """Forget the nodes not in ``nodes`` (they left the cluster)."""
+        for d in (self._until, self._errors):
+            for n in [n for n in d if n not in nodes]:
+                del d[n]
+
     def statistics(self) -> dict[str, Any]:
         now = trio.current_time()
         nodes = set(self._until) | set(self._errors)
