@@ -204,7 +204,7 @@ def test_a_membership_change_built_after_a_later_one_does_not_replace_it(monkeyp
 
     import cachefs.cluster.node as node_mod
     from cachefs.cluster.node import ClusterNode
-    from cachefs.cluster.peer import PeerClient
+    from cachefs.cluster.peer import PeerClient, PeerHealth
 
     gate = threading.Event()
 
@@ -218,6 +218,8 @@ def test_a_membership_change_built_after_a_later_one_does_not_replace_it(monkeyp
     node.members = {"a": "127.0.0.1:1", "b": "127.0.0.1:2"}
     node.ring = HashRing(list(node.members))
     node.ring_changes = node._members_seq = 0
+    node.peer_errors = {}
+    node.health = PeerHealth()
     older = {**node.members, "c": "127.0.0.1:3"}
     newer = {**older, "d": "127.0.0.1:4"}
 
