@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -180,7 +181,14 @@ def _run_foreground(cfg, ready_fd: int | None) -> None:
 
     from .daemon import Daemon, Ready
 
-    setup_logging(cfg.log_level)
+    stream = None
+    if ready_fd is None and cfg.log_file is not None:  # --foreground asked for a file
+        if cfg.log_file.parent == cfg.cache_dir:
+            from .daemon import prepare_cache_dir
+
+            prepare_cache_dir(cfg.cache_dir, cfg.log_file)
+        stream = _open_log(cfg.log_file)
+    setup_logging(cfg.log_level, stream and io.TextIOWrapper(stream, line_buffering=True))
     ready = Ready(ready_fd)
     try:
         trio.run(Daemon(cfg, ready).run)
@@ -232,7 +240,10 @@ def _daemonize(cfg) -> None:
         raise
     mounted_before = mp in runtime.cachefs_mounts(entries)  # only such a mount is ever cleaned up
     r, w = os.pipe()
-    argv = [sys.executable, "-m", "cachefs"] + sys.argv[1:] + ["--ready-fd", str(w)]
+    args = sys.argv[1:]
+    # before a "--" (after it, everything is an argument: a mountpoint named "-x")
+    at = args.index("--") if "--" in args else len(args)
+    argv = [sys.executable, "-m", "cachefs", *args[:at], "--ready-fd", str(w), *args[at:]]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                             pass_fds=(w,), start_new_session=True, close_fds=True)
     os.close(w)

@@ -70,10 +70,12 @@ def _readable_file(value: Any, what: str) -> str | None:
     return str(p.resolve())
 
 
-def parse_str(value: Any, what: str) -> str | None:
-    """A text setting (a name, a region, a secret): a TOML number or list is refused."""
+def parse_str(value: Any, what: str, secret: bool = False) -> str | None:
+    """A text setting (a name, a region, a secret): a TOML number or list is refused,
+    and a secret's value is never repeated in the error (it goes to the journal)."""
     if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{what}: expected a string, got {value!r}")
+        got = f"a TOML {type(value).__name__} (write it in quotes)" if secret else repr(value)
+        raise ConfigError(f"{what}: expected a string, got {got}")
     return value
 
 
@@ -83,7 +85,10 @@ def parse_path(value: Any, what: str) -> Path | None:
         return None
     if not isinstance(value, str):
         raise ConfigError(f"{what}: expected a path (a string), got {value!r}")
-    return Path(value).expanduser()
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~name of a user this machine does not know
+        raise ConfigError(f"{what}: {value!r}: no such user's home directory") from None
 
 
 def parse_bool(value: Any, what: str) -> bool:
@@ -104,7 +109,13 @@ def parse_size(value: Any, what: str) -> int:
         unit = (m.group(2) or "").lower()
         if unit not in _UNITS:
             raise ConfigError(f"{what}: unknown unit in {value!r} (use KiB, MiB, GiB, TiB)")
-        n = int(float(m.group(1)) * _UNITS[unit])
+        try:
+            n = int(float(m.group(1)) * _UNITS[unit])
+        except OverflowError:  # 1e400 digits: float is inf
+            n = 1 << 127
+    if n >= 1 << 64:
+        raise ConfigError(f"{what}: {str(value)[:40]!r}{'…' if len(str(value)) > 40 else ''} "
+                          "is too large")
     if n <= 0:
         raise ConfigError(f"{what}: must be positive, got {value!r}")
     return n
@@ -340,7 +351,7 @@ def load_toml(path: Path) -> dict:
         raise ConfigError(f"config file {path}: {e}") from None
 
 
-_NAME_RE = re.compile(r"^[^/\x00]{1,255}$")
+_NAME_RE = re.compile(r"^[^/\x00-\x1f\x7f]{1,255}$")  # a directory name, printable
 
 
 def build_config(
@@ -424,10 +435,17 @@ def build_config(
                 raise ConfigError(f"config: [[mount]] #{i} needs source = \"s3://bucket[/prefix]\"")
             for k in ("name", "source", "region", "profile"):
                 parse_str(e.get(k), f"config: [[mount]] #{i} {k}")
+            for k in ("endpoint_url", "region", "profile"):
+                if flags.get(k) and e.get(k):  # (it silently sent every bucket to one place)
+                    flag = "--" + k.replace("_", "-")
+                    raise ConfigError(f"{flag} would replace the {k} of [[mount]] #{i} "
+                                      f"({e['source']}): set it in the config file's "
+                                      "[[mount]] tables, or give no [[mount]] its own")
             bucket, prefix = parse_source(e["source"])
             name = str(e.get("name") or (bucket + ("-" + prefix.strip("/").replace("/", "-")
                                                    if prefix else "")))
-            if not _NAME_RE.match(name) or name in (".", ".."):
+            if not _NAME_RE.fullmatch(name) or name in (".", "..") \
+                    or len(name.encode("utf-8", "surrogateescape")) > 255:
                 raise ConfigError(f"config: [[mount]] #{i}: invalid name {name!r}")
             if name in names:
                 raise ConfigError(f"config: [[mount]] #{i}: duplicate name {name!r}")
@@ -467,6 +485,11 @@ def build_config(
                              DEFAULT_READAHEAD_MEMORY), "read-ahead memory")
     ra_chunks = parse_count(pick("readahead_chunks", read, "readahead_chunks",
                                  DEFAULT_READAHEAD_CHUNKS), "readahead chunks")
+    if ra_chunks and ra_mem < 2 * chunk_size:
+        # the chunk being read is charged to it too: read-ahead would never start
+        raise ConfigError(f"read-ahead memory {ra_mem} bytes holds less than two chunks of "
+                          f"{chunk_size} bytes (the one being read and one ahead); give more, "
+                          "or readahead_chunks = 0 to turn read-ahead off")
     pf_files = parse_count(pick("prefetch_files", read, "prefetch_files",
                                 DEFAULT_PREFETCH_FILES), "prefetch files (0 turns it off)")
     kernel_ra = parse_count(read.get("kernel_read_ahead_kb", Config.kernel_read_ahead_kb),
@@ -511,7 +534,8 @@ def build_config(
                         "([cluster] etcd_user) and the password in CACHEFS_ETCD_PASSWORD")
         check_endpoint(e, f"{etcd_where}: etcd endpoint #{k}")
     secret = os.environ.get("CACHEFS_PEER_SECRET") or parse_str(cl.get("peer_secret"),
-                                                                 "[cluster] peer_secret")
+                                                                 "[cluster] peer_secret",
+                                                                 secret=True)
     cluster = ClusterOptions(
         node_id=parse_str(pick("node_id", cl, "node_id"), "[cluster] node_id"),
         peer_listen=pick("peer_listen", cl, "peer_listen"),

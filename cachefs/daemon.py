@@ -254,8 +254,11 @@ def prepare_cache_dir(d: Path, log_file: Path | None = None) -> None:
     """The cache dir, created (0700) or checked to be a cache dir (a tagged one, or one
     holding nothing that is not cachefs's), then tagged.  ``log_file``: the log, which may
     be in it."""
-    if d.exists() and not d.is_dir():
-        raise QuietError(f"cache dir {d} is not a directory", EXIT_USAGE)
+    try:
+        if d.exists() and not d.is_dir():
+            raise QuietError(f"cache dir {d} is not a directory", EXIT_USAGE)
+    except PermissionError as e:  # a directory on the way this user cannot enter
+        raise QuietError(f"cache dir {d}: {e.strerror}", EXIT_USAGE) from None
     tag = d / CACHEDIR_TAG
     try:
         if not d.exists():

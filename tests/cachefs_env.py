@@ -30,10 +30,11 @@ def unmount(mp: Path) -> None:
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 120, input: str | None = None,
-        check: bool = False) -> subprocess.CompletedProcess:
+        check: bool = False, cwd: str | os.PathLike | None = None
+        ) -> subprocess.CompletedProcess:
     e = {**os.environ, **CREDS, **(env or {})}
     r = subprocess.run([sys.executable, "-m", "cachefs", *args], capture_output=True, text=True,
-                       env=e, timeout=timeout, input=input)
+                       env=e, timeout=timeout, input=input, cwd=cwd)
     if check and r.returncode != 0:
         raise AssertionError(f"cachefs {' '.join(args)} failed ({r.returncode}): {r.stderr}")
     return r

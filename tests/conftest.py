@@ -75,7 +75,7 @@ def mounts(tmp_path, proxy):
     started: list[Mount] = []
 
     def make(source: str, *, start: bool = True, endpoint: str | None = None, **kw) -> Mount:
-        m = Mount(tmp_path, source, endpoint or proxy.url,
+        m = Mount(tmp_path, source, proxy.url if endpoint is None else endpoint,
                   name=kw.pop("name", f"m{len(started)}"), **kw)
         started.append(m)
         return m.start() if start else m

@@ -128,6 +128,35 @@ def test_bad_cli_input(tmp_path):
                    "cannot be combined", code=2)
     bad.write_bytes(b"[cache]\nsize = '\xff'\n")
     one_line_error(cli("mount", "--config", str(bad), str(mp)), "not UTF-8")
+    # values that raised inside Python: "internal error" and exit 1
+    one_line_error(cli(*base, "--cache-size", "1" + "0" * 400), "cache size: '1000", code=2)
+    one_line_error(cli("mount", "s3://bucket-x", str(mp), "--cache-size", "1GiB",
+                       "--cache-dir", "~no-such-user-here/c"),
+                   "'~no-such-user-here/c': no such user's home directory", code=2)
+    # read-ahead that could never start (the chunk being read takes the memory)
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--readahead-memory", "8MB"),
+                   "read-ahead memory 8000000 bytes holds less than two chunks", code=2)
+    # a mount's name becomes a directory name
+    for name in ("a\\nb", "x" * 200 + "é" * 30):
+        bad.write_text(f"[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[[mount]]\nname = \"{name}\"\n"
+                       "source = 's3://bucket-x'\n")
+        one_line_error(cli("mount", "--config", str(bad), str(mp)), "invalid name", code=2)
+    # a flag would send every bucket of the mount table to one endpoint (region, profile)
+    two = ("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[[mount]]\nsource = 's3://bucket-x'\n"
+           "endpoint_url = 'http://127.0.0.1:9001'\nregion = 'eu-west-1'\n"
+           "[[mount]]\nsource = 's3://bucket-y'\n")
+    bad.write_text(two)
+    for flag, value in (("--endpoint-url", "http://127.0.0.1:9002"), ("--region", "us-east-2")):
+        one_line_error(cli("mount", "--config", str(bad), str(mp), flag, value),
+                       f"{flag} would replace the {flag[2:].replace('-', '_')} of [[mount]] #1 "
+                       "(s3://bucket-x)", code=2)
+    # a secret written without quotes is not repeated in the error (it goes to the journal)
+    bad.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\n[cluster]\n"
+                   "peer_listen = '127.0.0.1:7070'\npeers = ['127.0.0.1:7070']\n"
+                   "peer_secret = 987654321987654321\n")
+    r = cli("mount", "--config", str(bad), "s3://bucket-x", str(mp))
+    one_line_error(r, "[cluster] peer_secret: expected a string, got a TOML int", code=2)
+    assert "987654321" not in r.stdout + r.stderr
     bad.write_text("[cache]\nsize = '1GiB'\ndir = '/tmp/c'\nhigh_watermark = 'ninety'\n")
     one_line_error(cli("mount", "--config", str(bad), "s3://bucket-x", str(mp)), "high watermark")
     # a percentage is a fraction
@@ -488,6 +517,35 @@ def test_two_mounts_started_at_once_on_one_mountpoint(s3, bucket, proxy, tmp_pat
 
 
 @pytest.mark.fuse
+def test_a_mountpoint_after_a_double_dash(s3, bucket, proxy, tmp_path):
+    """`cachefs mount ... -- s3://bucket -mp` (a mountpoint whose name starts with "-"):
+    the start in the background added its --ready-fd after the "--", and the daemon took it
+    for a third argument ("the daemon exited during start-up (status 2)")."""
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"after the dashes")
+    mp = tmp_path / "-mp"
+    mp.mkdir()
+    r = cli("mount", "--cache-dir", str(tmp_path / "c"), "--cache-size", "1GiB",
+            "--endpoint-url", proxy.url, "--", f"s3://{bucket}", "-mp", cwd=tmp_path)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (mp / "a.txt").read_bytes() == b"after the dashes"
+    finally:
+        assert cli("umount", "--", "-mp", cwd=tmp_path).returncode == 0
+    assert not is_mounted(mp)
+
+
+def test_a_foreground_mount_logs_to_the_log_file_it_is_given(s3, bucket, mounts, tmp_path):
+    """--log-file (or [log] file) with --foreground, as under systemd: the file stayed empty
+    and the log went to stderr."""
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"logged")
+    logf = tmp_path / "fg.log"
+    m = mounts(f"s3://{bucket}", extra=("--log-file", str(logf)))
+    assert m.path("a.txt").read_bytes() == b"logged"
+    text = logf.read_text()
+    assert f" INFO cachefs.daemon: mounted s3://{bucket}/ at {m.mp}" in text, text
+    assert "mounted" not in m.log_text()
+
+
 def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):
     s3.put_object(Bucket=bucket, Key="d/hello.txt", Body=b"hello")
     mp = tmp_path / "mp"
