@@ -16,6 +16,7 @@ import errno
 import logging
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import time
@@ -248,6 +249,33 @@ def _tagged(tag: Path) -> bool:
             return f.read(len(_TAG) + 1) == _TAG
     except OSError:
         return False
+
+
+def fuse_mount_problem(allow_other: bool, uid: int | None = None,
+                       dev_fuse: str = "/dev/fuse", fuse_conf: str = "/etc/fuse.conf",
+                       path: str | None = None) -> str | None:
+    """What makes a FUSE mount fail on most machines, said in words (libfuse says
+    "fuse_session_mount failed" and writes its reason to stderr, which a daemon sends to
+    its log); None if none of them applies."""
+    uid = os.getuid() if uid is None else uid
+    if not os.path.exists(dev_fuse):
+        return (f"there is no {dev_fuse}: load the fuse module (modprobe fuse), or give a "
+                "container the device (docker run --device /dev/fuse --cap-add SYS_ADMIN)")
+    if uid == 0:
+        return None
+    if shutil.which("fusermount3", path=path) is None:
+        return "fusermount3 is not installed (Debian: apt-get install fuse3); a user " \
+               "other than root mounts through it"
+    if allow_other:
+        try:
+            with open(fuse_conf) as f:
+                allowed = any(line.split("#", 1)[0].strip() == "user_allow_other" for line in f)
+        except OSError:
+            allowed = False
+        if not allowed:
+            return (f"--allow-other needs user_allow_other in {fuse_conf} when a user "
+                    "other than root mounts")
+    return None
 
 
 def prepare_cache_dir(d: Path, log_file: Path | None = None) -> None:
@@ -499,7 +527,12 @@ class Daemon:
         try:
             pyfuse3.init(ops, str(mp), options)
         except RuntimeError as e:
-            raise QuietError(f"could not mount at {mp}: {e}") from None
+            if self.ready.fd is not None or cfg.log_file is not None:
+                where = f"in {cfg.log_file or cfg.cache_dir / 'cachefs.log'}"
+            else:
+                where = "above"
+            why = fuse_mount_problem(cfg.allow_other) or f"{e} (libfuse's reason is {where})"
+            raise QuietError(f"could not mount at {mp}: {why}") from None
         try:
             rdir = runtime.write_info(mp, {"pid": os.getpid(),
                                            "pid_start": runtime.proc_start(os.getpid()),

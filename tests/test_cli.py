@@ -1331,3 +1331,32 @@ def test_stats_text_says_what_each_miss_figure_counts():
     lines = format_stats("/mnt/x", s).splitlines()
     assert "  misses     70 chunks from S3 (83.6 MiB) in 71 GETs, 1 retry, 0 errors" in lines, \
         lines
+
+
+def test_what_makes_a_fuse_mount_fail_is_said_in_words(tmp_path):
+    """libfuse says only "fuse_session_mount failed" and writes its reason to stderr, which a
+    daemon sends to its log: `cachefs mount` printed that line alone. The usual causes are
+    named in the error line now."""
+    from cachefs.daemon import fuse_mount_problem
+
+    dev, conf, bindir = tmp_path / "fuse", tmp_path / "fuse.conf", tmp_path / "bin"
+    bindir.mkdir()
+
+    def problem(allow_other: bool, uid: int) -> str | None:
+        return fuse_mount_problem(allow_other, uid, str(dev), str(conf), str(bindir))
+
+    assert problem(False, 0).startswith(f"there is no {dev}: load the fuse module")
+    dev.touch()
+    assert problem(True, 0) is None  # root needs neither fusermount3 nor fuse.conf
+    assert problem(False, 1000).startswith("fusermount3 is not installed")
+    fusermount = bindir / "fusermount3"
+    fusermount.write_text("#!/bin/sh\n")
+    fusermount.chmod(0o755)
+    assert problem(False, 1000) is None
+    for text in (None, "# user_allow_other\n", "mount_max = 1000\n"):
+        if text is not None:
+            conf.write_text(text)
+        assert problem(True, 1000) == \
+            f"--allow-other needs user_allow_other in {conf} when a user other than root mounts"
+    conf.write_text("mount_max = 1000\n user_allow_other  # for cachefs\n")
+    assert problem(True, 1000) is None
