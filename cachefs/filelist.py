@@ -83,10 +83,12 @@ def read_list(path: str) -> str:
 
 
 def split_lines(text: str) -> list[tuple[int, str]]:
-    """(line number, entry) for each line that is not blank or a ``#`` comment."""
+    """(line number, entry) for each line that is not blank or a ``#`` comment.  Lines end
+    at "\n" alone (str.splitlines also ends them at \x1c-\x1e, \x85, \u2028..., all of
+    which an S3 key may hold), and only spaces, tabs and a "\r" around an entry go."""
     out = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        s = raw.strip()
+    for n, raw in enumerate(text.split("\n"), 1):
+        s = raw.strip(" \t\r")
         if not s or s.startswith("#"):
             continue
         out.append((n, s))

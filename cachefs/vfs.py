@@ -868,23 +868,29 @@ class VFS:
         return node
 
     async def walk_files(self, node: Node) -> list[Node]:
-        """Every file at or below node (directories listed as needed)."""
+        """Every file at or below node, in the order of a sorted ``find`` (each directory's
+        names in order, a subdirectory's files in its place), listed as needed."""
         if not node.is_dir:
             return [node]
         out: list[Node] = []
-        stack = [node]
-        while stack:
-            d = stack.pop()
+
+        async def entries(d: Node) -> Iterator[tuple[str, int]]:
             if d.mount is not None:
                 await self._ensure_listed(d)
-            for _, ino in sorted((d.children or {}).items()):
+            return iter(sorted((d.children or {}).items()))
+
+        stack = [await entries(node)]
+        while stack:
+            for _, ino in stack[-1]:
                 n = self.nodes.get(ino)
                 if n is None:
                     continue
                 if n.is_dir:
-                    stack.append(n)
-                else:
-                    out.append(n)
+                    stack.append(await entries(n))  # its files before the next name here
+                    break
+                out.append(n)
+            else:
+                stack.pop()
         return out
 
     def version(self, node: Node) -> ObjectVersion:

@@ -647,6 +647,25 @@ def test_a_list_with_nul_bytes_is_one_line_and_a_byte_order_mark_is_skipped(
     assert r.returncode == 0, r.stderr
 
 
+def test_a_prefix_is_walked_in_name_order_and_keys_may_hold_line_separators(
+        mounts, bucket, s3, tmp_path):
+    """A directory entry listed its subdirectories last and in reverse (z.txt, shard-001/b,
+    shard-000/a), so preloads ran, and status showed, in that order. A key holding \x1c or
+    \u2028 (legal in S3) was split into two entries, both "no such file", and every line
+    number after it was off."""
+    keys = ["p/z.txt", "p/shard-001/b", "p/shard-000/a", "p/m\x1cid.bin", "p/n\u2028l.bin"]
+    put(s3, bucket, {k: 10 for k in keys})
+    m = mounts(f"s3://{bucket}")
+    st, r = run_json("status", "--file-list", write_list(tmp_path, ["p/"]), "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert [f["path"][len(str(m.mp)) + 1:] for f in st["files"]] == [
+        "p/m\x1cid.bin", "p/n\u2028l.bin", "p/shard-000/a", "p/shard-001/b", "p/z.txt"]
+    lst = write_list(tmp_path, ["p/m\x1cid.bin", "p/n\u2028l.bin", "p/missing", "p/z.txt"])
+    st, r = run_json("status", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 2 and len(st["files"]) == 3, (r.stderr, st)
+    assert r.stderr.count("no such file") == 1 and "list.txt:3: p/missing" in r.stderr, r.stderr
+
+
 def test_control_socket_refuses_other_users(mounts, bucket, s3, monkeypatch):
     put(s3, bucket, {"f": 10})
     run = tempfile.mkdtemp(prefix="cachefs-run-")
