@@ -881,9 +881,10 @@ class _Run:
         self.fetched_chunks += 1
         self._count(node, "fetched_bytes", length)
         self._count(node, "fetched_chunks", 1)
-        if not kept:
+        if not kept:  # fetched for nothing: the file is not preloaded, it failed
             self.uncached_bytes += length
             self._count(node, "uncached_bytes", length)
+            self._file_failed(node, f, NOT_KEPT)
 
     def _file_failed(self, node: str, f: FileItem, reason: str) -> None:
         self._count(node, "failed_chunks", 1)
@@ -964,7 +965,7 @@ class _Run:
             if kept and self.pin and not store.is_pinned(r.cid):
                 await store.set_pinned([r.cid], True)
             self.reservation.release(r.cid)  # pinned, or it could not be
-            self._chunk_done(f, r.length)
+            self._chunk_done(f, r.length, kept)
 
 
 # -- cluster-wide preload ------------------------------------------------------------------
@@ -1272,8 +1273,11 @@ class _ClusterRun(_Run):
                     self._file_failed(node, f, str(errors.get(str(k), f"failed on node {node}")))
                 elif c in "fu":
                     self._fetched(node, f, r.length, c == "f")
-                self._chunk_done(f, r.length, c != "e")
+                self._chunk_done(f, r.length, c not in "eu")
             dq.extendleft(reversed(pending))
+
+
+NOT_KEPT = "fetched, but not kept: the cache is full of pinned data, or the disk is full"
 
 
 def _h(n: float) -> str:

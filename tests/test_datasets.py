@@ -495,6 +495,24 @@ def test_pins_survive_eviction(mounts, bucket, s3, proxy, tmp_path):
     assert res["pins_removed"] == 4 and res["cache"]["pinned_bytes"] == 0
 
 
+def test_chunks_fetched_but_not_kept_are_not_progress(mounts, bucket, s3, proxy, tmp_path):
+    """A cache full of pinned data: a preload fetched every chunk of the next file and could
+    keep none, yet its progress reached 100%, the file counted as done and the exit status
+    was 0. That file failed: its chunks are not in the cache."""
+    put(s3, bucket, {"p.bin": 9 * CHUNK, "u.bin": 2 * CHUNK})
+    m = mounts(f"s3://{bucket}", cache_size="640KiB")
+    res, r = run_json("preload", "--file-list", write_list(tmp_path, ["p.bin"], "p.txt"),
+                      "--mount", str(m.mp), "--pin")
+    assert r.returncode == 0 and res["cache"]["pinned_bytes"] == 9 * file_size(CHUNK), r.stderr
+    res, r = run_json("preload", "--file-list", write_list(tmp_path, ["u.bin"], "u.txt"),
+                      "--mount", str(m.mp))
+    assert res["uncached_bytes"] == 2 * CHUNK and res["failed_files"] == 1, res
+    assert res["failed"][0]["reason"].startswith("fetched, but not kept: the cache is full")
+    assert res["failed_bytes"] == 2 * CHUNK and res["fetched_files"] == 0, res  # not progress
+    assert r.returncode == 1 and "u.txt:1: u.bin: fetched, but not kept" in r.stderr, r.stderr
+    assert any("could not be kept in the cache" in w for w in res["warnings"])
+
+
 def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3, proxy,
                                                              tmp_path):
     """Two `preload --pin` started together (two training jobs on one host): each checked
