@@ -339,14 +339,15 @@ class Datasets:
         store = self.d.store
         assert store is not None
         total = cached = to_pin = missing = nmissing = nchunks = 0
-        disk = 0  # what the chunk files take on disk: what the limit counts
+        disk_unpinned = 0  # what its unpinned chunk files take on disk (the limit counts disk)
         unpinned: dict[bytes, int] = {}  # chunks to pin → their disk bytes
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             for r in f.refs:
                 nchunks += 1
-                disk += file_size(r.length)
+                if not store.is_pinned(r.cid):  # (pinned ones are already in the room's limit)
+                    disk_unpinned += file_size(r.length)
                 if store.contains(r.cid):
                     cached += r.length
                 else:
@@ -359,6 +360,7 @@ class Datasets:
         warnings = []
         limit = store.limit
         reserved: dict[bytes, int] = {}
+        room = limit - store.pinned_bytes
         if pin:  # (no await from here to the reservation)
             # what other runs will pin is counted once: in theirs, not in mine
             mine = {c: n for c, n in unpinned.items()
@@ -381,14 +383,12 @@ class Datasets:
                 warnings.append(
                     f"pinned data will fill {100 * after / limit:.0f}% of the cache "
                     f"({_h(after)} of {_h(limit)}); other reads keep only {_h(limit - after)}")
-        else:
-            room = limit - store.pinned_bytes
-            if disk > room:
-                warnings.append(
-                    f"the data set ({_h(disk)} on disk) is larger than the cache room for "
-                    "unpinned data "
-                    f"({_h(room)} of {_h(limit)}): LRU eviction will drop the earliest-fetched "
-                    "files while later ones arrive; the end of the list is what stays cached")
+        elif disk_unpinned > room:
+            warnings.append(
+                f"the data set ({_h(disk_unpinned)} on disk, not pinned) is larger than the "
+                "cache room for unpinned data "
+                f"({_h(room)} of {_h(limit)}): LRU eviction will drop the earliest-fetched "
+                "files while later ones arrive; the end of the list is what stays cached")
         return {"files": len(files), "total_bytes": total, "chunks": nchunks,
                 "cached_before_bytes": cached, "missing_bytes": missing,
                 "missing_chunks": nmissing, "to_pin_bytes": to_pin, "warnings": warnings,
@@ -936,7 +936,9 @@ class _Run:
             await self._pin_cached(r for f in self.files for r in f.refs)
         work = self._work()
         async with trio.open_nursery() as n:
-            for _ in range(self.parallel):
+            # no more workers than S3 requests at once: the others would only queue, and
+            # the throughput model would learn a concurrency no estimate ever asks about
+            for _ in range(min(self.parallel, self.ds.s3_concurrency)):
                 n.start_soon(self._worker, work)
 
     async def _worker(self, work) -> None:

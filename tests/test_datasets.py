@@ -513,6 +513,41 @@ def test_chunks_fetched_but_not_kept_are_not_progress(mounts, bucket, s3, proxy,
     assert any("could not be kept in the cache" in w for w in res["warnings"])
 
 
+def test_a_pinned_data_set_preloaded_again_is_not_said_to_be_evicted(mounts, bucket, s3,
+                                                                     tmp_path):
+    """A preload without --pin of a data set already pinned counted its pinned chunks twice,
+    in the data set and in the pinned data outside the room, and warned that LRU eviction
+    would drop its files."""
+    put(s3, bucket, {"p.bin": 6 * CHUNK})
+    m = mounts(f"s3://{bucket}", cache_size="640KiB")
+    lst = write_list(tmp_path, ["p.bin"])
+    assert cli("preload", "--file-list", lst, "--mount", str(m.mp), "--pin").returncode == 0
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0 and res["warnings"] == [], res["warnings"]
+
+
+def test_workers_beyond_the_s3_concurrency_teach_the_estimate_nothing_wrong(
+        mounts, bucket, s3, proxy, tmp_path):
+    """--parallel above [s3] max_concurrency: the extra workers queued for S3 inside their
+    timed fetch, so the model learned what 8 streams do, while every estimate asks about
+    the 2 that S3 allows: the next preload's estimate stayed an extrapolation."""
+    put(s3, bucket, {f"a/{i}.bin": 2 * CHUNK for i in range(6)} |
+        {f"b/{i}.bin": 2 * CHUNK for i in range(6)})
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[s3]\nmax_concurrency = 2\n")
+    m = mounts(f"s3://{bucket}", config=str(cfg))
+    proxy.faults(delay=0.2, count=-1)
+    try:
+        for d in ("a", "b"):
+            res, r = run_json("preload", "--file-list", write_list(tmp_path, [d], f"{d}.txt"),
+                              "--mount", str(m.mp), "--parallel", "8")
+            assert r.returncode == 0, r.stderr
+    finally:
+        proxy.clear_faults()
+    est = res["estimate"]  # the plan of b, from what the preload of a measured
+    assert est["streams"] == 2 and est["basis"] == "measured", est
+
+
 def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3, proxy,
                                                              tmp_path):
     """Two `preload --pin` started together (two training jobs on one host): each checked
