@@ -418,6 +418,9 @@ def free(file_list, mount, as_json) -> None:
         if res.get("nodes"):
             _node_lines(res["nodes"], lambda r: f"freed {human(r['freed_bytes'])} "
                         f"({plural(r['freed_chunks'], 'chunk')}, {r['pins_removed']} pinned)")
+        if res.get("superseded_versions"):
+            click.echo(f"  with {plural(res['superseded_versions'], 'older version')} of "
+                       "listed files, pinned before S3 replaced them")
     _exit(code)
 
 

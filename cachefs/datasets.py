@@ -58,9 +58,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .chunks.ids import ChunkRef
+from .chunks.ids import ChunkRef, ObjectVersion
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
+from .index import Index, path_key
 from .report import human, plural
 from .store.chunkstore import file_size
 from .throughput import MIN_SAMPLES, ThroughputModel
@@ -283,13 +284,122 @@ class Datasets:
         store = self.d.store
         assert store is not None
         job, files, failed = await self._resolve_request(req, emit)
+        old, keys = await self._superseded(files)
+        if failed:  # names S3 no longer lists: what was pinned under them goes too
+            gone, gone_keys, failed = await self._pins_of_gone(req, failed)
+            old += gone
+            keys += gone_keys
         if self.d.cluster is not None:
-            return await job.run(self._free_cluster, files, failed)
-        got = await self._drop_local(list(await self._unique(files)))
-        log.info("free: %d files, %d chunks, %d bytes (%d pins removed)", len(files),
-                 got["freed_chunks"], got["freed_bytes"], got["pins_removed"])
-        return {"files": len(files), "total_bytes": sum(f.size for f in files), **got,
-                "failed": failed, "cache": store.statistics()}
+            out = await job.run(self._free_cluster, files, failed, old)
+        else:
+            got = await self._drop_local(list(await self._unique(files + old)))
+            log.info("free: %d files, %d chunks, %d bytes (%d pins removed)", len(files),
+                     got["freed_chunks"], got["freed_bytes"], got["pins_removed"])
+            out = {"files": len(files), "total_bytes": sum(f.size for f in files), **got,
+                   "failed": failed, "cache": store.statistics()}
+        if keys:
+            self._writer().submit(*(Index.op_delete_pin_record(k) for k in keys))
+        out["superseded_versions"] = len(old)
+        return out
+
+    # -- pin records: which versions of a name a `preload --pin` pinned ---------------
+    # A chunk id names one version of an object, and `free` and `status` find the chunks of
+    # the version S3 lists now.  When a pinned object was overwritten (or deleted), its old
+    # version's chunks stayed pinned for good: no command reached them, and each re-pin of
+    # an updated data set took more of the cache until pinning was refused.  So a pinning
+    # preload records, per name, the versions it pinned; `free` drops those too.
+
+    def _writer(self):
+        w = self.d.writer
+        assert w is not None
+        return w
+
+    @staticmethod
+    def _pin_key(o: ObjectVersion) -> bytes:
+        endpoint = o.store.spec.endpoint_url if o.store is not None else None
+        return _pin_key(endpoint, o.bucket, o.key)
+
+    async def _pin_records(self, files: list[FileItem]) -> dict[bytes, tuple[FileItem, list]]:
+        """name key → (its FileItem, the versions recorded for it: [etag, size, chunk])."""
+        index = self.d.index
+        assert index is not None
+        keyed = {}
+        for i, f in enumerate(files):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            if f.refs:
+                keyed[self._pin_key(f.refs[0].obj)] = f
+        blobs = await trio.to_thread.run_sync(index.get_pin_records, list(keyed))
+        return {k: (f, _versions(blobs.get(k))) for k, f in keyed.items()}
+
+    async def _record_pins(self, files: list[FileItem]) -> None:
+        """Before a pinning run: each file's current version joins its name's record."""
+        ops = []
+        for k, (f, versions) in (await self._pin_records(files)).items():
+            o = f.refs[0].obj
+            v = [o.etag, o.size, o.chunk_size]
+            if v not in versions:
+                ops.append(Index.op_put_pin_record(k, json.dumps(versions + [v]).encode()))
+        for i in range(0, len(ops), 4096):
+            self._writer().submit(*ops[i:i + 4096])
+            await trio.lowlevel.checkpoint()
+
+    async def _pins_of_gone(self, req: dict, failed: list[dict]
+                            ) -> tuple[list[FileItem], list[bytes], list[dict]]:
+        """For `free`: the entries that failed as "no such file" whose name has a pin record
+        (a pinned file deleted from S3): FileItems of its pinned versions, the record keys,
+        and the failures left."""
+        vfs, index = self.d.vfs, self.d.index
+        assert vfs is not None and index is not None
+        rels = {line: rel for line, rel, _ in _entries(req)}
+        left, cand = [], []
+        for fl in failed:
+            rel = rels.get(fl["line"])
+            if rel is None or fl["reason"] != _reason(FSError(errno.ENOENT)):
+                left.append(fl)
+                continue
+            head, _, name = rel.rstrip("/").rpartition("/")
+            try:
+                parent = await vfs.resolve(head)
+            except (FSError, S3Error):
+                left.append(fl)
+                continue
+            if parent.mount is None or not parent.is_dir or not name:
+                left.append(fl)
+                continue
+            spec = parent.mount.spec
+            key = spec.prefix + parent.path + name
+            cand.append((fl, _pin_key(spec.endpoint_url, spec.bucket, key), parent, key))
+        blobs = await trio.to_thread.run_sync(index.get_pin_records, [c[1] for c in cand])
+        old, keys = [], []
+        for fl, k, parent, key in cand:
+            versions = _versions(blobs.get(k))
+            if not versions:
+                left.append(fl)
+                continue
+            keys.append(k)
+            m = parent.mount
+            path = vfs.display_path(parent).rstrip("/") + "/" + key.rpartition("/")[2]
+            for etag, size, chunk in versions:
+                ov = ObjectVersion(m.spec.name, m.spec.bucket, key, etag, size, chunk, m.store)
+                old.append(FileItem(fl["line"], fl["entry"], parent, path, ov.chunks(), size))
+        left.sort(key=lambda x: x["line"])
+        return old, keys, left
+
+    async def _superseded(self, files: list[FileItem]) -> tuple[list[FileItem], list[bytes]]:
+        """For `free`: FileItems of the versions pinned under these names that S3 no longer
+        lists, and the names' record keys (deleted once the free is done)."""
+        old = []
+        recs = await self._pin_records(files)
+        for f, versions in recs.values():
+            cur = f.refs[0].obj
+            for etag, size, chunk in versions:
+                if (etag, size, chunk) == (cur.etag, cur.size, cur.chunk_size):
+                    continue
+                ov = ObjectVersion(cur.mount, cur.bucket, cur.key, etag, size, chunk,
+                                   cur.store)
+                old.append(FileItem(f.line, f.entry, f.node, f.path, ov.chunks(), size))
+        return old, list(recs)
 
     def _free_wait(self) -> float:
         """FREE_WAIT, or less in a cluster whose peers give up on a ds_drop sooner (it
@@ -454,6 +564,8 @@ class Datasets:
         else:
             plan = await self._plan(files, pin, parallel, reserve=pin and not dry_run)
         reservation = _PinReservation(self, plan.pop("pin_reserved", {}))
+        if pin and not dry_run:
+            await self._record_pins(files)
         try:
             return await self._preload(job, files, failed, plan, cp, pin, parallel,
                                        reservation, dry_run, t_start)
@@ -629,10 +741,11 @@ class Datasets:
                 "failed": failed, "nodes": nodes, "unreachable": unreachable,
                 "cache": store.statistics()}
 
-    async def _free_cluster(self, files: list[FileItem], failed: list[dict]) -> dict:
+    async def _free_cluster(self, files: list[FileItem], failed: list[dict],
+                            old: list[FileItem]) -> dict:
         cl, store = self.d.cluster, self.d.store
         members = sorted(cl.nodes())
-        cids = list(await self._unique(files))
+        cids = list(await self._unique(files + old))
         res = await self._on_nodes(members, lambda n: self._drop_node(n, cids))
         nodes: dict[str, dict] = {}
         unreachable = []
@@ -1277,6 +1390,23 @@ class _ClusterRun(_Run):
                     self._fetched(node, f, r.length, c == "f")
                 self._chunk_done(f, r.length, c not in "eu")
             dq.extendleft(reversed(pending))
+
+
+def _pin_key(endpoint: str | None, bucket: str, key: str) -> bytes:
+    """The key of a name's pin record (Datasets._record_pins)."""
+    return path_key("pin", f"{endpoint or ''}\0{bucket}\0{key}")
+
+
+def _versions(blob: bytes | None) -> list[list]:
+    """A pin record's versions, [etag, size, chunk size] each (what is not is left out)."""
+    try:
+        vs = json.loads(blob) if blob is not None else []
+    except ValueError:
+        return []
+    if not isinstance(vs, list):
+        return []
+    return [v for v in vs if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)
+            and type(v[1]) is int and v[1] >= 0 and type(v[2]) is int and v[2] > 0]
 
 
 NOT_KEPT = "fetched, but not kept: the cache is full of pinned data, or the disk is full"

@@ -88,6 +88,8 @@ class Index:
         self.inodes = self.env.open_db(b"inodes")
         self.meta = self.env.open_db(b"meta")
         self.listings = self.env.open_db(b"listings")
+        # object name → the versions of it a `preload --pin` pinned (datasets.py)
+        self.pins = self.env.open_db(b"pins")
         with self.env.begin(write=True) as txn:
             v = txn.get(b"version", db=self.meta)
             if v is None:
@@ -124,6 +126,17 @@ class Index:
         with self._resize, self.env.begin() as txn:
             b = txn.get(key, db=self.listings)
         return bytes(b) if b is not None else None
+
+    def get_pin_records(self, keys: list[bytes]) -> dict[bytes, bytes]:
+        """The pin records of those of ``keys`` that have one (in a worker thread)."""
+        out = {}
+        for i in range(0, len(keys), 4096):  # (the resize lock is the trio thread's too)
+            with self._resize, self.env.begin() as txn:
+                for k in keys[i:i + 4096]:
+                    b = txn.get(k, db=self.pins)
+                    if b is not None:
+                        out[k] = bytes(b)
+        return out
 
     def get_inos(self, keys: list[bytes]) -> dict[bytes, int]:
         """Many inode lookups (run in a thread for big listings), a slice of keys per read
@@ -229,6 +242,18 @@ class Index:
     def op_put_listing(key: bytes, blob: bytes):
         def op(ix: Index, txn: lmdb.Transaction) -> None:
             txn.put(key, blob, db=ix.listings)
+        return op
+
+    @staticmethod
+    def op_put_pin_record(key: bytes, blob: bytes):
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            txn.put(key, blob, db=ix.pins)
+        return op
+
+    @staticmethod
+    def op_delete_pin_record(key: bytes):
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            txn.delete(key, db=ix.pins)
         return op
 
     @staticmethod

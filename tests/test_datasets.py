@@ -548,6 +548,41 @@ def test_workers_beyond_the_s3_concurrency_teach_the_estimate_nothing_wrong(
     assert est["streams"] == 2 and est["basis"] == "measured", est
 
 
+def test_free_reaches_the_pins_of_versions_s3_replaced(mounts, bucket, s3, proxy, tmp_path):
+    """A pinned file overwritten in S3 and pinned again: free found only the chunks of the
+    version S3 lists now, and the old version's stayed pinned for good (each update of a
+    pinned data set took more of the cache, until pinning was refused)."""
+    put(s3, bucket, {"p.bin": 3 * CHUNK})
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    lst = write_list(tmp_path, ["p.bin"])
+    assert cli("preload", "--file-list", lst, "--mount", str(m.mp), "--pin").returncode == 0
+    s3.put_object(Bucket=bucket, Key="p.bin", Body=b"v2" * CHUNK)  # 2 chunks
+    time.sleep(1.2)  # past the metadata TTL
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp), "--pin")
+    assert r.returncode == 0, r.stderr
+    assert res["cache"]["pinned_bytes"] == 5 * file_size(CHUNK)  # both versions
+    r = cli("free", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert "freed 320.0 KiB (5 chunks, 5 pinned) of 1 file listed (128.0 KiB)" in r.stdout, \
+        r.stdout
+    assert "with 1 older version of listed files, pinned before S3 replaced them" in r.stdout
+    st = m.stats()["cache"]
+    assert st["pinned_bytes"] == 0 and st["used_bytes"] == 0, st
+    # the record went with them: a second free finds nothing more
+    res, r = run_json("free", "--file-list", lst, "--mount", str(m.mp))
+    assert res["freed_chunks"] == 0 and res["superseded_versions"] == 0
+    # a pinned file deleted from S3: its entry frees what was pinned under the name, and is
+    # no "no such file" error; one never pinned still is
+    gone = write_list(tmp_path, ["p.bin", "never.bin"], "gone.txt")
+    assert cli("preload", "--file-list", lst, "--mount", str(m.mp), "--pin").returncode == 0
+    s3.delete_object(Bucket=bucket, Key="p.bin")
+    time.sleep(1.2)
+    res, r = run_json("free", "--file-list", gone, "--mount", str(m.mp))
+    assert res["freed_chunks"] == res["pins_removed"] == 2, res
+    assert res["superseded_versions"] == 1 and [f["line"] for f in res["failed"]] == [2], res
+    assert m.stats()["cache"]["pinned_bytes"] == 0
+
+
 def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3, proxy,
                                                              tmp_path):
     """Two `preload --pin` started together (two training jobs on one host): each checked
