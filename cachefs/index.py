@@ -211,16 +211,25 @@ class Index:
     # op factories ----------------------------------------------------------------
 
     @staticmethod
-    def op_put_chunk(cid: bytes, rec: ChunkRec):
+    def _op_put(db: str, key: bytes, value: bytes):
+        """An op that puts ``key`` → ``value`` in the named table (chunks, listings...)."""
         def op(ix: Index, txn: lmdb.Transaction) -> None:
-            txn.put(cid, rec.pack(), db=ix.chunks)
+            txn.put(key, value, db=getattr(ix, db))
         return op
 
     @staticmethod
-    def op_delete_chunk(cid: bytes):
+    def _op_delete(db: str, key: bytes):
         def op(ix: Index, txn: lmdb.Transaction) -> None:
-            txn.delete(cid, db=ix.chunks)
+            txn.delete(key, db=getattr(ix, db))
         return op
+
+    @staticmethod
+    def op_put_chunk(cid: bytes, rec: ChunkRec):
+        return Index._op_put("chunks", cid, rec.pack())
+
+    @staticmethod
+    def op_delete_chunk(cid: bytes):
+        return Index._op_delete("chunks", cid)
 
     @staticmethod
     def _op_update(cid: bytes, **changes):
@@ -240,27 +249,19 @@ class Index:
 
     @staticmethod
     def op_put_listing(key: bytes, blob: bytes):
-        def op(ix: Index, txn: lmdb.Transaction) -> None:
-            txn.put(key, blob, db=ix.listings)
-        return op
+        return Index._op_put("listings", key, blob)
 
     @staticmethod
     def op_put_pin_record(key: bytes, blob: bytes):
-        def op(ix: Index, txn: lmdb.Transaction) -> None:
-            txn.put(key, blob, db=ix.pins)
-        return op
+        return Index._op_put("pins", key, blob)
 
     @staticmethod
     def op_delete_pin_record(key: bytes):
-        def op(ix: Index, txn: lmdb.Transaction) -> None:
-            txn.delete(key, db=ix.pins)
-        return op
+        return Index._op_delete("pins", key)
 
     @staticmethod
     def op_delete_listing(key: bytes):
-        def op(ix: Index, txn: lmdb.Transaction) -> None:
-            txn.delete(key, db=ix.listings)
-        return op
+        return Index._op_delete("listings", key)
 
     @staticmethod
     def op_put_ino(key: bytes, ino: int, next_ino: int):
