@@ -481,8 +481,10 @@ def build_config(
         raise ConfigError("watermarks must satisfy 0 < low < high <= 1 (defaults 0.8 and 0.9)")
     ttl = parse_duration(pick("metadata_ttl", meta, "ttl", DEFAULT_METADATA_TTL), "metadata ttl")
     attr_timeout = parse_duration(pick("attr_timeout", meta, "attr_timeout", ttl), "attr timeout")
-    ra_mem = parse_size(pick("readahead_memory", read, "readahead_memory",
-                             DEFAULT_READAHEAD_MEMORY), "read-ahead memory")
+    ra_given = pick("readahead_memory", read, "readahead_memory")
+    # the default holds two chunks at least (chunks of 128 MiB and more)
+    ra_mem = parse_size(ra_given, "read-ahead memory") if ra_given is not None \
+        else max(DEFAULT_READAHEAD_MEMORY, 2 * chunk_size)
     ra_chunks = parse_count(pick("readahead_chunks", read, "readahead_chunks",
                                  DEFAULT_READAHEAD_CHUNKS), "readahead chunks")
     if ra_chunks and ra_mem < 2 * chunk_size:

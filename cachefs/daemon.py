@@ -527,10 +527,9 @@ class Daemon:
         try:
             pyfuse3.init(ops, str(mp), options)
         except RuntimeError as e:
-            if self.ready.fd is not None or cfg.log_file is not None:
-                where = f"in {cfg.log_file or cfg.cache_dir / 'cachefs.log'}"
-            else:
-                where = "above"
+            # (libfuse writes to stderr: the log of a daemon, the terminal in the foreground)
+            where = (f"in {cfg.log_file or cfg.cache_dir / 'cachefs.log'}"
+                     if self.ready.fd is not None else "above")
             why = fuse_mount_problem(cfg.allow_other) or f"{e} (libfuse's reason is {where})"
             raise QuietError(f"could not mount at {mp}: {why}") from None
         try:

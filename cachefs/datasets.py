@@ -52,7 +52,7 @@ import os
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,7 @@ from .index import Index, path_key
 from .report import human, plural
 from .store.chunkstore import file_size
 from .throughput import MIN_SAMPLES, ThroughputModel
-from .vfs import FSError, Node
+from .vfs import ROOT_INO, FSError, Node
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -284,11 +284,7 @@ class Datasets:
         store = self.d.store
         assert store is not None
         job, files, failed = await self._resolve_request(req, emit)
-        old, keys = await self._superseded(files)
-        if failed:  # names S3 no longer lists: what was pinned under them goes too
-            gone, gone_keys, failed = await self._pins_of_gone(req, failed)
-            old += gone
-            keys += gone_keys
+        old, keys, failed = await job.run(self._pinned_before, req, files, failed)
         if self.d.cluster is not None:
             out = await job.run(self._free_cluster, files, failed, old)
         else:
@@ -297,9 +293,11 @@ class Datasets:
                      got["freed_chunks"], got["freed_bytes"], got["pins_removed"])
             out = {"files": len(files), "total_bytes": sum(f.size for f in files), **got,
                    "failed": failed, "cache": store.statistics()}
-        if keys:
-            self._writer().submit(*(Index.op_delete_pin_record(k) for k in keys))
-        out["superseded_versions"] = len(old)
+        if not out.get("unreachable"):  # (else a free again reaches what those nodes hold)
+            for i in range(0, len(keys), 4096):
+                self._writer().submit(*(Index.op_delete_pin_record(k)
+                                        for k in keys[i:i + 4096]))
+        out["superseded_versions"] = sum(1 for f in old if f.refs)
         return out
 
     # -- pin records: which versions of a name a `preload --pin` pinned ---------------
@@ -307,99 +305,105 @@ class Datasets:
     # the version S3 lists now.  When a pinned object was overwritten (or deleted), its old
     # version's chunks stayed pinned for good: no command reached them, and each re-pin of
     # an updated data set took more of the cache until pinning was refused.  So a pinning
-    # preload records, per name, the versions it pinned; `free` drops those too.
+    # preload records, per name, the versions it pinned; `free` drops those too, for the
+    # names it lists and every name under the directories it lists.
 
     def _writer(self):
         w = self.d.writer
         assert w is not None
         return w
 
-    @staticmethod
-    def _pin_key(o: ObjectVersion) -> bytes:
-        endpoint = o.store.spec.endpoint_url if o.store is not None else None
-        return _pin_key(endpoint, o.bucket, o.key)
-
-    async def _pin_records(self, files: list[FileItem]) -> dict[bytes, tuple[FileItem, list]]:
-        """name key → (its FileItem, the versions recorded for it: [etag, size, chunk])."""
+    async def _record_pins(self, files: list[FileItem]) -> None:
+        """Before a pinning run: each file's current version joins its name's record."""
         index = self.d.index
         assert index is not None
-        keyed = {}
+        keyed: dict[bytes, ObjectVersion] = {}
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             if f.refs:
-                keyed[self._pin_key(f.refs[0].obj)] = f
-        blobs = await trio.to_thread.run_sync(index.get_pin_records, list(keyed))
-        return {k: (f, _versions(blobs.get(k))) for k, f in keyed.items()}
-
-    async def _record_pins(self, files: list[FileItem]) -> None:
-        """Before a pinning run: each file's current version joins its name's record."""
+                o = f.refs[0].obj
+                keyed[_pin_key(_endpoint(o), o.bucket, o.key)] = o
+        recs = await trio.to_thread.run_sync(index.get_pin_records, list(keyed))
         ops = []
-        for k, (f, versions) in (await self._pin_records(files)).items():
-            o = f.refs[0].obj
+        for i, (k, o) in enumerate(keyed.items()):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            versions = _versions(recs.get(k))
             v = [o.etag, o.size, o.chunk_size]
             if v not in versions:
-                ops.append(Index.op_put_pin_record(k, json.dumps(versions + [v]).encode()))
+                ops.append(Index.op_put_pin_record(k, _record(o.key, versions + [v])))
         for i in range(0, len(ops), 4096):
             self._writer().submit(*ops[i:i + 4096])
             await trio.lowlevel.checkpoint()
 
-    async def _pins_of_gone(self, req: dict, failed: list[dict]
-                            ) -> tuple[list[FileItem], list[bytes], list[dict]]:
-        """For `free`: the entries that failed as "no such file" whose name has a pin record
-        (a pinned file deleted from S3): FileItems of its pinned versions, the record keys,
-        and the failures left."""
+    async def _pinned_before(self, req: dict, files: list[FileItem], failed: list[dict]
+                             ) -> tuple[list[FileItem], list[bytes], list[dict]]:
+        """For `free`: FileItems of the versions pinned under the listed names (and under
+        the listed directories) that S3 does not list now, the records' keys (deleted once
+        the free is done), and the failures left: an entry S3 no longer has ("no such
+        file") is none when something was pinned under it."""
         vfs, index = self.d.vfs, self.d.index
         assert vfs is not None and index is not None
-        rels = {line: rel for line, rel, _ in _entries(req)}
-        left, cand = [], []
-        for fl in failed:
-            rel = rels.get(fl["line"])
-            if rel is None or fl["reason"] != _reason(FSError(errno.ENOENT)):
-                left.append(fl)
+        current: dict[bytes, tuple] = {}
+        old: list[FileItem] = []
+        file_line: dict[int, str | None] = {}  # line → the one key it named, or None
+        for i, f in enumerate(files):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            o = vfs.version(f.node)
+            current[_pin_key(_endpoint(o), o.bucket, o.key)] = (o.etag, o.size, o.chunk_size)
+            file_line[f.line] = o.key if f.line not in file_line else None
+            if o.etag.startswith("~"):  # cached by a version that gave no ETag a version
+                v = ObjectVersion(o.mount, o.bucket, o.key, "", o.size, o.chunk_size, o.store)
+                old.append(FileItem(f.line, f.entry, f.node, f.path, v.chunks(), o.size))
+        by_name: dict[bytes, tuple[int, Any]] = {}
+        by_dir: dict[tuple[bytes, str], tuple[int, Any]] = {}
+        prefixes = []
+        for n, (line, rel, _) in enumerate(_entries(req)):
+            if n % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            got = vfs.object_key(rel)
+            if got is None:
                 continue
-            head, _, name = rel.rstrip("/").rpartition("/")
-            try:
-                parent = await vfs.resolve(head)
-            except (FSError, S3Error):
-                left.append(fl)
+            m, key = got
+            k = _pin_key(m.spec.endpoint_url, m.spec.bucket, key)
+            by_name.setdefault(k, (line, m))
+            if file_line.get(line) != key:  # a directory, or a name S3 no longer has
+                under = key if key == "" or key.endswith("/") else key + "/"
+                if (k[:16], under) not in by_dir:
+                    by_dir[(k[:16], under)] = (line, m)
+                    prefixes.append(_pin_key(m.spec.endpoint_url, m.spec.bucket, under,
+                                             prefix=True))
+        recs = await trio.to_thread.run_sync(index.get_pin_records, list(by_name), prefixes)
+        lines_with_pins: set[int] = set()
+        matched = []
+        root = vfs.nodes[ROOT_INO]
+        for n, (k, blob) in enumerate(recs.items()):
+            if n % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            key, versions = _record_of(blob)
+            # the entry it came from (its line, its mount): by the name in the record, not
+            # the record's key, which a long name cuts short
+            hit = by_name.get(k)
+            if hit is None:
+                hit = next((by_dir[(k[:16], d)] for d in _dirs_above(key)
+                            if (k[:16], d) in by_dir), None)
+            if hit is None:
                 continue
-            if parent.mount is None or not parent.is_dir or not name:
-                left.append(fl)
-                continue
-            spec = parent.mount.spec
-            key = spec.prefix + parent.path + name
-            cand.append((fl, _pin_key(spec.endpoint_url, spec.bucket, key), parent, key))
-        blobs = await trio.to_thread.run_sync(index.get_pin_records, [c[1] for c in cand])
-        old, keys = [], []
-        for fl, k, parent, key in cand:
-            versions = _versions(blobs.get(k))
-            if not versions:
-                left.append(fl)
-                continue
-            keys.append(k)
-            m = parent.mount
-            path = vfs.display_path(parent).rstrip("/") + "/" + key.rpartition("/")[2]
+            line, m = hit
+            lines_with_pins.add(line)
+            matched.append(k)
+            path = vfs.display_path(root).rstrip("/") + "/" + (
+                "" if vfs.cfg.single_root else m.spec.name + "/") + key[len(m.spec.prefix):]
             for etag, size, chunk in versions:
-                ov = ObjectVersion(m.spec.name, m.spec.bucket, key, etag, size, chunk, m.store)
-                old.append(FileItem(fl["line"], fl["entry"], parent, path, ov.chunks(), size))
-        left.sort(key=lambda x: x["line"])
-        return old, keys, left
-
-    async def _superseded(self, files: list[FileItem]) -> tuple[list[FileItem], list[bytes]]:
-        """For `free`: FileItems of the versions pinned under these names that S3 no longer
-        lists, and the names' record keys (deleted once the free is done)."""
-        old = []
-        recs = await self._pin_records(files)
-        for f, versions in recs.values():
-            cur = f.refs[0].obj
-            for etag, size, chunk in versions:
-                if (etag, size, chunk) == (cur.etag, cur.size, cur.chunk_size):
+                if (etag, size, chunk) == current.get(k):
                     continue
-                ov = ObjectVersion(cur.mount, cur.bucket, cur.key, etag, size, chunk,
-                                   cur.store)
-                old.append(FileItem(f.line, f.entry, f.node, f.path, ov.chunks(), size))
-        return old, list(recs)
+                v = ObjectVersion(m.spec.name, m.spec.bucket, key, etag, size, chunk, m.store)
+                old.append(FileItem(line, key, root, path, v.chunks(), size))
+        left = [fl for fl in failed if fl["line"] not in lines_with_pins
+                or fl["reason"] != _reason(FSError(errno.ENOENT))]
+        return old, matched, left
 
     def _free_wait(self) -> float:
         """FREE_WAIT, or less in a cluster whose peers give up on a ds_drop sooner (it
@@ -564,9 +568,9 @@ class Datasets:
         else:
             plan = await self._plan(files, pin, parallel, reserve=pin and not dry_run)
         reservation = _PinReservation(self, plan.pop("pin_reserved", {}))
-        if pin and not dry_run:
-            await self._record_pins(files)
         try:
+            if pin and not dry_run:
+                await self._record_pins(files)
             return await self._preload(job, files, failed, plan, cp, pin, parallel,
                                        reservation, dry_run, t_start)
         finally:
@@ -980,6 +984,11 @@ class _Run:
         self.by_node: dict[str, dict] | None = None  # cluster runs: figures per node
         self.me = ""  # this node's id in a cluster run
 
+    # every chunk a worker fetched is kept here unless the cache cannot (full of pinned
+    # data, disk full); in a cluster, a chunk another node came to own meanwhile is kept
+    # there, not here
+    keeps_all = True
+
     def local_only(self, r: ChunkRef) -> bool:
         return False
 
@@ -988,7 +997,8 @@ class _Run:
             row = self.by_node.setdefault(node, {})
             row[key] = row.get(key, 0) + n
 
-    def _fetched(self, node: str, f: FileItem, length: int, kept: bool) -> None:
+    def _fetched(self, node: str, f: FileItem, length: int, kept: bool,
+                 fails: bool = True) -> None:
         self.touched.add(f)
         self.fetched_bytes += length
         self.fetched_chunks += 1
@@ -997,7 +1007,8 @@ class _Run:
         if not kept:  # fetched for nothing: the file is not preloaded, it failed
             self.uncached_bytes += length
             self._count(node, "uncached_bytes", length)
-            self._file_failed(node, f, NOT_KEPT)
+            if fails:
+                self._file_failed(node, f, NOT_KEPT)
 
     def _file_failed(self, node: str, f: FileItem, reason: str) -> None:
         self._count(node, "failed_chunks", 1)
@@ -1076,11 +1087,11 @@ class _Run:
                 self._chunk_done(f, r.length, False)
                 continue
             kept = store.contains(r.cid)
-            self._fetched(self.me, f, r.length, kept)
+            self._fetched(self.me, f, r.length, kept, fails=self.keeps_all)
             if kept and self.pin and not store.is_pinned(r.cid):
                 await store.set_pinned([r.cid], True)
             self.reservation.release(r.cid)  # pinned, or it could not be
-            self._chunk_done(f, r.length, kept)
+            self._chunk_done(f, r.length, kept or not self.keeps_all)
 
 
 # -- cluster-wide preload ------------------------------------------------------------------
@@ -1264,6 +1275,8 @@ class _ClusterRun(_Run):
         self.failed_files = sum(1 for f in cp.files if f.error)
         self.reassigned: dict[str, list] = {}
 
+    keeps_all = False
+
     def local_only(self, r: ChunkRef) -> bool:
         # ours: hand-off probe, then S3; a chunk we stand in for: S3, never a peer
         return self.ring.owner(r.cid) != self.me
@@ -1392,17 +1405,50 @@ class _ClusterRun(_Run):
             dq.extendleft(reversed(pending))
 
 
-def _pin_key(endpoint: str | None, bucket: str, key: str) -> bytes:
-    """The key of a name's pin record (Datasets._record_pins)."""
-    return path_key("pin", f"{endpoint or ''}\0{bucket}\0{key}")
+_PIN_KEY_MAX = 400  # longer S3 keys (up to 1,024 bytes) are hashed: LMDB keys end at 511
 
 
-def _versions(blob: bytes | None) -> list[list]:
-    """A pin record's versions, [etag, size, chunk size] each (what is not is left out)."""
+def _pin_key(endpoint: str | None, bucket: str, key: str, prefix: bool = False) -> bytes:
+    """The key of a name's pin record (Datasets._record_pins): the store, then the S3 key
+    as it is, so the records under a directory are one range of keys (``prefix``: the
+    start of that range).  A key too long for that is hashed, after a byte no UTF-8 text
+    holds: a directory's range does not reach it."""
+    k = key.encode("utf-8", "surrogateescape")
+    if len(k) > _PIN_KEY_MAX and not prefix:
+        k = b"\xff" + path_key("pin", key)
+    return path_key("pin", f"{endpoint or ''}\0{bucket}") + k[:_PIN_KEY_MAX]
+
+
+def _dirs_above(key: str) -> Iterator[str]:
+    """"a/b/c" → "a/b/", "a/", "" (the directories a key lies under, nearest first)."""
+    i = len(key.rstrip("/"))
+    while (i := key.rfind("/", 0, i)) >= 0:
+        yield key[:i + 1]
+    yield ""
+
+
+def _endpoint(o: ObjectVersion) -> str | None:
+    return o.store.spec.endpoint_url if o.store is not None else None
+
+
+def _record(key: str, versions: list[list]) -> bytes:
+    return json.dumps({"key": key, "versions": versions}).encode()
+
+
+def _record_of(blob: bytes) -> tuple[str, list[list]]:
     try:
-        vs = json.loads(blob) if blob is not None else []
+        doc = json.loads(blob)
     except ValueError:
-        return []
+        return "", []
+    if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
+        return "", []
+    return doc["key"], _versions(doc.get("versions"))
+
+
+def _versions(vs: Any) -> list[list]:
+    """A pin record's versions, [etag, size, chunk size] each (what is not is left out)."""
+    if isinstance(vs, (bytes, str)):
+        return _record_of(vs.encode() if isinstance(vs, str) else vs)[1]
     if not isinstance(vs, list):
         return []
     return [v for v in vs if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)

@@ -127,8 +127,10 @@ class Index:
             b = txn.get(key, db=self.listings)
         return bytes(b) if b is not None else None
 
-    def get_pin_records(self, keys: list[bytes]) -> dict[bytes, bytes]:
-        """The pin records of those of ``keys`` that have one (in a worker thread)."""
+    def get_pin_records(self, keys: list[bytes], prefixes: list[bytes] = ()
+                        ) -> dict[bytes, bytes]:
+        """The pin records of ``keys`` and of every key starting with one of ``prefixes``
+        (in a worker thread)."""
         out = {}
         for i in range(0, len(keys), 4096):  # (the resize lock is the trio thread's too)
             with self._resize, self.env.begin() as txn:
@@ -136,6 +138,14 @@ class Index:
                     b = txn.get(k, db=self.pins)
                     if b is not None:
                         out[k] = bytes(b)
+        for p in prefixes:
+            with self._resize, self.env.begin() as txn:
+                cur = txn.cursor(db=self.pins)
+                if cur.set_range(p):
+                    for k, v in cur:
+                        if not k.startswith(p):
+                            break
+                        out[bytes(k)] = bytes(v)
         return out
 
     def get_inos(self, keys: list[bytes]) -> dict[bytes, int]:

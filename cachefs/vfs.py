@@ -860,6 +860,20 @@ class VFS:
     def releasedir(self, fh: int) -> None:
         self.dir_handles.pop(fh, None)
 
+    def object_key(self, path: str) -> tuple[MountCtx, str] | None:
+        """The mount and S3 key that a path relative to the mount root names, whether S3
+        has that object or not (None: the root of several mounts, or no such mount)."""
+        parts = [p for p in path.split("/") if p and p != "."]
+        if self.cfg.single_root:
+            m = self.nodes[ROOT_INO].mount
+        else:
+            if not parts:
+                return None
+            m = self.mounts.get(parts.pop(0))
+        if m is None:
+            return None
+        return m, m.spec.prefix + "/".join(parts)
+
     async def resolve(self, path: str) -> Node:
         """Walk a path relative to the mount root (for the control API)."""
         node = self.nodes[ROOT_INO]

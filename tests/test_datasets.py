@@ -581,6 +581,20 @@ def test_free_reaches_the_pins_of_versions_s3_replaced(mounts, bucket, s3, proxy
     assert res["freed_chunks"] == res["pins_removed"] == 2, res
     assert res["superseded_versions"] == 1 and [f["line"] for f in res["failed"]] == [2], res
     assert m.stats()["cache"]["pinned_bytes"] == 0
+    # a whole pinned directory deleted from S3 (its parent with it): the directory's entry
+    # reaches every name pinned under it
+    put(s3, bucket, {"d/x.bin": CHUNK, "d/sub/y.bin": 2 * CHUNK, "e/z.bin": CHUNK})
+    time.sleep(1.2)
+    both = write_list(tmp_path, ["d", "e/z.bin"], "d.txt")
+    assert cli("preload", "--file-list", both, "--mount", str(m.mp), "--pin").returncode == 0
+    for k in ("d/x.bin", "d/sub/y.bin"):
+        s3.delete_object(Bucket=bucket, Key=k)
+    time.sleep(1.2)
+    res, r = run_json("free", "--file-list", write_list(tmp_path, ["d/"], "d2.txt"),
+                      "--mount", str(m.mp))
+    assert r.returncode == 0 and res["failed"] == [], (r.stderr, res)
+    assert res["freed_chunks"] == res["pins_removed"] == 3 and res["superseded_versions"] == 2
+    assert m.stats()["cache"]["pinned_bytes"] == file_size(CHUNK)  # e/z.bin's
 
 
 def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3, proxy,
