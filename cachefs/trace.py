@@ -30,10 +30,13 @@ Bounds (memory):
     256 + 1024 traces and 8,192 + 32,768 spans (each about 0.5 KiB),
     i.e. about 20 MiB in the worst case.
 
-Cost: a warm read records a RootSpan and one leaf() tuple; recording it is
-one call (``_record``) and a deque append, and a recorded trace holds no
-reference cycle (children point at the root while the trace is built and at
-a _Done once it is recorded).  A trace becomes a dict when somebody asks for
+Cost: a read its handle serves from the chunk it holds, starting nothing (a warm
+sequential reader's usual request), is recorded as one QuickRead object of plain
+fields, without a task switch (``Tracer.quick_read``, while no follower or sink
+takes every trace); any other request records a RootSpan, and a read-ahead hit's
+leaf() tuple; recording it is one call (``_record``) and a deque append, and a
+recorded trace holds no reference cycle (children point at the root while the
+trace is built and at a _Done once it is recorded).  A trace becomes a dict when somebody asks for
 it (``trace --recent``, a follower, a capture, the OTLP exporter).  Measured
 by bench/bench_tracing.py (see docs/tracing.md).
 
@@ -185,19 +188,71 @@ class RootSpan(Span):
         """The recorded trace as JSON-ready data (built once, then cached)."""
         d = self._dict
         if d is None:
-            d = self.to_dict()
-            d["node"] = self.owner.node
-            end = self.end if self.end is not None else _now()
-            wall_end = end + (time.time() - _now())
-            d["wall_time"] = wall_end
-            d["start_time"] = wall_end - (end - self.start)
-            if self.dropped:
-                d["dropped_spans"] = self.dropped
-            if self.incomplete:
-                d["incomplete"] = True
-            if self.background:
-                d["background"] = True
-            self._dict = d
+            self._dict = d = _recorded_dict(self, self.to_dict())
+        return d
+
+
+def _recorded_dict(root: RootSpan | QuickRead, d: dict) -> dict:
+    """A recorded trace's JSON form: its spans' ``d`` and what names the trace."""
+    d["node"] = root.owner.node
+    end = root.end if root.end is not None else _now()
+    wall_end = end + (time.time() - _now())
+    d["wall_time"] = wall_end
+    d["start_time"] = wall_end - (end - root.start)
+    if root.dropped:
+        d["dropped_spans"] = root.dropped
+    if root.incomplete:
+        d["incomplete"] = True
+    if root.background:
+        d["background"] = True
+    return d
+
+
+class QuickRead:
+    """A recorded read that its handle served from the chunk it holds, starting nothing (a
+    warm sequential reader's usual request): the trace a RootSpan with one ``leaf("chunk",
+    tier="readahead")`` child records, kept as one object of plain fields until someone
+    asks for it.  Those requests cost the daemon about 100 us each, and the dozen objects
+    of a RootSpan trace, freed 256 requests later when none of them is in the CPU's caches
+    any more, were most of what tracing added to them (bench/README.md)."""
+
+    __slots__ = ("owner", "seq", "start", "end", "ino", "path", "offset", "size", "pid",
+                 "chunk", "nbytes", "_dict")
+    name = "read"
+    nspans = 2
+    dropped = 0
+    done = True
+    incomplete = False
+    background = False
+
+    def __init__(self, owner: Tracer, seq: int, start: float, ino: int, path: str,
+                 offset: int, size: int, pid: int, chunk: int, nbytes: int) -> None:
+        self.owner, self.seq, self.start, self.end = owner, seq, start, _now()
+        self.ino, self.path, self.offset, self.size, self.pid = ino, path, offset, size, pid
+        self.chunk, self.nbytes = chunk, nbytes
+        self._dict: dict | None = None
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {"ino": self.ino, "path": self.path, "offset": self.offset, "size": self.size,
+                "pid": self.pid}
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    @property
+    def trace_id(self) -> str:
+        return f"{self.owner.pid_hex}-{self.seq:x}"
+
+    def dict(self) -> dict:
+        d = self._dict
+        if d is None:
+            kid = ("chunk", self.start, self.start,
+                   {"chunk": self.chunk, "tier": "readahead", "bytes": self.nbytes}, ())
+            d = _span_dict("read", self.start, self.end, self.attrs, [kid], self.start)
+            d["trace_id"] = self.trace_id
+            self._dict = d = _recorded_dict(self, d)
         return d
 
 
@@ -441,6 +496,25 @@ class Tracer:
             return _Detached(Span(op, attrs))
         self.started = n = self.started + 1
         return RootSpan(self, op, attrs, n)
+
+    @property
+    def quick(self) -> bool:
+        """May a read served from its handle's buffer be recorded as a QuickRead?  Not
+        while a follower or a sink (a capture, the OTLP exporter) takes every trace."""
+        return not (self._subscribers or self._sinks)
+
+    def quick_read(self, start: float, ino: int, path: str, offset: int, size: int, pid: int,
+                   chunk: int, nbytes: int) -> None:
+        """Record such a read (``start``: its perf_counter time), ending now."""
+        if not self.enabled:
+            return
+        self.started = n = self.started + 1
+        q = QuickRead(self, n, start, ino, path, offset, size, pid, chunk, nbytes)
+        self.finished += 1
+        self.recent.append(q)  # type: ignore[arg-type]
+        if q.end - start >= self.slow_threshold:
+            self.slow_count += 1
+            self.slow.append(q)  # type: ignore[arg-type]
 
     def _continuation(self, prev: RootSpan | _Done, op: str, attrs: dict) -> RootSpan:
         pa = prev.attrs

@@ -572,6 +572,42 @@ def test_recent_says_when_filters_leave_nothing(mounts, s3, bucket):
     assert len(every) == m.request({"op": "trace_stats"})["tracer"]["recent_kept"] > 100
 
 
+def test_reads_served_from_the_handles_chunk_keep_their_trace(mounts, s3, bucket):
+    """A sequential reader's requests that its handle serves from the chunk it holds are
+    recorded as one compact object each (what tracing cost at 128 KiB requests): they show
+    in `trace --recent` as any read does, with their chunk span, and in the counters and
+    the latency histogram; a follower still gets them whole."""
+    data = put(s3, bucket, "q.bin", 2 * CHUNK, seed=4)
+    m = mounts(f"s3://{bucket}")
+    before = m.counters()
+    fd = os.open(m.path("q.bin"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        for k in range(8):
+            assert os.preadv(fd, [buf], 4096 * k) == 4096 and buf[:] == data[4096 * k:][:4096]
+    finally:
+        os.close(fd)
+    got = m.request({"op": "trace_recent", "n": 20, "path_prefix": "/q.bin"})["traces"]
+    # (in the order they were recorded: the first, with the read-ahead it started, once
+    # that ended)
+    reads = sorted((t for t in got if t["name"] == "read"), key=lambda t: t["offset"])
+    assert [t["offset"] for t in reads] == [4096 * k for k in range(8)], got
+    first, served = reads[0], reads[1:]
+    assert {s.get("tier") for s in first["spans"]} != {"readahead"}  # not from the buffer
+    for t in served:
+        assert [(s["name"], s["tier"], s["chunk"], s["bytes"], s["spans"]) for s in t["spans"]] \
+            == [("chunk", "readahead", 0, CHUNK, [])], t
+        assert set(t) == set(first) and t["size"] == 4096 and t["path"] == "/q.bin", t
+        assert t["ino"] == first["ino"] and t["pid"] == first["pid"] == os.getpid()
+        assert 0 <= t["start_time"] <= t["wall_time"] and t["duration_ms"] >= 0
+    assert len({t["trace_id"] for t in reads}) == 8
+    c = m.counters()
+    assert c["readahead_hits"] - before.get("readahead_hits", 0) == 7
+    assert c["fuse_read_bytes"] - before.get("fuse_read_bytes", 0) == 8 * 4096
+    st = m.request({"op": "trace_stats"})["tracer"]
+    assert st["started"] == st["finished"]
+
+
 def test_trace_of_a_read_that_fails_is_one_line(mounts, s3, bucket, proxy):
     """A read that failed in the middle of `trace PATH` (S3 refusing the GET: EIO) ended in
     "internal error: BufferError" (the buffer was closed with a view of it still held)."""
