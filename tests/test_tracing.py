@@ -218,16 +218,29 @@ def test_a_trace_command_killed_mid_read_ends_its_capture(mounts, s3, bucket, pr
     put(s3, bucket, "k.bin", 4 * CHUNK)
     m = mounts(f"s3://{bucket}")
     os.stat(m.path("k.bin"))
-    proxy.faults(delay=2.0, count=1)
+    proxy.reset()  # (the proxy serves the whole session: counts of earlier tests)
+    # every GET waits: the read's, not only the read-ahead's that may reach S3 first (the
+    # command had then read, restored its handlers and was waiting for the read-ahead's spans)
+    proxy.faults(delay=2.0, count=-1)
     p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", str(m.path("k.bin"))],
                          env={**os.environ, **CREDS}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not proxy.stats(settle=0)["ops"].get("GetObject"):
-        assert time.monotonic() < deadline, "the trace's read reaching S3"
-        time.sleep(0.05)
-    p.send_signal(getattr(signal, sig))
-    assert p.wait(30) == 128 + getattr(signal, sig)
+    signum = getattr(signal, sig)
+
+    def catches() -> bool:  # the command's handler is in place (the read is under way)
+        with open(f"/proc/{p.pid}/status") as f:
+            mask = next(ln for ln in f if ln.startswith("SigCgt:")).split()[1]
+        return bool(int(mask, 16) >> (signum - 1) & 1)
+
+    try:
+        deadline = time.monotonic() + 10
+        while not (proxy.stats(settle=0)["ops"].get("GetObject") and catches()):
+            assert time.monotonic() < deadline, "the trace's read reaching S3"
+            time.sleep(0.05)
+        p.send_signal(signum)
+        assert p.wait(30) == 128 + signum
+    finally:
+        proxy.clear_faults()
     with pytest.raises(QuietError, match="no trace capture 1"):
         m.request({"op": "trace_capture_stop", "capture": 1, "wait": 0})
 
