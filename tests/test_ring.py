@@ -258,6 +258,9 @@ def test_a_member_that_leaves_takes_its_error_counters_with_it():
                 node._count_error(n, "timeout")
                 node.health.mark_bad(n, "timeout")
             await node._on_members({"a": "127.0.0.1:1", "c": "127.0.0.1:3"})
+            # a request to b that was under way fails after it left: not counted again
+            node._count_error("b", "closed")
+            node._mark_bad("b", "closed")
             return node.health.statistics(), node.health.is_healthy("b")
 
     health, b_healthy = trio.run(main)

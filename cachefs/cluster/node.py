@@ -359,7 +359,12 @@ class ClusterNode:
 
     # -- the reader's peer tier --------------------------------------------------
     def _count_error(self, node: str, reason: str) -> None:
-        self.peer_errors.setdefault(node, Counter())[reason] += 1
+        if node in self.members:  # (a request to a node that left meanwhile: not kept)
+            self.peer_errors.setdefault(node, Counter())[reason] += 1
+
+    def _mark_bad(self, node: str, reason: str) -> None:
+        if node in self.members:
+            self.health.mark_bad(node, reason)
 
     async def fetch(self, ref: ChunkRef) -> bytes | None:
         """The chunk from its owner (or the owner's successor), or None → S3."""
@@ -395,12 +400,12 @@ class ClusterNode:
                         # stayed taken for peer_timeout: S3 is the quicker way now.
                         break
                     log.info("peer %s (%s) failed: %s; trying the next node", node, addr, e)
-                    self.health.mark_bad(node, e.reason)
+                    self._mark_bad(node, e.reason)
                     continue
                 except ValueError as e:  # a malformed address announced by a member
                     sp.set(error="address")
                     self._count_error(node, "address")
-                    self.health.mark_bad(node, "address")
+                    self._mark_bad(node, "address")
                     log.warning("peer %s: %s", node, e)
                     continue
                 except Exception as e:  # noqa: BLE001 - a peer failure never fails a read
@@ -413,7 +418,7 @@ class ClusterNode:
                 if len(data) != ref.length:
                     sp.set(error="length")
                     self._count_error(node, "length")
-                    self.health.mark_bad(node, "length")
+                    self._mark_bad(node, "length")
                     continue
             self.fetched += 1
             self.bytes_fetched += len(data)
@@ -442,7 +447,7 @@ class ClusterNode:
                 sp.set(error=e.reason)
                 self._count_error(node, e.reason)
                 if e.reason not in _ANSWERED:
-                    self.health.mark_bad(node, e.reason)
+                    self._mark_bad(node, e.reason)
                 return None
             except ValueError:
                 return None
@@ -459,7 +464,7 @@ class ClusterNode:
             trace.attach(spans)
             if len(data) != ref.length:
                 self._count_error(node, "length")
-                self.health.mark_bad(node, "length")
+                self._mark_bad(node, "length")
                 return None
         self.handoff_hits_asked += 1
         await self.daemon.store.put(ref.cid, data)
@@ -475,7 +480,7 @@ class ClusterNode:
         """A cluster-wide command could not reach ``node``: readers skip it for a while."""
         if node != self.node_id:
             self._count_error(node, reason)
-            self.health.mark_bad(node, reason)
+            self._mark_bad(node, reason)
 
     async def owner_of(self, ref: ChunkRef) -> str:
         """The id of the node that owns ``ref`` on the current ring."""
