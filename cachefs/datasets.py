@@ -95,7 +95,7 @@ JOB_IDLE = 300.0  # an owner forgets a preload's concurrency limiter after this
 # -- resolving entries ------------------------------------------------------------------
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class FileItem:
     line: int
     entry: str

@@ -30,7 +30,7 @@ def chunk_id(bucket: str, key: str, etag: str, chunk_size: int, index: int) -> b
     return h.digest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectVersion:
     """One version of one object, as a file was opened (or listed)."""
 
@@ -57,7 +57,7 @@ class ObjectVersion:
         return [self.chunk(i) for i in range(self.nchunks)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
     obj: ObjectVersion
     index: int
