@@ -351,7 +351,7 @@ def load_toml(path: Path) -> dict:
         raise ConfigError(f"config file {path}: {e}") from None
 
 
-_NAME_RE = re.compile(r"^[^/\x00-\x1f\x7f]{1,255}$")  # a directory name, printable
+_NAME_RE = re.compile(r"[^/\x00-\x1f\x7f]{1,255}")  # a directory name, printable (fullmatch)
 
 
 def build_config(

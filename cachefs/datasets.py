@@ -329,7 +329,7 @@ class Datasets:
         for i, (k, o) in enumerate(keyed.items()):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
-            versions = _versions(recs.get(k))
+            versions = _record_of(recs[k])[1] if k in recs else []
             v = [o.etag, o.size, o.chunk_size]
             if v not in versions:
                 ops.append(Index.op_put_pin_record(k, _record(o.key, versions + [v])))
@@ -394,8 +394,7 @@ class Datasets:
             line, m = hit
             lines_with_pins.add(line)
             matched.append(k)
-            path = vfs.display_path(root).rstrip("/") + "/" + (
-                "" if vfs.cfg.single_root else m.spec.name + "/") + key[len(m.spec.prefix):]
+            path = vfs.display(m, key[len(m.spec.prefix):])
             for etag, size, chunk in versions:
                 if (etag, size, chunk) == current.get(k):
                     continue
@@ -1447,8 +1446,6 @@ def _record_of(blob: bytes) -> tuple[str, list[list]]:
 
 def _versions(vs: Any) -> list[list]:
     """A pin record's versions, [etag, size, chunk size] each (what is not is left out)."""
-    if isinstance(vs, (bytes, str)):
-        return _record_of(vs.encode() if isinstance(vs, str) else vs)[1]
     if not isinstance(vs, list):
         return []
     return [v for v in vs if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)

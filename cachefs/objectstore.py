@@ -177,13 +177,9 @@ def version_of(etag: str | None, size: int, mtime: float) -> str:
     return canonical_etag(etag) or f"~{size}-{int(mtime)}"
 
 
-def _botocore_preconditions(version: str) -> dict[str, Any]:
-    h = _preconditions(version)
-    if "If-Match" in h:
-        return {"IfMatch": h["If-Match"]}
-    if h:
-        return {"IfUnmodifiedSince": datetime.fromtimestamp(int(version.rpartition("-")[2]), UTC)}
-    return {}
+def _made_up_mtime(version: str) -> int:
+    """The LastModified (whole seconds) in a version version_of made up; 0 for an ETag."""
+    return int(version.rpartition("-")[2]) if version.startswith("~") else 0
 
 
 def _preconditions(version: str) -> dict[str, str]:
@@ -192,11 +188,16 @@ def _preconditions(version: str) -> dict[str, str]:
     up for a store without ETags (version_of)."""
     if version.startswith('"'):
         return {"If-Match": version}
-    if version.startswith("~"):
-        mtime = int(version.rpartition("-")[2])
-        if mtime > 0:
-            return {"If-Unmodified-Since": formatdate(mtime, usegmt=True)}
-    return {}
+    mtime = _made_up_mtime(version)
+    return {"If-Unmodified-Since": formatdate(mtime, usegmt=True)} if mtime > 0 else {}
+
+
+def _botocore_preconditions(version: str) -> dict[str, Any]:
+    """_preconditions as get_object's arguments."""
+    if version.startswith('"'):
+        return {"IfMatch": version}
+    mtime = _made_up_mtime(version)
+    return {"IfUnmodifiedSince": datetime.fromtimestamp(mtime, UTC)} if mtime > 0 else {}
 
 
 _CR_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")

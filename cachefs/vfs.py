@@ -1064,14 +1064,20 @@ class VFS:
             data, i, n = got
             tr.quick_read(t0, h.node.ino, self.display_path(h.node), off, size, h.pid, i, n)
             self.stats.observe("fuse_read", time.perf_counter() - t0)
-            self.stats.inc("fuse_read_bytes", len(data))
-            if self.budget.used > self.budget.limit:
-                self._trim_idle()
-            return data
-        with tr.start("read", ino=h.node.ino, path=self.display_path(h.node),
-                      offset=off, size=size, pid=h.pid):
+        else:
+            data = await self._read_traced(h, off, size, t0)
+        self.stats.inc("fuse_read_bytes", len(data))
+        if self.budget.used > self.budget.limit:
+            self._trim_idle()
+        return data
+
+    async def _read_traced(self, h: FileHandle, off: int, size: int,
+                           t0: float) -> bytes | memoryview:
+        """A read that needs more than the chunk its handle holds, in a trace of its own."""
+        with self.tracer.start("read", ino=h.node.ino, path=self.display_path(h.node),
+                               offset=off, size=size, pid=h.pid):
             try:
-                data = await h.read(off, size)
+                return await h.read(off, size)
             except (ObjectChanged, NoSuchObject) as e:
                 self.stats.inc("read_errors")
                 log.warning("read of %s failed: the object %s in S3 while open",
@@ -1086,10 +1092,6 @@ class VFS:
                 raise FSError(errno.EIO) from None
             finally:  # failed reads too: in an outage they are the slowest ones
                 self.stats.observe("fuse_read", time.perf_counter() - t0)
-        self.stats.inc("fuse_read_bytes", len(data))
-        if self.budget.used > self.budget.limit:
-            self._trim_idle()
-        return data
 
     def _trim_idle(self) -> None:
         """The read-ahead budget is spent: handles that have not read for IDLE_HANDLE give
@@ -1125,6 +1127,10 @@ class VFS:
     def display_path(self, node: Node) -> str:
         if node.mount is None:
             return "/"
+        return self.display(node.mount, node.path)
+
+    def display(self, m: MountCtx, path: str) -> str:
+        """How the mount shows ``path`` (relative to the mount's prefix) of mount m."""
         if self.cfg.single_root:
-            return "/" + node.path
-        return "/" + node.mount.spec.name + "/" + node.path
+            return "/" + path
+        return "/" + m.spec.name + "/" + path

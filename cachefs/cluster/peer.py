@@ -198,7 +198,6 @@ async def _serve_connection(
     seq = 0
     waiting = Waiting() if idle is None else idle
     while True:
-        eof = False
         with waiting.wait(min(FIRST_REQUEST_WAIT, idle_timeout) if seq == 0
                           else idle_timeout) as wait:
             eof = await reader.at_eof()
