@@ -86,10 +86,10 @@ class Prepared:
         return self.client.request({**req, "entries": self.wire()}, on_event=on_event,
                                    timeout=REQUEST_TIMEOUT)
 
-    def result(self, op: str, empty: dict) -> tuple[dict, int]:
+    def result(self, req: dict, empty: dict) -> tuple[dict, int]:
         """free/status: the daemon's answer (``empty`` when no entry was valid) with every
         failed entry, daemon's and ours, in line order; and the exit code so far."""
-        res = self.request({"op": op})
+        res = self.request(req)
         code = self.report_errors(res.get("failed", []))
         res = res or empty
         res.pop("ok", None)
@@ -406,7 +406,7 @@ def free(file_list, mount, as_json) -> None:
     cachefs free --file-list train.txt --mount /mnt/train
     """
     prep = Prepared(file_list, mount)
-    res, code = prep.result("free", {"files": 0, "total_bytes": 0, "freed_bytes": 0,
+    res, code = prep.result({"op": "free"}, {"files": 0, "total_bytes": 0, "freed_bytes": 0,
                                      "freed_chunks": 0, "pins_removed": 0})
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -439,8 +439,11 @@ def status(file_list, mount, as_json) -> None:
     cachefs status --file-list train.txt --mount /mnt/train
     """
     prep = Prepared(file_list, mount)
-    res, code = prep.result("status", {"files": [], "total_bytes": 0, "cached_bytes": 0,
-                                       "pinned_bytes": 0})
+    # the table shows the first MAX_ROWS files: the daemon sends no more (a million rows
+    # would be 150 MB of JSON, and twice that in memory at each end)
+    res, code = prep.result({"op": "status", **({} if as_json else {"rows": MAX_ROWS})},
+                            {"files": [], "file_count": 0, "total_bytes": 0,
+                             "cached_bytes": 0, "pinned_bytes": 0})
     mp = prep.mp.rstrip("/")
     for f in res["files"]:
         f["path"] = mp + f["path"]
@@ -448,19 +451,19 @@ def status(file_list, mount, as_json) -> None:
         click.echo(json.dumps(res, indent=2))
         _exit(code)
         return
-    rows = res["files"]
+    rows, count = res["files"], res["file_count"]
     click.echo(f"{'cached':>7} {'pinned':>7} {'size':>10}  path")
     for f in rows[:MAX_ROWS]:
         click.echo(f"{_share(f['cached_bytes'], f['size']):>7} "
                    f"{_share(f['pinned_bytes'], f['size']):>7} {human(f['size']):>10}  "
                    f"{printable(f['path'])}")
-    if len(rows) > MAX_ROWS:
-        click.echo(f"  ... {plural(len(rows) - MAX_ROWS, 'more file')} (--json lists them all)")
+    if count > MAX_ROWS:
+        click.echo(f"  ... {plural(count - MAX_ROWS, 'more file')} (--json lists them all)")
     tot = res["total_bytes"]
-    if not rows:  # every entry failed (each named on stderr): no share to report
+    if not count:  # every entry failed (each named on stderr): no share to report
         click.echo("total: 0 files")
     else:
-        click.echo(f"total: {plural(len(rows), 'file')}, {human(tot)}; cached "
+        click.echo(f"total: {plural(count, 'file')}, {human(tot)}; cached "
                    f"{human(res['cached_bytes'])} ({_share(res['cached_bytes'], tot)}), "
                    f"pinned {human(res['pinned_bytes'])} ({_share(res['pinned_bytes'], tot)})")
     if res.get("nodes"):

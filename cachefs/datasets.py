@@ -138,6 +138,42 @@ def _entries(req: dict) -> list[tuple[int, str, str]]:
     return out
 
 
+def _rows_wanted(req: dict) -> int | None:
+    """How many per-file rows a status reply carries: ``rows`` of the request (the CLI's
+    table shows 30), or all of them (``--json``). A million rows are 150 MB of JSON."""
+    n = req.get("rows")
+    if n is None:
+        return None
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ControlError("rows must be a whole number")
+    return n
+
+
+async def _tally(files: list[FileItem], is_cached, is_pinned, rows: int | None) -> dict:
+    """status's figures: per file (the first ``rows`` files; all when None) and in total,
+    with ``is_cached(cid)`` and ``is_pinned(cid)`` saying where each chunk stands."""
+    out = []
+    tot = tc = tp = 0
+    for i, f in enumerate(files):
+        if i % YIELD_EVERY == 0:
+            await trio.lowlevel.checkpoint()
+        c = p = cc = 0
+        for r in f.refs:
+            if is_cached(r.cid):
+                c += r.length
+                cc += 1
+                if is_pinned(r.cid):
+                    p += r.length
+        if rows is None or len(out) < rows:
+            out.append({"path": f.path, "line": f.line, "size": f.size, "cached_bytes": c,
+                        "pinned_bytes": p, "chunks": len(f.refs), "cached_chunks": cc})
+        tot += f.size
+        tc += c
+        tp += p
+    return {"files": out, "file_count": len(files), "total_bytes": tot, "cached_bytes": tc,
+            "pinned_bytes": tp}
+
+
 class Job:
     """One request: serialized event emission and a periodic progress ticker."""
 
@@ -210,11 +246,14 @@ class Datasets:
     def s3_concurrency(self) -> int:
         return self.d.cfg.s3.max_concurrency
 
-    async def _resolve_request(self, req: dict,
-                               emit) -> tuple[Job, list[FileItem], list[dict]]:
+    @staticmethod
+    async def _handle(emit, fn, req: dict):
+        """``fn(req, job)`` with one progress ticker for the whole request: the client
+        hears from the daemon twice a second from the list's resolution to the reply, as
+        long as a free of a million chunks or a status of a million files takes (its
+        timeout is the silence between two lines)."""
         job = Job(emit)
-        files, failed = await job.run(self.resolve, _entries(req), job)
-        return job, files, failed
+        return await job.run(fn, req, job)
 
     async def resolve(self, entries: list[tuple[int, str, str]],
                       job: Job) -> tuple[list[FileItem], list[dict]]:
@@ -253,40 +292,30 @@ class Datasets:
     # -- status ---------------------------------------------------------------------
 
     async def status(self, req: dict, emit) -> dict:
+        return await self._handle(emit, self._status, req)
+
+    async def _status(self, req: dict, job: Job) -> dict:
         store = self.d.store
         assert store is not None
-        job, files, failed = await self._resolve_request(req, emit)
+        rows = _rows_wanted(req)
+        files, failed = await self.resolve(_entries(req), job)
         if self.d.cluster is not None:
-            return await job.run(self._status_cluster, files, failed)
-        rows = []
-        tot = cached = pinned = 0
-        for i, f in enumerate(files):
-            if i % YIELD_EVERY == 0:
-                await trio.lowlevel.checkpoint()
-            c = p = cc = 0
-            for r in f.refs:
-                if store.contains(r.cid):
-                    c += r.length
-                    cc += 1
-                    if store.is_pinned(r.cid):
-                        p += r.length
-            rows.append({"path": f.path, "line": f.line, "size": f.size, "cached_bytes": c,
-                         "pinned_bytes": p, "chunks": len(f.refs), "cached_chunks": cc})
-            tot += f.size
-            cached += c
-            pinned += p
-        return {"files": rows, "total_bytes": tot, "cached_bytes": cached,
-                "pinned_bytes": pinned, "failed": failed, "cache": store.statistics()}
+            return await self._status_cluster(files, failed, rows)
+        out = await _tally(files, store.contains, store.is_pinned, rows)
+        return {**out, "failed": failed, "cache": store.statistics()}
 
     # -- free -----------------------------------------------------------------------
 
     async def free(self, req: dict, emit) -> dict:
+        return await self._handle(emit, self._free, req)
+
+    async def _free(self, req: dict, job: Job) -> dict:
         store = self.d.store
         assert store is not None
-        job, files, failed = await self._resolve_request(req, emit)
-        old, keys, failed = await job.run(self._pinned_before, req, files, failed)
+        files, failed = await self.resolve(_entries(req), job)
+        old, keys, failed = await self._pinned_before(req, files, failed)
         if self.d.cluster is not None:
-            out = await job.run(self._free_cluster, files, failed, old)
+            out = await self._free_cluster(files, failed, old)
         else:
             got = await self._drop_local(list(await self._unique(files + old)))
             log.info("free: %d files, %d chunks, %d bytes (%d pins removed)", len(files),
@@ -547,6 +576,9 @@ class Datasets:
         return n, nbytes
 
     async def preload(self, req: dict, emit) -> dict:
+        return await self._handle(emit, self._preload_request, req)
+
+    async def _preload_request(self, req: dict, job: Job) -> dict:
         d = self.d
         store, reader = d.store, d.reader
         assert store is not None and reader is not None
@@ -559,10 +591,10 @@ class Datasets:
         if not 1 <= parallel <= MAX_PARALLEL:
             raise ControlError(f"--parallel must be between 1 and {MAX_PARALLEL}")
         t_start = time.monotonic()
-        job, files, failed = await self._resolve_request(req, emit)
+        files, failed = await self.resolve(_entries(req), job)
         cp: _ClusterPlan | None = None
         if self.d.cluster is not None:
-            cp = await job.run(self._plan_cluster, files, pin, parallel)
+            cp = await self._plan_cluster(files, pin, parallel)
             plan = cp.plan
         else:
             plan = await self._plan(files, pin, parallel, reserve=pin and not dry_run)
@@ -584,8 +616,8 @@ class Datasets:
             probed = probed_bytes = 0
             streams = plan["estimate"]["streams"]
             if plan["missing_chunks"] and not self.model.near(streams):
-                probed, probed_bytes = await job.run(
-                    self._probe, files, streams, plan["missing_chunks"],
+                probed, probed_bytes = await self._probe(
+                    files, streams, plan["missing_chunks"],
                     cp.missing if cp else None)
                 if probed:  # the plan stays what was missing when we looked
                     plan["estimate"] = cp.estimate(self) if cp else self.model.estimate(
@@ -603,7 +635,7 @@ class Datasets:
                else _ClusterRun(self, cp))
         job.progress = run.progress
         t0 = time.monotonic()
-        await job.run(run.go)
+        await run.go()
         secs = time.monotonic() - t0
         self.runs += 1
         for f in files:
@@ -693,7 +725,8 @@ class Datasets:
                 out.setdefault(r.cid, r.length)
         return out
 
-    async def _status_cluster(self, files: list[FileItem], failed: list[dict]) -> dict:
+    async def _status_cluster(self, files: list[FileItem], failed: list[dict],
+                              rows: int | None) -> dict:
         cl, store = self.d.cluster, self.d.store
         ring, members = cl.ring, sorted(cl.nodes())
         sizes = await self._unique(files)
@@ -727,21 +760,8 @@ class Datasets:
                         pinned.add(cid)
             nodes[n] = {"cached_bytes": c, "pinned_bytes": p, "cached_chunks": cc,
                         "owned_bytes": owned[n]}
-        rows = []
-        tot = tc = tp = 0
-        for i, f in enumerate(files):
-            if i % YIELD_EVERY == 0:
-                await trio.lowlevel.checkpoint()
-            c = sum(r.length for r in f.refs if r.cid in cached)
-            p = sum(r.length for r in f.refs if r.cid in pinned)
-            cc = sum(1 for r in f.refs if r.cid in cached)
-            rows.append({"path": f.path, "line": f.line, "size": f.size, "cached_bytes": c,
-                         "pinned_bytes": p, "chunks": len(f.refs), "cached_chunks": cc})
-            tot += f.size
-            tc += c
-            tp += p
-        return {"files": rows, "total_bytes": tot, "cached_bytes": tc, "pinned_bytes": tp,
-                "failed": failed, "nodes": nodes, "unreachable": unreachable,
+        out = await _tally(files, cached.__contains__, pinned.__contains__, rows)
+        return {**out, "failed": failed, "nodes": nodes, "unreachable": unreachable,
                 "cache": store.statistics()}
 
     async def _free_cluster(self, files: list[FileItem], failed: list[dict],

@@ -18,6 +18,7 @@ from cachefs_env import CREDS, cli
 
 from cachefs import filelist
 from cachefs.cli_datasets import Progress, _estimate_text
+from cachefs.errors import QuietError
 from cachefs.filelist import MountInfo
 from cachefs.store.chunkstore import file_size
 from cachefs.throughput import ThroughputModel
@@ -294,8 +295,14 @@ def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
     _, err = p.communicate(timeout=20)
     assert p.returncode == 130, err
     assert m.stats()["in_flight_fetches"] > 0  # still fetching, pinned
-    res, r = run_json("free", "--file-list", lst, "--mount", str(m.mp))
-    assert r.returncode == 0, r.stderr
+    # the free waits for those fetches; its client must hear from the daemon meanwhile (it
+    # gives up after a silence, and a free of a million chunks is silent for minutes)
+    lines = [time.monotonic()]
+    res = m.request({"op": "free", "entries": [[1, "shards", "shards/"]]},
+                    on_event=lambda ev: lines.append(time.monotonic()), timeout=30)
+    lines.append(time.monotonic())
+    assert lines[-1] - lines[0] > 2.0  # it did wait for the fetches
+    assert max(b - a for a, b in zip(lines, lines[1:], strict=False)) < 1.5, lines
     deadline = time.monotonic() + 20
     while m.stats()["in_flight_fetches"] and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -426,6 +433,29 @@ def test_status_of_an_empty_file(mounts, bucket, s3, tmp_path):
         f"      —       —        0 B  {m.mp}/e/empty",
         f" 100.0%  100.0%  128.0 KiB  {m.mp}/e/full.bin",
         "total: 2 files, 128.0 KiB; cached 128.0 KiB (100.0%), pinned 128.0 KiB (100.0%)"]
+
+
+def test_the_status_table_of_a_long_list_is_sent_no_more_rows_than_it_shows(
+        mounts, bucket, s3, tmp_path):
+    """The plain table shows 30 files; the daemon sent a row for every file (a million
+    rows: 150 MB of JSON, parsed whole by the CLI). It now sends the rows asked for, and
+    the totals of all."""
+    put(s3, bucket, {f"t/f{i:02d}": 10 for i in range(35)})
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["t/"])
+    r = cli("status", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert len(out) == 1 + 30 + 2 and out[30].endswith(f"{m.mp}/t/f29"), r.stdout
+    assert out[-2:] == ["  ... 5 more files (--json lists them all)",
+                        "total: 35 files, 350 B; cached 0 B (0.0%), pinned 0 B (0.0%)"]
+    st, _ = run_json("status", "--file-list", lst, "--mount", str(m.mp))
+    assert len(st["files"]) == st["file_count"] == 35
+    res = m.request({"op": "status", "rows": 3, "entries": [[1, "t", "t/"]]})
+    assert [f["path"] for f in res["files"]] == ["/t/f00", "/t/f01", "/t/f02"]
+    assert res["file_count"] == 35 and res["total_bytes"] == 350
+    with pytest.raises(QuietError, match="rows must be a whole number"):
+        m.request({"op": "status", "rows": "all", "entries": [[1, "t", "t/"]]})
 
 
 def test_free_while_reading(mounts, bucket, s3, proxy, tmp_path):
