@@ -13,6 +13,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -109,10 +110,11 @@ def parse_size(value: Any, what: str) -> int:
         unit = (m.group(2) or "").lower()
         if unit not in _UNITS:
             raise ConfigError(f"{what}: unknown unit in {value!r} (use KiB, MiB, GiB, TiB)")
-        try:
-            n = int(float(m.group(1)) * _UNITS[unit])
-        except OverflowError:  # 1e400 digits: float is inf
-            n = 1 << 127
+        # exact (a float rounds 20 digits), whole bytes: 0.3GiB is 322122547 of them
+        exact = Fraction(m.group(1)) * _UNITS[unit]
+        if exact.denominator != 1 and _UNITS[unit] == 1:
+            raise ConfigError(f"{what}: {value!r} is not a whole number of bytes")
+        n = math.floor(exact)
     if n >= 1 << 64:
         raise ConfigError(f"{what}: {str(value)[:40]!r}{'…' if len(str(value)) > 40 else ''} "
                           "is too large")

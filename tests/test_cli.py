@@ -60,10 +60,20 @@ def test_repeated_log_messages_are_limited():
 
 def test_sizes_up_to_exbibytes():
     from cachefs.config import parse_size
+    from cachefs.errors import ConfigError
     from cachefs.report import human
 
     assert parse_size("1EiB", "x") == 1 << 60 and parse_size("2 eb", "x") == 2 * 10**18
     assert human(1 << 60) == "1.0 EiB" and human(parse_size("1.5PiB", "x")) == "1.5 PiB"
+    # exact to the byte, however many digits (a float rounded these)
+    assert parse_size("18446744073709551615", "x") == (1 << 64) - 1
+    assert parse_size("9007199254740993", "x") == 9007199254740993
+    assert parse_size("1.5KiB", "x") == 1536 and parse_size("0.001KB", "x") == 1
+    assert parse_size("0.3GiB", "x") == 322122547  # whole bytes, rounded down
+    for bad, why in (("1.5", "not a whole number of bytes"), ("0.5B", "not a whole number"),
+                     ("0.0001KB", "must be positive"), ("1" + "0" * 400, "too large")):
+        with pytest.raises(ConfigError, match=why):
+            parse_size(bad, "x")
 
 
 def test_bad_cli_input(tmp_path):
