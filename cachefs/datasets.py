@@ -80,6 +80,7 @@ MAX_PARALLEL = 256
 MAX_ROWS = 1_000_000
 
 # cluster-wide preload / free / status (see "In a cluster" above)
+PAYLOAD_BUDGET = 48 * 1024  # bytes of JSON items per peer request (pin records, keys)
 ID_BATCH = 2500  # chunk ids per ds_probe / ds_drop call: ~53 KB of base64, under 64 KiB
 FETCH_PAYLOAD = 48 * 1024  # bytes of chunk descriptions per ds_fetch call
 MAX_FETCH_CHUNKS = 1024  # chunks per ds_fetch call, at most
@@ -323,9 +324,7 @@ class Datasets:
             out = {"files": len(files), "total_bytes": sum(f.size for f in files), **got,
                    "failed": failed, "cache": store.statistics()}
         if not out.get("unreachable"):  # (else a free again reaches what those nodes hold)
-            for i in range(0, len(keys), 4096):
-                self._writer().submit(*(Index.op_delete_pin_record(k)
-                                        for k in keys[i:i + 4096]))
+            await self._forget_pins_everywhere(keys)
         out["superseded_versions"] = sum(1 for f in old if f.refs)
         return out
 
@@ -342,29 +341,72 @@ class Datasets:
         assert w is not None
         return w
 
-    async def _record_pins(self, files: list[FileItem]) -> None:
-        """Before a pinning run: each file's current version joins its name's record."""
-        index = self.d.index
-        assert index is not None
-        keyed: dict[bytes, ObjectVersion] = {}
+    async def _record_pins(self, files: list[FileItem]) -> list[str]:
+        """Before a pinning run: each file's current version joins its name's record, here
+        and, in a cluster, on every other member (a free may be run on any node, and the
+        node that ran the preload may be gone by then). The warnings: members that did
+        not take the copy."""
+        adds: dict[bytes, tuple[str, list]] = {}
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             if f.refs:
                 o = f.refs[0].obj
-                keyed[_pin_key(_endpoint(o), o.bucket, o.key)] = o
-        recs = await trio.to_thread.run_sync(index.get_pin_records, list(keyed))
+                adds[_pin_key(_endpoint(o), o.bucket, o.key)] = (
+                    o.key, [o.etag, o.size, o.chunk_size])
+        await self._add_pin_versions(adds)
+        cl = self.d.cluster
+        if cl is None or not adds:
+            return []
+        wire = [[base64.b64encode(k).decode("ascii"), key, *v] for k, (key, v) in adds.items()]
+
+        async def copy(node: str) -> None:
+            for part in _batches(wire):
+                await cl.forward(node, "ds_pins_add", {"records": part}, no_s3=True)
+
+        res = await self._on_nodes([n for n in sorted(cl.nodes()) if n != cl.node_id], copy)
+        return [f"pin records not copied ({r.reason}): a free run on node {n} will not "
+                "reach the versions S3 replaces later" for n, r in sorted(res.items())
+                if isinstance(r, _Down)]
+
+    async def _add_pin_versions(self, adds: dict[bytes, tuple[str, list]]) -> None:
+        """Each record key's version joins its record (made if none): key → (S3 key,
+        [etag, size, chunk size]). Returns once they are committed."""
+        index = self.d.index
+        assert index is not None
+        recs = await trio.to_thread.run_sync(index.get_pin_records, list(adds))
         ops = []
-        for i, (k, o) in enumerate(keyed.items()):
+        for i, (k, (key, v)) in enumerate(adds.items()):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             versions = _record_of(recs[k])[1] if k in recs else []
-            v = [o.etag, o.size, o.chunk_size]
             if v not in versions:
-                ops.append(Index.op_put_pin_record(k, _record(o.key, versions + [v])))
+                ops.append(Index.op_put_pin_record(k, _record(key, versions + [v])))
         for i in range(0, len(ops), 4096):
-            self._writer().submit(*ops[i:i + 4096])
-            await trio.lowlevel.checkpoint()
+            await self._writer().commit(*ops[i:i + 4096])
+
+    def _forget_pins(self, keys: list[bytes]) -> None:
+        for i in range(0, len(keys), 4096):
+            self._writer().submit(*(Index.op_delete_pin_record(k) for k in keys[i:i + 4096]))
+
+    async def _forget_pins_everywhere(self, keys: list[bytes]) -> None:
+        """After a free: the records it reached go, here and on every other member (one
+        that does not answer keeps its copy: a later free from there finds what is then
+        already freed, which costs nothing)."""
+        self._forget_pins(keys)
+        cl = self.d.cluster
+        if cl is None or not keys:
+            return
+        wire = [base64.b64encode(k).decode("ascii") for k in keys]
+
+        async def forget(node: str) -> None:
+            for part in _batches(wire):
+                await cl.forward(node, "ds_pins_forget", {"keys": part}, no_s3=True)
+
+        res = await self._on_nodes([n for n in sorted(cl.nodes()) if n != cl.node_id], forget)
+        for r in res.values():
+            if isinstance(r, _Down):
+                log.warning("free: pin records not removed (%s)", r.reason)
 
     async def _pinned_before(self, req: dict, files: list[FileItem], failed: list[dict]
                              ) -> tuple[list[FileItem], list[bytes], list[dict]]:
@@ -601,7 +643,7 @@ class Datasets:
         reservation = _PinReservation(self, plan.pop("pin_reserved", {}))
         try:
             if pin and not dry_run:
-                await self._record_pins(files)
+                plan["warnings"] = plan["warnings"] + await self._record_pins(files)
             return await self._preload(job, files, failed, plan, cp, pin, parallel,
                                        reservation, dry_run, t_start)
         finally:
@@ -954,6 +996,33 @@ class Datasets:
                                             "pinned_bytes": store.pinned_bytes,
                                             "used_bytes": store.used}}
 
+    async def op_pins_add(self, payload: dict) -> dict:
+        """A copy of the pin records a preload --pin made on another node."""
+        from .cluster.protocol import PeerError
+
+        adds: dict[bytes, tuple[str, list]] = {}
+        try:
+            for k, key, etag, size, chunk in payload["records"]:
+                if not (isinstance(key, str) and isinstance(etag, str)
+                        and type(size) is int and type(chunk) is int):
+                    raise ValueError
+                adds[base64.b64decode(k, validate=True)] = (key, [etag, size, chunk])
+        except (KeyError, TypeError, ValueError):
+            raise PeerError("ds_pins_add: records must be [key, name, etag, size, chunk] lists",
+                            "protocol") from None
+        await self._add_pin_versions(adds)
+        return {"records": len(adds)}
+
+    async def op_pins_forget(self, payload: dict) -> dict:
+        from .cluster.protocol import PeerError
+
+        try:
+            keys = [base64.b64decode(k, validate=True) for k in payload["keys"]]
+        except (KeyError, TypeError, ValueError):
+            raise PeerError("ds_pins_forget: keys must be base64 record keys", "protocol") from None
+        self._forget_pins(keys)
+        return {"records": len(keys)}
+
     async def op_drop(self, payload: dict) -> dict:
         got = await self._drop_local(_unpack_ids(payload.get("ids")))
         if got["freed_chunks"]:
@@ -1130,6 +1199,22 @@ class _Down:
 
 def _pack_ids(cids: list[bytes]) -> str:
     return base64.b64encode(b"".join(cids)).decode("ascii")
+
+
+def _batches(items: list) -> Iterator[list]:
+    """``items`` in runs whose JSON stays under PAYLOAD_BUDGET (a peer request is at most
+    64 KiB, and one S3 key, escaped, may take several KiB of it)."""
+    part: list = []
+    size = 0
+    for it in items:
+        n = len(json.dumps(it)) + 2
+        if part and size + n > PAYLOAD_BUDGET:
+            yield part
+            part, size = [], 0
+        part.append(it)
+        size += n
+    if part:
+        yield part
 
 
 def _unpack_ids(s) -> list[bytes]:
@@ -1496,3 +1581,5 @@ def register(d: Daemon) -> None:
         d.cluster.register_op("ds_fetch", ds.op_fetch)
         d.cluster.register_op("ds_probe", ds.op_probe)
         d.cluster.register_op("ds_drop", ds.op_drop)
+        d.cluster.register_op("ds_pins_add", ds.op_pins_add)
+        d.cluster.register_op("ds_pins_forget", ds.op_pins_forget)

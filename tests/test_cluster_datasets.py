@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import hashlib
 import json
 import random
+import time
 
 import pytest
 from cachefs_env import cli, wait_for
@@ -251,6 +252,12 @@ def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_p
     assert "error" in json.loads(r.stdout)["cold"]["nodes"]["n2"]
     r = cli("trace", path, "--cold")
     assert "on 2 of 3 node(s)" in r.stdout and "--cold: node n2: " in r.stdout, r.stdout
+    # a pinning preload cannot copy its pin records to n2: said, and the pins are made
+    res, r = run(ms[0], "preload", lq, "--pin")
+    assert r.returncode == 0, r.stderr
+    assert any(w.startswith("pin records not copied (node n2 unreachable: ") and
+               w.endswith("a free run on node n2 will not reach the versions S3 replaces "
+                          "later") for w in res["warnings"]), res["warnings"]
 
 
 def test_a_frozen_node_is_given_up_after_five_peer_timeouts(mounts, bucket, s3, proxy, tmp_path):
@@ -437,3 +444,32 @@ def test_a_node_joining_during_a_pinning_preload_loses_no_pin(mounts, bucket, s3
         assert st["pinned_bytes"] == total, st["nodes"]
     finally:
         etcd.stop()
+
+
+def test_a_free_on_any_node_reaches_the_pins_of_replaced_versions(mounts, bucket, s3, proxy,
+                                                                  tmp_path):
+    """A pinning preload recorded the versions it pinned on its own node only: a free run
+    on another node found no record, and the chunks of a version S3 had since replaced or
+    deleted stayed pinned on their owners for good. The records are copied to every
+    member now, and a free removes them everywhere."""
+    ds, own = choose(s3, bucket, "pv", [4 * CHUNK, 3 * CHUNK], lambda o: min(counts(o)) >= 1)
+    ms = start_cluster(mounts, bucket, 3,
+                       extra_for={n: ("--metadata-ttl", "1s") for n in NODES})
+    lst = write_list(tmp_path, "pv.txt", [next(iter(ds)).rsplit("/", 1)[0] + "/"])
+    res, r = run(ms[0], "preload", lst, "--pin")
+    assert r.returncode == 0 and res["warnings"] == [], r.stderr
+    for i, n in enumerate(NODES):
+        assert ms[i].stats()["cache"]["pinned_chunks"] == len(own[n])
+    replaced, deleted = list(ds)
+    s3.put_object(Bucket=bucket, Key=replaced, Body=b"v2" * CHUNK)
+    s3.delete_object(Bucket=bucket, Key=deleted)
+    time.sleep(1.2)  # past the metadata TTL
+    res, r = run(ms[1], "free", lst)
+    assert r.returncode == 0, r.stderr
+    assert res["superseded_versions"] == 2 and res["pins_removed"] == 7, res
+    for m in ms:
+        assert m.stats()["cache"]["pinned_bytes"] == 0
+        assert not on_disk(m) & {c for n in NODES for c in own[n]}
+    # the records went from every node: a free from a third finds no older version
+    res, r = run(ms[2], "free", lst)
+    assert r.returncode == 0 and res["superseded_versions"] == 0, (r.stderr, res)
