@@ -18,7 +18,7 @@ import click
 
 from . import runtime
 from .config import build_config
-from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError, leaves
+from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, OutputClosed, QuietError, leaves
 from .report import human, printable
 
 log = logging.getLogger("cachefs")
@@ -494,6 +494,17 @@ def _add_plugins() -> None:
 _add_plugins()
 
 
+def _quiet_stdout() -> None:
+    """stdout is a closed pipe: point it at /dev/null, so that the interpreter's last flush
+    of what is still buffered does not print an error of its own."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def main() -> None:
     try:
         rv = cli.main(standalone_mode=False, prog_name="cachefs")
@@ -523,7 +534,8 @@ def main() -> None:
             raise
         click.echo(f"cachefs: error: {printable(q.msg)}", err=True)
         sys.exit(q.exitcode)
-    except BrokenPipeError:
+    except (BrokenPipeError, OutputClosed):  # `cachefs ... | head`: nobody to tell
+        _quiet_stdout()
         sys.exit(EXIT_FAILED)
     except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
         if os.environ.get("CACHEFS_DEBUG"):

@@ -143,7 +143,10 @@ def read_direct(path: str, offset: int, length: int
             elapsed = time.perf_counter() - t0
             buf.close()
     finally:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError as e:  # ENOTCONN: the daemon died during the read
+            err = err or e
     return got, elapsed, direct, err
 
 
@@ -387,6 +390,13 @@ def render_capture(res: dict) -> str:
     lines.append(f"  {len(reads)} FUSE read(s) traced, daemon time "
                  f"{round(sum(t.get('duration_ms', 0) for t in reads), 3)} ms"
                  + (f" (+ {more} read-ahead trace(s) that outlived their read)" if more else ""))
+    if res.get("dropped_traces"):
+        lines.append(f"  {res['dropped_traces']} more read(s) traced but not kept (a capture "
+                     f"keeps {len(traces)}): trace a shorter --length")
+    if res.get("pending"):
+        lines.append(f"  {res['pending']} read(s) not shown: their read-ahead was still "
+                     "running when the command stopped waiting (10 s); `cachefs trace "
+                     "--recent` shows them once it ends")
     dom = res.get("dominant")
     if dom:
         lines.append(f"  dominant cost: {_esc(dom['name'])} {_attrs(dom)} — self "
@@ -469,9 +479,9 @@ def trace_cmd(path, offset, length, cold, as_json, follow, slower_than, path_pre
             click.echo("cachefs: tracing is off in the daemon (CACHEFS_TRACING=0)", err=True)
         if not r["traces"]:
             click.echo(_none_found(client, r, slow, slower_than, path_prefix))
+        chunk_size = _chunk_size(client)
         for t in r["traces"]:
-            d = dominant([t])
-            click.echo("\n".join(render_tree(t, d[1] if d else None)))
+            click.echo("\n".join(render_tree(t, _own_dominant(t, chunk_size))))
             click.echo("")
 
 
@@ -505,7 +515,26 @@ def _display_prefix(p: str, mp: str) -> str:
     return "/" + p.lstrip("/")
 
 
+def _chunk_size(client) -> int | None:
+    return int(client.request({"op": "info"}).get("chunk_size") or 0) or None
+
+
+def _own_dominant(t: dict, chunk_size: int | None) -> dict | None:
+    """The span to mark as the dominant cost of one read: read-ahead of chunks past the
+    read's bytes (work for later reads, which this one never waited for) does not count."""
+    off, size = t.get("offset"), t.get("size")
+    if not chunk_size or not isinstance(off, int) or not isinstance(size, int):
+        d = dominant([t], lambda idx: False)  # no range known: no read-ahead counts
+    else:
+        end = off + max(size, 1)
+        d = dominant([t], lambda idx: not isinstance(idx, int) or
+                     (idx * chunk_size < end and (idx + 1) * chunk_size > off))
+    return d[1] if d else None
+
+
 def _follow(client, slower: float | None, prefix: str | None, as_json: bool) -> None:
+    chunk_size = None if as_json else _chunk_size(client)
+
     def on_event(ev: dict) -> None:
         if "following" in ev:
             if not as_json:
@@ -521,8 +550,7 @@ def _follow(client, slower: float | None, prefix: str | None, as_json: bool) -> 
         if as_json:
             click.echo(json.dumps(t))
         else:
-            d = dominant([t])
-            click.echo("\n".join(render_tree(t, d[1] if d else None)) + "\n")
+            click.echo("\n".join(render_tree(t, _own_dominant(t, chunk_size))) + "\n")
         sys.stdout.flush()
 
     client.request({"op": "trace_follow", "slower_than": slower, "path_prefix": prefix},
@@ -565,6 +593,8 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
             errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG) else EXIT_FAILED) from None
     if not os.path.isfile(path):
         raise QuietError(f"{shown} is not a regular file", EXIT_USAGE)
+    if st.st_size == 0:
+        raise QuietError(f"{shown} is empty: there is no read to trace", EXIT_USAGE)
     if offset >= st.st_size:
         raise QuietError(f"--offset {offset} is at or past the end of {shown} ({st.st_size} "
                          "bytes)", EXIT_USAGE)
@@ -601,7 +631,9 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
                          f"{_esc(e.msg)})") from None
     traces = sorted(stop["traces"], key=lambda t: (t.get("start_time", 0), t.get("offset", 0)))
     res.update(bytes_read=got, elapsed_ms=round(elapsed * 1000, 3), direct=direct,
-               node=stop.get("node"), enabled=stop.get("enabled", True), traces=traces)
+               node=stop.get("node"), enabled=stop.get("enabled", True), traces=traces,
+               pending=int(stop.get("pending") or 0),
+               dropped_traces=int(stop.get("dropped_traces") or 0))
     if why is not None:
         res["error"] = why
     # the chunks of the bytes read; of a failed read, those of the whole range (the chunk

@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from .errors import EXIT_NO_DAEMON, QuietError, leaves
+from .errors import EXIT_NO_DAEMON, OutputClosed, QuietError, leaves
 
 log = logging.getLogger("cachefs.control")
 
@@ -222,7 +222,10 @@ class ControlClient:
                     msg = json.loads(line)
                     if msg.get("event"):
                         if on_event:
-                            on_event(msg)
+                            try:
+                                on_event(msg)
+                            except BrokenPipeError:
+                                raise OutputClosed from None
                         continue
                     if not msg.get("ok"):
                         raise QuietError(str(msg.get("error", "request failed")))

@@ -74,3 +74,8 @@ def tls_failure(e: BaseException) -> str | None:
             return (x.reason or str(x)).replace("_", " ").lower()
         todo += [x.__cause__, x.__context__]
     return None
+
+
+class OutputClosed(Exception):
+    """The command's own output went away while it showed a daemon's events (``cachefs
+    trace --follow | head -1``): not the daemon's doing, and nobody left to tell."""

@@ -47,8 +47,13 @@ def redact(url: str) -> str:
 
 
 def traces_url(endpoint: str) -> str:
-    e = endpoint.rstrip("/")
-    return e if e.endswith("/v1/traces") else e + "/v1/traces"
+    """The OTLP/HTTP traces URL of an endpoint: ``/v1/traces`` joins its path, never its
+    query (``https://collector:4318?api_key=...`` keeps its key)."""
+    u = urlsplit(endpoint)
+    path = u.path.rstrip("/")
+    if not path.endswith("/v1/traces"):
+        path += "/v1/traces"
+    return urlunsplit(u._replace(path=path))
 
 
 def _value(v: Any) -> dict:
@@ -118,6 +123,7 @@ class OTLPExporter:
         self._send, self._recv = trio.open_memory_channel(queue)
         self.exported = 0
         self.dropped = 0
+        self.off = False  # no HTTP client could be made: every trace is dropped
         self.failed_posts = 0
         self.posts = 0
         self.encode_errors = 0
@@ -125,6 +131,9 @@ class OTLPExporter:
 
     def offer(self, trace) -> None:
         """Called by the tracer for every recorded trace (a trace.``RootSpan``)."""
+        if self.off:
+            self.dropped += 1
+            return
         try:
             self._send.send_nowait(trace)
         except trio.WouldBlock:
@@ -133,8 +142,21 @@ class OTLPExporter:
     async def run(self) -> None:
         import httpx
 
+        try:
+            client = httpx.AsyncClient(timeout=TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - a proxy setting it cannot use, say: the
+            # mount serves on, without export (counted as dropped traces from here on)
+            log.error("OTLP: export to %s is off: %s: %s", redact(self.url),
+                      type(e).__name__, e)
+            self.off = True
+            while True:
+                try:
+                    self._recv.receive_nowait()
+                except trio.WouldBlock:
+                    return
+                self.dropped += 1
         log.info("OTLP: exporting traces to %s", redact(self.url))
-        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+        async with client:
             async for first in self._recv:
                 batch = [first]
                 while len(batch) < BATCH:
@@ -177,6 +199,7 @@ class OTLPExporter:
                           allow_nan=False).encode()
 
     def statistics(self) -> dict:
-        return {"url": redact(self.url), "exported": self.exported, "dropped": self.dropped,
+        return {"url": redact(self.url), "off": self.off, "exported": self.exported,
+                "dropped": self.dropped,
                 "posts": self.posts, "failed_posts": self.failed_posts,
                 "encode_errors": self.encode_errors}

@@ -47,6 +47,7 @@ benchmarks): ``start`` then records nothing and ``span`` finds no trace.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import time
 from collections import deque
@@ -62,6 +63,7 @@ _now = time.perf_counter
 
 MAX_SPANS = 256
 MAX_ATTR = 512
+MAX_PEER_ATTRS = 32  # attributes kept of a span a peer sends (ours have a dozen at most)
 PENDING_MAX = 1024
 PENDING_MAX_AGE = 60.0
 
@@ -394,14 +396,17 @@ def _from_dict(d: dict, base: float, tr: RootSpan) -> Span | None:
         tr.dropped += 1
         return None
     tr.nspans += 1
-    s = Span(str(d.get("name", "?")), {k: _cut(v) for k, v in d.items()
-                                       if k not in ("name", "start_ms", "duration_ms", "spans")
-                                       and isinstance(v, (str, int, float, bool))}, tr)
-    try:
-        s.start = base + float(d.get("start_ms", 0)) / 1000
-        s.end = s.start + float(d.get("duration_ms", 0)) / 1000
-    except (TypeError, ValueError):
-        s.end = s.start
+    attrs = {}
+    for k, v in d.items():  # a peer's: bounded like our own, and JSON that any parser reads
+        if len(attrs) >= MAX_PEER_ATTRS:
+            break
+        if (isinstance(k, str) and k not in ("name", "start_ms", "duration_ms", "spans")
+                and isinstance(v, (str, int, float, bool))
+                and not (isinstance(v, float) and not math.isfinite(v))):
+            attrs[_cut(k)] = _cut(v)
+    s = Span(_cut(str(d.get("name", "?"))), attrs, tr)
+    s.start = base + _finite_ms(d.get("start_ms")) / 1000
+    s.end = s.start + max(0.0, _finite_ms(d.get("duration_ms"))) / 1000
     kids = d.get("spans", [])
     if isinstance(kids, list):
         for c in kids:
@@ -410,6 +415,14 @@ def _from_dict(d: dict, base: float, tr: RootSpan) -> Span | None:
                 if k is not None:
                     s.add(k)
     return s
+
+
+def _finite_ms(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+    return f if math.isfinite(f) and abs(f) < 1e9 else 0.0
 
 
 def current() -> Span | None:
@@ -539,9 +552,13 @@ class Tracer:
             else:
                 break
 
-    def pending_for(self, pred: Callable[[dict], bool]) -> int:
+    def sweep(self) -> None:
+        if self._pending:
+            self._sweep(time.monotonic())
+
+    def pending_for(self, pred: Callable[[RootSpan], bool]) -> int:
         """Traces whose root has ended but whose background spans still run."""
-        return sum(1 for root, _ in self._pending.values() if pred(root.attrs))
+        return sum(1 for root, _ in self._pending.values() if pred(root))
 
     def _record(self, root: RootSpan, incomplete: bool = False) -> None:
         """Keep a finished trace: the recent ring, the slow ring if slow, followers,

@@ -94,16 +94,20 @@ def overlaps(d: dict, ino: int, lo: int, hi: int) -> bool:
 
 
 class Capture:
-    __slots__ = ("ino", "lo", "hi", "traces", "created", "dropped")
+    """The traces of reads of one inode's byte range that start while it runs: a read
+    begun before it (whose read-ahead ended only now) belongs to an earlier command."""
+
+    __slots__ = ("ino", "lo", "hi", "traces", "created", "since", "dropped")
 
     def __init__(self, ino: int, lo: int, hi: int) -> None:
         self.ino, self.lo, self.hi = ino, lo, hi
         self.traces: list[dict] = []
         self.created = time.monotonic()
+        self.since = time.perf_counter()  # the clock of the traces' ``start``
         self.dropped = 0
 
-    def match(self, d: dict) -> bool:
-        return overlaps(d, self.ino, self.lo, self.hi)
+    def match(self, tr) -> bool:
+        return tr.start >= self.since and overlaps(tr.attrs, self.ino, self.lo, self.hi)
 
 
 class Tracing:
@@ -122,7 +126,7 @@ class Tracing:
 
     def _sink(self, tr) -> None:
         for c in self.captures.values():
-            if c.match(tr.attrs):
+            if c.match(tr):
                 if len(c.traces) < MAX_CAPTURED:
                     c.traces.append(tr.dict())
                 else:
@@ -216,11 +220,14 @@ class Tracing:
         wait = min(_num(req, "wait", 5.0, float), 60.0)
         deadline = trio.current_time() + wait
         tr = self.d.tracer
-        # traces whose read returned but whose read-ahead is still running: wait for them
-        while tr.pending_for(c.match) and trio.current_time() < deadline:  # noqa: ASYNC110
-            await trio.sleep(0.01)
-        self.captures.pop(cid, None)
-        self._captures_changed()
+        try:
+            # traces whose read returned but whose read-ahead is still running: wait for them
+            while tr.pending_for(c.match) and trio.current_time() < deadline:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        finally:  # also when the client goes away meanwhile (^C): a capture left running
+            # keeps collecting, and turns off the reads' fast path (Tracer.quick)
+            self.captures.pop(cid, None)
+            self._captures_changed()
         out: dict[str, Any] = {"traces": c.traces, "node": tr.node, "enabled": tr.enabled,
                                "pending": tr.pending_for(c.match)}
         if c.dropped:
@@ -329,6 +336,7 @@ def _start_services(d: Daemon) -> None:
         sock = bind_metrics(d.cfg.metrics_listen)  # QuietError: the mount fails, clearly
         d.metrics_started = True  # type: ignore[attr-defined]
         nursery.start_soon(serve_metrics, d, sock)
+    nursery.start_soon(_sweep_pending, d.tracer)
     endpoint = getattr(d.cfg, "otlp_endpoint", None)  # the flag, the config or the env
     if endpoint and not getattr(d, "otlp", None):
         from .otlp import OTLPExporter
@@ -337,3 +345,13 @@ def _start_services(d: Daemon) -> None:
         d.otlp = exp  # type: ignore[attr-defined]
         d.tracer.add_sink(exp.offer)
         nursery.start_soon(exp.run)
+
+
+async def _sweep_pending(tracer) -> None:
+    """Record the traces whose read-ahead has run past PENDING_MAX_AGE, as incomplete,
+    even when no other trace comes along to do it."""
+    from .trace import PENDING_MAX_AGE
+
+    while True:
+        await trio.sleep(PENDING_MAX_AGE / 6)
+        tracer.sweep()

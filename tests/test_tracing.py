@@ -145,7 +145,7 @@ async def test_tracer_bounds_and_background_spans():
         with t.start("read", ino=99, offset=0, size=10):
             n.start_soon(background, "readahead")
             await opened.wait()
-        assert t.pending_for(lambda a: a.get("ino") == 99) == 1
+        assert t.pending_for(lambda r: r.attrs.get("ino") == 99) == 1
         assert t.recent.last(1)[0].get("ino") != 99
         ev.set()
     d = t.recent.last(1)[0]
@@ -181,6 +181,98 @@ async def test_tracer_bounds_and_background_spans():
         with span("x") as s:
             assert s is tracemod.NULL_SPAN
     assert len(off.recent) == 0
+
+
+async def test_a_trace_whose_read_ahead_never_ends_is_recorded_by_the_clock(monkeypatch):
+    """A trace waiting on its read-ahead was recorded as incomplete after PENDING_MAX_AGE
+    only when another trace came to wait too: alone, it stayed out of --recent, --follow,
+    the slow ring and the metrics for as long as its read-ahead ran."""
+    from cachefs import tracing
+
+    monkeypatch.setattr(tracemod, "PENDING_MAX_AGE", 0.3)
+    t = Tracer(slow_threshold=0.0, enabled=True)
+    ev, opened = trio.Event(), trio.Event()
+
+    async def background():
+        with span("readahead", chunk=1):
+            opened.set()
+            await ev.wait()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(tracing._sweep_pending, t)
+        with t.start("read", ino=5, offset=0, size=10):
+            n.start_soon(background)
+            await opened.wait()
+        await trio.sleep(0.5)
+        st = t.statistics()
+        assert st["pending"] == 0 and st["incomplete"] == 1, st
+        d = t.recent.last(1)[0]
+        assert d["ino"] == 5 and d["incomplete"] and d["spans"][0]["open"]
+        ev.set()
+        n.cancel_scope.cancel()
+
+
+def test_a_peers_spans_are_bounded_and_strict_json():
+    """A peer's spans kept NaN and infinite figures (invalid JSON for strict parsers, in
+    `--json` and `--recent`), uncut attribute names and any number of attributes: one
+    span of 418 KB where ours are about half a KiB."""
+    t = Tracer(slow_threshold=0.0, enabled=True)
+    wild = {"name": "n" * 10_000, "start_ms": float("inf"), "duration_ms": float("nan"),
+            "ttfb_ms": float("inf"), "k" * 100_000: 1,
+            **{f"a{i}": "v" * 600 for i in range(20_000)}}
+    with t.start("read", ino=1, offset=0, size=10):
+        with span("peer"):
+            tracemod.attach([wild, {"name": "ok", "start_ms": 1.0, "duration_ms": 2.0,
+                                    "tier": "local"}])
+    d = t.recent.last(1)[0]
+    text = json.dumps(d, allow_nan=False)  # raises on a NaN
+    assert len(text) < 40_000, len(text)
+    got, ok = d["spans"][0]["spans"]
+    assert got["duration_ms"] == 0.0 and "ttfb_ms" not in got and len(got["name"]) <= 513
+    assert len(got) <= tracemod.MAX_PEER_ATTRS + 4
+    assert ok["duration_ms"] == 2.0 and ok["tier"] == "local"
+
+
+def test_a_capture_says_what_it_did_not_keep():
+    """Reads past a capture's cap (4,096) were dropped without a word: the count of FUSE
+    reads and the chunk rows covered the first ones only."""
+    from cachefs.cli_trace import render_capture
+
+    t = {"name": "read", "path": "/a", "offset": 0, "size": 10, "duration_ms": 1.0,
+         "node": "n", "trace_id": "1-1", "spans": []}
+    res = {"path": "/mnt/a", "offset": 0, "length": 10, "bytes_read": 10, "elapsed_ms": 1.2,
+           "direct": True, "traces": [t] * 3, "chunks": [], "dropped_traces": 5}
+    out = render_capture(res).splitlines()
+    assert out[1:3] == ["  3 FUSE read(s) traced, daemon time 3.0 ms",
+                        "  5 more read(s) traced but not kept (a capture keeps 3): trace a "
+                        "shorter --length"], out
+
+
+def test_otlp_endpoint_urls_keep_their_query(monkeypatch):
+    """`/v1/traces` was appended to the whole URL: https://c:4318?api_key=K posted to path
+    "" with the key "K/v1/traces". A client the exporter cannot make (a proxy setting it
+    cannot use) ended the daemon, mount and all; it now turns exporting off."""
+    from cachefs.otlp import OTLPExporter, traces_url
+
+    assert traces_url("https://c:4318?api_key=K") == "https://c:4318/v1/traces?api_key=K"
+    assert traces_url("http://c:4318/") == "http://c:4318/v1/traces"
+    assert traces_url("http://c:4318/v1/traces") == "http://c:4318/v1/traces"
+    assert traces_url("http://c/otel/v1/traces/?x=1") == "http://c/otel/v1/traces?x=1"
+    exp = OTLPExporter("http://127.0.0.1:9", service_node="n")
+    t = Tracer(slow_threshold=0.0, enabled=True)
+    t.add_sink(exp.offer)
+    with t.start("read", ino=1):
+        pass
+
+    async def main():
+        await exp.run()  # returns: no client
+
+    monkeypatch.setenv("ALL_PROXY", "socks5://127.0.0.1:9")  # httpx needs socksio for that
+    trio.run(main)
+    with t.start("read", ino=2):
+        pass
+    st = exp.statistics()
+    assert st["off"] and st["dropped"] == 2 and st["exported"] == 0, st
 
 
 def test_a_traced_request_leaves_no_reference_cycle():
@@ -243,6 +335,83 @@ def test_a_trace_command_killed_mid_read_ends_its_capture(mounts, s3, bucket, pr
         proxy.clear_faults()
     with pytest.raises(QuietError, match="no trace capture 1"):
         m.request({"op": "trace_capture_stop", "capture": 1, "wait": 0})
+
+
+def test_a_read_whose_read_ahead_runs_on_is_neither_lost_nor_lent_to_the_next_trace(
+        mounts, s3, bucket, proxy):
+    """A read whose read-ahead outlasts the command's 10 s wait: the command said "0 FUSE
+    read(s) traced" and nothing more, and the read's trace, recorded later, was shown by
+    the next `cachefs trace` of the range as one of its own reads (its S3 GET the
+    "dominant cost" of a read served from the SSD). A ^C during that wait left the
+    daemon's capture running, collecting, with the reads' fast path off."""
+    import signal
+
+    # two chunks each: a read's GET, then its read-ahead's, and no more GETs
+    put(s3, bucket, "k.bin", 2 * CHUNK)
+    put(s3, bucket, "b.bin", 2 * CHUNK, seed=2)
+    m = mounts(f"s3://{bucket}")
+    os.stat(m.path("k.bin"))
+    os.stat(m.path("b.bin"))
+    # ^C while the command waits for its read's read-ahead: the capture goes with it
+    proxy.reset()
+    proxy.faults(delay=12.0, count=1, skip=1)  # the read's GET is quick, its read-ahead's not
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", str(m.path("b.bin"))],
+                         env={**os.environ, **CREDS}, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while proxy.stats(settle=0)["ops"].get("GetObject", 0) < 2:
+        assert time.monotonic() < deadline, "the read-ahead reaching S3"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err
+    with pytest.raises(QuietError, match="no trace capture 1"):
+        m.request({"op": "trace_capture_stop", "capture": 1, "wait": 0})
+    # the command waits 10 s, then says the read is not shown, and why
+    proxy.faults(delay=12.0, count=1, skip=1)
+    r = cli("trace", str(m.path("k.bin")))
+    assert r.returncode == 0, r.stderr
+    assert "  0 FUSE read(s) traced" in r.stdout, r.stdout
+    assert "  1 read(s) not shown: their read-ahead was still running when the command " \
+           "stopped waiting (10 s)" in r.stdout, r.stdout
+    # at once again: this read is served from the SSD, and the earlier read is not in it
+    res = trace_json(str(m.path("k.bin")))
+    reads = [t for t in res["traces"] if "continues" not in t]
+    assert len(reads) == 1 and res["chunks"][0]["tier"] == "local", res["chunks"]
+
+
+def test_a_trace_command_whose_daemon_dies_mid_read_says_so_in_one_line(mounts, s3, bucket,
+                                                                       proxy):
+    """Closing the file of a mount whose daemon had died raised ENOTCONN outside the
+    command's error handling: "internal error: OSError: [Errno 107] ..." An empty file had
+    "--offset 0 is at or past the end" for an --offset nobody gave."""
+    put(s3, bucket, "k.bin", 4 * CHUNK)
+    s3.put_object(Bucket=bucket, Key="empty", Body=b"")
+    m = mounts(f"s3://{bucket}")
+    r = cli("trace", str(m.path("empty")))
+    assert r.returncode == 2 and r.stderr == (
+        f"cachefs: error: {m.path('empty')} is empty: there is no read to trace\n"), r.stderr
+    os.stat(m.path("k.bin"))
+    proxy.reset()
+    proxy.faults(delay=5.0, count=-1)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", str(m.path("k.bin"))],
+                             env={**os.environ, **CREDS}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 10
+        while not proxy.stats(settle=0)["ops"].get("GetObject"):
+            assert time.monotonic() < deadline, "the read reaching S3"
+            time.sleep(0.05)
+        m.kill()
+        _, err = p.communicate(timeout=30)
+    finally:
+        proxy.clear_faults()
+    assert p.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"cachefs: error: reading {m.path('k.bin')} failed: "), err
+    assert "internal error" not in err
 
 
 def test_failed_reads_are_in_the_read_latency_histogram(mounts, s3, bucket, proxy):
@@ -822,6 +991,45 @@ def test_follow_shows_slow_reads_only(mounts, s3, bucket, proxy):
         out, _ = p.communicate(timeout=10)
     assert "/slow.bin" in out and "s3.get" in out
     assert "/fast.bin" not in out
+
+
+def test_recent_and_follow_do_not_blame_a_read_for_its_read_ahead(mounts, s3, bucket, proxy):
+    """--recent and --follow marked the S3 GET of a later chunk's read-ahead as the
+    "dominant" cost of a read served from the SSD, which never waited for it. And
+    `--follow | head -1` ended with "the cachefs daemon closed the connection"."""
+    put(s3, bucket, "k.bin", 4 * CHUNK, seed=7)
+    m = mounts(f"s3://{bucket}")
+    m.path("k.bin").read_bytes()  # every chunk cached ...
+    st = os.stat(m.path("k.bin"))
+    m.request({"op": "trace_evict", "ino": st.st_ino, "offset": CHUNK,
+               "length": 3 * CHUNK})  # ... but the first
+    proxy.reset()
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", "--follow", "--slower-than",
+                          "0ms", "--mount", str(m.mp)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, **CREDS})
+    try:
+        assert "following traces" in p.stderr.readline()
+        proxy.faults(delay=1.0, count=1)
+        read_direct(m.path("k.bin"), CHUNK)  # from the SSD; the read-ahead from S3, slowly
+        tree = [p.stdout.readline()]
+        while tree[-1].strip():
+            tree.append(p.stdout.readline())
+        p.stdout.close()  # `| head`: the next trace finds no reader
+        read_direct(m.path("k.bin"), CHUNK)
+        err = p.stderr.read()
+        assert p.wait(10) == 1 and err == "", err
+    finally:
+        p.kill()
+        p.wait()
+        p.stderr.close()
+    assert "read /k.bin offset 0 size 65536" in tree[0] and any("s3.get" in ln for ln in tree)
+    marked = [ln for ln in tree if "◀ dominant" in ln]
+    assert len(marked) == 1 and "s3.get" not in marked[0] and "readahead" not in marked[0], \
+        "".join(tree)
+    r = cli("trace", "--recent", "1", "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    marked = [ln for ln in r.stdout.splitlines() if "◀ dominant" in ln]
+    assert len(marked) == 1 and "s3.get" not in marked[0], r.stdout
 
 
 def test_tracing_switches_off_and_on_in_a_running_daemon(mounts, s3, bucket):
