@@ -181,6 +181,9 @@ def _run_foreground(cfg, ready_fd: int | None) -> None:
 
     from .daemon import Daemon, Ready
 
+    # every path is absolute by now (build_config): a daemon that stayed in the directory
+    # it was started from kept that file system busy (`umount` of it failed) for good
+    os.chdir("/")
     stream = None
     if ready_fd is None and cfg.log_file is not None:  # --foreground asked for a file
         if cfg.log_file.parent == cfg.cache_dir:
@@ -243,7 +246,10 @@ def _daemonize(cfg) -> None:
     args = sys.argv[1:]
     # before a "--" (after it, everything is an argument: a mountpoint named "-x")
     at = args.index("--") if "--" in args else len(args)
-    argv = [sys.executable, "-m", "cachefs", *args[:at], "--ready-fd", str(w), *args[at:]]
+    # -P: the daemon runs the cachefs this command runs, not a cachefs/ (or trio.py, ...)
+    # in the directory it was started from
+    argv = [sys.executable, "-P", "-m", "cachefs", *args[:at], "--ready-fd", str(w),
+            *args[at:]]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                             pass_fds=(w,), start_new_session=True, close_fds=True)
     os.close(w)

@@ -403,7 +403,7 @@ def build_config(
         p = parse_path(pick(flag, table, key), what)
         if p is not None and flag not in flags and base is not None and not p.is_absolute():
             p = base / p
-        return p
+        return p.absolute() if p is not None else None  # the daemon changes directory to /
 
     _no_credentials(flags.get("endpoint_url"), "--endpoint-url")
     _no_credentials(s3.get("endpoint_url"), "[s3] endpoint_url")
@@ -618,7 +618,7 @@ def build_config(
 
     return Config(
         mounts=tuple(mounts),
-        mountpoint=Path(mountpoint),
+        mountpoint=Path(mountpoint).absolute(),
         cache_dir=cache_dir,
         cache_size=cache_size,
         chunk_size=chunk_size,

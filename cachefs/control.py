@@ -7,7 +7,8 @@ user (or root) may talk to it.
 Protocol: the client sends one JSON object (``{"op": ..., ...}``) on one line.
 The server answers with zero or more event lines (``{"event": ...}``, used
 for progress and live traces) and then one final line: ``{"ok": true, ...}``
-or ``{"ok": false, "error": "one line"}``.  Handlers are registered by name;
+or ``{"ok": false, "error": "one line"}``.  Every line the server sends also carries
+``"protocol": PROTOCOL``; the client refuses a daemon that speaks another one.  Handlers are registered by name;
 each is ``async def handler(req, emit) -> dict`` where ``emit(dict)`` sends an
 event line.
 """
@@ -36,6 +37,10 @@ Handler = Callable[[dict, Emit], Awaitable[dict]]
 MAX_REQUEST = 1 << 30
 BIG_REQUEST = 1 << 20  # parsed in a worker thread from this size on
 BIG_REPLY_ITEMS = 64  # a reply with a longer list is encoded in a worker thread
+# in every line the daemon sends; raised whenever a request or a reply changes, so that a
+# command of one version never misreads a daemon of another (cachefs upgraded under
+# running daemons): it says so instead
+PROTOCOL = 2
 
 
 class ControlError(Exception):
@@ -176,6 +181,7 @@ def _big(obj: dict) -> bool:
 
 
 async def _send(stream: trio.SocketStream, obj: dict) -> None:
+    obj = {"protocol": PROTOCOL, **obj}
     data = await trio.to_thread.run_sync(_encode, obj) if _big(obj) else _encode(obj)
     await stream.send_all(data)
 
@@ -220,6 +226,13 @@ class ControlClient:
             with s.makefile("rb") as f:  # closed with s, or the socket's fd stays open
                 for line in f:
                     msg = json.loads(line)
+                    if msg.get("protocol") != PROTOCOL:
+                        raise QuietError(
+                            f"the cachefs daemon for {self.mountpoint or self.path} runs "
+                            "another version of cachefs than this command (control protocol "
+                            f"{msg.get('protocol', 1)}, this command's {PROTOCOL}): remount "
+                            "to run this version (cachefs umount, then cachefs mount)",
+                            EXIT_NO_DAEMON)
                     if msg.get("event"):
                         if on_event:
                             try:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -521,7 +522,7 @@ class Daemon:
                        invalidate_entry=_invalidate_entry)
         ops = Operations(self.vfs, self.stats)
         options = set(pyfuse3.default_options)
-        options |= {"fsname=cachefs", "subtype=cachefs", "ro", "noatime"}
+        options |= {f"fsname={_fsname(mounts)}", "subtype=cachefs", "ro", "noatime"}
         if cfg.allow_other:
             options.add("allow_other")
         try:
@@ -616,3 +617,18 @@ async def _invalidate(ino: int, token) -> None:
             if e.errno not in (errno.ENOENT, errno.ENOSYS):
                 log.debug("invalidate inode %d: %s", ino, e)
     await trio.to_thread.run_sync(work)
+
+
+_PLAIN_SOURCE = re.compile(r"[A-Za-z0-9._/:=+@-]+")
+
+
+def _fsname(mounts) -> str:
+    """What `mount`, `df` and `findmnt` show as the source: s3://bucket/prefix for one
+    bucket (when it holds no character that mount options would need escaped), else
+    cachefs."""
+    specs = [m.spec for m in mounts]
+    if len(specs) == 1 and not specs[0].name:
+        src = specs[0].source.rstrip("/")
+        if _PLAIN_SOURCE.fullmatch(src):
+            return src
+    return "cachefs"

@@ -101,7 +101,7 @@ def _read_all(root: Path, threads: int = 8) -> tuple[int, int, float]:
 
 
 def _cachefs(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cachefs", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-P", "-m", "cachefs", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
 

@@ -496,7 +496,7 @@ def check_in_child(path: Path, progress: Callable[[str], None] | None = None,
     here = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        child = subprocess.Popen([sys.executable, "-m", "cachefs.index_check", str(path)],
+        child = subprocess.Popen([sys.executable, "-P", "-m", "cachefs.index_check", str(path)],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env,
                                  start_new_session=True)

@@ -426,7 +426,9 @@ def test_relative_paths_in_a_config_file_are_taken_from_its_directory(tmp_path, 
     assert c.cluster.etcd_ca == str(etc / "ca.pem")
     c = build_config(mountpoint="mp", source="s3://bkt", config_file=str(cfg),
                      flags={"cache_dir": "here", "log_file": "x.log"})
-    assert (c.cache_dir, c.log_file) == (Path("here"), Path("x.log"))
+    # (absolute: the daemon changes directory to /)
+    assert (c.cache_dir, c.log_file) == (tmp_path / "here", tmp_path / "x.log")
+    assert c.mountpoint == tmp_path / "mp"
 
 
 @pytest.mark.fuse
@@ -554,6 +556,37 @@ def test_a_foreground_mount_logs_to_the_log_file_it_is_given(s3, bucket, mounts,
     text = logf.read_text()
     assert f" INFO cachefs.daemon: mounted s3://{bucket}/ at {m.mp}" in text, text
     assert "mounted" not in m.log_text()
+
+
+def test_a_daemon_runs_this_cachefs_from_slash_and_shows_its_bucket(s3, bucket, proxy,
+                                                                    tmp_path):
+    """Mounted from a directory that holds a cachefs/ package (an old checkout): the daemon,
+    started as `python -m cachefs`, ran that code instead; `status` then failed with
+    "internal error: KeyError". The daemon also stayed in that directory, keeping its file
+    system busy, and `mount`/`df` showed "cachefs" as the source (or the checkout's path)."""
+    s3.put_object(Bucket=bucket, Key="a.txt", Body=b"ours")
+    (tmp_path / "cachefs").mkdir()
+    (tmp_path / "cachefs" / "__init__.py").write_text("")
+    (tmp_path / "cachefs" / "__main__.py").write_text("print('not cachefs')\n")
+    (tmp_path / "mp").mkdir()
+    exe = Path(sys.executable).parent / "cachefs"  # the command users run
+    assert exe.exists(), "cachefs is installed in the environment (scripts/setup.sh)"
+    r = subprocess.run([str(exe), "mount", f"s3://{bucket}", "mp", "--cache-dir", "cache",
+                        "--cache-size", "1GiB", "--endpoint-url", proxy.url], cwd=tmp_path,
+                       env={**os.environ, **CREDS}, capture_output=True, text=True, timeout=60)
+    mp = tmp_path / "mp"
+    try:
+        assert r.returncode == 0, r.stderr
+        assert (mp / "a.txt").read_bytes() == b"ours"
+        pid = int((tmp_path / "cache" / "lock").read_text())
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+        with open("/proc/self/mountinfo") as f:
+            line = next(ln for ln in f if ln.split()[4] == str(mp))
+        fstype, source = line.split(" - ")[1].split()[:2]
+        assert (fstype, source) == ("fuse.cachefs", f"s3://{bucket}"), line
+    finally:
+        r = cli("umount", str(mp))
+    assert r.returncode == 0, r.stderr
 
 
 def test_daemonized_mount_and_umount(s3, bucket, proxy, tmp_path):

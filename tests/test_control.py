@@ -8,7 +8,7 @@ import socket
 import pytest
 import trio
 
-from cachefs.control import ControlClient, ControlError, ControlServer
+from cachefs.control import PROTOCOL, ControlClient, ControlError, ControlServer
 from cachefs.errors import QuietError
 
 
@@ -65,4 +65,40 @@ def test_a_failing_request_leaves_the_server_up(tmp_path):
     trio.run(main)
     assert seen["boom"] == "internal error: 'missing'"
     assert seen["refuse"] == "no such data set"
-    assert seen["ping"] == {"ok": True, "pong": True}
+    assert seen["ping"] == {"ok": True, "protocol": PROTOCOL, "pong": True}
+
+
+def test_a_daemon_of_another_version_is_named_not_misread(tmp_path):
+    """cachefs upgraded while its daemons run: the new command read the old daemon's
+    replies as its own ("internal error: KeyError: 'file_count'" from `status`). Every line
+    a daemon sends names its protocol, and a command refuses one it does not speak."""
+    import threading
+
+    path = tmp_path / "control.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+
+    def old_daemon() -> None:  # answers as the daemons before the protocol field did
+        for reply in (b'{"ok": true, "files": []}\n',
+                      b'{"event": true, "kind": "plan"}\n{"ok": true}\n'):
+            conn, _ = srv.accept()
+            conn.recv(65536)
+            conn.sendall(reply)
+            conn.close()
+
+    t = threading.Thread(target=old_daemon)
+    t.start()
+    client = ControlClient(path, "/mnt/x")
+    seen = []
+    for _ in range(2):
+        with pytest.raises(QuietError) as e:
+            client.request({"op": "status"}, on_event=seen.append)
+        assert e.value.exitcode == 3
+        assert str(e.value) == (
+            "the cachefs daemon for /mnt/x runs another version of cachefs than this "
+            f"command (control protocol 1, this command's {PROTOCOL}): remount to run this "
+            "version (cachefs umount, then cachefs mount)")
+    t.join(10)
+    srv.close()
+    assert seen == []  # not even its events are read as ours
