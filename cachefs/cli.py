@@ -92,12 +92,15 @@ def cli() -> None:
 @click.option("--endpoint-url", help="S3 endpoint, e.g. http://s3.internal:9000.")
 @click.option("--region", help="S3 region (default: from the AWS configuration).")
 @click.option("--profile", help="AWS profile for credentials.")
-@click.option("--cache-dir", help="Directory on the SSD for cached chunks and the index.")
-@click.option("--cache-size", help="Cache limit, e.g. 500GiB.")
+@click.option("--cache-dir", help="Directory on the SSD for cached chunks and the index "
+              "(required, here or as [cache] dir in --config).")
+@click.option("--cache-size", help="Cache limit, e.g. 500GiB (required, here or as [cache] "
+              "size in --config).")
 @click.option("--chunk-size", help="Chunk size (default 8MiB).")
 @click.option("--metadata-ttl", help="How long listings are trusted (default 300s).")
 @click.option("--readahead-memory", help="Memory for read-ahead chunks (default 256MiB).")
-@click.option("--readahead-chunks", type=int, help="Max chunks in flight per reader (default 8).")
+@click.option("--readahead-chunks", type=int, help="Max chunks in flight per reader "
+              "(default 8; 0: no read-ahead).")
 @click.option("--prefetch-files", type=int, help="Files fetched ahead of a reader that opens a "
               "directory's files in name order (default 32; 0: off).")
 @click.option("--page-cache/--no-page-cache", default=None,

@@ -263,10 +263,11 @@ class Datasets:
         files: list[FileItem] = []
         failed: list[dict] = []
         seen: set[int] = set()
+        refreshed: set[int] = set()  # directories listed anew for a name they lacked
         job.entries_total = len(entries)
         for line, rel, text in entries:
             try:
-                node = await vfs.resolve(rel)
+                node = await vfs.resolve(rel, refreshed)
                 nodes = await vfs.walk_files(node)
             except (FSError, S3Error) as e:
                 failed.append({"line": line, "entry": text, "reason": _reason(e)})

@@ -900,12 +900,33 @@ class VFS:
             return None
         return m, m.spec.prefix + "/".join(parts)
 
-    async def resolve(self, path: str) -> Node:
-        """Walk a path relative to the mount root (for the control API)."""
+    async def resolve(self, path: str, refreshed: set[int] | None = None) -> Node:
+        """Walk a path relative to the mount root (for the control API).  ``refreshed``:
+        a name the listing of its directory lacks is looked up again in a new listing of
+        that directory, once per directory in that set (a data set uploaded moments ago
+        is not "no such file" for the metadata TTL)."""
         node = self.nodes[ROOT_INO]
         for part in [p for p in path.split("/") if p]:
-            node = await self.lookup(node.ino, part, count=False)
+            try:
+                node = await self.lookup(node.ino, part, count=False)
+            except FSError as e:
+                if (refreshed is None or e.errno != errno.ENOENT or node.ino in refreshed
+                        or node.mount is None or node.children is None):
+                    raise
+                refreshed.add(node.ino)
+                await self._relist_now(node)
+                node = await self.lookup(node.ino, part, count=False)
         return node
+
+    async def _relist_now(self, d: Node) -> None:
+        """List ``d`` again and wait for it (however long it takes; a failure keeps the
+        listing it has)."""
+        ev = self._listing.get(d.ino)
+        if ev is None:
+            ev = trio.Event()
+            self._listing[d.ino] = ev
+            self.nursery.start_soon(self._relist, d, ev, "list")
+        await ev.wait()
 
     async def walk_files(self, node: Node) -> list[Node]:
         """Every file at or below node, in the order of a sorted ``find`` (each directory's

@@ -578,6 +578,27 @@ def test_workers_beyond_the_s3_concurrency_teach_the_estimate_nothing_wrong(
     assert est["streams"] == 2 and est["basis"] == "measured", est
 
 
+def test_a_data_set_uploaded_moments_ago_is_found(mounts, bucket, s3, proxy, tmp_path):
+    """Files uploaded after their directory was listed were "no such file or directory"
+    to preload, free and status for the metadata TTL (5 minutes by default): the usual
+    order of things is to write a data set, then preload it. A name the listing lacks now
+    gets one new listing of its directory per command."""
+    put(s3, bucket, {"d/old.bin": CHUNK})
+    m = mounts(f"s3://{bucket}")
+    assert sorted(os.listdir(m.mp)) == ["d"] and os.listdir(m.path("d")) == ["old.bin"]
+    data = put(s3, bucket, {"d/new.bin": 2 * CHUNK, "e/x.bin": CHUNK})
+    proxy.reset()
+    lst = write_list(tmp_path, ["d/new.bin", "e/x.bin", "d/typo1.bin", "d/typo2.bin"])
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 2, r.stderr  # the typos stay typos
+    assert res["files"] == 2 and res["fetched_bytes"] == 3 * CHUNK, res
+    assert [f["entry"] for f in res["failed"]] == ["d/typo1.bin", "d/typo2.bin"]
+    # the root and d/ listed once more each, not once per name they lack; e/ for the
+    # first time
+    assert proxy.stats()["ops"]["ListObjects"] == 3, proxy.stats()["ops"]
+    assert m.path("d/new.bin").read_bytes() == data["d/new.bin"]
+
+
 def test_free_reaches_the_pins_of_versions_s3_replaced(mounts, bucket, s3, proxy, tmp_path):
     """A pinned file overwritten in S3 and pinned again: free found only the chunks of the
     version S3 lists now, and the old version's stayed pinned for good (each update of a
