@@ -38,7 +38,8 @@ DOMINANT = "◀ dominant"
 BLOCK = 1 << 20
 # attributes shown in a tree line, in this order (others only in --json)
 SHOWN = ("chunk", "tier", "node", "peer", "bytes", "ttfb_ms", "transfer_ms", "status",
-         "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks", "error")
+         "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks", "error",
+         "source")
 WAITS = ("singleflight.wait", "readahead.wait")
 
 
@@ -233,6 +234,8 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
                 row["tier"] = "local"
             elif name == "readahead.hit":
                 row["tier"] = "readahead"
+            elif s.get("source") == "prefetch":
+                row["tier"] = "prefetch"
             else:
                 row["tier"] = "wait"
             row["node"] = node
@@ -257,6 +260,9 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
                     detail.append(describe(c))
                 elif c is s and cn == "ssd.read":
                     detail.append(describe(c))
+            if row["tier"] == "prefetch" and not detail:
+                detail.append(f"waited {_esc(s.get('duration_ms'))} ms for the file "
+                              "prefetcher, which was fetching this file ahead of its open")
             row["detail"] = "; ".join(detail)
             key = idx if idx is not None else f"?{len(rows)}"
             old = rows.get(key)

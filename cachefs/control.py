@@ -233,6 +233,7 @@ class ControlClient:
                             f"{msg.get('protocol', 1)}, this command's {PROTOCOL}): remount "
                             "to run this version (cachefs umount, then cachefs mount)",
                             EXIT_NO_DAEMON)
+                    del msg["protocol"]  # (not part of what the command shows or prints)
                     if msg.get("event"):
                         if on_event:
                             try:

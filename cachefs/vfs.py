@@ -271,6 +271,7 @@ class FileHandle:
         self.cur_chunk = -1  # stays -1 until a read reaches the daemon
         self.closed = False
         self.last_read = 0.0  # trio time of its last read (see VFS._trim_idle)
+        self.prefetched: int | None = None  # the chunk the file prefetcher is bringing
 
     def keep(self, i: int, data: bytes, charged: bool) -> None:
         """Chunk i arrived (from this handle's fetches or the file prefetcher);
@@ -287,6 +288,7 @@ class FileHandle:
         """Chunk i is on its way from elsewhere (the file prefetcher): reads of it wait
         for the event, then look in the buffer, then fetch it themselves."""
         ev = self.pending[i] = trio.Event()
+        self.prefetched = i
         return ev
 
     def arrived(self, i: int, ev: trio.Event) -> None:
@@ -336,7 +338,9 @@ class FileHandle:
         ev = self.pending.get(i)
         if ev is not None:
             self.vfs.stats.inc("readahead_waits")
-            with span("readahead.wait", chunk=i):
+            # (the file prefetcher's fetch is none of this read's trace: say whose it is)
+            with span("readahead.wait", chunk=i, **({"source": "prefetch"}
+                                                    if i == self.prefetched else {})):
                 await ev.wait()
             d = self.buf.get(i)
             if d is not None:

@@ -592,6 +592,7 @@ def test_a_data_set_uploaded_moments_ago_is_found(mounts, bucket, s3, proxy, tmp
     res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
     assert r.returncode == 2, r.stderr  # the typos stay typos
     assert res["files"] == 2 and res["fetched_bytes"] == 3 * CHUNK, res
+    assert "protocol" not in res  # the control protocol is no part of the output
     assert [f["entry"] for f in res["failed"]] == ["d/typo1.bin", "d/typo2.bin"]
     # the root and d/ listed once more each, not once per name they lack; e/ for the
     # first time

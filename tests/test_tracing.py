@@ -346,20 +346,22 @@ def test_a_read_whose_read_ahead_runs_on_is_neither_lost_nor_lent_to_the_next_tr
     daemon's capture running, collecting, with the reads' fast path off."""
     import signal
 
-    # two chunks each: a read's GET, then its read-ahead's, and no more GETs
+    # two chunks each, the first cached: a read's only GET is its read-ahead's
     put(s3, bucket, "k.bin", 2 * CHUNK)
     put(s3, bucket, "b.bin", 2 * CHUNK, seed=2)
     m = mounts(f"s3://{bucket}")
-    os.stat(m.path("k.bin"))
-    os.stat(m.path("b.bin"))
+    for name in ("k.bin", "b.bin"):
+        m.path(name).read_bytes()
+        m.request({"op": "trace_evict", "ino": os.stat(m.path(name)).st_ino, "offset": CHUNK,
+                   "length": CHUNK})
     # ^C while the command waits for its read's read-ahead: the capture goes with it
     proxy.reset()
-    proxy.faults(delay=12.0, count=1, skip=1)  # the read's GET is quick, its read-ahead's not
+    proxy.faults(delay=12.0, count=1)
     p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", str(m.path("b.bin"))],
                          env={**os.environ, **CREDS}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
-    while proxy.stats(settle=0)["ops"].get("GetObject", 0) < 2:
+    while not proxy.stats(settle=0)["ops"].get("GetObject", 0):
         assert time.monotonic() < deadline, "the read-ahead reaching S3"
         time.sleep(0.05)
     time.sleep(0.5)
@@ -369,7 +371,7 @@ def test_a_read_whose_read_ahead_runs_on_is_neither_lost_nor_lent_to_the_next_tr
     with pytest.raises(QuietError, match="no trace capture 1"):
         m.request({"op": "trace_capture_stop", "capture": 1, "wait": 0})
     # the command waits 10 s, then says the read is not shown, and why
-    proxy.faults(delay=12.0, count=1, skip=1)
+    proxy.faults(delay=12.0, count=1)
     r = cli("trace", str(m.path("k.bin")))
     assert r.returncode == 0, r.stderr
     assert "  0 FUSE read(s) traced" in r.stdout, r.stdout
@@ -470,6 +472,30 @@ def test_trace_cold_of_a_file_fetched_ahead_shows_the_miss(mounts, s3, bucket, p
     res = trace_json(str(m.path("d/f07")), "--cold")
     assert res["cold"]["dropped_bytes"] == 4096
     assert [c["tier"] for c in res["chunks"]] == ["s3"]
+
+
+def test_a_read_that_waits_for_the_file_prefetcher_says_so(mounts, s3, bucket, proxy):
+    """A read of a small file the prefetcher was fetching ahead waited for that fetch: its
+    chunk row said tier "wait" and nothing more, which names no one to blame."""
+    for i in range(12):
+        put(s3, bucket, f"p/f{i:02d}", 4096, seed=40 + i)
+    m = mounts(f"s3://{bucket}")
+    os.listdir(m.path("p"))
+    proxy.reset()
+    proxy.faults(delay=3.0, count=-1, key_filter="p/f06")  # slow to fetch, ahead or not
+    try:
+        for i in range(4):  # in name order: the prefetcher fetches the next files
+            m.path(f"p/f{i:02d}").read_bytes()
+        deadline = time.monotonic() + 10
+        while not proxy.gets("p/f06"):
+            assert time.monotonic() < deadline, "the prefetcher's GET of p/f06"
+            time.sleep(0.05)
+        res = trace_json(str(m.path("p/f06")))
+    finally:
+        proxy.clear_faults()
+    row = res["chunks"][0]
+    assert row["tier"] == "prefetch", res["chunks"]
+    assert row["detail"].startswith("waited ") and "for the file prefetcher" in row["detail"]
 
 
 def test_otlp_encodes_a_peers_non_finite_figures_without_failing():
