@@ -993,6 +993,14 @@ def test_text_of_a_peers_spans_is_printed_escaped():
 # -- --follow shows slow reads only ---------------------------------------------------------
 
 
+def follow(m, slower_than: str) -> subprocess.Popen:
+    """`cachefs trace --follow --slower-than ...` running, its output piped."""
+    return subprocess.Popen([sys.executable, "-m", "cachefs", "trace", "--follow",
+                             "--slower-than", slower_than, "--mount", str(m.mp)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **CREDS})
+
+
 def test_follow_shows_slow_reads_only(mounts, s3, bucket, proxy):
     put(s3, bucket, "fast.bin", CHUNK, seed=3)
     put(s3, bucket, "slow.bin", CHUNK, seed=4)
@@ -1000,9 +1008,7 @@ def test_follow_shows_slow_reads_only(mounts, s3, bucket, proxy):
     with open(m.path("fast.bin"), "rb") as f:
         f.read()  # cached now; the read below is warm (O_DIRECT: reaches the daemon)
     os.stat(m.path("slow.bin"))
-    p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", "--follow", "--slower-than",
-                          "200ms", "--mount", str(m.mp)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, **CREDS})
+    p = follow(m, "200ms")
     try:
         assert "following traces over 200.0 ms" in p.stderr.readline()
         proxy.faults(delay=0.5, count=1)
@@ -1030,9 +1036,7 @@ def test_recent_and_follow_do_not_blame_a_read_for_its_read_ahead(mounts, s3, bu
     m.request({"op": "trace_evict", "ino": st.st_ino, "offset": CHUNK,
                "length": 3 * CHUNK})  # ... but the first
     proxy.reset()
-    p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", "--follow", "--slower-than",
-                          "0ms", "--mount", str(m.mp)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, **CREDS})
+    p = follow(m, "0ms")
     try:
         assert "following traces" in p.stderr.readline()
         proxy.faults(delay=1.0, count=1)
