@@ -8,7 +8,8 @@ Ops (JSON lines on the control socket, see control.py):
                  slow threshold); runs until the client hangs up
   trace_capture_start {ino, offset, length}            → {"capture": id}: from now on, every
                  finished trace of a FUSE read of inode ``ino`` overlapping the byte range is
-                 kept for this capture (at most MAX_CAPTURED, for at most CAPTURE_TTL seconds)
+                 kept for this capture (at most MAX_CAPTURED; it expires CAPTURE_TTL seconds
+                 after its start or its last trace, once another capture starts)
   trace_capture_stop  {capture, wait}                  → {"traces": [...]} once the traces of
                  the capture have finished their background spans (read-ahead), or after
                  ``wait`` seconds
@@ -97,12 +98,12 @@ class Capture:
     """The traces of reads of one inode's byte range that start while it runs: a read
     begun before it (whose read-ahead ended only now) belongs to an earlier command."""
 
-    __slots__ = ("ino", "lo", "hi", "traces", "created", "since", "dropped")
+    __slots__ = ("ino", "lo", "hi", "traces", "active", "since", "dropped")
 
     def __init__(self, ino: int, lo: int, hi: int) -> None:
         self.ino, self.lo, self.hi = ino, lo, hi
         self.traces: list[dict] = []
-        self.created = time.monotonic()
+        self.active = time.monotonic()  # its start, then its last trace
         self.since = time.perf_counter()  # the clock of the traces' ``start``
         self.dropped = 0
 
@@ -127,6 +128,7 @@ class Tracing:
     def _sink(self, tr) -> None:
         for c in self.captures.values():
             if c.match(tr):
+                c.active = time.monotonic()  # in use: a long read's capture does not expire
                 if len(c.traces) < MAX_CAPTURED:
                     c.traces.append(tr.dict())
                 else:
@@ -135,7 +137,7 @@ class Tracing:
     def _expire(self) -> None:
         now = time.monotonic()
         for k, c in list(self.captures.items()):
-            if now - c.created > CAPTURE_TTL:
+            if now - c.active > CAPTURE_TTL:
                 del self.captures[k]
         self._captures_changed()
 

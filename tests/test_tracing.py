@@ -233,6 +233,30 @@ def test_a_peers_spans_are_bounded_and_strict_json():
     assert ok["duration_ms"] == 2.0 and ok["tier"] == "local"
 
 
+async def test_a_capture_still_collecting_is_not_expired(monkeypatch):
+    """A capture expired CAPTURE_TTL after it began, once another `cachefs trace` started:
+    a read of a large range from a slow S3, still going, then lost its whole trace ("no
+    trace capture 1")."""
+    from types import SimpleNamespace
+
+    from cachefs import tracing
+
+    monkeypatch.setattr(tracing, "CAPTURE_TTL", 0.3)
+    t = Tracer(slow_threshold=10.0, enabled=True)
+    caps = tracing.Tracing(SimpleNamespace(tracer=t))
+    noop = None
+    first = (await caps.capture_start({"ino": 1, "offset": 0, "length": 100}, noop))["capture"]
+    idle = (await caps.capture_start({"ino": 2, "offset": 0, "length": 100}, noop))["capture"]
+    for _ in range(4):  # the first one's read goes on, a request every 0.1 s
+        await trio.sleep(0.1)
+        with t.start("read", ino=1, offset=0, size=10):
+            pass
+    await caps.capture_start({"ino": 3}, noop)  # expires what has been idle 0.3 s
+    assert len((await caps.capture_stop({"capture": first, "wait": 0}, noop))["traces"]) == 4
+    with pytest.raises(tracing.ControlError, match=f"no trace capture {idle}"):
+        await caps.capture_stop({"capture": idle, "wait": 0}, noop)
+
+
 def test_a_capture_says_what_it_did_not_keep():
     """Reads past a capture's cap (4,096) were dropped without a word: the count of FUSE
     reads and the chunk rows covered the first ones only."""
