@@ -90,6 +90,31 @@ def gets(proxy) -> int:
     return proxy.stats()["ops"].get("GetObject", 0)
 
 
+def put_owned_files(s3, bucket: str, n: int, nodes: list[str], owner: str,
+                    stem: str = "o") -> dict[str, bytes]:
+    """``n`` one-chunk files whose chunk ``owner`` owns on the ring of ``nodes``."""
+    import hashlib
+
+    from cachefs.chunks.ids import chunk_id
+    from cachefs.cluster.ring import HashRing
+
+    ring, out, seed = HashRing(nodes), {}, 0
+    while len(out) < n:
+        seed += 1
+        key, data = f"{stem}/{seed}.bin", random.Random(seed).randbytes(CHUNK // 2)
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        if ring.owner(chunk_id(bucket, key, etag, CHUNK, 0)) == owner:
+            s3.put_object(Bucket=bucket, Key=key, Body=data)
+            out[key] = data
+    return out
+
+
+def read_each(m, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Every file read at once, a thread each."""
+    with cf.ThreadPoolExecutor(len(files)) as ex:
+        return dict(zip(files, ex.map(lambda k: m.path(k).read_bytes(), files), strict=True))
+
+
 # -- unit: identities -------------------------------------------------------------------
 
 
@@ -989,3 +1014,40 @@ def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, buc
             r.stderr, r.stderr
     finally:
         close()
+
+
+def test_reads_queued_here_for_a_busy_owner_do_not_make_it_unhealthy(mounts, bucket, s3,
+                                                                      proxy):
+    """Cold reads of chunks one owner holds queued behind this node's few connections to
+    it, inside the request timeout: the last ones timed out, the healthy owner was marked
+    unhealthy (readers skipped it) and its chunks were fetched from S3 twice. A status or
+    `stats --nodes` queued there too, and called the owner unreachable. And an owner whose
+    S3 read needed a retry was timed out by its requester the same way."""
+    ms = start_cluster(mounts, bucket, 2, extra_for={n: ("--s3-timeout", "4s")
+                                                    for n in ("n0", "n1")})
+    files = put_owned_files(s3, bucket, 24, ["n0", "n1"], "n1")  # 8 more than connections
+    slow = put_owned_files(s3, bucket, 1, ["n0", "n1"], "n1", stem="slow")
+    for k in [*files, *slow]:
+        ms[0].path(k).stat()
+    proxy.reset()
+    proxy.faults(delay=3.0, count=-1)
+    with cf.ThreadPoolExecutor(1) as ex:
+        reading = ex.submit(read_each, ms[0], files)
+        time.sleep(1.0)  # every connection to n1 in use, reads queued behind them
+        r = cli("stats", "--nodes", "--mount", str(ms[0].mp))
+        assert r.returncode == 0, r.stderr  # (it said: node n1 unreachable ... timed out)
+        assert reading.result(timeout=60) == files
+    proxy.clear_faults()
+    st = cluster_stats(ms[0])
+    assert "timeout" not in st["peer_errors"].get("n1", {}), st["peer_errors"]
+    assert st["members"]["n1"]["healthy"], st
+    assert gets(proxy) == 24  # each chunk once, by n1
+    # an owner whose S3 read takes a retry answers before its requester gives up on it
+    key = next(iter(slow))
+    proxy.reset()
+    proxy.faults(delay=5.0, count=2, key_filter=key)  # n1's first two attempts time out
+    assert ms[0].path(key).read_bytes() == slow[key]
+    st = cluster_stats(ms[0])
+    assert "timeout" not in st["peer_errors"].get("n1", {}), st["peer_errors"]
+    assert st["members"]["n1"]["healthy"], st
+    assert cluster_stats(ms[1])["serve_errors"].get("slow") == 1

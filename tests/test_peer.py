@@ -750,6 +750,26 @@ async def test_client_pool_limit(nursery):
     assert state["max"] == 2
 
 
+async def test_sockets_that_start_a_request_and_stall_still_make_room(nursery):
+    """A socket that sent the first bytes of a request (no secret needed for that) and then
+    nothing held its connection for the frame's io_timeout, out of reach of the room-making:
+    eight of them, renewed every 30 s, refused every healthy peer of a full server."""
+    handler, _ = counting_handler(b"ok")
+    address = await start_server(nursery, handler, max_connections=8)
+    host, port = parse_address(address)
+    stalled = []
+    for _ in range(8):
+        st = await trio.open_tcp_stream(host, port)
+        await st.send_all(b"\x00\x00\x00\x10")  # a length, then silence
+        stalled.append(st)
+    await trio.sleep(0.2)
+    async with PeerClient(SECRET) as client:
+        with trio.fail_after(5):
+            assert (await client.get(address, CHUNK, TRACE))[0] == b"ok"
+    for st in stalled:
+        await st.aclose()
+
+
 async def test_server_connection_limit(nursery, monkeypatch):
     """At most max_connections are served. A full server made room for nobody: a cluster of
     66 nodes, each pooling 4 connections to it, filled its 256, and healthy peers were

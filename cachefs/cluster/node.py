@@ -61,8 +61,11 @@ NO_S3_TIMEOUTS = 5
 # peer timeouts: a read waits on it, and S3 is the way on (it waited the request timeout,
 # 32 s, on a successor that accepts and then says nothing)
 HANDOFF_TIMEOUTS = 2
-#: Concurrent requests this node sends to one peer (pooled connections).
-MAX_CONNS_PER_PEER = 4
+#: Concurrent requests this node sends to one peer (pooled connections), as many as a
+#: peer serves at once: 4 made 16 cold reads queue here behind each other's S3 reads (the
+#: last after 41 s), and the wait counted against the peer, which was marked unhealthy.
+#: A read that finds them all in use for an S3 timeout reads S3 itself.
+MAX_CONNS_PER_PEER = 16
 # a peer that answered one of these is up: reading elsewhere once does not make readers skip it
 _ANSWERED = ("remote", "busy")
 #: Peer requests served at once by this node (all peers together); the environment
@@ -127,8 +130,13 @@ class ClusterNode:
         # include the owner's own S3 read, so it gets that much more.
         self.client = PeerClient(self.secret, connect_timeout=cfg.peer_timeout,
                                  request_timeout=cfg.peer_timeout + s3_timeout,
+                                 queue_timeout=s3_timeout,
                                  max_conns_per_peer=MAX_CONNS_PER_PEER,
                                  max_body=max(chunk_size, 1))
+        # how long this node, as an owner, keeps a peer waiting for its S3 read: answered
+        # before that peer gives up (its request timeout, which counts one S3 attempt), so a
+        # retry here is not taken there for a node gone silent
+        self.serve_limit = s3_timeout + cfg.peer_timeout / 2
         self.membership: EtcdMembership | None = None
         if cfg.etcd:
             self.membership = EtcdMembership(
@@ -167,7 +175,8 @@ class ClusterNode:
                     serve_peers, host.strip("[]") or None, int(port), self.secret,
                     self._serve_chunk, max_concurrent=MAX_SERVING,
                     max_connections=max_peer_connections(), call_handler=self._serve_call,
-                    joins_work=self._joins_fetch, corrupt_for_test=self.corrupt_for_test))
+                    joins_work=self._joins_fetch, slot_calls=frozenset({"ds_fetch"}),
+                    corrupt_for_test=self.corrupt_for_test))
             except OSError as e:
                 raise ConfigError(f"cannot listen for peers on {self.listen}: "
                                   f"{e.strerror or e}") from None
@@ -259,6 +268,7 @@ class ClusterNode:
             self.serve_errors["starting"] += 1
             raise PeerError(f"node {self.node_id} is still starting")
         cached_only = bool(chunk.get("cached_only"))
+        slow = False
         tracer = self.daemon.tracer
         attrs = {"node": self.node_id, "chunk": ref.index, "key": ref.obj.key,
                  "peer": str(ctx.get("node", "?"))}
@@ -275,10 +285,20 @@ class ClusterNode:
                         self.handoff_misses += 1
                         return b"", []
                 else:
-                    data = await reader.get(ref, local_only=True)
+                    data = None
+                    with trio.move_on_after(self.serve_limit):
+                        data = await reader.get(ref, local_only=True)
+                    if data is None:  # (the fetch goes on, and keeps the chunk here)
+                        root.set(result="slow")
+                        self.serve_errors["slow"] += 1
+                        slow = True
         except Exception as e:  # noqa: BLE001 - the owner's S3 read failed
             self.serve_errors["remote"] += 1
             raise PeerError(f"node {self.node_id}: {type(e).__name__}: {e}") from None
+        if slow:
+            raise PeerError(f"node {self.node_id}: its S3 read of this chunk took over "
+                            f"{self.serve_limit:g}s (it goes on there): read it from S3",
+                            "busy")
         self.served += 1
         self.bytes_served += len(data)
         if cached_only:
@@ -441,8 +461,10 @@ class ClusterNode:
         with trace.span("peer.handoff", node=node, tier="peer", bytes=ref.length) as sp:
             try:
                 with _within(HANDOFF_TIMEOUTS * self.opts.peer_timeout, addr):
+                    # (a shortcut only: not when every connection to it is in use)
                     data, spans = await self.client.get(
-                        addr, desc, {"node": self.node_id}, wait=self.opts.peer_timeout)
+                        addr, desc, {"node": self.node_id}, wait=self.opts.peer_timeout,
+                        queue=0)
             except PeerError as e:
                 sp.set(error=e.reason)
                 self._count_error(node, e.reason)

@@ -53,6 +53,8 @@ CallHandler = Callable[[str, dict], Awaitable[dict]]
 # a new connection's first request (the client sends it as soon as it has the hello): a
 # socket that sends nothing holds no connection slot longer, secret or not
 FIRST_REQUEST_WAIT = 10.0
+CALL_CONNS = 4  # a client's connections to one peer for control calls, besides its pool
+CALL_SLOTS = 8  # control calls a server runs at once, besides its serving slots
 # Errors that mean "this connection is unusable"; they never escape to callers.
 _CONN_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -102,6 +104,7 @@ async def serve_peers(
     io_timeout: float = 30.0,
     call_handler: CallHandler | None = None,
     joins_work: Callable[[dict], bool] | None = None,
+    slot_calls: frozenset[str] = frozenset(),
     corrupt_for_test: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -123,7 +126,10 @@ async def serve_peers(
 
     ``call_handler(name, payload)``, if given, serves the ``call`` op (small
     JSON control requests; the result dict travels in the response header,
-    limited to MAX_RESPONSE_HEADER).  Without it ``call`` is a bad request.
+    limited to MAX_RESPONSE_HEADER).  Without it ``call`` is a bad request.  A call
+    takes one of ``CALL_SLOTS`` slots of its own, so that a node whose serving slots
+    all wait on S3 still answers a status or a drop; those named in ``slot_calls``
+    (work that reads S3 itself) take a serving slot instead.
 
     ``corrupt_for_test`` is for tests only: it flips the first byte of every
     chunk *after* the checksum was computed, as a bad NIC or a buggy peer
@@ -136,6 +142,7 @@ async def serve_peers(
         raise ValueError("serve_peers needs a non-empty shared secret")
     secret = bytes(secret)
     limiter = trio.CapacityLimiter(max_concurrent)
+    calls = _CallLimits(limiter, trio.CapacityLimiter(CALL_SLOTS), slot_calls)
     state = {"connections": 0, "warned": -math.inf}
     idle = Waiting()
 
@@ -160,6 +167,7 @@ async def serve_peers(
                     idle_timeout=idle_timeout,
                     io_timeout=io_timeout,
                     call_handler=call_handler,
+                    calls=calls,
                     joins_work=joins_work,
                     idle=idle,
                     corrupt_for_test=corrupt_for_test,
@@ -187,6 +195,7 @@ async def _serve_connection(
     idle_timeout: float,
     io_timeout: float,
     call_handler: CallHandler | None = None,
+    calls: _CallLimits | None = None,
     joins_work: Callable[[dict], bool] | None = None,
     idle: Waiting | None = None,
     corrupt_for_test: bool = False,
@@ -198,27 +207,26 @@ async def _serve_connection(
     seq = 0
     waiting = Waiting() if idle is None else idle
     while True:
-        with waiting.wait(min(FIRST_REQUEST_WAIT, idle_timeout) if seq == 0
-                          else idle_timeout) as wait:
-            eof = await reader.at_eof()
-        if wait.cancelled_caught or eof:
-            return
-        with trio.fail_after(io_timeout):
-            size = await reader.read_u32()
-            if size > MAX_REQUEST_HEADER:
-                await stream.send_all(
-                    encode_response(
-                        None,
-                        nonce,
-                        seq,
-                        _error_header(
-                            "too_large", f"request header {size} bytes exceeds {MAX_REQUEST_HEADER}"
-                        ),
-                    )
-                )
+        if seq == 0:
+            # Not authenticated yet: the whole first frame within FIRST_REQUEST_WAIT, and
+            # the connection may be closed for a newcomer until then (one that sent a few
+            # bytes and stalled held its connection for io_timeout, out of reach: a few
+            # thousand of them refused every peer).
+            with waiting.wait(min(FIRST_REQUEST_WAIT, idle_timeout)) as wait:
+                got = None if await reader.at_eof() else await _read_request(reader, stream,
+                                                                             nonce, seq)
+            if wait.cancelled_caught or got is None:
                 return
-            mac = await reader.read_exactly(MAC_SIZE)
-            raw = await reader.read_exactly(size)
+        else:
+            with waiting.wait(idle_timeout) as wait:
+                eof = await reader.at_eof()
+            if wait.cancelled_caught or eof:
+                return
+            with trio.fail_after(io_timeout):
+                got = await _read_request(reader, stream, nonce, seq)
+            if got is None:
+                return
+        mac, raw = got
         # Authenticate before looking at the content at all.
         if not hmac.compare_digest(mac, request_mac(secret, nonce, seq, raw)):
             with trio.fail_after(io_timeout):
@@ -250,8 +258,9 @@ async def _serve_connection(
                 if not isinstance(name, str) or not isinstance(payload, dict):
                     raise PeerError("call needs a 'name' string and a 'payload' object",
                                     "protocol")
-                result = await _call_control(call_handler, limiter, name, payload,
-                                             handler_timeout)
+                result = await _call_control(
+                    call_handler, calls.limiter(name) if calls else limiter, name, payload,
+                    handler_timeout)
                 resp = _ok_header(b"", result=result)
             else:
                 raise PeerError(f"unknown op {op!r}", "protocol")
@@ -272,6 +281,29 @@ async def _serve_connection(
             if data:
                 await stream.send_all(data)
         seq += 1
+
+
+async def _read_request(reader: FrameReader, stream: trio.SocketStream, nonce: bytes,
+                        seq: int) -> tuple[bytes, bytes] | None:
+    """A request frame's MAC and header; None when it is too large (answered so)."""
+    size = await reader.read_u32()
+    if size > MAX_REQUEST_HEADER:
+        await stream.send_all(encode_response(None, nonce, seq, _error_header(
+            "too_large", f"request header {size} bytes exceeds {MAX_REQUEST_HEADER}")))
+        return None
+    mac = await reader.read_exactly(MAC_SIZE)
+    return mac, await reader.read_exactly(size)
+
+
+class _CallLimits:
+    """The slots a control call takes: its own, or a serving slot for ``slot_calls``."""
+
+    def __init__(self, serving: trio.CapacityLimiter, own: trio.CapacityLimiter,
+                 slot_calls: frozenset[str]) -> None:
+        self.serving, self.own, self.slot_calls = serving, own, slot_calls
+
+    def limiter(self, name: str) -> trio.CapacityLimiter:
+        return self.serving if name in self.slot_calls else self.own
 
 
 def _ok_header(data: bytes | bytearray | memoryview, spans: list | None = None,
@@ -381,6 +413,9 @@ class _Conn:
 @dataclass
 class _Pool:
     slots: trio.Semaphore
+    # control calls (status, probes, drops) have slots of their own: they never queue
+    # behind chunk requests waiting on the peer's S3
+    call_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(CALL_CONNS))
     idle: list[_Conn] = field(default_factory=list)
     open: int = 0
     connects: int = 0
@@ -406,8 +441,14 @@ class PeerClient:
 
     Every failure raises PeerError (with ``.reason``); a connection that saw
     any error is closed, never reused.  ``request_timeout`` bounds a whole
-    call (waiting for a pooled connection, connecting, request, response);
+    call once it has one of the pool's connections (connecting, request, response);
     ``connect_timeout`` additionally bounds connecting + the server hello.
+    ``queue_timeout`` (None: the request timeout) bounds the wait for one of this
+    client's ``max_conns_per_peer`` connections to a peer: past it the request fails
+    with reason ``busy``, as when the peer's own serving slots stay taken (the queue is
+    this node's, so it says nothing of the peer's health).  Control calls (``call``)
+    have ``CALL_CONNS`` more connections of their own, and queue for them within their
+    request timeout.
     ``ack_timeout`` (default 5 connect timeouts) bounds how long a request sent
     may go unacknowledged by the peer's host (TCP_USER_TIMEOUT): a host that
     lost power or its network behind a pooled connection is known for what it
@@ -424,6 +465,7 @@ class PeerClient:
         connect_timeout: float = 2.0,
         request_timeout: float = 10.0,
         ack_timeout: float | None = None,
+        queue_timeout: float | None = None,
         max_conns_per_peer: int = 4,
         max_body: int = 256 * 1024 * 1024,
     ) -> None:
@@ -435,6 +477,7 @@ class PeerClient:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.ack_timeout = 5 * connect_timeout if ack_timeout is None else ack_timeout
+        self.queue_timeout = queue_timeout
         self.max_conns_per_peer = max_conns_per_peer
         self.max_body = max_body
         self._pools: dict[str, _Pool] = {}
@@ -442,18 +485,21 @@ class PeerClient:
 
     # -- public API ------------------------------------------------------
     async def get(self, address: str, chunk: dict, trace: dict,
-                  wait: float | None = None) -> tuple[bytes, list[dict]]:
+                  wait: float | None = None, queue: float | None = None
+                  ) -> tuple[bytes, list[dict]]:
         """Fetch one chunk from the peer at ``address`` ("host:port").
 
         Returns ``(data, spans)``; ``data`` matched the length and xxh3_128
         checksum in the authenticated response header.  ``wait``: the longest the
-        request may queue there for a serving slot before the peer answers ``busy``.
+        request may queue there for a serving slot before the peer answers ``busy``;
+        ``queue``: the longest it may wait here for a connection (default
+        ``queue_timeout``; 0: only if one is free now).
         """
         header = {"op": "get", "chunk": chunk, "trace": trace}
         if wait is not None:
             header["wait"] = wait
         raw = dump_request_header(header)
-        data, spans, _ = await self._request(address, raw)
+        data, spans, _ = await self._request(address, raw, queue=queue)
         return data, spans
 
     async def call(self, address: str, name: str, payload: dict) -> dict:
@@ -463,7 +509,7 @@ class PeerClient:
         (ValueError otherwise): callers split large file lists.
         """
         raw = dump_request_header({"op": "call", "name": name, "payload": payload})
-        _, result, _ = await self._request(address, raw, want="result")
+        _, result, _ = await self._request(address, raw, want="result", call=True)
         return result
 
     async def ping(self, address: str) -> float:
@@ -514,24 +560,49 @@ class PeerClient:
         return pool
 
     async def _request(
-        self, address: str, header: bytes, want: str = "spans"
+        self, address: str, header: bytes, want: str = "spans", *,
+        queue: float | None = None, call: bool = False
     ) -> tuple[bytes, Any, float]:
         if self._closed:
             raise PeerError("peer client is closed", "closed")
         parse_address(address)  # ValueError early for a malformed address
         pool = self._pool(address)
+        slots = pool.call_slots if call else pool.slots
         try:
+            # (a control call queues within its request timeout: there is no S3 to go to)
+            limit = None if call else self.queue_timeout if queue is None else queue
+            await self._take(slots, address, limit)
             try:
+                # from the moment a connection is ours: time spent queued here is not the
+                # peer's, and must not make it look dead
                 with trio.fail_after(self.request_timeout):
-                    async with pool.slots:
-                        return await self._request_on_pool(address, pool, header, want)
+                    return await self._request_on_pool(address, pool, header, want)
             except trio.TooSlowError:
                 raise PeerError(
                     f"request to {address} timed out after {self.request_timeout}s", "timeout"
                 ) from None
+            finally:
+                slots.release()
         except PeerError as e:
             pool.errors[e.reason] += 1
             raise
+
+    async def _take(self, slots: trio.Semaphore, address: str, limit: float | None) -> None:
+        """One of this client's connections to ``address``, within ``limit`` seconds
+        (None: the request timeout); else PeerError ``busy``."""
+        limit = self.request_timeout if limit is None else limit
+        if limit <= 0:
+            try:
+                slots.acquire_nowait()
+                return
+            except trio.WouldBlock:
+                pass
+        else:
+            with trio.move_on_after(limit):
+                await slots.acquire()
+                return
+        raise PeerError(f"no connection to {address} came free here within {max(limit, 0):g}s "
+                        "(all in use)", "busy")
 
     async def _request_on_pool(
         self, address: str, pool: _Pool, header: bytes, want: str
