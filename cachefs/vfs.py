@@ -488,6 +488,9 @@ class VFS:
         self._listing: dict[int, trio.Event] = {}
         self._slow: set[int] = set()  # directories whose relisting outlasted STALE_WAIT
         self._refreshing: dict[int, _HeadCheck] = {}  # stale node → its HEAD
+        # a node a relisting moved to a new version in place → the kernel's invalidation of
+        # the old one's pages, which opens wait for
+        self._invalidating: dict[int, trio.Event] = {}
         # node → when its last HEAD answered (monotonic) and what (None: deleted): a
         # listing started before that must not undo it
         self._headed: dict[int, tuple[float, ObjInfo | None]] = {}
@@ -810,8 +813,11 @@ class VFS:
                     # and reads the new version: see open.)
                     node = self._new_node(d, name, False, m, d.path + name, known)
                     self.invalidate_entry(d.ino, name)
-                elif self.invalidate is not None:
-                    self.nursery.start_soon(self.invalidate, node.ino)
+                elif self.invalidate is not None and node.ino not in self._invalidating:
+                    # an open before the kernel has let go of the old version's pages
+                    # would read them among the new version's bytes: opens wait for it
+                    ev = self._invalidating[node.ino] = trio.Event()
+                    self.nursery.start_soon(self._invalidate_old, node.ino, ev)
             node.size, node.etag, node.mtime = o.size, o.etag, o.mtime
             new[name] = node.ino
         answered = self._headed_since(d, asked)  # (some answered during the slices above)
@@ -978,11 +984,21 @@ class VFS:
             raise FSError(errno.EROFS)
         if node.stale:  # a read found the object changed: see its new version, not EIO
             await self._refresh(node)
+        if (ev := self._invalidating.get(ino)) is not None:
+            await ev.wait()  # the old version's pages are gone from the kernel then
         fh = next(self._fh)
         h = self.handles[fh] = FileHandle(self, node, self.version(node), pid)
         self.open_count[node.ino] = self.open_count.get(node.ino, 0) + 1
         self.prefetch.opened(node, h)
         return fh
+
+    async def _invalidate_old(self, ino: int, ev: trio.Event) -> None:
+        try:
+            assert self.invalidate is not None
+            await self.invalidate(ino)
+        finally:
+            del self._invalidating[ino]
+            ev.set()
 
     async def _refresh(self, node: Node) -> None:
         """A read met a newer version of the node's object than its listing has. Ask S3
