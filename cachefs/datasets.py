@@ -1175,9 +1175,13 @@ class _Run:
                 self._file_failed(self.me, f, _reason(e))
                 self._chunk_done(f, r.length, False)
                 continue
-            kept = store.contains(r.cid)
+            cached = store.contains(r.cid)
+            # (written, then evicted for the next chunks of a data set larger than the room,
+            # as its warning said, is kept: only a chunk the store refused is not; a pinned
+            # one is never evicted)
+            kept = cached or (not self.pin and not store.was_refused(r.cid))
             self._fetched(self.me, f, r.length, kept, fails=self.keeps_all)
-            if kept and self.pin and not store.is_pinned(r.cid):
+            if cached and self.pin and not store.is_pinned(r.cid):
                 await store.set_pinned([r.cid], True)
             self.reservation.release(r.cid)  # pinned, or it could not be
             self._chunk_done(f, r.length, kept or not self.keeps_all)

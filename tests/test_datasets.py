@@ -491,6 +491,29 @@ def test_the_plan_counts_small_files_as_the_cache_limit_does(mounts, bucket, s3,
     assert m.stats()["cache"]["pinned_bytes"] == 0
 
 
+def test_chunks_arriving_together_into_a_small_room_are_kept(mounts, bucket, s3, proxy,
+                                                              tmp_path):
+    """With room for one unpinned chunk and 8 fetches arriving at once, the write in
+    flight filled the room while the LRU was still empty, and the others were refused as
+    "fetched, but not kept: the cache is full of pinned data" (exit 1): a write now waits
+    for those in flight, which are evictable once written."""
+    put(s3, bucket, {"p.bin": 4 * CHUNK, **{f"u/{i}.bin": CHUNK for i in range(8)}})
+    m = mounts(f"s3://{bucket}", cache_size="360KiB")
+    pinned = write_list(tmp_path, ["p.bin"], "pin.txt")
+    assert cli("preload", "--file-list", pinned, "--mount", str(m.mp), "--pin").returncode == 0
+    proxy.reset()
+    proxy.faults(delay=0.5, count=-1)  # the 8 GETs end together
+    try:
+        res, r = run_json("preload", "--file-list", write_list(tmp_path, ["u/"], "u.txt"),
+                          "--mount", str(m.mp), "--parallel", "8")
+    finally:
+        proxy.clear_faults()
+    assert r.returncode == 0 and res["failed_files"] == 0, r.stderr
+    assert res["uncached_bytes"] == 0 and res["fetched_chunks"] == 8
+    assert m.counters().get("cache_full_uncached", 0) == 0
+    assert m.stats()["cache"]["pinned_bytes"] == 4 * file_size(CHUNK)
+
+
 def test_pins_survive_eviction(mounts, bucket, s3, proxy, tmp_path):
     files = {"p.bin": 4 * CHUNK, "u1.bin": 3 * CHUNK, "u2.bin": 3 * CHUNK, "u3.bin": 3 * CHUNK}
     put(s3, bucket, files)

@@ -186,6 +186,8 @@ TOUCH_EVERY = 1.0  # seconds between two writes of access times to the index
 RAISE_CHUNKS = 4
 
 
+REFUSED_KEPT = 4096  # chunk ids whose last store failed, remembered (see was_refused)
+
 class ChunkStore:
     def __init__(self, cache_dir: Path, index: Index, writer: IndexWriter, stats: Stats, *,
                  limit: int, high: float = 0.9, low: float = 0.8,
@@ -212,6 +214,8 @@ class ChunkStore:
         self._disk_limiter = trio.CapacityLimiter(8)
         self._evict_wakeup = trio.Event()
         self._space_lock = trio.Lock()
+        self._put_ended = trio.Event()  # set (and renewed) as each write ends
+        self._refused: dict[bytes, None] = {}  # the last chunks that could not be stored
         # chunks being dropped (out of the accounting, file not yet unlinked) → set once
         # the file is gone: a put of one waits, or the drop would unlink its new file
         self._dropping: dict[bytes, trio.Event] = {}
@@ -486,10 +490,16 @@ class ChunkStore:
             if self._disk_limited and self.used + self.reserved + size > self.limit:
                 self._regain_limit()
             while self.used + self.reserved + size > self.limit:
-                if not self.lru:
+                if self.lru:
+                    await self._evict_some(self.used + self.reserved + size - self.limit)
+                elif self.reserved:
+                    # the room is taken by chunks being written, evictable once they are
+                    # (unless pinned): a preload of 8 at a time into a cache with room for
+                    # 5 refused the others as "full of pinned data"
+                    await self._put_ended.wait()
+                else:
                     self.stats.inc("cache_full_uncached")
                     return False
-                await self._evict_some(self.used + self.reserved + size - self.limit)
             self.reserved += size
         if self.used + self.reserved > self.high:
             self._evict_wakeup.set()
@@ -583,11 +593,24 @@ class ChunkStore:
             self._repin.discard(cid)
         return ok
 
+    def was_refused(self, cid: bytes) -> bool:
+        """Did the last attempt to store ``cid`` (among the recent ones) fail? Not the same
+        as "not cached now": a chunk written moments ago may have been evicted since, to
+        make room for the next ones of a data set larger than the room."""
+        return cid in self._refused
+
+    def _refuse(self, cid: bytes) -> bool:
+        self._refused[cid] = None
+        if len(self._refused) > REFUSED_KEPT:
+            del self._refused[next(iter(self._refused))]
+        return False
+
     async def _put(self, cid: bytes, data: ChunkBuf | bytes | memoryview, pin: bool) -> bool:
         size = data.length if isinstance(data, ChunkBuf) else len(data)
         disk = file_size(size)
+        self._refused.pop(cid, None)
         if not await self.reserve(disk):
-            return False
+            return self._refuse(cid)
         try:
             with span("ssd.write", bytes=size):
                 def work() -> bytes:
@@ -603,7 +626,7 @@ class ChunkStore:
                         self._disk_full()
                     else:
                         log.warning("chunk write failed: %s", e)
-                    return False
+                    return self._refuse(cid)
                 rec = ChunkRec(size, ck, time.time(), pin)
                 try:
                     await self.writer.commit(Index.op_put_chunk(cid, rec))
@@ -612,9 +635,13 @@ class ChunkStore:
                     self.stats.inc("index_commit_errors")
                     await trio.to_thread.run_sync(self._unlink, cid,
                                                   limiter=self._disk_limiter)
-                    return False
+                    return self._refuse(cid)
         finally:
             self.reserved -= disk
+            # (a reservation waiting on this goes on once this task yields, after the LRU
+            # has this chunk)
+            self._put_ended.set()
+            self._put_ended = trio.Event()
         self.used += disk
         if pin:
             self.pinned[cid] = size
