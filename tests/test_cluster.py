@@ -47,8 +47,9 @@ def nchunks(files: dict[str, bytes]) -> int:
 
 
 def start_cluster(mounts, bucket, n=3, *, env_for=None, extra_for=None, names=None,
-                  config=None):
-    """n daemons with a static ring n0..n{n-1}; returns them started."""
+                  config=None, source_for=None, one_by_one=False):
+    """n daemons with a static ring n0..n{n-1}; returns them started (``one_by_one``: each
+    once the one before is up)."""
     names = names or [f"n{i}" for i in range(n)]
     ports = [free_port() for _ in names]
     peers = ",".join(f"{nm}=127.0.0.1:{p}" for nm, p in zip(names, ports, strict=True))
@@ -57,9 +58,13 @@ def start_cluster(mounts, bucket, n=3, *, env_for=None, extra_for=None, names=No
         env = {"CACHEFS_PEER_SECRET": SECRET, **((env_for or {}).get(nm, {}))}
         extra = ("--node-id", nm, "--peer-listen", f"127.0.0.1:{p}", "--peers", peers,
                  *((extra_for or {}).get(nm, ())))
-        ms.append(mounts(f"s3://{bucket}", name=f"{nm}-{i}", start=False, extra=extra,
-                         env=env, config=config))
-    start_all(ms)
+        ms.append(mounts((source_for or {}).get(nm, f"s3://{bucket}"), name=f"{nm}-{i}",
+                         start=False, extra=extra, env=env, config=config))
+    if one_by_one:
+        for m in ms:
+            m.start()
+    else:
+        start_all(ms)
     return ms
 
 
@@ -1051,3 +1056,32 @@ def test_reads_queued_here_for_a_busy_owner_do_not_make_it_unhealthy(mounts, buc
     assert "timeout" not in st["peer_errors"].get("n1", {}), st["peer_errors"]
     assert st["members"]["n1"]["healthy"], st
     assert cluster_stats(ms[1])["serve_errors"].get("slow") == 1
+
+
+def test_what_a_node_finds_wrong_with_its_cluster_at_start_is_said(mounts, bucket, s3, proxy,
+                                                                   tmp_path):
+    """A node whose peer secret the others refuse, or that mounts other buckets than they
+    do, started without a word (its log said "unauthorized" at INFO, per read) and every
+    node read from S3 what another held. A --peers entry for the node itself that does not
+    match its --peer-listen started too, and no node could reach it."""
+    ms = start_cluster(mounts, bucket, 3, one_by_one=True,
+                       env_for={"n2": {"CACHEFS_PEER_SECRET": "another-secret"}},
+                       source_for={"n1": f"s3://{bucket}/elsewhere/"})
+    log1, log2 = ms[1].log_text(), ms[2].log_text()
+    assert "WARNING" in log2 and "node n0 (127.0.0.1:" in log2, log2
+    assert "refuses this node's peer secret: give every node the same CACHEFS_PEER_SECRET" \
+        in log2, log2
+    assert f"node n0 (127.0.0.1:" in log1 and f"mounts s3://{bucket}/, this node " \
+        f"s3://{bucket}/elsewhere/" in log1, log1
+    # --peers names this node at one port, --peer-listen another: refused, one line
+    peers = cluster_stats(ms[0])["members"]
+    listed = ",".join(f"{n}={v['address']}" for n, v in sorted(peers.items()))
+    (tmp_path / "x").mkdir()
+    r = cli("mount", f"s3://{bucket}", str(tmp_path / "x"), "--foreground",
+            "--cache-dir", str(tmp_path / "xc"), "--cache-size", "64MiB",
+            "--endpoint-url", proxy.url, "--node-id", "n0",
+            "--peer-listen", f"127.0.0.1:{free_port()}", "--peers", listed,
+            env={"CACHEFS_PEER_SECRET": SECRET})
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[-1].startswith(
+        "cachefs: error: --peers lists this node (n0) at 127.0.0.1:"), r.stderr

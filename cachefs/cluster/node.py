@@ -146,6 +146,7 @@ class ClusterNode:
                 tls=(cfg.etcd_ca, cfg.etcd_cert, cfg.etcd_key),
                 auth=(cfg.etcd_user, cfg.etcd_password) if cfg.etcd_user else None)
         self.corrupt_for_test = os.environ.get(TEST_CORRUPT_ENV) == "1"
+        self.instance = os.urandom(8).hex()  # tells this process from another of its node id
         self.port: int | None = None
         self._ops: dict[str, Op] = {"status": self._op_status, "cache": self._op_cache,
                                     "identity": self._op_identity}
@@ -324,7 +325,11 @@ class ClusterNode:
         return node == self.node_id or addr == self.address
 
     async def _op_identity(self, payload: dict) -> dict:
-        return {"node_id": self.node_id, "chunk_size": self.chunk_size}
+        return {"node_id": self.node_id, "chunk_size": self.chunk_size,
+                "instance": self.instance, "mounts": self._mount_sources()}
+
+    def _mount_sources(self) -> list[str]:
+        return sorted(m.spec.source for m in self.mounts)
 
     async def _check_peers(self) -> None:
         """Refuse to start next to a member that answers with another chunk size (chunk
@@ -333,14 +338,29 @@ class ClusterNode:
         with another node id (a wrong address in the list).  Members that are down, or do
         not answer within peer_timeout, are not checked."""
         problems: list[str] = []
+        warnings: list[str] = []
+        ours = self._mount_sources()
 
         async def one(node: str, addr: str) -> None:
             with trio.move_on_after(self.opts.peer_timeout):
                 try:
                     r = await self.client.call(addr, "identity", {})
-                except (PeerError, ValueError):
-                    return  # down, another secret, or a version without this op
+                except PeerError as e:
+                    if e.reason in ("unauthorized", "bad_response_mac"):
+                        warnings.append(
+                            f"node {node} ({addr}) refuses this node's peer secret: give "
+                            "every node the same CACHEFS_PEER_SECRET (until then the two "
+                            "read from S3 what the other holds)")
+                    return  # down, or a version without this op
+                except ValueError:
+                    return
                 theirs = r.get("chunk_size")
+                mounts = r.get("mounts")
+                if isinstance(mounts, list) and sorted(map(str, mounts)) != ours:
+                    warnings.append(
+                        f"node {node} ({addr}) mounts {', '.join(map(str, mounts)) or 'nothing'}"
+                        f", this node {', '.join(ours)}: a chunk of a bucket one of them does "
+                        "not mount is read from S3 by every node that asks it")
                 if isinstance(theirs, int) and theirs != self.chunk_size:
                     problems.append(
                         f"node {node} ({addr}) uses a chunk size of {human(theirs)}, this "
@@ -351,12 +371,43 @@ class ClusterNode:
                         f"--peers lists {node} at {addr}, but node {r.get('node_id')} answers "
                         "there: fix the address (give every node the same --peers)")
 
+        async def me() -> None:
+            """Our own advertised address must reach us, and no other node of our id."""
+            if self.mode == "static":
+                _, _, want = self.listen.rpartition(":")
+                _, _, listed = self.address.rpartition(":")
+                if want not in ("0", listed):
+                    problems.append(f"--peers lists this node ({self.node_id}) at "
+                                    f"{self.address}, but it listens on {self.listen}: fix "
+                                    "one of them")
+                    return
+            with trio.move_on_after(self.opts.peer_timeout) as cs:
+                try:
+                    r = await self.client.call(self.address, "identity", {})
+                except (PeerError, ValueError) as e:
+                    warnings.append(f"this node's address {self.address} does not reach it "
+                                    f"({e}): peers cannot fetch from it")
+                    return
+                if r.get("instance") not in (None, self.instance):
+                    problems.append(f"another node answers as {r.get('node_id')} at "
+                                    f"{self.address}: give every node its own --node-id")
+            if cs.cancelled_caught:
+                warnings.append(f"this node's address {self.address} does not answer within "
+                                f"{self.opts.peer_timeout:g}s: peers cannot fetch from it")
+
         async with trio.open_nursery() as n:
+            n.start_soon(me)
             for node, addr in self.members.items():
                 if not self._is_self(node, addr):
                     n.start_soon(one, node, addr)
         if problems:
             raise ConfigError(sorted(problems)[0])
+        ready = getattr(self.daemon, "ready", None)
+        for w in sorted(warnings):
+            if ready is not None:
+                ready.warn(w)
+            else:
+                log.warning("%s", w)
 
     async def cache_by_node(self, wait: float = 2.0) -> dict[str, dict]:
         """Every member's ``ChunkStore.statistics()`` (``{"error": ...}`` for a node
