@@ -612,6 +612,42 @@ async def test_a_node_whose_id_was_taken_while_its_lease_expired_keeps_serving(t
         etcd.stop()
 
 
+async def test_two_nodes_starting_with_one_id_at_once_do_not_both_register(tmp_path):
+    """Registration looked at the key, then put it: two nodes starting with the same
+    --node-id at the same moment both registered (25 times in 40), the second over the
+    first, and neither knew; the loser served on with a live lease, asked by no peer."""
+    from cachefs.cluster.membership import NodeIdTaken
+
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        for trial in range(10):
+            prefix = f"/dup{trial}/"
+            won: list[str] = []
+            taken: list[str] = []
+            nodes = [EtcdMembership([etcd.url], prefix, "same", f"127.0.0.1:{7001 + i}",
+                                    lease_ttl=5, grace_period=1) for i in range(2)]
+
+            async def start(m, n) -> None:
+                try:
+                    await n.start(m.run)
+                    won.append(m.address)
+                except NodeIdTaken:
+                    taken.append(m.address)
+
+            async with trio.open_nursery() as n:
+                for m in nodes:
+                    n.start_soon(start, m, n)
+                await trio_wait_for(lambda: len(won) + len(taken) == 2, 10, "both answered")
+                assert len(won) == 1 and len(taken) == 1, (trial, won, taken)
+                r = await trio.to_thread.run_sync(etcd.call, "/v3/kv/range",
+                                                  {"key": b64(prefix + "same")})
+                assert json.loads(base64.b64decode(r["kvs"][0]["value"])) == {
+                    "address": won[0]}
+                n.cancel_scope.cancel()
+    finally:
+        etcd.stop()
+
+
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
 def test_etcd_with_user_and_password(mounts, bucket, s3, proxy, tmp_path):
     """etcd with --auth: nodes given --etcd-user and CACHEFS_ETCD_PASSWORD join and share
