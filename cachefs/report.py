@@ -70,6 +70,13 @@ def format_stats(mp: str, s: dict) -> str:
         cl = s["cluster"]
         lines.append(f"  cluster    node {printable(str(cl.get('node_id')))}, "
                      f"{plural(len(cl.get('members', [])), 'member')}")
+        for n, mem in sorted((cl.get("members") or {}).items()):
+            last = mem.get("last_failure") if isinstance(mem, dict) else None
+            if last:  # a member that failed: when, why, and whether reads skip it now
+                lines.append(f"    {printable(str(n)):<12} last failed "
+                             f"{_ago(last.get('seconds_ago', 0))} ago "
+                             f"({printable(str(last.get('reason')))})"
+                             + ("; skipped by reads now" if not mem.get("healthy") else ""))
         # node names and errors may come from a peer (an unauthenticated error frame):
         # printed with control characters escaped
         for n, c in (cl.get("nodes_cache") or {}).items():
@@ -78,3 +85,8 @@ def format_stats(mp: str, s: dict) -> str:
                          f"{human(c['used_bytes'])} used of {human(c['limit_bytes'])}, "
                          f"{human(c['pinned_bytes'])} pinned, {plural(c['chunks'], 'chunk')}"))
     return "\n".join(lines)
+
+
+def _ago(s: float) -> str:
+    s = int(s)
+    return f"{s} s" if s < 120 else f"{s // 60} min" if s < 7200 else f"{s // 3600} h"

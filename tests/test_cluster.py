@@ -273,6 +273,16 @@ def test_sigkill_one_node_mid_read(mounts, bucket, s3, proxy):
         assert s["ring_size"] == 3  # static ring: a dead node is skipped, not removed
     # a chunk is fetched from S3 at most once per surviving node plus once by n0
     assert gets(proxy) <= 3 * total
+    # stats says when n0 last failed and why (its "healthy" comes back after 10 s, dead
+    # or not, and was all stats showed)
+    proxy.clear_faults()
+    noticed = next(m for m, s in zip(ms[1:], st, strict=True) if s["peer_errors"].get("n0"))
+    last = cluster_stats(noticed)["members"]["n0"]["last_failure"]
+    assert last["reason"] in ("connect", "closed", "short_read", "unacknowledged"), last
+    r = cli("stats", "--mount", str(noticed.mp))
+    assert r.returncode == 0, r.stderr
+    assert any(ln.startswith("    n0           last failed ") and f"({last['reason']})" in ln
+               for ln in r.stdout.splitlines()), r.stdout
 
 
 def test_corrupting_peer_is_bypassed(mounts, bucket, s3, proxy):

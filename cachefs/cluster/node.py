@@ -599,7 +599,8 @@ class ClusterNode:
             "ring_changes": self.ring_changes,
             "members": {
                 n: {"address": a, "healthy": n == self.node_id or self.health.is_healthy(n),
-                    "state": "departing" if n in departing else "alive"}
+                    "state": "departing" if n in departing else "alive",
+                    "last_failure": self.health.last_failure(n)}
                 for n, a in sorted(self.members.items())
             },
             "peer_errors": {n: dict(c) for n, c in sorted(self.peer_errors.items())},

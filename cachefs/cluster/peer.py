@@ -768,10 +768,20 @@ class PeerHealth:
         self.bad_for = bad_for
         self._until: dict[str, float] = {}
         self._errors: dict[str, Counter] = {}
+        self._last: dict[str, tuple[float, str]] = {}  # node → its last failure, and why
 
     def mark_bad(self, node: str, reason: str) -> None:
         self._until[node] = trio.current_time() + self.bad_for
         self._errors.setdefault(node, Counter())[reason] += 1
+        self._last[node] = (trio.current_time(), reason)
+
+    def last_failure(self, node: str) -> dict | None:
+        """When ``node`` last failed and why: a dead member is "healthy" again (tried
+        again) ``bad_for`` seconds after each failure, and only this tells it apart."""
+        got = self._last.get(node)
+        if got is None:
+            return None
+        return {"seconds_ago": round(trio.current_time() - got[0], 1), "reason": got[1]}
 
     def mark_good(self, node: str) -> None:
         """Forget an unhealthy mark early (e.g. after a successful request)."""
@@ -795,7 +805,7 @@ class PeerHealth:
 
     def retain(self, nodes: set[str]) -> None:
         """Forget the nodes not in ``nodes`` (they left the cluster)."""
-        for d in (self._until, self._errors):
+        for d in (self._until, self._errors, self._last):
             for n in [n for n in d if n not in nodes]:
                 del d[n]
 
