@@ -629,31 +629,33 @@ async def test_two_nodes_starting_with_one_id_at_once_do_not_both_register(tmp_p
     from cachefs.cluster.membership import NodeIdTaken
 
     etcd = start_etcd(tmp_path / "etcd")
+
+    async def trial(prefix: str) -> None:
+        won: list[str] = []
+        taken: list[str] = []
+        nodes = [EtcdMembership([etcd.url], prefix, "same", f"127.0.0.1:{7001 + i}",
+                                lease_ttl=5, grace_period=1) for i in range(2)]
+
+        async def start(m, n) -> None:
+            try:
+                await n.start(m.run)
+                won.append(m.address)
+            except NodeIdTaken:
+                taken.append(m.address)
+
+        async with trio.open_nursery() as n:
+            for m in nodes:
+                n.start_soon(start, m, n)
+            await trio_wait_for(lambda: len(won) + len(taken) == 2, 10, "both answered")
+            assert len(won) == 1 and len(taken) == 1, (prefix, won, taken)
+            r = await trio.to_thread.run_sync(etcd.call, "/v3/kv/range",
+                                              {"key": b64(prefix + "same")})
+            assert json.loads(base64.b64decode(r["kvs"][0]["value"])) == {"address": won[0]}
+            n.cancel_scope.cancel()
+
     try:
-        for trial in range(10):
-            prefix = f"/dup{trial}/"
-            won: list[str] = []
-            taken: list[str] = []
-            nodes = [EtcdMembership([etcd.url], prefix, "same", f"127.0.0.1:{7001 + i}",
-                                    lease_ttl=5, grace_period=1) for i in range(2)]
-
-            async def start(m, n) -> None:
-                try:
-                    await n.start(m.run)
-                    won.append(m.address)
-                except NodeIdTaken:
-                    taken.append(m.address)
-
-            async with trio.open_nursery() as n:
-                for m in nodes:
-                    n.start_soon(start, m, n)
-                await trio_wait_for(lambda: len(won) + len(taken) == 2, 10, "both answered")
-                assert len(won) == 1 and len(taken) == 1, (trial, won, taken)
-                r = await trio.to_thread.run_sync(etcd.call, "/v3/kv/range",
-                                                  {"key": b64(prefix + "same")})
-                assert json.loads(base64.b64decode(r["kvs"][0]["value"])) == {
-                    "address": won[0]}
-                n.cancel_scope.cancel()
+        for i in range(10):
+            await trial(f"/dup{i}/")
     finally:
         etcd.stop()
 
@@ -1117,7 +1119,7 @@ def test_what_a_node_finds_wrong_with_its_cluster_at_start_is_said(mounts, bucke
     assert "WARNING" in log2 and "node n0 (127.0.0.1:" in log2, log2
     assert "refuses this node's peer secret: give every node the same CACHEFS_PEER_SECRET" \
         in log2, log2
-    assert f"node n0 (127.0.0.1:" in log1 and f"mounts s3://{bucket}/, this node " \
+    assert "node n0 (127.0.0.1:" in log1 and f"mounts s3://{bucket}/, this node " \
         f"s3://{bucket}/elsewhere/" in log1, log1
     # --peers names this node at one port, --peer-listen another: refused, one line
     peers = cluster_stats(ms[0])["members"]
@@ -1131,3 +1133,32 @@ def test_what_a_node_finds_wrong_with_its_cluster_at_start_is_said(mounts, bucke
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines()[-1].startswith(
         "cachefs: error: --peers lists this node (n0) at 127.0.0.1:"), r.stderr
+
+
+def test_a_request_naming_no_text_is_a_bad_request(mounts, bucket, s3, proxy):
+    """A chunk request whose key holds a lone surrogate ("\\ud800" in its JSON) raised
+    UnicodeEncodeError where a fetch was under way: the connection was dropped with a
+    traceback in the log instead of an answer."""
+    files = put_files(s3, bucket, {"a.bin": CHUNK}, seed=3)
+    ms = start_cluster(mounts, bucket, 2)
+    ms[0].path("a.bin").stat()
+    proxy.faults(delay=3.0, count=1)
+    addr = cluster_stats(ms[0])["listen"]
+    with cf.ThreadPoolExecutor(1) as ex:
+        reading = ex.submit(ms[0].path("a.bin").read_bytes)  # a fetch under way on n0
+        wait_for(lambda: ms[0].stats()["in_flight_fetches"] > 0, 10, "a fetch under way")
+
+        async def ask() -> str:
+            chunk = {"mount": "", "bucket": bucket, "key": "\ud800", "etag": '"x"',
+                     "size": 10, "chunk_size": CHUNK, "index": 0}
+            # (json.dumps writes the lone surrogate as the escape a peer may send)
+            raw = json.dumps({"op": "get", "chunk": chunk, "trace": {}}).encode()
+            async with PeerClient(SECRET.encode()) as c:
+                with pytest.raises(PeerError) as e:
+                    await c._request(addr, raw)
+                return e.value.reason
+
+        assert trio.run(ask) == "remote"  # answered (it was: connection dropped)
+        assert cluster_stats(ms[0])["serve_errors"].get("bad_request") == 1
+        assert reading.result(timeout=30) == files["a.bin"]
+    assert "Traceback" not in ms[0].log_text()

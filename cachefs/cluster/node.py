@@ -224,7 +224,13 @@ class ClusterNode:
         if not all(isinstance(v, int) and not isinstance(v, bool)
                    for v in (size, chunk_size, index)):
             raise PeerError("chunk request: size, chunk_size, index must be ints", "protocol")
-        if len(key.encode("utf-8", "surrogateescape")) > _MAX_KEY or len(etag) > _MAX_ETAG:
+        try:
+            too_long = len(key.encode("utf-8", "surrogateescape")) > _MAX_KEY
+            for v in (mount, bucket, etag):
+                v.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in the JSON ("\ud800"): no S3 name
+            raise PeerError("chunk request: a name that is not text", "protocol") from None
+        if too_long or len(etag) > _MAX_ETAG:
             raise PeerError("chunk request: key or etag too long", "protocol")
         if not (0 < chunk_size <= _MAX_CHUNK and 0 <= size <= _MAX_OBJECT):
             raise PeerError("chunk request: size or chunk_size out of range", "protocol")
