@@ -622,6 +622,29 @@ async def test_a_node_whose_id_was_taken_while_its_lease_expired_keeps_serving(t
         etcd.stop()
 
 
+async def test_a_key_gone_unseen_is_registered_again_from_a_snapshot(tmp_path):
+    """A node's key deleted while its watch was down (and the history compacted since)
+    was found missing by the next snapshot, which let it go: the lease lived on, the
+    keepalive never registered again, and the other nodes left this one out for good."""
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        import httpx
+
+        m = EtcdMembership([etcd.url], "/g/", "a", "127.0.0.1:7001", lease_ttl=30,
+                           grace_period=1)
+        async with httpx.AsyncClient() as m._client:
+            await m._register()  # (no watch runs: the delete goes unseen)
+            await trio.to_thread.run_sync(etcd.call, "/v3/kv/deleterange",
+                                          {"key": b64("/g/a")})
+            await m._snapshot()
+            r = await trio.to_thread.run_sync(etcd.call, "/v3/kv/range", {"key": b64("/g/a")})
+            assert json.loads(base64.b64decode(r["kvs"][0]["value"])) == {
+                "address": "127.0.0.1:7001"}
+            await m._revoke(m.lease_id)
+    finally:
+        etcd.stop()
+
+
 async def test_two_nodes_starting_with_one_id_at_once_do_not_both_register(tmp_path):
     """Registration looked at the key, then put it: two nodes starting with the same
     --node-id at the same moment both registered (25 times in 40), the second over the

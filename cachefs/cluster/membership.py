@@ -407,6 +407,12 @@ class EtcdMembership:
         for node, addr in alive.items():
             self._join(node, addr)
         await self._publish()
+        if self.node_id not in alive and self.lease_id is not None:
+            # our key went while no watch saw it go (etcd unreachable, its history
+            # compacted since): its lease lives on, so the keepalive never registers us
+            # again, and every other node had left us out of its ring for good
+            log.warning("etcd: our key is gone; registering again")
+            await self._register_again()
 
     def _join(self, node: str, addr: str) -> None:
         if self.alive.get(node) != addr:
