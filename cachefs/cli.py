@@ -179,13 +179,23 @@ def _log_path(cfg) -> Path:
     return cfg.log_file or cfg.cache_dir / "cachefs.log"
 
 
+_PATH_VARS = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE",
+              "AWS_WEB_IDENTITY_TOKEN_FILE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+              "REQUESTS_CA_BUNDLE", "CACHEFS_RUNTIME_DIR")
+
+
 def _run_foreground(cfg, ready_fd: int | None) -> None:
     import trio
 
     from .daemon import Daemon, Ready
 
     # every path is absolute by now (build_config): a daemon that stayed in the directory
-    # it was started from kept that file system busy (`umount` of it failed) for good
+    # it was started from kept that file system busy (`umount` of it failed) for good;
+    # so are those the AWS SDK reads from the environment, later
+    for var in _PATH_VARS:
+        v = os.environ.get(var)
+        if v and not os.path.isabs(v) and not v.startswith("~"):
+            os.environ[var] = os.path.abspath(v)
     os.chdir("/")
     stream = None
     if ready_fd is None and cfg.log_file is not None:  # --foreground asked for a file
@@ -249,12 +259,10 @@ def _daemonize(cfg) -> None:
     args = sys.argv[1:]
     # before a "--" (after it, everything is an argument: a mountpoint named "-x")
     at = args.index("--") if "--" in args else len(args)
-    # -P: the daemon runs the cachefs this command runs, not a cachefs/ (or trio.py, ...)
-    # in the directory it was started from
-    argv = [sys.executable, "-P", "-m", "cachefs", *args[:at], "--ready-fd", str(w),
-            *args[at:]]
+    python, env = runtime.python_module("cachefs")  # the cachefs this command runs
+    argv = [*python, *args[:at], "--ready-fd", str(w), *args[at:]]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                            pass_fds=(w,), start_new_session=True, close_fds=True)
+                            pass_fds=(w,), start_new_session=True, close_fds=True, env=env)
     os.close(w)
     logf.close()
     try:

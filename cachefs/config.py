@@ -111,7 +111,10 @@ def parse_size(value: Any, what: str) -> int:
         if unit not in _UNITS:
             raise ConfigError(f"{what}: unknown unit in {value!r} (use KiB, MiB, GiB, TiB)")
         # exact (a float rounds 20 digits), whole bytes: 0.3GiB is 322122547 of them
-        exact = Fraction(m.group(1)) * _UNITS[unit]
+        try:
+            exact = Fraction(m.group(1)) * _UNITS[unit]
+        except ValueError:  # more digits than Python turns into a number (4,300)
+            raise ConfigError(f"{what}: {str(value)[:40]!r}… is too large") from None
         if exact.denominator != 1 and _UNITS[unit] == 1:
             raise ConfigError(f"{what}: {value!r} is not a whole number of bytes")
         n = math.floor(exact)

@@ -181,7 +181,7 @@ def _big(obj: dict) -> bool:
 
 
 async def _send(stream: trio.SocketStream, obj: dict) -> None:
-    obj = {"protocol": PROTOCOL, **obj}
+    obj = {**obj, "protocol": PROTOCOL}  # (last: no handler's result can replace it)
     data = await trio.to_thread.run_sync(_encode, obj) if _big(obj) else _encode(obj)
     await stream.send_all(data)
 

@@ -24,6 +24,7 @@ import click
 from .config import parse_size
 from .errors import EXIT_USAGE, QuietError
 from .report import human, plural
+from .runtime import python_module
 
 CREDS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
          "AWS_DEFAULT_REGION": "us-east-1"}
@@ -101,8 +102,9 @@ def _read_all(root: Path, threads: int = 8) -> tuple[int, int, float]:
 
 
 def _cachefs(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-P", "-m", "cachefs", *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    python, env = python_module("cachefs", env)
+    return subprocess.run([*python, *args], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def _stats(mp: Path, env: dict) -> dict:

@@ -27,7 +27,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -492,11 +491,11 @@ def check_in_child(path: Path, progress: Callable[[str], None] | None = None,
 
     timeout = CHECK_TIMEOUT if timeout is None else timeout
     t0 = time.monotonic()
-    env = dict(os.environ)  # the child imports the cachefs this process runs
-    here = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    from .runtime import python_module
+
+    python, env = python_module("cachefs.index_check")  # the cachefs this process runs
     try:
-        child = subprocess.Popen([sys.executable, "-P", "-m", "cachefs.index_check", str(path)],
+        child = subprocess.Popen([*python, str(path)],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env,
                                  start_new_session=True)

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import stat
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -333,3 +334,17 @@ def find_mount(mount: str | None) -> str:
         raise QuietError("several cachefs mounts: choose one with --mount "
                          f"({', '.join(mounts)})", EXIT_USAGE)
     return mounts[0]
+
+
+def python_module(module: str, env: dict[str, str] | None = None
+                  ) -> tuple[list[str], dict[str, str]]:
+    """argv and environment that run ``python -m module`` of this very cachefs: ``-P``
+    (a cachefs/ directory, an old checkout, or a trio.py where the command was started is
+    never imported instead), and this cachefs's own directory on the path when only the
+    current directory had put it there (a source checkout run as `python -m cachefs`)."""
+    env = dict(os.environ if env is None else env)
+    here = str(Path(__file__).resolve().parent.parent)
+    if here not in (str(Path(p).resolve()) for p in sys.path[1:] if p):
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"]
+                                    if env.get("PYTHONPATH") else "")
+    return [sys.executable, "-P", "-m", module], env

@@ -929,13 +929,13 @@ class VFS:
         return node
 
     async def _relist_now(self, d: Node) -> None:
-        """List ``d`` again and wait for it (however long it takes; a failure keeps the
-        listing it has)."""
-        ev = self._listing.get(d.ino)
-        if ev is None:
-            ev = trio.Event()
-            self._listing[d.ino] = ev
-            self.nursery.start_soon(self._relist, d, ev, "list")
+        """List ``d`` anew and wait for it (however long it takes; a failure keeps the
+        listing it has). A listing under way may have been asked before what the caller
+        looks for was written: it is waited for, then another one is asked."""
+        while (ev := self._listing.get(d.ino)) is not None:
+            await ev.wait()
+        ev = self._listing[d.ino] = trio.Event()
+        self.nursery.start_soon(self._relist, d, ev, "list")
         await ev.wait()
 
     async def walk_files(self, node: Node) -> list[Node]:

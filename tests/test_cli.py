@@ -71,7 +71,8 @@ def test_sizes_up_to_exbibytes():
     assert parse_size("1.5KiB", "x") == 1536 and parse_size("0.001KB", "x") == 1
     assert parse_size("0.3GiB", "x") == 322122547  # whole bytes, rounded down
     for bad, why in (("1.5", "not a whole number of bytes"), ("0.5B", "not a whole number"),
-                     ("0.0001KB", "must be positive"), ("1" + "0" * 400, "too large")):
+                     ("0.0001KB", "must be positive"), ("1" + "0" * 400, "too large"),
+                     ("9" * 5000, "too large"), ("1." + "1" * 5000, "too large")):
         with pytest.raises(ConfigError, match=why):
             parse_size(bad, "x")
 

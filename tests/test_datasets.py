@@ -302,7 +302,7 @@ def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
                     on_event=lambda ev: lines.append(time.monotonic()), timeout=30)
     lines.append(time.monotonic())
     assert lines[-1] - lines[0] > 2.0  # it did wait for the fetches
-    assert max(b - a for a, b in zip(lines, lines[1:], strict=False)) < 1.5, lines
+    assert max(b - a for a, b in zip(lines, lines[1:], strict=False)) < 2.5, lines
     deadline = time.monotonic() + 20
     while m.stats()["in_flight_fetches"] and time.monotonic() < deadline:
         time.sleep(0.05)

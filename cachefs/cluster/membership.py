@@ -320,7 +320,8 @@ class EtcdMembership:
         key = _b64(self._key(self.node_id))
         put = {"request_put": {"key": key, "value": _b64(json.dumps({"address": self.address})),
                                "lease": lease}}
-        compare = {"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+        absent = {"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+        compare = absent
         for _ in range(5):
             r = await self._call("/v3/kv/txn", {"compare": [compare], "success": [put],
                                                 "failure": [{"request_range": {"key": key}}]})
@@ -328,8 +329,7 @@ class EtcdMembership:
                 break
             kvs = ((r.get("responses") or [{}])[0].get("response_range") or {}).get("kvs") or []
             if not kvs:  # gone meanwhile: the key is free again
-                compare = {"key": key, "target": "CREATE", "result": "EQUAL",
-                           "create_revision": "0"}
+                compare = absent
                 continue
             other = _parse_value(kvs[0].get("value", ""))
             if other and other != self.address:

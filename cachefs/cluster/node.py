@@ -64,10 +64,10 @@ HANDOFF_TIMEOUTS = 2
 #: Concurrent requests this node sends to one peer (pooled connections), as many as a
 #: peer serves at once: 4 made 16 cold reads queue here behind each other's S3 reads (the
 #: last after 41 s), and the wait counted against the peer, which was marked unhealthy.
-#: A read that finds them all in use for an S3 timeout reads S3 itself.
+#: A read that finds them all in use for a peer timeout reads S3 itself.
 MAX_CONNS_PER_PEER = 16
 # a peer that answered one of these is up: reading elsewhere once does not make readers skip it
-_ANSWERED = ("remote", "busy")
+_ANSWERED = ("remote", "busy", "queued")  # ("queued": this node's own connections were busy)
 #: Peer requests served at once by this node (all peers together); the environment
 #: variable is for tests only.
 MAX_SERVING = int(os.environ.get("CACHEFS_TEST_PEER_SLOTS") or 16)
@@ -130,13 +130,15 @@ class ClusterNode:
         # include the owner's own S3 read, so it gets that much more.
         self.client = PeerClient(self.secret, connect_timeout=cfg.peer_timeout,
                                  request_timeout=cfg.peer_timeout + s3_timeout,
-                                 queue_timeout=s3_timeout,
+                                 queue_timeout=cfg.peer_timeout,
                                  max_conns_per_peer=MAX_CONNS_PER_PEER,
                                  max_body=max(chunk_size, 1))
         # how long this node, as an owner, keeps a peer waiting for its S3 read: answered
         # before that peer gives up (its request timeout, which counts one S3 attempt), so a
         # retry here is not taken there for a node gone silent
-        self.serve_limit = s3_timeout + cfg.peer_timeout / 2
+        # (it may have waited a peer timeout for a serving slot, and the requester as long
+        # to connect, all within the requester's peer timeout + S3 timeout)
+        self.serve_limit = max(s3_timeout - cfg.peer_timeout, s3_timeout / 2)
         self.membership: EtcdMembership | None = None
         if cfg.etcd:
             self.membership = EtcdMembership(
@@ -378,15 +380,8 @@ class ClusterNode:
                         "there: fix the address (give every node the same --peers)")
 
         async def me() -> None:
-            """Our own advertised address must reach us, and no other node of our id."""
-            if self.mode == "static":
-                _, _, want = self.listen.rpartition(":")
-                _, _, listed = self.address.rpartition(":")
-                if want not in ("0", listed):
-                    problems.append(f"--peers lists this node ({self.node_id}) at "
-                                    f"{self.address}, but it listens on {self.listen}: fix "
-                                    "one of them")
-                    return
+            """Our own address (as --peers lists it, or as advertised: behind a port
+            mapping it is not --peer-listen's) must reach this process."""
             with trio.move_on_after(self.opts.peer_timeout) as cs:
                 try:
                     r = await self.client.call(self.address, "identity", {})
@@ -394,9 +389,15 @@ class ClusterNode:
                     warnings.append(f"this node's address {self.address} does not reach it "
                                     f"({e}): peers cannot fetch from it")
                     return
-                if r.get("instance") not in (None, self.instance):
-                    problems.append(f"another node answers as {r.get('node_id')} at "
+                if r.get("instance") in (None, self.instance):
+                    return
+                if r.get("node_id") == self.node_id:
+                    problems.append(f"another node answers as {self.node_id} at "
                                     f"{self.address}: give every node its own --node-id")
+                else:
+                    problems.append(f"node {r.get('node_id')} answers at {self.address}, "
+                                    f"this node's address as {self.node_id}: fix --peers (or "
+                                    "the advertised address)")
             if cs.cancelled_caught:
                 warnings.append(f"this node's address {self.address} does not answer within "
                                 f"{self.opts.peer_timeout:g}s: peers cannot fetch from it")
@@ -588,8 +589,8 @@ class ClusterNode:
         addr = self.members.get(node)
         if addr is None:
             raise PeerError(f"unknown node {node!r}", "connect")
-        if not no_s3:
-            return await self.client.call(addr, op, payload)
+        if not no_s3:  # (work that reads S3 there: connections apart from the quick calls)
+            return await self.client.call(addr, op, payload, s3=True)
         with _within(NO_S3_TIMEOUTS * self.opts.peer_timeout, addr):
             return await self.client.call(addr, op, payload)
 

@@ -427,6 +427,9 @@ class _Pool:
     # control calls (status, probes, drops) have slots of their own: they never queue
     # behind chunk requests waiting on the peer's S3
     call_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(CALL_CONNS))
+    # calls that read S3 there (a preload's ds_fetch, held up to 10 s): apart again, or two
+    # preloads took every call connection and a status queued behind them
+    s3_call_slots: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(CALL_CONNS))
     idle: list[_Conn] = field(default_factory=list)
     open: int = 0
     connects: int = 0
@@ -456,10 +459,10 @@ class PeerClient:
     ``connect_timeout`` additionally bounds connecting + the server hello.
     ``queue_timeout`` (None: the request timeout) bounds the wait for one of this
     client's ``max_conns_per_peer`` connections to a peer: past it the request fails
-    with reason ``busy``, as when the peer's own serving slots stay taken (the queue is
-    this node's, so it says nothing of the peer's health).  Control calls (``call``)
-    have ``CALL_CONNS`` more connections of their own, and queue for them within their
-    request timeout.
+    with reason ``queued`` (the queue is this node's: it says nothing of the peer's
+    health).  Control calls (``call``) have ``CALL_CONNS`` more connections of their own,
+    and those that read S3 there ``CALL_CONNS`` more again; they queue for them within
+    their request timeout.
     ``ack_timeout`` (default 5 connect timeouts) bounds how long a request sent
     may go unacknowledged by the peer's host (TCP_USER_TIMEOUT): a host that
     lost power or its network behind a pooled connection is known for what it
@@ -513,14 +516,16 @@ class PeerClient:
         data, spans, _ = await self._request(address, raw, queue=queue)
         return data, spans
 
-    async def call(self, address: str, name: str, payload: dict) -> dict:
+    async def call(self, address: str, name: str, payload: dict, *, s3: bool = False) -> dict:
         """A control call (``call`` op) on the peer at ``address``; its result dict.
+        ``s3``: the call reads S3 there (its connections are not the quick calls').
 
         The request header, payload included, must stay under 64 KiB
         (ValueError otherwise): callers split large file lists.
         """
         raw = dump_request_header({"op": "call", "name": name, "payload": payload})
-        _, result, _ = await self._request(address, raw, want="result", call=True)
+        _, result, _ = await self._request(address, raw, want="result",
+                                           call="s3" if s3 else "quick")
         return result
 
     async def ping(self, address: str) -> float:
@@ -572,13 +577,13 @@ class PeerClient:
 
     async def _request(
         self, address: str, header: bytes, want: str = "spans", *,
-        queue: float | None = None, call: bool = False
+        queue: float | None = None, call: str = ""
     ) -> tuple[bytes, Any, float]:
         if self._closed:
             raise PeerError("peer client is closed", "closed")
         parse_address(address)  # ValueError early for a malformed address
         pool = self._pool(address)
-        slots = pool.call_slots if call else pool.slots
+        slots = {"": pool.slots, "quick": pool.call_slots, "s3": pool.s3_call_slots}[call]
         try:
             # (a control call queues within its request timeout: there is no S3 to go to)
             limit = None if call else self.queue_timeout if queue is None else queue
@@ -613,7 +618,7 @@ class PeerClient:
                 await slots.acquire()
                 return
         raise PeerError(f"no connection to {address} came free here within {max(limit, 0):g}s "
-                        "(all in use)", "busy")
+                        "(all in use)", "queued")
 
     async def _request_on_pool(
         self, address: str, pool: _Pool, header: bytes, want: str
