@@ -70,7 +70,8 @@ def format_stats(mp: str, s: dict) -> str:
         cl = s["cluster"]
         lines.append(f"  cluster    node {printable(str(cl.get('node_id')))}, "
                      f"{plural(len(cl.get('members', [])), 'member')}")
-        for n, mem in sorted((cl.get("members") or {}).items()):
+        members = cl.get("members")
+        for n, mem in sorted(members.items() if isinstance(members, dict) else ()):
             last = mem.get("last_failure") if isinstance(mem, dict) else None
             if last:  # a member that failed: when, why, and whether reads skip it now
                 lines.append(f"    {printable(str(n)):<12} last failed "

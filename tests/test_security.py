@@ -376,6 +376,12 @@ def test_node_names_and_errors_are_printed_escaped():
     out = format_stats("/mnt/x", s).splitlines()
     assert out[-2:] == [f"  cluster    node n0{shown}, 2 members",
                         f"    n1{shown} error: peer h:1: {shown}"]
+    # a member's last failure: its name and reason escaped too
+    s["cluster"]["members"] = {"n0": {"healthy": True, "last_failure": None},
+                               f"n1{evil}": {"healthy": False, "last_failure": {
+                                   "seconds_ago": 3.2, "reason": f"x{evil}"}}}
+    out = format_stats("/mnt/x", s).splitlines()
+    assert out[-2] == f"    n1{shown} last failed 3 s ago (x{shown}); skipped by reads now"
     nodes = {f"n1{evil}": {"error": f"node n1{evil} unreachable: {evil}"},
              "n0": {"error": None, "x": 1}}
     assert _on_nodes(nodes) == f" on 1 of 2 nodes, not on n1{shown}"
