@@ -80,9 +80,10 @@ MAX_PARALLEL = 256
 MAX_ROWS = 1_000_000
 
 # cluster-wide preload / free / status (see "In a cluster" above)
-PAYLOAD_BUDGET = 48 * 1024  # bytes of JSON items per peer request (pin records, keys)
+# bytes of JSON items per peer request (a ds_fetch call's chunk descriptions, pin records,
+# record keys): a request is at most 64 KiB
+PAYLOAD_BUDGET = 48 * 1024
 ID_BATCH = 2500  # chunk ids per ds_probe / ds_drop call: ~53 KB of base64, under 64 KiB
-FETCH_PAYLOAD = 48 * 1024  # bytes of chunk descriptions per ds_fetch call
 MAX_FETCH_CHUNKS = 1024  # chunks per ds_fetch call, at most
 FETCH_WAIT = 10.0  # seconds an owner works on one ds_fetch call before it answers
 FREE_WAIT = 4.0  # seconds a free waits for fetches of its chunks under way (a ds_drop's
@@ -360,16 +361,8 @@ class Datasets:
         cl = self.d.cluster
         if cl is None or not adds:
             return []
-        # built once, in a worker thread (a million records: 1.2 s, and 1.6 s more per
-        # member to cut them in requests, of the thread that serves every read)
-        parts = await trio.to_thread.run_sync(lambda: list(_batches(
-            [base64.b64encode(k).decode("ascii"), key, *v] for k, (key, v) in adds.items())))
-
-        async def copy(node: str) -> None:
-            for part in parts:
-                await cl.forward(node, "ds_pins_add", {"records": part}, no_s3=True)
-
-        res = await self._on_nodes([n for n in sorted(cl.nodes()) if n != cl.node_id], copy)
+        res = await self._to_other_members("ds_pins_add", "records", lambda: (
+            [base64.b64encode(k).decode("ascii"), key, *v] for k, (key, v) in adds.items()))
         return [f"pin records not copied ({r.reason}): a free run on node {n} will not "
                 "reach the versions S3 replaces later" for n, r in sorted(res.items())
                 if isinstance(r, _Down)]
@@ -378,22 +371,33 @@ class Datasets:
         """Each record key's version joins its record (made if none): key → (S3 key,
         [etag, size, chunk size]). Returns once they are committed. One at a time: two
         merges of one record at once (a preload here, a peer's copy) kept one version."""
-        async with self._pins_lock:
-            await self._merge_pin_versions(adds)
-
-    async def _merge_pin_versions(self, adds: dict[bytes, tuple[str, list]]) -> None:
         index = self.d.index
         assert index is not None
-        recs = await trio.to_thread.run_sync(index.get_pin_records, list(adds))
-        ops = []
-        for i, (k, (key, v)) in enumerate(adds.items()):
-            if i % YIELD_EVERY == 0:
-                await trio.lowlevel.checkpoint()
-            versions = _record_of(recs[k])[1] if k in recs else []
-            if v not in versions:
-                ops.append(Index.op_put_pin_record(k, _record(key, versions + [v])))
-        for i in range(0, len(ops), 4096):
-            await self._writer().commit(*ops[i:i + 4096])
+        async with self._pins_lock:
+            recs = await trio.to_thread.run_sync(index.get_pin_records, list(adds))
+            ops = []
+            for i, (k, (key, v)) in enumerate(adds.items()):
+                if i % YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
+                versions = _record_of(recs[k])[1] if k in recs else []
+                if v not in versions:
+                    ops.append(Index.op_put_pin_record(k, _record(key, versions + [v])))
+            for i in range(0, len(ops), 4096):
+                await self._writer().commit(*ops[i:i + 4096])
+
+    async def _to_other_members(self, op: str, field: str, items) -> dict[str, Any]:
+        """``items()``'s JSON items to every other member, ``op`` calls of at most
+        PAYLOAD_BUDGET under ``field``; per node, None or a _Down. The calls are
+        cut once, in a worker thread (a million pin records: 1.2 s, and 1.6 s more per
+        member, of the thread that serves every read)."""
+        cl = self.d.cluster
+        parts = await trio.to_thread.run_sync(lambda: list(_batches(items())))
+
+        async def send(node: str) -> None:
+            for part in parts:
+                await cl.forward(node, op, {field: part}, no_s3=True)
+
+        return await self._on_nodes([n for n in sorted(cl.nodes()) if n != cl.node_id], send)
 
     async def _forget_pins(self, keys: list[bytes]) -> None:
         async with self._pins_lock:
@@ -409,14 +413,8 @@ class Datasets:
         cl = self.d.cluster
         if cl is None or not keys:
             return
-        parts = await trio.to_thread.run_sync(lambda: list(_batches(
-            base64.b64encode(k).decode("ascii") for k in keys)))
-
-        async def forget(node: str) -> None:
-            for part in parts:
-                await cl.forward(node, "ds_pins_forget", {"keys": part}, no_s3=True)
-
-        res = await self._on_nodes([n for n in sorted(cl.nodes()) if n != cl.node_id], forget)
+        res = await self._to_other_members("ds_pins_forget", "keys", lambda: (
+            base64.b64encode(k).decode("ascii") for k in keys))
         for r in res.values():
             if isinstance(r, _Down):
                 log.warning("free: pin records not removed (%s)", r.reason)
@@ -895,7 +893,7 @@ class Datasets:
             try:
                 n = len(json.dumps(_obj_desc(obj), ensure_ascii=False).encode("utf-8")) + 8
             except ValueError:  # a key that is not UTF-8: sent (and refused) alone
-                n = FETCH_PAYLOAD
+                n = PAYLOAD_BUDGET
             self._obj_sizes[obj] = n
         return n
 
@@ -1471,7 +1469,7 @@ class _ClusterRun(_Run):
                     self._chunk_done(f, r.length, False)
                     continue
                 add = 10 + (0 if r.obj in objs else ds._obj_size(r.obj))
-                if nb and size + add > FETCH_PAYLOAD:
+                if nb and size + add > PAYLOAD_BUDGET:
                     break
                 dq.popleft()
                 objs.setdefault(r.obj, []).append((f, r))
