@@ -31,8 +31,8 @@ Bounds (memory):
     i.e. about 20 MiB in the worst case.
 
 Cost: a read its handle serves from the chunk it holds, starting nothing (a warm
-sequential reader's usual request), is recorded as one QuickRead object of plain
-fields, without a task switch (``Tracer.quick_read``, while no follower or sink
+sequential reader's usual request), is recorded without a task switch in its handle's
+QuickRun, arrays that grow in place (``Tracer.quick_read``, while no follower or sink
 takes every trace); any other request records a RootSpan, and a read-ahead hit's
 leaf() tuple; recording it is one call (``_record``) and a deque append, and a
 recorded trace holds no reference cycle (children point at the root while the
@@ -50,6 +50,7 @@ import errno
 import math
 import os
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -66,6 +67,7 @@ MAX_ATTR = 512
 MAX_PEER_ATTRS = 32  # attributes kept of a span a peer sends (ours have a dozen at most)
 PENDING_MAX = 1024
 PENDING_MAX_AGE = 60.0
+RUN_MAX = 64  # quick reads one QuickRun holds (a chunk of 8 MiB in 128 KiB requests)
 
 
 def _error(et: type[BaseException], e: BaseException | None) -> str:
@@ -155,7 +157,8 @@ class RootSpan(Span):
     RootSpans; the JSON form is built on first use (``dict()``)."""
 
     __slots__ = ("owner", "seq", "open", "nspans", "dropped", "ended", "done", "background",
-                 "incomplete", "nested", "_dict")
+                 "incomplete", "nested", "recorded", "_dict")
+    ntraces = 1
 
     def __init__(self, owner: Tracer, name: str, attrs: dict[str, Any], seq: int,
                  background: bool = False) -> None:
@@ -175,6 +178,7 @@ class RootSpan(Span):
         self.background = background  # a continuation: not a request, never "slow"
         self.incomplete = False
         self.nested = False  # holds Span objects (not only leaf() tuples): _seal walks them
+        self.recorded = 0.0  # when it was recorded (the order of the recent ring)
         self._dict: dict | None = None
 
     @property
@@ -213,23 +217,23 @@ def _recorded_dict(root: RootSpan | QuickRead, d: dict) -> dict:
 class QuickRead:
     """A recorded read that its handle served from the chunk it holds, starting nothing (a
     warm sequential reader's usual request): the trace a RootSpan with one ``leaf("chunk",
-    tier="readahead")`` child records, kept as one object of plain fields until someone
-    asks for it.  Those requests cost the daemon about 100 us each, and the dozen objects
-    of a RootSpan trace, freed 256 requests later when none of them is in the CPU's caches
-    any more, were most of what tracing added to them (bench/README.md)."""
+    tier="readahead")`` child records, as one object of plain fields.  Such reads are kept
+    in QuickRuns and made QuickReads when somebody asks for them (or for the slow ring)."""
 
     __slots__ = ("owner", "seq", "start", "end", "ino", "path", "offset", "size", "pid",
                  "chunk", "nbytes", "_dict")
     name = "read"
     nspans = 2
+    ntraces = 1
     dropped = 0
     done = True
     incomplete = False
     background = False
 
     def __init__(self, owner: Tracer, seq: int, start: float, ino: int, path: str,
-                 offset: int, size: int, pid: int, chunk: int, nbytes: int) -> None:
-        self.owner, self.seq, self.start, self.end = owner, seq, start, _now()
+                 offset: int, size: int, pid: int, chunk: int, nbytes: int,
+                 end: float) -> None:
+        self.owner, self.seq, self.start, self.end = owner, seq, start, end
         self.ino, self.path, self.offset, self.size, self.pid = ino, path, offset, size, pid
         self.chunk, self.nbytes = chunk, nbytes
         self._dict: dict | None = None
@@ -238,6 +242,10 @@ class QuickRead:
     def attrs(self) -> dict[str, Any]:
         return {"ino": self.ino, "path": self.path, "offset": self.offset, "size": self.size,
                 "pid": self.pid}
+
+    @property
+    def recorded(self) -> float:
+        return self.end
 
     @property
     def duration(self) -> float:
@@ -256,6 +264,47 @@ class QuickRead:
             d["trace_id"] = self.trace_id
             self._dict = d = _recorded_dict(self, d)
         return d
+
+
+class QuickRun:
+    """The quick reads (QuickRead) of one handle in a row: at contiguous offsets, from one
+    chunk.  A warm sequential reader's requests cost the daemon 50-100 us each, and one
+    object per request, freed 256 requests later when it is no longer in the CPU's caches,
+    added about 5% to that (bench/README.md); a run's arrays grow in place, and the ring
+    holds one object per RUN_MAX reads.  Open while its handle reads on; closed into the
+    recent ring by the handle's next other read, its release, or a question about the
+    recent traces (``Tracer.flush_quick``)."""
+
+    __slots__ = ("owner", "ino", "path", "pid", "chunk", "offset", "next_off", "seqs",
+                 "starts", "ends", "sizes", "nbytes")
+
+    def __init__(self, owner: Tracer, ino: int, path: str, pid: int, chunk: int,
+                 offset: int) -> None:
+        self.owner, self.ino, self.path, self.pid, self.chunk = owner, ino, path, pid, chunk
+        self.offset = self.next_off = offset
+        self.seqs = array("Q")
+        self.starts = array("d")
+        self.ends = array("d")
+        self.sizes = array("Q")
+        self.nbytes = array("Q")
+
+    @property
+    def ntraces(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def nspans(self) -> int:
+        return 2 * len(self.seqs)
+
+    def reads(self) -> list[QuickRead]:
+        out = []
+        off = self.offset
+        for seq, start, end, size, nb in zip(self.seqs, self.starts, self.ends, self.sizes,
+                                             self.nbytes, strict=True):
+            out.append(QuickRead(self.owner, seq, start, self.ino, self.path, off, size,
+                                 self.pid, self.chunk, nb, end))
+            off += size
+        return out
 
 
 class _Done:
@@ -430,40 +479,59 @@ def current() -> Span | None:
 
 
 class _Ring:
-    """Recorded traces, oldest first, bounded in traces and in spans."""
+    """Recorded traces, oldest first, bounded in traces and in spans (a QuickRun counts as
+    its reads, and is let go of as a whole)."""
 
     def __init__(self, max_traces: int, max_spans: int) -> None:
+        self.max_traces = max_traces
         self.max_spans = max_spans
-        self.items: deque[RootSpan] = deque(maxlen=max_traces)
+        self.items: deque[RootSpan | QuickRead | QuickRun] = deque()
         self.spans = 0
+        self.traces = 0
 
-    def append(self, tr: RootSpan) -> None:
-        items = self.items
-        if len(items) == items.maxlen:
-            self.spans -= items[0].nspans
-        items.append(tr)
+    def append(self, tr: RootSpan | QuickRead | QuickRun) -> None:
+        self.items.append(tr)
         self.spans += tr.nspans
-        if self.spans > self.max_spans:
+        self.traces += tr.ntraces
+        if self.traces > self.max_traces or self.spans > self.max_spans:
             self.trim()
 
     def trim(self) -> None:
         items = self.items
-        while self.spans > self.max_spans and len(items) > 1:
-            self.spans -= items.popleft().nspans
+        while (self.traces > self.max_traces or self.spans > self.max_spans) and \
+                len(items) > 1:
+            t = items.popleft()
+            self.spans -= t.nspans
+            self.traces -= t.ntraces
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.traces
 
     def __iter__(self) -> Iterator[dict]:
-        return (t.dict() for t in list(self.items))
+        return (t.dict() for t in self.roots())
 
-    def roots(self) -> list[RootSpan]:
-        return list(self.items)
+    def roots(self) -> list[RootSpan | QuickRead]:
+        """The traces, in the order they were recorded (a run's reads among the others)."""
+        out: list[RootSpan | QuickRead] = []
+        runs = False
+        for t in list(self.items):
+            if type(t) is QuickRun:
+                out += t.reads()
+                runs = True
+            else:
+                out.append(t)  # type: ignore[arg-type]
+        if runs:
+            out.sort(key=_recorded_at)
+        return out
 
     def last(self, n: int) -> list[dict]:
         if n <= 0:
             return []
-        return [t.dict() for t in list(self.items)[-n:]]
+        return [t.dict() for t in self.roots()[-n:]]
+
+
+def _recorded_at(t: RootSpan | QuickRead) -> float:
+    return t.recorded
 
 
 class _Subscriber:
@@ -495,6 +563,7 @@ class Tracer:
         self._subscribers: list[_Subscriber] = []
         self._sinks: list[Callable[[RootSpan], None]] = []
         self._pending: dict[int, tuple[RootSpan, float]] = {}
+        self._runs: dict[int, QuickRun] = {}  # file handle -> its open QuickRun
         self.started = 0
         self.finished = 0
         self.slow_count = 0
@@ -516,18 +585,53 @@ class Tracer:
         while a follower or a sink (a capture, the OTLP exporter) takes every trace."""
         return not (self._subscribers or self._sinks)
 
-    def quick_read(self, start: float, ino: int, path: str, offset: int, size: int, pid: int,
-                   chunk: int, nbytes: int) -> None:
-        """Record such a read (``start``: its perf_counter time), ending now."""
+    def quick_read(self, fh: int, start: float, offset: int, size: int, chunk: int,
+                   nbytes: int) -> bool:
+        """Record such a read of handle fh (``start``: its perf_counter time), ending now,
+        in the handle's open QuickRun.  False when it has none that this read continues:
+        then ``quick_read_new`` records it (the caller names the file only then)."""
         if not self.enabled:
-            return
+            return True
+        r = self._runs.get(fh)
+        if r is None or r.next_off != offset or r.chunk != chunk or len(r.seqs) >= RUN_MAX:
+            return False
         self.started = n = self.started + 1
-        q = QuickRead(self, n, start, ino, path, offset, size, pid, chunk, nbytes)
+        end = _now()
+        r.seqs.append(n)
+        r.starts.append(start)
+        r.ends.append(end)
+        r.sizes.append(size)
+        r.nbytes.append(nbytes)
+        r.next_off = offset + size
         self.finished += 1
-        self.recent.append(q)  # type: ignore[arg-type]
-        if q.end - start >= self.slow_threshold:
-            self.slow_count += 1
-            self.slow.append(q)  # type: ignore[arg-type]
+        if end - start >= self.slow_threshold:
+            self._slow_quick(r, n, start, end, offset, size, nbytes)
+        return True
+
+    def quick_read_new(self, fh: int, start: float, offset: int, size: int, chunk: int,
+                       nbytes: int, ino: int, path: str, pid: int) -> None:
+        """``quick_read`` of a read that opens a new run of handle fh."""
+        self.end_quick(fh)
+        self._runs[fh] = QuickRun(self, ino, path, pid, chunk, offset)
+        self.quick_read(fh, start, offset, size, chunk, nbytes)
+
+    def _slow_quick(self, r: QuickRun, n: int, start: float, end: float, offset: int,
+                    size: int, nbytes: int) -> None:
+        self.slow_count += 1
+        self.slow.append(QuickRead(self, n, start, r.ino, r.path, offset, size, r.pid,
+                                   r.chunk, nbytes, end))
+
+    def end_quick(self, fh: int) -> None:
+        """Handle fh's run of quick reads ends (another kind of read, its release): into
+        the recent ring."""
+        r = self._runs.pop(fh, None)
+        if r is not None and r.seqs:
+            self.recent.append(r)
+
+    def flush_quick(self) -> None:
+        """Every open run into the recent ring (before anyone looks at it)."""
+        for fh in list(self._runs):
+            self.end_quick(fh)
 
     def _continuation(self, prev: RootSpan | _Done, op: str, attrs: dict) -> RootSpan:
         pa = prev.attrs
@@ -577,6 +681,7 @@ class Tracer:
             root.incomplete = True
             self.incomplete += 1
         self.finished += 1
+        root.recorded = _now()
         self.recent.append(root)
         if not root.background:
             dur = root.end - root.start  # type: ignore[operator]
@@ -630,6 +735,7 @@ class Tracer:
             self._sinks.remove(fn)
 
     def statistics(self) -> dict:
+        self.flush_quick()
         return {"enabled": self.enabled, "started": self.started, "finished": self.finished,
                 "slow": self.slow_count, "incomplete": self.incomplete,
                 "pending": len(self._pending), "dropped_spans": self.dropped_spans,

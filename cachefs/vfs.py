@@ -1103,9 +1103,12 @@ class VFS:
         tr = self.tracer
         if tr.quick and (got := h.take_buffered(off, size)) is not None:
             data, i, n = got
-            tr.quick_read(t0, h.node.ino, self.display_path(h.node), off, size, h.pid, i, n)
+            if not tr.quick_read(fh, t0, off, size, i, n):
+                tr.quick_read_new(fh, t0, off, size, i, n, h.node.ino,
+                                  self.display_path(h.node), h.pid)
             self.stats.observe("fuse_read", time.perf_counter() - t0)
         else:
+            tr.end_quick(fh)
             data = await self._read_traced(h, off, size, t0)
         self.stats.inc("fuse_read_bytes", len(data))
         if self.budget.used > self.budget.limit:
@@ -1151,6 +1154,7 @@ class VFS:
                 h.let_go_all()
 
     def release(self, fh: int) -> None:
+        self.tracer.end_quick(fh)
         h = self.handles.pop(fh, None)
         if h is not None:
             self._reading.pop(h, None)

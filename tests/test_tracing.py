@@ -183,6 +183,51 @@ async def test_tracer_bounds_and_background_spans():
     assert len(off.recent) == 0
 
 
+def test_quick_reads_kept_in_runs_read_back_as_single_traces_in_order():
+    """Reads served from a handle's buffer are kept as runs of arrays (QuickRun), not one
+    object each; what --recent, the slow ring and the bounds see is still one trace per
+    read, in the order they were recorded, other traces among them."""
+    t = Tracer(slow_threshold=1.0, recent=100, recent_spans=10_000, enabled=True)
+    K = 128 << 10
+
+    def quick(fh, i, start=None, chunk=0, ino=None):
+        s = tracemod._now() if start is None else start
+        if not t.quick_read(fh, s, i * K, K, chunk, K):
+            t.quick_read_new(fh, s, i * K, K, chunk, K, ino or fh, f"/f{fh}", 40 + fh)
+
+    quick(1, 0)
+    quick(2, 0)  # two handles interleaved: two runs
+    quick(1, 1)
+    with t.start("read", ino=9, offset=0, size=1):  # another kind of trace between them
+        pass
+    quick(2, 1)
+    quick(1, 3)  # not contiguous: a new run of handle 1
+    quick(1, 4, start=tracemod._now() - 2)  # slower than the threshold
+    quick(2, 2, chunk=1)  # another chunk: a new run
+    t.end_quick(2)  # (its release)
+    t.flush_quick()
+    got = [(d.get("ino"), d["offset"] // K) for d in t.recent.last(100)]
+    assert got == [(1, 0), (2, 0), (1, 1), (9, 0), (2, 1), (1, 3), (1, 4), (2, 2)]
+    d = t.recent.last(100)[0]
+    assert (d["path"], d["pid"], d["size"], d["trace_id"]) == ("/f1", 41, K, t.pid_hex + "-1")
+    assert [(c["name"], c["tier"], c["chunk"], c["bytes"]) for c in d["spans"]] == \
+        [("chunk", "readahead", 0, K)]
+    assert len({d["trace_id"] for d in t.recent.last(100)}) == 8
+    slow = t.slow.last(10)
+    assert [(d["ino"], d["offset"] // K) for d in slow] == [(1, 4)] and slow[0]["duration_ms"] >= 2000
+    assert t.statistics()["started"] == t.statistics()["finished"] == 8
+    assert len(t.recent) == 8 and t.recent.spans == 2 * 7 + 1
+    # the ring's bounds count reads, and let a run go as a whole
+    for i in range(300):
+        quick(3, i)
+    t.flush_quick()
+    assert 100 - tracemod.RUN_MAX < len(t.recent) <= 100
+    assert len(t.recent.last(1000)) == len(t.recent)
+    assert t.recent.last(1)[0]["offset"] == 299 * K
+    off = Tracer(slow_threshold=0.0, enabled=False)
+    assert off.quick_read(1, 0.0, 0, K, 0, K) is True and len(off.recent) == 0
+
+
 async def test_a_trace_whose_read_ahead_never_ends_is_recorded_by_the_clock(monkeypatch):
     """A trace waiting on its read-ahead was recorded as incomplete after PENDING_MAX_AGE
     only when another trace came to wait too: alone, it stayed out of --recent, --follow,
