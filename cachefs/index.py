@@ -36,7 +36,9 @@ from pathlib import Path
 import lmdb
 import trio
 
+from .errors import QuietError
 from .faults import crash_point
+from .index_check import DAMAGE_ERRORS
 
 log = logging.getLogger("cachefs.index")
 
@@ -457,14 +459,19 @@ def open_index(path: Path, map_size: int = 1 << 30,
             _move_aside(path, why)
     try:
         return Index(path, map_size)
-    except (lmdb.Error, RuntimeError, struct.error) as e:
-        _move_aside(path, str(e))
+    except (*DAMAGE_ERRORS, lmdb.VersionMismatchError, RuntimeError, struct.error) as e:
+        _move_aside(path, str(e))  # damaged, or of another format: it fails every start
         return Index(path, map_size)
+    except lmdb.Error as e:
+        # not the index's fault (no memory: an address-space limit; an I/O error): it is
+        # left as it is, pins and all, and the start fails; a rebuild would lose the pins
+        raise QuietError(f"cannot open the cache index {path}: {_lmdb_reason(e)} (the "
+                         "index is left as it is)") from None
 
 
-# what damage to an index raises (the rest, a full disk or an I/O error, is not the index's)
-DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError,
-                 lmdb.InvalidError)
+def _lmdb_reason(e: lmdb.Error) -> str:
+    """``mdb_env_open: Cannot allocate memory`` → ``Cannot allocate memory``."""
+    return str(e).rpartition(": ")[2] or type(e).__name__
 
 
 def reopen_damaged(index: Index, path: Path, map_size: int, err: Exception) -> Index:

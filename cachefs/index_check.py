@@ -7,7 +7,8 @@ survive the second kind in-process, so at every start it has this module read th
 index first (``python -m cachefs.index_check PATH``): exit status 0 means every record was
 read and decoded; DAMAGED (or death by SIGBUS, SIGSEGV, SIGABRT) means the index is moved
 aside and rebuilt from the chunk files (``index.open_index``); anything else (the child
-could not run, or was killed from outside) says nothing about the index.
+could not run, was killed from outside, or LMDB failed for want of memory or with an I/O
+error: UNTOLD) says nothing about the index.
 
 Only lmdb and struct are imported, so the child starts in a few tens of milliseconds.
 """
@@ -24,6 +25,11 @@ CHUNK_REC = struct.Struct("<Q16sdB")
 INO = struct.Struct("<Q")
 NAMED_DBS = (b"chunks", b"inodes", b"meta", b"listings")
 DAMAGED = 3  # exit status: a record did not read back
+UNTOLD = 4  # exit status: the walk failed for a reason that is not the index's (ENOMEM, EIO)
+# what damage to an index raises; the rest (no memory, a full disk, an I/O error) is not
+# the index's, and says nothing about it
+DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError,
+                 lmdb.InvalidError)
 
 
 def walk(path: str) -> int:
@@ -53,9 +59,12 @@ def walk(path: str) -> int:
 def main() -> None:
     try:
         n = walk(sys.argv[1])
-    except (lmdb.Error, struct.error, ValueError) as e:
+    except (*DAMAGE_ERRORS, struct.error, ValueError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(DAMAGED)
+    except lmdb.Error as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(UNTOLD)
     print(n)
 
 

@@ -387,6 +387,45 @@ def test_a_commit_that_fails_with_a_bug_still_answers_its_waiters(tmp_path):
         ix.close()
 
 
+def test_an_index_that_cannot_be_opened_for_want_of_memory_is_left_as_it_is(tmp_path):
+    """A start under an address-space limit (a scheduler's, ``ulimit -v``) failed to map
+    the index: ENOMEM was taken for damage, the healthy index moved aside and rebuilt
+    empty (its pins lost), and a second such start deleted the first one moved aside.
+    Now the start fails on one line and the index stays, records and all."""
+    import subprocess
+    import sys
+
+    from cachefs import index
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    ix.apply([Index.op_put_chunk(b"c" * 16, index.ChunkRec(5, b"k" * 16, 1.0, True))])
+    ix.close()
+    script = f"""
+import resource, sys
+from cachefs.errors import QuietError
+from cachefs.index import open_index
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (96 << 20),) * 2)
+try:
+    open_index(__import__("pathlib").Path({str(tmp_path / "index")!r}), 1 << 32)
+except QuietError as e:
+    print("QuietError:", e)
+"""
+    for _ in range(2):  # a restart does the same
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("QuietError: cannot open the cache "
+                                                         "index "), (r.stdout, r.stderr)
+        assert r.stdout.strip().endswith("Cannot allocate memory (the index is left as it "
+                                         "is)"), r.stdout
+    assert not list(tmp_path.glob("index.bad-*"))
+    ix = index.open_index(tmp_path / "index", 1 << 26)
+    try:
+        assert [(k, rec.pinned) for k, rec in ix.iter_chunks()] == [(b"c" * 16, True)]
+    finally:
+        ix.close()
+
+
 def test_index_check_reads_records_as_the_index_writes_them(tmp_path):
     """The child-process walk of the index (index_check, which imports only lmdb) decodes
     records with its own copy of the layouts; they must be the index's."""
