@@ -62,6 +62,7 @@ def format_stats(mp: str, s: dict) -> str:
         f"  evictions  {plural(c.get('evictions', 0), 'chunk')}"
         f" ({human(c.get('evicted_bytes', 0))})",
         f"  corrupt    {c.get('chunks_corrupt', 0)} dropped, {c.get('chunks_missing', 0)} missing",
+        *_not_cached(c, cache),
         f"  reads      {plural(c.get('fuse_read', 0), 'FUSE read')}"
         f" ({human(c.get('fuse_read_bytes', 0))}), {plural(s['open_files'], 'open file')},"
         f" {plural(s['in_flight_fetches'], 'fetch', 'fetches')} in flight",
@@ -86,6 +87,21 @@ def format_stats(mp: str, s: dict) -> str:
                          f"{human(c['used_bytes'])} used of {human(c['limit_bytes'])}, "
                          f"{human(c['pinned_bytes'])} pinned, {plural(c['chunks'], 'chunk')}"))
     return "\n".join(lines)
+
+
+def _not_cached(c: dict, cache: dict) -> list[str]:
+    """Chunks read but not kept on the SSD, and why: shown only when there are some (a
+    cache that never warms is otherwise told apart from a cold one by nothing)."""
+    errors, full = c.get("ssd_write_errors", 0), c.get("cache_full_uncached", 0)
+    if not (errors or full):
+        return []
+    line = (f"  not kept   {plural(errors, 'chunk write')} failed, "
+            f"{plural(full, 'chunk')} refused (the cache is full of pinned data)")
+    last = cache.get("last_write_error")
+    if isinstance(last, dict):
+        line += (f"; last write error {_ago(last.get('seconds_ago', 0))} ago: "
+                 f"{printable(str(last.get('error')))}")
+    return [line]
 
 
 def _ago(s: float) -> str:

@@ -731,3 +731,38 @@ def test_a_chunk_size_change_on_an_index_larger_than_its_map(tmp_path):
         assert not any(rec.pinned for _, rec in ix.iter_chunks())
     finally:
         ix.close()
+
+
+def test_a_tmp_dir_removed_under_the_store_is_made_again(tmp_path):
+    """The cache dir's tmp/ is empty most of the time, and cleaners of empty directories
+    (systemd-tmpfiles, `find -empty -delete`) remove it: every chunk write then failed
+    with ENOENT until the next start, and `stats` showed a cache that never warmed, with
+    no word of why. The write makes tmp/ again; `stats` says when writes fail."""
+    import shutil
+
+    from cachefs.report import format_stats
+
+    cid, data = os.urandom(16), os.urandom(70_000)
+
+    async def body(store, report):
+        shutil.rmtree(store.tmp_dir)
+        kept = await store.put(cid, data)
+        got = await store.get(cid, len(data))
+        # a write that fails all the same (here: the cache dir's chunks/ made unwritable
+        # by a file where the chunk's directory goes) is counted and said
+        other = os.urandom(16)
+        d = store.path(other).parent
+        shutil.rmtree(d, ignore_errors=True)
+        d.write_bytes(b"")
+        refused = await store.put(other, data)
+        return kept, bytes(got or b""), refused, store.stats.snapshot(), store.statistics()
+
+    kept, got, refused, counters, cache = trio.run(_with_store, tmp_path, body)
+    assert kept and got == data and not refused
+    assert counters.get("ssd_write_errors") == 1 and cache["last_write_error"]["error"]
+    text = format_stats("/m", {"counters": counters, "cache": cache, "uptime_s": 1,
+                               "open_files": 0, "in_flight_fetches": 0})
+    line = next(x for x in text.splitlines() if x.strip().startswith("not kept"))
+    assert line.startswith("  not kept   1 chunk write failed, 0 chunks refused (the cache is "
+                           "full of pinned data); last write error 0 s ago: "), line
+    assert "Not a directory" in line or "File exists" in line, line

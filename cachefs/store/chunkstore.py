@@ -216,6 +216,7 @@ class ChunkStore:
         self._space_lock = trio.Lock()
         self._put_ended = trio.Event()  # set (and renewed) as each write ends
         self._refused: dict[bytes, None] = {}  # the last chunks that could not be stored
+        self.last_write_error: tuple[float, str] | None = None  # (time, error) of a chunk write
         # chunks being dropped (out of the accounting, file not yet unlinked) → set once
         # the file is gone: a put of one waits, or the drop would unlink its new file
         self._dropping: dict[bytes, trio.Event] = {}
@@ -511,7 +512,14 @@ class ChunkStore:
         final = self.path(cid)
         buf.file[:HEADER_SIZE] = HEADER.pack(MAGIC, cid, buf.length, ck)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                # tmp/ removed under us (it is empty most of the time, and cleaners of
+                # empty directories, systemd-tmpfiles, `find -empty -delete`, take it):
+                # made again, or every write failed until the next start
+                self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 self._write_all(fd, tmp, buf)
             finally:
@@ -622,6 +630,7 @@ class ChunkStore:
                     ck = await trio.to_thread.run_sync(work, limiter=self._disk_limiter)
                 except OSError as e:
                     self.stats.inc("ssd_write_errors")
+                    self.last_write_error = (time.time(), str(e))
                     if e.errno == errno.ENOSPC:
                         self._disk_full()
                     else:
@@ -823,7 +832,12 @@ class ChunkStore:
         return shutil.disk_usage(self.dir).free
 
     def statistics(self) -> dict:
-        return {"used_bytes": self.used, "reserved_bytes": self.reserved,
-                "limit_bytes": self.limit, "pinned_bytes": self.pinned_bytes,
-                "chunks": len(self.lru) + len(self.pinned),
-                "pinned_chunks": len(self.pinned)}
+        out = {"used_bytes": self.used, "reserved_bytes": self.reserved,
+               "limit_bytes": self.limit, "pinned_bytes": self.pinned_bytes,
+               "chunks": len(self.lru) + len(self.pinned),
+               "pinned_chunks": len(self.pinned)}
+        if self.last_write_error is not None:
+            t, why = self.last_write_error
+            out["last_write_error"] = {"seconds_ago": round(time.time() - t, 1),
+                                       "error": why}
+        return out
