@@ -305,11 +305,28 @@ def prepare_cache_dir(d: Path, log_file: Path | None = None) -> None:
             fd = os.open(tag, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with open(fd, "wb") as f:
                 f.write(_TAG)
-        probe = d / f".probe.{os.getpid()}"
-        probe.write_bytes(b"x")
-        probe.unlink()
+        _probe(d)
     except OSError as e:
         raise QuietError(f"cache dir {d} is not writable: {e.strerror or e}") from None
+
+
+def _probe(d: Path) -> None:
+    """Can this process create and write files in d?  A full disk (or quota) is no reason
+    to refuse the start: a daemon copes with ENOSPC (its limit drops to what it holds and
+    eviction makes room), and one that does not start cannot ``free`` the pinned chunks
+    that may fill it. Under systemd's Restart= that was a loop of failed starts."""
+    probe = d / f".probe.{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b"x")
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        log.warning("the file system of cache dir %s is full (%s): chunks are cached again "
+                    "as room is made", d, e.strerror)
+    finally:
+        os.close(fd)
+        probe.unlink()
 
 
 def lock_cache_dir(d: Path) -> int:
@@ -324,8 +341,11 @@ def _flock(where, busy) -> int:
         fd = runtime.lock_file(where)
     except runtime.LockBusy as e:
         raise QuietError(busy(f" (pid {e.holder})" if e.holder else "")) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+    except OSError as e:  # a full disk: the pid only names the holder in messages
+        log.warning("cannot write the pid into %s: %s", where(), e.strerror)
     return fd
 
 
@@ -482,6 +502,15 @@ class Daemon:
                 report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,
                      store.statistics()["chunks"], store.used >> 20, report)
+            if store.pinned_bytes > store.high:  # (a remount with a smaller --cache-size)
+                pinned, size = human(store.pinned_bytes), human(cfg.cache_size)
+                self.ready.warn(
+                    f"pinned chunks take {pinned}, all of --cache-size {size}: new data is "
+                    "not cached until `cachefs free` unpins data sets (or mount with a "
+                    "larger --cache-size)" if store.pinned_bytes >= store.limit else
+                    f"pinned chunks take {pinned}, above the high watermark "
+                    f"({human(store.high)}) of --cache-size {size}: little room is left "
+                    "for other data")
             free = store.disk_free()
             if cfg.cache_size > free + store.used:
                 self.ready.warn(f"--cache-size {human(cfg.cache_size)} is larger than the "

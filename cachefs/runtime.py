@@ -142,9 +142,16 @@ def _pid_alive(d: Path) -> bool:
 def write_info(mountpoint: Path, info: dict) -> Path:
     d = mount_dir(mountpoint, create=True, resolved=True)
     tmp = d / "info.json.tmp"
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, d / "info.json")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, d / "info.json")
+    except OSError as e:  # a full /run: say where, not a bare errno
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise QuietError(f"cannot write {d / 'info.json'}: {e.strerror} (the runtime "
+                         f"directory {d.parent} holds each mount's socket and state)"
+                         ) from None
     return d
 
 
@@ -331,8 +338,12 @@ def find_mount(mount: str | None) -> str:
     if not mounts:
         raise QuietError("no cachefs mount found (is `cachefs mount` running?)", EXIT_NO_DAEMON)
     if len(mounts) > 1:
+        # a daemon killed outright leaves its mount behind (ENOTCONN): not a choice
+        live = [m for m in mounts if _pid_alive(mount_dir(m, resolved=True))]
+        if len(live) == 1:
+            return live[0]
         raise QuietError("several cachefs mounts: choose one with --mount "
-                         f"({', '.join(mounts)})", EXIT_USAGE)
+                         f"({', '.join(live or mounts)})", EXIT_USAGE)
     return mounts[0]
 
 

@@ -1086,7 +1086,7 @@ def test_exit_codes_with_two_mounts(s3, bucket, mounts, tmp_path):
     --mount), 3 where no cachefs daemon serves the path."""
     s3.put_object(Bucket=bucket, Key="d/f.bin", Body=b"x" * 1000)
     a = mounts(f"s3://{bucket}", name="a")
-    mounts(f"s3://{bucket}", name="b")
+    b = mounts(f"s3://{bucket}", name="b")
     one_line_error(cli("trace", str(a.path("d/missing.bin"))), "No such file", code=2)
     one_line_error(cli("trace", str(a.path("d"))), "not a regular file", code=2)
     one_line_error(cli("trace", str(a.path("d/f.bin")), "--offset", "1000"), "past the end",
@@ -1100,6 +1100,11 @@ def test_exit_codes_with_two_mounts(s3, bucket, mounts, tmp_path):
         one_line_error(cli(*cmd), "several cachefs mounts", str(a.mp), code=2)
     r = cli("stats", "--mount", str(a.mp), "--json")
     assert r.returncode == 0, r.stderr
+    # a daemon killed outright leaves a stale mount, which is no choice: the live one is
+    # meant (it was "several cachefs mounts" naming the dead one)
+    b.kill()
+    r = cli("stats")
+    assert r.returncode == 0 and r.stdout.startswith(f"cachefs at {a.mp} "), r.stderr
 
 
 def test_every_option_is_described():

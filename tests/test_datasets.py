@@ -566,6 +566,26 @@ def test_chunks_fetched_but_not_kept_are_not_progress(mounts, bucket, s3, proxy,
     assert any("could not be kept in the cache" in w for w in res["warnings"])
 
 
+def test_a_remount_with_less_room_than_its_pins_says_so(mounts, bucket, s3, tmp_path):
+    """Remounted with a --cache-size below what its pinned chunks take, a daemon started
+    without a word, and cached nothing new (`cache_full_uncached` counted each chunk)."""
+    put(s3, bucket, {"p.bin": 9 * CHUNK})
+    m = mounts(f"s3://{bucket}", cache_size="1MiB")
+    res, r = run_json("preload", "--file-list", write_list(tmp_path, ["p.bin"], "p.txt"),
+                      "--mount", str(m.mp), "--pin")
+    assert r.returncode == 0 and res["cache"]["pinned_bytes"] == 9 * file_size(CHUNK), r.stderr
+    assert m.stop() == 0
+    m.cache_size = "512KiB"
+    m.start()
+    assert "pinned chunks take 612.0 KiB, all of --cache-size 512.0 KiB: new data is not " \
+        "cached until `cachefs free` unpins data sets" in m.log_text(), m.log_text()
+    assert m.stop() == 0
+    m.cache_size = "640KiB"  # high watermark 90%: 576 KiB
+    m.start()
+    assert "pinned chunks take 612.0 KiB, above the high watermark (576.0 KiB) of " \
+        "--cache-size 640.0 KiB" in m.log_text(), m.log_text()
+
+
 def test_a_pinned_data_set_preloaded_again_is_not_said_to_be_evicted(mounts, bucket, s3,
                                                                      tmp_path):
     """A preload without --pin of a data set already pinned counted its pinned chunks twice,

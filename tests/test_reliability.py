@@ -942,6 +942,53 @@ def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
         assert read_all(m.path(k)) == objs[k]
 
 
+def test_a_daemon_starts_on_a_full_cache_disk(s3, bucket, mounts, small_disk):
+    """A cache disk filled to the last block (by the cache's pinned chunks and another
+    program): start-up's write test took ENOSPC for "not writable" and refused to start,
+    so no `cachefs free` could make room, and systemd's Restart= looped. It starts now,
+    serves the right bytes, and leaves no probe file behind."""
+    m, objs = _mounted_on(small_disk, s3, bucket, mounts, "g", 4, CS, seed=14)
+    keys = list(objs)
+    for k in keys:
+        assert read_all(m.path(k)) == objs[k]
+    assert m.stop() == 0
+    with open(small_disk / "other-program.bin", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    m.start()
+    assert m.proc.poll() is None, m.log_text()
+    for k in keys:
+        assert read_all(m.path(k)) == objs[k]
+    assert not list(m.cache_dir.glob(".probe.*"))
+    assert "is full (No space left on device)" in m.log_text()
+    assert m.stop() == 0
+
+
+def test_a_full_runtime_dir_is_named_in_one_line(s3, bucket, moto, memory_fs, tmp_path):
+    """The runtime dir (/run/cachefs: each mount's lock, socket and state) full: the mount
+    failed with `daemon failed: OSError: [Errno 28] No space left on device`, naming no
+    path. Now the one line names the file and the directory, and nothing stays mounted."""
+    rt = memory_fs("64k")
+    with open(rt / "filler", "wb", buffering=0) as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    r = cli("mount", f"s3://{bucket}", str(mp), "--endpoint-url", moto.url,
+            "--cache-dir", str(tmp_path / "cache"), "--cache-size", "64MiB",
+            env={"CACHEFS_RUNTIME_DIR": str(rt)})
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    err = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith(f"cachefs: error: cannot write {rt}/"), err
+    assert err[0].endswith(f"info.json: No space left on device (the runtime directory {rt} "
+                           "holds each mount's socket and state)"), err
+    assert not os.path.ismount(mp)
+
+
 def test_a_limit_lowered_by_a_disk_another_program_filled_rises_when_it_frees_it(
         s3, bucket, mounts, small_disk):
     """A cache disk shared with another program, which filled it right after the daemon

@@ -766,3 +766,32 @@ def test_a_tmp_dir_removed_under_the_store_is_made_again(tmp_path):
     assert line.startswith("  not kept   1 chunk write failed, 0 chunks refused (the cache is "
                            "full of pinned data); last write error 0 s ago: "), line
     assert "Not a directory" in line or "File exists" in line, line
+
+
+def test_directories_and_links_made_by_hand_in_the_cache_do_not_stop_the_start(tmp_path):
+    """Start-up removes what it does not know in tmp/ and chunks/; a directory there
+    (`mkdir chunks/ab/junk`) failed every start with IsADirectoryError, and a link in
+    chunks/ to a directory was walked, its files taken for orphans and deleted."""
+    cid, data = os.urandom(16), os.urandom(5000)
+
+    async def write(store, report):
+        assert await store.put(cid, data)
+
+    trio.run(_with_store, tmp_path, write)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the cache's")
+    (tmp_path / "chunks" / "ab" / "junk").mkdir()
+    (tmp_path / "chunks" / "ab" / "junk" / "f").write_text("x")
+    (tmp_path / "chunks" / "ab" / ("0" * 32)).mkdir()  # named like a chunk
+    (tmp_path / "tmp" / "d").mkdir()
+    (tmp_path / "chunks" / "zz").symlink_to(outside)
+
+    async def reread(store, report):
+        return report, bytes(await store.get(cid, len(data)))
+
+    report, got = trio.run(_with_store, tmp_path, reread)
+    assert got == data and report["orphans_removed"] == 2 and report["tmp_removed"] == 1
+    assert not (tmp_path / "chunks" / "ab" / "junk").exists()
+    assert not (tmp_path / "chunks" / "zz").exists()
+    assert (outside / "keep.txt").read_text() == "not the cache's"

@@ -188,6 +188,18 @@ RAISE_CHUNKS = 4
 
 REFUSED_KEPT = 4096  # chunk ids whose last store failed, remembered (see was_refused)
 
+def _discard(p: Path) -> None:
+    """Remove what start-up does not know in tmp/ or chunks/: a file, a link (not what it
+    points at), or a directory and all in it (one made there by hand failed every start
+    with IsADirectoryError)."""
+    if p.is_dir() and not p.is_symlink():
+        log.warning("removing the directory %s: cachefs made no such thing in its cache "
+                    "dir", p)
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 class ChunkStore:
     def __init__(self, cache_dir: Path, index: Index, writer: IndexWriter, stats: Stats, *,
                  limit: int, high: float = 0.9, low: float = 0.8,
@@ -263,7 +275,7 @@ class ChunkStore:
         report = {"tmp_removed": 0, "orphans_adopted": 0, "orphans_removed": 0,
                   "records_dropped": 0}
         for f in self.tmp_dir.iterdir():
-            f.unlink(missing_ok=True)
+            _discard(f)
             report["tmp_removed"] += 1
         indexed = dict(self.index.iter_chunks())
         on_disk: set[bytes] = set()
@@ -271,8 +283,8 @@ class ChunkStore:
         now = time.time()
         said, seen = time.monotonic(), 0
         for sub in self.chunk_dir.iterdir():
-            if not sub.is_dir():
-                sub.unlink(missing_ok=True)
+            if sub.is_symlink() or not sub.is_dir():  # (a link is not followed: removed)
+                _discard(sub)
                 continue
             for f in sub.iterdir():
                 seen += 1
@@ -285,7 +297,7 @@ class ChunkStore:
                     if len(cid) != 16:
                         raise ValueError
                 except ValueError:
-                    f.unlink(missing_ok=True)
+                    _discard(f)
                     report["orphans_removed"] += 1
                     continue
                 rec = indexed.get(cid)
@@ -297,12 +309,12 @@ class ChunkStore:
                     except FileNotFoundError:
                         continue
                     # wrong size: drop file and record
-                    f.unlink(missing_ok=True)
+                    _discard(f)
                     continue
                 # orphan: adopt if it verifies completely
                 hdr_data = self._read_verify(f, cid)
                 if hdr_data is None:
-                    f.unlink(missing_ok=True)
+                    _discard(f)
                     report["orphans_removed"] += 1
                 else:
                     ck, size = hdr_data
