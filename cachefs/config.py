@@ -485,6 +485,12 @@ def build_config(
     if not (0 < low < high <= 1):
         raise ConfigError("watermarks must satisfy 0 < low < high <= 1 (defaults 0.8 and 0.9)")
     ttl = parse_duration(pick("metadata_ttl", meta, "ttl", DEFAULT_METADATA_TTL), "metadata ttl")
+    if ttl == 0:
+        # every lookup of a path would wait for a new listing of each directory on it: an
+        # `ls -l` of 300 files took 62 s and 1,806 LISTs
+        raise ConfigError("metadata ttl: must be more than 0 (with 0 every lookup lists each "
+                          "directory of its path again); 1s keeps listings at most a second "
+                          "old")
     attr_timeout = parse_duration(pick("attr_timeout", meta, "attr_timeout", ttl), "attr timeout")
     ra_given = pick("readahead_memory", read, "readahead_memory")
     # the default holds two chunks at least (chunks of 128 MiB and more)

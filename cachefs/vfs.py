@@ -546,6 +546,24 @@ class VFS:
             if node.lookups <= 0 and not self._attached(node):
                 self._drop_unused(ino)
 
+    def kernel_timeout(self, node: Node) -> float:
+        """How long the kernel may keep node's entry and attributes: what is left of the
+        metadata TTL of the listing they came from (its directory's), at most the attribute
+        timeout. The whole timeout on every answer kept an overwritten or deleted object
+        visible for up to twice the TTL (an answer from a listing about to expire was
+        trusted for another TTL); a directory whose relisting is late gives 0."""
+        t = self.cfg.attr_timeout
+        parent = self.nodes.get(node.parent)
+        if parent is None or parent.mount is None or parent.children is None:
+            return t  # the root, or the root of several mounts (which never changes)
+        return max(0.0, min(t, self.cfg.metadata_ttl - (time.monotonic() - parent.listed_at)))
+
+    def _gone(self, node: Node) -> bool:
+        """A relisting of node's directory found no object or directory of its name."""
+        parent = self.nodes.get(node.parent)
+        return (parent is None or parent.children is not None
+                and node.name not in parent.children)
+
     def _attached(self, node: Node) -> bool:
         """node is still its directory's entry for its name."""
         parent = self.nodes.get(node.parent)
@@ -833,8 +851,13 @@ class VFS:
         d.children = old if new == old else new
         d.listed_at = time.monotonic()  # (with what HEADs said since: as new as the LIST)
         kept = set(new.values())
-        for ino in old.values():
+        for name, ino in old.items():
             if ino not in kept:  # gone from S3 (or now a directory instead of a file)
+                gone = self.nodes.get(ino)
+                if gone is not None and gone.lookups > 0 and self.invalidate_entry is not None:
+                    # the kernel's entry would show it (stat) for its own timeout, and
+                    # an open of it would fail with EIO (S3's 404), not ENOENT
+                    self.invalidate_entry(d.ino, name)
                 self._drop_unused(ino)
         return not answered
 
@@ -982,6 +1005,8 @@ class VFS:
         # file system (O_TRUNC would write; the kernel refuses it on a ro mount already)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             raise FSError(errno.EROFS)
+        if node.mount is not None and self._gone(node):
+            raise FSError(errno.ENOENT)  # (through an entry the kernel had before a relisting)
         if node.stale:  # a read found the object changed: see its new version, not EIO
             await self._refresh(node)
         if (ev := self._invalidating.get(ino)) is not None:

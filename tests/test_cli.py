@@ -98,6 +98,9 @@ def test_bad_cli_input(tmp_path):
     # values that cannot work are bad input, not an S3 failure after a start
     one_line_error(cli(*base, "--cache-size", "1GiB", "--s3-timeout", "0s"),
                    "s3 request timeout: must be more than 0", code=2)
+    # every lookup would list each directory of its path again (`ls -l` of 300 files: 62 s)
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--metadata-ttl", "0"),
+                   "metadata ttl: must be more than 0", code=2)
     for url in ("127.0.0.1:9000", "ftp://127.0.0.1:9000", "http://", "http://h:port"):
         one_line_error(cli(*base, "--cache-size", "1GiB", "--endpoint-url", url),
                        "expected http://host:port", code=2)
