@@ -226,7 +226,8 @@ def parse_advertise(value: Any, what: str) -> str:
     return value
 
 
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$")
+# (upper case and '_': legacy us-east-1 buckets, and S3-compatible stores, have them)
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-_]{1,254}$")
 
 
 def parse_source(source: str) -> tuple[str, str]:

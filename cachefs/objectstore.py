@@ -319,6 +319,11 @@ def _client_error(status: int, body: bytes) -> botocore.exceptions.ClientError:
          "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
 
 
+# what S3 answers to keys it does not take (as opposed to AccessDenied: a policy's "no")
+_CREDENTIAL_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                               "InvalidToken", "TokenRefreshRequired", "InvalidSecurity"})
+
+
 class ObjectStore:
     """One bucket behind one endpoint."""
 
@@ -530,10 +535,15 @@ class ObjectStore:
                     raise QuietError(f"{where} answered {c.status} {c.code}") from None
                 raise QuietError(f"{where} is unreachable ({c})") from None
             if isinstance(c, S3Error):
-                if c.status == 403 or c.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch",
-                                                 "AccessDenied"):
+                if c.code in _CREDENTIAL_CODES:
                     raise QuietError(f"S3 refused the credentials for bucket {self.bucket!r} "
-                                     f"({c.code or c.status})") from None
+                                     f"({c.code})") from None
+                if c.status == 403 or c.code == "AccessDenied":
+                    # the credentials are good, the permission is missing (a policy with
+                    # no s3:ListBucket): "refused the credentials" sent users after keys
+                    raise QuietError(f"S3 denied listing bucket {self.bucket!r} "
+                                     f"({c.code or c.status}): cachefs needs s3:ListBucket "
+                                     "on it (and s3:GetObject on its objects)") from None
                 if isinstance(c, NoSuchObject) and c.code != "NoSuchBucket":
                     # a listing has no object to miss: this is no S3 server (or the wrong
                     # path on one)

@@ -126,6 +126,12 @@ class _HeadCheck:
         self.slow = False  # an open waited HEAD_WAIT for it in vain: the next ones do not
 
 
+def _errno_of(e: S3Error) -> int:
+    """What a FUSE request that S3 failed answers: EACCES where S3 denied it (a bucket
+    policy that leaves out a prefix), else EIO."""
+    return errno.EACCES if e.status == 403 else errno.EIO
+
+
 def valid_name(name: str) -> bool:
     return (name not in ("", ".", "..") and "\0" not in name
             and len(name.encode("utf-8", "surrogateescape")) <= 255)
@@ -588,12 +594,14 @@ class VFS:
 
     # -- directories ------------------------------------------------------------------
 
-    def _warn(self, key: str, why: str) -> None:
+    def _warn(self, key: str, why: str, under: bool = False) -> None:
+        """Say once why a key (``under``: the keys under a prefix) is not shown."""
         if key not in self._warned:
             if len(self._warned) < 100_000:
                 self._warned.add(key)
             self.stats.inc("skipped_keys")
-            log.warning("skipping S3 key %r: %s", key, why)
+            log.warning("skipping %s %r: %s", "the S3 keys under" if under else "S3 key", key,
+                        why)
 
     async def _ensure_listed(self, d: Node, op: str = "list") -> None:
         """List d if it has no listing or its listing is older than the metadata TTL.
@@ -688,7 +696,7 @@ class VFS:
             listing = await m.store.list_dir(prefix)
         except S3Error as e:
             log.warning("listing s3://%s/%s failed: %s", m.spec.bucket, prefix, e)
-            raise FSError(errno.EIO) from None
+            raise FSError(_errno_of(e)) from None
         self.stats.inc("dir_listings")
         if not await self._apply_listing(d, prefix, listing,
                                          await self._known_inos(d, prefix, listing), asked):
@@ -788,8 +796,9 @@ class VFS:
                 await trio.lowlevel.checkpoint()
             name = p[len(prefix):-1]
             if not valid_name(name):
-                self._warn(p, "an empty path segment ('//') is not a directory name" if not name
-                           else "not a valid directory name")
+                self._warn(p, "an empty path segment (a key starting with '/', or '//' in "
+                           "it) is not a directory name" if not name
+                           else "not a valid directory name", under=True)
                 continue
             ino = old.get(name)
             node = self.nodes.get(ino) if ino else None
@@ -1158,7 +1167,7 @@ class VFS:
             except S3Error as e:
                 self.stats.inc("read_errors")
                 log.warning("read of %s failed: %s", self.display_path(h.node), e)
-                raise FSError(errno.EIO) from None
+                raise FSError(_errno_of(e)) from None
             finally:  # failed reads too: in an outage they are the slowest ones
                 self.stats.observe("fuse_read", time.perf_counter() - t0)
 

@@ -484,7 +484,13 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache),
                    f"S3 endpoint {proxy.url} answered 400 InvalidArgument: bad", code=1)
     proxy.faults(status=403, code="InvalidAccessKeyId", ops=["ListObjects"], count=1)
-    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache), "credentials")
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache),
+                   f"S3 refused the credentials for bucket '{bucket}' (InvalidAccessKeyId)")
+    # good keys without the permission to list: not "refused the credentials"
+    proxy.faults(status=403, code="AccessDenied", ops=["ListObjects"], count=1)
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), *cache),
+                   f"S3 denied listing bucket '{bucket}' (AccessDenied): cachefs needs "
+                   "s3:ListBucket on it", code=1)
     proxy.reset()
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(f / "sub"),
                        "--cache-size", "64MiB", "--endpoint-url", proxy.url), "not writable")
@@ -1412,3 +1418,15 @@ def test_what_makes_a_fuse_mount_fail_is_said_in_words(tmp_path):
             f"--allow-other needs user_allow_other in {conf} when a user other than root mounts"
     conf.write_text("mount_max = 1000\n user_allow_other  # for cachefs\n")
     assert problem(True, 1000) is None
+
+
+def test_legacy_bucket_names_with_upper_case_are_taken():
+    """Buckets made before S3's naming rules (us-east-1) and those of S3-compatible stores
+    may have upper-case letters: `invalid bucket name` refused them, while '_' passed."""
+    from cachefs.config import parse_source
+    from cachefs.errors import ConfigError
+
+    assert parse_source("s3://Legacy_Bucket/train/") == ("Legacy_Bucket", "train/")
+    for bad in ("s3://-x", "s3://a", "s3://a b", "s3://a/../b"):
+        with pytest.raises(ConfigError):
+            parse_source(bad)

@@ -895,6 +895,32 @@ def _mounted_on(disk, s3, bucket, mounts, prefix: str, n: int, size: int, seed: 
     return m, objs
 
 
+def test_what_s3_denies_is_permission_denied_not_an_io_error(s3, bucket, mounts, proxy):
+    """A bucket policy that leaves out a prefix (or an object): S3 answers 403 AccessDenied,
+    and `ls` and `cat` said "Input/output error", which reads like a broken disk or S3
+    outage. They say "Permission denied" now (EACCES); other failures stay EIO."""
+    put(s3, bucket, "open/a", b"a" * 100)
+    put(s3, bucket, "open/c", b"c" * 100)
+    put(s3, bucket, "secret/b", b"b" * 100)
+    m = mounts(f"s3://{bucket}")
+    assert sorted(os.listdir(m.mp)) == ["open", "secret"]
+    proxy.faults(status=403, code="AccessDenied", ops=["ListObjects"], count=-1)
+    with pytest.raises(PermissionError):
+        os.listdir(m.path("secret"))
+    proxy.clear_faults()
+    assert sorted(os.listdir(m.path("open"))) == ["a", "c"]
+    proxy.faults(status=403, code="AccessDenied", count=-1, key_filter="open/a")
+    with pytest.raises(PermissionError):
+        read_all(m.path("open/a"))
+    proxy.clear_faults()
+    proxy.faults(status=500, code="InternalError", count=-1, key_filter="open/c")
+    with pytest.raises(OSError) as e:
+        read_all(m.path("open/c"))
+    assert e.value.errno == errno.EIO
+    proxy.clear_faults()
+    assert read_all(m.path("open/a")) == b"a" * 100  # the policy fixed: read at once
+
+
 def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
     """--cache-size 64MiB on a 4 MiB disk, 8 MiB read by 8 readers: every byte correct, no
     EIO; chunk writes that hit ENOSPC are served uncached; the daemon survives a full disk
