@@ -205,7 +205,8 @@ def _run_foreground(cfg, ready_fd: int | None) -> None:
             prepare_cache_dir(cfg.cache_dir, cfg.log_file)
         stream = _open_log(cfg.log_file)
     setup_logging(cfg.log_level, stream and io.TextIOWrapper(stream, line_buffering=True))
-    ready = Ready(ready_fd)
+    # (systemd's socket is this process's to use: not passed on to children it starts)
+    ready = Ready(ready_fd, os.environ.pop("NOTIFY_SOCKET", None) if ready_fd is None else None)
     try:
         trio.run(Daemon(cfg, ready).run)
     except BaseException as e:  # noqa: BLE001

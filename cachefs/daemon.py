@@ -45,10 +45,16 @@ log = logging.getLogger("cachefs.daemon")
 
 
 class Ready:
-    """Tells the parent `cachefs mount` process how start-up went (a pipe fd)."""
+    """Tells the parent `cachefs mount` process how start-up went (a pipe fd), and systemd
+    (``notify_socket``: a unit of ``Type=notify`` runs ``cachefs mount --foreground``)."""
 
-    def __init__(self, fd: int | None) -> None:
+    def __init__(self, fd: int | None, notify_socket: str | None = None) -> None:
         self.fd = fd
+        self.notify_socket = notify_socket
+
+    def _notify(self, state: str) -> None:
+        if self.notify_socket:
+            runtime.sd_notify(self.notify_socket, state)
 
     def _say(self, line: str) -> bool:
         """False when the line found nobody (the `cachefs mount` that waits is gone)."""
@@ -65,20 +71,29 @@ class Ready:
         self._say("WARN " + msg)
 
     def progress(self, msg: str) -> None:
-        """Start-up is slow but moving: said to the waiting command, which waits on."""
+        """Start-up is slow but moving: said to the waiting command, which waits on (and
+        systemd gives the start another minute: a long index check is no hang)."""
         log.info("%s", msg)
         self._say("WAIT " + msg)
+        self._notify(f"STATUS={msg}\nEXTEND_TIMEOUT_USEC=60000000")
 
     def ok(self, msg: str = "") -> bool:
         """Say the mount is live; False if the command that waited for it gave up."""
         heard = self._say("OK " + msg)
+        self._notify(f"READY=1\nSTATUS=serving {msg}")
         self.close()
         return heard
 
     def fail(self, msg: str, exitcode: int = EXIT_FAILED) -> None:
         """Start-up failed: the waiting command prints msg and exits with exitcode."""
         self._say(f"ERR {exitcode} {msg}")
+        self._notify(f"STATUS={msg}")
         self.close()
+
+    def stopping(self) -> None:
+        if self.notify_socket:
+            self._notify("STOPPING=1")
+            self.notify_socket = None  # (said once; nothing follows it)
 
     def close(self) -> None:
         if self.fd is not None:
@@ -584,6 +599,7 @@ class Daemon:
                 return
             with self._fuse_scope:
                 await pyfuse3.main(max_tasks=FUSE_TASKS)
+            self.ready.stopping()  # (unmounted from outside: `cachefs umount`)
             log.info("file system at %s unmounted", mp)
         finally:
             with contextlib.suppress(Exception):
@@ -620,6 +636,7 @@ class Daemon:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        self.ready.stopping()
         pyfuse3.terminate()
         assert self.nursery is not None
         self.nursery.start_soon(self._end_fuse_loop)

@@ -155,6 +155,24 @@ def write_info(mountpoint: Path, info: dict) -> Path:
     return d
 
 
+def sd_notify(address: str, state: str) -> None:
+    """Send ``state`` (``READY=1``, ``STATUS=...``) to systemd's notification socket (the
+    ``NOTIFY_SOCKET`` of a ``Type=notify`` unit; ``@name``: an abstract socket). A lost
+    message costs nothing but the service state: never an error."""
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode("utf-8", "replace"), address)
+    except OSError as e:
+        import logging
+
+        logging.getLogger("cachefs.daemon").warning("cannot tell systemd %r: %s",
+                                                    state.partition("\n")[0], e)
+
+
 LOCK = "lock"
 _LOCK_TRIES = 100
 

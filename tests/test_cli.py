@@ -1293,6 +1293,37 @@ def test_a_directory_of_the_users_is_never_taken_as_a_cache_dir(s3, bucket, prox
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
 
+def test_a_foreground_daemon_tells_systemd_when_it_serves(s3, bucket, mounts, tmp_path):
+    """The systemd unit was Type=simple: "active" as soon as the process was forked, so
+    jobs ordered after it saw an empty directory, and `systemctl start` reported success
+    for a mount that failed. `--foreground` under Type=notify says READY=1 once the mount
+    serves, and STOPPING=1 when it goes; a failed start says why in STATUS."""
+    import socket
+
+    s3.put_object(Bucket=bucket, Key="d/f", Body=b"x" * 10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    addr = str(tmp_path / "notify")
+    sock.bind(addr)
+    sock.settimeout(30)
+    try:
+        m = mounts(f"s3://{bucket}", env={"NOTIFY_SOCKET": addr}, start=False)
+        m.start()
+        msg = sock.recv(4096).decode()
+        assert msg.startswith("READY=1\nSTATUS=serving "), msg
+        assert os.listdir(m.path("d")) == ["f"]  # it serves
+        assert m.stop() == 0
+        assert sock.recv(4096).decode() == "STOPPING=1"
+        # a start that fails: its reason, for `systemctl status`
+        bad = mounts("s3://no-such-bucket-here", env={"NOTIFY_SOCKET": addr}, start=False,
+                     name="bad")
+        with pytest.raises(RuntimeError):
+            bad.start()
+        msg = sock.recv(4096).decode()
+        assert msg.startswith("STATUS=") and "no-such-bucket-here" in msg, msg
+    finally:
+        sock.close()
+
+
 def test_packaged_deployments_run_what_the_cli_takes(monkeypatch, tmp_path):
     """The systemd unit and the Kubernetes DaemonSet: their cachefs command lines parse,
     their config files load, and the mountpoint exists before the mount starts (cachefs
@@ -1315,9 +1346,12 @@ def test_packaged_deployments_run_what_the_cli_takes(monkeypatch, tmp_path):
     lines = {k: v.replace("%i", "train").replace("%H", "gpu-01") for k, _, v in
              (ln.partition("=") for ln in unit.splitlines() if not ln.startswith("#"))}
     argv = shlex.split(lines["ExecStart"])
-    assert argv[0] == "/usr/local/bin/cachefs"
+    assert argv[0] == "/opt/cachefs/bin/cachefs"  # the venv packaging/README.md makes
     params = check_argv(argv[1:])
-    check_argv(shlex.split(lines["ExecStop"])[1:])
+    assert "--foreground" in argv and lines["Type"] == "notify"  # READY=1: the daemon's
+    stop = shlex.split(lines["ExecStop"])
+    assert stop[0] == "-" + argv[0]  # (a busy or hand-unmounted mount is no failure)
+    check_argv(stop[1:])
     mountpoint = params["args"][-1]
     assert shlex.split(lines["ExecStartPre"])[-2:] == ["-p", mountpoint]
     assert params["config_file"] == "/etc/cachefs/train.toml"
@@ -1329,11 +1363,18 @@ def test_packaged_deployments_run_what_the_cli_takes(monkeypatch, tmp_path):
     (c,) = spec["containers"]
     params = check_argv([a.replace("$(NODE_NAME)", "gpu-01") for a in c["args"]])
     check_argv(c["lifecycle"]["preStop"]["exec"]["command"][1:])
-    check_argv(c["readinessProbe"]["exec"]["command"][1:])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check_argv(c[probe]["exec"]["command"][1:])
     mountpoint = params["args"][-1]
     made = [i for i in spec.get("initContainers", ())
-            if i["command"][:2] == ["mkdir", "-p"] and mountpoint in i["command"]]
+            if f"mkdir -p {mountpoint}" in " ".join(i["command"])]
     assert made, "nothing creates the DaemonSet's mountpoint before cachefs mounts it"
+    # run as it is, with the mountpoint moved here: it makes the directory, and succeeds
+    # when the directory is there already
+    cmd = [a.replace(mountpoint, str(tmp_path / "mp")) for a in made[0]["command"]]
+    for _ in range(2):
+        assert subprocess.run(cmd, capture_output=True).returncode == 0
+        assert (tmp_path / "mp").is_dir()
     vols = {v["name"]: v["mountPath"] for v in made[0]["volumeMounts"]}
     assert any(mountpoint.startswith(p + "/") for p in vols.values()), vols
     cm = next(d for d in docs if d and d["kind"] == "ConfigMap")
