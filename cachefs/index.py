@@ -38,7 +38,8 @@ import trio
 
 from .errors import QuietError
 from .faults import crash_point
-from .index_check import DAMAGE_ERRORS
+from .index_check import DAMAGE_ERRORS as DAMAGE_ERRORS
+from .index_check import NOT_DAMAGE
 
 log = logging.getLogger("cachefs.index")
 
@@ -459,14 +460,14 @@ def open_index(path: Path, map_size: int = 1 << 30,
             _move_aside(path, why)
     try:
         return Index(path, map_size)
-    except (*DAMAGE_ERRORS, lmdb.VersionMismatchError, RuntimeError, struct.error) as e:
-        _move_aside(path, str(e))  # damaged, or of another format: it fails every start
-        return Index(path, map_size)
-    except lmdb.Error as e:
+    except NOT_DAMAGE as e:
         # not the index's fault (no memory: an address-space limit; an I/O error): it is
         # left as it is, pins and all, and the start fails; a rebuild would lose the pins
         raise QuietError(f"cannot open the cache index {path}: {_lmdb_reason(e)} (the "
                          "index is left as it is)") from None
+    except (lmdb.Error, RuntimeError, struct.error) as e:
+        _move_aside(path, str(e))  # damaged, or of another format: it fails every start
+        return Index(path, map_size)
 
 
 def _lmdb_reason(e: lmdb.Error) -> str:

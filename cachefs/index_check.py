@@ -26,10 +26,15 @@ INO = struct.Struct("<Q")
 NAMED_DBS = (b"chunks", b"inodes", b"meta", b"listings")
 DAMAGED = 3  # exit status: a record did not read back
 UNTOLD = 4  # exit status: the walk failed for a reason that is not the index's (ENOMEM, EIO)
-# what damage to an index raises; the rest (no memory, a full disk, an I/O error) is not
-# the index's, and says nothing about it
+# what damage to an index surely raises (the daemon takes it for damage at run time too)
 DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PanicError,
                  lmdb.InvalidError)
+# what says nothing about the index: no memory (an address-space limit), an I/O error, a
+# read-only file system, the lock file, reader slots; any other LMDB error at open or in
+# the walk is damage (a torn meta page can read as "LMDB data format v3238002689 is not
+# supported", a plain lmdb.Error)
+NOT_DAMAGE = (lmdb.MemoryError, lmdb.DiskError, lmdb.ReadonlyError, lmdb.LockError,
+              lmdb.ReadersFullError, lmdb.TlsFullError)
 
 
 def walk(path: str) -> int:
@@ -59,12 +64,12 @@ def walk(path: str) -> int:
 def main() -> None:
     try:
         n = walk(sys.argv[1])
-    except (*DAMAGE_ERRORS, struct.error, ValueError) as e:
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(DAMAGED)
-    except lmdb.Error as e:
+    except NOT_DAMAGE as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(UNTOLD)
+    except (lmdb.Error, struct.error, ValueError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(DAMAGED)
     print(n)
 
 
