@@ -271,12 +271,13 @@ class QuickRun:
     chunk.  A warm sequential reader's requests cost the daemon 50-100 us each, and one
     object per request, freed 256 requests later when it is no longer in the CPU's caches,
     added about 5% to that (bench/README.md); a run's arrays grow in place, and the ring
-    holds one object per RUN_MAX reads.  Open while its handle reads on; closed into the
-    recent ring by the handle's next other read, its release, or a question about the
-    recent traces (``Tracer.flush_quick``)."""
+    holds one object per RUN_MAX reads.  It goes into the recent ring with its first read
+    (the ring's order, and what leaves it first, is that of first reads), and the ring
+    counts each read as it comes; its handle's next other read, or its release, ends it.
+    ``kept``: still in the ring (the ring let go of it when it was the oldest)."""
 
     __slots__ = ("owner", "ino", "path", "pid", "chunk", "offset", "next_off", "seqs",
-                 "starts", "ends", "sizes", "nbytes")
+                 "starts", "ends", "sizes", "nbytes", "kept")
 
     def __init__(self, owner: Tracer, ino: int, path: str, pid: int, chunk: int,
                  offset: int) -> None:
@@ -287,6 +288,7 @@ class QuickRun:
         self.ends = array("d")
         self.sizes = array("Q")
         self.nbytes = array("Q")
+        self.kept = True
 
     @property
     def ntraces(self) -> int:
@@ -503,6 +505,8 @@ class _Ring:
             t = items.popleft()
             self.spans -= t.nspans
             self.traces -= t.ntraces
+            if type(t) is QuickRun:
+                t.kept = False  # (its handle's next quick read starts a new run)
 
     def __len__(self) -> int:
         return self.traces
@@ -593,7 +597,8 @@ class Tracer:
         if not self.enabled:
             return True
         r = self._runs.get(fh)
-        if r is None or r.next_off != offset or r.chunk != chunk or len(r.seqs) >= RUN_MAX:
+        if (r is None or r.next_off != offset or r.chunk != chunk or len(r.seqs) >= RUN_MAX
+                or not r.kept):
             return False
         self.started = n = self.started + 1
         end = _now()
@@ -604,6 +609,11 @@ class Tracer:
         r.nbytes.append(nbytes)
         r.next_off = offset + size
         self.finished += 1
+        ring = self.recent  # (the run is in it: the read is counted there now)
+        ring.traces += 1
+        ring.spans += 2
+        if ring.traces > ring.max_traces or ring.spans > ring.max_spans:
+            ring.trim()
         if end - start >= self.slow_threshold:
             self._slow_quick(r, n, start, end, offset, size, nbytes)
         return True
@@ -611,8 +621,8 @@ class Tracer:
     def quick_read_new(self, fh: int, start: float, offset: int, size: int, chunk: int,
                        nbytes: int, ino: int, path: str, pid: int) -> None:
         """``quick_read`` of a read that opens a new run of handle fh."""
-        self.end_quick(fh)
-        self._runs[fh] = QuickRun(self, ino, path, pid, chunk, offset)
+        r = self._runs[fh] = QuickRun(self, ino, path, pid, chunk, offset)
+        self.recent.append(r)  # (no reads yet: counted as they come)
         self.quick_read(fh, start, offset, size, chunk, nbytes)
 
     def _slow_quick(self, r: QuickRun, n: int, start: float, end: float, offset: int,
@@ -622,16 +632,9 @@ class Tracer:
                                    r.chunk, nbytes, end))
 
     def end_quick(self, fh: int) -> None:
-        """Handle fh's run of quick reads ends (another kind of read, its release): into
-        the recent ring."""
-        r = self._runs.pop(fh, None)
-        if r is not None and r.seqs:
-            self.recent.append(r)
-
-    def flush_quick(self) -> None:
-        """Every open run into the recent ring (before anyone looks at it)."""
-        for fh in list(self._runs):
-            self.end_quick(fh)
+        """Handle fh's run of quick reads ends (another kind of read, its release)."""
+        if self._runs:
+            self._runs.pop(fh, None)
 
     def _continuation(self, prev: RootSpan | _Done, op: str, attrs: dict) -> RootSpan:
         pa = prev.attrs
@@ -735,7 +738,6 @@ class Tracer:
             self._sinks.remove(fn)
 
     def statistics(self) -> dict:
-        self.flush_quick()
         return {"enabled": self.enabled, "started": self.started, "finished": self.finished,
                 "slow": self.slow_count, "incomplete": self.incomplete,
                 "pending": len(self._pending), "dropped_spans": self.dropped_spans,

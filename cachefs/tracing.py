@@ -146,7 +146,6 @@ class Tracing:
     async def recent(self, req: dict, emit) -> dict:
         n = _num(req, "n", 20)
         tr = self.d.tracer
-        tr.flush_quick()
         ring = tr.slow if req.get("slow") else tr.recent
         slower = _num(req, "slower_than", None, float)
         prefix = req.get("path_prefix") or None

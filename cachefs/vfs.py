@@ -126,10 +126,15 @@ class _HeadCheck:
         self.slow = False  # an open waited HEAD_WAIT for it in vain: the next ones do not
 
 
+_DENIED = frozenset({"AccessDenied", "AllAccessDisabled", "Forbidden", "403", ""})
+
+
 def _errno_of(e: S3Error) -> int:
     """What a FUSE request that S3 failed answers: EACCES where S3 denied it (a bucket
-    policy that leaves out a prefix), else EIO."""
-    return errno.EACCES if e.status == 403 else errno.EIO
+    policy that leaves out a prefix), else EIO: S3's other 403s (a skewed clock, an
+    archived object's InvalidObjectState) are no permission a user could be given."""
+    return errno.EACCES if e.status == 403 and e.code in _DENIED and not e.transient \
+        else errno.EIO
 
 
 def valid_name(name: str) -> bool:
@@ -493,6 +498,7 @@ class VFS:
         self._next_ino = max(index.next_ino(), ROOT_INO + 1)
         self._listing: dict[int, trio.Event] = {}
         self._slow: set[int] = set()  # directories whose relisting outlasted STALE_WAIT
+        self._first_failed: dict[int, int] = {}  # directory -> errno of its failed 1st listing
         self._refreshing: dict[int, _HeadCheck] = {}  # stale node → its HEAD
         # a node a relisting moved to a new version in place → the kernel's invalidation of
         # the old one's pages, which opens wait for
@@ -622,6 +628,11 @@ class VFS:
             else:
                 try:
                     await self._first_listing(d, op)
+                except FSError as e:
+                    self._first_failed[d.ino] = e.errno  # (what its waiters answer too)
+                    raise
+                else:
+                    self._first_failed.pop(d.ino, None)
                 finally:
                     if self._listing.get(d.ino) is ev:
                         del self._listing[d.ino]
@@ -631,9 +642,9 @@ class VFS:
             await ev.wait()
             if d.children is not None:
                 return
-            # it failed (its caller logged why and got EIO): so do its waiters, rather
+            # it failed (its caller logged why): so do its waiters, with its error, rather
             # than each of them asking the failing S3 again in turn
-            raise FSError(errno.EIO)
+            raise FSError(self._first_failed.get(d.ino, errno.EIO))
         if d.ino in self._slow:
             return  # an earlier caller already waited for this relisting
         with trio.move_on_after(STALE_WAIT) as cs:

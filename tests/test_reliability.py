@@ -901,6 +901,7 @@ def test_what_s3_denies_is_permission_denied_not_an_io_error(s3, bucket, mounts,
     outage. They say "Permission denied" now (EACCES); other failures stay EIO."""
     put(s3, bucket, "open/a", b"a" * 100)
     put(s3, bucket, "open/c", b"c" * 100)
+    put(s3, bucket, "open/d", b"d" * 100)
     put(s3, bucket, "secret/b", b"b" * 100)
     m = mounts(f"s3://{bucket}")
     assert sorted(os.listdir(m.mp)) == ["open", "secret"]
@@ -908,7 +909,7 @@ def test_what_s3_denies_is_permission_denied_not_an_io_error(s3, bucket, mounts,
     with pytest.raises(PermissionError):
         os.listdir(m.path("secret"))
     proxy.clear_faults()
-    assert sorted(os.listdir(m.path("open"))) == ["a", "c"]
+    assert sorted(os.listdir(m.path("open"))) == ["a", "c", "d"]
     proxy.faults(status=403, code="AccessDenied", count=-1, key_filter="open/a")
     with pytest.raises(PermissionError):
         read_all(m.path("open/a"))
@@ -918,7 +919,15 @@ def test_what_s3_denies_is_permission_denied_not_an_io_error(s3, bucket, mounts,
         read_all(m.path("open/c"))
     assert e.value.errno == errno.EIO
     proxy.clear_faults()
-    assert read_all(m.path("open/a")) == b"a" * 100  # the policy fixed: read at once
+    # S3's other 403s are no permission a user could be given (an archived object)
+    proxy.faults(status=403, code="InvalidObjectState", count=-1, key_filter="open/d")
+    with pytest.raises(OSError) as e:
+        read_all(m.path("open/d"))
+    assert e.value.errno == errno.EIO
+    proxy.clear_faults()
+    from cachefs.chunks.reader import FAILED_FOR
+    time.sleep(FAILED_FOR)  # (a failed fetch fails again at once for that long)
+    assert read_all(m.path("open/a")) == b"a" * 100  # the policy fixed: read again
 
 
 def test_cache_disk_full(s3, bucket, mounts, proxy, small_disk):
