@@ -331,17 +331,19 @@ def _probe(d: Path) -> None:
     eviction makes room), and one that does not start cannot ``free`` the pinned chunks
     that may fill it. Under systemd's Restart= that was a loop of failed starts."""
     probe = d / f".probe.{os.getpid()}"
-    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, b"x")
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            probe.unlink()
     except OSError as e:
+        # (no room for a new file at all: XFS or btrfs with no free space, no inodes left)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         log.warning("the file system of cache dir %s is full (%s): chunks are cached again "
                     "as room is made", d, e.strerror)
-    finally:
-        os.close(fd)
-        probe.unlink()
 
 
 def lock_cache_dir(d: Path) -> int:
