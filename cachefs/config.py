@@ -31,6 +31,7 @@ DEFAULT_CHUNK_SIZE = 8 * MiB
 # Training data is immutable in practice; 5 minutes bounds how long an
 # overwrite stays invisible while keeping LIST traffic negligible.
 DEFAULT_METADATA_TTL = 300.0
+DEFAULT_NEGATIVE_TTL = 10.0  # a missing name's lookup lists its directory again after this
 DEFAULT_READAHEAD_MEMORY = 256 * MiB
 DEFAULT_READAHEAD_CHUNKS = 8
 DEFAULT_PREFETCH_FILES = 32
@@ -307,6 +308,7 @@ class Config:
     low_watermark: float = 0.8
     metadata_ttl: float = DEFAULT_METADATA_TTL
     attr_timeout: float = DEFAULT_METADATA_TTL
+    negative_ttl: float = DEFAULT_NEGATIVE_TTL
     readahead_memory: int = DEFAULT_READAHEAD_MEMORY
     readahead_chunks: int = DEFAULT_READAHEAD_CHUNKS
     prefetch_files: int = DEFAULT_PREFETCH_FILES
@@ -375,7 +377,7 @@ def build_config(
     cache = _table(raw, "cache")
     _check_keys(cache, {"dir", "size", "chunk_size", "high_watermark", "low_watermark"}, "[cache]")
     meta = _table(raw, "metadata")
-    _check_keys(meta, {"ttl", "attr_timeout"}, "[metadata]")
+    _check_keys(meta, {"ttl", "attr_timeout", "negative_ttl"}, "[metadata]")
     read = _table(raw, "read")
     _check_keys(read, {"readahead_memory", "readahead_chunks", "prefetch_files",
                        "kernel_read_ahead_kb", "page_cache"}, "[read]")
@@ -493,6 +495,8 @@ def build_config(
                           "directory of its path again); 1s keeps listings at most a second "
                           "old")
     attr_timeout = parse_duration(pick("attr_timeout", meta, "attr_timeout", ttl), "attr timeout")
+    negative_ttl = parse_duration(pick("negative_ttl", meta, "negative_ttl",
+                                       DEFAULT_NEGATIVE_TTL), "negative ttl")
     ra_given = pick("readahead_memory", read, "readahead_memory")
     # the default holds two chunks at least (chunks of 128 MiB and more)
     ra_mem = parse_size(ra_given, "read-ahead memory") if ra_given is not None \
@@ -636,6 +640,7 @@ def build_config(
         low_watermark=low,
         metadata_ttl=ttl,
         attr_timeout=attr_timeout,
+        negative_ttl=negative_ttl,
         kernel_read_ahead_kb=kernel_ra,
         page_cache=parse_bool(pick("page_cache", read, "page_cache", Config.page_cache),
                               "[read] page_cache"),

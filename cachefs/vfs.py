@@ -55,6 +55,7 @@ from .trace import Tracer, current, leaf, span
 log = logging.getLogger("cachefs.vfs")
 
 ROOT_INO = 1
+MISS_RELIST_MAX = 10_000  # entries: a larger directory is not listed again for a missing name
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 APPLY_SLICE = 4096  # listing entries applied between two checkpoints
@@ -894,6 +895,8 @@ class VFS:
                 await self._ensure_listed(parent, "lookup")
             assert parent.children is not None
             ino = parent.children.get(name)
+            if ino is None and parent.mount is not None and await self._relisted_for(parent):
+                ino = parent.children.get(name)
             if ino is None:
                 raise FSError(errno.ENOENT)
             node = self.get(ino)
@@ -970,6 +973,27 @@ class VFS:
                 await self._relist_now(node)
                 node = await self.lookup(node.ino, part, count=False)
         return node
+
+    async def _relisted_for(self, d: Node) -> bool:
+        """A lookup of a name d's listing lacks: d is listed again if its listing is older
+        than ``[metadata] negative_ttl`` (10 s) and holds at most MISS_RELIST_MAX entries,
+        and the lookup waits for that at most STALE_WAIT. True when a new listing came in
+        time. A file uploaded after its directory was listed was "no such file" for the
+        metadata TTL (5 minutes) to every program that opened it by name; at most one
+        listing per directory per negative_ttl (a relisting that fails counts) bounds what
+        programs probing for names that do not exist cost."""
+        assert d.children is not None
+        if (time.monotonic() - d.listed_at < self.cfg.negative_ttl
+                or len(d.children) > MISS_RELIST_MAX):
+            return False
+        ev = self._listing.get(d.ino)
+        if ev is None:
+            ev = self._listing[d.ino] = trio.Event()
+            self.stats.inc("dir_listings_for_missing_names")
+            self.nursery.start_soon(self._relist, d, ev, "lookup")
+        with trio.move_on_after(STALE_WAIT):
+            await ev.wait()
+        return ev.is_set()
 
     async def _relist_now(self, d: Node) -> None:
         """List ``d`` anew and wait for it (however long it takes; a failure keeps the

@@ -491,6 +491,36 @@ def test_what_the_kernel_keeps_expires_with_the_listing_it_came_from(s3, bucket,
         open(m.path("g/x"), "rb").close()
 
 
+def test_a_file_uploaded_after_its_directory_was_listed_opens_by_name(s3, bucket, mounts,
+                                                                      tmp_path):
+    """A file written to S3 after its directory was listed was "no such file" for the
+    metadata TTL (5 minutes) to a program that opened it by name (a training job reading
+    the shards a manifest names). A lookup of a name the listing lacks lists the directory
+    again once that listing is older than `[metadata] negative_ttl`: at most one listing
+    per directory in that time, however many names are probed."""
+    put(s3, bucket, "d/a", b"a")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[metadata]\nnegative_ttl = '1s'\n")
+    m = mounts(f"s3://{bucket}", config=str(cfg))  # the TTL: 5 minutes
+    assert m.path("d/a").stat().st_size == 1  # d/ listed
+
+    def lists():
+        return m.counters().get("dir_listings", 0)
+
+    before = lists()
+    put(s3, bucket, "d/new", b"new!")
+    for i in range(20):  # probes within negative_ttl of the listing: no new listing
+        assert not m.path(f"d/missing{i}").exists()
+    assert lists() == before
+    time.sleep(1.2)
+    assert m.path("d/new").read_bytes() == b"new!"
+    assert lists() == before + 1
+    for i in range(20):  # and no more for a while
+        assert not m.path(f"d/missing{i}").exists()
+    assert lists() == before + 1
+    assert m.counters()["dir_listings_for_missing_names"] == 1
+
+
 def test_a_name_a_relisting_drops_is_gone_from_the_kernel_too(s3, bucket, mounts, tmp_path):
     """A relisting that finds an object deleted (here the one a data-set command makes
     for a name its listing lacks, long before the TTL) left the kernel's entry: `stat`
