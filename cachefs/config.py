@@ -497,6 +497,10 @@ def build_config(
     attr_timeout = parse_duration(pick("attr_timeout", meta, "attr_timeout", ttl), "attr timeout")
     negative_ttl = parse_duration(pick("negative_ttl", meta, "negative_ttl",
                                        DEFAULT_NEGATIVE_TTL), "negative ttl")
+    if negative_ttl < 1:
+        # a listing of the directory for every lookup of a name it lacks
+        raise ConfigError("negative ttl: must be at least 1s (the metadata ttl or more: a "
+                          "missing name waits for the TTL)")
     ra_given = pick("readahead_memory", read, "readahead_memory")
     # the default holds two chunks at least (chunks of 128 MiB and more)
     ra_mem = parse_size(ra_given, "read-ahead memory") if ra_given is not None \

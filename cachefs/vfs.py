@@ -500,6 +500,7 @@ class VFS:
         self._listing: dict[int, trio.Event] = {}
         self._slow: set[int] = set()  # directories whose relisting outlasted STALE_WAIT
         self._first_failed: dict[int, int] = {}  # directory -> errno of its failed 1st listing
+        self._missed_at: dict[int, float] = {}  # directory -> its last listing for a missing name
         self._refreshing: dict[int, _HeadCheck] = {}  # stale node → its HEAD
         # a node a relisting moved to a new version in place → the kernel's invalidation of
         # the old one's pages, which opens wait for
@@ -596,6 +597,8 @@ class VFS:
             del self.nodes[node.ino]
             self._headed.pop(node.ino, None)
             self._head_retry_at.pop(node.ino, None)
+            self._missed_at.pop(node.ino, None)
+            self._first_failed.pop(node.ino, None)
             if node.children:
                 stack.extend(node.children.values())
 
@@ -687,8 +690,9 @@ class VFS:
 
     def _retry_later(self, d: Node) -> None:
         self.stats.inc("dir_listings_stale")
-        d.listed_at = time.monotonic() - self.cfg.metadata_ttl + min(STALE_RETRY,
-                                                                      self.cfg.metadata_ttl)
+        # (a listing still within its TTL, relisted early for a missing name, keeps its age)
+        d.listed_at = max(d.listed_at, time.monotonic() - self.cfg.metadata_ttl
+                          + min(STALE_RETRY, self.cfg.metadata_ttl))
 
     async def _traced_list(self, d: Node, op: str, own: bool = False) -> None:
         """own: a trace of its own even inside a traced request (a background relisting
@@ -963,11 +967,17 @@ class VFS:
         is not "no such file" for the metadata TTL)."""
         node = self.nodes[ROOT_INO]
         for part in [p for p in path.split("/") if p]:
+            t0 = time.monotonic()
             try:
                 node = await self.lookup(node.ino, part, count=False)
             except FSError as e:
                 if (refreshed is None or e.errno != errno.ENOENT or node.ino in refreshed
                         or node.mount is None or node.children is None):
+                    raise
+                if (self._missed_at.get(node.ino, -math.inf) >= t0
+                        and node.ino not in self._listing):
+                    # the lookup had it listed anew, asked after t0, and that has ended
+                    refreshed.add(node.ino)
                     raise
                 refreshed.add(node.ino)
                 await self._relist_now(node)
@@ -983,16 +993,21 @@ class VFS:
         listing per directory per negative_ttl (a relisting that fails counts) bounds what
         programs probing for names that do not exist cost."""
         assert d.children is not None
-        if (time.monotonic() - d.listed_at < self.cfg.negative_ttl
-                or len(d.children) > MISS_RELIST_MAX):
+        now = time.monotonic()
+        if (now - max(d.listed_at, self._missed_at.get(d.ino, -math.inf))
+                < self.cfg.negative_ttl or len(d.children) > MISS_RELIST_MAX
+                or d.ino in self._slow):  # (a relisting known to be slow: not waited again)
             return False
         ev = self._listing.get(d.ino)
         if ev is None:
             ev = self._listing[d.ino] = trio.Event()
+            self._missed_at[d.ino] = now  # (a relisting that fails counts too)
             self.stats.inc("dir_listings_for_missing_names")
             self.nursery.start_soon(self._relist, d, ev, "lookup")
         with trio.move_on_after(STALE_WAIT):
             await ev.wait()
+        if not ev.is_set():
+            self._slow.add(d.ino)
         return ev.is_set()
 
     async def _relist_now(self, d: Node) -> None:

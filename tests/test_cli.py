@@ -394,6 +394,7 @@ def test_config_values_of_the_wrong_type(tmp_path):
             (head + "[s3]\nmax_concurrency = 0\n", "s3 max_concurrency must be >= 1"),
             (head + "[metadata]\nttl = nan\n", "metadata ttl: expected a duration"),
             (head + "[metadata]\nattr_timeout = inf\n", "attr timeout: expected a duration"),
+            (head + "[metadata]\nnegative_ttl = '100ms'\n", "negative ttl: must be at least 1s"),
             (head + "[s3]\nrequest_timeout = nan\n", "s3 request timeout: expected a duration"),
             (head + "[cluster]\nlease_ttl = nan\n", "[cluster] lease_ttl: expected a duration"),
             (head + "[cluster]\nnode_id = 7\n", "[cluster] node_id: expected a string"),

@@ -521,6 +521,35 @@ def test_a_file_uploaded_after_its_directory_was_listed_opens_by_name(s3, bucket
     assert m.counters()["dir_listings_for_missing_names"] == 1
 
 
+def test_missing_names_cost_one_listing_in_an_outage_and_for_data_set_commands(
+        s3, bucket, mounts, proxy, tmp_path):
+    """A relisting for a missing name that fails (S3 refusing LISTs) made the listing look
+    expired, so every later probe listed again: one LIST per lookup while S3 asked clients
+    to back off. And a data-set command's missing name cost two listings (the lookup's and
+    the command's own)."""
+    from cachefs_env import cli
+
+    put(s3, bucket, "d/a", b"a")
+    put(s3, bucket, "e/a", b"a")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[metadata]\nnegative_ttl = '1s'\n")
+    m = mounts(f"s3://{bucket}", config=str(cfg))
+    assert m.path("d/a").exists() and m.path("e/a").exists()  # d/ and e/ listed
+    time.sleep(1.2)
+    proxy.reset()
+    proxy.faults(status=403, code="AccessDenied", ops=["ListObjects"], count=-1)
+    for i in range(10):
+        assert not m.path(f"d/missing{i}").exists()
+    assert proxy.stats()["ops"].get("ListObjects", 0) == 1, proxy.stats()["ops"]
+    assert m.path("d/a").read_bytes() == b"a"  # the listing it has is kept
+    proxy.reset()
+    lst = tmp_path / "l.txt"
+    lst.write_text("e/missing\n")
+    r = cli("status", "--file-list", str(lst), "--mount", str(m.mp))
+    assert r.returncode == 2 and "e/missing: no such file" in r.stderr, r.stderr
+    assert proxy.stats()["ops"].get("ListObjects", 0) == 1, proxy.stats()["ops"]
+
+
 def test_a_name_a_relisting_drops_is_gone_from_the_kernel_too(s3, bucket, mounts, tmp_path):
     """A relisting that finds an object deleted (here the one a data-set command makes
     for a name its listing lacks, long before the TTL) left the kernel's entry: `stat`
@@ -978,7 +1007,7 @@ def test_a_listing_asked_before_a_head_keeps_what_the_head_said(tmp_path):
     v = VFS.__new__(VFS)
     v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
     v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
-    v._headed, v._head_retry_at = {}, {}
+    v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
     d = Node(5, 1, "d", True, mount, "d/")
     v.nodes = {5: d}
     for ino, name, etag in ((10, "gone.bin", "e1"), (11, "new.bin", "e2"), (12, "same.bin", "s")):
