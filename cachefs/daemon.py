@@ -567,6 +567,8 @@ class Daemon:
                        self.tracer, nursery, invalidate=lambda ino: _invalidate(ino, token),
                        invalidate_entry=_invalidate_entry)
         ops = Operations(self.vfs, self.stats)
+        inited = trio.Event()
+        ops.on_init = inited.set
         options = set(pyfuse3.default_options)
         options |= {f"fsname={_fsname(mounts)}", "subtype=cachefs", "ro", "noatime"}
         if cfg.allow_other:
@@ -590,7 +592,7 @@ class Daemon:
             register_all(self)
             await nursery.start(self.control.serve)
             nursery.start_soon(self._signals)
-            nursery.start_soon(self._after_init, mp)
+            nursery.start_soon(self._after_init, mp, inited)
             log.info("mounted %s at %s (cache %s, limit %d MiB, chunk %d KiB%s)",
                      ", ".join(m.spec.source for m in mounts), mp, cfg.cache_dir,
                      cfg.cache_size >> 20, cfg.chunk_size >> 10,
@@ -609,10 +611,17 @@ class Daemon:
             with contextlib.suppress(OSError):
                 (runtime.mount_dir(mp, create=True, resolved=True) / "info.json").unlink()
 
-    async def _after_init(self, mp: Path) -> None:
-        """Once the kernel has finished FUSE INIT (it resets the bdi read-ahead then)."""
+    async def _after_init(self, mp: Path, inited: trio.Event) -> None:
+        """Once the kernel has finished FUSE INIT (it resets the bdi read-ahead then).  The
+        INIT reply is written, and the kernel has applied it, before the request that
+        carried it returns to the loop; this task runs after that.  (It used to stat the
+        mountpoint from a thread, which returns once INIT is done: a request of the daemon
+        to itself, which left an unkillable process and a hung mount when a SIGKILL came
+        between the daemon reading it and answering it.)"""
+        await inited.wait()
+        await trio.lowlevel.checkpoint()
+
         def work() -> None:
-            os.stat(mp)  # served by pyfuse3.main: returns only after INIT
             set_kernel_readahead(mp, self.cfg.kernel_read_ahead_kb)
             set_fuse_background(mp, FUSE_BACKGROUND)
         await trio.to_thread.run_sync(work, abandon_on_cancel=True)

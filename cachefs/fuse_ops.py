@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -62,6 +63,12 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.vfs = vfs
         self.stats = stats
+        self.on_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        """FUSE INIT is being answered (pyfuse3 calls this on the trio thread)."""
+        if self.on_init is not None:
+            self.on_init()
 
     def attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
