@@ -853,9 +853,10 @@ class VFS:
                     # kernel's size of it, or their reads past a shorter new version would
                     # end early without an error); the name gets a new inode.  (Once a
                     # read met the change, the next open of this inode updates it in place
-                    # and reads the new version: see open.)
+                    # and reads the new version: see open.)  The kernel's entry for the
+                    # name is dropped below, with every name whose inode this listing
+                    # changed, once the directory answers with the new one.
                     node = self._new_node(d, name, False, m, d.path + name, known)
-                    self.invalidate_entry(d.ino, name)
                 elif self.invalidate is not None and node.ino not in self._invalidating:
                     # an open before the kernel has let go of the old version's pages
                     # would read them among the new version's bytes: opens wait for it
