@@ -28,12 +28,14 @@ Bounds (memory):
     (``recent``/``slow``) and in spans (``recent_spans``/``slow_spans``): the
     oldest traces leave first.  With the defaults the rings hold at most
     256 + 1024 traces and 8,192 + 32,768 spans (each about 0.5 KiB),
-    i.e. about 20 MiB in the worst case.
+    i.e. about 20 MiB in the worst case.  The reads of a QuickRun are counted when
+    the run ends (or when the totals are asked for), so the recent ring may hold
+    up to RUN_MAX - 1 more reads per file being read.
 
 Cost: a read its handle serves from the chunk it holds, starting nothing (a warm
 sequential reader's usual request), is recorded without a task switch in its handle's
-QuickRun, arrays that grow in place (``Tracer.quick_read``, while no follower or sink
-takes every trace); any other request records a RootSpan, and a read-ahead hit's
+QuickRun, two floats appended to an array (``Tracer.quick_read``, while no follower
+or sink takes every trace); any other request records a RootSpan, and a read-ahead hit's
 leaf() tuple; recording it is one call (``_record``) and a deque append, and a
 recorded trace holds no reference cycle (children point at the root while the
 trace is built and at a _Done once it is recorded).  A trace becomes a dict when somebody asks for
@@ -68,6 +70,7 @@ MAX_PEER_ATTRS = 32  # attributes kept of a span a peer sends (ours have a dozen
 PENDING_MAX = 1024
 PENDING_MAX_AGE = 60.0
 RUN_MAX = 64  # quick reads one QuickRun holds (a chunk of 8 MiB in 128 KiB requests)
+RUN_TIMES = 2 * RUN_MAX
 
 
 def _error(et: type[BaseException], e: BaseException | None) -> str:
@@ -267,44 +270,46 @@ class QuickRead:
 
 
 class QuickRun:
-    """The quick reads (QuickRead) of one handle in a row: at contiguous offsets, from one
-    chunk.  A warm sequential reader's requests cost the daemon 50-100 us each, and one
-    object per request, freed 256 requests later when it is no longer in the CPU's caches,
-    added about 5% to that (bench/README.md); a run's arrays grow in place, and the ring
-    holds one object per RUN_MAX reads.  It goes into the recent ring with its first read
-    (the ring's order, and what leaves it first, is that of first reads), and the ring
-    counts each read as it comes; its handle's next other read, or its release, ends it.
-    ``kept``: still in the ring (the ring let go of it when it was the oldest)."""
+    """The quick reads (QuickRead) of one handle in a row: requests of one size at
+    contiguous offsets, from one chunk.  A warm sequential reader's requests cost the
+    daemon 50-100 us each, and each object or counter a request touches shows in that
+    (bench/README.md): a read adds its start and end to one array and moves ``next_off``,
+    nothing else.  The run goes into the recent ring with its first read (the ring's order,
+    and what leaves it first, is that of first reads); its reads are counted, in the ring
+    and in the tracer's totals, when the run ends (its handle's next other read, its
+    release, RUN_MAX reads) or when somebody asks for the totals (``Tracer._settle``).
+    ``kept``: still in the ring (the ring let go of it when it was the oldest);
+    ``counted``: its reads counted so far; ``nbytes``: the chunk's length."""
 
-    __slots__ = ("owner", "ino", "path", "pid", "chunk", "offset", "next_off", "seqs",
-                 "starts", "ends", "sizes", "nbytes", "kept")
+    __slots__ = ("owner", "ino", "path", "pid", "chunk", "offset", "next_off", "size",
+                 "nbytes", "seq0", "times", "counted", "kept")
 
     def __init__(self, owner: Tracer, ino: int, path: str, pid: int, chunk: int,
-                 offset: int) -> None:
+                 offset: int, size: int, nbytes: int, seq0: int) -> None:
         self.owner, self.ino, self.path, self.pid, self.chunk = owner, ino, path, pid, chunk
         self.offset = self.next_off = offset
-        self.seqs = array("Q")
-        self.starts = array("d")
-        self.ends = array("d")
-        self.sizes = array("Q")
-        self.nbytes = array("Q")
+        self.size, self.nbytes = size, nbytes
+        self.seq0 = seq0  # its reads' trace ids: seq0, seq0 + 1, ... (RUN_MAX reserved)
+        self.times = array("d")  # start, end of each read
+        self.counted = 0
         self.kept = True
 
     @property
-    def ntraces(self) -> int:
-        return len(self.seqs)
+    def ntraces(self) -> int:  # (what the ring has counted of it)
+        return self.counted
 
     @property
     def nspans(self) -> int:
-        return 2 * len(self.seqs)
+        return 2 * self.counted
 
     def reads(self) -> list[QuickRead]:
+        t = self.times
+        n = len(t) >> 1
         out = []
-        off = self.offset
-        for seq, start, end, size, nb in zip(self.seqs, self.starts, self.ends, self.sizes,
-                                             self.nbytes, strict=True):
-            out.append(QuickRead(self.owner, seq, start, self.ino, self.path, off, size,
-                                 self.pid, self.chunk, nb, end))
+        off, size = self.offset, self.size
+        for i in range(n):
+            out.append(QuickRead(self.owner, self.seq0 + i, t[2 * i], self.ino, self.path,
+                                 off, size, self.pid, self.chunk, self.nbytes, t[2 * i + 1]))
             off += size
         return out
 
@@ -568,6 +573,7 @@ class Tracer:
         self._sinks: list[Callable[[RootSpan], None]] = []
         self._pending: dict[int, tuple[RootSpan, float]] = {}
         self._runs: dict[int, QuickRun] = {}  # file handle -> its open QuickRun
+        self._seq = 0  # the last trace id given (a QuickRun takes RUN_MAX at once)
         self.started = 0
         self.finished = 0
         self.slow_count = 0
@@ -580,7 +586,8 @@ class Tracer:
         if not self.enabled:
             # callers may still set attributes or read to_dict() of the root
             return _Detached(Span(op, attrs))
-        self.started = n = self.started + 1
+        self.started += 1
+        self._seq = n = self._seq + 1
         return RootSpan(self, op, attrs, n)
 
     @property
@@ -589,58 +596,73 @@ class Tracer:
         while a follower or a sink (a capture, the OTLP exporter) takes every trace."""
         return not (self._subscribers or self._sinks)
 
-    def quick_read(self, fh: int, start: float, offset: int, size: int, chunk: int,
-                   nbytes: int) -> bool:
-        """Record such a read of handle fh (``start``: its perf_counter time), ending now,
-        in the handle's open QuickRun.  False when it has none that this read continues:
-        then ``quick_read_new`` records it (the caller names the file only then)."""
+    def quick_read(self, fh: int, start: float, end: float, offset: int, size: int,
+                   chunk: int) -> bool:
+        """Record such a read of handle fh (``start``, ``end``: its perf_counter times) in
+        the handle's open QuickRun.  False when it has none that this read continues: then
+        ``quick_read_new`` records it (the caller names the file only then)."""
         if not self.enabled:
             return True
         r = self._runs.get(fh)
-        if (r is None or r.next_off != offset or r.chunk != chunk or len(r.seqs) >= RUN_MAX
-                or not r.kept):
+        if (r is None or r.next_off != offset or r.size != size or r.chunk != chunk
+                or not r.kept or len(r.times) >= RUN_TIMES):
             return False
-        self.started = n = self.started + 1
-        end = _now()
-        r.seqs.append(n)
-        r.starts.append(start)
-        r.ends.append(end)
-        r.sizes.append(size)
-        r.nbytes.append(nbytes)
+        t = r.times
+        t.append(start)
+        t.append(end)
         r.next_off = offset + size
-        self.finished += 1
-        ring = self.recent  # (the run is in it: the read is counted there now)
-        ring.traces += 1
-        ring.spans += 2
-        if ring.traces > ring.max_traces or ring.spans > ring.max_spans:
-            ring.trim()
         if end - start >= self.slow_threshold:
-            self._slow_quick(r, n, start, end, offset, size, nbytes)
+            self._slow_quick(r, start, end, offset)
         return True
 
-    def quick_read_new(self, fh: int, start: float, offset: int, size: int, chunk: int,
-                       nbytes: int, ino: int, path: str, pid: int) -> None:
-        """``quick_read`` of a read that opens a new run of handle fh."""
-        r = self._runs[fh] = QuickRun(self, ino, path, pid, chunk, offset)
-        self.recent.append(r)  # (no reads yet: counted as they come)
-        self.quick_read(fh, start, offset, size, chunk, nbytes)
+    def quick_read_new(self, fh: int, start: float, end: float, offset: int, size: int,
+                       chunk: int, nbytes: int, ino: int, path: str, pid: int) -> None:
+        """``quick_read`` of a read that opens a new run of handle fh (``nbytes``: the
+        length of the chunk it reads from)."""
+        old = self._runs.get(fh)
+        if old is not None:
+            self._settle(old)
+        seq0 = self._seq + 1
+        self._seq += RUN_MAX
+        r = self._runs[fh] = QuickRun(self, ino, path, pid, chunk, offset, size, nbytes, seq0)
+        self.recent.append(r)  # (no reads counted yet)
+        self.quick_read(fh, start, end, offset, size, chunk)
 
-    def _slow_quick(self, r: QuickRun, n: int, start: float, end: float, offset: int,
-                    size: int, nbytes: int) -> None:
+    def _slow_quick(self, r: QuickRun, start: float, end: float, offset: int) -> None:
         self.slow_count += 1
-        self.slow.append(QuickRead(self, n, start, r.ino, r.path, offset, size, r.pid,
-                                   r.chunk, nbytes, end))
+        seq = r.seq0 + (len(r.times) >> 1) - 1
+        self.slow.append(QuickRead(self, seq, start, r.ino, r.path, offset, r.size, r.pid,
+                                   r.chunk, r.nbytes, end))
+
+    def _settle(self, r: QuickRun) -> None:
+        """Count the reads of run r not counted yet: in the totals, and in the recent ring
+        while it holds r (which may then let go of its oldest traces)."""
+        d = (len(r.times) >> 1) - r.counted
+        if not d:
+            return
+        r.counted += d
+        self.started += d
+        self.finished += d
+        if r.kept:
+            ring = self.recent
+            ring.traces += d
+            ring.spans += 2 * d
+            if ring.traces > ring.max_traces or ring.spans > ring.max_spans:
+                ring.trim()
 
     def end_quick(self, fh: int) -> None:
         """Handle fh's run of quick reads ends (another kind of read, its release)."""
         if self._runs:
-            self._runs.pop(fh, None)
+            r = self._runs.pop(fh, None)
+            if r is not None:
+                self._settle(r)
 
     def _continuation(self, prev: RootSpan | _Done, op: str, attrs: dict) -> RootSpan:
         pa = prev.attrs
         attrs = {**{k: pa[k] for k in ("ino", "path", "offset", "size") if k in pa}, **attrs,
                  "continues": prev.trace_id}
-        self.started = n = self.started + 1
+        self.started += 1
+        self._seq = n = self._seq + 1
         return RootSpan(self, op, attrs, n, background=True)
 
     # -- completion -------------------------------------------------------------------
@@ -738,6 +760,8 @@ class Tracer:
             self._sinks.remove(fn)
 
     def statistics(self) -> dict:
+        for r in self._runs.values():  # (the reads of runs still open)
+            self._settle(r)
         return {"enabled": self.enabled, "started": self.started, "finished": self.finished,
                 "slow": self.slow_count, "incomplete": self.incomplete,
                 "pending": len(self._pending), "dropped_spans": self.dropped_spans,

@@ -1188,10 +1188,11 @@ class VFS:
         tr = self.tracer
         if tr.quick and (got := h.take_buffered(off, size)) is not None:
             data, i, n = got
-            if not tr.quick_read(fh, t0, off, size, i, n):
-                tr.quick_read_new(fh, t0, off, size, i, n, h.node.ino,
+            t1 = time.perf_counter()
+            if not tr.quick_read(fh, t0, t1, off, size, i):
+                tr.quick_read_new(fh, t0, t1, off, size, i, n, h.node.ino,
                                   self.display_path(h.node), h.pid)
-            self.stats.observe("fuse_read", time.perf_counter() - t0)
+            self.stats.observe("fuse_read", t1 - t0)
         else:
             tr.end_quick(fh)
             data = await self._read_traced(h, off, size, t0)

@@ -191,9 +191,10 @@ def test_quick_reads_kept_in_runs_read_back_as_single_traces_in_order():
     K = 128 << 10
 
     def quick(fh, i, start=None, chunk=0, ino=None):
-        s = tracemod._now() if start is None else start
-        if not t.quick_read(fh, s, i * K, K, chunk, K):
-            t.quick_read_new(fh, s, i * K, K, chunk, K, ino or fh, f"/f{fh}", 40 + fh)
+        e = tracemod._now()
+        s = e if start is None else start
+        if not t.quick_read(fh, s, e, i * K, K, chunk):
+            t.quick_read_new(fh, s, e, i * K, K, chunk, K, ino or fh, f"/f{fh}", 40 + fh)
 
     quick(1, 0)
     quick(2, 0)  # two handles interleaved: two runs
@@ -219,6 +220,7 @@ def test_quick_reads_kept_in_runs_read_back_as_single_traces_in_order():
     # the ring's bounds count reads, and let a run go as a whole
     for i in range(300):
         quick(3, i)
+    t.statistics()  # (counts the reads of the runs still open)
     assert 100 - tracemod.RUN_MAX < len(t.recent) <= 100
     assert len(t.recent.last(1000)) == len(t.recent)
     assert t.recent.last(1)[0]["offset"] == 299 * K
@@ -231,8 +233,23 @@ def test_quick_reads_kept_in_runs_read_back_as_single_traces_in_order():
         pass
     t.statistics()
     assert t.recent.last(1)[0]["ino"] == 99 and len(t.recent) <= 100
+    # a run holds requests of one size (the chunk's length is the run's, as the chunk is)
+    t = Tracer(slow_threshold=1.0, enabled=True)
+    H = K // 2
+
+    def q(off, size):
+        e = tracemod._now()
+        if not t.quick_read(1, e, e, off, size, 0):
+            t.quick_read_new(1, e, e, off, size, 0, 8 * K, 1, "/f1", 41)
+
+    for off, size in ((0, K), (K, H), (K + H, H), (2 * K, K)):
+        q(off, size)
+    got = [(d["offset"], d["size"], d["spans"][0]["bytes"]) for d in t.recent.last(10)]
+    assert got == [(0, K, 8 * K), (K, H, 8 * K), (K + H, H, 8 * K), (2 * K, K, 8 * K)]
+    assert len(t.recent.items) == 3  # runs: K; H twice; K
+    assert t.statistics()["started"] == 4 and len({d["trace_id"] for d in t.recent.last(10)}) == 4
     off = Tracer(slow_threshold=0.0, enabled=False)
-    assert off.quick_read(1, 0.0, 0, K, 0, K) is True and len(off.recent) == 0
+    assert off.quick_read(1, 0.0, 0.0, 0, K, 0) is True and len(off.recent) == 0
 
 
 async def test_a_trace_whose_read_ahead_never_ends_is_recorded_by_the_clock(monkeypatch):
