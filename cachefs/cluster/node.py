@@ -295,8 +295,13 @@ class ClusterNode:
                         return b"", []
                 else:
                     data = None
+                    # a chunk of ours that we lack (we joined, or were away): the reader's
+                    # hand-off asks the successor, its previous owner or stand-in, for its
+                    # copy, one cached_only round trip, before S3; a chunk we stand in for
+                    # (its owner is down for the asker): the SSD or S3 only
+                    local_only = self.ring.owner(ref.cid) != self.node_id
                     with trio.move_on_after(self.serve_limit):
-                        data = await reader.get(ref, local_only=True)
+                        data = await reader.get(ref, local_only=local_only)
                     if data is None:  # (the fetch goes on, and keeps the chunk here)
                         root.set(result="slow")
                         self.serve_errors["slow"] += 1
