@@ -47,12 +47,13 @@ def nchunks(files: dict[str, bytes]) -> int:
 
 
 def start_cluster(mounts, bucket, n=3, *, env_for=None, extra_for=None, names=None,
-                  config=None, source_for=None, one_by_one=False):
+                  config=None, source_for=None, one_by_one=False, more_peers=()):
     """n daemons with a static ring n0..n{n-1}; returns them started (``one_by_one``: each
-    once the one before is up)."""
+    once the one before is up; ``more_peers``: "id=host:port" members that are no daemon)."""
     names = names or [f"n{i}" for i in range(n)]
     ports = [free_port() for _ in names]
-    peers = ",".join(f"{nm}=127.0.0.1:{p}" for nm, p in zip(names, ports, strict=True))
+    peers = ",".join([*(f"{nm}=127.0.0.1:{p}" for nm, p in zip(names, ports, strict=True)),
+                      *more_peers])
     ms = []
     for i, (nm, p) in enumerate(zip(names, ports, strict=True)):
         env = {"CACHEFS_PEER_SECRET": SECRET, **((env_for or {}).get(nm, {}))}
@@ -1188,3 +1189,44 @@ def test_a_request_naming_no_text_is_a_bad_request(mounts, bucket, s3, proxy):
         assert cluster_stats(ms[0])["serve_errors"].get("bad_request") == 1
         assert reading.result(timeout=30) == files["a.bin"]
     assert "Traceback" not in ms[0].log_text()
+
+
+def test_a_restarting_owner_serves_what_its_ssd_holds_while_it_starts(mounts, bucket, s3,
+                                                                       proxy):
+    """A node starting up (it checks its peers first: a peer timeout when one is silent)
+    answered its peers' requests "still starting", and each of those reads went to S3 though
+    its SSD held the chunk: a rolling restart downloaded the restarted node's share again.
+    It serves what its SSD holds from its first moment now."""
+    import os
+    import socket
+
+    from cachefs.cluster.protocol import encode_hello
+
+    silent, close = greeter(encode_hello(os.urandom(16)))
+    try:
+        ms = start_cluster(mounts, bucket, 3, more_peers=(f"n3=127.0.0.1:{silent}",))
+        files = put_owned_files(s3, bucket, 4, ["n0", "n1", "n2", "n3"], "n0")
+        assert read_all(ms[1], files) == files  # n0 fetches them and keeps them
+        port0 = int(ms[0].extra[ms[0].extra.index("--peer-listen") + 1].rpartition(":")[2])
+        ms[0].stop()
+        proxy.reset()
+
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port0), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        with cf.ThreadPoolExecutor(1) as ex:
+            starting = ex.submit(ms[0].start)
+            wait_for(listening, 30, "n0 to listen for peers")
+            got = read_all(ms[2], files)  # (n2 never read them: no copy, no page cache)
+            during = not starting.done()
+            starting.result(timeout=60)
+        assert got == files
+        assert during, "n0 started before the reads: this tested nothing"
+        assert gets(proxy) == 0
+        assert cluster_stats(ms[0])["requests_served"] == len(files)
+    finally:
+        close()
