@@ -95,7 +95,7 @@ def cli() -> None:
 @click.option("--cache-dir", help="Directory on the SSD for cached chunks and the index "
               "(required, here or as [cache] dir in --config).")
 @click.option("--cache-size", help="Cache limit, e.g. 500GiB (required, here or as [cache] "
-              "size in --config).")
+              "size in --config; GiB = 1024^3 bytes, GB = 1000^3).")
 @click.option("--chunk-size", help="Chunk size (default 8MiB).")
 @click.option("--metadata-ttl", help="How long listings are trusted (default 300s).")
 @click.option("--readahead-memory", help="Memory for read-ahead chunks (default 256MiB).")

@@ -499,8 +499,8 @@ def build_config(
                                        DEFAULT_NEGATIVE_TTL), "negative ttl")
     if negative_ttl < 1:
         # a listing of the directory for every lookup of a name it lacks
-        raise ConfigError("negative ttl: must be at least 1s (the metadata ttl or more: a "
-                          "missing name waits for the TTL)")
+        raise ConfigError("negative ttl: must be at least 1s (each lookup of a missing "
+                          "name would list its directory again)")
     ra_given = pick("readahead_memory", read, "readahead_memory")
     # the default holds two chunks at least (chunks of 128 MiB and more)
     ra_mem = parse_size(ra_given, "read-ahead memory") if ra_given is not None \
@@ -566,8 +566,9 @@ def build_config(
         etcd=tuple(etcd),
         etcd_prefix=parse_str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix),
                               "[cluster] etcd_prefix"),
-        **{k: _readable_file(pick_path(k, cl, k, f"[cluster] {k}"), f"[cluster] {k}")
-           for k in ("etcd_ca", "etcd_cert", "etcd_key")},
+        **{k: _readable_file(pick_path(k, cl, k, where), where)
+           for k in ("etcd_ca", "etcd_cert", "etcd_key")
+           for where in ("--" + k.replace("_", "-") if k in flags else f"[cluster] {k}",)},
         etcd_user=pick("etcd_user", cl, "etcd_user"),
         etcd_password=os.environ.get("CACHEFS_ETCD_PASSWORD") or cl.get("etcd_password"),
         peer_secret=secret,
@@ -579,7 +580,7 @@ def build_config(
         from .cluster.membership import parse_peer
 
         for e in cluster.peers:
-            parse_peer(e)
+            parse_peer(e, "--peers" if "peers" in flags else "[cluster] peers")
     if cluster.lease_ttl < 2:
         raise ConfigError("[cluster] lease_ttl must be at least 2 (seconds)")
     # the address other nodes connect to: a bad one fails here, not inside the daemon

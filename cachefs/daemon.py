@@ -322,7 +322,12 @@ def prepare_cache_dir(d: Path, log_file: Path | None = None) -> None:
                 f.write(_TAG)
         _probe(d)
     except OSError as e:
-        raise QuietError(f"cache dir {d} is not writable: {e.strerror or e}") from None
+        # a path that cannot be a cache dir for this user is bad input; a failing disk is not
+        if e.errno == errno.ENOTDIR:
+            raise QuietError(f"cache dir {d}: a part of its path is not a directory",
+                             EXIT_USAGE) from None
+        code = EXIT_USAGE if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else EXIT_FAILED
+        raise QuietError(f"cache dir {d} is not writable: {e.strerror or e}", code) from None
 
 
 def _probe(d: Path) -> None:

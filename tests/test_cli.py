@@ -401,13 +401,21 @@ def test_config_values_of_the_wrong_type(tmp_path):
             (head + "[cluster]\npeer_listen = '127.0.0.1:7070'\npeers = 5\n",
              "[cluster] peers: expected a list"),
             (head + "[cluster]\npeer_listen = '127.0.0.1:7070'\npeers = [5]\n",
-             "[cluster] peers: expected a list")):
+             "[cluster] peers: expected a list"),
+            # what an error names is where the value came from (the file, here)
+            (head + "[cluster]\npeer_listen = '127.0.0.1:7070'\npeers = ['a:x']\n",
+             "[cluster] peers: bad port")):
         cfg.write_text(text)
         one_line_error(cli("mount", "--config", str(cfg), "s3://bucket-x", str(mp)), needle,
                        code=2)
     cfg.write_text(head + "[[mount]]\nsource = 5\n")
     one_line_error(cli("mount", "--config", str(cfg), str(mp)),
                    "[[mount]] #1 source: expected a string", code=2)
+    # ... and the flag's name where a flag gave it
+    one_line_error(cli("mount", "s3://bucket-x", str(mp), "--cache-dir", str(tmp_path / "c"),
+                       "--cache-size", "1GiB", "--peer-listen", "127.0.0.1:7070",
+                       "--etcd", "http://127.0.0.1:2379", "--etcd-ca", "/nonexistent/ca.pem"),
+                   "--etcd-ca: cannot read", code=2)
     assert not (tmp_path / "c").exists()
 
 
@@ -493,8 +501,10 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
                    f"S3 denied listing bucket '{bucket}' (AccessDenied): cachefs needs "
                    "s3:ListBucket on it", code=1)
     proxy.reset()
+    # (a path that cannot be a cache dir is bad input, exit 2: it was 1)
     one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(f / "sub"),
-                       "--cache-size", "64MiB", "--endpoint-url", proxy.url), "not writable")
+                       "--cache-size", "64MiB", "--endpoint-url", proxy.url),
+                   f"cache dir {f / 'sub'}: a part of its path is not a directory", code=2)
     # a second daemon on the same cache dir, and a busy mountpoint
     m = mounts(f"s3://{bucket}")
     mp2 = tmp_path / "mp2"

@@ -48,19 +48,20 @@ __all__ = ["parse_peer", "resolve_self", "advertise_address", "static_members",
 _WILDCARD = {"", "0.0.0.0", "::", "[::]"}
 
 
-def parse_peer(entry: str) -> tuple[str, str]:
-    """``"host:port"`` → (``"host:port"``, ``"host:port"``); ``"id=host:port"`` → (id, addr)."""
+def parse_peer(entry: str, where: str = "--peers") -> tuple[str, str]:
+    """``"host:port"`` → (``"host:port"``, ``"host:port"``); ``"id=host:port"`` → (id, addr).
+    ``where``: what errors name (the flag, or the config key)."""
     entry = entry.strip()
     node, sep, addr = entry.partition("=")
     if not sep:
         node, addr = entry, entry
     node, addr = node.strip(), addr.strip()
     if not node:
-        raise ConfigError(f"--peers: empty node id in {entry!r}")
+        raise ConfigError(f"{where}: empty node id in {entry!r}")
     try:
         parse_address(addr)
     except ValueError as e:
-        raise ConfigError(f"--peers: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     return node, addr
 
 
