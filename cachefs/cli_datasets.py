@@ -48,6 +48,8 @@ class Prepared:
 
         self.list_name = "<stdin>" if file_list == "-" else printable(file_list)
         text = filelist.read_list(file_list)
+        if not filelist.split_lines(text):  # (bad input, said before a missing daemon)
+            raise QuietError(f"file list {self.list_name} has no entries", EXIT_USAGE)
         self.mp = _choose_mount(mount, text)
         self.client = ControlClient(runtime.socket_path(self.mp), self.mp)
         info = self.client.request({"op": "info"})

@@ -22,6 +22,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import signal
 import sys
 import time
@@ -31,7 +32,7 @@ import click
 
 from . import runtime
 from .config import parse_duration, parse_size
-from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, QuietError
+from .errors import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_USAGE, ConfigError, QuietError
 from .report import human, printable
 
 DOMINANT = "◀ dominant"
@@ -50,12 +51,20 @@ def _esc(v: Any) -> str:
     return printable(str(v))
 
 
-def _offset(v: str | None, what: str) -> int | None:
+def _offset(v: str | None, what: str, zero: bool = False) -> int | None:
+    """A byte count from a flag (sizes like 8MiB); ``zero``: 0 is one (an offset: ``0``
+    and ``0B`` alike, where a size must be positive)."""
     if v is None:
         return None
     v = v.strip()
     if v.isdigit():
         return int(v)
+    if zero and (m := re.fullmatch(r"0+(?:\.0*)?\s*([A-Za-z]*)", v)):
+        try:
+            parse_size("1" + m.group(1), what)  # (the unit must be one)
+        except ConfigError:
+            return parse_size(v, what)  # (its error, naming what was given)
+        return 0
     return parse_size(v, what)
 
 
@@ -463,7 +472,7 @@ def trace_cmd(path, offset, length, cold, as_json, follow, slower_than, path_pre
         if slower_than or path_prefix or slow:
             raise QuietError("--slower-than/--path-prefix/--slow go with --follow or --recent",
                              EXIT_USAGE)
-        _trace_path(path, _offset(offset, "--offset") or 0, _offset(length, "--length"), cold,
+        _trace_path(path, _offset(offset, "--offset", zero=True) or 0, _offset(length, "--length"), cold,
                     as_json, mount)
         return
     if offset or length or cold:

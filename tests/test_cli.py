@@ -77,6 +77,21 @@ def test_sizes_up_to_exbibytes():
             parse_size(bad, "x")
 
 
+def test_a_trace_offset_of_zero_may_carry_a_unit():
+    """`trace PATH --offset 0` read from the start, `--offset 0B` or `0KiB` was refused
+    ("must be positive"); a length of 0 stays refused, and so does a unit that is none."""
+    from cachefs.cli_trace import _offset
+    from cachefs.errors import ConfigError
+
+    for v in ("0", "0B", "0KiB", " 0 MiB", "0.0GiB"):
+        assert _offset(v, "--offset", zero=True) == 0, v
+    assert _offset("8MiB", "--offset", zero=True) == 8 << 20
+    with pytest.raises(ConfigError, match="expected a size like 500GiB or 8MiB, got '0XB'"):
+        _offset("0XB", "--offset", zero=True)
+    with pytest.raises(ConfigError, match="must be positive"):
+        _offset("0KiB", "--length")
+
+
 def test_bad_cli_input(tmp_path):
     mp = tmp_path / "mp"
     mp.mkdir()

@@ -783,6 +783,9 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
     r = cli("free", "--file-list", write_list(tmp_path, ["# nothing"], "empty.txt"),
             "--mount", str(m.mp))
     assert r.returncode == 2 and "has no entries" in r.stderr
+    # bad input is said first, with no daemon at that mount too (it was exit 3, no daemon)
+    r = cli("free", "--file-list", str(tmp_path / "empty.txt"), "--mount", str(tmp_path))
+    assert r.returncode == 2 and "has no entries" in r.stderr, r
     # an S3 failure while fetching: that file fails with a reason, exit 1
     proxy.faults(persistent_status=403)
     r = cli("preload", "--file-list", write_list(tmp_path, ["data/b.bin"], "b.txt"),
