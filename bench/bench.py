@@ -413,6 +413,7 @@ class Ctx:
     notes: dict = field(default_factory=dict)  # system -> list of notes
     load_start: str = field(default_factory=lambda: f"{os.getloadavg()[0]:.2f}")
     memory_start: str = "not measured"  # memory_reporting(), set by main() before the runs
+    disk_start: str = "?"  # free space of the work dir once the data set is there
 
     def record(self, scenario: str, system: str, value: float | None = None,
                status: str | None = None, extra: dict | None = None) -> None:
@@ -1507,6 +1508,10 @@ def proactive_reclaim() -> str:
     return ("yes, " + "; ".join(found) + " (hot figures vary with it)") if found else "no"
 
 
+def _free(path: Path) -> str:
+    return f"{shutil.disk_usage(path).free / GiB:.0f} GiB"
+
+
 def machine_facts(ctx: Ctx) -> list[tuple[str, str]]:
     def ver(pkg: str) -> str:
         try:
@@ -1536,6 +1541,8 @@ def machine_facts(ctx: Ctx) -> list[tuple[str, str]]:
         ("kernel", platform.release()),
         ("python", platform.python_version()),
         ("work dir fs (source type size avail)", work_fs),
+        ("work dir free at start / end", f"{ctx.disk_start} / {_free(ctx.work)} (the systems' "
+         "caches are written anew each run: figures taken on a nearly full disk are suspect)"),
         ("load average at start / end", f"{ctx.load_start} / {os.getloadavg()[0]:.2f} "
          "(other jobs on the machine skew figures)"),
         ("memory handed back to the host", ctx.memory_start),
@@ -1879,6 +1886,7 @@ def main() -> int:
         wipe_stale_dataset(ctx)
         s3.start()
         ensure_dataset(ctx)
+        ctx.disk_start = _free(work)
         if "s3-direct" in wanted:
             s3_direct(ctx)
         if "disk-dd" in wanted:
