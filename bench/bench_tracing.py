@@ -304,6 +304,8 @@ def main() -> None:
         if mp is not None:
             mp.stop()
         moto.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # (its cache: the whole file, 256 MiB)
+        shutil.rmtree(rt, ignore_errors=True)
 
 
 if __name__ == "__main__":
