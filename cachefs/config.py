@@ -400,6 +400,10 @@ def build_config(
             return flags[flag]
         return table.get(key, default)
 
+    def where(flag: str, key: str) -> str:
+        """What an error names for a value ``pick`` took: the flag, or the file's key."""
+        return "--" + flag.replace("_", "-") if flag in flags else key
+
     base = Path(config_file).resolve().parent if config_file else None
 
     def pick_path(flag: str, table: dict, key: str, what: str) -> Path | None:
@@ -414,8 +418,7 @@ def build_config(
     _no_credentials(flags.get("endpoint_url"), "--endpoint-url")
     _no_credentials(s3.get("endpoint_url"), "[s3] endpoint_url")
     endpoint = check_endpoint(pick("endpoint_url", s3, "endpoint_url"),
-                              "--endpoint-url" if "endpoint_url" in flags
-                              else "[s3] endpoint_url")
+                              where("endpoint_url", "[s3] endpoint_url"))
     region = parse_str(pick("region", s3, "region"), "[s3] region")
     profile = parse_str(pick("profile", s3, "profile"), "[s3] profile")
 
@@ -549,7 +552,7 @@ def build_config(
     if not isinstance(etcd, list | tuple) or not all(isinstance(e, str) for e in etcd):
         raise ConfigError("[cluster] etcd: expected a list of URLs")
     etcd = tuple((e if "://" in e else "http://" + e).rstrip("/") for e in etcd)  # HOST:PORT
-    etcd_where = "--etcd" if "etcd" in flags else "[cluster] etcd"
+    etcd_where = where("etcd", "[cluster] etcd")
     for k, e in enumerate(etcd, 1):
         _no_credentials(e, etcd_where,
                         "an etcd endpoint URL", "give the user with --etcd-user "
@@ -566,9 +569,9 @@ def build_config(
         etcd=tuple(etcd),
         etcd_prefix=parse_str(cl.get("etcd_prefix", ClusterOptions.etcd_prefix),
                               "[cluster] etcd_prefix"),
-        **{k: _readable_file(pick_path(k, cl, k, where), where)
-           for k in ("etcd_ca", "etcd_cert", "etcd_key")
-           for where in ("--" + k.replace("_", "-") if k in flags else f"[cluster] {k}",)},
+        **{k: _readable_file(pick_path(k, cl, k, where(k, f"[cluster] {k}")),
+                             where(k, f"[cluster] {k}"))
+           for k in ("etcd_ca", "etcd_cert", "etcd_key")},
         etcd_user=pick("etcd_user", cl, "etcd_user"),
         etcd_password=os.environ.get("CACHEFS_ETCD_PASSWORD") or cl.get("etcd_password"),
         peer_secret=secret,
@@ -580,7 +583,7 @@ def build_config(
         from .cluster.membership import parse_peer
 
         for e in cluster.peers:
-            parse_peer(e, "--peers" if "peers" in flags else "[cluster] peers")
+            parse_peer(e, where("peers", "[cluster] peers"))
     if cluster.lease_ttl < 2:
         raise ConfigError("[cluster] lease_ttl must be at least 2 (seconds)")
     # the address other nodes connect to: a bad one fails here, not inside the daemon

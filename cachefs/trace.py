@@ -498,8 +498,12 @@ class _Ring:
 
     def append(self, tr: RootSpan | QuickRead | QuickRun) -> None:
         self.items.append(tr)
-        self.spans += tr.nspans
-        self.traces += tr.ntraces
+        self.count(tr.ntraces, tr.nspans)
+
+    def count(self, traces: int, spans: int) -> None:
+        """Traces and spans of its items added (a QuickRun's reads, as it counts them)."""
+        self.traces += traces
+        self.spans += spans
         if self.traces > self.max_traces or self.spans > self.max_spans:
             self.trim()
 
@@ -644,11 +648,7 @@ class Tracer:
         self.started += d
         self.finished += d
         if r.kept:
-            ring = self.recent
-            ring.traces += d
-            ring.spans += 2 * d
-            if ring.traces > ring.max_traces or ring.spans > ring.max_spans:
-                ring.trim()
+            self.recent.count(d, 2 * d)
 
     def end_quick(self, fh: int) -> None:
         """Handle fh's run of quick reads ends (another kind of read, its release)."""
