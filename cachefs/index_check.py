@@ -23,7 +23,7 @@ import lmdb
 # the record layouts of cachefs.index (kept in step with it; a test checks both agree)
 CHUNK_REC = struct.Struct("<Q16sdB")
 INO = struct.Struct("<Q")
-NAMED_DBS = (b"chunks", b"inodes", b"meta", b"listings")
+NAMED_DBS = (b"chunks", b"inodes", b"meta", b"listings", b"pins")
 DAMAGED = 3  # exit status: a record did not read back
 UNTOLD = 4  # exit status: the walk failed for a reason that is not the index's (ENOMEM, EIO)
 # what damage to an index surely raises (the daemon takes it for damage at run time too)
