@@ -317,7 +317,7 @@ class Datasets:
         store = self.d.store
         assert store is not None
         files, failed = await self.resolve(_entries(req), job)
-        old, keys, failed = await self._pinned_before(req, files, failed)
+        old, superseded, keys, failed = await self._pinned_before(req, files, failed)
         if self.d.cluster is not None:
             out = await self._free_cluster(files, failed, old)
         else:
@@ -328,7 +328,7 @@ class Datasets:
                    "failed": failed, "cache": store.statistics()}
         if not out.get("unreachable"):  # (else a free again reaches what those nodes hold)
             await self._forget_pins_everywhere(keys)
-        out["superseded_versions"] = sum(1 for f in old if f.refs)
+        out["superseded_versions"] = superseded
         return out
 
     # -- pin records: which versions of a name a `preload --pin` pinned ---------------
@@ -420,15 +420,18 @@ class Datasets:
                 log.warning("free: pin records not removed (%s)", r.reason)
 
     async def _pinned_before(self, req: dict, files: list[FileItem], failed: list[dict]
-                             ) -> tuple[list[FileItem], list[bytes], list[dict]]:
+                             ) -> tuple[list[FileItem], int, list[bytes], list[dict]]:
         """For `free`: FileItems of the versions pinned under the listed names (and under
-        the listed directories) that S3 does not list now, the records' keys (deleted once
-        the free is done), and the failures left: an entry S3 no longer has ("no such
-        file") is none when something was pinned under it."""
+        the listed directories) that S3 does not list now, how many of those have chunks
+        (the older versions the summary names; the chunks cached under no version by a
+        store without ETags are dropped too, but they are not one), the records' keys
+        (deleted once the free is done), and the failures left: an entry S3 no longer
+        has ("no such file") is none when something was pinned under it."""
         vfs, index = self.d.vfs, self.d.index
         assert vfs is not None and index is not None
         current: dict[bytes, tuple] = {}
         old: list[FileItem] = []
+        legacy: list[FileItem] = []
         file_line: dict[int, str | None] = {}  # line → the one key it named, or None
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
@@ -438,7 +441,7 @@ class Datasets:
             file_line[f.line] = o.key if f.line not in file_line else None
             if o.etag.startswith("~"):  # cached by a version that gave no ETag a version
                 v = ObjectVersion(o.mount, o.bucket, o.key, "", o.size, o.chunk_size, o.store)
-                old.append(FileItem(f.line, f.entry, f.node, f.path, v.chunks(), o.size))
+                legacy.append(FileItem(f.line, f.entry, f.node, f.path, v.chunks(), o.size))
         by_name: dict[bytes, tuple[int, Any]] = {}
         by_dir: dict[tuple[bytes, str], tuple[int, Any]] = {}
         prefixes = []
@@ -484,7 +487,7 @@ class Datasets:
                 old.append(FileItem(line, key, root, path, v.chunks(), size))
         left = [fl for fl in failed if fl["line"] not in lines_with_pins
                 or fl["reason"] != _reason(FSError(errno.ENOENT))]
-        return old, matched, left
+        return old + legacy, sum(1 for f in old if f.refs), matched, left
 
     def _free_wait(self) -> float:
         """FREE_WAIT, or less in a cluster whose peers give up on a ds_drop sooner (it

@@ -692,6 +692,30 @@ def test_free_reaches_the_pins_of_versions_s3_replaced(mounts, bucket, s3, proxy
     assert m.stats()["cache"]["pinned_bytes"] == file_size(CHUNK)  # e/z.bin's
 
 
+def test_a_store_without_etags_frees_no_older_versions_it_never_had(mounts, bucket, s3, proxy,
+                                                                    tmp_path):
+    """Behind a store that gives no ETags, every free said "with N older versions of listed
+    files, pinned before S3 replaced them", one per file freed, pinned or not: the chunks
+    such a store's files may have under no version (cached by an older cachefs) were
+    counted as older versions."""
+    proxy.reset()
+    proxy.faults(etag_form="none", ops=["ListObjects", "GetObject", "HeadObject"])
+    put(s3, bucket, {"a.bin": 3 * CHUNK, "b.bin": CHUNK})
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["a.bin", "b.bin"])
+    for pin in ((), ("--pin",)):
+        assert cli("preload", "--file-list", lst, "--mount", str(m.mp), *pin).returncode == 0
+        res, r = run_json("free", "--file-list", lst, "--mount", str(m.mp))
+        assert r.returncode == 0, r.stderr
+        assert res["freed_chunks"] == 4 and res["superseded_versions"] == 0, res
+        assert m.stats()["cache"]["used_bytes"] == 0
+    assert cli("preload", "--file-list", lst, "--mount", str(m.mp)).returncode == 0
+    r = cli("free", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0 and "freed 256.0 KiB (4 chunks, 0 pinned)" in r.stdout, r.stdout
+    assert "older version" not in r.stdout, r.stdout
+    assert proxy.stats(settle=0)["faults_by_kind"]["etag_form"] >= 3
+
+
 def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3, proxy,
                                                              tmp_path):
     """Two `preload --pin` started together (two training jobs on one host): each checked
