@@ -10,6 +10,7 @@ entries that do not exist or cannot be translated (each reported as
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -17,6 +18,7 @@ import click
 
 from . import filelist, runtime
 from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
+from .filelist import HOLDER_MAX
 from .report import human, plural, printable
 
 MAX_ERROR_LINES = 50  # failed entries printed; --json carries them all
@@ -42,11 +44,28 @@ def _choose_mount(mount: str | None, text: str) -> str:
     return runtime.find_mount(None)
 
 
+def _holder(file_list: str, name: str | None) -> str:
+    """The data set a list's pins belong to (docs/datasets.md, "Data sets that share
+    files"): --name, else the list file's real path, else (a list read from stdin) none."""
+    if name is not None:
+        if not name.strip():
+            raise QuietError("--name: must not be empty", EXIT_USAGE)
+        if len(name.encode("utf-8", "surrogateescape")) > HOLDER_MAX:
+            raise QuietError(f"--name: at most {HOLDER_MAX} bytes", EXIT_USAGE)
+        return name
+    return "" if file_list == "-" else os.path.realpath(file_list)
+
+
+NAME_HELP = ("The data set these pins belong to, for `free` of another list that shares "
+             "files with it (default: the list file's real path).")
+
+
 class Prepared:
-    def __init__(self, file_list: str, mount: str | None) -> None:
+    def __init__(self, file_list: str, mount: str | None, name: str | None = None) -> None:
         from .control import ControlClient
 
         self.list_name = "<stdin>" if file_list == "-" else printable(file_list)
+        self.holder = _holder(file_list, name)
         text = filelist.read_list(file_list)
         if not filelist.split_lines(text):  # (bad input, said before a missing daemon)
             raise QuietError(f"file list {self.list_name} has no entries", EXIT_USAGE)
@@ -301,20 +320,24 @@ def _node_lines(nodes: dict, fmt) -> None:
 @click.option("--parallel", default=8, show_default=True, type=click.IntRange(1, 256),
               help="Chunk fetches in flight.")
 @click.option("--pin", is_flag=True, help="Keep these chunks out of LRU eviction.")
+@click.option("--name", help=NAME_HELP)
 @click.option("--dry-run", is_flag=True, help="Show what would be fetched and how long it takes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
-def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
+def preload(file_list, mount, parallel, pin, name, dry_run, as_json) -> None:
     """Fetch every chunk of the listed files into the cache (idempotent, resumable).
 
     \b
     cachefs preload --file-list train.txt --mount /mnt/train --parallel 16 --pin
     cachefs preload --file-list train.txt --dry-run
     """
-    prep = Prepared(file_list, mount)
+    prep = Prepared(file_list, mount, name)
+    if pin and not dry_run and not prep.holder:
+        _say("warning: a list read from stdin pins for no data set: a free of any list "
+             "naming these files drops them (--name names the data set)")
     progress = Progress(enabled=not as_json)
     try:
         res = prep.request({"op": "preload", "parallel": parallel, "pin": pin,
-                            "dry_run": dry_run}, on_event=progress)
+                            "dry_run": dry_run, "holder": prep.holder}, on_event=progress)
     except KeyboardInterrupt:
         progress.done()
         ev = progress.latest
@@ -400,16 +423,21 @@ def preload(file_list, mount, parallel, pin, dry_run, as_json) -> None:
 @click.option("--file-list", "file_list", required=True, metavar="LIST",
               help="File with one entry a line (see `cachefs preload --help`).")
 @click.option("--mount", help="The cachefs mountpoint (default: the only one).")
+@click.option("--name", help="The data set whose pins go (default: the list file's real "
+                             "path); files another data set pins stay.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def free(file_list, mount, as_json) -> None:
-    """Remove the listed files' chunks (and their pins) from the cache; nothing else.
+def free(file_list, mount, name, as_json) -> None:
+    """Remove the listed files' chunks (and their pins) from the cache, except those
+    another data set's `preload --pin` still pins; nothing else.
 
     \b
     cachefs free --file-list train.txt --mount /mnt/train
     """
-    prep = Prepared(file_list, mount)
-    res, code = prep.result({"op": "free"}, {"files": 0, "total_bytes": 0, "freed_bytes": 0,
-                                     "freed_chunks": 0, "pins_removed": 0})
+    prep = Prepared(file_list, mount, name)
+    res, code = prep.result({"op": "free", "holder": prep.holder},
+                            {"files": 0, "total_bytes": 0, "freed_bytes": 0, "freed_chunks": 0,
+                             "pins_removed": 0, "kept_files": 0, "kept_bytes": 0,
+                             "kept_versions": 0, "kept_by": {}})
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -423,7 +451,24 @@ def free(file_list, mount, as_json) -> None:
         if res.get("superseded_versions"):
             click.echo(f"  with {plural(res['superseded_versions'], 'older version')} of "
                        "listed files, pinned before S3 replaced them")
+        if res.get("kept_files") or res.get("kept_versions"):
+            click.echo(_kept_text(res))
     _exit(code)
+
+
+def _kept_text(res: dict) -> str:
+    """`free`'s line for what other data sets' pins kept."""
+    by = sorted((res.get("kept_by") or {}).items(), key=lambda kv: (-kv[1]["files"], kv[0]))
+    who = ", ".join(f"{printable(h)} ({plural(v['files'], 'file')})" for h, v in by[:3])
+    if len(by) > 3:
+        who += f" and {len(by) - 3} more"
+    parts = []
+    if res.get("kept_files"):
+        parts.append(f"{human(res['kept_bytes'])} of {plural(res['kept_files'], 'file')}")
+    if res.get("kept_versions"):
+        parts.append(plural(res["kept_versions"], "older version"))
+    return (f"  kept {' and '.join(parts)} that other data sets pin"
+            + (f": {who}" if who else "") + " (free those lists to drop them)")
 
 
 # -- status ----------------------------------------------------------------------------

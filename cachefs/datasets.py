@@ -61,6 +61,7 @@ import trio
 from .chunks.ids import ChunkRef, ObjectVersion
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
+from .filelist import HOLDER_MAX
 from .index import Index, path_key
 from .report import human, plural
 from .store.chunkstore import file_size
@@ -109,6 +110,27 @@ class FileItem:
     error: str = ""
 
 
+@dataclass
+class _FreePlan:
+    """What a free of one data set's list drops and keeps, by the pin records (read under
+    _pins_lock): ``old``, the versions pinned under the listed names (or under the listed
+    directories) that S3 does not list now and no other data set pins (and the chunks a
+    store without ETags may have under no version); ``superseded``, how many of those
+    versions have chunks (the summary names them: the chunks of no version are not one);
+    ``keys``, the records it reached (this data set lets go of them once the free is done);
+    ``failed``, the failures left (an entry S3 no longer has is no "no such file" when
+    something was pinned under it); ``kept_ids``, the listed files (``id()``) whose
+    version S3 lists another data set pins; ``kept_versions``, older versions kept so;
+    ``kept_by``, per other data set, the files and bytes it keeps."""
+    old: list[FileItem]
+    superseded: int
+    keys: list[bytes]
+    failed: list[dict]
+    kept_ids: set[int]
+    kept_versions: int
+    kept_by: dict[str, dict[str, int]]
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, FSError):
         if e.errno == errno.ENOENT:
@@ -138,6 +160,17 @@ def _entries(req: dict) -> list[tuple[int, str, str]]:
             raise ControlError("malformed request: each entry is [line, path, text]") from None
         out.append((line, rel, text))
     return out
+
+
+def _holder(req: dict) -> str:
+    """The data set a request is made for: ``holder`` of the request (the CLI sends the
+    list file's real path, or --name), or "" (none: a list read from stdin, an older
+    CLI)."""
+    h = req.get("holder", "")
+    if not isinstance(h, str) or len(h.encode("utf-8", "surrogateescape")) > HOLDER_MAX:
+        raise ControlError(f"malformed request: holder must be text of at most {HOLDER_MAX} "
+                           "bytes")
+    return h
 
 
 def _rows_wanted(req: dict) -> int | None:
@@ -316,19 +349,36 @@ class Datasets:
     async def _free(self, req: dict, job: Job) -> dict:
         store = self.d.store
         assert store is not None
+        holder = _holder(req)
         files, failed = await self.resolve(_entries(req), job)
-        old, superseded, keys, failed = await self._pinned_before(req, files, failed)
-        if self.d.cluster is not None:
-            out = await self._free_cluster(files, failed, old)
-        else:
-            got = await self._drop_local(list(await self._unique(files + old)))
-            log.info("free: %d files, %d chunks, %d bytes (%d pins removed)", len(files),
-                     got["freed_chunks"], got["freed_bytes"], got["pins_removed"])
-            out = {"files": len(files), "total_bytes": sum(f.size for f in files), **got,
-                   "failed": failed, "cache": store.statistics()}
-        if not out.get("unreachable"):  # (else a free again reaches what those nodes hold)
-            await self._forget_pins_everywhere(keys)
-        out["superseded_versions"] = superseded
+        # The records are read, the chunks dropped and this data set's claims given up with
+        # no pinning preload's records merged in between: one whose records came first
+        # keeps what it shares with this list; one that comes after pins (and fetches)
+        # what this free dropped.
+        async with self._pins_lock:
+            fp = await self._pinned_before(req, files, failed, holder)
+            drop = [f for f in files if id(f) not in fp.kept_ids] + fp.old
+            if self.d.cluster is not None:
+                out = await self._free_cluster(files, fp.failed, drop)
+            else:
+                got = await self._drop_local(list(await self._unique(drop)))
+                log.info("free: %d files, %d chunks, %d bytes (%d pins removed)", len(files),
+                         got["freed_chunks"], got["freed_bytes"], got["pins_removed"])
+                out = {"files": len(files), "total_bytes": sum(f.size for f in files),
+                       **got, "failed": fp.failed, "cache": store.statistics()}
+            # (with a node unreachable, the claims stay: a free again reaches what it holds)
+            release = not out.get("unreachable")
+            if release:
+                await self._release_pins(fp.keys, holder)
+        if release:  # (not under the lock: two frees on two nodes would wait on each other)
+            await self._release_pins_elsewhere(fp.keys, holder)
+        kept = [f for f in files if id(f) in fp.kept_ids]
+        out.update(superseded_versions=fp.superseded, kept_files=len(kept),
+                   kept_bytes=sum(f.size for f in kept), kept_versions=fp.kept_versions,
+                   kept_by=fp.kept_by)
+        if kept or fp.kept_versions:
+            log.info("free: kept %d files and %d older versions that other data sets pin",
+                     len(kept), fp.kept_versions)
         return out
 
     # -- pin records: which versions of a name a `preload --pin` pinned ---------------
@@ -344,7 +394,7 @@ class Datasets:
         assert w is not None
         return w
 
-    async def _record_pins(self, files: list[FileItem]) -> list[str]:
+    async def _record_pins(self, files: list[FileItem], holder: str) -> list[str]:
         """Before a pinning run: each file's current version joins its name's record, here
         and, in a cluster, on every other member (a free may be run on any node, and the
         node that ran the preload may be gone by then). The warnings: members that did
@@ -357,20 +407,24 @@ class Datasets:
                 o = f.refs[0].obj
                 adds[_pin_key(_endpoint(o), o.bucket, o.key)] = (
                     o.key, [o.etag, o.size, o.chunk_size])
-        await self._add_pin_versions(adds)
+        await self._add_pin_versions(adds, holder)
         cl = self.d.cluster
         if cl is None or not adds:
             return []
         res = await self._to_other_members("ds_pins_add", "records", lambda: (
-            [base64.b64encode(k).decode("ascii"), key, *v] for k, (key, v) in adds.items()))
+            [base64.b64encode(k).decode("ascii"), key, *v] for k, (key, v) in adds.items()),
+            {"holder": holder})
         return [f"pin records not copied ({r.reason}): a free run on node {n} will not "
-                "reach the versions S3 replaces later" for n, r in sorted(res.items())
+                "reach the versions S3 replaces later, nor keep the files this data set "
+                "shares with the list it frees" for n, r in sorted(res.items())
                 if isinstance(r, _Down)]
 
-    async def _add_pin_versions(self, adds: dict[bytes, tuple[str, list]]) -> None:
-        """Each record key's version joins its record (made if none): key → (S3 key,
-        [etag, size, chunk size]). Returns once they are committed. One at a time: two
-        merges of one record at once (a preload here, a peer's copy) kept one version."""
+    async def _add_pin_versions(self, adds: dict[bytes, tuple[str, list]],
+                                holder: str) -> None:
+        """Each record key's version joins its record (made if none), held by ``holder``:
+        key → (S3 key, [etag, size, chunk size]). Returns once they are committed (a
+        record already holding it is not written again). One at a time: two merges of one
+        record at once (a preload here, a peer's copy) kept one version."""
         index = self.d.index
         assert index is not None
         async with self._pins_lock:
@@ -379,65 +433,91 @@ class Datasets:
             for i, (k, (key, v)) in enumerate(adds.items()):
                 if i % YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()
-                versions = _record_of(recs[k])[1] if k in recs else []
+                versions, holders = _record_of(recs[k])[1:] if k in recs else ([], [])
                 if v not in versions:
-                    ops.append(Index.op_put_pin_record(k, _record(key, versions + [v])))
+                    versions, holders = versions + [v], holders + [[holder]]
+                elif holder not in (hs := holders[versions.index(v)]):
+                    hs.append(holder)
+                else:
+                    continue
+                ops.append(Index.op_put_pin_record(k, _record(key, versions, holders)))
             for i in range(0, len(ops), 4096):
                 await self._writer().commit(*ops[i:i + 4096])
 
-    async def _to_other_members(self, op: str, field: str, items) -> dict[str, Any]:
+    async def _to_other_members(self, op: str, field: str, items,
+                                extra: dict | None = None) -> dict[str, Any]:
         """``items()``'s JSON items to every other member, ``op`` calls of at most
-        PAYLOAD_BUDGET under ``field``; per node, None or a _Down. The calls are
-        cut once, in a worker thread (a million pin records: 1.2 s, and 1.6 s more per
-        member, of the thread that serves every read)."""
+        PAYLOAD_BUDGET under ``field`` (beside ``extra``); per node, None or a _Down. The
+        calls are cut once, in a worker thread (a million pin records: 1.2 s, and 1.6 s
+        more per member, of the thread that serves every read)."""
         cl = self.d.cluster
         parts = await trio.to_thread.run_sync(lambda: list(_batches(items())))
 
         async def send(node: str) -> None:
             for part in parts:
-                await cl.forward(node, op, {field: part}, no_s3=True)
+                await cl.forward(node, op, {**(extra or {}), field: part}, no_s3=True)
 
         return await self._on_nodes([n for n in sorted(cl.nodes()) if n != cl.node_id], send)
 
-    async def _forget_pins(self, keys: list[bytes]) -> None:
-        async with self._pins_lock:
-            for i in range(0, len(keys), 4096):
-                await self._writer().commit(*(Index.op_delete_pin_record(k)
-                                              for k in keys[i:i + 4096]))
+    async def _release_pins(self, keys: list[bytes], holder: str | None) -> None:
+        """After a free (the caller holds _pins_lock): ``holder`` and the holder nobody
+        named ("") let go of every version of the records ``keys``; a version nobody holds
+        any more goes, and a record with no version left. ``holder`` None: the records
+        go whole (a peer of an older cachefs asks so)."""
+        index = self.d.index
+        assert index is not None
+        recs = await trio.to_thread.run_sync(index.get_pin_records, keys)
+        ops = []
+        for i, (k, blob) in enumerate(recs.items()):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            key, versions, holders = _record_of(blob)
+            left = [] if holder is None else [
+                (v, [h for h in hs if h not in (holder, "")])
+                for v, hs in zip(versions, holders, strict=True)]
+            left = [(v, hs) for v, hs in left if hs]
+            if not left:
+                ops.append(Index.op_delete_pin_record(k))
+            elif left != list(zip(versions, holders, strict=True)):
+                ops.append(Index.op_put_pin_record(k, _record(key, [v for v, _ in left],
+                                                              [hs for _, hs in left])))
+        for i in range(0, len(ops), 4096):
+            await self._writer().commit(*ops[i:i + 4096])
 
-    async def _forget_pins_everywhere(self, keys: list[bytes]) -> None:
-        """After a free: the records it reached go, here and on every other member (one
-        that does not answer keeps its copy: a later free from there finds what is then
-        already freed, which costs nothing)."""
-        await self._forget_pins(keys)
+    async def _release_pins_elsewhere(self, keys: list[bytes], holder: str) -> None:
+        """The same on every other member's copy of the records (one that does not answer
+        keeps its copy: a later free from there finds what is then already freed, which
+        costs nothing)."""
         cl = self.d.cluster
         if cl is None or not keys:
             return
         res = await self._to_other_members("ds_pins_forget", "keys", lambda: (
-            base64.b64encode(k).decode("ascii") for k in keys))
+            base64.b64encode(k).decode("ascii") for k in keys), {"holder": holder})
         for r in res.values():
             if isinstance(r, _Down):
-                log.warning("free: pin records not removed (%s)", r.reason)
+                log.warning("free: pin records not updated (%s)", r.reason)
 
-    async def _pinned_before(self, req: dict, files: list[FileItem], failed: list[dict]
-                             ) -> tuple[list[FileItem], int, list[bytes], list[dict]]:
-        """For `free`: FileItems of the versions pinned under the listed names (and under
-        the listed directories) that S3 does not list now, how many of those have chunks
-        (the older versions the summary names; the chunks cached under no version by a
-        store without ETags are dropped too, but they are not one), the records' keys
-        (deleted once the free is done), and the failures left: an entry S3 no longer
-        has ("no such file") is none when something was pinned under it."""
+    async def _pinned_before(self, req: dict, files: list[FileItem], failed: list[dict],
+                             holder: str) -> _FreePlan:
+        """For `free` of ``holder``'s list: what the pin records of the listed names (and
+        of the names under the listed directories) say (_FreePlan)."""
         vfs, index = self.d.vfs, self.d.index
         assert vfs is not None and index is not None
         current: dict[bytes, tuple] = {}
+        current_files: dict[bytes, list[FileItem]] = {}
         old: list[FileItem] = []
         legacy: list[FileItem] = []
+        kept_ids: set[int] = set()
+        kept_by: dict[str, dict[str, int]] = {}
+        kept_versions = 0
         file_line: dict[int, str | None] = {}  # line → the one key it named, or None
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             o = vfs.version(f.node)
-            current[_pin_key(_endpoint(o), o.bucket, o.key)] = (o.etag, o.size, o.chunk_size)
+            k = _pin_key(_endpoint(o), o.bucket, o.key)
+            current[k] = (o.etag, o.size, o.chunk_size)
+            current_files.setdefault(k, []).append(f)
             file_line[f.line] = o.key if f.line not in file_line else None
             if o.etag.startswith("~"):  # cached by a version that gave no ETag a version
                 v = ObjectVersion(o.mount, o.bucket, o.key, "", o.size, o.chunk_size, o.store)
@@ -467,7 +547,7 @@ class Datasets:
         for n, (k, blob) in enumerate(recs.items()):
             if n % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
-            key, versions = _record_of(blob)
+            key, versions, holders = _record_of(blob)
             # the entry it came from (its line, its mount): by the name in the record, not
             # the record's key, which a long name cuts short
             hit = by_name.get(k)
@@ -480,14 +560,27 @@ class Datasets:
             lines_with_pins.add(line)
             matched.append(k)
             path = vfs.display(m, key[len(m.spec.prefix):])
-            for etag, size, chunk in versions:
+            for (etag, size, chunk), hs in zip(versions, holders, strict=True):
+                others = sorted(set(hs) - {holder, ""})
                 if (etag, size, chunk) == current.get(k):
+                    if others:  # another data set pins the version S3 lists: it stays
+                        for f in current_files[k]:
+                            if id(f) not in kept_ids:
+                                kept_ids.add(id(f))
+                                for h in others:
+                                    by = kept_by.setdefault(h, {"files": 0, "bytes": 0})
+                                    by["files"] += 1
+                                    by["bytes"] += f.size
+                    continue
+                if others:
+                    kept_versions += 1
                     continue
                 v = ObjectVersion(m.spec.name, m.spec.bucket, key, etag, size, chunk, m.store)
                 old.append(FileItem(line, key, root, path, v.chunks(), size))
         left = [fl for fl in failed if fl["line"] not in lines_with_pins
                 or fl["reason"] != _reason(FSError(errno.ENOENT))]
-        return old + legacy, sum(1 for f in old if f.refs), matched, left
+        return _FreePlan(old + legacy, sum(1 for f in old if f.refs), matched, left, kept_ids,
+                         kept_versions, kept_by)
 
     def _free_wait(self) -> float:
         """FREE_WAIT, or less in a cluster whose peers give up on a ds_drop sooner (it
@@ -657,7 +750,8 @@ class Datasets:
         reservation = _PinReservation(self, plan.pop("pin_reserved", {}))
         try:
             if pin and not dry_run:
-                plan["warnings"] = plan["warnings"] + await self._record_pins(files)
+                plan["warnings"] = plan["warnings"] + await self._record_pins(files,
+                                                                              _holder(req))
             return await self._preload(job, files, failed, plan, cp, pin, parallel,
                                        reservation, dry_run, t_start)
         finally:
@@ -821,10 +915,10 @@ class Datasets:
                 "cache": store.statistics()}
 
     async def _free_cluster(self, files: list[FileItem], failed: list[dict],
-                            old: list[FileItem]) -> dict:
+                            drop: list[FileItem]) -> dict:
         cl, store = self.d.cluster, self.d.store
         members = sorted(cl.nodes())
-        cids = list(await self._unique(files + old))
+        cids = list(await self._unique(drop))
         res = await self._on_nodes(members, lambda n: self._drop_node(n, cids))
         nodes: dict[str, dict] = {}
         unreachable = []
@@ -1021,10 +1115,11 @@ class Datasets:
                         and type(size) is int and type(chunk) is int):
                     raise ValueError
                 adds[base64.b64decode(k, validate=True)] = (key, [etag, size, chunk])
-        except (KeyError, TypeError, ValueError):
+            holder = _holder(payload)
+        except (KeyError, TypeError, ValueError, ControlError):
             raise PeerError("ds_pins_add: records must be [key, name, etag, size, chunk] lists",
                             "protocol") from None
-        await self._add_pin_versions(adds)
+        await self._add_pin_versions(adds, holder)
         return {"records": len(adds)}
 
     async def op_pins_forget(self, payload: dict) -> dict:
@@ -1032,9 +1127,12 @@ class Datasets:
 
         try:
             keys = [base64.b64decode(k, validate=True) for k in payload["keys"]]
-        except (KeyError, TypeError, ValueError):
+            # (a requester of an older cachefs names no data set: the records go whole)
+            holder = _holder(payload) if "holder" in payload else None
+        except (KeyError, TypeError, ValueError, ControlError):
             raise PeerError("ds_pins_forget: keys must be base64 record keys", "protocol") from None
-        await self._forget_pins(keys)
+        async with self._pins_lock:
+            await self._release_pins(keys, holder)
         return {"records": len(keys)}
 
     async def op_drop(self, payload: dict) -> dict:
@@ -1553,26 +1651,33 @@ def _endpoint(o: ObjectVersion) -> str | None:
     return o.store.spec.endpoint_url if o.store is not None else None
 
 
-def _record(key: str, versions: list[list]) -> bytes:
-    return json.dumps({"key": key, "versions": versions}).encode()
+def _record(key: str, versions: list[list], holders: list[list[str]]) -> bytes:
+    return json.dumps({"key": key, "versions": versions, "holders": holders}).encode()
 
 
-def _record_of(blob: bytes) -> tuple[str, list[list]]:
+def _record_of(blob: bytes) -> tuple[str, list[list], list[list[str]]]:
+    """A pin record: its S3 key, its versions ([etag, size, chunk size] each; what is not
+    is left out) and, beside each, the data sets that pin it ("": one nobody named; a
+    record written before data sets were named has no holders: nobody named pins all)."""
     try:
         doc = json.loads(blob)
     except ValueError:
-        return "", []
+        return "", [], []
     if not isinstance(doc, dict) or not isinstance(doc.get("key"), str):
-        return "", []
-    return doc["key"], _versions(doc.get("versions"))
-
-
-def _versions(vs: Any) -> list[list]:
-    """A pin record's versions, [etag, size, chunk size] each (what is not is left out)."""
+        return "", [], []
+    vs, hs = doc.get("versions"), doc.get("holders")
     if not isinstance(vs, list):
-        return []
-    return [v for v in vs if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str)
-            and type(v[1]) is int and v[1] >= 0 and type(v[2]) is int and v[2] > 0]
+        return doc["key"], [], []
+    if not isinstance(hs, list) or len(hs) != len(vs):
+        hs = [[""]] * len(vs)
+    versions, holders = [], []
+    for v, h in zip(vs, hs, strict=True):
+        if (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and type(v[1]) is int
+                and v[1] >= 0 and type(v[2]) is int and v[2] > 0):
+            versions.append(v)
+            ok = isinstance(h, list) and h and all(isinstance(x, str) for x in h)
+            holders.append(list(h) if ok else [""])
+    return doc["key"], versions, holders
 
 
 NOT_KEPT = "fetched, but not kept: the cache is full of pinned data, or the disk is full"

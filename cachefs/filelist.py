@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from .errors import EXIT_USAGE, QuietError
 from .report import printable
 
+HOLDER_MAX = 1024  # bytes of a data set's name (a list's real path, or --name)
+
 
 @dataclass(frozen=True)
 class MountInfo:

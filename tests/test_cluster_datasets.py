@@ -257,7 +257,8 @@ def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_p
     assert r.returncode == 0, r.stderr
     assert any(w.startswith("pin records not copied (node n2 unreachable: ") and
                w.endswith("a free run on node n2 will not reach the versions S3 replaces "
-                          "later") for w in res["warnings"]), res["warnings"]
+                          "later, nor keep the files this data set shares with the list it "
+                          "frees") for w in res["warnings"]), res["warnings"]
 
 
 def test_a_frozen_node_is_given_up_after_five_peer_timeouts(mounts, bucket, s3, proxy, tmp_path):
@@ -473,3 +474,40 @@ def test_a_free_on_any_node_reaches_the_pins_of_replaced_versions(mounts, bucket
     # the records went from every node: a free from a third finds no older version
     res, r = run(ms[2], "free", lst)
     assert r.returncode == 0 and res["superseded_versions"] == 0, (r.stderr, res)
+
+
+def test_a_free_on_another_node_keeps_what_another_data_set_pins(mounts, bucket, s3, proxy,
+                                                                   tmp_path):
+    """Two data sets pinned from two nodes share a file; `free` of one, run on a third
+    node, drops that data set's own file on its owners and keeps the shared one pinned
+    on its owners: the third node knows who pins it from the records' copies."""
+    ds, own = choose(s3, bucket, "ko", [3 * CHUNK, CHUNK, CHUNK],
+                     lambda o: min(counts(o)) >= 1)
+    x, y, z = list(ds)
+    ms = start_cluster(mounts, bucket, 3)
+    a = write_list(tmp_path, "a.txt", [x, y])
+    b = write_list(tmp_path, "b.txt", [x, z])
+    for m, lst in ((ms[0], a), (ms[1], b)):
+        res, r = run(m, "preload", lst, "--pin")
+        assert r.returncode == 0 and res["warnings"] == [], (r.stderr, res)
+    mine = {n: {c for c in own[n]} for n in NODES}
+    z_chunks = owners(bucket, {z: ds[z]})
+    res, r = run(ms[2], "free", b)
+    assert r.returncode == 0, r.stderr
+    assert res["freed_chunks"] == res["pins_removed"] == 1, res  # z's
+    assert res["kept_files"] == 1 and res["kept_bytes"] == 3 * CHUNK, res
+    assert list(res["kept_by"]) == [a], res
+    for i, n in enumerate(NODES):
+        keep = mine[n] - set(z_chunks[n])
+        assert ms[i].stats()["cache"]["pinned_chunks"] == len(keep), n
+        assert keep <= on_disk(ms[i]) and not set(z_chunks[n]) & on_disk(ms[i]), n
+    proxy.reset()
+    read_everywhere(ms, {x: ds[x], y: ds[y]})
+    assert gets(proxy) == 0
+    # a's own free, from another node: everything goes, and the records everywhere
+    res, r = run(ms[1], "free", a)
+    assert r.returncode == 0 and res["kept_files"] == 0 and res["pins_removed"] == 4, res
+    for i, _n in enumerate(NODES):
+        assert ms[i].stats()["cache"]["pinned_bytes"] == 0
+    res, r = run(ms[0], "free", b)
+    assert r.returncode == 0 and res["kept_files"] == 0, res

@@ -49,8 +49,8 @@ def write_list(tmp_path, lines: list[str], name: str = "list.txt") -> str:
     return str(p)
 
 
-def run_json(*args) -> tuple[dict, subprocess.CompletedProcess]:
-    r = cli(*args, "--json")
+def run_json(*args, **kw) -> tuple[dict, subprocess.CompletedProcess]:
+    r = cli(*args, "--json", **kw)
     try:
         return json.loads(r.stdout), r
     except ValueError:
@@ -298,7 +298,8 @@ def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
     # the free waits for those fetches; its client must hear from the daemon meanwhile (it
     # gives up after a silence, and a free of a million chunks is silent for minutes)
     lines = [time.monotonic()]
-    res = m.request({"op": "free", "entries": [[1, "shards", "shards/"]]},
+    res = m.request({"op": "free", "entries": [[1, "shards", "shards/"]],
+                     "holder": os.path.realpath(lst)},
                     on_event=lambda ev: lines.append(time.monotonic()), timeout=30)
     lines.append(time.monotonic())
     assert lines[-1] - lines[0] > 2.0  # it did wait for the fetches
@@ -672,7 +673,9 @@ def test_free_reaches_the_pins_of_versions_s3_replaced(mounts, bucket, s3, proxy
     assert cli("preload", "--file-list", lst, "--mount", str(m.mp), "--pin").returncode == 0
     s3.delete_object(Bucket=bucket, Key="p.bin")
     time.sleep(1.2)
-    res, r = run_json("free", "--file-list", gone, "--mount", str(m.mp))
+    # (another list: it frees for the data set that pinned, by its name)
+    res, r = run_json("free", "--file-list", gone, "--mount", str(m.mp),
+                      "--name", os.path.realpath(lst))
     assert res["freed_chunks"] == res["pins_removed"] == 2, res
     assert res["superseded_versions"] == 1 and [f["line"] for f in res["failed"]] == [2], res
     assert m.stats()["cache"]["pinned_bytes"] == 0
@@ -686,7 +689,7 @@ def test_free_reaches_the_pins_of_versions_s3_replaced(mounts, bucket, s3, proxy
         s3.delete_object(Bucket=bucket, Key=k)
     time.sleep(1.2)
     res, r = run_json("free", "--file-list", write_list(tmp_path, ["d/"], "d2.txt"),
-                      "--mount", str(m.mp))
+                      "--mount", str(m.mp), "--name", os.path.realpath(both))
     assert r.returncode == 0 and res["failed"] == [], (r.stderr, res)
     assert res["freed_chunks"] == res["pins_removed"] == 3 and res["superseded_versions"] == 2
     assert m.stats()["cache"]["pinned_bytes"] == file_size(CHUNK)  # e/z.bin's
@@ -714,6 +717,90 @@ def test_a_store_without_etags_frees_no_older_versions_it_never_had(mounts, buck
     assert r.returncode == 0 and "freed 256.0 KiB (4 chunks, 0 pinned)" in r.stdout, r.stdout
     assert "older version" not in r.stdout, r.stdout
     assert proxy.stats(settle=0)["faults_by_kind"]["etag_form"] >= 3
+
+
+def test_free_of_one_data_set_keeps_the_files_another_still_pins(mounts, bucket, s3, proxy,
+                                                                 tmp_path):
+    """Two pinned data sets that share a file: `free` of one dropped the shared file too
+    (pins had no owner), so the other's training job went back to S3 for it. A pin now
+    belongs to the data set (the list file's real path, or --name) that made it, and a
+    free drops only what no other data set pins, and says what it kept."""
+    data = put(s3, bucket, {"s/x.bin": 2 * CHUNK, "a/y.bin": CHUNK, "b/z.bin": CHUNK})
+    m = mounts(f"s3://{bucket}")
+    a = write_list(tmp_path, ["s/x.bin", "a/y.bin"], "a.txt")
+    b = write_list(tmp_path, ["s/x.bin", "b/z.bin"], "b.txt")
+    c = write_list(tmp_path, ["s/x.bin"], "c.txt")
+    mp = str(m.mp)
+    proxy.reset()
+    assert cli("preload", "--file-list", a, "--mount", mp, "--pin").returncode == 0
+    assert cli("preload", "--file-list", b, "--mount", mp, "--pin").returncode == 0
+    assert proxy.gets() == 4  # z.bin's one chunk for b: x.bin was cached and pinned
+    res, r = run_json("free", "--file-list", b, "--mount", mp)
+    assert r.returncode == 0, r.stderr
+    assert res["freed_chunks"] == res["pins_removed"] == 1, res  # z.bin's
+    assert res["kept_files"] == 1 and res["kept_bytes"] == 2 * CHUNK, res
+    assert res["kept_by"] == {os.path.realpath(a): {"files": 1, "bytes": 2 * CHUNK}}, res
+    st = m.stats()["cache"]
+    assert st["pinned_bytes"] == st["used_bytes"] == 3 * file_size(CHUNK), st
+    proxy.reset()
+    assert m.path("s/x.bin").read_bytes() == data["s/x.bin"]
+    assert proxy.gets() == 0
+    # a list nobody pinned keeps them too, and says so
+    r = cli("free", "--file-list", c, "--mount", mp)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("freed 0 B (0 chunks, 0 pinned) of 1 file"), \
+        r.stdout
+    assert (f"  kept 128.0 KiB of 1 file that other data sets pin: {os.path.realpath(a)} "
+            "(1 file) (free those lists to drop them)") in r.stdout.splitlines(), r.stdout
+    # the data set that pinned them frees them (its list spelled another way)
+    res, r = run_json("free", "--file-list", "a.txt", "--mount", mp, cwd=tmp_path)
+    assert r.returncode == 0 and res["kept_files"] == 0, res
+    assert res["freed_chunks"] == res["pins_removed"] == 3, res
+    st = m.stats()["cache"]
+    assert st["pinned_bytes"] == st["used_bytes"] == 0, st
+
+
+def test_a_data_set_pinned_twice_or_from_stdin(mounts, bucket, s3, proxy, tmp_path):
+    """A list pinned twice is one data set (one free lets go of it); a copy of the list
+    frees it by --name; a list read from stdin pins for no data set: it is warned, and a
+    free of any list naming those files drops them."""
+    put(s3, bucket, {"s/x.bin": 2 * CHUNK, "a/y.bin": CHUNK})
+    m = mounts(f"s3://{bucket}")
+    mp = str(m.mp)
+    a = write_list(tmp_path, ["s/x.bin", "a/y.bin"], "a.txt")
+    copy = write_list(tmp_path, ["s/x.bin", "a/y.bin"], "copy.txt")
+    for _ in range(2):
+        assert cli("preload", "--file-list", a, "--mount", mp, "--pin").returncode == 0
+    res, r = run_json("free", "--file-list", copy, "--mount", mp)
+    assert res["kept_files"] == 2 and res["freed_chunks"] == 0, res
+    res, r = run_json("free", "--file-list", copy, "--mount", mp, "--name", a)
+    assert res["kept_files"] == 0 and res["freed_chunks"] == 3, res
+    assert m.stats()["cache"]["pinned_bytes"] == 0
+    r = cli("preload", "--file-list", "-", "--mount", mp, "--pin", input="s/x.bin\n")
+    assert r.returncode == 0, r.stderr
+    assert "warning: a list read from stdin pins for no data set" in r.stderr, r.stderr
+    assert m.stats()["cache"]["pinned_bytes"] == 2 * file_size(CHUNK)
+    res, r = run_json("free", "--file-list", copy, "--mount", mp)
+    assert res["kept_files"] == 0 and res["freed_chunks"] == 2, res
+    assert m.stats()["cache"]["pinned_bytes"] == 0
+    for bad, err in ((("--name", ""), "--name: must not be empty"),
+                     (("--name", "n" * 1025), "--name: at most 1024 bytes")):
+        r = cli("free", "--file-list", copy, "--mount", mp, *bad)
+        assert r.returncode == 2 and r.stderr.strip() == f"cachefs: error: {err}", r.stderr
+
+
+def test_pin_records_written_before_data_sets_had_names_are_anyones():
+    """A record of an older cachefs has no holders: nobody named pins its versions, so a
+    free of any list naming them drops them, as before; what is not a version is left out,
+    with its holders."""
+    from cachefs.datasets import _record, _record_of
+
+    assert _record_of(b'{"key": "k", "versions": [["e", 1, 2], ["f", 3, 4]]}') == (
+        "k", [["e", 1, 2], ["f", 3, 4]], [[""], [""]])
+    assert _record_of(_record("k", [["e", 1, 2], ["bad"], ["f", 3, 4]],
+                              [["A"], ["B"], ["A", "C"]])) == (
+        "k", [["e", 1, 2], ["f", 3, 4]], [["A"], ["A", "C"]])
+    assert _record_of(b'{"key": "k", "versions": [["e", 1, 2]], "holders": [[7]]}')[2] == [[""]]
 
 
 def test_a_pinning_preload_counts_what_one_under_way_will_pin(mounts, bucket, s3, proxy,
