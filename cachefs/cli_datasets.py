@@ -46,14 +46,21 @@ def _choose_mount(mount: str | None, text: str) -> str:
 
 def _holder(file_list: str, name: str | None) -> str:
     """The data set a list's pins belong to (docs/datasets.md, "Data sets that share
-    files"): --name, else the list file's real path, else (a list read from stdin) none."""
+    files"): --name, else the list file's real path, else none (a list read from stdin,
+    a pipe such as <(grep ...): its path is another one each time)."""
     if name is not None:
         if not name.strip():
             raise QuietError("--name: must not be empty", EXIT_USAGE)
         if len(name.encode("utf-8", "surrogateescape")) > HOLDER_MAX:
             raise QuietError(f"--name: at most {HOLDER_MAX} bytes", EXIT_USAGE)
         return name
-    return "" if file_list == "-" else os.path.realpath(file_list)
+    if file_list == "-" or not os.path.isfile(file_list):
+        return ""
+    path = os.path.realpath(file_list)
+    if len(path.encode("utf-8", "surrogateescape")) > HOLDER_MAX:
+        raise QuietError(f"file list {printable(path)}: a path of more than {HOLDER_MAX} "
+                         "bytes cannot name its data set; give --name", EXIT_USAGE)
+    return path
 
 
 NAME_HELP = ("The data set these pins belong to, for `free` of another list that shares "
@@ -330,10 +337,12 @@ def preload(file_list, mount, parallel, pin, name, dry_run, as_json) -> None:
     cachefs preload --file-list train.txt --mount /mnt/train --parallel 16 --pin
     cachefs preload --file-list train.txt --dry-run
     """
+    if name is not None and not pin:
+        raise QuietError("--name names the data set of --pin: give --pin too", EXIT_USAGE)
     prep = Prepared(file_list, mount, name)
     if pin and not dry_run and not prep.holder:
-        _say("warning: a list read from stdin pins for no data set: a free of any list "
-             "naming these files drops them (--name names the data set)")
+        _say("warning: a list read from stdin or a pipe pins for no data set: a free of "
+             "any list naming these files drops them (--name names the data set)")
     progress = Progress(enabled=not as_json)
     try:
         res = prep.request({"op": "preload", "parallel": parallel, "pin": pin,
@@ -438,6 +447,8 @@ def free(file_list, mount, name, as_json) -> None:
                             {"files": 0, "total_bytes": 0, "freed_bytes": 0, "freed_chunks": 0,
                              "pins_removed": 0, "kept_files": 0, "kept_bytes": 0,
                              "kept_versions": 0, "kept_by": {}})
+    for k, v in (("kept_files", 0), ("kept_bytes", 0), ("kept_versions", 0), ("kept_by", {})):
+        res.setdefault(k, v)  # (a daemon of an older cachefs keeps nothing)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -458,8 +469,15 @@ def free(file_list, mount, name, as_json) -> None:
 
 def _kept_text(res: dict) -> str:
     """`free`'s line for what other data sets' pins kept."""
-    by = sorted((res.get("kept_by") or {}).items(), key=lambda kv: (-kv[1]["files"], kv[0]))
-    who = ", ".join(f"{printable(h)} ({plural(v['files'], 'file')})" for h, v in by[:3])
+    by = sorted((res.get("kept_by") or {}).items(),
+                key=lambda kv: (-kv[1].get("files", 0), -kv[1].get("versions", 0), kv[0]))
+
+    def counts(v: dict) -> str:
+        n = [plural(v[k], w) for k, w in (("files", "file"), ("versions", "older version"))
+             if v.get(k)]
+        return " and ".join(n)
+
+    who = ", ".join(f"{printable(h)} ({counts(v)})" for h, v in by[:3])
     if len(by) > 3:
         who += f" and {len(by) - 3} more"
     parts = []
@@ -468,7 +486,8 @@ def _kept_text(res: dict) -> str:
     if res.get("kept_versions"):
         parts.append(plural(res["kept_versions"], "older version"))
     return (f"  kept {' and '.join(parts)} that other data sets pin"
-            + (f": {who}" if who else "") + " (free those lists to drop them)")
+            + (f": {who}" if who else "")
+            + " (a free of those lists, or with --name, drops them)")
 
 
 # -- status ----------------------------------------------------------------------------

@@ -121,7 +121,9 @@ class _FreePlan:
     ``failed``, the failures left (an entry S3 no longer has is no "no such file" when
     something was pinned under it); ``kept_ids``, the listed files (``id()``) whose
     version S3 lists another data set pins; ``kept_versions``, older versions kept so;
-    ``kept_by``, per other data set, the files and bytes it keeps."""
+    ``kept_by``, per other data set, the files, bytes and older versions it keeps;
+    ``names`` and ``prefixes``, where the records of the list lie (the other members let go
+    of their copies there: a member may hold a record this node lacks)."""
     old: list[FileItem]
     superseded: int
     keys: list[bytes]
@@ -129,6 +131,8 @@ class _FreePlan:
     kept_ids: set[int]
     kept_versions: int
     kept_by: dict[str, dict[str, int]]
+    names: list[bytes]  # the record keys of every listed name and file (found or not)
+    prefixes: list[bytes]  # the record ranges of the listed directories
 
 
 def _reason(e: BaseException) -> str:
@@ -371,7 +375,7 @@ class Datasets:
             if release:
                 await self._release_pins(fp.keys, holder)
         if release:  # (not under the lock: two frees on two nodes would wait on each other)
-            await self._release_pins_elsewhere(fp.keys, holder)
+            await self._release_pins_elsewhere(fp.names, fp.prefixes, holder)
         kept = [f for f in files if id(f) in fp.kept_ids]
         out.update(superseded_versions=fp.superseded, kept_files=len(kept),
                    kept_bytes=sum(f.size for f in kept), kept_versions=fp.kept_versions,
@@ -459,14 +463,16 @@ class Datasets:
 
         return await self._on_nodes([n for n in sorted(cl.nodes()) if n != cl.node_id], send)
 
-    async def _release_pins(self, keys: list[bytes], holder: str | None) -> None:
+    async def _release_pins(self, keys: list[bytes], holder: str | None,
+                            prefixes: list[bytes] = ()) -> None:
         """After a free (the caller holds _pins_lock): ``holder`` and the holder nobody
-        named ("") let go of every version of the records ``keys``; a version nobody holds
-        any more goes, and a record with no version left. ``holder`` None: the records
-        go whole (a peer of an older cachefs asks so)."""
+        named ("") let go of every version of the records ``keys`` (and of those in the
+        ranges ``prefixes``); a version nobody holds any more goes, and a record with no
+        version left. ``holder`` None: the records go whole (a peer of an older cachefs
+        asks so)."""
         index = self.d.index
         assert index is not None
-        recs = await trio.to_thread.run_sync(index.get_pin_records, keys)
+        recs = await trio.to_thread.run_sync(index.get_pin_records, keys, prefixes)
         ops = []
         for i, (k, blob) in enumerate(recs.items()):
             if i % YIELD_EVERY == 0:
@@ -484,18 +490,24 @@ class Datasets:
         for i in range(0, len(ops), 4096):
             await self._writer().commit(*ops[i:i + 4096])
 
-    async def _release_pins_elsewhere(self, keys: list[bytes], holder: str) -> None:
-        """The same on every other member's copy of the records (one that does not answer
-        keeps its copy: a later free from there finds what is then already freed, which
-        costs nothing)."""
+    async def _release_pins_elsewhere(self, names: list[bytes], prefixes: list[bytes],
+                                      holder: str) -> None:
+        """The same on every other member's copy of the records, where the list's records
+        lie (``names``, the ranges ``prefixes``), found there or not: a member may hold a
+        record this node lacks (it joined later, or a release failed). One that does not
+        answer keeps its copy: a free run there then keeps what this data set shared with
+        its list, until this free is run again."""
         cl = self.d.cluster
-        if cl is None or not keys:
+        if cl is None:
             return
-        res = await self._to_other_members("ds_pins_forget", "keys", lambda: (
-            base64.b64encode(k).decode("ascii") for k in keys), {"holder": holder})
-        for r in res.values():
-            if isinstance(r, _Down):
-                log.warning("free: pin records not updated (%s)", r.reason)
+        for name, ks, extra in (("keys", names, {}), ("prefixes", prefixes, {"keys": []})):
+            if not ks:
+                continue
+            res = await self._to_other_members("ds_pins_forget", name, lambda ks=ks: (
+                base64.b64encode(k).decode("ascii") for k in ks), {"holder": holder, **extra})
+            for r in res.values():
+                if isinstance(r, _Down):
+                    log.warning("free: pin records not updated (%s)", r.reason)
 
     async def _pinned_before(self, req: dict, files: list[FileItem], failed: list[dict],
                              holder: str) -> _FreePlan:
@@ -540,6 +552,13 @@ class Datasets:
                     by_dir[(k[:16], under)] = (line, m)
                     prefixes.append(_pin_key(m.spec.endpoint_url, m.spec.bucket, under,
                                              prefix=True))
+        # each file's own record too: a directory's range does not reach a long name (its
+        # record key is a hash), and the root of several mounts names no range at all
+        for n, (k, fs) in enumerate(current_files.items()):
+            if n % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            if k not in by_name and (got := vfs.object_key(fs[0].path)) is not None:
+                by_name[k] = (fs[0].line, got[0])
         recs = await trio.to_thread.run_sync(index.get_pin_records, list(by_name), prefixes)
         lines_with_pins: set[int] = set()
         matched = []
@@ -568,19 +587,23 @@ class Datasets:
                             if id(f) not in kept_ids:
                                 kept_ids.add(id(f))
                                 for h in others:
-                                    by = kept_by.setdefault(h, {"files": 0, "bytes": 0})
+                                    by = kept_by.setdefault(h, {"files": 0, "bytes": 0,
+                                                                "versions": 0})
                                     by["files"] += 1
                                     by["bytes"] += f.size
                     continue
                 if others:
                     kept_versions += 1
+                    for h in others:
+                        kept_by.setdefault(h, {"files": 0, "bytes": 0, "versions": 0})[
+                            "versions"] += 1
                     continue
                 v = ObjectVersion(m.spec.name, m.spec.bucket, key, etag, size, chunk, m.store)
                 old.append(FileItem(line, key, root, path, v.chunks(), size))
         left = [fl for fl in failed if fl["line"] not in lines_with_pins
                 or fl["reason"] != _reason(FSError(errno.ENOENT))]
         return _FreePlan(old + legacy, sum(1 for f in old if f.refs), matched, left, kept_ids,
-                         kept_versions, kept_by)
+                         kept_versions, kept_by, list(by_name), prefixes)
 
     def _free_wait(self) -> float:
         """FREE_WAIT, or less in a cluster whose peers give up on a ds_drop sooner (it
@@ -1127,12 +1150,15 @@ class Datasets:
 
         try:
             keys = [base64.b64decode(k, validate=True) for k in payload["keys"]]
+            prefixes = [base64.b64decode(k, validate=True) for k in payload.get("prefixes", [])]
             # (a requester of an older cachefs names no data set: the records go whole)
             holder = _holder(payload) if "holder" in payload else None
         except (KeyError, TypeError, ValueError, ControlError):
             raise PeerError("ds_pins_forget: keys must be base64 record keys", "protocol") from None
+        if holder is None:
+            prefixes = []  # (never sent without a holder; no range goes whole)
         async with self._pins_lock:
-            await self._release_pins(keys, holder)
+            await self._release_pins(keys, holder, prefixes)
         return {"records": len(keys)}
 
     async def op_drop(self, payload: dict) -> dict:

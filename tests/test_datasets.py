@@ -739,7 +739,8 @@ def test_free_of_one_data_set_keeps_the_files_another_still_pins(mounts, bucket,
     assert r.returncode == 0, r.stderr
     assert res["freed_chunks"] == res["pins_removed"] == 1, res  # z.bin's
     assert res["kept_files"] == 1 and res["kept_bytes"] == 2 * CHUNK, res
-    assert res["kept_by"] == {os.path.realpath(a): {"files": 1, "bytes": 2 * CHUNK}}, res
+    assert res["kept_by"] == {os.path.realpath(a): {"files": 1, "bytes": 2 * CHUNK,
+                                                    "versions": 0}}, res
     st = m.stats()["cache"]
     assert st["pinned_bytes"] == st["used_bytes"] == 3 * file_size(CHUNK), st
     proxy.reset()
@@ -751,7 +752,8 @@ def test_free_of_one_data_set_keeps_the_files_another_still_pins(mounts, bucket,
     assert r.stdout.splitlines()[0].startswith("freed 0 B (0 chunks, 0 pinned) of 1 file"), \
         r.stdout
     assert (f"  kept 128.0 KiB of 1 file that other data sets pin: {os.path.realpath(a)} "
-            "(1 file) (free those lists to drop them)") in r.stdout.splitlines(), r.stdout
+            "(1 file) (a free of those lists, or with --name, drops them)"
+            ) in r.stdout.splitlines(), r.stdout
     # the data set that pinned them frees them (its list spelled another way)
     res, r = run_json("free", "--file-list", "a.txt", "--mount", mp, cwd=tmp_path)
     assert r.returncode == 0 and res["kept_files"] == 0, res
@@ -778,7 +780,8 @@ def test_a_data_set_pinned_twice_or_from_stdin(mounts, bucket, s3, proxy, tmp_pa
     assert m.stats()["cache"]["pinned_bytes"] == 0
     r = cli("preload", "--file-list", "-", "--mount", mp, "--pin", input="s/x.bin\n")
     assert r.returncode == 0, r.stderr
-    assert "warning: a list read from stdin pins for no data set" in r.stderr, r.stderr
+    assert "warning: a list read from stdin or a pipe pins for no data set" in r.stderr, \
+        r.stderr
     assert m.stats()["cache"]["pinned_bytes"] == 2 * file_size(CHUNK)
     res, r = run_json("free", "--file-list", copy, "--mount", mp)
     assert res["kept_files"] == 0 and res["freed_chunks"] == 2, res
@@ -787,6 +790,51 @@ def test_a_data_set_pinned_twice_or_from_stdin(mounts, bucket, s3, proxy, tmp_pa
                      (("--name", "n" * 1025), "--name: at most 1024 bytes")):
         r = cli("free", "--file-list", copy, "--mount", mp, *bad)
         assert r.returncode == 2 and r.stderr.strip() == f"cachefs: error: {err}", r.stderr
+
+
+def test_what_another_data_set_pins_is_kept_under_a_directory_and_in_older_versions(
+        mounts, bucket, s3, proxy, tmp_path):
+    """A free keeps what another data set pins also where the list names a directory and
+    the file's name is too long for the directory's range of records (it was dropped), and
+    in older versions S3 replaced; a list given through a pipe pins for no data set (its
+    path, /proc/PID/fd/..., is another one each time: a free of it kept everything)."""
+    long_key = "d/" + "a" * 200 + "/" + "b" * 200 + "/" + "c" * 100  # record key: a hash
+    data = put(s3, bucket, {long_key: CHUNK, "d/v.bin": CHUNK})
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    mp = str(m.mp)
+    a = write_list(tmp_path, [long_key, "d/v.bin"], "a.txt")
+    b = write_list(tmp_path, ["d/"], "b.txt")
+    assert cli("preload", "--file-list", a, "--mount", mp, "--pin").returncode == 0
+    s3.put_object(Bucket=bucket, Key="d/v.bin", Body=b"v2" * (CHUNK // 2))
+    time.sleep(1.2)  # past the metadata TTL
+    assert cli("preload", "--file-list", b, "--mount", mp).returncode == 0  # v2, unpinned
+    res, r = run_json("free", "--file-list", b, "--mount", mp)
+    assert r.returncode == 0, r.stderr
+    assert res["kept_files"] == 1 and res["kept_versions"] == 1, res
+    assert res["kept_by"] == {os.path.realpath(a): {"files": 1, "bytes": CHUNK,
+                                                    "versions": 1}}, res
+    assert res["freed_chunks"] == 1 and res["pins_removed"] == 0, res  # v2's chunk
+    st = m.stats()["cache"]
+    assert st["pinned_bytes"] == st["used_bytes"] == 2 * file_size(CHUNK), st
+    proxy.reset()
+    assert m.path(long_key).read_bytes() == data[long_key]
+    assert proxy.gets() == 0
+    r = cli("free", "--file-list", b, "--mount", mp)
+    assert (f"  kept 64.0 KiB of 1 file and 1 older version that other data sets pin: "
+            f"{os.path.realpath(a)} (1 file and 1 older version) (a free of those lists, or "
+            "with --name, drops them)") in r.stdout.splitlines(), r.stdout
+    res, r = run_json("free", "--file-list", a, "--mount", mp)
+    assert res["kept_files"] == res["kept_versions"] == 0 and res["superseded_versions"] == 1
+    assert m.stats()["cache"]["pinned_bytes"] == 0
+    # a list through a pipe: no data set, said; and a free through a pipe frees it
+    r = cli("preload", "--file-list", "/dev/stdin", "--mount", mp, "--pin",
+            input="d/v.bin\n")
+    assert r.returncode == 0 and "pins for no data set" in r.stderr, r.stderr
+    res, r = run_json("free", "--file-list", "/dev/stdin", "--mount", mp, input="d/\n")
+    assert res["kept_files"] == 0 and m.stats()["cache"]["pinned_bytes"] == 0, res
+    r = cli("preload", "--file-list", a, "--mount", mp, "--name", "x")
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "cachefs: error: --name names the data set of --pin: give --pin too", r.stderr
 
 
 def test_pin_records_written_before_data_sets_had_names_are_anyones():
