@@ -509,7 +509,7 @@ def status(file_list, mount, as_json) -> None:
     # would be 150 MB of JSON, and twice that in memory at each end)
     res, code = prep.result({"op": "status", **({} if as_json else {"rows": MAX_ROWS})},
                             {"files": [], "file_count": 0, "total_bytes": 0,
-                             "cached_bytes": 0, "pinned_bytes": 0})
+                             "cached_bytes": 0, "pinned_bytes": 0, "pinned_by": {}})
     mp = prep.mp.rstrip("/")
     for f in res["files"]:
         f["path"] = mp + f["path"]
@@ -532,6 +532,11 @@ def status(file_list, mount, as_json) -> None:
         click.echo(f"total: {plural(count, 'file')}, {human(tot)}; cached "
                    f"{human(res['cached_bytes'])} ({_share(res['cached_bytes'], tot)}), "
                    f"pinned {human(res['pinned_bytes'])} ({_share(res['pinned_bytes'], tot)})")
+    if res.get("pinned_by"):
+        by = sorted(res["pinned_by"].items(), key=lambda kv: (-kv[1]["files"], kv[0]))
+        who = ", ".join(f"{printable(h) if h else '(no data set)'} "
+                        f"({plural(v['files'], 'file')})" for h, v in by[:3])
+        click.echo(f"pinned by: {who}" + (f" and {len(by) - 3} more" if len(by) > 3 else ""))
     if res.get("nodes"):
         _node_lines(res["nodes"], lambda r: f"cached {human(r['cached_bytes'])}, pinned "
                     f"{human(r['pinned_bytes'])} (owns {human(r['owned_bytes'])})")

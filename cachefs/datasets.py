@@ -188,11 +188,15 @@ def _rows_wanted(req: dict) -> int | None:
     return n
 
 
-async def _tally(files: list[FileItem], is_cached, is_pinned, rows: int | None) -> dict:
+async def _tally(files: list[FileItem], is_cached, is_pinned, rows: int | None,
+                 held: dict[int, list[str]]) -> dict:
     """status's figures: per file (the first ``rows`` files; all when None) and in total,
-    with ``is_cached(cid)`` and ``is_pinned(cid)`` saying where each chunk stands."""
+    with ``is_cached(cid)`` and ``is_pinned(cid)`` saying where each chunk stands, and
+    ``held`` (``id()`` of a file → the data sets that pin the version S3 lists) who pins
+    it."""
     out = []
     tot = tc = tp = 0
+    by: dict[str, dict[str, int]] = {}
     for i, f in enumerate(files):
         if i % YIELD_EVERY == 0:
             await trio.lowlevel.checkpoint()
@@ -203,14 +207,20 @@ async def _tally(files: list[FileItem], is_cached, is_pinned, rows: int | None) 
                 cc += 1
                 if is_pinned(r.cid):
                     p += r.length
+        hs = held.get(id(f), [])
+        for h in hs:
+            b = by.setdefault(h, {"files": 0, "bytes": 0})
+            b["files"] += 1
+            b["bytes"] += f.size
         if rows is None or len(out) < rows:
             out.append({"path": f.path, "line": f.line, "size": f.size, "cached_bytes": c,
-                        "pinned_bytes": p, "chunks": len(f.refs), "cached_chunks": cc})
+                        "pinned_bytes": p, "chunks": len(f.refs), "cached_chunks": cc,
+                        "pinned_by": hs})
         tot += f.size
         tc += c
         tp += p
     return {"files": out, "file_count": len(files), "total_bytes": tot, "cached_bytes": tc,
-            "pinned_bytes": tp}
+            "pinned_bytes": tp, "pinned_by": by}
 
 
 class Job:
@@ -340,10 +350,37 @@ class Datasets:
         assert store is not None
         rows = _rows_wanted(req)
         files, failed = await self.resolve(_entries(req), job)
+        held = await self._held(files)
         if self.d.cluster is not None:
-            return await self._status_cluster(files, failed, rows)
-        out = await _tally(files, store.contains, store.is_pinned, rows)
+            return await self._status_cluster(files, failed, rows, held)
+        out = await _tally(files, store.contains, store.is_pinned, rows, held)
         return {**out, "failed": failed, "cache": store.statistics()}
+
+    async def _held(self, files: list[FileItem]) -> dict[int, list[str]]:
+        """``id()`` of each file whose version S3 lists a data set pins → those data sets
+        ("" for pins nobody named; in a cluster, as this node's copy of the records
+        says)."""
+        vfs, index = self.d.vfs, self.d.index
+        assert vfs is not None and index is not None
+        keys: dict[bytes, list[tuple[FileItem, tuple]]] = {}
+        for i, f in enumerate(files):
+            if i % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            o = vfs.version(f.node)
+            keys.setdefault(_pin_key(_endpoint(o), o.bucket, o.key), []).append(
+                (f, (o.etag, o.size, o.chunk_size)))
+        recs = await trio.to_thread.run_sync(index.get_pin_records, list(keys))
+        out: dict[int, list[str]] = {}
+        for n, (k, blob) in enumerate(recs.items()):
+            if n % YIELD_EVERY == 0:
+                await trio.lowlevel.checkpoint()
+            _, versions, holders = _record_of(blob)
+            for f, v in keys[k]:
+                hs = next((h for (e, sz, c), h in zip(versions, holders, strict=True)
+                           if (e, sz, c) == v), None)
+                if hs:
+                    out[id(f)] = sorted(hs)
+        return out
 
     # -- free -----------------------------------------------------------------------
 
@@ -899,7 +936,7 @@ class Datasets:
         return out
 
     async def _status_cluster(self, files: list[FileItem], failed: list[dict],
-                              rows: int | None) -> dict:
+                              rows: int | None, held: dict[int, list[str]]) -> dict:
         cl, store = self.d.cluster, self.d.store
         ring, members = cl.ring, sorted(cl.nodes())
         sizes = await self._unique(files)
@@ -933,7 +970,7 @@ class Datasets:
                         pinned.add(cid)
             nodes[n] = {"cached_bytes": c, "pinned_bytes": p, "cached_chunks": cc,
                         "owned_bytes": owned[n]}
-        out = await _tally(files, cached.__contains__, pinned.__contains__, rows)
+        out = await _tally(files, cached.__contains__, pinned.__contains__, rows, held)
         return {**out, "failed": failed, "nodes": nodes, "unreachable": unreachable,
                 "cache": store.statistics()}
 

@@ -501,6 +501,9 @@ def test_a_free_on_another_node_keeps_what_another_data_set_pins(mounts, bucket,
         keep = mine[n] - set(z_chunks[n])
         assert ms[i].stats()["cache"]["pinned_chunks"] == len(keep), n
         assert keep <= on_disk(ms[i]) and not set(z_chunks[n]) & on_disk(ms[i]), n
+    st, r = run(ms[2], "status", a)  # (who pins: from the records' copy on n2)
+    assert st["pinned_by"] == {a: {"files": 2, "bytes": 4 * CHUNK}}, st
+    assert st["pinned_bytes"] == 4 * CHUNK, st
     proxy.reset()
     read_everywhere(ms, {x: ds[x], y: ds[y]})
     assert gets(proxy) == 0

@@ -433,7 +433,8 @@ def test_status_of_an_empty_file(mounts, bucket, s3, tmp_path):
     assert r.stdout.splitlines()[1:] == [
         f"      —       —        0 B  {m.mp}/e/empty",
         f" 100.0%  100.0%  128.0 KiB  {m.mp}/e/full.bin",
-        "total: 2 files, 128.0 KiB; cached 128.0 KiB (100.0%), pinned 128.0 KiB (100.0%)"]
+        "total: 2 files, 128.0 KiB; cached 128.0 KiB (100.0%), pinned 128.0 KiB (100.0%)",
+        f"pinned by: {os.path.realpath(both)} (1 file)"]  # (an empty file has nothing to pin)
 
 
 def test_the_status_table_of_a_long_list_is_sent_no_more_rows_than_it_shows(
@@ -735,6 +736,15 @@ def test_free_of_one_data_set_keeps_the_files_another_still_pins(mounts, bucket,
     assert cli("preload", "--file-list", a, "--mount", mp, "--pin").returncode == 0
     assert cli("preload", "--file-list", b, "--mount", mp, "--pin").returncode == 0
     assert proxy.gets() == 4  # z.bin's one chunk for b: x.bin was cached and pinned
+    # status says who pins each file
+    ra, rb = os.path.realpath(a), os.path.realpath(b)
+    st, r = run_json("status", "--file-list", b, "--mount", mp)
+    assert {f["path"]: f["pinned_by"] for f in st["files"]} == {
+        f"{mp}/s/x.bin": sorted([ra, rb]), f"{mp}/b/z.bin": [rb]}, st
+    assert st["pinned_by"] == {ra: {"files": 1, "bytes": 2 * CHUNK},
+                               rb: {"files": 2, "bytes": 3 * CHUNK}}, st
+    r = cli("status", "--file-list", b, "--mount", mp)
+    assert f"pinned by: {rb} (2 files), {ra} (1 file)" in r.stdout.splitlines(), r.stdout
     res, r = run_json("free", "--file-list", b, "--mount", mp)
     assert r.returncode == 0, r.stderr
     assert res["freed_chunks"] == res["pins_removed"] == 1, res  # z.bin's
