@@ -18,7 +18,7 @@ import click
 
 from . import filelist, runtime
 from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
-from .filelist import HOLDER_MAX
+from .filelist import HOLDER_MAX, holder_too_long
 from .report import human, plural, printable
 
 MAX_ERROR_LINES = 50  # failed entries printed; --json carries them all
@@ -51,13 +51,13 @@ def _holder(file_list: str, name: str | None) -> str:
     if name is not None:
         if not name.strip():
             raise QuietError("--name: must not be empty", EXIT_USAGE)
-        if len(name.encode("utf-8", "surrogateescape")) > HOLDER_MAX:
+        if holder_too_long(name):
             raise QuietError(f"--name: at most {HOLDER_MAX} bytes", EXIT_USAGE)
         return name
     if file_list == "-" or not os.path.isfile(file_list):
         return ""
     path = os.path.realpath(file_list)
-    if len(path.encode("utf-8", "surrogateescape")) > HOLDER_MAX:
+    if holder_too_long(path):
         raise QuietError(f"file list {printable(path)}: a path of more than {HOLDER_MAX} "
                          "bytes cannot name its data set; give --name", EXIT_USAGE)
     return path
@@ -445,10 +445,10 @@ def free(file_list, mount, name, as_json) -> None:
     prep = Prepared(file_list, mount, name)
     res, code = prep.result({"op": "free", "holder": prep.holder},
                             {"files": 0, "total_bytes": 0, "freed_bytes": 0, "freed_chunks": 0,
-                             "pins_removed": 0, "kept_files": 0, "kept_bytes": 0,
-                             "kept_versions": 0, "kept_by": {}})
+                             "pins_removed": 0})
+    # (no entry was valid, or a daemon of an older cachefs answered: nothing kept)
     for k, v in (("kept_files", 0), ("kept_bytes", 0), ("kept_versions", 0), ("kept_by", {})):
-        res.setdefault(k, v)  # (a daemon of an older cachefs keeps nothing)
+        res.setdefault(k, v)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
@@ -467,19 +467,25 @@ def free(file_list, mount, name, as_json) -> None:
     _exit(code)
 
 
-def _kept_text(res: dict) -> str:
-    """`free`'s line for what other data sets' pins kept."""
-    by = sorted((res.get("kept_by") or {}).items(),
-                key=lambda kv: (-kv[1].get("files", 0), -kv[1].get("versions", 0), kv[0]))
+def _data_sets(by: dict[str, dict]) -> str:
+    """``{data set: {files, versions}}`` as "a.txt (2 files), val (1 older version) and 2
+    more": the three with most files first."""
+    top = sorted(by.items(), key=lambda kv: (-kv[1].get("files", 0),
+                                             -kv[1].get("versions", 0), kv[0]))
 
     def counts(v: dict) -> str:
-        n = [plural(v[k], w) for k, w in (("files", "file"), ("versions", "older version"))
-             if v.get(k)]
-        return " and ".join(n)
+        return " and ".join(plural(v[k], w) for k, w in (("files", "file"),
+                                                          ("versions", "older version"))
+                            if v.get(k))
 
-    who = ", ".join(f"{printable(h)} ({counts(v)})" for h, v in by[:3])
-    if len(by) > 3:
-        who += f" and {len(by) - 3} more"
+    who = ", ".join(f"{printable(h) if h else '(no data set)'} ({counts(v)})"
+                    for h, v in top[:3])
+    return who + (f" and {len(top) - 3} more" if len(top) > 3 else "")
+
+
+def _kept_text(res: dict) -> str:
+    """`free`'s line for what other data sets' pins kept."""
+    who = _data_sets(res.get("kept_by") or {})
     parts = []
     if res.get("kept_files"):
         parts.append(f"{human(res['kept_bytes'])} of {plural(res['kept_files'], 'file')}")
@@ -533,10 +539,7 @@ def status(file_list, mount, as_json) -> None:
                    f"{human(res['cached_bytes'])} ({_share(res['cached_bytes'], tot)}), "
                    f"pinned {human(res['pinned_bytes'])} ({_share(res['pinned_bytes'], tot)})")
     if res.get("pinned_by"):
-        by = sorted(res["pinned_by"].items(), key=lambda kv: (-kv[1]["files"], kv[0]))
-        who = ", ".join(f"{printable(h) if h else '(no data set)'} "
-                        f"({plural(v['files'], 'file')})" for h, v in by[:3])
-        click.echo(f"pinned by: {who}" + (f" and {len(by) - 3} more" if len(by) > 3 else ""))
+        click.echo(f"pinned by: {_data_sets(res['pinned_by'])}")
     if res.get("nodes"):
         _node_lines(res["nodes"], lambda r: f"cached {human(r['cached_bytes'])}, pinned "
                     f"{human(r['pinned_bytes'])} (owns {human(r['owned_bytes'])})")

@@ -51,7 +51,7 @@ import logging
 import os
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,7 +61,7 @@ import trio
 from .chunks.ids import ChunkRef, ObjectVersion
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
-from .filelist import HOLDER_MAX
+from .filelist import HOLDER_MAX, holder_too_long
 from .index import Index, path_key
 from .report import human, plural
 from .store.chunkstore import file_size
@@ -171,7 +171,7 @@ def _holder(req: dict) -> str:
     list file's real path, or --name), or "" (none: a list read from stdin, an older
     CLI)."""
     h = req.get("holder", "")
-    if not isinstance(h, str) or len(h.encode("utf-8", "surrogateescape")) > HOLDER_MAX:
+    if not isinstance(h, str) or holder_too_long(h):
         raise ControlError(f"malformed request: holder must be text of at most {HOLDER_MAX} "
                            "bytes")
     return h
@@ -366,9 +366,8 @@ class Datasets:
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
-            o = vfs.version(f.node)
-            keys.setdefault(_pin_key(_endpoint(o), o.bucket, o.key), []).append(
-                (f, (o.etag, o.size, o.chunk_size)))
+            k, v = _pin_of(vfs.version(f.node))
+            keys.setdefault(k, []).append((f, v))
         recs = await trio.to_thread.run_sync(index.get_pin_records, list(keys))
         out: dict[int, list[str]] = {}
         for n, (k, blob) in enumerate(recs.items()):
@@ -446,8 +445,8 @@ class Datasets:
                 await trio.lowlevel.checkpoint()
             if f.refs:
                 o = f.refs[0].obj
-                adds[_pin_key(_endpoint(o), o.bucket, o.key)] = (
-                    o.key, [o.etag, o.size, o.chunk_size])
+                k, v = _pin_of(o)
+                adds[k] = (o.key, list(v))
         await self._add_pin_versions(adds, holder)
         cl = self.d.cluster
         if cl is None or not adds:
@@ -557,15 +556,16 @@ class Datasets:
         old: list[FileItem] = []
         legacy: list[FileItem] = []
         kept_ids: set[int] = set()
-        kept_by: dict[str, dict[str, int]] = {}
+        kept_by: defaultdict[str, Counter] = defaultdict(
+            lambda: Counter(files=0, bytes=0, versions=0))
         kept_versions = 0
         file_line: dict[int, str | None] = {}  # line → the one key it named, or None
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             o = vfs.version(f.node)
-            k = _pin_key(_endpoint(o), o.bucket, o.key)
-            current[k] = (o.etag, o.size, o.chunk_size)
+            k, v = _pin_of(o)
+            current[k] = v
             current_files.setdefault(k, []).append(f)
             file_line[f.line] = o.key if f.line not in file_line else None
             if o.etag.startswith("~"):  # cached by a version that gave no ETag a version
@@ -624,23 +624,21 @@ class Datasets:
                             if id(f) not in kept_ids:
                                 kept_ids.add(id(f))
                                 for h in others:
-                                    by = kept_by.setdefault(h, {"files": 0, "bytes": 0,
-                                                                "versions": 0})
-                                    by["files"] += 1
-                                    by["bytes"] += f.size
+                                    kept_by[h]["files"] += 1
+                                    kept_by[h]["bytes"] += f.size
                     continue
                 if others:
                     kept_versions += 1
                     for h in others:
-                        kept_by.setdefault(h, {"files": 0, "bytes": 0, "versions": 0})[
-                            "versions"] += 1
+                        kept_by[h]["versions"] += 1
                     continue
                 v = ObjectVersion(m.spec.name, m.spec.bucket, key, etag, size, chunk, m.store)
                 old.append(FileItem(line, key, root, path, v.chunks(), size))
         left = [fl for fl in failed if fl["line"] not in lines_with_pins
                 or fl["reason"] != _reason(FSError(errno.ENOENT))]
         return _FreePlan(old + legacy, sum(1 for f in old if f.refs), matched, left, kept_ids,
-                         kept_versions, kept_by, list(by_name), prefixes)
+                         kept_versions, {h: dict(c) for h, c in kept_by.items()},
+                         list(by_name), prefixes)
 
     def _free_wait(self) -> float:
         """FREE_WAIT, or less in a cluster whose peers give up on a ds_drop sooner (it
@@ -1712,6 +1710,11 @@ def _dirs_above(key: str) -> Iterator[str]:
 
 def _endpoint(o: ObjectVersion) -> str | None:
     return o.store.spec.endpoint_url if o.store is not None else None
+
+
+def _pin_of(o: ObjectVersion) -> tuple[bytes, tuple[str, int, int]]:
+    """An object version's pin record key, and the version as the record holds it."""
+    return _pin_key(_endpoint(o), o.bucket, o.key), (o.etag, o.size, o.chunk_size)
 
 
 def _record(key: str, versions: list[list], holders: list[list[str]]) -> bytes:

@@ -26,6 +26,10 @@ from .report import printable
 HOLDER_MAX = 1024  # bytes of a data set's name (a list's real path, or --name)
 
 
+def holder_too_long(name: str) -> bool:
+    return len(name.encode("utf-8", "surrogateescape")) > HOLDER_MAX
+
+
 @dataclass(frozen=True)
 class MountInfo:
     """One bucket/prefix of the daemon's mount table."""
