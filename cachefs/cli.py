@@ -417,7 +417,11 @@ def umount(mountpoint: str, timeout: float) -> None:
     info = runtime.read_info(mp)
     pid = info.get("pid") if info else None
     started = info.get("pid_start") if info else None
-    stale = not pid or not runtime.alive(pid, started)  # the daemon is gone: detach even if busy
+    if pid:
+        stale = not runtime.alive(pid, started)
+    else:  # its runtime dir is not in this shell's places: a dead mount, or a live one?
+        stale = runtime.mount_answers(mp) is False
+    # the daemon is gone: detach even if busy (never a live one's: its readers would fail)
     ok, err = fusermount_unmount(mp, lazy=stale)
     if not ok:
         if "busy" in err.lower():
@@ -433,6 +437,11 @@ def umount(mountpoint: str, timeout: float) -> None:
         else:
             raise QuietError(f"unmounted {mp}, but daemon pid {pid} is still running (it "
                              f"hangs? `kill {pid}`)")
+    elif not stale:
+        click.echo(f"cachefs: unmounted {mp}; its daemon, whose runtime directory this shell "
+                   "does not see (CACHEFS_RUNTIME_DIR, XDG_RUNTIME_DIR?), exits on its own",
+                   err=True)
+        return
     # a live daemon removes its runtime dir as it exits; a killed one's is left: remove
     # it (unless a new daemon for this mountpoint holds it already)
     runtime.remove_if_stale(runtime.mount_dir(mp, resolved=True))

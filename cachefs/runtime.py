@@ -365,6 +365,31 @@ def find_mount(mount: str | None) -> str:
     return mounts[0]
 
 
+def mount_answers(mp: str | Path, timeout: float = 2.0) -> bool | None:
+    """Whether the FUSE daemon behind ``mp`` still answers: False when the kernel says its
+    connection is gone (ENOTCONN: the daemon died), True when it answered a statfs (never
+    cached by the kernel), None when it did not answer within ``timeout`` (it hangs). For
+    a mount whose daemon this shell cannot find (its runtime dir is elsewhere): the only
+    way to tell a dead mount from a live one. The statfs runs in a thread left behind if
+    it hangs (a FUSE request dies with the process)."""
+    import errno
+    import threading
+
+    out: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(mp)
+            out.append(True)
+        except OSError as e:
+            out.append(e.errno not in (errno.ENOTCONN, errno.ECONNABORTED))
+
+    t = threading.Thread(target=probe, daemon=True, name="cachefs-statfs")
+    t.start()
+    t.join(timeout)
+    return out[0] if out else None
+
+
 def python_module(module: str, env: dict[str, str] | None = None
                   ) -> tuple[list[str], dict[str, str]]:
     """argv and environment that run ``python -m module`` of this very cachefs: ``-P``

@@ -737,6 +737,49 @@ def test_umount_of_a_hung_or_dead_daemon(s3, bucket, mounts):
         holder.wait()
 
 
+def test_umount_from_a_shell_that_cannot_see_the_daemons_runtime_dir(s3, bucket, mounts,
+                                                                     tmp_path):
+    """A daemon started with another CACHEFS_RUNTIME_DIR (or XDG_RUNTIME_DIR, as under
+    Slurm) is not found by `cachefs umount` from this shell. It took that for a dead daemon
+    and detached the mount lazily, busy or not: the live daemon's readers lost it. Now
+    the mount is asked (statfs): a live one is unmounted only when no process uses it, and
+    only a dead one is detached."""
+    s3.put_object(Bucket=bucket, Key="d/f", Body=b"x")
+    elsewhere = tmp_path / "another-runtime-dir"
+    elsewhere.mkdir(mode=0o700)
+    env = {"CACHEFS_RUNTIME_DIR": str(elsewhere)}
+    m = mounts(f"s3://{bucket}")
+    assert m.path("d/f").read_bytes() == b"x"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              cwd=m.mp / "d")
+    try:
+        one_line_error(cli("umount", str(m.mp), env=env, timeout=30), "is busy")
+        assert is_mounted(m.mp)
+        assert m.path("d/f").read_bytes() == b"x"  # still served
+    finally:
+        holder.kill()
+        holder.wait()
+    r = cli("umount", str(m.mp), env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert "exits on its own" in r.stderr
+    assert not is_mounted(m.mp)
+    assert m.proc.wait(timeout=30) == 0
+
+    m2 = mounts(f"s3://{bucket}")
+    assert m2.path("d/f").read_bytes() == b"x"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                              cwd=m2.mp / "d")
+    try:
+        m2.proc.kill()
+        m2.proc.wait()
+        r = cli("umount", str(m2.mp), env=env, timeout=30)  # dead and busy: detached
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(m2.mp)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def _as_user(uid: int, fn) -> int:
     """fn() in a child of this process running as ``uid`` (forked, not executed: the
     interpreter may live where that user cannot read it); its exit status."""
