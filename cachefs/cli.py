@@ -157,6 +157,9 @@ def mount(args, config_file, ready_fd, foreground, **flags) -> None:
                          "or mount with --foreground", EXIT_USAGE)
     cfg = build_config(mountpoint=mountpoint, source=source, config_file=config_file,
                        flags=flags)
+    root = runtime.runtime_root()  # (a bad CACHEFS_RUNTIME_DIR: said before S3 is asked)
+    if root.exists() and not root.is_dir():
+        raise runtime.not_a_directory(root)
     if foreground or ready_fd is not None:
         _run_foreground(cfg, ready_fd)
     else:

@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from .errors import EXIT_NO_DAEMON, OutputClosed, QuietError, leaves
+from .runtime import no_daemon_found
 
 log = logging.getLogger("cachefs.control")
 
@@ -202,7 +203,9 @@ class ControlClient:
             s.connect(str(self.path))
         except FileNotFoundError:
             s.close()
-            raise QuietError(f"no cachefs daemon is running for {self.mountpoint or self.path}",
+            if self.mountpoint:
+                raise no_daemon_found(str(self.mountpoint)) from None
+            raise QuietError(f"no cachefs daemon is running for {self.path}",
                              EXIT_NO_DAEMON) from None
         except ConnectionRefusedError:
             s.close()

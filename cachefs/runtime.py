@@ -35,17 +35,30 @@ from typing import NamedTuple
 
 from .errors import EXIT_NO_DAEMON, EXIT_USAGE, QuietError
 
+# a control socket's path (<root>/<16 hex>/control.sock) fits in sockaddr_un's 108 bytes
+# with its NUL only for a root of at most this many bytes
+MAX_ROOT = 107 - len("/0123456789abcdef/control.sock")
+
 
 def runtime_root() -> Path:
     """Where a starting daemon makes its runtime dir."""
     override = os.environ.get("CACHEFS_RUNTIME_DIR")
     if override:
+        # (a relative one would name one place for the daemon, which starts in /, and
+        # another for each command run elsewhere)
+        if not os.path.isabs(override):
+            raise QuietError(f"CACHEFS_RUNTIME_DIR must be an absolute path, not "
+                             f"{override!r}", EXIT_USAGE)
+        if len(os.fsencode(override.rstrip("/"))) > MAX_ROOT:
+            raise QuietError(f"CACHEFS_RUNTIME_DIR is too long for the control socket's "
+                             f"path: at most {MAX_ROOT} bytes", EXIT_USAGE)
         return Path(override)
     uid = os.getuid()
     if uid == 0 and os.access("/run", os.W_OK):
         return Path("/run/cachefs")
     xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and os.path.isabs(xdg) and os.access(xdg, os.W_OK):
+    if (xdg and os.path.isabs(xdg) and os.access(xdg, os.W_OK)
+            and len(os.fsencode(xdg.rstrip("/") + "/cachefs")) <= MAX_ROOT):
         return Path(xdg) / "cachefs"
     return Path(f"/tmp/cachefs-{uid}")
 
@@ -89,8 +102,16 @@ def alive(pid: int, started: int | None = None) -> bool:
     return st is not None and st[0] != "Z" and (started is None or st[1] == started)
 
 
+def not_a_directory(p: Path) -> QuietError:
+    return QuietError(f"{p} is not a directory (the runtime directory: CACHEFS_RUNTIME_DIR)",
+                      EXIT_USAGE)
+
+
 def _private_dir(p: Path) -> Path:
-    p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        p.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise not_a_directory(p) from None
     st = p.stat()
     if st.st_uid != os.getuid():
         raise QuietError(f"{p} is owned by another user; refusing to use it")
@@ -116,6 +137,8 @@ def mount_dir(mountpoint: str | Path, *, create: bool = False, resolved: bool = 
         return found[0]
     if ours or not roots[0].exists():
         return (ours or roots)[0] / h  # no such dir: no daemon
+    if not roots[0].is_dir():
+        raise not_a_directory(roots[0])
     raise QuietError(f"{roots[0]} is owned by another user; refusing to use it")
 
 
@@ -295,6 +318,12 @@ class MountEntry(NamedTuple):
     device: str  # major:minor
     mountpoint: str
     fstype: str
+    options: str = ""  # the super block's options (a FUSE mount's user_id=UID among them)
+
+    def user_id(self) -> int | None:
+        """The uid a FUSE mount's daemon runs as (its ``user_id=`` option)."""
+        m = re.search(r"(?:^|,)user_id=(\d+)(?:,|$)", self.options)
+        return int(m[1]) if m else None
 
 
 def mountinfo() -> list[MountEntry]:
@@ -306,7 +335,8 @@ def mountinfo() -> list[MountEntry]:
             for line in f:
                 parts = line.split()
                 sep = parts.index("-")
-                out.append(MountEntry(parts[2], _unescape(parts[4]), parts[sep + 1]))
+                out.append(MountEntry(parts[2], _unescape(parts[4]), parts[sep + 1],
+                                      parts[sep + 3] if len(parts) > sep + 3 else ""))
     except (OSError, ValueError, IndexError):
         pass
     return out
@@ -351,7 +381,20 @@ def resolve_mountpoint(path: str | Path, entries: list[MountEntry] | None = None
 def find_mount(mount: str | None) -> str:
     """The mountpoint to talk to: the given one, or the only cachefs mount."""
     if mount:
-        return resolve_mountpoint(mount)
+        entries = mountinfo()
+        mp = resolve_mountpoint(mount, entries)
+        if mp in cachefs_mounts(entries):
+            return mp
+        around = mount_containing(mp, entries)
+        if around is not None and around.fstype == "fuse.cachefs":
+            raise QuietError(f"{mp} is inside the cachefs mount {around.mountpoint}, not its "
+                             f"mountpoint (--mount {around.mountpoint})", EXIT_USAGE)
+        if not os.path.lexists(mp):
+            raise QuietError(f"{mp} does not exist", EXIT_USAGE)
+        there = cachefs_mounts(entries)
+        raise QuietError(f"{mp} is not a cachefs mount (" + (
+            f"cachefs mounts: {', '.join(there)})" if there else "none is mounted)"),
+            EXIT_NO_DAEMON)
     mounts = cachefs_mounts()
     if not mounts:
         raise QuietError("no cachefs mount found (is `cachefs mount` running?)", EXIT_NO_DAEMON)
@@ -388,6 +431,34 @@ def mount_answers(mp: str | Path, timeout: float = 2.0) -> bool | None:
     t.start()
     t.join(timeout)
     return out[0] if out else None
+
+
+def no_daemon_found(mp: str) -> QuietError:
+    """Why no control socket was found for the cachefs mountpoint ``mp``: the mount is
+    another user's (its daemon's socket is in that user's runtime dir, which this user may
+    not open), or its daemon keeps it where this shell does not look, or it is dead."""
+    e = next((m for m in reversed(mountinfo()) if m.mountpoint == mp), None)
+    if e is None or e.fstype != "fuse.cachefs":
+        return QuietError(f"no cachefs daemon is running for {mp}", EXIT_NO_DAEMON)
+    uid = e.user_id()
+    if uid is not None and uid != os.getuid():
+        import pwd
+
+        try:
+            who = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            who = f"uid {uid}"
+        return QuietError(f"{mp} is served by a cachefs daemon of user {who}, whose control "
+                          f"socket only that user may use: run this command as {who}"
+                          + (" (sudo)" if uid == 0 else f" (sudo -u {who})"), EXIT_NO_DAEMON)
+    answers = mount_answers(mp)
+    if answers is False:
+        return QuietError(f"the cachefs daemon of {mp} is gone and left its mount behind "
+                          f"(`cachefs umount {mp}`, then mount again)", EXIT_NO_DAEMON)
+    return QuietError(f"the cachefs daemon of {mp} keeps its control socket where this shell "
+                      f"does not look ({', '.join(map(str, runtime_roots()))}): run this "
+                      "command with the CACHEFS_RUNTIME_DIR or XDG_RUNTIME_DIR it was "
+                      "started with", EXIT_NO_DAEMON)
 
 
 def python_module(module: str, env: dict[str, str] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,7 +247,18 @@ def test_bad_cli_input(tmp_path):
     r = cli()  # no command: the help, not an error of many lines
     assert r.returncode == 2 and r.stdout.startswith("Usage: cachefs") and not r.stderr, r
     one_line_error(cli("umount", str(mp)), "not mounted", code=3)
-    one_line_error(cli("stats", "--mount", str(mp)), "no cachefs daemon")
+    one_line_error(cli("stats", "--mount", str(mp)), f"{mp} is not a cachefs mount", code=3)
+    one_line_error(cli("stats", "--mount", str(mp / "x")), f"{mp / 'x'} does not exist",
+                   code=2)
+    # a runtime dir that cannot hold a control socket: said before anything is made
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for rt, needle in (("rel/dir", "CACHEFS_RUNTIME_DIR must be an absolute path"),
+                       ("/tmp/" + "r" * 80, "CACHEFS_RUNTIME_DIR is too long"),
+                       (str(afile), f"{afile} is not a directory")):
+        one_line_error(cli(*base, "--cache-size", "1GiB", env={"CACHEFS_RUNTIME_DIR": rt}),
+                       needle, code=2)
+        assert not (tmp_path / "c").exists() and not Path("/tmp/" + "r" * 80).exists()
     r = cli("--help")
     assert r.returncode == 0 and "mount" in r.stdout
 
@@ -737,17 +749,22 @@ def test_umount_of_a_hung_or_dead_daemon(s3, bucket, mounts):
         holder.wait()
 
 
+def _short_dir(request) -> str:
+    """An empty runtime dir of another shell (a short path: a control socket's path must
+    fit in 107 bytes, which pytest's tmp_path may not leave room for)."""
+    d = tempfile.mkdtemp(prefix="cfs-rt-", dir="/tmp")
+    request.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
+    return d
+
 def test_umount_from_a_shell_that_cannot_see_the_daemons_runtime_dir(s3, bucket, mounts,
-                                                                     tmp_path):
+                                                                     request):
     """A daemon started with another CACHEFS_RUNTIME_DIR (or XDG_RUNTIME_DIR, as under
     Slurm) is not found by `cachefs umount` from this shell. It took that for a dead daemon
     and detached the mount lazily, busy or not: the live daemon's readers lost it. Now
     the mount is asked (statfs): a live one is unmounted only when no process uses it, and
     only a dead one is detached."""
     s3.put_object(Bucket=bucket, Key="d/f", Body=b"x")
-    elsewhere = tmp_path / "another-runtime-dir"
-    elsewhere.mkdir(mode=0o700)
-    env = {"CACHEFS_RUNTIME_DIR": str(elsewhere)}
+    env = {"CACHEFS_RUNTIME_DIR": _short_dir(request)}
     m = mounts(f"s3://{bucket}")
     assert m.path("d/f").read_bytes() == b"x"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
@@ -796,6 +813,47 @@ def _as_user(uid: int, fn) -> int:
             print(f"as uid {uid}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         os._exit(code)
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_why_a_command_finds_no_daemon(s3, bucket, mounts, request):
+    """Every command said "no cachefs daemon is running for MP" whenever it found no control
+    socket: for a directory inside the mount, for a mount served by root's daemon (the
+    packaged unit's) when a user ran the command, for a daemon started with another
+    runtime dir, and for a dead one. Each now says which it is."""
+    from cachefs import runtime
+    from cachefs.control import ControlClient
+    from cachefs.errors import QuietError
+
+    s3.put_object(Bucket=bucket, Key="d/f", Body=b"x")
+    m = mounts(f"s3://{bucket}")
+    assert m.path("d/f").read_bytes() == b"x"
+    one_line_error(cli("stats", "--mount", str(m.mp / "d")),
+                   f"inside the cachefs mount {m.mp}, not its mountpoint", code=2)
+    env = {"CACHEFS_RUNTIME_DIR": _short_dir(request)}
+    one_line_error(cli("stats", "--mount", str(m.mp), env=env),
+                   "keeps its control socket where this shell does not look", code=3)
+    if os.getuid() == 0:
+        rd, wr = os.pipe()
+
+        def as_nobody() -> None:
+            os.environ.pop("CACHEFS_RUNTIME_DIR", None)
+            os.environ.pop("XDG_RUNTIME_DIR", None)
+            mp = runtime.find_mount(str(m.mp))
+            try:
+                ControlClient(runtime.socket_path(mp), mp).request({"op": "stats"})
+            except QuietError as e:
+                os.write(wr, str(e).encode())
+
+        assert _as_user(65534, as_nobody) == 0
+        os.close(wr)
+        with os.fdopen(rd) as f:
+            said = f.read()
+        assert said == (f"{m.mp} is served by a cachefs daemon of user root, "
+                                    "whose control socket only that user may use: run this "
+                                    "command as root (sudo)")
+    m.kill()
+    one_line_error(cli("stats", "--mount", str(m.mp), env=env),
+                   f"the cachefs daemon of {m.mp} is gone", code=3)
 
 
 def test_a_users_daemon_is_found_from_a_shell_without_its_runtime_dir(monkeypatch):
