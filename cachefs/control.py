@@ -190,6 +190,22 @@ async def _send(stream: trio.SocketStream, obj: dict) -> None:
 # -- client ---------------------------------------------------------------------------
 
 
+def _reply(line: bytes, whose) -> dict:
+    """One line the daemon sent, as JSON; a cut one (the daemon died while it wrote) or one
+    not JSON (not a cachefs socket) is a one-line error, not a traceback."""
+    if not line.endswith(b"\n"):
+        raise QuietError(f"the cachefs daemon for {whose} closed the connection in the middle "
+                         "of its answer (did it exit? see its log)")
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        msg = None
+    if not isinstance(msg, dict):
+        raise QuietError(f"the control socket of {whose} did not answer in cachefs's "
+                         "protocol", EXIT_NO_DAEMON)
+    return msg
+
+
 class ControlClient:
     """Synchronous client used by the CLI (one request per connection)."""
 
@@ -228,7 +244,7 @@ class ControlClient:
                 pass  # the server may have answered (refused) already: read its reply
             with s.makefile("rb") as f:  # closed with s, or the socket's fd stays open
                 for line in f:
-                    msg = json.loads(line)
+                    msg = _reply(line, self.mountpoint or self.path)
                     if msg.get("protocol") != PROTOCOL:
                         raise QuietError(
                             f"the cachefs daemon for {self.mountpoint or self.path} runs "

@@ -102,3 +102,38 @@ def test_a_daemon_of_another_version_is_named_not_misread(tmp_path):
     t.join(10)
     srv.close()
     assert seen == []  # not even its events are read as ours
+
+
+def test_a_reply_cut_short_or_not_json_is_one_line(tmp_path):
+    """A daemon killed while it answered (a line cut short), or a socket of something else
+    at the control path: the command ended in "internal error: JSONDecodeError"."""
+    import threading
+
+    path = tmp_path / "control.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+    replies = (f'{{"protocol": {PROTOCOL}, "ok": tr'.encode(), b"HTTP/1.1 400 Bad\r\n",
+               b"[1, 2]\n")
+
+    def serve() -> None:
+        for reply in replies:
+            conn, _ = srv.accept()
+            conn.recv(65536)
+            conn.sendall(reply)
+            conn.close()
+
+    t = threading.Thread(target=serve)
+    t.start()
+    said = []
+    for _ in replies:
+        with pytest.raises(QuietError) as e:
+            ControlClient(path, "/mnt/x").request({"op": "stats"})
+        said.append((str(e.value), e.value.exitcode))
+    t.join(10)
+    srv.close()
+    assert said == [
+        ("the cachefs daemon for /mnt/x closed the connection in the middle of its answer "
+         "(did it exit? see its log)", 1),
+        ("the control socket of /mnt/x did not answer in cachefs's protocol", 3),
+        ("the control socket of /mnt/x did not answer in cachefs's protocol", 3)]
