@@ -15,6 +15,7 @@ exists is for the daemon to say.
 
 from __future__ import annotations
 
+import codecs
 import os
 import posixpath
 import sys
@@ -61,31 +62,45 @@ def read_list(path: str) -> str:
     """The text of the file list (``-`` is stdin); a missing file, or one that is not
     UTF-8 text, is one clear line.  S3 keys, and so every name in a mount, are UTF-8: a
     list that is not cannot name them (a binary file given by mistake would otherwise
-    print a line of raw bytes for each of its "entries")."""
+    print a line of raw bytes for each of its "entries").  Read and checked a MiB at a
+    time: a shard or /dev/zero given by mistake is refused at its first MiB (it was read
+    whole first, all of memory for a large one, forever for /dev/zero)."""
     name = "<stdin>" if path == "-" else printable(path)
     try:
         if path == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+            return _checked_text(sys.stdin.buffer, name)
+        with open(path, "rb") as f:
+            return _checked_text(f, name)
     except FileNotFoundError:
         raise QuietError(f"file list {name}: no such file", EXIT_USAGE) from None
     except IsADirectoryError:
         raise QuietError(f"file list {name}: is a directory", EXIT_USAGE) from None
     except OSError as e:
         raise QuietError(f"file list {name}: {e.strerror or e}", EXIT_USAGE) from None
-    try:
-        text = data.decode("utf-8-sig")  # (a byte order mark, as Windows editors save: skipped)
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise QuietError(f"file list {name}: not UTF-8 text (line {line})",
-                         EXIT_USAGE) from None
-    if (nul := data.find(b"\0")) >= 0:  # a tar of text files, a file of zeros: UTF-8, no list
-        line = data.count(b"\n", 0, nul) + 1
-        raise QuietError(f"file list {name}: not a text file (a NUL byte on line {line})",
-                         EXIT_USAGE)
-    return text
+
+
+READ_PIECE = 1 << 20
+
+
+def _checked_text(f, name: str) -> str:
+    dec = codecs.getincrementaldecoder("utf-8-sig")()  # (a byte order mark: skipped)
+    parts: list[str] = []
+    lines = 0  # newlines in the pieces before this one
+    while True:
+        piece = f.read(READ_PIECE)
+        try:
+            parts.append(dec.decode(piece, final=not piece))
+        except UnicodeDecodeError as e:
+            line = lines + piece.count(b"\n", 0, max(0, e.start)) + 1
+            raise QuietError(f"file list {name}: not UTF-8 text (line {line})",
+                             EXIT_USAGE) from None
+        if (nul := piece.find(b"\0")) >= 0:  # a tar of text files, zeros: UTF-8, no list
+            line = lines + piece.count(b"\n", 0, nul) + 1
+            raise QuietError(f"file list {name}: not a text file (a NUL byte on line {line})",
+                             EXIT_USAGE)
+        if not piece:
+            return "".join(parts)
+        lines += piece.count(b"\n")
 
 
 def split_lines(text: str) -> list[tuple[int, str]]:

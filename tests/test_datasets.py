@@ -1007,6 +1007,20 @@ def test_a_list_with_nul_bytes_is_one_line_and_a_byte_order_mark_is_skipped(
         r = cli(cmd, "--file-list", str(zeros), "--mount", str(m.mp))
         assert (r.returncode, r.stderr) == (2, f"cachefs: error: file list {zeros}: not a text "
                                                "file (a NUL byte on line 2)\n"), cmd
+    # read a MiB at a time: /dev/zero was read for ever, a large shard whole into memory;
+    # the lines are counted across the pieces
+    r = cli("status", "--file-list", "/dev/zero", "--mount", str(m.mp), timeout=30)
+    assert (r.returncode, r.stderr) == (2, "cachefs: error: file list /dev/zero: not a text "
+                                           "file (a NUL byte on line 1)\n")
+    long = tmp_path / "long.lst"
+    long.write_bytes(b"a/f0.bin\n" * 300_000 + b"a/\xff\n")  # 2.7 MB
+    r = cli("status", "--file-list", str(long), "--mount", str(m.mp))
+    assert (r.returncode, r.stderr) == (2, f"cachefs: error: file list {long}: not UTF-8 text "
+                                           "(line 300001)\n")
+    long.write_bytes(b"a/f0.bin\n" * 300_000 + "a/é\0\n".encode())
+    r = cli("status", "--file-list", str(long), "--mount", str(m.mp))
+    assert (r.returncode, r.stderr) == (2, f"cachefs: error: file list {long}: not a text "
+                                           "file (a NUL byte on line 300001)\n")
     bom = tmp_path / "bom.lst"
     bom.write_bytes(b"\xef\xbb\xbfa/f0.bin\r\na/f1.bin\r\n")
     r = cli("status", "--file-list", str(bom), "--mount", str(m.mp))
