@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import select
 import stat
@@ -246,6 +247,7 @@ def _daemonize(cfg) -> None:
     detached; return once the mount is live."""
     from .daemon import check_outside_mountpoint, prepare_cache_dir
 
+    _start_timeout()  # (a bad one: said before a daemon starts)
     logp = _log_path(cfg)
     entries = runtime.mountinfo()
     mp = runtime.resolve_mountpoint(cfg.mountpoint, entries)
@@ -322,11 +324,27 @@ def _remove_fresh_cache_dir(d: Path, top: Path, logp: Path) -> None:
             p = p.parent
 
 
+def _start_timeout() -> float:
+    """CACHEFS_START_TIMEOUT (seconds without a line from a starting daemon), or the
+    default."""
+    v = os.environ.get("CACHEFS_START_TIMEOUT")
+    if not v:
+        return START_TIMEOUT
+    try:
+        t = float(v)
+    except ValueError:
+        t = math.nan
+    if not (math.isfinite(t) and t > 0):
+        raise QuietError(f"CACHEFS_START_TIMEOUT: expected seconds, more than 0, got {v!r}",
+                         EXIT_USAGE)
+    return t
+
+
 def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
     """Relay the daemon's start-up lines until OK or ERR.  The deadline is START_TIMEOUT
     after the last line: a long start-up (a cache rebuilt from its chunk files) says how
     far it got, and is waited for while it does."""
-    timeout = float(os.environ.get("CACHEFS_START_TIMEOUT") or START_TIMEOUT)
+    timeout = _start_timeout()
     deadline = time.monotonic() + timeout
     buf = b""
     try:
@@ -397,9 +415,16 @@ def _find_quiet(e: BaseException) -> QuietError | None:
 # -- umount ---------------------------------------------------------------------------
 
 
+def _finite(v: float, what: str) -> float:
+    if not math.isfinite(v):  # (nan passes click's range check)
+        raise click.BadParameter(f"expected a number of seconds, got {v}", param_hint=what)
+    return v
+
+
 @cli.command()
 @click.argument("mountpoint")
 @click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              callback=lambda ctx, p, v: _finite(v, "--timeout"),
               help="Seconds to wait for the daemon.")
 def umount(mountpoint: str, timeout: float) -> None:
     """Unmount a cachefs mount and wait for its daemon to exit.

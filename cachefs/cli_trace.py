@@ -57,7 +57,7 @@ def _offset(v: str | None, what: str, zero: bool = False) -> int | None:
     if v is None:
         return None
     v = v.strip()
-    if v.isdigit():
+    if v.isdigit() and (zero or int(v) > 0):  # (a size of 0: parse_size's error)
         return int(v)
     if zero and (m := re.fullmatch(r"0+(?:\.0*)?\s*([A-Za-z]*)", v)):
         try:
@@ -613,9 +613,6 @@ def _trace_path(path: str, offset: int, length: int | None, cold: bool, as_json:
     if offset >= st.st_size:
         raise QuietError(f"--offset {offset} is at or past the end of {shown} ({st.st_size} "
                          "bytes)", EXIT_USAGE)
-    if length == 0:
-        raise QuietError("--length 0 reads nothing: give a length of at least 1 byte",
-                         EXIT_USAGE)
     if length is None:
         length = chunk_size or BLOCK
     length = min(length, st.st_size - offset)

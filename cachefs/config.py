@@ -165,6 +165,10 @@ def _no_credentials(url: Any, where: str, what: str = "an S3 endpoint URL",
                           f"(user:password@); {instead}")
 
 
+MAX_DURATION = 10 * 365 * 24 * 3600
+MAX_ATTEMPTS = 100  # S3 attempts per request: the retry budget is summed over them at start
+
+
 def parse_duration(value: Any, what: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a duration like 300s, got {value!r}")
@@ -179,6 +183,9 @@ def parse_duration(value: Any, what: str) -> float:
         raise ConfigError(f"{what}: expected a duration like 300s, got {value!r}")
     if secs < 0:
         raise ConfigError(f"{what}: must not be negative")
+    if secs > MAX_DURATION:  # (socket time-outs overflow C's time types past ~1e11 s)
+        raise ConfigError(f"{what}: must be at most {MAX_DURATION // 3600}h (ten years), "
+                          f"got {value!r}")
     return secs
 
 
@@ -536,8 +543,9 @@ def build_config(
         own_connections=parse_bool(s3.get("own_connections", S3Options.own_connections),
                                    "s3 own_connections"),
     )
-    if s3opts.max_attempts < 1:
-        raise ConfigError("s3 max_attempts must be >= 1")
+    if not 1 <= s3opts.max_attempts <= MAX_ATTEMPTS:
+        raise ConfigError(f"s3 max_attempts must be 1 to {MAX_ATTEMPTS}, got "
+                          f"{s3opts.max_attempts}")
     if s3opts.max_concurrency < 1:
         raise ConfigError("s3 max_concurrency must be >= 1")
 
@@ -575,7 +583,7 @@ def build_config(
         etcd_user=pick("etcd_user", cl, "etcd_user"),
         etcd_password=os.environ.get("CACHEFS_ETCD_PASSWORD") or cl.get("etcd_password"),
         peer_secret=secret,
-        peer_timeout=parse_duration(cl.get("peer_timeout", 2.0), "peer timeout"),
+        peer_timeout=parse_positive_duration(cl.get("peer_timeout", 2.0), "peer timeout"),
         lease_ttl=math.ceil(parse_duration(cl.get("lease_ttl", 10), "[cluster] lease_ttl")),
         grace_period=parse_duration(cl.get("grace_period", 30), "grace period"),
     )

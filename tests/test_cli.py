@@ -250,6 +250,12 @@ def test_bad_cli_input(tmp_path):
     one_line_error(cli("stats", "--mount", str(mp)), f"{mp} is not a cachefs mount", code=3)
     one_line_error(cli("stats", "--mount", str(mp / "x")), f"{mp / 'x'} does not exist",
                    code=2)
+    one_line_error(cli("umount", str(mp), "--timeout", "nan"), "--timeout", code=2)
+    # (was "no cachefs daemon": the length is checked before a daemon is looked for)
+    one_line_error(cli("trace", str(mp / "f"), "--length", "0"),
+                   "--length: must be positive", code=2)
+    one_line_error(cli(*base, "--cache-size", "1GiB", env={"CACHEFS_START_TIMEOUT": "nan"}),
+                   "CACHEFS_START_TIMEOUT: expected seconds", code=2)
     # a runtime dir that cannot hold a control socket: said before anything is made
     afile = tmp_path / "afile"
     afile.write_text("")
@@ -424,6 +430,14 @@ def test_config_values_of_the_wrong_type(tmp_path):
             (head + "[metadata]\nnegative_ttl = '100ms'\n", "negative ttl: must be at least 1s"),
             (head + "[s3]\nrequest_timeout = nan\n", "s3 request timeout: expected a duration"),
             (head + "[cluster]\nlease_ttl = nan\n", "[cluster] lease_ttl: expected a duration"),
+            # absurd values: a socket time-out past C's time types, a retry budget summed
+            # over 1e23 attempts at start, peers never given time to answer
+            (head + "[metadata]\nttl = 1e300\n", "metadata ttl: must be at most 87600h"),
+            (head + "[s3]\nrequest_timeout = '99999999999999999999h'\n",
+             "s3 request timeout: must be at most 87600h"),
+            (head + "[s3]\nmax_attempts = '99999999999999999999999'\n",
+             "s3 max_attempts must be 1 to 100"),
+            (head + "[cluster]\npeer_timeout = 0\n", "peer timeout: must be more than 0"),
             (head + "[cluster]\nnode_id = 7\n", "[cluster] node_id: expected a string"),
             (head + "[cluster]\npeer_listen = '127.0.0.1:7070'\npeers = 5\n",
              "[cluster] peers: expected a list"),
@@ -1227,8 +1241,8 @@ def test_exit_codes_with_two_mounts(s3, bucket, mounts, tmp_path):
     one_line_error(cli("trace", str(a.path("d"))), "not a regular file", code=2)
     one_line_error(cli("trace", str(a.path("d/f.bin")), "--offset", "1000"), "past the end",
                    code=2)
-    one_line_error(cli("trace", str(a.path("d/f.bin")), "--length", "0"), "reads nothing",
-                   code=2)
+    one_line_error(cli("trace", str(a.path("d/f.bin")), "--length", "0"),
+                   "--length: must be positive", code=2)
     outside = tmp_path / "plain.txt"
     outside.write_text("x")
     one_line_error(cli("trace", str(outside)), "not inside a cachefs mount", code=3)
