@@ -2,6 +2,7 @@
 and adopted after a restart, on a file system that takes O_DIRECT and on one that
 refuses it."""
 
+import functools
 import os
 
 import pytest
@@ -868,3 +869,58 @@ def test_a_start_killed_while_adopting_a_lost_index_keeps_what_it_verified(tmp_p
 
     report, got = trio.run(_with_store, tmp_path, reread)
     assert got == chunks and report["orphans_adopted"] == 3
+
+
+def test_a_put_the_stop_cancels_while_it_writes_leaves_its_file_with_its_record(tmp_path):
+    """The stop cancelled a put whose chunk file was being written: the file was renamed
+    into place, then its record's commit (made by the put itself once the writer had
+    stopped) was cancelled before it reached the index. A clean stop left a file the
+    index did not know, adopted unpinned at the next start even when the put pinned."""
+    import threading
+
+    cid, data = os.urandom(16), os.urandom(100_000)
+    gate, entered = threading.Event(), threading.Event()
+
+    async def main(ix):
+        writer = IndexWriter(ix)
+        store = ChunkStore(tmp_path, ix, writer, Stats(), limit=1 << 30)
+        await trio.to_thread.run_sync(store.reconcile)
+        real = store._write_file
+
+        def write_file(*a):
+            entered.set()
+            gate.wait(10)
+            real(*a)
+
+        store._write_file = write_file
+
+        stopped = trio.Event()
+
+        async def run_writer(task_status=trio.TASK_STATUS_IGNORED):
+            try:
+                await writer.run(task_status=task_status)
+            finally:
+                stopped.set()
+
+        async def open_gate_once_the_writer_stopped():
+            await stopped.wait()
+            gate.set()
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as outer:
+                async with trio.open_nursery() as daemon:
+                    await daemon.start(run_writer)
+                    daemon.start_soon(functools.partial(store.put, cid, data, pin=True))
+                    await trio.to_thread.run_sync(entered.wait, 10)
+                    outer.start_soon(open_gate_once_the_writer_stopped)
+                    daemon.cancel_scope.cancel()  # the daemon stops
+        return store.path(cid)
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    try:
+        path = trio.run(main, ix)
+        rec = ix.get_chunk(cid)
+    finally:
+        ix.close()
+    assert path.exists()
+    assert rec is not None and rec.pinned

@@ -658,14 +658,18 @@ class ChunkStore:
                         log.warning("chunk write failed: %s", e)
                     return self._refuse(cid)
                 rec = ChunkRec(size, ck, time.time(), pin)
-                try:
-                    await self.writer.commit(Index.op_put_chunk(cid, rec))
-                except IndexCommitError:
-                    # not in the index: the file must go too (or start-up would adopt it)
-                    self.stats.inc("index_commit_errors")
-                    await trio.to_thread.run_sync(self._unlink, cid,
-                                                  limiter=self._disk_limiter)
-                    return self._refuse(cid)
+                # the file is in place: its record follows, or the file goes, even when
+                # the stop cancels us (a clean stop left a file the index did not know,
+                # adopted unpinned at the next start)
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.writer.commit(Index.op_put_chunk(cid, rec))
+                    except IndexCommitError:
+                        # not in the index: the file must go too (or start-up adopts it)
+                        self.stats.inc("index_commit_errors")
+                        await trio.to_thread.run_sync(self._unlink, cid,
+                                                      limiter=self._disk_limiter)
+                        return self._refuse(cid)
         finally:
             self.reserved -= disk
             # (a reservation waiting on this goes on once this task yields, after the LRU
