@@ -222,6 +222,7 @@ def lock_mountpoint(mp: Path) -> int:
 # A cache dir is marked as one (the Cache Directory Tagging convention: backup and archive
 # tools that honour it skip the directory).
 CACHEDIR_TAG = "CACHEDIR.TAG"
+TAG_TMP = "CACHEDIR.TAG.tmp"
 _TAG_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
 _TAG = _TAG_SIGNATURE + (b"\n# This directory is a cachefs cache (chunks of S3 objects): "
                          b"cachefs removes what it does not know in it.\n")
@@ -234,12 +235,13 @@ def _foreign_in_cache_dir(d: Path, log_name: str) -> str | None:
     """Something in the untagged, existing dir d that is not cachefs's, or None.  Start-up
     removes what it does not know in tmp/ and chunks/, so a dir of the user's (a typo, an
     SSD's root, /var with its tmp/) must never be taken as a cache."""
-    if (d / CACHEDIR_TAG).exists():
+    if (d / CACHEDIR_TAG).exists() and not _torn_tag(d / CACHEDIR_TAG):
         return CACHEDIR_TAG  # another tool's cache (cachefs's own tag was checked before)
     if (d / "index" / "data.mdb").is_file():
         return None  # made by a cachefs before the tag
     for name in sorted(os.listdir(d)):
-        if not (name in _OWN or name.startswith(("cachefs.log", "index.bad-", ".probe."))
+        if not (name in _OWN or name == CACHEDIR_TAG
+                or name.startswith(("cachefs.log", "index.bad-", ".probe.", TAG_TMP))
                 or (log_name and name.startswith(log_name))):
             return name
     for sub in ("index", "tmp"):
@@ -265,6 +267,35 @@ def _tagged(tag: Path) -> bool:
             return f.read(len(_TAG) + 1) == _TAG
     except OSError:
         return False
+
+
+def _torn_tag(tag: Path) -> bool:
+    """cachefs's tag cut short by a crash as it was written (before the tag was written
+    to a file of its own and renamed into place): the start that follows found a tag not
+    cachefs's and refused the cache dir, as another tool's. Taken as cachefs's only where
+    nothing else in the dir is foreign (_foreign_in_cache_dir goes on to look)."""
+    try:
+        with open(tag, "rb") as f:
+            got = f.read(len(_TAG) + 1)
+    except OSError:
+        return False
+    return len(got) < len(_TAG) and _TAG.startswith(got)
+
+
+def _write_tag(d: Path) -> None:
+    """The tag, whole or not at all: written to a file of its own, synced, renamed."""
+    tmp = d / TAG_TMP
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as f:
+        f.write(_TAG)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / CACHEDIR_TAG)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def fuse_mount_problem(allow_other: bool, uid: int | None = None,
@@ -316,10 +347,8 @@ def prepare_cache_dir(d: Path, log_file: Path | None = None) -> None:
                     f"cache dir {d} holds {foreign!r}, which cachefs did not put there: "
                     "it removes what it does not know in its cache dir; give it a "
                     "directory of its own (a new or empty one)", EXIT_USAGE)
-        if not tag.exists():
-            fd = os.open(tag, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with open(fd, "wb") as f:
-                f.write(_TAG)
+        if not _tagged(tag):
+            _write_tag(d)
         _probe(d)
     except OSError as e:
         # a path that cannot be a cache dir for this user is bad input; a failing disk is not

@@ -1434,6 +1434,39 @@ def test_a_directory_of_the_users_is_never_taken_as_a_cache_dir(s3, bucket, prox
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
 
+def test_a_cache_dir_tag_cut_short_by_a_crash_is_cachefs_s(tmp_path):
+    """A crash (power loss) as the first start wrote CACHEDIR.TAG left it empty or cut
+    short, and every later start refused the cache dir: "holds 'CACHEDIR.TAG', which
+    cachefs did not put there", pushing the user to throw the cache away. A tag cut short
+    is cachefs's where nothing else in the dir is foreign, and the tag is now written to a
+    file of its own, synced and renamed into place."""
+    from cachefs.daemon import prepare_cache_dir
+    from cachefs.errors import QuietError
+
+    d = tmp_path / "cache"
+    prepare_cache_dir(d)
+    tag = d / "CACHEDIR.TAG"
+    whole = tag.read_bytes()
+    (d / "index").mkdir()
+    (d / "index" / "data.mdb").write_bytes(b"x")
+    for cut in (0, 10, len(whole) - 1):
+        tag.write_bytes(whole[:cut])
+        (d / "CACHEDIR.TAG.tmp").write_bytes(whole[:3])  # the crash before the rename
+        prepare_cache_dir(d)
+        assert tag.read_bytes() == whole
+        assert not (d / "CACHEDIR.TAG.tmp").exists()
+    # another tool's tag (the same signature line, then its own) is still not cachefs's,
+    # nor a cut tag in a dir holding what cachefs did not put there
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "CACHEDIR.TAG").write_bytes(whole[:43] + b"\n# made by ccache\n")
+    with pytest.raises(QuietError, match="holds 'CACHEDIR.TAG'"):
+        prepare_cache_dir(other)
+    (other / "CACHEDIR.TAG").write_bytes(whole[:20])
+    (other / "ccache.conf").write_text("x")
+    with pytest.raises(QuietError, match="holds 'ccache.conf'"):
+        prepare_cache_dir(other)
+
 def test_a_foreground_daemon_tells_systemd_when_it_serves(s3, bucket, mounts, tmp_path):
     """The systemd unit was Type=simple: "active" as soon as the process was forked, so
     jobs ordered after it saw an empty directory, and `systemctl start` reported success
