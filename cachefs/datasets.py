@@ -62,7 +62,7 @@ from .chunks.ids import ChunkRef, ObjectVersion
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
 from .filelist import HOLDER_MAX, holder_too_long
-from .index import Index, path_key
+from .index import Index, IndexCommitError, path_key
 from .report import human, plural
 from .store.chunkstore import file_size
 from .throughput import MIN_SAMPLES, ThroughputModel
@@ -481,8 +481,13 @@ class Datasets:
                 else:
                     continue
                 ops.append(Index.op_put_pin_record(k, _record(key, versions, holders)))
-            for i in range(0, len(ops), 4096):
-                await self._writer().commit(*ops[i:i + 4096])
+            try:
+                for i in range(0, len(ops), 4096):
+                    await self._writer().commit(*ops[i:i + 4096])
+            except IndexCommitError as e:
+                raise ControlError(
+                    f"cannot pin: the cache index could not record what this data set pins "
+                    f"({e}); nothing was pinned (is the cache disk full?)") from None
 
     async def _to_other_members(self, op: str, field: str, items,
                                 extra: dict | None = None) -> dict[str, Any]:
@@ -1106,13 +1111,19 @@ class Datasets:
         times: list[list] = []
         ring, me = cl.ring, cl.node_id
 
+        async def pinned(k: int, ref: ChunkRef) -> None:
+            if pin and not store.is_pinned(ref.cid):
+                with trio.CancelScope(shield=True):
+                    await store.set_pinned([ref.cid], True)
+                if not store.is_pinned(ref.cid) and store.contains(ref.cid):
+                    codes[k] = "e"
+                    errors[str(k)] = NOT_PINNED
+
         async def cached(k: int, ref: ChunkRef) -> bool:
             if not store.contains(ref.cid):
                 return False
             codes[k] = "c"
-            if pin and not store.is_pinned(ref.cid):
-                with trio.CancelScope(shield=True):
-                    await store.set_pinned([ref.cid], True)
+            await pinned(k, ref)
             return True
 
         async def one(k: int, ref: ChunkRef) -> None:
@@ -1133,9 +1144,8 @@ class Datasets:
                 times.append([ref.length, round(t.seconds, 6), round(t.streams, 2)])
                 kept = store.contains(ref.cid)
                 codes[k] = "f" if kept else "u"
-                if kept and pin and not store.is_pinned(ref.cid):
-                    with trio.CancelScope(shield=True):
-                        await store.set_pinned([ref.cid], True)
+                if kept:
+                    await pinned(k, ref)
 
         self._fetch_calls += 1
         try:
@@ -1356,6 +1366,9 @@ class _Run:
             if cached and self.pin and not store.is_pinned(r.cid):
                 await store.set_pinned([r.cid], True)
             self.reservation.release(r.cid)  # pinned, or it could not be
+            if self.pin and store.contains(r.cid) and not store.is_pinned(r.cid):
+                self._file_failed(self.me, f, NOT_PINNED)
+                kept = False
             self._chunk_done(f, r.length, kept or not self.keeps_all)
 
 
@@ -1747,6 +1760,7 @@ def _record_of(blob: bytes) -> tuple[str, list[list], list[list[str]]]:
 
 
 NOT_KEPT = "fetched, but not kept: the cache is full of pinned data, or the disk is full"
+NOT_PINNED = "cached, but not pinned: the cache index could not record the pin (see the log)"
 
 
 def _h(n: float) -> str:

@@ -13,6 +13,12 @@ A test arms one point with the environment of the daemon process:
   CACHEFS_TEST_CRASH_AT=chunk.renamed     the point to crash at
   CACHEFS_TEST_CRASH_AFTER=N              let N hits pass first (default 0)
 
+A test makes index commits fail (as on a disk too full for LMDB's new pages) for as long
+as a file exists: every commit while it is empty, those writing the table it names
+(``chunks``, ``pins``...) otherwise:
+
+  CACHEFS_TEST_FAIL_COMMITS_WHILE=/path/to/flag
+
 The environment is read once, at import.  When nothing is armed,
 ``crash_point`` is a function that returns at once (one call, no lookup), so it
 costs nothing measurable on the read path.
@@ -41,3 +47,21 @@ def _armed(name: str, _hits=itertools.count(1)) -> None:
 
 
 crash_point = _armed if _AT is not None else _noop
+
+_FAIL_WHILE = os.environ.get("CACHEFS_TEST_FAIL_COMMITS_WHILE") or None
+
+
+def _never(ops) -> bool:
+    return False
+
+
+def _while_flagged(ops) -> bool:
+    try:
+        with open(_FAIL_WHILE) as f:
+            table = f.read().strip()
+    except FileNotFoundError:
+        return False
+    return not table or any(getattr(op, "table", None) == table for op in ops)
+
+
+commit_fails = _while_flagged if _FAIL_WHILE is not None else _never

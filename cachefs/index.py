@@ -37,7 +37,7 @@ import lmdb
 import trio
 
 from .errors import QuietError
-from .faults import crash_point
+from .faults import commit_fails, crash_point
 from .index_check import DAMAGE_ERRORS as DAMAGE_ERRORS
 from .index_check import NOT_DAMAGE
 
@@ -213,6 +213,8 @@ class Index:
                         op(self, txn)
                     if crash:
                         crash_point("index.commit")
+                        if commit_fails(ops):
+                            raise lmdb.DiskError("injected by CACHEFS_TEST_FAIL_COMMITS_WHILE")
                 return
             except lmdb.MapFullError:
                 new = self.env.info()["map_size"] * 2
@@ -227,12 +229,14 @@ class Index:
         """An op that puts ``key`` → ``value`` in the named table (chunks, listings...)."""
         def op(ix: Index, txn: lmdb.Transaction) -> None:
             txn.put(key, value, db=getattr(ix, db))
+        op.table = db  # (what a test's injected commit failure looks at)
         return op
 
     @staticmethod
     def _op_delete(db: str, key: bytes):
         def op(ix: Index, txn: lmdb.Transaction) -> None:
             txn.delete(key, db=getattr(ix, db))
+        op.table = db
         return op
 
     @staticmethod
@@ -249,6 +253,7 @@ class Index:
             b = txn.get(cid, db=ix.chunks)
             if b:
                 txn.put(cid, replace(ChunkRec.unpack(b), **changes).pack(), db=ix.chunks)
+        op.table = "chunks"
         return op
 
     @staticmethod

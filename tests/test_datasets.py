@@ -912,7 +912,7 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
                                                        "no such file"
     r = cli("status", "--file-list", write_list(tmp_path, ["x"], "x.txt"),
             "--mount", str(tmp_path))
-    assert r.returncode == 3 and "no cachefs daemon" in r.stderr
+    assert r.returncode == 3 and f"{tmp_path} is not a cachefs mount" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     m = mounts(f"s3://{bucket}")
     lst = write_list(tmp_path, ["data/a.bin", "data/nothing.bin", "# c", "s3://not-ours/k",

@@ -41,6 +41,8 @@ import lmdb
 import pytest
 from cachefs_env import cli, fuse_available, is_mounted, wait_for
 
+from cachefs.datasets import NOT_PINNED
+from cachefs.errors import QuietError
 from cachefs.faults import POINTS
 from cachefs.index import ChunkRec
 from cachefs.store.chunkstore import HEADER, HEADER_SIZE, MAGIC, checksum, file_size
@@ -1139,6 +1141,39 @@ def test_index_commit_on_full_disk(s3, bucket, mounts, proxy, small_disk):
     filler.unlink()
     assert alive and bad == [], (bad, m.log_text()[-1500:])
     assert read_all(m.path("names/0001")) == b"n"
+    assert m.stop() == 0
+    CacheState(m.cache_dir).assert_consistent()
+
+
+def test_a_pin_the_index_cannot_record_fails_the_preload(s3, bucket, mounts, tmp_path):
+    """`preload --pin` of cached files while the index could not commit (a disk too full
+    for LMDB's new pages, injected here): the pins were kept in memory only and the
+    preload said every file was pinned; after a restart they were not, and eviction took
+    them. Now a pin the index did not take is not made, and its file fails, saying why."""
+    rnd = random.Random(21)
+    objs = {f"p/{i}": put(s3, bucket, f"p/{i}", rnd.randbytes(CS // 4)) for i in range(4)}
+    flag = tmp_path / "commits-fail"
+    m = mounts(f"s3://{bucket}", env={"CACHEFS_TEST_FAIL_COMMITS_WHILE": str(flag)})
+    for k, d in objs.items():
+        assert read_all(m.path(k)) == d
+    time.sleep(0.5)  # (the chunks' records committed)
+    req = {"op": "preload", "pin": True, "parallel": 4, "entries": [[1, "p", "p"]]}
+    flag.write_text("")  # every commit fails: the data set's pin records first
+    try:
+        with pytest.raises(QuietError, match="cannot pin: the cache index could not record "
+                                             "what this data set pins"):
+            m.request(req)
+        assert m.stats()["cache"]["pinned_bytes"] == 0
+        flag.write_text("chunks")  # the records are written, the chunks' pins are not
+        res = m.request(req)
+        st = m.stats()
+    finally:
+        flag.unlink()
+    assert st["cache"]["pinned_bytes"] == 0, st["cache"]  # (was 4 chunks, in memory only)
+    assert res["failed_files"] == 4, res
+    assert {f["reason"] for f in res["failed"]} == {NOT_PINNED}, res["failed"]
+    res = m.request(req)  # the index takes commits again: pinned
+    assert res["failed_files"] == 0 and m.stats()["cache"]["pinned_bytes"] > 0, res
     assert m.stop() == 0
     CacheState(m.cache_dir).assert_consistent()
 

@@ -752,7 +752,11 @@ class ChunkStore:
                         "" if failed == 1 else "s", why)
 
     async def set_pinned(self, cids: list[bytes], pinned: bool) -> int:
-        ops, n = [], 0
+        """Pin (or unpin) the cached ones of ``cids``; how many changed. When the index
+        cannot record it, nothing changes (0): a pin kept in memory only was gone after a
+        restart, its chunks evicted, while `preload --pin` had said they were pinned.
+        Callers tell by ``is_pinned``."""
+        ops, n, changed = [], 0, []
         for cid in cids:
             if pinned and cid in self.lru:
                 size = self.lru.pop(cid)
@@ -766,12 +770,25 @@ class ChunkStore:
             else:
                 continue
             ops.append(Index.op_pin(cid, pinned))
+            changed.append(cid)
             n += 1
         if ops:
             try:
                 await self.writer.commit(*ops)
-            except IndexCommitError:
-                self.stats.inc("index_commit_errors")  # pinned in memory, not after a restart
+            except IndexCommitError as e:
+                self.stats.inc("index_commit_errors")
+                log.warning("could not record %d chunks as %s in the index: %s", len(ops),
+                            "pinned" if pinned else "unpinned", e)
+                for cid in changed:  # as the index has them (unless dropped meanwhile)
+                    if pinned and cid in self.pinned:
+                        size = self.pinned.pop(cid)
+                        self.pinned_bytes -= file_size(size)
+                        self.lru[cid] = size
+                    elif not pinned and cid in self.lru:
+                        size = self.lru.pop(cid)
+                        self.pinned[cid] = size
+                        self.pinned_bytes += file_size(size)
+                return 0
         return n
 
     # -- removal ----------------------------------------------------------------------
