@@ -29,6 +29,7 @@ import mmap
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1003,6 +1004,30 @@ def test_a_daemon_starts_on_a_full_cache_disk(s3, bucket, mounts, small_disk):
     assert "is full (No space left on device)" in m.log_text()
     assert m.stop() == 0
 
+
+def test_a_daemon_starts_on_a_full_cache_disk_whose_index_must_grow(s3, bucket, mounts,
+                                                                    small_disk):
+    """A cache disk filled to the last block while the index needs new pages at start: a
+    new index (the old one lost, its chunk files to adopt) or one with many files to adopt
+    after a crash. Every start failed on the index commit ("mdb_txn_commit: Input/output
+    error"), and under systemd's Restart= it looped. Start-up now makes room first: chunk
+    files the index does not know, then the least recently used unpinned ones."""
+    m, objs = _mounted_on(small_disk, s3, bucket, mounts, "y", 6, CS * 3, seed=15)
+    for k, d in objs.items():
+        assert read_all(m.path(k)) == d
+    assert m.stop() == 0
+    shutil.rmtree(m.cache_dir / "index")  # lost: every chunk file is to be adopted
+    filler = _fill(small_disk)
+    try:
+        m.start()
+        assert m.proc.poll() is None, m.log_text()[-2000:]
+        for k, d in objs.items():
+            assert read_all(m.path(k)) == d
+        assert "to make room for the index" in m.log_text()
+        assert m.stop() == 0
+    finally:
+        filler.unlink()
+    CacheState(m.cache_dir).assert_consistent()
 
 def test_a_full_runtime_dir_is_named_in_one_line(s3, bucket, moto, memory_fs, tmp_path):
     """The runtime dir (/run/cachefs: each mount's lock, socket and state) full: the mount

@@ -4,6 +4,7 @@ refuses it."""
 
 import functools
 import os
+import time
 
 import pytest
 import trio
@@ -924,3 +925,48 @@ def test_a_put_the_stop_cancels_while_it_writes_leaves_its_file_with_its_record(
         ix.close()
     assert path.exists()
     assert rec is not None and rec.pinned
+
+
+def test_orphans_the_index_cannot_take_are_removed_not_a_failed_start(tmp_path, monkeypatch):
+    """A lost index's chunk files to adopt on a disk too full for the index to grow: the
+    adoption commit failed and so did every start. The files that could not be adopted
+    are removed (only their warmth is lost) and the start goes on; an adopted file is as
+    recent as its mtime, not the start."""
+    import shutil
+
+    import cachefs.index
+
+    chunks = {os.urandom(16): os.urandom(5000) for _ in range(3)}
+
+    async def write(store, report):
+        for cid, data in chunks.items():
+            assert await store.put(cid, data)
+
+    trio.run(_with_store, tmp_path, write)
+    old = time.time() - 3600
+    for cid in chunks:
+        os.utime(tmp_path / "chunks" / cid.hex()[:2] / cid.hex(), (old, old))
+    shutil.move(tmp_path / "index", tmp_path / "index.lost")
+    real = cachefs.index.commit_fails
+    monkeypatch.setattr(cachefs.index, "commit_fails",
+                        lambda ops: any(getattr(op, "table", None) == "chunks" for op in ops))
+
+    async def full(store, report):
+        return report, store.statistics()["chunks"]
+
+    report, n = trio.run(_with_store, tmp_path, full)
+    assert (report["orphans_adopted"], report["orphans_removed"], n) == (0, 3, 0)
+    assert not [p for p in (tmp_path / "chunks").rglob("*") if p.is_file()]
+    # with room again: adopted, as old as their files
+    monkeypatch.setattr(cachefs.index, "commit_fails", real)
+    trio.run(_with_store, tmp_path, write)
+    for cid in chunks:
+        os.utime(tmp_path / "chunks" / cid.hex()[:2] / cid.hex(), (old, old))
+    shutil.rmtree(tmp_path / "index")
+
+    async def adopted(store, report):
+        return report, [store.index.get_chunk(c).last_access for c in chunks]
+
+    report, when = trio.run(_with_store, tmp_path, adopted)
+    assert report["orphans_adopted"] == 3
+    assert all(abs(w - old) < 1 for w in when), when

@@ -50,11 +50,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+import lmdb
 import trio
 import xxhash
 
 from ..faults import crash_point
 from ..index import ChunkRec, Index, IndexCommitError, IndexWriter
+from ..index_check import DAMAGE_ERRORS
 from ..stats import Stats
 from ..trace import span
 
@@ -201,6 +203,83 @@ def _discard(p: Path) -> None:
 
 
 ADOPT_BATCH = 4096  # chunk files verified and adopted at start-up, per index commit
+START_ROOM = 64 << 20  # free space start-up makes for the index (at most 5% of the disk)
+
+
+def _mtime(f: Path, now: float) -> float:
+    try:
+        return min(now, f.stat().st_mtime)
+    except OSError:
+        return now
+
+
+def make_room(cache_dir: Path) -> tuple[int, int]:
+    """Blocking, before the index is opened: on a disk too full for the index to grow
+    (a new index's lock file, mapped, is a SIGBUS there; a commit, an I/O error), remove
+    chunk files until START_ROOM (at most 5% of the disk) is free: those the index does
+    not know first, then the least recently used unpinned ones (their records are
+    dropped by reconcile). Files and chunks removed (bytes on disk)."""
+    try:
+        st = os.statvfs(cache_dir)
+    except OSError:
+        return 0, 0
+    want = min(START_ROOM, st.f_blocks * st.f_frsize // 20)
+    free = st.f_bavail * st.f_frsize
+    if free >= want:
+        return 0, 0
+    known = _records(cache_dir / "index")
+    files: list[tuple[int, float, Path]] = []  # (0 orphan / 1 unpinned, last use, path)
+    # (an index that cannot be read: tmp/ only, no chunk could be told pinned or not)
+    chunk_dirs = [] if known is None else sorted((cache_dir / "chunks").glob("[0-9a-f]" * 2))
+    for sub in (cache_dir / "tmp", *chunk_dirs):
+        try:
+            names = list(os.scandir(sub))
+        except OSError:
+            continue
+        for e in names:
+            try:
+                rec = (known or {}).get(bytes.fromhex(e.name))
+            except ValueError:
+                rec = None
+            if rec is None:
+                files.append((0, 0.0, Path(e.path)))
+            elif not rec[1]:
+                files.append((1, rec[0], Path(e.path)))
+    n = nbytes = 0
+    for _, _, p in sorted(files):
+        if free >= want:
+            break
+        try:
+            size = p.lstat().st_blocks * 512
+            p.unlink()
+        except OSError:
+            continue
+        free, n, nbytes = free + size, n + 1, nbytes + size
+    return n, nbytes
+
+
+def _records(index_dir: Path) -> dict[bytes, tuple[float, bool]] | None:
+    """Chunk id → (last use, pinned) from the index, read without its lock file (nothing
+    else uses it before the daemon opens it); {} where there is none (every chunk file is
+    an orphan then), None where it cannot be read."""
+    if not (index_dir / "data.mdb").is_file():
+        return {}
+    try:
+        env = lmdb.open(str(index_dir), readonly=True, lock=False, subdir=True, max_dbs=8)
+    except lmdb.Error:
+        return None
+    try:
+        db = env.open_db(b"chunks", create=False)
+        with env.begin(db=db) as txn:
+            out = {}
+            for k, v in txn.cursor():
+                rec = ChunkRec.unpack(v)
+                out[bytes(k)] = (rec.last_access, rec.pinned)
+            return out
+    except (lmdb.Error, ValueError, struct.error):
+        return None
+    finally:
+        env.close()
 
 
 class ChunkStore:
@@ -282,7 +361,9 @@ class ChunkStore:
             report["tmp_removed"] += 1
         indexed = dict(self.index.iter_chunks())
         on_disk: set[bytes] = set()
-        ops = []
+        ops: list = []
+        adopt: list[tuple[bytes, Path, Callable]] = []
+        no_room = False  # an adoption commit failed: the other orphans are removed
         now = time.time()
         said, seen = time.monotonic(), 0
         for sub in self.chunk_dir.iterdir():
@@ -314,24 +395,29 @@ class ChunkStore:
                     # wrong size: drop file and record
                     _discard(f)
                     continue
-                # orphan: adopt if it verifies completely
-                hdr_data = self._read_verify(f, cid)
+                # orphan: adopt if it verifies completely (and the index has room)
+                hdr_data = None if no_room else self._read_verify(f, cid)
                 if hdr_data is None:
                     _discard(f)
                     report["orphans_removed"] += 1
                 else:
                     ck, size = hdr_data
-                    rec = ChunkRec(size, ck, now, False)
-                    ops.append(Index.op_put_chunk(cid, rec))
+                    # as recent as its file: a chunk an eviction had chosen as the
+                    # coldest (a crash between its record's removal and its file's) was
+                    # adopted as the newest, and hot chunks were evicted in its place
+                    rec = ChunkRec(size, ck, _mtime(f, now), False)
+                    adopt.append((cid, f, Index.op_put_chunk(cid, rec)))
                     indexed[cid] = rec
                     on_disk.add(cid)
                     report["orphans_adopted"] += 1
-                    if len(ops) >= ADOPT_BATCH:
+                    if len(adopt) >= ADOPT_BATCH:
                         # committed as it goes: verifying a lost index's files reads them
                         # all (45 min for 8 TB at 3 GB/s), and a start killed meanwhile (a
                         # probe's time-out, a reboot) began again from nothing
-                        self.index.apply(ops)
-                        ops = []
+                        no_room = not self._adopt(adopt, indexed, on_disk, report)
+                        adopt = []
+        if adopt:
+            self._adopt(adopt, indexed, on_disk, report)
         for cid in list(indexed):
             if cid not in on_disk:
                 ops.append(Index.op_delete_chunk(cid))
@@ -347,6 +433,28 @@ class ChunkStore:
             else:
                 self.lru[cid] = rec.size
         return report
+
+    def _adopt(self, batch: list[tuple[bytes, Path, Callable]], indexed: dict,
+               on_disk: set[bytes], report: dict) -> bool:
+        """Commit the records of orphans that verified; False when the index could not
+        (a disk too full for its new pages): their files go, as orphans that did not
+        verify do, rather than the start failing for good (under systemd's Restart=, a
+        loop)."""
+        try:
+            self.index.apply([op for _, _, op in batch])
+            return True
+        except DAMAGE_ERRORS:
+            raise
+        except lmdb.Error as e:
+            log.warning("could not adopt %d chunk files the index did not know (%s): "
+                        "removed, with the others still to adopt", len(batch), e)
+        for cid, f, _ in batch:
+            _discard(f)
+            del indexed[cid]
+            on_disk.discard(cid)
+            report["orphans_adopted"] -= 1
+            report["orphans_removed"] += 1
+        return False
 
     def _read_verify(self, f: Path, cid: bytes):
         """Blocking: (checksum, size) if file f holds a valid chunk cid, else None.  The
