@@ -555,6 +555,11 @@ class Daemon:
             except DAMAGE_ERRORS as e:
                 index = store.index = writer.index = await rebuilt(e)
                 report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
+            if store.adopted:  # a crash: those a data set pins are pinned again
+                from .datasets import pinned_among
+
+                report["orphans_pinned"] = await trio.to_thread.run_sync(
+                    lambda: store.pin_adopted(pinned_among(index, cfg.mounts, store.adopted)))
             log.info("cache %s: %d chunks, %d MiB used; start-up check: %s", cfg.cache_dir,
                      store.statistics()["chunks"], store.used >> 20, report)
             if store.pinned_bytes > store.high:  # (a remount with a smaller --cache-size)

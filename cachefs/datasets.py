@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .chunks.ids import ChunkRef, ObjectVersion
+from .chunks.ids import ChunkRef, ObjectVersion, chunk_id
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
 from .filelist import HOLDER_MAX, holder_too_long
@@ -1723,6 +1723,27 @@ def _dirs_above(key: str) -> Iterator[str]:
 
 def _endpoint(o: ObjectVersion) -> str | None:
     return o.store.spec.endpoint_url if o.store is not None else None
+
+
+def pinned_among(index: Index, specs, cids: set[bytes]) -> list[bytes]:
+    """Blocking, at start-up: those of ``cids`` (chunk files adopted after a crash) that a
+    pin record of the buckets ``specs`` mounts names: a version some data set pins."""
+    out = []
+    for spec in specs:
+        pfx = _pin_key(spec.endpoint_url, spec.bucket, "", prefix=True)
+        for blob in index.get_pin_records([], [pfx]).values():
+            key, versions, _ = _record_of(blob)
+            for v in versions:
+                try:
+                    etag, size, chunk = str(v[0]), int(v[1]), int(v[2])
+                except (TypeError, ValueError, IndexError):
+                    continue
+                if chunk <= 0:
+                    continue
+                for i in range(-(-size // chunk)):
+                    if (cid := chunk_id(spec.bucket, key, etag, chunk, i)) in cids:
+                        out.append(cid)
+    return out
 
 
 def _pin_of(o: ObjectVersion) -> tuple[bytes, tuple[str, int, int]]:

@@ -860,6 +860,32 @@ def test_sigkill_at_crash_point_then_remount(s3, bucket, mounts, proxy, point):
     CacheState(m.cache_dir).assert_consistent()
 
 
+def test_a_chunk_a_pinning_preload_wrote_as_it_crashed_is_pinned_again(s3, bucket, mounts):
+    """A crash between a pinning preload's chunk file rename and its record: start-up
+    adopted the file unpinned, and eviction could take it while the data set's pin records
+    said it was pinned. Start-up now pins the adopted chunks that a pin record names."""
+    rnd = random.Random(31)
+    objs = {f"p/{i}.bin": put(s3, bucket, f"p/{i}.bin", rnd.randbytes(CS)) for i in range(3)}
+    m = mounts(f"s3://{bucket}")
+    os.listdir(m.path("p"))
+    assert m.stop() == 0
+    m.env["CACHEFS_TEST_CRASH_AT"] = "chunk.renamed"
+    m.start()
+    with contextlib.suppress(Exception):
+        m.request({"op": "preload", "pin": True, "parallel": 1, "entries": [[1, "p", "p"]]})
+    assert wait_killed(m) == -signal.SIGKILL
+    del m.env["CACHEFS_TEST_CRASH_AT"]
+    m.start()
+    report = startup_reports(m)[-1]
+    assert report["orphans_adopted"] >= 1 and report["orphans_pinned"] == \
+        report["orphans_adopted"], report
+    cache = m.stats()["cache"]
+    assert cache["pinned_bytes"] == report["orphans_adopted"] * file_size(CS), cache
+    for k, d in objs.items():
+        assert read_all(m.path(k)) == d
+    assert m.stop() == 0
+    CacheState(m.cache_dir).assert_consistent()
+
 def test_crash_point_is_free_when_unset():
     """crash_point is a no-op function unless CACHEFS_TEST_CRASH_AT is set at import."""
     import cachefs.faults as f

@@ -303,6 +303,7 @@ class ChunkStore:
         self.pinned_bytes = 0
         # unpinned chunks in LRU order (oldest first) → size
         self.lru: OrderedDict[bytes, int] = OrderedDict()
+        self.adopted: set[bytes] = set()  # chunk files reconcile adopted (pin_adopted)
         # pinned chunks → size
         self.pinned: dict[bytes, int] = {}
         self._disk_limiter = trio.CapacityLimiter(8)
@@ -407,6 +408,7 @@ class ChunkStore:
                     # adopted as the newest, and hot chunks were evicted in its place
                     rec = ChunkRec(size, ck, _mtime(f, now), False)
                     adopt.append((cid, f, Index.op_put_chunk(cid, rec)))
+                    self.adopted.add(cid)
                     indexed[cid] = rec
                     on_disk.add(cid)
                     report["orphans_adopted"] += 1
@@ -434,6 +436,26 @@ class ChunkStore:
                 self.lru[cid] = rec.size
         return report
 
+    def pin_adopted(self, cids: list[bytes]) -> int:
+        """Blocking, at start-up before the index writer runs: pin those of the chunk
+        files adopted by reconcile that a data set pins (a crash between a pinning put's
+        rename and its record: the file was adopted unpinned, and evictable). How many."""
+        cids = [c for c in dict.fromkeys(cids) if c in self.adopted and c in self.lru]
+        if not cids:
+            return 0
+        try:
+            self.index.apply([Index.op_pin(c, True) for c in cids])
+        except DAMAGE_ERRORS:
+            raise
+        except lmdb.Error as e:
+            log.warning("could not pin %d adopted chunks again: %s", len(cids), e)
+            return 0
+        for c in cids:
+            size = self.lru.pop(c)
+            self.pinned[c] = size
+            self.pinned_bytes += file_size(size)
+        return len(cids)
+
     def _adopt(self, batch: list[tuple[bytes, Path, Callable]], indexed: dict,
                on_disk: set[bytes], report: dict) -> bool:
         """Commit the records of orphans that verified; False when the index could not
@@ -450,6 +472,7 @@ class ChunkStore:
                         "removed, with the others still to adopt", len(batch), e)
         for cid, f, _ in batch:
             _discard(f)
+            self.adopted.discard(cid)
             del indexed[cid]
             on_disk.discard(cid)
             report["orphans_adopted"] -= 1
