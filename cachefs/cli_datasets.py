@@ -447,8 +447,12 @@ def free(file_list, mount, name, as_json) -> None:
                             {"files": 0, "total_bytes": 0, "freed_bytes": 0, "freed_chunks": 0,
                              "pins_removed": 0})
     # (no entry was valid, or a daemon of an older cachefs answered: nothing kept)
-    for k, v in (("kept_files", 0), ("kept_bytes", 0), ("kept_versions", 0), ("kept_by", {})):
+    for k, v in (("kept_files", 0), ("kept_bytes", 0), ("kept_versions", 0), ("kept_by", {}),
+                 ("warnings", [])):
         res.setdefault(k, v)
+    for w in res["warnings"]:
+        _say(f"warning: {w}")
+    code = code or (EXIT_FAILED if res["warnings"] else 0)
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:

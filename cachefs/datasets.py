@@ -411,7 +411,8 @@ class Datasets:
             if release:
                 await self._release_pins(fp.keys, holder)
         if release:  # (not under the lock: two frees on two nodes would wait on each other)
-            await self._release_pins_elsewhere(fp.names, fp.prefixes, holder)
+            out["warnings"] = await self._release_pins_elsewhere(fp.names, fp.prefixes,
+                                                                 holder)
         kept = [f for f in files if id(f) in fp.kept_ids]
         out.update(superseded_versions=fp.superseded, kept_files=len(kept),
                    kept_bytes=sum(f.size for f in kept), kept_versions=fp.kept_versions,
@@ -532,23 +533,28 @@ class Datasets:
             await self._writer().commit(*ops[i:i + 4096])
 
     async def _release_pins_elsewhere(self, names: list[bytes], prefixes: list[bytes],
-                                      holder: str) -> None:
+                                      holder: str) -> list[str]:
         """The same on every other member's copy of the records, where the list's records
         lie (``names``, the ranges ``prefixes``), found there or not: a member may hold a
         record this node lacks (it joined later, or a release failed). One that does not
         answer keeps its copy: a free run there then keeps what this data set shared with
-        its list, until this free is run again."""
+        its list, until this free is run again. The warnings: one per such member."""
         cl = self.d.cluster
         if cl is None:
-            return
+            return []
+        failed: dict[str, str] = {}
         for name, ks, extra in (("keys", names, {}), ("prefixes", prefixes, {"keys": []})):
             if not ks:
                 continue
             res = await self._to_other_members("ds_pins_forget", name, lambda ks=ks: (
                 base64.b64encode(k).decode("ascii") for k in ks), {"holder": holder, **extra})
-            for r in res.values():
+            for node, r in res.items():
                 if isinstance(r, _Down):
                     log.warning("free: pin records not updated (%s)", r.reason)
+                    failed.setdefault(node, r.reason)
+        return [f"pin records not updated ({reason}): a free run on node {node} keeps what "
+                "this data set shares with its list, until this free is run again"
+                for node, reason in sorted(failed.items())]
 
     async def _pinned_before(self, req: dict, files: list[FileItem], failed: list[dict],
                              holder: str) -> _FreePlan:

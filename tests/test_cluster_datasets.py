@@ -514,3 +514,29 @@ def test_a_free_on_another_node_keeps_what_another_data_set_pins(mounts, bucket,
         assert ms[i].stats()["cache"]["pinned_bytes"] == 0
     res, r = run(ms[0], "free", b)
     assert r.returncode == 0 and res["kept_files"] == 0, res
+
+
+def test_a_member_that_does_not_let_go_of_a_data_sets_pins_is_reported(mounts, bucket, s3,
+                                                                        proxy, tmp_path):
+    """A member whose copy of the pin records could not be updated by a free (it failed
+    after the chunks were dropped) was only logged: the free said nothing and exited 0,
+    while a free run on that member went on keeping what this data set shared with its
+    list. The free now warns, naming the member, and exits 1; run again, it succeeds."""
+    ds, own = choose(s3, bucket, "rl", [CHUNK, CHUNK, CHUNK], lambda o: min(counts(o)) >= 1)
+    flag = tmp_path / "n1-pins-fail"
+    ms = start_cluster(mounts, bucket, 3,
+                       env_for={"n1": {"CACHEFS_TEST_FAIL_COMMITS_WHILE": str(flag)}})
+    lst = write_list(tmp_path, "a.txt", list(ds))
+    res, r = run(ms[0], "preload", lst, "--pin")
+    assert r.returncode == 0 and res["warnings"] == [], (r.stderr, res)
+    flag.write_text("pins")  # n1 cannot write its copy of the pin records
+    try:
+        res, r = run(ms[0], "free", lst)
+    finally:
+        flag.unlink()
+    assert r.returncode == 1, r.stderr
+    assert res["pins_removed"] == 3 and len(res["warnings"]) == 1, res
+    assert "a free run on node n1 keeps what this data set shares" in res["warnings"][0]
+    assert "warning: pin records not updated" in r.stderr and "node n1" in r.stderr
+    res, r = run(ms[0], "free", lst)
+    assert r.returncode == 0 and res["warnings"] == [], (r.stderr, res)
