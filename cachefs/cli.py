@@ -435,7 +435,8 @@ def umount(mountpoint: str, timeout: float) -> None:
     from .daemon import fusermount_unmount
 
     # nothing here touches the mount itself (a daemon that hangs would hang umount too):
-    # mountinfo is read once, from the kernel
+    # mountinfo is read once, from the kernel; only a mount whose daemon this shell cannot
+    # find is asked, by a child process killed if it hangs (runtime.mount_answers)
     entries = runtime.mountinfo()
     mp = Path(runtime.resolve_mountpoint(mountpoint, entries))
     if str(mp) not in runtime.cachefs_mounts(entries):
@@ -448,7 +449,8 @@ def umount(mountpoint: str, timeout: float) -> None:
     if pid:
         stale = not runtime.alive(pid, started)
     else:  # its runtime dir is not in this shell's places: a dead mount, or a live one?
-        stale = runtime.mount_answers(mp) is False
+        entry = next(m for m in reversed(entries) if m.mountpoint == str(mp))
+        stale = runtime.mount_answers(mp, entry=entry) is False
     # the daemon is gone: detach even if busy (never a live one's: its readers would fail)
     ok, err = fusermount_unmount(mp, lazy=stale)
     if not ok:

@@ -29,6 +29,7 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -408,29 +409,53 @@ def find_mount(mount: str | None) -> str:
     return mounts[0]
 
 
-def mount_answers(mp: str | Path, timeout: float = 2.0) -> bool | None:
+def mount_answers(mp: str | Path, timeout: float = 2.0,
+                  entry: MountEntry | None = None) -> bool | None:
     """Whether the FUSE daemon behind ``mp`` still answers: False when the kernel says its
     connection is gone (ENOTCONN: the daemon died), True when it answered a statfs (never
     cached by the kernel), None when it did not answer within ``timeout`` (it hangs). For
     a mount whose daemon this shell cannot find (its runtime dir is elsewhere): the only
-    way to tell a dead mount from a live one. The statfs runs in a thread left behind if
-    it hangs (a FUSE request dies with the process)."""
+    way to tell a dead mount from a live one.
+
+    The statfs runs in a child process, killed if it hangs: a thread of ours left inside
+    the mount would keep it busy, and the unmount that follows would fail. The child runs
+    as the mount's user (``entry``'s user_id=, group_id=): the kernel answers a statfs of a
+    FUSE mount without asking its daemon for a caller the mount does not allow (root, on a
+    user's mount without allow_other), and a dead mount would look alive."""
     import errno
-    import threading
+    import signal
 
-    out: list[bool] = []
-
-    def probe() -> None:
+    uid = gid = None
+    if entry is not None and os.getuid() == 0:
+        uid = entry.user_id()
+        m = re.search(r"(?:^|,)group_id=(\d+)(?:,|$)", entry.options)
+        gid = int(m[1]) if m else None
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 2
         try:
+            if uid is not None and uid != 0:
+                os.setgroups([])
+                if gid is not None:
+                    os.setgid(gid)
+                os.setuid(uid)
             os.statvfs(mp)
-            out.append(True)
+            code = 0
         except OSError as e:
-            out.append(e.errno not in (errno.ENOTCONN, errno.ECONNABORTED))
-
-    t = threading.Thread(target=probe, daemon=True, name="cachefs-statfs")
-    t.start()
-    t.join(timeout)
-    return out[0] if out else None
+            code = 1 if e.errno in (errno.ENOTCONN, errno.ECONNABORTED) else 2
+        except BaseException:  # noqa: BLE001 - the child says "it answered something"
+            code = 2
+        os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) != 1
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)  # (a FUSE request ends with its process)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.01)
 
 
 def no_daemon_found(mp: str) -> QuietError:
@@ -451,7 +476,7 @@ def no_daemon_found(mp: str) -> QuietError:
         return QuietError(f"{mp} is served by a cachefs daemon of user {who}, whose control "
                           f"socket only that user may use: run this command as {who}"
                           + (" (sudo)" if uid == 0 else f" (sudo -u {who})"), EXIT_NO_DAEMON)
-    answers = mount_answers(mp)
+    answers = mount_answers(mp, entry=e)
     if answers is False:
         return QuietError(f"the cachefs daemon of {mp} is gone and left its mount behind "
                           f"(`cachefs umount {mp}`, then mount again)", EXIT_NO_DAEMON)

@@ -810,6 +810,19 @@ def test_umount_from_a_shell_that_cannot_see_the_daemons_runtime_dir(s3, bucket,
         holder.kill()
         holder.wait()
 
+    # a hung daemon (stopped): the statfs that asks it is given up, and leaves nothing
+    # inside the mount to keep it busy (a thread of umount's own did: "is busy")
+    m3 = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    assert m3.path("d/f").read_bytes() == b"x"
+    os.kill(m3.proc.pid, signal.SIGSTOP)
+    try:
+        r = cli("umount", str(m3.mp), env=env, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(m3.mp)
+    finally:
+        os.kill(m3.proc.pid, signal.SIGCONT)
+    assert m3.proc.wait(timeout=30) == 0
+
 
 def _as_user(uid: int, fn) -> int:
     """fn() in a child of this process running as ``uid`` (forked, not executed: the
