@@ -1731,10 +1731,17 @@ def _endpoint(o: ObjectVersion) -> str | None:
     return o.store.spec.endpoint_url if o.store is not None else None
 
 
-def pinned_among(index: Index, specs, cids: set[bytes]) -> list[bytes]:
+def pinned_among(index: Index, specs, cids: set[bytes], chunk_size: int,
+                 progress: Callable[[str], None] | None = None) -> list[bytes]:
     """Blocking, at start-up: those of ``cids`` (chunk files adopted after a crash) that a
-    pin record of the buckets ``specs`` mounts names: a version some data set pins."""
-    out = []
+    pin record of the buckets ``specs`` mounts names: a version some data set pins, of
+    this ``chunk_size`` (a chunk of another size can never be read or freed: pinned, it
+    would stay for good). Every chunk of every such version is hashed: about 1.4 µs each,
+    18 s per 100 TB pinned in 8 MiB chunks; ``progress`` hears every 10 s."""
+    out: list[bytes] = []
+    if not cids:
+        return out
+    said, seen = time.monotonic(), 0
     for spec in specs:
         pfx = _pin_key(spec.endpoint_url, spec.bucket, "", prefix=True)
         for blob in index.get_pin_records([], [pfx]).values():
@@ -1744,11 +1751,16 @@ def pinned_among(index: Index, specs, cids: set[bytes]) -> list[bytes]:
                     etag, size, chunk = str(v[0]), int(v[1]), int(v[2])
                 except (TypeError, ValueError, IndexError):
                     continue
-                if chunk <= 0:
+                if chunk != chunk_size:
                     continue
                 for i in range(-(-size // chunk)):
                     if (cid := chunk_id(spec.bucket, key, etag, chunk, i)) in cids:
                         out.append(cid)
+                seen += 1
+                if progress is not None and time.monotonic() - said >= 10:
+                    said = time.monotonic()
+                    progress(f"pinning again the chunk files a crash left unpinned: "
+                             f"{seen} pinned versions looked at")
     return out
 
 

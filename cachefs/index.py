@@ -260,6 +260,19 @@ class Index:
     def op_touch(cid: bytes, when: float):
         return Index._op_update(cid, last_access=when)
 
+    def get_meta(self, key: bytes) -> bytes | None:
+        with self._resize, self.env.begin() as txn:
+            b = txn.get(key, db=self.meta)
+            return None if b is None else bytes(b)
+
+    @staticmethod
+    def op_put_meta(key: bytes, value: bytes):
+        return Index._op_put("meta", key, value)
+
+    @staticmethod
+    def op_delete_meta(key: bytes):
+        return Index._op_delete("meta", key)
+
     @staticmethod
     def op_pin(cid: bytes, pinned: bool):
         return Index._op_update(cid, pinned=pinned)
@@ -449,7 +462,8 @@ DAMAGE_SIGNALS = (signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT)
 
 
 def open_index(path: Path, map_size: int = 1 << 30,
-               progress: Callable[[str], None] | None = None) -> Index:
+               progress: Callable[[str], None] | None = None,
+               before_open: Callable[[], None] | None = None) -> Index:
     """Open the index; one that cannot be opened or read whole (damaged by a power loss
     or a failing disk, or of another format) is moved aside and started afresh: start-up
     then adopts every chunk file that verifies, so the cache stays warm.
@@ -458,11 +472,14 @@ def open_index(path: Path, map_size: int = 1 << 30,
     inside the file can kill the process that reads it (SIGBUS), and that must not be
     the daemon, at every start. The walk is cheap beside start-up's own: 0.37 s for a
     million chunk records (an 8 TB cache), where reconciling them takes 2.8 s.
-    ``progress(msg)`` hears every 10 s how long the check has taken."""
+    ``progress(msg)`` hears every 10 s how long the check has taken; ``before_open()``
+    runs once the index is checked (or moved aside), before it is opened for writes."""
     if (path / "data.mdb").exists():
         why = check_in_child(path, progress)
         if why is not None:
             _move_aside(path, why)
+    if before_open is not None:
+        before_open()
     try:
         return Index(path, map_size)
     except NOT_DAMAGE as e:

@@ -104,7 +104,9 @@ def alive(pid: int, started: int | None = None) -> bool:
 
 
 def not_a_directory(p: Path) -> QuietError:
-    return QuietError(f"{p} is not a directory (the runtime directory: CACHEFS_RUNTIME_DIR)",
+    given = os.environ.get("CACHEFS_RUNTIME_DIR")
+    return QuietError(f"{p} is not a directory (the runtime directory"
+                      + (": CACHEFS_RUNTIME_DIR)" if given else "; remove what is there)"),
                       EXIT_USAGE)
 
 

@@ -1207,7 +1207,7 @@ def test_a_pin_the_index_cannot_record_fails_the_preload(s3, bucket, mounts, tmp
     m = mounts(f"s3://{bucket}", env={"CACHEFS_TEST_FAIL_COMMITS_WHILE": str(flag)})
     for k, d in objs.items():
         assert read_all(m.path(k)) == d
-    time.sleep(0.5)  # (the chunks' records committed)
+    wait_for(lambda: m.stats()["cache"]["chunks"] == 4, 10, "the 4 chunks cached")
     req = {"op": "preload", "pin": True, "parallel": 4, "entries": [[1, "p", "p"]]}
     flag.write_text("")  # every commit fails: the data set's pin records first
     try:

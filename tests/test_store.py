@@ -970,3 +970,76 @@ def test_orphans_the_index_cannot_take_are_removed_not_a_failed_start(tmp_path, 
     report, when = trio.run(_with_store, tmp_path, adopted)
     assert report["orphans_adopted"] == 3
     assert all(abs(w - old) < 1 for w in when), when
+
+
+def test_room_made_for_the_index_on_a_full_disk_spares_pins_and_what_lies_outside(
+        tmp_path, memory_fs):
+    """make_room, on a disk another program filled: tmp/ first, then chunk files the
+    index does not know and unpinned ones, the least recently used first, until 5% of the
+    disk is free; never a pinned chunk, never a file through a link."""
+    from cachefs.store.chunkstore import make_room
+
+    d = memory_fs("4m") / "cache"
+    a, b, c, orphan = (os.urandom(16) for _ in range(4))
+    data = os.urandom(100_000)
+
+    async def fill(store, report):
+        for cid in (a, b, c, orphan):
+            assert await store.put(cid, data)
+        assert await store.set_pinned([a], True) == 1
+        await store.writer.commit(Index.op_touch(a, 1000.0), Index.op_touch(b, 2000.0),
+                                  Index.op_delete_chunk(orphan))
+        return {cid: store.path(cid) for cid in (a, b, c, orphan)}
+
+    paths = trio.run(_with_store, d, fill)
+    os.utime(paths[orphan], (1500, 1500))  # older than b, newer than pinned a
+    (d / "tmp" / "junk").write_bytes(b"x" * 8192)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("mine")
+    link = d / "chunks" / "fe"
+    if not any(link.iterdir()):
+        link.rmdir()
+        link.symlink_to(outside)
+    with open(d.parent / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    removed, nbytes = make_room(d)
+    assert removed == 3 and nbytes > 200_000, (removed, nbytes)  # junk, orphan, b
+    assert not (d / "tmp" / "junk").exists()
+    assert not paths[orphan].exists() and not paths[b].exists()
+    assert paths[a].exists() and paths[c].exists()
+    assert (outside / "precious.txt").read_text() == "mine"
+    assert make_room(d) == (0, 0)  # room enough now
+
+
+def test_adopted_chunks_are_looked_at_for_pins_even_after_a_start_that_crashed(tmp_path):
+    """The chunk files a start adopted are marked, in the adoption's commit, as still to
+    be looked at for pins; a start killed before it pinned them again (pin_adopted) left
+    them unpinned for good. The next start looks at every unpinned chunk then."""
+    import shutil
+
+    chunks = [os.urandom(16) for _ in range(3)]
+
+    async def write(store, report):
+        for cid in chunks:
+            assert await store.put(cid, os.urandom(5000))
+
+    trio.run(_with_store, tmp_path, write)
+    shutil.rmtree(tmp_path / "index")
+
+    async def state(store, report):
+        return report["orphans_adopted"], store.repin_pending, store.repin_candidates()
+
+    assert trio.run(_with_store, tmp_path, state) == (3, False, set(chunks))
+    # that start ended before pin_adopted: the next one looks at every unpinned chunk
+    assert trio.run(_with_store, tmp_path, state) == (0, True, set(chunks))
+
+    async def pin_one(store, report):
+        return store.pin_adopted(chunks[:1]), store.repin_pending
+
+    assert trio.run(_with_store, tmp_path, pin_one) == (1, False)
+    assert trio.run(_with_store, tmp_path, state) == (0, False, set())

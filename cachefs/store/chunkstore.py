@@ -203,6 +203,7 @@ def _discard(p: Path) -> None:
 
 
 ADOPT_BATCH = 4096  # chunk files verified and adopted at start-up, per index commit
+REPIN = b"repin_adopted"  # index meta key: adopted chunk files not yet looked at for pins
 START_ROOM = 64 << 20  # free space start-up makes for the index (at most 5% of the disk)
 
 
@@ -214,11 +215,12 @@ def _mtime(f: Path, now: float) -> float:
 
 
 def make_room(cache_dir: Path) -> tuple[int, int]:
-    """Blocking, before the index is opened: on a disk too full for the index to grow
-    (a new index's lock file, mapped, is a SIGBUS there; a commit, an I/O error), remove
-    chunk files until START_ROOM (at most 5% of the disk) is free: those the index does
-    not know first, then the least recently used unpinned ones (their records are
-    dropped by reconcile). Files and chunks removed (bytes on disk)."""
+    """Blocking, once the index is checked (open_index's ``before_open``): on a disk too
+    full for the index to grow (a new index's lock file, mapped, is a SIGBUS there; a
+    commit, an I/O error), remove files until START_ROOM (at most 5% of the disk) is free:
+    tmp/ first, then chunk files the index does not know and unpinned ones, the least
+    recently used first (their records are dropped by reconcile). Pinned chunks are never
+    removed; only regular files, never through a link. Files removed, bytes on disk."""
     try:
         st = os.statvfs(cache_dir)
     except OSError:
@@ -228,30 +230,37 @@ def make_room(cache_dir: Path) -> tuple[int, int]:
     if free >= want:
         return 0, 0
     known = _records(cache_dir / "index")
-    files: list[tuple[int, float, Path]] = []  # (0 orphan / 1 unpinned, last use, path)
+    files: list[tuple[int, float, str]] = []  # (0 tmp / 1 chunk, last use, path)
     # (an index that cannot be read: tmp/ only, no chunk could be told pinned or not)
     chunk_dirs = [] if known is None else sorted((cache_dir / "chunks").glob("[0-9a-f]" * 2))
     for sub in (cache_dir / "tmp", *chunk_dirs):
+        if sub.is_symlink():
+            continue
         try:
-            names = list(os.scandir(sub))
+            entries = list(os.scandir(sub))
         except OSError:
             continue
-        for e in names:
+        for e in entries:
             try:
+                if not e.is_file(follow_symlinks=False):
+                    continue
+                if sub.name == "tmp":
+                    files.append((0, 0.0, e.path))
+                    continue
                 rec = (known or {}).get(bytes.fromhex(e.name))
-            except ValueError:
-                rec = None
-            if rec is None:
-                files.append((0, 0.0, Path(e.path)))
-            elif not rec[1]:
-                files.append((1, rec[0], Path(e.path)))
+                if rec is None:  # an orphan: as recent as its file
+                    files.append((1, e.stat(follow_symlinks=False).st_mtime, e.path))
+                elif not rec[1]:
+                    files.append((1, rec[0], e.path))
+            except (OSError, ValueError):
+                continue
     n = nbytes = 0
-    for _, _, p in sorted(files):
+    for _, _, path in sorted(files):
         if free >= want:
             break
         try:
-            size = p.lstat().st_blocks * 512
-            p.unlink()
+            size = os.lstat(path).st_blocks * 512
+            os.unlink(path)
         except OSError:
             continue
         free, n, nbytes = free + size, n + 1, nbytes + size
@@ -259,9 +268,10 @@ def make_room(cache_dir: Path) -> tuple[int, int]:
 
 
 def _records(index_dir: Path) -> dict[bytes, tuple[float, bool]] | None:
-    """Chunk id → (last use, pinned) from the index, read without its lock file (nothing
-    else uses it before the daemon opens it); {} where there is none (every chunk file is
-    an orphan then), None where it cannot be read."""
+    """Chunk id → (last use, pinned) from the index (checked in a child process before:
+    a damaged page could kill the reader), read without its lock file (nothing else uses
+    it before the daemon opens it); {} where there is none (a damaged one was moved aside:
+    every chunk file is an orphan then), None where it cannot be read."""
     if not (index_dir / "data.mdb").is_file():
         return {}
     try:
@@ -304,6 +314,7 @@ class ChunkStore:
         # unpinned chunks in LRU order (oldest first) → size
         self.lru: OrderedDict[bytes, int] = OrderedDict()
         self.adopted: set[bytes] = set()  # chunk files reconcile adopted (pin_adopted)
+        self.repin_pending = False  # a start before adopted some and did not get that far
         # pinned chunks → size
         self.pinned: dict[bytes, int] = {}
         self._disk_limiter = trio.CapacityLimiter(8)
@@ -361,6 +372,9 @@ class ChunkStore:
             _discard(f)
             report["tmp_removed"] += 1
         indexed = dict(self.index.iter_chunks())
+        # chunk files adopted by a start that did not get as far as pinning those a data
+        # set pins (pin_adopted): every unpinned chunk is a candidate then
+        self.repin_pending = self.index.get_meta(REPIN) is not None
         on_disk: set[bytes] = set()
         ops: list = []
         adopt: list[tuple[bytes, Path, Callable]] = []
@@ -436,20 +450,26 @@ class ChunkStore:
                 self.lru[cid] = rec.size
         return report
 
+    def repin_candidates(self) -> set[bytes]:
+        """The chunks pin_adopted must look at: those reconcile adopted, and every unpinned
+        one when a start that adopted some ended before it pinned them."""
+        return set(self.lru) if self.repin_pending else self.adopted & set(self.lru)
+
     def pin_adopted(self, cids: list[bytes]) -> int:
-        """Blocking, at start-up before the index writer runs: pin those of the chunk
-        files adopted by reconcile that a data set pins (a crash between a pinning put's
-        rename and its record: the file was adopted unpinned, and evictable). How many."""
-        cids = [c for c in dict.fromkeys(cids) if c in self.adopted and c in self.lru]
-        if not cids:
-            return 0
+        """Blocking, at start-up before the index writer runs: pin ``cids`` (adopted chunk
+        files that a data set pins: a crash between a pinning put's rename and its record
+        left each unpinned, and evictable), in the commit that clears the mark reconcile
+        set with the adoptions. How many."""
+        cids = [c for c in dict.fromkeys(cids) if c in self.lru]
         try:
-            self.index.apply([Index.op_pin(c, True) for c in cids])
+            self.index.apply([Index.op_delete_meta(REPIN),
+                              *(Index.op_pin(c, True) for c in cids)])
         except DAMAGE_ERRORS:
             raise
-        except lmdb.Error as e:
+        except lmdb.Error as e:  # (the mark stays: the next start looks again)
             log.warning("could not pin %d adopted chunks again: %s", len(cids), e)
             return 0
+        self.adopted, self.repin_pending = set(), False
         for c in cids:
             size = self.lru.pop(c)
             self.pinned[c] = size
@@ -463,7 +483,8 @@ class ChunkStore:
         verify do, rather than the start failing for good (under systemd's Restart=, a
         loop)."""
         try:
-            self.index.apply([op for _, _, op in batch])
+            # (with the mark that pin_adopted must look at them, even after a crash)
+            self.index.apply([Index.op_put_meta(REPIN, b"1"), *(op for _, _, op in batch)])
             return True
         except DAMAGE_ERRORS:
             raise
