@@ -84,6 +84,9 @@ MAX_ROWS = 1_000_000
 # bytes of JSON items per peer request (a ds_fetch call's chunk descriptions, pin records,
 # record keys): a request is at most 64 KiB
 PAYLOAD_BUDGET = 48 * 1024
+SYNC_FROM = 2  # members whose pin records a starting node merges into its own
+SYNC_TRIES, SYNC_PAUSE = 20, 3.0  # while no member answers (the first node up, say)
+DUMP_BUDGET = 512 * 1024  # bytes of pin records per ds_pins_dump reply (at most 1 MiB)
 ID_BATCH = 2500  # chunk ids per ds_probe / ds_drop call: ~53 KB of base64, under 64 KiB
 MAX_FETCH_CHUNKS = 1024  # chunks per ds_fetch call, at most
 FETCH_WAIT = 10.0  # seconds an owner works on one ds_fetch call before it answers
@@ -286,6 +289,7 @@ class Datasets:
         self._reserved: dict[bytes, int] = {}
         self._obj_sizes: dict = {}
         self._pins_lock = trio.Lock()  # pin records are read, merged and written whole
+        self.synced = trio.Event()  # the other members' pin records merged (a cluster)
 
     def statistics(self) -> dict:
         return {"preloads": self.runs, "throughput": self.model.statistics()}
@@ -489,6 +493,94 @@ class Datasets:
                 raise ControlError(
                     f"cannot pin: the cache index could not record what this data set pins "
                     f"({e}); nothing was pinned (is the cache disk full?)") from None
+
+    async def sync_pin_records(self) -> None:
+        """At start, in a cluster: the pin records of up to SYNC_FROM other members merged
+        into this node's copy. A node that was down while a data set was pinned, joined
+        later or lost its index lacked them, and a `free` run on it dropped the files that
+        data set shares with the list freed. Merged as a union: a claim a free released
+        while this node was down stays here (it keeps, never drops, what another data set
+        may still pin) until a free of that data set runs again. Tried again every
+        SYNC_PAUSE seconds while no member answers, SYNC_TRIES times."""
+        from .cluster.protocol import PeerError
+
+        cl = self.d.cluster
+        for _ in range(SYNC_TRIES):
+            done, total = [], 0
+            for node in [n for n in sorted(cl.nodes()) if n != cl.node_id]:
+                try:
+                    total += await self._pull_pin_records(node)
+                except (PeerError, KeyError, TypeError, ValueError) as e:
+                    log.debug("pin records not read from node %s: %s", node, e)
+                    continue
+                done.append(node)
+                if len(done) >= SYNC_FROM:
+                    break
+            if done:
+                log.info("pin records: %d merged from node%s %s", total,
+                         "s" if len(done) > 1 else "", ", ".join(done))
+                self.synced.set()
+                return
+            await trio.sleep(SYNC_PAUSE)
+        log.warning("pin records: no other member answered; a free run here does not know "
+                    "of data sets pinned while this node was away")
+        self.synced.set()
+
+    async def _pull_pin_records(self, node: str) -> int:
+        """``node``'s pin records, a page at a time, merged into ours; how many."""
+        cl, after, n = self.d.cluster, "", 0
+        while True:
+            res = await cl.forward(node, "ds_pins_dump", {"after": after}, no_s3=True)
+            recs, more = res["records"], res["more"]
+            page = {}
+            for k, blob in recs:
+                page[base64.b64decode(k, validate=True)] = _record_of(blob.encode())
+            await self._merge_pin_records(page)
+            n += len(page)
+            if not more or not recs:
+                return n
+            after = recs[-1][0]
+
+    async def _merge_pin_records(self, page: dict[bytes, tuple[str, list, list]]) -> None:
+        """Records of another member joined with ours: every version, every holder."""
+        index = self.d.index
+        assert index is not None
+        async with self._pins_lock:
+            mine = await trio.to_thread.run_sync(index.get_pin_records, list(page))
+            ops = []
+            for k, (key, versions, holders) in page.items():
+                if not key:
+                    continue
+                have_key, have_vs, have_hs = (_record_of(mine[k]) if k in mine
+                                              else (key, [], []))
+                vs, hs = list(have_vs), [list(h) for h in have_hs]
+                for v, h in zip(versions, holders, strict=True):
+                    if v not in vs:
+                        vs.append(v)
+                        hs.append(list(h))
+                    else:
+                        mine_h = hs[vs.index(v)]
+                        mine_h.extend(x for x in h if x not in mine_h)
+                if (vs, hs) != (have_vs, [list(h) for h in have_hs]) or k not in mine:
+                    ops.append(Index.op_put_pin_record(k, _record(have_key or key, vs, hs)))
+            if ops:
+                await self._writer().commit(*ops)
+
+    async def op_pins_dump(self, payload: dict) -> dict:
+        """This node's pin records, a page (about DUMP_BUDGET bytes) after ``after``."""
+        from .cluster.protocol import PeerError
+
+        try:
+            after = base64.b64decode(payload.get("after") or "", validate=True)
+        except (TypeError, ValueError):
+            raise PeerError("ds_pins_dump: after must be a base64 record key",
+                            "protocol") from None
+        index = self.d.index
+        assert index is not None
+        recs, more = await trio.to_thread.run_sync(index.pin_records_after, after,
+                                                   DUMP_BUDGET)
+        return {"records": [[base64.b64encode(k).decode("ascii"),
+                             v.decode("utf-8", "replace")] for k, v in recs], "more": more}
 
     async def _to_other_members(self, op: str, field: str, items,
                                 extra: dict | None = None) -> dict[str, Any]:
@@ -1825,3 +1917,6 @@ def register(d: Daemon) -> None:
         d.cluster.register_op("ds_drop", ds.op_drop)
         d.cluster.register_op("ds_pins_add", ds.op_pins_add)
         d.cluster.register_op("ds_pins_forget", ds.op_pins_forget)
+        d.cluster.register_op("ds_pins_dump", ds.op_pins_dump)
+        assert d.nursery is not None
+        d.nursery.start_soon(ds.sync_pin_records)

@@ -150,6 +150,26 @@ class Index:
                         out[bytes(k)] = bytes(v)
         return out
 
+    def pin_records_after(self, after: bytes, budget: int) -> tuple[list[tuple[bytes, bytes]],
+                                                                    bool]:
+        """Pin records in key order from the first key past ``after`` (b"": the first),
+        keys and values of about ``budget`` bytes; and whether more follow (in a worker
+        thread)."""
+        out, size = [], 0
+        with self._resize, self.env.begin() as txn:
+            cur = txn.cursor(db=self.pins)
+            if not cur.set_range(after):
+                return out, False
+            for k, v in cur:
+                k = bytes(k)
+                if k == after:
+                    continue
+                if out and size + len(k) + len(v) > budget:
+                    return out, True
+                out.append((k, bytes(v)))
+                size += len(k) + len(v)
+        return out, False
+
     def get_inos(self, keys: list[bytes]) -> dict[bytes, int]:
         """Many inode lookups (run in a thread for big listings), a slice of keys per read
         transaction: the resize lock it holds meanwhile is the one the trio thread's

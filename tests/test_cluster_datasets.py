@@ -540,3 +540,33 @@ def test_a_member_that_does_not_let_go_of_a_data_sets_pins_is_reported(mounts, b
     assert "warning: pin records not updated" in r.stderr and "node n1" in r.stderr
     res, r = run(ms[0], "free", lst)
     assert r.returncode == 0 and res["warnings"] == [], (r.stderr, res)
+
+
+def test_a_node_that_was_down_while_a_data_set_was_pinned_learns_its_pins(mounts, bucket,
+                                                                          s3, proxy,
+                                                                          tmp_path):
+    """A member that was down when a data set was pinned (or joined later, or lost its
+    index) lacked its pin records: a free of another list run on it dropped the file the
+    two lists share, and the first data set's jobs went back to S3. A starting node now
+    merges the other members' pin records into its own."""
+    ds, own = choose(s3, bucket, "sy", [3 * CHUNK, CHUNK, CHUNK],
+                     lambda o: min(counts(o)) >= 1)
+    x, y, z = list(ds)
+    ms = start_cluster(mounts, bucket, 3)
+    a = write_list(tmp_path, "a.txt", [x, y])
+    b = write_list(tmp_path, "b.txt", [x, z])
+    assert ms[2].stop() == 0
+    res, r = run(ms[0], "preload", a, "--pin")  # n2 is down: its copy is not made
+    assert r.returncode == 0 and any("not copied" in w for w in res["warnings"]), res
+    ms[2].start()
+    wait_for(lambda: "pin records: " in ms[2].log_text(), 30, "n2 merged the pin records")
+    assert "merged from nodes n0, n1" in ms[2].log_text()
+    res, r = run(ms[1], "preload", b, "--pin")
+    assert r.returncode == 0 and res["warnings"] == [], (r.stderr, res)
+    res, r = run(ms[2], "free", b)  # decided from n2's copy of the records
+    assert r.returncode == 0, r.stderr
+    assert res["kept_files"] == 1 and res["kept_bytes"] == 3 * CHUNK, res
+    assert list(res["kept_by"]) == [a], res
+    proxy.reset()
+    read_everywhere(ms, {x: ds[x], y: ds[y]})
+    assert gets(proxy) == 0
