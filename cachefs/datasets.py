@@ -289,7 +289,6 @@ class Datasets:
         self._reserved: dict[bytes, int] = {}
         self._obj_sizes: dict = {}
         self._pins_lock = trio.Lock()  # pin records are read, merged and written whole
-        self.synced = trio.Event()  # the other members' pin records merged (a cluster)
 
     def statistics(self) -> dict:
         return {"preloads": self.runs, "throughput": self.model.statistics()}
@@ -519,12 +518,10 @@ class Datasets:
             if done:
                 log.info("pin records: %d merged from node%s %s", total,
                          "s" if len(done) > 1 else "", ", ".join(done))
-                self.synced.set()
                 return
             await trio.sleep(SYNC_PAUSE)
         log.warning("pin records: no other member answered; a free run here does not know "
                     "of data sets pinned while this node was away")
-        self.synced.set()
 
     async def _pull_pin_records(self, node: str) -> int:
         """``node``'s pin records, a page at a time, merged into ours; how many."""
