@@ -286,12 +286,10 @@ class Index:
             return None if b is None else bytes(b)
 
     @staticmethod
-    def op_put_meta(key: bytes, value: bytes):
-        return Index._op_put("meta", key, value)
-
-    @staticmethod
-    def op_delete_meta(key: bytes):
-        return Index._op_delete("meta", key)
+    def op_meta(key: bytes, value: bytes | None):
+        """Set (or, with None, remove) a key of the meta table."""
+        return Index._op_put("meta", key, value) if value is not None \
+            else Index._op_delete("meta", key)
 
     @staticmethod
     def op_pin(cid: bytes, pinned: bool):

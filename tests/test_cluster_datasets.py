@@ -476,17 +476,24 @@ def test_a_free_on_any_node_reaches_the_pins_of_replaced_versions(mounts, bucket
     assert r.returncode == 0 and res["superseded_versions"] == 0, (r.stderr, res)
 
 
+def _two_lists_sharing_a_file(mounts, bucket, s3, tmp_path, stem: str):
+    """Files x (3 chunks), y, z with chunks on every node, a cluster of 3, and lists
+    a.txt (x, y) and b.txt (x, z): (files, owners, mounts, a, b)."""
+    ds, own = choose(s3, bucket, stem, [3 * CHUNK, CHUNK, CHUNK],
+                     lambda o: min(counts(o)) >= 1)
+    x, y, z = list(ds)
+    ms = start_cluster(mounts, bucket, 3)
+    return (ds, own, ms, write_list(tmp_path, "a.txt", [x, y]),
+            write_list(tmp_path, "b.txt", [x, z]))
+
+
 def test_a_free_on_another_node_keeps_what_another_data_set_pins(mounts, bucket, s3, proxy,
                                                                    tmp_path):
     """Two data sets pinned from two nodes share a file; `free` of one, run on a third
     node, drops that data set's own file on its owners and keeps the shared one pinned
     on its owners: the third node knows who pins it from the records' copies."""
-    ds, own = choose(s3, bucket, "ko", [3 * CHUNK, CHUNK, CHUNK],
-                     lambda o: min(counts(o)) >= 1)
+    ds, own, ms, a, b = _two_lists_sharing_a_file(mounts, bucket, s3, tmp_path, "ko")
     x, y, z = list(ds)
-    ms = start_cluster(mounts, bucket, 3)
-    a = write_list(tmp_path, "a.txt", [x, y])
-    b = write_list(tmp_path, "b.txt", [x, z])
     for m, lst in ((ms[0], a), (ms[1], b)):
         res, r = run(m, "preload", lst, "--pin")
         assert r.returncode == 0 and res["warnings"] == [], (r.stderr, res)
@@ -549,12 +556,8 @@ def test_a_node_that_was_down_while_a_data_set_was_pinned_learns_its_pins(mounts
     index) lacked its pin records: a free of another list run on it dropped the file the
     two lists share, and the first data set's jobs went back to S3. A starting node now
     merges the other members' pin records into its own."""
-    ds, own = choose(s3, bucket, "sy", [3 * CHUNK, CHUNK, CHUNK],
-                     lambda o: min(counts(o)) >= 1)
+    ds, _, ms, a, b = _two_lists_sharing_a_file(mounts, bucket, s3, tmp_path, "sy")
     x, y, z = list(ds)
-    ms = start_cluster(mounts, bucket, 3)
-    a = write_list(tmp_path, "a.txt", [x, y])
-    b = write_list(tmp_path, "b.txt", [x, z])
     assert ms[2].stop() == 0
     res, r = run(ms[0], "preload", a, "--pin")  # n2 is down: its copy is not made
     assert r.returncode == 0 and any("not copied" in w for w in res["warnings"]), res

@@ -68,53 +68,15 @@ def test_a_failing_request_leaves_the_server_up(tmp_path):
     assert seen["ping"] == {"ok": True, "pong": True}  # (the protocol is the client's)
 
 
-def test_a_daemon_of_another_version_is_named_not_misread(tmp_path):
-    """cachefs upgraded while its daemons run: the new command read the old daemon's
-    replies as its own ("internal error: KeyError: 'file_count'" from `status`). Every line
-    a daemon sends names its protocol, and a command refuses one it does not speak."""
+def _answering(tmp_path, replies):
+    """A control socket that answers each connection with the next of ``replies`` (raw
+    bytes), in a thread; (its path, a function that waits for it and closes it)."""
     import threading
 
     path = tmp_path / "control.sock"
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
     srv.listen(4)
-
-    def old_daemon() -> None:  # answers as the daemons before the protocol field did
-        for reply in (b'{"ok": true, "files": []}\n',
-                      b'{"event": true, "kind": "plan"}\n{"ok": true}\n'):
-            conn, _ = srv.accept()
-            conn.recv(65536)
-            conn.sendall(reply)
-            conn.close()
-
-    t = threading.Thread(target=old_daemon)
-    t.start()
-    client = ControlClient(path, "/mnt/x")
-    seen = []
-    for _ in range(2):
-        with pytest.raises(QuietError) as e:
-            client.request({"op": "status"}, on_event=seen.append)
-        assert e.value.exitcode == 3
-        assert str(e.value) == (
-            "the cachefs daemon for /mnt/x runs another version of cachefs than this "
-            f"command (control protocol 1, this command's {PROTOCOL}): remount to run this "
-            "version (cachefs umount, then cachefs mount)")
-    t.join(10)
-    srv.close()
-    assert seen == []  # not even its events are read as ours
-
-
-def test_a_reply_cut_short_or_not_json_is_one_line(tmp_path):
-    """A daemon killed while it answered (a line cut short), or a socket of something else
-    at the control path: the command ended in "internal error: JSONDecodeError"."""
-    import threading
-
-    path = tmp_path / "control.sock"
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(path))
-    srv.listen(4)
-    replies = (f'{{"protocol": {PROTOCOL}, "ok": tr'.encode(), b"HTTP/1.1 400 Bad\r\n",
-               b"[1, 2]\n")
 
     def serve() -> None:
         for reply in replies:
@@ -125,13 +87,47 @@ def test_a_reply_cut_short_or_not_json_is_one_line(tmp_path):
 
     t = threading.Thread(target=serve)
     t.start()
+
+    def done() -> None:
+        t.join(10)
+        srv.close()
+
+    return path, done
+
+
+def test_a_daemon_of_another_version_is_named_not_misread(tmp_path):
+    """cachefs upgraded while its daemons run: the new command read the old daemon's
+    replies as its own ("internal error: KeyError: 'file_count'" from `status`). Every line
+    a daemon sends names its protocol, and a command refuses one it does not speak."""
+    # answers as the daemons before the protocol field did
+    path, done = _answering(tmp_path, (b'{"ok": true, "files": []}\n',
+                                       b'{"event": true, "kind": "plan"}\n{"ok": true}\n'))
+    client = ControlClient(path, "/mnt/x")
+    seen = []
+    for _ in range(2):
+        with pytest.raises(QuietError) as e:
+            client.request({"op": "status"}, on_event=seen.append)
+        assert e.value.exitcode == 3
+        assert str(e.value) == (
+            "the cachefs daemon for /mnt/x runs another version of cachefs than this "
+            f"command (control protocol 1, this command's {PROTOCOL}): remount to run this "
+            "version (cachefs umount, then cachefs mount)")
+    done()
+    assert seen == []  # not even its events are read as ours
+
+
+def test_a_reply_cut_short_or_not_json_is_one_line(tmp_path):
+    """A daemon killed while it answered (a line cut short), or a socket of something else
+    at the control path: the command ended in "internal error: JSONDecodeError"."""
+    replies = (f'{{"protocol": {PROTOCOL}, "ok": tr'.encode(), b"HTTP/1.1 400 Bad\r\n",
+               b"[1, 2]\n")
+    path, done = _answering(tmp_path, replies)
     said = []
     for _ in replies:
         with pytest.raises(QuietError) as e:
             ControlClient(path, "/mnt/x").request({"op": "stats"})
         said.append((str(e.value), e.value.exitcode))
-    t.join(10)
-    srv.close()
+    done()
     assert said == [
         ("the cachefs daemon for /mnt/x closed the connection in the middle of its answer "
          "(did it exit? see its log)", 1),

@@ -290,6 +290,19 @@ def test_ops_the_writer_took_are_committed_when_it_is_cancelled(tmp_path):
         ix.close()
 
 
+def _watched(writer: IndexWriter):
+    """(a task running ``writer``, an event set once it has stopped)."""
+    stopped = trio.Event()
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            await writer.run(task_status=task_status)
+        finally:
+            stopped.set()
+
+    return run, stopped
+
+
 def test_a_commit_after_the_writer_stopped_returns_and_is_committed(tmp_path):
     """A task that shields its commit from shutdown (a drop keeping index and files
     consistent) and commits once the cancelled writer has stopped waited for it forever:
@@ -298,13 +311,8 @@ def test_a_commit_after_the_writer_stopped_returns_and_is_committed(tmp_path):
 
     async def main(ix):
         w = IndexWriter(ix)
-        stopped, done, outcome = trio.Event(), trio.Event(), []
-
-        async def writer(task_status=trio.TASK_STATUS_IGNORED):
-            try:
-                await w.run(task_status=task_status)
-            finally:
-                stopped.set()
+        done, outcome = trio.Event(), []
+        writer, stopped = _watched(w)
 
         async def shielded_commit():
             with trio.CancelScope(shield=True) as sc:
@@ -895,13 +903,7 @@ def test_a_put_the_stop_cancels_while_it_writes_leaves_its_file_with_its_record(
 
         store._write_file = write_file
 
-        stopped = trio.Event()
-
-        async def run_writer(task_status=trio.TASK_STATUS_IGNORED):
-            try:
-                await writer.run(task_status=task_status)
-            finally:
-                stopped.set()
+        run_writer, stopped = _watched(writer)
 
         async def open_gate_once_the_writer_stopped():
             await stopped.wait()

@@ -462,7 +462,7 @@ class ChunkStore:
         set with the adoptions. How many."""
         cids = [c for c in dict.fromkeys(cids) if c in self.lru]
         try:
-            self.index.apply([Index.op_delete_meta(REPIN),
+            self.index.apply([Index.op_meta(REPIN, None),
                               *(Index.op_pin(c, True) for c in cids)])
         except DAMAGE_ERRORS:
             raise
@@ -484,7 +484,7 @@ class ChunkStore:
         loop)."""
         try:
             # (with the mark that pin_adopted must look at them, even after a crash)
-            self.index.apply([Index.op_put_meta(REPIN, b"1"), *(op for _, _, op in batch)])
+            self.index.apply([Index.op_meta(REPIN, b"1"), *(op for _, _, op in batch)])
             return True
         except DAMAGE_ERRORS:
             raise
