@@ -485,13 +485,18 @@ class Datasets:
                 else:
                     continue
                 ops.append(Index.op_put_pin_record(k, _record(key, versions, holders)))
+            done = 0
             try:
                 for i in range(0, len(ops), 4096):
                     await self._writer().commit(*ops[i:i + 4096])
+                    done += len(ops[i:i + 4096])
             except IndexCommitError as e:
+                # (in batches, so that reads' commits go on meanwhile: those committed stay)
+                part = (f"; {done} of its {len(ops)} records were written (a free of this "
+                        "list clears them)" if done else "")
                 raise ControlError(
                     f"cannot pin: the cache index could not record what this data set pins "
-                    f"({e}); nothing was pinned (is the cache disk full?)") from None
+                    f"({e}); nothing was pinned (is the cache disk full?){part}") from None
 
     async def sync_pin_records(self) -> None:
         """At start, in a cluster: the pin records of up to SYNC_FROM other members merged
