@@ -278,7 +278,20 @@ class Index:
 
     @staticmethod
     def op_touch(cid: bytes, when: float):
-        return Index._op_update(cid, last_access=when)
+        return Index.op_touch_many({cid: when})
+
+    @staticmethod
+    def op_touch_many(when: dict[bytes, float]):
+        """One op for the access times of many chunks (chunk id → time): one op per chunk
+        cost the trio thread 2.5 µs each, 25 ms of every second at 10k small files/s."""
+        def op(ix: Index, txn: lmdb.Transaction) -> None:
+            for cid, t in when.items():
+                b = txn.get(cid, db=ix.chunks)
+                if b:
+                    txn.put(cid, replace(ChunkRec.unpack(b), last_access=t).pack(),
+                            db=ix.chunks)
+        op.table = "chunks"
+        return op
 
     def get_meta(self, key: bytes) -> bytes | None:
         with self._resize, self.env.begin() as txn:

@@ -654,7 +654,7 @@ class ChunkStore:
         self._touches_sent = time.time() if now is None else now
         if self._touched:
             touched, self._touched = self._touched, {}
-            self.writer.submit(*[Index.op_touch(c, t) for c, t in touched.items()])
+            self.writer.submit(Index.op_touch_many(touched))
 
     # -- writes -----------------------------------------------------------------------
 
