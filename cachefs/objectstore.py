@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import aiobotocore.httpxsession
 import aiobotocore.session
 import botocore.exceptions
+import botocore.utils
 import httpx
 import trio
 from aiobotocore.config import AioConfig
@@ -160,6 +161,16 @@ class _Retry(Exception):
         super().__init__(msg)
         self.code = code
         self.status = status
+
+
+def _timestamp(value: str) -> datetime:
+    """An S3 timestamp: ISO 8601 in XML bodies ("2026-05-01T12:00:00.000Z", read by the
+    stdlib), anything else (HTTP dates of HEAD answers) as botocore reads it."""
+    try:
+        t = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return botocore.utils.parse_timestamp(value)
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def _mtime(v: object) -> float:
@@ -356,6 +367,10 @@ class ObjectStore:
         # the httpx session class they refresh through anyio (instance roles, container
         # roles, credential_process), which runs on trio; with aiobotocore's default the
         # instance-role fetcher needs an asyncio loop and fails at mount on EC2.
+        # LIST pages are parsed on the trio thread, most of it in dateutil reading the
+        # timestamps: 59 ms a page of 1000 keys, 22 ms with ISO 8601 read by the stdlib
+        session.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=_timestamp)
         session.set_default_client_config(AioConfig(
             http_session_cls=aiobotocore.httpxsession.HttpxSession,
             connect_timeout=self.opts.connect_timeout))

@@ -1149,3 +1149,19 @@ def test_extended_attributes_are_asked_for_once(s3, bucket, mounts):
             os.listxattr(m.path(f"x/{i}"))
     c = m.counters()
     assert c.get("fuse_getxattr") == 1 and c.get("fuse_listxattr") == 1, c
+
+
+def test_s3_timestamps_are_read_as_botocore_reads_them():
+    """LIST pages are parsed on the trio thread, and reading their timestamps with
+    dateutil took most of it (59 ms a page of 1000 keys; 22 ms with the stdlib's ISO
+    8601 reader): the fast reader must give the very same instants, HTTP dates too."""
+    import botocore.utils
+
+    from cachefs.objectstore import _timestamp
+
+    for v in ("2026-05-01T12:00:01.000Z", "2026-05-01T12:00:01Z",
+              "2026-05-01T12:00:01.123456+02:00", "Wed, 12 Oct 2009 17:50:00 GMT",
+              "2009-10-12T17:50:30.000Z"):
+        got = _timestamp(v)
+        assert got.tzinfo is not None
+        assert got.timestamp() == botocore.utils.parse_timestamp(v).timestamp(), v
