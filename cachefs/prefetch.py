@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -72,13 +73,14 @@ RESUME_ABOVE = 0.6  # and resume it when more do
 
 
 class _Run:
-    __slots__ = ("children", "names", "pos", "top", "length", "ahead", "window", "unread",
+    __slots__ = ("children", "entries", "top", "length", "ahead", "window", "unread",
                  "reach", "paused")
 
     def __init__(self, d: Node) -> None:
         self.children = d.children  # the listing the order was built from (identity)
-        self.names = [name for name, _ in d.entries()]
-        self.pos = {n: i for i, n in enumerate(self.names)}
+        # the directory's (name, inode) in name order, shared with opendir: a list and a
+        # dict of every name built here cost the open 0.34 s for a million names
+        self.entries = d.entries()
         self.top = -SLACK - 2  # furthest position opened in the current run
         self.length = 0  # opens in the current run
         self.ahead = -1  # furthest position fetched ahead
@@ -86,6 +88,12 @@ class _Run:
         self.unread = 0  # files closed in a row with no read reaching the daemon
         self.reach = 1.0  # moving share of opens whose reads reached the daemon
         self.paused = False  # the page cache serves this directory: fetch nothing ahead
+
+
+    def position(self, name: str) -> int | None:
+        """Where ``name`` is in the directory's name order (a binary search)."""
+        i = bisect_left(self.entries, (name,))
+        return i if i < len(self.entries) and self.entries[i][0] == name else None
 
 
 class _Held:
@@ -149,7 +157,7 @@ class FilePrefetcher:
             while len(self.runs) > MAX_DIRS:
                 self.runs.popitem(last=False)
         self.runs.move_to_end(d.ino)
-        p = r.pos.get(node.name)
+        p = r.position(node.name)
         if p is None:
             return
         if r.top < p <= r.top + SLACK:
@@ -199,7 +207,7 @@ class FilePrefetcher:
     # -- fetching ahead ---------------------------------------------------------------
 
     def _schedule(self, d: Node, r: _Run, p: int) -> None:
-        end = min(p + r.window, len(r.names) - 1)
+        end = min(p + r.window, len(r.entries) - 1)
         if end - r.ahead < LOCAL_BATCH and r.ahead - p >= LOCAL_BATCH:
             # the reader has files in hand and fewer than a batch could be added: the
             # check below would say so after walking the whole window, on every open
@@ -212,7 +220,7 @@ class FilePrefetcher:
         small = 0
         ahead_bytes = 0
         for i in range(p + 1, end + 1):
-            ino = r.children.get(r.names[i])
+            ino = r.children.get(r.entries[i][0])
             node = vfs.nodes.get(ino) if ino is not None else None
             if node is None or node.is_dir or not self._small(node.size):
                 node = None
