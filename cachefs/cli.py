@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -293,7 +294,10 @@ def _open_log(logp: Path):
         raise QuietError(f"log file {logp}: {logp.parent} is not a directory",
                          EXIT_USAGE) from None
     except OSError as e:
-        raise QuietError(f"cannot open log file {logp}: {e.strerror}") from None
+        # (a path this user cannot write is bad input, as for the cache dir: under
+        # systemd's Restart=on-failure, exit 1 was a loop of failed starts)
+        code = EXIT_USAGE if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else EXIT_FAILED
+        raise QuietError(f"cannot open log file {logp}: {e.strerror}", code) from None
 
 
 def _first_missing(d: Path) -> Path | None:
@@ -312,7 +316,9 @@ def _remove_fresh_cache_dir(d: Path, top: Path, logp: Path) -> None:
     from .daemon import CACHEDIR_TAG
 
     with contextlib.suppress(OSError):
-        ours = {CACHEDIR_TAG} | ({logp.name} if logp.parent == d else set())
+        # (the daemon's lock on the cache dir too: buckets are checked before the index
+        # or any chunk dir is made)
+        ours = {CACHEDIR_TAG, "lock"} | ({logp.name} if logp.parent == d else set())
         if set(os.listdir(d)) <= ours:
             for name in ours:
                 (d / name).unlink(missing_ok=True)

@@ -196,6 +196,12 @@ def check_outside_mountpoint(mp: Path | str, cache_dir: Path, log_file: Path | N
             if real == str(mp) or real.startswith(str(mp).rstrip("/") + "/"):
                 raise QuietError(f"{what} {p} is inside the mountpoint {mp}, which the mount "
                                  "would hide; choose a directory outside it", EXIT_USAGE)
+    # nor lie in the cache dir, whose tmp/ and chunks/ start-up clears of what it did not
+    # put there (a mountpoint in tmp/ was removed as the start checked the chunk files)
+    cache = os.path.realpath(cache_dir)
+    if str(mp) == cache or str(mp).startswith(cache.rstrip("/") + "/"):
+        raise QuietError(f"the mountpoint {mp} is inside the cache dir {cache_dir}; choose "
+                         "one outside it", EXIT_USAGE)
 
 
 def check_mountpoint_empty(mp: Path) -> None:
@@ -510,6 +516,20 @@ class Daemon:
 
     async def _run_locked(self, mp: Path) -> None:
         cfg = self.cfg
+        # every bucket first, before the cache dir holds more than its tag, lock and log:
+        # a typo in a bucket's name left a new cache dir with an index, 256 chunk dirs and
+        # tmp/, which the failed command could not remove
+        async with AsyncExitStack() as stack:
+            mounts = []
+            for spec in cfg.mounts:
+                st = await stack.enter_async_context(ObjectStore(spec, cfg.s3, self.stats))
+                if (warning := await st.check()) is not None:
+                    self.ready.warn(warning)
+                mounts.append(MountCtx(spec, st))
+            await self._run_with_stores(mp, mounts)
+
+    async def _run_with_stores(self, mp: Path, mounts: list[MountCtx]) -> None:
+        cfg = self.cfg
         # hidden, for tests only: a tiny LMDB map exercises MapFullError → grow
         map_size = int(os.environ.get("CACHEFS_TEST_INDEX_MAP_SIZE") or 1 << 30)
         def room() -> None:
@@ -580,17 +600,10 @@ class Daemon:
                 self.ready.warn(f"--cache-size {human(cfg.cache_size)} is larger than the "
                                 f"free space of {cfg.cache_dir} ({human(free + store.used)}"
                                 "); the cache will stop growing when the disk is full")
-            async with AsyncExitStack() as stack:
-                mounts = []
-                for spec in cfg.mounts:
-                    st = await stack.enter_async_context(ObjectStore(spec, cfg.s3, self.stats))
-                    if (warning := await st.check()) is not None:
-                        self.ready.warn(warning)
-                    mounts.append(MountCtx(spec, st))
-                async with trio.open_nursery() as nursery:
-                    self.nursery = nursery
-                    await self._serve(nursery, mp, mounts)
-                    nursery.cancel_scope.cancel()
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                await self._serve(nursery, mp, mounts)
+                nursery.cancel_scope.cancel()
         finally:
             store.flush_touches()
             writer.drain_sync()

@@ -1447,6 +1447,50 @@ def test_a_directory_of_the_users_is_never_taken_as_a_cache_dir(s3, bucket, prox
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
 
 
+def test_a_bucket_that_does_not_exist_leaves_no_cache_dir_behind(s3, proxy, tmp_path):
+    """A typo in a bucket's name: the daemon opened the index and made 256 chunk dirs and
+    tmp/ in the new cache dir before it asked S3, and the failed `cachefs mount` left
+    them. Buckets are now checked first, and the cache dir it made goes with it."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    fresh = tmp_path / "new" / "cache"
+    for extra in ((), ("--foreground",)):
+        r = cli("mount", "s3://no-such-bucket-here", str(mp), "--endpoint-url", proxy.url,
+                "--cache-dir", str(fresh), "--cache-size", "64MiB", *extra, timeout=120)
+        one_line_error(r, "does not exist", code=1)
+        if not extra:
+            assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
+        else:  # (--foreground cleans up nothing: systemd runs it again as it is)
+            assert not (fresh / "index").exists() and not (fresh / "chunks").exists()
+    assert not is_mounted(mp)
+
+def test_a_mountpoint_in_the_cache_dir_or_a_log_on_a_read_only_disk_is_bad_input(tmp_path):
+    """A mountpoint inside the cache dir passed the checks and was removed by start-up's
+    clearing of tmp/ (or the cache dir was refused for holding it); a log file on a
+    read-only file system exited 1, which systemd's Restart=on-failure retries for ever.
+    Both are bad input now (exit 2), said before anything starts."""
+    cache = tmp_path / "cache"
+    (cache / "tmp" / "mnt").mkdir(parents=True)
+    one_line_error(cli("mount", "s3://bucket-x", str(cache / "tmp" / "mnt"), "--cache-dir",
+                       str(cache), "--cache-size", "64MiB"),
+                   "is inside the cache dir", code=2)
+    assert (cache / "tmp" / "mnt").is_dir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs")
+    try:
+        mp = tmp_path / "mp"
+        mp.mkdir()
+        one_line_error(cli("mount", "s3://bucket-x", str(mp), "--cache-dir",
+                           str(tmp_path / "c2"), "--cache-size", "64MiB", "--log-file",
+                           str(ro / "cachefs.log")),
+                       "cannot open log file", "Read-only file system", code=2)
+        assert not (tmp_path / "c2").exists()
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+
 def test_a_cache_dir_tag_cut_short_by_a_crash_is_cachefs_s(tmp_path):
     """A crash (power loss) as the first start wrote CACHEDIR.TAG left it empty or cut
     short, and every later start refused the cache dir: "holds 'CACHEDIR.TAG', which
