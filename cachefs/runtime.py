@@ -228,7 +228,7 @@ def lock_file(where: Callable[[], Path]) -> int:
     A lock file may be unlinked by its holder (remove_mount_dir) after we opened it: a
     lock on a file no longer at its path protects nothing, so it is let go and taken
     again on the path's new file (``where`` makes its directory again if need be)."""
-    for _ in range(_LOCK_TRIES):
+    for tries in range(_LOCK_TRIES):
         path = where()
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -240,6 +240,13 @@ def lock_file(where: Callable[[], Path]) -> int:
             if _same_file(fd, path):
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
                 os.close(fd)
+                if not holder and tries < _LOCK_TRIES - 1:
+                    # no pid: a daemon that has just taken it, or another mount's start
+                    # removing it as stale (remove_if_stale holds it while it unlinks):
+                    # a moment later it is the other daemon's (with its pid) or gone.
+                    # Two daemons started at once failed on this ("is busy")
+                    time.sleep(0.01)
+                    continue
                 raise LockBusy(holder) from None
             os.close(fd)  # its holder is removing it: try the new file
             continue

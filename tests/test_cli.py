@@ -1054,6 +1054,34 @@ def test_a_removed_lock_file_is_never_held(tmp_path, monkeypatch, when):
     assert runtime.remove_if_stale(d) and not d.exists()
 
 
+def test_a_lock_held_for_a_moment_without_a_pid_is_waited_for(tmp_path):
+    """Two daemons starting at once for two mountpoints: the second one's start removes
+    the runtime dirs nobody holds, and so held the first one's lock for a moment (no pid
+    in it) just as the first took it: the first failed with "is busy: another cachefs
+    daemon is starting or serving there" (a cluster test that starts two nodes at once
+    met it). A lock held with no pid is waited for, a second at most."""
+    import fcntl
+    import threading
+
+    from cachefs import runtime
+
+    d = tmp_path / "0123456789abcdef"
+    d.mkdir(mode=0o700)
+
+    def where() -> Path:
+        d.mkdir(mode=0o700, exist_ok=True)
+        return d / runtime.LOCK
+
+    other = os.open(d / runtime.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)  # the other start, checking whether it is stale
+    t = threading.Timer(0.2, os.close, (other,))  # it was not: let go, nothing removed
+    t.start()
+    try:
+        fd = runtime.lock_file(where)
+    finally:
+        t.join()
+    os.close(fd)
+
 def _daemon_pid(cache) -> int:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
