@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -262,6 +263,10 @@ def _daemonize(cfg) -> None:
             _remove_fresh_cache_dir(cfg.cache_dir, fresh, logp)
         raise
     mounted_before = mp in runtime.cachefs_mounts(entries)  # only such a mount is ever cleaned up
+    # a SIGTERM or SIGHUP (a closed terminal, a job scheduler) of this command while it
+    # waits is a Ctrl-C: the starting daemon is stopped, not left to mount for nobody
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     r, w = os.pipe()
     args = sys.argv[1:]
     # before a "--" (after it, everything is an argument: a mountpoint named "-x")
@@ -279,6 +284,10 @@ def _daemonize(cfg) -> None:
         if fresh and not (isinstance(e, QuietError) and str(logp) in e.msg):
             _remove_fresh_cache_dir(cfg.cache_dir, fresh, logp)
         raise
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _open_log(logp: Path):

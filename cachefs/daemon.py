@@ -31,7 +31,7 @@ from . import runtime
 from .chunks.reader import ChunkReader
 from .config import Config
 from .control import ControlServer
-from .errors import EXIT_FAILED, EXIT_USAGE, QuietError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, QuietError
 from .fuse_ops import Operations
 from .index import DAMAGE_ERRORS, Index, IndexWriter, open_index, reopen_damaged
 from .objectstore import ObjectStore
@@ -482,8 +482,27 @@ class Daemon:
         self.nursery: trio.Nursery | None = None
         self._fuse_scope = trio.CancelScope()  # pyfuse3.main: cancelled STOP_GRACE into a stop
         self._stopping = trio.Event()
+        self._start_scope = trio.CancelScope()  # cancelled by a signal before serving
+        self._serving = False  # the FUSE loop runs: a signal unmounts (stop)
+        self._stopped_by = ""
 
     async def run(self) -> None:
+        """The daemon's life. Its signals are received from the very start: a SIGTERM or
+        Ctrl-C while it starts stops the start (once the step under way in a worker
+        thread has finished) and everything it made is undone; it killed the process
+        outright, leaving the runtime dir's lock, and a stale mount when it came after
+        the FUSE mount."""
+        async with trio.open_nursery() as n:
+            n.start_soon(self._signals)
+            try:
+                with self._start_scope:
+                    await self._run()
+            finally:
+                n.cancel_scope.cancel()
+        if self._start_scope.cancelled_caught:
+            raise QuietError(f"stopped by {self._stopped_by} while starting", EXIT_INTERRUPTED)
+
+    async def _run(self) -> None:
         cfg = self.cfg
         rdir: list[Path] = []  # our runtime dir, once we hold its lock (locks[0])
         raise_fd_limit()
@@ -651,7 +670,6 @@ class Daemon:
             from .commands import register_all
             register_all(self)
             await nursery.start(self.control.serve)
-            nursery.start_soon(self._signals)
             nursery.start_soon(self._after_init, mp, inited)
             log.info("mounted %s at %s (cache %s, limit %d MiB, chunk %d KiB%s)",
                      ", ".join(m.spec.source for m in mounts), mp, cfg.cache_dir,
@@ -661,6 +679,7 @@ class Daemon:
                 log.warning("the `cachefs mount` that started this daemon gave up waiting "
                             "for it: unmounting")
                 return
+            self._serving = True
             with self._fuse_scope:
                 await pyfuse3.main(max_tasks=FUSE_TASKS)
             self.ready.stopping()  # (unmounted from outside: `cachefs umount`)
@@ -690,6 +709,12 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
                 if sig == signal.SIGHUP:
+                    continue
+                if not self._serving:
+                    if not self._stopped_by:
+                        self._stopped_by = signal.Signals(sig).name
+                        log.info("signal %s while starting: stopping", self._stopped_by)
+                    self._start_scope.cancel()
                     continue
                 if self._stopping.is_set():  # a second one: no more grace
                     log.info("signal %s again: not waiting for the requests under way",

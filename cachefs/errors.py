@@ -13,6 +13,7 @@ import ssl
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_DAEMON = 3
+EXIT_INTERRUPTED = 130  # Ctrl-C, or a SIGTERM, before the work was done
 
 
 class QuietError(Exception):

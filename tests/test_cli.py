@@ -1730,3 +1730,46 @@ def test_legacy_bucket_names_with_upper_case_are_taken():
     for bad in ("s3://-x", "s3://a", "s3://a b", "s3://a/../b"):
         with pytest.raises(ConfigError):
             parse_source(bad)
+
+
+def test_a_signal_while_the_daemon_starts_stops_it_and_undoes_the_start(tmp_path):
+    """A SIGTERM (systemctl stop, the waiting command's Ctrl-C) while the daemon started
+    killed it outright: its runtime dir and lock stayed, and after the FUSE mount a stale
+    mount. The start now stops where it is, undoes what it made and says so; a SIGTERM
+    of the waiting `cachefs mount` stops its daemon too (it went on starting)."""
+    import socket
+
+    from cachefs import runtime
+
+    silent = socket.socket()  # an S3 endpoint that takes connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    args = [sys.executable, "-m", "cachefs", "mount", "s3://bucket-x", str(mp),
+            "--endpoint-url", url, "--cache-dir", str(tmp_path / "c"), "--cache-size",
+            "64MiB", "--s3-timeout", "60s"]
+    env = {**os.environ, **CREDS}
+    try:
+        p = subprocess.Popen([*args, "--foreground"], env=env, stderr=subprocess.PIPE,
+                             text=True)
+        time.sleep(3)  # waiting on the bucket check
+        assert p.poll() is None
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 130, (p.returncode, err)
+        assert err.strip().splitlines()[-1] == ("cachefs: error: stopped by SIGTERM while "
+                                                "starting"), err
+        assert not runtime.mount_dir(mp).exists() and not is_mounted(mp)
+        # the waiting command's SIGTERM: its daemon stops too, and nothing stays
+        p = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and "interrupted" in err, (p.returncode, err)
+        assert not runtime.mount_dir(mp).exists() and not is_mounted(mp)
+        r = subprocess.run(["pgrep", "-f", str(mp)], capture_output=True, text=True)
+        assert r.stdout.strip() == "", r.stdout
+    finally:
+        silent.close()
