@@ -415,6 +415,11 @@ def _stop_starting_daemon(proc: subprocess.Popen, mp: str, mounted_before: bool)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    if proc.returncode >= 0:
+        # it exited by itself (an error, or our SIGTERM: it stops its start and undoes
+        # it), its own mount removed: a cachefs mount there now is another daemon's (one
+        # started at once from a shell with another runtime dir), never to be taken down
+        return
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         if mp not in runtime.cachefs_mounts():
             return

@@ -1773,3 +1773,23 @@ def test_a_signal_while_the_daemon_starts_stops_it_and_undoes_the_start(tmp_path
         assert r.stdout.strip() == "", r.stdout
     finally:
         silent.close()
+
+
+def test_a_failed_mount_never_takes_down_another_daemons_mount(s3, bucket, mounts, request,
+                                                                monkeypatch):
+    """Two `cachefs mount` of one mountpoint at once from shells with different runtime
+    dirs: the one that failed ("already mounted there") unmounted the mountpoint after its
+    daemon's error, taking down the other daemon's live mount. A daemon that exited by
+    itself has removed its own mount: nothing is unmounted after it."""
+    from cachefs import cli as cli_mod
+
+    s3.put_object(Bucket=bucket, Key="f", Body=b"x")
+    m = mounts(f"s3://{bucket}")
+    assert m.path("f").read_bytes() == b"x"
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    failed.wait()
+    ours = os.environ["CACHEFS_RUNTIME_DIR"]
+    monkeypatch.setenv("CACHEFS_RUNTIME_DIR", _short_dir(request))  # m's info is not seen
+    cli_mod._stop_starting_daemon(failed, str(m.mp), mounted_before=False)
+    monkeypatch.setenv("CACHEFS_RUNTIME_DIR", ours)
+    assert is_mounted(m.mp) and m.path("f").read_bytes() == b"x"
