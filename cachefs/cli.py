@@ -362,12 +362,14 @@ def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
     timeout = _start_timeout()
     deadline = time.monotonic() + timeout
     buf = b""
+    stage = ""  # what the daemon said it was doing (STAGE lines, not shown)
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise QuietError(f"the daemon did not finish starting in {timeout:.0f}s and "
-                                 f"was stopped (log {logp})")
+                doing = f" (it was {stage})" if stage else ""
+                raise QuietError(f"the daemon did not finish starting in {timeout:.0f}s"
+                                 f"{doing} and was stopped (log {logp})")
             rl, _, _ = select.select([r], [], [], min(left, 1.0))
             if rl:
                 data = os.read(r, 65536)
@@ -382,6 +384,8 @@ def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
                         click.echo(f"cachefs: warning: {msg}", err=True)
                     elif kind == "WAIT":
                         click.echo(f"cachefs: {msg}", err=True)
+                    elif kind == "STAGE":
+                        stage = msg
                     elif kind == "OK":
                         # the limit as read ("10GB" is 9.3 GiB): a GB/GiB mix-up shows
                         click.echo(f"cachefs: mounted at {cfg.mountpoint} (pid {proc.pid}, "
@@ -389,7 +393,8 @@ def _wait_ready(cfg, proc: subprocess.Popen, r: int, logp: Path) -> None:
                                    err=True)
                         return
                     elif kind == "ERR":
-                        proc.wait(timeout=30)
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            proc.wait(timeout=30)  # (the error stands, whatever follows)
                         code, _, text = msg.partition(" ")
                         if code.isdigit():
                             raise QuietError(text, int(code))

@@ -77,6 +77,13 @@ class Ready:
         self._say("WAIT " + msg)
         self._notify(f"STATUS={msg}\nEXTEND_TIMEOUT_USEC=60000000")
 
+    def stage(self, msg: str) -> None:
+        """What start-up does now, not shown unless it takes too long: the waiting command
+        names it if it gives up ("it was checking s3://b at …"), systemd shows it."""
+        log.debug("start-up: %s", msg)
+        self._say("STAGE " + msg)
+        self._notify(f"STATUS={msg}")
+
     def ok(self, msg: str = "") -> bool:
         """Say the mount is live; False if the command that waited for it gave up."""
         heard = self._say("OK " + msg)
@@ -541,6 +548,8 @@ class Daemon:
         async with AsyncExitStack() as stack:
             mounts = []
             for spec in cfg.mounts:
+                self.ready.stage(f"checking {spec.source} at "
+                                 f"{spec.endpoint_url or 'the AWS endpoint of its region'}")
                 st = await stack.enter_async_context(ObjectStore(spec, cfg.s3, self.stats))
                 if (warning := await st.check()) is not None:
                     self.ready.warn(warning)
@@ -557,6 +566,7 @@ class Daemon:
                 self.ready.warn(f"the cache disk is full: removed {removed} chunk files "
                                 f"({human(nbytes)}) to make room for the index")
 
+        self.ready.stage(f"checking the cache index in {cfg.cache_dir}")
         self.index = index = await trio.to_thread.run_sync(open_index, cfg.cache_dir / "index",
                                                            map_size, self.ready.progress, room)
 
@@ -591,6 +601,7 @@ class Daemon:
                                                          cfg.readahead_memory
                                                          // cfg.chunk_size) + 2)
         try:
+            self.ready.stage(f"checking the chunk files in {cfg.cache_dir}")
             try:
                 report = await trio.to_thread.run_sync(store.reconcile, self.ready.progress)
             except DAMAGE_ERRORS as e:
@@ -652,6 +663,7 @@ class Daemon:
         options |= {f"fsname={_fsname(mounts)}", "subtype=cachefs", "ro", "noatime"}
         if cfg.allow_other:
             options.add("allow_other")
+        self.ready.stage(f"mounting at {mp}")
         try:
             pyfuse3.init(ops, str(mp), options)
         except RuntimeError as e:

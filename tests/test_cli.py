@@ -1114,7 +1114,9 @@ def test_mount_that_gives_up_leaves_nothing_mounted(s3, bucket, proxy, tmp_path)
         # the bucket check at start-up answers after 6 s; the command waits 2 s
         proxy.faults(delay=6, ops=["ListObjects"])
         r = cli(*args, env={"CACHEFS_START_TIMEOUT": "2"})
-        one_line_error(r, "did not finish starting in 2s and was stopped")
+        # (naming what it was doing: it said so, unseen, as it went)
+        one_line_error(r, f"did not finish starting in 2s (it was checking s3://{bucket}/ at "
+                          f"{proxy.url}) and was stopped")
         assert _gone(_daemon_pid(cache), mp)
         time.sleep(6)  # past the point where it would have mounted
         assert not is_mounted(mp)
