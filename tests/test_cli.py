@@ -1569,8 +1569,12 @@ def test_a_foreground_daemon_tells_systemd_when_it_serves(s3, bucket, mounts, tm
     try:
         m = mounts(f"s3://{bucket}", env={"NOTIFY_SOCKET": addr}, start=False)
         m.start()
-        msg = sock.recv(4096).decode()
+        stages = []  # what start-up did, for `systemctl status` while it does it
+        while (msg := sock.recv(4096).decode()).startswith("STATUS="):
+            stages.append(msg)
         assert msg.startswith("READY=1\nSTATUS=serving "), msg
+        assert stages[0].startswith(f"STATUS=checking s3://{bucket}/ at "), stages
+        assert stages[-1] == f"STATUS=mounting at {m.mp}", stages
         assert os.listdir(m.path("d")) == ["f"]  # it serves
         assert m.stop() == 0
         assert sock.recv(4096).decode() == "STOPPING=1"
@@ -1579,8 +1583,9 @@ def test_a_foreground_daemon_tells_systemd_when_it_serves(s3, bucket, mounts, tm
                      name="bad")
         with pytest.raises(RuntimeError):
             bad.start()
-        msg = sock.recv(4096).decode()
-        assert msg.startswith("STATUS=") and "no-such-bucket-here" in msg, msg
+        while (msg := sock.recv(4096).decode()).startswith("STATUS=checking"):
+            pass
+        assert msg.startswith("STATUS=") and "does not exist" in msg, msg
     finally:
         sock.close()
 
