@@ -492,6 +492,7 @@ class Daemon:
         self._start_scope = trio.CancelScope()  # cancelled by a signal before serving
         self._serving = False  # the FUSE loop runs: a signal unmounts (stop)
         self._stopped_by = ""
+        self._ended = False  # unmounted: only the index is left to close
 
     async def run(self) -> None:
         """The daemon's life. Its signals are received from the very start: a SIGTERM or
@@ -697,6 +698,7 @@ class Daemon:
             self.ready.stopping()  # (unmounted from outside: `cachefs umount`)
             log.info("file system at %s unmounted", mp)
         finally:
+            self._ended = True  # (a signal from now on finds nothing to stop)
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
             with contextlib.suppress(OSError):
@@ -720,7 +722,7 @@ class Daemon:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
-                if sig == signal.SIGHUP:
+                if sig == signal.SIGHUP or self._ended:
                     continue
                 if not self._serving:
                     if not self._stopped_by:
