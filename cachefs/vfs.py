@@ -59,6 +59,7 @@ MISS_RELIST_MAX = 10_000  # entries: a larger directory is not listed again for 
 DIR_MODE = stat.S_IFDIR | 0o555
 FILE_MODE = stat.S_IFREG | 0o444
 APPLY_SLICE = 4096  # listing entries applied between two checkpoints
+WALK_YIELD = 4096  # names walk_files looks at between two checkpoints
 STALE_WAIT = 1.0  # seconds a lookup waits for a relisting before it uses the listing it has
 STALE_RETRY = 30.0  # after a relisting failed, the old listing is used this long, then retried
 HEAD_WAIT = 10.0  # seconds an open of a changed object waits for S3 to say its new version
@@ -876,8 +877,16 @@ class VFS:
         # trio thread for a million names, once per metadata TTL
         d.children = old if new == old else new
         d.listed_at = time.monotonic()  # (with what HEADs said since: as new as the LIST)
+        if d.children is old:  # the same names and inodes: nothing is gone
+            return not answered
+        # what is gone, in slices (about 0.15 s of the trio thread for a million names)
+        await trio.lowlevel.checkpoint()
         kept = set(new.values())
-        for name, ino in old.items():
+        # (a listing's dict is never changed once made, only replaced whole: iterating
+        # it across checkpoints is safe)
+        for n, (name, ino) in enumerate(old.items(), 1):
+            if n % APPLY_SLICE == 0:
+                await trio.lowlevel.checkpoint()
             if ino not in kept:  # gone from S3 (or now a directory instead of a file)
                 gone = self.nodes.get(ino)
                 if gone is not None and gone.lookups > 0 and self.invalidate_entry is not None:
@@ -1031,11 +1040,17 @@ class VFS:
         async def entries(d: Node) -> Iterator[tuple[str, int]]:
             if d.mount is not None:
                 await self._ensure_listed(d)
-            return iter(sorted((d.children or {}).items()))
+            # (the listing's sorted entries, shared with opendir and the prefetcher: each
+            # directory was sorted again here, 0.18 s for a tree of a million files)
+            return iter(d.entries())
 
         stack = [await entries(node)]
+        seen = 0
         while stack:
             for _, ino in stack[-1]:
+                seen += 1
+                if seen % WALK_YIELD == 0:  # (a listed tree is walked with no other await)
+                    await trio.lowlevel.checkpoint()
                 n = self.nodes.get(ino)
                 if n is None:
                     continue
