@@ -474,8 +474,8 @@ def umount(mountpoint: str, timeout: float) -> None:
     if pid:
         stale = not runtime.alive(pid, started)
     else:  # its runtime dir is not in this shell's places: a dead mount, or a live one?
-        entry = next(m for m in reversed(entries) if m.mountpoint == str(mp))
-        stale = runtime.mount_answers(mp, entry=entry) is False
+        stale = runtime.mount_answers(
+            mp, entry=runtime.mount_containing(str(mp), entries)) is False
     # the daemon is gone: detach even if busy (never a live one's: its readers would fail)
     ok, err = fusermount_unmount(mp, lazy=stale)
     if not ok:

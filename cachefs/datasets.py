@@ -474,37 +474,9 @@ class Datasets:
     async def _add_pin_versions(self, adds: dict[bytes, tuple[str, list]],
                                 holder: str) -> None:
         """Each record key's version joins its record (made if none), held by ``holder``:
-        key → (S3 key, [etag, size, chunk size]). Returns once they are committed (a
-        record already holding it is not written again). One at a time: two merges of one
-        record at once (a preload here, a peer's copy) kept one version."""
-        index = self.d.index
-        assert index is not None
-        async with self._pins_lock:
-            recs = await trio.to_thread.run_sync(index.get_pin_records, list(adds))
-            ops = []
-            for i, (k, (key, v)) in enumerate(adds.items()):
-                if i % YIELD_EVERY == 0:
-                    await trio.lowlevel.checkpoint()
-                versions, holders = _record_of(recs[k])[1:] if k in recs else ([], [])
-                if v not in versions:
-                    versions, holders = versions + [v], holders + [[holder]]
-                elif holder not in (hs := holders[versions.index(v)]):
-                    hs.append(holder)
-                else:
-                    continue
-                ops.append(Index.op_put_pin_record(k, _record(key, versions, holders)))
-            done = 0
-            try:
-                for i in range(0, len(ops), 4096):
-                    await self._writer().commit(*ops[i:i + 4096])
-                    done += len(ops[i:i + 4096])
-            except IndexCommitError as e:
-                # (in batches, so that reads' commits go on meanwhile: those committed stay)
-                part = (f"; {done} of its {len(ops)} records were written (a free of this "
-                        "list clears them)" if done else "")
-                raise ControlError(
-                    f"cannot pin: the cache index could not record what this data set pins "
-                    f"({e}); nothing was pinned (is the cache disk full?){part}") from None
+        key → (S3 key, [etag, size, chunk size])."""
+        await self._merge_pin_records({k: (key, [v], [[holder]])
+                                       for k, (key, v) in adds.items()})
 
     async def sync_pin_records(self) -> None:
         """At start, in a cluster: the pin records of up to SYNC_FROM other members merged
@@ -522,7 +494,7 @@ class Datasets:
             for node in [n for n in sorted(cl.nodes()) if n != cl.node_id]:
                 try:
                     total += await self._pull_pin_records(node)
-                except (PeerError, KeyError, TypeError, ValueError) as e:
+                except (PeerError, ControlError, KeyError, TypeError, ValueError) as e:
                     log.debug("pin records not read from node %s: %s", node, e)
                     continue
                 done.append(node)
@@ -552,17 +524,24 @@ class Datasets:
             after = recs[-1][0]
 
     async def _merge_pin_records(self, page: dict[bytes, tuple[str, list, list]]) -> None:
-        """Records of another member joined with ours: every version, every holder."""
+        """Records joined with ours, record key → (S3 key, versions, their holders): every
+        version, every holder (a preload's versions, a peer's copy of them, another
+        member's records at start). Returns once they are committed (a record already
+        holding them all is not written again). One at a time: two merges of one record
+        at once (a preload here, a peer's copy) kept one version."""
         index = self.d.index
         assert index is not None
         async with self._pins_lock:
             mine = await trio.to_thread.run_sync(index.get_pin_records, list(page))
             ops = []
-            for k, (key, versions, holders) in page.items():
+            for i, (k, (key, versions, holders)) in enumerate(page.items()):
+                if i % YIELD_EVERY == 0:
+                    await trio.lowlevel.checkpoint()
                 if not key:
                     continue
                 have_key, have_vs, have_hs = (_record_of(mine[k]) if k in mine
                                               else (key, [], []))
+                # (copies: a record of before holders were named has one list for all)
                 vs, hs = list(have_vs), [list(h) for h in have_hs]
                 for v, h in zip(versions, holders, strict=True):
                     if v not in vs:
@@ -573,8 +552,18 @@ class Datasets:
                         mine_h.extend(x for x in h if x not in mine_h)
                 if (vs, hs) != (have_vs, [list(h) for h in have_hs]) or k not in mine:
                     ops.append(Index.op_put_pin_record(k, _record(have_key or key, vs, hs)))
-            if ops:
-                await self._writer().commit(*ops)
+            done = 0
+            try:
+                for i in range(0, len(ops), 4096):
+                    await self._writer().commit(*ops[i:i + 4096])
+                    done += len(ops[i:i + 4096])
+            except IndexCommitError as e:
+                # (in batches, so that reads' commits go on meanwhile: those committed stay)
+                part = (f"; {done} of its {len(ops)} records were written (a free of this "
+                        "list clears them)" if done else "")
+                raise ControlError(
+                    f"cannot pin: the cache index could not record what this data set pins "
+                    f"({e}); nothing was pinned (is the cache disk full?){part}") from None
 
     async def op_pins_dump(self, payload: dict) -> dict:
         """This node's pin records, a page (about DUMP_BUDGET bytes) after ``after``."""

@@ -330,9 +330,10 @@ class MountEntry(NamedTuple):
     fstype: str
     options: str = ""  # the super block's options (a FUSE mount's user_id=UID among them)
 
-    def user_id(self) -> int | None:
-        """The uid a FUSE mount's daemon runs as (its ``user_id=`` option)."""
-        m = re.search(r"(?:^|,)user_id=(\d+)(?:,|$)", self.options)
+    def number(self, option: str) -> int | None:
+        """A numeric super block option (a FUSE mount's ``user_id``: the uid its daemon
+        runs as; ``group_id``)."""
+        m = re.search(rf"(?:^|,){option}=(\d+)(?:,|$)", self.options)
         return int(m[1]) if m else None
 
 
@@ -436,9 +437,7 @@ def mount_answers(mp: str | Path, timeout: float = 2.0,
 
     uid = gid = None
     if entry is not None and os.getuid() == 0:
-        uid = entry.user_id()
-        m = re.search(r"(?:^|,)group_id=(\d+)(?:,|$)", entry.options)
-        gid = int(m[1]) if m else None
+        uid, gid = entry.number("user_id"), entry.number("group_id")
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 2
@@ -471,10 +470,10 @@ def no_daemon_found(mp: str) -> QuietError:
     """Why no control socket was found for the cachefs mountpoint ``mp``: the mount is
     another user's (its daemon's socket is in that user's runtime dir, which this user may
     not open), or its daemon keeps it where this shell does not look, or it is dead."""
-    e = next((m for m in reversed(mountinfo()) if m.mountpoint == mp), None)
-    if e is None or e.fstype != "fuse.cachefs":
+    e = mount_containing(mp)
+    if e is None or e.mountpoint != mp or e.fstype != "fuse.cachefs":
         return QuietError(f"no cachefs daemon is running for {mp}", EXIT_NO_DAEMON)
-    uid = e.user_id()
+    uid = e.number("user_id")
     if uid is not None and uid != os.getuid():
         import pwd
 
