@@ -490,9 +490,10 @@ class Daemon:
         self._fuse_scope = trio.CancelScope()  # pyfuse3.main: cancelled STOP_GRACE into a stop
         self._stopping = trio.Event()
         self._start_scope = trio.CancelScope()  # cancelled by a signal before serving
-        self._serving = False  # the FUSE loop runs: a signal unmounts (stop)
+        # what a signal does: "starting" cancels the start, "serving" (the FUSE loop
+        # runs) unmounts (stop), "ended" (unmounted: the index is closing) nothing
+        self._phase = "starting"
         self._stopped_by = ""
-        self._ended = False  # unmounted: only the index is left to close
 
     async def run(self) -> None:
         """The daemon's life. Its signals are received from the very start: a SIGTERM or
@@ -692,13 +693,13 @@ class Daemon:
                 log.warning("the `cachefs mount` that started this daemon gave up waiting "
                             "for it: unmounting")
                 return
-            self._serving = True
+            self._phase = "serving"
             with self._fuse_scope:
                 await pyfuse3.main(max_tasks=FUSE_TASKS)
             self.ready.stopping()  # (unmounted from outside: `cachefs umount`)
             log.info("file system at %s unmounted", mp)
         finally:
-            self._ended = True  # (a signal from now on finds nothing to stop)
+            self._phase = "ended"
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
             with contextlib.suppress(OSError):
@@ -722,9 +723,9 @@ class Daemon:
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
-                if sig == signal.SIGHUP or self._ended:
+                if sig == signal.SIGHUP or self._phase == "ended":
                     continue
-                if not self._serving:
+                if self._phase == "starting":
                     if not self._stopped_by:
                         self._stopped_by = signal.Signals(sig).name
                         log.info("signal %s while starting: stopping", self._stopped_by)

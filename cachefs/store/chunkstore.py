@@ -461,14 +461,11 @@ class ChunkStore:
         left each unpinned, and evictable), in the commit that clears the mark reconcile
         set with the adoptions. How many."""
         cids = [c for c in dict.fromkeys(cids) if c in self.lru]
-        try:
-            self.index.apply([Index.op_meta(REPIN, None),
-                              *(Index.op_pin(c, True) for c in cids)])
-        except DAMAGE_ERRORS:
-            raise
-        except lmdb.Error as e:  # (the mark stays: the next start looks again)
+        e = self._apply_at_start([Index.op_meta(REPIN, None),
+                                  *(Index.op_pin(c, True) for c in cids)])
+        if e is not None:
             log.warning("could not pin %d adopted chunks again: %s", len(cids), e)
-            return 0
+            return 0  # (the mark stays: the next start looks again)
         self.adopted, self.repin_pending = set(), False
         for c in cids:
             size = self.lru.pop(c)
@@ -476,21 +473,30 @@ class ChunkStore:
             self.pinned_bytes += file_size(size)
         return len(cids)
 
+    def _apply_at_start(self, ops: list) -> lmdb.Error | None:
+        """Commit ``ops`` before the writer runs; the LMDB error that is no damage (a disk
+        too full for the index's new pages), or None. Damage is raised: the caller's
+        caller rebuilds the index."""
+        try:
+            self.index.apply(ops)
+        except DAMAGE_ERRORS:
+            raise
+        except lmdb.Error as e:
+            return e
+        return None
+
     def _adopt(self, batch: list[tuple[bytes, Path, Callable]], indexed: dict,
                on_disk: set[bytes], report: dict) -> bool:
         """Commit the records of orphans that verified; False when the index could not
         (a disk too full for its new pages): their files go, as orphans that did not
         verify do, rather than the start failing for good (under systemd's Restart=, a
         loop)."""
-        try:
-            # (with the mark that pin_adopted must look at them, even after a crash)
-            self.index.apply([Index.op_meta(REPIN, b"1"), *(op for _, _, op in batch)])
+        # (with the mark that pin_adopted must look at them, even after a crash)
+        e = self._apply_at_start([Index.op_meta(REPIN, b"1"), *(op for _, _, op in batch)])
+        if e is None:
             return True
-        except DAMAGE_ERRORS:
-            raise
-        except lmdb.Error as e:
-            log.warning("could not adopt %d chunk files the index did not know (%s): "
-                        "removed, with the others still to adopt", len(batch), e)
+        log.warning("could not adopt %d chunk files the index did not know (%s): "
+                    "removed, with the others still to adopt", len(batch), e)
         for cid, f, _ in batch:
             _discard(f)
             self.adopted.discard(cid)
