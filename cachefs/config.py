@@ -246,10 +246,15 @@ def parse_source(source: str) -> tuple[str, str]:
     bucket, _, prefix = rest.partition("/")
     if not _BUCKET_RE.match(bucket):
         raise ConfigError(f"invalid bucket name in {source!r}")
-    prefix = prefix.strip("/")
+    if prefix.startswith("/"):
+        # (s3://b//data named data/ before: keys that start with '/' cannot be mounted)
+        raise ConfigError(f"invalid prefix in {source!r}: it starts with '/' (an empty "
+                          "path segment)")
+    prefix = prefix.rstrip("/")
     if prefix:
         if any(p in ("", ".", "..") for p in prefix.split("/")):
-            raise ConfigError(f"invalid prefix in {source!r}")
+            raise ConfigError(f"invalid prefix in {source!r}: '', '.' and '..' are no "
+                              "directory names")
         prefix += "/"
     return bucket, prefix
 

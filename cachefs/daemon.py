@@ -32,7 +32,7 @@ from .chunks.reader import ChunkReader
 from .config import Config
 from .control import ControlServer
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, QuietError
-from .fuse_ops import Operations
+from .fuse_ops import Operations, name_bytes
 from .index import DAMAGE_ERRORS, Index, IndexWriter, open_index, reopen_damaged
 from .objectstore import ObjectStore
 from .report import human
@@ -763,7 +763,7 @@ class Daemon:
 def _invalidate_entry(parent: int, name: str) -> None:
     """Queued to pyfuse3's own thread: the kernel takes the directory's lock for it, which
     a lookup in that directory (the one whose relisting calls this) holds meanwhile."""
-    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+    pyfuse3.invalidate_entry_async(parent, name_bytes(name), ignore_enoent=True)
 
 
 async def _invalidate(ino: int, token) -> None:

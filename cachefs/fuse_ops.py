@@ -57,6 +57,17 @@ def _erofs(name):
 INODE_ROOM = 1 << 32  # statfs: the inodes a mount reports (a nominal number)
 
 
+def name_bytes(name: str) -> bytes:
+    """A name as the kernel gets it: S3 keys are UTF-8, whatever the daemon's locale
+    (os.fsencode under a Latin-1 or ASCII locale failed on every non-ASCII name, and a
+    readdir with one in it answered EIO)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def name_of(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -97,7 +108,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary
     async def lookup(self, parent_inode, name, ctx=None):
-        return self.attrs(await self.vfs.lookup(parent_inode, os.fsdecode(name)))
+        return self.attrs(await self.vfs.lookup(parent_inode, name_of(name)))
 
     @_boundary
     async def getattr(self, inode, ctx=None):
@@ -110,7 +121,7 @@ class Operations(pyfuse3.Operations):
     @_boundary
     async def readdir(self, fh, start_id, token):
         for name, node, next_id in self.vfs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.attrs(node), next_id):
+            if not pyfuse3.readdir_reply(token, name_bytes(name), self.attrs(node), next_id):
                 return
             if next_id > 2:  # the kernel takes no reference on "." and ".."
                 node.lookups += 1

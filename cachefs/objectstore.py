@@ -597,9 +597,13 @@ class ObjectStore:
                                            mtime))
             if not resp.get("IsTruncated"):
                 return out
-            token = resp.get("NextContinuationToken")
-            if not token:
-                return out
+            last, token = token, resp.get("NextContinuationToken")
+            if not token or token == last:
+                # the rest would be taken for deleted (or the same page asked for ever)
+                raise S3Error(f"the listing of s3://{self.bucket}/{prefix} is cut short: the "
+                              "store said there is more and gave "
+                              + ("no continuation token" if not token else "the same token"),
+                              code="BadListing")
 
     async def head(self, key: str) -> ObjInfo:
         async def do():

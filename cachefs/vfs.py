@@ -571,6 +571,8 @@ class VFS:
         parent = self.nodes.get(node.parent)
         if parent is None or parent.mount is None or parent.children is None:
             return t  # the root, or the root of several mounts (which never changes)
+        if parent.children.get(node.name) != node.ino:
+            return 0.0  # no longer its name's entry (gone, or an old version kept open)
         return max(0.0, min(t, self.cfg.metadata_ttl - (time.monotonic() - parent.listed_at)))
 
     def _gone(self, node: Node) -> bool:
@@ -812,6 +814,8 @@ class VFS:
             if n % APPLY_SLICE == 0:
                 await trio.lowlevel.checkpoint()
             name = p[len(prefix):-1]
+            if name in new:
+                continue  # listed twice (a store that repeats a page's last entry)
             if not valid_name(name):
                 self._warn(p, "an empty path segment (a key starting with '/', or '//' in "
                            "it) is not a directory name" if not name
@@ -822,16 +826,21 @@ class VFS:
             if node is None or not node.is_dir:
                 node = self._new_node(d, name, True, m, d.path + name + "/", known)
             new[name] = node.ino
+        files: set[str] = set()
         for n, o in enumerate(listing.objects, 1):
             if n % APPLY_SLICE == 0:
                 await trio.lowlevel.checkpoint()
             name = o.key[len(prefix):]
             if name == "":
                 continue  # a "directory marker" object: the directory itself
-            if name in new:  # both an object and a prefix: the directory wins
+            if name in new:
+                if name in files:
+                    continue  # listed twice: a second node leaked the first for good
+                # both an object and a prefix: the directory wins
                 self._warn(o.key, f"hidden by the directory {name!r} (keys start with "
                                   f"{o.key + '/'!r})")
                 continue
+            files.add(name)
             if not valid_name(name):
                 self._warn(o.key, "not a valid file name")
                 continue
@@ -865,6 +874,9 @@ class VFS:
                     self.nursery.start_soon(self._invalidate_old, node.ino, ev)
             node.size, node.etag, node.mtime = o.size, o.etag, o.mtime
             new[name] = node.ino
+        # a version a read found replaced (put back since: a rollback) reads again
+        self.reader.listed(m.spec.bucket, prefix, asked,
+                           lambda name: (n := self.nodes.get(new.get(name, 0))) and n.etag)
         answered = self._headed_since(d, asked)  # (some answered during the slices above)
         for node, info in answered:
             if info is None:
@@ -949,6 +961,14 @@ class VFS:
             yield "..", nodes.get(d.parent, d), 2
         for i in range(max(start - 2, 0), len(entries)):
             name, ino = entries[i]
+            # the names as they were at opendir, each as the directory has it now: a
+            # relisting during a long readdir took a deleted name back into the kernel
+            # (stat showed it for the TTL) and a changed one back to its old version
+            children = d.children
+            if children is not None:
+                ino = children.get(name)
+                if ino is None:
+                    continue
             node = nodes.get(ino)
             if node is not None:
                 yield name, node, i + 3
@@ -1168,8 +1188,9 @@ class VFS:
                     # before the opens waiting for this go on: the kernel must not read on
                     # with the old version's size and pages
                     await self.invalidate(node.ino)
-            else:  # the listed version is S3's again (it was put back)
-                self.reader.version_current(m.spec.bucket, node.key, node.etag)
+            # the version S3 has now (the listed one put back, or one put back since a
+            # read found it replaced) is read again
+            self.reader.version_current(m.spec.bucket, node.key, info.etag)
             node.stale = False
         finally:
             if self._refreshing.get(node.ino) is check:

@@ -190,6 +190,8 @@ FAULT_KINDS = (
     "stall_mid_body",
     "drop",
     "extra_bytes",
+    "repeat_entries",
+    "no_continuation",
 )
 
 
@@ -248,6 +250,8 @@ class Fault:
             self.extra = int(value)
             if count is None:
                 count = 1
+        elif self.kind in ("repeat_entries", "no_continuation"):  # value: true
+            pass
         elif self.kind == "etag_form":  # value: "bare", "weak" or "none"; every match by default
             if value not in ("bare", "weak", "none"):
                 raise ValueError('etag_form must be "bare", "weak" or "none"')
@@ -667,16 +671,26 @@ class Handler(BaseHTTPRequestHandler):
         clen_hdr = resp.getheader("Content-Length")
         no_body = head or status in (204, 304) or 100 <= status < 200
 
-        if kind == "etag_form":
-            headers = [(k, fault.reform(v) if k.lower() == "etag" else v) for k, v in headers]
-            headers = [(k, v) for k, v in headers if k.lower() != "etag" or v]
+        if kind in ("etag_form", "repeat_entries", "no_continuation"):
+            if kind == "etag_form":
+                headers = [(k, fault.reform(v) if k.lower() == "etag" else v)
+                           for k, v in headers]
+                headers = [(k, v) for k, v in headers if k.lower() != "etag" or v]
             if not no_body and "xml" in (resp.getheader("Content-Type") or ""):
                 # a listing's ETags too (its body is read whole); none: no element at all
                 def reform(m: re.Match) -> bytes:
                     e = fault.reform(html.unescape(m.group(1).decode()))
                     return b"<ETag>" + html.escape(e).encode() + b"</ETag>" if e else b""
 
-                body = re.sub(rb"<ETag>(.*?)</ETag>", reform, resp.read())
+                if kind == "etag_form":
+                    body = re.sub(rb"<ETag>(.*?)</ETag>", reform, resp.read())
+                elif kind == "repeat_entries":  # (names an entry twice: on two pages, or one)
+                    body = re.sub(rb"(<(Contents|CommonPrefixes)>.*?</\2>)", rb"\1\1",
+                                  resp.read(), flags=re.S)
+                else:  # "there is more", with no token to ask for it
+                    body = re.sub(rb"<NextContinuationToken>.*?</NextContinuationToken>", b"",
+                                  resp.read(), flags=re.S).replace(
+                        b"<IsTruncated>false</IsTruncated>", b"<IsTruncated>true</IsTruncated>")
                 headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
                 headers.append(("Content-Length", str(len(body))))
                 if resp.will_close:

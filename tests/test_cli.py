@@ -1737,6 +1737,10 @@ def test_legacy_bucket_names_with_upper_case_are_taken():
     for bad in ("s3://-x", "s3://a", "s3://a b", "s3://a/../b"):
         with pytest.raises(ConfigError):
             parse_source(bad)
+    # a prefix that starts with '/' (it named the prefix without it)
+    with pytest.raises(ConfigError, match="starts with '/'"):
+        parse_source("s3://bkt//data")
+    assert parse_source("s3://bkt/data//") == ("bkt", "data/")
 
 
 def test_a_signal_while_the_daemon_starts_stops_it_and_undoes_the_start(tmp_path):

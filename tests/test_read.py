@@ -155,6 +155,48 @@ def test_listing_equals_s3(s3, bucket, mounts):
     assert st.st_size == 7 and int(st.st_mtime) == int(head["LastModified"].timestamp())
 
 
+def test_a_listing_that_names_entries_twice_makes_one_node_each(s3, bucket, mounts, proxy):
+    """A store that repeats entries in a listing (a page's last one again on the next
+    page): a second node was made for a repeated directory, the first one leaked in the
+    inode table for good (and the index's inode number changed), and a repeated file was
+    dropped as "hidden by the directory" of its own name."""
+    for k in ("d/x", "d/y", "f", "g", "d2/z"):
+        put(s3, bucket, k, b"x")
+    proxy.faults(repeat_entries=True, ops=["ListObjects"])
+    m = mounts(f"s3://{bucket}")
+    assert sorted(os.listdir(m.mp)) == ["d", "d2", "f", "g"]
+    assert sorted(os.listdir(m.path("d"))) == ["x", "y"]
+    assert m.path("f").read_bytes() == b"x"
+    st = os.statvfs(m.mp)
+    assert st.f_files - st.f_ffree == 7  # root, d, d2, f, g, d/x, d/y
+    assert "hidden by the directory" not in m.log_text()
+    proxy.clear_faults()
+    # a listing that says there is more and gives no token to ask for it: taken as whole,
+    # the names on later pages were taken for deleted; it is now a failed listing
+    proxy.faults(no_continuation=True, ops=["ListObjects"])
+    with pytest.raises(OSError) as e:
+        os.listdir(m.path("d2"))  # (d2/ not listed yet)
+    proxy.clear_faults()
+    assert e.value.errno == errno.EIO
+    assert "is cut short: the store said there is more and gave no continuation token" \
+        in m.log_text()
+    assert os.listdir(m.path("d2")) == ["z"]
+
+
+def test_names_are_utf8_whatever_the_daemons_locale(s3, bucket, mounts):
+    """A daemon started under an ASCII (or Latin-1) locale encoded names for the kernel
+    with the locale's encoding: a readdir with a non-ASCII name in it failed with EIO,
+    and a lookup of one found nothing. S3 keys are UTF-8, and so are the names now."""
+    put(s3, bucket, "\u00e9t\u00e9.bin", b"e")
+    put(s3, bucket, "\u65e5\u672c/\u30d5\u30ec\u30fc\u30e0.jpg", b"j")
+    m = mounts(f"s3://{bucket}",
+               env={"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"})
+    assert sorted(os.listdir(m.mp)) == ["\u00e9t\u00e9.bin", "\u65e5\u672c"]
+    assert os.listdir(m.path("\u65e5\u672c")) == ["\u30d5\u30ec\u30fc\u30e0.jpg"]
+    assert m.path("\u00e9t\u00e9.bin").read_bytes() == b"e"
+    assert m.path("\u65e5\u672c/\u30d5\u30ec\u30fc\u30e0.jpg").read_bytes() == b"j"
+
+
 def test_directories_list_dot_entries_and_show_the_mount_time(s3, bucket, mounts):
     """`ls -a` shows "." and ".." (they were missing), "." is the directory itself, and a
     directory's times are the mount's, not 1970 (S3 keeps no time for a prefix)."""
@@ -577,6 +619,59 @@ def test_a_name_a_relisting_drops_is_gone_from_the_kernel_too(s3, bucket, mounts
     with pytest.raises(FileNotFoundError):
         open(m.path("g/x"), "rb").close()
     assert m.counters().get("read_errors", 0) == 0
+
+
+def _getdents(fd: int, size: int = 1024) -> list[str]:
+    """One getdents64 call into a small buffer: a few names per FUSE readdir (a buffer as
+    large as os.scandir's had the kernel take the whole directory in one)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size)
+    n = libc.syscall(217, fd, buf, size)  # SYS_getdents64 (x86_64)
+    assert n >= 0, os.strerror(ctypes.get_errno())
+    names, raw, at = [], buf.raw[:n], 0
+    while at < n:
+        reclen = int.from_bytes(raw[at + 16:at + 18], "little")
+        names.append(raw[at + 19:at + reclen].split(b"\0", 1)[0].decode())
+        at += reclen
+    return names
+
+
+def test_a_readdir_under_way_shows_the_directory_as_a_relisting_left_it(s3, bucket, mounts,
+                                                                        tmp_path):
+    """A directory relisted while a reader was still going through it (a slow `ls`,
+    `find`, a data loader's scandir): the rest of that readdir handed the kernel the
+    names as they were at opendir, a deleted one with a fresh entry timeout, so `stat`
+    showed it for the whole TTL again. Names that went since are now left out."""
+    from cachefs_env import cli
+
+    long = "a" * 200  # a few names fill a small readdir reply
+    for i in range(40):
+        put(s3, bucket, f"r/{long}{i:02}", b"x")
+    put(s3, bucket, "r/zz", b"z")
+    m = mounts(f"s3://{bucket}")  # the default TTL, 5 minutes
+    held = open(m.path("r/zz"), "rb")  # (a reader has it open: its node stays)
+    fd = os.open(m.path("r"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = _getdents(fd)
+        assert 0 < len(first) < 20, first
+        s3.delete_object(Bucket=bucket, Key="r/zz")
+        put(s3, bucket, "r/new", b"n")
+        lst = tmp_path / "l.txt"
+        lst.write_text("r/new\n")
+        r = cli("status", "--file-list", str(lst), "--mount", str(m.mp))
+        assert r.returncode == 0, r.stderr  # r/ was listed again for r/new
+        rest = []
+        while got := _getdents(fd):
+            rest += got
+    finally:
+        os.close(fd)
+        held.close()
+    names = [n for n in first + rest if n not in (".", "..")]
+    assert names == [f"{long}{i:02}" for i in range(40)], names[-3:]  # no zz
+    with pytest.raises(FileNotFoundError):
+        m.path("r/zz").stat()
 
 
 def test_an_open_handle_keeps_its_version_when_a_shorter_one_replaces_it(s3, bucket, mounts):

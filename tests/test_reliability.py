@@ -648,6 +648,23 @@ def test_an_object_put_back_to_its_listed_version_reads_again(s3, bucket, mounts
     assert read_all(m.path("rb.bin")) == a
 
 
+def test_a_version_a_relisting_finds_put_back_reads_again(s3, bucket, mounts):
+    """A read met a change (A → B), the next open read B, then A was put back (a rollback)
+    and a relisting saw it: reads of A's uncached chunks failed with EIO for 60 s, with no
+    GET sent, since only a HEAD, not a listing, cleared what the first read had learnt."""
+    a = put(s3, bucket, "rl.bin", b"A" * (64 * CS))
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    assert read_start(m.path("rl.bin")) == b"A" * 4096  # (see read_start)
+    b = put(s3, bucket, "rl.bin", b"B" * (64 * CS + 7))
+    with pytest.raises(OSError):
+        read_all(m.path("rl.bin"))
+    assert read_all(m.path("rl.bin")) == b  # (its HEAD found B)
+    put(s3, bucket, "rl.bin", a)
+    time.sleep(1.5)
+    assert m.path("rl.bin").stat().st_size == len(a)  # relisted
+    assert read_all(m.path("rl.bin")) == a
+
+
 def test_an_open_after_a_change_asks_s3_for_that_object_alone(s3, bucket, mounts, proxy):
     """The open after a read met a change used to relist the whole directory and wait for
     it at most STALE_WAIT (1 s): a slower listing (a large directory) left every open on

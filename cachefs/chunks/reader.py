@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -143,6 +144,18 @@ class ChunkReader:
         """S3 said this version is the object's again (put back, a rollback): reads of it
         no longer fail at once for the change a GET met."""
         self._changed.pop((bucket, key, etag), None)
+
+    def listed(self, bucket: str, prefix: str, asked: float,
+               etag_of: Callable[[str], str | None]) -> None:
+        """A listing of ``prefix`` asked at monotonic time ``asked``, with ``etag_of(name)``
+        the ETag it shows for a name: a version that a GET found replaced before then and
+        that the listing shows again (a rollback) reads again; it failed with EIO for
+        CHANGED_FOR when only a listing, no HEAD, saw it put back."""
+        for v, (until, _) in list(self._changed.items()):
+            bkt, key, etag = v
+            if (bkt == bucket and key.startswith(prefix) and until - CHANGED_FOR < asked
+                    and etag_of(key[len(prefix):]) == etag):
+                del self._changed[v]
 
     def unpin(self, cids) -> list[bytes]:
         """Fetches of these chunks still under way will cache them unpinned (a free of
