@@ -254,12 +254,15 @@ def _daemonize(cfg) -> None:
     entries = runtime.mountinfo()
     mp = runtime.resolve_mountpoint(cfg.mountpoint, entries)
     check_outside_mountpoint(mp, cfg.cache_dir, cfg.log_file)  # before either is created
-    fresh = _first_missing(cfg.cache_dir)  # what this command creates, if it fails
+    # what this command creates, to be removed if it fails: the cache dir and the parents
+    # it makes, or what it puts in a cache dir that was empty
+    fresh = _first_missing(cfg.cache_dir)
+    undo = fresh is not None or _is_empty_dir(cfg.cache_dir)
     try:
         prepare_cache_dir(cfg.cache_dir, logp)
         logf = _open_log(logp)
     except QuietError:
-        if fresh:
+        if undo:
             _remove_fresh_cache_dir(cfg.cache_dir, fresh, logp)
         raise
     mounted_before = mp in runtime.cachefs_mounts(entries)  # only such a mount is ever cleaned up
@@ -281,7 +284,7 @@ def _daemonize(cfg) -> None:
         _wait_ready(cfg, proc, r, logp)
     except BaseException as e:  # gave up (timeout, Ctrl-C): nothing may stay mounted behind us
         _stop_starting_daemon(proc, mp, mounted_before)
-        if fresh and not (isinstance(e, QuietError) and str(logp) in e.msg):
+        if undo and not (isinstance(e, QuietError) and str(logp) in e.msg):
             _remove_fresh_cache_dir(cfg.cache_dir, fresh, logp)
         raise
 
@@ -318,10 +321,18 @@ def _first_missing(d: Path) -> Path | None:
     return top
 
 
-def _remove_fresh_cache_dir(d: Path, top: Path, logp: Path) -> None:
+def _is_empty_dir(d: Path) -> bool:
+    try:
+        return d.is_dir() and not os.listdir(d)
+    except OSError:
+        return False
+
+
+def _remove_fresh_cache_dir(d: Path, top: Path | None, logp: Path) -> None:
     """A mount that failed before its daemon used the cache dir this command created
     leaves no empty cache dir behind (nor the log in it that holds only the error the
-    user was shown, nor the parents created for it).  A dir with anything else stays."""
+    user was shown, nor the parents created for it).  A dir with anything else stays.
+    ``top`` None: the cache dir was there, empty, and is left empty."""
     from .daemon import CACHEDIR_TAG
 
     with contextlib.suppress(OSError):
@@ -331,6 +342,8 @@ def _remove_fresh_cache_dir(d: Path, top: Path, logp: Path) -> None:
         if set(os.listdir(d)) <= ours:
             for name in ours:
                 (d / name).unlink(missing_ok=True)
+        if top is None:
+            return
         p = d.absolute()
         while True:
             p.rmdir()  # fails on a dir that is not empty

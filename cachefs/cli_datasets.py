@@ -101,8 +101,8 @@ class Prepared:
             more = plural(len(items) - MAX_ERROR_LINES, "more failed entry",
                           "more failed entries")
             _say(f"{self.list_name}: {more} not shown (--json lists every one)")
-        if any("path" in it for it in failed):
-            return EXIT_FAILED  # a fetch failed
+        if any("path" in it or it.get("s3") for it in failed):
+            return EXIT_FAILED  # a fetch or a listing failed
         return EXIT_USAGE if items else 0
 
     def cli_failed(self) -> list[dict]:

@@ -139,6 +139,10 @@ class _FreePlan:
     prefixes: list[bytes]  # the record ranges of the listed directories
 
 
+# what a name that cannot be used answers (bad input); any other error is S3's
+BAD_ENTRY = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL})
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, FSError):
         if e.errno == errno.ENOENT:
@@ -147,6 +151,8 @@ def _reason(e: BaseException) -> str:
             return "not a directory (a file name is used as a directory)"
         if e.errno == errno.EIO:
             return "listing from S3 failed (see the daemon log)"
+        if e.errno == errno.EACCES:
+            return "S3 denied the listing (permission denied)"
         return os.strerror(e.errno)
     if isinstance(e, ObjectChanged):
         return "the object changed in S3 during the operation"
@@ -324,7 +330,10 @@ class Datasets:
                 node = await vfs.resolve(rel, refreshed)
                 nodes = await vfs.walk_files(node)
             except (FSError, S3Error) as e:
-                failed.append({"line": line, "entry": text, "reason": _reason(e)})
+                item = {"line": line, "entry": text, "reason": _reason(e)}
+                if not (isinstance(e, FSError) and e.errno in BAD_ENTRY):
+                    item["s3"] = True  # S3 failed the listing: no bad entry (exit 1)
+                failed.append(item)
                 job.entries_done += 1
                 continue
             for n in nodes:

@@ -1492,6 +1492,13 @@ def test_a_bucket_that_does_not_exist_leaves_no_cache_dir_behind(s3, proxy, tmp_
             assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
         else:  # (--foreground cleans up nothing: systemd runs it again as it is)
             assert not (fresh / "index").exists() and not (fresh / "chunks").exists()
+    # a cache dir that was there, empty (made for it, a volume's mountpoint), stays empty
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("mount", "s3://no-such-bucket-here", str(mp), "--endpoint-url", proxy.url,
+            "--cache-dir", str(empty), "--cache-size", "64MiB", timeout=120)
+    one_line_error(r, "does not exist", code=1)
+    assert empty.is_dir() and not list(empty.iterdir()), list(empty.iterdir())
     assert not is_mounted(mp)
 
 def test_a_mountpoint_in_the_cache_dir_or_a_log_on_a_read_only_disk_is_bad_input(tmp_path):

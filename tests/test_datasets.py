@@ -971,6 +971,14 @@ def test_file_list_errors(mounts, bucket, s3, proxy, tmp_path):
     assert r.returncode == 1 and len(errs) == 1, r.stderr
     assert errs[0].endswith(f"d.txt:1: data/: {m.mp}/data/b.bin: S3: 403 AccessDenied: "
                             "Injected fault AccessDenied by s3proxy"), errs
+    # a listing that S3 refused is an S3 failure (exit 1), not a bad entry (it was exit 2)
+    proxy.faults(persistent_status=403, ops=["ListObjects"])
+    res, r = run_json("preload", "--file-list", write_list(tmp_path, ["other/"], "o.txt"),
+                      "--mount", str(m.mp))
+    proxy.clear_faults()
+    assert r.returncode == 1 and res["files"] == 0, r.stderr
+    assert r.stderr.strip() == f"cachefs: {tmp_path}/o.txt:1: other/: S3 denied the listing " \
+                               "(permission denied)", r.stderr
 
 
 def test_a_list_that_is_not_utf8_text_is_one_line(mounts, bucket, tmp_path):
