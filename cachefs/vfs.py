@@ -826,7 +826,6 @@ class VFS:
             if node is None or not node.is_dir:
                 node = self._new_node(d, name, True, m, d.path + name + "/", known)
             new[name] = node.ino
-        files: set[str] = set()
         for n, o in enumerate(listing.objects, 1):
             if n % APPLY_SLICE == 0:
                 await trio.lowlevel.checkpoint()
@@ -834,13 +833,12 @@ class VFS:
             if name == "":
                 continue  # a "directory marker" object: the directory itself
             if name in new:
-                if name in files:
+                if not self.nodes[new[name]].is_dir:
                     continue  # listed twice: a second node leaked the first for good
                 # both an object and a prefix: the directory wins
                 self._warn(o.key, f"hidden by the directory {name!r} (keys start with "
                                   f"{o.key + '/'!r})")
                 continue
-            files.add(name)
             if not valid_name(name):
                 self._warn(o.key, "not a valid file name")
                 continue

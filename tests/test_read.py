@@ -1034,6 +1034,7 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     import trio
 
     from cachefs import vfs as vfsmod
+    from cachefs.chunks.reader import ChunkReader
     from cachefs.index import Index, IndexWriter, path_key
     from cachefs.objectstore import Listing, ObjInfo
     from cachefs.stats import Stats
@@ -1056,6 +1057,8 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     v.index, v.writer, v.stats, v.nodes, v._warned = ix, IndexWriter(ix), Stats(), {}, set()
     v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
     v._headed = {}
+    v.reader = ChunkReader.__new__(ChunkReader)  # (what it remembers of changed versions)
+    v.reader._changed = {}
     d = Node(5, 1, "d", True, mount, "d/")
     ticks = 0
 
@@ -1094,6 +1097,7 @@ def test_a_listing_asked_before_a_head_keeps_what_the_head_said(tmp_path):
 
     import trio
 
+    from cachefs.chunks.reader import ChunkReader
     from cachefs.index import Index, IndexWriter
     from cachefs.objectstore import Listing, ObjInfo
     from cachefs.stats import Stats
@@ -1105,6 +1109,8 @@ def test_a_listing_asked_before_a_head_keeps_what_the_head_said(tmp_path):
     v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
     v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
     v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
+    v.reader = ChunkReader.__new__(ChunkReader)  # (what it remembers of changed versions)
+    v.reader._changed = {}
     d = Node(5, 1, "d", True, mount, "d/")
     v.nodes = {5: d}
     for ino, name, etag in ((10, "gone.bin", "e1"), (11, "new.bin", "e2"), (12, "same.bin", "s")):
