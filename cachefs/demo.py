@@ -24,7 +24,7 @@ import click
 from .config import parse_size
 from .errors import EXIT_USAGE, QuietError
 from .report import human, plural
-from .runtime import python_module
+from .runtime import MAX_ROOT, python_module
 
 CREDS = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo",
          "AWS_DEFAULT_REGION": "us-east-1"}
@@ -107,12 +107,20 @@ def _cachefs(*args: str, env: dict) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+def _failed(r: subprocess.CompletedProcess, what: str) -> QuietError:
+    """A cachefs command of the demo failed: its last line, without its own "cachefs:
+    error:" (said once, not twice)."""
+    lines = r.stderr.strip().splitlines()
+    last = lines[-1].removeprefix("cachefs: error: ") if lines else f"{what} failed"
+    return QuietError(last, r.returncode if r.returncode > 0 else 1)
+
+
 def _stats(mp: Path, env: dict) -> dict:
     import json
 
     r = _cachefs("stats", "--mount", str(mp), "--json", env=env)
     if r.returncode != 0:
-        raise QuietError(r.stderr.strip() or "cachefs stats failed")
+        raise _failed(r, "cachefs stats")
     return json.loads(r.stdout)["counters"]
 
 
@@ -141,11 +149,20 @@ def run_demo(workdir: str | None, shards: int, shard_size: str, small: int,
                          f"machine's available memory ({human(room)}): the demo's S3 "
                          "server keeps it in memory", EXIT_USAGE)
     own = workdir is None
-    wd = Path(workdir or tempfile.mkdtemp(prefix="cachefs-demo-"))
-    wd.mkdir(parents=True, exist_ok=True)
+    wd = Path(workdir or tempfile.mkdtemp(prefix="cachefs-demo-")).absolute()
     mp, cache = wd / "mnt", wd / "cache"
-    mp.mkdir(exist_ok=True)
-    env = {**os.environ, **CREDS, "CACHEFS_RUNTIME_DIR": str(wd / "run")}
+    try:
+        mp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuietError(f"--workdir {wd}: cannot make {mp} there: {e.strerror}",
+                         EXIT_USAGE) from None
+    # the runtime dir in the work dir, unless its path is too long for a control socket's
+    # (a deep --workdir failed with "CACHEFS_RUNTIME_DIR is too long")
+    run = wd / "run"
+    own_run = len(os.fsencode(str(run))) > MAX_ROOT
+    if own_run:
+        run = Path(tempfile.mkdtemp(prefix="cachefs-demo-run-"))
+    env = {**os.environ, **CREDS, "CACHEFS_RUNTIME_DIR": str(run)}
     say = click.echo
     moto = None
     mounted = False
@@ -165,15 +182,14 @@ def run_demo(workdir: str | None, shards: int, shard_size: str, small: int,
             r = _cachefs("mount", f"s3://{BUCKET}", str(mp), "--endpoint-url", url,
                          "--cache-dir", str(cache), "--cache-size", "2GiB", env=env)
             if r.returncode != 0:
-                raise QuietError(r.stderr.strip().splitlines()[-1] if r.stderr.strip()
-                                 else "mount failed")
+                raise _failed(r, "cachefs mount")
             mounted = True
 
         def umount() -> None:
             nonlocal mounted
             r = _cachefs("umount", str(mp), env=env)
             if r.returncode != 0:
-                raise QuietError(r.stderr.strip() or "umount failed")
+                raise _failed(r, "cachefs umount")
             mounted = False
 
         mount()
@@ -219,3 +235,5 @@ def run_demo(workdir: str | None, shards: int, shard_size: str, small: int,
                 moto.kill()
         if own:
             shutil.rmtree(wd, ignore_errors=True)
+        if own_run:
+            shutil.rmtree(run, ignore_errors=True)

@@ -1315,12 +1315,24 @@ def test_every_option_is_described():
 
 @pytest.mark.fuse
 def test_demo_with_one_shard_and_one_frame(tmp_path):
-    """The demo runs end to end, and counts of one are singular."""
-    r = cli("demo", "--workdir", str(tmp_path / "demo"), "--shards", "1", "--shard-size",
-            "64KiB", "--small-files", "1", "--small-size", "1KiB", timeout=300)
+    """The demo runs end to end, and counts of one are singular. Its --workdir may be
+    relative and deep: its runtime dir was put in it as given, and a relative one (or one
+    too long for a socket's path) failed the mount."""
+    deep = "d" * 80
+    r = subprocess.run([sys.executable, "-m", "cachefs", "demo", "--workdir", deep,
+                        "--shards", "1", "--shard-size", "64KiB", "--small-files", "1",
+                        "--small-size", "1KiB"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
+    assert f"cachefs demo in {tmp_path / deep}" in r.stdout, r.stdout
     assert "data set: 1 shard of 64.0 KiB + 1 frame of 1.0 KiB = 65.0 KiB" in r.stdout, r.stdout
     assert "unmounted; cleaning up" in r.stdout
+    (tmp_path / "w").mkdir()  # a --workdir that cannot be one: one line, exit 2 (it was a
+    (tmp_path / "w" / "mnt").write_text("x")  # traceback)
+    r = cli("demo", "--workdir", str(tmp_path / "w"), "--shards", "1")
+    assert r.returncode == 2 and r.stderr == (
+        f"cachefs: error: --workdir {tmp_path / 'w'}: cannot make {tmp_path / 'w' / 'mnt'} "
+        "there: File exists\n"), r.stderr
 
 
 @pytest.mark.slow
