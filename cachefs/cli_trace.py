@@ -38,9 +38,9 @@ from .report import human, printable
 DOMINANT = "◀ dominant"
 BLOCK = 1 << 20
 # attributes shown in a tree line, in this order (others only in --json)
-SHOWN = ("chunk", "tier", "node", "peer", "bytes", "ttfb_ms", "transfer_ms", "status",
-         "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks", "error",
-         "source")
+SHOWN = ("chunk", "tier", "node", "peer", "bytes", "queued_ms", "ttfb_ms", "transfer_ms",
+         "status", "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks",
+         "error", "source")
 WAITS = ("singleflight.wait", "readahead.wait")
 
 
@@ -345,8 +345,16 @@ def render_tree(t: dict, mark: dict | None = None) -> list[str]:
             + (f" offset {_esc(t['offset'])} size {_esc(t.get('size'))}" if "offset" in t else "")
             + f"  {_esc(t.get('duration_ms'))} ms  [node {_esc(t.get('node', '?'))}, trace "
             f"{_esc(t.get('trace_id', '?'))}]")
+    # the root's own attributes (a peer.serve: its chunk, peer, result), but for the node
+    # (named below) and what the head shows already
+    extra = _attrs({k: v for k, v in t.items() if k not in ("node", "error")})
+    if extra:
+        head += f"  {extra}"
     if t.get("error"):
         head += f"  error={_esc(t['error'])}"
+    if t.get("background"):
+        head += (f"  (read-ahead that outlived read trace {_esc(t.get('continues', '?'))}: "
+                 "not a request)")
     if t.get("incomplete"):
         head += "  (incomplete)"
     lines = [head]

@@ -19,6 +19,11 @@ as a file exists: every commit while it is empty, those writing the table it nam
 
   CACHEFS_TEST_FAIL_COMMITS_WHILE=/path/to/flag
 
+A test makes every job of the chunk store's disk threads take longer (a slow or busy
+SSD), in seconds:
+
+  CACHEFS_TEST_DISK_DELAY=0.3
+
 The environment is read once, at import.  When nothing is armed,
 ``crash_point`` is a function that returns at once (one call, no lookup), so it
 costs nothing measurable on the read path.
@@ -65,3 +70,6 @@ def _while_flagged(ops) -> bool:
 
 
 commit_fails = _while_flagged if _FAIL_WHILE is not None else _never
+
+
+DISK_DELAY = float(os.environ.get("CACHEFS_TEST_DISK_DELAY") or 0)

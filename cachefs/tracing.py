@@ -152,8 +152,10 @@ class Tracing:
         # filtered on the roots and only the last n made into dicts, a batch at a time:
         # all 1,024 traces of the slow ring as dicts held the trio thread (every FUSE
         # request) for about 115 ms
+        # (--slower-than picks requests, as --slow does: read-ahead that outlived its read
+        # is no request, and showed as a read of that file that took as long)
         picked = [t for t in ring.roots()
-                  if (slower is None or t.duration >= slower)
+                  if (slower is None or (t.duration >= slower and not t.background))
                   and (not prefix or under(str(t.attrs.get("path", "")), prefix))]
         picked = picked[-n:] if n else []
         out = []

@@ -750,6 +750,30 @@ async def test_client_pool_limit(nursery):
     assert state["max"] == 2
 
 
+async def test_a_wait_for_a_connection_to_a_peer_is_its_own_span(nursery):
+    """A request queued here for one of the pool's connections to a peer: the wait was
+    part of the `peer` span, shown as the peer's round trip."""
+    from cachefs.trace import Tracer
+
+    async def slow(chunk, trace):
+        await trio.sleep(0.3)
+        return b"ok", []
+
+    address = await start_server(nursery, slow)
+    tr = Tracer(slow_threshold=0.0, enabled=True)
+    async with PeerClient(SECRET, max_conns_per_peer=1) as client:
+        async def one(i):
+            with tr.start("read", ino=i):
+                assert (await client.get(address, CHUNK, TRACE))[0] == b"ok"
+
+        async with trio.open_nursery() as n:
+            for i in range(2):
+                n.start_soon(one, i)
+    waits = [s for d in tr.recent.last(2) for s in d.get("spans", ())
+             if s["name"] == "peer.slot_wait"]
+    assert len(waits) == 1 and waits[0]["duration_ms"] >= 250, tr.recent.last(2)
+
+
 async def test_sockets_that_start_a_request_and_stall_still_make_room(nursery):
     """A socket that sent the first bytes of a request (no secret needed for that) and then
     nothing held its connection for the frame's io_timeout, out of reach of the room-making:

@@ -11,6 +11,7 @@ import json
 import mmap
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -482,6 +483,43 @@ def test_a_read_whose_read_ahead_runs_on_is_neither_lost_nor_lent_to_the_next_tr
     assert len(reads) == 1 and res["chunks"][0]["tier"] == "local", res["chunks"]
 
 
+def test_read_ahead_that_outlived_its_read_is_no_slow_request(mounts, s3, bucket, proxy):
+    """A read served at once whose read-ahead then waited on S3: `trace --recent
+    --slower-than` listed the read-ahead's trace as a read of that file, offset and size
+    that took as long (`--slow` left it out), nothing in its line said it was background
+    work, and a peer.serve's line showed no chunk, peer or result."""
+    data = put(s3, bucket, "k.bin", 16 * CHUNK)
+    m = mounts(f"s3://{bucket}", extra=("--no-page-cache",))
+    proxy.reset()
+    proxy.faults(delay=0.6, count=-1, skip=2)  # chunks 0 and 1 at once, the rest late
+    fd = os.open(m.path("k.bin"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, CHUNK, 0) == data[:CHUNK]  # chunk 1 read ahead
+        time.sleep(0.3)
+        # served from the read-ahead buffer at once; its read-ahead (chunks 2 and 3)
+        # starts after it returned: a trace of its own
+        assert os.pread(fd, CHUNK, CHUNK) == data[CHUNK:2 * CHUNK]
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 10
+    while True:  # the read-ahead's trace is recorded once its GETs are in
+        res = json.loads(cli("trace", "--recent", "50", "--json", "--mount",
+                             str(m.mp)).stdout)
+        late = [t for t in res if t.get("background")]
+        if late and not any(t.get("incomplete") for t in late):
+            break
+        assert time.monotonic() < deadline, json.dumps(res)[:3000]
+        time.sleep(0.2)
+    assert max(t["duration_ms"] for t in late) >= 500, late
+    r = cli("trace", "--recent", "50", "--slower-than", "400ms", "--json", "--mount", str(m.mp))
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stdout
+    r = cli("trace", "--recent", "50", "--mount", str(m.mp))
+    assert r.returncode == 0
+    heads = [ln for ln in r.stdout.splitlines() if "(read-ahead that outlived read trace" in ln]
+    assert heads and all(ln.endswith(": not a request)") for ln in heads), r.stdout
+    proxy.clear_faults()
+
+
 def test_a_trace_command_whose_daemon_dies_mid_read_says_so_in_one_line(mounts, s3, bucket,
                                                                        proxy):
     """Closing the file of a mount whose daemon had died raised ENOTCONN outside the
@@ -796,6 +834,30 @@ def test_a_wait_for_an_s3_connection_slot_is_its_own_span(mounts, s3, bucket, pr
     unexplained = (waited["duration_ms"] - waited["ttfb_ms"] - waited["transfer_ms"]
                    - waits[0]["duration_ms"])
     assert unexplained < 250, waited  # (507 ms before: the whole wait)
+
+
+def test_a_wait_for_a_disk_thread_is_shown_as_queued_not_as_the_ssds(mounts, s3, bucket):
+    """Reads of cached chunks queued for the daemon's 8 disk threads (busy with other
+    reads, writes, unlinks): the wait was the ssd.read's own time, blamed on the SSD."""
+    for i in range(10):
+        put(s3, bucket, f"f{i}", CHUNK, seed=i)
+    m = mounts(f"s3://{bucket}", env={"CACHEFS_TEST_DISK_DELAY": "0.3"})
+    for i in range(10):
+        read_direct(m.path(f"f{i}"), CHUNK)  # cached
+    ts = [threading.Thread(target=read_direct, args=(m.path(f"f{i}"), CHUNK))
+          for i in range(10)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    recent = json.loads(cli("trace", "--recent", "10", "--json", "--mount", str(m.mp)).stdout)
+    reads = [s for t in recent for s in all_spans(t) if s["name"] == "ssd.read"]
+    assert len(reads) == 10, recent
+    queued = sorted(s.get("queued_ms", 0) for s in reads)
+    assert queued[-1] >= 150 and queued[0] == 0, queued  # 2 of 10 waited for a thread
+    r = cli("trace", "--recent", "10", "--mount", str(m.mp))
+    assert re.search(r"ssd\.read tier=local 64\.0 KiB queued \d+(\.\d+)? ms", r.stdout), \
+        r.stdout
 
 
 # -- trace PATH: a relative PATH ------------------------------------------------------------
