@@ -379,6 +379,27 @@ def render_tree(t: dict, mark: dict | None = None) -> list[str]:
     return lines
 
 
+def _busy_ms(traces: list[dict]) -> float:
+    """How long the daemon was serving these reads: the union of their intervals.  Reads
+    served at the same time (the kernel splits a large O_DIRECT read into several at once,
+    other readers of the range) were added up, past the read's own time."""
+    spans = sorted((t["start_time"], t["start_time"] + t.get("duration_ms", 0) / 1000)
+                   for t in traces if isinstance(t.get("start_time"), (int, float)))
+    if len(spans) != len(traces):  # (a trace without its start: the plain sum)
+        return round(sum(t.get("duration_ms", 0) for t in traces), 3)
+    total, cur = 0.0, None
+    for a, b in spans:
+        if cur is None or a > cur[1]:
+            if cur is not None:
+                total += cur[1] - cur[0]
+            cur = [a, b]
+        else:
+            cur[1] = max(cur[1], b)
+    if cur is not None:
+        total += cur[1] - cur[0]
+    return round(total * 1000, 3)
+
+
 def render_capture(res: dict) -> str:
     lines = []
     cold = res.get("cold")
@@ -410,8 +431,11 @@ def render_capture(res: dict) -> str:
     # read-ahead that outlived its read is a trace of its own ("continues"): not a read
     reads = [t for t in traces if "continues" not in t]
     more = len(traces) - len(reads)
-    lines.append(f"  {len(reads)} FUSE read(s) traced, daemon time "
-                 f"{round(sum(t.get('duration_ms', 0) for t in reads), 3)} ms"
+    summed = round(sum(t.get("duration_ms", 0) for t in reads), 3)
+    busy = _busy_ms(reads)
+    lines.append(f"  {len(reads)} FUSE read(s) traced, daemon time {busy} ms"
+                 + (f" ({summed} ms added up: reads served at the same time)"
+                    if summed - busy >= 0.001 else "")
                  + (f" (+ {more} read-ahead trace(s) that outlived their read)" if more else ""))
     if res.get("dropped_traces"):
         lines.append(f"  {res['dropped_traces']} more read(s) traced but not kept (a capture "

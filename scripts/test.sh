@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/python -m pytest -q -m "not slow" --durations=15 "$@"
+# two files at a time (a file's tests share its fixtures and run in order): the suite
+# mostly waits on daemons, S3 and timeouts, so two workers take about half the time
+exec .venv/bin/python -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15 "$@"

@@ -1,7 +1,10 @@
+import contextlib
 import itertools
 import os
 import subprocess
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 from cachefs_env import Mount, fuse_available, unmount
@@ -38,18 +41,21 @@ def memory_fs(tmp_path):
     made = []
 
     def make(size: str, fstype: str = "tmpfs"):
-        d = tmp_path / f"{fstype}{len(made)}"
-        d.mkdir()
+        # a short path (it may be a runtime dir, whose socket paths must fit in 107 bytes:
+        # a test's tmp_path under pytest-xdist is too long for that)
+        d = Path(tempfile.mkdtemp(prefix=f"cf-{fstype}-"))
+        made.append(d)
         r = subprocess.run(["mount", "-t", fstype, "-o", f"size={size},mode=0700", fstype,
                             str(d)], capture_output=True, text=True)
         if r.returncode != 0:
             pytest.skip(f"cannot mount a {fstype}: {r.stderr.strip()}")
-        made.append(d)
         return d
 
     yield make
     for d in made:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 @pytest.fixture

@@ -342,6 +342,23 @@ def test_a_capture_says_what_it_did_not_keep():
                         "shorter --length"], out
 
 
+def test_the_daemon_time_of_reads_served_at_once_is_not_added_up():
+    """Reads served at the same time (the kernel's split of one large O_DIRECT read) had
+    their times added up: a daemon time longer than the read itself."""
+    from cachefs.cli_trace import render_capture
+
+    def read(start: float, ms: float) -> dict:
+        return {"name": "read", "path": "/a", "offset": 0, "size": 10, "duration_ms": ms,
+                "node": "n", "trace_id": "1-1", "spans": [], "start_time": start}
+
+    res = {"path": "/mnt/a", "offset": 0, "length": 10, "bytes_read": 10, "elapsed_ms": 31.0,
+           "direct": True, "chunks": [],
+           "traces": [read(100.0, 10.0), read(100.005, 10.0), read(100.02, 10.0)]}
+    assert render_capture(res).splitlines()[1] == (
+        "  3 FUSE read(s) traced, daemon time 25.0 ms (30.0 ms added up: reads served at "
+        "the same time)")
+
+
 def test_otlp_endpoint_urls_keep_their_query(monkeypatch):
     """`/v1/traces` was appended to the whole URL: https://c:4318?api_key=K posted to path
     "" with the key "K/v1/traces". A client the exporter cannot make (a proxy setting it
