@@ -592,22 +592,29 @@ def test_missing_names_cost_one_listing_in_an_outage_and_for_data_set_commands(
     assert proxy.stats()["ops"].get("ListObjects", 0) == 1, proxy.stats()["ops"]
 
 
+def _listed_again_for(tmp_path, m, name: str) -> None:
+    """A data-set command's lookup of ``name``, new in S3 since its directory was listed:
+    that directory is listed again at once, long before the TTL."""
+    from cachefs_env import cli
+
+    lst = tmp_path / "l.txt"
+    lst.write_text(name + "\n")
+    r = cli("status", "--file-list", str(lst), "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+
+
 def test_a_name_a_relisting_drops_is_gone_from_the_kernel_too(s3, bucket, mounts, tmp_path):
     """A relisting that finds an object deleted (here the one a data-set command makes
     for a name its listing lacks, long before the TTL) left the kernel's entry: `stat`
     still showed the file, and an open failed with EIO (S3's 404) rather than ENOENT,
     which a data loader treats as fatal rather than as a file to skip."""
-    from cachefs_env import cli
 
     put(s3, bucket, "g/x", b"x" * 100)
     m = mounts(f"s3://{bucket}")  # the default TTL, 5 minutes
     assert m.path("g/x").stat().st_size == 100
     s3.delete_object(Bucket=bucket, Key="g/x")
     put(s3, bucket, "g/new", b"n")
-    lst = tmp_path / "l.txt"
-    lst.write_text("g/new\n")
-    r = cli("status", "--file-list", str(lst), "--mount", str(m.mp))
-    assert r.returncode == 0, r.stderr  # g/ was listed again for g/new
+    _listed_again_for(tmp_path, m, "g/new")
     deadline = time.monotonic() + 5
     while True:
         try:
@@ -644,7 +651,6 @@ def test_a_readdir_under_way_shows_the_directory_as_a_relisting_left_it(s3, buck
     `find`, a data loader's scandir): the rest of that readdir handed the kernel the
     names as they were at opendir, a deleted one with a fresh entry timeout, so `stat`
     showed it for the whole TTL again. Names that went since are now left out."""
-    from cachefs_env import cli
 
     long = "a" * 200  # a few names fill a small readdir reply
     for i in range(40):
@@ -658,10 +664,7 @@ def test_a_readdir_under_way_shows_the_directory_as_a_relisting_left_it(s3, buck
         assert 0 < len(first) < 20, first
         s3.delete_object(Bucket=bucket, Key="r/zz")
         put(s3, bucket, "r/new", b"n")
-        lst = tmp_path / "l.txt"
-        lst.write_text("r/new\n")
-        r = cli("status", "--file-list", str(lst), "--mount", str(m.mp))
-        assert r.returncode == 0, r.stderr  # r/ was listed again for r/new
+        _listed_again_for(tmp_path, m, "r/new")
         rest = []
         while got := _getdents(fd):
             rest += got

@@ -823,6 +823,21 @@ def read_direct(path, size: int) -> None:
         os.close(fd)
 
 
+def read_at_once(paths) -> None:
+    """One O_DIRECT read of a chunk of each path, all at the same time."""
+    ts = [threading.Thread(target=read_direct, args=(p, CHUNK)) for p in paths]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+def recent_spans(m, name: str) -> list[dict]:
+    """The spans called ``name`` in the mount's last 10 traces."""
+    recent = json.loads(cli("trace", "--recent", "10", "--json", "--mount", str(m.mp)).stdout)
+    return [s for t in recent for s in all_spans(t) if s["name"] == name]
+
+
 def test_a_wait_for_an_s3_connection_slot_is_its_own_span(mounts, s3, bucket, proxy,
                                                             tmp_path):
     """With every S3 connection slot taken, a GET's wait for one was counted as the GET's
@@ -835,14 +850,8 @@ def test_a_wait_for_an_s3_connection_slot_is_its_own_span(mounts, s3, bucket, pr
     os.stat(m.path("a.bin"))
     os.stat(m.path("b.bin"))
     proxy.faults(delay=0.5, count=2)
-    ts = [threading.Thread(target=read_direct, args=(m.path(n), CHUNK))
-          for n in ("a.bin", "b.bin")]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    recent = json.loads(cli("trace", "--recent", "10", "--json", "--mount", str(m.mp)).stdout)
-    gets = [s for t in recent for s in all_spans(t) if s["name"] == "s3.get"]
+    read_at_once([m.path(n) for n in ("a.bin", "b.bin")])
+    gets = recent_spans(m, "s3.get")
     assert len(gets) == 2
     waited = max(gets, key=lambda s: s["duration_ms"])
     waits = [c for c in waited.get("spans", ()) if c["name"] == "s3.slot_wait"]
@@ -861,15 +870,9 @@ def test_a_wait_for_a_disk_thread_is_shown_as_queued_not_as_the_ssds(mounts, s3,
     m = mounts(f"s3://{bucket}", env={"CACHEFS_TEST_DISK_DELAY": "0.3"})
     for i in range(10):
         read_direct(m.path(f"f{i}"), CHUNK)  # cached
-    ts = [threading.Thread(target=read_direct, args=(m.path(f"f{i}"), CHUNK))
-          for i in range(10)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    recent = json.loads(cli("trace", "--recent", "10", "--json", "--mount", str(m.mp)).stdout)
-    reads = [s for t in recent for s in all_spans(t) if s["name"] == "ssd.read"]
-    assert len(reads) == 10, recent
+    read_at_once([m.path(f"f{i}") for i in range(10)])
+    reads = recent_spans(m, "ssd.read")
+    assert len(reads) == 10, reads
     queued = sorted(s.get("queued_ms", 0) for s in reads)
     assert queued[-1] >= 150 and queued[0] == 0, queued  # 2 of 10 waited for a thread
     r = cli("trace", "--recent", "10", "--mount", str(m.mp))
