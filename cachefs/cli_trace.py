@@ -591,6 +591,10 @@ def _follow(client, slower: float | None, prefix: str | None, as_json: bool) -> 
                     click.echo("cachefs: tracing is off in the daemon (CACHEFS_TRACING=0)",
                                err=True)
             return
+        if ev.get("lost_traces"):  # (trace.LOST; on stderr: --json stays one trace a line)
+            click.echo(f"cachefs: {_esc(ev['lost_traces'])} trace(s) not shown: this command did not "
+                       "keep up with them, and the daemon does not wait for it", err=True)
+            return
         t = ev.get("trace")
         if t is None:
             return

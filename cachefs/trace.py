@@ -547,8 +547,12 @@ def _recorded_at(t: RootSpan | QuickRead) -> float:
     return t.recorded
 
 
+# what a follower hears in place of the traces it lost (a slow reader): {LOST: n}
+LOST = "lost_traces"
+
+
 class _Subscriber:
-    __slots__ = ("send", "min_duration", "match", "dropped")
+    __slots__ = ("send", "min_duration", "match", "dropped", "told")
 
     def __init__(self, send: trio.MemorySendChannel, min_duration: float | None,
                  match: Callable[[dict], bool] | None) -> None:
@@ -556,6 +560,7 @@ class _Subscriber:
         self.min_duration = min_duration
         self.match = match
         self.dropped = 0
+        self.told = 0  # of the dropped, those the follower was told of
 
 
 def tracing_enabled_from_env() -> bool:
@@ -728,6 +733,9 @@ class Tracer:
             if sub.match is not None and not sub.match(d):
                 continue
             try:
+                if sub.dropped > sub.told:  # first, that traces went missing (LOST)
+                    sub.send.send_nowait({LOST: sub.dropped - sub.told})
+                    sub.told = sub.dropped
                 sub.send.send_nowait(d)
             except trio.WouldBlock:
                 sub.dropped += 1
@@ -765,7 +773,8 @@ class Tracer:
         return {"enabled": self.enabled, "started": self.started, "finished": self.finished,
                 "slow": self.slow_count, "incomplete": self.incomplete,
                 "pending": len(self._pending), "dropped_spans": self.dropped_spans,
-                "follower_drops": self.follower_drops, "recent_kept": len(self.recent),
+                "follower_drops": self.follower_drops, "followers": len(self._subscribers),
+                "recent_kept": len(self.recent),
                 "slow_kept": len(self.slow), "recent_spans_kept": self.recent.spans,
                 "slow_spans_kept": self.slow.spans,
                 "slow_threshold_ms": round(self.slow_threshold * 1000, 3)}

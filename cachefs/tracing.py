@@ -5,7 +5,8 @@ Ops (JSON lines on the control socket, see control.py):
   trace_recent   {n, slow, slower_than, path_prefix}   → {"traces": [...]} (oldest first)
   trace_follow   {slower_than, path_prefix}            → one ``{"trace": {...}}`` event per
                  finished trace at least ``slower_than`` seconds long (default: the daemon's
-                 slow threshold); runs until the client hangs up
+                 slow threshold), and ``{"lost_traces": n}`` before the next one when n
+                 were dropped (the client read too slowly); runs until the client hangs up
   trace_capture_start {ino, offset, length}            → {"capture": id}: from now on, every
                  finished trace of a FUSE read of inode ``ino`` overlapping the byte range is
                  kept for this capture (at most MAX_CAPTURED; it expires CAPTURE_TTL seconds
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .control import ControlError
+from .trace import LOST
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -177,7 +179,10 @@ class Tracing:
                                             * 1000, 3)})
         try:
             async for t in recv:
-                await emit({"trace": t})
+                if LOST in t:  # traces this follower could not take were dropped
+                    await emit(t)
+                else:
+                    await emit({"trace": t})
         finally:
             tr.unsubscribe(recv)
         return {}

@@ -537,6 +537,51 @@ def test_read_ahead_that_outlived_its_read_is_no_slow_request(mounts, s3, bucket
     proxy.clear_faults()
 
 
+def test_a_follower_that_falls_behind_is_told_how_many_traces_it_lost(mounts, s3, bucket):
+    """A `trace --follow` whose output is read slowly (a pager, a slow terminal): the
+    daemon drops what it cannot take (reads never wait for it), and nothing told the
+    user that the stream had gaps."""
+    import signal
+
+    put(s3, bucket, "k.bin", CHUNK)
+    m = mounts(f"s3://{bucket}")
+    read_direct(m.path("k.bin"), CHUNK)  # cached
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", "--follow", "--slower-than",
+                          "0", "--json", "--mount", str(m.mp)], env={**os.environ, **CREDS},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(p.stdout.read()))
+    try:
+        deadline = time.monotonic() + 10
+        while not m.request({"op": "trace_stats"})["tracer"]["followers"]:
+            assert time.monotonic() < deadline, "the follower"
+            time.sleep(0.05)
+        fd = os.open(m.path("k.bin"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            for _ in range(6000):  # nobody reads the command's output meanwhile
+                os.preadv(fd, [buf], 0)
+            reader.start()
+            time.sleep(1.0)  # it catches up
+            for _ in range(3):  # the next trace it gets comes after the count of those lost
+                os.preadv(fd, [buf], 0)
+        finally:
+            os.close(fd)
+        time.sleep(1.0)
+    finally:
+        p.send_signal(signal.SIGINT)
+        err = p.stderr.read()
+        p.wait(timeout=30)
+        if reader.is_alive() or not out:
+            reader.join(timeout=30)
+        p.stdout.close()
+        p.stderr.close()
+    got = re.search(r"cachefs: (\d+) trace\(s\) not shown: this command did not keep up", err)
+    assert got, err
+    shown = out[0].splitlines()
+    assert len(shown) + int(got.group(1)) == 6003, (len(shown), got.group(1))
+
+
 def test_a_trace_command_whose_daemon_dies_mid_read_says_so_in_one_line(mounts, s3, bucket,
                                                                        proxy):
     """Closing the file of a mount whose daemon had died raised ENOTCONN outside the
