@@ -1201,7 +1201,10 @@ class Datasets:
         refs = self._refs(payload)
         pin = bool(payload.get("pin"))
         try:
-            parallel = min(MAX_PARALLEL, max(1, int(payload.get("parallel") or 8)))
+            # (no more at once than S3 takes from this node, as on one node: the others
+            # only queued inside the retry budget, and the node's own reads behind them)
+            parallel = min(MAX_PARALLEL, self.s3_concurrency,
+                           max(1, int(payload.get("parallel") or 8)))
             wait = min(FETCH_WAIT, max(0.1, float(payload.get("wait") or FETCH_WAIT)))
         except (TypeError, ValueError):
             parallel, wait = 8, FETCH_WAIT
@@ -1701,7 +1704,7 @@ class _ClusterRun(_Run):
                         if self.pin:
                             await self._pin_cached(r for _, r in items)
                         work = _drain(dq)
-                        for _ in range(min(self.parallel, len(dq))):
+                        for _ in range(min(self.parallel, self.ds.s3_concurrency, len(dq))):
                             n.start_soon(self._worker, work)
                     else:
                         for _ in range(min(CALLS_PER_NODE, len(dq))):

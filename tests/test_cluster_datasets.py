@@ -161,6 +161,23 @@ def test_preload_status_free_across_the_cluster(mounts, bucket, s3, proxy, tmp_p
     assert proxy.gets() == total_chunks
 
 
+def test_owners_fetch_no_more_at_once_than_s3_takes(mounts, bucket, s3, proxy, tmp_path):
+    """A cluster preload's owners ran --parallel fetches whatever `[s3] max_concurrency`:
+    the others queued for an S3 connection inside their retry budget, and failed once S3
+    was slow (one node caps --parallel there)."""
+    ds, own = choose(s3, bucket, "cap", [15 * CHUNK], lambda o: min(counts(o)) >= 4)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[s3]\nmax_concurrency = 1\nmax_attempts = 1\nrequest_timeout = "1s"\n')
+    ms = start_cluster(mounts, bucket, 3, config=str(cfg))
+    lst = write_list(tmp_path, "cap.txt", list(ds))
+    proxy.reset()
+    proxy.faults(delay=0.4, count=-1)  # a slow S3: 4 chunks one after another take 1.6 s
+    res, r = run(ms[0], "preload", lst, "--parallel", "8")
+    proxy.clear_faults()
+    assert r.returncode == 0 and res["failed"] == [], r.stderr
+    assert res["fetched_chunks"] == 15 and proxy.gets() == 15
+
+
 def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_path):
     # every node owns pinned chunks, more unpinned ones than it can hold, and
     # some of the chunks preloaded while n2 is down
