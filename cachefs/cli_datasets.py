@@ -206,7 +206,7 @@ class Progress:
             bar = "[" + "#" * n + "." * (24 - n) + "] "
         else:
             bar = ""
-        sys.stderr.write("\r\x1b[K" + bar + self._line(ev))
+        sys.stderr.write("\r\x1b[K" + _fit(bar + self._line(ev), _columns()))
         sys.stderr.flush()
         self.drawn = True
 
@@ -221,6 +221,20 @@ class Progress:
             sys.stderr.write("\n")
             sys.stderr.flush()
             self.drawn = False
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 80
+
+
+def _fit(line: str, columns: int) -> str:
+    """The bar's line cut to the terminal's width: a line that wrapped left its first
+    part behind at every redraw (\\r and ESC[K reach only the last row), and the screen
+    scrolled."""
+    return line if len(line) < columns else line[:max(1, columns - 2)] + "…"
 
 
 def _streams(counts: list[float]) -> str:

@@ -186,6 +186,42 @@ def test_preload_then_read_without_gets(mounts, bucket, s3, proxy, tmp_path):
     assert res["fetched_bytes"] == 0 and res["failed"] == [] and res["seconds"] >= 0
 
 
+def test_the_progress_bar_fits_a_narrow_terminal(mounts, bucket, s3, proxy, tmp_path):
+    """The bar's line was drawn whatever the terminal's width: on 80 columns (a long list's
+    line is 100 or more) each redraw left a row behind and the screen scrolled."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    put(s3, bucket, {f"bar/{i}.bin": CHUNK for i in range(6)})
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["bar/"])
+    proxy.faults(delay=0.3, count=-1)  # a second or two of progress
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 50, 0, 0))
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list", lst,
+                          "--mount", str(m.mp), "--parallel", "1"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=slave, env={**os.environ, **CREDS})
+    os.close(slave)
+    err = b""
+    while True:
+        try:
+            got = os.read(master, 65536)
+        except OSError:  # (EIO: the command closed the terminal)
+            break
+        if not got:
+            break
+        err += got
+    p.communicate(timeout=60)
+    os.close(master)
+    proxy.clear_faults()
+    assert p.returncode == 0, err
+    drawn = [seg for seg in err.decode().replace("\x1b[K", "").split("\r")
+             if seg.startswith("[")]  # (the bar's lines)
+    assert drawn and all(len(seg.rstrip("\n")) < 50 for seg in drawn), drawn
+
+
 def test_dry_run_estimate(mounts, bucket, s3, proxy, tmp_path):
     put(s3, bucket, DATA)
     m = mounts(f"s3://{bucket}")
