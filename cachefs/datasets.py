@@ -321,7 +321,7 @@ class Datasets:
         assert vfs is not None
         files: list[FileItem] = []
         failed: list[dict] = []
-        seen: set[int] = set()
+        seen: set = set()  # the objects taken: endpoint, bucket, key
         refreshed: set[int] = set()  # directories listed anew for a name they lacked
         job.entries_total = len(entries)
         hashed = 0  # chunk ids made since the last checkpoint
@@ -337,9 +337,14 @@ class Datasets:
                 job.entries_done += 1
                 continue
             for n in nodes:
-                if n.ino in seen:
+                # one object once, through whichever mount names it: two [[mount]] tables
+                # that overlap (s3://b and s3://b/train) showed it twice, and counted its
+                # bytes, its fetch and its estimate twice (an ETA that never reached 0)
+                spec = n.mount.spec if n.mount is not None else None
+                ident = (spec.endpoint_url, spec.bucket, n.key) if spec else n.ino
+                if ident in seen:
                     continue
-                seen.add(n.ino)
+                seen.add(ident)
                 obj = vfs.version(n)
                 # hashing chunk ids (2.7 µs each): a large object's in a worker thread, and
                 # a checkpoint every YIELD_CHUNKS ids (256 files of 1 GiB held the thread

@@ -222,6 +222,22 @@ def test_the_progress_bar_fits_a_narrow_terminal(mounts, bucket, s3, proxy, tmp_
     assert drawn and all(len(seg.rstrip("\n")) < 50 for seg in drawn), drawn
 
 
+def test_an_object_two_mounts_show_counts_once(bucket, s3, proxy, mounts, tmp_path):
+    """Two [[mount]] tables that overlap (a bucket, and a prefix of it): a list naming a
+    file through both counted it twice, its bytes, fetch and estimate too."""
+    put(s3, bucket, {"train/x.bin": CHUNK, "train/y.bin": CHUNK})
+    cfg = tmp_path / "cachefs.toml"
+    cfg.write_text(f'[s3]\nendpoint_url = "{proxy.url}"\n'
+                   f'[[mount]]\nname = "all"\nsource = "s3://{bucket}"\n'
+                   f'[[mount]]\nname = "train"\nsource = "s3://{bucket}/train"\n')
+    m = mounts("", config=str(cfg), endpoint="")
+    lst = write_list(tmp_path, ["all/train/", "train/x.bin", f"{m.mp}/train/y.bin"])
+    proxy.reset()
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert (res["files"], res["total_bytes"], proxy.gets()) == (2, 2 * CHUNK, 2), res
+
+
 def test_dry_run_estimate(mounts, bucket, s3, proxy, tmp_path):
     put(s3, bucket, DATA)
     m = mounts(f"s3://{bucket}")
