@@ -192,11 +192,15 @@ class Progress:
         rate = ev["fetched_bytes"] / el
         # failed bytes are not progress, and no longer left to fetch
         left = max(0, ev["missing_bytes"] - ev["fetched_bytes"] - ev.get("failed_bytes", 0))
-        eta = left / rate if rate > 0 else None
+        # the daemon's, from the chunks and bytes left (many small files are round trips
+        # more than bytes); else the bytes left at the bytes' rate so far
+        eta = ev.get("eta")
+        if eta is None:
+            eta = (left / rate if rate > 0 else None) if left else 0.0
         return (f"{ev['files_done']}/{plural(ev['files_total'], 'file')}, "
                 f"{human(ev['bytes_done'])} of "
                 f"{human(ev['bytes_total'])} ({_pct(ev['bytes_done'], ev['bytes_total']):.0f}%), "
-                f"{human(rate)}/s, ETA {_dur(eta) if left else '0s'}"
+                f"{human(rate)}/s, ETA {_dur(eta) if eta != 0 else '0s'}"
                 + (f", {_failed_files(ev)} failed" if ev.get("failed_files") else ""))
 
     def _draw(self, ev: dict) -> None:

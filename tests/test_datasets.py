@@ -238,6 +238,27 @@ def test_an_object_two_mounts_show_counts_once(bucket, s3, proxy, mounts, tmp_pa
     assert (res["files"], res["total_bytes"], proxy.gets()) == (2, 2 * CHUNK, 2), res
 
 
+def test_the_eta_counts_the_round_trips_of_small_files_left(mounts, bucket, s3, proxy,
+                                                            tmp_path):
+    """A large file, then many small ones: with 99% of the bytes in, the ETA was the bytes
+    left at the bytes' rate, "ETA 0.0s", while every small file left was a round trip to
+    S3 still to make. It is now the daemon's, from the chunks and bytes left."""
+    import re
+
+    put(s3, bucket, {"eta/0-big.bin": 20 * CHUNK,
+                     **{f"eta/{i:03}.bin": 100 for i in range(1, 61)}})
+    m = mounts(f"s3://{bucket}")
+    lst = write_list(tmp_path, ["eta/"])
+    proxy.faults(delay=0.05, count=-1)  # each GET a round trip of 50 ms at least
+    r = cli("preload", "--file-list", lst, "--mount", str(m.mp), "--parallel", "1")
+    proxy.clear_faults()
+    assert r.returncode == 0, r.stderr
+    lines = [(int(f), float(b), e) for f, b, e in re.findall(
+        r"(\d+)/61 files, .*?\((\d+)%\), .*?ETA (\S+)", r.stderr)]
+    late = [(f, e) for f, b, e in lines if b >= 99 and f <= 45]  # 16+ small files left
+    assert late and all(e not in ("0s", "0.0s") for _, e in late), r.stderr
+
+
 def test_dry_run_estimate(mounts, bucket, s3, proxy, tmp_path):
     put(s3, bucket, DATA)
     m = mounts(f"s3://{bucket}")
