@@ -321,6 +321,23 @@ def _first_missing(d: Path) -> Path | None:
     return top
 
 
+def _held(lock: Path) -> bool:
+    """Does a process hold the flock of the cache dir's lock file?"""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _is_empty_dir(d: Path) -> bool:
     try:
         return d.is_dir() and not os.listdir(d)
@@ -339,6 +356,8 @@ def _remove_fresh_cache_dir(d: Path, top: Path | None, logp: Path) -> None:
         # (the daemon's lock on the cache dir too: buckets are checked before the index
         # or any chunk dir is made)
         ours = {CACHEDIR_TAG, "lock"} | ({logp.name} if logp.parent == d else set())
+        if _held(d / "lock"):
+            return  # another daemon's cache dir now (two mounts started on it at once)
         if set(os.listdir(d)) <= ours:
             for name in ours:
                 (d / name).unlink(missing_ok=True)

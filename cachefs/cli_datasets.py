@@ -190,8 +190,10 @@ class Progress:
                     f"{_entries_n(ev['entries_total'])}")
         el = max(ev["elapsed"], 1e-6)
         rate = ev["fetched_bytes"] / el
-        # failed bytes are not progress, and no longer left to fetch
-        left = max(0, ev["missing_bytes"] - ev["fetched_bytes"] - ev.get("failed_bytes", 0))
+        # failed bytes are not progress, and no longer left to fetch (those fetched first,
+        # then not kept, are in fetched_bytes already)
+        left = max(0, ev["missing_bytes"] - ev["fetched_bytes"] - ev.get("failed_bytes", 0)
+                   + ev.get("fetched_failed_bytes", 0))
         # the daemon's, from the chunks and bytes left (many small files are round trips
         # more than bytes); else the bytes left at the bytes' rate so far
         eta = ev.get("eta")
@@ -229,9 +231,10 @@ class Progress:
 
 def _columns() -> int:
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
+        cols = os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError):
-        return 80
+        cols = 0
+    return cols if cols > 0 else 80  # (a pty with no size set says 0)
 
 
 def _fit(line: str, columns: int) -> str:

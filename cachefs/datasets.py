@@ -1212,7 +1212,7 @@ class Datasets:
                            max(1, int(payload.get("parallel") or 8)))
             wait = min(FETCH_WAIT, max(0.1, float(payload.get("wait") or FETCH_WAIT)))
         except (TypeError, ValueError):
-            parallel, wait = 8, FETCH_WAIT
+            parallel, wait = min(8, self.s3_concurrency), FETCH_WAIT
         now = time.monotonic()
         for jid in [j for j, v in self._jobs.items() if now - v[1] > JOB_IDLE]:
             del self._jobs[jid]
@@ -1412,6 +1412,7 @@ class _Run:
                "bytes_done": self.done_bytes, "bytes_total": p["total_bytes"],
                "fetched_bytes": self.fetched_bytes, "missing_bytes": p["missing_bytes"],
                "failed_files": self.failed_files, "failed_bytes": self.failed_bytes,
+               "fetched_failed_bytes": self.fetched_failed_bytes,
                "elapsed": round(time.monotonic() - self.t0, 3)}
         eta = self.eta()
         if eta is not None:

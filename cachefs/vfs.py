@@ -571,7 +571,7 @@ class VFS:
         parent = self.nodes.get(node.parent)
         if parent is None or parent.mount is None or parent.children is None:
             return t  # the root, or the root of several mounts (which never changes)
-        if parent.children.get(node.name) != node.ino:
+        if node.ino != ROOT_INO and parent.children.get(node.name) != node.ino:
             return 0.0  # no longer its name's entry (gone, or an old version kept open)
         return max(0.0, min(t, self.cfg.metadata_ttl - (time.monotonic() - parent.listed_at)))
 

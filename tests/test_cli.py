@@ -1513,6 +1513,30 @@ def test_a_bucket_that_does_not_exist_leaves_no_cache_dir_behind(s3, proxy, tmp_
     assert empty.is_dir() and not list(empty.iterdir()), list(empty.iterdir())
     assert not is_mounted(mp)
 
+def test_a_failed_mount_leaves_a_cache_dir_another_daemon_locked(tmp_path):
+    """Two mounts started at once on one empty cache dir: the one that lost removed the
+    tag, lock and log of the one that won, and a third start could then take a new lock
+    beside the winner's: two daemons on one cache dir."""
+    import fcntl
+
+    from cachefs.cli import _remove_fresh_cache_dir
+    from cachefs.daemon import CACHEDIR_TAG
+
+    d = tmp_path / "c"
+    d.mkdir()
+    for name in (CACHEDIR_TAG, "lock", "cachefs.log"):
+        (d / name).write_text("x")
+    fd = os.open(d / "lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the daemon that won
+        _remove_fresh_cache_dir(d, None, d / "cachefs.log")
+        assert sorted(os.listdir(d)) == sorted([CACHEDIR_TAG, "cachefs.log", "lock"])
+    finally:
+        os.close(fd)
+    _remove_fresh_cache_dir(d, None, d / "cachefs.log")  # nobody holds it: all go
+    assert d.is_dir() and os.listdir(d) == []
+
+
 def test_a_mountpoint_in_the_cache_dir_or_a_log_on_a_read_only_disk_is_bad_input(tmp_path):
     """A mountpoint inside the cache dir passed the checks and was removed by start-up's
     clearing of tmp/ (or the cache dir was refused for holding it); a log file on a

@@ -246,7 +246,7 @@ def test_the_eta_counts_the_round_trips_of_small_files_left(mounts, bucket, s3, 
     import re
 
     put(s3, bucket, {"eta/0-big.bin": 20 * CHUNK,
-                     **{f"eta/{i:03}.bin": 100 for i in range(1, 61)}})
+                     **{f"eta/{i:03}.bin": 100 for i in range(1, 91)}})
     m = mounts(f"s3://{bucket}")
     lst = write_list(tmp_path, ["eta/"])
     proxy.faults(delay=0.05, count=-1)  # each GET a round trip of 50 ms at least
@@ -254,8 +254,8 @@ def test_the_eta_counts_the_round_trips_of_small_files_left(mounts, bucket, s3, 
     proxy.clear_faults()
     assert r.returncode == 0, r.stderr
     lines = [(int(f), float(b), e) for f, b, e in re.findall(
-        r"(\d+)/61 files, .*?\((\d+)%\), .*?ETA (\S+)", r.stderr)]
-    late = [(f, e) for f, b, e in lines if b >= 99 and f <= 45]  # 16+ small files left
+        r"(\d+)/91 files, .*?\((\d+)%\), .*?ETA (\S+)", r.stderr)]
+    late = [(f, e) for f, b, e in lines if b >= 99 and f <= 70]  # 20+ small files left
     assert late and all(e not in ("0s", "0.0s") for _, e in late), r.stderr
 
 

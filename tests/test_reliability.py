@@ -653,14 +653,15 @@ def test_a_version_a_relisting_finds_put_back_reads_again(s3, bucket, mounts):
     and a relisting saw it: reads of A's uncached chunks failed with EIO for 60 s, with no
     GET sent, since only a HEAD, not a listing, cleared what the first read had learnt."""
     a = put(s3, bucket, "rl.bin", b"A" * (64 * CS))
-    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    # (a TTL long enough that the read which meets B is not preceded by a relisting)
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "2s"))
     assert read_start(m.path("rl.bin")) == b"A" * 4096  # (see read_start)
     b = put(s3, bucket, "rl.bin", b"B" * (64 * CS + 7))
     with pytest.raises(OSError):
         read_all(m.path("rl.bin"))
     assert read_all(m.path("rl.bin")) == b  # (its HEAD found B)
     put(s3, bucket, "rl.bin", a)
-    time.sleep(1.5)
+    time.sleep(2.5)
     assert m.path("rl.bin").stat().st_size == len(a)  # relisted
     assert read_all(m.path("rl.bin")) == a
 

