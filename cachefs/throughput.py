@@ -5,7 +5,8 @@ how many preload fetches were in flight on average while it ran (the time-weight
 mean of the in-flight count over its life).  Samples go to the bucket of that
 concurrency (1, 2, 4, 8, ... streams, on a log2 scale); each bucket fits
 ``t = latency + bytes / stream_bps`` by least squares, with exponential forgetting
-(DECAY per sample of that bucket).
+(DECAY per sample of that bucket); a bucket not fed for STALE_AFTER (an hour) counts as
+not measured for a dry run, and its next sample starts it anew.
 
 A bucket at mean concurrency ``c`` predicts a plan of ``n`` chunks and ``b`` bytes
 in ``(n * latency + b / stream_bps) / c`` seconds.  When its chunk sizes hardly vary,
@@ -37,6 +38,7 @@ DECAY = 0.98  # weight kept by older samples of a bucket at each new one
 NEAR = 0.5  # log2 distance within which a bucket counts as measured at that concurrency
 RANGE = 1.25  # high/low ratio above which the estimate is given as a range
 MIN_SAMPLES = 4  # a bucket with fewer (the tail of a run) is used only when no other is
+STALE_AFTER = 3600.0  # seconds: a dry run measures again a concurrency measured longer ago
 
 
 def _distance(measured: float, streams: float) -> float:
@@ -55,8 +57,13 @@ class _Fit:
     sxy: float = 0.0
     sc: float = 0.0  # concurrency, summed with the same weights
     samples: int = 0
+    at: float = 0.0  # time.monotonic() of the last sample
 
     def add(self, x: float, y: float, c: float) -> None:
+        now = time.monotonic()
+        if self.samples and now - self.at > STALE_AFTER:  # measured long ago: start anew
+            self.w = self.sx = self.sy = self.sxx = self.sxy = self.sc = 0.0
+            self.samples = 0
         self.w = self.w * DECAY + 1
         self.sx = self.sx * DECAY + x
         self.sy = self.sy * DECAY + y
@@ -64,6 +71,7 @@ class _Fit:
         self.sxy = self.sxy * DECAY + x * y
         self.sc = self.sc * DECAY + c
         self.samples += 1
+        self.at = now
 
     @property
     def streams(self) -> float:
@@ -168,8 +176,12 @@ class ThroughputModel:
                 or list(self.buckets.values()))
 
     def near(self, streams: int) -> bool:
-        """Is there a measurement at about this many streams?"""
-        return any(_distance(f.streams, streams) <= NEAR for f in self._fits())
+        """Is there a measurement at about this many streams, of the last STALE_AFTER
+        seconds?  (S3 an hour ago, another load on the link: a dry run measured nothing
+        when a week-old daemon had measured that concurrency once.)"""
+        now = time.monotonic()
+        return any(_distance(f.streams, streams) <= NEAR and now - f.at <= STALE_AFTER
+                   for f in self._fits())
 
     def estimate(self, missing_bytes: int, missing_chunks: int, parallel: int,
                  s3_concurrency: int) -> dict:

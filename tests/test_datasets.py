@@ -86,6 +86,23 @@ def test_filelist_translate():
     assert filelist.mount_for(["/m/a", "/n/b"], ["/m", "/n"]) is None
 
 
+def test_a_measurement_an_hour_old_is_measured_again(monkeypatch):
+    """A daemon's model kept what it measured a week ago: a dry run at that concurrency
+    measured nothing, and the estimate was of S3 as it was then."""
+    from cachefs import throughput
+
+    now = [1000.0]
+    monkeypatch.setattr(throughput.time, "monotonic", lambda: now[0])
+    m = ThroughputModel()
+    for _ in range(5):
+        m.observe(CHUNK, 0.1, 8)
+    assert m.near(8)
+    now[0] += throughput.STALE_AFTER + 1
+    assert not m.near(8)  # a dry run measures it again
+    m.observe(CHUNK, 0.4, 8)  # S3 is slower now: the old samples go
+    assert m.estimate(8 * CHUNK, 8, 8, 32)["seconds"] == pytest.approx(0.4, rel=0.01)
+
+
 def test_throughput_model():
     m = ThroughputModel()
     assert m.estimate(10 * CHUNK, 10, 8, 32)["seconds"] is None  # no measurement yet
