@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 
 import trio
 
+from .trace import span
+
 MAX_HEAD = 64 * 1024  # a response head longer than this is refused
 MAX_ERROR_BODY = 1 << 20  # a non-2xx body is read whole only up to this
 RECV = 256 * 1024
@@ -187,7 +189,10 @@ class Pool:
                 return await self._exchange(c, request, into)
             except _Stale:
                 self._count("s3_stale_resends")
-        return await self._exchange(await self._connect(), request, into)
+        # a new connection (TCP, TLS) is its own span: it was the GET's ttfb, blamed on S3
+        with span("s3.connect", tls=self.ssl_context is not None):
+            c = await self._connect()
+        return await self._exchange(c, request, into)
 
     async def _exchange(self, c: _Conn, request: bytes, into: memoryview | None
                         ) -> tuple[int, dict[str, str], bytes | memoryview, int, float]:

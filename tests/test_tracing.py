@@ -907,6 +907,18 @@ def test_a_wait_for_an_s3_connection_slot_is_its_own_span(mounts, s3, bucket, pr
     assert unexplained < 250, waited  # (507 ms before: the whole wait)
 
 
+def test_a_new_connection_to_s3_is_its_own_span(mounts, s3, bucket):
+    """GETs at once need more connections than the one the start opened: each TCP (and
+    TLS) connect was its GET's time to first byte, blamed on S3."""
+    for i in range(4):
+        put(s3, bucket, f"c{i}.bin", CHUNK, seed=i)
+    m = mounts(f"s3://{bucket}", extra=("--prefetch-files", "0"))
+    read_at_once([m.path(f"c{i}.bin") for i in range(4)])
+    gets = recent_spans(m, "s3.get")
+    connects = [c for g in gets for c in g.get("spans", ()) if c["name"] == "s3.connect"]
+    assert connects and connects[0]["tls"] is False, gets
+
+
 def test_a_wait_for_a_disk_thread_is_shown_as_queued_not_as_the_ssds(mounts, s3, bucket):
     """Reads of cached chunks queued for the daemon's 8 disk threads (busy with other
     reads, writes, unlinks): the wait was the ssd.read's own time, blamed on the SSD."""
