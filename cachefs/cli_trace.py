@@ -556,9 +556,12 @@ def _none_found(client, r: dict, slow: bool, slower_than: str | None,
 
 def _display_prefix(p: str, mp: str) -> str:
     """A --path-prefix as the daemon writes paths ("/dir/file" from the mount root)."""
-    ap = os.path.abspath(p) if p.startswith((".", "/")) else None
-    if ap and (ap == mp or ap.startswith(mp.rstrip("/") + "/")):
-        return "/" + ap[len(mp):].lstrip("/")
+    if p.startswith((".", "/")):
+        # as given, then through its links (a mount reached by a symlink, /data -> /mnt:
+        # such a prefix matched nothing)
+        for ap in (os.path.abspath(p), os.path.realpath(p)):
+            if ap == mp or ap.startswith(mp.rstrip("/") + "/"):
+                return "/" + ap[len(mp):].lstrip("/")
     return "/" + p.lstrip("/")
 
 

@@ -1003,6 +1003,11 @@ def test_recent_says_when_filters_leave_nothing(mounts, s3, bucket):
     assert r.returncode == 0 and r.stdout == f"none of the {kept_s} is under /t.bi\n", r.stdout
     r = cli("trace", "--recent", "2", "--path-prefix", f"{mp}/", "--mount", mp)
     assert r.returncode == 0 and "\nread /t.bin offset 0" in r.stdout, r.stdout  # all of it
+    # the mount reached through a symlink (it matched nothing)
+    (m.tmp / "link").symlink_to(m.mp)
+    r = cli("trace", "--recent", "2", "--path-prefix", str(m.tmp / "link" / "t.bin"),
+            "--mount", mp)
+    assert r.returncode == 0 and r.stdout.startswith("read /t.bin offset 0"), r.stdout
     # more than one batch of traces (64), the last n in order, filtered before the n
     fd = os.open(m.path("t.bin"), os.O_RDONLY | os.O_DIRECT)
     try:
