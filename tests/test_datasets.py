@@ -86,6 +86,24 @@ def test_filelist_translate():
     assert filelist.mount_for(["/m/a", "/n/b"], ["/m", "/n"]) is None
 
 
+def test_progress_lines_off_a_terminal_thin_out_on_a_long_run(monkeypatch, capsys):
+    """Off a terminal (a job's log), a line every 2 s: 18,000 lines for a ten-hour preload.
+    Every 2 s for the first minute, then ever further apart, at most a minute."""
+    from cachefs import cli_datasets
+
+    now = [0.0]
+    monkeypatch.setattr(cli_datasets.time, "monotonic", lambda: now[0])
+    p = Progress(enabled=True)
+    p.tty = False
+    for s in range(0, 10 * 3600, 1):  # an event a second for ten hours
+        now[0] = 1000.0 + s
+        p({"kind": "progress", "elapsed": float(s), "files_done": 0, "files_total": 1,
+           "bytes_done": 0, "bytes_total": 1, "fetched_bytes": 0, "missing_bytes": 1})
+    lines = capsys.readouterr().err.splitlines()
+    # 30 in the first minute, about 100 to half an hour, then one a minute: 18,000 before
+    assert 650 < len(lines) < 720, len(lines)
+
+
 def test_a_measurement_an_hour_old_is_measured_again(monkeypatch):
     """A daemon's model kept what it measured a week ago: a dry run at that concurrency
     measured nothing, and the estimate was of S3 as it was then."""
