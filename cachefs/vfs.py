@@ -100,8 +100,8 @@ class Node:
 
     def entries(self) -> list[tuple[str, int]]:
         """The directory's (name, inode) in name order: sorted once per listing (0.14 s
-        for a million names in S3's order; a large listing's in a worker thread as it is
-        applied), shared by every opendir and the file prefetcher.  Not to be modified."""
+        of the trio thread for a million names in S3's order), shared by every opendir
+        and the file prefetcher.  Not to be modified."""
         c = self.children or {}
         s = self._sorted
         if s is None or s[0] is not c:
@@ -889,13 +889,6 @@ class VFS:
         d.listed_at = time.monotonic()  # (with what HEADs said since: as new as the LIST)
         if d.children is old:  # the same names and inodes: nothing is gone
             return not answered
-        if len(new) >= APPLY_SLICE:
-            # its sorted entries, which opendir and the prefetcher share, made in a worker
-            # thread (sorted on the first opendir, 0.14 s of the trio thread per million
-            # names); the dict is never changed once made, so the thread may read it
-            ordered = await trio.to_thread.run_sync(sorted, new.items())
-            if d._sorted is None or d._sorted[0] is not new:
-                d._sorted = (new, ordered)
         # what is gone, in slices (about 0.15 s of the trio thread for a million names)
         await trio.lowlevel.checkpoint()
         kept = set(new.values())
