@@ -1231,3 +1231,10 @@ def test_file_list_over_16_mib(mounts, bucket, s3, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["total_bytes"] == 1500 and len(res["files"]) == 2, r.stdout[:500]
+    # more entries than a command takes files: said at once, as bad input (the daemon said
+    # it, exit 1, once it had walked a million of them)
+    lst.write_text("".join(f"f{i}\n" for i in range(1_000_001)))
+    r = cli("preload", "--file-list", str(lst), "--mount", str(m.mp), timeout=300)
+    assert r.returncode == 2 and r.stderr == (
+        f"cachefs: error: file list {lst} has 1000001 entries; a command takes at most "
+        "1000000 files: split it\n"), r.stderr
