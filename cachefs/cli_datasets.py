@@ -24,7 +24,6 @@ from .report import human, plural, printable
 MAX_ERROR_LINES = 50  # failed entries printed; --json carries them all
 PLAIN_EVERY = 2.0  # seconds between progress lines when stderr is not a terminal
 MAX_ROWS = 30
-MAX_FILES = 1_000_000  # a command's files (datasets.MAX_ROWS, which counts them once walked)
 REQUEST_TIMEOUT = 120.0  # between two lines from the daemon (it sends progress twice a second)
 
 
@@ -78,9 +77,9 @@ class Prepared:
         lines = filelist.split_lines(text)
         if not lines:  # (bad input, said before a missing daemon)
             raise QuietError(f"file list {self.list_name} has no entries", EXIT_USAGE)
-        if len(lines) > MAX_FILES:  # (the daemon said so only once it had walked them all)
+        if len(lines) > filelist.MAX_FILES:  # (the daemon said so only once it had walked them all)
             raise QuietError(f"file list {self.list_name} has {len(lines)} entries; a "
-                             f"command takes at most {MAX_FILES} files: split it", EXIT_USAGE)
+                             f"command takes at most {filelist.MAX_FILES} files: split it", EXIT_USAGE)
         del lines
         self.mp = _choose_mount(mount, text)
         self.client = ControlClient(runtime.socket_path(self.mp), self.mp)

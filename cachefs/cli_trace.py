@@ -379,14 +379,14 @@ def render_tree(t: dict, mark: dict | None = None) -> list[str]:
     return lines
 
 
-def _busy_ms(traces: list[dict]) -> float:
+def _busy_ms(traces: list[dict]) -> float | None:
     """How long the daemon was serving these reads: the union of their intervals.  Reads
     served at the same time (the kernel splits a large O_DIRECT read into several at once,
     other readers of the range) were added up, past the read's own time."""
     spans = sorted((t["start_time"], t["start_time"] + t.get("duration_ms", 0) / 1000)
                    for t in traces if isinstance(t.get("start_time"), (int, float)))
-    if len(spans) != len(traces):  # (a trace without its start: the plain sum)
-        return round(sum(t.get("duration_ms", 0) for t in traces), 3)
+    if len(spans) != len(traces):  # (a trace without its start: the caller's plain sum)
+        return None
     total, cur = 0.0, None
     for a, b in spans:
         if cur is None or a > cur[1]:
@@ -433,6 +433,7 @@ def render_capture(res: dict) -> str:
     more = len(traces) - len(reads)
     summed = round(sum(t.get("duration_ms", 0) for t in reads), 3)
     busy = _busy_ms(reads)
+    busy = summed if busy is None else busy
     lines.append(f"  {len(reads)} FUSE read(s) traced, daemon time {busy} ms"
                  + (f" ({summed} ms added up: reads served at the same time)"
                     if summed - busy >= 0.001 else "")

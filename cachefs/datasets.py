@@ -61,7 +61,7 @@ import trio
 from .chunks.ids import ChunkRef, ObjectVersion, chunk_id
 from .control import ControlError
 from .errors import ObjectChanged, S3Error
-from .filelist import HOLDER_MAX, holder_too_long
+from .filelist import HOLDER_MAX, MAX_FILES, holder_too_long
 from .index import Index, IndexCommitError, path_key
 from .report import human, plural
 from .store.chunkstore import file_size
@@ -79,7 +79,6 @@ PROBE_SHARE = 4  # ... and fetch at most 1/PROBE_SHARE of the missing chunks (MI
 YIELD_CHUNKS = 4096  # chunk ids hashed between two checkpoints (about 11 ms)
 YIELD_EVERY = 256  # files or chunks handled between two checkpoints (reads go on meanwhile)
 MAX_PARALLEL = 256
-MAX_ROWS = 1_000_000
 
 # cluster-wide preload / free / status (see "In a cluster" above)
 # bytes of JSON items per peer request (a ds_fetch call's chunk descriptions, pin records,
@@ -353,8 +352,8 @@ class Datasets:
                         else await trio.to_thread.run_sync(obj.chunks))
                 files.append(FileItem(line, text, n, vfs.display_path(n), refs, n.size,
                                       len(refs)))
-                if len(files) > MAX_ROWS:
-                    raise ControlError(f"the file list names more than {MAX_ROWS} files; "
+                if len(files) > MAX_FILES:
+                    raise ControlError(f"the file list names more than {MAX_FILES} files; "
                                        "split it")
                 hashed += 1 + len(refs)
                 if hashed >= YIELD_CHUNKS:
@@ -1445,7 +1444,8 @@ class _Run:
             for r in f.refs:
                 yield f, r
 
-    def _chunk_done(self, f: FileItem, length: int, ok: bool = True) -> None:
+    def _chunk_done(self, f: FileItem, length: int, ok: bool = True,
+                    fetched: bool = False) -> None:
         """One chunk of ``f`` is settled: cached (``ok``), or failed or not fetched
         because its file failed; only cached bytes are progress."""
         if ok:
@@ -1453,6 +1453,9 @@ class _Run:
         else:
             self.failed_bytes += length
             self.failed_chunks += 1
+            if fetched:  # (in fetched_* and failed_* both)
+                self.fetched_failed_bytes += length
+                self.fetched_failed_chunks += 1
         f.left -= 1
         if f.left == 0 and not f.error:
             self.files_done += 1
@@ -1511,11 +1514,7 @@ class _Run:
             if self.pin and store.contains(r.cid) and not store.is_pinned(r.cid):
                 self._file_failed(self.me, f, NOT_PINNED)
                 kept = False
-            ok = kept or not self.keeps_all
-            if not ok:  # (fetched, and failed: in fetched_* and failed_* both)
-                self.fetched_failed_bytes += r.length
-                self.fetched_failed_chunks += 1
-            self._chunk_done(f, r.length, ok)
+            self._chunk_done(f, r.length, kept or not self.keeps_all, fetched=True)
 
 
 # -- cluster-wide preload ------------------------------------------------------------------
@@ -1841,10 +1840,7 @@ class _ClusterRun(_Run):
                     self._file_failed(node, f, str(errors.get(str(k), f"failed on node {node}")))
                 elif c in "fu":
                     self._fetched(node, f, r.length, c == "f")
-                if c == "u":  # (fetched, and failed: in fetched_* and failed_* both)
-                    self.fetched_failed_bytes += r.length
-                    self.fetched_failed_chunks += 1
-                self._chunk_done(f, r.length, c not in "eu")
+                self._chunk_done(f, r.length, c not in "eu", fetched=c in "fu")
             dq.extendleft(reversed(pending))
 
 

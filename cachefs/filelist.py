@@ -25,6 +25,7 @@ from .errors import EXIT_USAGE, QuietError
 from .report import printable
 
 HOLDER_MAX = 1024  # bytes of a data set's name (a list's real path, or --name)
+MAX_FILES = 1_000_000  # files a command takes: its entries (the CLI), its walked files (daemon)
 
 
 def holder_too_long(name: str) -> bool:

@@ -608,18 +608,12 @@ class PeerClient:
         """One of this client's connections to ``address``, within ``limit`` seconds
         (None: the request timeout); else PeerError ``busy``."""
         limit = self.request_timeout if limit is None else limit
-        if limit <= 0:
-            try:
-                slots.acquire_nowait()
-                return
-            except trio.WouldBlock:
-                pass
-        else:
-            try:
-                slots.acquire_nowait()
-                return
-            except trio.WouldBlock:
-                pass
+        try:
+            slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        if limit > 0:
             # this node's own queue, not the peer's: the trace says so (the wait was shown
             # as the peer's round trip)
             with span("peer.slot_wait"), trio.move_on_after(limit):
