@@ -34,8 +34,9 @@ In a cluster (``daemon.cluster`` set; docs/datasets.md, "In a cluster")
   ``ds_probe``, chunk ids only) and checks pins against each owner's cache; this
   node's chunks are fetched by local workers, every other owner gets its chunks
   in ``ds_fetch`` batches and fetches them itself (each owner: up to ``parallel``
-  streams).  An owner that does not answer is replaced by its successor on the
-  ring, the node readers use while it is down.  free sends the chunk ids to
+  streams); a dry run measures the same way, every owner at once.  An owner that
+  does not answer is replaced by its successor on the ring, the node readers use
+  while it is down.  free sends the chunk ids to
   every member (``ds_drop``); status asks every member (``ds_probe``) and adds
   per-node figures.  An unreachable node is reported (exit code 1 for free and
   status).
@@ -89,7 +90,8 @@ SYNC_TRIES, SYNC_PAUSE = 20, 3.0  # while no member answers (the first node up, 
 DUMP_BUDGET = 512 * 1024  # bytes of pin records per ds_pins_dump reply (at most 1 MiB)
 ID_BATCH = 2500  # chunk ids per ds_probe / ds_drop call: ~53 KB of base64, under 64 KiB
 MAX_FETCH_CHUNKS = 1024  # chunks per ds_fetch call, at most
-FETCH_WAIT = 10.0  # seconds an owner works on one ds_fetch call before it answers
+# seconds an owner works on one ds_fetch call before it answers (env: tests only)
+FETCH_WAIT = float(os.environ.get("CACHEFS_TEST_FETCH_WAIT") or 10.0)
 FREE_WAIT = 4.0  # seconds a free waits for fetches of its chunks under way (a ds_drop's
 # requester gives up after NO_S3_TIMEOUTS peer timeouts: 10 s by default; see _free_wait)
 CALLS_PER_NODE = 2  # ds_fetch calls in flight from one preload to one owner
@@ -285,7 +287,7 @@ class Datasets:
         self.model = ThroughputModel()
         self.runs = 0
         # owner side of cluster-wide preloads
-        self._jobs: dict[str, list] = {}  # job id -> [CapacityLimiter, last used]
+        self._jobs: dict[str, _FetchJob] = {}  # ds_fetch calls' job id -> its state
         self._fetch_calls = 0
         # the ds_fetch calls running → their chunk ids (a free of one of them cancels it)
         self._fetch_scopes: dict[trio.CancelScope, set[bytes]] = {}
@@ -860,8 +862,8 @@ class Datasets:
                                                 self.s3_concurrency),
                 "pin_reserved": reserved}
 
-    async def _probe(self, files: list[FileItem], streams: int, nmissing: int,
-                     missing: set[bytes] | None = None) -> tuple[int, int]:
+    async def _probe(self, files: list[FileItem], streams: int,
+                     nmissing: int) -> tuple[int, int]:
         """Fetch missing chunks of the list, ``streams`` at a time, starting new fetches
         for PROBE_SECONDS but no more than a quarter of the ``nmissing`` chunks (a dry run
         of a small list would otherwise fetch all of it), and time them; the chunks and
@@ -870,8 +872,7 @@ class Datasets:
         reader, store = self.d.reader, self.d.store
         assert reader is not None and store is not None
         todo = itertools.islice(
-            (r for f in files for r in f.refs
-             if ((r.cid in missing) if missing is not None else not store.contains(r.cid))),
+            (r for f in files for r in f.refs if not store.contains(r.cid)),
             max(MIN_SAMPLES, nmissing // PROBE_SHARE))
         deadline = trio.current_time() + PROBE_SECONDS
         n, nbytes, failed = 0, 0, False
@@ -896,6 +897,22 @@ class Datasets:
             for _ in range(streams):
                 nursery.start_soon(worker)
         return n, nbytes
+
+    async def _probe_cluster(self, cp: _ClusterPlan, streams: int) -> tuple[int, int]:
+        """A dry run's measurement in a cluster is a small preload: every owner fetches
+        missing chunks of its share with ``streams`` in flight, all at once, as in the run
+        (``streams`` fetches from this node alone timed an S3 that the run, with every
+        owner fetching, makes busier: an estimate up to one per owner times too short).
+        New fetches start for PROBE_SECONDS, a quarter of each share at most."""
+        sample = _ClusterPlan(cp.ring, cp.me, cp.files, False, streams)
+        sample.down, sample.missing = dict(cp.down), cp.missing
+        for node, items in cp.lanes.items():
+            miss = [it for it in items if it[1].cid in cp.missing]
+            if miss:
+                sample.lanes[node] = miss[:max(MIN_SAMPLES, len(miss) // PROBE_SHARE)]
+        run = _ClusterRun(self, sample, until=trio.current_time() + PROBE_SECONDS)
+        await run.go()
+        return run.fetched_chunks, run.fetched_bytes
 
     async def preload(self, req: dict, emit) -> dict:
         return await self._handle(emit, self._preload_request, req)
@@ -939,9 +956,9 @@ class Datasets:
             probed = probed_bytes = 0
             streams = plan["estimate"]["streams"]
             if plan["missing_chunks"] and not self.model.near(streams):
-                probed, probed_bytes = await self._probe(
-                    files, streams, plan["missing_chunks"],
-                    cp.missing if cp else None)
+                probed, probed_bytes = await (
+                    self._probe(files, streams, plan["missing_chunks"]) if cp is None
+                    else self._probe_cluster(cp, streams))
                 if probed:  # the plan stays what was missing when we looked
                     plan["estimate"] = cp.estimate(self) if cp else self.model.estimate(
                         plan["missing_bytes"], plan["missing_chunks"], parallel,
@@ -1197,7 +1214,7 @@ class Datasets:
         ``f`` fetched, ``u`` fetched but not kept (cache full), ``e`` failed
         (reason in ``errors``), ``p`` still pending (the fetch, if started, goes
         on in the reader's service nursery; the requester sends it again and
-        joins it)."""
+        hears how it ended: fetched, with its whole time, not "cached")."""
         if self._fetch_calls >= MAX_FETCH_CALLS:
             return {"busy": True}
         store, reader, cl = self.d.store, self.d.reader, self.d.cluster
@@ -1213,12 +1230,14 @@ class Datasets:
         except (TypeError, ValueError):
             parallel, wait = min(8, self.s3_concurrency), FETCH_WAIT
         now = time.monotonic()
-        for jid in [j for j, v in self._jobs.items() if now - v[1] > JOB_IDLE]:
+        for jid in [j for j, v in self._jobs.items() if now - v.at > JOB_IDLE]:
             del self._jobs[jid]
         jid = str(payload.get("job") or "")[:64]
-        job = self._jobs.setdefault(jid, [trio.CapacityLimiter(parallel), now])
-        job[1] = now
-        limiter = job[0]
+        job = self._jobs.get(jid)
+        if job is None:
+            job = self._jobs[jid] = _FetchJob(parallel)
+        job.at = now
+        limiter = job.limiter
         codes = ["p"] * len(refs)
         errors: dict[str, str] = {}
         times: list[list] = []
@@ -1240,16 +1259,36 @@ class Datasets:
             return True
 
         async def one(k: int, ref: ChunkRef) -> None:
+            late = job.late.get(ref.cid)
+            if late is not None:  # a fetch of an earlier call of this job, still followed
+                await late.done.wait()
+                job.late.pop(ref.cid, None)
+                if late.code != "f" or store.contains(ref.cid):  # (not dropped since)
+                    codes[k] = late.code
+                    if late.error:
+                        errors[str(k)] = late.error
+                    if late.time:
+                        times.append(late.time)
+                    if late.code == "f":
+                        await pinned(k, ref)
+                    return
             if await cached(k, ref):
                 return
             async with limiter:
                 if await cached(k, ref):
                     return
+                t = self.model.timed(ref.length)
                 try:
                     # our own chunk: the SSD, a hand-off copy from the successor, or S3;
                     # a chunk we stand in for (its owner is down): the SSD or S3 only
-                    with self.model.timed(ref.length) as t:
+                    with t:
                         await reader.get(ref, pin=pin, local_only=ring.owner(ref.cid) != me)
+                except trio.Cancelled:
+                    # the call's time is up: the fetch goes on, and its end is what the
+                    # requester hears when it sends the chunk again (it was "cached", and
+                    # its time taught no model)
+                    self._follow(job, ref, t)
+                    raise
                 except Exception as e:  # noqa: BLE001 - this chunk fails, the others go on
                     codes[k] = "e"
                     errors[str(k)] = _reason(e)
@@ -1275,6 +1314,32 @@ class Datasets:
             self._fetch_calls -= 1
             self._fetch_scopes.pop(scope, None)
         return {"codes": "".join(codes), "errors": errors, "times": times}
+
+    def _follow(self, job: _FetchJob, ref: ChunkRef, t) -> None:
+        """Follow a fetch that a ds_fetch call's time cut to its end, for the call of the
+        same job that names the chunk again: fetched (and its whole time), not kept,
+        or failed."""
+        reader, store = self.d.reader, self.d.store
+        assert reader is not None and store is not None
+        flight = reader.flight(ref.cid)
+        if flight is None:  # (a read of the SSD, no fetch: a resend finds it cached)
+            return
+        late = job.late[ref.cid] = _Late()
+        t0 = time.monotonic() - t.seconds
+
+        async def follow() -> None:
+            await flight.done.wait()
+            error = flight.error
+            if error is not None:
+                late.code, late.error = "e", _reason(error)
+            else:
+                secs = time.monotonic() - t0
+                self.model.observe(ref.length, secs, t.streams)
+                late.code = "f" if store.contains(ref.cid) else "u"
+                late.time = [ref.length, round(secs, 6), round(t.streams, 2)]
+            late.done.set()
+
+        reader.nursery.start_soon(follow)
 
     async def op_probe(self, payload: dict) -> dict:
         store = self.d.store
@@ -1327,6 +1392,28 @@ class Datasets:
         return got
 
 
+class _FetchJob:
+    """An owner's part of one preload started elsewhere: its concurrency limiter, when a
+    call of it last came, and the fetches a call's time cut, followed to their end."""
+
+    __slots__ = ("limiter", "at", "late")
+
+    def __init__(self, parallel: int) -> None:
+        self.limiter = trio.CapacityLimiter(parallel)
+        self.at = time.monotonic()
+        self.late: dict[bytes, _Late] = {}
+
+
+class _Late:
+    __slots__ = ("done", "code", "error", "time")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.code = "e"
+        self.error = ""
+        self.time: list | None = None
+
+
 class _PinReservation:
     """The chunks a preload --pin run has yet to pin (those no other run had reserved),
     counted in ``Datasets._reserved`` until it pins them, gives up on them, or ends."""
@@ -1376,6 +1463,11 @@ class _Run:
     # data, disk full); in a cluster, a chunk another node came to own meanwhile is kept
     # there, not here
     keeps_all = True
+    until: float | None = None  # (a dry run's measurement) no new fetch from this trio time
+
+    def may_start(self) -> bool:
+        """May a new fetch start?"""
+        return self.until is None or trio.current_time() < self.until
 
     def local_only(self, r: ChunkRef) -> bool:
         return False
@@ -1421,20 +1513,28 @@ class _Run:
     def eta(self) -> float | None:
         """Seconds left, from the throughput model and the chunks and bytes left to fetch
         (the upper end of its range): the bytes left alone at the bytes' rate so far said
-        "91%, ETA 4.8s" with 100k small files still to fetch, each a round trip.  None in
-        a cluster (each owner fetches its share at once) or before any fetch was timed."""
-        if self.by_node is not None:
-            return None
+        "91%, ETA 4.8s" with 100k small files still to fetch, each a round trip.  In a
+        cluster, each owner fetches its share at once: the slowest share decides.  None
+        before any fetch was timed."""
+        out = 0.0
+        for left_b, left_c in self._left():
+            if not left_c:
+                continue
+            est = self.ds.model.estimate(left_b, left_c, self.parallel,
+                                         self.ds.s3_concurrency)
+            secs = est.get("seconds_high", est.get("seconds"))
+            if secs is None:
+                return None
+            out = max(out, secs)
+        return round(out, 1)
+
+    def _left(self) -> Iterable[tuple[int, int]]:
+        """The bytes and chunks left to fetch, by those who fetch them at once."""
         p = self.plan
         settled_b = self.fetched_bytes + self.failed_bytes - self.fetched_failed_bytes
         settled_c = self.fetched_chunks + self.failed_chunks - self.fetched_failed_chunks
-        left_b = max(0, p["missing_bytes"] - settled_b)
-        left_c = max(0, p.get("missing_chunks", 0) - settled_c)
-        if not left_c:
-            return 0.0
-        est = self.ds.model.estimate(left_b, left_c, self.parallel, self.ds.s3_concurrency)
-        secs = est.get("seconds_high", est.get("seconds"))
-        return None if secs is None else round(secs, 1)
+        return [(max(0, p["missing_bytes"] - settled_b),
+                 max(0, p.get("missing_chunks", 0) - settled_c))]
 
     def _work(self):
         for f in self.files:
@@ -1444,10 +1544,11 @@ class _Run:
             for r in f.refs:
                 yield f, r
 
-    def _chunk_done(self, f: FileItem, length: int, ok: bool = True,
+    def _chunk_done(self, f: FileItem, r: ChunkRef, ok: bool = True,
                     fetched: bool = False) -> None:
-        """One chunk of ``f`` is settled: cached (``ok``), or failed or not fetched
+        """Chunk ``r`` of ``f`` is settled: cached (``ok``), or failed or not fetched
         because its file failed; only cached bytes are progress."""
+        length = r.length
         if ok:
             self.done_bytes += length
         else:
@@ -1489,7 +1590,7 @@ class _Run:
         for f, r in work:
             if f.error or (store.contains(r.cid) and (not self.pin or store.is_pinned(r.cid))):
                 # already cached, or not fetched: its file failed
-                self._chunk_done(f, r.length, store.contains(r.cid))
+                self._chunk_done(f, r, store.contains(r.cid))
                 skipped += 1
                 if skipped % YIELD_EVERY == 0:
                     await trio.lowlevel.checkpoint()
@@ -1500,7 +1601,7 @@ class _Run:
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
                 self.reservation.release(r.cid)
                 self._file_failed(self.me, f, _reason(e))
-                self._chunk_done(f, r.length, False)
+                self._chunk_done(f, r, False)
                 continue
             cached = store.contains(r.cid)
             # (written, then evicted for the next chunks of a data set larger than the room,
@@ -1514,7 +1615,7 @@ class _Run:
             if self.pin and store.contains(r.cid) and not store.is_pinned(r.cid):
                 self._file_failed(self.me, f, NOT_PINNED)
                 kept = False
-            self._chunk_done(f, r.length, kept or not self.keeps_all, fetched=True)
+            self._chunk_done(f, r, kept or not self.keeps_all, fetched=True)
 
 
 # -- cluster-wide preload ------------------------------------------------------------------
@@ -1696,8 +1797,8 @@ class _ClusterPlan:
             "unreachable": [{"node": n, "reason": r} for n, r in sorted(self.down.items())]}
 
 
-def _drain(dq: deque):
-    while dq:
+def _drain(dq: deque, go_on: Callable[[], bool]):
+    while dq and go_on():
         yield dq.popleft()
 
 
@@ -1705,14 +1806,44 @@ class _ClusterRun(_Run):
     """A preload in a cluster: this node's chunks by local workers, every other
     owner's chunks in ds_fetch batches to that owner (CALLS_PER_NODE in flight)."""
 
-    def __init__(self, ds: Datasets, cp: _ClusterPlan) -> None:
+    def __init__(self, ds: Datasets, cp: _ClusterPlan, until: float | None = None) -> None:
         super().__init__(ds, cp.files, cp.pin, cp.parallel, cp.plan)
         self.cp = cp
+        self.until = until
         self.ring, self.me = cp.ring, cp.me
         self.by_node = cp.nodes
         self.job = uuid.uuid4().hex
         self.failed_files = sum(1 for f in cp.files if f.error)
         self.reassigned: dict[str, list] = {}
+        # the missing chunks not yet settled: by target, bytes and chunks (the live ETA)
+        self.target: dict[bytes, str] = {}
+        self.left: dict[str, list[int]] = {}
+        for node, items in cp.lanes.items():
+            for _, r in items:
+                if r.cid in cp.missing and r.cid not in self.target:
+                    self._aim(r, node)
+
+    def _aim(self, r: ChunkRef, node: str | None) -> None:
+        """Chunk ``r`` is left to ``node`` now (None: settled)."""
+        old = self.target.pop(r.cid, None)
+        if old is not None:
+            row = self.left[old]
+            row[0] -= r.length
+            row[1] -= 1
+        if node is not None:
+            self.target[r.cid] = node
+            row = self.left.setdefault(node, [0, 0])
+            row[0] += r.length
+            row[1] += 1
+
+    def _left(self) -> Iterable[tuple[int, int]]:
+        return [(b, c) for b, c in self.left.values()]
+
+    def _chunk_done(self, f: FileItem, r: ChunkRef, ok: bool = True,
+                    fetched: bool = False) -> None:
+        super()._chunk_done(f, r, ok, fetched)
+        if r.cid in self.target:
+            self._aim(r, None)
 
     keeps_all = False
 
@@ -1725,9 +1856,9 @@ class _ClusterRun(_Run):
             if not f.refs:
                 self.files_done += 1
         for f, r in self.cp.pre_done:
-            self._chunk_done(f, r.length)
+            self._chunk_done(f, r)
         for f, r in self.cp.pre_failed:
-            self._chunk_done(f, r.length, False)
+            self._chunk_done(f, r, False)
         lanes = self.cp.lanes
         while lanes:
             self.reassigned = {}
@@ -1739,7 +1870,7 @@ class _ClusterRun(_Run):
                     if node == self.me:
                         if self.pin:
                             await self._pin_cached(r for _, r in items)
-                        work = _drain(dq)
+                        work = _drain(dq, self.may_start)
                         for _ in range(min(self.parallel, self.ds.s3_concurrency, len(dq))):
                             n.start_soon(self._worker, work)
                     else:
@@ -1755,17 +1886,19 @@ class _ClusterRun(_Run):
             self.row(node)["error"] = reason
         for f, r in items:
             if f.error:
-                self._chunk_done(f, r.length, False)
+                self._chunk_done(f, r, False)
                 continue
             prefs = self.ring.preference(r.cid, 2)
             if down and prefs[0] == node and len(prefs) > 1 and prefs[1] not in self.cp.down:
                 succ = prefs[1]
                 self.reassigned.setdefault(succ, []).append((f, r))
+                if r.cid in self.target:
+                    self._aim(r, succ)
                 fb = self.row(succ).setdefault("fallback_for", {})
                 fb[node] = fb.get(node, 0) + 1
                 continue
             self._file_failed(node, f, reason)
-            self._chunk_done(f, r.length, False)
+            self._chunk_done(f, r, False)
 
     def row(self, node: str) -> dict:
         r = self.by_node.get(node)
@@ -1779,14 +1912,14 @@ class _ClusterRun(_Run):
         ds = self.ds
         cl = ds.d.cluster
         limit = max(1, min(self.parallel, MAX_FETCH_CHUNKS))
-        while dq:
+        while dq and self.may_start():
             objs: dict = {}
             nb = size = 0
             while dq and nb < limit:
                 f, r = dq[0]
                 if f.error:
                     dq.popleft()
-                    self._chunk_done(f, r.length, False)
+                    self._chunk_done(f, r, False)
                     continue
                 add = 10 + (0 if r.obj in objs else ds._obj_size(r.obj))
                 if nb and size + add > PAYLOAD_BUDGET:
@@ -1840,7 +1973,7 @@ class _ClusterRun(_Run):
                     self._file_failed(node, f, str(errors.get(str(k), f"failed on node {node}")))
                 elif c in "fu":
                     self._fetched(node, f, r.length, c == "f")
-                self._chunk_done(f, r.length, c not in "eu", fetched=c in "fu")
+                self._chunk_done(f, r, c not in "eu", fetched=c in "fu")
             dq.extendleft(reversed(pending))
 
 

@@ -178,6 +178,80 @@ def test_owners_fetch_no_more_at_once_than_s3_takes(mounts, bucket, s3, proxy, t
     assert res["fetched_chunks"] == 15 and proxy.gets() == 15
 
 
+def test_a_fetch_that_outlasts_an_owners_answer_is_reported_fetched(mounts, bucket, s3, proxy,
+                                                                    tmp_path):
+    """An owner answers a ds_fetch call within a window (10 s; 0.3 s here) and names the
+    chunks still under way.  Sent again, such a chunk was joined and timed from then (the
+    model learned 0.43 s for 1 s fetches), or, when its fetch had ended in between, taken
+    for cached before: not fetched, not timed.  Now the owner follows each to its end."""
+    ds, own = choose(s3, bucket, "late", [6 * CHUNK],
+                     lambda o: counts(o)[1] >= 2 and counts(o)[2] >= 2)
+    ms = start_cluster(mounts, bucket, 3, env_for={"n0": {"CACHEFS_TEST_FETCH_WAIT": "0.3"}})
+    lst = write_list(tmp_path, "late.txt", list(ds))
+    proxy.reset()
+    proxy.faults(delay=1.0, count=-1)  # each GET outlasts three windows
+    res, r = run(ms[0], "preload", lst)
+    proxy.clear_faults()
+    assert r.returncode == 0 and res["failed"] == [], r.stderr
+    assert proxy.gets() == 6
+    assert res["fetched_chunks"] == 6 and res["fetched_bytes"] == 6 * CHUNK
+    for n in NODES:
+        assert res["nodes"][n].get("fetched_chunks", 0) == len(own[n]), n
+    # every fetch taught the model of the node that ran the preload, with its whole time
+    tp = ms[0].request({"op": "throughput"})
+    assert tp["throughput"]["samples"] == 6, tp
+    secs = [b["chunk_seconds"] for b in tp["throughput"]["by_streams"]]
+    assert secs and min(secs) >= 0.9, tp
+
+
+def test_a_dry_runs_measurement_fetches_on_every_owner_at_once(mounts, bucket, s3, proxy,
+                                                                tmp_path):
+    """A cluster preload runs --parallel fetches on every owner at once; its dry run timed
+    --parallel fetches in all, from the node it ran on, of an S3 less busy than the run
+    makes it (an estimate up to one per owner times too short)."""
+    ds, own = choose(s3, bucket, "probe", [24 * CHUNK], lambda o: min(counts(o)) >= 6)
+    ms = start_cluster(mounts, bucket, 3)
+    lst = write_list(tmp_path, "probe.txt", list(ds))
+    proxy.reset()
+    proxy.faults(delay=0.5, count=-1)
+    res, r = run(ms[0], "preload", lst, "--dry-run", "--parallel", "2")
+    proxy.clear_faults()
+    assert r.returncode == 0, r.stderr
+    assert proxy.stats()["max_inflight"] == 6  # 2 on each owner, at once (2 before)
+    # each owner fetched from its own share, a quarter of it at most (4 at least), and
+    # kept it; the fetches were timed
+    for i, n in enumerate(NODES):
+        got = on_disk(ms[i])
+        assert got <= set(own[n]) and 1 <= len(got) <= max(4, len(own[n]) // 4), n
+    probed = sum(len(on_disk(m)) for m in ms)
+    assert res["fetched_chunks"] == probed == proxy.gets() == res["estimate"]["probed_chunks"]
+    assert res["missing_chunks"] == 24 and res["estimate"]["basis"] == "measured", res
+    # every owner fetches its 8 or so chunks 2 at a time, 0.5 s each: the slowest decides
+    slowest = max(counts(own)) / 2 * 0.5
+    assert slowest * 0.8 < res["estimate"]["seconds"] < slowest * 1.6, (res, counts(own))
+
+
+def test_a_cluster_preloads_eta_counts_each_owners_round_trips_left(mounts, bucket, s3,
+                                                                     proxy, tmp_path):
+    """A large file, then many small ones, over three owners: with 99% of the bytes in, a
+    cluster preload's ETA was the bytes left at the bytes' rate ("ETA 0s") while each owner
+    had a round trip to S3 per small file still to make."""
+    import re
+
+    sizes = [20 * CHUNK] + [100] * 90
+    ds, own = choose(s3, bucket, "eta", sizes, lambda o: min(counts(o)) >= 30)
+    ms = start_cluster(mounts, bucket, 3)
+    lst = write_list(tmp_path, "eta.txt", list(ds))
+    proxy.faults(delay=0.15, count=-1)
+    r = cli("preload", "--file-list", lst, "--mount", str(ms[0].mp), "--parallel", "1")
+    proxy.clear_faults()
+    assert r.returncode == 0, r.stderr
+    lines = [(int(f), float(b), e) for f, b, e in re.findall(
+        r"(\d+)/91 files, .*?\((\d+)%\), .*?ETA (\S+)", r.stderr)]
+    late = [(f, e) for f, b, e in lines if b >= 99 and f <= 70]  # 20+ small files left
+    assert late and all(e not in ("0s", "0.0s") for _, e in late), r.stderr
+
+
 def test_pins_on_owners_and_a_node_that_is_down(mounts, bucket, s3, proxy, tmp_path):
     # every node owns pinned chunks, more unpinned ones than it can hold, and
     # some of the chunks preloaded while n2 is down

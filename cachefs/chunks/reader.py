@@ -168,6 +168,11 @@ class ChunkReader:
                 out.append(cid)
         return out
 
+    def flight(self, cid: bytes) -> _Flight | None:
+        """The fetch of this chunk under way (its ``done`` event and, once set, its
+        ``error``), or None."""
+        return self._flights.get(cid)
+
     async def wait_for(self, cids: list[bytes]) -> None:
         """Until the fetches of these chunks under way have ended."""
         for cid in cids:
