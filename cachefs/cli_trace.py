@@ -38,8 +38,8 @@ from .report import human, printable
 DOMINANT = "◀ dominant"
 BLOCK = 1 << 20
 # attributes shown in a tree line, in this order (others only in --json)
-SHOWN = ("chunk", "tier", "node", "peer", "bytes", "queued_ms", "ttfb_ms", "transfer_ms",
-         "status", "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks",
+SHOWN = ("chunk", "tier", "node", "peer", "bytes", "queued_ms", "sign_ms", "ttfb_ms",
+         "transfer_ms", "status", "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks",
          "error", "source")
 WAITS = ("singleflight.wait", "readahead.wait")
 
@@ -204,6 +204,8 @@ def describe(s: dict) -> str:
     if n == "s3.get":
         parts = [f"ttfb {_esc(s.get('ttfb_ms', '?'))} ms",
                  f"transfer {_esc(s.get('transfer_ms', '?'))} ms"]
+        if s.get("sign_ms"):
+            parts.insert(0, f"signing {_esc(s['sign_ms'])} ms")
         if s.get("retries"):
             parts.append(f"{_esc(s['retries'])} retr{'y' if s['retries'] == 1 else 'ies'}")
         return "S3 GET " + ", ".join(parts)

@@ -62,7 +62,7 @@ from . import http1
 from .config import MountSpec, S3Options
 from .errors import EXIT_USAGE, NoSuchObject, ObjectChanged, QuietError, S3Error, tls_failure
 from .stats import Stats
-from .trace import span
+from .trace import current, span
 
 log = logging.getLogger("cachefs.s3")
 
@@ -303,10 +303,10 @@ class _DirectGet:
         auth.add_auth(req)
         return req
 
-    async def get(self, key: str, headers: dict[str, str]):
-        """Send the GET through the client's session; returns botocore's HTTP response
-        (body not read yet)."""
-        prepared = (await self.sign(key, headers)).prepare()
+    async def send(self, req: AWSRequest):
+        """Send a signed GET through the client's session; returns botocore's HTTP
+        response (body not read yet)."""
+        prepared = req.prepare()
         prepared.stream_output = True
         return await self.http.send(prepared)
 
@@ -620,25 +620,32 @@ class ObjectStore:
         self.stats.inc("s3_get_direct")
 
     async def _get_direct(self, direct: _DirectGet, key: str, start: int, end: int,
-                          etag: str, t0: float, into: memoryview
-                          ) -> tuple[int, Any, bytes | memoryview, int, float]:
-        """One direct ranged GET: (status, headers, body, its length in bytes, seconds
-        from t0 to the first byte).  The headers are case-insensitive (botocore's
-        HTTPHeaders).  ``into``: memory of the range's length the body is read into (a
-        longer body is cut short there, and its length reported as one more).  The body
-        is taken as sent, never decoded.  A non-2xx status raises the ClientError botocore
-        would have raised, so _classify treats both ways alike; a 2xx is counted as soon
-        as its headers arrive, as on botocore's way."""
+                          etag: str, into: memoryview
+                          ) -> tuple[int, Any, bytes | memoryview, int, float, float]:
+        """One direct ranged GET: (status, headers, body, its length in bytes, the
+        perf_counter time it was sent, seconds from then to the first byte).  Its signing
+        is not S3's time: when it took a millisecond or more (credentials fetched again,
+        from an instance role's metadata service, say), it goes on the ``s3.get`` span as
+        ``sign_ms``.  The headers are case-insensitive (botocore's HTTPHeaders).
+        ``into``: memory of the range's length the body is read into (a longer body is
+        cut short there, and its length reported as one more).  The body is taken as
+        sent, never decoded.  A non-2xx status raises the ClientError botocore would have
+        raised, so _classify treats both ways alike; a 2xx is counted as soon as its
+        headers arrive, as on botocore's way."""
         headers = {"Range": f"bytes={start}-{end}", **_preconditions(etag)}
+        t_sign = time.perf_counter()
+        req = await direct.sign(key, headers)
+        t0 = time.perf_counter()
+        if t0 - t_sign >= 0.001 and (sp := current()) is not None:
+            sp.set(sign_ms=round((t0 - t_sign) * 1000, 3))
         if direct.pool is not None:
-            req = await direct.sign(key, headers)
             status, hdrs, body, n, t_head = await direct.pool.get(
                 req.url[direct.origin_len:], req.headers.items(), into)
             if not 200 <= status < 300:
                 raise _client_error(status, bytes(body))
             self._count_direct()
-            return status, hdrs, body, n, t_head - t0
-        r = await direct.get(key, headers)
+            return status, hdrs, body, n, t0, t_head - t0
+        r = await direct.send(req)
         ttfb = time.perf_counter() - t0
         ok = 200 <= r.status_code < 300
         if ok:
@@ -662,7 +669,7 @@ class ObjectStore:
                 await r.raw.aclose()  # a body not read to its end closes the connection
         if not ok:
             raise _client_error(r.status_code, bytes(body))
-        return r.status_code, r.headers, body, n, ttfb
+        return r.status_code, r.headers, body, n, t0, ttfb
 
     async def get_range(self, key: str, etag: str, start: int, length: int,
                         object_size: int, *, into: memoryview) -> bytes | memoryview:
@@ -680,8 +687,8 @@ class ObjectStore:
                 t0 = time.perf_counter()
                 direct = self._direct
                 if direct is not None:
-                    status, hdr, data, got, ttfb = await self._get_direct(
-                        direct, key, start, end, etag, t0, into)
+                    status, hdr, data, got, t0, ttfb = await self._get_direct(
+                        direct, key, start, end, etag, into)
                     got_etag, content_range = hdr.get("etag"), hdr.get("content-range")
                     content_type = hdr.get("content-type")
                 else:
