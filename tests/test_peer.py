@@ -388,6 +388,35 @@ async def test_a_peer_host_gone_behind_pooled_connections_is_known_in_the_ack_ti
     assert len(calls) == 2
 
 
+async def test_a_request_under_way_when_its_peers_host_goes_away_fails_in_the_ack_timeout(
+        nursery, blackhole):
+    """The request was sent and acknowledged, and the owner was reading S3 for it, when
+    its host went away: nothing sent was left unacknowledged, so TCP_USER_TIMEOUT never
+    fired and the request waited out its whole timeout (32 s in a daemon; 8 s here).
+    Keepalive probes on the silent connection now go unacknowledged instead."""
+    started = trio.Event()
+
+    async def handler(chunk, trace):
+        started.set()
+        await trio.sleep_forever()  # the owner's S3 read, as long as it takes
+
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET, connect_timeout=0.5, request_timeout=8,
+                          ack_timeout=1) as client:
+        reasons = []
+
+        async def get():
+            with pytest.raises(PeerError) as ei:
+                await client.get(address, CHUNK, TRACE)
+            reasons.append(ei.value.reason)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(get)
+            await started.wait()
+            blackhole(parse_address(address)[1])
+        assert reasons == ["unacknowledged"]  # ("timeout" at 8 s before)
+
+
 class _CountingHTTPHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         self.server.answered.append(code)

@@ -684,6 +684,13 @@ class PeerClient:
                 try:
                     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
                                       max(1, int(self.ack_timeout * 1000)))
+                    # a request sent and acknowledged, waiting for its answer, leaves
+                    # nothing unacknowledged: probes on the silent connection do, when
+                    # the peer's host is gone (a live one's kernel answers them)
+                    probe = max(1, int(self.ack_timeout / 5))
+                    stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe)
+                    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe)
                     if first is not None:
                         await stream.send_all(len(first).to_bytes(4, "big"))
                     reader = FrameReader(stream)
