@@ -149,6 +149,7 @@ class NodeIdTaken(QuietError):
 
 
 WATCH_IDLE = 60.0  # a watch stream silent this long is created again
+KEEPALIVE_RETRY = 0.5  # seconds before a failed keepalive is sent again (times the failures)
 # TCP keepalive on etcd connections: a peer gone without a FIN is seen within ~25 s, and
 # a NAT or load balancer does not forget the idle watch flow
 _KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)] + [
@@ -231,6 +232,7 @@ class EtcdMembership:
         self.counters = {"registrations": 0, "keepalive_failures": 0, "watch_restarts": 0,
                          "watch_renewals": 0, "joins": 0, "leaves": 0, "etcd_errors": 0,
                          "id_taken": 0}
+        self._registering = trio.Lock()
         self.last_error: str | None = None  # of the last etcd call, until one succeeds
         # why we are out of etcd: another node registered our id while our lease had expired
         self._id_taken: str | None = None
@@ -257,21 +259,23 @@ class EtcdMembership:
             raise EtcdAuthError(f"authentication as etcd user {user!r} failed: {why}")
         self._token = str(token)
 
-    async def _call(self, path: str, body: dict) -> dict:
-        """POST to the first endpoint that answers; rotates on failure."""
+    async def _call(self, path: str, body: dict, per_try: float | None = None) -> dict:
+        """POST to the first endpoint that answers; rotates on failure.  ``per_try``: the
+        timeout of each try, instead of the request timeout."""
         import httpx
 
         last: Exception | None = None
+        timeout = self.request_timeout if per_try is None else per_try
         for _ in range(len(self.endpoints)):
             url = self.endpoints[self._ep] + path
             try:
                 if self._auth and not self._token:
                     await self._authenticate(self.endpoints[self._ep])
-                r = await self._client.post(url, json=body, timeout=self.request_timeout,
+                r = await self._client.post(url, json=body, timeout=timeout,
                                             headers=self._headers())
                 if self._auth and _token_refused(r):
                     await self._authenticate(self.endpoints[self._ep])
-                    r = await self._client.post(url, json=body, timeout=self.request_timeout,
+                    r = await self._client.post(url, json=body, timeout=timeout,
                                                 headers=self._headers())
                 if not self._auth and _token_refused(r):
                     raise EtcdAuthError("etcd has authentication enabled: give --etcd-user "
@@ -360,7 +364,17 @@ class EtcdMembership:
     async def _register_again(self) -> None:
         """Register after our lease expired or our key was deleted.  Another node may
         have taken our id meanwhile: that must not end a daemon serving reads, which
-        keeps the members it knows and tries again at the next keepalive."""
+        keeps the members it knows and tries again at the next keepalive.  The watch,
+        a snapshot and the keepalive may each find the key gone at once: one registers,
+        and the others find it done (each granted a lease of its own, and the key kept
+        the last one, which another's keepalive might not renew)."""
+        seen = self.counters["registrations"]
+        async with self._registering:
+            if self.counters["registrations"] != seen and self.lease_id is not None:
+                return
+            await self._register_once()
+
+    async def _register_once(self) -> None:
         try:
             await self._register()
         except NodeIdTaken as e:
@@ -375,20 +389,32 @@ class EtcdMembership:
             self._id_taken = None
 
     async def _keepalive_loop(self) -> None:
+        # Each keepalive waits at most a third of the TTL, and one that failed is sent
+        # again soon, on a new connection: one sent on a pooled connection that died
+        # without a word waited the request timeout, the next came a third of the TTL
+        # later, and the lease had expired (every node saw this one leave and come back).
+        every = self.lease_ttl / 3
+        pause, failures = every, 0
         while True:
-            await trio.sleep(self.lease_ttl / 3)
+            await trio.sleep(pause)
+            pause = every
             try:
                 if self.lease_id is None:  # our id was taken: try again
                     await self._register_again()
                     continue
-                r = await self._call("/v3/lease/keepalive", {"ID": self.lease_id})
+                r = await self._call("/v3/lease/keepalive", {"ID": self.lease_id},
+                                     per_try=min(self.request_timeout, every))
+                failures = 0
                 ttl = int((r.get("result") or {}).get("TTL") or 0)
                 if ttl <= 0:
                     log.warning("etcd: lease %s expired; registering again", self.lease_id)
                     await self._register_again()
             except EtcdError as e:
                 self.counters["keepalive_failures"] += 1
-                log.warning("etcd keepalive failed (membership kept as is): %s", e)
+                failures += 1
+                pause = min(every, KEEPALIVE_RETRY * failures)
+                (log.warning if failures == 1 else log.debug)(
+                    "etcd keepalive failed (membership kept as is): %s", e)
 
     # -- members -------------------------------------------------------------------
     async def _snapshot(self) -> None:
@@ -523,9 +549,15 @@ class EtcdMembership:
         # names the store's current revision, which events still on their way may precede
         # (watched again from there after a silence, they would be skipped for good)
         events = res.get("events", []) or []
+        now_at = int(res.get("header", {}).get("revision", 0) or 0)
+        if 0 < now_at < self.revision:
+            # a store behind what we saw (etcd recreated empty, or restored from a backup):
+            # watched from our revision, it would hold back every event until it got there
+            raise EtcdError(f"etcd's revision went back from {self.revision} to {now_at} "
+                            "(a new or restored store)")
         rev = 0
         if not events and not res.get("created"):
-            rev = int(res.get("header", {}).get("revision", 0) or 0)
+            rev = now_at
         now = trio.current_time()
         own_deleted = False
         for ev in events:

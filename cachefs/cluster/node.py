@@ -164,6 +164,7 @@ class ClusterNode:
         self.handoff_misses_asked = 0
         self.s3_fallbacks = 0  # chunks a peer should have served but we read from S3
         self.skipped_unhealthy = 0
+        self.budget_spent = 0  # reads that went to S3 when the peers' time for one was up
         self.peer_errors: dict[str, Counter] = {}
 
     # -- lifecycle ---------------------------------------------------------------
@@ -467,6 +468,10 @@ class ClusterNode:
             return await self._handoff(ref, prefs, members)
         desc = ref.describe()
         ctx = {"node": self.node_id}
+        # the peers of one chunk get one request's time in all (its queue wait included),
+        # then S3: an owner that timed out and then a successor that took as long made
+        # a read wait twice the bound, 68 s instead of 34
+        end = trio.current_time() + self.opts.peer_timeout + self.client.request_timeout
         for node in prefs:
             addr = members.get(node)
             if self._is_self(node, addr):
@@ -479,10 +484,19 @@ class ClusterNode:
                 continue
             if addr is None:
                 continue
+            left = end - trio.current_time()
+            if left <= 0:
+                self.budget_spent += 1
+                break
             with trace.span("peer", node=node, tier="peer", bytes=ref.length) as sp:
                 try:
-                    data, spans = await self.client.get(addr, desc, ctx,
-                                                        wait=self.opts.peer_timeout)
+                    with trio.move_on_after(left) as cut:
+                        data, spans = await self.client.get(addr, desc, ctx,
+                                                            wait=self.opts.peer_timeout)
+                    if cut.cancelled_caught:  # our bound, not the peer's fault
+                        sp.set(error="budget")
+                        self.budget_spent += 1
+                        break
                 except PeerError as e:
                     sp.set(error=e.reason)
                     self._count_error(node, e.reason)
@@ -636,6 +650,7 @@ class ClusterNode:
                         "served": self.handoff_hits, "served_empty": self.handoff_misses},
             "s3_fallbacks": self.s3_fallbacks,
             "skipped_unhealthy": self.skipped_unhealthy,
+            "budget_spent": self.budget_spent,
             "health": self.health.statistics(),
             "etcd": self.membership.statistics() if self.membership else None,
             "client": self.client.statistics(),
