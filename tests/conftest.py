@@ -66,6 +66,29 @@ def bucket(s3, proxy):
     return name
 
 
+def _fuse_mounts_under(root: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype.startswith("fuse") and fields[4].startswith(root + "/"):
+                out.append(fields[4])
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _no_mount_left(tmp_path):
+    """A test that leaves a FUSE mount under its tmp_path (a `cachefs mount` outside the
+    `mounts` fixture that should have failed, one whose umount failed) errors, and the
+    mount goes (its daemon ends with it), not the rest of the session's tests."""
+    yield
+    left = _fuse_mounts_under(str(tmp_path))
+    for mp in reversed(left):
+        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+    assert not left, f"the test left mounts behind: {left}"
+
+
 @pytest.fixture(autouse=True)
 def _runtime_dir(tmp_path_factory, monkeypatch):
     d = tmp_path_factory.mktemp("run")

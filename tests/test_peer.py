@@ -1,6 +1,7 @@
 import http.server
 import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -351,8 +352,15 @@ def blackhole():
     armed = []
 
     def arm(port: int) -> None:
+        # a table a killed test run left (its process is gone) would drop packets to
+        # that port for good: whatever listens there later (moto, etcd, a peer) is silent
+        r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
+        for name in re.findall(r"table inet (cachefs_test_(\d+))", r.stdout):
+            if not os.path.exists(f"/proc/{name[1]}"):
+                subprocess.run(["nft", "delete", "table", "inet", name[0]], check=False)
         rules = (f"table inet {table} {{\n chain input {{\n"
-                 f"  type filter hook input priority 0;\n  tcp dport {port} drop\n }}\n}}\n")
+                 f"  type filter hook input priority 0;\n"
+                 f"  iifname lo tcp dport {port} drop\n }}\n}}\n")
         subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
         armed.append(port)
 

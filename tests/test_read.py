@@ -521,11 +521,12 @@ def test_what_the_kernel_keeps_expires_with_the_listing_it_came_from(s3, bucket,
     put(s3, bucket, "g/y", b"y")
     m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "3s"))
     t0 = time.monotonic()
-    assert m.path("g/y").stat().st_size == 1  # the listing of g/
+    assert m.path("g/y").stat().st_size == 1  # the listing of g/, made between t0 and t1
+    t1 = time.monotonic()
     time.sleep(max(0.0, t0 + 2.0 - time.monotonic()))
     assert m.path("g/x").stat().st_size == 100  # looked up with 1 s of the listing's TTL left
     s3.delete_object(Bucket=bucket, Key="g/x")
-    time.sleep(max(0.0, t0 + 3.5 - time.monotonic()))
+    time.sleep(max(0.0, t1 + 3.5 - time.monotonic()))  # (the listing expired by t1 + 3)
     assert os.listdir(m.path("g")) == ["y"]  # relisted
     with pytest.raises(FileNotFoundError):
         m.path("g/x").stat()  # was: 100 bytes, until t0 + 5 s
@@ -708,9 +709,12 @@ def test_an_open_handle_keeps_its_version_when_a_shorter_one_replaces_it(s3, buc
     # the old inode goes once its last handle closed and the kernel forgot it
     with open("/proc/sys/vm/drop_caches", "w") as dc:
         dc.write("2\n")
-    time.sleep(0.5)  # the kernel's FORGETs arrive
+    def used() -> int:  # (the kernel's FORGETs arrive when they do)
+        st = os.statvfs(m.mp)
+        return st.f_files - st.f_ffree
+
+    wait_for(lambda: used() == 2, 10, "the root and s.bin only")
     st = os.statvfs(m.mp)
-    assert st.f_files - st.f_ffree == 2  # the root and s.bin
     assert st.f_ffree > 0  # (none free: df -i said 100%, and inode alerts fired)
 
 
@@ -796,7 +800,7 @@ def test_listed_files_stay_readable_when_s3_fails_after_the_ttl(s3, bucket, moun
     again = time.monotonic() - t0
     # at most STALE_WAIT per directory level (the root, d); 80 s before (two attempts of
     # 20 s per level)
-    assert first < 2 * STALE_WAIT + 2, first
+    assert first < 2 * STALE_WAIT + 5, first
     assert again < 1, again  # the relisting under way is not waited for again
     proxy.reset()
 
@@ -817,7 +821,12 @@ def test_a_stalled_read_fails_within_one_retry_budget(s3, bucket, mounts, proxy)
                 pass
     took = time.monotonic() - t0
     assert ei.value.errno == errno.EIO
-    assert took < 2 * 2 + 1.5, took  # one budget: 2 attempts of 2 s, and the backoff
+    # one budget: 2 attempts of 2 s, and the backoff (8.2 s and 4 GETs of the first chunk
+    # before: the kernel's retry waited out a second budget)
+    first = [r for k, r in proxy.stats(settle=0)["get_ranges"]
+             if k == "big.bin" and r.startswith("bytes=0-")]
+    assert len(first) == 2, first
+    assert took < 7, took
     assert m.counters().get("fetch_failures_repeated", 0) >= 1
 
 
@@ -855,7 +864,7 @@ def test_reads_queued_for_an_s3_connection_fail_within_one_retry_budget(s3, buck
     for t in threads:
         t.join(60)
     assert errs == {0: errno.EIO, 1: errno.EIO, 2: errno.EIO}
-    assert max(took.values()) < 2 * 2 + 0.1 + 1.5, took  # one budget, and some slack
+    assert max(took.values()) < 2 * 2 + 0.1 + 3, took  # one budget, and slack (14-22 s before)
     assert "for one of the 1 S3 connections" in m.log_text()
 
 

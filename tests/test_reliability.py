@@ -493,7 +493,7 @@ def test_stall_mid_body_times_out_and_retries(s3, bucket, mounts, proxy):
     proxy.faults(stall_mid_body=4, count=2)
     t0 = time.monotonic()
     assert read_all(m.path("s.bin")) == data
-    assert time.monotonic() - t0 < 2 * 1 + 3  # two timed-out attempts + backoff, no hang
+    assert time.monotonic() - t0 < 2 * 4  # two timed-out attempts + backoff, not two stalls
     c = m.counters()
     assert c["s3_retries"] == 2 and c.get("s3_short_bodies", 0) == 0
     m.stop()
@@ -1092,7 +1092,7 @@ def test_a_full_runtime_dir_is_named_in_one_line(s3, bucket, moto, memory_fs, tm
     assert len(err) == 1 and err[0].startswith(f"cachefs: error: cannot write {rt}/"), err
     assert err[0].endswith(f"info.json: No space left on device (the runtime directory {rt} "
                            "holds each mount's socket and state)"), err
-    assert not os.path.ismount(mp)
+    assert not is_mounted(mp)
 
 
 def test_a_limit_lowered_by_a_disk_another_program_filled_rises_when_it_frees_it(
@@ -1608,8 +1608,8 @@ def test_objects_gone_from_s3_leave_no_inodes_behind(s3, bucket, mounts):
             s3.delete_object(Bucket=bucket, Key=f"d/f{i:02}")
     time.sleep(1.5)  # past the metadata TTL
     assert sorted(os.listdir(m.path("d"))) == [f"f{i:02}" for i in range(5)]
-    after = _inodes_used(m)
-    assert after <= 3 + 5 + 2, (before, after)  # root, d, the 5 files (+ what the kernel holds)
+    # root, d, the 5 files (+ what the kernel holds; its FORGETs arrive when they do)
+    wait_for(lambda: _inodes_used(m) <= 3 + 5 + 2, 10, f"at most 10 inodes of {before}")
 
 
 def _inodes_used(m) -> int:

@@ -253,6 +253,7 @@ def test_index_commit_reaches_the_disk_within_the_sync_interval(tmp_path):
 
     async def body(store, report):
         w = store.writer
+        w.sync_interval = 3.0  # (room for a slow fsync between the two commits below)
         await trio.sleep(w.sync_interval)  # the next commit syncs at once
         await w.commit(Index.op_pin(b"a" * 16, True))
         assert w.syncs == 1 and not w._unsynced

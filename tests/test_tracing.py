@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trio
-from cachefs_env import CREDS, cli
+from cachefs_env import CREDS, cli, wait_for
 from etcd_env import free_port
 
 from cachefs import trace as tracemod
@@ -549,8 +549,16 @@ def test_a_follower_that_falls_behind_is_told_how_many_traces_it_lost(mounts, s3
     p = subprocess.Popen([sys.executable, "-m", "cachefs", "trace", "--follow", "--slower-than",
                           "0", "--json", "--mount", str(m.mp)], env={**os.environ, **CREDS},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(p.stdout.read()))
+    shown: list[str] = []
+
+    def take() -> None:
+        for line in p.stdout:
+            shown.append(line)
+
+    def last_ones() -> int:  # the traces of the 3 reads at 4096, shown once it caught up
+        return sum(1 for ln in list(shown) if json.loads(ln).get("offset") == 4096)
+
+    reader = threading.Thread(target=take, daemon=True)
     try:
         deadline = time.monotonic() + 10
         while not m.request({"op": "trace_stats"})["tracer"]["followers"]:
@@ -562,23 +570,26 @@ def test_a_follower_that_falls_behind_is_told_how_many_traces_it_lost(mounts, s3
             for _ in range(6000):  # nobody reads the command's output meanwhile
                 os.preadv(fd, [buf], 0)
             reader.start()
-            time.sleep(3.0)  # it catches up
+            # it catches up: no new line for half a second (the last reads' traces, had
+            # they been dropped, would not be shown, and their count not told)
+            before = -1
+            while before != len(shown):
+                before = len(shown)
+                time.sleep(0.5)
             for _ in range(3):  # the next trace it gets comes after the count of those lost
-                os.preadv(fd, [buf], 0)
+                os.preadv(fd, [buf], 4096)
         finally:
             os.close(fd)
-        time.sleep(1.0)
+        wait_for(lambda: last_ones() == 3, 30, "the last 3 traces")
     finally:
         p.send_signal(signal.SIGINT)
         err = p.stderr.read()
         p.wait(timeout=30)
-        if reader.is_alive() or not out:
-            reader.join(timeout=30)
+        reader.join(timeout=30)
         p.stdout.close()
         p.stderr.close()
     got = re.search(r"cachefs: (\d+) trace\(s\) not shown: this command did not keep up", err)
     assert got, err
-    shown = out[0].splitlines()
     assert len(shown) + int(got.group(1)) == 6003, (len(shown), got.group(1))
 
 
@@ -730,8 +741,7 @@ def test_idle_metrics_clients_hold_no_more_than_a_few_descriptors(mounts, s3, bu
     try:
         for _ in range(120):
             idle.append(socket.create_connection(("127.0.0.1", port)))
-        time.sleep(1)
-        assert fds() <= before + 16 + 4, (before, fds())
+        wait_for(lambda: fds() <= before + 16 + 4, 10, "the idle connections closed")
         assert m.path("f.bin").read_bytes() == data
         assert scrape(port)[0]["cachefs_s3_bytes_total"] == len(data)  # idle ones still there
         assert m.counters()["metrics_idle_connections_closed"] >= 100
@@ -1285,18 +1295,27 @@ def test_follow_shows_slow_reads_only(mounts, s3, bucket, proxy):
         f.read()  # cached now; the read below is warm (O_DIRECT: reaches the daemon)
     os.stat(m.path("slow.bin"))
     p = follow(m, "200ms")
+    lines: list[str] = []
+
+    def take() -> None:
+        for line in p.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=take, daemon=True)
     try:
         assert "following traces over 200.0 ms" in p.stderr.readline()
+        reader.start()
         proxy.faults(delay=0.5, count=1)
         for name in ("fast.bin", "slow.bin"):
             read_direct(m.path(name), CHUNK)
-        deadline = time.monotonic() + 10
-        while m.counters().get("s3_get_requests", 0) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
+        wait_for(lambda: any("/slow.bin" in ln for ln in list(lines)), 10, "the slow read")
     finally:
         p.terminate()
-        out, _ = p.communicate(timeout=10)
+        p.wait(timeout=10)
+        reader.join(timeout=10)
+        p.stdout.close()
+        p.stderr.close()
+    out = "".join(lines)
     assert "/slow.bin" in out and "s3.get" in out
     assert "/fast.bin" not in out
 
