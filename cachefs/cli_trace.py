@@ -39,7 +39,7 @@ DOMINANT = "◀ dominant"
 BLOCK = 1 << 20
 # attributes shown in a tree line, in this order (others only in --json)
 SHOWN = ("chunk", "tier", "node", "peer", "bytes", "queued_ms", "sign_ms", "ttfb_ms",
-         "transfer_ms", "status", "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks",
+         "transfer_ms", "holder", "status", "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks",
          "error", "source")
 WAITS = ("singleflight.wait", "readahead.wait")
 
@@ -271,6 +271,9 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
                     detail.append(describe(c))
                 elif c is s and cn == "ssd.read":
                     detail.append(describe(c))
+            if name == "singleflight.wait" and s.get("holder"):
+                detail.append(f"waited {_esc(s.get('duration_ms'))} ms for the fetch of "
+                              f"{_esc(s['holder'])}")
             if row["tier"] == "prefetch" and not detail:
                 detail.append(f"waited {_esc(s.get('duration_ms'))} ms for the file "
                               "prefetcher, which was fetching this file ahead of its open")

@@ -885,7 +885,7 @@ class Datasets:
                     return
                 try:
                     with self.model.timed(r.length):
-                        await reader.get(r)
+                        await reader.get(r, by="preload --dry-run")
                 except Exception as e:  # noqa: BLE001 - a probe that fails measures no more
                     log.info("throughput probe failed: %s", e)
                     failed = True
@@ -1282,7 +1282,8 @@ class Datasets:
                     # our own chunk: the SSD, a hand-off copy from the successor, or S3;
                     # a chunk we stand in for (its owner is down): the SSD or S3 only
                     with t:
-                        await reader.get(ref, pin=pin, local_only=ring.owner(ref.cid) != me)
+                        await reader.get(ref, pin=pin, local_only=ring.owner(ref.cid) != me,
+                                         by=f"preload from node {str(payload.get('node'))[:64]}")
                 except trio.Cancelled:
                     # the call's time is up: the fetch goes on, and its end is what the
                     # requester hears when it sends the chunk again (it was "cached", and
@@ -1597,7 +1598,8 @@ class _Run:
                 continue
             try:
                 with self.ds.model.timed(r.length):
-                    await reader.get(r, pin=self.pin, local_only=self.local_only(r))
+                    await reader.get(r, pin=self.pin, local_only=self.local_only(r),
+                                     by="preload")
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
                 self.reservation.release(r.cid)
                 self._file_failed(self.me, f, _reason(e))
@@ -1931,7 +1933,8 @@ class _ClusterRun(_Run):
             if not nb:
                 continue
             order = [it for items in objs.values() for it in items]
-            payload = {"job": self.job, "pin": self.pin, "parallel": self.parallel,
+            payload = {"job": self.job, "node": cl.node_id, "pin": self.pin,
+                       "parallel": self.parallel,
                        "wait": FETCH_WAIT,
                        "objs": [{**_obj_desc(o), "idx": [r.index for _, r in items]}
                                 for o, items in objs.items()]}

@@ -16,11 +16,14 @@ logged or reported with them (``redact``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import secrets
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -78,23 +81,55 @@ def _ns(ms: Any) -> int:
     return int(v) if math.isfinite(v) else 0
 
 
-def to_otlp(traces: list[dict], node: str) -> dict:
-    """Our trace dicts → an OTLP ExportTraceServiceRequest (JSON encoding)."""
+def trace_id(run_id: str, cachefs_trace: str) -> str:
+    """The OTLP trace id of a cachefs trace of the process whose tracer's ``run_id`` it is."""
+    return hashlib.sha256(f"{run_id}/{cachefs_trace}".encode()).hexdigest()[:32]
+
+
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_SPAN_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def linked(run_id: str, t: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The OTLP trace id a trace is exported under, and its root's parent span, from the
+    root's attributes ``t`` (with its ``trace_id``): a peer.serve goes under the requester's
+    ``peer`` span, in the requester's trace; read-ahead that outlived its read, in the
+    read's trace; any other trace is its own ("" without ``run_id``: a random one)."""
+    pt, ps = t.get("parent_trace"), t.get("parent_span")
+    if isinstance(pt, str) and _TRACE_ID.fullmatch(pt) and isinstance(ps, str) \
+            and _SPAN_ID.fullmatch(ps):
+        return pt, ps
+    of = t.get("continues") or t.get("trace_id")
+    return (trace_id(run_id, str(of)) if run_id and of else ""), None
+
+
+def to_otlp(traces: list[dict], node: str, run_id: str = "") -> dict:
+    """Our trace dicts → an OTLP ExportTraceServiceRequest (JSON encoding).  ``run_id``: the
+    tracer's (its trace ids name OTLP traces the same way the peer requests it sent did).
+
+    Each node exports the spans it ran: a ``peer.serve`` a peer sent back inside its
+    answer is left to that peer's export, which puts it under this node's ``peer`` span
+    (the requester sends that span's id, kept as ``span_id``); exported by both, a peer's
+    S3 GET was counted twice."""
     spans: list[dict] = []
     for t in traces:
-        tid = secrets.token_hex(16)
+        tid, root_parent = linked(run_id, t)
+        tid = tid or secrets.token_hex(16)
         base_ns = _ns(t.get("start_time", t.get("wall_time", 0))) * 1000
 
-        def walk(s: dict, parent: str | None, tid=tid, base_ns=base_ns) -> None:
-            sid = secrets.token_hex(8)
+        def walk(s: dict, parent: str | None, root: bool, tid=tid, base_ns=base_ns) -> None:
+            sid = s.get("span_id")
+            if not (isinstance(sid, str) and _SPAN_ID.fullmatch(sid)):
+                sid = secrets.token_hex(8)
             start = base_ns + _ns(s.get("start_ms", 0))
             end = start + _ns(s.get("duration_ms", 0))
             attrs = [{"key": f"cachefs.{k}", "value": _value(v)} for k, v in s.items()
                      if k not in _SKIP and isinstance(v, (str, int, float, bool))]
-            if parent is None and "trace_id" in s:
+            if root and "trace_id" in s:
                 attrs.append({"key": "cachefs.trace_id", "value": _value(s["trace_id"])})
-            out = {"traceId": tid, "spanId": sid, "name": str(s.get("name", "?")),
-                   "kind": 2 if parent is None else 1,  # SERVER for the request, INTERNAL below
+            name = str(s.get("name", "?"))
+            out = {"traceId": tid, "spanId": sid, "name": name,
+                   "kind": 2 if root else 1,  # SERVER for the request, INTERNAL below
                    "startTimeUnixNano": str(start), "endTimeUnixNano": str(end),
                    "attributes": attrs,
                    "status": {"code": 2, "message": str(s["error"])} if s.get("error")
@@ -103,9 +138,11 @@ def to_otlp(traces: list[dict], node: str) -> dict:
                 out["parentSpanId"] = parent
             spans.append(out)
             for c in s.get("spans", ()):
-                walk(c, sid)
+                if name in ("peer", "peer.handoff") and c.get("name") == "peer.serve":
+                    continue  # the peer's own, exported by the peer
+                walk(c, sid, False)
 
-        walk(t, None)
+        walk(t, root_parent, True)
     return {"resourceSpans": [{
         "resource": {"attributes": [
             {"key": "service.name", "value": {"stringValue": "cachefs"}},
@@ -117,9 +154,11 @@ def to_otlp(traces: list[dict], node: str) -> dict:
 
 
 class OTLPExporter:
-    def __init__(self, endpoint: str, *, service_node: str, queue: int = QUEUE) -> None:
+    def __init__(self, endpoint: str, *, service_node: str, run_id: str = "",
+                 queue: int = QUEUE) -> None:
         self.url = traces_url(endpoint)
         self.node = service_node
+        self.run_id = run_id  # the tracer's (trace ids the same as its peer requests gave)
         self._send, self._recv = trio.open_memory_channel(queue)
         self.exported = 0
         self.dropped = 0
@@ -195,7 +234,7 @@ class OTLPExporter:
         """A batch of recorded traces as the POST's body (in a worker thread).  A trace
         recorded incomplete (its read-ahead still running after 60 s) may still change
         meanwhile: the encoding then fails and the batch is dropped, counted."""
-        return json.dumps(to_otlp([t.dict() for t in batch], self.node),
+        return json.dumps(to_otlp([t.dict() for t in batch], self.node, self.run_id),
                           allow_nan=False).encode()
 
     def statistics(self) -> dict:

@@ -266,7 +266,7 @@ class FilePrefetcher:
         """A chunk from its owner or S3, through the chunk reader (singleflight)."""
         data = None
         try:
-            data = await self.vfs.reader.get(ref)
+            data = await self.vfs.reader.get(ref, by="the file prefetcher")
         except Exception as e:  # noqa: BLE001 - the read itself will retry and report
             log.debug("prefetch of %s failed: %s", ref.obj.key, e)
         self._deliver(ref, data, dir_ino)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import secrets
 import time
 from array import array
 from collections import deque
@@ -485,6 +486,15 @@ def current() -> Span | None:
     return _get()
 
 
+def root() -> RootSpan | None:
+    """The root span of the trace being built here, if any."""
+    sp = _get()
+    if sp is None:
+        return None
+    r = sp if sp.root is None else sp.root
+    return r if isinstance(r, RootSpan) else None
+
+
 class _Ring:
     """Recorded traces, oldest first, bounded in traces and in spans (a QuickRun counts as
     its reads, and is let go of as a whole)."""
@@ -577,6 +587,9 @@ class Tracer:
         self.slow = _Ring(slow, slow_spans)
         self.node = node or os.uname().nodename
         self.pid_hex = f"{os.getpid():x}"
+        # this process's: trace ids repeat across restarts (a daemon that is PID 1 of its
+        # container counts from 1 each time), the OTLP ids made from them must not
+        self.run_id = secrets.token_hex(8)
         self.enabled = tracing_enabled_from_env() if enabled is None else enabled
         self._subscribers: list[_Subscriber] = []
         self._sinks: list[Callable[[RootSpan], None]] = []
@@ -664,7 +677,8 @@ class Tracer:
 
     def _continuation(self, prev: RootSpan | _Done, op: str, attrs: dict) -> RootSpan:
         pa = prev.attrs
-        attrs = {**{k: pa[k] for k in ("ino", "path", "offset", "size") if k in pa}, **attrs,
+        attrs = {**{k: pa[k] for k in ("ino", "path", "offset", "size", "parent_trace",
+                                       "parent_span") if k in pa}, **attrs,
                  "continues": prev.trace_id}
         self.started += 1
         self._seq = n = self._seq + 1

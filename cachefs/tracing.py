@@ -350,7 +350,7 @@ def _start_services(d: Daemon) -> None:
     if endpoint and not getattr(d, "otlp", None):
         from .otlp import OTLPExporter
 
-        exp = OTLPExporter(endpoint, service_node=d.tracer.node)
+        exp = OTLPExporter(endpoint, service_node=d.tracer.node, run_id=d.tracer.run_id)
         d.otlp = exp  # type: ignore[attr-defined]
         d.tracer.add_sink(exp.offer)
         nursery.start_soon(exp.run)

@@ -533,6 +533,22 @@ class SilencingProxy:
             n.start_soon(pump, up, down)
 
 
+async def behind_a_silencer(tmp_path, body) -> None:
+    """``await body(etcd, proxy, url, nursery)`` with a new etcd behind a SilencingProxy
+    listening at ``url``; everything stopped after."""
+    etcd = start_etcd(tmp_path / "etcd")
+    try:
+        px = SilencingProxy(int(etcd.url.rsplit(":", 1)[1]))
+        async with trio.open_nursery() as n:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            n.start_soon(trio.serve_listeners, px.handle, listeners)
+            await body(etcd, px, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",
+                       n)
+            n.cancel_scope.cancel()
+    finally:
+        etcd.stop()
+
+
 def etcd_put(etcd, key: str, address: str, ttl: int = 60) -> str:
     lease = etcd.call("/v3/lease/grant", {"TTL": ttl})["ID"]
     etcd.call("/v3/kv/put", {"key": b64(key), "value": b64(json.dumps({"address": address})),
@@ -559,27 +575,20 @@ async def test_a_watch_connection_that_goes_silent_is_watched_again(tmp_path):
     the flow) was never noticed: keepalives on new connections went on working, stats
     showed no error, and the node never saw a join or a leave again (40 s after, its ring
     still held a node that had left and lacked one that had joined)."""
-    etcd = start_etcd(tmp_path / "etcd")
-    try:
-        px = SilencingProxy(int(etcd.url.rsplit(":", 1)[1]))
-        async with trio.open_nursery() as n:
-            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            n.start_soon(trio.serve_listeners, px.handle, listeners)
-            url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-            m = EtcdMembership([url], "/w/", "a", "127.0.0.1:7001", lease_ttl=3,
-                               grace_period=1, watch_idle=2)
-            await n.start(m.run)
-            etcd_put(etcd, "/w/c", "127.0.0.1:7003")
-            await trio_wait_for(lambda: "c" in m.members, 10, "c to join")
-            px.generation += 1  # the watch's flow goes silent
-            etcd_put(etcd, "/w/b", "127.0.0.1:7002")
-            etcd.call("/v3/kv/deleterange", {"key": b64("/w/c")})
-            await trio_wait_for(lambda: sorted(m.members) == ["a", "b"], 15,
-                                "b to join and c to leave")
-            assert m.statistics()["watch_renewals"] >= 1
-            n.cancel_scope.cancel()
-    finally:
-        etcd.stop()
+    async def body(etcd, px, url, n) -> None:
+        m = EtcdMembership([url], "/w/", "a", "127.0.0.1:7001", lease_ttl=3,
+                           grace_period=1, watch_idle=2)
+        await n.start(m.run)
+        etcd_put(etcd, "/w/c", "127.0.0.1:7003")
+        await trio_wait_for(lambda: "c" in m.members, 10, "c to join")
+        px.generation += 1  # the watch's flow goes silent
+        etcd_put(etcd, "/w/b", "127.0.0.1:7002")
+        etcd.call("/v3/kv/deleterange", {"key": b64("/w/c")})
+        await trio_wait_for(lambda: sorted(m.members) == ["a", "b"], 15,
+                            "b to join and c to leave")
+        assert m.statistics()["watch_renewals"] >= 1
+
+    await behind_a_silencer(tmp_path, body)
 
 
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")
@@ -589,28 +598,21 @@ async def test_one_keepalive_lost_on_a_dead_connection_keeps_the_lease(tmp_path)
     one came a third of the TTL after that: the lease expired, every node saw this one
     leave, and it registered again.  Each keepalive now waits at most a third of the TTL,
     and one that failed is sent again at once, on a new connection."""
-    etcd = start_etcd(tmp_path / "etcd")
-    try:
-        px = SilencingProxy(int(etcd.url.rsplit(":", 1)[1]))
-        async with trio.open_nursery() as n:
-            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            n.start_soon(trio.serve_listeners, px.handle, listeners)
-            url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-            m = EtcdMembership([url], "/k/", "a", "127.0.0.1:7001", lease_ttl=3,
-                               grace_period=1, request_timeout=5)
-            await n.start(m.run)
-            await trio.sleep(1.5)  # a keepalive or two on the pooled connection
-            px.generation += 1  # the flows open now go silent
-            await trio_wait_for(lambda: m.statistics()["keepalive_failures"] >= 1, 10,
-                                "a keepalive lost")
-            await trio.sleep(4)  # past the TTL
-            st = m.statistics()
-            assert st["registrations"] == 1, st  # (2: the lease had expired)
-            lease = etcd.call("/v3/kv/range", {"key": b64("/k/a")})["kvs"][0]["lease"]
-            assert int(lease) == int(m.lease_id), (lease, m.lease_id)
-            n.cancel_scope.cancel()
-    finally:
-        etcd.stop()
+    async def body(etcd, px, url, n) -> None:
+        m = EtcdMembership([url], "/k/", "a", "127.0.0.1:7001", lease_ttl=3,
+                           grace_period=1, request_timeout=5)
+        await n.start(m.run)
+        await trio.sleep(1.5)  # a keepalive or two on the pooled connection
+        px.generation += 1  # the flows open now go silent
+        await trio_wait_for(lambda: m.statistics()["keepalive_failures"] >= 1, 10,
+                            "a keepalive lost")
+        await trio.sleep(4)  # past the TTL
+        st = m.statistics()
+        assert st["registrations"] == 1, st  # (2: the lease had expired)
+        lease = etcd.call("/v3/kv/range", {"key": b64("/k/a")})["kvs"][0]["lease"]
+        assert int(lease) == int(m.lease_id), (lease, m.lease_id)
+
+    await behind_a_silencer(tmp_path, body)
 
 
 async def test_a_watch_goes_on_from_the_last_revision_delivered():

@@ -869,11 +869,11 @@ def test_trace_cold_warm_metrics_otlp_no_credentials(mounts, s3, bucket, proxy):
         rx.close()
 
 
-def read_direct(path, size: int) -> None:
+def read_direct(path, size: int, offset: int = 0) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         buf = mmap.mmap(-1, size)
-        assert os.preadv(fd, [buf], 0) == size
+        assert os.preadv(fd, [buf], offset) == size
     finally:
         os.close(fd)
 
@@ -891,6 +891,40 @@ def recent_spans(m, name: str) -> list[dict]:
     """The spans called ``name`` in the mount's last 10 traces."""
     recent = json.loads(cli("trace", "--recent", "10", "--json", "--mount", str(m.mp)).stdout)
     return [s for t in recent for s in all_spans(t) if s["name"] == name]
+
+
+def test_a_wait_for_another_fetch_names_whose_it_is(mounts, s3, bucket, proxy, tmp_path):
+    """A read that waited for a fetch another request had started showed a bare
+    `singleflight.wait 500 ms`: nothing said whose fetch it was (another reader's, a
+    preload's)."""
+    put(s3, bucket, "w.bin", CHUNK, seed=3)
+    put(s3, bucket, "p.bin", CHUNK, seed=4)
+    m = mounts(f"s3://{bucket}", extra=("--prefetch-files", "0"))
+    for name in ("w.bin", "p.bin"):
+        m.path(name).stat()
+    proxy.faults(delay=0.5, count=-1)
+    read_at_once([m.path("w.bin")] * 2)  # one cold chunk, two readers: one fetches it
+    recent = json.loads(cli("trace", "--recent", "10", "--json", "--mount", str(m.mp)).stdout)
+    waits = [s for t in recent for s in all_spans(t) if s["name"] == "singleflight.wait"]
+    fetched = [t for t in recent if any(s["name"] == "s3.get" for s in all_spans(t))]
+    assert len(waits) == 1 and len(fetched) == 1, recent
+    assert waits[0]["holder"] == f"read /w.bin (trace {fetched[0]['trace_id']})", waits
+    # a read of a chunk a preload is fetching
+    lst = tmp_path / "p.txt"
+    lst.write_text("p.bin\n")
+    p = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list", str(lst),
+                          "--mount", str(m.mp)], env={**os.environ, **CREDS},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: proxy.stats(settle=0)["inflight"] >= 1, 20, "the preload's GET")
+        read_direct(m.path("p.bin"), CHUNK)
+    finally:
+        assert p.wait(timeout=60) == 0
+    proxy.clear_faults()
+    holders = [s.get("holder") for s in recent_spans(m, "singleflight.wait")]
+    assert "preload" in holders, holders
+    r = cli("trace", "--recent", "10", "--mount", str(m.mp))
+    assert "singleflight.wait #0 holder=preload" in r.stdout, r.stdout
 
 
 def test_a_wait_for_an_s3_connection_slot_is_its_own_span(mounts, s3, bucket, proxy,
@@ -1401,6 +1435,61 @@ def test_peer_span_carries_owner_spans(mounts, s3, bucket):
     peers2 = [s for t in res2["traces"] for s in all_spans(t) if s["name"] == "peer"]
     assert peers2 and any(s["name"] == "ssd.read" for s in all_spans(peers2[0]))
     assert not any(s["name"] == "s3.get" for s in all_spans(peers2[0]))
+
+
+def test_otlp_puts_an_owners_spans_under_the_requesters_peer_span(mounts, s3, bucket):
+    """A read served by a peer was two unrelated OTLP traces with random ids, and the
+    owner's spans were in both: the requester exported the owner's peer.serve inside its
+    own read, the owner exported it again as a trace of its own (its S3 GET counted
+    twice).  Each node now exports the spans it ran, in one trace: the owner's peer.serve
+    under the requester's peer span."""
+    from test_cluster import start_cluster
+
+    data, owned = put_owned(s3, bucket, "o.bin", ["n0", "n1"], "n0")
+    rx = Receiver()
+    try:
+        a, b = start_cluster(mounts, bucket, n=2, env_for={
+            n: {"CACHEFS_OTLP_ENDPOINT": rx.url} for n in ("n0", "n1")})
+        i = owned[0]
+        read_direct(b.path("o.bin"), CHUNK, i * CHUNK)  # n1 reads a chunk n0 owns: cold
+
+        def spans() -> list[dict]:
+            out = []
+            for _, body in list(rx.bodies):
+                for rs in json.loads(body)["resourceSpans"]:
+                    node = rs["resource"]["attributes"][1]["value"]["stringValue"]
+                    out += [{**sp, "node": node} for ss in rs["scopeSpans"]
+                            for sp in ss["spans"]]
+            return out
+
+        wait_for(lambda: any(sp["name"] == "peer.serve" for sp in spans())
+                 and any(sp["name"] == "peer" for sp in spans()), 20, "both exports")
+        got = spans()
+
+        def attr(sp: dict, key: str):
+            return next((a["value"] for a in sp["attributes"] if a["key"] == key), {})
+
+        # each span once, exported by the node that ran it (the read ahead of chunk i may
+        # have asked for more chunks, and n0 its successor n1 for hand-off copies: each
+        # such request is checked alike)
+        serves = [sp for sp in got if sp["name"] == "peer.serve"]
+        mine = [sp for sp in serves if attr(sp, "cachefs.node") == {"stringValue": "n0"}
+                and attr(sp, "cachefs.chunk") == {"intValue": str(i)}]
+        assert len(mine) == 1 and mine[0]["node"] == "n0", mine  # (2 before: in n1's too)
+        gets = [sp for sp in got if sp["name"] == "s3.get"
+                and attr(sp, "cachefs.offset") == {"intValue": str(i * CHUNK)}]
+        assert len(gets) == 1 and gets[0]["node"] == "n0", gets
+        assert gets[0]["traceId"] == mine[0]["traceId"]
+        waiting = {sp["spanId"]: sp for sp in got if sp["name"] in ("peer", "peer.handoff")}
+        for serve in serves:  # under the span that waited for it, in that request's trace
+            w = waiting[serve["parentSpanId"]]
+            assert serve["traceId"] == w["traceId"] and serve["node"] != w["node"], (serve, w)
+        roots = [sp for sp in got if sp["traceId"] == mine[0]["traceId"]
+                 and "parentSpanId" not in sp]
+        assert "read" in [r["name"] for r in roots], roots  # n1's read
+        assert {r["node"] for r in roots} == {"n1"}, roots
+    finally:
+        rx.close()
 
 
 @pytest.mark.parametrize("value", ["nonsense", "1.2.3.4:99999"])

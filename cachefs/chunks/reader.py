@@ -31,6 +31,7 @@ import trio
 from ..errors import ObjectChanged, S3Error
 from ..stats import Stats
 from ..store.chunkstore import ChunkStore
+from ..trace import root as trace_root
 from ..trace import span
 from .ids import ChunkRef
 
@@ -51,13 +52,24 @@ class PeerTier(Protocol):
 
 
 class _Flight:
-    __slots__ = ("done", "data", "error", "pin")
+    __slots__ = ("done", "data", "error", "pin", "holder")
 
-    def __init__(self, pin: bool) -> None:
+    def __init__(self, pin: bool, holder: str) -> None:
         self.done = trio.Event()
         self.data: bytes | memoryview | None = None
         self.error: BaseException | None = None
         self.pin = pin  # cache the chunk pinned (cleared by a free of it meanwhile)
+        self.holder = holder  # whose fetch it is: a trace, or an untraced caller's ``by``
+
+
+def _holder(by: str) -> str:
+    """Who starts a fetch, for the traces of those who wait for it: the request of the
+    trace it runs in ("read /a/b.bin (trace 3f2a-1c)"), else ``by`` ("preload")."""
+    root = trace_root()
+    if root is None:
+        return by
+    what = root.attrs.get("path") or root.attrs.get("node")
+    return f"{root.name}{f' {what}' if what else ''} (trace {root.trace_id})"
 
 
 class ChunkReader:
@@ -76,8 +88,10 @@ class ChunkReader:
     def in_flight(self) -> int:
         return len(self._flights)
 
-    async def get(self, ref: ChunkRef, *, pin: bool = False,
-                  local_only: bool = False) -> bytes | memoryview:
+    async def get(self, ref: ChunkRef, *, pin: bool = False, local_only: bool = False,
+                  by: str = "") -> bytes | memoryview:
+        """The chunk's bytes.  ``by``: who asks, when not a traced request ("preload"),
+        named in the traces of the readers who wait for this fetch."""
         f = self._flights.get(ref.cid)
         if f is None:
             # fast path: local hit without a flight (no await before registering below)
@@ -90,7 +104,7 @@ class ChunkReader:
                 f = self._flights.get(ref.cid)
         if f is None:
             self._fail_fast(ref)
-            f = _Flight(pin)
+            f = _Flight(pin, _holder(by))
             self._flights[ref.cid] = f
             self.nursery.start_soon(self._run, ref, f, local_only)
             leader = True
@@ -102,7 +116,8 @@ class ChunkReader:
         if leader:
             await f.done.wait()
         else:
-            with span("singleflight.wait", chunk=ref.index):
+            with span("singleflight.wait", chunk=ref.index,
+                      **({"holder": f.holder} if f.holder else {})):
                 await f.done.wait()
         if f.error is not None:
             raise f.error

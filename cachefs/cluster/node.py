@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import resource
+import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -31,6 +33,7 @@ import trio
 from .. import trace
 from ..chunks.ids import ChunkRef, ObjectVersion
 from ..errors import ConfigError
+from ..otlp import linked as otlp_linked
 from ..report import human
 from .membership import EtcdMembership, advertise_address, resolve_self, static_members
 from .peer import PeerClient, PeerError, PeerHealth, serve_peers
@@ -52,6 +55,8 @@ ADVERTISE_ENV = "CACHEFS_PEER_ADVERTISE"
 #: Nodes of the preference list tried per chunk (the owner, then its successor).
 #: The successor is the node that owns the chunk if the owner leaves the ring.
 PEER_CANDIDATES = 2
+# the OTLP ids a requester sends: its trace's, and that of the span waiting for the answer
+_TRACE_ID, _SPAN_ID = re.compile(r"[0-9a-f]{32}"), re.compile(r"[0-9a-f]{16}")
 #: A peer that failed is skipped for this long (then tried again).
 UNHEALTHY_FOR = 10.0
 # a call that never waits on S3 (ds_probe, ds_drop: index lookups, unlinks) is given up
@@ -290,6 +295,10 @@ class ClusterNode:
         tracer = self.daemon.tracer
         attrs = {"node": self.node_id, "chunk": ref.index, "key": ref.obj.key,
                  "peer": str(ctx.get("node", "?"))}
+        parent_trace, parent_span = ctx.get("trace"), ctx.get("span")
+        if (isinstance(parent_trace, str) and _TRACE_ID.fullmatch(parent_trace)
+                and isinstance(parent_span, str) and _SPAN_ID.fullmatch(parent_span)):
+            attrs.update(parent_trace=parent_trace, parent_span=parent_span)
         try:
             with tracer.start("peer.serve", **attrs) as root:
                 if cached_only:
@@ -467,7 +476,6 @@ class ClusterNode:
         if prefs[0] == self.node_id:
             return await self._handoff(ref, prefs, members)
         desc = ref.describe()
-        ctx = {"node": self.node_id}
         # the peers of one chunk get one request's time in all (its queue wait included),
         # then S3: an owner that timed out and then a successor that took as long made
         # a read wait twice the bound, 68 s instead of 34
@@ -491,7 +499,7 @@ class ClusterNode:
             with trace.span("peer", node=node, tier="peer", bytes=ref.length) as sp:
                 try:
                     with trio.move_on_after(left) as cut:
-                        data, spans = await self.client.get(addr, desc, ctx,
+                        data, spans = await self.client.get(addr, desc, self._ctx(sp),
                                                             wait=self.opts.peer_timeout)
                     if cut.cancelled_caught:  # our bound, not the peer's fault
                         sp.set(error="budget")
@@ -531,6 +539,21 @@ class ClusterNode:
         self.s3_fallbacks += 1
         return None
 
+    def _ctx(self, sp) -> dict:
+        """What a chunk request tells its owner about itself: this node, and, in a trace,
+        the trace and the id of the span ``sp`` that waits for the answer, under which
+        the owner's OTLP export puts its ``peer.serve`` (docs/tracing.md)."""
+        ctx: dict[str, Any] = {"node": self.node_id}
+        root = trace.root()
+        if root is not None:
+            # the trace this one is exported in (itself, the read whose read-ahead it is,
+            # the requester's of a peer.serve of ours: docs/tracing.md)
+            ctx["trace"] = otlp_linked(root.owner.run_id,
+                                       {**root.attrs, "trace_id": root.trace_id})[0]
+            ctx["span"] = secrets.token_hex(8)
+            sp.set(span_id=ctx["span"])
+        return ctx
+
     async def _handoff(self, ref: ChunkRef, prefs: list[str],
                        members: dict[str, str]) -> bytes | None:
         """We own the chunk but do not have it: ask the successor (its owner
@@ -548,8 +571,7 @@ class ClusterNode:
                 with _within(HANDOFF_TIMEOUTS * self.opts.peer_timeout, addr):
                     # (a shortcut only: not when every connection to it is in use)
                     data, spans = await self.client.get(
-                        addr, desc, {"node": self.node_id}, wait=self.opts.peer_timeout,
-                        queue=0)
+                        addr, desc, self._ctx(sp), wait=self.opts.peer_timeout, queue=0)
             except PeerError as e:
                 sp.set(error=e.reason)
                 self._count_error(node, e.reason)
