@@ -41,6 +41,19 @@ FAILED_FOR = 2.0  # seconds a chunk whose fetch failed fails again without a new
 CHANGED_FOR = 60.0  # seconds an object version S3 no longer has fails without a GET
 
 
+def _bare(e: BaseException) -> BaseException:
+    """``e`` and the exceptions it was raised from, without their tracebacks."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        x.__traceback__ = None
+        todo += (x.__cause__, x.__context__)
+    return e
+
+
 def _version(ref: ChunkRef) -> tuple[str, str, str]:
     """The object version a chunk belongs to: bucket, key, ETag."""
     return ref.obj.bucket, ref.obj.key, ref.obj.etag
@@ -120,7 +133,14 @@ class ChunkReader:
                       **({"holder": f.holder} if f.holder else {})):
                 await f.done.wait()
         if f.error is not None:
-            raise f.error
+            # raised from a frame that holds neither it nor its flight: a traceback that
+            # leads back to the error (this frame's f, err) is a cycle, and the failed
+            # fetch's chunk memory waited for a full garbage collection
+            err, f = f.error, None
+            try:
+                raise err
+            finally:
+                del err
         assert f.data is not None
         if pin and not leader and not self.store.is_pinned(ref.cid):
             await self.store.set_pinned([ref.cid], True)
@@ -198,7 +218,11 @@ class ChunkReader:
         try:
             f.data = await self._fetch(ref, f, local_only)
         except Exception as e:  # noqa: BLE001 - handed to every waiter
-            f.error = e
+            if not isinstance(e, S3Error):
+                log.debug("fetch of chunk %d of %s failed", ref.index, ref.obj.key, exc_info=e)
+            # without the frames it came through: they hold this flight (and the chunk's
+            # memory), which will hold the error (a cycle, freed only by a full collection)
+            f.error = _bare(e)
             if isinstance(e, S3Error):
                 self._remember(ref, e)
         finally:
