@@ -710,7 +710,7 @@ class VFS:
         m = d.mount
         assert m is not None
         prefix = m.spec.prefix + d.path
-        asked = time.monotonic()
+        asked, asked_at = time.monotonic(), time.time()
         try:
             listing = await m.store.list_dir(prefix)
         except S3Error as e:
@@ -722,7 +722,9 @@ class VFS:
             return  # a HEAD answered meanwhile: this listing is older than what we show
 
         def encode() -> bytes:  # a large directory's JSON takes long: not on the trio thread
-            return json.dumps({"t": time.time(), "p": listing.prefixes,
+            # (as old as its request: a LIST that took longer than the TTL was fresh after a
+            # restart when stamped at its end)
+            return json.dumps({"t": asked_at, "p": listing.prefixes,
                                "o": [[o.key, o.size, o.etag, o.mtime] for o in listing.objects]},
                               separators=(",", ":")).encode()
 

@@ -348,6 +348,24 @@ def test_herd_of_readers_shares_chunks_in_memory(s3, bucket, mounts, proxy):
     wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
 
 
+def test_a_saved_listing_is_as_old_as_its_list_request(s3, bucket, mounts, proxy):
+    """The listing kept in the index for a restart was stamped when it had been received
+    and encoded, not when it was asked for: a LIST that took 3.5 s gave a listing older
+    than the 3 s TTL to a daemon started at once after, which used it as fresh."""
+    put(s3, bucket, "s/a.bin", b"a")
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "3s"))
+    assert m.path("s").is_dir()
+    proxy.faults(delay=3.5, count=1, ops=["ListObjects"])
+    assert m.path("s/a.bin").stat().st_size == 1  # the listing of s/, 3.5 s
+    proxy.clear_faults()
+    assert m.stop() == 0
+    m.start()
+    assert m.path("s").is_dir()  # (the root: listed again or not, before the count)
+    proxy.reset()
+    assert m.path("s/a.bin").stat().st_size == 1
+    assert proxy.stats()["ops"]["ListObjects"] == 1  # listed again (0: the old one was used)
+
+
 def test_warm_restart_after_umount_and_sigkill(s3, bucket, mounts, proxy):
     objs = {f"w/{i}.bin": put(s3, bucket, f"w/{i}.bin", random.randbytes(3 * CS + i))
             for i in range(4)}
