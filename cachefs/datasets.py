@@ -906,11 +906,16 @@ class Datasets:
         New fetches start for PROBE_SECONDS, a quarter of each share at most."""
         sample = _ClusterPlan(cp.ring, cp.me, cp.files, False, streams)
         sample.down, sample.missing = dict(cp.down), cp.missing
+        # a quarter of the missing chunks at most (MIN_SAMPLES at least), as on one node,
+        # shared among the owners by their shares (one each at least)
+        quota = max(MIN_SAMPLES, len(cp.missing) // PROBE_SHARE)
         for node, items in cp.lanes.items():
             miss = [it for it in items if it[1].cid in cp.missing]
             if miss:
-                sample.lanes[node] = miss[:max(MIN_SAMPLES, len(miss) // PROBE_SHARE)]
+                share = -(-quota * len(miss) // max(1, len(cp.missing)))
+                sample.lanes[node] = miss[:max(1, share)]
         run = _ClusterRun(self, sample, until=trio.current_time() + PROBE_SECONDS)
+        run.by = "preload --dry-run"
         await run.go()
         return run.fetched_chunks, run.fetched_bytes
 
@@ -1263,6 +1268,8 @@ class Datasets:
             if late is not None:  # a fetch of an earlier call of this job, still followed
                 await late.done.wait()
                 job.late.pop(ref.cid, None)
+                if late.code == "u" and store.contains(ref.cid):
+                    late.code = "f"  # (not kept then, cached since by another read)
                 if late.code != "f" or store.contains(ref.cid):  # (not dropped since)
                     codes[k] = late.code
                     if late.error:
@@ -1340,7 +1347,10 @@ class Datasets:
                 late.time = [ref.length, round(secs, 6), round(t.streams, 2)]
             late.done.set()
 
-        reader.nursery.start_soon(follow)
+        try:
+            reader.nursery.start_soon(follow)
+        except RuntimeError:  # (the daemon is stopping: its service nursery is closed)
+            del job.late[ref.cid]
 
     async def op_probe(self, payload: dict) -> dict:
         store = self.d.store
@@ -1465,6 +1475,7 @@ class _Run:
     # there, not here
     keeps_all = True
     until: float | None = None  # (a dry run's measurement) no new fetch from this trio time
+    by = "preload"  # who fetches, in the traces of readers that wait for it
 
     def may_start(self) -> bool:
         """May a new fetch start?"""
@@ -1599,7 +1610,7 @@ class _Run:
             try:
                 with self.ds.model.timed(r.length):
                     await reader.get(r, pin=self.pin, local_only=self.local_only(r),
-                                     by="preload")
+                                     by=self.by)
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
                 self.reservation.release(r.cid)
                 self._file_failed(self.me, f, _reason(e))
@@ -1820,10 +1831,17 @@ class _ClusterRun(_Run):
         # the missing chunks not yet settled: by target, bytes and chunks (the live ETA)
         self.target: dict[bytes, str] = {}
         self.left: dict[str, list[int]] = {}
-        for node, items in cp.lanes.items():
+        self.sent: set[bytes] = set()  # (a dry run's) chunks asked of their owner once
+
+    async def _aim_all(self) -> None:
+        k = 0
+        for node, items in self.cp.lanes.items():
             for _, r in items:
-                if r.cid in cp.missing and r.cid not in self.target:
+                if r.cid in self.cp.missing and r.cid not in self.target:
                     self._aim(r, node)
+                k += 1
+                if k % (4 * YIELD_EVERY) == 0:
+                    await trio.lowlevel.checkpoint()
 
     def _aim(self, r: ChunkRef, node: str | None) -> None:
         """Chunk ``r`` is left to ``node`` now (None: settled)."""
@@ -1854,6 +1872,7 @@ class _ClusterRun(_Run):
         return self.ring.owner(r.cid) != self.me
 
     async def go(self) -> None:
+        await self._aim_all()
         for f in self.files:
             if not f.refs:
                 self.files_done += 1
@@ -1914,7 +1933,13 @@ class _ClusterRun(_Run):
         ds = self.ds
         cl = ds.d.cluster
         limit = max(1, min(self.parallel, MAX_FETCH_CHUNKS))
-        while dq and self.may_start():
+        while dq:
+            if not self.may_start():  # (a dry run's time is up) only what is under way
+                going = [it for it in dq if it[1].cid in self.sent]
+                if not going:
+                    return
+                dq.clear()
+                dq.extend(going)
             objs: dict = {}
             nb = size = 0
             while dq and nb < limit:
@@ -1928,6 +1953,8 @@ class _ClusterRun(_Run):
                     break
                 dq.popleft()
                 objs.setdefault(r.obj, []).append((f, r))
+                if self.until is not None:
+                    self.sent.add(r.cid)
                 nb += 1
                 size += add
             if not nb:

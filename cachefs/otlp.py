@@ -90,14 +90,20 @@ _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 
 
+def is_parent(trace: Any, span: Any) -> bool:
+    """Are these an OTLP trace id and span id (32 and 16 lowercase hex digits), as a peer
+    request names the requester's trace and span?"""
+    return (isinstance(trace, str) and _TRACE_ID.fullmatch(trace) is not None
+            and isinstance(span, str) and _SPAN_ID.fullmatch(span) is not None)
+
+
 def linked(run_id: str, t: Mapping[str, Any]) -> tuple[str, str | None]:
     """The OTLP trace id a trace is exported under, and its root's parent span, from the
     root's attributes ``t`` (with its ``trace_id``): a peer.serve goes under the requester's
     ``peer`` span, in the requester's trace; read-ahead that outlived its read, in the
     read's trace; any other trace is its own ("" without ``run_id``: a random one)."""
     pt, ps = t.get("parent_trace"), t.get("parent_span")
-    if isinstance(pt, str) and _TRACE_ID.fullmatch(pt) and isinstance(ps, str) \
-            and _SPAN_ID.fullmatch(ps):
+    if is_parent(pt, ps):
         return pt, ps
     of = t.get("continues") or t.get("trace_id")
     return (trace_id(run_id, str(of)) if run_id and of else ""), None

@@ -351,7 +351,8 @@ def blackhole():
     table = f"cachefs_test_{os.getpid()}"
     armed = []
 
-    def arm(port: int) -> None:
+    def arm(port: int):
+        """Drop the packets to ``port``; returns what lifts that (at teardown otherwise)."""
         # a table a killed test run left (its process is gone) would drop packets to
         # that port for good: whatever listens there later (moto, etcd, a peer) is silent
         r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True)
@@ -363,10 +364,15 @@ def blackhole():
                  f"  iifname lo tcp dport {port} drop\n }}\n}}\n")
         subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
         armed.append(port)
+        return lift
+
+    def lift() -> None:
+        if armed:
+            subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+            armed.clear()
 
     yield arm
-    if armed:
-        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+    lift()
 
 
 async def test_a_peer_host_gone_behind_pooled_connections_is_known_in_the_ack_timeout(
@@ -423,6 +429,23 @@ async def test_a_request_under_way_when_its_peers_host_goes_away_fails_in_the_ac
             await started.wait()
             blackhole(parse_address(address)[1])
         assert reasons == ["unacknowledged"]  # ("timeout" at 8 s before)
+
+
+async def test_a_pooled_connection_given_up_in_a_blip_is_not_a_host_gone(nursery, blackhole):
+    """Idle pooled connections send keepalive probes: a network blip longer than the ack
+    timeout makes the kernel give them up.  Once it is over, the first request on one
+    failed as "unacknowledged", and the peer was taken for down (no connection tried
+    for a while, readers sent elsewhere).  Such a connection is now let go of when taken."""
+    handler, calls = counting_handler()
+    address = await start_server(nursery, handler)
+    async with PeerClient(SECRET, connect_timeout=0.5, request_timeout=8,
+                          ack_timeout=1) as client:
+        await client.get(address, CHUNK, TRACE)  # a pooled connection
+        lift = blackhole(parse_address(address)[1])
+        await trio.sleep(4)  # idle: its probes go unanswered, the kernel gives it up
+        lift()
+        data, _ = await client.get(address, CHUNK, TRACE)  # (PeerError "unacknowledged")
+        assert data == b"hello!!" and len(calls) == 2
 
 
 class _CountingHTTPHandler(http.server.BaseHTTPRequestHandler):

@@ -1462,12 +1462,20 @@ def test_otlp_puts_an_owners_spans_under_the_requesters_peer_span(mounts, s3, bu
                             for sp in ss["spans"]]
             return out
 
-        wait_for(lambda: any(sp["name"] == "peer.serve" for sp in spans())
-                 and any(sp["name"] == "peer" for sp in spans()), 20, "both exports")
-        got = spans()
-
         def attr(sp: dict, key: str):
             return next((a["value"] for a in sp["attributes"] if a["key"] == key), {})
+
+        def complete() -> bool:  # (the two nodes export when they do, each on its own)
+            got = spans()
+            ids = {sp["spanId"] for sp in got}
+            return (any(sp["name"] == "peer.serve"
+                        and attr(sp, "cachefs.chunk") == {"intValue": str(i)} for sp in got)
+                    and all(sp["parentSpanId"] in ids for sp in got if "parentSpanId" in sp))
+
+        # (n1's peer span, a serve's parent, came in the POST of n1's whole read trace: a
+        # copy of n0's spans in it would have come with it)
+        wait_for(complete, 20, "both nodes' spans")
+        got = spans()
 
         # each span once, exported by the node that ran it (the read ahead of chunk i may
         # have asked for more chunks, and n0 its successor n1 for hand-off copies: each

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from typing import Protocol
 
@@ -41,15 +42,23 @@ FAILED_FOR = 2.0  # seconds a chunk whose fetch failed fails again without a new
 CHANGED_FOR = 60.0  # seconds an object version S3 no longer has fails without a GET
 
 
-def _bare(e: BaseException) -> BaseException:
-    """``e`` and the exceptions it was raised from, without their tracebacks."""
-    seen, todo = set(), [e]
+def _unheld(e: BaseException) -> BaseException:
+    """``e`` as a failed flight keeps it: its traceback without its first frame (the
+    flight's task, which holds the flight), and the frames of it and of the exceptions it
+    was raised from without their variables (a chunk's memory, the flight again).  Where
+    it came from still shows in a log."""
+    tb = e.__traceback__
+    if tb is not None:
+        e.__traceback__ = tb.tb_next
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
     while todo:
         x = todo.pop()
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        x.__traceback__ = None
+        if x.__traceback__ is not None:
+            traceback.clear_frames(x.__traceback__)
         todo += (x.__cause__, x.__context__)
     return e
 
@@ -75,13 +84,15 @@ class _Flight:
         self.holder = holder  # whose fetch it is: a trace, or an untraced caller's ``by``
 
 
-def _holder(by: str) -> str:
+def _fetch_holder(by: str) -> str:
     """Who starts a fetch, for the traces of those who wait for it: the request of the
-    trace it runs in ("read /a/b.bin (trace 3f2a-1c)"), else ``by`` ("preload")."""
+    trace it runs in ("read /a/b.bin (trace 3f2a-1c)", "peer.serve for n2 (trace …)"),
+    else ``by`` ("preload")."""
     root = trace_root()
     if root is None:
         return by
-    what = root.attrs.get("path") or root.attrs.get("node")
+    a = root.attrs
+    what = a.get("path") or (f"for {a['peer']}" if a.get("peer") else "")
     return f"{root.name}{f' {what}' if what else ''} (trace {root.trace_id})"
 
 
@@ -117,7 +128,7 @@ class ChunkReader:
                 f = self._flights.get(ref.cid)
         if f is None:
             self._fail_fast(ref)
-            f = _Flight(pin, _holder(by))
+            f = _Flight(pin, _fetch_holder(by))
             self._flights[ref.cid] = f
             self.nursery.start_soon(self._run, ref, f, local_only)
             leader = True
@@ -218,11 +229,9 @@ class ChunkReader:
         try:
             f.data = await self._fetch(ref, f, local_only)
         except Exception as e:  # noqa: BLE001 - handed to every waiter
-            if not isinstance(e, S3Error):
-                log.debug("fetch of chunk %d of %s failed", ref.index, ref.obj.key, exc_info=e)
-            # without the frames it came through: they hold this flight (and the chunk's
-            # memory), which will hold the error (a cycle, freed only by a full collection)
-            f.error = _bare(e)
+            # without what its frames held: this flight (and the chunk's memory), which
+            # will hold the error (a cycle, freed only by a full collection)
+            f.error = _unheld(e)
             if isinstance(e, S3Error):
                 self._remember(ref, e)
         finally:

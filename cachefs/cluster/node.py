@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import resource
 import secrets
 from collections import Counter
@@ -33,6 +32,7 @@ import trio
 from .. import trace
 from ..chunks.ids import ChunkRef, ObjectVersion
 from ..errors import ConfigError
+from ..otlp import is_parent as is_otlp_parent
 from ..otlp import linked as otlp_linked
 from ..report import human
 from .membership import EtcdMembership, advertise_address, resolve_self, static_members
@@ -55,8 +55,6 @@ ADVERTISE_ENV = "CACHEFS_PEER_ADVERTISE"
 #: Nodes of the preference list tried per chunk (the owner, then its successor).
 #: The successor is the node that owns the chunk if the owner leaves the ring.
 PEER_CANDIDATES = 2
-# the OTLP ids a requester sends: its trace's, and that of the span waiting for the answer
-_TRACE_ID, _SPAN_ID = re.compile(r"[0-9a-f]{32}"), re.compile(r"[0-9a-f]{16}")
 #: A peer that failed is skipped for this long (then tried again).
 UNHEALTHY_FOR = 10.0
 # a call that never waits on S3 (ds_probe, ds_drop: index lookups, unlinks) is given up
@@ -296,8 +294,7 @@ class ClusterNode:
         attrs = {"node": self.node_id, "chunk": ref.index, "key": ref.obj.key,
                  "peer": str(ctx.get("node", "?"))}
         parent_trace, parent_span = ctx.get("trace"), ctx.get("span")
-        if (isinstance(parent_trace, str) and _TRACE_ID.fullmatch(parent_trace)
-                and isinstance(parent_span, str) and _SPAN_ID.fullmatch(parent_span)):
+        if is_otlp_parent(parent_trace, parent_span):
             attrs.update(parent_trace=parent_trace, parent_span=parent_span)
         try:
             with tracer.start("peer.serve", **attrs) as root:
@@ -493,7 +490,9 @@ class ClusterNode:
             if addr is None:
                 continue
             left = end - trio.current_time()
-            if left <= 0:
+            if left < self.opts.peer_timeout:
+                # too little left for the successor to read S3 and answer: it would
+                # start a GET only to be cut off, and this node would then GET it too
                 self.budget_spent += 1
                 break
             with trace.span("peer", node=node, tier="peer", bytes=ref.length) as sp:

@@ -632,6 +632,13 @@ class PeerClient:
                 raise PeerError(f"{pool.failed} (moments ago; not tried again)",
                                 pool.failed.reason)
             conn = pool.idle.pop() if reused else await self._connect(address, pool, header)
+            if reused and conn.stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                # the kernel gave it up while it was idle (its keepalive probes went
+                # unanswered during a blip that is over): not the host's state now
+                pool.open -= 1
+                await trio.aclose_forcefully(conn.stream)
+                pool.retries += 1
+                continue
             ok = False
             try:
                 t0 = trio.current_time()
