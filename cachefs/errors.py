@@ -9,6 +9,7 @@ Exit codes (documented in the README):
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -59,9 +60,9 @@ def leaves(e: BaseException) -> list[BaseException]:
     return [x for sub in e.exceptions for x in leaves(sub)]
 
 
-def tls_failure(e: BaseException) -> str | None:
-    """What went wrong in TLS, when an ssl.SSLError is somewhere in ``e``'s chain (HTTP
-    clients wrap it, sometimes in an exception with no message of its own)."""
+def chain(e: BaseException) -> Iterator[BaseException]:
+    """``e`` and every exception it was raised from or during (its causes and contexts),
+    each once."""
     seen: set[int] = set()
     todo: list[BaseException | None] = [e]
     while todo:
@@ -69,11 +70,18 @@ def tls_failure(e: BaseException) -> str | None:
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
+        yield x
+        todo += [x.__cause__, x.__context__]
+
+
+def tls_failure(e: BaseException) -> str | None:
+    """What went wrong in TLS, when an ssl.SSLError is somewhere in ``e``'s chain (HTTP
+    clients wrap it, sometimes in an exception with no message of its own)."""
+    for x in chain(e):
         if isinstance(x, ssl.SSLCertVerificationError):
             return f"certificate verify failed: {x.verify_message}"
         if isinstance(x, ssl.SSLError):
             return (x.reason or str(x)).replace("_", " ").lower()
-        todo += [x.__cause__, x.__context__]
     return None
 
 

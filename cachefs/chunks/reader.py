@@ -29,7 +29,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import ObjectChanged, S3Error
+from ..errors import ObjectChanged, S3Error, chain
 from ..stats import Stats
 from ..store.chunkstore import ChunkStore
 from ..trace import root as trace_root
@@ -50,16 +50,9 @@ def _unheld(e: BaseException) -> BaseException:
     tb = e.__traceback__
     if tb is not None:
         e.__traceback__ = tb.tb_next
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
+    for x in chain(e):
         if x.__traceback__ is not None:
             traceback.clear_frames(x.__traceback__)
-        todo += (x.__cause__, x.__context__)
     return e
 
 
