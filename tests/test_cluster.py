@@ -636,6 +636,12 @@ async def test_a_watch_goes_on_from_the_last_revision_delivered():
     # from revision 13 it held back every event, joins and leaves, until it got there
     with pytest.raises(EtcdError, match="revision went back from 12 to 3"):
         await m._on_watch_message({"result": {"header": {"revision": "3"}, "created": True}})
+    # a message of another shape (a proxy in front of etcd) is a broken watch: it raised
+    # AttributeError outside every handler, and the daemon stopped, unmounting
+    for odd in ({"result": {"events": [None]}}, {"result": {"events": [{"kv": []}]}},
+                {"result": {"header": []}}):
+        with pytest.raises(EtcdError, match="malformed"):
+            await m._on_watch_message(odd)
 
 
 @pytest.mark.skipif(not etcd_available(), reason="etcd not installed (Debian etcd-server)")

@@ -405,7 +405,8 @@ class EtcdMembership:
                 r = await self._call("/v3/lease/keepalive", {"ID": self.lease_id},
                                      per_try=min(self.request_timeout, every))
                 failures = 0
-                ttl = int((r.get("result") or {}).get("TTL") or 0)
+                res = r.get("result")
+                ttl = _int(res.get("TTL")) if isinstance(res, dict) else 0
                 if ttl <= 0:
                     log.warning("etcd: lease %s expired; registering again", self.lease_id)
                     await self._register_again()
@@ -421,12 +422,16 @@ class EtcdMembership:
         end = prefix_end(self.prefix)
         r = await self._call("/v3/kv/range", {"key": _b64(self.prefix), "range_end": _b64(end)})
         alive = {}
-        for kv in r.get("kvs", []):
-            node = _unb64(kv["key"])[len(self.prefix):]
-            addr = _parse_value(kv.get("value", ""))
-            if node and addr:
-                alive[node] = addr
-        self.revision = int(r.get("header", {}).get("revision", 0))
+        try:
+            for kv in r.get("kvs") or []:
+                node = _unb64(kv["key"])[len(self.prefix):]
+                addr = _parse_value(kv.get("value", ""))
+                if node and addr:
+                    alive[node] = addr
+            revision = int(r.get("header", {}).get("revision", 0))
+        except (AttributeError, TypeError, KeyError, ValueError) as e:
+            raise EtcdError(f"range: a malformed reply ({type(e).__name__}: {e})") from None
+        self.revision = revision
         now = trio.current_time()
         for node, addr in list(self.alive.items()):
             if node not in alive:
@@ -539,6 +544,23 @@ class EtcdMembership:
 
     async def _on_watch_message(self, msg: dict) -> bool:
         """Apply one watch message; False means the watch must be re-created."""
+        try:
+            own_deleted = self._apply_watch(msg)
+        except (AttributeError, TypeError, KeyError) as e:
+            # a reply of another shape (a proxy in front of etcd, say): what JSON gave us
+            # raised outside every handler, and the daemon stopped, unmounting
+            raise EtcdError(f"watch: a malformed message ({type(e).__name__}: {e})") from None
+        await self._publish()
+        if own_deleted:
+            log.warning("etcd: our key was deleted; registering again")
+            try:
+                await self._register_again()
+            except EtcdError as e:
+                log.warning("etcd: re-registration failed (will retry): %s", e)
+        return True
+
+    def _apply_watch(self, msg: dict) -> bool:
+        """The joins and leaves of one watch message; whether our own key was deleted."""
         res = msg.get("result")
         if not isinstance(res, dict):
             raise EtcdError(f"watch error: {msg.get('error', msg)!r:.200}")
@@ -577,14 +599,7 @@ class EtcdMembership:
                     self._join(node, addr)
             rev = max(rev, int(kv.get("mod_revision", 0) or 0))
         self.revision = max(self.revision, rev)
-        await self._publish()
-        if own_deleted:
-            log.warning("etcd: our key was deleted; registering again")
-            try:
-                await self._register_again()
-            except EtcdError as e:
-                log.warning("etcd: re-registration failed (will retry): %s", e)
-        return True
+        return own_deleted
 
     # -- lifecycle -------------------------------------------------------------------
     @property
@@ -666,6 +681,13 @@ def _token_refused(r) -> bool:
         return False
     text = _error_text(r)
     return "auth token" in text or "user name is empty" in text
+
+
+def _int(v: Any) -> int:
+    try:
+        return int(v or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _parse_value(v: str) -> str | None:
