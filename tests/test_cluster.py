@@ -1289,6 +1289,29 @@ def test_a_request_naming_no_text_is_a_bad_request(mounts, bucket, s3, proxy):
     assert "Traceback" not in ms[0].log_text()
 
 
+def test_a_chunk_request_of_another_chunk_size_is_refused(mounts, bucket, s3, proxy):
+    """Only the start-up check compared chunk sizes: a request naming another (a node
+    started with another --chunk-size while this one was away) was served, fetching and
+    keeping a second set of chunks of its size (up to 256 MiB a request) from S3."""
+    s3.put_object(Bucket=bucket, Key="c.bin", Body=b"c" * 1000)
+    etag = s3.head_object(Bucket=bucket, Key="c.bin")["ETag"]
+    ms = start_cluster(mounts, bucket, 2)
+    addr = cluster_stats(ms[0])["listen"]
+    proxy.reset()
+
+    async def ask() -> PeerError:
+        chunk = {"mount": "", "bucket": bucket, "key": "c.bin", "etag": etag,
+                 "size": 1000, "chunk_size": 2 * CHUNK, "index": 0}
+        async with PeerClient(SECRET.encode()) as c:
+            with pytest.raises(PeerError) as e:
+                await c.get(addr, chunk, {"node": "n1"})
+            return e.value
+
+    e = trio.run(ask)
+    assert "chunk size" in str(e), e
+    assert gets(proxy) == 0 and ms[0].stats()["cache"]["chunks"] == 0  # (1 and 1)
+
+
 def test_a_restarting_owner_serves_what_its_ssd_holds_while_it_starts(mounts, bucket, s3,
                                                                        proxy):
     """A node starting up (it checks its peers first: a peer timeout when one is silent)

@@ -240,6 +240,10 @@ class ClusterNode:
             raise PeerError("chunk request: key or etag too long", "protocol")
         if not (0 < chunk_size <= _MAX_CHUNK and 0 <= size <= _MAX_OBJECT):
             raise PeerError("chunk request: size or chunk_size out of range", "protocol")
+        if chunk_size != self.chunk_size:  # (the start-up check compares them once only)
+            raise PeerError(f"chunk request: chunk size {human(chunk_size)}, this node's is "
+                            f"{human(self.chunk_size)}: give every node the same "
+                            "--chunk-size", "protocol")
         if not 0 <= index < max(1, -(-size // chunk_size)) or (size == 0 and index):
             raise PeerError("chunk request: index out of range", "protocol")
         ctx = None
