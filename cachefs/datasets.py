@@ -903,7 +903,8 @@ class Datasets:
         missing chunks of its share with ``streams`` in flight, all at once, as in the run
         (``streams`` fetches from this node alone timed an S3 that the run, with every
         owner fetching, makes busier: an estimate up to one per owner times too short).
-        New fetches start for PROBE_SECONDS, a quarter of each share at most."""
+        New fetches start for PROBE_SECONDS, then those under way are waited for; a
+        quarter of the missing chunks at most, shared among the owners."""
         sample = _ClusterPlan(cp.ring, cp.me, cp.files, False, streams)
         sample.down, sample.missing = dict(cp.down), cp.missing
         # a quarter of the missing chunks at most (MIN_SAMPLES at least), as on one node,
@@ -1290,11 +1291,11 @@ class Datasets:
                     # a chunk we stand in for (its owner is down): the SSD or S3 only
                     with t:
                         await reader.get(ref, pin=pin, local_only=ring.owner(ref.cid) != me,
-                                         by=f"preload from node {str(payload.get('node'))[:64]}")
+                                         by=f"preload from node {str(payload.get('node') or '?')[:64]}")
                 except trio.Cancelled:
                     # the call's time is up: the fetch goes on, and its end is what the
-                    # requester hears when it sends the chunk again (it was "cached", and
-                    # its time taught no model)
+                    # requester hears when it sends the chunk again (it was timed from the
+                    # second call on, or, ended by then, taken for cached before)
                     self._follow(job, ref, t)
                     raise
                 except Exception as e:  # noqa: BLE001 - this chunk fails, the others go on
