@@ -39,8 +39,8 @@ DOMINANT = "◀ dominant"
 BLOCK = 1 << 20
 # attributes shown in a tree line, in this order (others only in --json)
 SHOWN = ("chunk", "tier", "node", "peer", "bytes", "queued_ms", "sign_ms", "ttfb_ms",
-         "transfer_ms", "holder", "status", "attempts", "retries", "attempt", "reason", "result", "prefix", "chunks",
-         "error", "source")
+         "transfer_ms", "holder", "status", "attempts", "retries", "attempt", "reason",
+         "result", "prefix", "chunks", "error", "source")
 WAITS = ("singleflight.wait", "readahead.wait")
 
 

@@ -53,7 +53,7 @@ import os
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -1248,6 +1248,7 @@ class Datasets:
         errors: dict[str, str] = {}
         times: list[list] = []
         ring, me = cl.ring, cl.node_id
+        by = f"preload from node {str(payload.get('node') or '?')[:64]}"
 
         async def pinned(k: int, ref: ChunkRef) -> None:
             if pin and not store.is_pinned(ref.cid):
@@ -1291,7 +1292,7 @@ class Datasets:
                     # a chunk we stand in for (its owner is down): the SSD or S3 only
                     with t:
                         await reader.get(ref, pin=pin, local_only=ring.owner(ref.cid) != me,
-                                         by=f"preload from node {str(payload.get('node') or '?')[:64]}")
+                                         by=by)
                 except trio.Cancelled:
                     # the call's time is up: the fetch goes on, and its end is what the
                     # requester hears when it sends the chunk again (it was timed from the
@@ -1541,7 +1542,7 @@ class _Run:
             out = max(out, secs)
         return round(out, 1)
 
-    def _left(self) -> Iterable[tuple[int, int]]:
+    def _left(self) -> Iterable[Sequence[int]]:
         """The bytes and chunks left to fetch, by those who fetch them at once."""
         p = self.plan
         settled_b = self.fetched_bytes + self.failed_bytes - self.fetched_failed_bytes
@@ -1857,8 +1858,8 @@ class _ClusterRun(_Run):
             row[0] += r.length
             row[1] += 1
 
-    def _left(self) -> Iterable[tuple[int, int]]:
-        return [(b, c) for b, c in self.left.values()]
+    def _left(self) -> Iterable[Sequence[int]]:
+        return self.left.values()
 
     def _chunk_done(self, f: FileItem, r: ChunkRef, ok: bool = True,
                     fetched: bool = False) -> None:

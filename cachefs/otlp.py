@@ -90,22 +90,27 @@ _TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _SPAN_ID = re.compile(r"[0-9a-f]{16}")
 
 
+def _is_span_id(s: Any) -> bool:
+    return isinstance(s, str) and _SPAN_ID.fullmatch(s) is not None
+
+
 def is_parent(trace: Any, span: Any) -> bool:
     """Are these an OTLP trace id and span id (32 and 16 lowercase hex digits), as a peer
     request names the requester's trace and span?"""
-    return (isinstance(trace, str) and _TRACE_ID.fullmatch(trace) is not None
-            and isinstance(span, str) and _SPAN_ID.fullmatch(span) is not None)
+    return isinstance(trace, str) and _TRACE_ID.fullmatch(trace) is not None \
+        and _is_span_id(span)
 
 
-def linked(run_id: str, t: Mapping[str, Any]) -> tuple[str, str | None]:
+def linked(run_id: str, attrs: Mapping[str, Any], cachefs_trace: Any
+           ) -> tuple[str, str | None]:
     """The OTLP trace id a trace is exported under, and its root's parent span, from the
-    root's attributes ``t`` (with its ``trace_id``): a peer.serve goes under the requester's
+    root's attributes and the trace's cachefs id: a peer.serve goes under the requester's
     ``peer`` span, in the requester's trace; read-ahead that outlived its read, in the
     read's trace; any other trace is its own ("" without ``run_id``: a random one)."""
-    pt, ps = t.get("parent_trace"), t.get("parent_span")
+    pt, ps = attrs.get("parent_trace"), attrs.get("parent_span")
     if is_parent(pt, ps):
         return pt, ps
-    of = t.get("continues") or t.get("trace_id")
+    of = attrs.get("continues") or cachefs_trace
     return (trace_id(run_id, str(of)) if run_id and of else ""), None
 
 
@@ -119,13 +124,13 @@ def to_otlp(traces: list[dict], node: str, run_id: str = "") -> dict:
     S3 GET was counted twice."""
     spans: list[dict] = []
     for t in traces:
-        tid, root_parent = linked(run_id, t)
+        tid, root_parent = linked(run_id, t, t.get("trace_id"))
         tid = tid or secrets.token_hex(16)
         base_ns = _ns(t.get("start_time", t.get("wall_time", 0))) * 1000
 
         def walk(s: dict, parent: str | None, root: bool, tid=tid, base_ns=base_ns) -> None:
             sid = s.get("span_id")
-            if not (isinstance(sid, str) and _SPAN_ID.fullmatch(sid)):
+            if not _is_span_id(sid):
                 sid = secrets.token_hex(8)
             start = base_ns + _ns(s.get("start_ms", 0))
             end = start + _ns(s.get("duration_ms", 0))

@@ -551,8 +551,7 @@ class ClusterNode:
         if root is not None:
             # the trace this one is exported in (itself, the read whose read-ahead it is,
             # the requester's of a peer.serve of ours: docs/tracing.md)
-            ctx["trace"] = otlp_linked(root.owner.run_id,
-                                       {**root.attrs, "trace_id": root.trace_id})[0]
+            ctx["trace"] = otlp_linked(root.owner.run_id, root.attrs, root.trace_id)[0]
             ctx["span"] = secrets.token_hex(8)
             sp.set(span_id=ctx["span"])
         return ctx
