@@ -920,6 +920,24 @@ def test_readahead_sequential_not_random(s3, bucket, mounts, proxy):
     wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
 
 
+def test_a_peek_at_a_files_head_starts_no_read_ahead(s3, bucket, mounts, proxy):
+    """Reading the header of each of many large files (an image's size, a format's magic)
+    fetches the chunk the header is in and nothing more; it fetched the next chunk too."""
+    MiB = 1 << 20
+    objs = {f"p{i}/shard.bin": put(s3, bucket, f"p{i}/shard.bin", random.randbytes(3 * MiB))
+            for i in range(4)}  # one a directory: the file prefetcher has no next file
+    m = mounts(f"s3://{bucket}", chunk_size="1MiB")
+    for k, d in objs.items():  # unbuffered, as C readers peek (Python's buffer is st_blksize)
+        with open(m.path(k), "rb", buffering=0) as f:
+            assert f.read(4096) == d[:4096]
+    wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
+    assert m.counters().get("readahead_started", 0) == 0
+    assert proxy.stats()["get_by_key"] == {k: 1 for k in objs}
+    # (that a streaming reader's read-ahead starts at once: test_readahead_sequential_not_random)
+    assert m.path("p0/shard.bin").read_bytes() == objs["p0/shard.bin"]
+    assert proxy.stats()["get_by_key"]["p0/shard.bin"] == 3
+
+
 def _cached_then_stopped(s3, bucket, mounts):
     """Three objects (8 chunks) read through a mount, which is then stopped cleanly."""
     objs = {f"r/{i}.bin": put(s3, bucket, f"r/{i}.bin", random.randbytes(2 * CS + i))
