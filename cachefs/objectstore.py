@@ -715,13 +715,15 @@ class ObjectStore:
                     raise ObjectChanged("object changed in S3 since it was opened", status=412)
                 if status == 206:
                     m = _CR_RE.match(content_range or "")
-                    if not m or int(m.group(1)) != start or int(m.group(2)) != end:
-                        raise _Retry(f"bad Content-Range {content_range!r}")
-                    if m.group(3) != "*" and int(m.group(3)) != object_size:
+                    if m and m.group(3) != "*" and int(m.group(3)) != object_size:
                         # (what tells a store without ETags that an object was replaced
-                        # within the second its LastModified names)
+                        # within the second its LastModified names; first, because a
+                        # range past a shorter object's end comes back cut at its end,
+                        # which is no transient failure to retry)
                         raise ObjectChanged("object changed in S3 since it was opened",
                                             status=412)
+                    if not m or int(m.group(1)) != start or int(m.group(2)) != end:
+                        raise _Retry(f"bad Content-Range {content_range!r}")
                 elif status == 200:
                     if start != 0 or length != object_size:
                         raise _Retry("200 for a partial range")

@@ -1312,6 +1312,34 @@ def test_a_chunk_request_of_another_chunk_size_is_refused(mounts, bucket, s3, pr
     assert gets(proxy) == 0 and ms[0].stats()["cache"]["chunks"] == 0  # (1 and 1)
 
 
+def test_a_peer_asking_with_a_wrong_size_fails_its_own_request_only(mounts, bucket, s3,
+                                                                     proxy):
+    """A chunk request naming another size than the object's failed the owner's GET as a
+    change (right), and the owner then failed its own reads of that version for 60 s
+    without a GET; a size above the object's was retried 6 times as a bad Content-Range."""
+    ms = start_cluster(mounts, bucket, 2)
+    files = put_owned_files(s3, bucket, 1, ["n0", "n1"], "n0")
+    ((key, data),) = files.items()
+    etag = s3.head_object(Bucket=bucket, Key=key)["ETag"]
+    addr = cluster_stats(ms[0])["listen"]
+    ms[0].path(key).stat()
+
+    async def ask(size: int) -> PeerError:
+        chunk = {"mount": "", "bucket": bucket, "key": key, "etag": etag,
+                 "size": size, "chunk_size": CHUNK, "index": 0}
+        async with PeerClient(SECRET.encode()) as c:
+            with pytest.raises(PeerError) as e:
+                await c.get(addr, chunk, {"node": "n1"})
+            return e.value
+
+    proxy.reset()
+    for size in (len(data) - 1, len(data) + 1):
+        assert "changed" in str(trio.run(ask, size))
+    assert gets(proxy) == 2  # one GET each, no retries
+    assert ms[0].path(key).read_bytes() == data  # the owner's own read of the version
+    assert gets(proxy) == 3
+
+
 def test_a_restarting_owner_serves_what_its_ssd_holds_while_it_starts(mounts, bucket, s3,
                                                                        proxy):
     """A node starting up (it checks its peers first: a peer timeout when one is silent)

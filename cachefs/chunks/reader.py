@@ -56,9 +56,12 @@ def _unheld(e: BaseException) -> BaseException:
     return e
 
 
-def _version(ref: ChunkRef) -> tuple[str, str, str]:
-    """The object version a chunk belongs to: bucket, key, ETag."""
-    return ref.obj.bucket, ref.obj.key, ref.obj.etag
+def _version(ref: ChunkRef) -> tuple[str, str, str, int]:
+    """The object version a chunk belongs to: bucket, key, ETag, and the size its reader
+    takes it to have. The size is part of it because a GET that finds another size fails
+    as a change: a peer that asks with a wrong one (a bug, a node of another version) made
+    this node's own reads of that version fail without a GET for CHANGED_FOR."""
+    return ref.obj.bucket, ref.obj.key, ref.obj.etag, ref.obj.size
 
 
 class PeerTier(Protocol):
@@ -99,7 +102,7 @@ class ChunkReader:
         self._flights: dict[bytes, _Flight] = {}
         self.flights = self._flights.keys()  # chunk ids being fetched (read-only view)
         self._failed: dict[bytes, tuple[float, S3Error]] = {}  # chunk id → (until, error)
-        self._changed: dict[tuple[str, str, str], tuple[float, S3Error]] = {}  # version
+        self._changed: dict[tuple[str, str, str, int], tuple[float, S3Error]] = {}  # version
 
     @property
     def in_flight(self) -> int:
@@ -182,7 +185,8 @@ class ChunkReader:
     def version_current(self, bucket: str, key: str, etag: str) -> None:
         """S3 said this version is the object's again (put back, a rollback): reads of it
         no longer fail at once for the change a GET met."""
-        self._changed.pop((bucket, key, etag), None)
+        for v in [v for v in self._changed if v[:3] == (bucket, key, etag)]:
+            del self._changed[v]
 
     def listed(self, bucket: str, prefix: str, asked: float,
                etag_of: Callable[[str], str | None]) -> None:
@@ -191,7 +195,7 @@ class ChunkReader:
         that the listing shows again (a rollback) reads again; it failed with EIO for
         CHANGED_FOR when only a listing, no HEAD, saw it put back."""
         for v, (until, _) in list(self._changed.items()):
-            bkt, key, etag = v
+            bkt, key, etag, _ = v
             if (bkt == bucket and key.startswith(prefix) and until - CHANGED_FOR < asked
                     and etag_of(key[len(prefix):]) == etag):
                 del self._changed[v]
