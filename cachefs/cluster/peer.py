@@ -24,6 +24,7 @@ from ..trace import span
 from ..waiting import Waiting
 from .protocol import (
     MAC_SIZE,
+    MAX_FIRST_REQUEST,
     MAX_REQUEST_HEADER,
     MAX_RESPONSE_HEADER,
     NONCE_SIZE,
@@ -288,9 +289,11 @@ async def _read_request(reader: FrameReader, stream: trio.SocketStream, nonce: b
                         seq: int) -> tuple[bytes, bytes] | None:
     """A request frame's MAC and header; None when it is too large (answered so)."""
     size = await reader.read_u32()
-    if size > MAX_REQUEST_HEADER:
+    limit = MAX_FIRST_REQUEST if seq == 0 else MAX_REQUEST_HEADER
+    if size > limit:
         await stream.send_all(encode_response(None, nonce, seq, _error_header(
-            "too_large", f"request header {size} bytes exceeds {MAX_REQUEST_HEADER}")))
+            "too_large", f"{'first ' if seq == 0 else ''}request header {size} bytes "
+                         f"exceeds {limit}")))
         return None
     mac = await reader.read_exactly(MAC_SIZE)
     return mac, await reader.read_exactly(size)
@@ -409,17 +412,23 @@ async def _call_control(
 # ---------------------------------------------------------------------------
 
 
+_PING = dump_request_header({"op": "ping"})
+
+
 class _Conn:
-    __slots__ = ("stream", "reader", "nonce", "seq", "first")
+    __slots__ = ("stream", "reader", "nonce", "seq", "first", "first_ping")
 
     def __init__(self, stream: trio.SocketStream, reader: FrameReader, nonce: bytes,
-                 first: bytes | None) -> None:
+                 first: bytes, first_ping: bool) -> None:
         self.stream = stream
         self.reader = reader
         self.nonce = nonce
         self.seq = 0
         # the padded header of the first request, whose length went out before the hello
-        self.first = first
+        self.first: bytes | None = first
+        # that first request is a ping: the request is too large to be read before the
+        # connection is authenticated (MAX_FIRST_REQUEST)
+        self.first_ping = first_ping
 
 
 @dataclass
@@ -455,7 +464,8 @@ class PeerClient:
     """Fetches chunks from peers over pooled, authenticated connections.
 
     Every failure raises PeerError (with ``.reason``); a connection that saw
-    any error is closed, never reused.  ``request_timeout`` bounds a whole
+    an error is closed, never reused, unless the server answered the error with a
+    valid MAC (``busy``, a failed handler: ``PeerError.answered``).  ``request_timeout`` bounds a whole
     call once it has one of the pool's connections (connecting, request, response);
     ``connect_timeout`` additionally bounds connecting + the server hello.
     ``queue_timeout`` (None: the request timeout) bounds the wait for one of this
@@ -655,6 +665,7 @@ class PeerClient:
                 if e.reason == "unacknowledged":  # the host is gone: so are its connections
                     pool.failed, pool.failed_until = e, trio.current_time() + self.connect_timeout
                     await _close_idle(pool)
+                ok = e.answered
                 raise
             finally:
                 if ok and not self._closed and self._pools.get(address) is pool:
@@ -685,6 +696,10 @@ class PeerClient:
         it is known for what it is in a round trip, not after connect_timeout."""
         host, port = parse_address(address)
         first = pad_first_request(header)
+        first_ping = first is None
+        if first is None:
+            first = pad_first_request(_PING)
+            assert first is not None
         try:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(host, port)
@@ -698,8 +713,7 @@ class PeerClient:
                     stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, probe)
                     stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, probe)
-                    if first is not None:
-                        await stream.send_all(len(first).to_bytes(4, "big"))
+                    await stream.send_all(len(first).to_bytes(4, "big"))
                     reader = FrameReader(stream)
                     nonce = await read_hello(reader)
                 except BaseException:
@@ -715,16 +729,25 @@ class PeerClient:
             raise PeerError(f"connect to {address}: {e}", e.reason) from None
         pool.open += 1
         pool.connects += 1
-        return _Conn(stream, reader, nonce, first)
+        return _Conn(stream, reader, nonce, first, first_ping)
 
     async def _exchange(
         self, address: str, conn: _Conn, header: bytes, want: str = "spans"
     ) -> tuple[bytes, Any]:
-        if conn.first is not None:  # its length went out with the connect
-            header, conn.first = conn.first, None
-            frame = frame_request(self._secret, conn.nonce, conn.seq, header)[4:]
-        else:
-            frame = frame_request(self._secret, conn.nonce, conn.seq, header)
+        if conn.first is None:
+            return await self._send(address, conn, header, want)
+        first, conn.first = conn.first, None  # its length went out with the connect
+        if not conn.first_ping:
+            return await self._send(address, conn, first, want, sent_length=True)
+        await self._send(address, conn, first, "spans", sent_length=True)
+        return await self._send(address, conn, header, want)
+
+    async def _send(self, address: str, conn: _Conn, header: bytes, want: str,
+                    sent_length: bool = False) -> tuple[bytes, Any]:
+        """One request on the connection, its answer read."""
+        frame = frame_request(self._secret, conn.nonce, conn.seq, header)
+        if sent_length:
+            frame = frame[4:]
         reader = conn.reader
         try:
             await conn.stream.send_all(frame)
@@ -744,7 +767,12 @@ class PeerClient:
                     reason = "remote"
                 # not authenticated: whoever answers at the address chose this text
                 msg = str(resp.get("message") or code)[:200]
-                raise PeerError(f"peer {address}: {msg}", reason)
+                err = PeerError(f"peer {address}: {msg}", reason)
+                if reason in ("busy", "remote", "protocol") and hmac.compare_digest(
+                        mac, response_mac(self._secret, conn.nonce, conn.seq, raw)):
+                    conn.seq += 1  # answered in step: the server reads the next request
+                    err.answered = True
+                raise err
             if not hmac.compare_digest(mac, response_mac(self._secret, conn.nonce, conn.seq, raw)):
                 raise PeerError(f"bad response MAC from {address}", "bad_response_mac")
             length = resp.get("length")

@@ -32,13 +32,21 @@ line and answers or closes at once, so the client knows within a round trip
 that no cachefs peer is there (``read_hello``: reason ``not_peer``) instead
 of waiting out its connect timeout for a hello that never comes.
 
+A connection's first request may be at most ``MAX_FIRST_REQUEST`` (8 KiB)
+long, as it is read before anything is authenticated; a client with a larger
+first request sends a ping first.
+
 ``nonce`` is the 16 random bytes from the hello and ``seq`` counts requests
 on the connection from 0, so a captured request cannot be replayed on
 another connection or out of order on the same one.  Error frames that the
 server sends before a request is authenticated (``unauthorized``,
 ``too_large``) carry an all-zero MAC: the client accepts any error frame as a
 failure (an attacker could fail the request anyway by dropping the
-connection), but an ``ok`` frame is only accepted with a valid MAC.
+connection), but an ``ok`` frame is only accepted with a valid MAC.  The
+server answers an authenticated request's failure (``busy``, ``remote``,
+``bad_request``) with a valid MAC and goes on serving the connection; a
+client that checks that MAC keeps the connection (a saturated owner answering
+``busy`` costs no reconnect per request); any other error frame closes it.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import xxhash
 __all__ = [
     "PROTO",
     "MAX_REQUEST_HEADER",
+    "MAX_FIRST_REQUEST",
     "MAX_RESPONSE_HEADER",
     "MAX_HELLO",
     "MAC_SIZE",
@@ -76,6 +85,10 @@ __all__ = [
 
 PROTO = "cachefs-peer/1"
 MAX_REQUEST_HEADER = 64 * 1024
+# A connection's first request comes before anything is authenticated: what a client
+# without the secret can make the server hold per connection (8,192 of them at 64 KiB and
+# its buffering held about 1 GiB). A larger first request is preceded by a ping.
+MAX_FIRST_REQUEST = 8 * 1024
 MAX_RESPONSE_HEADER = 1024 * 1024
 MAX_HELLO = 4096
 MAC_SIZE = 32
@@ -100,6 +113,11 @@ class PeerError(Exception):
     (what answers at the address is not a cachefs peer: no valid hello) or
     ``error``.
     """
+
+    #: the server answered this error with a valid MAC and goes on serving the connection:
+    #: the client may use it again (an error frame before authentication, or one whose MAC
+    #: does not check, may come from anyone, and the connection is closed)
+    answered = False
 
     def __init__(self, message: str, reason: str = "error") -> None:
         super().__init__(message)
@@ -148,9 +166,9 @@ FIRST_LENGTH_END = 0x0A
 
 def pad_first_request(raw: bytes) -> bytes | None:
     """A serialised request header padded with JSON whitespace so that its length
-    ends in ``FIRST_LENGTH_END``; None if that would pass MAX_REQUEST_HEADER."""
+    ends in ``FIRST_LENGTH_END``; None if that would pass MAX_FIRST_REQUEST."""
     n = len(raw) + (FIRST_LENGTH_END - len(raw)) % 256
-    return raw + b" " * (n - len(raw)) if n <= MAX_REQUEST_HEADER else None
+    return raw + b" " * (n - len(raw)) if n <= MAX_FIRST_REQUEST else None
 
 
 def _sample(data: bytes, limit: int = 48) -> str:
