@@ -114,7 +114,8 @@ def cli() -> None:
 @click.option("--low-watermark", help="Evict down to this: 0.8 or 80% (default).")
 @click.option("--s3-max-attempts", type=int, help="Attempts per S3 request (default 6).")
 @click.option("--s3-timeout", help="Timeout of one S3 attempt (default 30s).")
-@click.option("--allow-other", is_flag=True, default=None, help="Let other users read the mount.")
+@click.option("--allow-other/--no-allow-other", default=None,
+              help="Let other users read the mount ([fuse] allow_other; default: no).")
 @click.option("--node-id", help="This node's id in the cluster (default: its --peers entry, "
               "found by host name and port, or its HOST:PORT).")
 @click.option("--peer-listen", help="HOST:PORT of this node's peer server.")
@@ -147,6 +148,8 @@ def mount(args, config_file, ready_fd, foreground, **flags) -> None:
         source, mountpoint = args
     elif len(args) == 1:
         source, mountpoint = None, args[0]
+        if mountpoint.startswith("s3://"):
+            raise QuietError(f"no MOUNTPOINT after {printable(mountpoint)}", EXIT_USAGE)
         if not config_file:
             raise QuietError("give s3://bucket[/prefix] MOUNTPOINT, or --config FILE MOUNTPOINT",
                              EXIT_USAGE)
@@ -494,6 +497,8 @@ def umount(mountpoint: str, timeout: float) -> None:
     # nothing here touches the mount itself (a daemon that hangs would hang umount too):
     # mountinfo is read once, from the kernel; only a mount whose daemon this shell cannot
     # find is asked, by a child process killed if it hangs (runtime.mount_answers)
+    if not mountpoint:  # ("$MNT" unset): not the current directory
+        raise QuietError("MOUNTPOINT is empty", EXIT_USAGE)
     entries = runtime.mountinfo()
     mp = Path(runtime.resolve_mountpoint(mountpoint, entries))
     if str(mp) not in runtime.cachefs_mounts(entries):

@@ -34,7 +34,7 @@ def _say(msg: str) -> None:
 
 
 def _choose_mount(mount: str | None, text: str) -> str:
-    if mount:
+    if mount is not None:
         return runtime.find_mount(mount)
     mps = runtime.cachefs_mounts()
     if len(mps) > 1:

@@ -86,7 +86,7 @@ def _locate(path: str, mount: str | None) -> tuple[str, str]:
     directory when that is inside the mount (--mount's, or any cachefs mount without
     --mount), as a shell would; otherwise from the mount's root (--mount, or the only
     mount), as file lists take it.  With --mount, PATH must be inside that mount."""
-    mp = runtime.find_mount(mount) if mount else ""
+    mp = runtime.find_mount(mount) if mount is not None else ""
     if not os.path.isabs(path):
         try:
             cwd = os.path.realpath(os.getcwd())
@@ -515,14 +515,15 @@ def trace_cmd(path, offset, length, cold, as_json, follow, slower_than, path_pre
         return
     if offset or length or cold:
         raise QuietError("--offset/--length/--cold go with PATH", EXIT_USAGE)
+    if follow and slow:  # (a followed trace is shown as it ends: --slower-than says how slow)
+        raise QuietError("--slow goes with --recent; with --follow, give --slower-than",
+                         EXIT_USAGE)
     mp = runtime.find_mount(mount)
     prefix = _display_prefix(path_prefix, mp) if path_prefix else None
     client = _client(mp)
     if follow:
         _follow(client, slower, prefix, as_json)
     else:
-        if recent < 0:
-            raise QuietError("--recent needs N >= 0", EXIT_USAGE)
         r = client.request({"op": "trace_recent", "n": recent, "slow": slow,
                             "slower_than": slower, "path_prefix": prefix})
         if as_json:

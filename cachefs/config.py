@@ -208,7 +208,8 @@ def parse_hostport(value: Any, what: str) -> tuple[str, int]:
     if not isinstance(value, str):
         raise ConfigError(f"{what}: expected \"HOST:PORT\" (a string), got {value!r}")
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
+    if (not sep or not (port.isascii() and port.isdigit()) or not (0 <= int(port) < 65536)
+            or any(c.isspace() or not c.isprintable() for c in host)):
         raise ConfigError(f"{what}: expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -244,6 +245,10 @@ def parse_source(source: str) -> tuple[str, str]:
         raise ConfigError(f"source must look like s3://bucket[/prefix], got {source!r}")
     rest = source[5:]
     bucket, _, prefix = rest.partition("/")
+    if "@" in bucket:  # s3://KEY:SECRET@bucket: never repeated, never used
+        raise ConfigError("the source s3://… must not carry credentials (USER:SECRET@): "
+                          "give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile "
+                          "(--profile) or the instance's role")
     if not _BUCKET_RE.match(bucket):
         raise ConfigError(f"invalid bucket name in {source!r}")
     if prefix.startswith("/"):
@@ -382,6 +387,8 @@ def build_config(
     flags: dict[str, Any] | None = None,
 ) -> Config:
     """Merge the TOML file (if any) and flags (which win) into a validated Config."""
+    if not mountpoint:  # ("$MNT" unset): it would be the current directory
+        raise ConfigError("MOUNTPOINT is empty")
     flags = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
     raw: dict = load_toml(Path(config_file)) if config_file else {}
     _check_keys(raw, {"cache", "metadata", "read", "s3", "mount", "cluster", "trace", "log",
@@ -484,7 +491,7 @@ def build_config(
                 flags.get("profile") or e.get("profile") or s3.get("profile"),
             ))
 
-    cache_dir = pick_path("cache_dir", cache, "dir", "[cache] dir")
+    cache_dir = pick_path("cache_dir", cache, "dir", where("cache_dir", "[cache] dir"))
     if not cache_dir:
         raise ConfigError("no cache directory: give --cache-dir or [cache] dir in the config file")
     size_raw = pick("cache_size", cache, "size")
@@ -612,9 +619,14 @@ def build_config(
             raise ConfigError("a cluster needs a shared secret: set CACHEFS_PEER_SECRET "
                               "or [cluster] peer_secret")
         if not cluster.peers and not cluster.etcd:
-            raise ConfigError("--peer-listen needs --peers or --etcd")
+            raise ConfigError(f"{where('peer_listen', '[cluster] peer_listen')} needs "
+                              "--peers or --etcd ([cluster] peers or etcd)")
     elif cluster.peers or cluster.etcd:
-        raise ConfigError("--peers/--etcd need --peer-listen HOST:PORT")
+        given = where("peers", "[cluster] peers") if cluster.peers else etcd_where
+        raise ConfigError(f"{given} needs --peer-listen HOST:PORT ([cluster] peer_listen)")
+    elif "peer_advertise" in flags or cl.get("advertise") is not None:
+        raise ConfigError(f"{where('peer_advertise', '[cluster] advertise')} is for a "
+                          "cluster: it needs --peer-listen and --peers or --etcd")
     if cluster.peers and cluster.etcd:
         raise ConfigError("--peers and --etcd cannot be combined: the members come from a "
                           "static list or from etcd (give one of them)")
@@ -632,11 +644,15 @@ def build_config(
     if cluster.etcd_user and not cluster.etcd:
         raise ConfigError("--etcd-user needs etcd endpoints (--etcd)")
     if (cluster.etcd_cert is None) != (cluster.etcd_key is None):
-        raise ConfigError("[cluster] etcd_cert and etcd_key go together (the client "
-                          "certificate and its private key)")
+        raise ConfigError(f"{where('etcd_cert', '[cluster] etcd_cert')} and "
+                          f"{where('etcd_key', '[cluster] etcd_key')} go together (the "
+                          "client certificate and its private key)")
     if cluster.etcd_ca or cluster.etcd_cert:
         if not cluster.etcd:
-            raise ConfigError("[cluster] etcd_ca/etcd_cert/etcd_key need etcd endpoints")
+            given = [where(k, f"[cluster] {k}") for k in ("etcd_ca", "etcd_cert", "etcd_key")
+                     if getattr(cluster, k)]
+            raise ConfigError(f"{'/'.join(given)} need{'s' if len(given) == 1 else ''} "
+                              "etcd endpoints (--etcd)")
         plain = [k for k, e in enumerate(cluster.etcd, 1) if not e.startswith("https://")]
         if plain:
             raise ConfigError(f"etcd TLS options given, but {etcd_where} etcd endpoint "
@@ -649,7 +665,7 @@ def build_config(
     level = str(pick("log_level", lg, "level", "INFO")).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
-    log_file = pick_path("log_file", lg, "file", "[log] file")
+    log_file = pick_path("log_file", lg, "file", where("log_file", "[log] file"))
 
     return Config(
         mounts=tuple(mounts),

@@ -391,6 +391,8 @@ def resolve_mountpoint(path: str | Path, entries: list[MountEntry] | None = None
 
 def find_mount(mount: str | None) -> str:
     """The mountpoint to talk to: the given one, or the only cachefs mount."""
+    if mount == "":  # ("--mount $MNT" with MNT unset): never "the only mount"
+        raise QuietError("--mount: the path is empty", EXIT_USAGE)
     if mount:
         entries = mountinfo()
         mp = resolve_mountpoint(mount, entries)

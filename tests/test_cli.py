@@ -93,6 +93,54 @@ def test_a_trace_offset_of_zero_may_carry_a_unit():
         _offset("0KiB", "--length")
 
 
+def test_an_unset_variable_a_forgotten_argument_or_a_url_with_credentials(tmp_path):
+    """What a shell script's slips make of the command line: each is a one-line error."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    base = ("--cache-dir", str(tmp_path / "c"), "--cache-size", "1GiB")
+    lst = tmp_path / "list.txt"
+    lst.write_text("a.bin\n")
+    # "$MNT" unset: an empty MOUNTPOINT was the current directory, and an empty --mount
+    # "the only mount" (a `free` of the wrong data set)
+    one_line_error(cli("mount", "s3://bucket-x", "", *base), "MOUNTPOINT is empty", code=2)
+    one_line_error(cli("umount", ""), "MOUNTPOINT is empty", code=2)
+    for cmd in (("stats",), ("trace", "--recent", "1"), ("trace", "a.bin"),
+                ("free", "--file-list", str(lst)), ("status", "--file-list", str(lst))):
+        one_line_error(cli(*cmd, "--mount", ""), "--mount: the path is empty", code=2)
+    # the mountpoint forgotten after --config: the URL was taken for it
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n")
+    one_line_error(cli("mount", "--config", str(cfg), "s3://bucket-x"),
+                   "no MOUNTPOINT after s3://bucket-x", code=2)
+    # credentials in the source are neither used nor repeated (the error goes to a journal)
+    r = cli("mount", "s3://AKIAEXAMPLE:wJalrSECRET@bkt/train", str(mp), *base)
+    one_line_error(r, "must not carry credentials", code=2)
+    assert "wJalrSECRET" not in r.stdout + r.stderr
+    cfg.write_text(f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n[[mount]]\n"
+                   "source = 's3://KEY:SECRET9@bkt'\n")
+    r = cli("mount", "--config", str(cfg), str(mp))
+    one_line_error(r, "must not carry credentials", code=2)
+    assert "SECRET9" not in r.stdout + r.stderr
+    # an error names the flag given, or the key of the file that gave it
+    one_line_error(cli("mount", "s3://bucket-x", str(mp), *base, "--etcd-cert", "/etc/hostname",
+                       "--no-allow-other"),
+                   "--etcd-cert and [cluster] etcd_key go together", code=2)
+    one_line_error(cli("mount", "s3://bucket-x", str(mp), "--cache-size", "1GiB",
+                       "--cache-dir", "~no-such-user-here/c"), "--cache-dir: '~no-such", code=2)
+    cfg.write_text(f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n[cluster]\n"
+                   "peers = ['a:1']\n")
+    one_line_error(cli("mount", "--config", str(cfg), "s3://bucket-x", str(mp)),
+                   "[cluster] peers needs --peer-listen", code=2)
+    # cluster settings without a cluster, a host name with a space
+    one_line_error(cli("mount", "s3://bucket-x", str(mp), *base, "--peer-advertise", "h:1"),
+                   "--peer-advertise is for a cluster", code=2)
+    one_line_error(cli("mount", "s3://bucket-x", str(mp), *base, "--peer-listen", "a b:7070",
+                       "--peers", "a:7070", env={"CACHEFS_PEER_SECRET": "s" * 32}),
+                   "peer listen address: expected HOST:PORT", code=2)
+    # --slow was taken and ignored with --follow
+    one_line_error(cli("trace", "--follow", "--slow"), "--slow goes with --recent", code=2)
+
+
 def test_bad_cli_input(tmp_path):
     mp = tmp_path / "mp"
     mp.mkdir()
