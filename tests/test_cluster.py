@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import json
+import os
 import random
 import time
 from functools import partial
@@ -1337,6 +1338,20 @@ def test_a_peer_asking_with_a_wrong_size_fails_its_own_request_only(mounts, buck
         assert "changed" in str(trio.run(ask, size))
     assert gets(proxy) == 2  # one GET each, no retries
     assert ms[0].path(key).read_bytes() == data  # the owner's own read of the version
+    assert gets(proxy) == 3
+    # the chunk cached: a request of it with a wrong size took its good file for damaged,
+    # and dropped it (pinned or not)
+    assert "changed" in str(trio.run(ask, len(data) - 1))
+    c = ms[0].counters()
+    assert c.get("ssd_length_mismatches") == 1 and "chunks_corrupt" not in c, c
+    assert ms[0].stats()["cache"]["chunks"] == 1
+    fd = os.open(ms[0].path(key), os.O_RDONLY | os.O_DIRECT)  # (past the page cache)
+    try:
+        assert os.pread(fd, 1 << 20, 0) == data
+    finally:
+        os.close(fd)
+    # (the wrong size failed at once, as that version's GET failed moments ago), and the
+    # owner's read came from its SSD
     assert gets(proxy) == 3
 
 

@@ -538,6 +538,21 @@ class ChunkStore:
     def contains(self, cid: bytes) -> bool:
         return cid in self.lru or cid in self.pinned
 
+    def _holds(self, cid: bytes, length: int) -> bool:
+        """Chunk cid is cached with ``length`` bytes. A request of another length (a peer
+        that names a wrong object size: the chunk id does not hold the size) misses; its
+        file is good, and reading it with that length took it for damaged and dropped
+        it, pinned or not."""
+        n = self.lru.get(cid)
+        if n is None:
+            n = self.pinned.get(cid)
+        if n is None:
+            return False
+        if n != length:
+            self.stats.inc("ssd_length_mismatches")
+            return False
+        return True
+
     def is_pinned(self, cid: bytes) -> bool:
         return cid in self.pinned
 
@@ -612,7 +627,7 @@ class ChunkStore:
 
     async def get(self, cid: bytes, length: int) -> memoryview | None:
         """The verified bytes of chunk cid, or None (miss; a bad file is dropped)."""
-        if not self.contains(cid):
+        if not self._holds(cid, length):
             return None
         with span("ssd.read", tier="local", bytes=length) as sp:
             status, data = await self._on_disk(sp, self._read_file, cid, length)
@@ -622,7 +637,7 @@ class ChunkStore:
     async def get_many(self, items: list[tuple[bytes, int]]) -> dict[bytes, memoryview]:
         """``get`` of several chunks in one worker-thread call (a thread hop costs more
         than reading a small chunk): chunk id → verified bytes, for those that hit."""
-        items = [(cid, n) for cid, n in items if self.contains(cid)]
+        items = [(cid, n) for cid, n in items if self._holds(cid, n)]
         if not items:
             return {}
 
@@ -648,14 +663,14 @@ class ChunkStore:
         if status == "error":  # nothing wrong with the file: this read misses, it stays
             self.stats.inc("ssd_read_errors")
             return None
-        if self.contains(cid):  # cached still
+        if self._holds(cid, length):  # cached still
             # or again: dropped and put back while the read ran, it found the old file
             # gone, and the new one is good. Only a second read tells a bad file.
             status, data = await trio.to_thread.run_sync(self._read_file, cid, length,
                                                          limiter=self._disk_limiter)
             if status in ("ok", "error"):
                 return await self._settle(cid, length, status, data)
-        if self.contains(cid):  # the file is bad
+        if self._holds(cid, length):  # the file is bad
             self.stats.inc(f"chunks_{status}")
             log.warning("chunk %s is %s on disk: dropped, fetching again", cid.hex(), status)
             pinned = self.is_pinned(cid)
