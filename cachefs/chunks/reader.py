@@ -101,6 +101,7 @@ class ChunkReader:
         self.peers = peers
         self._flights: dict[bytes, _Flight] = {}
         self.flights = self._flights.keys()  # chunk ids being fetched (read-only view)
+        self._reading: dict[bytes, _Flight] = {}  # chunk id → its SSD read under way
         self._failed: dict[bytes, tuple[float, S3Error]] = {}  # chunk id → (until, error)
         self._changed: dict[tuple[str, str, str, int], tuple[float, S3Error]] = {}  # version
 
@@ -113,15 +114,12 @@ class ChunkReader:
         """The chunk's bytes.  ``by``: who asks, when not a traced request ("preload"),
         named in the traces of the readers who wait for this fetch."""
         f = self._flights.get(ref.cid)
-        if f is None:
-            # fast path: local hit without a flight (no await before registering below)
-            if self.store.contains(ref.cid) and not pin:
-                with span("chunk", chunk=ref.index, bytes=ref.length) as sp:
-                    data = await self.store.get(ref.cid, ref.length)
-                    sp.set(tier="local" if data is not None else "miss")
-                if data is not None:
-                    return data
-                f = self._flights.get(ref.cid)
+        if f is None and not pin:
+            # fast path: a local hit without a flight (no await before registering below)
+            data = await self._local(ref)
+            if data is not None:
+                return data
+            f = self._flights.get(ref.cid)
         if f is None:
             self._fail_fast(ref)
             f = _Flight(pin, _fetch_holder(by))
@@ -152,6 +150,30 @@ class ChunkReader:
         if pin and not leader and not self.store.is_pinned(ref.cid):
             await self.store.set_pinned([ref.cid], True)
         return f.data
+
+    async def _local(self, ref: ChunkRef) -> bytes | memoryview | None:
+        """The chunk from this node's SSD, or None. Reads of one chunk at once share one
+        SSD read: the readers of one file in step (a job's ranks on a shard, handles whose
+        reads jump within one chunk) each read the whole chunk, 8 MiB of disk and memory
+        a reader, before the first had put it where the others look (the chunk memo)."""
+        lf = self._reading.get(ref.cid)
+        if lf is not None:
+            self.stats.inc("ssd_read_joins")
+            with span("chunk", chunk=ref.index, bytes=ref.length, joined=True) as sp:
+                await lf.done.wait()
+                sp.set(tier="local" if lf.data is not None else "miss")
+            return lf.data  # (None: the read missed, or was cancelled: the caller goes on)
+        if not self.store.contains(ref.cid):
+            return None
+        lf = self._reading[ref.cid] = _Flight(False, "")
+        try:
+            with span("chunk", chunk=ref.index, bytes=ref.length) as sp:
+                lf.data = await self.store.get(ref.cid, ref.length)
+                sp.set(tier="local" if lf.data is not None else "miss")
+            return lf.data
+        finally:
+            del self._reading[ref.cid]
+            lf.done.set()
 
     def _fail_fast(self, ref: ChunkRef) -> None:
         """Raise the error of a fetch of this chunk (or a 412 for its version) that failed
