@@ -154,6 +154,26 @@ class ObjInfo:
 class Listing:
     prefixes: list[str]
     objects: list[ObjInfo]
+    # monotonic and wall time its first page was asked for, when that was before the call
+    # that returned it (it went on from the pages of an earlier call that failed part-way)
+    asked: float | None = None
+    asked_at: float | None = None
+
+
+LIST_PAGE = int(os.environ.get("CACHEFS_TEST_LIST_PAGE") or 1000)  # keys a LIST page asks for
+# The pages of a listing that failed part-way are kept this long, so the next listing of the
+# prefix goes on from there: a directory of millions of keys takes minutes to list, and one
+# that failed on a late page started again from page 1 at every lookup.
+PARTIAL_KEEP = 900.0
+PARTIALS = 4  # such listings kept at most (the oldest goes)
+
+
+@dataclass
+class _Partial:
+    listing: Listing
+    token: str
+    pages: int
+    until: float
 
 
 class _Retry(Exception):
@@ -347,6 +367,7 @@ class ObjectStore:
         self._client = None
         self._limiter = trio.CapacityLimiter(opts.max_concurrency)
         self._direct: _DirectGet | None = None
+        self._partial: dict[str, _Partial] = {}  # prefix → a listing that failed part-way
         # the longest a request may take: every attempt timing out, and every backoff at
         # its cap (183.1 s with the defaults)
         self.budget = opts.max_attempts * opts.request_timeout + sum(
@@ -576,26 +597,57 @@ class ObjectStore:
         return None
 
     async def list_dir(self, prefix: str) -> Listing:
-        """All entries directly under ``prefix`` (all pages)."""
-        out = Listing([], [])
-        token = None
+        """All entries directly under ``prefix`` (all pages). When a page fails after the
+        first, the pages so far are kept (PARTIAL_KEEP), and the next call for the prefix
+        goes on from the failed page; its Listing says when its first page was asked for."""
+        now = time.monotonic()
+        for p in [p for p, v in self._partial.items() if v.until <= now]:
+            del self._partial[p]
+        part = self._partial.pop(prefix, None)
+        pages = 0
+        if part is None:
+            out, token = Listing([], []), None
+        else:
+            out, token, pages = part.listing, part.token, part.pages
+            self.stats.inc("s3_list_resumed")
+            log.info("listing s3://%s/%s goes on from page %d, where it failed %.0f s ago",
+                     self.bucket, prefix, pages + 1, now - (out.asked or now))
+        if out.asked is None:
+            out.asked, out.asked_at = now, time.time()
         while True:
-            kw = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1000}
+            kw = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/",
+                  "MaxKeys": LIST_PAGE}
             if token:
                 kw["ContinuationToken"] = token
 
             async def page(kw=kw):
                 return await self._client.list_objects_v2(**kw)
 
-            with span("s3.list", prefix=prefix, tier="s3"):
-                resp = await self._call("LIST", page)
+            try:
+                with span("s3.list", prefix=prefix, tier="s3"):
+                    resp = await self._call("LIST", page)
+            except S3Error as e:
+                if part is not None and pages == part.pages and 400 <= e.status < 500 \
+                        and e.status not in (401, 403):
+                    # the store refuses the kept continuation token: from page 1 again
+                    log.info("listing s3://%s/%s: the store refused to go on from page "
+                             "%d (%s); listing it from the start", self.bucket, prefix,
+                             pages + 1, e)
+                    return await self.list_dir(prefix)
+                if pages and token:
+                    self._keep_partial(prefix, _Partial(out, token, pages,
+                                                        time.monotonic() + PARTIAL_KEEP))
+                raise
             self.stats.inc("s3_list_requests")
+            pages += 1
             out.prefixes.extend(p["Prefix"] for p in resp.get("CommonPrefixes", []))
             for o in resp.get("Contents", []):
                 size, mtime = int(o["Size"]), _mtime(o.get("LastModified"))
                 out.objects.append(ObjInfo(o["Key"], size, version_of(o.get("ETag"), size, mtime),
                                            mtime))
             if not resp.get("IsTruncated"):
+                if part is None:
+                    out.asked = out.asked_at = None  # (asked by this call)
                 return out
             last, token = token, resp.get("NextContinuationToken")
             if not token or token == last:
@@ -604,6 +656,14 @@ class ObjectStore:
                               "store said there is more and gave "
                               + ("no continuation token" if not token else "the same token"),
                               code="BadListing")
+
+    def _keep_partial(self, prefix: str, part: _Partial) -> None:
+        self._partial[prefix] = part
+        while len(self._partial) > PARTIALS:
+            del self._partial[min(self._partial, key=lambda p: self._partial[p].until)]
+        n = len(part.listing.objects) + len(part.listing.prefixes)
+        log.info("the listing of s3://%s/%s failed on page %d: the next one goes on from "
+                 "there (%d entries kept)", self.bucket, prefix, part.pages + 1, n)
 
     async def head(self, key: str) -> ObjInfo:
         async def do():

@@ -168,9 +168,10 @@ MEMO_CHUNKS = 8  # the shared memo holds up to this many chunks (and ≤ 1/4 of 
 # a handle that has not read for this long gives its chunks back when the budget is spent
 IDLE_HANDLE = 1.0
 MEMO_AHEAD = 2  # chunks a herd's shared read-ahead fetches past a miss
-# A handle's first read, at offset 0, that ends before this may be a peek at the file's head
-# (a header, magic bytes: the kernel turns a 4–16 KiB read into one of 16–64 KiB): it starts
-# no read-ahead, and the handle's next read starts it if it follows on. A reader that goes on
+# A handle's first read, at offset 0, that ends before this (and before the end of its
+# chunk) may be a peek at the file's head (a header, magic bytes: the kernel turns a 4–16 KiB
+# read into one of 16–64 KiB): it starts no read-ahead, and the handle's next read starts it
+# if it follows on. A reader that goes on
 # sends that next read at once (the kernel reads ahead of it), so it loses one chunk's fetch
 # time at most; a peek no longer costs a second chunk.
 HEAD_PEEK = 128 << 10
@@ -416,7 +417,8 @@ class FileHandle:
         end = min(off + size, obj.size)
         cs = obj.chunk_size
         first, last = off // cs, (end - 1) // cs
-        sequential = off == self.next_off and (self.cur_chunk >= 0 or end >= HEAD_PEEK)
+        sequential = off == self.next_off and (self.cur_chunk >= 0
+                                               or end >= min(HEAD_PEEK, obj.chunk_size))
         self.next_off = end
         if sequential:
             self._drop_outside(first)
@@ -722,6 +724,8 @@ class VFS:
         except S3Error as e:
             log.warning("listing s3://%s/%s failed: %s", m.spec.bucket, prefix, e)
             raise FSError(_errno_of(e)) from None
+        if listing.asked is not None:  # it went on from the pages of an earlier attempt
+            asked, asked_at = listing.asked, listing.asked_at or asked_at
         self.stats.inc("dir_listings")
         if not await self._apply_listing(d, prefix, listing,
                                          await self._known_inos(d, prefix, listing), asked):

@@ -183,6 +183,43 @@ def test_a_listing_that_names_entries_twice_makes_one_node_each(s3, bucket, moun
     assert os.listdir(m.path("d2")) == ["z"]
 
 
+def test_a_listing_that_failed_part_way_goes_on_from_the_failed_page(s3, bucket, mounts,
+                                                                      proxy):
+    """A directory whose listing failed on a late page (its retries spent) was listed from
+    page 1 again at the next lookup: minutes of LISTs again for a directory of millions of
+    keys, and again at each failure. The pages it had are kept and it goes on from there."""
+    names = [f"f{i:02d}" for i in range(25)]
+    for n in names:
+        put(s3, bucket, f"big/{n}", b"x")
+        put(s3, bucket, f"big2/{n}", b"x")
+    put(s3, bucket, "big2/a", b"x")
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "2"),
+               env={"CACHEFS_TEST_LIST_PAGE": "10"})  # 3 pages
+    os.listdir(m.mp)
+    proxy.reset()
+    proxy.faults(status=500, ops=["ListObjects"], skip=1, count=2)  # page 2, both attempts
+    with pytest.raises(OSError) as e:
+        os.listdir(m.path("big"))
+    assert e.value.errno == errno.EIO
+    assert proxy.stats()["ops"]["ListObjects"] == 3
+    assert f"the listing of s3://{bucket}/big/ failed on page 2: the next one goes on from " \
+           "there (10 entries kept)" in m.log_text()
+    proxy.reset()
+    assert sorted(os.listdir(m.path("big"))) == names
+    assert proxy.stats()["ops"]["ListObjects"] == 2  # pages 2 and 3 (3 before)
+    assert m.counters()["s3_list_resumed"] == 1
+    # a store that refuses the kept token: listed from the start
+    proxy.faults(status=500, ops=["ListObjects"], skip=1, count=2)
+    with pytest.raises(OSError) as e:
+        os.listdir(m.path("big2"))
+    assert e.value.errno == errno.EIO
+    proxy.reset()
+    proxy.faults(status=400, code="InvalidArgument", ops=["ListObjects"], count=1)
+    assert sorted(os.listdir(m.path("big2"))) == ["a", *names]
+    assert proxy.stats()["ops"]["ListObjects"] == 4  # the refused page, then 3 pages
+    assert "refused to go on from page 2" in m.log_text()
+
+
 def test_names_are_utf8_whatever_the_daemons_locale(s3, bucket, mounts):
     """A daemon started under an ASCII (or Latin-1) locale encoded names for the kernel
     with the locale's encoding: a readdir with a non-ASCII name in it failed with EIO,
@@ -1073,6 +1110,41 @@ def test_memory_charged_once_for_a_chunk_the_memo_shares(s3, bucket, mounts):
         os.close(fd)
     wait_for(lambda: m.stats()["readahead_bytes"] == 0, 10, "read-ahead budget returned")
     assert m.stats()["memo_bytes"] == 0
+
+
+def test_readers_of_one_chunk_at_once_share_one_ssd_read(s3, bucket, mounts):
+    """Handles whose reads met one warm chunk at once each read it from the SSD (a job's
+    ranks on one shard, O_DIRECT or --no-page-cache readers): 8 readers, 8 reads of the
+    whole chunk, before the first had put it in the chunk memo. They share one now."""
+    MiB = 1 << 20
+    data = put(s3, bucket, "w.bin", random.randbytes(4 * MiB))
+    m = mounts(f"s3://{bucket}", chunk_size="4MiB")
+    assert m.path("w.bin").read_bytes() == data  # on the SSD
+    wait_for(lambda: m.stats()["memo_bytes"] == 0, 10, "the memo let go of the closed file")
+    before = m.counters().get("ssd_hits", 0)
+    n = 8
+    start, done = threading.Barrier(n), threading.Barrier(n)
+    got = {}
+
+    def reader(k: int) -> None:
+        fd = os.open(m.path("w.bin"), os.O_RDONLY | os.O_DIRECT)  # every read reaches us
+        try:
+            start.wait(10)
+            got[k] = os.pread(fd, 4096, k * 256 * 1024)
+            done.wait(10)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {k: data[k * 256 * 1024:k * 256 * 1024 + 4096] for k in range(n)}
+    c = m.counters()
+    assert c.get("ssd_hits", 0) - before == 1
+    # (how many joined depends on when each request came; the others found the memo)
+    assert c.get("ssd_read_joins", 0) + c.get("memory_hits", 0) >= n - 1
 
 
 def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch):
