@@ -842,6 +842,105 @@ def test_directories_and_links_made_by_hand_in_the_cache_do_not_stop_the_start(t
     assert (outside / "keep.txt").read_text() == "not the cache's"
 
 
+def test_strays_in_chunks_go_and_a_linked_tmp_or_chunks_is_refused(tmp_path):
+    """A file where a chunk directory belongs (`chunks/fe`) failed every start
+    (FileExistsError); a chunk file in another directory than its name's was adopted, never
+    read, and its space counted at every start; a directory with a name no chunk directory
+    has stayed. And `tmp/` or `chunks/` made a link (to faster storage, say) was followed:
+    each start deleted what its target held. Such a link is refused now."""
+    import shutil
+
+    from cachefs.errors import QuietError
+
+    cid = bytes.fromhex("ab" + "11" * 15)
+    data = os.urandom(5000)
+
+    async def write(store, report):
+        assert await store.put(cid, data)
+
+    trio.run(_with_store, tmp_path, write)
+    chunks = tmp_path / "chunks"
+    shutil.copy(chunks / "ab" / cid.hex(), chunks / "cd" / cid.hex())  # the wrong place
+    (chunks / "fe").rmdir()
+    (chunks / "fe").write_text("x")
+    (chunks / "junk").mkdir()
+    (chunks / "junk" / cid.hex()).write_text("x")
+
+    async def reread(store, report):
+        return report, bytes(await store.get(cid, len(data)))
+
+    report, got = trio.run(_with_store, tmp_path, reread)
+    assert got == data and report["orphans_removed"] == 1, report
+    assert not (chunks / "cd" / cid.hex()).exists() and not (chunks / "junk").exists()
+    assert (chunks / "fe").is_dir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the cache's")
+    shutil.rmtree(tmp_path / "tmp")
+    (tmp_path / "tmp").symlink_to(outside)
+    with pytest.raises(QuietError, match="tmp is a link: cachefs keeps its files in the "
+                                         "cache dir itself"):
+        trio.run(_with_store, tmp_path, reread)
+    assert (outside / "keep.txt").read_text() == "not the cache's"
+
+
+def test_a_chunk_that_cannot_fit_beside_the_pinned_ones_evicts_nothing(tmp_path):
+    """A cache nearly full of pinned data: a chunk that could not fit even with every
+    unpinned chunk gone evicted them all first, then was left uncached: each such chunk
+    wiped the cache's other data."""
+    n = 4096 - HEADER_SIZE  # a 4 KiB file
+    ix = Index(tmp_path / "index", 1 << 26)
+
+    async def main():
+        writer = IndexWriter(ix)
+        store = ChunkStore(tmp_path, ix, writer, Stats(), limit=10 * 4096, high=1.0, low=0.9)
+        await trio.to_thread.run_sync(store.reconcile)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(writer.run)
+            for i in range(8):
+                assert await store.put(bytes([i]) * 16, os.urandom(n), pin=True)
+            warm = b"w" * 16
+            assert await store.put(warm, os.urandom(n))
+            assert not await store.reserve(3 * 4096)  # 8 pinned + 3 > 10
+            assert store.contains(warm) and store.stats.c["evictions"] == 0
+            assert await store.reserve(2 * 4096)  # fits once the unpinned one goes
+            assert not store.contains(warm)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        ix.close()
+
+
+def test_access_times_reach_the_index_with_no_read_after_them(tmp_path):
+    """Access times are written once a second, by the next read: after a burst of reads
+    and then none, they waited in memory for good, and a SIGKILL lost them (a restart's
+    eviction order then took the burst's chunks for cold)."""
+    cid, data = os.urandom(16), os.urandom(5000)
+
+    def last_access() -> float:
+        return store_ix[0].get_chunk(cid).last_access
+
+    store_ix = []
+
+    async def body(store, report):
+        store_ix.append(store.index)
+        assert await store.put(cid, data)
+        async with trio.open_nursery() as n:
+            await n.start(store.evictor)
+            await trio.sleep(1.1)
+            store.flush_touches()  # (a second from now, the next read's touch would go)
+            before = last_access()
+            assert bytes(await store.get(cid, len(data))) == data  # its touch waits
+            with trio.fail_after(5):
+                while last_access() == before:  # noqa: ASYNC110 - an LMDB record
+                    await trio.sleep(0.1)
+            n.cancel_scope.cancel()
+
+    trio.run(_with_store, tmp_path, body)
+
+
 def test_a_start_killed_while_adopting_a_lost_index_keeps_what_it_verified(tmp_path,
                                                                             monkeypatch):
     """After an index is lost, start-up verifies every chunk file before adopting it (45

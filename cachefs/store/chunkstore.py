@@ -54,6 +54,7 @@ import lmdb
 import trio
 import xxhash
 
+from ..errors import QuietError
 from ..faults import DISK_DELAY, crash_point
 from ..index import ChunkRec, Index, IndexCommitError, IndexWriter
 from ..index_check import DAMAGE_ERRORS
@@ -202,6 +203,7 @@ def _discard(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+_SUBDIRS = frozenset(f"{i:02x}" for i in range(256))  # chunks/00 … chunks/ff
 ADOPT_BATCH = 4096  # chunk files verified and adopted at start-up, per index commit
 REPIN = b"repin_adopted"  # index meta key: adopted chunk files not yet looked at for pins
 START_ROOM = 64 << 20  # free space start-up makes for the index (at most 5% of the disk)
@@ -363,9 +365,13 @@ class ChunkStore:
         ``progress(msg)`` hears every 10 s how far it got (verifying the files of a lost
         index reads them all)."""
         for d in (self.chunk_dir, self.tmp_dir):
+            if d.is_symlink() or (d.exists() and not d.is_dir()):
+                # (a link was followed: start-up removed what its target held, as root)
+                raise QuietError(
+                    f"{d} is {'a link' if d.is_symlink() else 'not a directory'}: cachefs "
+                    "keeps its files in the cache dir itself (give --cache-dir the place "
+                    "you meant, and remove it)")
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for i in range(256):  # every chunk's directory, made once here, not per write
-            (self.chunk_dir / f"{i:02x}").mkdir(mode=0o700, exist_ok=True)
         report = {"tmp_removed": 0, "orphans_adopted": 0, "orphans_removed": 0,
                   "records_dropped": 0}
         for f in self.tmp_dir.iterdir():
@@ -382,8 +388,8 @@ class ChunkStore:
         now = time.time()
         said, seen = time.monotonic(), 0
         for sub in self.chunk_dir.iterdir():
-            if sub.is_symlink() or not sub.is_dir():  # (a link is not followed: removed)
-                _discard(sub)
+            if sub.is_symlink() or not sub.is_dir() or sub.name not in _SUBDIRS:
+                _discard(sub)  # (a link is not followed: removed)
                 continue
             for f in sub.iterdir():
                 seen += 1
@@ -393,7 +399,7 @@ class ChunkStore:
                              f"{report['orphans_adopted']} not in the index adopted")
                 try:
                     cid = bytes.fromhex(f.name)
-                    if len(cid) != 16:
+                    if len(cid) != 16 or f.name[:2] != sub.name:  # (never read there)
                         raise ValueError
                 except ValueError:
                     _discard(f)
@@ -434,6 +440,8 @@ class ChunkStore:
                         adopt = []
         if adopt:
             self._adopt(adopt, indexed, on_disk, report)
+        for name in _SUBDIRS:  # every chunk's directory, made once here, not per write
+            (self.chunk_dir / name).mkdir(mode=0o700, exist_ok=True)
         for cid in list(indexed):
             if cid not in on_disk:
                 ops.append(Index.op_delete_chunk(cid))
@@ -705,7 +713,13 @@ class ChunkStore:
             if self._disk_limited and self.used + self.reserved + size > self.limit:
                 self._regain_limit()
             while self.used + self.reserved + size > self.limit:
-                if self.lru:
+                if self.pinned_bytes + size > self.limit:
+                    # it cannot fit, whatever is evicted: the cached data it would have
+                    # evicted stays (a cache nearly full of pinned data lost all of its
+                    # other data to each chunk that did not fit)
+                    self.stats.inc("cache_full_uncached")
+                    return False
+                if self.lru and self.pinned_bytes + self.reserved + size <= self.limit:
                     await self._evict_some(self.used + self.reserved + size - self.limit)
                 elif self.reserved:
                     # the room is taken by chunks being written, evictable once they are
@@ -1044,10 +1058,18 @@ class ChunkStore:
             self.stats.inc("evicted_bytes", total)  # of data, like every bytes counter
 
     async def evictor(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Background: when use passes the high watermark, evict LRU down to the low one."""
+        """Background: when use passes the high watermark, evict LRU down to the low one;
+        and the access times waiting to be written go once a second."""
         task_status.started()
         while True:
-            await self._evict_wakeup.wait()
+            with trio.move_on_after(TOUCH_EVERY):
+                await self._evict_wakeup.wait()
+            if self._touched and time.time() - self._touches_sent >= TOUCH_EVERY:
+                # the access times of reads that no read followed since: written within
+                # a second all the same (a SIGKILL after a burst of reads lost them all)
+                self.flush_touches()
+            if not self._evict_wakeup.is_set():
+                continue
             self._evict_wakeup = trio.Event()
             try:
                 async with self._space_lock:
