@@ -147,14 +147,23 @@ class Index:
                     b = txn.get(k, db=self.pins)
                     if b is not None:
                         out[k] = bytes(b)
-        for p in prefixes:
-            with self._resize, self.env.begin() as txn:
-                cur = txn.cursor(db=self.pins)
-                if cur.set_range(p):
+        for p in prefixes:  # 4096 records per hold of the lock, as above
+            start, more = p, True
+            while more:
+                more = False
+                with self._resize, self.env.begin() as txn:
+                    cur = txn.cursor(db=self.pins)
+                    if not cur.set_range(start):
+                        break
+                    n = 0
                     for k, v in cur:
                         if not k.startswith(p):
                             break
+                        if n == 4096:  # go on from this key with the lock let go
+                            start, more = bytes(k), True
+                            break
                         out[bytes(k)] = bytes(v)
+                        n += 1
         return out
 
     def pin_records_after(self, after: bytes, budget: int) -> tuple[list[tuple[bytes, bytes]],
