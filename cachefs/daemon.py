@@ -180,7 +180,8 @@ def check_mountpoint(mp: Path) -> None:
     there, free and accessible."""
     if is_stale_mount(mp):
         ok, err = fusermount_unmount(mp, lazy=True)
-        if not ok:
+        # (a `cachefs umount` of it at the same moment may have cleared it first)
+        if not ok and is_stale_mount(mp):
             raise QuietError(f"mountpoint {mp} holds a stale mount (Transport endpoint is not "
                              f"connected) that could not be cleared: {err}")
         log.warning("cleared a stale mount left at %s by a previous daemon", mp)

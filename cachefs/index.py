@@ -567,7 +567,7 @@ def check_in_child(path: Path, progress: Callable[[str], None] | None = None,
 
     python, env = python_module("cachefs.index_check")  # the cachefs this process runs
     try:
-        child = subprocess.Popen([*python, str(path)],
+        child = subprocess.Popen([*python, str(path), str(os.getpid())],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env,
                                  start_new_session=True)

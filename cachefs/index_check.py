@@ -10,11 +10,14 @@ aside and rebuilt from the chunk files (``index.open_index``); anything else (th
 could not run, was killed from outside, or LMDB failed for want of memory or with an I/O
 error: UNTOLD) says nothing about the index.
 
-Only lmdb and struct are imported, so the child starts in a few tens of milliseconds.
+Only lmdb, struct and ctypes are imported, so the child starts in a few tens of
+milliseconds. A second argument, the daemon's pid, makes the kernel kill the child with
+the daemon (a SIGKILLed start left it reading the index for up to CHECK_TIMEOUT).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 
@@ -61,7 +64,23 @@ def walk(path: str) -> int:
         env.close()
 
 
+def _die_with_parent(parent: int) -> None:
+    """The daemon killed (SIGKILL: a start that timed out) must not leave this check
+    reading its index for up to CHECK_TIMEOUT: the kernel kills it with its parent."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before that took effect
+        sys.exit(UNTOLD)
+
+
 def main() -> None:
+    if len(sys.argv) > 2:
+        _die_with_parent(int(sys.argv[2]))
     try:
         n = walk(sys.argv[1])
     except NOT_DAMAGE as e:

@@ -466,6 +466,42 @@ def test_an_index_whose_meta_pages_are_torn_is_rebuilt(tmp_path):
     assert len(list(tmp_path.glob("index.bad-*"))) == 1
 
 
+def test_the_index_check_dies_with_its_daemon():
+    """A daemon SIGKILLed during its start (a `cachefs mount` that gave up) left its index
+    check reading the index for up to CHECK_TIMEOUT (600 s), with nobody to stop it."""
+    import signal
+    import subprocess
+    import sys
+
+    child = ("import os, sys, time; from cachefs import index_check; "
+             "index_check._die_with_parent(int(sys.argv[1])); time.sleep(60)")
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", "import os, subprocess, sys, time; "
+         f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())]); "
+         "print(p.pid, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(daemon.stdout.readline())
+        time.sleep(0.5)  # (its prctl done)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rpartition(")")[2].split()[0] == "Z":
+                        break  # (a zombie until init reaps it)
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            assert not os.path.exists(f"/proc/{pid}"), "the check outlived its daemon"
+    finally:
+        daemon.kill()
+        daemon.wait()
+        daemon.stdout.close()
+
+
 def test_index_check_reads_records_as_the_index_writes_them(tmp_path):
     """The child-process walk of the index (index_check, which imports only lmdb) decodes
     records with its own copy of the layouts; they must be the index's."""
