@@ -27,6 +27,9 @@ from .report import human, printable
 log = logging.getLogger("cachefs")
 
 START_TIMEOUT = 180.0
+# `umount`: a daemon still running this long after its file system was unmounted gets a
+# SIGTERM (its FUSE requests under way then have the stop's grace, not S3's retry budget)
+UMOUNT_TELL = 1.0
 
 
 class RepeatLimit(logging.Filter):
@@ -522,9 +525,19 @@ def umount(mountpoint: str, timeout: float) -> None:
         raise QuietError(f"could not unmount {mp}: {err}")
     if pid:
         deadline = time.monotonic() + timeout
+        told = time.monotonic() + UMOUNT_TELL
         while time.monotonic() < deadline:
             if not runtime.alive(pid, started):
                 break
+            if told is not None and time.monotonic() >= told:
+                # Still in its FUSE loop: requests under way (the kernel's read-ahead of a
+                # file closed since, say) wait for S3, and nothing bounds them, as nothing
+                # told it to stop: up to S3's whole retry budget (183 s). A SIGTERM gives
+                # them the stop's grace (STOP_GRACE), then cancels them.
+                told = None
+                with contextlib.suppress(OSError):
+                    if runtime.alive(pid, started):
+                        os.kill(pid, signal.SIGTERM)
             time.sleep(0.05)
         else:
             raise QuietError(f"unmounted {mp}, but daemon pid {pid} is still running (it "

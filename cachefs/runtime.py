@@ -233,6 +233,7 @@ def lock_file(where: Callable[[], Path]) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except FileNotFoundError:  # its directory was just removed: make it again
+            time.sleep(0.01)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,11 +241,13 @@ def lock_file(where: Callable[[], Path]) -> int:
             if _same_file(fd, path):
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
                 os.close(fd)
-                if not holder and tries < _LOCK_TRIES - 1:
+                if (not holder or holder.isdigit() and not alive(int(holder))) \
+                        and tries < _LOCK_TRIES - 1:
                     # no pid: a daemon that has just taken it, or another mount's start
                     # removing it as stale (remove_if_stale holds it while it unlinks):
                     # a moment later it is the other daemon's (with its pid) or gone.
-                    # Two daemons started at once failed on this ("is busy")
+                    # Two daemons started at once failed on this ("is busy"). A dead
+                    # holder's pid: a killed daemon's file, held by a start removing it.
                     time.sleep(0.01)
                     continue
                 raise LockBusy(holder) from None
@@ -381,10 +384,12 @@ def _unescape(field: str) -> str:
 def resolve_mountpoint(path: str | Path, entries: list[MountEntry] | None = None) -> str:
     """The real path of a mountpoint, found without asking the file system mounted there
     (a daemon that hangs would hang this process in the kernel): the parent directory
-    is resolved, and the name kept when that is a cachefs mountpoint."""
+    is resolved, and the name kept when something is mounted there."""
     a = os.path.abspath(path)
     here = os.path.join(os.path.realpath(os.path.dirname(a)), os.path.basename(a))
-    if here in cachefs_mounts(entries):
+    if entries is None:
+        entries = mountinfo()
+    if any(e.mountpoint == here for e in entries):  # (any file system: one that hangs too)
         return here
     return os.path.realpath(a)
 

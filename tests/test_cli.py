@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cachefs_env import CREDS, cli, is_mounted
+from cachefs_env import CREDS, cli, is_mounted, wait_for
 
 from cachefs.store.chunkstore import file_size
 
@@ -819,6 +820,35 @@ def _short_dir(request) -> str:
     request.addfinalizer(lambda: shutil.rmtree(d, ignore_errors=True))
     return d
 
+def test_a_mount_over_a_hung_mount_is_refused_and_does_not_hang(s3, bucket, mounts, proxy,
+                                                                 request, tmp_path):
+    """A mount at a mountpoint where a hung file system is mounted (its daemon stopped,
+    and started from another shell: its lock is not this one's) asked that file system:
+    `cachefs mount` hung in the kernel, unkillably, until the daemon went on. It is asked in
+    a child now, which is given up after 2 s: a one-line "busy". A file system of another
+    kind there is not asked at all."""
+    m = mounts(f"s3://{bucket}")
+    os.listdir(m.mp)
+    args = ("mount", f"s3://{bucket}", str(m.mp), "--cache-dir", str(tmp_path / "c2"),
+            "--cache-size", "64MiB", "--endpoint-url", proxy.url)
+    env = {"CACHEFS_RUNTIME_DIR": _short_dir(request)}
+    os.kill(m.proc.pid, signal.SIGSTOP)
+    try:
+        one_line_error(cli(*args, env=env, timeout=60),
+                       f"mountpoint {m.mp} is busy: something is already mounted there")
+    finally:
+        os.kill(m.proc.pid, signal.SIGCONT)
+    assert m.path("").is_dir()  # (still served)
+    other = tmp_path / "t"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(other)], check=True)
+    try:
+        one_line_error(cli(*args[:2], str(other), *args[3:], env=env, timeout=60),
+                       f"mountpoint {other} is busy: a tmpfs file system is mounted there")
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+
+
 def test_umount_from_a_shell_that_cannot_see_the_daemons_runtime_dir(s3, bucket, mounts,
                                                                      request):
     """A daemon started with another CACHEFS_RUNTIME_DIR (or XDG_RUNTIME_DIR, as under
@@ -1138,6 +1168,26 @@ def test_a_lock_held_for_a_moment_without_a_pid_is_waited_for(tmp_path):
     finally:
         t.join()
     os.close(fd)
+    # a killed daemon's lock file, with its pid, held by a start that removes it as stale:
+    # that pid is no holder ("busy: another cachefs daemon (pid N)", N long dead)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (d / runtime.LOCK).write_text(f"{dead.pid}\n")
+    other = os.open(d / runtime.LOCK, os.O_RDWR)
+    fcntl.flock(other, fcntl.LOCK_EX)
+
+    def removed() -> None:
+        (d / runtime.LOCK).unlink()
+        os.close(other)
+
+    t = threading.Timer(0.2, removed)
+    t.start()
+    try:
+        fd = runtime.lock_file(where)
+    finally:
+        t.join()
+    os.close(fd)
+
 
 def _daemon_pid(cache) -> int:
     deadline = time.monotonic() + 20
@@ -1189,6 +1239,30 @@ def test_mount_that_gives_up_leaves_nothing_mounted(s3, bucket, proxy, tmp_path)
         assert "gave up waiting for it: unmounting" in (cache / "cachefs.log").read_text()
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+@pytest.mark.fuse
+def test_umount_bounds_the_requests_left_waiting_on_s3(s3, bucket, proxy, mounts):
+    """FUSE requests under way when the file system is unmounted (the kernel's read-ahead
+    of a file closed since) waited for S3, 60 s here, and nothing told the daemon to stop:
+    `cachefs umount` gave up on it ("still running (it hangs?)"). The daemon now gets a
+    SIGTERM, and with it the stop's grace."""
+    MiB = 1 << 20
+    data = random.randbytes(4 * MiB)
+    s3.put_object(Bucket=bucket, Key="r.bin", Body=data)
+    m = mounts(f"s3://{bucket}", chunk_size="1MiB")
+    m.path("r.bin").stat()
+    proxy.faults(delay=60, skip=1, count=-1)  # every GET after the first: 60 s
+    fd = os.open(m.path("r.bin"), os.O_RDONLY)
+    try:
+        assert os.read(fd, MiB) == data[:MiB]
+        os.posix_fadvise(fd, MiB, 2 * MiB, os.POSIX_FADV_WILLNEED)  # read-ahead, not waited
+    finally:
+        os.close(fd)
+    wait_for(lambda: proxy.stats()["inflight"] >= 1, 10, "a GET under way")
+    r = cli("umount", str(m.mp), "--timeout", "30")
+    assert r.returncode == 0, r.stderr
+    assert not is_mounted(m.mp)
 
 
 @pytest.mark.fuse
