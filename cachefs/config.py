@@ -450,6 +450,10 @@ def build_config(
         mounts.append(MountSpec("", bucket, prefix, endpoint, region, profile))
     else:
         entries = raw.get("mount", [])
+        if "mount" in raw and not isinstance(entries, list):  # [mount], or mount = "s3://…"
+            got = "a [mount] table" if isinstance(entries, dict) else "a value"
+            raise ConfigError("config: mount must be [[mount]] tables (double brackets: one "
+                              f"per bucket), not {got}")
         if not isinstance(entries, list) or not entries:
             raise ConfigError(
                 "nothing to mount: give s3://bucket[/prefix] or a config file with [[mount]] entries"

@@ -138,6 +138,12 @@ def test_an_unset_variable_a_forgotten_argument_or_a_url_with_credentials(tmp_pa
     one_line_error(cli("mount", "s3://bucket-x", str(mp), *base, "--peer-listen", "a b:7070",
                        "--peers", "a:7070", env={"CACHEFS_PEER_SECRET": "s" * 32}),
                    "peer listen address: expected HOST:PORT", code=2)
+    # [mount] for [[mount]]: "nothing to mount"
+    cfg.write_text(f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n[mount]\n"
+                   "source = 's3://bkt'\n")
+    one_line_error(cli("mount", "--config", str(cfg), str(mp)),
+                   "mount must be [[mount]] tables (double brackets: one per bucket), not a "
+                   "[mount] table", code=2)
     # --slow was taken and ignored with --follow
     one_line_error(cli("trace", "--follow", "--slow"), "--slow goes with --recent", code=2)
 
