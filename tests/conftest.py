@@ -27,6 +27,15 @@ def proxy(moto):
     p.stop()
 
 
+@pytest.fixture(autouse=True)
+def _no_fault_left(request):
+    """The proxy lives for the session: a fault a test armed (a 60 s delay of every GET)
+    must not reach the next test on the worker, which may not reset it."""
+    yield
+    if "proxy" in request.fixturenames:
+        request.getfixturevalue("proxy").clear_faults()
+
+
 @pytest.fixture(scope="session")
 def s3(moto):
     """boto3 client straight to moto (setup traffic does not count at the proxy)."""
