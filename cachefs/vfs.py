@@ -140,7 +140,7 @@ def _errno_of(e: S3Error) -> int:
 
 
 def valid_name(name: str) -> bool:
-    return (name not in ("", ".", "..") and "\0" not in name
+    return (name not in ("", ".", "..") and "\0" not in name and "/" not in name
             and len(name.encode("utf-8", "surrogateescape")) <= 255)
 
 
@@ -635,31 +635,34 @@ class VFS:
         if d.children is not None and time.monotonic() - d.listed_at < self.cfg.metadata_ttl:
             return
         ev = self._listing.get(d.ino)
+        if ev is None and d.children is None:
+            ev = self._listing[d.ino] = trio.Event()
+            self._first_failed.pop(d.ino, None)
+            try:
+                await self._first_listing(d, op)
+                if d.children is None:  # dropped meanwhile (gone from its parent's listing)
+                    raise FSError(errno.ENOENT)
+            except FSError as e:
+                self._first_failed[d.ino] = e.errno  # (what its waiters answer too)
+                raise
+            finally:
+                if self._listing.get(d.ino) is ev:
+                    del self._listing[d.ino]
+                ev.set()
+            return
         if ev is None:
-            ev = trio.Event()
-            self._listing[d.ino] = ev
-            if d.children is not None:
-                self.nursery.start_soon(self._relist, d, ev, op)
-            else:
-                try:
-                    await self._first_listing(d, op)
-                except FSError as e:
-                    self._first_failed[d.ino] = e.errno  # (what its waiters answer too)
-                    raise
-                else:
-                    self._first_failed.pop(d.ino, None)
-                finally:
-                    if self._listing.get(d.ino) is ev:
-                        del self._listing[d.ino]
-                    ev.set()
-                return
+            ev = self._listing[d.ino] = trio.Event()
+            self.nursery.start_soon(self._relist, d, ev, op)
         if d.children is None:  # share the first listing under way
             await ev.wait()
             if d.children is not None:
                 return
+            failed = self._first_failed.get(d.ino)
+            if failed is None:  # its caller was cancelled (a Ctrl-C of a preload): list
+                return await self._ensure_listed(d, op)  # it here (it was EIO)
             # it failed (its caller logged why): so do its waiters, with its error, rather
             # than each of them asking the failing S3 again in turn
-            raise FSError(self._first_failed.get(d.ino, errno.EIO))
+            raise FSError(failed)
         if d.ino in self._slow:
             return  # an earlier caller already waited for this relisting
         with trio.move_on_after(STALE_WAIT) as cs:
@@ -727,8 +730,15 @@ class VFS:
         if listing.asked is not None:  # it went on from the pages of an earlier attempt
             asked, asked_at = listing.asked, listing.asked_at or asked_at
         self.stats.inc("dir_listings")
-        if not await self._apply_listing(d, prefix, listing,
-                                         await self._known_inos(d, prefix, listing), asked):
+        known = await self._known_inos(d, prefix, listing)
+        if self.nodes.get(d.ino) is not d:
+            return  # dropped meanwhile (gone from its parent's listing, and forgotten)
+        save = await self._apply_listing(d, prefix, listing, known, asked)
+        if listing.asked is not None and d.children is not None:
+            # its first pages are as old as an earlier attempt: so is the listing (its
+            # entries were trusted for a whole TTL from its end)
+            d.listed_at = min(d.listed_at, asked)
+        if not save:
             return  # a HEAD answered meanwhile: this listing is older than what we show
 
         def encode() -> bytes:  # a large directory's JSON takes long: not on the trio thread
@@ -771,12 +781,21 @@ class VFS:
             blob = self.index.get_listing(key)
             if blob is None:
                 return None
-            doc = json.loads(blob)
-            age = time.time() - float(doc["t"])
-            if not any_age and not 0 <= age < self.cfg.metadata_ttl:
+            try:
+                doc = json.loads(blob)
+                age = time.time() - float(doc["t"])
+                if not any_age and not 0 <= age < self.cfg.metadata_ttl:
+                    return None
+                return Listing([str(p) for p in doc["p"]],
+                               [ObjInfo(str(k), int(size), str(etag), float(mtime))
+                                for k, size, etag, mtime in doc["o"]]), age
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # (a record of another form): every lookup in the directory was EIO,
+                # for good, as S3 was never asked instead
+                log.warning("the listing of %s kept in the index is unreadable: listing "
+                            "it from S3", self.display_path(d))
+                self.writer.submit(Index.op_delete_listing(key))
                 return None
-            return Listing(doc["p"], [ObjInfo(k, size, etag, mtime)
-                                      for k, size, etag, mtime in doc["o"]]), age
 
         got = await trio.to_thread.run_sync(load)
         if got is None:
@@ -818,13 +837,68 @@ class VFS:
         time, all other reads waiting).  An object whose HEAD answered after ``asked``
         keeps what the HEAD said (its new version, or gone): False then, the listing is
         not S3's latest and is not to be saved."""
-        m = d.mount
-        assert m is not None
         old = d.children or {}
         new: dict[str, int] = {}
+        try:
+            if not await self._apply_entries(d, prefix, listing, known, asked, old, new):
+                self._drop_made(d, old, new)
+                return False
+        except BaseException:  # cancelled (the control request of a preload, Ctrl-C):
+            self._drop_made(d, old, new)  # the nodes made so far belonged to no directory
+            raise
+        answered = self._headed_since(d, asked)  # (some answered during the slices above)
+        for node, info in answered:
+            if info is None:
+                if new.get(node.name) == node.ino:
+                    del new[node.name]
+            elif node.name not in new:  # not yet in this listing: S3 said it is there
+                new[node.name] = node.ino
+        # the same names and inodes: the same dict, so what was built from it (its sorted
+        # entries, the file prefetcher's order of it) stays; rebuilding took 0.36 s of the
+        # trio thread for a million names, once per metadata TTL
+        d.children = old if new == old else new
+        d.listed_at = time.monotonic()  # (with what HEADs said since: as new as the LIST)
+        if d.children is old:  # the same names and inodes: nothing is gone
+            return not answered
+        # what is gone, in slices (about 0.15 s of the trio thread for a million names),
+        # to its end even when cancelled: a node left out was never dropped
+        with trio.CancelScope(shield=True):
+            await trio.lowlevel.checkpoint()
+            kept = set(new.values())
+            # (a listing's dict is never changed once made, only replaced whole: iterating
+            # it across checkpoints is safe)
+            for n, (name, ino) in enumerate(old.items(), 1):
+                if n % APPLY_SLICE == 0:
+                    await trio.lowlevel.checkpoint()
+                if ino not in kept:  # gone from S3 (or now a directory instead of a file)
+                    gone = self.nodes.get(ino)
+                    if (gone is not None and gone.lookups > 0
+                            and self.invalidate_entry is not None):
+                        # the kernel's entry would show it (stat) for its own timeout, and
+                        # an open of it would fail with EIO (S3's 404), not ENOENT
+                        self.invalidate_entry(d.ino, name)
+                    self._drop_unused(ino)
+        return not answered
+
+    def _drop_made(self, d: Node, old: dict[str, int], new: dict[str, int]) -> None:
+        """An apply given up: the nodes it made (in ``new``, not in ``old``) go."""
+        had = set(old.values())
+        for ino in new.values():
+            if ino not in had and (n := self.nodes.get(ino)) is not None and n.parent == d.ino:
+                self._drop_unused(ino)
+
+    async def _apply_entries(self, d: Node, prefix: str, listing: Listing,
+                             known: dict[str, tuple[bytes, int | None]], asked: float,
+                             old: dict[str, int], new: dict[str, int]) -> bool:
+        """The listing's entries into ``new``, nodes made for new names; False when the
+        directory was dropped meanwhile (its nodes would belong to nobody, for good)."""
+        m = d.mount
+        assert m is not None
         for n, p in enumerate(listing.prefixes, 1):
             if n % APPLY_SLICE == 0:
                 await trio.lowlevel.checkpoint()
+                if self.nodes.get(d.ino) is not d:
+                    return False
             name = p[len(prefix):-1]
             if name in new:
                 continue  # listed twice (a store that repeats a page's last entry)
@@ -841,6 +915,8 @@ class VFS:
         for n, o in enumerate(listing.objects, 1):
             if n % APPLY_SLICE == 0:
                 await trio.lowlevel.checkpoint()
+                if self.nodes.get(d.ino) is not d:
+                    return False
             name = o.key[len(prefix):]
             if name == "":
                 continue  # a "directory marker" object: the directory itself
@@ -887,36 +963,7 @@ class VFS:
         # a version a read found replaced (put back since: a rollback) reads again
         self.reader.listed(m.spec.bucket, prefix, asked,
                            lambda name: (n := self.nodes.get(new.get(name, 0))) and n.etag)
-        answered = self._headed_since(d, asked)  # (some answered during the slices above)
-        for node, info in answered:
-            if info is None:
-                if new.get(node.name) == node.ino:
-                    del new[node.name]
-            elif node.name not in new:  # not yet in this listing: S3 said it is there
-                new[node.name] = node.ino
-        # the same names and inodes: the same dict, so what was built from it (its sorted
-        # entries, the file prefetcher's order of it) stays; rebuilding took 0.36 s of the
-        # trio thread for a million names, once per metadata TTL
-        d.children = old if new == old else new
-        d.listed_at = time.monotonic()  # (with what HEADs said since: as new as the LIST)
-        if d.children is old:  # the same names and inodes: nothing is gone
-            return not answered
-        # what is gone, in slices (about 0.15 s of the trio thread for a million names)
-        await trio.lowlevel.checkpoint()
-        kept = set(new.values())
-        # (a listing's dict is never changed once made, only replaced whole: iterating
-        # it across checkpoints is safe)
-        for n, (name, ino) in enumerate(old.items(), 1):
-            if n % APPLY_SLICE == 0:
-                await trio.lowlevel.checkpoint()
-            if ino not in kept:  # gone from S3 (or now a directory instead of a file)
-                gone = self.nodes.get(ino)
-                if gone is not None and gone.lookups > 0 and self.invalidate_entry is not None:
-                    # the kernel's entry would show it (stat) for its own timeout, and
-                    # an open of it would fail with EIO (S3's 404), not ENOENT
-                    self.invalidate_entry(d.ino, name)
-                self._drop_unused(ino)
-        return not answered
+        return True
 
     async def lookup(self, parent_ino: int, name: str, *, count: bool = True) -> Node:
         parent = self.get(parent_ino)

@@ -1184,6 +1184,7 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     v.reader = ChunkReader.__new__(ChunkReader)  # (what it remembers of changed versions)
     v.reader._changed = {}
     d = Node(5, 1, "d", True, mount, "d/")
+    v.nodes[5] = d
     ticks = 0
 
     async def main():
@@ -1211,6 +1212,57 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     # 6 slices of entries (3 of subdirectories, 3 of files): other tasks ran between them
     assert ticks_applying >= 5, ticks_applying
     assert len(d.children) == 2 * n and v.nodes[d.children["f7"]].ino == 77
+
+
+def test_a_listing_given_up_half_applied_leaves_no_node(tmp_path):
+    """A first listing cancelled while its entries were applied (the control request of a
+    `preload` of the directory, Ctrl-C), or one whose directory was dropped meanwhile (gone
+    from its parent's listing, forgotten by the kernel), left the nodes made so far in the
+    inode table for good: 4,095 for one cancel, a whole directory for the other."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from cachefs import vfs as vfsmod
+    from cachefs.chunks.reader import ChunkReader
+    from cachefs.index import Index, IndexWriter
+    from cachefs.objectstore import Listing, ObjInfo
+    from cachefs.stats import Stats
+    from cachefs.vfs import VFS, MountCtx, Node
+
+    n = 3 * vfsmod.APPLY_SLICE
+    listing = Listing([], [ObjInfo(f"d/f{i}", i, f"e{i}", 0.0) for i in range(n)])
+    ix = Index(tmp_path / "index", 1 << 26)
+    mount = MountCtx(SimpleNamespace(name="m", bucket="b"), None)
+    v = VFS.__new__(VFS)
+    v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
+    v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
+    v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
+    v.reader = ChunkReader.__new__(ChunkReader)
+    v.reader._changed = {}
+    d = Node(5, 1, "d", True, mount, "d/")
+
+    async def main(step):
+        async with trio.open_nursery() as nursery:
+            got = []
+
+            async def apply():
+                got.append(await v._apply_listing(d, "d/", listing, {}, 0.0))
+
+            nursery.start_soon(apply)
+            for _ in range(3):  # into its second slice
+                await trio.lowlevel.checkpoint()
+            step(nursery)
+        return got
+
+    try:
+        v.nodes = {5: d}
+        assert trio.run(main, lambda nursery: nursery.cancel_scope.cancel()) == []
+        assert v.nodes == {5: d} and d.children is None
+        assert trio.run(main, lambda nursery: v.nodes.pop(5)) == [False]
+        assert v.nodes == {} and d.children is None
+    finally:
+        ix.close()
 
 
 def test_a_listing_asked_before_a_head_keeps_what_the_head_said(tmp_path):
