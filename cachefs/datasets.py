@@ -329,7 +329,7 @@ class Datasets:
         for line, rel, text in entries:
             try:
                 node = await vfs.resolve(rel, refreshed)
-                nodes = await vfs.walk_files(node)
+                nodes = await vfs.walk_files(node, fresh=True)
             except (FSError, S3Error) as e:
                 item = {"line": line, "entry": text, "reason": _reason(e)}
                 if not (isinstance(e, FSError) and e.errno in BAD_ENTRY):

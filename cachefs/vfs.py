@@ -509,6 +509,7 @@ class VFS:
         self._listing: dict[int, trio.Event] = {}
         self._slow: set[int] = set()  # directories whose relisting outlasted STALE_WAIT
         self._first_failed: dict[int, int] = {}  # directory -> errno of its failed 1st listing
+        self._relist_failed: dict[int, int] = {}  # directory -> errno of its last relisting
         self._missed_at: dict[int, float] = {}  # directory -> its last listing for a missing name
         self._refreshing: dict[int, _HeadCheck] = {}  # stale node → its HEAD
         # a node a relisting moved to a new version in place → the kernel's invalidation of
@@ -610,6 +611,7 @@ class VFS:
             self._head_retry_at.pop(node.ino, None)
             self._missed_at.pop(node.ino, None)
             self._first_failed.pop(node.ino, None)
+            self._relist_failed.pop(node.ino, None)
             if node.children:
                 stack.extend(node.children.values())
 
@@ -689,7 +691,9 @@ class VFS:
     async def _relist(self, d: Node, ev: trio.Event, op: str) -> None:
         try:
             await self._traced_list(d, op, own=True)
-        except FSError:  # _list logged why
+            self._relist_failed.pop(d.ino, None)
+        except FSError as e:  # _list logged why
+            self._relist_failed[d.ino] = e.errno
             log.warning("using the listing of %s from %.0f s ago until S3 answers",
                         self.display_path(d), time.monotonic() - d.listed_at)
             self._retry_later(d)
@@ -1107,16 +1111,34 @@ class VFS:
         self.nursery.start_soon(self._relist, d, ev, "list")
         await ev.wait()
 
-    async def walk_files(self, node: Node) -> list[Node]:
+    async def _listed_fresh(self, d: Node) -> None:
+        """d listed within the metadata TTL, however long its relisting takes (a lookup
+        waits STALE_WAIT, then goes on with the listing it has); FSError when S3 fails it.
+        For the data-set commands: a `preload` of a directory walked its old listing and
+        left out the files uploaded since, with success."""
+        while d.children is None or time.monotonic() - d.listed_at >= self.cfg.metadata_ttl:
+            if d.children is None:
+                await self._ensure_listed(d)
+                continue
+            ev = self._listing.get(d.ino)
+            if ev is None:
+                ev = self._listing[d.ino] = trio.Event()
+                self.nursery.start_soon(self._relist, d, ev, "list")
+            await ev.wait()
+            if (failed := self._relist_failed.get(d.ino)) is not None:
+                raise FSError(failed)
+
+    async def walk_files(self, node: Node, fresh: bool = False) -> list[Node]:
         """Every file at or below node, in the order of a sorted ``find`` (each directory's
-        names in order, a subdirectory's files in its place), listed as needed."""
+        names in order, a subdirectory's files in its place), listed as needed (``fresh``:
+        each listing younger than the metadata TTL, see _listed_fresh)."""
         if not node.is_dir:
             return [node]
         out: list[Node] = []
 
         async def entries(d: Node) -> Iterator[tuple[str, int]]:
             if d.mount is not None:
-                await self._ensure_listed(d)
+                await (self._listed_fresh(d) if fresh else self._ensure_listed(d))
             # (the listing's sorted entries, shared with opendir and the prefetcher: each
             # directory was sorted again here, 0.18 s for a tree of a million files)
             return iter(d.entries())

@@ -199,6 +199,32 @@ def test_throughput_model(monkeypatch):
 # -- preload ------------------------------------------------------------------------------
 
 
+def test_a_preload_of_a_directory_waits_for_its_relisting(mounts, bucket, s3, proxy,
+                                                          tmp_path):
+    """A directory whose listing was older than the TTL was relisted in the background
+    and walked with the old listing after 1 s: a `preload shards/` after new shards were
+    uploaded left them out, with success (and `status` said 100%). It waits for the
+    relisting now; one that S3 fails fails the entry."""
+    put(s3, bucket, {"shards/a.bin": 1000})
+    m = mounts(f"s3://{bucket}", extra=("--metadata-ttl", "1s"))
+    lst = write_list(tmp_path, ["shards/"])
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0 and res["files"] == 1, r.stderr
+    put(s3, bucket, {"shards/b.bin": 2000})
+    time.sleep(1.2)  # past the TTL
+    proxy.faults(delay=2, count=-1, ops=["ListObjects"])  # relistings longer than 1 s
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    proxy.clear_faults()
+    assert r.returncode == 0, r.stderr
+    assert (res["files"], res["total_bytes"], res["fetched_bytes"]) == (2, 3000, 2000), res
+    time.sleep(1.2)
+    proxy.faults(persistent_status=500, ops=["ListObjects"])
+    res, r = run_json("status", "--file-list", lst, "--mount", str(m.mp))
+    proxy.clear_faults()
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "shards/" in r.stderr
+
+
 def test_preload_then_read_without_gets(mounts, bucket, s3, proxy, tmp_path):
     data = put(s3, bucket, DATA)
     m = mounts(f"s3://{bucket}")
