@@ -151,8 +151,8 @@ def mount(args, config_file, ready_fd, foreground, **flags) -> None:
         source, mountpoint = args
     elif len(args) == 1:
         source, mountpoint = None, args[0]
-        if mountpoint.startswith("s3://"):
-            raise QuietError(f"no MOUNTPOINT after {printable(mountpoint)}", EXIT_USAGE)
+        if mountpoint.startswith("s3://"):  # (not repeated: it may carry credentials)
+            raise QuietError("no MOUNTPOINT after the s3:// source", EXIT_USAGE)
         if not config_file:
             raise QuietError("give s3://bucket[/prefix] MOUNTPOINT, or --config FILE MOUNTPOINT",
                              EXIT_USAGE)

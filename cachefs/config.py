@@ -244,11 +244,12 @@ def parse_source(source: str) -> tuple[str, str]:
     if not source.startswith("s3://"):
         raise ConfigError(f"source must look like s3://bucket[/prefix], got {source!r}")
     rest = source[5:]
-    bucket, _, prefix = rest.partition("/")
-    if "@" in bucket:  # s3://KEY:SECRET@bucket: never repeated, never used
+    if "@" in rest.split("/", 1)[0] or re.match(r"[^@/]*:[^@]*@", rest):
+        # s3://KEY:SECRET@bucket (a secret may hold a "/"): never repeated, never used
         raise ConfigError("the source s3://… must not carry credentials (USER:SECRET@): "
                           "give them as AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile "
                           "(--profile) or the instance's role")
+    bucket, _, prefix = rest.partition("/")
     if not _BUCKET_RE.match(bucket):
         raise ConfigError(f"invalid bucket name in {source!r}")
     if prefix.startswith("/"):

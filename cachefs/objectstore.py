@@ -628,15 +628,15 @@ class ObjectStore:
                     resp = await self._call("LIST", page)
             except S3Error as e:
                 if part is not None and pages == part.pages and 400 <= e.status < 500 \
-                        and e.status not in (401, 403):
+                        and e.status not in (401, 403) and not e.transient:
                     # the store refuses the kept continuation token: from page 1 again
                     log.info("listing s3://%s/%s: the store refused to go on from page "
                              "%d (%s); listing it from the start", self.bucket, prefix,
                              pages + 1, e)
                     return await self.list_dir(prefix)
-                if pages and token:
+                if pages and token:  # (kept 15 min from its first page, not from now)
                     self._keep_partial(prefix, _Partial(out, token, pages,
-                                                        time.monotonic() + PARTIAL_KEEP))
+                                                        (out.asked or now) + PARTIAL_KEEP))
                 raise
             self.stats.inc("s3_list_requests")
             pages += 1

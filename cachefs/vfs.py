@@ -62,6 +62,7 @@ APPLY_SLICE = 4096  # listing entries applied between two checkpoints
 WALK_YIELD = 4096  # names walk_files looks at between two checkpoints
 STALE_WAIT = 1.0  # seconds a lookup waits for a relisting before it uses the listing it has
 STALE_RETRY = 30.0  # after a relisting failed, the old listing is used this long, then retried
+UNREADABLE = object()  # a saved listing that does not parse
 HEAD_WAIT = 10.0  # seconds an open of a changed object waits for S3 to say its new version
 
 
@@ -781,7 +782,7 @@ class VFS:
         any age: S3 cannot list it now)."""
         key = self._listing_key(d)
 
-        def load() -> Listing | None:
+        def load() -> tuple[Listing, float] | object | None:
             blob = self.index.get_listing(key)
             if blob is None:
                 return None
@@ -794,15 +795,17 @@ class VFS:
                                [ObjInfo(str(k), int(size), str(etag), float(mtime))
                                 for k, size, etag, mtime in doc["o"]]), age
             except (ValueError, KeyError, TypeError, AttributeError):
-                # (a record of another form): every lookup in the directory was EIO,
-                # for good, as S3 was never asked instead
-                log.warning("the listing of %s kept in the index is unreadable: listing "
-                            "it from S3", self.display_path(d))
-                self.writer.submit(Index.op_delete_listing(key))
-                return None
+                return UNREADABLE
 
         got = await trio.to_thread.run_sync(load)
-        if got is None:
+        if got is UNREADABLE:
+            # (a record of another form): every lookup in the directory was EIO, for good,
+            # as S3 was never asked instead
+            log.warning("the listing of %s kept in the index is unreadable: listing it "
+                        "from S3", self.display_path(d))
+            self.writer.submit(Index.op_delete_listing(key))
+            return False
+        if got is None or self.nodes.get(d.ino) is not d:
             return False
         listing, age = got
         assert d.mount is not None
@@ -898,6 +901,8 @@ class VFS:
         directory was dropped meanwhile (its nodes would belong to nobody, for good)."""
         m = d.mount
         assert m is not None
+        if self.nodes.get(d.ino) is not d:
+            return False
         for n, p in enumerate(listing.prefixes, 1):
             if n % APPLY_SLICE == 0:
                 await trio.lowlevel.checkpoint()
@@ -1117,6 +1122,8 @@ class VFS:
         For the data-set commands: a `preload` of a directory walked its old listing and
         left out the files uploaded since, with success."""
         while d.children is None or time.monotonic() - d.listed_at >= self.cfg.metadata_ttl:
+            if self.nodes.get(d.ino) is not d:  # dropped (gone from its parent's listing)
+                raise FSError(errno.ENOENT)
             if d.children is None:
                 await self._ensure_listed(d)
                 continue

@@ -204,10 +204,15 @@ def test_a_listing_that_failed_part_way_goes_on_from_the_failed_page(s3, bucket,
     assert proxy.stats()["ops"]["ListObjects"] == 3
     assert f"the listing of s3://{bucket}/big/ failed on page 2: the next one goes on from " \
            "there (10 entries kept)" in m.log_text()
+    # throttled on the page it goes on from: the pages stay kept (no new listing from 1)
+    proxy.reset()
+    proxy.faults(status=429, code="SlowDown", ops=["ListObjects"], count=2)
+    with pytest.raises(OSError):
+        os.listdir(m.path("big"))
     proxy.reset()
     assert sorted(os.listdir(m.path("big"))) == names
     assert proxy.stats()["ops"]["ListObjects"] == 2  # pages 2 and 3 (3 before)
-    assert m.counters()["s3_list_resumed"] == 1
+    assert m.counters()["s3_list_resumed"] == 2
     # a store that refuses the kept token: listed from the start
     proxy.faults(status=500, ops=["ListObjects"], skip=1, count=2)
     with pytest.raises(OSError) as e:
@@ -1214,6 +1219,43 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     assert len(d.children) == 2 * n and v.nodes[d.children["f7"]].ino == 77
 
 
+def test_an_unreadable_saved_listing_is_deleted_and_the_writer_goes_on(tmp_path):
+    """A listing kept in the index that does not parse made every lookup in its directory
+    EIO, for good (S3 was never asked); it is deleted now, from the trio thread (a submit
+    from the worker thread that read it left the index writer asleep for good)."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from cachefs.index import Index, IndexWriter
+    from cachefs.stats import Stats
+    from cachefs.vfs import VFS, MountCtx, Node
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    spec = SimpleNamespace(name="", bucket="b", prefix="", endpoint_url=None)
+    v = VFS.__new__(VFS)
+    v.index, v.writer, v.stats = ix, IndexWriter(ix), Stats()
+    v.cfg = SimpleNamespace(metadata_ttl=60.0, single_root=True)
+    d = Node(5, 1, "d", True, MountCtx(spec, None), "d/")
+    v.nodes = {5: d}
+    key = v._listing_key(d)
+    ix.apply([Index.op_put_listing(key, b'{"t": %d, "p": [], "o": [[1]]}' % time.time())])
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(v.writer.run)
+            assert await v._load_listing(d) is False
+            with trio.fail_after(5):
+                await v.writer.commit(Index.op_put_ino(b"k", 7, 8))  # the writer goes on
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+        assert ix.get_listing(key) is None and ix.get_ino(b"k") == 7
+    finally:
+        ix.close()
+
+
 def test_a_listing_given_up_half_applied_leaves_no_node(tmp_path):
     """A first listing cancelled while its entries were applied (the control request of a
     `preload` of the directory, Ctrl-C), or one whose directory was dropped meanwhile (gone
@@ -1238,6 +1280,7 @@ def test_a_listing_given_up_half_applied_leaves_no_node(tmp_path):
     v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
     v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
     v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
+    v._relist_failed = {}
     v.reader = ChunkReader.__new__(ChunkReader)
     v.reader._changed = {}
     d = Node(5, 1, "d", True, mount, "d/")
@@ -1285,6 +1328,7 @@ def test_a_listing_asked_before_a_head_keeps_what_the_head_said(tmp_path):
     v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
     v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
     v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
+    v._relist_failed = {}
     v.reader = ChunkReader.__new__(ChunkReader)  # (what it remembers of changed versions)
     v.reader._changed = {}
     d = Node(5, 1, "d", True, mount, "d/")
