@@ -1169,34 +1169,31 @@ def test_a_lock_held_for_a_moment_without_a_pid_is_waited_for(tmp_path):
         d.mkdir(mode=0o700, exist_ok=True)
         return d / runtime.LOCK
 
-    other = os.open(d / runtime.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(other, fcntl.LOCK_EX)  # the other start, checking whether it is stale
-    t = threading.Timer(0.2, os.close, (other,))  # it was not: let go, nothing removed
-    t.start()
-    try:
-        fd = runtime.lock_file(where)
-    finally:
-        t.join()
-    os.close(fd)
+    def lock_while_held(let_go) -> None:
+        """lock_file while another holds the lock, which ``let_go(fd)`` ends 0.2 s on."""
+        other = os.open(d / runtime.LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(other, fcntl.LOCK_EX)
+        t = threading.Timer(0.2, let_go, (other,))
+        t.start()
+        try:
+            fd = runtime.lock_file(where)
+        finally:
+            t.join()
+        os.close(fd)
+
+    # the other start, checking whether it is stale: it was not, and lets go
+    lock_while_held(os.close)
     # a killed daemon's lock file, with its pid, held by a start that removes it as stale:
     # that pid is no holder ("busy: another cachefs daemon (pid N)", N long dead)
     dead = subprocess.Popen(["true"])
     dead.wait()
     (d / runtime.LOCK).write_text(f"{dead.pid}\n")
-    other = os.open(d / runtime.LOCK, os.O_RDWR)
-    fcntl.flock(other, fcntl.LOCK_EX)
 
-    def removed() -> None:
+    def removed(fd: int) -> None:
         (d / runtime.LOCK).unlink()
-        os.close(other)
+        os.close(fd)
 
-    t = threading.Timer(0.2, removed)
-    t.start()
-    try:
-        fd = runtime.lock_file(where)
-    finally:
-        t.join()
-    os.close(fd)
+    lock_while_held(removed)
 
 
 def _daemon_pid(cache) -> int:

@@ -1219,6 +1219,27 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     assert len(d.children) == 2 * n and v.nodes[d.children["f7"]].ino == 77
 
 
+def _listing_vfs(tmp_path):
+    """A VFS with only what applying a listing uses (the index, its writer, the inode
+    table, the reader's memo of changed versions): (vfs, index, a mount)."""
+    from types import SimpleNamespace
+
+    from cachefs.chunks.reader import ChunkReader
+    from cachefs.index import Index, IndexWriter
+    from cachefs.stats import Stats
+    from cachefs.vfs import VFS, MountCtx
+
+    ix = Index(tmp_path / "index", 1 << 26)
+    v = VFS.__new__(VFS)
+    v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
+    v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
+    v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
+    v._relist_failed, v.nodes = {}, {}
+    v.reader = ChunkReader.__new__(ChunkReader)  # (what it remembers of changed versions)
+    v.reader._changed = {}
+    return v, ix, MountCtx(SimpleNamespace(name="m", bucket="b"), None)
+
+
 def test_an_unreadable_saved_listing_is_deleted_and_the_writer_goes_on(tmp_path):
     """A listing kept in the index that does not parse made every lookup in its directory
     EIO, for good (S3 was never asked); it is deleted now, from the trio thread (a submit
@@ -1261,28 +1282,16 @@ def test_a_listing_given_up_half_applied_leaves_no_node(tmp_path):
     `preload` of the directory, Ctrl-C), or one whose directory was dropped meanwhile (gone
     from its parent's listing, forgotten by the kernel), left the nodes made so far in the
     inode table for good: 4,095 for one cancel, a whole directory for the other."""
-    from types import SimpleNamespace
 
     import trio
 
     from cachefs import vfs as vfsmod
-    from cachefs.chunks.reader import ChunkReader
-    from cachefs.index import Index, IndexWriter
     from cachefs.objectstore import Listing, ObjInfo
-    from cachefs.stats import Stats
-    from cachefs.vfs import VFS, MountCtx, Node
+    from cachefs.vfs import Node
 
     n = 3 * vfsmod.APPLY_SLICE
     listing = Listing([], [ObjInfo(f"d/f{i}", i, f"e{i}", 0.0) for i in range(n)])
-    ix = Index(tmp_path / "index", 1 << 26)
-    mount = MountCtx(SimpleNamespace(name="m", bucket="b"), None)
-    v = VFS.__new__(VFS)
-    v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
-    v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
-    v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
-    v._relist_failed = {}
-    v.reader = ChunkReader.__new__(ChunkReader)
-    v.reader._changed = {}
+    v, ix, mount = _listing_vfs(tmp_path)
     d = Node(5, 1, "d", True, mount, "d/")
 
     async def main(step):
@@ -1312,25 +1321,13 @@ def test_a_listing_asked_before_a_head_keeps_what_the_head_said(tmp_path):
     """A listing asked of S3 before a HEAD's answer: a name the HEAD found deleted is left
     out, one it found (changed) is kept even if that listing lacks it, the node keeps the
     HEAD's version, and the listing is reported as not S3's latest (not to be saved)."""
-    from types import SimpleNamespace
 
     import trio
 
-    from cachefs.chunks.reader import ChunkReader
-    from cachefs.index import Index, IndexWriter
     from cachefs.objectstore import Listing, ObjInfo
-    from cachefs.stats import Stats
-    from cachefs.vfs import VFS, MountCtx, Node
+    from cachefs.vfs import Node
 
-    ix = Index(tmp_path / "index", 1 << 26)
-    mount = MountCtx(SimpleNamespace(name="m", bucket="b"), None)
-    v = VFS.__new__(VFS)
-    v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
-    v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
-    v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
-    v._relist_failed = {}
-    v.reader = ChunkReader.__new__(ChunkReader)  # (what it remembers of changed versions)
-    v.reader._changed = {}
+    v, ix, mount = _listing_vfs(tmp_path)
     d = Node(5, 1, "d", True, mount, "d/")
     v.nodes = {5: d}
     for ino, name, etag in ((10, "gone.bin", "e1"), (11, "new.bin", "e2"), (12, "same.bin", "s")):
