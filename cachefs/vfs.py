@@ -884,8 +884,23 @@ class VFS:
                         # the kernel's entry would show it (stat) for its own timeout, and
                         # an open of it would fail with EIO (S3's 404), not ENOENT
                         self.invalidate_entry(d.ino, name)
+                    if gone is not None and gone.is_dir:
+                        self._forget_saved_listings(gone)
                     self._drop_unused(ino)
         return not answered
+
+    def _forget_saved_listings(self, d: Node) -> None:
+        """d is gone from S3: the listings kept in the index of it and of the directories
+        under it that are known go too. A prefix that came back within the TTL was shown
+        with its old names (and a file put back under one of them with its old ETag), and
+        the index kept every gone directory's listing for good (date-named prefixes)."""
+        stack = [d]
+        while stack:
+            node = stack.pop()
+            self._forget_saved_listing(node)
+            for ino in (node.children or {}).values():
+                if (n := self.nodes.get(ino)) is not None and n.is_dir:
+                    stack.append(n)
 
     def _drop_made(self, d: Node, old: dict[str, int], new: dict[str, int]) -> None:
         """An apply given up: the nodes it made (in ``new``, not in ``old``) go."""

@@ -225,6 +225,25 @@ def test_a_listing_that_failed_part_way_goes_on_from_the_failed_page(s3, bucket,
     assert "refused to go on from page 2" in m.log_text()
 
 
+def test_a_prefix_gone_and_back_is_not_shown_its_old_listing(s3, bucket, mounts, tmp_path):
+    """The listing of a directory kept in the index stayed when the directory went from S3:
+    a prefix that came back within the TTL was listed from it, old names and all (a file
+    put back under an old name would have had its old ETag), and the index kept the
+    listing of every gone directory for good."""
+    put(s3, bucket, "p/q/x", b"x")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[metadata]\nttl = "60s"\nnegative_ttl = "1s"\n')
+    m = mounts(f"s3://{bucket}", config=str(cfg))
+    assert os.listdir(m.path("p/q")) == ["x"]  # q's listing kept in the index
+    s3.delete_object(Bucket=bucket, Key="p/q/x")
+    time.sleep(1.1)
+    assert not m.path("p/zz").exists()  # a missing name: p listed anew, q gone from it
+    wait_for(lambda: not m.path("p/q").exists(), 10, "q gone")
+    put(s3, bucket, "p/q/y", b"y")
+    time.sleep(1.1)
+    assert os.listdir(m.path("p/q")) == ["y"]  # (it was ["x"], and reading x failed)
+
+
 def test_names_are_utf8_whatever_the_daemons_locale(s3, bucket, mounts):
     """A daemon started under an ASCII (or Latin-1) locale encoded names for the kernel
     with the locale's encoding: a readdir with a non-ASCII name in it failed with EIO,
