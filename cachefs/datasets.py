@@ -61,7 +61,7 @@ import trio
 
 from .chunks.ids import ChunkRef, ObjectVersion, chunk_id
 from .control import ControlError
-from .errors import ObjectChanged, S3Error
+from .errors import NoSuchObject, ObjectChanged, S3Error
 from .filelist import HOLDER_MAX, MAX_FILES, holder_too_long
 from .index import Index, IndexCommitError, path_key
 from .report import human, plural
@@ -156,7 +156,8 @@ def _reason(e: BaseException) -> str:
             return "S3 denied the listing (permission denied)"
         return os.strerror(e.errno)
     if isinstance(e, ObjectChanged):
-        return "the object changed in S3 during the operation"
+        return ("the object changed in S3 since it was listed (the next run takes its new "
+                "version)")
     if isinstance(e, S3Error):
         return f"S3: {e}"
     return f"{type(e).__name__}: {e}"
@@ -346,6 +347,12 @@ class Datasets:
                 if ident in seen:
                     continue
                 seen.add(ident)
+                if n.stale:  # a fetch found its object replaced: ask S3 for the new version
+                    try:
+                        await vfs.refresh(n)
+                    except FSError as e:
+                        failed.append({"line": line, "entry": text, "reason": _reason(e)})
+                        continue
                 obj = vfs.version(n)
                 # hashing chunk ids (2.7 µs each): a large object's in a worker thread, and
                 # a checkpoint every YIELD_CHUNKS ids (256 files of 1 GiB held the thread
@@ -1614,6 +1621,10 @@ class _Run:
                     await reader.get(r, pin=self.pin, local_only=self.local_only(r),
                                      by=self.by)
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
+                if isinstance(e, ObjectChanged | NoSuchObject) and f.node.etag == r.obj.etag:
+                    # the listing is behind S3: the next run (or open) asks S3 for the
+                    # object; every run failed the same way until the listing expired
+                    f.node.stale = True
                 self.reservation.release(r.cid)
                 self._file_failed(self.me, f, _reason(e))
                 self._chunk_done(f, r, False)

@@ -1213,6 +1213,11 @@ class VFS:
         self.prefetch.opened(node, h)
         return fh
 
+    async def refresh(self, node: Node) -> None:
+        """A node a fetch found replaced in S3 (``stale``): its new version, from a HEAD,
+        as an open takes it; FSError ENOENT when S3 no longer has it."""
+        await self._refresh(node)
+
     async def _invalidate_old(self, ino: int, ev: trio.Event) -> None:
         try:
             assert self.invalidate is not None

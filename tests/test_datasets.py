@@ -225,6 +225,25 @@ def test_a_preload_of_a_directory_waits_for_its_relisting(mounts, bucket, s3, pr
     assert "shards/" in r.stderr
 
 
+def test_a_file_replaced_since_it_was_listed_is_preloaded_by_the_next_run(
+        mounts, bucket, s3, proxy, tmp_path):
+    """A file overwritten in S3 after its directory was listed failed the preload ("the
+    object changed"), and so did every run after it until the listing expired (5 min by
+    default): nothing asked S3 for the new version. The next run does now."""
+    put(s3, bucket, {"d/a.bin": 3000})
+    m = mounts(f"s3://{bucket}")
+    assert os.listdir(m.path("d")) == ["a.bin"]
+    new = payload(5000, 9)
+    s3.put_object(Bucket=bucket, Key="d/a.bin", Body=new)
+    lst = write_list(tmp_path, ["d/a.bin"])
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 1 and "changed in S3 since it was listed" in r.stderr, r.stderr
+    res, r = run_json("preload", "--file-list", lst, "--mount", str(m.mp))
+    assert r.returncode == 0, r.stderr
+    assert (res["total_bytes"], res["fetched_bytes"]) == (5000, 5000), res
+    assert m.path("d/a.bin").read_bytes() == new
+
+
 def test_preload_then_read_without_gets(mounts, bucket, s3, proxy, tmp_path):
     data = put(s3, bucket, DATA)
     m = mounts(f"s3://{bucket}")
