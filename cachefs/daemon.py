@@ -175,18 +175,18 @@ def check_mountpoint_place(mp: Path, entries: list[runtime.MountEntry] | None = 
                          EXIT_USAGE)
 
 
-def check_mountpoint(mp: Path, entries: list[runtime.MountEntry] | None = None) -> None:
+def check_mountpoint(mp: Path) -> None:
     """After check_mountpoint_place: a stale mount is cleared, then the directory must be
     there, free and accessible. What is mounted there is asked nothing in this process
     (one whose daemon hangs would hang this one, unkillably, in the kernel)."""
-    on = [e for e in (runtime.mountinfo() if entries is None else entries)
-          if e.mountpoint == str(mp)]
-    if on and on[-1].fstype != "fuse.cachefs":
-        raise QuietError(f"mountpoint {mp} is busy: a {on[-1].fstype} file system is "
+    top = runtime.mount_containing(str(mp))
+    on = top if top is not None and top.mountpoint == str(mp) else None
+    if on is not None and on.fstype != "fuse.cachefs":
+        raise QuietError(f"mountpoint {mp} is busy: a {on.fstype} file system is "
                          "mounted there")
-    if on and runtime.mount_answers(mp, entry=on[-1]) is not False:
+    if on is not None and runtime.mount_answers(mp, entry=on) is not False:
         raise QuietError(f"mountpoint {mp} is busy: something is already mounted there")
-    if on:
+    if on is not None:
         ok, err = fusermount_unmount(mp, lazy=True)
         # (a `cachefs umount` of it at the same moment may have cleared it first)
         if not ok and is_stale_mount(mp):

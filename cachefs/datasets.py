@@ -144,6 +144,14 @@ class _FreePlan:
 BAD_ENTRY = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL})
 
 
+def _entry_failed(line: int, text: str, e: FSError | S3Error) -> dict:
+    """The report of a list entry that could not be resolved or listed."""
+    item: dict = {"line": line, "entry": text, "reason": _reason(e)}
+    if not (isinstance(e, FSError) and e.errno in BAD_ENTRY):
+        item["s3"] = True  # S3 failed the listing: no bad entry (exit 1)
+    return item
+
+
 def _reason(e: BaseException) -> str:
     if isinstance(e, FSError):
         if e.errno == errno.ENOENT:
@@ -332,10 +340,7 @@ class Datasets:
                 node = await vfs.resolve(rel, refreshed)
                 nodes = await vfs.walk_files(node, fresh=True)
             except (FSError, S3Error) as e:
-                item = {"line": line, "entry": text, "reason": _reason(e)}
-                if not (isinstance(e, FSError) and e.errno in BAD_ENTRY):
-                    item["s3"] = True  # S3 failed the listing: no bad entry (exit 1)
-                failed.append(item)
+                failed.append(_entry_failed(line, text, e))
                 job.entries_done += 1
                 continue
             for n in nodes:
@@ -351,7 +356,7 @@ class Datasets:
                     try:
                         await vfs.refresh(n)
                     except FSError as e:
-                        failed.append({"line": line, "entry": text, "reason": _reason(e)})
+                        failed.append(_entry_failed(line, text, e))
                         continue
                 obj = vfs.version(n)
                 # hashing chunk ids (2.7 µs each): a large object's in a worker thread, and

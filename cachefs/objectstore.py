@@ -173,7 +173,8 @@ class _Partial:
     listing: Listing
     token: str
     pages: int
-    until: float
+    asked: float  # monotonic and wall time its first page was asked for
+    asked_at: float
 
 
 class _Retry(Exception):
@@ -601,19 +602,17 @@ class ObjectStore:
         first, the pages so far are kept (PARTIAL_KEEP), and the next call for the prefix
         goes on from the failed page; its Listing says when its first page was asked for."""
         now = time.monotonic()
-        for p in [p for p, v in self._partial.items() if v.until <= now]:
+        for p in [p for p, v in self._partial.items() if v.asked + PARTIAL_KEEP <= now]:
             del self._partial[p]
         part = self._partial.pop(prefix, None)
-        pages = 0
         if part is None:
-            out, token = Listing([], []), None
+            out, token, pages, asked, asked_at = Listing([], []), None, 0, now, time.time()
         else:
             out, token, pages = part.listing, part.token, part.pages
+            asked, asked_at = part.asked, part.asked_at
             self.stats.inc("s3_list_resumed")
             log.info("listing s3://%s/%s goes on from page %d, where it failed %.0f s ago",
-                     self.bucket, prefix, pages + 1, now - (out.asked or now))
-        if out.asked is None:
-            out.asked, out.asked_at = now, time.time()
+                     self.bucket, prefix, pages + 1, now - asked)
         while True:
             kw = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": "/",
                   "MaxKeys": LIST_PAGE}
@@ -635,8 +634,7 @@ class ObjectStore:
                              pages + 1, e)
                     return await self.list_dir(prefix)
                 if pages and token:  # (kept 15 min from its first page, not from now)
-                    self._keep_partial(prefix, _Partial(out, token, pages,
-                                                        (out.asked or now) + PARTIAL_KEEP))
+                    self._keep_partial(prefix, _Partial(out, token, pages, asked, asked_at))
                 raise
             self.stats.inc("s3_list_requests")
             pages += 1
@@ -646,8 +644,8 @@ class ObjectStore:
                 out.objects.append(ObjInfo(o["Key"], size, version_of(o.get("ETag"), size, mtime),
                                            mtime))
             if not resp.get("IsTruncated"):
-                if part is None:
-                    out.asked = out.asked_at = None  # (asked by this call)
+                if part is not None:  # as old as its first page, asked by an earlier call
+                    out.asked, out.asked_at = asked, asked_at
                 return out
             last, token = token, resp.get("NextContinuationToken")
             if not token or token == last:
@@ -660,7 +658,7 @@ class ObjectStore:
     def _keep_partial(self, prefix: str, part: _Partial) -> None:
         self._partial[prefix] = part
         while len(self._partial) > PARTIALS:
-            del self._partial[min(self._partial, key=lambda p: self._partial[p].until)]
+            del self._partial[min(self._partial, key=lambda p: self._partial[p].asked)]
         n = len(part.listing.objects) + len(part.listing.prefixes)
         log.info("the listing of s3://%s/%s failed on page %d: the next one goes on from "
                  "there (%d entries kept)", self.bucket, prefix, part.pages + 1, n)

@@ -654,8 +654,7 @@ class VFS:
                 ev.set()
             return
         if ev is None:
-            ev = self._listing[d.ino] = trio.Event()
-            self.nursery.start_soon(self._relist, d, ev, op)
+            ev = self._relisting(d, op)
         if d.children is None:  # share the first listing under way
             await ev.wait()
             if d.children is not None:
@@ -688,6 +687,14 @@ class VFS:
                 self._retry_later(d)
                 return
             raise
+
+    def _relisting(self, d: Node, op: str = "list") -> trio.Event:
+        """The relisting of d under way, or one started now: its end."""
+        ev = self._listing.get(d.ino)
+        if ev is None:
+            ev = self._listing[d.ino] = trio.Event()
+            self.nursery.start_soon(self._relist, d, ev, op)
+        return ev
 
     async def _relist(self, d: Node, ev: trio.Event, op: str) -> None:
         try:
@@ -1127,9 +1134,7 @@ class VFS:
         looks for was written: it is waited for, then another one is asked."""
         while (ev := self._listing.get(d.ino)) is not None:
             await ev.wait()
-        ev = self._listing[d.ino] = trio.Event()
-        self.nursery.start_soon(self._relist, d, ev, "list")
-        await ev.wait()
+        await self._relisting(d).wait()
 
     async def _listed_fresh(self, d: Node) -> None:
         """d listed within the metadata TTL, however long its relisting takes (a lookup
@@ -1142,11 +1147,7 @@ class VFS:
             if d.children is None:
                 await self._ensure_listed(d)
                 continue
-            ev = self._listing.get(d.ino)
-            if ev is None:
-                ev = self._listing[d.ino] = trio.Event()
-                self.nursery.start_soon(self._relist, d, ev, "list")
-            await ev.wait()
+            await self._relisting(d).wait()
             if (failed := self._relist_failed.get(d.ino)) is not None:
                 raise FSError(failed)
 
@@ -1204,7 +1205,7 @@ class VFS:
         if node.mount is not None and self._gone(node):
             raise FSError(errno.ENOENT)  # (through an entry the kernel had before a relisting)
         if node.stale:  # a read found the object changed: see its new version, not EIO
-            await self._refresh(node)
+            await self.refresh(node)
         if (ev := self._invalidating.get(ino)) is not None:
             await ev.wait()  # the old version's pages are gone from the kernel then
         fh = next(self._fh)
@@ -1212,11 +1213,6 @@ class VFS:
         self.open_count[node.ino] = self.open_count.get(node.ino, 0) + 1
         self.prefetch.opened(node, h)
         return fh
-
-    async def refresh(self, node: Node) -> None:
-        """A node a fetch found replaced in S3 (``stale``): its new version, from a HEAD,
-        as an open takes it; FSError ENOENT when S3 no longer has it."""
-        await self._refresh(node)
 
     async def _invalidate_old(self, ino: int, ev: trio.Event) -> None:
         try:
@@ -1226,7 +1222,7 @@ class VFS:
             del self._invalidating[ino]
             ev.set()
 
-    async def _refresh(self, node: Node) -> None:
+    async def refresh(self, node: Node) -> None:
         """A read met a newer version of the node's object than its listing has. Ask S3
         for that object alone (one HEAD, however large its directory: a relisting that
         outlasted STALE_WAIT left the open on the old version, and each open failed again

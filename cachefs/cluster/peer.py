@@ -465,7 +465,8 @@ class PeerClient:
 
     Every failure raises PeerError (with ``.reason``); a connection that saw
     an error is closed, never reused, unless the server answered the error with a
-    valid MAC (``busy``, a failed handler: ``PeerError.answered``).  ``request_timeout`` bounds a whole
+    valid MAC (``busy``, a failed handler: ``PeerError.answered``).
+    ``request_timeout`` bounds a whole
     call once it has one of the pool's connections (connecting, request, response);
     ``connect_timeout`` additionally bounds connecting + the server hello.
     ``queue_timeout`` (None: the request timeout) bounds the wait for one of this
