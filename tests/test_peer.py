@@ -701,7 +701,7 @@ async def test_nested_json_before_the_mac_is_a_protocol_error(nursery):
 
 async def test_an_unauthenticated_error_message_is_cut_short(nursery):
     async def respond(stream, nonce, seq):
-        header = {"status": "error", "code": "internal", "message": "x" * 100_000}
+        header = {"status": "error", "code": "internal", "message": "x" * 3000}
         await stream.send_all(encode_response(None, nonce, seq, header))
 
     address = await fake_server(nursery, respond)
@@ -712,6 +712,31 @@ async def test_an_unauthenticated_error_message_is_cut_short(nursery):
         # an error frame without a valid MAC may come from anyone: its connection is closed
         assert not ei.value.answered
         assert client.statistics()["peers"][address]["open"] == 0
+
+
+async def test_a_response_header_is_not_parsed_before_its_mac_is_checked(nursery):
+    """Whoever answers at a member's address could make the client parse up to 1 MiB of
+    JSON per request before its MAC was checked. Now only an all-zero-MAC error frame
+    of at most 4 KiB is parsed unauthenticated; any other frame fails on its MAC (or
+    its size) first. The headers below are not JSON: a parse would say so."""
+    not_json = b"{" * 200_000
+    frames = {
+        "wrong_mac": struct.pack(">I", len(not_json)) + b"\1" * MAC_SIZE + not_json,
+        "zero_mac": struct.pack(">I", len(not_json)) + b"\0" * MAC_SIZE + not_json,
+    }
+
+    async def respond_with(frame):
+        async def respond(stream, nonce, seq):
+            await stream.send_all(frame)
+        return await fake_server(nursery, respond)
+
+    async with PeerClient(SECRET, request_timeout=5) as client:
+        for name, reason, text in (("wrong_mac", "bad_response_mac", "bad response MAC"),
+                                   ("zero_mac", "protocol", "too large")):
+            address = await respond_with(frames[name])
+            with pytest.raises(PeerError) as ei:
+                await client.get(address, CHUNK, TRACE)
+            assert (ei.value.reason, text in str(ei.value)) == (reason, True), str(ei.value)
 
 
 async def test_stale_pooled_connection_is_retried(nursery):

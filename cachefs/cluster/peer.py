@@ -27,7 +27,9 @@ from .protocol import (
     MAX_FIRST_REQUEST,
     MAX_REQUEST_HEADER,
     MAX_RESPONSE_HEADER,
+    MAX_UNAUTHENTICATED_ERROR,
     NONCE_SIZE,
+    ZERO_MAC,
     FrameReader,
     PeerError,
     checksum,
@@ -756,7 +758,17 @@ class PeerClient:
             if size > MAX_RESPONSE_HEADER:
                 raise PeerError(f"response header from {address} too large ({size})", "protocol")
             mac = await reader.read_exactly(MAC_SIZE)
+            if mac == ZERO_MAC and size > MAX_UNAUTHENTICATED_ERROR:
+                # only a short error frame comes without a MAC: nothing more is parsed
+                raise PeerError(f"unauthenticated response header from {address} too large "
+                                f"({size})", "protocol")
             raw = await reader.read_exactly(size)
+            # Authenticate before parsing: a frame that is neither authentic nor an
+            # unauthenticated error frame (all-zero MAC) is not looked into.
+            authentic = hmac.compare_digest(
+                mac, response_mac(self._secret, conn.nonce, conn.seq, raw))
+            if not authentic and mac != ZERO_MAC:
+                raise PeerError(f"bad response MAC from {address}", "bad_response_mac")
             resp = decode_json(raw, "response header")
             if resp.get("status") != "ok":
                 code = str(resp.get("code") or "remote")
@@ -769,12 +781,11 @@ class PeerClient:
                 # not authenticated: whoever answers at the address chose this text
                 msg = str(resp.get("message") or code)[:200]
                 err = PeerError(f"peer {address}: {msg}", reason)
-                if reason in ("busy", "remote", "protocol") and hmac.compare_digest(
-                        mac, response_mac(self._secret, conn.nonce, conn.seq, raw)):
+                if reason in ("busy", "remote", "protocol") and authentic:
                     conn.seq += 1  # answered in step: the server reads the next request
                     err.answered = True
                 raise err
-            if not hmac.compare_digest(mac, response_mac(self._secret, conn.nonce, conn.seq, raw)):
+            if not authentic:
                 raise PeerError(f"bad response MAC from {address}", "bad_response_mac")
             length = resp.get("length")
             expected = resp.get("checksum")

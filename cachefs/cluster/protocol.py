@@ -40,9 +40,10 @@ first request sends a ping first.
 on the connection from 0, so a captured request cannot be replayed on
 another connection or out of order on the same one.  Error frames that the
 server sends before a request is authenticated (``unauthorized``,
-``too_large``) carry an all-zero MAC: the client accepts any error frame as a
-failure (an attacker could fail the request anyway by dropping the
-connection), but an ``ok`` frame is only accepted with a valid MAC.  The
+``too_large``) carry an all-zero MAC: the client takes such a frame, if it is at
+most MAX_UNAUTHENTICATED_ERROR long, as a failure (an attacker could fail the
+request anyway by dropping the connection).  It parses no other frame before
+checking its MAC, and accepts an ``ok`` frame only with a valid MAC.  The
 server answers an authenticated request's failure (``busy``, ``remote``,
 ``bad_request``) with a valid MAC and goes on serving the connection; a
 client that checks that MAC keeps the connection (a saturated owner answering
@@ -65,6 +66,7 @@ __all__ = [
     "MAX_FIRST_REQUEST",
     "MAX_RESPONSE_HEADER",
     "MAX_HELLO",
+    "MAX_UNAUTHENTICATED_ERROR",
     "MAC_SIZE",
     "NONCE_SIZE",
     "PeerError",
@@ -91,6 +93,9 @@ MAX_REQUEST_HEADER = 64 * 1024
 MAX_FIRST_REQUEST = 8 * 1024
 MAX_RESPONSE_HEADER = 1024 * 1024
 MAX_HELLO = 4096
+# An error frame sent before a request is authenticated carries an all-zero MAC; a client
+# parses one only this long (the server's are a few hundred bytes).
+MAX_UNAUTHENTICATED_ERROR = 4096
 MAC_SIZE = 32
 NONCE_SIZE = 16
 ZERO_MAC = bytes(MAC_SIZE)
