@@ -198,7 +198,7 @@ class Progress:
         # failed bytes are not progress, and no longer left to fetch (those fetched first,
         # then not kept, are in fetched_bytes already)
         left = max(0, ev["missing_bytes"] - ev["fetched_bytes"] - ev.get("failed_bytes", 0)
-                   + ev.get("fetched_failed_bytes", 0))
+                   + ev.get("fetched_failed_bytes", 0) - ev.get("found_bytes", 0))
         # the daemon's, from the chunks and bytes left (many small files are round trips
         # more than bytes); else the bytes left at the bytes' rate so far
         eta = ev.get("eta")
@@ -432,6 +432,10 @@ def preload(file_list, mount, parallel, pin, name, dry_run, as_json) -> None:
     click.echo(f"  fetched         {human(res['fetched_bytes'])} "
                f"({plural(res.get('fetched_chunks', 0), 'chunk')}) in {_dur(fs)}"
                + (f", {human(res['throughput_bps'])}/s" if res.get("fetched_bytes") else ""))
+    if res.get("found_bytes"):
+        click.echo(f"  found cached    {human(res['found_bytes'])} "
+                   f"({plural(res.get('found_chunks', 0), 'chunk')} other readers cached "
+                   "during the preload)")
     est = res.get("estimate") or {}
     if res.get("fetched_bytes"):
         click.echo(f"  estimate        {_estimate_text(est)}; actual {_dur(fs)}")

@@ -113,6 +113,10 @@ class FileItem:
     size: int = 0
     left: int = 0  # chunks not yet done (preload)
     error: str = ""
+    # (preload) by chunk index, 1 where the plan found the chunk cached; None: it found
+    # none cached. A chunk missing then and cached when a worker reaches it (a reader,
+    # another run) is not left to fetch: the live ETA subtracts it.
+    cached_at_plan: bytearray | None = None
 
 
 @dataclass
@@ -822,12 +826,16 @@ class Datasets:
         for i, f in enumerate(files):
             if i % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
+            f.cached_at_plan = None
             for r in f.refs:
                 nchunks += 1
                 if not store.is_pinned(r.cid):  # (pinned ones are already in the room's limit)
                     disk_unpinned += file_size(r.length)
                 if store.contains(r.cid):
                     cached += r.length
+                    if f.cached_at_plan is None:
+                        f.cached_at_plan = bytearray(len(f.refs))
+                    f.cached_at_plan[r.index] = 1
                 else:
                     missing += r.length
                     nmissing += 1
@@ -1008,6 +1016,7 @@ class Datasets:
                "cached_before_bytes": plan["cached_before_bytes"],
                "missing_bytes": plan["missing_bytes"], "fetched_bytes": fetched,
                "fetched_chunks": run.fetched_chunks,
+               "found_bytes": run.found_bytes, "found_chunks": run.found_chunks,
                "fetched_files": sum(1 for f in files if not f.error and f in run.touched),
                "uncached_bytes": run.uncached_bytes, "failed": failed,
                "failed_files": sum(1 for f in files if f.error),
@@ -1476,6 +1485,9 @@ class _Run:
         # of those, fetched first (not kept, not pinned): in fetched_* too
         self.fetched_failed_bytes = 0
         self.fetched_failed_chunks = 0
+        # missing at the plan, cached when a worker came to them (not fetched by this run)
+        self.found_bytes = 0
+        self.found_chunks = 0
         self.files_done = 0  # files whose every chunk is cached (a failed file is not done)
         self.uncached_bytes = 0
         self.failed_files = 0
@@ -1530,6 +1542,7 @@ class _Run:
                "fetched_bytes": self.fetched_bytes, "missing_bytes": p["missing_bytes"],
                "failed_files": self.failed_files, "failed_bytes": self.failed_bytes,
                "fetched_failed_bytes": self.fetched_failed_bytes,
+               "found_bytes": self.found_bytes,
                "elapsed": round(time.monotonic() - self.t0, 3)}
         eta = self.eta()
         if eta is not None:
@@ -1557,8 +1570,10 @@ class _Run:
     def _left(self) -> Iterable[Sequence[int]]:
         """The bytes and chunks left to fetch, by those who fetch them at once."""
         p = self.plan
-        settled_b = self.fetched_bytes + self.failed_bytes - self.fetched_failed_bytes
-        settled_c = self.fetched_chunks + self.failed_chunks - self.fetched_failed_chunks
+        settled_b = (self.fetched_bytes + self.failed_bytes - self.fetched_failed_bytes
+                     + self.found_bytes)
+        settled_c = (self.fetched_chunks + self.failed_chunks - self.fetched_failed_chunks
+                     + self.found_chunks)
         return [(max(0, p["missing_bytes"] - settled_b),
                  max(0, p.get("missing_chunks", 0) - settled_c))]
 
@@ -1587,6 +1602,14 @@ class _Run:
         if f.left == 0 and not f.error:
             self.files_done += 1
 
+    def _found(self, f: FileItem, r: ChunkRef) -> None:
+        """A worker found chunk ``r`` cached: if the plan counted it missing, it is no
+        longer left to fetch (a cluster run keeps its own count: ``_aim``)."""
+        c = f.cached_at_plan
+        if c is None or not c[r.index]:
+            self.found_bytes += r.length
+            self.found_chunks += 1
+
     async def _pin_cached(self, refs) -> None:
         """Pin the chunks of ``refs`` already cached in place, without reading them back."""
         store = self.ds.d.store
@@ -1614,8 +1637,17 @@ class _Run:
         assert store is not None and reader is not None
         skipped = 0
         for f, r in work:
+            if self.pin and not f.error and store.contains(r.cid) and not store.is_pinned(
+                    r.cid):
+                # cached since the run pinned what was cached (a reader): pinned in place,
+                # not read back from the SSD and counted as fetched
+                await store.set_pinned([r.cid], True)
+                if store.is_pinned(r.cid):
+                    self.reservation.release(r.cid)
             if f.error or (store.contains(r.cid) and (not self.pin or store.is_pinned(r.cid))):
                 # already cached, or not fetched: its file failed
+                if store.contains(r.cid):
+                    self._found(f, r)
                 self._chunk_done(f, r, store.contains(r.cid))
                 skipped += 1
                 if skipped % YIELD_EVERY == 0:
@@ -1876,6 +1908,9 @@ class _ClusterRun(_Run):
 
     def _left(self) -> Iterable[Sequence[int]]:
         return self.left.values()
+
+    def _found(self, f: FileItem, r: ChunkRef) -> None:
+        pass  # (_chunk_done settles it in self.left)
 
     def _chunk_done(self, f: FileItem, r: ChunkRef, ok: bool = True,
                     fetched: bool = False) -> None:

@@ -337,6 +337,48 @@ def test_the_eta_counts_the_round_trips_of_small_files_left(mounts, bucket, s3, 
     assert_eta_counts_the_small_files_left(r)
 
 
+def test_chunks_readers_cache_during_a_preload_are_not_left_to_fetch(mounts, bucket, s3,
+                                                                    proxy, tmp_path):
+    """Files a reader caches while a preload works on earlier ones: the ETA counted them
+    as left to fetch to the end of the run, and `--pin` read them back from the SSD as
+    fetches (its throughput model learning SSD speed). They are now "found cached":
+    pinned in place, and not left."""
+    import re
+
+    put(s3, bucket, {f"mw/{n}.bin": CHUNK for n in ("0-slow", "1", "2", "3-slow")})
+    put(s3, bucket, {f"pin/{n}.bin": CHUNK for n in ("0-slow", "1", "2")})
+    m = mounts(f"s3://{bucket}")
+    proxy.reset()
+    proxy.faults(delay=3.0, count=-1, key_filter="slow")
+    env = {**os.environ, **CREDS}
+    for part, pin in (("mw", False), ("pin", True)):
+        lst = write_list(tmp_path, [f"{part}/"], name=f"{part}.txt")
+        p = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list", lst,
+                              "--mount", str(m.mp), "--parallel", "1", *(["--pin"] * pin)],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not proxy.gets(f"{part}/0-slow.bin") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for n in ("1", "2"):  # read while the preload waits on 0-slow
+            (m.mp / part / f"{n}.bin").read_bytes()
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert re.search(r"fetched +128\.0 KiB \(2 chunks\)" if not pin
+                         else r"fetched +64\.0 KiB \(1 chunk\)", out), out
+        assert re.search(r"found cached +128\.0 KiB \(2 chunks", out), out
+        if not pin:
+            # while 3-slow is fetched, one chunk is left: the ETA is one fetch's time
+            # (it was three: 1 and 2 were still counted)
+            etas = [float(e) for f, e in re.findall(r"(\d)/4 files, .*?ETA ([\d.]+)s", err)
+                    if f == "3"]
+            assert etas and max(etas) < 5.0, err
+    proxy.clear_faults()
+    assert proxy.gets() == 7  # each chunk once: nothing read twice
+    st, _ = run_json("status", "--file-list", write_list(tmp_path, ["pin/"]), "--mount",
+                     str(m.mp))
+    assert st["pinned_bytes"] == 3 * CHUNK, st
+
+
 def assert_eta_counts_the_small_files_left(r) -> None:
     """A preload of a large file, then 90 small ones: its progress lines with 99% of the
     bytes in and 20 or more small files left show an ETA above 0."""
