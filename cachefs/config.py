@@ -477,10 +477,18 @@ def build_config(
                                       f"({e['source']}): set it in the config file's "
                                       "[[mount]] tables, or give no [[mount]] its own")
             bucket, prefix = parse_source(e["source"])
-            name = str(e.get("name") or (bucket + ("-" + prefix.strip("/").replace("/", "-")
-                                                   if prefix else "")))
-            if not _NAME_RE.fullmatch(name) or name in (".", "..") \
-                    or len(name.encode("utf-8", "surrogateescape")) > 255:
+            if e.get("name") == "":
+                # the only [[mount]]'s files at the mountpoint's top, as an s3:// source's
+                if len(entries) > 1:
+                    raise ConfigError(f"config: [[mount]] #{i}: an empty name (the files at "
+                                      "the mountpoint's top) is for a config's only "
+                                      "[[mount]]; with several, each is a directory")
+                name = ""
+            else:
+                name = str(e.get("name") or (bucket + ("-" + prefix.strip("/").replace(
+                    "/", "-") if prefix else "")))
+            if name and (not _NAME_RE.fullmatch(name) or name in (".", "..")
+                         or len(name.encode("utf-8", "surrogateescape")) > 255):
                 raise ConfigError(f"config: [[mount]] #{i}: invalid name {name!r}")
             if name in names:
                 raise ConfigError(f"config: [[mount]] #{i}: duplicate name {name!r}")

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Set up a fresh machine for cachefs: system packages (as root) and a virtualenv in .venv.
-#   scripts/setup.sh          runtime + test dependencies
+#   scripts/setup.sh          what cachefs and its demo need
+#   scripts/setup.sh --test   and what the test suite needs (etcd, nftables)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+pkgs=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev)
+if [ "${1:-}" = "--test" ]; then pkgs+=(etcd-server nftables); fi
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 need_pkgs=()
-for p in fuse3 libfuse3-dev pkg-config gcc etcd-server nftables; do
+for p in "${pkgs[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -18,7 +21,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
+    # (a venv made without ensurepip has no pip: made again once python3-venv is there)
+    rm -rf .venv
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
@@ -30,7 +35,8 @@ fi
 pip_log=$(mktemp)
 trap 'rm -f "$pip_log"' EXIT
 if ! PYTHONWARNINGS="ignore:Editable installation" \
-        .venv/bin/python -m pip install -q -e '.[test]' >"$pip_log" 2>&1; then
+        .venv/bin/python -m pip install -q -c packaging/constraints.txt -e '.[test]' \
+        >"$pip_log" 2>&1; then
     cat "$pip_log" >&2
     echo "setup: pip install -e '.[test]' failed (output above)" >&2
     exit 1

@@ -544,6 +544,27 @@ def test_relative_paths_in_a_config_file_are_taken_from_its_directory(tmp_path, 
     assert c.mountpoint == tmp_path / "mp"
 
 
+def test_an_only_mount_with_an_empty_name_is_the_mountpoints_top(s3, bucket, proxy,
+                                                                  tmp_path, mounts):
+    """A config file's [[mount]] was always a directory under the mountpoint: the packaged
+    `cachefs@train` served its data at /mnt/train/train/ while its docs said /mnt/train.
+    `name = ""` on a config's only [[mount]] puts its files at the top, as an s3:// source
+    on the command line does; with several mounts it is refused."""
+    from cachefs.config import ConfigError, build_config
+
+    s3.put_object(Bucket=bucket, Key="train/x.bin", Body=b"x-bytes")
+    cfg = tmp_path / "cachefs.toml"
+    table = f'[[mount]]\nname = ""\nsource = "s3://{bucket}/train"\n'
+    cfg.write_text(f'[s3]\nendpoint_url = "{proxy.url}"\n' + table)
+    m = mounts("", config=str(cfg), endpoint="")
+    assert sorted(os.listdir(m.mp)) == ["x.bin"]
+    assert (m.mp / "x.bin").read_bytes() == b"x-bytes"
+    cfg.write_text(table + f'[[mount]]\nsource = "s3://{bucket}"\n[cache]\nsize = "1GiB"\n'
+                   'dir = "/tmp/c"\n')
+    with pytest.raises(ConfigError, match=r"#1: an empty name .* is for a config's only "):
+        build_config(mountpoint=str(tmp_path), source=None, config_file=str(cfg))
+
+
 @pytest.mark.fuse
 def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     mp = tmp_path / "mp"
