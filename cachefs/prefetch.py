@@ -40,7 +40,9 @@ between the two keeps a page cache that holds most but not all files (the kernel
 reclaimed some) from pausing and resuming on every file.  A relisting of the directory
 keeps ``reach`` and the pause.  Nothing here is
 persistent: a restart forgets runs and held bytes, and a failed prefetch is only logged at
-debug level (the read itself retries).
+debug level (the read itself fetches anew: the chunk reader does not remember a failure
+only a speculative fetch met); one that meets a file replaced or deleted in S3 marks its
+node stale, so its open asks S3 for it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import trio
+
+from .errors import NoSuchObject, ObjectChanged
 
 if TYPE_CHECKING:
     from .vfs import VFS, FileHandle, Node
@@ -243,13 +247,16 @@ class FilePrefetcher:
                         break
                     self.bytes += ref.length
                     self.inflight[ref.cid] = []
-                    (local if store.contains(ref.cid) else remote).append(ref)
+                    if store.contains(ref.cid):
+                        local.append(ref)
+                    else:
+                        remote.append((ref, node))
             r.ahead = i
         vfs.stats.inc("prefetch_started", len(local) + len(remote))
         for i in range(0, len(local), LOCAL_BATCH):
             vfs.nursery.start_soon(self._fetch_local, local[i:i + LOCAL_BATCH], d.ino)
-        for ref in remote:
-            vfs.nursery.start_soon(self._fetch, ref, d.ino)
+        for ref, node in remote:
+            vfs.nursery.start_soon(self._fetch, ref, node, d.ino)
 
     async def _fetch_local(self, refs: list, dir_ino: int) -> None:
         """Chunks on this node's SSD: read in one worker-thread call."""
@@ -262,13 +269,16 @@ class FilePrefetcher:
         for ref in refs:
             self._deliver(ref, got.get(ref.cid), dir_ino)
 
-    async def _fetch(self, ref, dir_ino: int) -> None:
-        """A chunk from its owner or S3, through the chunk reader (singleflight)."""
+    async def _fetch(self, ref, node: Node, dir_ino: int) -> None:
+        """A chunk from its owner or S3, through the chunk reader (singleflight); not
+        remembered as failed if it fails (the open's read asks again)."""
         data = None
         try:
-            data = await self.vfs.reader.get(ref, by="the file prefetcher")
+            data = await self.vfs.reader.get(ref, by="the file prefetcher", speculative=True)
         except Exception as e:  # noqa: BLE001 - the read itself will retry and report
             log.debug("prefetch of %s failed: %s", ref.obj.key, e)
+            if isinstance(e, ObjectChanged | NoSuchObject) and ref.obj.etag == node.etag:
+                node.stale = True  # the listing is behind S3: its open asks S3 (a HEAD)
         self._deliver(ref, data, dir_ino)
 
     def _deliver(self, ref, data: bytes | None, dir_ino: int) -> None:

@@ -250,7 +250,7 @@ class ChunkMemo:
     async def _fetch(self, vfs: VFS, ref, ino: int) -> None:
         try:
             with span("readahead", chunk=ref.index, shared=True):
-                data = await vfs.reader.get(ref)
+                data = await vfs.reader.get(ref, speculative=True)
         except Exception:  # noqa: BLE001 - a reader that wants the chunk fetches it itself
             return
         if vfs.open_count.get(ino):

@@ -125,6 +125,30 @@ def test_reader_that_stops_wastes_at_most_the_window(s3, bucket, mounts, proxy):
     assert 10 + 4 < settled_gets(proxy) <= 10 + 64 * 1024 // SIZE
 
 
+def test_a_failed_prefetch_is_not_the_reads_failure(s3, bucket, mounts, proxy):
+    """A prefetch that failed (S3 errors to the end of its retries) made the open's read
+    of that file fail at once with EIO for 2 s, as if the read had failed; one that met a
+    file replaced in S3 left the open to read the old version (EIO). The read now fetches
+    anew, and the prefetcher marks a changed file stale, so its open asks S3 for it."""
+    data = frames(s3, bucket, n=12)
+    keys = sorted(data)
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "2"))
+    assert m.path(keys[0]).read_bytes() == data[keys[0]]  # listed: the ETags of all 12
+    data[keys[6]] = b"replaced " * 100
+    s3.put_object(Bucket=bucket, Key=keys[6], Body=data[keys[6]])
+    proxy.faults(status=500, count=2, key_filter=keys[5])  # both attempts of its prefetch
+    assert read_in(m, keys[1:3]) == {k: data[k] for k in keys[1:3]}  # prefetch 3..6 starts
+    wait_for(lambda: proxy.gets(keys[5]) >= 2 and proxy.gets(keys[6]) >= 1, 20,
+             "the prefetches of f0005 (failed) and f0006 (412)")
+    time.sleep(0.2)
+    for k in keys[3:7]:
+        assert m.path(k).read_bytes() == data[k], k
+    c = m.counters()
+    assert c.get("read_errors", 0) == 0, c
+    assert proxy.gets(keys[5]) == 3  # the two failed attempts, then the read's (or a new
+    # prefetch's) GET
+
+
 def test_off_and_large_files(s3, bucket, mounts, proxy):
     data = frames(s3, bucket, n=12)
     big = frames(s3, bucket, n=6, size=3 * 64 * 1024 + 5, prefix="shards")

@@ -70,14 +70,17 @@ class PeerTier(Protocol):
 
 
 class _Flight:
-    __slots__ = ("done", "data", "error", "pin", "holder")
+    __slots__ = ("done", "data", "error", "pin", "holder", "remember")
 
-    def __init__(self, pin: bool, holder: str) -> None:
+    def __init__(self, pin: bool, holder: str, remember: bool = True) -> None:
         self.done = trio.Event()
         self.data: bytes | memoryview | None = None
         self.error: BaseException | None = None
         self.pin = pin  # cache the chunk pinned (cleared by a free of it meanwhile)
         self.holder = holder  # whose fetch it is: a trace, or an untraced caller's ``by``
+        # a failure fails the next asks at once for FAILED_FOR: not when only speculative
+        # callers (prefetch, the shared read-ahead) waited for it
+        self.remember = remember
 
 
 def _fetch_holder(by: str) -> str:
@@ -110,9 +113,12 @@ class ChunkReader:
         return len(self._flights)
 
     async def get(self, ref: ChunkRef, *, pin: bool = False, local_only: bool = False,
-                  by: str = "") -> bytes | memoryview:
+                  by: str = "", speculative: bool = False) -> bytes | memoryview:
         """The chunk's bytes.  ``by``: who asks, when not a traced request ("preload"),
-        named in the traces of the readers who wait for this fetch."""
+        named in the traces of the readers who wait for this fetch.  ``speculative``: a
+        fetch ahead of any reader (file prefetch, shared read-ahead); when it fails and no
+        reader waited for it, the reader who then asks fetches anew (its failure was
+        replayed to that reader as an immediate EIO for FAILED_FOR seconds)."""
         f = self._flights.get(ref.cid)
         if f is None and not pin:
             # fast path: a local hit without a flight (no await before registering below)
@@ -122,13 +128,15 @@ class ChunkReader:
             f = self._flights.get(ref.cid)
         if f is None:
             self._fail_fast(ref)
-            f = _Flight(pin, _fetch_holder(by))
+            f = _Flight(pin, _fetch_holder(by), remember=not speculative)
             self._flights[ref.cid] = f
             self.nursery.start_soon(self._run, ref, f, local_only)
             leader = True
         else:
             leader = False
             self.stats.inc("singleflight_joins")
+            if not speculative:
+                f.remember = True
             if pin:  # the fetch keeps the chunk pinned, also when a peer serves it
                 f.pin = True
         if leader:
@@ -251,7 +259,8 @@ class ChunkReader:
             # without what its frames held: this flight (and the chunk's memory), which
             # will hold the error (a cycle, freed only by a full collection)
             f.error = _unheld(e)
-            if isinstance(e, S3Error):
+            # (an object S3 no longer has at that version is a fact, whoever asked)
+            if isinstance(e, S3Error) and (f.remember or isinstance(e, ObjectChanged)):
                 self._remember(ref, e)
         finally:
             del self._flights[ref.cid]
