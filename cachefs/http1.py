@@ -212,7 +212,9 @@ class Pool:
             if te and te != "identity":
                 if te != "chunked":  # ("gzip, chunked": a body we would not decode)
                     raise ProtocolError(f"unsupported Transfer-Encoding {te!r}")
-                body, extra = await self._read_chunked(c, buf)
+                # (a 2xx body as long as the range asked: up to 256 MiB, the largest chunk)
+                body, extra = await self._read_chunked(
+                    c, buf, len(target) if target is not None else MAX_ERROR_BODY * 64)
                 if extra:  # bytes past the body: the next answer would start inside them
                     keep = False
                 n = len(body)
@@ -308,7 +310,7 @@ class Pool:
             n += got
 
     @staticmethod
-    async def _read_chunked(c: _Conn, buf: bytes) -> tuple[bytes, bool]:
+    async def _read_chunked(c: _Conn, buf: bytes, limit: int) -> tuple[bytes, bool]:
         """A chunked body, whole (only error documents and odd gateways send them), and
         whether bytes came after it."""
         out = bytearray()
@@ -335,8 +337,8 @@ class Pool:
                 while await line():  # trailers up to the empty line
                     pass
                 return bytes(out), bool(pending)
-            if len(out) + size > MAX_ERROR_BODY * 64:
-                raise ProtocolError("chunked body too long")
+            if len(out) + size > limit:
+                raise ProtocolError(f"chunked body longer than {limit} bytes")
             while len(pending) < size + 2:
                 if not (data := await c.recv()):
                     raise ProtocolError("connection closed inside a chunked body")

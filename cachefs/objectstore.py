@@ -23,10 +23,11 @@ false.  Anything unusual (another signature version, a URL that does not end wit
 the key) keeps botocore.
 
 Retry budget: ``max_attempts`` attempts, each bounded by ``request_timeout``,
-separated by full-jitter exponential backoff (base 0.1 s, cap 5 s).  With the
-defaults (6 attempts, 30 s) a read fails with EIO after at most
-6 × 30 s + 0.1+0.2+0.4+0.8+1.6 s ≈ 183 s when every attempt stalls, and after
-about 3 s when every attempt answers 5xx at once.  Waiting for one of the
+separated by full-jitter exponential backoff (base 0.1 s, cap 5 s; base 0.5 s when
+S3 throttles: 503, 429, SlowDown).  With the defaults (6 attempts, 30 s) a read
+fails with EIO after at most 6 × 30 s + 0.5+1+2+4+5 s ≈ 193 s when every attempt
+stalls, after about 3 s when every attempt answers 500 at once, and after about
+12.5 s (6 s on average) of SlowDown.  Waiting for one of the
 ``max_concurrency`` connection slots counts against the same budget.
 """
 
@@ -60,7 +61,15 @@ from botocore.utils import percent_encode
 
 from . import http1
 from .config import MountSpec, S3Options
-from .errors import EXIT_USAGE, NoSuchObject, ObjectChanged, QuietError, S3Error, tls_failure
+from .errors import (
+    EXIT_USAGE,
+    NoSuchObject,
+    ObjectChanged,
+    QuietError,
+    S3Error,
+    chain,
+    tls_failure,
+)
 from .stats import Stats
 from .trace import current, span
 
@@ -110,6 +119,8 @@ def _why(e: BaseException) -> str:
         seen.add(id(x))
         if isinstance(x, _TIMEOUTS):
             return "timed out"
+        if isinstance(x, ssl.SSLError):  # (an OSError whose errno 1 read "operation not
+            return f"TLS: {tls_failure(x)}"  # permitted", which sent users after IAM)
         if isinstance(x, http1.ProtocolError) and str(x):
             return str(x)
         if isinstance(x, OSError) and x.strerror:
@@ -129,6 +140,12 @@ TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
     "InternalError", "ServiceUnavailable", "503", "500", "502", "504", "RequestLimitExceeded",
 }
+# S3 asking for fewer requests: retried after longer waits (from THROTTLE_BASE seconds),
+# which a burst of SlowDown outlasted with the usual 0.1 s base (a read gave up after
+# about 1.5 s of it)
+THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                  "503", "429", "TooManyRequests"}
+THROTTLE_BASE = 0.5
 
 
 def canonical_etag(etag: str | None) -> str:
@@ -175,6 +192,19 @@ class _Partial:
     pages: int
     asked: float  # monotonic and wall time its first page was asked for
     asked_at: float
+
+
+async def _shrunk_is_changed(request):
+    """Await a ranged GET of a range within the object's size as its listing gave it: a
+    416 says the object is shorter now, replaced (by a store that ignores If-Match; S3
+    answers 412 first). It was a plain EIO, and the next opens saw the old size again."""
+    try:
+        return await request
+    except botocore.exceptions.ClientError as e:
+        if int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0) == 416:
+            raise ObjectChanged("object changed in S3 since it was opened (it is shorter)",
+                                code="InvalidRange", status=412) from None
+        raise
 
 
 class _Retry(Exception):
@@ -372,7 +402,7 @@ class ObjectStore:
         # the longest a request may take: every attempt timing out, and every backoff at
         # its cap (183.1 s with the defaults)
         self.budget = opts.max_attempts * opts.request_timeout + sum(
-            min(opts.backoff_max, opts.backoff_base * 2 ** i)
+            min(opts.backoff_max, max(opts.backoff_base, THROTTLE_BASE) * 2 ** i)
             for i in range(opts.max_attempts - 1))
 
     async def __aenter__(self) -> ObjectStore:
@@ -463,7 +493,7 @@ class ObjectStore:
                                f"{self.spec.endpoint_url or 'AWS'}", code=code, status=status)
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 return NoSuchObject("no such object", code=code, status=404)
-            if status >= 500 or code in TRANSIENT_CODES or status == 429:
+            if status >= 500 or code in TRANSIENT_CODES or status in (408, 429):
                 return _Retry(f"{status} {code}", code, status)
             return S3Error(f"{status} {code}: {err.get('Message', '')}".strip(" :"), code=code,
                            status=status)
@@ -474,6 +504,9 @@ class ObjectStore:
                           botocore.exceptions.PartialCredentialsError)):
             return S3Error("no AWS credentials found (set AWS_ACCESS_KEY_ID/"
                            "AWS_SECRET_ACCESS_KEY, a profile, or a credentials file)")
+        if any(isinstance(x, ssl.SSLCertVerificationError) for x in chain(e)):
+            # no retry makes a certificate trusted (a rotated one, an intercepting proxy)
+            return S3Error(_why(e))
         if isinstance(e, (trio.TooSlowError, httpx.HTTPError, OSError,
                           botocore.exceptions.HTTPClientError,
                           botocore.exceptions.ConnectionError,
@@ -482,6 +515,14 @@ class ObjectStore:
                           botocore.exceptions.IncompleteReadError)):
             return _Retry(_why(e))
         return e
+
+    def _backoff(self, attempt: int, c: _Retry) -> float:
+        """The wait before attempt ``attempt`` + 1: full jitter, from a larger base when S3
+        throttles (its answers to quick retries are more of the same)."""
+        base = self.opts.backoff_base
+        if c.status in (429, 503) or c.code in THROTTLE_CODES:
+            base = max(base, THROTTLE_BASE)
+        return random.uniform(0, min(self.opts.backoff_max, base * 2 ** (attempt - 1)))
 
     async def _call(self, what: str, fn, *args):
         """Run ``fn`` with per-attempt timeout and jittered exponential backoff, all of it
@@ -533,8 +574,7 @@ class ObjectStore:
                                   f"{'s' if attempt != 1 else ''}: {c}",
                                   code=c.code, status=c.status, transient=True) from None
                 self.stats.inc("s3_retries")
-                delay = random.uniform(0, min(self.opts.backoff_max,
-                                              self.opts.backoff_base * 2 ** (attempt - 1)))
+                delay = self._backoff(attempt, c)
                 log.debug("S3 %s retry %d in %.2fs (%s)", what, attempt, delay, c)
                 with span("s3.backoff", attempt=attempt, reason=str(c)):
                     await trio.sleep(delay)
@@ -555,8 +595,7 @@ class ObjectStore:
             host = u.netloc.rpartition("@")[2]
             where = "the default AWS S3 endpoint" + (f" ({u.scheme}://{host})" if host else "")
         try:
-            with trio.fail_after(self.opts.connect_timeout + self.opts.request_timeout):
-                r = await head_bucket()
+            r = await self._check_answered(head_bucket, where)
         except trio.TooSlowError:
             raise QuietError(f"{where} did not answer in time") from None
         except Exception as e:  # noqa: BLE001
@@ -596,6 +635,27 @@ class ObjectStore:
             return (f"s3://{self.bucket}/{self.spec.prefix} holds no object (yet): the mount "
                     "is empty (a mistyped prefix?)")
         return None
+
+    async def _check_answered(self, head_bucket, where: str):
+        """The mount's first listing, retried while S3 answers that it is busy (5xx, 429,
+        SlowDown): a fleet of nodes mounting at once met SlowDown, and each such mount
+        failed. No answer, or any other answer, is final at once."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with trio.fail_after(self.opts.connect_timeout + self.opts.request_timeout):
+                    return await head_bucket()
+            except Exception as e:  # noqa: BLE001 - classified by the caller
+                c = self._classify(e)
+                if (not isinstance(c, _Retry) or not c.status
+                        or _credential_failure(e) is not None
+                        or attempt >= self.opts.max_attempts):
+                    raise
+                delay = self._backoff(attempt, c)
+                log.warning("%s answered %s %s to the mount's first listing: trying again "
+                            "in %.1fs", where, c.status, c.code, delay)
+                await trio.sleep(delay)
 
     async def list_dir(self, prefix: str) -> Listing:
         """All entries directly under ``prefix`` (all pages). When a page fails after the
@@ -720,8 +780,13 @@ class ObjectStore:
                     n += m
                 body = into  # its true length is n: one that is not cap is never used
             else:
-                body = b"".join([piece async for piece in r.raw.aiter_raw()])
-                n = len(body)
+                got = bytearray()
+                async for piece in r.raw.aiter_raw():
+                    got += piece
+                    if len(got) > http1.MAX_ERROR_BODY:
+                        del got[http1.MAX_ERROR_BODY:]
+                        break
+                body, n = bytes(got), len(got)
         finally:
             with trio.CancelScope(shield=True):
                 await r.raw.aclose()  # a body not read to its end closes the connection
@@ -745,22 +810,24 @@ class ObjectStore:
                 t0 = time.perf_counter()
                 direct = self._direct
                 if direct is not None:
-                    status, hdr, data, got, t0, ttfb = await self._get_direct(
-                        direct, key, start, end, etag, into)
+                    status, hdr, data, got, t0, ttfb = await _shrunk_is_changed(
+                        self._get_direct(direct, key, start, end, etag, into))
                     got_etag, content_range = hdr.get("etag"), hdr.get("content-range")
                     content_type = hdr.get("content-type")
                 else:
                     token = _learning.set(key)
                     try:
-                        r = await self._client.get_object(Bucket=self.bucket, Key=key,
-                                                          Range=f"bytes={start}-{end}",
-                                                          **_botocore_preconditions(etag))
+                        r = await _shrunk_is_changed(self._client.get_object(
+                            Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}",
+                            **_botocore_preconditions(etag)))
                     finally:
                         _learning.reset(token)
                     ttfb = time.perf_counter() - t0
                     self.stats.inc("s3_get_requests")
                     async with r["Body"] as body:
-                        data = await body.read()
+                        # (one byte more tells a body too long: a gateway that ignores
+                        # Range sent a whole object of GiBs, read into memory whole)
+                        data = await body.read(length + 1)
                     got = len(data)
                     if got == length:
                         into[:] = data

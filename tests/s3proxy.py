@@ -192,6 +192,7 @@ FAULT_KINDS = (
     "extra_bytes",
     "repeat_entries",
     "no_continuation",
+    "ignore_if_match",
 )
 
 
@@ -250,7 +251,7 @@ class Fault:
             self.extra = int(value)
             if count is None:
                 count = 1
-        elif self.kind in ("repeat_entries", "no_continuation"):  # value: true
+        elif self.kind in ("repeat_entries", "no_continuation", "ignore_if_match"):  # value: true
             pass
         elif self.kind == "etag_form":  # value: "bare", "weak" or "none"; every match by default
             if value not in ("bare", "weak", "none"):
@@ -605,7 +606,8 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "delay":
             time.sleep(fault.seconds)
 
-        resp = self._forward()
+        # a store that ignores If-Match (s3rver, some gateways): the condition never reaches S3
+        resp = self._forward(drop=("if-match",) if kind == "ignore_if_match" else ())
         if resp is None:
             return 502, 0
         try:
@@ -615,8 +617,9 @@ class Handler(BaseHTTPRequestHandler):
             self._close_upstream()
             raise
 
-    def _forward(self) -> http.client.HTTPResponse | None:
-        """Send the request upstream; return the response (or answer 502)."""
+    def _forward(self, drop: tuple[str, ...] = ()) -> http.client.HTTPResponse | None:
+        """Send the request upstream, without the headers named in ``drop`` (lower case);
+        return the response (or answer 502)."""
         has_body = self._has_body()
         # Body-less requests may be retried once on a stale keep-alive
         # connection; requests with a (streamed) body always get a fresh one.
@@ -633,7 +636,7 @@ class Handler(BaseHTTPRequestHandler):
                 chunked = False
                 for k, v in self.headers.items():
                     lk = k.lower()
-                    if lk in HOP_BY_HOP:
+                    if lk in HOP_BY_HOP or lk in drop:
                         continue
                     conn.putheader(k, v)
                 if "chunked" in self.headers.get("Transfer-Encoding", "").lower():

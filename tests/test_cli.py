@@ -566,6 +566,28 @@ def test_an_only_mount_with_an_empty_name_is_the_mountpoints_top(s3, bucket, pro
 
 
 @pytest.mark.fuse
+def test_a_mount_rides_out_s3_throttling_its_first_listing(s3, bucket, proxy, tmp_path,
+                                                          mounts):
+    """Nodes mounting at once meet SlowDown: the mount's first listing was one request,
+    and one 503 failed the mount. It is retried while S3 answers that it is busy; what
+    persists still fails, in one line."""
+    s3.put_object(Bucket=bucket, Key="a.bin", Body=b"a-bytes")
+    proxy.reset()
+    proxy.faults(status=503, code="SlowDown", ops=["ListObjects"], count=2)
+    m = mounts(f"s3://{bucket}")
+    assert (m.mp / "a.bin").read_bytes() == b"a-bytes"
+    assert proxy.stats()["ops"]["ListObjects"] >= 3
+    mp = tmp_path / "mp2"
+    mp.mkdir()
+    proxy.faults(persistent_status=503, code="SlowDown", ops=["ListObjects"])
+    one_line_error(cli("mount", f"s3://{bucket}", str(mp), "--cache-dir", str(tmp_path / "c2"),
+                       "--cache-size", "64MiB", "--endpoint-url", proxy.url,
+                       "--s3-max-attempts", "2"),
+                   f"S3 endpoint {proxy.url} answered 503 SlowDown", code=1)
+    proxy.clear_faults()
+
+
+@pytest.mark.fuse
 def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     mp = tmp_path / "mp"
     mp.mkdir()

@@ -604,6 +604,29 @@ def test_open_after_a_read_found_the_object_changed_reads_the_new_version(s3, bu
     assert m.counters()["objects_changed"] == 1
 
 
+def test_a_read_past_the_end_of_a_shorter_new_version_is_a_change(s3, bucket, mounts, proxy):
+    """A store that ignores If-Match answers a range past the end of an object replaced by
+    a shorter one with 416, not 412: that was a plain EIO, and every open until the
+    listing expired read the old size and failed again. It is a change now: the read
+    fails, and the next open reads the new version."""
+    put(s3, bucket, "shrunk.bin", b"A" * (3 * CS))
+    m = mounts(f"s3://{bucket}")
+    assert m.path("shrunk.bin").stat().st_size == 3 * CS  # listed at 3 chunks
+    new = put(s3, bucket, "shrunk.bin", b"B" * 10)
+    proxy.faults(ignore_if_match=True, count=-1)
+    fd = os.open(m.path("shrunk.bin"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        with pytest.raises(OSError) as e:
+            os.preadv(fd, [buf], 2 * CS)  # the third chunk: past the new end
+        assert e.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    proxy.clear_faults()
+    assert read_all(m.path("shrunk.bin")) == new
+    assert m.counters()["objects_changed"] == 1
+
+
 def test_a_handle_of_the_old_version_does_not_fill_the_pages_a_new_open_reads(s3, bucket,
                                                                              mounts):
     """A read met a change while another handle of the old version stayed open; the next

@@ -1203,3 +1203,39 @@ def test_adopted_chunks_are_looked_at_for_pins_even_after_a_start_that_crashed(t
 
     assert trio.run(_with_store, tmp_path, pin_one) == (1, False)
     assert trio.run(_with_store, tmp_path, state) == (0, False, set())
+
+
+def test_s3_errors_are_classified_for_what_a_retry_can_do():
+    """TLS that fails verification is final, in words (it was "operation not permitted",
+    errno 1 of ssl.SSLError, retried 6 times); a 408 from a load balancer is retried (it
+    was final); S3 throttling waits from 0.5 s, not 0.1 s, between attempts."""
+    import ssl
+
+    import botocore.exceptions
+
+    from cachefs.config import MountSpec, S3Options
+    from cachefs.errors import S3Error
+    from cachefs.objectstore import ObjectStore, _Retry
+
+    s3 = ObjectStore(MountSpec("", "bkt", ""), S3Options(), Stats())
+    bad = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+                                          "verify failed: unable to get local issuer")
+    bad.verify_message = "unable to get local issuer certificate"
+    wrapped = botocore.exceptions.SSLError(endpoint_url="https://s3.example", error=bad)
+    wrapped.__cause__ = bad
+    c = s3._classify(wrapped)
+    assert type(c) is S3Error and "certificate verify failed" in str(c), repr(c)
+    assert "not permitted" not in str(c)
+
+    def answer(status, code):
+        return botocore.exceptions.ClientError(
+            {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Get")
+
+    assert isinstance(s3._classify(answer(408, "RequestTimeout")), _Retry)
+    assert isinstance(s3._classify(answer(408, "408")), _Retry)
+    slow = s3._classify(answer(503, "SlowDown"))
+    five = s3._classify(answer(500, "InternalError"))
+    tries = 2000
+    assert max(s3._backoff(1, five) for _ in range(tries)) <= 0.1
+    assert 0.3 < max(s3._backoff(1, slow) for _ in range(tries)) <= 0.5
+    assert 1.5 < max(s3._backoff(3, slow) for _ in range(tries)) <= 2.0
