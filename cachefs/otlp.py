@@ -17,17 +17,18 @@ logged or reported with them (``redact``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import trio
+
+from .control import dumps_in_pieces
 
 log = logging.getLogger("cachefs.otlp")
 
@@ -178,12 +179,17 @@ class OTLPExporter:
         self.posts = 0
         self.encode_errors = 0
         self._limiter = trio.CapacityLimiter(1)
+        self.on_off: Callable[[], None] | None = None  # called when export turns off
 
     def offer(self, trace) -> None:
         """Called by the tracer for every recorded trace (a trace.``RootSpan``)."""
         if self.off:
             self.dropped += 1
             return
+        if getattr(trace, "incomplete", False):
+            # its open spans may still change: a snapshot now, not in the encoding thread
+            # (which then failed, and the whole batch of 64 was dropped)
+            trace = trace.dict()
         try:
             self._send.send_nowait(trace)
         except trio.WouldBlock:
@@ -199,6 +205,8 @@ class OTLPExporter:
             log.error("OTLP: export to %s is off: %s: %s", redact(self.url),
                       type(e).__name__, e)
             self.off = True
+            if self.on_off is not None:  # no longer a sink: reads take the fast path again
+                self.on_off()
             while True:
                 try:
                     self._recv.receive_nowait()
@@ -245,8 +253,8 @@ class OTLPExporter:
         """A batch of recorded traces as the POST's body (in a worker thread).  A trace
         recorded incomplete (its read-ahead still running after 60 s) may still change
         meanwhile: the encoding then fails and the batch is dropped, counted."""
-        return json.dumps(to_otlp([t.dict() for t in batch], self.node, self.run_id),
-                          allow_nan=False).encode()
+        return dumps_in_pieces(to_otlp([t if isinstance(t, dict) else t.dict() for t in batch],
+                                       self.node, self.run_id), allow_nan=False).encode()
 
     def statistics(self) -> dict:
         return {"url": redact(self.url), "off": self.off, "exported": self.exported,

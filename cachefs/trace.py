@@ -49,6 +49,7 @@ benchmarks): ``start`` then records nothing and ``span`` finds no trace.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import secrets
@@ -64,6 +65,8 @@ import trio
 _current: ContextVar[Span | None] = ContextVar("cachefs_span", default=None)
 _get = _current.get
 _now = time.perf_counter
+
+log = logging.getLogger("cachefs.trace")
 
 MAX_SPANS = 256
 MAX_ATTR = 512
@@ -562,11 +565,12 @@ LOST = "lost_traces"
 
 
 class _Subscriber:
-    __slots__ = ("send", "min_duration", "match", "dropped", "told")
+    __slots__ = ("send", "min_duration", "match", "dropped", "told", "buffer")
 
     def __init__(self, send: trio.MemorySendChannel, min_duration: float | None,
-                 match: Callable[[dict], bool] | None) -> None:
+                 match: Callable[[dict], bool] | None, buffer: int) -> None:
         self.send = send
+        self.buffer = buffer
         self.min_duration = min_duration
         self.match = match
         self.dropped = 0
@@ -735,16 +739,30 @@ class Tracer:
             if self._subscribers:
                 self._deliver(root, dur)
         if self._sinks:
-            for sink in self._sinks:
-                sink(root)
+            for sink in list(self._sinks):
+                try:
+                    sink(root)
+                except Exception:  # a bug there must not fail the read this trace was
+                    log.exception("trace sink %r failed: removed", sink)
+                    self.remove_sink(sink)
 
     def _deliver(self, tr: RootSpan, dur: float) -> None:
         for sub in list(self._subscribers):
             md = self.slow_threshold if sub.min_duration is None else sub.min_duration
             if dur < md:
                 continue
+            if sub.send.statistics().current_buffer_used >= sub.buffer:
+                sub.dropped += 1  # (a follower that reads nothing: no dict made for it)
+                self.follower_drops += 1
+                continue
             d = tr.dict()
-            if sub.match is not None and not sub.match(d):
+            try:
+                if sub.match is not None and not sub.match(d):
+                    continue
+            except Exception:  # a bug there must not fail the read this trace was
+                log.exception("trace follower's filter failed: the follower is dropped")
+                sub.send.close()
+                self._subscribers.remove(sub)
                 continue
             try:
                 if sub.dropped > sub.told:  # first, that traces went missing (LOST)
@@ -765,7 +783,7 @@ class Tracer:
         """Recorded traces at least ``min_duration`` long (default: the slow threshold)
         that ``match`` accepts, as dicts, as they are recorded (continuations excluded)."""
         send, recv = trio.open_memory_channel(buffer)
-        self._subscribers.append(_Subscriber(send, min_duration, match))
+        self._subscribers.append(_Subscriber(send, min_duration, match, buffer))
         return recv
 
     def unsubscribe(self, recv: trio.MemoryReceiveChannel) -> None:

@@ -51,6 +51,9 @@ log = logging.getLogger("cachefs.tracing")
 
 MAX_CAPTURED = 4096
 CAPTURE_TTL = 300.0
+# a capture whose client never stopped it (killed: kill -9, the OOM killer) goes after this
+# long even while reads of its range go on: it kept the reads' fast path off for good
+CAPTURE_MAX_AGE = 3600.0
 MAX_CAPTURES = 64
 DROP_BATCH = 1000  # chunk ids per cluster call (the request stays well under 64 KiB)
 DROP_OP = "trace.drop"
@@ -66,6 +69,13 @@ def _num(req: dict, key: str, default: Any = None, kind: type = int) -> Any:
     if v < 0:
         raise ControlError(f"{key} must not be negative")
     return kind(v)
+
+
+def _prefix(req: dict) -> str | None:
+    v = req.get("path_prefix") or None
+    if v is not None and not isinstance(v, str):  # (a list made every traced read EIO)
+        raise ControlError("path_prefix must be a string")
+    return v
 
 
 def under(path: str, prefix: str) -> bool:
@@ -100,12 +110,13 @@ class Capture:
     """The traces of reads of one inode's byte range that start while it runs: a read
     begun before it (whose read-ahead ended only now) belongs to an earlier command."""
 
-    __slots__ = ("ino", "lo", "hi", "traces", "active", "since", "dropped")
+    __slots__ = ("ino", "lo", "hi", "traces", "active", "since", "dropped", "started")
 
     def __init__(self, ino: int, lo: int, hi: int) -> None:
         self.ino, self.lo, self.hi = ino, lo, hi
         self.traces: list[dict] = []
-        self.active = time.monotonic()  # its start, then its last trace
+        self.started = time.monotonic()
+        self.active = self.started  # its start, then its last trace
         self.since = time.perf_counter()  # the clock of the traces' ``start``
         self.dropped = 0
 
@@ -137,10 +148,14 @@ class Tracing:
                     c.dropped += 1
 
     def _expire(self) -> None:
+        """Drop the captures no client will stop: idle for CAPTURE_TTL, or older than
+        CAPTURE_MAX_AGE. Runs at each capture's start and every 10 s (only at a start,
+        a capture of a file read without end was never dropped)."""
         now = time.monotonic()
         for k, c in list(self.captures.items()):
-            if now - c.active > CAPTURE_TTL:
+            if now - c.active > CAPTURE_TTL or now - c.started > CAPTURE_MAX_AGE:
                 del self.captures[k]
+                log.info("trace capture %d expired (its client did not stop it)", k)
         self._captures_changed()
 
     # -- ops --------------------------------------------------------------------------
@@ -150,7 +165,7 @@ class Tracing:
         tr = self.d.tracer
         ring = tr.slow if req.get("slow") else tr.recent
         slower = _num(req, "slower_than", None, float)
-        prefix = req.get("path_prefix") or None
+        prefix = _prefix(req)
         # filtered on the roots and only the last n made into dicts, a batch at a time:
         # all 1,024 traces of the slow ring as dicts held the trio thread (every FUSE
         # request) for about 115 ms
@@ -172,7 +187,7 @@ class Tracing:
     async def follow(self, req: dict, emit) -> dict:
         tr = self.d.tracer
         slower = _num(req, "slower_than", None, float)
-        match = matcher(None, req.get("path_prefix") or None)
+        match = matcher(None, _prefix(req))
         recv = tr.subscribe(min_duration=slower, match=match)
         await emit({"following": True, "node": tr.node, "enabled": tr.enabled,
                     "slower_than_ms": round((tr.slow_threshold if slower is None else slower)
@@ -345,7 +360,7 @@ def _start_services(d: Daemon) -> None:
         sock = bind_metrics(d.cfg.metrics_listen)  # QuietError: the mount fails, clearly
         d.metrics_started = True  # type: ignore[attr-defined]
         nursery.start_soon(serve_metrics, d, sock)
-    nursery.start_soon(_sweep_pending, d.tracer)
+    nursery.start_soon(_sweep_pending, d.tracer, getattr(d, "tracing", None))
     endpoint = getattr(d.cfg, "otlp_endpoint", None)  # the flag, the config or the env
     if endpoint and not getattr(d, "otlp", None):
         from .otlp import OTLPExporter
@@ -353,14 +368,17 @@ def _start_services(d: Daemon) -> None:
         exp = OTLPExporter(endpoint, service_node=d.tracer.node, run_id=d.tracer.run_id)
         d.otlp = exp  # type: ignore[attr-defined]
         d.tracer.add_sink(exp.offer)
+        exp.on_off = lambda: d.tracer.remove_sink(exp.offer)
         nursery.start_soon(exp.run)
 
 
-async def _sweep_pending(tracer) -> None:
+async def _sweep_pending(tracer, tracing: Tracing | None = None) -> None:
     """Record the traces whose read-ahead has run past PENDING_MAX_AGE, as incomplete,
-    even when no other trace comes along to do it."""
+    even when no other trace comes along to do it; drop abandoned captures."""
     from .trace import PENDING_MAX_AGE
 
     while True:
         await trio.sleep(PENDING_MAX_AGE / 6)
         tracer.sweep()
+        if tracing is not None and tracing.captures:
+            tracing._expire()

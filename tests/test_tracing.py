@@ -327,6 +327,67 @@ async def test_a_capture_still_collecting_is_not_expired(monkeypatch):
         await caps.capture_stop({"capture": idle, "wait": 0}, noop)
 
 
+async def test_an_abandoned_capture_of_a_file_still_read_goes(monkeypatch):
+    """A `cachefs trace` killed outright never stops its capture: it expired only at the
+    next capture's start, and never while the file was read (each read renewed it). It
+    kept every read's fast path off for good. The tracer's sweep drops it once it is
+    older than CAPTURE_MAX_AGE."""
+    from types import SimpleNamespace
+
+    from cachefs import tracing
+
+    monkeypatch.setattr(tracing, "CAPTURE_MAX_AGE", 0.3)
+    t = Tracer(slow_threshold=10.0, enabled=True)
+    caps = tracing.Tracing(SimpleNamespace(tracer=t))
+    await caps.capture_start({"ino": 1, "offset": 0, "length": 100}, None)
+    assert caps._sink in t._sinks
+    for _ in range(4):  # a training job reads the file on
+        await trio.sleep(0.1)
+        with t.start("read", ino=1, offset=0, size=10):
+            pass
+    caps._expire()  # (what the tracer's sweep calls every 10 s)
+    assert caps.captures == {} and caps._sink not in t._sinks
+
+
+async def test_a_bad_follower_or_sink_does_not_fail_the_traced_read():
+    """A follow request whose path_prefix was a list made every traced read raise (EIO),
+    and any exception of a sink or a follower's filter escaped from the traced operation."""
+    from types import SimpleNamespace
+
+    from cachefs import tracing
+
+    t = Tracer(slow_threshold=0.0, enabled=True)
+    caps = tracing.Tracing(SimpleNamespace(tracer=t))
+    for op in (caps.follow, caps.recent):
+        with pytest.raises(tracing.ControlError, match="path_prefix must be a string"):
+            await op({"path_prefix": ["/x"]}, None)
+
+    def bad(_):
+        raise AttributeError("a bug")
+
+    t.subscribe(min_duration=0.0, match=bad)
+    t.add_sink(bad)
+    with t.start("read", ino=1, offset=0, size=10, path="/a"):
+        pass  # (raised AttributeError here)
+    assert t._subscribers == [] and bad not in t._sinks
+    assert t.statistics()["finished"] == 1
+
+
+def test_long_lists_are_encoded_in_pieces_to_the_same_json():
+    """A large reply or OTLP batch encoded in one json.dumps call held the GIL, and so the
+    trio thread, to its end, from a worker thread too. In pieces, it is the same JSON."""
+    import json
+
+    from cachefs.control import dumps_in_pieces
+
+    doc = {"traces": [{"name": "read", "n": i, "spans": [{"x": [1, 2.5, None, "é"]}] * 3}
+                      for i in range(100)], "node": "n1", 3: (1, 2), "empty": {}}
+    assert json.loads(dumps_in_pieces(doc, default=str)) == json.loads(
+        json.dumps(doc, default=str))
+    with pytest.raises(ValueError):
+        dumps_in_pieces({"x": [float("nan")] * 20}, allow_nan=False)
+
+
 def test_a_capture_says_what_it_did_not_keep():
     """Reads past a capture's cap (4,096) were dropped without a word: the count of FUSE
     reads and the chunk rows covered the first ones only."""
@@ -916,7 +977,8 @@ def test_a_wait_for_another_fetch_names_whose_it_is(mounts, s3, bucket, proxy, t
                           "--mount", str(m.mp)], env={**os.environ, **CREDS},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: proxy.stats(settle=0)["inflight"] >= 1, 20, "the preload's GET")
+        # (its GET of p.bin, delayed: any request in flight, a listing, was taken for it)
+        wait_for(lambda: proxy.gets("p.bin") >= 1, 20, "the preload's GET")
         read_direct(m.path("p.bin"), CHUNK)
     finally:
         assert p.wait(timeout=60) == 0
