@@ -194,25 +194,44 @@ def dominant(traces: list[dict], in_range=None) -> tuple[int, dict] | None:
     return best[1], best[2]
 
 
+def _kids_ms(s: dict, name: str) -> float:
+    """The time of ``s``'s direct children named ``name``."""
+    return round(sum(float(c.get("duration_ms") or 0) for c in s.get("spans", ())
+                     if c.get("name") == name), 3)
+
+
 def describe(s: dict) -> str:
-    """The cost inside a chunk fetch, in one phrase."""
+    """The cost inside a chunk fetch, in one phrase: this node's own waits (a connection
+    slot, a new connection) named apart from the peer's or S3's time (a wait for a slot
+    here read as "peer n2 round trip 300 ms", a new connection as S3's ttfb)."""
     n = s.get("name")
     if n == "s3.get" and s.get("error"):
         tries = s.get("attempts")
         return (f"S3 GET failed: {_esc(s['error'])}"
                 + (f" after {tries} attempt{'' if tries == 1 else 's'}" if tries else ""))
     if n == "s3.get":
-        parts = [f"ttfb {_esc(s.get('ttfb_ms', '?'))} ms",
-                 f"transfer {_esc(s.get('transfer_ms', '?'))} ms"]
+        parts = []
         if s.get("sign_ms"):
-            parts.insert(0, f"signing {_esc(s['sign_ms'])} ms")
+            parts.append(f"signing {_esc(s['sign_ms'])} ms")
+        if wait := _kids_ms(s, "s3.slot_wait"):
+            parts.append(f"queued here {_esc(wait)} ms for an S3 connection")
+        if conn := _kids_ms(s, "s3.connect"):
+            parts.append(f"connect {_esc(conn)} ms")
+        parts += [f"ttfb {_esc(s.get('ttfb_ms', '?'))} ms",
+                  f"transfer {_esc(s.get('transfer_ms', '?'))} ms"]
         if s.get("retries"):
             parts.append(f"{_esc(s['retries'])} retr{'y' if s['retries'] == 1 else 'ies'}")
+            if backoff := _kids_ms(s, "s3.backoff"):
+                parts.append(f"backoff {_esc(backoff)} ms")
         return "S3 GET " + ", ".join(parts)
     if n == "ssd.read":
         return f"SSD read {_esc(s.get('duration_ms'))} ms"
     if n in ("peer", "peer.handoff"):
-        return f"peer {_esc(s.get('node'))} round trip {_esc(s.get('duration_ms'))} ms"
+        wait = _kids_ms(s, "peer.slot_wait")
+        rt = round(float(s.get("duration_ms") or 0) - wait, 3)
+        return (f"peer {_esc(s.get('node'))} round trip {_esc(rt)} ms"
+                + (f" (queued here {_esc(wait)} ms for a connection slot first)"
+                   if wait else ""))
     return f"{_esc(n)} {_esc(s.get('duration_ms'))} ms"
 
 
@@ -266,7 +285,8 @@ def chunk_rows(traces: list[dict], default_node: str, chunk_size: int | None,
                                  ("s3.get", "ssd.read")]
                         detail.extend(f"on {_esc(c.get('node'))}: {describe(x)}" for x in inner)
                 elif cn in ("peer", "peer.handoff"):
-                    detail.append(f"peer {_esc(c.get('node'))} failed ({_esc(c.get('error'))})")
+                    detail.append(f"peer {_esc(c.get('node'))} failed ({_esc(c.get('error'))}) "
+                                  f"after {_esc(c.get('duration_ms'))} ms")
                 elif cn in ("s3.get", "ssd.read") and c is not s and not _under_peer(s, c):
                     detail.append(describe(c))
                 elif c is s and cn == "ssd.read":

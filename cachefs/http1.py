@@ -166,9 +166,11 @@ class Pool:
 
     async def get(self, target: str, headers: Iterable[tuple[str, str]],
                   into: memoryview | None
-                  ) -> tuple[int, dict[str, str], bytes | memoryview, int, float]:
+                  ) -> tuple[int, dict[str, str], bytes | memoryview, int, float, float]:
         """GET ``target``: (status, headers with lower-case names, body, body length,
-        perf_counter when the head arrived).  With ``into`` (memory the size of the
+        perf_counter when the request went out on its connection, and when the head
+        arrived: their difference is the time to first byte, a new connection's setup
+        not included).  With ``into`` (memory the size of the
         expected body), a 2xx body is received into it and returned as it; one of another
         length is not read, and its announced length is returned (the caller refuses it).
         A non-2xx body is returned as bytes."""
@@ -195,9 +197,10 @@ class Pool:
         return await self._exchange(c, request, into)
 
     async def _exchange(self, c: _Conn, request: bytes, into: memoryview | None
-                        ) -> tuple[int, dict[str, str], bytes | memoryview, int, float]:
+                        ) -> tuple[int, dict[str, str], bytes | memoryview, int, float, float]:
         keep = False
         try:
+            t_sent = time.perf_counter()
             try:
                 await c.send(request)
             except OSError:
@@ -246,7 +249,7 @@ class Pool:
                 n = len(got)
                 del got[limit:]
                 body = _placed(got, target)
-            return status, hdrs, body, n, t_head
+            return status, hdrs, body, n, t_sent, t_head
         except BaseException:
             keep = False  # an error, a timeout: what is left on the connection is unknown
             raise

@@ -757,12 +757,13 @@ class ObjectStore:
         if t0 - t_sign >= 0.001 and (sp := current()) is not None:
             sp.set(sign_ms=round((t0 - t_sign) * 1000, 3))
         if direct.pool is not None:
-            status, hdrs, body, n, t_head = await direct.pool.get(
+            status, hdrs, body, n, t_sent, t_head = await direct.pool.get(
                 req.url[direct.origin_len:], req.headers.items(), into)
             if not 200 <= status < 300:
                 raise _client_error(status, bytes(body))
             self._count_direct()
-            return status, hdrs, body, n, t0, t_head - t0
+            # (a new connection is its own span, s3.connect: not S3's time to first byte)
+            return status, hdrs, body, n, t_sent, t_head - t_sent
         r = await direct.send(req)
         ttfb = time.perf_counter() - t0
         ok = 200 <= r.status_code < 300

@@ -80,11 +80,11 @@ async def test_kept_alive_and_received_into_callers_memory(server):
     p = pool(server, counts)
     for ch in b"ab":
         mem = memoryview(bytearray(5000))
-        status, hdrs, body, n, _ = await p.get("/bkt/k", [("Range", "bytes=0-4999")], mem)
+        status, hdrs, body, n, *_ = await p.get("/bkt/k", [("Range", "bytes=0-4999")], mem)
         assert (status, n, body.obj is mem.obj) == (206, 5000, True)
         assert bytes(mem) == bytes([ch]) * 5000 and hdrs["etag"] == '"e"'
     # a body of another length than asked is not read: the caller refuses it
-    status, _, _, n, _ = await p.get("/bkt/k", [], memoryview(bytearray(10)))
+    status, _, _, n, *_ = await p.get("/bkt/k", [], memoryview(bytearray(10)))
     assert (status, n) == (206, 3)
     assert server.conns == 1 and counts["s3_connections"] == 1
     assert server.requests[0].split(b"\r\n")[:3] == [
@@ -127,12 +127,12 @@ async def test_framings_chunked_to_eof_1xx(server):
     to_eof = ("close", b"HTTP/1.1 200 OK\r\n\r\n" + b"z" * 7)
     server.answers.extend([chunked, b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"q"), to_eof])
     p = pool(server)
-    status, _, body, n, _ = await p.get("/k", [], memoryview(bytearray(8)))
+    status, _, body, n, *_ = await p.get("/k", [], memoryview(bytearray(8)))
     assert (status, body, n) == (503, b"<Error/>", 8)
-    status, _, body, _, _ = await p.get("/k", [], None)  # same connection: kept alive
+    status, _, body, *_ = await p.get("/k", [], None)  # same connection: kept alive
     assert (status, body) == (206, b"q")
     mem = memoryview(bytearray(7))
-    status, _, body, n, _ = await p.get("/k", [], mem)
+    status, _, body, n, *_ = await p.get("/k", [], mem)
     assert (status, body.obj is mem.obj, bytes(mem), n) == (200, True, b"z" * 7, 7)
     assert server.conns == 1
     p.close()
@@ -161,7 +161,7 @@ async def test_broken_answers_are_protocol_errors(server):
     server.answers.extend([
         b"HTTP/1.1 412 X\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\nHTTP/1.1",
         ok(b"y")])
-    status, _, body, _, _ = await p.get("/k", [], memoryview(bytearray(10)))
+    status, _, body, *_ = await p.get("/k", [], memoryview(bytearray(10)))
     assert (status, body) == (412, b"x")
     assert (await p.get("/k", [], None))[2] == b"y"
     assert server.conns == 8

@@ -388,6 +388,32 @@ def test_long_lists_are_encoded_in_pieces_to_the_same_json():
         dumps_in_pieces({"x": [float("nan")] * 20}, allow_nan=False)
 
 
+def test_the_chunk_table_names_this_nodes_own_waits_apart_from_the_peers_and_s3s():
+    """The row of a chunk read from a peer gave the peer span's whole time as its round
+    trip, this node's wait for a connection slot included ("peer n2 round trip 300 ms"
+    for a 10 ms answer); a failed peer said no time; an S3 GET's row did not name the
+    wait for an S3 connection, nor the new connection's setup."""
+    from cachefs.cli_trace import chunk_rows
+
+    peer = {"name": "peer", "node": "n2", "duration_ms": 300.0, "spans": [
+        {"name": "peer.slot_wait", "duration_ms": 290.0}]}
+    dead = {"name": "peer", "node": "n3", "duration_ms": 5000.0, "error": "timeout",
+            "spans": []}
+    get = {"name": "s3.get", "duration_ms": 80.0, "ttfb_ms": 20.0, "transfer_ms": 5.0,
+           "spans": [{"name": "s3.slot_wait", "duration_ms": 40.0},
+                     {"name": "s3.connect", "duration_ms": 15.0}]}
+    t = {"name": "read", "node": "n1", "trace_id": "1-1", "duration_ms": 5400.0, "spans": [
+        {"name": "chunk", "chunk": 0, "tier": "peer", "duration_ms": 300.0, "spans": [peer]},
+        {"name": "chunk", "chunk": 1, "tier": "s3", "duration_ms": 5080.0,
+         "spans": [dead, get]}]}
+    rows = chunk_rows([t], "n1", 1 << 20, 0, 2 << 20)
+    assert rows[0]["detail"] == ("peer n2 round trip 10.0 ms (queued here 290.0 ms for a "
+                                 "connection slot first)"), rows[0]
+    assert rows[1]["detail"] == ("peer n3 failed (timeout) after 5000.0 ms; S3 GET queued "
+                                 "here 40.0 ms for an S3 connection, connect 15.0 ms, ttfb "
+                                 "20.0 ms, transfer 5.0 ms"), rows[1]
+
+
 def test_a_capture_says_what_it_did_not_keep():
     """Reads past a capture's cap (4,096) were dropped without a word: the count of FUSE
     reads and the chunk rows covered the first ones only."""
