@@ -174,9 +174,26 @@ def self_ms(s: dict) -> float:
     return max(0.0, float(s.get("duration_ms", 0)) - kids)
 
 
+_HOLDER_TRACE = re.compile(r"\(trace ([^)]+)\)$")
+
+
 def dominant(traces: list[dict], in_range=None) -> tuple[int, dict] | None:
     """(trace index, span) with the largest self time; read-ahead of chunks outside the
-    range (work for later reads) does not count."""
+    range (work for later reads) does not count, nor a wait for work one of ``traces``
+    did (its time is that work's, split there over s3.connect, s3.get, ssd.write: a wait
+    with no children was marked the dominant cost instead of the S3 GET it waited for)."""
+    ids = {t.get("trace_id") for t in traces}
+    ahead = {s.get("chunk") for t in traces for s, _, _ in _walk(t)
+             if s.get("name") == "readahead"}
+
+    def waits_for_shown_work(s: dict) -> bool:
+        n = s.get("name")
+        if n == "singleflight.wait":
+            m = _HOLDER_TRACE.search(str(s.get("holder", "")))
+            return m is not None and m.group(1) in ids
+        return n == "readahead.wait" and s.get("source") != "prefetch" and \
+            s.get("chunk") in ahead
+
     best: tuple[float, int, dict] | None = None
     for i, t in enumerate(traces):
         stack = [t]
@@ -186,7 +203,7 @@ def dominant(traces: list[dict], in_range=None) -> tuple[int, dict] | None:
                     and not in_range(s.get("chunk"))):
                 continue
             v = self_ms(s)
-            if s is not t and (best is None or v > best[0]):
+            if s is not t and not waits_for_shown_work(s) and (best is None or v > best[0]):
                 best = (v, i, s)
             stack.extend(s.get("spans", ()))
     if best is None:

@@ -414,6 +414,31 @@ def test_the_chunk_table_names_this_nodes_own_waits_apart_from_the_peers_and_s3s
                                  "20.0 ms, transfer 5.0 ms"), rows[1]
 
 
+def test_a_wait_for_work_another_captured_read_did_is_not_the_dominant_cost():
+    """`trace PATH --cold`: of the 1 MiB reads that reach the daemon at once, one fetches
+    the chunk and the others wait for it. The wait (no children) had the largest self
+    time and was marked the dominant cost; the GET it waited for is."""
+    from cachefs.cli_trace import dominant
+
+    fetch = {"name": "read", "trace_id": "a-1", "duration_ms": 330.0, "spans": [
+        {"name": "chunk", "chunk": 0, "duration_ms": 330.0, "spans": [
+            {"name": "s3.get", "duration_ms": 300.0, "spans": [
+                {"name": "s3.connect", "duration_ms": 20.0}]},
+            {"name": "ssd.write", "duration_ms": 30.0}]}]}
+    wait = {"name": "singleflight.wait", "chunk": 0, "duration_ms": 320.0,
+            "holder": "read /f.bin (trace a-1)"}
+    ahead = {"name": "readahead.wait", "chunk": 1, "duration_ms": 310.0}
+    waiter = {"name": "read", "trace_id": "a-2", "duration_ms": 330.0,
+              "spans": [wait, ahead]}
+    fetcher2 = {"name": "read", "trace_id": "a-3", "duration_ms": 1.0, "spans": [
+        {"name": "readahead", "chunk": 1, "duration_ms": 1.0}]}
+    i, s = dominant([fetch, waiter, fetcher2])
+    assert s["name"] == "s3.get", s
+    # a wait for work no captured read did (a preload's) is this read's cost
+    i, s = dominant([waiter])
+    assert s is wait, s
+
+
 def test_a_capture_says_what_it_did_not_keep():
     """Reads past a capture's cap (4,096) were dropped without a word: the count of FUSE
     reads and the chunk rows covered the first ones only."""
