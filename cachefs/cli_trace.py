@@ -556,7 +556,7 @@ def trace_cmd(path, offset, length, cold, as_json, follow, slower_than, path_pre
         raise QuietError("--slow goes with --recent; with --follow, give --slower-than",
                          EXIT_USAGE)
     mp = runtime.find_mount(mount)
-    prefix = _display_prefix(path_prefix, mp) if path_prefix else None
+    prefix = _display_prefix(path_prefix, mp, bool(follow)) if path_prefix else None
     client = _client(mp)
     if follow:
         _follow(client, slower, prefix, as_json)
@@ -598,15 +598,28 @@ def _none_found(client, r: dict, slow: bool, slower_than: str | None,
             + " and ".join(what))
 
 
-def _display_prefix(p: str, mp: str) -> str:
-    """A --path-prefix as the daemon writes paths ("/dir/file" from the mount root)."""
+def _display_prefix(p: str, mp: str, must_exist: bool) -> str:
+    """A --path-prefix as the daemon writes paths ("/dir/file" from the mount root). A
+    relative path outside the mount is refused, and with ``must_exist`` (--follow) one
+    that names nothing there: `--follow` with a typo in it (/mnt/trian/x, or ./x typed
+    outside the mount) waited for ever, showing nothing."""
     if p.startswith((".", "/")):
         # as given, then through its links (a mount reached by a symlink, /data -> /mnt:
         # such a prefix matched nothing)
         for ap in (os.path.abspath(p), os.path.realpath(p)):
             if ap == mp or ap.startswith(mp.rstrip("/") + "/"):
                 return "/" + ap[len(mp):].lstrip("/")
-    return "/" + p.lstrip("/")
+        if p.startswith("."):
+            raise QuietError(f"--path-prefix {printable(p)} is not inside the mount at "
+                             f"{printable(mp)}", EXIT_USAGE)
+    rel = os.path.normpath("/" + p.lstrip("/"))
+    if rel.startswith("//"):
+        rel = rel[1:]
+    if must_exist and rel != "/" and not os.path.lexists(mp.rstrip("/") + rel):
+        raise QuietError(f"--path-prefix {printable(p)}: neither a path inside the mount at "
+                         f"{printable(mp)} nor one from its root "
+                         f"({printable(mp.rstrip('/') + rel)} does not exist)", EXIT_USAGE)
+    return rel
 
 
 def _chunk_size(client) -> int | None:

@@ -1196,6 +1196,16 @@ def test_recent_says_when_filters_leave_nothing(mounts, s3, bucket):
     r = cli("trace", "--recent", "2", "--path-prefix", str(m.tmp / "link" / "t.bin"),
             "--mount", mp)
     assert r.returncode == 0 and r.stdout.startswith("read /t.bin offset 0"), r.stdout
+    # a path not normalised (it matched nothing); a typo given to --follow, which waited
+    # for ever showing nothing, and a relative path typed outside the mount: refused
+    r = cli("trace", "--recent", "2", "--path-prefix", "/x/../t.bin", "--mount", mp)
+    assert r.returncode == 0 and r.stdout.startswith("read /t.bin offset 0"), r.stdout
+    for bad, says in ((f"{mp}-typo/t.bin", "neither a path inside the mount"),
+                      ("./t.bin", "is not inside the mount")):
+        r = cli("trace", "--follow", "--path-prefix", bad, "--mount", mp, cwd=m.tmp,
+                timeout=30)
+        assert r.returncode == 2 and says in r.stderr and len(r.stderr.splitlines()) == 1, \
+            (r.returncode, r.stderr)
     # more than one batch of traces (64), the last n in order, filtered before the n
     fd = os.open(m.path("t.bin"), os.O_RDONLY | os.O_DIRECT)
     try:
