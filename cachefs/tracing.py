@@ -55,6 +55,9 @@ CAPTURE_TTL = 300.0
 # long even while reads of its range go on: it kept the reads' fast path off for good
 CAPTURE_MAX_AGE = 3600.0
 MAX_CAPTURES = 64
+# a follower whose socket takes nothing this long (suspended with ^Z, its pipe stalled) is
+# dropped: while it is subscribed, every read's fast path is off
+FOLLOW_STUCK = 60.0
 DROP_BATCH = 1000  # chunk ids per cluster call (the request stays well under 64 KiB)
 DROP_OP = "trace.drop"
 DICT_BATCH = 64  # recorded traces made into dicts between two checkpoints of the trio thread
@@ -194,10 +197,13 @@ class Tracing:
                                             * 1000, 3)})
         try:
             async for t in recv:
-                if LOST in t:  # traces this follower could not take were dropped
-                    await emit(t)
-                else:
-                    await emit({"trace": t})
+                with trio.move_on_after(FOLLOW_STUCK) as stuck:
+                    # (LOST: traces this follower could not take were dropped)
+                    await emit(t if LOST in t else {"trace": t})
+                if stuck.cancelled_caught:
+                    log.info("a trace follower took nothing for %.0fs: dropped", FOLLOW_STUCK)
+                    # (its connection is closed, nothing more sent to it)
+                    raise trio.ClosedResourceError("trace follower stuck")
         finally:
             tr.unsubscribe(recv)
         return {}

@@ -373,6 +373,38 @@ async def test_a_bad_follower_or_sink_does_not_fail_the_traced_read():
     assert t.statistics()["finished"] == 1
 
 
+async def test_a_follower_that_takes_nothing_is_dropped(monkeypatch):
+    """A `trace --follow` suspended with ^Z (or piped into a stalled reader) stayed
+    subscribed for ever: every read's fast path off, a dict made for each trace."""
+    from types import SimpleNamespace
+
+    from cachefs import tracing
+
+    monkeypatch.setattr(tracing, "FOLLOW_STUCK", 0.2)
+    t = Tracer(slow_threshold=0.0, enabled=True)
+    caps = tracing.Tracing(SimpleNamespace(tracer=t))
+    sent = []
+
+    async def emit(ev):
+        sent.append(ev)
+        if len(sent) > 1:  # the header goes out, then the socket's buffer is full
+            await trio.sleep_forever()
+
+    async def read_on():
+        while True:
+            with t.start("read", ino=1, offset=0, size=10, path="/a"):
+                pass
+            await trio.sleep(0.05)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as n:
+            n.start_soon(read_on)
+            with pytest.raises(trio.ClosedResourceError):
+                await caps.follow({}, emit)
+            n.cancel_scope.cancel()
+    assert t._subscribers == [] and len(sent) == 2
+
+
 def test_long_lists_are_encoded_in_pieces_to_the_same_json():
     """A large reply or OTLP batch encoded in one json.dumps call held the GIL, and so the
     trio thread, to its end, from a worker thread too. In pieces, it is the same JSON."""
