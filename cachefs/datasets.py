@@ -904,7 +904,7 @@ class Datasets:
                 if r is None:
                     return
                 try:
-                    with self.model.timed(r.length):
+                    with self.model.timed(r.length, reader.flight(r.cid) is None):
                         await reader.get(r, by="preload --dry-run")
                 except Exception as e:  # noqa: BLE001 - a probe that fails measures no more
                     log.info("throughput probe failed: %s", e)
@@ -1307,7 +1307,7 @@ class Datasets:
             async with limiter:
                 if await cached(k, ref):
                     return
-                t = self.model.timed(ref.length)
+                t = self.model.timed(ref.length, reader.flight(ref.cid) is None)
                 try:
                     # our own chunk: the SSD, a hand-off copy from the successor, or S3;
                     # a chunk we stand in for (its owner is down): the SSD or S3 only
@@ -1324,7 +1324,8 @@ class Datasets:
                     codes[k] = "e"
                     errors[str(k)] = _reason(e)
                     return
-                times.append([ref.length, round(t.seconds, 6), round(t.streams, 2)])
+                if t.observed:  # (not a wait for a reader's fetch)
+                    times.append([ref.length, round(t.seconds, 6), round(t.streams, 2)])
                 kept = store.contains(ref.cid)
                 codes[k] = "f" if kept else "u"
                 if kept:
@@ -1365,9 +1366,10 @@ class Datasets:
                 late.code, late.error = "e", _reason(error)
             else:
                 secs = time.monotonic() - t0
-                self.model.observe(ref.length, secs, t.streams)
                 late.code = "f" if store.contains(ref.cid) else "u"
-                late.time = [ref.length, round(secs, 6), round(t.streams, 2)]
+                if t.observed:  # (not a wait for a reader's fetch)
+                    self.model.observe(ref.length, secs, t.streams)
+                    late.time = [ref.length, round(secs, 6), round(t.streams, 2)]
             late.done.set()
 
         try:
@@ -1654,7 +1656,8 @@ class _Run:
                     await trio.lowlevel.checkpoint()
                 continue
             try:
-                with self.ds.model.timed(r.length):
+                # (joining a reader's fetch under way: a wait, not a fetch to learn from)
+                with self.ds.model.timed(r.length, reader.flight(r.cid) is None):
                     await reader.get(r, pin=self.pin, local_only=self.local_only(r),
                                      by=self.by)
             except Exception as e:  # noqa: BLE001 - the file fails, the run goes on
