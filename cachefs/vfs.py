@@ -304,6 +304,13 @@ class FileHandle:
         if not charged:
             self.vfs.budget.take(len(data))
         self.buf[i] = data
+        reading = self.vfs._reading
+        if self not in reading:
+            # a handle the file prefetcher handed bytes at its open, which has not read
+            # (opened and held, or read from the page cache): idle trimming may take them
+            # back from now on; it never saw such a handle, which kept its bytes to close
+            self.last_read = trio.current_time()
+            reading[self] = None
 
     def expect(self, i: int) -> trio.Event:
         """Chunk i is on its way from elsewhere (the file prefetcher): reads of it wait

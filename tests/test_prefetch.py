@@ -149,6 +149,31 @@ def test_a_failed_prefetch_is_not_the_reads_failure(s3, bucket, mounts, proxy):
     # prefetch's) GET
 
 
+def test_files_opened_and_held_unread_give_back_their_prefetched_bytes(s3, bucket, mounts):
+    """Bytes the prefetcher handed to a handle at its open were out of idle trimming's
+    reach until the file closed, when the handle never read (opened and held, or read from
+    the page cache): 3,000 such files held the whole read-ahead budget, and chunk
+    read-ahead was off for every other reader. Idle handles now give them back."""
+    data = frames(s3, bucket, n=60, size=8000, prefix="held")
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=os.urandom(8 * 64 * 1024))
+    m = mounts(f"s3://{bucket}", extra=("--readahead-memory", "512KiB"))
+    fds = []
+    try:
+        for k in sorted(data):  # opened in order, none read
+            fds.append(os.open(m.path(k), os.O_RDONLY))
+        wait_for(lambda: m.stats()["in_flight_fetches"] == 0, 20, "the prefetches")
+        held = m.stats()["readahead_bytes"]
+        assert held >= 100 * 1024, held  # what the unread handles were handed
+        time.sleep(1.2)  # (idle for more than IDLE_HANDLE)
+        assert m.path("big.bin").read_bytes()[:1] is not None  # a reader needs the budget
+        c = m.counters()
+        assert c.get("idle_handle_chunks_released", 0) >= 10, c
+        assert m.stats()["readahead_bytes"] < held, (held, m.stats()["readahead_bytes"])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def test_off_and_large_files(s3, bucket, mounts, proxy):
     data = frames(s3, bucket, n=12)
     big = frames(s3, bucket, n=6, size=3 * 64 * 1024 + 5, prefix="shards")
