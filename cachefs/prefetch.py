@@ -8,7 +8,9 @@ Detection, per directory: the position, in name order (the order of ``readdir``)
 files opened there.  An open at most ``SLACK`` positions past the furthest one seen extends
 the run (several reader threads draining one ordered queue open files slightly out of
 order); an open up to ``SLACK`` positions behind it changes nothing; anything else ends the
-run and drops what was fetched ahead in that directory.  From the ``MIN_RUN``-th open of a
+run and drops what was fetched ahead in that directory.  A file fetched ahead that the run
+goes more than ``SLACK`` positions past unopened (a reader that skips files) is dropped
+then, not held for ``HOLD_TTL``.  From the ``MIN_RUN``-th open of a
 run on, the next files are fetched: the window starts at ``START_WINDOW`` files and doubles
 on every open, up to ``prefetch_files``.
 
@@ -51,7 +53,7 @@ import logging
 import os
 import time
 from bisect import bisect_left
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -78,7 +80,7 @@ RESUME_ABOVE = 0.6  # and resume it when more do
 
 class _Run:
     __slots__ = ("children", "entries", "top", "length", "ahead", "window", "unread",
-                 "reach", "paused")
+                 "reach", "paused", "fetched")
 
     def __init__(self, d: Node) -> None:
         self.children = d.children  # the listing the order was built from (identity)
@@ -92,6 +94,7 @@ class _Run:
         self.unread = 0  # files closed in a row with no read reaching the daemon
         self.reach = 1.0  # moving share of opens whose reads reached the daemon
         self.paused = False  # the page cache serves this directory: fetch nothing ahead
+        self.fetched: deque[tuple[int, bytes]] = deque()  # (position, chunk id) fetched ahead
 
 
     def position(self, name: str) -> int | None:
@@ -118,6 +121,7 @@ class FilePrefetcher:
         # chunk id → (handle, event) of the opens that claimed it while it was fetched
         self.inflight: dict[bytes, list[tuple[FileHandle, trio.Event]]] = {}
         self.bytes = 0  # held + in flight, charged to the budget
+        self._passed: set[bytes] = set()  # in flight, and the reader went past them
         self._sweeping = False  # a task drops held bytes as they expire
 
     def _small(self, size: int) -> bool:
@@ -167,12 +171,15 @@ class FilePrefetcher:
         if r.top < p <= r.top + SLACK:
             r.length += 1
             r.top = p
+            if r.fetched:
+                self._went_past(r)
         elif r.top - SLACK <= p <= r.top:
             return
         else:
             if r.length >= MIN_RUN:
                 self._drop_dir(d.ino)
             r.top, r.length, r.ahead, r.window = p, 1, p, 0
+            r.fetched.clear()
             return
         if r.length < MIN_RUN or r.paused:
             return
@@ -181,6 +188,20 @@ class FilePrefetcher:
         r.window = min(self.max_files, START_WINDOW if r.window == 0 or r.unread
                        else r.window * 2)
         self._schedule(d, r, p)
+
+    def _went_past(self, r: _Run) -> None:
+        """Files fetched ahead that the reader went SLACK positions past without opening
+        (it skips them: every 2nd frame, the .jpg of .jpg/.json pairs) are let go now: held
+        until HOLD_TTL, they filled prefetch's share of the budget, and prefetch stopped
+        in every directory."""
+        limit = r.top - SLACK
+        f = r.fetched
+        while f and f[0][0] < limit:
+            _, cid = f.popleft()
+            if cid in self.held:
+                self._drop(cid)
+            elif cid in self.inflight and not self.inflight[cid]:
+                self._passed.add(cid)  # let go when it arrives
 
     def reached(self, h: FileHandle) -> None:
         """The first read of a handle reached the daemon: the page cache does not hold
@@ -247,6 +268,7 @@ class FilePrefetcher:
                         break
                     self.bytes += ref.length
                     self.inflight[ref.cid] = []
+                    r.fetched.append((i, ref.cid))
                     if store.contains(ref.cid):
                         local.append(ref)
                     else:
@@ -284,6 +306,11 @@ class FilePrefetcher:
     def _deliver(self, ref, data: bytes | None, dir_ino: int) -> None:
         waiting = self.inflight.pop(ref.cid, [])
         self.bytes -= ref.length
+        if self._passed and ref.cid in self._passed:
+            self._passed.discard(ref.cid)
+            if data is not None and not waiting:  # the reader went past it meanwhile
+                self.vfs.stats.inc("prefetch_unused")
+                data = None
         live = [h for h, _ in waiting if not h.closed] if data is not None else []
         for i, h in enumerate(live):
             h.keep(0, data, charged=i == 0)  # the first handle takes over the budget charge

@@ -174,6 +174,23 @@ def test_files_opened_and_held_unread_give_back_their_prefetched_bytes(s3, bucke
             os.close(fd)
 
 
+def test_files_a_reader_skips_are_let_go_once_it_is_past_them(s3, bucket, mounts, proxy):
+    """A reader of every 2nd file (frame subsampling, the .jpg of .jpg/.json pairs) got
+    the files it skipped fetched ahead too, and they stayed held for HOLD_TTL (30 s):
+    prefetch's share of the budget filled, and prefetch stopped in every directory. Files
+    the reader goes SLACK positions past are let go at once."""
+    data = frames(s3, bucket, n=80)
+    keys = sorted(data)[::2]
+    m = mounts(f"s3://{bucket}")
+    assert read_in(m, keys) == {k: data[k] for k in keys}
+    wait_for(lambda: m.stats()["in_flight_fetches"] == 0, 20, "the prefetches")
+    c = m.counters()
+    # about one skipped file per file read was fetched ahead; those behind the reader
+    # went at once (the hold time is 30 s)
+    assert c.get("prefetch_unused", 0) >= 20, c
+    assert m.stats()["readahead_bytes"] <= 40 * SIZE, m.stats()["readahead_bytes"]
+
+
 def test_off_and_large_files(s3, bucket, mounts, proxy):
     data = frames(s3, bucket, n=12)
     big = frames(s3, bucket, n=6, size=3 * 64 * 1024 + 5, prefix="shards")
