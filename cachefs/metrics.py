@@ -317,6 +317,12 @@ def render(d: Daemon) -> str:
               s.get("bytes_served", 0))
         o.one("cachefs_peer_s3_fallbacks_total", "counter",
               "Chunks a peer should have served but were read from S3.", s.get("s3_fallbacks", 0))
+        etcd = s.get("etcd")
+        if isinstance(etcd, dict):
+            o.one("cachefs_etcd_up", "gauge", "1 while etcd answers; 0 while it does not (the "
+                  "ring stays as it was).", 0 if etcd.get("last_error") else 1)
+            o.one("cachefs_etcd_errors_total", "counter", "Failed etcd calls.",
+                  etcd.get("etcd_errors", 0))
 
     # tracing
     ts = d.tracer.statistics()

@@ -70,7 +70,14 @@ def format_stats(mp: str, s: dict) -> str:
     if "cluster" in s:
         cl = s["cluster"]
         lines.append(f"  cluster    node {printable(str(cl.get('node_id')))}, "
-                     f"{plural(len(cl.get('members', [])), 'member')}")
+                     f"{plural(len(cl.get('members', [])), 'member')}, "
+                     f"ring of {plural(cl.get('ring_size', 0), 'node')}")
+        etcd = cl.get("etcd")
+        if isinstance(etcd, dict):  # membership frozen while etcd does not answer: said so
+            err = etcd.get("last_error")
+            lines.append("    etcd       " + (
+                f"not answering: {printable(str(err))} (the ring stays as it was)" if err
+                else f"answering ({plural(etcd.get('etcd_errors', 0), 'error')} so far)"))
         members = cl.get("members")
         for n, mem in sorted(members.items() if isinstance(members, dict) else ()):
             last = mem.get("last_failure") if isinstance(mem, dict) else None

@@ -1845,7 +1845,15 @@ def test_packaged_deployments_run_what_the_cli_takes(monkeypatch, tmp_path):
     assert stop[0] == "-" + argv[0]  # (a busy or hand-unmounted mount is no failure)
     check_argv(stop[1:])
     mountpoint = params["args"][-1]
-    assert shlex.split(lines["ExecStartPre"])[-2:] == ["-p", mountpoint]
+    pre = lines["ExecStartPre"]
+    assert f"mkdir -p {mountpoint}" in pre, pre
+    # run as it is, with the mountpoint moved here: it makes the directory, and succeeds
+    # when the directory is there already
+    unit_mp = tmp_path / "unit-mp"
+    for _ in range(2):
+        assert subprocess.run(shlex.split(pre.replace(mountpoint, str(unit_mp))),
+                              capture_output=True).returncode == 0
+        assert unit_mp.is_dir()
     assert params["config_file"] == "/etc/cachefs/train.toml"
     build_config(mountpoint=mountpoint, config_file=str(pkg / "systemd" /
                                                         "cachefs.toml.example"))

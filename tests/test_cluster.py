@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+import urllib.request
 from functools import partial
 
 import pytest
@@ -413,14 +414,30 @@ def test_an_etcd_outage_keeps_the_ring_and_clears_its_error(mounts, bucket, s3, 
         cfg = etcd_config(tmp_path, etcd, "/o/members/", ttl, grace)
         # read first during the outage (uploaded now: the listing is cached from the start)
         files = put_files(s3, bucket, {"outage/during.bin": 700_000}, seed=22)
-        ms = two_nodes_sharing(mounts, s3, bucket, proxy, cfg, "o", seed=21)
+        port = free_port()
+        ms = two_nodes_sharing(mounts, s3, bucket, proxy, cfg, "o", seed=21,
+                               first_extra=("--metrics-listen", f"127.0.0.1:{port}"))
         for m in ms:
             assert cluster_stats(m)["etcd"]["last_error"] is None
 
+        def metrics() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                return r.read().decode()
+
+        assert "\ncachefs_etcd_up 1\n" in metrics()
+
+        r = cli("stats", "--mount", str(ms[0].mp))
+        assert "    etcd       answering (" in r.stdout and "ring of 2 nodes" in r.stdout, \
+            r.stdout
         etcd.pause()
         for m in ms:
             wait_for(lambda m=m: cluster_stats(m)["etcd"]["last_error"], ttl + 2,
                      "the outage in stats")
+        # said in the text stats and the metrics too (only --json said it: the probes and
+        # the text showed "2 members" while the membership was frozen)
+        r = cli("stats", "--mount", str(ms[0].mp))
+        assert "    etcd       not answering: " in r.stdout, r.stdout
+        assert "\ncachefs_etcd_up 0\n" in metrics()
         time.sleep(grace + ttl + 1)  # longer than a departed node stays in the ring
         proxy.reset()
         assert read_all(ms[0], files) == files and read_all(ms[1], files) == files
@@ -443,13 +460,15 @@ def test_an_etcd_outage_keeps_the_ring_and_clears_its_error(mounts, bucket, s3, 
 
 
 def two_nodes_sharing(mounts, s3, bucket, proxy, cfg, name: str, *, seed: int,
-                      env: dict | None = None, extra: tuple = ()) -> list:
+                      env: dict | None = None, extra: tuple = (),
+                      first_extra: tuple = ()) -> list:
     """Two nodes of the etcd cluster in ``cfg`` find each other, and a file read on both
-    costs one GET per chunk (the second node reads from the first)."""
+    costs one GET per chunk (the second node reads from the first). ``first_extra``:
+    flags of the first node only."""
     ms = [mounts(f"s3://{bucket}", name=f"{name}{i}", start=False, config=str(cfg),
                  env={"CACHEFS_PEER_SECRET": SECRET, **(env or {})},
                  extra=("--node-id", f"{name}{i}", "--peer-listen",
-                        f"127.0.0.1:{free_port()}", *extra))
+                        f"127.0.0.1:{free_port()}", *extra, *(() if i else first_extra)))
           for i in range(2)]
     start_all(ms)
     for m in ms:
