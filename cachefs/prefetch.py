@@ -177,16 +177,15 @@ class FilePrefetcher:
             return
         else:
             if r.length >= MIN_RUN:
-                self._drop_dir(d.ino)
+                self._drop_dir(d.ino, r)
             r.top, r.length, r.ahead, r.window = p, 1, p, 0
-            r.fetched.clear()
             return
         if r.length < MIN_RUN or r.paused:
             return
         # the window grows while the files fetched ahead are read, not while they close
-        # unread (on the way to a pause)
-        r.window = min(self.max_files, START_WINDOW if r.window == 0 or r.unread
-                       else r.window * 2)
+        # unread (on the way to a pause); it was cut back to START_WINDOW then
+        r.window = min(self.max_files, START_WINDOW if r.window == 0
+                       else r.window if r.unread else r.window * 2)
         self._schedule(d, r, p)
 
     def _went_past(self, r: _Run) -> None:
@@ -200,8 +199,8 @@ class FilePrefetcher:
             _, cid = f.popleft()
             if cid in self.held:
                 self._drop(cid)
-            elif cid in self.inflight and not self.inflight[cid]:
-                self._passed.add(cid)  # let go when it arrives
+            else:
+                self._let_go_on_arrival(cid)
 
     def reached(self, h: FileHandle) -> None:
         """The first read of a handle reached the daemon: the page cache does not hold
@@ -227,7 +226,7 @@ class FilePrefetcher:
         elif not r.paused and r.reach < PAUSE_BELOW:
             r.paused = True
             self.vfs.stats.inc("prefetch_paused")
-            self._drop_dir(h.node.parent)
+            self._drop_dir(h.node.parent, r)
 
     # -- fetching ahead ---------------------------------------------------------------
 
@@ -335,14 +334,28 @@ class FilePrefetcher:
         """These chunks left the SSD (`cachefs free`, eviction, `trace --cold`): what is
         held of them goes too, as from the chunk memo (a `trace --cold` of a file fetched
         ahead showed it served from memory)."""
-        if self.held:
+        if self.held or self.inflight:
             for cid in cids:
                 if cid in self.held:
                     self._drop(cid)
+                else:
+                    self._let_go_on_arrival(cid)
 
-    def _drop_dir(self, dir_ino: int) -> None:
+    def _let_go_on_arrival(self, cid: bytes) -> None:
+        """A fetch ahead under way that nobody claimed is let go when it arrives (it was
+        held for HOLD_TTL)."""
+        if cid in self.inflight and not self.inflight[cid]:
+            self._passed.add(cid)
+
+    def _drop_dir(self, dir_ino: int, r: _Run) -> None:
+        """The run of directory ``dir_ino`` ended or paused: what it fetched ahead goes,
+        held or still on its way."""
         for cid in [c for c, e in self.held.items() if e.dir_ino == dir_ino]:
             self._drop(cid)
+        if self.inflight:
+            for _, cid in r.fetched:
+                self._let_go_on_arrival(cid)
+        r.fetched.clear()
 
     async def _sweep(self) -> None:
         """Drop held bytes HOLD_TTL seconds after they arrived, also when no file is opened

@@ -191,6 +191,24 @@ def test_files_a_reader_skips_are_let_go_once_it_is_past_them(s3, bucket, mounts
     assert m.stats()["readahead_bytes"] <= 40 * SIZE, m.stats()["readahead_bytes"]
 
 
+def test_fetches_ahead_still_on_their_way_when_the_run_ends_are_let_go(s3, bucket, mounts,
+                                                                         proxy):
+    """A reader that jumps away ends its run, and what was fetched ahead for it goes; but
+    fetches still on their way then arrived afterwards and were held for HOLD_TTL (30 s),
+    charged to the read-ahead budget."""
+    data = frames(s3, bucket)
+    keys = sorted(data)
+    m = mounts(f"s3://{bucket}")
+    proxy.faults([{"delay": 1.0, "count": -1, "key_filter": k} for k in keys[3:9]])
+    assert read_in(m, keys[:3]) == {k: data[k] for k in keys[:3]}  # prefetch 3.. starts
+    assert m.path(keys[30]).read_bytes() == data[keys[30]]  # a jump: the run ends
+    wait_for(lambda: m.stats()["in_flight_fetches"] == 0, 20, "the fetches ahead")
+    proxy.clear_faults()
+    c = m.counters()
+    assert c.get("prefetch_started", 0) >= 3 and c.get("prefetch_unused", 0) >= 3, c
+    assert m.stats()["readahead_bytes"] == 0, m.stats()["readahead_bytes"]
+
+
 def test_off_and_large_files(s3, bucket, mounts, proxy):
     data = frames(s3, bucket, n=12)
     big = frames(s3, bucket, n=6, size=3 * 64 * 1024 + 5, prefix="shards")
