@@ -83,7 +83,8 @@ class _Run:
                  "reach", "paused", "fetched")
 
     def __init__(self, d: Node) -> None:
-        self.children = d.children  # the listing the order was built from (identity)
+        # the listing the order was built from (identity); None once it is gone
+        self.children: dict[str, int] | None = d.children
         # the directory's (name, inode) in name order, shared with opendir: a list and a
         # dict of every name built here cost the open 0.34 s for a million names
         self.entries = d.entries()
@@ -187,6 +188,16 @@ class FilePrefetcher:
         r.window = min(self.max_files, START_WINDOW if r.window == 0
                        else r.window if r.unread else r.window * 2)
         self._schedule(d, r, p)
+
+    def relisted(self, dir_ino: int) -> None:
+        """Directory ``dir_ino`` has a new listing, or is gone: its run lets go of the
+        order it built of the old one (a million names: about 100 MiB, kept until the next
+        open there, or until 1,024 other directories had runs). What the run learned
+        (its pause, the page cache's reach) stays for the next open."""
+        r = self.runs.get(dir_ino)
+        if r is not None:
+            r.children = None
+            r.entries = []
 
     def _went_past(self, r: _Run) -> None:
         """Files fetched ahead that the reader went SLACK positions past without opening

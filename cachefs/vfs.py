@@ -615,6 +615,8 @@ class VFS:
                     or node.ino in self.open_count):
                 continue
             del self.nodes[node.ino]
+            if node.children is not None:
+                self.prefetch.relisted(node.ino)
             self._headed.pop(node.ino, None)
             self._head_retry_at.pop(node.ino, None)
             self._missed_at.pop(node.ino, None)
@@ -881,6 +883,7 @@ class VFS:
         d.listed_at = time.monotonic()  # (with what HEADs said since: as new as the LIST)
         if d.children is old:  # the same names and inodes: nothing is gone
             return not answered
+        self.prefetch.relisted(d.ino)  # (its run's order of the old listing goes now)
         # what is gone, in slices (about 0.15 s of the trio thread for a million names),
         # to its end even when cancelled: a node left out was never dropped
         with trio.CancelScope(shield=True):

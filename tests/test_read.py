@@ -12,6 +12,8 @@ import time
 import pytest
 from cachefs_env import wait_for
 
+from cachefs.prefetch import FilePrefetcher
+
 CS = 64 * 1024  # the fixture's chunk size
 
 pytestmark = pytest.mark.fuse
@@ -1202,6 +1204,7 @@ def test_a_large_first_listing_keeps_the_trio_thread_free(tmp_path, monkeypatch)
     mount = MountCtx(SimpleNamespace(name="m", bucket="b"), None)
     ix.apply([Index.op_put_ino(path_key("m", "d/f7"), 77, 100)])  # known from before
     v = VFS.__new__(VFS)  # what listing uses: the index, its writer, the inode table
+    v.prefetch = FilePrefetcher(v, 0)  # (told of relistings)
     v.index, v.writer, v.stats, v.nodes, v._warned = ix, IndexWriter(ix), Stats(), {}, set()
     v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
     v._headed = {}
@@ -1250,6 +1253,7 @@ def _listing_vfs(tmp_path):
 
     ix = Index(tmp_path / "index", 1 << 26)
     v = VFS.__new__(VFS)
+    v.prefetch = FilePrefetcher(v, 0)  # (told of relistings)
     v.index, v.writer, v.stats, v._warned = ix, IndexWriter(ix), Stats(), set()
     v._next_ino, v.open_count, v.invalidate, v.invalidate_entry = 100, {}, None, None
     v._headed, v._head_retry_at, v._missed_at, v._first_failed = {}, {}, {}, {}
@@ -1274,6 +1278,7 @@ def test_an_unreadable_saved_listing_is_deleted_and_the_writer_goes_on(tmp_path)
     ix = Index(tmp_path / "index", 1 << 26)
     spec = SimpleNamespace(name="", bucket="b", prefix="", endpoint_url=None)
     v = VFS.__new__(VFS)
+    v.prefetch = FilePrefetcher(v, 0)  # (told of relistings)
     v.index, v.writer, v.stats = ix, IndexWriter(ix), Stats()
     v.cfg = SimpleNamespace(metadata_ttl=60.0, single_root=True)
     d = Node(5, 1, "d", True, MountCtx(spec, None), "d/")
@@ -1368,6 +1373,35 @@ def test_a_listing_asked_before_a_head_keeps_what_the_head_said(tmp_path):
     ix.close()
 
 
+def test_a_relisting_lets_the_prefetchers_run_go_of_the_old_order(tmp_path):
+    """The file prefetcher's run of a directory kept the order it built of the listing it
+    saw (a million names: about 100 MiB) after a relisting replaced it, until the next
+    open there or until 1,024 other directories had runs. It lets go of it now, and keeps
+    what it learned (a pause)."""
+
+    import trio
+
+    from cachefs.objectstore import Listing, ObjInfo
+    from cachefs.prefetch import _Run
+    from cachefs.vfs import Node
+
+    v, ix, mount = _listing_vfs(tmp_path)
+    d = Node(5, 1, "d", True, mount, "d/")
+    v.nodes = {5: d}
+    first = Listing([], [ObjInfo(f"d/f{i}", 1, f"e{i}", 0.0) for i in range(3)])
+    trio.run(v._apply_listing, d, "d/", first, {}, time.monotonic())
+    r = v.prefetch.runs[5] = _Run(d)
+    r.paused = True
+    assert r.children is d.children and len(r.entries) == 3
+    same = Listing([], [ObjInfo(f"d/f{i}", 1, f"e{i}", 0.0) for i in range(3)])
+    trio.run(v._apply_listing, d, "d/", same, {}, time.monotonic())
+    assert r.children is d.children and len(r.entries) == 3  # the same names: kept
+    other = Listing([], [ObjInfo(f"d/g{i}", 1, f"e{i}", 0.0) for i in range(2)])
+    trio.run(v._apply_listing, d, "d/", other, {}, time.monotonic())
+    assert (r.children, r.entries, r.paused) == (None, [], True)
+    ix.close()
+
+
 def test_the_kernel_keeps_a_listed_entry_and_the_root_for_their_ttl():
     """What the kernel may keep: an entry for what is left of its listing's TTL, the root of
     a single-bucket mount (its own parent) for what is left of its own listing's, an entry that is
@@ -1379,6 +1413,7 @@ def test_the_kernel_keeps_a_listed_entry_and_the_root_for_their_ttl():
 
     mount = MountCtx(SimpleNamespace(name="", bucket="b"), None)
     v = VFS.__new__(VFS)
+    v.prefetch = FilePrefetcher(v, 0)  # (told of relistings)
     v.cfg = SimpleNamespace(attr_timeout=300.0, metadata_ttl=300.0)
     root = Node(ROOT_INO, ROOT_INO, "", True, mount, "")
     f = Node(2, ROOT_INO, "f", False, mount, "f")
@@ -1410,6 +1445,7 @@ def test_readdir_walks_only_the_entries_the_kernel_takes():
     n = 100_000
     entries = [(f"f{i:06d}", i + 2) for i in range(n)]
     vfs = VFS.__new__(VFS)  # only the directory handles and the inode table are used
+    vfs.prefetch = FilePrefetcher(vfs, 0)  # (told of relistings)
     vfs.nodes = CountingNodes({ino: Node(ino, 1, name, False, None, name)
                                for name, ino in entries})
     d = Node(1, 1, "", True, None, "")
