@@ -515,9 +515,12 @@ def _data_sets(by: dict[str, dict]) -> str:
                                              -kv[1].get("versions", 0), kv[0]))
 
     def counts(v: dict) -> str:
-        return " and ".join(plural(v[k], w) for k, w in (("files", "file"),
-                                                          ("versions", "older version"))
-                            if v.get(k))
+        out = " and ".join(plural(v[k], w) for k, w in (("files", "file"),
+                                                         ("versions", "older version"))
+                           if v.get(k))
+        if v.get("unpinned"):  # (its preload --pin was stopped: run it again)
+            out += f"; {v['unpinned']} not pinned yet"
+        return out
 
     who = ", ".join(f"{printable(h) if h else '(no data set)'} ({counts(v)})"
                     for h, v in top[:3])

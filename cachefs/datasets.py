@@ -236,6 +236,8 @@ async def _tally(files: list[FileItem], is_cached, is_pinned, rows: int | None,
             b = by.setdefault(h, {"files": 0, "bytes": 0})
             b["files"] += 1
             b["bytes"] += f.size
+            if p < f.size:  # claimed, not (all) pinned: its preload --pin did not finish
+                b["unpinned"] = b.get("unpinned", 0) + 1
         if rows is None or len(out) < rows:
             out.append({"path": f.path, "line": f.line, "size": f.size, "cached_bytes": c,
                         "pinned_bytes": p, "chunks": len(f.refs), "cached_chunks": cc,

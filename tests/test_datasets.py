@@ -516,6 +516,12 @@ def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
     _, err = p.communicate(timeout=20)
     assert p.returncode == 130, err
     assert m.stats()["in_flight_fetches"] > 0  # still fetching, pinned
+    # status said the data set pinned all 4 files, its claims taken for pins
+    st, _ = run_json("status", "--file-list", lst, "--mount", str(m.mp))
+    (claims,) = st["pinned_by"].values()
+    assert claims["files"] == 4 and claims["unpinned"] >= 3, st["pinned_by"]
+    r = cli("status", "--file-list", lst, "--mount", str(m.mp))
+    assert "(4 files; " in r.stdout and " not pinned yet)" in r.stdout, r.stdout
     # the free waits for those fetches; its client must hear from the daemon meanwhile (it
     # gives up after a silence, and a free of a million chunks is silent for minutes)
     lines = [time.monotonic()]
