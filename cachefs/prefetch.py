@@ -4,11 +4,13 @@ A data loader reading camera frames opens f00000.jpg, f00001.jpg, ... one after 
 Chunk read-ahead (vfs.FileHandle) cannot help it: each file is a single chunk, read whole,
 so every file would pay a full SSD (or S3) round trip while the reader waits.
 
-Detection, per directory: the position, in name order (the order of ``readdir``), of the
-files opened there.  An open at most ``SLACK`` positions past the furthest one seen extends
-the run (several reader threads draining one ordered queue open files slightly out of
-order); an open up to ``SLACK`` positions behind it changes nothing; anything else ends the
-run and drops what was fetched ahead in that directory.  A file fetched ahead that the run
+Detection, per directory and per process (a run per reader: data loader workers are
+processes reading contiguous batches side by side, and one run for all of them saw only
+jumps): the position, in name order (the order of ``readdir``), of the files opened there.
+An open at most ``SLACK`` positions past the furthest one seen extends the run (several
+reader threads draining one ordered queue open files slightly out of order); an open up to
+``SLACK`` positions behind it changes nothing; anything else ends the run and drops what it
+fetched ahead.  A directory follows ``MAX_CURSORS`` processes, the least recent let go.  A file fetched ahead that the run
 goes more than ``SLACK`` positions past unopened (a reader that skips files) is dropped
 then, not held for ``HOLD_TTL``.  From the ``MIN_RUN``-th open of a
 run on, the next files are fetched: the window starts at ``START_WINDOW`` files and doubles
@@ -70,6 +72,7 @@ MIN_RUN = 3
 START_WINDOW = 4
 HOLD_TTL = float(os.environ.get("CACHEFS_TEST_PREFETCH_HOLD", "30"))  # env: tests only
 MAX_DIRS = 1024
+MAX_CURSORS = 16  # readers (processes) followed per directory
 SMALL_DIVISOR = 8  # files up to chunk size / 8 (1 MiB by default) are prefetched
 LOCAL_BATCH = 8  # chunks read from the SSD per worker-thread call
 BUDGET_SHARE = 4  # prefetch holds at most 1/BUDGET_SHARE of the read-ahead budget
@@ -78,9 +81,25 @@ PAUSE_BELOW = 0.3  # pause a directory's prefetch when fewer of its opens reach 
 RESUME_ABOVE = 0.6  # and resume it when more do
 
 
+class _Cursor:
+    """One reader's run in a directory (the opens of one process)."""
+
+    __slots__ = ("top", "length", "ahead", "window", "fetched")
+
+    def __init__(self) -> None:
+        self.top = -SLACK - 2  # furthest position opened in the current run
+        self.length = 0  # opens in the current run
+        self.ahead = -1  # furthest position fetched ahead
+        self.window = 0
+        self.fetched: deque[tuple[int, bytes]] = deque()  # (position, chunk id) fetched ahead
+
+
 class _Run:
-    __slots__ = ("children", "entries", "top", "length", "ahead", "window", "unread",
-                 "reach", "paused", "fetched")
+    """A directory's name order, what its opens say of the page cache, and its readers'
+    runs, one per process (data loader workers read contiguous batches side by side: one
+    run for all of them saw only jumps)."""
+
+    __slots__ = ("children", "entries", "unread", "reach", "paused", "cursors")
 
     def __init__(self, d: Node) -> None:
         # the listing the order was built from (identity); None once it is gone
@@ -88,14 +107,10 @@ class _Run:
         # the directory's (name, inode) in name order, shared with opendir: a list and a
         # dict of every name built here cost the open 0.34 s for a million names
         self.entries = d.entries()
-        self.top = -SLACK - 2  # furthest position opened in the current run
-        self.length = 0  # opens in the current run
-        self.ahead = -1  # furthest position fetched ahead
-        self.window = 0
         self.unread = 0  # files closed in a row with no read reaching the daemon
         self.reach = 1.0  # moving share of opens whose reads reached the daemon
         self.paused = False  # the page cache serves this directory: fetch nothing ahead
-        self.fetched: deque[tuple[int, bytes]] = deque()  # (position, chunk id) fetched ahead
+        self.cursors: OrderedDict[int, _Cursor] = OrderedDict()  # pid → run, last used last
 
 
     def position(self, name: str) -> int | None:
@@ -135,7 +150,7 @@ class FilePrefetcher:
         if self.held or self.inflight:
             self._hand_over(h)  # (expired bytes are dropped by _sweep, not on this path)
         if self.max_files:
-            self._observe(node)
+            self._observe(node, h.pid)
 
     def _hand_over(self, h: FileHandle) -> None:
         if not self._small(h.obj.size):
@@ -153,7 +168,7 @@ class FilePrefetcher:
             # the handle's first read waits for the fetch (readahead.wait)
             waiting.append((h, h.expect(0)))
 
-    def _observe(self, node: Node) -> None:
+    def _observe(self, node: Node, pid: int) -> None:
         d = self.vfs.nodes.get(node.parent)
         if d is None or d.children is None:
             return
@@ -169,25 +184,32 @@ class FilePrefetcher:
         p = r.position(node.name)
         if p is None:
             return
-        if r.top < p <= r.top + SLACK:
-            r.length += 1
-            r.top = p
-            if r.fetched:
-                self._went_past(r)
-        elif r.top - SLACK <= p <= r.top:
+        c = r.cursors.get(pid)
+        if c is None:
+            c = r.cursors[pid] = _Cursor()
+            while len(r.cursors) > MAX_CURSORS:
+                self._end(r.cursors.popitem(last=False)[1])
+        else:
+            r.cursors.move_to_end(pid)
+        if c.top < p <= c.top + SLACK:
+            c.length += 1
+            c.top = p
+            if c.fetched:
+                self._went_past(c)
+        elif c.top - SLACK <= p <= c.top:
             return
         else:
-            if r.length >= MIN_RUN:
-                self._drop_dir(d.ino, r)
-            r.top, r.length, r.ahead, r.window = p, 1, p, 0
+            if c.length >= MIN_RUN:
+                self._end(c)
+            c.top, c.length, c.ahead, c.window = p, 1, p, 0
             return
-        if r.length < MIN_RUN or r.paused:
+        if c.length < MIN_RUN or r.paused:
             return
         # the window grows while the files fetched ahead are read, not while they close
         # unread (on the way to a pause); it was cut back to START_WINDOW then
-        r.window = min(self.max_files, START_WINDOW if r.window == 0
-                       else r.window if r.unread else r.window * 2)
-        self._schedule(d, r, p)
+        c.window = min(self.max_files, START_WINDOW if c.window == 0
+                       else c.window if r.unread else c.window * 2)
+        self._schedule(d, r, c, p)
 
     def relisted(self, dir_ino: int) -> None:
         """Directory ``dir_ino`` has a new listing, or is gone: its run lets go of the
@@ -199,13 +221,13 @@ class FilePrefetcher:
             r.children = None
             r.entries = []
 
-    def _went_past(self, r: _Run) -> None:
+    def _went_past(self, c: _Cursor) -> None:
         """Files fetched ahead that the reader went SLACK positions past without opening
         (it skips them: every 2nd frame, the .jpg of .jpg/.json pairs) are let go now: held
         until HOLD_TTL, they filled prefetch's share of the budget, and prefetch stopped
         in every directory."""
-        limit = r.top - SLACK
-        f = r.fetched
+        limit = c.top - SLACK
+        f = c.fetched
         while f and f[0][0] < limit:
             _, cid = f.popleft()
             if cid in self.held:
@@ -232,7 +254,8 @@ class FilePrefetcher:
         r.reach += REACH_WEIGHT * (reached - r.reach)
         if r.paused and r.reach > RESUME_ABOVE:
             r.paused = False
-            r.window = 0
+            for c in r.cursors.values():
+                c.window = 0
             self.vfs.stats.inc("prefetch_resumed")
         elif not r.paused and r.reach < PAUSE_BELOW:
             r.paused = True
@@ -241,9 +264,9 @@ class FilePrefetcher:
 
     # -- fetching ahead ---------------------------------------------------------------
 
-    def _schedule(self, d: Node, r: _Run, p: int) -> None:
-        end = min(p + r.window, len(r.entries) - 1)
-        if end - r.ahead < LOCAL_BATCH and r.ahead - p >= LOCAL_BATCH:
+    def _schedule(self, d: Node, r: _Run, c: _Cursor, p: int) -> None:
+        end = min(p + c.window, len(r.entries) - 1)
+        if end - c.ahead < LOCAL_BATCH and c.ahead - p >= LOCAL_BATCH:
             # the reader has files in hand and fewer than a batch could be added: the
             # check below would say so after walking the whole window, on every open
             # (32 positions: a third of the daemon's time per file with 8 readers)
@@ -263,10 +286,10 @@ class FilePrefetcher:
                 ahead_bytes += node.size
                 if ahead_bytes > vfs.cfg.chunk_size:
                     break  # at most one chunk's worth of bytes ahead of the reader
-            if i > r.ahead:
+            if i > c.ahead:
                 todo.append((i, node))
                 small += node is not None
-        if small < LOCAL_BATCH and r.ahead - p >= LOCAL_BATCH:
+        if small < LOCAL_BATCH and c.ahead - p >= LOCAL_BATCH:
             return  # the reader has files in hand: refill LOCAL_BATCH at a time
         local, remote = [], []
         for i, node in todo:
@@ -278,12 +301,12 @@ class FilePrefetcher:
                         break
                     self.bytes += ref.length
                     self.inflight[ref.cid] = []
-                    r.fetched.append((i, ref.cid))
+                    c.fetched.append((i, ref.cid))
                     if store.contains(ref.cid):
                         local.append(ref)
                     else:
                         remote.append((ref, node))
-            r.ahead = i
+            c.ahead = i
         vfs.stats.inc("prefetch_started", len(local) + len(remote))
         for i in range(0, len(local), LOCAL_BATCH):
             vfs.nursery.start_soon(self._fetch_local, local[i:i + LOCAL_BATCH], d.ino)
@@ -358,15 +381,23 @@ class FilePrefetcher:
         if cid in self.inflight and not self.inflight[cid]:
             self._passed.add(cid)
 
+    def _end(self, c: _Cursor) -> None:
+        """A reader's run ended (a jump) or was let go: what it fetched ahead goes, held or
+        still on its way."""
+        for _, cid in c.fetched:
+            if cid in self.held:
+                self._drop(cid)
+            else:
+                self._let_go_on_arrival(cid)
+        c.fetched.clear()
+
     def _drop_dir(self, dir_ino: int, r: _Run) -> None:
-        """The run of directory ``dir_ino`` ended or paused: what it fetched ahead goes,
-        held or still on its way."""
+        """Directory ``dir_ino``'s prefetch paused: what it fetched ahead goes, held or
+        still on its way."""
+        for c in r.cursors.values():
+            self._end(c)
         for cid in [c for c, e in self.held.items() if e.dir_ino == dir_ino]:
             self._drop(cid)
-        if self.inflight:
-            for _, cid in r.fetched:
-                self._let_go_on_arrival(cid)
-        r.fetched.clear()
 
     async def _sweep(self) -> None:
         """Drop held bytes HOLD_TTL seconds after they arrived, also when no file is opened

@@ -209,6 +209,37 @@ def test_fetches_ahead_still_on_their_way_when_the_run_ends_are_let_go(s3, bucke
     assert m.stats()["readahead_bytes"] == 0, m.stats()["readahead_bytes"]
 
 
+def test_worker_processes_reading_batches_side_by_side_are_each_served_ahead(s3, bucket,
+                                                                             mounts):
+    """A data loader with 4 worker processes, each reading a contiguous batch at the same
+    time as the others: one run per directory saw their interleaved opens as jumps, and
+    served none of the 80 files ahead. Each process has its run now."""
+    import hashlib
+    import subprocess
+    import sys
+
+    data = frames(s3, bucket, n=80)
+    keys = sorted(data)
+    m = mounts(f"s3://{bucket}")
+    os.listdir(m.path("frames"))
+    worker = ("import hashlib, sys, time\n"
+              "for p in sys.argv[1:]:\n"
+              "    print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), flush=True)\n"
+              "    time.sleep(0.01)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", worker,
+                               *[str(m.path(k)) for k in keys[20 * w:20 * w + 20]]],
+                              stdout=subprocess.PIPE, text=True) for w in range(4)]
+    for w, p in enumerate(procs):
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        assert out.split() == [hashlib.sha256(data[k]).hexdigest()
+                               for k in keys[20 * w:20 * w + 20]]
+    wait_for(lambda: m.stats()["in_flight_fetches"] == 0, 20, "the prefetches")
+    c = m.counters()
+    assert c.get("prefetch_hits", 0) + c.get("prefetch_claims", 0) >= 4 * 12, c
+    assert c.get("prefetch_unused", 0) <= 4 * 8, c
+
+
 def test_off_and_large_files(s3, bucket, mounts, proxy):
     data = frames(s3, bucket, n=12)
     big = frames(s3, bucket, n=6, size=3 * 64 * 1024 + 5, prefix="shards")
