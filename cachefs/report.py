@@ -70,8 +70,9 @@ def format_stats(mp: str, s: dict) -> str:
     if "cluster" in s:
         cl = s["cluster"]
         lines.append(f"  cluster    node {printable(str(cl.get('node_id')))}, "
-                     f"{plural(len(cl.get('members', [])), 'member')}, "
-                     f"ring of {plural(cl.get('ring_size', 0), 'node')}")
+                     f"{plural(len(cl.get('members', [])), 'member')}"
+                     + (f", ring of {plural(cl['ring_size'], 'node')}"
+                        if "ring_size" in cl else ""))
         etcd = cl.get("etcd")
         if isinstance(etcd, dict):  # membership frozen while etcd does not answer: said so
             err = etcd.get("last_error")
