@@ -820,9 +820,11 @@ class Datasets:
             store.forget_repin(part)
             return reader.unpin(part) + [c for c in part if c in store.writing]
 
-        busy = await _sliced(cids, unpin)
         out = {"freed_bytes": 0, "freed_chunks": 0, "pins_removed": 0}
         with trio.CancelScope(shield=True):  # index and files stay consistent
+            # (a free cancelled between the slices of this pass dropped nothing of what
+            # it had told the fetches under way to cache unpinned)
+            busy = await _sliced(cids, unpin)
             for last in (not busy, True):
                 have = await _sliced(cids, lambda part: [c for c in part if store.contains(c)])
                 out["pins_removed"] += sum(await _sliced(

@@ -320,7 +320,7 @@ def render(d: Daemon) -> str:
         etcd = s.get("etcd")
         if isinstance(etcd, dict):
             o.one("cachefs_etcd_up", "gauge", "1 while etcd answers; 0 while it does not (the "
-                  "ring stays as it was).", 0 if etcd.get("last_error") else 1)
+                  "ring stays as it was).", 1 if etcd.get("answering") else 0)
             o.one("cachefs_etcd_errors_total", "counter", "Failed etcd calls.",
                   etcd.get("etcd_errors", 0))
 

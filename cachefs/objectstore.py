@@ -400,7 +400,7 @@ class ObjectStore:
         self._direct: _DirectGet | None = None
         self._partial: dict[str, _Partial] = {}  # prefix → a listing that failed part-way
         # the longest a request may take: every attempt timing out, and every backoff at
-        # its cap (183.1 s with the defaults)
+        # its cap (192.5 s with the defaults)
         self.budget = opts.max_attempts * opts.request_timeout + sum(
             min(opts.backoff_max, max(opts.backoff_base, THROTTLE_BASE) * 2 ** i)
             for i in range(opts.max_attempts - 1))
@@ -648,10 +648,11 @@ class ObjectStore:
                     return await head_bucket()
             except Exception as e:  # noqa: BLE001 - classified by the caller
                 c = self._classify(e)
-                if (not isinstance(c, _Retry) or not c.status
-                        or _credential_failure(e) is not None
-                        or attempt >= self.opts.max_attempts):
-                    raise
+                busy = isinstance(c, _Retry) and (c.status >= 500 or c.status == 429
+                                                  or c.code in THROTTLE_CODES)
+                if not busy or _credential_failure(e) is not None \
+                        or attempt >= self.opts.max_attempts:
+                    raise  # (a clock skew, RequestTimeTooSkewed: no retry mends it)
                 delay = self._backoff(attempt, c)
                 log.warning("%s answered %s %s to the mount's first listing: trying again "
                             "in %.1fs", where, c.status, c.code, delay)
@@ -825,11 +826,16 @@ class ObjectStore:
                         _learning.reset(token)
                     ttfb = time.perf_counter() - t0
                     self.stats.inc("s3_get_requests")
+                    announced = r.get("ContentLength")
                     async with r["Body"] as body:
-                        # (one byte more tells a body too long: a gateway that ignores
-                        # Range sent a whole object of GiBs, read into memory whole)
-                        data = await body.read(length + 1)
-                    got = len(data)
+                        if isinstance(announced, int) and announced != length:
+                            # not read: a gateway that ignores Range sent whole objects of
+                            # GiBs, read into memory whole (and read(n) of aiobotocore's
+                            # body copies it piece by piece, quadratic in its length)
+                            data, got = b"", announced
+                        else:
+                            data = await body.read()
+                            got = len(data)
                     if got == length:
                         into[:] = data
                         data = into

@@ -77,8 +77,10 @@ def format_stats(mp: str, s: dict) -> str:
         if isinstance(etcd, dict):  # membership frozen while etcd does not answer: said so
             err = etcd.get("last_error")
             lines.append("    etcd       " + (
-                f"not answering: {printable(str(err))} (the ring stays as it was)" if err
-                else f"answering ({plural(etcd.get('etcd_errors', 0), 'error')} so far)"))
+                f"not answering: {printable(str(err))} (the ring stays as it was)"
+                if err and not etcd.get("answering", False)
+                else f"answering ({plural(etcd.get('etcd_errors', 0), 'error')} so far)"
+                + (f"; {printable(str(err))}" if err else "")))
         members = cl.get("members")
         for n, mem in sorted(members.items() if isinstance(members, dict) else ()):
             last = mem.get("last_failure") if isinstance(mem, dict) else None

@@ -751,14 +751,15 @@ class Tracer:
             md = self.slow_threshold if sub.min_duration is None else sub.min_duration
             if dur < md:
                 continue
-            if sub.send.statistics().current_buffer_used >= sub.buffer:
+            full = sub.send.statistics().current_buffer_used >= sub.buffer
+            if full and sub.match is None:
                 sub.dropped += 1  # (a follower that reads nothing: no dict made for it)
                 self.follower_drops += 1
                 continue
             d = tr.dict()
             try:
                 if sub.match is not None and not sub.match(d):
-                    continue
+                    continue  # (not one it asked for: not counted as lost either)
             except Exception:  # a bug there must not fail the read this trace was
                 log.exception("trace follower's filter failed: the follower is dropped")
                 sub.send.close()

@@ -246,7 +246,9 @@ class Tracing:
         cid = _num(req, "capture")
         c = self.captures.get(cid)
         if c is None:
-            raise ControlError(f"no trace capture {cid} (expired after {CAPTURE_TTL:.0f}s?)")
+            raise ControlError(f"no trace capture {cid} (expired: {CAPTURE_TTL:.0f}s without a "
+                               f"read of its range, or {CAPTURE_MAX_AGE / 3600:g} h after "
+                               "its start)")
         wait = min(_num(req, "wait", 5.0, float), 60.0)
         deadline = trio.current_time() + wait
         tr = self.d.tracer

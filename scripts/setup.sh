@@ -21,9 +21,11 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ] || [ ! -x .venv/bin/pip ]; then
-    # (a venv made without ensurepip has no pip: made again once python3-venv is there)
-    rm -rf .venv
+if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+    # a venv made while ensurepip was missing (python3-venv installed since) has no pip
+    .venv/bin/python -m ensurepip -q >/dev/null 2>&1 || true
+fi
+if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true

@@ -140,7 +140,8 @@ def test_a_failed_prefetch_is_not_the_reads_failure(s3, bucket, mounts, proxy):
     assert read_in(m, keys[1:3]) == {k: data[k] for k in keys[1:3]}  # prefetch 3..6 starts
     wait_for(lambda: proxy.gets(keys[5]) >= 2 and proxy.gets(keys[6]) >= 1, 20,
              "the prefetches of f0005 (failed) and f0006 (412)")
-    time.sleep(0.2)
+    # (ended in the daemon too: a read that joined the failing fetch would share its error)
+    wait_for(lambda: m.stats()["in_flight_fetches"] == 0, 20, "the prefetches' end")
     for k in keys[3:7]:
         assert m.path(k).read_bytes() == data[k], k
     c = m.counters()

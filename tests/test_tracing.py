@@ -413,9 +413,9 @@ def test_long_lists_are_encoded_in_pieces_to_the_same_json():
     from cachefs.control import dumps_in_pieces
 
     doc = {"traces": [{"name": "read", "n": i, "spans": [{"x": [1, 2.5, None, "é"]}] * 3}
-                      for i in range(100)], "node": "n1", 3: (1, 2), "empty": {}}
-    assert json.loads(dumps_in_pieces(doc, default=str)) == json.loads(
-        json.dumps(doc, default=str))
+                      for i in range(100)], "node": "n1", 3: (1, 2), "empty": {},
+           True: None, None: 1.5, "deep": [{"spans": list(range(40))}]}
+    assert dumps_in_pieces(doc, default=str) == json.dumps(doc, default=str)
     with pytest.raises(ValueError):
         dumps_in_pieces({"x": [float("nan")] * 20}, allow_nan=False)
 

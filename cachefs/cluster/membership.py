@@ -661,6 +661,7 @@ class EtcdMembership:
             "revision": self.revision,
             "departing": {n: round(max(0.0, t - now), 1) for n, (_, t) in self.departing.items()},
             "last_error": self._id_taken or self.last_error,
+            "answering": self.last_error is None,  # (an id clash is etcd answering)
             **self.counters,
         }
 
