@@ -109,12 +109,20 @@ def resolve_self(
     if node_id and node_id in members:
         return node_id, members
     listen_port = int(peer_listen.rpartition(":")[2])
-    names = {h for h in (node_id, socket.gethostname(), socket.getfqdn()) if h}
-    matches = []
-    for n, a in members.items():
-        host, port = parse_address(a)
-        if a in (advertise, peer_listen) or (host in names and port == listen_port):
-            matches.append(n)
+
+    def matching(names: set) -> list[str]:
+        out = []
+        for n, a in members.items():
+            host, port = parse_address(a)
+            if a in (advertise, peer_listen) or (host in names and port == listen_port):
+                out.append(n)
+        return out
+
+    names = {h for h in (node_id, socket.gethostname()) if h}
+    matches = matching(names)
+    if not matches:
+        # (the fully qualified name asks DNS, which may hang for seconds: only if needed)
+        matches = matching(names | {socket.getfqdn()})
     if len(matches) == 1:
         return matches[0], members
     if len(matches) > 1:
