@@ -585,12 +585,19 @@ class CPassthrough(Passthrough):
         return [str(C_PASSTHROUGH), str(self.ctx.local), str(self.mp)], dict(os.environ)
 
     def after_mount(self) -> None:
-        os.stat(self.mp)  # returns once INIT is answered, which resets the read-ahead
-        devno = mount_devno(self.mp)
-        if devno:
-            with contextlib.suppress(OSError), \
-                    open(f"/sys/class/bdi/{devno}/read_ahead_kb", "w") as f:
-                f.write("1024")
+        raise_read_ahead(self.mp)
+
+
+def raise_read_ahead(mp: Path) -> None:
+    """The kernel's read-ahead of a FUSE mount to 1 MiB, as cachefs and the pyfuse3
+    passthrough set it for themselves: the peers ran with the default 128 KiB, and their
+    large-file figures (and the ratios against them) with it."""
+    os.stat(mp)  # returns once INIT is answered, which resets the read-ahead
+    devno = mount_devno(mp)
+    if devno:
+        with contextlib.suppress(OSError), \
+                open(f"/sys/class/bdi/{devno}/read_ahead_kb", "w") as f:
+            f.write("1024")
 
 
 def cachefs_argv0() -> list[str] | None:
@@ -673,6 +680,17 @@ class CacheFSNode(CacheFS):
         shutil.rmtree(self.cache, ignore_errors=True)
 
 
+def cachefs_gets(sys_: System) -> int | None:
+    """The S3 GETs a cachefs daemon made so far (None for other systems)."""
+    if not sys_.name.startswith("cachefs"):
+        return None
+    r = subprocess.run([*cachefs_argv0(), "stats", "--mount", str(sys_.mp), "--json"],
+                       capture_output=True, text=True, timeout=30, env=s3_env())
+    if r.returncode != 0:
+        return None
+    return int(json.loads(r.stdout).get("counters", {}).get("s3_get_requests", 0))
+
+
 def cachefs_chunk_size(ctx: Ctx) -> int:
     """The chunk size the cachefs daemons use (a --cachefs-arg may set it)."""
     from cachefs.config import DEFAULT_CHUNK_SIZE, parse_size
@@ -698,14 +716,19 @@ class S3fs(System):
         with os.fdopen(fd, "w") as f:
             f.write(f"{ACCESS_KEY}:{SECRET_KEY}\n")
         os.chmod(pw, 0o600)
+        # kernel_cache: the page cache is kept between opens, as cachefs keeps it (without
+        # it, s3fs's "hot" figure was a warm one)
         argv = ["s3fs", self.ctx.bucket, str(self.mp), "-f", "-o", "ro",
                 "-o", f"url={self.ctx.s3.url}", "-o", "use_path_request_style",
                 "-o", f"passwd_file={pw}", "-o", f"use_cache={self.cache}",
-                "-o", f"endpoint={REGION}"]
+                "-o", f"endpoint={REGION}", "-o", "kernel_cache"]
         env = dict(os.environ)
         for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             env.pop(k, None)
         return argv, env
+
+    def after_mount(self) -> None:
+        raise_read_ahead(self.mp)
 
 
 class Rclone(System):
@@ -727,6 +750,9 @@ class Rclone(System):
                 "--vfs-cache-mode", "full", "--cache-dir", str(self.cache),
                 "--read-only", "--log-level", "ERROR"]
         return argv, env
+
+    def after_mount(self) -> None:
+        raise_read_ahead(self.mp)
 
 
 SYSTEMS: list[type[System]] = [Passthrough, CPassthrough, CacheFS, CacheFSNoPageCache, S3fs, Rclone]
@@ -925,10 +951,16 @@ def run_mounted_system(ctx: Ctx, sys_: System) -> None:
         return n / s, {"seconds": s}
 
     def herd() -> tuple[float, dict]:
+        gets = cachefs_gets(sys_)
         n, s = read_files(root, [lay.herd] * 32, 32, to)
         if n != 32 * p.herd_size:
             raise RuntimeError(f"read {n} bytes, expected {32 * p.herd_size}")
-        return p.herd_size / s / MB, {"seconds": s, "delivered_MBps": n / s / MB}
+        extra = {"seconds": s, "delivered_MBps": n / s / MB}
+        if gets is not None:  # the S3 GETs of 32 readers of one cold file (cachefs counts)
+            extra["s3_gets"] = cachefs_gets(sys_) - gets
+            log(f"  {sys_.name}: 32 readers of one cold file made {extra['s3_gets']} S3 GETs "
+                f"for {-(-p.herd_size // cachefs_chunk_size(ctx))} chunks")
+        return p.herd_size / s / MB, extra
 
     for run in range(p.runs):
         log(f"{sys_.name}: run {run + 1}/{p.runs}")
@@ -1610,9 +1642,14 @@ def target_checks(ctx: Ctx) -> list[tuple[str, str, str]]:
     """(target, measured, verdict)"""
     out = []
 
+    quick = ctx.profile.name == "quick"
+
     def check(label: str, value: float | None, ok: Callable[[float], bool], shown: str) -> None:
         if value is None:
             out.append((label, "—", "not measured"))
+        elif quick:  # one run of a smaller data set: no verdict, a hint
+            out.append((label, shown, "met (indicative)" if ok(value)
+                        else "missed (indicative)"))
         else:
             out.append((label, shown, "PASS" if ok(value) else "FAIL"))
 
