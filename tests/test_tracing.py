@@ -1053,7 +1053,10 @@ def test_a_wait_for_another_fetch_names_whose_it_is(mounts, s3, bucket, proxy, t
     fetched = [t for t in recent if any(s["name"] == "s3.get" for s in all_spans(t))]
     assert len(waits) == 1 and len(fetched) == 1, recent
     assert waits[0]["holder"] == f"read /w.bin (trace {fetched[0]['trace_id']})", waits
-    # a read of a chunk a preload is fetching
+    # a read of a chunk a preload is fetching (its GET slow enough for the read to come
+    # while it is under way on a loaded machine: with 0.5 s the read sometimes came after)
+    proxy.clear_faults()
+    proxy.faults(delay=3.0, count=-1)
     lst = tmp_path / "p.txt"
     lst.write_text("p.bin\n")
     p = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list", str(lst),
