@@ -138,6 +138,7 @@ class FilePrefetcher:
         self.inflight: dict[bytes, list[tuple[FileHandle, trio.Event]]] = {}
         self.bytes = 0  # held + in flight, charged to the budget
         self._passed: set[bytes] = set()  # in flight, and the reader went past them
+        self._tgids: dict[int, int] = {}  # thread id → its process (a run per process)
         self._sweeping = False  # a task drops held bytes as they expire
 
     def _small(self, size: int) -> bool:
@@ -150,7 +151,7 @@ class FilePrefetcher:
         if self.held or self.inflight:
             self._hand_over(h)  # (expired bytes are dropped by _sweep, not on this path)
         if self.max_files:
-            self._observe(node, h.pid)
+            self._observe(node, self._process_of(h.pid))
 
     def _hand_over(self, h: FileHandle) -> None:
         if not self._small(h.obj.size):
@@ -167,6 +168,27 @@ class FilePrefetcher:
             self.vfs.stats.inc("prefetch_claims")
             # the handle's first read waits for the fetch (readahead.wait)
             waiting.append((h, h.expect(0)))
+
+    def _process_of(self, tid: int) -> int:
+        """The process of the thread that opened a file: FUSE names the thread, and the
+        threads of one reader draining one ordered queue are one run (a run per thread
+        saw each thread's opens 8 apart, and 8 readers' warm small files went 30% slower).
+        From /proc, once per thread (a thread id of another pid namespace is 0)."""
+        p = self._tgids.get(tid)
+        if p is None:
+            p = tid
+            try:
+                with open(f"/proc/{tid}/status", "rb") as f:  # (procfs: no disk)
+                    for line in f:
+                        if line.startswith(b"Tgid:"):
+                            p = int(line.split()[1])
+                            break
+            except (OSError, ValueError):
+                pass
+            if len(self._tgids) >= 4096:
+                self._tgids.clear()
+            self._tgids[tid] = p
+        return p
 
     def _observe(self, node: Node, pid: int) -> None:
         d = self.vfs.nodes.get(node.parent)
