@@ -251,11 +251,7 @@ class FilePrefetcher:
         limit = c.top - SLACK
         f = c.fetched
         while f and f[0][0] < limit:
-            _, cid = f.popleft()
-            if cid in self.held:
-                self._drop(cid)
-            else:
-                self._let_go_on_arrival(cid)
+            self._let_go(f.popleft()[1])
 
     def reached(self, h: FileHandle) -> None:
         """The first read of a handle reached the daemon: the page cache does not hold
@@ -392,25 +388,21 @@ class FilePrefetcher:
         ahead showed it served from memory)."""
         if self.held or self.inflight:
             for cid in cids:
-                if cid in self.held:
-                    self._drop(cid)
-                else:
-                    self._let_go_on_arrival(cid)
+                self._let_go(cid)
 
-    def _let_go_on_arrival(self, cid: bytes) -> None:
-        """A fetch ahead under way that nobody claimed is let go when it arrives (it was
-        held for HOLD_TTL)."""
-        if cid in self.inflight and not self.inflight[cid]:
+    def _let_go(self, cid: bytes) -> None:
+        """A chunk fetched ahead goes: now if it is held, on arrival if it is still on its
+        way and nobody claimed it (it was held for HOLD_TTL)."""
+        if cid in self.held:
+            self._drop(cid)
+        elif cid in self.inflight and not self.inflight[cid]:
             self._passed.add(cid)
 
     def _end(self, c: _Cursor) -> None:
         """A reader's run ended (a jump) or was let go: what it fetched ahead goes, held or
         still on its way."""
         for _, cid in c.fetched:
-            if cid in self.held:
-                self._drop(cid)
-            else:
-                self._let_go_on_arrival(cid)
+            self._let_go(cid)
         c.fetched.clear()
 
     def _drop_dir(self, dir_ino: int, r: _Run) -> None:
