@@ -821,14 +821,18 @@ class Datasets:
             return reader.unpin(part) + [c for c in part if c in store.writing]
 
         out = {"freed_bytes": 0, "freed_chunks": 0, "pins_removed": 0}
+
+        def cached(part: Sequence[bytes]) -> list[bytes]:
+            have = [c for c in part if store.contains(c)]
+            out["pins_removed"] += sum(1 for c in have if store.is_pinned(c))
+            return have
+
         with trio.CancelScope(shield=True):  # index and files stay consistent
             # (a free cancelled between the slices of this pass dropped nothing of what
             # it had told the fetches under way to cache unpinned)
             busy = await _sliced(cids, unpin)
             for last in (not busy, True):
-                have = await _sliced(cids, lambda part: [c for c in part if store.contains(c)])
-                out["pins_removed"] += sum(await _sliced(
-                    have, lambda part: [sum(1 for c in part if store.is_pinned(c))]))
+                have = await _sliced(cids, cached)
                 out["freed_chunks"] += len(have)
                 for i in range(0, len(have), 4096):
                     out["freed_bytes"] += await store.drop(have[i:i + 4096])
