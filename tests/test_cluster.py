@@ -342,7 +342,10 @@ def etcd_config(tmp_path, etcd, prefix: str, ttl: int, grace: int):
 def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
     etcd = start_etcd(tmp_path / "etcd")
     try:
-        ttl, grace = 2, 3
+        # (a lease of 2 s could lapse on a loaded host, e3 leave e2's ring for the grace
+        # period and come back: e2 then read e3's quarter from its old owner. A stopped
+        # node revokes its lease: it departs at once, whatever the TTL)
+        ttl, grace = 6, 3
         cfg = etcd_config(tmp_path, etcd, "/t/members/", ttl, grace)
 
         def node(name):
@@ -364,8 +367,10 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
         # a fourth node appears in every ring (its put is watched, not polled)
         m4 = node("e3").start()
         for m in ms:  # (each check is a `cachefs stats` of its own: a loaded host's seconds)
-            wait_for(lambda m=m: "e3" in cluster_stats(m)["members"], 10, "e3 to join")
+            wait_for(lambda m=m: cluster_stats(m)["members"].get("e3", {}).get("state")
+                     == "alive", 10, "e3 to join")
         assert cluster_stats(m4)["ring_size"] == 4
+        changes = cluster_stats(ms[2])["ring_changes"]
         # the newcomer owns a quarter of the chunks now; it takes them over from
         # their previous owner's cache (one round trip each), not from S3, also those
         # another node asks it for before it has read them itself (a node that had not
@@ -373,7 +378,10 @@ def test_etcd_membership_join_and_leave(mounts, bucket, s3, proxy, tmp_path):
         before = gets(proxy)
         addr4 = cluster_stats(ms[2])["members"]["e3"]["address"]
         assert read_all(ms[2], files) == files
-        assert addr4 in cluster_stats(ms[2])["client"]["peers"]
+        s2 = cluster_stats(ms[2])
+        # e3 stayed in e2's ring throughout (a lapsed lease would say so here)
+        assert s2["ring_changes"] == changes and cluster_stats(m4)["etcd"]["registrations"] == 1
+        assert addr4 in s2["client"]["peers"]
         assert gets(proxy) == before
         h = cluster_stats(m4)["handoff"]
         assert h["received"] > 0 and h["not_found"] == 0

@@ -233,6 +233,7 @@ class EtcdMembership:
         self.departing: dict[str, tuple[str, float]] = {}  # id -> (address, deadline)
         self.members: dict[str, str] = {node_id: address}
         self.lease_id: str | None = None
+        self._renewed = 0.0  # (trio clock) when the lease was last granted or renewed
         self.revision = 0
         self._ep = 0
         self._client: Any = None
@@ -323,6 +324,9 @@ class EtcdMembership:
         return self.prefix + node
 
     async def _register(self) -> None:
+        # the lease's TTL runs from its grant: the first keepalive is timed from here, not
+        # from the end of the put and snapshot (slow on a loaded host with a lease of 2 s)
+        asked = trio.current_time()
         g = await self._call("/v3/lease/grant", {"TTL": self.lease_ttl})
         lease = g.get("ID")
         if not lease:
@@ -358,6 +362,7 @@ class EtcdMembership:
             await self._revoke(lease)
             raise EtcdError(f"could not register {self.node_id!r}: its key kept changing")
         self.lease_id = lease
+        self._renewed = asked
         self.counters["registrations"] += 1
         log.info("etcd: registered %s at %s (lease %s, ttl %ds)", self.node_id, self.address,
                  lease, self.lease_ttl)
@@ -401,17 +406,25 @@ class EtcdMembership:
         # again soon, on a new connection: one sent on a pooled connection that died
         # without a word waited the request timeout, the next came a third of the TTL
         # later, and the lease had expired (every node saw this one leave and come back).
+        # A keepalive is due a third of the TTL after the lease was last renewed (asked
+        # for), or granted.
         every = self.lease_ttl / 3
         pause, failures = every, 0
         while True:
-            await trio.sleep(pause)
-            pause = every
+            if failures:
+                await trio.sleep(pause)
+            else:
+                await trio.sleep_until(self._renewed + every)
             try:
                 if self.lease_id is None:  # our id was taken: try again
                     await self._register_again()
+                    if self.lease_id is None:
+                        self._renewed = trio.current_time()  # (try again in a third)
                     continue
+                asked = trio.current_time()
                 r = await self._call("/v3/lease/keepalive", {"ID": self.lease_id},
                                      per_try=min(self.request_timeout, every))
+                self._renewed = asked
                 failures = 0
                 res = r.get("result")
                 ttl = _int(res.get("TTL")) if isinstance(res, dict) else 0
