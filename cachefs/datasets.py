@@ -2051,7 +2051,10 @@ class _ClusterRun(_Run):
             order = [it for items in objs.values() for it in items]
             payload = {"job": self.job, "node": cl.node_id, "pin": self.pin,
                        "parallel": self.parallel,
-                       "wait": FETCH_WAIT,
+                       # (within half of the call's timeout: with `[s3] request_timeout`
+                       # of 5 s the call gave up after 7 s, and a busy owner that
+                       # answered after 10 s was taken for unreachable)
+                       "wait": min(FETCH_WAIT, cl.client.request_timeout / 2),
                        "objs": [{**_obj_desc(o), "idx": [r.index for _, r in items]}
                                 for o, items in objs.items()]}
             try:

@@ -165,14 +165,18 @@ def test_preload_status_free_across_the_cluster(mounts, bucket, s3, proxy, tmp_p
 def test_owners_fetch_no_more_at_once_than_s3_takes(mounts, bucket, s3, proxy, tmp_path):
     """A cluster preload's owners ran --parallel fetches whatever `[s3] max_concurrency`:
     the others queued for an S3 connection inside their retry budget, and failed once S3
-    was slow (one node caps --parallel there)."""
+    was slow (one node caps --parallel there). And an owner busy for longer than the
+    call's timeout (the peer timeout plus a short S3 timeout: 5 s) answered after its
+    usual 10 s, and the requester took it for unreachable."""
     ds, own = choose(s3, bucket, "cap", [15 * CHUNK], lambda o: min(counts(o)) >= 4)
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[s3]\nmax_concurrency = 1\nmax_attempts = 1\nrequest_timeout = "1s"\n')
+    cfg.write_text('[s3]\nmax_concurrency = 1\nmax_attempts = 1\nrequest_timeout = "3s"\n')
     ms = start_cluster(mounts, bucket, 3, config=str(cfg))
     lst = write_list(tmp_path, "cap.txt", list(ds))
     proxy.reset()
-    proxy.faults(delay=0.4, count=-1)  # a slow S3: 4 chunks one after another take 1.6 s
+    # a slow S3: 4 chunks one after another take 4 s, past the 3 s budget of a request
+    # (a loaded host's GET through the proxy must still end within it: 1 s, 2 s to spare)
+    proxy.faults(delay=1.0, count=-1)
     res, r = run(ms[0], "preload", lst, "--parallel", "8")
     proxy.clear_faults()
     assert r.returncode == 0 and res["failed"] == [], r.stderr
@@ -501,7 +505,7 @@ def test_a_node_joining_during_a_pinning_preload_loses_no_pin(mounts, bucket, s3
         s3.put_object(Bucket=bucket, Key=key, Body=data)
     etcd = start_etcd(tmp_path / "etcd")
     try:
-        cfg = etcd_config(tmp_path, etcd, "/j/members/", 2, 30)
+        cfg = etcd_config(tmp_path, etcd, "/j/members/", 6, 30)
 
         def node(name):
             return mounts(f"s3://{bucket}", name=name, start=False, config=str(cfg),
@@ -512,15 +516,16 @@ def test_a_node_joining_during_a_pinning_preload_loses_no_pin(mounts, bucket, s3
         ms = [node("e0"), node("e1")]
         start_all(ms)
         for m in ms:
-            wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 2, 2, "2 members")
+            wait_for(lambda m=m: cluster_stats(m)["ring_size"] == 2, 10, "2 members")
         lst = write_list(tmp_path, "j.txt", list(files))
         proxy.reset()
-        proxy.faults(delay=0.4, count=-1)  # e0's part of first.bin takes 8 s or more
+        # e0's part of first.bin takes 12 s or more: e2 starts and joins meanwhile
+        proxy.faults(delay=0.6, count=-1)
         with cf.ThreadPoolExecutor(1) as ex:
             pre = ex.submit(run, ms[0], "preload", lst, "--pin", "--parallel", "1")
             wait_for(lambda: gets(proxy) >= 1, 20, "the preload to start")
             node("e2").start()
-            wait_for(lambda: cluster_stats(ms[0])["ring_size"] == 3, 5, "e2 to join")
+            wait_for(lambda: cluster_stats(ms[0])["ring_size"] == 3, 10, "e2 to join")
             res, r = pre.result(timeout=120)
         assert r.returncode == 0, r.stderr
         assert res["uncached_bytes"] == 0 and "could not be kept" not in r.stderr
