@@ -212,9 +212,9 @@ class Proxy(Proc):
         """Disarm all faults, keep counters."""
         self._call("POST", "/__proxy__/faults/clear")
 
-    def gets(self, key: str | None = None) -> int:
-        """GetObject count (for ``key`` if given)."""
-        st = self.stats()
+    def gets(self, key: str | None = None, settle: float = 0.5) -> int:
+        """GetObject count (for ``key`` if given); ``settle`` as in stats()."""
+        st = self.stats(settle)
         if key is None:
             return st["ops"]["GetObject"]
         return st["get_by_key"].get(key, 0)

@@ -247,7 +247,7 @@ def test_requests_that_wait_for_a_fetch_under_way_take_no_serving_slot(mounts, b
     proxy.faults(delay=3, ops=["GetObject"], count=-1)
     with cf.ThreadPoolExecutor(2) as ex:
         first = ex.submit(read_all, ms[1], {"ckpt.bin": data})
-        wait_for(lambda: proxy.stats()["inflight"] >= 1, 10, "the owner's GET")
+        wait_for(lambda: proxy.stats(settle=0)["inflight"] >= 1, 10, "the owner's GET")
         second = ex.submit(read_all, ms[2], {"ckpt.bin": data})
         assert first.result(timeout=30) == second.result(timeout=30) == {"ckpt.bin": data}
     assert gets(proxy) == 1

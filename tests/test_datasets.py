@@ -373,7 +373,7 @@ def test_chunks_readers_cache_during_a_preload_are_not_left_to_fetch(mounts, buc
                               "--mount", str(m.mp), "--parallel", "1", *(["--pin"] * pin)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        while not proxy.gets(f"{part}/0-slow.bin") and time.monotonic() < deadline:
+        while not proxy.gets(f"{part}/0-slow.bin", settle=0) and time.monotonic() < deadline:
             time.sleep(0.05)
         for n in ("1", "2"):  # read while the preload waits on 0-slow
             (m.mp / part / f"{n}.bin").read_bytes()
@@ -473,7 +473,7 @@ def test_interrupted_preload_resumes(mounts, bucket, s3, proxy, tmp_path):
                           "--mount", str(m.mp), "--parallel", "2"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
-    while proxy.gets() < 4 and time.monotonic() < deadline:
+    while proxy.gets(settle=0) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=20)
@@ -504,7 +504,9 @@ def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
     m = mounts(f"s3://{bucket}")
     lst = write_list(tmp_path, ["shards/"])
     proxy.reset()
-    proxy.faults(delay=3.0, count=-1)  # the fetches under way outlast the interrupt
+    # the fetches under way outlast the interrupt and the two statuses below, and land
+    # within the free's wait for them (FREE_WAIT, 4 s, from its start after theirs)
+    proxy.faults(delay=4.0, count=-1)
     env = {**os.environ, **CREDS}
     p = subprocess.Popen([sys.executable, "-m", "cachefs", "preload", "--file-list", lst,
                           "--mount", str(m.mp), "--parallel", "2", "--pin"], env=env,
@@ -512,6 +514,7 @@ def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
     deadline = time.monotonic() + 20
     while m.stats()["in_flight_fetches"] < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+    t_seen = time.monotonic()  # (the fetches started before, and land 4 s after their start)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=20)
     assert p.returncode == 130, err
@@ -529,7 +532,7 @@ def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
                      "holder": os.path.realpath(lst)},
                     on_event=lambda ev: lines.append(time.monotonic()), timeout=30)
     lines.append(time.monotonic())
-    assert lines[-1] - lines[0] > 2.0  # it did wait for the fetches
+    assert lines[-1] - t_seen > 3.5  # it did wait for the fetches
     assert max(b - a for a, b in zip(lines, lines[1:], strict=False)) < 2.5, lines
     deadline = time.monotonic() + 20
     while m.stats()["in_flight_fetches"] and time.monotonic() < deadline:
