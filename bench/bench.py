@@ -1442,7 +1442,7 @@ def paired_hook(ctx: Ctx, sid: str, what: str, needs: str, cheap: bool = True):
         rounds = 3 if runs == 1 else (4 * runs - 1 if cheap else 2 * runs + 1)
         try:
             body(rounds)
-        except (Unavailable, RuntimeError, Timeout) as e:
+        except Exception as e:  # noqa: BLE001 - S3 errors from S3Direct's nursery too
             log(f"{what}: {e}")
             ctx.record(sid, "cachefs", status=str(e)[:300])
     return run
@@ -1484,7 +1484,10 @@ def scenario_large_warm_rclone_paired(ctx: Ctx) -> None:
             rc.mount()
             cf.wipe_cache()
             cf.mount()
-            for s_ in (rc, cf):  # fill both caches
+            # fill both caches, rclone's last: this VM's host caches its virtual disk, and
+            # files written last read faster (filled rclone first, cachefs read at 2 GB/s
+            # here against 1.2 GB/s beside the passthrough)
+            for s_ in (cf, rc):
                 read_shards(ctx, s_, lambda: None)()
             paired_rounds(ctx, sid, what, rounds,
                           {"cachefs": read_shards(ctx, cf, drop_page_cache),
