@@ -45,8 +45,9 @@ reclaimed some) from pausing and resuming on every file.  A relisting of the dir
 keeps ``reach`` and the pause.  Nothing here is
 persistent: a restart forgets runs and held bytes, and a failed prefetch is only logged at
 debug level (the read itself fetches anew: the chunk reader does not remember a failure
-only a speculative fetch met); one that meets a file replaced or deleted in S3 marks its
-node stale, so its open asks S3 for it.
+only a speculative fetch met; one an open claimed, its read waiting for it, is the read's
+failure); one that meets a file replaced or deleted in S3 marks its node stale, so its open
+asks S3 for it.
 """
 
 from __future__ import annotations
@@ -166,6 +167,11 @@ class FilePrefetcher:
         waiting = self.inflight.get(cid)
         if waiting is not None:
             self.vfs.stats.inc("prefetch_claims")
+            f = self.vfs.reader.flight(cid)
+            if f is not None:
+                # a read waits for it now: its failure is the read's, remembered (the
+                # read's own fetch after it would wait a second S3 budget, ~6 min in all)
+                f.remember = True
             # the handle's first read waits for the fetch (readahead.wait)
             waiting.append((h, h.expect(0)))
 
@@ -344,10 +350,14 @@ class FilePrefetcher:
 
     async def _fetch(self, ref, node: Node, dir_ino: int) -> None:
         """A chunk from its owner or S3, through the chunk reader (singleflight); not
-        remembered as failed if it fails (the open's read asks again)."""
+        remembered as failed if it fails (the open's read asks again), unless an open
+        claimed it (its read waits for this fetch: its failure is the read's)."""
         data = None
         try:
-            data = await self.vfs.reader.get(ref, by="the file prefetcher", speculative=True)
+            # (an open may have claimed it before this task ran: `_hand_over` then found
+            # no flight to mark)
+            data = await self.vfs.reader.get(ref, by="the file prefetcher",
+                                             speculative=not self.inflight.get(ref.cid))
         except Exception as e:  # noqa: BLE001 - the read itself will retry and report
             log.debug("prefetch of %s failed: %s", ref.obj.key, e)
             if isinstance(e, ObjectChanged | NoSuchObject) and ref.obj.etag == node.etag:

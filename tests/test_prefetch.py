@@ -3,6 +3,7 @@ fetched ahead of it; other readers do not pay for it (S3 GETs counted at the pro
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import time
@@ -149,6 +150,27 @@ def test_a_failed_prefetch_is_not_the_reads_failure(s3, bucket, mounts, proxy):
     assert c.get("read_errors", 0) == 0, c
     assert proxy.gets(keys[5]) == 3  # the two failed attempts, then the read's (or a new
     # prefetch's) GET
+
+
+def test_a_read_that_claims_a_failing_prefetch_shares_its_failure(s3, bucket, mounts, proxy):
+    """An open that claimed a prefetch under way waited for it, and when it failed (S3
+    errors to the end of its retries), the read fetched anew: two S3 budgets before its
+    EIO, about 6 minutes with the defaults. The read now shares the prefetch's failure."""
+    data = frames(s3, bucket, n=8)
+    keys = sorted(data)
+    m = mounts(f"s3://{bucket}", extra=("--s3-max-attempts", "2", "--s3-timeout", "2s"))
+    assert m.path(keys[0]).read_bytes() == data[keys[0]]  # listed
+    # each attempt at f0003 stalls past the S3 timeout: its prefetch takes 4 s, then fails
+    proxy.faults(stall_mid_body=30, count=-1, key_filter=keys[3])
+    assert read_in(m, keys[1:3]) == {k: data[k] for k in keys[1:3]}  # prefetch 3.. starts
+    wait_for(lambda: proxy.gets(keys[3], settle=0) >= 1, 10, "the prefetch of f0003")
+    assert m.stats()["in_flight_fetches"] > 0  # (the open below claims it)
+    with pytest.raises(OSError) as e:
+        m.path(keys[3]).read_bytes()
+    assert e.value.errno == errno.EIO
+    assert proxy.gets(keys[3], settle=0) == 2  # the prefetch's two attempts, not the read's
+    proxy.clear_faults()
+    assert m.counters().get("prefetch_claims", 0) >= 1
 
 
 def test_files_opened_and_held_unread_give_back_their_prefetched_bytes(s3, bucket, mounts):
