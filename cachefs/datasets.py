@@ -93,7 +93,7 @@ MAX_FETCH_CHUNKS = 1024  # chunks per ds_fetch call, at most
 # seconds an owner works on one ds_fetch call before it answers (env: tests only)
 FETCH_WAIT = float(os.environ.get("CACHEFS_TEST_FETCH_WAIT") or 10.0)
 FREE_WAIT = 4.0  # seconds a free waits for fetches of its chunks under way (a ds_drop's
-# requester gives up after NO_S3_TIMEOUTS peer timeouts: 10 s by default; see _free_wait)
+# requester gives up after Cluster.no_s3_bound: 10 s by default; see _free_wait)
 CALLS_PER_NODE = 2  # ds_fetch calls in flight from one preload to one owner
 MAX_FETCH_CALLS = 8  # ds_fetch calls one owner serves at once; more get "busy"
 BUSY_BACKOFF = 0.2  # seconds before resending a batch an owner was too busy for
@@ -801,8 +801,7 @@ class Datasets:
         cl = self.d.cluster
         if cl is None:
             return FREE_WAIT
-        from .cluster.node import NO_S3_TIMEOUTS
-        return min(FREE_WAIT, NO_S3_TIMEOUTS * cl.opts.peer_timeout / 3)
+        return min(FREE_WAIT, cl.no_s3_bound / 3)
 
     async def _drop_local(self, cids: list[bytes]) -> dict:
         """Drop the cached ones of ``cids``, pins included, and the ones that fetches
@@ -2022,6 +2021,10 @@ class _ClusterRun(_Run):
         ds = self.ds
         cl = ds.d.cluster
         limit = max(1, min(self.parallel, MAX_FETCH_CHUNKS))
+        # the longest a call queues at the owner for a serving slot (its chunk requests
+        # may hold them all): then it answers busy, and the batch is sent again
+        slot = cl.opts.peer_timeout
+        busy_since: float | None = None  # the owner answered busy since then, and only that
         while dq:
             if not self.may_start():  # (a dry run's time is up) only what is under way
                 going = [it for it in dq if it[1].cid in self.sent]
@@ -2031,6 +2034,7 @@ class _ClusterRun(_Run):
                 dq.extend(going)
             objs: dict = {}
             nb = size = 0
+            fresh: list[bytes] = []  # sent for the first time in this batch
             while dq and nb < limit:
                 f, r = dq[0]
                 if f.error:
@@ -2042,8 +2046,9 @@ class _ClusterRun(_Run):
                     break
                 dq.popleft()
                 objs.setdefault(r.obj, []).append((f, r))
-                if self.until is not None:
+                if self.until is not None and r.cid not in self.sent:
                     self.sent.add(r.cid)
+                    fresh.append(r.cid)
                 nb += 1
                 size += add
             if not nb:
@@ -2051,30 +2056,46 @@ class _ClusterRun(_Run):
             order = [it for items in objs.values() for it in items]
             payload = {"job": self.job, "node": cl.node_id, "pin": self.pin,
                        "parallel": self.parallel,
-                       # (within half of the call's timeout: with `[s3] request_timeout`
-                       # of 5 s the call gave up after 7 s, and a busy owner that
-                       # answered after 10 s was taken for unreachable)
-                       "wait": min(FETCH_WAIT, cl.client.request_timeout / 2),
+                       # (within half of what the call's timeout leaves after its wait
+                       # for a slot there: with `[s3] request_timeout` of 5 s the call
+                       # gave up after 7 s, and a busy owner that answered after 10 s
+                       # was taken for unreachable)
+                       "wait": min(FETCH_WAIT, (cl.client.request_timeout - slot) / 2),
                        "objs": [{**_obj_desc(o), "idx": [r.index for _, r in items]}
                                 for o, items in objs.items()]}
             try:
-                res = await cl.forward(node, "ds_fetch", payload)
+                res = await cl.forward(node, "ds_fetch", payload, wait=slot)
             except PeerError as e:
-                down = _is_down(e.reason)
-                if down:
-                    cl.mark_unreachable(node, e.reason)
-                reason = f"node {node} unreachable: {e}" if down else f"node {node}: {e}"
-                rest = list(dq)
-                dq.clear()
-                self._give_up(node, order + rest, reason, down)
-                return
+                res = {"busy": True} if e.reason == "busy" else None  # (slots stayed taken)
+                if res is None:
+                    down = _is_down(e.reason)
+                    if down:
+                        cl.mark_unreachable(node, e.reason)
+                    reason = f"node {node} unreachable: {e}" if down else f"node {node}: {e}"
+                    rest = list(dq)
+                    dq.clear()
+                    self._give_up(node, order + rest, reason, down)
+                    return
             except ValueError as e:  # the request cannot be encoded (a key not in UTF-8)
                 self._give_up(node, order, f"cannot send to node {node}: {e}", False)
                 continue
             if res.get("busy"):
+                # not under way there: a dry run whose time is up does not wait for it
+                self.sent.difference_update(fresh)
+                now = trio.current_time()
+                busy_since = now if busy_since is None else busy_since
+                if now - busy_since > cl.client.request_timeout:
+                    # as long as a call that went unanswered: its successor fetches them
+                    # (it looped for as long as the owner stayed busy)
+                    rest = list(dq)
+                    dq.clear()
+                    self._give_up(node, order + rest, f"node {node} too busy to answer for "
+                                  f"{now - busy_since:.0f}s", True)
+                    return
                 dq.extendleft(reversed(order))
                 await trio.sleep(BUSY_BACKOFF)
                 continue
+            busy_since = None
             codes, errors = res.get("codes"), res.get("errors") or {}
             times = res.get("times") or []
             if not isinstance(codes, str) or len(codes) != len(order) or \

@@ -1177,8 +1177,8 @@ def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, buc
                                                                      s3):
     """A member that accepts, says the cachefs hello and then never answers (a peer whose
     event loop is stuck): every request to it is bounded (PeerClient's request timeout;
-    stats --nodes gives each node 2 s), and stats --nodes names it with its address and
-    that limit (it said only "timed out")."""
+    stats --nodes gives each node 5 peer timeouts, 10 s, as status does), and stats --nodes
+    names it with its address and that limit (it said only "timed out")."""
     import os
 
     from cachefs.cluster.protocol import encode_hello
@@ -1193,7 +1193,7 @@ def test_stats_nodes_names_a_member_that_says_hello_and_then_nothing(mounts, buc
         r = cli("stats", "--nodes", "--mount", str(m.mp))
         assert r.returncode == 1, r.stderr
         assert r.stderr.splitlines() == [
-            f"cachefs: node n1 unreachable: request to {addr} timed out after 2s"], r.stderr
+            f"cachefs: node n1 unreachable: request to {addr} timed out after 10s"], r.stderr
         assert "    n0           " in r.stdout, r.stdout
         # trace --cold asks every member to drop the chunks: n1 is given up after 5 peer
         # timeouts, as status and free give it up (it waited the 32 s request timeout);

@@ -527,6 +527,7 @@ def test_free_right_after_an_interrupted_pinning_preload_leaves_nothing_pinned(
     assert "(4 files; " in r.stdout and " not pinned yet)" in r.stdout, r.stdout
     # the free waits for those fetches; its client must hear from the daemon meanwhile (it
     # gives up after a silence, and a free of a million chunks is silent for minutes)
+    assert m.stats()["in_flight_fetches"] > 0  # (or the free below waits for nothing)
     lines = [time.monotonic()]
     res = m.request({"op": "free", "entries": [[1, "shards", "shards/"]],
                      "holder": os.path.realpath(lst)},

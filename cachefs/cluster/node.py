@@ -18,10 +18,12 @@ See docs/cluster.md for the decisions and their measurements.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import resource
 import secrets
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -31,7 +33,7 @@ import trio
 
 from .. import trace
 from ..chunks.ids import ChunkRef, ObjectVersion
-from ..errors import ConfigError
+from ..errors import ConfigError, QuietError
 from ..otlp import is_parent as is_otlp_parent
 from ..otlp import linked as otlp_linked
 from ..report import human
@@ -60,6 +62,9 @@ UNHEALTHY_FOR = 10.0
 # a call that never waits on S3 (ds_probe, ds_drop: index lookups, unlinks) is given up
 # after this many peer timeouts (10 s by default), not peer timeout + S3 timeout (32 s)
 NO_S3_TIMEOUTS = 5
+# ... and never less than this: such calls do disk work there (a ds_drop's unlinks and
+# index commits, pin records merged), which a small peer timeout (0.5 s) does not shrink
+NO_S3_MIN = 10.0
 # a hand-off probe (a cached copy or nothing: never S3 there) is given up after this many
 # peer timeouts: a read waits on it, and S3 is the way on (it waited the request timeout,
 # 32 s, on a successor that accepts and then says nothing)
@@ -183,10 +188,19 @@ class ClusterNode:
                     self._serve_chunk, max_concurrent=MAX_SERVING,
                     max_connections=max_peer_connections(), call_handler=self._serve_call,
                     joins_work=self._joins_fetch, slot_calls=frozenset({"ds_fetch"}),
+                    # (as long as a requester waits: with an S3 timeout past 58 s, a
+                    # chunk read here was cut at 60 s and its requester went to S3 too)
+                    handler_timeout=max(60.0, self.client.request_timeout),
                     corrupt_for_test=self.corrupt_for_test))
             except OSError as e:
-                raise ConfigError(f"cannot listen for peers on {self.listen}: "
-                                  f"{e.strerror or e}") from None
+                msg = f"cannot listen for peers on {self.listen}: {e.strerror or e}"
+                if isinstance(e, socket.gaierror) or e.errno in (errno.EADDRINUSE,
+                                                                   errno.EADDRNOTAVAIL):
+                    # the address may come (DHCP, DNS not up yet at boot) or the port be
+                    # let go: a failure, which a service restarts, not a config error
+                    # (exit 2, which the packaged unit does not restart)
+                    raise QuietError(msg) from None
+                raise ConfigError(msg) from None
             if self.membership is not None:
                 await nursery.start(self.membership.run)
             await self._check_peers()
@@ -440,17 +454,20 @@ class ClusterNode:
             else:
                 log.warning("%s", w)
 
-    async def cache_by_node(self, wait: float = 2.0) -> dict[str, dict]:
+    async def cache_by_node(self) -> dict[str, dict]:
         """Every member's ``ChunkStore.statistics()`` (``{"error": ...}`` for a node
-        that did not answer within ``wait`` seconds), asked concurrently."""
+        that did not answer in time), asked concurrently. (It reads no S3 there: a node
+        that does not answer is given up after ``no_s3_bound``; a fixed 2 s was less than
+        a peer timeout of 2 s or more takes to connect.)"""
         out: dict[str, dict] = {}
         members = dict(self.members)
+        wait = self.no_s3_bound
 
         async def one(node: str) -> None:
             out[node] = {"error": f"request to {members.get(node)} timed out after {wait:g}s"}
-            with trio.move_on_after(wait):
+            with trio.move_on_after(wait + 0.5):  # (forward's own error comes first)
                 try:
-                    out[node] = (await self.forward(node, "cache", {}))["cache"]
+                    out[node] = (await self.forward(node, "cache", {}, no_s3=True))["cache"]
                 except (PeerError, ValueError, KeyError, TypeError) as e:
                     out[node] = {"error": str(e)}
 
@@ -625,7 +642,8 @@ class ClusterNode:
         """Serve ``forward(node, name, payload)`` calls from peers with ``fn(payload)``."""
         self._ops[name] = fn
 
-    async def forward(self, node: str, op: str, payload: dict, *, no_s3: bool = False) -> dict:
+    async def forward(self, node: str, op: str, payload: dict, *, no_s3: bool = False,
+                      wait: float | None = None) -> dict:
         """Run ``op`` on ``node`` (locally if it is us); its result dict.
 
         Raises PeerError if the node is unknown or unreachable, or if the op
@@ -633,7 +651,8 @@ class ClusterNode:
         must stay under 64 KiB: split long file lists.  ``no_s3``: the op never
         waits on S3 there, so a node that does not answer (frozen, overloaded) is
         given up after ``NO_S3_TIMEOUTS`` peer timeouts rather than the peer timeout
-        plus the S3 timeout.
+        plus the S3 timeout. ``wait``: the longest the call may queue there for a
+        serving slot (ops that take one) before the node answers ``busy``.
         """
         if node == self.node_id:
             return await self._serve_call(op, payload)
@@ -641,9 +660,16 @@ class ClusterNode:
         if addr is None:
             raise PeerError(f"unknown node {node!r}", "connect")
         if not no_s3:  # (work that reads S3 there: connections apart from the quick calls)
-            return await self.client.call(addr, op, payload, s3=True)
-        with _within(NO_S3_TIMEOUTS * self.opts.peer_timeout, addr):
-            return await self.client.call(addr, op, payload)
+            return await self.client.call(addr, op, payload, s3=True, wait=wait)
+        with _within(self.no_s3_bound, addr):
+            # (the bound replaces the request timeout, which a short S3 timeout made less)
+            return await self.client.call(addr, op, payload,
+                                          request_limit=self.no_s3_bound + 1)
+
+    @property
+    def no_s3_bound(self) -> float:
+        """How long a ``no_s3`` call waits for a node's answer."""
+        return max(NO_S3_TIMEOUTS * self.opts.peer_timeout, NO_S3_MIN)
 
     # -- statistics ---------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:

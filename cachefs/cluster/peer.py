@@ -264,7 +264,7 @@ async def _serve_connection(
                                     "protocol")
                 result = await _call_control(
                     call_handler, calls.limiter(name) if calls else limiter, name, payload,
-                    handler_timeout)
+                    handler_timeout, _slot_wait(header))
                 resp = _ok_header(b"", result=result)
             else:
                 raise PeerError(f"unknown op {op!r}", "protocol")
@@ -400,9 +400,10 @@ async def _call_control(
     name: str,
     payload: dict,
     handler_timeout: float,
+    wait: float | None = None,
 ) -> dict:
     result = await _guarded(lambda: call_handler(name, payload), limiter, f"call {name!r}",
-                            handler_timeout)
+                            handler_timeout, wait)
     if not isinstance(result, dict):
         log.error("peer server: call %r returned %r, not a dict", name, type(result))
         raise PeerError(f"internal error in call {name!r}", "remote")
@@ -530,16 +531,23 @@ class PeerClient:
         data, spans, _ = await self._request(address, raw, queue=queue)
         return data, spans
 
-    async def call(self, address: str, name: str, payload: dict, *, s3: bool = False) -> dict:
+    async def call(self, address: str, name: str, payload: dict, *, s3: bool = False,
+                   wait: float | None = None, request_limit: float | None = None) -> dict:
         """A control call (``call`` op) on the peer at ``address``; its result dict.
         ``s3``: the call reads S3 there (its connections are not the quick calls').
+        ``wait``: the longest it may queue there for a slot before the peer answers
+        ``busy`` (as for ``get``). ``request_limit``: instead of the request timeout.
 
         The request header, payload included, must stay under 64 KiB
         (ValueError otherwise): callers split large file lists.
         """
-        raw = dump_request_header({"op": "call", "name": name, "payload": payload})
+        header = {"op": "call", "name": name, "payload": payload}
+        if wait is not None:
+            header["wait"] = wait
+        raw = dump_request_header(header)
         _, result, _ = await self._request(address, raw, want="result",
-                                           call="s3" if s3 else "quick")
+                                           call="s3" if s3 else "quick",
+                                           request_limit=request_limit)
         return result
 
     async def ping(self, address: str) -> float:
@@ -591,7 +599,7 @@ class PeerClient:
 
     async def _request(
         self, address: str, header: bytes, want: str = "spans", *,
-        queue: float | None = None, call: str = ""
+        queue: float | None = None, call: str = "", request_limit: float | None = None
     ) -> tuple[bytes, Any, float]:
         if self._closed:
             raise PeerError("peer client is closed", "closed")
@@ -605,11 +613,12 @@ class PeerClient:
             try:
                 # from the moment a connection is ours: time spent queued here is not the
                 # peer's, and must not make it look dead
-                with trio.fail_after(self.request_timeout):
+                limit = self.request_timeout if request_limit is None else request_limit
+                with trio.fail_after(limit):
                     return await self._request_on_pool(address, pool, header, want)
             except trio.TooSlowError:
                 raise PeerError(
-                    f"request to {address} timed out after {self.request_timeout}s", "timeout"
+                    f"request to {address} timed out after {limit}s", "timeout"
                 ) from None
             finally:
                 slots.release()
