@@ -150,6 +150,23 @@ def check_endpoint(url: str | None, what: str) -> str | None:
     return str(url)
 
 
+# a region is a host label (botocore's rule): it goes into the endpoint's host name
+_REGION_RE = re.compile(r"(?![0-9]+$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def check_region(value: Any, what: str) -> str | None:
+    """A region name; one botocore would refuse failed the mount after it had started,
+    as "invalid S3 endpoint None" (exit 1: a service restarted it for ever)."""
+    value = parse_str(value, what)
+    if value is None:
+        return None
+    if not _REGION_RE.fullmatch(value):
+        raise ConfigError(f"{what}: {value!r} is not a region name (letters, digits and "
+                          "'-', as in us-east-1)" if value else
+                          f"{what} is empty: leave it out for the default")
+    return value
+
+
 _AWS_CHAIN = "they come from the AWS chain (environment, profile, instance role)"
 
 
@@ -342,6 +359,7 @@ class Config:
     metrics_listen: str | None = None
     otlp_endpoint: str | None = field(default=None, repr=False)
     config_file: Path | None = None
+    warnings: tuple[str, ...] = ()  # said at start-up, as the daemon's own warnings
 
     @property
     def single_root(self) -> bool:
@@ -439,7 +457,7 @@ def build_config(
     _no_credentials(s3.get("endpoint_url"), "[s3] endpoint_url")
     endpoint = check_endpoint(pick("endpoint_url", s3, "endpoint_url"),
                               where("endpoint_url", "[s3] endpoint_url"))
-    region = parse_str(pick("region", s3, "region"), "[s3] region")
+    region = check_region(pick("region", s3, "region"), where("region", "[s3] region"))
     profile = parse_str(pick("profile", s3, "profile"), "[s3] profile")
 
     mounts: list[MountSpec] = []
@@ -470,6 +488,11 @@ def build_config(
                 raise ConfigError(f"config: [[mount]] #{i} needs source = \"s3://bucket[/prefix]\"")
             for k in ("name", "source", "region", "profile"):
                 parse_str(e.get(k), f"config: [[mount]] #{i} {k}")
+            for k in ("endpoint_url", "region", "profile"):
+                if e.get(k) == "":  # (it fell back to [s3]'s, or to AWS)
+                    raise ConfigError(f"config: [[mount]] #{i} {k} is empty: leave it out "
+                                      f"to use [s3] {k}")
+            check_region(e.get("region"), f"config: [[mount]] #{i} region")
             for k in ("endpoint_url", "region", "profile"):
                 if flags.get(k) and e.get(k):  # (it silently sent every bucket to one place)
                     flag = "--" + k.replace("_", "-")
@@ -523,12 +546,12 @@ def build_config(
     if not (0 < low < high <= 1):
         raise ConfigError("watermarks must satisfy 0 < low < high <= 1 (defaults 0.8 and 0.9)")
     ttl = parse_duration(pick("metadata_ttl", meta, "ttl", DEFAULT_METADATA_TTL), "metadata ttl")
-    if ttl == 0:
+    if ttl < 1:
         # every lookup of a path would wait for a new listing of each directory on it: an
-        # `ls -l` of 300 files took 62 s and 1,806 LISTs
-        raise ConfigError("metadata ttl: must be more than 0 (with 0 every lookup lists each "
-                          "directory of its path again); 1s keeps listings at most a second "
-                          "old")
+        # `ls -l` of 300 files took 62 s and 1,806 LISTs (with 0; 1ms is no better)
+        raise ConfigError("metadata ttl: must be at least 1s (less, and every lookup lists "
+                          "each directory of its path again); 1s keeps listings at most a "
+                          "second old")
     attr_timeout = parse_duration(pick("attr_timeout", meta, "attr_timeout", ttl), "attr timeout")
     negative_ttl = parse_duration(pick("negative_ttl", meta, "negative_ttl",
                                        DEFAULT_NEGATIVE_TTL), "negative ttl")
@@ -709,7 +732,27 @@ def build_config(
         metrics_listen=metrics,
         otlp_endpoint=_otlp_endpoint(flags.get("otlp_endpoint"), tr.get("otlp_endpoint")),
         config_file=Path(config_file) if config_file else None,
+        warnings=_exposed_secrets(config_file, cl, tr),
     )
+
+
+def _exposed_secrets(config_file: str | None, cl: dict, tr: dict) -> tuple[str, ...]:
+    """A warning when the config file holds a secret and users other than its owner may
+    read it (a training job on the node could then read the peer secret)."""
+    held = [f"[cluster] {k}" for k in ("peer_secret", "etcd_password") if cl.get(k)]
+    if tr.get("otlp_endpoint") and ("@" in str(tr["otlp_endpoint"])
+                                    or "?" in str(tr["otlp_endpoint"])):
+        held.append("[trace] otlp_endpoint")
+    if not config_file or not held:
+        return ()
+    try:
+        mode = os.stat(config_file).st_mode
+    except OSError:
+        return ()
+    if not mode & 0o077:
+        return ()
+    return (f"config file {config_file} holds {' and '.join(held)} and other users may read "
+            f"it (mode {mode & 0o777:04o}): chmod 600 it",)
 
 
 def _otlp_endpoint(flag: Any, table: Any) -> str | None:
@@ -728,10 +771,12 @@ def _otlp_endpoint(flag: Any, table: Any) -> str | None:
                               "the process list; give it in CACHEFS_OTLP_ENDPOINT or as "
                               "[trace] otlp_endpoint in the config file")
         return check_endpoint(flag, "--otlp-endpoint")
-    if table is not None:
-        return check_endpoint(table, "[trace] otlp_endpoint")
-    return check_endpoint(os.environ.get("CACHEFS_OTLP_ENDPOINT") or None,
-                          "CACHEFS_OTLP_ENDPOINT")
+    # the environment before the file, as for the other CACHEFS_ variables (a DaemonSet's
+    # URL with a token, from a Secret, lost to the file's)
+    env = os.environ.get("CACHEFS_OTLP_ENDPOINT") or None
+    if env is not None:
+        return check_endpoint(env, "CACHEFS_OTLP_ENDPOINT")
+    return check_endpoint(table, "[trace] otlp_endpoint")
 
 
 __all__ = ["Config", "MountSpec", "S3Options", "ClusterOptions", "build_config", "parse_size",

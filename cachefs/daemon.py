@@ -594,12 +594,17 @@ class Daemon:
             changed = await trio.to_thread.run_sync(index.set_chunk_size, cfg.chunk_size)
         except DAMAGE_ERRORS as e:
             index, changed = await rebuilt(e), None
-        if changed and changed[1]:
+        if changed:
+            # (said also with nothing pinned: "8MB" is 8,000,000 bytes, not 8 MiB, and a
+            # whole cache read cold again with no word of why)
             old, n, nbytes = changed
-            self.ready.warn(f"the chunk size changed from {human(old)} to "
-                            f"{human(cfg.chunk_size)}: {n} pinned chunks ({human(nbytes)}) of "
-                            "the old size can no longer be read and were unpinned (eviction "
-                            "reclaims them); preload --pin the data sets again")
+            self.ready.warn(
+                f"the chunk size changed from {human(old)} to {human(cfg.chunk_size)}: "
+                + (f"{n} pinned chunks ({human(nbytes)}) of the old size can no longer be "
+                   "read and were unpinned (eviction reclaims them); preload --pin the data "
+                   "sets again" if n else
+                   "what was cached under the old size can no longer be read: it is read "
+                   "from S3 again (eviction reclaims the old chunks)"))
         self.writer = writer = IndexWriter(index)
         self.store = store = ChunkStore(cfg.cache_dir, index, writer, self.stats,
                                         limit=cfg.cache_size, high=cfg.high_watermark,
@@ -636,6 +641,8 @@ class Daemon:
                     f"pinned chunks take {pinned}, above the high watermark "
                     f"({human(store.high)}) of --cache-size {size}: little room is left "
                     "for other data")
+            for w in cfg.warnings:
+                self.ready.warn(w)
             free = store.disk_free()
             if cfg.cache_size > free + store.used:
                 self.ready.warn(f"--cache-size {human(cfg.cache_size)} is larger than the "

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -174,8 +175,12 @@ def test_bad_cli_input(tmp_path):
     one_line_error(cli(*base, "--cache-size", "1GiB", "--s3-timeout", "0s"),
                    "s3 request timeout: must be more than 0", code=2)
     # every lookup would list each directory of its path again (`ls -l` of 300 files: 62 s)
-    one_line_error(cli(*base, "--cache-size", "1GiB", "--metadata-ttl", "0"),
-                   "metadata ttl: must be more than 0", code=2)
+    for ttl in ("0", "1ms"):
+        one_line_error(cli(*base, "--cache-size", "1GiB", "--metadata-ttl", ttl),
+                       "metadata ttl: must be at least 1s", code=2)
+    # a region botocore refuses failed the mount after its start (exit 1: restarted)
+    one_line_error(cli(*base, "--cache-size", "1GiB", "--region", "us east 1"),
+                   "--region: 'us east 1' is not a region name", code=2)
     for url in ("127.0.0.1:9000", "ftp://127.0.0.1:9000", "http://", "http://h:port"):
         one_line_error(cli(*base, "--cache-size", "1GiB", "--endpoint-url", url),
                        "expected http://host:port", code=2)
@@ -511,6 +516,12 @@ def test_config_values_of_the_wrong_type(tmp_path):
     cfg.write_text(head + "[[mount]]\nsource = 5\n")
     one_line_error(cli("mount", "--config", str(cfg), str(mp)),
                    "[[mount]] #1 source: expected a string", code=2)
+    # an empty endpoint of a [[mount]] (a template's unset variable) sent it to [s3]'s, or
+    # to AWS; a region botocore refuses failed after the start
+    for key, needle in (("endpoint_url = ''", "[[mount]] #1 endpoint_url is empty"),
+                        ("region = 'us_east_1'", "[[mount]] #1 region: 'us_east_1' is not")):
+        cfg.write_text(head + f"[[mount]]\nsource = 's3://bucket-x'\n{key}\n")
+        one_line_error(cli("mount", "--config", str(cfg), str(mp)), needle, code=2)
     # ... and the flag's name where a flag gave it
     one_line_error(cli("mount", "s3://bucket-x", str(mp), "--cache-dir", str(tmp_path / "c"),
                        "--cache-size", "1GiB", "--peer-listen", "127.0.0.1:7070",
@@ -658,6 +669,20 @@ def test_mount_failures_are_one_line(s3, bucket, proxy, tmp_path, mounts):
     one_line_error(cli("mount", f"s3://{bucket}", str(m.mp), "--cache-dir",
                        str(tmp_path / "c3"), "--cache-size", "64MiB", "--endpoint-url",
                        proxy.url), "busy")
+    # a peer port another process holds: a failure a service restarts (exit 1; it was 2,
+    # bad config, which the packaged unit does not restart), and nothing left mounted
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        one_line_error(cli("mount", f"s3://{bucket}", str(mp2), "--cache-dir",
+                           str(tmp_path / "c4"), "--cache-size", "64MiB", "--endpoint-url",
+                           proxy.url, "--node-id", "n0", "--peer-listen", f"127.0.0.1:{port}",
+                           "--peers", f"n0=127.0.0.1:{port}",
+                           env={"CACHEFS_PEER_SECRET": "cli-test-secret"}),
+                       f"cannot listen for peers on 127.0.0.1:{port}: Address already in use",
+                       code=1)
+    assert not is_mounted(mp2)
     # inside a cachefs mount (a directory of the bucket)
     s3.put_object(Bucket=bucket, Key="inner/x", Body=b"x")
     assert (m.mp / "inner").is_dir()
@@ -1917,6 +1942,13 @@ def test_pins_of_an_old_chunk_size_are_released(s3, bucket, proxy, tmp_path, mou
     r = cli("free", "--file-list", str(lst), "--mount", str(m.mp))
     assert r.returncode == 0, r.stderr
     assert m.stats()["cache"]["pinned_bytes"] == 0
+    # nothing pinned: the change is said all the same (a whole cache read cold again)
+    assert m.path("d/f0.bin").read_bytes() == data["d/f0.bin"]  # 2 chunks, unpinned
+    assert m.stop() == 0
+    m = mounts(f"s3://{bucket}", name="cs", chunk_size="64KiB")
+    assert ("the chunk size changed from 128.0 KiB to 64.0 KiB: what was cached under the "
+            "old size can no longer be read" in m.log_text()), m.log_text()
+    assert m.path("d/f0.bin").read_bytes() == data["d/f0.bin"]
 
 
 def test_stats_text_says_what_each_miss_figure_counts():
@@ -2049,3 +2081,46 @@ def test_a_failed_mount_never_takes_down_another_daemons_mount(s3, bucket, mount
     cli_mod._stop_starting_daemon(failed, str(m.mp), mounted_before=False)
     monkeypatch.setenv("CACHEFS_RUNTIME_DIR", ours)
     assert is_mounted(m.mp) and m.path("f").read_bytes() == b"x"
+
+
+def test_a_secret_in_a_config_file_others_may_read_is_warned_of(mounts, bucket, tmp_path):
+    """`[cluster] peer_secret` in a config file of mode 0644: any user of the node (a
+    training job) could read the secret that lets one serve chunks to the cluster. The
+    daemon says so at start-up (it does not refuse: an upgrade must not stop a node)."""
+    from etcd_env import free_port
+
+    port = free_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[cluster]\nnode_id = 'n0'\npeer_listen = '127.0.0.1:{port}'\n"
+                   f"peers = ['n0=127.0.0.1:{port}']\npeer_secret = 'config-file-secret'\n")
+    cfg.chmod(0o644)
+    m = mounts(f"s3://{bucket}", config=str(cfg), env={"CACHEFS_PEER_SECRET": ""})
+    log = m.log_text()
+    assert (f"config file {cfg} holds [cluster] peer_secret and other users may read it "
+            "(mode 0644): chmod 600 it") in log, log
+    assert "config-file-secret" not in log
+    assert m.stop() == 0
+    cfg.chmod(0o600)
+    m = mounts(f"s3://{bucket}", config=str(cfg), env={"CACHEFS_PEER_SECRET": ""})
+    assert "chmod 600" not in m.log_text()
+
+
+def test_the_environment_names_the_collector_before_the_config_file(tmp_path, monkeypatch):
+    """CACHEFS_OTLP_ENDPOINT lost to `[trace] otlp_endpoint`, unlike every other CACHEFS_
+    variable: a DaemonSet's URL with a token, from a Secret, was silently not used."""
+    from cachefs.config import build_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[cache]\nsize = '1GiB'\ndir = '{tmp_path / 'c'}'\n"
+                   "[trace]\notlp_endpoint = 'http://file-collector:4318'\n")
+    monkeypatch.setenv("CACHEFS_OTLP_ENDPOINT", "http://env-collector:4318")
+    c = build_config(mountpoint=str(tmp_path / "mp"), source="s3://bucket-x",
+                     config_file=str(cfg), flags={})
+    assert c.otlp_endpoint == "http://env-collector:4318"
+    c = build_config(mountpoint=str(tmp_path / "mp"), source="s3://bucket-x",
+                     config_file=str(cfg), flags={"otlp_endpoint": "http://flag:4318"})
+    assert c.otlp_endpoint == "http://flag:4318"
+    monkeypatch.delenv("CACHEFS_OTLP_ENDPOINT")
+    c = build_config(mountpoint=str(tmp_path / "mp"), source="s3://bucket-x",
+                     config_file=str(cfg), flags={})
+    assert c.otlp_endpoint == "http://file-collector:4318"
