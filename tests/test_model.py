@@ -8,7 +8,7 @@ random sequences of
   free (the `cachefs free` control op)                        evicts a file's chunks
   restart (clean stop, or SIGKILL) and wait (past the TTL)
 
-with a tiny cache (8 chunks of 16 KiB, so reads evict constantly) and a 0.5 s metadata TTL.
+with a tiny cache (8 chunks of 16 KiB, so reads evict constantly) and a 1 s metadata TTL.
 
 The model keeps every version of every key with the interval in which it was current in
 S3.  The daemon may lag S3 by the metadata TTL plus the kernel's entry timeout (also the
@@ -47,7 +47,7 @@ pytestmark = pytest.mark.fuse
 
 CS = 16 * 1024
 LIMIT = 8 * CS
-TTL = 0.5
+TTL = 1.0  # (the least metadata TTL cachefs takes)
 WINDOW = 2 * TTL + 2.0  # (slack for a listing or a moto answer slowed on a loaded host)
 KEYS = ("a", "b", "d/c")
 
