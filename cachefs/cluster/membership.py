@@ -278,33 +278,38 @@ class EtcdMembership:
         for _ in range(len(self.endpoints)):
             url = self.endpoints[self._ep] + path
             try:
-                if self._auth and not self._token:
-                    await self._authenticate(self.endpoints[self._ep])
-                r = await self._client.post(url, json=body, timeout=timeout,
-                                            headers=self._headers())
-                if self._auth and _token_refused(r):
-                    await self._authenticate(self.endpoints[self._ep])
+                # (the whole try: httpx bounds each phase of a request, and an
+                # authentication comes before it; a keepalive try took 2-3 times
+                # its third of the TTL)
+                with trio.fail_after(timeout):
+                    if self._auth and not self._token:
+                        await self._authenticate(self.endpoints[self._ep])
                     r = await self._client.post(url, json=body, timeout=timeout,
                                                 headers=self._headers())
-                if not self._auth and _token_refused(r):
-                    raise EtcdAuthError("etcd has authentication enabled: give --etcd-user "
-                                        "(and its password in CACHEFS_ETCD_PASSWORD)")
-                if r.status_code in (401, 403):
-                    raise EtcdAuthError(f"etcd refused {path}: {_error_text(r)}")
-                if r.status_code != 200:
-                    raise EtcdError(f"{url}: HTTP {r.status_code}: {r.text[:200]}")
-                out = r.json()
-                if not isinstance(out, dict):
-                    raise EtcdError(f"{url}: unexpected reply {out!r:.200}")
-                if "error" in out and "header" not in out and "result" not in out:
-                    raise EtcdError(f"{url}: {out.get('error') or out.get('message')}")
-                self.last_error = None  # etcd answers again: stats show no stale error
-                return out
+                    if self._auth and _token_refused(r):
+                        await self._authenticate(self.endpoints[self._ep])
+                        r = await self._client.post(url, json=body, timeout=timeout,
+                                                    headers=self._headers())
+                    if not self._auth and _token_refused(r):
+                        raise EtcdAuthError("etcd has authentication enabled: give --etcd-user "
+                                            "(and its password in CACHEFS_ETCD_PASSWORD)")
+                    if r.status_code in (401, 403):
+                        raise EtcdAuthError(f"etcd refused {path}: {_error_text(r)}")
+                    if r.status_code != 200:
+                        raise EtcdError(f"{url}: HTTP {r.status_code}: {r.text[:200]}")
+                    out = r.json()
+                    if not isinstance(out, dict):
+                        raise EtcdError(f"{url}: unexpected reply {out!r:.200}")
+                    if "error" in out and "header" not in out and "result" not in out:
+                        raise EtcdError(f"{url}: {out.get('error') or out.get('message')}")
+                    self.last_error = None  # etcd answers again: stats show no stale error
+                    return out
             except EtcdAuthError:
                 self.counters["etcd_errors"] += 1
                 raise  # another endpoint of the same cluster says the same
-            except (httpx.HTTPError, EtcdError, ValueError) as e:
-                last = e
+            except (httpx.HTTPError, EtcdError, ValueError, trio.TooSlowError) as e:
+                last = e if not isinstance(e, trio.TooSlowError) else EtcdError(
+                    f"{url}: no answer in {timeout:g}s")
                 self.counters["etcd_errors"] += 1
                 self._ep = (self._ep + 1) % len(self.endpoints)
                 # etcd 3.4's gateway answers a token it cannot parse by never answering:
