@@ -173,13 +173,22 @@ def _translate_s3(text: str, mounts: list[MountInfo], single_root: bool) -> str:
         have = ", ".join(m.source for m in mounts) or "nothing"
         raise ValueError(f"bucket {bucket} is not mounted here (mounted: {have})")
     best: MountInfo | None = None
+    ties: list[MountInfo] = []
     for m in in_bucket:
         if m.prefix == "" or key.startswith(m.prefix) or key == m.prefix.rstrip("/"):
             if best is None or len(m.prefix) > len(best.prefix):
-                best = m
+                best, ties = m, [m]
+            elif len(m.prefix) == len(best.prefix):
+                ties.append(m)
     if best is None:
         have = ", ".join(m.source for m in in_bucket)
         raise ValueError(f"outside the mounted prefix ({have})")
+    if len(ties) > 1:
+        # one bucket name from two endpoints (two sites): the first one was taken, and a
+        # preload, pin or free acted on the wrong copy
+        raise ValueError(f"s3://{bucket}/{best.prefix} is mounted more than once (as "
+                         f"{', '.join(m.name for m in ties)}, from different endpoints): "
+                         "name the file by its path under the mount")
     sub = key[len(best.prefix):] if key.startswith(best.prefix) else ""
     sub_clean = _clean(sub)
     if sub_clean is None or (sub and any(p in (".", "..") for p in sub.split("/"))):

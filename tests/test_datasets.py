@@ -82,6 +82,15 @@ def test_filelist_translate():
     entries, errors = filelist.parse("s3://b1/x/y\ns3://b2/corpus/z\nimgs/q\n", mountpoint="/m",
                                      mounts=multi, single_root=False)
     assert [e.rel for e in entries] == ["imgs/x/y", "txt/z", "imgs/q"] and not errors
+    # one bucket name from two endpoints: an s3:// entry names neither (the first was
+    # taken, and a preload, pin or free acted on the wrong copy); a path does
+    twice = [MountInfo("dc1", "data", ""), MountInfo("dc2", "data", "")]
+    entries, errors = filelist.parse("s3://data/x\ndc2/x\n", mountpoint="/m", mounts=twice,
+                                     single_root=False)
+    assert [e.rel for e in entries] == ["dc2/x"]
+    assert [(e.line, e.reason) for e in errors] == [
+        (1, "s3://data/ is mounted more than once (as dc1, dc2, from different endpoints): "
+            "name the file by its path under the mount")]
     assert filelist.mount_for(["/m/a", "/m/b/c"], ["/m", "/n"]) == "/m"
     assert filelist.mount_for(["/m/a", "/n/b"], ["/m", "/n"]) is None
 
