@@ -806,6 +806,37 @@ async def test_server_concurrency_limit(nursery):
     assert state["max"] == 3
 
 
+async def test_a_slot_taking_call_queues_at_most_its_wait_then_hears_busy(nursery):
+    """A ds_fetch call takes a serving slot. It queued for one up to the handler timeout
+    (60 s), past its caller's timeout (5 s with a 3 s S3 timeout): the caller took the
+    busy owner for unreachable. With a ``wait`` it hears busy after that long."""
+    running, release = trio.Event(), trio.Event()
+
+    async def handler(chunk, trace):
+        running.set()
+        await release.wait()
+        return b"x", []
+
+    async def call_handler(name, payload):
+        return {"done": name}
+
+    address = await start_server(nursery, handler, max_concurrent=1,
+                                 call_handler=call_handler,
+                                 slot_calls=frozenset({"ds_fetch"}))
+    async with PeerClient(SECRET, request_timeout=30) as client:
+        nursery.start_soon(client.get, address, {"key": "slow"}, {})
+        await running.wait()  # the only serving slot is taken
+        t0 = trio.current_time()
+        with pytest.raises(PeerError, match="busy: all 1 serving slots stayed in use") as ei:
+            await client.call(address, "ds_fetch", {}, s3=True, wait=0.3)
+        assert ei.value.reason == "busy" and trio.current_time() - t0 < 5
+        # a call that takes no serving slot is answered at once
+        assert await client.call(address, "status", {}) == {"done": "status"}
+        release.set()
+        assert await client.call(address, "ds_fetch", {}, s3=True, wait=5) == \
+            {"done": "ds_fetch"}
+
+
 async def test_a_get_queues_for_a_serving_slot_at_most_its_wait_then_hears_busy(nursery):
     running, release = trio.Event(), trio.Event()
 
