@@ -1448,56 +1448,44 @@ def paired_hook(ctx: Ctx, sid: str, what: str, needs: str, cheap: bool = True):
     return run
 
 
-def scenario_large_warm_paired(ctx: Ctx) -> None:
-    """cachefs (its cache filled once) against the pyfuse3 passthrough, warm: judges the
-    target "warm large ≥ 90% of the pyfuse3 passthrough"."""
-    sid, what = "large_warm_paired", "warm large, paired with pyfuse3-passthrough"
-
+def warm_paired(ctx: Ctx, sid: str, what: str, base_cls: type[System],
+                scale: float = 100.0) -> None:
+    """cachefs against ``base_cls`` mounted beside it, both warm (their caches filled
+    once, the base's last: this VM's host caches its virtual disk, and files written last
+    read faster; with rclone's filled first, cachefs read at 2 GB/s against 1.2 GB/s
+    beside the passthrough)."""
     def body(rounds: int) -> None:
-        pt, cf = Passthrough(ctx), CacheFSNode(ctx, "paired")
+        base, cf = base_cls(ctx), CacheFSNode(ctx, "paired")
         try:
-            pt.mount()
+            base.check()
+            base.wipe_cache()
+            base.mount()
             cf.wipe_cache()
             cf.mount()
-            read_shards(ctx, cf, lambda: None)()  # fill cachefs's cache
-            paired_rounds(ctx, sid, what, rounds,
-                          {"cachefs": read_shards(ctx, cf, drop_page_cache),
-                           pt.name: read_shards(ctx, pt, drop_page_cache)})
-        finally:
-            cf.unmount()
-            pt.unmount()
-            cf.remove_cache()
-    paired_hook(ctx, sid, what, "pyfuse3-passthrough")(body)
-
-
-def scenario_large_warm_rclone_paired(ctx: Ctx) -> None:
-    """cachefs against rclone, both warm (their caches filled once): judges the target
-    "warm large ≥ 2× rclone". rclone's warm median moved between 232 and 1,197 MB/s from
-    one full run to the next."""
-    sid, what = "large_warm_rclone_paired", "warm large, paired with rclone"
-
-    def body(rounds: int) -> None:
-        rc, cf = Rclone(ctx), CacheFSNode(ctx, "paired")
-        try:
-            rc.check()
-            rc.wipe_cache()
-            rc.mount()
-            cf.wipe_cache()
-            cf.mount()
-            # fill both caches, rclone's last: this VM's host caches its virtual disk, and
-            # files written last read faster (filled rclone first, cachefs read at 2 GB/s
-            # here against 1.2 GB/s beside the passthrough)
-            for s_ in (cf, rc):
+            for s_ in (cf, base):  # fill both caches
                 read_shards(ctx, s_, lambda: None)()
             paired_rounds(ctx, sid, what, rounds,
                           {"cachefs": read_shards(ctx, cf, drop_page_cache),
-                           rc.name: read_shards(ctx, rc, drop_page_cache)}, scale=1.0)
+                           base.name: read_shards(ctx, base, drop_page_cache)}, scale=scale)
         finally:
             cf.unmount()
-            rc.unmount()
+            base.unmount()
             cf.remove_cache()
-            rc.wipe_cache()
-    paired_hook(ctx, sid, what, "rclone")(body)
+            base.wipe_cache()
+    paired_hook(ctx, sid, what, base_cls.name)(body)
+
+
+def scenario_large_warm_paired(ctx: Ctx) -> None:
+    """Judges the target "warm large ≥ 90% of the pyfuse3 passthrough"."""
+    warm_paired(ctx, "large_warm_paired", "warm large, paired with pyfuse3-passthrough",
+                Passthrough)
+
+
+def scenario_large_warm_rclone_paired(ctx: Ctx) -> None:
+    """Judges the target "warm large ≥ 2× rclone" (rclone's warm median moved between 232
+    and 1,197 MB/s from one full run to the next)."""
+    warm_paired(ctx, "large_warm_rclone_paired", "warm large, paired with rclone", Rclone,
+                scale=1.0)
 
 
 def scenario_large_cold_paired(ctx: Ctx) -> None:
