@@ -492,13 +492,12 @@ def build_config(
                 if e.get(k) == "":  # (it fell back to [s3]'s, or to AWS)
                     raise ConfigError(f"config: [[mount]] #{i} {k} is empty: leave it out "
                                       f"to use [s3] {k}")
-            check_region(e.get("region"), f"config: [[mount]] #{i} region")
-            for k in ("endpoint_url", "region", "profile"):
                 if flags.get(k) and e.get(k):  # (it silently sent every bucket to one place)
                     flag = "--" + k.replace("_", "-")
                     raise ConfigError(f"{flag} would replace the {k} of [[mount]] #{i} "
                                       f"({e['source']}): set it in the config file's "
                                       "[[mount]] tables, or give no [[mount]] its own")
+            check_region(e.get("region"), f"config: [[mount]] #{i} region")
             bucket, prefix = parse_source(e["source"])
             if e.get("name") == "":
                 # the only [[mount]]'s files at the mountpoint's top, as an s3:// source's
@@ -740,8 +739,7 @@ def _exposed_secrets(config_file: str | None, cl: dict, tr: dict) -> tuple[str, 
     """A warning when the config file holds a secret and users other than its owner may
     read it (a training job on the node could then read the peer secret)."""
     held = [f"[cluster] {k}" for k in ("peer_secret", "etcd_password") if cl.get(k)]
-    if tr.get("otlp_endpoint") and ("@" in str(tr["otlp_endpoint"])
-                                    or "?" in str(tr["otlp_endpoint"])):
+    if _carries_secret(tr.get("otlp_endpoint")):
         held.append("[trace] otlp_endpoint")
     if not config_file or not held:
         return ()
@@ -755,6 +753,17 @@ def _exposed_secrets(config_file: str | None, cl: dict, tr: dict) -> tuple[str, 
             f"it (mode {mode & 0o777:04o}): chmod 600 it",)
 
 
+def _carries_secret(url: Any) -> bool:
+    """A collector URL with user:password@ (with or without a scheme) or a ?token."""
+    if not isinstance(url, str) or not url:
+        return False
+    try:
+        query = urlsplit(url).query
+    except ValueError:  # an unclosed [IPv6 address: check_endpoint says what is wrong
+        query = ""
+    return "@" in url or bool(query)
+
+
 def _otlp_endpoint(flag: Any, table: Any) -> str | None:
     """The collector URL; one that carries a secret (user:password@, or a ?token) is
     refused on the command line, where every user sees it in the process list."""
@@ -762,11 +771,7 @@ def _otlp_endpoint(flag: Any, table: Any) -> str | None:
         if v is not None and not isinstance(v, str):
             raise ConfigError(f"{where} must be a URL")
     if flag is not None:
-        try:
-            query = urlsplit(flag).query
-        except ValueError:  # an unclosed [IPv6 address: check_endpoint says what is wrong
-            query = ""
-        if "@" in flag or query:  # user:password@, with or without a scheme
+        if _carries_secret(flag):
             raise ConfigError("--otlp-endpoint: a URL with credentials would be visible in "
                               "the process list; give it in CACHEFS_OTLP_ENDPOINT or as "
                               "[trace] otlp_endpoint in the config file")

@@ -2066,8 +2066,7 @@ class _ClusterRun(_Run):
             try:
                 res = await cl.forward(node, "ds_fetch", payload, wait=slot)
             except PeerError as e:
-                res = {"busy": True} if e.reason == "busy" else None  # (slots stayed taken)
-                if res is None:
+                if e.reason != "busy":
                     down = _is_down(e.reason)
                     if down:
                         cl.mark_unreachable(node, e.reason)
@@ -2076,6 +2075,7 @@ class _ClusterRun(_Run):
                     dq.clear()
                     self._give_up(node, order + rest, reason, down)
                     return
+                res = {"busy": True}  # its serving slots stayed taken for `slot` s
             except ValueError as e:  # the request cannot be encoded (a key not in UTF-8)
                 self._give_up(node, order, f"cannot send to node {node}: {e}", False)
                 continue

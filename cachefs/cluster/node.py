@@ -461,15 +461,12 @@ class ClusterNode:
         a peer timeout of 2 s or more takes to connect.)"""
         out: dict[str, dict] = {}
         members = dict(self.members)
-        wait = self.no_s3_bound
 
         async def one(node: str) -> None:
-            out[node] = {"error": f"request to {members.get(node)} timed out after {wait:g}s"}
-            with trio.move_on_after(wait + 0.5):  # (forward's own error comes first)
-                try:
-                    out[node] = (await self.forward(node, "cache", {}, no_s3=True))["cache"]
-                except (PeerError, ValueError, KeyError, TypeError) as e:
-                    out[node] = {"error": str(e)}
+            try:  # (forward bounds it: "request to ADDR timed out after 10s")
+                out[node] = (await self.forward(node, "cache", {}, no_s3=True))["cache"]
+            except (PeerError, ValueError, KeyError, TypeError) as e:
+                out[node] = {"error": str(e)}
 
         async with trio.open_nursery() as n:
             for node in sorted(members):
